@@ -1,0 +1,41 @@
+# Hearth. `make run` sets up this machine and serves; `make test` runs every test.
+# Both install what they need (Debian packages, the guest image) idempotently, as root.
+
+export CARGO_TARGET_DIR ?= /var/cache/hearth/target
+CARGO ?= cargo
+HEARTH_DEBUG := $(CARGO_TARGET_DIR)/debug/hearth
+HEARTH_RELEASE := $(CARGO_TARGET_DIR)/release/hearth
+PG_URL := postgres://hearth:hearth@127.0.0.1:5432/hearth
+
+.PHONY: run setup test build image bench clean-containers
+
+## Install Docker and mmdebstrap, start dockerd, build Hearth and the guest image, then serve.
+run: setup
+	$(HEARTH_RELEASE) serve
+
+setup:
+	scripts/services.sh docker
+	$(CARGO) build --release --bin hearth
+	$(HEARTH_RELEASE) image build
+
+## Every test, on SQLite and PostgreSQL, against the real Docker engine.
+test:
+	scripts/services.sh docker postgres
+	$(CARGO) build --bin hearth
+	$(HEARTH_DEBUG) image build
+	$(MAKE) clean-containers
+	HEARTH_TEST_POSTGRES_URL=$(PG_URL) $(CARGO) nextest run --workspace --no-fail-fast; \
+	  status=$$?; $(MAKE) clean-containers; exit $$status
+
+## Benchmarks of BENCHMARKS.md (needs the same setup as the tests).
+bench:
+	scripts/services.sh docker
+	$(CARGO) build --release --bin hearth
+	$(HEARTH_RELEASE) image build
+	scripts/bench.sh $(HEARTH_RELEASE)
+
+## Remove containers that Hearth's tests left behind (they carry hearth.instance=test;
+## a real installation's VMs are never touched).
+clean-containers:
+	@ids=$$(docker ps -aq --filter label=hearth.instance=test); \
+	  if [ -n "$$ids" ]; then echo "removing leftover test containers: $$ids"; docker rm -f $$ids >/dev/null; fi

@@ -1,0 +1,134 @@
+//! Per-environment ed25519 key pairs, and AES-256-GCM sealing of private keys.
+
+use aes_gcm::aead::{Aead, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use rand::RngCore;
+use russh::keys::ssh_key::LineEnding;
+use russh::keys::{Algorithm, PrivateKey};
+
+pub struct KeyPair {
+    /// OpenSSH private key text: seal it before storing.
+    pub private_openssh: String,
+    /// `ssh-ed25519 AAAA... hearth`
+    pub public_openssh: String,
+}
+
+impl KeyPair {
+    pub fn generate() -> KeyPair {
+        let mut key = PrivateKey::random(&mut rand_core_compat::Rng, Algorithm::Ed25519).expect("ed25519 key generation");
+        key.set_comment("hearth");
+        let private_openssh = key.to_openssh(LineEnding::LF).expect("encode private key").to_string();
+        let public_openssh = key.public_key().to_openssh().expect("encode public key");
+        KeyPair { private_openssh, public_openssh }
+    }
+}
+
+/// russh's key generation wants the rand_core version ssh-key uses; adapt the OS RNG.
+mod rand_core_compat {
+    pub struct Rng;
+    impl rand_core::TryRng for Rng {
+        type Error = std::convert::Infallible;
+        fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+            Ok(rand::RngCore::next_u32(&mut rand::rngs::OsRng))
+        }
+        fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+            Ok(rand::RngCore::next_u64(&mut rand::rngs::OsRng))
+        }
+        fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, dst);
+            Ok(())
+        }
+    }
+    impl rand_core::TryCryptoRng for Rng {}
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    #[error("the master key must be 32 bytes, given as 64 hex digits or base64")]
+    BadKey,
+    #[error("a sealed secret could not be opened: wrong master key or damaged data")]
+    Open,
+}
+
+/// The key that seals secrets at rest (`HEARTH_MASTER_KEY`, or a file in the data directory).
+#[derive(Clone)]
+pub struct MasterKey([u8; 32]);
+
+impl MasterKey {
+    pub fn generate() -> MasterKey {
+        let mut k = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut k);
+        MasterKey(k)
+    }
+
+    /// Accepts 64 hex digits or base64 of 32 bytes.
+    pub fn parse(text: &str) -> Result<MasterKey, SealError> {
+        let text = text.trim();
+        let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            (0..32).map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).unwrap()).collect()
+        } else {
+            B64.decode(text).map_err(|_| SealError::BadKey)?
+        };
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| SealError::BadKey)?;
+        Ok(MasterKey(arr))
+    }
+
+    pub fn to_base64(&self) -> String {
+        B64.encode(self.0)
+    }
+
+    /// `v1:` + base64(nonce || ciphertext).
+    pub fn seal(&self, plaintext: &str) -> String {
+        let cipher = Aes256Gcm::new_from_slice(&self.0).expect("32-byte key");
+        let mut nonce = [0u8; 12];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let ct = cipher.encrypt(Nonce::from_slice(&nonce), plaintext.as_bytes()).expect("AES-GCM encryption");
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&ct);
+        format!("v1:{}", B64.encode(out))
+    }
+
+    pub fn open(&self, sealed: &str) -> Result<String, SealError> {
+        let data = sealed.strip_prefix("v1:").ok_or(SealError::Open)?;
+        let data = B64.decode(data).map_err(|_| SealError::Open)?;
+        if data.len() < 12 {
+            return Err(SealError::Open);
+        }
+        let cipher = Aes256Gcm::new_from_slice(&self.0).expect("32-byte key");
+        let pt = cipher.decrypt(Nonce::from_slice(&data[..12]), &data[12..]).map_err(|_| SealError::Open)?;
+        String::from_utf8(pt).map_err(|_| SealError::Open)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seal_round_trip_and_tamper() {
+        let k = MasterKey::generate();
+        let sealed = k.seal("secret key text");
+        assert!(!sealed.contains("secret"));
+        assert_eq!(k.open(&sealed).unwrap(), "secret key text");
+        assert!(MasterKey::generate().open(&sealed).is_err());
+        let mut bad = sealed.clone();
+        bad.pop();
+        bad.push('A');
+        assert!(k.open(&bad).is_err() || bad == sealed);
+        let again = MasterKey::parse(&k.to_base64()).unwrap();
+        assert_eq!(again.open(&sealed).unwrap(), "secret key text");
+        assert!(MasterKey::parse("short").is_err());
+    }
+
+    #[test]
+    fn key_pairs_are_openssh_ed25519() {
+        let kp = KeyPair::generate();
+        assert!(kp.public_openssh.starts_with("ssh-ed25519 "));
+        assert!(kp.private_openssh.contains("BEGIN OPENSSH PRIVATE KEY"));
+        assert_ne!(KeyPair::generate().public_openssh, kp.public_openssh);
+        let parsed = russh::keys::decode_secret_key(&kp.private_openssh, None).unwrap();
+        assert_eq!(parsed.public_key().to_openssh().unwrap(), kp.public_openssh);
+    }
+}

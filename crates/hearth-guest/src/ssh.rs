@@ -1,0 +1,251 @@
+//! Commands over SSH, on kept connections.
+//!
+//! One authenticated connection per environment is cached; each command opens a new
+//! channel on it, so only the first command pays for TCP, key exchange and auth. A
+//! connection that broke (VM restarted, port changed) is dropped and made again once.
+//!
+//! Host keys are not pinned yet: the guest is reached on a loopback port Docker published
+//! for a container Hearth created, so there is no network hop to intercept. Remote hosts
+//! (agents, OVH) will need the host key recorded at provision time.
+
+use russh::client::{self, Handle};
+use russh::keys::{PrivateKeyWithHashAlg, decode_secret_key};
+use russh::{ChannelMsg, Disconnect, Sig};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
+
+/// Where and as whom to log in.
+#[derive(Clone)]
+pub struct Target {
+    /// The cache key: one connection per environment.
+    pub environment_id: String,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub private_key_openssh: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExecRequest {
+    /// Run by the login shell of the guest user, as `ssh host CODE` would.
+    pub code: String,
+    pub working_dir: Option<String>,
+    pub env: BTreeMap<String, String>,
+    pub timeout: Duration,
+    /// Output past this many bytes per stream is dropped and `truncated` set.
+    pub max_output: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExecOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// `None` when the command was killed by a signal or timed out.
+    pub exit_code: Option<i64>,
+    pub timed_out: bool,
+    pub truncated: bool,
+    pub duration: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    #[error("cannot connect to the VM's SSH server at {0}: {1}")]
+    Connect(String, String),
+    #[error("the VM refused Hearth's SSH key for user {0}")]
+    Auth(String),
+    #[error("the environment's SSH key cannot be read: {0}")]
+    Key(String),
+    #[error("SSH session failed: {0}")]
+    Session(String),
+}
+
+struct AcceptHost;
+
+impl client::Handler for AcceptHost {
+    type Error = russh::Error;
+
+    async fn check_server_key(&mut self, _key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+struct Cached {
+    addr: (String, u16),
+    handle: Arc<Handle<AcceptHost>>,
+}
+
+/// Kept SSH connections, one per environment.
+#[derive(Clone, Default)]
+pub struct SshPool {
+    conns: Arc<Mutex<HashMap<String, Cached>>>,
+}
+
+/// The working directory travels as an SSH `env` request (data, not shell text) and the
+/// fixed prefix `cd`s into it before the user's code runs.
+const WORKDIR_ENV: &str = "HEARTH_WORKDIR";
+const WORKDIR_PREFIX: &str = "cd -- \"$HEARTH_WORKDIR\" || exit 126\n";
+
+impl SshPool {
+    pub fn new() -> SshPool {
+        SshPool::default()
+    }
+
+    async fn connect(target: &Target, timeout: Duration) -> Result<Handle<AcceptHost>, GuestError> {
+        let key = decode_secret_key(&target.private_key_openssh, None).map_err(|e| GuestError::Key(e.to_string()))?;
+        let config = Arc::new(client::Config {
+            inactivity_timeout: None,
+            keepalive_interval: Some(Duration::from_secs(15)),
+            keepalive_max: 3,
+            nodelay: true,
+            ..Default::default()
+        });
+        let addr = format!("{}:{}", target.host, target.port);
+        let connecting = client::connect(config, (target.host.as_str(), target.port), AcceptHost);
+        let mut handle = tokio::time::timeout(timeout, connecting)
+            .await
+            .map_err(|_| GuestError::Connect(addr.clone(), "timed out".into()))?
+            .map_err(|e| GuestError::Connect(addr.clone(), e.to_string()))?;
+        let auth = tokio::time::timeout(
+            timeout,
+            handle.authenticate_publickey(&target.user, PrivateKeyWithHashAlg::new(Arc::new(key), None)),
+        )
+        .await
+        .map_err(|_| GuestError::Connect(addr.clone(), "authentication timed out".into()))?
+        .map_err(|e| GuestError::Connect(addr, e.to_string()))?;
+        if !auth.success() {
+            return Err(GuestError::Auth(target.user.clone()));
+        }
+        Ok(handle)
+    }
+
+    /// The cached connection for this target, or a new one.
+    async fn handle(&self, target: &Target) -> Result<Arc<Handle<AcceptHost>>, GuestError> {
+        let addr = (target.host.clone(), target.port);
+        {
+            let conns = self.conns.lock().await;
+            if let Some(c) = conns.get(&target.environment_id) {
+                if c.addr == addr && !c.handle.is_closed() {
+                    return Ok(c.handle.clone());
+                }
+            }
+        }
+        let handle = Arc::new(Self::connect(target, Duration::from_secs(10)).await?);
+        let mut conns = self.conns.lock().await;
+        conns.insert(target.environment_id.clone(), Cached { addr, handle: handle.clone() });
+        Ok(handle)
+    }
+
+    /// Drops the environment's connection (after stop or destroy).
+    pub async fn forget(&self, environment_id: &str) {
+        if let Some(c) = self.conns.lock().await.remove(environment_id) {
+            let _ = c.handle.disconnect(Disconnect::ByApplication, "", "en").await;
+        }
+    }
+
+    /// Succeeds once the guest accepts Hearth's key and runs `true`: the VM is usable.
+    pub async fn probe(&self, target: &Target) -> Result<(), GuestError> {
+        let handle = Self::connect(target, Duration::from_secs(5)).await?;
+        let handle = Arc::new(handle);
+        let out = run_on(&handle, &ExecRequest {
+            code: "true".into(),
+            working_dir: None,
+            env: BTreeMap::new(),
+            timeout: Duration::from_secs(5),
+            max_output: 1024,
+        })
+        .await?;
+        if out.exit_code != Some(0) {
+            return Err(GuestError::Session(format!("probe exited with {:?}", out.exit_code)));
+        }
+        self.conns.lock().await.insert(
+            target.environment_id.clone(),
+            Cached { addr: (target.host.clone(), target.port), handle },
+        );
+        Ok(())
+    }
+
+    /// Polls `probe` until it succeeds or `deadline` passes; returns the last error.
+    pub async fn wait_ready(&self, target: &Target, deadline: Duration) -> Result<(), GuestError> {
+        let until = Instant::now() + deadline;
+        loop {
+            match self.probe(target).await {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() >= until => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Runs a command on a kept connection, reconnecting once if the kept one broke.
+    pub async fn exec(&self, target: &Target, req: &ExecRequest) -> Result<ExecOutput, GuestError> {
+        let handle = self.handle(target).await?;
+        match run_on(&handle, req).await {
+            Err(GuestError::Session(_)) => {
+                // The kept connection may be stale; one fresh try.
+                self.conns.lock().await.remove(&target.environment_id);
+                let handle = self.handle(target).await?;
+                run_on(&handle, req).await
+            }
+            other => other,
+        }
+    }
+}
+
+async fn run_on(handle: &Handle<AcceptHost>, req: &ExecRequest) -> Result<ExecOutput, GuestError> {
+    let started = Instant::now();
+    let session = |e: russh::Error| GuestError::Session(e.to_string());
+    let mut channel = handle.channel_open_session().await.map_err(session)?;
+    for (k, v) in &req.env {
+        channel.set_env(false, k.as_str(), v.as_str()).await.map_err(session)?;
+    }
+    let code = match &req.working_dir {
+        Some(dir) => {
+            channel.set_env(false, WORKDIR_ENV, dir.as_str()).await.map_err(session)?;
+            format!("{WORKDIR_PREFIX}{}", req.code)
+        }
+        None => req.code.clone(),
+    };
+    channel.exec(true, code.into_bytes()).await.map_err(session)?;
+
+    let mut out = ExecOutput {
+        stdout: Vec::new(),
+        stderr: Vec::new(),
+        exit_code: None,
+        timed_out: false,
+        truncated: false,
+        duration: Duration::ZERO,
+    };
+    let deadline = tokio::time::sleep(req.timeout);
+    tokio::pin!(deadline);
+    let append = |buf: &mut Vec<u8>, data: &[u8], truncated: &mut bool| {
+        let room = req.max_output.saturating_sub(buf.len());
+        if data.len() > room {
+            *truncated = true;
+        }
+        buf.extend_from_slice(&data[..data.len().min(room)]);
+    };
+    loop {
+        tokio::select! {
+            msg = channel.wait() => match msg {
+                Some(ChannelMsg::Data { data }) => append(&mut out.stdout, &data, &mut out.truncated),
+                Some(ChannelMsg::ExtendedData { data, ext: 1 }) => append(&mut out.stderr, &data, &mut out.truncated),
+                Some(ChannelMsg::ExitStatus { exit_status }) => out.exit_code = Some(exit_status as i64),
+                Some(ChannelMsg::Failure) => {
+                    return Err(GuestError::Session("the VM's SSH server refused to run the command".into()))
+                }
+                Some(ChannelMsg::Close) | None => break,
+                Some(_) => {}
+            },
+            _ = &mut deadline => {
+                out.timed_out = true;
+                let _ = channel.signal(Sig::KILL).await;
+                let _ = channel.close().await;
+                break;
+            }
+        }
+    }
+    out.duration = started.elapsed();
+    Ok(out)
+}

@@ -1,0 +1,86 @@
+//! The personal VM (the seed's `vm.*` procedures).
+
+use super::{Body, Caller};
+use crate::App;
+use crate::error::{ApiError, ApiResult};
+use crate::service::{ExecInput, JobKind, SizeRequest};
+use crate::views::{ExecView, LogView, UserView, UserVm};
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use hearth_store::Environment;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+pub async fn me(State(app): State<App>, Caller(user): Caller) -> ApiResult<Json<Value>> {
+    let quota = app.store.quota(&user).await?;
+    let usage = app.store.usage(&user.id).await?;
+    Ok(Json(json!({ "user": UserView::from(&user), "quota": quota, "usage": usage })))
+}
+
+async fn personal(app: &App, user_id: &str) -> ApiResult<Environment> {
+    app.store.personal_environment(user_id).await?.ok_or_else(|| ApiError::not_found("personal VM"))
+}
+
+pub async fn get_vm(State(app): State<App>, Caller(user): Caller) -> ApiResult<Json<UserVm>> {
+    Ok(Json(UserVm::from(&personal(&app, &user.id).await?)))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProvisionBody {
+    vcpus: Option<i64>,
+    memory_mb: Option<i64>,
+    disk_gb: Option<i64>,
+}
+
+pub async fn provision(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Body(body): Body<ProvisionBody>,
+) -> ApiResult<(StatusCode, Json<UserVm>)> {
+    let size = SizeRequest { vcpus: body.vcpus, memory_mb: body.memory_mb, disk_gb: body.disk_gb };
+    let (created, env) = app.provision_personal(&user, size).await?;
+    let status = if created { StatusCode::ACCEPTED } else { StatusCode::OK };
+    Ok((status, Json(UserVm::from(&env))))
+}
+
+async fn control(app: App, user_id: &str, kind: JobKind) -> ApiResult<(StatusCode, Json<UserVm>)> {
+    let env = personal(&app, user_id).await?;
+    app.request(user_id, &env, kind).await?;
+    Ok((StatusCode::ACCEPTED, Json(UserVm::from(&env))))
+}
+
+pub async fn start(State(app): State<App>, Caller(user): Caller) -> ApiResult<(StatusCode, Json<UserVm>)> {
+    control(app, &user.id, JobKind::Start).await
+}
+
+pub async fn stop(State(app): State<App>, Caller(user): Caller) -> ApiResult<(StatusCode, Json<UserVm>)> {
+    control(app, &user.id, JobKind::Stop).await
+}
+
+pub async fn destroy(State(app): State<App>, Caller(user): Caller) -> ApiResult<(StatusCode, Json<UserVm>)> {
+    control(app, &user.id, JobKind::Destroy).await
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExecBody {
+    #[serde(default)]
+    code: String,
+    timeout_seconds: Option<i64>,
+    working_dir: Option<String>,
+}
+
+pub async fn exec(State(app): State<App>, Caller(user): Caller, Body(body): Body<ExecBody>) -> ApiResult<Json<ExecView>> {
+    let input = ExecInput { code: body.code, timeout_seconds: body.timeout_seconds, working_dir: body.working_dir };
+    input.validate()?;
+    let env = personal(&app, &user.id).await?;
+    Ok(Json(app.exec(&user, &env, input).await?))
+}
+
+pub async fn logs(State(app): State<App>, Caller(user): Caller) -> ApiResult<Json<Value>> {
+    let env = personal(&app, &user.id).await?;
+    let items: Vec<LogView> = app.store.logs(&env.id).await?.iter().map(LogView::from).collect();
+    Ok(Json(json!({ "items": items })))
+}

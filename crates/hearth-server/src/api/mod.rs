@@ -1,0 +1,99 @@
+//! The HTTP API: routing, authentication and body parsing. Handlers are thin: parse,
+//! authorize, call one service function, map the result.
+
+mod admin;
+mod me;
+mod ops;
+
+use crate::App;
+use crate::error::ApiError;
+use axum::Router;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::routing::{get, post};
+use hearth_core::Role;
+use hearth_store::User;
+use serde::de::DeserializeOwned;
+
+/// Largest accepted request body. Commands may be up to 256 KiB.
+pub const BODY_LIMIT: usize = 512 * 1024;
+
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/openapi.json", get(ops::openapi))
+        .route("/v1/flavors", get(ops::flavors))
+        .route("/v1/me", get(me::me))
+        .route("/v1/me/vm", get(me::get_vm).post(me::provision).delete(me::destroy))
+        .route("/v1/me/vm/start", post(me::start))
+        .route("/v1/me/vm/stop", post(me::stop))
+        .route("/v1/me/vm/exec", post(me::exec))
+        .route("/v1/me/vm/logs", get(me::logs))
+        .route("/v1/admin/users", post(admin::create_user).get(admin::list_users))
+        .route("/v1/admin/vms", get(admin::vms))
+        .fallback(ops::not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(app)
+}
+
+/// The caller, from `Authorization: Bearer <token>`.
+pub struct Caller(pub User);
+
+impl FromRequestParts<App> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Caller, ApiError> {
+        let unauthenticated = |m: &str| ApiError::new(axum::http::StatusCode::UNAUTHORIZED, "unauthenticated", m);
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or_else(|| unauthenticated("missing Authorization: Bearer <token> header"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| unauthenticated("the Authorization header must be `Bearer <token>`"))?;
+        match app.store.user_by_token(token).await? {
+            Some(user) => Ok(Caller(user)),
+            None => Err(unauthenticated("unknown or revoked token")),
+        }
+    }
+}
+
+/// A caller with the `admin` role.
+pub struct Admin(pub User);
+
+impl FromRequestParts<App> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Admin, ApiError> {
+        let Caller(user) = Caller::from_request_parts(parts, app).await?;
+        if user.role != Role::Admin {
+            return Err(ApiError::new(axum::http::StatusCode::FORBIDDEN, "forbidden", "this needs the admin role"));
+        }
+        Ok(Admin(user))
+    }
+}
+
+/// A JSON body whose every failure (bad JSON, wrong types, unknown fields, too large) is
+/// a 400 `invalid_input` that says what was wrong. An empty body means `T::default()`.
+pub struct Body<T>(pub T);
+
+impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Body<T>, ApiError> {
+        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|e| {
+            ApiError::invalid(format!("could not read the request body (the limit is {} KiB): {e}", BODY_LIMIT / 1024))
+        })?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Body(T::default()));
+        }
+        serde_json::from_slice(&bytes)
+            .map(Body)
+            .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+    }
+}

@@ -1,0 +1,47 @@
+//! Health, readiness, the OpenAPI document and flavors.
+
+use crate::App;
+use crate::error::ApiError;
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use hearth_core::Tier;
+use serde_json::{Value, json};
+
+/// The spec lives next to the code; a test checks every route is in it.
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+
+pub async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready when the database answers and the provider is reachable.
+pub async fn readyz(State(app): State<App>) -> impl IntoResponse {
+    let database = app.store.ping().await.map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string());
+    let provider = app.provider.check().await.map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string());
+    let ready = database == "ok" && provider == "ok";
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(json!({ "ready": ready, "database": database, "provider": provider })))
+}
+
+pub async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+/// The sizes offered: with Docker any size within quota works, so these are the tiers'.
+pub async fn flavors(State(app): State<App>) -> Json<Value> {
+    let items: Vec<Value> = [Tier::Free, Tier::Pro, Tier::Unlimited]
+        .into_iter()
+        .map(|t| {
+            let r = t.default_resources();
+            json!({ "id": t.as_str(), "name": t.as_str(), "provider": app.provider.name(),
+                    "vcpus": r.vcpus, "memoryMb": r.memory_mb, "diskGb": r.disk_gb })
+        })
+        .collect();
+    Json(json!({ "items": items }))
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("route")
+}

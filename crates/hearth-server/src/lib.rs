@@ -1,0 +1,33 @@
+//! The control plane process (`hearth serve`): the HTTP API, the job handlers that turn
+//! requests into VMs, and start-up (database, master key, first admin).
+//!
+//! Handlers in `api` are thin; the rules live in `service` (what a request may do) and
+//! `jobs` (the provisioning and control steps, each with its undo).
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod jobs;
+pub mod service;
+pub mod views;
+
+use hearth_guest::{MasterKey, SshPool};
+use hearth_provider::Provider;
+use hearth_queue::Queue;
+use hearth_store::Store;
+use std::sync::Arc;
+
+pub use config::Config;
+
+/// Everything a request or a job needs, cheap to clone.
+#[derive(Clone)]
+pub struct App {
+    pub store: Store,
+    pub queue: Queue,
+    pub provider: Arc<dyn Provider>,
+    pub ssh: SshPool,
+    pub master_key: MasterKey,
+    pub config: Arc<Config>,
+}
+
+pub mod serve;

@@ -1,0 +1,110 @@
+//! `hearth serve`: open the database, load the master key, make the first admin, start
+//! the workers and the HTTP server, and stop cleanly on SIGTERM or Ctrl-C.
+
+use crate::jobs::JobHandler;
+use crate::{App, Config};
+use anyhow::{Context, Result};
+use hearth_core::{Role, Tier};
+use hearth_guest::{MasterKey, SshPool};
+use hearth_provider::Provider;
+use hearth_provider::docker::DockerProvider;
+use hearth_queue::Queue;
+use hearth_store::Store;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// Writes `contents` to a new file readable by the owner only.
+fn write_private(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+fn load_master_key(config: &Config) -> Result<MasterKey> {
+    if let Some(text) = &config.master_key {
+        return MasterKey::parse(text).context("HEARTH_MASTER_KEY is invalid");
+    }
+    let path = config.data_dir.join("master.key");
+    if path.exists() {
+        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        return MasterKey::parse(&text).with_context(|| format!("{} is invalid", path.display()));
+    }
+    let key = MasterKey::generate();
+    write_private(&path, &key.to_base64())?;
+    tracing::info!(path = %path.display(), "generated a master key; back it up: without it stored SSH keys cannot be read");
+    Ok(key)
+}
+
+/// On an empty database: an admin user whose token goes to `<data dir>/admin.token`.
+async fn ensure_admin(store: &Store, data_dir: &Path) -> Result<()> {
+    if store.count_users().await? > 0 {
+        return Ok(());
+    }
+    let (user, token) = store.create_user("admin@localhost", Role::Admin, Tier::Unlimited).await?;
+    let path = data_dir.join("admin.token");
+    write_private(&path, &token)?;
+    tracing::info!(user = %user.id, path = %path.display(), "created the first admin; its API token is in this file");
+    Ok(())
+}
+
+pub async fn open_app(config: Config) -> Result<App> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create the data directory {}", config.data_dir.display()))?;
+    let store = Store::connect(&config.database_url)
+        .await
+        .with_context(|| format!("cannot open the database {}", redact(&config.database_url)))?;
+    let master_key = load_master_key(&config)?;
+    ensure_admin(&store, &config.data_dir).await?;
+    let provider: Arc<dyn Provider> = Arc::new(DockerProvider::new());
+    if let Err(e) = provider.check().await {
+        tracing::warn!("{e}. Hearth starts anyway; provisioning fails until Docker is reachable");
+    }
+    let queue = Queue::new(store.clone(), config.queues.clone(), config.timing.clone());
+    Ok(App { store, queue, provider, ssh: SshPool::new(), master_key, config: Arc::new(config) })
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***{}", &url[..s], &url[at..]),
+        _ => url.to_string(),
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+pub async fn run(config: Config) -> Result<()> {
+    let listen = config.listen.clone();
+    let app = open_app(config).await?;
+    let listener = tokio::net::TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}; set HEARTH_LISTEN to a free address"))?;
+    tracing::info!(address = %listener.local_addr()?, data_dir = %app.config.data_dir.display(), "Hearth is serving");
+
+    let (stop, stopped) = watch::channel(false);
+    let workers = {
+        let queue = app.queue.clone();
+        let handler = Arc::new(JobHandler { app: app.clone() });
+        tokio::spawn(async move { queue.run(handler, stopped).await })
+    };
+    let router = crate::api::router(app.clone());
+    axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await?;
+    tracing::info!("shutting down: finishing running jobs");
+    let _ = stop.send(true);
+    let _ = workers.await;
+    Ok(())
+}

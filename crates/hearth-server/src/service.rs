@@ -1,0 +1,253 @@
+//! What a request may do, and the writes it makes. Handlers call these; jobs do the work.
+
+use crate::App;
+use crate::error::{ApiError, ApiResult};
+use crate::views::ExecView;
+use hearth_core::{EnvState, Resources, validate};
+use hearth_guest::{ExecRequest, KeyPair, Target};
+use hearth_store::{Environment, Execution, NewEnvironment, PersonalOutcome, User, now_ms};
+use hearth_store::NewJob;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    Provision,
+    Start,
+    Stop,
+    Destroy,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Provision => "provision",
+            JobKind::Start => "start",
+            JobKind::Stop => "stop",
+            JobKind::Destroy => "destroy",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobKind> {
+        [JobKind::Provision, JobKind::Start, JobKind::Stop, JobKind::Destroy].into_iter().find(|k| k.as_str() == s)
+    }
+
+    pub fn queue(self) -> &'static str {
+        match self {
+            JobKind::Provision => "provision",
+            _ => "control",
+        }
+    }
+}
+
+/// Output kept per stream in the API answer; the executions table keeps 64 KiB.
+pub const EXEC_OUTPUT_LIMIT: usize = 1024 * 1024;
+pub const STORED_OUTPUT_LIMIT: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Default)]
+pub struct SizeRequest {
+    pub vcpus: Option<i64>,
+    pub memory_mb: Option<i64>,
+    pub disk_gb: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExecInput {
+    pub code: String,
+    pub timeout_seconds: Option<i64>,
+    pub working_dir: Option<String>,
+}
+
+impl ExecInput {
+    /// Checks the input before anything is looked up; returns the timeout in seconds.
+    pub fn validate(&self) -> ApiResult<i64> {
+        validate::command(&self.code).map_err(ApiError::invalid)?;
+        if let Some(dir) = &self.working_dir {
+            validate::working_dir(dir).map_err(ApiError::invalid)?;
+        }
+        validate::timeout_seconds(self.timeout_seconds.unwrap_or(60)).map_err(ApiError::invalid)
+    }
+}
+
+fn cut(bytes: &[u8], limit: usize) -> (String, bool) {
+    let text = String::from_utf8_lossy(bytes);
+    if text.len() <= limit {
+        return (text.into_owned(), false);
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    (text[..end].to_string(), true)
+}
+
+impl App {
+    pub fn new_job(&self, kind: JobKind, environment_id: &str, actor: &str) -> NewJob {
+        let max_attempts = self.queue.config(kind.queue()).map(|c| c.max_attempts).unwrap_or(1);
+        NewJob {
+            queue: kind.queue().into(),
+            kind: kind.as_str().into(),
+            environment_id: environment_id.into(),
+            max_attempts,
+            actor: actor.into(),
+        }
+    }
+
+    /// Creates the caller's personal VM (queued for provisioning) or returns the live one.
+    pub async fn provision_personal(&self, user: &User, size: SizeRequest) -> ApiResult<(bool, Environment)> {
+        let defaults = user.tier.default_resources();
+        let resources = Resources {
+            vcpus: validate::vcpus(size.vcpus.unwrap_or(defaults.vcpus)).map_err(ApiError::invalid)?,
+            memory_mb: validate::memory_mb(size.memory_mb.unwrap_or(defaults.memory_mb)).map_err(ApiError::invalid)?,
+            disk_gb: validate::disk_gb(size.disk_gb.unwrap_or(defaults.disk_gb)).map_err(ApiError::invalid)?,
+        };
+        if let Some(existing) = self.store.personal_environment(&user.id).await? {
+            return Ok((false, existing));
+        }
+        let keys = KeyPair::generate();
+        let new = NewEnvironment {
+            name: "Personal VM".into(),
+            personal: true,
+            provider: self.provider.name().into(),
+            resources,
+            base_image: self.config.image.clone(),
+            ssh_user: "dev".into(),
+            environment_vars: BTreeMap::new(),
+            ssh_public_key: keys.public_openssh,
+            ssh_private_key_enc: self.master_key.seal(&keys.private_openssh),
+            auto_stop_minutes: user.tier.auto_stop_minutes(),
+            expires_at: None,
+        };
+        let job = self.new_job(JobKind::Provision, "", &user.id);
+        let outcome = self.store.create_personal_environment(user, new, job).await?;
+        Ok(match outcome {
+            PersonalOutcome::Created(env) => {
+                let _ = self.store.append_log(&env.id, "info", "provisioning requested; queued").await;
+                self.queue.wake(JobKind::Provision.queue());
+                (true, env)
+            }
+            PersonalOutcome::Existing(env) => (false, env),
+        })
+    }
+
+    /// Queues start, stop or destroy. The job decides at run time what is left to do,
+    /// so a repeated request is kept (and runs in order), never silently dropped.
+    pub async fn request(&self, actor: &str, env: &Environment, kind: JobKind) -> ApiResult<()> {
+        match (kind, env.state) {
+            (_, EnvState::Destroyed) => {
+                return Err(ApiError::invalid_state("the VM is destroyed; provision a new one"));
+            }
+            (JobKind::Start | JobKind::Stop, EnvState::Destroying) => {
+                return Err(ApiError::invalid_state("the VM is being destroyed"));
+            }
+            _ => {}
+        }
+        let job = self.new_job(kind, &env.id, actor);
+        self.store.enqueue(&job, &format!("{}_requested", kind.as_str())).await?;
+        self.queue.wake(kind.queue());
+        Ok(())
+    }
+
+    pub fn target(&self, env: &Environment) -> ApiResult<Target> {
+        let (Some(host), Some(port)) = (env.ssh_host.clone(), env.ssh_port) else {
+            return Err(ApiError::invalid_state("the VM has no SSH address yet"));
+        };
+        let private_key_openssh = self
+            .master_key
+            .open(&env.ssh_private_key_enc)
+            .map_err(|e| ApiError::internal(format!("{e}; was HEARTH_MASTER_KEY changed?")))?;
+        Ok(Target {
+            environment_id: env.id.clone(),
+            host,
+            port: u16::try_from(port).map_err(|_| ApiError::internal("stored SSH port out of range"))?,
+            user: env.ssh_user.clone(),
+            private_key_openssh,
+        })
+    }
+
+    /// Runs a command in a running VM and records it. A stopped VM gets a start queued
+    /// (as the original did) and the caller is told to retry.
+    pub async fn exec(&self, user: &User, env: &Environment, input: ExecInput) -> ApiResult<ExecView> {
+        let timeout = input.validate()?;
+        match env.state {
+            EnvState::Running => {}
+            EnvState::Stopped => {
+                if !self.store.has_pending_job(&env.id, JobKind::Start.as_str()).await? {
+                    self.request(&user.id, env, JobKind::Start).await?;
+                }
+                return Err(ApiError::invalid_state("the VM is stopped; a start has been queued, try again in a few seconds"));
+            }
+            EnvState::Requested | EnvState::Provisioning => {
+                return Err(ApiError::invalid_state("the VM is still provisioning; try again when it is running"));
+            }
+            other => return Err(ApiError::invalid_state(format!("the VM is {other}; commands run only when it is running"))),
+        }
+        let target = self.target(env)?;
+        let request = ExecRequest {
+            code: input.code.clone(),
+            working_dir: input.working_dir.clone(),
+            env: env.environment_vars.clone(),
+            timeout: Duration::from_secs(timeout as u64),
+            max_output: EXEC_OUTPUT_LIMIT,
+        };
+        let started_at = now_ms();
+        let result = self.ssh.exec(&target, &request).await;
+        let finished_at = now_ms();
+        let _ = self.store.touch_activity(&env.id, finished_at).await;
+        let out = match result {
+            Ok(out) => out,
+            Err(e) => {
+                let execution = Execution {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    environment_id: env.id.clone(),
+                    user_id: user.id.clone(),
+                    command: input.code,
+                    working_dir: input.working_dir,
+                    status: "failed".into(),
+                    exit_code: None,
+                    stdout: String::new(),
+                    stderr: e.to_string(),
+                    truncated: false,
+                    started_at,
+                    finished_at: Some(finished_at),
+                    duration_ms: Some(finished_at - started_at),
+                };
+                self.store.insert_execution(&execution).await?;
+                return Err(ApiError::unavailable(format!("could not run the command: {e}")));
+            }
+        };
+        let (stdout, out_cut) = cut(&out.stdout, EXEC_OUTPUT_LIMIT);
+        let (stderr, err_cut) = cut(&out.stderr, EXEC_OUTPUT_LIMIT);
+        let (stored_out, so) = cut(stdout.as_bytes(), STORED_OUTPUT_LIMIT);
+        let (stored_err, se) = cut(stderr.as_bytes(), STORED_OUTPUT_LIMIT);
+        let execution = Execution {
+            id: uuid::Uuid::now_v7().to_string(),
+            environment_id: env.id.clone(),
+            user_id: user.id.clone(),
+            command: input.code,
+            working_dir: input.working_dir,
+            status: if out.timed_out { "timeout" } else { "completed" }.into(),
+            exit_code: out.exit_code,
+            stdout: stored_out,
+            stderr: stored_err,
+            truncated: out.truncated || so || se,
+            started_at,
+            finished_at: Some(finished_at),
+            duration_ms: Some(out.duration.as_millis() as i64),
+        };
+        self.store.insert_execution(&execution).await?;
+        let truncated = out.truncated || out_cut || err_cut;
+        Ok(ExecView::from_execution(&execution, stdout, stderr, truncated))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cut_respects_char_boundaries() {
+        let (s, t) = super::cut("héllo".as_bytes(), 2);
+        assert_eq!((s.as_str(), t), ("h", true));
+        let (s, t) = super::cut(b"abc", 10);
+        assert_eq!((s.as_str(), t), ("abc", false));
+    }
+}

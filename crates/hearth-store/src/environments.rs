@@ -1,0 +1,461 @@
+//! Environments: creation under quota (with its first job, in one transaction) and
+//! conditional state writes guarded by state and generation.
+
+use crate::jobs::{NewJob, insert_job};
+use crate::records::insert_audit;
+use crate::users::{User, quota_and_usage};
+use crate::{Result, Store, StoreError, Tx, now_ms};
+use hearth_core::{EnvState, Resources};
+use rand::Rng;
+use sqlx::Row;
+use sqlx::any::AnyRow;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Environment {
+    pub id: String,
+    pub slug: String,
+    pub name: String,
+    pub user_id: String,
+    pub personal: bool,
+    pub state: EnvState,
+    pub state_message: Option<String>,
+    pub generation: i64,
+    pub provider: String,
+    pub host_id: Option<String>,
+    pub vm_id: Option<String>,
+    pub region: Option<String>,
+    pub ip_address: Option<String>,
+    pub ssh_host: Option<String>,
+    pub ssh_port: Option<i64>,
+    pub ssh_user: String,
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub disk_gb: i64,
+    pub base_image: String,
+    pub environment_vars: BTreeMap<String, String>,
+    pub ssh_public_key: String,
+    pub ssh_private_key_enc: String,
+    pub auto_stop_minutes: Option<i64>,
+    pub total_runtime_seconds: i64,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub started_at: Option<i64>,
+    pub stopped_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub last_activity_at: Option<i64>,
+}
+
+impl Environment {
+    pub fn resources(&self) -> Resources {
+        Resources { vcpus: self.vcpus, memory_mb: self.memory_mb, disk_gb: self.disk_gb }
+    }
+
+    /// A copy moved to `to`, with the timestamps that transition implies. Refuses
+    /// transitions the state machine does not allow.
+    pub fn moved_to(&self, to: EnvState, message: Option<String>, now: i64) -> Result<Environment> {
+        self.state.check(to).map_err(|e| StoreError::Conflict(e.to_string()))?;
+        let mut next = self.clone();
+        next.state = to;
+        next.state_message = message;
+        if self.state == EnvState::Running {
+            if let Some(started) = self.started_at {
+                next.total_runtime_seconds += ((now - started) / 1000).max(0);
+            }
+        }
+        match to {
+            EnvState::Running => {
+                next.started_at = Some(now);
+                next.last_activity_at = Some(now);
+            }
+            EnvState::Stopped | EnvState::Destroyed => next.stopped_at = Some(now),
+            _ => {}
+        }
+        Ok(next)
+    }
+}
+
+/// What the API asks for; the store adds ids, slug and timestamps.
+#[derive(Debug, Clone)]
+pub struct NewEnvironment {
+    pub name: String,
+    pub personal: bool,
+    pub provider: String,
+    pub resources: Resources,
+    pub base_image: String,
+    pub ssh_user: String,
+    pub environment_vars: BTreeMap<String, String>,
+    pub ssh_public_key: String,
+    pub ssh_private_key_enc: String,
+    pub auto_stop_minutes: Option<i64>,
+    pub expires_at: Option<i64>,
+}
+
+#[derive(Debug)]
+pub enum PersonalOutcome {
+    Created(Environment),
+    Existing(Environment),
+}
+
+const COLUMNS: &str = "id, slug, name, user_id, personal, state, state_message, generation, provider, \
+    host_id, vm_id, region, ip_address, ssh_host, ssh_port, ssh_user, vcpus, memory_mb, disk_gb, \
+    base_image, environment_vars, ssh_public_key, ssh_private_key_enc, auto_stop_minutes, \
+    total_runtime_seconds, created_at, updated_at, started_at, stopped_at, expires_at, last_activity_at";
+
+macro_rules! select_env {
+    ($where:literal) => {
+        concat!(
+            "SELECT id, slug, name, user_id, personal, state, state_message, generation, provider, \
+             host_id, vm_id, region, ip_address, ssh_host, ssh_port, ssh_user, vcpus, memory_mb, disk_gb, \
+             base_image, environment_vars, ssh_public_key, ssh_private_key_enc, auto_stop_minutes, \
+             total_runtime_seconds, created_at, updated_at, started_at, stopped_at, expires_at, last_activity_at \
+             FROM environments ",
+            $where
+        )
+    };
+}
+
+fn env_from_row(row: &AnyRow) -> Result<Environment> {
+    let state: String = row.try_get("state")?;
+    let vars: String = row.try_get("environment_vars")?;
+    Ok(Environment {
+        id: row.try_get("id")?,
+        slug: row.try_get("slug")?,
+        name: row.try_get("name")?,
+        user_id: row.try_get("user_id")?,
+        personal: row.try_get::<i64, _>("personal")? != 0,
+        state: EnvState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("state {state}")))?,
+        state_message: row.try_get("state_message")?,
+        generation: row.try_get("generation")?,
+        provider: row.try_get("provider")?,
+        host_id: row.try_get("host_id")?,
+        vm_id: row.try_get("vm_id")?,
+        region: row.try_get("region")?,
+        ip_address: row.try_get("ip_address")?,
+        ssh_host: row.try_get("ssh_host")?,
+        ssh_port: row.try_get("ssh_port")?,
+        ssh_user: row.try_get("ssh_user")?,
+        vcpus: row.try_get("vcpus")?,
+        memory_mb: row.try_get("memory_mb")?,
+        disk_gb: row.try_get("disk_gb")?,
+        base_image: row.try_get("base_image")?,
+        environment_vars: serde_json::from_str(&vars)
+            .map_err(|e| StoreError::Corrupt(format!("environment_vars: {e}")))?,
+        ssh_public_key: row.try_get("ssh_public_key")?,
+        ssh_private_key_enc: row.try_get("ssh_private_key_enc")?,
+        auto_stop_minutes: row.try_get("auto_stop_minutes")?,
+        total_runtime_seconds: row.try_get("total_runtime_seconds")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        started_at: row.try_get("started_at")?,
+        stopped_at: row.try_get("stopped_at")?,
+        expires_at: row.try_get("expires_at")?,
+        last_activity_at: row.try_get("last_activity_at")?,
+    })
+}
+
+/// `env_` and 8 characters of `[a-z0-9]` from the OS CSPRNG.
+pub fn new_slug() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rngs::OsRng;
+    let s: String = (0..8).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect();
+    format!("env_{s}")
+}
+
+impl Store {
+    /// Creates the user's personal VM with its provision job, or returns the live one.
+    /// Quota is checked in the same transaction; a concurrent twin meets the unique index.
+    pub async fn create_personal_environment(
+        &self,
+        user: &User,
+        new: NewEnvironment,
+        provision: NewJob,
+    ) -> Result<PersonalOutcome> {
+        if let Some(existing) = self.personal_environment(&user.id).await? {
+            return Ok(PersonalOutcome::Existing(existing));
+        }
+        match self.create_environment(user, new, provision).await {
+            // A concurrent twin won: it holds the quota or the unique personal slot.
+            Err(StoreError::Quota(q)) => match self.personal_environment(&user.id).await? {
+                Some(existing) => Ok(PersonalOutcome::Existing(existing)),
+                None => Err(StoreError::Quota(q)),
+            },
+            Err(StoreError::Db(e)) if crate::is_unique_violation(&e) => {
+                let existing = self.personal_environment(&user.id).await?.ok_or(StoreError::NotFound)?;
+                Ok(PersonalOutcome::Existing(existing))
+            }
+            Err(e) => Err(e),
+            Ok(env) => Ok(PersonalOutcome::Created(env)),
+        }
+    }
+
+    /// Inserts an environment in `requested`, its first job and the audit line, in one
+    /// transaction, after checking the quota against current usage.
+    pub async fn create_environment(&self, user: &User, new: NewEnvironment, first_job: NewJob) -> Result<Environment> {
+        let now = now_ms();
+        let env = Environment {
+            id: uuid::Uuid::now_v7().to_string(),
+            slug: new_slug(),
+            name: new.name,
+            user_id: user.id.clone(),
+            personal: new.personal,
+            state: EnvState::Requested,
+            state_message: Some("queued for provisioning".into()),
+            generation: 1,
+            provider: new.provider,
+            host_id: None,
+            vm_id: None,
+            region: None,
+            ip_address: None,
+            ssh_host: None,
+            ssh_port: None,
+            ssh_user: new.ssh_user,
+            vcpus: new.resources.vcpus,
+            memory_mb: new.resources.memory_mb,
+            disk_gb: new.resources.disk_gb,
+            base_image: new.base_image,
+            environment_vars: new.environment_vars,
+            ssh_public_key: new.ssh_public_key,
+            ssh_private_key_enc: new.ssh_private_key_enc,
+            auto_stop_minutes: new.auto_stop_minutes,
+            total_runtime_seconds: 0,
+            created_at: now,
+            updated_at: now,
+            started_at: None,
+            stopped_at: None,
+            expires_at: new.expires_at,
+            last_activity_at: None,
+        };
+        let mut tx = self.begin().await?;
+        // Lock the user row so concurrent creates by one user queue up on PostgreSQL.
+        let lock = format!("SELECT id FROM users WHERE id = $1{}", self.for_update());
+        sqlx::query(sqlx::AssertSqlSafe(lock)).bind(&user.id).fetch_one(&mut *tx).await?;
+        let (quota, usage) = quota_and_usage(&mut tx, user).await?;
+        quota.admit(&usage, &env.resources()).map_err(StoreError::Quota)?;
+        insert_env(&mut tx, &env).await?;
+        insert_job(&mut tx, &first_job.for_environment(&env.id), now).await?;
+        insert_audit(&mut tx, &first_job.actor, "create", Some(&env.id), None, Some(EnvState::Requested), "success", None, None)
+            .await?;
+        tx.commit().await?;
+        Ok(env)
+    }
+
+    pub async fn environment(&self, id: &str) -> Result<Environment> {
+        let row = sqlx::query(select_env!("WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        env_from_row(&row)
+    }
+
+    /// The user's live (not destroyed) personal environment.
+    pub async fn personal_environment(&self, user_id: &str) -> Result<Option<Environment>> {
+        let row = sqlx::query(select_env!("WHERE user_id = $1 AND personal = 1 AND state <> 'destroyed'"))
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(env_from_row).transpose()
+    }
+
+    /// Every environment that is not destroyed, for the admin view.
+    pub async fn live_environments(&self) -> Result<Vec<Environment>> {
+        let rows = sqlx::query(select_env!("WHERE state <> 'destroyed' ORDER BY created_at, id"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(env_from_row).collect()
+    }
+
+    /// Writes `next` if the row still has `prev`'s state and generation; bumps the
+    /// generation and records the transition in the audit log, in one transaction.
+    pub async fn save_transition(&self, prev: &Environment, mut next: Environment, actor: &str) -> Result<Environment> {
+        let now = now_ms();
+        next.generation = prev.generation + 1;
+        next.updated_at = now;
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "UPDATE environments SET state = $1, state_message = $2, generation = $3, host_id = $4, vm_id = $5, \
+             ip_address = $6, ssh_host = $7, ssh_port = $8, total_runtime_seconds = $9, updated_at = $10, \
+             started_at = $11, stopped_at = $12, last_activity_at = $13 \
+             WHERE id = $14 AND state = $15 AND generation = $16",
+        )
+        .bind(next.state.as_str())
+        .bind(&next.state_message)
+        .bind(next.generation)
+        .bind(&next.host_id)
+        .bind(&next.vm_id)
+        .bind(&next.ip_address)
+        .bind(&next.ssh_host)
+        .bind(next.ssh_port)
+        .bind(next.total_runtime_seconds)
+        .bind(next.updated_at)
+        .bind(next.started_at)
+        .bind(next.stopped_at)
+        .bind(next.last_activity_at)
+        .bind(&prev.id)
+        .bind(prev.state.as_str())
+        .bind(prev.generation)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::Stale);
+        }
+        if prev.state != next.state {
+            let outcome = if next.state == EnvState::Error { "failed" } else { "success" };
+            let error = if next.state == EnvState::Error { next.state_message.as_deref() } else { None };
+            let action = format!("state_{}", next.state);
+            insert_audit(&mut tx, actor, &action, Some(&prev.id), Some(prev.state), Some(next.state), outcome, error, None)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(next)
+    }
+
+    /// Records activity (an exec, a session) without touching state or generation.
+    pub async fn touch_activity(&self, id: &str, at: i64) -> Result<()> {
+        sqlx::query("UPDATE environments SET last_activity_at = $1 WHERE id = $2")
+            .bind(at)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+async fn insert_env(tx: &mut Tx, e: &Environment) -> Result<()> {
+    let vars = serde_json::to_string(&e.environment_vars).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+    let sql = format!(
+        "INSERT INTO environments ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
+         $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31)"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(&e.id)
+        .bind(&e.slug)
+        .bind(&e.name)
+        .bind(&e.user_id)
+        .bind(e.personal as i64)
+        .bind(e.state.as_str())
+        .bind(&e.state_message)
+        .bind(e.generation)
+        .bind(&e.provider)
+        .bind(&e.host_id)
+        .bind(&e.vm_id)
+        .bind(&e.region)
+        .bind(&e.ip_address)
+        .bind(&e.ssh_host)
+        .bind(e.ssh_port)
+        .bind(&e.ssh_user)
+        .bind(e.vcpus)
+        .bind(e.memory_mb)
+        .bind(e.disk_gb)
+        .bind(&e.base_image)
+        .bind(vars)
+        .bind(&e.ssh_public_key)
+        .bind(&e.ssh_private_key_enc)
+        .bind(e.auto_stop_minutes)
+        .bind(e.total_runtime_seconds)
+        .bind(e.created_at)
+        .bind(e.updated_at)
+        .bind(e.started_at)
+        .bind(e.stopped_at)
+        .bind(e.expires_at)
+        .bind(e.last_activity_at)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testdb::each_backend;
+    use hearth_core::{Role, Tier};
+
+    pub(crate) fn sample(personal: bool) -> NewEnvironment {
+        NewEnvironment {
+            name: "Personal VM".into(),
+            personal,
+            provider: "docker".into(),
+            resources: Tier::Free.default_resources(),
+            base_image: "hearth/base:latest".into(),
+            ssh_user: "dev".into(),
+            environment_vars: BTreeMap::from([("X".to_string(), "$(id) 'q'".to_string())]),
+            ssh_public_key: "ssh-ed25519 AAAA".into(),
+            ssh_private_key_enc: "enc".into(),
+            auto_stop_minutes: Some(60),
+            expires_at: None,
+        }
+    }
+
+    pub(crate) fn provision_job(actor: &str) -> NewJob {
+        NewJob { queue: "provision".into(), kind: "provision".into(), environment_id: String::new(), max_attempts: 3, actor: actor.into() }
+    }
+
+    #[tokio::test]
+    async fn personal_vm_is_created_once_even_concurrently() {
+        each_backend(|store| async move {
+            let (user, _) = store.create_user("p@example.com", Role::User, Tier::Free).await.unwrap();
+            let mut tasks = Vec::new();
+            for _ in 0..8 {
+                let (store, user) = (store.clone(), user.clone());
+                tasks.push(tokio::spawn(async move {
+                    store.create_personal_environment(&user, sample(true), provision_job(&user.id)).await
+                }));
+            }
+            let mut created = 0;
+            let mut ids = std::collections::HashSet::new();
+            for t in tasks {
+                match t.await.unwrap().unwrap() {
+                    PersonalOutcome::Created(e) => {
+                        created += 1;
+                        ids.insert(e.id);
+                    }
+                    PersonalOutcome::Existing(e) => {
+                        ids.insert(e.id);
+                    }
+                }
+            }
+            assert_eq!(created, 1);
+            assert_eq!(ids.len(), 1);
+            let env = store.personal_environment(&user.id).await.unwrap().unwrap();
+            assert_eq!(env.environment_vars["X"], "$(id) 'q'");
+            assert_eq!(store.jobs_for_environment(&env.id).await.unwrap().len(), 1);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn quota_is_enforced_in_the_transaction() {
+        each_backend(|store| async move {
+            let (user, _) = store.create_user("q@example.com", Role::User, Tier::Free).await.unwrap();
+            let mut big = sample(false);
+            big.resources.vcpus = 3;
+            let err = store.create_environment(&user, big, provision_job(&user.id)).await.unwrap_err();
+            assert!(matches!(err, StoreError::Quota(ref q) if q.limit == "maxVcpus"), "{err}");
+            store.create_environment(&user, sample(false), provision_job(&user.id)).await.unwrap();
+            let err = store.create_environment(&user, sample(false), provision_job(&user.id)).await.unwrap_err();
+            assert!(matches!(err, StoreError::Quota(ref q) if q.limit == "maxEnvironments"), "{err}");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn stale_writers_lose() {
+        each_backend(|store| async move {
+            let (user, _) = store.create_user("s@example.com", Role::User, Tier::Free).await.unwrap();
+            let env = store.create_environment(&user, sample(true), provision_job(&user.id)).await.unwrap();
+            let a = env.moved_to(EnvState::Provisioning, None, now_ms()).unwrap();
+            let b = env.moved_to(EnvState::Error, Some("x".into()), now_ms()).unwrap();
+            let saved = store.save_transition(&env, a, "system:test").await.unwrap();
+            assert_eq!(saved.generation, env.generation + 1);
+            assert!(matches!(store.save_transition(&env, b, "system:test").await, Err(StoreError::Stale)));
+            assert_eq!(store.environment(&env.id).await.unwrap().state, EnvState::Provisioning);
+            // Not in the table: refused before any write.
+            assert!(saved.moved_to(EnvState::Stopped, None, now_ms()).is_err());
+            let audit = store.audit_for_environment(&env.id).await.unwrap();
+            let last = audit.last().unwrap();
+            assert_eq!((last.previous_state.as_deref(), last.new_state.as_deref()), (Some("requested"), Some("provisioning")));
+        })
+        .await;
+    }
+}

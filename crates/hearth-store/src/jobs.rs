@@ -1,0 +1,354 @@
+//! The jobs table: durable work items with leases.
+//!
+//! A job is claimed by setting a lease; a worker that dies stops renewing it and the
+//! sweeper hands the job back. Jobs of one environment run strictly in id order: a job
+//! is claimable only when no earlier job of its environment is queued or running.
+
+use crate::records::insert_audit;
+use crate::{Result, Store, StoreError, Tx, now_ms};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    /// Out of attempts; an admin may retry it.
+    Dead,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Dead => "dead",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        [JobState::Queued, JobState::Running, JobState::Succeeded, JobState::Dead]
+            .into_iter()
+            .find(|j| j.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub queue: String,
+    pub kind: String,
+    pub environment_id: String,
+    pub max_attempts: i64,
+    /// Who asked: a user id or `system:...`; the audit log names it.
+    pub actor: String,
+}
+
+impl NewJob {
+    pub fn for_environment(&self, id: &str) -> NewJob {
+        NewJob { environment_id: id.to_string(), ..self.clone() }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: i64,
+    pub queue: String,
+    pub kind: String,
+    pub environment_id: String,
+    pub state: JobState,
+    /// Claims so far, this one included.
+    pub attempts: i64,
+    pub max_attempts: i64,
+    pub run_after: i64,
+    pub lease_owner: Option<String>,
+    pub lease_expires_at: Option<i64>,
+    pub last_error: Option<String>,
+    pub actor: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl Job {
+    /// A claim past the last attempt happens when a worker died holding the last one:
+    /// the handler must only clean up.
+    pub fn exhausted(&self) -> bool {
+        self.attempts > self.max_attempts
+    }
+
+    pub fn is_last_attempt(&self) -> bool {
+        self.attempts >= self.max_attempts
+    }
+}
+
+const SELECT_JOB: &str = "SELECT id, queue, kind, environment_id, state, attempts, max_attempts, run_after, \
+    lease_owner, lease_expires_at, last_error, actor, created_at, updated_at FROM jobs";
+
+fn job_from_row(row: &AnyRow) -> Result<Job> {
+    let state: String = row.try_get("state")?;
+    Ok(Job {
+        id: row.try_get("id")?,
+        queue: row.try_get("queue")?,
+        kind: row.try_get("kind")?,
+        environment_id: row.try_get("environment_id")?,
+        state: JobState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("job state {state}")))?,
+        attempts: row.try_get("attempts")?,
+        max_attempts: row.try_get("max_attempts")?,
+        run_after: row.try_get("run_after")?,
+        lease_owner: row.try_get("lease_owner")?,
+        lease_expires_at: row.try_get("lease_expires_at")?,
+        last_error: row.try_get("last_error")?,
+        actor: row.try_get("actor")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+pub(crate) async fn insert_job(tx: &mut Tx, job: &NewJob, now: i64) -> Result<i64> {
+    let row = sqlx::query(
+        "INSERT INTO jobs (queue, kind, environment_id, state, attempts, max_attempts, run_after, actor, created_at, updated_at) \
+         VALUES ($1, $2, $3, 'queued', 0, $4, $5, $6, $7, $7) RETURNING id",
+    )
+    .bind(&job.queue)
+    .bind(&job.kind)
+    .bind(&job.environment_id)
+    .bind(job.max_attempts)
+    .bind(now)
+    .bind(&job.actor)
+    .bind(now)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(row.try_get("id")?)
+}
+
+impl Store {
+    /// Queues a job and writes the audit line for the request that asked for it.
+    pub async fn enqueue(&self, job: &NewJob, action: &str) -> Result<i64> {
+        let now = now_ms();
+        let mut tx = self.begin().await?;
+        let id = insert_job(&mut tx, job, now).await?;
+        insert_audit(&mut tx, &job.actor, action, Some(&job.environment_id), None, None, "queued", None, None).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// Claims the oldest ready job of `queue` whose environment has nothing earlier
+    /// outstanding, leasing it to `owner` for `lease_ms`.
+    pub async fn claim(&self, queue: &str, owner: &str, lease_ms: i64) -> Result<Option<Job>> {
+        for _ in 0..5 {
+            let now = now_ms();
+            let mut tx = self.begin().await?;
+            let candidate = sqlx::query(
+                "SELECT j.id FROM jobs j WHERE j.queue = $1 AND j.state = 'queued' AND j.run_after <= $2 \
+                 AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.environment_id = j.environment_id \
+                   AND k.id < j.id AND k.state IN ('queued', 'running')) \
+                 ORDER BY j.id LIMIT 1",
+            )
+            .bind(queue)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(candidate) = candidate else { return Ok(None) };
+            let id: i64 = candidate.try_get("id")?;
+            let claimed = sqlx::query(
+                "UPDATE jobs SET state = 'running', lease_owner = $1, lease_expires_at = $2, \
+                 attempts = attempts + 1, updated_at = $3 WHERE id = $4 AND state = 'queued'",
+            )
+            .bind(owner)
+            .bind(now + lease_ms)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            if claimed.rows_affected() == 1 {
+                let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_JOB} WHERE id = $1")))
+                    .bind(id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                return Ok(Some(job_from_row(&row)?));
+            }
+            tx.rollback().await?;
+        }
+        Ok(None)
+    }
+
+    /// Extends the lease; false when the job is no longer ours (it was swept and re-run).
+    pub async fn renew_lease(&self, id: i64, owner: &str, lease_ms: i64) -> Result<bool> {
+        let now = now_ms();
+        let done = sqlx::query(
+            "UPDATE jobs SET lease_expires_at = $1, updated_at = $2 WHERE id = $3 AND lease_owner = $4 AND state = 'running'",
+        )
+        .bind(now + lease_ms)
+        .bind(now)
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn succeed(&self, id: i64, owner: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE jobs SET state = 'succeeded', lease_owner = NULL, lease_expires_at = NULL, updated_at = $1 \
+             WHERE id = $2 AND lease_owner = $3",
+        )
+        .bind(now_ms())
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a failed attempt: back to `queued` at `retry_at`, or `dead` when `None`.
+    pub async fn fail(&self, id: i64, owner: &str, error: &str, retry_at: Option<i64>) -> Result<()> {
+        let now = now_ms();
+        let state = if retry_at.is_some() { "queued" } else { "dead" };
+        sqlx::query(
+            "UPDATE jobs SET state = $1, run_after = $2, last_error = $3, lease_owner = NULL, lease_expires_at = NULL, \
+             updated_at = $4 WHERE id = $5 AND lease_owner = $6",
+        )
+        .bind(state)
+        .bind(retry_at.unwrap_or(now))
+        .bind(error)
+        .bind(now)
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Hands back jobs whose lease ran out (their worker died). Returns how many.
+    pub async fn requeue_expired(&self) -> Result<u64> {
+        let now = now_ms();
+        let done = sqlx::query(
+            "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, run_after = $1, \
+             last_error = 'the worker running it stopped renewing its lease', updated_at = $1 \
+             WHERE state = 'running' AND lease_expires_at < $1",
+        )
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub async fn job(&self, id: i64) -> Result<Job> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_JOB} WHERE id = $1")))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        job_from_row(&row)
+    }
+
+    pub async fn jobs_for_environment(&self, environment_id: &str) -> Result<Vec<Job>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_JOB} WHERE environment_id = $1 ORDER BY id")))
+            .bind(environment_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    /// True when a job of `kind` for the environment is queued or running.
+    pub async fn has_pending_job(&self, environment_id: &str, kind: &str) -> Result<bool> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM jobs WHERE environment_id = $1 AND kind = $2 AND state IN ('queued', 'running')",
+        )
+        .bind(environment_id)
+        .bind(kind)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get::<i64, _>("n")? > 0)
+    }
+
+    pub async fn list_jobs(&self, state: Option<JobState>) -> Result<Vec<Job>> {
+        let rows = match state {
+            Some(s) => {
+                sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_JOB} WHERE state = $1 ORDER BY id DESC LIMIT 500")))
+                    .bind(s.as_str())
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_JOB} ORDER BY id DESC LIMIT 500")))
+                .fetch_all(&self.pool)
+                .await?,
+        };
+        rows.iter().map(job_from_row).collect()
+    }
+
+    /// Earliest `run_after` of a queued job, so a worker knows how long it may sleep.
+    pub async fn next_run_after(&self, queue: &str) -> Result<Option<i64>> {
+        let row = sqlx::query("SELECT MIN(run_after) AS t FROM jobs WHERE queue = $1 AND state = 'queued'")
+            .bind(queue)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("t")?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testdb::each_backend;
+
+    fn job(env: &str, kind: &str) -> NewJob {
+        NewJob { queue: "control".into(), kind: kind.into(), environment_id: env.into(), max_attempts: 2, actor: "system:test".into() }
+    }
+
+    #[tokio::test]
+    async fn one_job_at_a_time_per_environment_in_order() {
+        each_backend(|store| async move {
+            let a = store.enqueue(&job("env-a", "start"), "start").await.unwrap();
+            let b = store.enqueue(&job("env-a", "stop"), "stop").await.unwrap();
+            let c = store.enqueue(&job("env-b", "start"), "start").await.unwrap();
+            let first = store.claim("control", "w1", 10_000).await.unwrap().unwrap();
+            assert_eq!(first.id, a);
+            // env-a's second job waits for the first; env-b's is free.
+            let second = store.claim("control", "w2", 10_000).await.unwrap().unwrap();
+            assert_eq!(second.id, c);
+            assert!(store.claim("control", "w3", 10_000).await.unwrap().is_none());
+            store.succeed(a, "w1").await.unwrap();
+            let third = store.claim("control", "w3", 10_000).await.unwrap().unwrap();
+            assert_eq!(third.id, b);
+            assert_eq!(third.attempts, 1);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn expired_leases_are_handed_back_and_stale_owners_lose() {
+        each_backend(|store| async move {
+            let id = store.enqueue(&job("env-c", "start"), "start").await.unwrap();
+            let j = store.claim("control", "dead-worker", 1).await.unwrap().unwrap();
+            assert_eq!(j.id, id);
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            assert_eq!(store.requeue_expired().await.unwrap(), 1);
+            let again = store.claim("control", "w2", 10_000).await.unwrap().unwrap();
+            assert_eq!((again.id, again.attempts), (id, 2));
+            assert!(!store.renew_lease(id, "dead-worker", 10_000).await.unwrap());
+            assert!(store.renew_lease(id, "w2", 10_000).await.unwrap());
+            // The old owner's late verdict is ignored.
+            store.succeed(id, "dead-worker").await.unwrap();
+            assert_eq!(store.job(id).await.unwrap().state, JobState::Running);
+            store.fail(id, "w2", "boom", None).await.unwrap();
+            let dead = store.job(id).await.unwrap();
+            assert_eq!((dead.state, dead.last_error.as_deref()), (JobState::Dead, Some("boom")));
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn backoff_delays_the_retry() {
+        each_backend(|store| async move {
+            let id = store.enqueue(&job("env-d", "start"), "start").await.unwrap();
+            store.claim("control", "w", 10_000).await.unwrap().unwrap();
+            store.fail(id, "w", "try later", Some(now_ms() + 60_000)).await.unwrap();
+            assert!(store.claim("control", "w", 10_000).await.unwrap().is_none());
+            assert!(store.next_run_after("control").await.unwrap().unwrap() > now_ms());
+        })
+        .await;
+    }
+}

@@ -1,0 +1,161 @@
+//! The database: the truth for users, environments, jobs, audit and executions.
+//!
+//! One set of queries serves SQLite and PostgreSQL through sqlx's `Any` driver; each backend
+//! has its own migration folder. Times are epoch milliseconds computed in Rust, so both
+//! backends agree on what "now" is. Write transactions on SQLite start `IMMEDIATE` so the
+//! single writer serialises them (DESIGN decision 6); PostgreSQL takes row locks.
+
+mod environments;
+mod jobs;
+mod records;
+mod users;
+
+pub use environments::{Environment, NewEnvironment, PersonalOutcome};
+pub use jobs::{Job, JobState, NewJob};
+pub use records::{AuditEntry, Execution, LogEntry};
+pub use users::{User, generate_token, hash_token};
+
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::{AnyPool, Executor};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("not found")]
+    NotFound,
+    /// A conditional write lost to a concurrent one (state or generation moved on).
+    #[error("the environment changed while this was being written; reload and retry")]
+    Stale,
+    #[error("{0}")]
+    Quota(hearth_core::QuotaExceeded),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+pub type Tx = sqlx::Transaction<'static, sqlx::Any>;
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Connects and applies the backend's migrations. `url` is `sqlite://PATH` or
+    /// `postgres://...`.
+    pub async fn connect(url: &str) -> Result<Store> {
+        install_default_drivers();
+        let backend = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else {
+            return Err(StoreError::Conflict(format!(
+                "DATABASE_URL must start with sqlite: or postgres:, got {url:?}"
+            )));
+        };
+        let options = AnyPoolOptions::new()
+            .max_connections(if backend == Backend::Sqlite { 8 } else { 16 })
+            .acquire_timeout(Duration::from_secs(30));
+        let pool = match backend {
+            Backend::Sqlite => {
+                options
+                    .after_connect(|conn, _| {
+                        Box::pin(async move {
+                            conn.execute("PRAGMA busy_timeout = 30000").await?;
+                            conn.execute("PRAGMA foreign_keys = ON").await?;
+                            conn.execute("PRAGMA synchronous = NORMAL").await?;
+                            Ok(())
+                        })
+                    })
+                    .connect(url)
+                    .await?
+            }
+            Backend::Postgres => options.connect(url).await?,
+        };
+        let store = Store { pool, backend };
+        match backend {
+            Backend::Sqlite => {
+                store.pool.execute("PRAGMA journal_mode = WAL").await?;
+                SQLITE_MIGRATIONS.run(&store.pool).await?;
+            }
+            Backend::Postgres => POSTGRES_MIGRATIONS.run(&store.pool).await?,
+        }
+        Ok(store)
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// A write transaction: `BEGIN IMMEDIATE` on SQLite so two writers never both read
+    /// and then collide; plain `BEGIN` on PostgreSQL, where queries lock rows.
+    pub async fn begin(&self) -> Result<Tx> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        })
+    }
+
+    /// Runs a `SELECT COUNT(*) AS n ...` written by the caller (tests and diagnostics).
+    pub async fn count(&self, sql: &str) -> Result<i64> {
+        use sqlx::Row;
+        Ok(sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).fetch_one(&self.pool).await?.try_get("n")?)
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// `FOR UPDATE` on PostgreSQL, nothing on SQLite (the transaction already holds the
+    /// write lock).
+    fn for_update(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE",
+        }
+    }
+}
+
+/// A unique-constraint violation, on either backend.
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => {
+            d.code().is_some_and(|c| c == "23505" || c == "2067" || c == "1555")
+                || d.message().contains("UNIQUE constraint failed")
+        }
+        _ => false,
+    }
+}
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testdb;

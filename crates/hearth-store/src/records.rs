@@ -1,0 +1,239 @@
+//! Append-only records: the audit log, executions and the provisioning log.
+
+use crate::{Result, Store, Tx, now_ms};
+use hearth_core::EnvState;
+use sqlx::Row;
+
+#[derive(Debug, Clone)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at: i64,
+    pub actor: String,
+    pub action: String,
+    pub environment_id: Option<String>,
+    pub previous_state: Option<String>,
+    pub new_state: Option<String>,
+    pub outcome: String,
+    pub error: Option<String>,
+    pub duration_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Execution {
+    pub id: String,
+    pub environment_id: String,
+    pub user_id: String,
+    pub command: String,
+    pub working_dir: Option<String>,
+    /// `completed`, `failed` (could not run) or `timeout`.
+    pub status: String,
+    pub exit_code: Option<i64>,
+    pub stdout: String,
+    pub stderr: String,
+    pub truncated: bool,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub duration_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    pub at: i64,
+    /// `info`, `success`, `error` or `debug`, as the seed's log had.
+    pub level: String,
+    pub message: String,
+}
+
+/// The provisioning log keeps the last this many entries...
+pub const LOG_KEEP: i64 = 100;
+/// ...written within this long of the newest one.
+pub const LOG_WINDOW_MS: i64 = 3_600_000;
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn insert_audit(
+    tx: &mut Tx,
+    actor: &str,
+    action: &str,
+    environment_id: Option<&str>,
+    previous: Option<EnvState>,
+    new: Option<EnvState>,
+    outcome: &str,
+    error: Option<&str>,
+    duration_ms: Option<i64>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO audit_log (at, actor, action, environment_id, previous_state, new_state, outcome, error, duration_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(now_ms())
+    .bind(actor)
+    .bind(action)
+    .bind(environment_id)
+    .bind(previous.map(EnvState::as_str))
+    .bind(new.map(EnvState::as_str))
+    .bind(outcome)
+    .bind(error)
+    .bind(duration_ms)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+impl Store {
+    pub async fn audit(
+        &self,
+        actor: &str,
+        action: &str,
+        environment_id: Option<&str>,
+        outcome: &str,
+        error: Option<&str>,
+        duration_ms: Option<i64>,
+    ) -> Result<()> {
+        let mut tx = self.begin().await?;
+        insert_audit(&mut tx, actor, action, environment_id, None, None, outcome, error, duration_ms).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn audit_for_environment(&self, environment_id: &str) -> Result<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT id, at, actor, action, environment_id, previous_state, new_state, outcome, error, duration_ms \
+             FROM audit_log WHERE environment_id = $1 ORDER BY id",
+        )
+        .bind(environment_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AuditEntry {
+                    id: r.try_get("id")?,
+                    at: r.try_get("at")?,
+                    actor: r.try_get("actor")?,
+                    action: r.try_get("action")?,
+                    environment_id: r.try_get("environment_id")?,
+                    previous_state: r.try_get("previous_state")?,
+                    new_state: r.try_get("new_state")?,
+                    outcome: r.try_get("outcome")?,
+                    error: r.try_get("error")?,
+                    duration_ms: r.try_get("duration_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn insert_execution(&self, e: &Execution) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO executions (id, environment_id, user_id, command, working_dir, status, exit_code, stdout, stderr, \
+             truncated, started_at, finished_at, duration_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(&e.id)
+        .bind(&e.environment_id)
+        .bind(&e.user_id)
+        .bind(&e.command)
+        .bind(&e.working_dir)
+        .bind(&e.status)
+        .bind(e.exit_code)
+        .bind(&e.stdout)
+        .bind(&e.stderr)
+        .bind(e.truncated as i64)
+        .bind(e.started_at)
+        .bind(e.finished_at)
+        .bind(e.duration_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn executions_for_environment(&self, environment_id: &str) -> Result<Vec<Execution>> {
+        let rows = sqlx::query(
+            "SELECT id, environment_id, user_id, command, working_dir, status, exit_code, stdout, stderr, truncated, \
+             started_at, finished_at, duration_ms FROM executions WHERE environment_id = $1 ORDER BY started_at, id",
+        )
+        .bind(environment_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(Execution {
+                    id: r.try_get("id")?,
+                    environment_id: r.try_get("environment_id")?,
+                    user_id: r.try_get("user_id")?,
+                    command: r.try_get("command")?,
+                    working_dir: r.try_get("working_dir")?,
+                    status: r.try_get("status")?,
+                    exit_code: r.try_get("exit_code")?,
+                    stdout: r.try_get("stdout")?,
+                    stderr: r.try_get("stderr")?,
+                    truncated: r.try_get::<i64, _>("truncated")? != 0,
+                    started_at: r.try_get("started_at")?,
+                    finished_at: r.try_get("finished_at")?,
+                    duration_ms: r.try_get("duration_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Appends a provisioning log line and drops lines that fell out of the window.
+    pub async fn append_log(&self, environment_id: &str, level: &str, message: &str) -> Result<()> {
+        let now = now_ms();
+        sqlx::query("INSERT INTO provision_logs (environment_id, at, level, message) VALUES ($1, $2, $3, $4)")
+            .bind(environment_id)
+            .bind(now)
+            .bind(level)
+            .bind(message)
+            .execute(&self.pool)
+            .await?;
+        sqlx::query(
+            "DELETE FROM provision_logs WHERE environment_id = $1 AND id NOT IN \
+             (SELECT id FROM provision_logs WHERE environment_id = $1 ORDER BY id DESC LIMIT $2)",
+        )
+        .bind(environment_id)
+        .bind(LOG_KEEP)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The environment's log: at most the last 100 lines, and none once an hour has
+    /// passed since the last write (the seed's Redis list with its one-hour TTL).
+    pub async fn logs(&self, environment_id: &str) -> Result<Vec<LogEntry>> {
+        let rows = sqlx::query(
+            "SELECT at, level, message FROM provision_logs WHERE environment_id = $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(environment_id)
+        .bind(LOG_KEEP)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut entries = rows
+            .iter()
+            .map(|r| Ok(LogEntry { at: r.try_get("at")?, level: r.try_get("level")?, message: r.try_get("message")? }))
+            .collect::<Result<Vec<_>>>()?;
+        entries.reverse();
+        if entries.last().is_some_and(|newest| now_ms() - newest.at > LOG_WINDOW_MS) {
+            entries.clear();
+        }
+        Ok(entries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testdb::each_backend;
+
+    #[tokio::test]
+    async fn log_keeps_the_last_hundred_per_environment() {
+        each_backend(|store| async move {
+            for i in 0..120 {
+                store.append_log("env-1", "info", &format!("line {i}")).await.unwrap();
+            }
+            store.append_log("env-2", "error", "other environment").await.unwrap();
+            let logs = store.logs("env-1").await.unwrap();
+            assert_eq!(logs.len(), 100);
+            assert_eq!(logs.first().unwrap().message, "line 20");
+            assert_eq!(logs.last().unwrap().message, "line 119");
+            assert_eq!(store.logs("env-2").await.unwrap().len(), 1);
+            assert!(store.logs("env-3").await.unwrap().is_empty());
+        })
+        .await;
+    }
+}

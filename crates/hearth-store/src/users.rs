@@ -1,0 +1,228 @@
+//! Users, their API tokens (stored as SHA-256 hashes) and their quotas.
+
+use crate::{Result, Store, StoreError, Tx, now_ms};
+use hearth_core::{EnvState, Quota, Role, Tier, Usage};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub id: String,
+    pub email: String,
+    pub role: Role,
+    pub tier: Tier,
+    pub created_at: i64,
+}
+
+/// A new bearer token: 32 random bytes from the OS CSPRNG, hex, with a prefix that makes
+/// leaked tokens easy to grep for.
+pub fn generate_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    format!("hearth_{}", hex::encode(bytes))
+}
+
+/// Tokens are random and long, so a plain SHA-256 is enough (no password stretching needed).
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn user_from_row(row: &AnyRow) -> Result<User> {
+    let role: String = row.try_get("role")?;
+    let tier: String = row.try_get("tier")?;
+    Ok(User {
+        id: row.try_get("id")?,
+        email: row.try_get("email")?,
+        role: Role::parse(&role).ok_or_else(|| StoreError::Corrupt(format!("role {role}")))?,
+        tier: Tier::parse(&tier).ok_or_else(|| StoreError::Corrupt(format!("tier {tier}")))?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+impl Store {
+    /// Creates a user and a first token; returns the plaintext token (shown once).
+    pub async fn create_user(&self, email: &str, role: Role, tier: Tier) -> Result<(User, String)> {
+        let user = User {
+            id: uuid::Uuid::now_v7().to_string(),
+            email: email.to_string(),
+            role,
+            tier,
+            created_at: now_ms(),
+        };
+        let token = generate_token();
+        let mut tx = self.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO users (id, email, role, tier, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&user.id)
+        .bind(&user.email)
+        .bind(role.as_str())
+        .bind(tier.as_str())
+        .bind(user.created_at)
+        .execute(&mut *tx)
+        .await;
+        if let Err(e) = inserted {
+            if crate::is_unique_violation(&e) {
+                return Err(StoreError::Conflict(format!("a user with email {email:?} exists")));
+            }
+            return Err(e.into());
+        }
+        sqlx::query("INSERT INTO api_tokens (token_hash, user_id, name, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(hash_token(&token))
+            .bind(&user.id)
+            .bind("default")
+            .bind(user.created_at)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok((user, token))
+    }
+
+    pub async fn user_by_token(&self, token: &str) -> Result<Option<User>> {
+        let row = sqlx::query(
+            "SELECT u.id, u.email, u.role, u.tier, u.created_at FROM users u \
+             JOIN api_tokens t ON t.user_id = u.id WHERE t.token_hash = $1",
+        )
+        .bind(hash_token(token))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    pub async fn user(&self, id: &str) -> Result<User> {
+        let row = sqlx::query("SELECT id, email, role, tier, created_at FROM users WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        user_from_row(&row)
+    }
+
+    pub async fn list_users(&self) -> Result<Vec<User>> {
+        let rows = sqlx::query("SELECT id, email, role, tier, created_at FROM users ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(user_from_row).collect()
+    }
+
+    pub async fn count_users(&self) -> Result<i64> {
+        Ok(sqlx::query("SELECT COUNT(*) AS n FROM users").fetch_one(&self.pool).await?.try_get("n")?)
+    }
+
+    /// The user's quota: the tier's defaults, overridden column by column. A user with
+    /// no override row gets the tier defaults, never a free pass.
+    pub async fn quota(&self, user: &User) -> Result<Quota> {
+        let mut conn = self.pool.acquire().await?;
+        quota_in(&mut conn, user).await
+    }
+
+    pub async fn usage(&self, user_id: &str) -> Result<Usage> {
+        let mut conn = self.pool.acquire().await?;
+        usage_in(&mut conn, user_id).await
+    }
+}
+
+pub(crate) async fn quota_in(conn: &mut sqlx::AnyConnection, user: &User) -> Result<Quota> {
+    let mut q = user.tier.default_quota();
+    let row = sqlx::query(
+        "SELECT max_environments, max_concurrent_environments, max_vcpus, max_memory_mb, \
+         max_disk_gb, max_duration_hours FROM quotas WHERE user_id = $1",
+    )
+    .bind(&user.id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(row) = row {
+        let pick = |col: &str, default: i64| -> Result<i64> {
+            Ok(row.try_get::<Option<i64>, _>(col)?.unwrap_or(default))
+        };
+        q = Quota {
+            max_environments: pick("max_environments", q.max_environments)?,
+            max_concurrent_environments: pick("max_concurrent_environments", q.max_concurrent_environments)?,
+            max_vcpus: pick("max_vcpus", q.max_vcpus)?,
+            max_memory_mb: pick("max_memory_mb", q.max_memory_mb)?,
+            max_disk_gb: pick("max_disk_gb", q.max_disk_gb)?,
+            max_duration_hours: pick("max_duration_hours", q.max_duration_hours)?,
+        };
+    }
+    Ok(q)
+}
+
+/// Counts what the user holds now. Environments count until destroyed; resources count
+/// while active (not stopped, destroyed or failed).
+pub(crate) async fn usage_in(conn: &mut sqlx::AnyConnection, user_id: &str) -> Result<Usage> {
+    let rows = sqlx::query("SELECT state, vcpus, memory_mb, disk_gb FROM environments WHERE user_id = $1 AND state <> 'destroyed'")
+        .bind(user_id)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut u = Usage::default();
+    for row in rows {
+        let state: String = row.try_get("state")?;
+        let state = EnvState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("state {state}")))?;
+        u.environments += 1;
+        if state.is_active() {
+            u.concurrent_environments += 1;
+            u.vcpus += row.try_get::<i64, _>("vcpus")?;
+            u.memory_mb += row.try_get::<i64, _>("memory_mb")?;
+            u.disk_gb += row.try_get::<i64, _>("disk_gb")?;
+        }
+    }
+    Ok(u)
+}
+
+/// Used by the transaction that creates an environment.
+pub(crate) async fn quota_and_usage(tx: &mut Tx, user: &User) -> Result<(Quota, Usage)> {
+    let q = quota_in(&mut *tx, user).await?;
+    let u = usage_in(&mut *tx, &user.id).await?;
+    Ok((q, u))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testdb::each_backend;
+    use hearth_core::{Role, Tier};
+
+    #[tokio::test]
+    async fn tokens_are_hashed_and_resolve() {
+        each_backend(|store| async move {
+            let (user, token) = store.create_user("a@example.com", Role::User, Tier::Free).await.unwrap();
+            assert!(token.starts_with("hearth_"));
+            let found = store.user_by_token(&token).await.unwrap().unwrap();
+            assert_eq!(found, user);
+            assert!(store.user_by_token("hearth_wrong").await.unwrap().is_none());
+            // The plaintext is nowhere in the table.
+            let n: i64 = sqlx::Row::try_get(
+                &sqlx::query("SELECT COUNT(*) AS n FROM api_tokens WHERE token_hash = $1")
+                    .bind(&token)
+                    .fetch_one(store.pool())
+                    .await
+                    .unwrap(),
+                "n",
+            )
+            .unwrap();
+            assert_eq!(n, 0);
+            let dup = store.create_user("a@example.com", Role::User, Tier::Free).await;
+            assert!(matches!(dup, Err(crate::StoreError::Conflict(_))));
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn quota_defaults_to_tier_without_a_row() {
+        each_backend(|store| async move {
+            let (user, _) = store.create_user("q@example.com", Role::User, Tier::Pro).await.unwrap();
+            assert_eq!(store.quota(&user).await.unwrap(), Tier::Pro.default_quota());
+            sqlx::query("INSERT INTO quotas (user_id, max_vcpus) VALUES ($1, $2)")
+                .bind(&user.id)
+                .bind(3i64)
+                .execute(store.pool())
+                .await
+                .unwrap();
+            let q = store.quota(&user).await.unwrap();
+            assert_eq!(q.max_vcpus, 3);
+            assert_eq!(q.max_memory_mb, Tier::Pro.default_quota().max_memory_mb);
+        })
+        .await;
+    }
+}

@@ -1,0 +1,145 @@
+//! Bad input gets a clear 4xx and writes nothing; an unreachable Docker gives a clear error.
+
+mod common;
+
+use common::*;
+use reqwest::StatusCode;
+use serde_json::json;
+use std::time::Duration;
+
+async fn refused_without_writes(db: Db) {
+    let site = Site::new(db).await;
+    let server = site.start().await;
+    let token = server.user("bad@example.com", "free").await;
+    let before = site.counts().await;
+
+    let bad_sizes = [
+        json!({"vcpus": 0}),
+        json!({"vcpus": 1000}),
+        json!({"memoryMb": -1}),
+        json!({"diskGb": 0}),
+        json!({"vcpus": "two"}),
+        json!({"vcpus": 1.5}),
+        json!({"vcpus": 99999999999999999999.0}),
+        json!({"vcpus": 1, "color": "red"}),
+        json!([1, 2]),
+    ];
+    for body in bad_sizes {
+        let r = server.call("POST", "/v1/me/vm", Some(&token), Some(body.clone())).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body} -> {:?}", r.body);
+        assert_eq!(r.body["error"]["code"], "invalid_input");
+        assert!(!r.body["error"]["message"].as_str().unwrap().is_empty());
+    }
+    let r = server.call("POST", "/v1/me/vm", Some(&token), Some(json!({"vcpus": 0}))).await;
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("vcpus"), "{:?}", r.body);
+    // Over the tier's quota: 429 naming the limit.
+    let r = server.call("POST", "/v1/me/vm", Some(&token), Some(json!({"vcpus": 8}))).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{:?}", r.body);
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("maxVcpus"));
+
+    for raw in [b"{".to_vec(), b"not json".to_vec(), vec![b' '; 0].into_iter().chain(b"{\"vcpus\":".iter().copied()).collect(), {
+        let mut big = b"{\"code\":\"".to_vec();
+        big.extend(std::iter::repeat_n(b'a', 700 * 1024));
+        big.extend(b"\"}");
+        big
+    }] {
+        let r = server.raw("/v1/me/vm", &token, raw).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    }
+
+    let bad_execs = [
+        json!({"code": ""}),
+        json!({"code": "   "}),
+        json!({"code": "a\u{0000}b"}),
+        json!({"code": "true", "timeoutSeconds": 0}),
+        json!({"code": "true", "timeoutSeconds": 99999}),
+        json!({"code": "true", "workingDir": "relative/path"}),
+        json!({"code": "true", "shell": "/bin/sh"}),
+        json!({"code": 5}),
+        json!({"code": "x".repeat(300 * 1024)}),
+    ];
+    for body in bad_execs {
+        let r = server.call("POST", "/v1/me/vm/exec", Some(&token), Some(body.clone())).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{} -> {:?}", &body.to_string()[..body.to_string().len().min(80)], r.body);
+    }
+
+    // No VM yet: 404 for everything that needs one.
+    for (m, p) in [("GET", "/v1/me/vm"), ("POST", "/v1/me/vm/start"), ("POST", "/v1/me/vm/stop"), ("DELETE", "/v1/me/vm"), ("GET", "/v1/me/vm/logs")] {
+        let r = server.call(m, p, Some(&token), None).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{m} {p}");
+    }
+    let r = server.call("POST", "/v1/me/vm/exec", Some(&token), Some(json!({"code": "true"}))).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+
+    // Authentication and roles.
+    for t in [None, Some("hearth_0000"), Some("")] {
+        let r = server.call("GET", "/v1/me", t, None).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{t:?}");
+        assert_eq!(r.body["error"]["code"], "unauthenticated");
+        let r = server.call("POST", "/v1/me/vm", t, Some(json!({}))).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    }
+    let r = server.call("GET", "/v1/admin/vms", Some(&token), None).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = server.call("POST", "/v1/admin/users", Some(&token), Some(json!({"email": "x@example.com"}))).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    for body in [json!({"email": "no-at-sign"}), json!({"email": "a@b\n"}), json!({"email": "a@b", "role": "root"}), json!({"email": "a@b", "tier": "gold"}), json!({})] {
+        let r = server.call("POST", "/v1/admin/users", Some(&server.admin_token), Some(body.clone())).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}");
+    }
+    let r = server.call("POST", "/v1/admin/users", Some(&server.admin_token), Some(json!({"email": "bad@example.com"}))).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+
+    assert_eq!(site.counts().await, before, "a refused request wrote to the database");
+
+    // The spec documents every route we serve.
+    let spec = server.call("GET", "/openapi.json", None, None).await;
+    for path in ["/v1/me", "/v1/me/vm", "/v1/me/vm/exec", "/v1/me/vm/start", "/v1/me/vm/stop", "/v1/me/vm/logs", "/v1/flavors", "/v1/admin/users", "/v1/admin/vms", "/healthz", "/readyz"] {
+        assert!(spec.body["paths"].get(path).is_some(), "{path} missing from openapi.json");
+    }
+    let me = server.call("GET", "/v1/me", Some(&token), None).await;
+    assert_eq!(me.body["quota"]["maxVcpus"], 2);
+    assert_eq!(me.body["user"]["tier"], "free");
+}
+
+#[tokio::test]
+async fn refused_without_writes_sqlite() {
+    refused_without_writes(Db::Sqlite).await;
+}
+
+#[tokio::test]
+async fn refused_without_writes_postgres() {
+    refused_without_writes(Db::Postgres).await;
+}
+
+/// Docker down: the server starts, says it is not ready and why, and provisioning ends in
+/// `error` with a message that says what to do, after its retries, not a hang.
+#[tokio::test]
+async fn docker_unreachable() {
+    let site = Site::new(Db::Sqlite).await.with_env("DOCKER_HOST", "unix:///nonexistent/docker.sock");
+    let server = site.start().await;
+    let ready = server.call("GET", "/readyz", None, None).await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(ready.body["provider"].as_str().unwrap().contains("Docker"), "{:?}", ready.body);
+    assert!(site.log().contains("cannot reach the Docker engine"), "serve should say Docker is down");
+    let token = server.user("nodocker@example.com", "free").await;
+    let r = server.call("POST", "/v1/me/vm", Some(&token), None).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let vm = server.wait_vm(&token, "error", Duration::from_secs(60)).await;
+    let message = vm["stateMessage"].as_str().unwrap();
+    assert!(message.contains("Docker engine") && message.contains("start it"), "{message}");
+    // Destroy cannot be confirmed while Docker is down: it fails visibly, never claims success.
+    let r = server.call("DELETE", "/v1/me/vm", Some(&token), None).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let store = site.store().await;
+    let env_id = vm["environmentId"].as_str().unwrap();
+    for _ in 0..300 {
+        let jobs = store.jobs_for_environment(env_id).await.unwrap();
+        if jobs.iter().all(|j| matches!(j.state, hearth_store::JobState::Dead | hearth_store::JobState::Succeeded)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let vm = server.wait_vm(&token, "error", Duration::from_secs(5)).await;
+    assert!(vm["stateMessage"].as_str().unwrap().contains("Docker engine"), "{vm:?}");
+}

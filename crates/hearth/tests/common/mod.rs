@@ -1,0 +1,214 @@
+//! Runs the real `hearth serve` binary against a real database and Docker engine.
+#![allow(dead_code)]
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+/// One database (SQLite file or fresh PostgreSQL database) and data directory, which
+/// outlive any one server process: kill a server and start another on the same state.
+pub struct Site {
+    pub dir: tempfile::TempDir,
+    pub database_url: String,
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl Site {
+    pub async fn new(db: Db) -> Site {
+        let dir = tempfile::tempdir().unwrap();
+        let database_url = match db {
+            Db::Sqlite => format!("sqlite://{}?mode=rwc", dir.path().join("hearth.db").display()),
+            Db::Postgres => hearth_store::testdb::fresh_postgres_url().await,
+        };
+        Site { dir, database_url, extra_env: Vec::new() }
+    }
+
+    pub fn with_env(mut self, k: &str, v: &str) -> Site {
+        self.extra_env.push((k.into(), v.into()));
+        self
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub async fn start(&self) -> Server {
+        let port = free_port();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
+        cmd.arg("serve")
+            .env("HEARTH_DATA_DIR", self.data_dir())
+            .env("HEARTH_LISTEN", format!("127.0.0.1:{port}"))
+            .env("DATABASE_URL", &self.database_url)
+            .env("HEARTH_INSTANCE", "test")
+            .env("HEARTH_JOB_LEASE_MS", "3000")
+            .env("HEARTH_JOB_POLL_MS", "200")
+            .env("HEARTH_PROVISION_BACKOFF_MS", "300")
+            .env("HEARTH_CONTROL_BACKOFF_MS", "300")
+            .env("HEARTH_SSH_WAIT_SECONDS", "30")
+            .env("RUST_LOG", "info,sqlx=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn hearth serve");
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
+        let started = Instant::now();
+        loop {
+            if http.get(format!("{base}/healthz")).send().await.is_ok() {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "server did not start; log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let token = std::fs::read_to_string(self.data_dir().join("admin.token")).unwrap().trim().to_string();
+        Server { child, base, http, admin_token: token }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub async fn store(&self) -> hearth_store::Store {
+        hearth_store::Store::connect(&self.database_url).await.unwrap()
+    }
+
+    /// Rows per table: "the database is unchanged" means these did not move.
+    pub async fn counts(&self) -> Vec<(String, i64)> {
+        let store = self.store().await;
+        let mut out = Vec::new();
+        for table in ["users", "api_tokens", "environments", "jobs", "executions", "audit_log", "provision_logs"] {
+            let sql = format!("SELECT COUNT(*) AS n FROM {table}");
+            let row = sqlx_count(&store, &sql).await;
+            out.push((table.to_string(), row));
+        }
+        out
+    }
+}
+
+async fn sqlx_count(store: &hearth_store::Store, sql: &str) -> i64 {
+    store.count(sql).await.unwrap()
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub admin_token: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Resp {
+    pub status: StatusCode,
+    pub body: Value,
+}
+
+impl Server {
+    /// kill -9.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> Resp {
+        let url = format!("{}{path}", self.base);
+        let mut req = match method {
+            "GET" => self.http.get(url),
+            "POST" => self.http.post(url),
+            "DELETE" => self.http.delete(url),
+            other => panic!("method {other}"),
+        };
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let body = resp.json().await.unwrap_or(Value::Null);
+        Resp { status, body }
+    }
+
+    pub async fn raw(&self, path: &str, token: &str, body: Vec<u8>) -> Resp {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        Resp { status, body: resp.json().await.unwrap_or(Value::Null) }
+    }
+
+    /// A new user of `tier`; returns its token.
+    pub async fn user(&self, email: &str, tier: &str) -> String {
+        let r = self
+            .call("POST", "/v1/admin/users", Some(&self.admin_token), Some(json!({"email": email, "tier": tier})))
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        r.body["token"].as_str().unwrap().to_string()
+    }
+
+    /// Polls the personal VM until its status is `want` (or 404 when `want` is "gone").
+    pub async fn wait_vm(&self, token: &str, want: &str, timeout: Duration) -> Value {
+        let started = Instant::now();
+        loop {
+            let r = self.call("GET", "/v1/me/vm", Some(token), None).await;
+            if want == "gone" && r.status == StatusCode::NOT_FOUND {
+                return Value::Null;
+            }
+            if r.status == StatusCode::OK && r.body["status"] == want {
+                return r.body;
+            }
+            if started.elapsed() > timeout {
+                panic!("VM did not become {want}: last {} {:?}", r.status, r.body);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Containers (running or not) labelled for this environment.
+pub fn containers_of(environment_id: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label=hearth.environment={environment_id}")])
+        .output()
+        .expect("docker ps");
+    assert!(out.status.success(), "docker ps failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+}
+
+pub fn docker_inspect(name: &str, format: &str) -> String {
+    let out = Command::new("docker").args(["inspect", "--format", format, name]).output().unwrap();
+    assert!(out.status.success(), "docker inspect {name}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}

@@ -1,0 +1,56 @@
+//! kill -9 the server while it provisions; a new server finishes the job, with one container.
+
+mod common;
+
+use common::*;
+use reqwest::StatusCode;
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+async fn killed_mid_provision(db: Db) {
+    let site = Site::new(db).await;
+    let server = site.start().await;
+    let token = server.user("crash@example.com", "free").await;
+    let r = server.call("POST", "/v1/me/vm", Some(&token), Some(json!({"memoryMb": 512}))).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let env_id = r.body["environmentId"].as_str().unwrap().to_string();
+
+    // Wait until a worker is inside the provision job, then kill the process.
+    let started = Instant::now();
+    loop {
+        let vm = server.call("GET", "/v1/me/vm", Some(&token), None).await;
+        if vm.body["status"] == "provisioning" {
+            break;
+        }
+        assert_eq!(vm.body["status"], "requested", "provisioning finished before it could be interrupted");
+        assert!(started.elapsed() < Duration::from_secs(30), "never saw provisioning");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.kill();
+    let store = site.store().await;
+    let job = store.jobs_for_environment(&env_id).await.unwrap().remove(0);
+    assert_eq!(job.state, hearth_store::JobState::Running, "the job was mid-run when the process died");
+
+    let server = site.start().await;
+    let vm = server.wait_vm(&token, "running", Duration::from_secs(120)).await;
+    assert_eq!(vm["environmentId"], env_id.as_str());
+    assert_eq!(containers_of(&env_id).len(), 1, "exactly one container after the restart");
+    let r = server.call("POST", "/v1/me/vm/exec", Some(&token), Some(json!({"code": "echo alive"}))).await;
+    assert_eq!(r.body["stdout"], "alive\n", "{:?}", r.body);
+    let job = store.jobs_for_environment(&env_id).await.unwrap().remove(0);
+    assert_eq!((job.state, job.attempts), (hearth_store::JobState::Succeeded, 2));
+
+    server.call("DELETE", "/v1/me/vm", Some(&token), None).await;
+    server.wait_vm(&token, "gone", Duration::from_secs(120)).await;
+    assert!(containers_of(&env_id).is_empty());
+}
+
+#[tokio::test]
+async fn killed_mid_provision_sqlite() {
+    killed_mid_provision(Db::Sqlite).await;
+}
+
+#[tokio::test]
+async fn killed_mid_provision_postgres() {
+    killed_mid_provision(Db::Postgres).await;
+}

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Installs and starts what Hearth and its tests need on a Debian 12 machine, idempotently:
+#   scripts/services.sh docker      Docker engine (dockerd) and mmdebstrap
+#   scripts/services.sh postgres    PostgreSQL 15 on 127.0.0.1 with a `hearth` role (tests)
+# Prints the variables to export on its last lines.
+set -euo pipefail
+
+need_root() {
+  if [ "$(id -u)" != 0 ]; then echo "scripts/services.sh: run as root (it installs packages and starts services)" >&2; exit 1; fi
+}
+
+apt_install() {
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "installing: ${missing[*]}" >&2
+  if [ ! -f /var/lib/apt/periodic/hearth-updated ]; then
+    apt-get update -qq
+    mkdir -p /var/lib/apt/periodic && touch /var/lib/apt/periodic/hearth-updated
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+start_docker() {
+  apt_install docker.io mmdebstrap openssh-client
+  if ! /usr/bin/docker info >/dev/null 2>&1; then
+    echo "starting dockerd" >&2
+    nohup /usr/sbin/dockerd >/var/log/hearth-dockerd.log 2>&1 &
+    for _ in $(seq 1 60); do /usr/bin/docker info >/dev/null 2>&1 && break; sleep 0.5; done
+    /usr/bin/docker info >/dev/null 2>&1 || { echo "dockerd did not start; see /var/log/hearth-dockerd.log" >&2; exit 1; }
+  fi
+}
+
+start_postgres() {
+  apt_install postgresql
+  local ver
+  ver=$(ls /etc/postgresql | sort -n | tail -1)
+  if ! pg_lsclusters -h | grep -q "^$ver main .* online"; then
+    echo "starting PostgreSQL $ver" >&2
+    pg_ctlcluster "$ver" main start
+  fi
+  for _ in $(seq 1 30); do runuser -u postgres -- psql -qAtc 'select 1' >/dev/null 2>&1 && break; sleep 0.5; done
+  runuser -u postgres -- psql -qAtc "SELECT 1 FROM pg_roles WHERE rolname='hearth'" | grep -q 1 ||
+    runuser -u postgres -- psql -qc "CREATE ROLE hearth LOGIN SUPERUSER PASSWORD 'hearth'"
+  runuser -u postgres -- psql -qAtc "SELECT 1 FROM pg_database WHERE datname='hearth'" | grep -q 1 ||
+    runuser -u postgres -- psql -qc "CREATE DATABASE hearth OWNER hearth"
+  echo "HEARTH_TEST_POSTGRES_URL=postgres://hearth:hearth@127.0.0.1:5432/hearth"
+}
+
+need_root
+for what in "$@"; do
+  case "$what" in
+    docker) start_docker ;;
+    postgres) start_postgres ;;
+    *) echo "scripts/services.sh: unknown service $what (docker, postgres)" >&2; exit 2 ;;
+  esac
+done
