@@ -32,7 +32,7 @@ bench:
 	scripts/services.sh docker
 	$(CARGO) build --release --bin hearth
 	$(HEARTH_RELEASE) image build
-	scripts/bench.sh $(HEARTH_RELEASE)
+	python3 scripts/bench.py $(HEARTH_RELEASE)
 
 ## Remove containers that Hearth's tests left behind (they carry hearth.instance=test;
 ## a real installation's VMs are never touched).
