@@ -34,8 +34,8 @@ bench:
 	$(HEARTH_RELEASE) image build
 	python3 scripts/bench.py $(HEARTH_RELEASE)
 
-## Remove containers that Hearth's tests left behind (they carry hearth.instance=test;
-## a real installation's VMs are never touched).
+## Remove containers that Hearth's tests left behind (their hearth.instance label starts
+## with test-; a real installation's VMs are never touched).
 clean-containers:
-	@ids=$$(docker ps -aq --filter label=hearth.instance=test); \
+	@ids=$$(docker ps -a --filter label=hearth.managed=true --format '{{.ID}} {{.Label "hearth.instance"}}' | awk '$$2 ~ /^test-/ {print $$1}'); \
 	  if [ -n "$$ids" ]; then echo "removing leftover test containers: $$ids"; docker rm -f $$ids >/dev/null; fi

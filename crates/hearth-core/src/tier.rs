@@ -175,6 +175,13 @@ impl Quota {
         }
         Ok(())
     }
+
+    /// Checks bringing back an existing environment (start, retry): it already counts
+    /// toward `maxEnvironments`, so only the active limits apply.
+    pub fn admit_existing(&self, usage: &Usage, r: &Resources) -> Result<(), QuotaExceeded> {
+        let relaxed = Quota { max_environments: i64::MAX, ..*self };
+        relaxed.admit(usage, r)
+    }
 }
 
 #[cfg(test)]

@@ -132,3 +132,14 @@ mod tests {
         assert_eq!(parsed.public_key().to_openssh().unwrap(), kp.public_openssh);
     }
 }
+
+/// Checks an OpenSSH public key line a user gave; returns it re-encoded (type, key and
+/// comment), so nothing but a key reaches `authorized_keys`.
+pub fn check_public_key(line: &str) -> Result<String, String> {
+    if line.len() > 16 * 1024 || line.contains('\n') || line.contains('\r') {
+        return Err("sshPublicKey must be one OpenSSH public key line".into());
+    }
+    let key = russh::keys::PublicKey::from_openssh(line.trim())
+        .map_err(|e| format!("sshPublicKey is not an OpenSSH public key: {e}"))?;
+    key.to_openssh().map_err(|e| format!("sshPublicKey: {e}"))
+}

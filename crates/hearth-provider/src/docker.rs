@@ -90,7 +90,12 @@ impl DockerProvider {
     }
 
     async fn info_of(&self, environment_id: &str) -> Result<Option<VmInfo>, ProviderError> {
-        match self.client().await?.inspect_container(&container_name(environment_id), None::<InspectContainerOptions>).await {
+        self.inspect_named(&container_name(environment_id), environment_id).await
+    }
+
+    /// Inspects a container by name or id; `environment_id` is what it belongs to.
+    async fn inspect_named(&self, name_or_id: &str, environment_id: &str) -> Result<Option<VmInfo>, ProviderError> {
+        match self.client().await?.inspect_container(name_or_id, None::<InspectContainerOptions>).await {
             Ok(c) => {
                 let state = match c.state.as_ref().and_then(|s| s.status) {
                     Some(ContainerStateStatusEnum::RUNNING) => VmState::Running,
@@ -241,10 +246,11 @@ impl Provider for DockerProvider {
         let containers = self.client().await?.list_containers(Some(options)).await.map_err(classify)?;
         let mut out = Vec::new();
         for c in containers {
-            if let Some(env) = c.labels.as_ref().and_then(|l| l.get(LABEL_ENVIRONMENT)) {
-                if let Some(info) = self.info_of(env).await? {
-                    out.push(info);
-                }
+            let (Some(env), Some(id)) = (c.labels.as_ref().and_then(|l| l.get(LABEL_ENVIRONMENT)), c.id.as_deref()) else {
+                continue;
+            };
+            if let Some(info) = self.inspect_named(id, env).await? {
+                out.push(info);
             }
         }
         Ok(out)

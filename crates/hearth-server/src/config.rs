@@ -17,6 +17,16 @@ pub struct Config {
     pub timing: Timing,
     /// How long provisioning waits for the guest's SSH before the attempt fails.
     pub ssh_wait: Duration,
+    /// How often the reaper and reconciler run.
+    pub reaper_interval: Duration,
+    /// A transition older than this with no job behind it is rolled back.
+    pub transition_deadline: Duration,
+    /// Capacity the local Docker host announces (defaults from the machine).
+    pub host_max_vcpus: Option<i64>,
+    pub host_max_memory_mb: Option<i64>,
+    pub host_max_environments: i64,
+    /// Run job workers in this process (an API-only node sets false).
+    pub workers: bool,
 }
 
 fn var(name: &str) -> Option<String> {
@@ -66,6 +76,12 @@ impl Config {
             queues,
             timing,
             ssh_wait: Duration::from_secs(number("HEARTH_SSH_WAIT_SECONDS", 120u64)?),
+            reaper_interval: Duration::from_millis(number("HEARTH_REAPER_INTERVAL_MS", 30_000u64)?),
+            transition_deadline: Duration::from_secs(number("HEARTH_TRANSITION_DEADLINE_SECONDS", 900u64)?),
+            host_max_vcpus: var("HEARTH_HOST_MAX_VCPUS").map(|_| number("HEARTH_HOST_MAX_VCPUS", 0i64)).transpose()?,
+            host_max_memory_mb: var("HEARTH_HOST_MAX_MEMORY_MB").map(|_| number("HEARTH_HOST_MAX_MEMORY_MB", 0i64)).transpose()?,
+            host_max_environments: number("HEARTH_HOST_MAX_ENVIRONMENTS", 200i64)?,
+            workers: number("HEARTH_WORKERS", 1u8)? != 0,
         })
     }
 }

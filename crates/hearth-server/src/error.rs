@@ -39,6 +39,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound => ApiError::not_found("object"),
             StoreError::Quota(q) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", q.to_string()),
             StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            StoreError::NoCapacity(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_capacity", m),
             StoreError::Stale => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
             other => {
                 tracing::error!(error = %other, "database error");

@@ -74,7 +74,17 @@ impl JobHandler {
 
     async fn move_to(&self, env: &Environment, to: EnvState, message: Option<String>, actor: &str) -> Result<Environment, JobError> {
         let next = env.moved_to(to, message, now_ms()).map_err(|e| JobError::Fatal(e.to_string()))?;
-        self.app.store.save_transition(env, next, actor).await.map_err(retry)
+        match self.app.store.save_transition(env, next, actor).await {
+            Ok(env) => Ok(env),
+            // Coming back to life needs quota and host room; without them it stays put.
+            Err(e @ (StoreError::Quota(_) | StoreError::NoCapacity(_))) => {
+                let msg = format!("cannot become {to}: {e}");
+                self.log(env, "error", &msg).await;
+                let _ = self.app.store.audit(actor, &format!("state_{to}"), Some(&env.id), "failed", Some(&msg), None).await;
+                Err(JobError::Fatal(msg))
+            }
+            Err(e) => Err(retry(e)),
+        }
     }
 
     fn actor(job: &Job) -> String {
@@ -157,6 +167,40 @@ impl JobHandler {
         Ok(vm)
     }
 
+    /// Runs the user's init script once, as the guest user, with the environment's
+    /// variables. A non-zero exit fails provisioning with the script's last output.
+    async fn run_init_script(&self, env: &Environment, vm: &VmInfo, script: &str) -> Result<(), StepError> {
+        self.log(env, "info", "running the init script").await;
+        let mut with_address = env.clone();
+        with_address.ssh_host = vm.ssh_host.clone();
+        with_address.ssh_port = vm.ssh_port;
+        let target = self.app.target(&with_address).map_err(|e| StepError::Final(e.message))?;
+        let request = hearth_guest::ExecRequest {
+            code: script.to_string(),
+            working_dir: None,
+            env: env.environment_vars.clone(),
+            timeout: std::time::Duration::from_secs(1800),
+            max_output: 64 * 1024,
+        };
+        let out = self.app.ssh.exec(&target, &request).await.map_err(|e| StepError::Retryable(e.to_string()))?;
+        let tail = |b: &[u8]| {
+            let text = String::from_utf8_lossy(b);
+            let lines: Vec<&str> = text.lines().rev().take(5).collect();
+            lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        };
+        match out.exit_code {
+            Some(0) => {
+                self.log(env, "info", &format!("init script finished: {}", tail(&out.stdout))).await;
+                Ok(())
+            }
+            code => Err(StepError::Final(format!(
+                "the init script {} : {}",
+                match code { Some(c) => format!("exited with {c}"), None => "was killed or timed out".into() },
+                tail(&out.stderr)
+            ))),
+        }
+    }
+
     async fn provision(&self, job: &Job, env: Environment) -> Result<(), JobError> {
         let actor = Self::actor(job);
         let env = match env.state {
@@ -174,14 +218,18 @@ impl JobHandler {
         if job.exhausted() {
             return self.fail(job, &env, StepError::Final("the worker running it died on the last attempt".into()), true).await;
         }
-        match self.bring_up(&env, true).await {
-            Ok(vm) => {
-                self.mark_running(&env, &vm, &actor).await?;
-                self.log(&env, "success", "provisioning complete: the VM is ready and running").await;
-                Ok(())
+        let vm = match self.bring_up(&env, true).await {
+            Ok(vm) => vm,
+            Err(e) => return self.fail(job, &env, e, true).await,
+        };
+        if let Some(script) = env.init_script.clone() {
+            if let Err(e) = self.run_init_script(&env, &vm, &script).await {
+                return self.fail(job, &env, e, true).await;
             }
-            Err(e) => self.fail(job, &env, e, true).await,
         }
+        self.mark_running(&env, &vm, &actor).await?;
+        self.log(&env, "success", "provisioning complete: the VM is ready and running").await;
+        Ok(())
     }
 
     async fn start(&self, job: &Job, env: Environment) -> Result<(), JobError> {

@@ -8,6 +8,7 @@ pub mod api;
 pub mod config;
 pub mod error;
 pub mod jobs;
+pub mod reaper;
 pub mod service;
 pub mod views;
 

@@ -68,8 +68,38 @@ pub async fn open_app(config: Config) -> Result<App> {
     if let Err(e) = provider.check().await {
         tracing::warn!("{e}. Hearth starts anyway; provisioning fails until Docker is reachable");
     }
+    register_local_host(&store, &config).await?;
     let queue = Queue::new(store.clone(), config.queues.clone(), config.timing.clone());
     Ok(App { store, queue, provider, ssh: SshPool::new(), master_key, config: Arc::new(config) })
+}
+
+/// The Docker engine this process drives is a host: capacity from the machine, with dev-VM
+/// overcommit (16 vCPUs per core, twice the memory: most dev VMs sit idle), unless
+/// `HEARTH_HOST_MAX_*` say otherwise.
+async fn register_local_host(store: &Store, config: &Config) -> Result<()> {
+    let cores = std::thread::available_parallelism().map(|n| n.get() as i64).unwrap_or(1);
+    let mem_mb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<i64>().ok()))
+        .map(|kb| kb / 1024)
+        .unwrap_or(4096);
+    let cap = hearth_store::HostCapacity {
+        max_vcpus: config.host_max_vcpus.unwrap_or(cores * 16),
+        max_memory_mb: config.host_max_memory_mb.unwrap_or(mem_mb * 2),
+        max_environments: config.host_max_environments,
+    };
+    let name = format!("docker@{}/{}", hostname(), instance());
+    let host = store.upsert_host(&name, "docker", &cap).await?;
+    tracing::info!(host = %host.name, vcpus = cap.max_vcpus, memory_mb = cap.max_memory_mb, environments = cap.max_environments, "registered the local Docker host");
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+}
+
+fn instance() -> String {
+    std::env::var("HEARTH_INSTANCE").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into())
 }
 
 fn redact(url: &str) -> String {
@@ -96,15 +126,23 @@ pub async fn run(config: Config) -> Result<()> {
     tracing::info!(address = %listener.local_addr()?, data_dir = %app.config.data_dir.display(), "Hearth is serving");
 
     let (stop, stopped) = watch::channel(false);
-    let workers = {
+    let workers = if app.config.workers {
         let queue = app.queue.clone();
         let handler = Arc::new(JobHandler { app: app.clone() });
-        tokio::spawn(async move { queue.run(handler, stopped).await })
+        let stopped = stopped.clone();
+        Some(tokio::spawn(async move { queue.run(handler, stopped).await }))
+    } else {
+        tracing::info!("HEARTH_WORKERS=0: this node serves the API only");
+        None
     };
+    let upkeep = tokio::spawn(crate::reaper::run(app.clone(), stopped));
     let router = crate::api::router(app.clone());
     axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await?;
     tracing::info!("shutting down: finishing running jobs");
     let _ = stop.send(true);
-    let _ = workers.await;
+    if let Some(w) = workers {
+        let _ = w.await;
+    }
+    let _ = upkeep.await;
     Ok(())
 }

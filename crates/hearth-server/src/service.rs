@@ -5,7 +5,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::views::ExecView;
 use hearth_core::{EnvState, Resources, validate};
 use hearth_guest::{ExecRequest, KeyPair, Target};
-use hearth_store::{Environment, Execution, NewEnvironment, PersonalOutcome, User, now_ms};
+use hearth_store::{Environment, Execution, NewEnvironment, PersonalOutcome, StoreError, User, now_ms};
 use hearth_store::NewJob;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -51,6 +51,31 @@ pub struct SizeRequest {
     pub disk_gb: Option<i64>,
 }
 
+/// `POST /v1/environments`, as received.
+#[derive(Debug, Clone, Default)]
+pub struct CreateInput {
+    pub name: String,
+    pub size: SizeRequest,
+    pub duration_hours: Option<i64>,
+    pub base_image: Option<String>,
+    pub init_script: Option<String>,
+    pub environment_vars: BTreeMap<String, String>,
+    pub repository_url: Option<String>,
+    pub ssh_public_key: Option<String>,
+    pub provider: Option<String>,
+    pub region: Option<String>,
+}
+
+pub const MAX_DURATION_HOURS: i64 = 24 * 365;
+
+/// `env_`-style random text: lower-case letters and digits from the OS CSPRNG.
+pub fn random_token(len: usize) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rngs::OsRng;
+    (0..len).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
+}
+
 #[derive(Debug, Clone)]
 pub struct ExecInput {
     pub code: String,
@@ -93,14 +118,91 @@ impl App {
         }
     }
 
-    /// Creates the caller's personal VM (queued for provisioning) or returns the live one.
-    pub async fn provision_personal(&self, user: &User, size: SizeRequest) -> ApiResult<(bool, Environment)> {
+    fn resources(&self, user: &User, size: &SizeRequest) -> ApiResult<Resources> {
         let defaults = user.tier.default_resources();
-        let resources = Resources {
+        Ok(Resources {
             vcpus: validate::vcpus(size.vcpus.unwrap_or(defaults.vcpus)).map_err(ApiError::invalid)?,
             memory_mb: validate::memory_mb(size.memory_mb.unwrap_or(defaults.memory_mb)).map_err(ApiError::invalid)?,
             disk_gb: validate::disk_gb(size.disk_gb.unwrap_or(defaults.disk_gb)).map_err(ApiError::invalid)?,
+        })
+    }
+
+    /// Creates an environment under quota, queued for provisioning. Returns it with its
+    /// access token, which is shown this once.
+    pub async fn create_environment(&self, user: &User, input: CreateInput) -> ApiResult<(Environment, String)> {
+        let name = input.name.as_str();
+        if name.trim().is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
+            return Err(ApiError::invalid("name must be 1 to 100 characters without control characters"));
+        }
+        let resources = self.resources(user, &input.size)?;
+        validate::env_vars(&input.environment_vars).map_err(ApiError::invalid)?;
+        if let Some(p) = &input.provider {
+            if p != self.provider.name() {
+                return Err(ApiError::invalid(format!("provider {p:?} is not enabled here; this server runs {:?}", self.provider.name())));
+            }
+        }
+        if input.region.is_some() {
+            return Err(ApiError::invalid(format!("the {} provider has no regions; leave region out", self.provider.name())));
+        }
+        if input.repository_url.is_some() {
+            return Err(ApiError::invalid("repositoryUrl is not supported yet; clone it with exec once the environment runs"));
+        }
+        let image = input.base_image.clone().unwrap_or_else(|| self.config.image.clone());
+        if image != self.config.image {
+            return Err(ApiError::invalid(format!("baseImage must be {:?} (the images this server offers)", self.config.image)));
+        }
+        if let Some(script) = &input.init_script {
+            validate::command(script).map_err(|e| ApiError::invalid(format!("initScript: {e}")))?;
+        }
+        let user_key = match &input.ssh_public_key {
+            Some(k) => Some(hearth_guest::keys::check_public_key(k).map_err(ApiError::invalid)?),
+            None => None,
         };
+        let quota = self.store.quota(user).await?;
+        let hours = input.duration_hours.unwrap_or(quota.max_duration_hours.min(24));
+        if !(1..=MAX_DURATION_HOURS).contains(&hours) {
+            return Err(ApiError::invalid(format!("durationHours must be between 1 and {MAX_DURATION_HOURS}, got {hours}")));
+        }
+        if hours > quota.max_duration_hours {
+            return Err(ApiError::from(StoreError::Quota(hearth_core::QuotaExceeded {
+                limit: "maxDurationHours",
+                max: quota.max_duration_hours,
+                used: 0,
+                requested: hours,
+            })));
+        }
+        let keys = KeyPair::generate();
+        let mut authorized = keys.public_openssh.clone();
+        if let Some(k) = user_key {
+            authorized = format!("{authorized}\n{k}");
+        }
+        let access_token = random_token(32);
+        let new = NewEnvironment {
+            name: input.name,
+            personal: false,
+            provider: self.provider.name().into(),
+            resources,
+            base_image: image,
+            ssh_user: "dev".into(),
+            environment_vars: input.environment_vars,
+            ssh_public_key: authorized,
+            ssh_private_key_enc: self.master_key.seal(&keys.private_openssh),
+            auto_stop_minutes: user.tier.auto_stop_minutes(),
+            expires_at: Some(now_ms() + hours * 3_600_000),
+            access_token_hash: hearth_store::hash_token(&access_token),
+            init_script: input.init_script,
+            repository_url: None,
+        };
+        let job = self.new_job(JobKind::Provision, "", &user.id);
+        let env = self.store.create_environment(user, new, job).await?;
+        let _ = self.store.append_log(&env.id, "info", "provisioning requested; queued").await;
+        self.queue.wake(JobKind::Provision.queue());
+        Ok((env, access_token))
+    }
+
+    /// Creates the caller's personal VM (queued for provisioning) or returns the live one.
+    pub async fn provision_personal(&self, user: &User, size: SizeRequest) -> ApiResult<(bool, Environment)> {
+        let resources = self.resources(user, &size)?;
         if let Some(existing) = self.store.personal_environment(&user.id).await? {
             return Ok((false, existing));
         }
@@ -117,6 +219,9 @@ impl App {
             ssh_private_key_enc: self.master_key.seal(&keys.private_openssh),
             auto_stop_minutes: user.tier.auto_stop_minutes(),
             expires_at: None,
+            access_token_hash: hearth_store::hash_token(&random_token(32)),
+            init_script: None,
+            repository_url: None,
         };
         let job = self.new_job(JobKind::Provision, "", &user.id);
         let outcome = self.store.create_personal_environment(user, new, job).await?;
@@ -141,6 +246,13 @@ impl App {
                 return Err(ApiError::invalid_state("the VM is being destroyed"));
             }
             _ => {}
+        }
+        if kind == JobKind::Start && !env.state.is_active() {
+            // Fail fast; the job enforces it again atomically when it moves the state.
+            let owner = self.store.user(&env.user_id).await?;
+            let quota = self.store.quota(&owner).await?;
+            let usage = self.store.usage(&owner.id).await?;
+            quota.admit_existing(&usage, &env.resources()).map_err(|q| ApiError::from(StoreError::Quota(q)))?;
         }
         let job = self.new_job(kind, &env.id, actor);
         self.store.enqueue(&job, &format!("{}_requested", kind.as_str())).await?;
@@ -193,7 +305,7 @@ impl App {
         let started_at = now_ms();
         let result = self.ssh.exec(&target, &request).await;
         let finished_at = now_ms();
-        let _ = self.store.touch_activity(&env.id, finished_at).await;
+        let _ = self.store.touch_activity(&env.id, finished_at, "exec").await;
         let out = match result {
             Ok(out) => out,
             Err(e) => {

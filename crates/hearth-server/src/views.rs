@@ -1,7 +1,7 @@
 //! The JSON shapes of the API (camelCase, RFC 3339 times), built from store types.
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use hearth_store::{Environment, Execution, LogEntry, User};
+use hearth_store::{AuditEntry, Environment, Execution, Host, Job, LogEntry, User};
 use serde::Serialize;
 
 pub fn time(ms: i64) -> String {
@@ -131,6 +131,214 @@ impl ExecView {
             duration_ms: e.duration_ms.unwrap_or(0),
             timed_out: e.status == "timeout",
             truncated,
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnvironmentView {
+    pub id: String,
+    pub slug: String,
+    pub name: String,
+    pub user_id: String,
+    pub personal: bool,
+    pub state: String,
+    pub state_message: Option<String>,
+    pub provider: String,
+    pub host_id: Option<String>,
+    pub vm_id: Option<String>,
+    pub region: Option<String>,
+    pub ip_address: Option<String>,
+    pub ssh_host: Option<String>,
+    pub ssh_port: Option<i64>,
+    pub ssh_user: String,
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub disk_gb: i64,
+    pub base_image: String,
+    pub repository_url: Option<String>,
+    pub environment_vars: std::collections::BTreeMap<String, String>,
+    pub auto_stop_minutes: Option<i64>,
+    pub generation: i64,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub stopped_at: Option<String>,
+    pub expires_at: Option<String>,
+    pub last_activity_at: Option<String>,
+}
+
+impl From<&Environment> for EnvironmentView {
+    fn from(e: &Environment) -> EnvironmentView {
+        EnvironmentView {
+            id: e.id.clone(),
+            slug: e.slug.clone(),
+            name: e.name.clone(),
+            user_id: e.user_id.clone(),
+            personal: e.personal,
+            state: e.state.to_string(),
+            state_message: e.state_message.clone(),
+            provider: e.provider.clone(),
+            host_id: e.host_id.clone(),
+            vm_id: e.vm_id.clone(),
+            region: e.region.clone(),
+            ip_address: e.ip_address.clone(),
+            ssh_host: e.ssh_host.clone(),
+            ssh_port: e.ssh_port,
+            ssh_user: e.ssh_user.clone(),
+            vcpus: e.vcpus,
+            memory_mb: e.memory_mb,
+            disk_gb: e.disk_gb,
+            base_image: e.base_image.clone(),
+            repository_url: e.repository_url.clone(),
+            environment_vars: e.environment_vars.clone(),
+            auto_stop_minutes: e.auto_stop_minutes,
+            generation: e.generation,
+            created_at: time(e.created_at),
+            started_at: opt_time(e.started_at),
+            stopped_at: opt_time(e.stopped_at),
+            expires_at: opt_time(e.expires_at),
+            last_activity_at: opt_time(e.last_activity_at),
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditView {
+    pub id: i64,
+    pub at: String,
+    pub actor: String,
+    pub action: String,
+    pub environment_id: Option<String>,
+    pub previous_state: Option<String>,
+    pub new_state: Option<String>,
+    pub outcome: String,
+    pub error: Option<String>,
+    pub duration_ms: Option<i64>,
+}
+
+impl From<&AuditEntry> for AuditView {
+    fn from(a: &AuditEntry) -> AuditView {
+        AuditView {
+            id: a.id,
+            at: time(a.at),
+            actor: a.actor.clone(),
+            action: a.action.clone(),
+            environment_id: a.environment_id.clone(),
+            previous_state: a.previous_state.clone(),
+            new_state: a.new_state.clone(),
+            outcome: a.outcome.clone(),
+            error: a.error.clone(),
+            duration_ms: a.duration_ms,
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecutionView {
+    pub id: String,
+    pub environment_id: String,
+    pub command: String,
+    pub working_dir: Option<String>,
+    pub status: String,
+    pub exit_code: Option<i64>,
+    pub stdout: String,
+    pub stderr: String,
+    pub truncated: bool,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub duration_ms: Option<i64>,
+}
+
+impl From<&Execution> for ExecutionView {
+    fn from(e: &Execution) -> ExecutionView {
+        ExecutionView {
+            id: e.id.clone(),
+            environment_id: e.environment_id.clone(),
+            command: e.command.clone(),
+            working_dir: e.working_dir.clone(),
+            status: e.status.clone(),
+            exit_code: e.exit_code,
+            stdout: e.stdout.clone(),
+            stderr: e.stderr.clone(),
+            truncated: e.truncated,
+            started_at: time(e.started_at),
+            finished_at: opt_time(e.finished_at),
+            duration_ms: e.duration_ms,
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostView {
+    pub id: String,
+    pub name: String,
+    pub provider: String,
+    pub status: String,
+    pub max_vcpus: i64,
+    pub max_memory_mb: i64,
+    pub max_environments: i64,
+    pub used_vcpus: i64,
+    pub used_memory_mb: i64,
+    pub used_environments: i64,
+    pub updated_at: String,
+}
+
+impl From<&Host> for HostView {
+    fn from(h: &Host) -> HostView {
+        HostView {
+            id: h.id.clone(),
+            name: h.name.clone(),
+            provider: h.provider.clone(),
+            status: h.status.clone(),
+            max_vcpus: h.room.max_vcpus,
+            max_memory_mb: h.room.max_memory_mb,
+            max_environments: h.room.max_environments,
+            used_vcpus: h.room.used_vcpus,
+            used_memory_mb: h.room.used_memory_mb,
+            used_environments: h.room.used_environments,
+            updated_at: time(h.updated_at),
+        }
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobView {
+    pub id: i64,
+    pub queue: String,
+    pub kind: String,
+    pub environment_id: String,
+    pub state: &'static str,
+    pub attempts: i64,
+    pub max_attempts: i64,
+    pub run_after: String,
+    pub lease_owner: Option<String>,
+    pub last_error: Option<String>,
+    pub actor: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<&Job> for JobView {
+    fn from(j: &Job) -> JobView {
+        JobView {
+            id: j.id,
+            queue: j.queue.clone(),
+            kind: j.kind.clone(),
+            environment_id: j.environment_id.clone(),
+            state: j.state.as_str(),
+            attempts: j.attempts,
+            max_attempts: j.max_attempts,
+            run_after: time(j.run_after),
+            lease_owner: j.lease_owner.clone(),
+            last_error: j.last_error.clone(),
+            actor: j.actor.clone(),
+            created_at: time(j.created_at),
+            updated_at: time(j.updated_at),
         }
     }
 }

@@ -44,6 +44,10 @@ pub struct Environment {
     pub stopped_at: Option<i64>,
     pub expires_at: Option<i64>,
     pub last_activity_at: Option<i64>,
+    pub last_activity_source: Option<String>,
+    pub access_token_hash: String,
+    pub init_script: Option<String>,
+    pub repository_url: Option<String>,
 }
 
 impl Environment {
@@ -67,6 +71,7 @@ impl Environment {
             EnvState::Running => {
                 next.started_at = Some(now);
                 next.last_activity_at = Some(now);
+                next.last_activity_source = Some("start".into());
             }
             EnvState::Stopped | EnvState::Destroyed => next.stopped_at = Some(now),
             _ => {}
@@ -89,6 +94,10 @@ pub struct NewEnvironment {
     pub ssh_private_key_enc: String,
     pub auto_stop_minutes: Option<i64>,
     pub expires_at: Option<i64>,
+    /// SHA-256 of the environment's access token (the token is shown once).
+    pub access_token_hash: String,
+    pub init_script: Option<String>,
+    pub repository_url: Option<String>,
 }
 
 #[derive(Debug)]
@@ -100,7 +109,8 @@ pub enum PersonalOutcome {
 const COLUMNS: &str = "id, slug, name, user_id, personal, state, state_message, generation, provider, \
     host_id, vm_id, region, ip_address, ssh_host, ssh_port, ssh_user, vcpus, memory_mb, disk_gb, \
     base_image, environment_vars, ssh_public_key, ssh_private_key_enc, auto_stop_minutes, \
-    total_runtime_seconds, created_at, updated_at, started_at, stopped_at, expires_at, last_activity_at";
+    total_runtime_seconds, created_at, updated_at, started_at, stopped_at, expires_at, last_activity_at, \
+    last_activity_source, access_token_hash, init_script, repository_url";
 
 macro_rules! select_env {
     ($where:literal) => {
@@ -108,8 +118,8 @@ macro_rules! select_env {
             "SELECT id, slug, name, user_id, personal, state, state_message, generation, provider, \
              host_id, vm_id, region, ip_address, ssh_host, ssh_port, ssh_user, vcpus, memory_mb, disk_gb, \
              base_image, environment_vars, ssh_public_key, ssh_private_key_enc, auto_stop_minutes, \
-             total_runtime_seconds, created_at, updated_at, started_at, stopped_at, expires_at, last_activity_at \
-             FROM environments ",
+             total_runtime_seconds, created_at, updated_at, started_at, stopped_at, expires_at, last_activity_at, \
+             last_activity_source, access_token_hash, init_script, repository_url FROM environments ",
             $where
         )
     };
@@ -151,6 +161,10 @@ fn env_from_row(row: &AnyRow) -> Result<Environment> {
         stopped_at: row.try_get("stopped_at")?,
         expires_at: row.try_get("expires_at")?,
         last_activity_at: row.try_get("last_activity_at")?,
+        last_activity_source: row.try_get("last_activity_source")?,
+        access_token_hash: row.try_get("access_token_hash")?,
+        init_script: row.try_get("init_script")?,
+        repository_url: row.try_get("repository_url")?,
     })
 }
 
@@ -225,6 +239,10 @@ impl Store {
             stopped_at: None,
             expires_at: new.expires_at,
             last_activity_at: None,
+            last_activity_source: None,
+            access_token_hash: new.access_token_hash,
+            init_script: new.init_script,
+            repository_url: new.repository_url,
         };
         let mut tx = self.begin().await?;
         // Lock the user row so concurrent creates by one user queue up on PostgreSQL.
@@ -232,6 +250,8 @@ impl Store {
         sqlx::query(sqlx::AssertSqlSafe(lock)).bind(&user.id).fetch_one(&mut *tx).await?;
         let (quota, usage) = quota_and_usage(&mut tx, user).await?;
         quota.admit(&usage, &env.resources()).map_err(StoreError::Quota)?;
+        let mut env = env;
+        env.host_id = self.place_in(&mut tx, &env.provider, &env.resources(), None).await?;
         insert_env(&mut tx, &env).await?;
         insert_job(&mut tx, &first_job.for_environment(&env.id), now).await?;
         insert_audit(&mut tx, &first_job.actor, "create", Some(&env.id), None, Some(EnvState::Requested), "success", None, None)
@@ -258,6 +278,82 @@ impl Store {
         row.as_ref().map(env_from_row).transpose()
     }
 
+    /// The caller's environment by id or slug. Someone else's is `NotFound`, never shown.
+    pub async fn environment_for_user(&self, user_id: &str, id_or_slug: &str) -> Result<Environment> {
+        let row = sqlx::query(select_env!("WHERE user_id = $1 AND (id = $2 OR slug = $2)"))
+            .bind(user_id)
+            .bind(id_or_slug)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        env_from_row(&row)
+    }
+
+    /// A page of environments, newest first (ids are time-ordered UUIDv7). Filters are
+    /// optional; `cursor` is the last id of the previous page.
+    pub async fn list_environments(
+        &self,
+        user_id: Option<&str>,
+        state: Option<EnvState>,
+        include_destroyed: bool,
+        cursor: Option<&str>,
+        limit: i64,
+    ) -> Result<(Vec<Environment>, Option<String>)> {
+        let rows = sqlx::query(select_env!(
+            "WHERE ($1 = '' OR user_id = $1) AND ($2 = '' OR state = $2) AND ($3 = 1 OR state <> 'destroyed') \
+             AND ($4 = '' OR id < $4) ORDER BY id DESC LIMIT $5"
+        ))
+        .bind(user_id.unwrap_or(""))
+        .bind(state.map(EnvState::as_str).unwrap_or(""))
+        .bind(include_destroyed as i64)
+        .bind(cursor.unwrap_or(""))
+        .bind(limit + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut items = rows.iter().map(env_from_row).collect::<Result<Vec<_>>>()?;
+        let next = if items.len() as i64 > limit {
+            items.truncate(limit as usize);
+            items.last().map(|e| e.id.clone())
+        } else {
+            None
+        };
+        Ok((items, next))
+    }
+
+    /// Running environments idle for longer than their auto-stop time.
+    pub async fn idle_environments(&self, now: i64) -> Result<Vec<Environment>> {
+        let rows = sqlx::query(select_env!(
+            "WHERE state = 'running' AND auto_stop_minutes IS NOT NULL AND auto_stop_minutes > 0 \
+             AND COALESCE(last_activity_at, started_at, created_at) + auto_stop_minutes * 60000 < $1"
+        ))
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(env_from_row).collect()
+    }
+
+    /// Environments past `expiresAt` that are not yet on their way out.
+    pub async fn expired_environments(&self, now: i64) -> Result<Vec<Environment>> {
+        let rows = sqlx::query(select_env!(
+            "WHERE expires_at IS NOT NULL AND expires_at < $1 AND state NOT IN ('destroying', 'destroyed')"
+        ))
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(env_from_row).collect()
+    }
+
+    /// Environments in a transitional state whose last write is older than `before`.
+    pub async fn transitional_since(&self, before: i64) -> Result<Vec<Environment>> {
+        let rows = sqlx::query(select_env!(
+            "WHERE state IN ('requested', 'provisioning', 'starting', 'stopping', 'destroying') AND updated_at < $1"
+        ))
+        .bind(before)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(env_from_row).collect()
+    }
+
     /// Every environment that is not destroyed, for the admin view.
     pub async fn live_environments(&self) -> Result<Vec<Environment>> {
         let rows = sqlx::query(select_env!("WHERE state <> 'destroyed' ORDER BY created_at, id"))
@@ -273,10 +369,17 @@ impl Store {
         next.generation = prev.generation + 1;
         next.updated_at = now;
         let mut tx = self.begin().await?;
+        if !prev.state.is_active() && next.state.is_active() {
+            // Coming back to life (start, retry): it needs quota and host room again.
+            let user = crate::users::user_in(&mut tx, &prev.user_id, self.for_update()).await?;
+            let (quota, usage) = quota_and_usage(&mut tx, &user).await?;
+            quota.admit_existing(&usage, &next.resources()).map_err(StoreError::Quota)?;
+            next.host_id = self.place_in(&mut tx, &next.provider, &next.resources(), next.host_id.as_deref()).await?;
+        }
         let done = sqlx::query(
             "UPDATE environments SET state = $1, state_message = $2, generation = $3, host_id = $4, vm_id = $5, \
              ip_address = $6, ssh_host = $7, ssh_port = $8, total_runtime_seconds = $9, updated_at = $10, \
-             started_at = $11, stopped_at = $12, last_activity_at = $13 \
+             started_at = $11, stopped_at = $12, last_activity_at = $13, last_activity_source = $17 \
              WHERE id = $14 AND state = $15 AND generation = $16",
         )
         .bind(next.state.as_str())
@@ -295,6 +398,7 @@ impl Store {
         .bind(&prev.id)
         .bind(prev.state.as_str())
         .bind(prev.generation)
+        .bind(&next.last_activity_source)
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() != 1 {
@@ -311,10 +415,12 @@ impl Store {
         Ok(next)
     }
 
-    /// Records activity (an exec, a session) without touching state or generation.
-    pub async fn touch_activity(&self, id: &str, at: i64) -> Result<()> {
-        sqlx::query("UPDATE environments SET last_activity_at = $1 WHERE id = $2")
+    /// Records activity (an exec, a session, a keep-alive) without touching state or
+    /// generation.
+    pub async fn touch_activity(&self, id: &str, at: i64, source: &str) -> Result<()> {
+        sqlx::query("UPDATE environments SET last_activity_at = $1, last_activity_source = $2 WHERE id = $3")
             .bind(at)
+            .bind(source)
             .bind(id)
             .execute(&self.pool)
             .await?;
@@ -326,7 +432,7 @@ async fn insert_env(tx: &mut Tx, e: &Environment) -> Result<()> {
     let vars = serde_json::to_string(&e.environment_vars).map_err(|err| StoreError::Corrupt(err.to_string()))?;
     let sql = format!(
         "INSERT INTO environments ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
-         $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31)"
+         $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35)"
     );
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(&e.id)
@@ -360,13 +466,17 @@ async fn insert_env(tx: &mut Tx, e: &Environment) -> Result<()> {
         .bind(e.stopped_at)
         .bind(e.expires_at)
         .bind(e.last_activity_at)
+        .bind(&e.last_activity_source)
+        .bind(&e.access_token_hash)
+        .bind(&e.init_script)
+        .bind(&e.repository_url)
         .execute(&mut **tx)
         .await?;
     Ok(())
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::testdb::each_backend;
     use hearth_core::{Role, Tier};
@@ -384,6 +494,9 @@ mod tests {
             ssh_private_key_enc: "enc".into(),
             auto_stop_minutes: Some(60),
             expires_at: None,
+            access_token_hash: "h".into(),
+            init_script: None,
+            repository_url: None,
         }
     }
 

@@ -264,6 +264,15 @@ impl Store {
         Ok(row.try_get::<i64, _>("n")? > 0)
     }
 
+    /// True when any job for the environment is queued or running.
+    pub async fn has_outstanding_job(&self, environment_id: &str) -> Result<bool> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM jobs WHERE environment_id = $1 AND state IN ('queued', 'running')")
+            .bind(environment_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>("n")? > 0)
+    }
+
     pub async fn list_jobs(&self, state: Option<JobState>) -> Result<Vec<Job>> {
         let rows = match state {
             Some(s) => {
@@ -277,6 +286,33 @@ impl Store {
                 .await?,
         };
         rows.iter().map(job_from_row).collect()
+    }
+
+    /// Puts a dead job back in the queue with fresh attempts.
+    pub async fn retry_dead(&self, id: i64, actor: &str) -> Result<Job> {
+        let now = now_ms();
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "UPDATE jobs SET state = 'queued', attempts = 0, run_after = $1, updated_at = $1, actor = $2 \
+             WHERE id = $3 AND state = 'dead'",
+        )
+        .bind(now)
+        .bind(actor)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            tx.rollback().await?;
+            return match self.job(id).await {
+                Ok(j) => Err(StoreError::Conflict(format!("job {id} is {}, not dead", j.state.as_str()))),
+                Err(e) => Err(e),
+            };
+        }
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_JOB} WHERE id = $1"))).bind(id).fetch_one(&mut *tx).await?;
+        let job = job_from_row(&row)?;
+        insert_audit(&mut tx, actor, "job_retry", Some(&job.environment_id), None, None, "queued", None, None).await?;
+        tx.commit().await?;
+        Ok(job)
     }
 
     /// Earliest `run_after` of a queued job, so a worker knows how long it may sleep.

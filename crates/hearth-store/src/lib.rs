@@ -6,14 +6,16 @@
 //! single writer serialises them (DESIGN decision 6); PostgreSQL takes row locks.
 
 mod environments;
+mod hosts;
 mod jobs;
 mod records;
 mod users;
 
 pub use environments::{Environment, NewEnvironment, PersonalOutcome};
+pub use hosts::{Host, HostCapacity};
 pub use jobs::{Job, JobState, NewJob};
-pub use records::{AuditEntry, Execution, LogEntry};
-pub use users::{User, generate_token, hash_token};
+pub use records::{AuditEntry, AuditFilter, Execution, LogEntry};
+pub use users::{QuotaOverrides, User, generate_token, hash_token};
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Executor};
@@ -34,6 +36,9 @@ pub enum StoreError {
     Quota(hearth_core::QuotaExceeded),
     #[error("{0}")]
     Conflict(String),
+    /// No host has room (or the environment's own host has none).
+    #[error("{0}")]
+    NoCapacity(String),
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
 }
@@ -129,6 +134,12 @@ impl Store {
     pub async fn count(&self, sql: &str) -> Result<i64> {
         use sqlx::Row;
         Ok(sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).fetch_one(&self.pool).await?.try_get("n")?)
+    }
+
+    /// Runs one statement with an integer `$1` and a text `$2` (tests set up states that
+    /// are otherwise hours away, such as idleness or expiry).
+    pub async fn exec_sql_for_tests(&self, sql: &str, a: i64, b: &str) -> Result<u64> {
+        Ok(sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).bind(a).bind(b).execute(&self.pool).await?.rows_affected())
     }
 
     pub async fn ping(&self) -> Result<()> {

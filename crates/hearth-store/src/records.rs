@@ -18,6 +18,14 @@ pub struct AuditEntry {
     pub duration_ms: Option<i64>,
 }
 
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub environment_id: Option<String>,
+    pub actor: Option<String>,
+    pub action: Option<String>,
+    pub outcome: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Execution {
     pub id: String,
@@ -96,14 +104,38 @@ impl Store {
     }
 
     pub async fn audit_for_environment(&self, environment_id: &str) -> Result<Vec<AuditEntry>> {
-        let rows = sqlx::query(
+        Ok(self.audit_page(&AuditFilter { environment_id: Some(environment_id.into()), ..Default::default() }, None, 100_000, true).await?.0)
+    }
+
+    /// A page of audit entries matching `filter`; newest first unless `oldest_first`.
+    pub async fn audit_page(
+        &self,
+        filter: &AuditFilter,
+        cursor: Option<i64>,
+        limit: i64,
+        oldest_first: bool,
+    ) -> Result<(Vec<AuditEntry>, Option<i64>)> {
+        let sql = if oldest_first {
             "SELECT id, at, actor, action, environment_id, previous_state, new_state, outcome, error, duration_ms \
-             FROM audit_log WHERE environment_id = $1 ORDER BY id",
-        )
-        .bind(environment_id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
+             FROM audit_log WHERE ($1 = '' OR environment_id = $1) AND ($2 = '' OR actor = $2) AND ($3 = '' OR action = $3) \
+             AND ($4 = '' OR outcome = $4) AND id > $5 ORDER BY id LIMIT $6"
+        } else {
+            "SELECT id, at, actor, action, environment_id, previous_state, new_state, outcome, error, duration_ms \
+             FROM audit_log WHERE ($1 = '' OR environment_id = $1) AND ($2 = '' OR actor = $2) AND ($3 = '' OR action = $3) \
+             AND ($4 = '' OR outcome = $4) AND id < $5 ORDER BY id DESC LIMIT $6"
+        };
+        let start = cursor.unwrap_or(if oldest_first { 0 } else { i64::MAX });
+        let rows = sqlx::query(sql)
+            .bind(filter.environment_id.as_deref().unwrap_or(""))
+            .bind(filter.actor.as_deref().unwrap_or(""))
+            .bind(filter.action.as_deref().unwrap_or(""))
+            .bind(filter.outcome.as_deref().unwrap_or(""))
+            .bind(start)
+            .bind(limit + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut items = rows
+            .iter()
             .map(|r| {
                 Ok(AuditEntry {
                     id: r.try_get("id")?,
@@ -118,7 +150,14 @@ impl Store {
                     duration_ms: r.try_get("duration_ms")?,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        let next = if items.len() as i64 > limit {
+            items.truncate(limit as usize);
+            items.last().map(|a| a.id)
+        } else {
+            None
+        };
+        Ok((items, next))
     }
 
     pub async fn insert_execution(&self, e: &Execution) -> Result<()> {
@@ -145,14 +184,27 @@ impl Store {
     }
 
     pub async fn executions_for_environment(&self, environment_id: &str) -> Result<Vec<Execution>> {
+        Ok(self.executions_page(environment_id, None, 100_000).await?.0)
+    }
+
+    /// A page of an environment's executions, oldest first; ids are time-ordered.
+    pub async fn executions_page(
+        &self,
+        environment_id: &str,
+        cursor: Option<&str>,
+        limit: i64,
+    ) -> Result<(Vec<Execution>, Option<String>)> {
         let rows = sqlx::query(
             "SELECT id, environment_id, user_id, command, working_dir, status, exit_code, stdout, stderr, truncated, \
-             started_at, finished_at, duration_ms FROM executions WHERE environment_id = $1 ORDER BY started_at, id",
+             started_at, finished_at, duration_ms FROM executions WHERE environment_id = $1 AND id > $2 ORDER BY id LIMIT $3",
         )
         .bind(environment_id)
+        .bind(cursor.unwrap_or(""))
+        .bind(limit + 1)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
+        let mut items = rows
+            .iter()
             .map(|r| {
                 Ok(Execution {
                     id: r.try_get("id")?,
@@ -170,7 +222,14 @@ impl Store {
                     duration_ms: r.try_get("duration_ms")?,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        let next = if items.len() as i64 > limit {
+            items.truncate(limit as usize);
+            items.last().map(|e| e.id.clone())
+        } else {
+            None
+        };
+        Ok((items, next))
     }
 
     /// Appends a provisioning log line and drops lines that fell out of the window.

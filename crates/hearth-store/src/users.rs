@@ -7,6 +7,18 @@ use sha2::{Digest, Sha256};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
+/// Admin overrides of a user's quota, column by column.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct QuotaOverrides {
+    pub max_environments: Option<i64>,
+    pub max_concurrent_environments: Option<i64>,
+    pub max_vcpus: Option<i64>,
+    pub max_memory_mb: Option<i64>,
+    pub max_disk_gb: Option<i64>,
+    pub max_duration_hours: Option<i64>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
     pub id: String,
@@ -111,6 +123,57 @@ impl Store {
         Ok(sqlx::query("SELECT COUNT(*) AS n FROM users").fetch_one(&self.pool).await?.try_get("n")?)
     }
 
+    pub async fn set_user_tier_role(&self, id: &str, tier: Option<Tier>, role: Option<Role>) -> Result<User> {
+        let user = self.user(id).await?;
+        sqlx::query("UPDATE users SET tier = $1, role = $2 WHERE id = $3")
+            .bind(tier.unwrap_or(user.tier).as_str())
+            .bind(role.unwrap_or(user.role).as_str())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        self.user(id).await
+    }
+
+    /// Sets per-user overrides; `None` in a field means "the tier's default".
+    pub async fn set_quota_overrides(&self, id: &str, o: &QuotaOverrides) -> Result<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM quotas WHERE user_id = $1").bind(id).execute(&mut *tx).await?;
+        sqlx::query(
+            "INSERT INTO quotas (user_id, max_environments, max_concurrent_environments, max_vcpus, max_memory_mb, \
+             max_disk_gb, max_duration_hours) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(id)
+        .bind(o.max_environments)
+        .bind(o.max_concurrent_environments)
+        .bind(o.max_vcpus)
+        .bind(o.max_memory_mb)
+        .bind(o.max_disk_gb)
+        .bind(o.max_duration_hours)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn quota_overrides(&self, id: &str) -> Result<QuotaOverrides> {
+        let row = sqlx::query(
+            "SELECT max_environments, max_concurrent_environments, max_vcpus, max_memory_mb, max_disk_gb, \
+             max_duration_hours FROM quotas WHERE user_id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(r) = row else { return Ok(QuotaOverrides::default()) };
+        Ok(QuotaOverrides {
+            max_environments: r.try_get("max_environments")?,
+            max_concurrent_environments: r.try_get("max_concurrent_environments")?,
+            max_vcpus: r.try_get("max_vcpus")?,
+            max_memory_mb: r.try_get("max_memory_mb")?,
+            max_disk_gb: r.try_get("max_disk_gb")?,
+            max_duration_hours: r.try_get("max_duration_hours")?,
+        })
+    }
+
     /// The user's quota: the tier's defaults, overridden column by column. A user with
     /// no override row gets the tier defaults, never a free pass.
     pub async fn quota(&self, user: &User) -> Result<Quota> {
@@ -169,6 +232,13 @@ pub(crate) async fn usage_in(conn: &mut sqlx::AnyConnection, user_id: &str) -> R
         }
     }
     Ok(u)
+}
+
+/// Reads (and on PostgreSQL locks, with `lock` = " FOR UPDATE") a user inside a transaction.
+pub(crate) async fn user_in(tx: &mut Tx, id: &str, lock: &str) -> Result<User> {
+    let sql = format!("SELECT id, email, role, tier, created_at FROM users WHERE id = $1{lock}");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&mut **tx).await?.ok_or(StoreError::NotFound)?;
+    user_from_row(&row)
 }
 
 /// Used by the transaction that creates an environment.

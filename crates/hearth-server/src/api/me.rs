@@ -72,8 +72,14 @@ pub struct ExecBody {
     working_dir: Option<String>,
 }
 
+impl From<ExecBody> for ExecInput {
+    fn from(b: ExecBody) -> ExecInput {
+        ExecInput { code: b.code, timeout_seconds: b.timeout_seconds, working_dir: b.working_dir }
+    }
+}
+
 pub async fn exec(State(app): State<App>, Caller(user): Caller, Body(body): Body<ExecBody>) -> ApiResult<Json<ExecView>> {
-    let input = ExecInput { code: body.code, timeout_seconds: body.timeout_seconds, working_dir: body.working_dir };
+    let input: ExecInput = body.into();
     input.validate()?;
     let env = personal(&app, &user.id).await?;
     Ok(Json(app.exec(&user, &env, input).await?))

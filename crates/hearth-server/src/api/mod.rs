@@ -2,6 +2,7 @@
 //! authorize, call one service function, map the result.
 
 mod admin;
+mod environments;
 mod me;
 mod ops;
 
@@ -10,7 +11,7 @@ use crate::error::ApiError;
 use axum::Router;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post};
 use hearth_core::Role;
 use hearth_store::User;
 use serde::de::DeserializeOwned;
@@ -30,9 +31,30 @@ pub fn router(app: App) -> Router {
         .route("/v1/me/vm/stop", post(me::stop))
         .route("/v1/me/vm/exec", post(me::exec))
         .route("/v1/me/vm/logs", get(me::logs))
+        .route("/v1/environments", post(environments::create).get(environments::list))
+        .route("/v1/environments/{id}", get(environments::get).delete(environments::destroy))
+        .route("/v1/environments/{id}/wait", get(environments::wait))
+        .route("/v1/environments/{id}/start", post(environments::start))
+        .route("/v1/environments/{id}/stop", post(environments::stop))
+        .route("/v1/environments/{id}/exec", post(environments::exec))
+        .route("/v1/environments/{id}/executions", get(environments::executions))
+        .route("/v1/environments/{id}/audit", get(environments::audit))
+        .route("/v1/environments/{id}/logs", get(environments::logs))
+        .route("/v1/environments/{id}/activity", get(environments::activity))
+        .route("/v1/environments/{id}/keepalive", post(environments::keepalive))
         .route("/v1/admin/users", post(admin::create_user).get(admin::list_users))
+        .route("/v1/admin/users/{id}", patch(admin::patch_user))
         .route("/v1/admin/vms", get(admin::vms))
+        .route("/v1/admin/environments", get(admin::environments))
+        .route("/v1/admin/environments/{id}", axum::routing::delete(admin::destroy_environment))
+        .route("/v1/admin/jobs", get(admin::jobs))
+        .route("/v1/admin/jobs/{id}/retry", post(admin::retry_job))
+        .route("/v1/admin/hosts", get(admin::hosts))
+        .route("/v1/admin/hosts/{id}/drain", post(admin::drain_host))
+        .route("/v1/admin/hosts/{id}/ready", post(admin::undrain_host))
+        .route("/v1/admin/audit", get(admin::audit))
         .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(app)
 }

@@ -45,3 +45,7 @@ pub async fn flavors(State(app): State<App>) -> Json<Value> {
 pub async fn not_found() -> ApiError {
     ApiError::not_found("route")
 }
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this path does not take that method; see /openapi.json")
+}

@@ -34,9 +34,8 @@ CREATE TABLE hosts (
     max_vcpus BIGINT NOT NULL,
     max_memory_mb BIGINT NOT NULL,
     max_environments BIGINT NOT NULL,
-    used_vcpus BIGINT NOT NULL DEFAULT 0,
-    used_memory_mb BIGINT NOT NULL DEFAULT 0,
-    used_environments BIGINT NOT NULL DEFAULT 0,
+    -- What a host holds is summed from its active environments, never kept in counters
+    -- that could drift.
     created_at BIGINT NOT NULL,
     updated_at BIGINT NOT NULL
 );
@@ -72,8 +71,14 @@ CREATE TABLE environments (
     started_at BIGINT,
     stopped_at BIGINT,
     expires_at BIGINT,
-    last_activity_at BIGINT
+    last_activity_at BIGINT,
+    -- exec, terminal, ssh, keepalive, start
+    last_activity_source TEXT,
+    access_token_hash TEXT NOT NULL,
+    init_script TEXT,
+    repository_url TEXT
 );
+CREATE INDEX environments_host ON environments(host_id, state);
 CREATE INDEX environments_user ON environments(user_id, state);
 -- At most one live personal VM per user: concurrent provisions meet here.
 CREATE UNIQUE INDEX environments_one_personal ON environments(user_id)
@@ -111,6 +116,7 @@ CREATE TABLE audit_log (
     duration_ms BIGINT
 );
 CREATE INDEX audit_environment ON audit_log(environment_id, id);
+CREATE INDEX audit_actor ON audit_log(actor, id);
 
 CREATE TABLE executions (
     id TEXT PRIMARY KEY,

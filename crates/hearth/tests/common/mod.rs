@@ -16,6 +16,8 @@ pub enum Db {
 /// One database (SQLite file or fresh PostgreSQL database) and data directory, which
 /// outlive any one server process: kill a server and start another on the same state.
 pub struct Site {
+    /// `hearth.instance` label of this site's containers: its reconciler ignores others'.
+    pub instance: String,
     pub dir: tempfile::TempDir,
     pub database_url: String,
     pub extra_env: Vec<(String, String)>,
@@ -28,7 +30,8 @@ impl Site {
             Db::Sqlite => format!("sqlite://{}?mode=rwc", dir.path().join("hearth.db").display()),
             Db::Postgres => hearth_store::testdb::fresh_postgres_url().await,
         };
-        Site { dir, database_url, extra_env: Vec::new() }
+        let instance = format!("test-{}", &uuid_like()[..12]);
+        Site { instance, dir, database_url, extra_env: Vec::new() }
     }
 
     pub fn with_env(mut self, k: &str, v: &str) -> Site {
@@ -52,12 +55,13 @@ impl Site {
             .env("HEARTH_DATA_DIR", self.data_dir())
             .env("HEARTH_LISTEN", format!("127.0.0.1:{port}"))
             .env("DATABASE_URL", &self.database_url)
-            .env("HEARTH_INSTANCE", "test")
+            .env("HEARTH_INSTANCE", &self.instance)
             .env("HEARTH_JOB_LEASE_MS", "3000")
             .env("HEARTH_JOB_POLL_MS", "200")
             .env("HEARTH_PROVISION_BACKOFF_MS", "300")
             .env("HEARTH_CONTROL_BACKOFF_MS", "300")
             .env("HEARTH_SSH_WAIT_SECONDS", "30")
+            .env("HEARTH_REAPER_INTERVAL_MS", "300")
             .env("RUST_LOG", "info,sqlx=warn")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -76,7 +80,12 @@ impl Site {
             assert!(started.elapsed() < Duration::from_secs(60), "server did not start; log:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let token = std::fs::read_to_string(self.data_dir().join("admin.token")).unwrap().trim().to_string();
+        let token = loop {
+            match std::fs::read_to_string(self.data_dir().join("admin.token")) {
+                Ok(t) if !t.trim().is_empty() => break t.trim().to_string(),
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
         Server { child, base, http, admin_token: token }
     }
 
@@ -105,6 +114,13 @@ async fn sqlx_count(store: &hearth_store::Store, sql: &str) -> i64 {
     store.count(sql).await.unwrap()
 }
 
+fn uuid_like() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    format!("{:016x}{:016x}", h.finish(), std::process::id())
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -123,6 +139,7 @@ impl Drop for Server {
     }
 }
 
+#[derive(Debug)]
 pub struct Resp {
     pub status: StatusCode,
     pub body: Value,
@@ -141,6 +158,8 @@ impl Server {
             "GET" => self.http.get(url),
             "POST" => self.http.post(url),
             "DELETE" => self.http.delete(url),
+            "PATCH" => self.http.patch(url),
+            "PUT_IS_NOT_ALLOWED" => self.http.put(url),
             other => panic!("method {other}"),
         };
         if let Some(t) = token {
@@ -179,6 +198,33 @@ impl Server {
     }
 
     /// Polls the personal VM until its status is `want` (or 404 when `want` is "gone").
+    /// Polls an environment until its state is `want`.
+    pub async fn wait_env(&self, token: &str, id: &str, want: &str, timeout: Duration) -> Value {
+        let started = Instant::now();
+        loop {
+            let r = self.call("GET", &format!("/v1/environments/{id}"), Some(token), None).await;
+            if r.status == StatusCode::OK && r.body["state"] == want {
+                return r.body;
+            }
+            if started.elapsed() > timeout {
+                panic!("environment did not become {want}: last {} {:?}", r.status, r.body);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn patch(&self, path: &str, token: &str, body: Value) -> Resp {
+        let resp = self.http.patch(format!("{}{path}", self.base)).bearer_auth(token).json(&body).send().await.unwrap();
+        let status = resp.status();
+        Resp { status, body: resp.json().await.unwrap_or(Value::Null) }
+    }
+
+    /// Looks a user up by email through the admin API.
+    pub async fn user_id(&self, email: &str) -> String {
+        let r = self.call("GET", "/v1/admin/users", Some(&self.admin_token), None).await;
+        r.body["items"].as_array().unwrap().iter().find(|u| u["email"] == email).unwrap()["id"].as_str().unwrap().to_string()
+    }
+
     pub async fn wait_vm(&self, token: &str, want: &str, timeout: Duration) -> Value {
         let started = Instant::now();
         loop {

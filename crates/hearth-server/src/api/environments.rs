@@ -1,0 +1,260 @@
+//! Environments: several per user, under quota. Every lookup is scoped by the caller, so
+//! someone else's id is a 404 like an id that does not exist.
+
+use super::{Body, Caller};
+use crate::App;
+use crate::error::{ApiError, ApiResult};
+use crate::service::{CreateInput, ExecInput, JobKind, SizeRequest};
+use crate::views::{AuditView, EnvironmentView, ExecView, ExecutionView, LogView, time};
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use hearth_core::EnvState;
+use hearth_store::{AuditFilter, Environment, now_ms};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateBody {
+    #[serde(default)]
+    name: String,
+    vcpus: Option<i64>,
+    memory_mb: Option<i64>,
+    disk_gb: Option<i64>,
+    duration_hours: Option<i64>,
+    base_image: Option<String>,
+    init_script: Option<String>,
+    #[serde(default)]
+    environment_vars: BTreeMap<String, String>,
+    repository_url: Option<String>,
+    ssh_public_key: Option<String>,
+    provider: Option<String>,
+    region: Option<String>,
+}
+
+pub async fn create(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Body(b): Body<CreateBody>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let input = CreateInput {
+        name: b.name,
+        size: SizeRequest { vcpus: b.vcpus, memory_mb: b.memory_mb, disk_gb: b.disk_gb },
+        duration_hours: b.duration_hours,
+        base_image: b.base_image,
+        init_script: b.init_script,
+        environment_vars: b.environment_vars,
+        repository_url: b.repository_url,
+        ssh_public_key: b.ssh_public_key,
+        provider: b.provider,
+        region: b.region,
+    };
+    let (env, access_token) = app.create_environment(&user, input).await?;
+    let mut body = serde_json::to_value(EnvironmentView::from(&env)).unwrap_or_default();
+    body["accessToken"] = json!(access_token);
+    Ok((StatusCode::ACCEPTED, Json(body)))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListQuery {
+    cursor: Option<String>,
+    limit: Option<i64>,
+    state: Option<String>,
+    #[serde(default)]
+    include_destroyed: bool,
+}
+
+pub fn page_limit(limit: Option<i64>) -> ApiResult<i64> {
+    match limit {
+        None => Ok(100),
+        Some(n) if (1..=1000).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::invalid(format!("limit must be between 1 and 1000, got {n}"))),
+    }
+}
+
+pub fn parse_state(state: Option<&str>) -> ApiResult<Option<EnvState>> {
+    state.map(|s| EnvState::parse(s).ok_or_else(|| ApiError::invalid(format!("unknown state {s:?}")))).transpose()
+}
+
+pub async fn list(State(app): State<App>, Caller(user): Caller, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> ApiResult<Json<Value>> {
+    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let state = parse_state(q.state.as_deref())?;
+    let (items, next) = app
+        .store
+        .list_environments(Some(&user.id), state, q.include_destroyed, q.cursor.as_deref(), page_limit(q.limit)?)
+        .await?;
+    let items: Vec<EnvironmentView> = items.iter().map(EnvironmentView::from).collect();
+    Ok(Json(json!({ "items": items, "nextCursor": next })))
+}
+
+async fn owned(app: &App, user_id: &str, id: &str) -> ApiResult<Environment> {
+    app.store.environment_for_user(user_id, id).await.map_err(|e| match e {
+        hearth_store::StoreError::NotFound => ApiError::not_found("environment"),
+        other => other.into(),
+    })
+}
+
+pub async fn get(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<EnvironmentView>> {
+    Ok(Json(EnvironmentView::from(&owned(&app, &user.id, &id).await?)))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WaitQuery {
+    state: String,
+    timeout_seconds: Option<u64>,
+}
+
+/// Returns once the environment reaches `state`; 408 on timeout; 409 if it ended in
+/// `error` or `destroyed` instead.
+pub async fn wait(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    q: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<EnvironmentView>> {
+    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let want = parse_state(Some(&q.state))?.expect("given");
+    let timeout = q.timeout_seconds.unwrap_or(60);
+    if !(1..=600).contains(&timeout) {
+        return Err(ApiError::invalid("timeoutSeconds must be between 1 and 600"));
+    }
+    let env = owned(&app, &user.id, &id).await?;
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let mut env = env;
+    loop {
+        if env.state == want {
+            return Ok(Json(EnvironmentView::from(&env)));
+        }
+        if matches!(env.state, EnvState::Error | EnvState::Destroyed) {
+            return Err(ApiError::invalid_state(format!(
+                "the environment is {} ({}), it will not become {want} by itself",
+                env.state,
+                env.state_message.as_deref().unwrap_or("no message")
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!("still {} after {timeout}s", env.state),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        env = app.store.environment(&env.id).await?;
+    }
+}
+
+async fn control(app: App, user_id: &str, id: &str, kind: JobKind) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
+    let env = owned(&app, user_id, id).await?;
+    app.request(user_id, &env, kind).await?;
+    Ok((StatusCode::ACCEPTED, Json(EnvironmentView::from(&env))))
+}
+
+pub async fn start(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
+    control(app, &user.id, &id, JobKind::Start).await
+}
+
+pub async fn stop(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
+    control(app, &user.id, &id, JobKind::Stop).await
+}
+
+pub async fn destroy(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
+    control(app, &user.id, &id, JobKind::Destroy).await
+}
+
+pub async fn exec(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    Body(body): Body<super::me::ExecBody>,
+) -> ApiResult<Json<ExecView>> {
+    let input: ExecInput = body.into();
+    input.validate()?;
+    let env = owned(&app, &user.id, &id).await?;
+    Ok(Json(app.exec(&user, &env, input).await?))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PageQuery {
+    cursor: Option<String>,
+    limit: Option<i64>,
+}
+
+pub async fn executions(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let env = owned(&app, &user.id, &id).await?;
+    let (items, next) = app.store.executions_page(&env.id, q.cursor.as_deref(), page_limit(q.limit)?).await?;
+    let items: Vec<ExecutionView> = items.iter().map(ExecutionView::from).collect();
+    Ok(Json(json!({ "items": items, "nextCursor": next })))
+}
+
+pub async fn audit(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let env = owned(&app, &user.id, &id).await?;
+    let cursor = q.cursor.as_deref().map(|c| c.parse::<i64>().map_err(|_| ApiError::invalid("cursor must be a number"))).transpose()?;
+    let filter = AuditFilter { environment_id: Some(env.id.clone()), ..Default::default() };
+    let (items, next) = app.store.audit_page(&filter, cursor, page_limit(q.limit)?, true).await?;
+    let items: Vec<AuditView> = items.iter().map(AuditView::from).collect();
+    Ok(Json(json!({ "items": items, "nextCursor": next.map(|n| n.to_string()) })))
+}
+
+pub async fn logs(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let env = owned(&app, &user.id, &id).await?;
+    let items: Vec<LogView> = app.store.logs(&env.id).await?.iter().map(LogView::from).collect();
+    Ok(Json(json!({ "items": items })))
+}
+
+/// Why the environment is (or is not) kept alive: last activity, its source, and when
+/// the reaper will stop or destroy it.
+pub async fn activity(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let env = owned(&app, &user.id, &id).await?;
+    Ok(Json(activity_view(&env)))
+}
+
+pub fn activity_view(env: &Environment) -> Value {
+    let last = env.last_activity_at.or(env.started_at).unwrap_or(env.created_at);
+    let next_stop = match (env.state, env.auto_stop_minutes) {
+        (EnvState::Running, Some(m)) if m > 0 => Some(time(last + m * 60_000)),
+        _ => None,
+    };
+    let reason = match (&next_stop, env.expires_at) {
+        (Some(_), _) => format!("kept running by {} activity; stops after {} idle minutes", env.last_activity_source.as_deref().unwrap_or("start"), env.auto_stop_minutes.unwrap_or(0)),
+        (None, _) if env.state == EnvState::Running => "auto-stop is off for this environment".to_string(),
+        _ => format!("the environment is {}", env.state),
+    };
+    json!({
+        "state": env.state.as_str(),
+        "lastActivityAt": env.last_activity_at.map(time),
+        "lastActivitySource": env.last_activity_source,
+        "autoStopMinutes": env.auto_stop_minutes,
+        "nextAutoStopAt": next_stop,
+        "expiresAt": env.expires_at.map(time),
+        "reason": reason,
+    })
+}
+
+/// An explicit keep-alive: counts as activity for auto-stop.
+pub async fn keepalive(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let env = owned(&app, &user.id, &id).await?;
+    if env.state != EnvState::Running {
+        return Err(ApiError::invalid_state(format!("the environment is {}; only a running one can be kept alive", env.state)));
+    }
+    app.store.touch_activity(&env.id, now_ms(), "keepalive").await?;
+    Ok(Json(activity_view(&owned(&app, &user.id, &id).await?)))
+}

@@ -1,0 +1,118 @@
+//! Every endpoint, called with someone else's ids (404, nothing changes) and every admin
+//! path called by a normal user (403), on SQLite and PostgreSQL.
+
+mod common;
+
+use common::*;
+use reqwest::StatusCode;
+use serde_json::json;
+
+async fn ownership_matrix(db: Db) {
+    // No workers: nothing needs to run for ownership to be checked, and nothing moves on its own.
+    let site = Site::new(db).await.with_env("HEARTH_WORKERS", "0");
+    let server = site.start().await;
+    let alice = server.user("alice@example.com", "pro").await;
+    let bob = server.user("bob@example.com", "pro").await;
+    let r = server.call("POST", "/v1/environments", Some(&alice), Some(json!({"name": "alice's"}))).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let slug = r.body["slug"].as_str().unwrap().to_string();
+    let r = server.call("POST", "/v1/me/vm", Some(&alice), Some(json!({"memoryMb": 512}))).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let before = site.counts().await;
+    let env_before = site.store().await.environment(&id).await.unwrap();
+
+    let unknown = "01900000-0000-7000-8000-000000000000";
+    let r = server.call("PUT_IS_NOT_ALLOWED", "/v1/environments", Some(&bob), None).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.body["error"]["code"], "method_not_allowed");
+    for target in [id.as_str(), slug.as_str(), unknown] {
+        let calls: Vec<(&str, String, Option<serde_json::Value>)> = vec![
+            ("GET", format!("/v1/environments/{target}"), None),
+            ("GET", format!("/v1/environments/{target}/wait?state=running&timeoutSeconds=1"), None),
+            ("POST", format!("/v1/environments/{target}/start"), None),
+            ("POST", format!("/v1/environments/{target}/stop"), None),
+            ("POST", format!("/v1/environments/{target}/exec"), Some(json!({"code": "id"}))),
+            ("DELETE", format!("/v1/environments/{target}"), None),
+            ("GET", format!("/v1/environments/{target}/executions"), None),
+            ("GET", format!("/v1/environments/{target}/audit"), None),
+            ("GET", format!("/v1/environments/{target}/logs"), None),
+            ("GET", format!("/v1/environments/{target}/activity"), None),
+            ("POST", format!("/v1/environments/{target}/keepalive"), None),
+        ];
+        for (method, path, body) in calls {
+            let r = server.call(method, &path, Some(&bob), body).await;
+            assert_eq!(r.status, StatusCode::NOT_FOUND, "bob {method} {path}: {:?}", r.body);
+            assert_eq!(r.body["error"]["code"], "not_found");
+            assert!(!r.body.to_string().contains("alice"), "leaked: {:?}", r.body);
+        }
+    }
+    // Bob's own views show nothing of Alice's.
+    let list = server.call("GET", "/v1/environments", Some(&bob), None).await;
+    assert_eq!(list.body["items"].as_array().unwrap().len(), 0);
+    let r = server.call("GET", "/v1/me/vm", Some(&bob), None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+
+    let admin_calls: Vec<(&str, String)> = vec![
+        ("GET", "/v1/admin/vms".into()),
+        ("GET", "/v1/admin/users".into()),
+        ("POST", "/v1/admin/users".into()),
+        ("PATCH", "/v1/admin/users/x".into()),
+        ("GET", "/v1/admin/environments".into()),
+        ("DELETE", format!("/v1/admin/environments/{id}")),
+        ("GET", "/v1/admin/jobs".into()),
+        ("POST", "/v1/admin/jobs/1/retry".into()),
+        ("GET", "/v1/admin/hosts".into()),
+        ("POST", "/v1/admin/hosts/x/drain".into()),
+        ("POST", "/v1/admin/hosts/x/ready".into()),
+        ("GET", "/v1/admin/audit".into()),
+    ];
+    for (method, path) in &admin_calls {
+        let r = if *method == "PATCH" {
+            server.patch(path, &bob, json!({"tier": "unlimited"})).await
+        } else {
+            server.call(method, path, Some(&bob), Some(json!({"email": "evil@example.com", "role": "admin"}))).await
+        };
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "bob {method} {path}");
+        assert_eq!(r.body["error"]["code"], "forbidden");
+        let r = server.call(method, path, None, None).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "anonymous {method} {path}");
+    }
+
+    assert_eq!(site.counts().await, before, "a refused request wrote to the database");
+    let env_after = site.store().await.environment(&id).await.unwrap();
+    assert_eq!((env_after.state, env_after.generation), (env_before.state, env_before.generation));
+
+    // The admin, by contrast, sees and manages everything.
+    let all = server.call("GET", "/v1/admin/environments", Some(&server.admin_token), None).await;
+    assert_eq!(all.body["items"].as_array().unwrap().len(), 2);
+    let hosts = server.call("GET", "/v1/admin/hosts", Some(&server.admin_token), None).await;
+    let host = &hosts.body["items"][0];
+    assert_eq!(host["provider"], "docker");
+    assert_eq!(host["usedEnvironments"], 2, "{hosts:?}");
+    let drained = server.call("POST", &format!("/v1/admin/hosts/{}/drain", host["id"].as_str().unwrap()), Some(&server.admin_token), None).await;
+    assert_eq!(drained.body["status"], "draining");
+    let r = server.call("POST", "/v1/environments", Some(&bob), Some(json!({"name": "no room"}))).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.body["error"]["code"], "no_capacity");
+    let r = server.call("DELETE", &format!("/v1/admin/environments/{id}"), Some(&server.admin_token), None).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    let jobs = server.call("GET", "/v1/admin/jobs?state=queued", Some(&server.admin_token), None).await;
+    assert!(jobs.body["items"].as_array().unwrap().iter().any(|j| j["kind"] == "destroy" && j["environmentId"] == id.as_str()));
+    let bob_id = server.user_id("bob@example.com").await;
+    let r = server.patch(&format!("/v1/admin/users/{bob_id}"), &server.admin_token, json!({"tier": "unlimited", "quota": {"maxVcpus": 3}})).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!((r.body["user"]["tier"].as_str(), r.body["quota"]["maxVcpus"].as_i64()), (Some("unlimited"), Some(3)));
+    let r = server.patch(&format!("/v1/admin/users/{bob_id}"), &server.admin_token, json!({"quota": {"maxVcpus": -1}})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn ownership_matrix_sqlite() {
+    ownership_matrix(Db::Sqlite).await;
+}
+
+#[tokio::test]
+async fn ownership_matrix_postgres() {
+    ownership_matrix(Db::Postgres).await;
+}
