@@ -36,6 +36,118 @@ enum Command {
         #[command(subcommand)]
         command: VmCommand,
     },
+    /// Your environments (several, under quota).
+    Env {
+        #[command(subcommand)]
+        command: EnvCommand,
+    },
+    /// Administration (admin role).
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum EnvCommand {
+    /// Create an environment and wait until it runs.
+    Create {
+        name: String,
+        #[arg(long)]
+        vcpus: Option<i64>,
+        #[arg(long)]
+        memory_mb: Option<i64>,
+        #[arg(long)]
+        disk_gb: Option<i64>,
+        #[arg(long)]
+        duration_hours: Option<i64>,
+        /// NAME=VALUE, repeatable; values are passed as data, never through a shell.
+        #[arg(long = "env", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
+        /// A file whose contents run once in the guest after it boots.
+        #[arg(long)]
+        init_script: Option<std::path::PathBuf>,
+        /// Your OpenSSH public key file, to SSH in yourself.
+        #[arg(long)]
+        ssh_key: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    List {
+        #[arg(long)]
+        all: bool,
+    },
+    Show {
+        id: String,
+    },
+    Start {
+        id: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    Stop {
+        id: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    Destroy {
+        id: String,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Run a command; exits with its exit code.
+    Exec {
+        id: String,
+        #[arg(long, default_value_t = 60)]
+        timeout: i64,
+        #[arg(long)]
+        workdir: Option<String>,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Wait until the environment reaches a state.
+    Wait {
+        id: String,
+        #[arg(long, default_value = "running")]
+        state: String,
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Its audit log.
+    Audit {
+        id: String,
+    },
+    /// Its command history.
+    History {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// List users, or create one (prints its token).
+    Users {
+        #[arg(long, value_name = "EMAIL")]
+        create: Option<String>,
+        #[arg(long, default_value = "free")]
+        tier: String,
+        #[arg(long, default_value = "user")]
+        role: String,
+    },
+    /// Every personal VM with stats.
+    Vms,
+    /// Jobs, optionally by state (queued, running, succeeded, dead); --retry ID requeues a dead one.
+    Jobs {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        retry: Option<i64>,
+    },
+    /// Hosts and their use; --drain ID stops placing on one.
+    Hosts {
+        #[arg(long)]
+        drain: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -121,6 +233,8 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Serve => serve().await,
         Command::Image { command: ImageCommand::Build { tag, force } } => build_image(&tag, force),
         Command::Vm { command } => vm(command).await,
+        Command::Env { command } => env(command).await,
+        Command::Admin { command } => admin(command).await,
     }
 }
 
@@ -274,14 +388,7 @@ async fn vm(command: VmCommand) -> Result<ExitCode, Failure> {
                 body["workingDir"] = json!(dir);
             }
             let out = client.post("/v1/me/vm/exec", body).await?;
-            use std::io::Write;
-            let _ = std::io::stdout().write_all(out["stdout"].as_str().unwrap_or("").as_bytes());
-            let _ = std::io::stderr().write_all(out["stderr"].as_str().unwrap_or("").as_bytes());
-            if out["timedOut"].as_bool() == Some(true) {
-                return Err(Failure::failed(format!("the command timed out after {timeout}s")));
-            }
-            let code = out["exitCode"].as_i64().unwrap_or(255);
-            Ok(ExitCode::from(u8::try_from(code).unwrap_or(255)))
+            print_exec(&out, timeout)
         }
         VmCommand::Logs => {
             let logs = client.get("/v1/me/vm/logs").await?;
@@ -296,4 +403,207 @@ async fn vm(command: VmCommand) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match &v[k] {
+        Value::String(x) => x.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn print_env(e: &Value) {
+    println!("id:      {}  ({})", s(e, "id"), s(e, "slug"));
+    println!("name:    {}", s(e, "name"));
+    println!("state:   {}{}", s(e, "state"), e["stateMessage"].as_str().map(|m| format!(" ({m})")).unwrap_or_default());
+    println!("size:    {} vCPUs, {} MB memory, {} GB disk", s(e, "vcpus"), s(e, "memoryMb"), s(e, "diskGb"));
+    if let (Some(host), Some(port)) = (e["sshHost"].as_str(), e["sshPort"].as_i64()) {
+        println!("ssh:     {}@{host} -p {port}", s(e, "sshUser"));
+    }
+    println!("expires: {}", s(e, "expiresAt"));
+}
+
+/// Polls an environment until `want`, printing new log lines; `error` ends it with exit 1.
+async fn wait_env(client: &Client, id: &str, want: &str, timeout: u64) -> Result<ExitCode, Failure> {
+    let bar = spinner("waiting");
+    let started = Instant::now();
+    let mut seen = 0usize;
+    loop {
+        if let Ok(logs) = client.get(&format!("/v1/environments/{id}/logs")).await {
+            let items = logs["items"].as_array().cloned().unwrap_or_default();
+            for line in items.iter().skip(seen.min(items.len())) {
+                bar.println(format!("  {:<7} {}", line["level"].as_str().unwrap_or(""), line["message"].as_str().unwrap_or("")));
+            }
+            seen = items.len();
+        }
+        let e = client.get(&format!("/v1/environments/{id}")).await.inspect_err(|_| bar.finish_and_clear())?;
+        let state = s(&e, "state");
+        bar.set_message(state.clone());
+        if state == want {
+            bar.finish_and_clear();
+            print_env(&e);
+            return Ok(ExitCode::SUCCESS);
+        }
+        if state == "error" || (state == "destroyed" && want != "destroyed") {
+            bar.finish_and_clear();
+            print_env(&e);
+            return Err(Failure::failed(format!("the environment is {state}: {}", s(&e, "stateMessage"))));
+        }
+        if started.elapsed() > Duration::from_secs(timeout) {
+            bar.finish_and_clear();
+            return Err(Failure::failed(format!("still {state} after {timeout}s")));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn read_file(path: &std::path::Path, what: &str) -> Result<String, Failure> {
+    std::fs::read_to_string(path).map_err(|e| Failure::usage(format!("cannot read {what} {}: {e}", path.display())))
+}
+
+async fn env(command: EnvCommand) -> Result<ExitCode, Failure> {
+    let client = Client::from_env()?;
+    match command {
+        EnvCommand::Create { name, vcpus, memory_mb, disk_gb, duration_hours, vars, init_script, ssh_key, wait } => {
+            let mut body = json!({ "name": name });
+            for (k, v) in [("vcpus", vcpus), ("memoryMb", memory_mb), ("diskGb", disk_gb), ("durationHours", duration_hours)] {
+                if let Some(v) = v {
+                    body[k] = json!(v);
+                }
+            }
+            let mut env_vars = serde_json::Map::new();
+            for pair in vars {
+                let (k, v) = pair.split_once('=').ok_or_else(|| Failure::usage(format!("--env takes NAME=VALUE, got {pair:?}")))?;
+                env_vars.insert(k.to_string(), json!(v));
+            }
+            body["environmentVars"] = Value::Object(env_vars);
+            if let Some(p) = init_script {
+                body["initScript"] = json!(read_file(&p, "the init script")?);
+            }
+            if let Some(p) = ssh_key {
+                body["sshPublicKey"] = json!(read_file(&p, "the public key")?.trim());
+            }
+            let e = client.post("/v1/environments", body).await?;
+            println!("created {} ({}); access token {}", s(&e, "id"), s(&e, "slug"), s(&e, "accessToken"));
+            if wait.no_wait {
+                return Ok(ExitCode::SUCCESS);
+            }
+            wait_env(&client, &s(&e, "id"), "running", wait.timeout).await
+        }
+        EnvCommand::List { all } => {
+            let list = client.get(&format!("/v1/environments?includeDestroyed={all}")).await?;
+            println!("{:<12} {:<12} {:>5} {:>7}  {:<25} NAME", "SLUG", "STATE", "VCPUS", "MEM MB", "EXPIRES");
+            for e in list["items"].as_array().cloned().unwrap_or_default() {
+                println!("{:<12} {:<12} {:>5} {:>7}  {:<25} {}", s(&e, "slug"), s(&e, "state"), s(&e, "vcpus"), s(&e, "memoryMb"), s(&e, "expiresAt"), s(&e, "name"));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        EnvCommand::Show { id } => {
+            print_env(&client.get(&format!("/v1/environments/{id}")).await?);
+            let a = client.get(&format!("/v1/environments/{id}/activity")).await?;
+            println!("activity: {}", s(&a, "reason"));
+            Ok(ExitCode::SUCCESS)
+        }
+        EnvCommand::Start { id, wait } => {
+            client.post(&format!("/v1/environments/{id}/start"), json!({})).await?;
+            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_env(&client, &id, "running", wait.timeout).await }
+        }
+        EnvCommand::Stop { id, wait } => {
+            client.post(&format!("/v1/environments/{id}/stop"), json!({})).await?;
+            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_env(&client, &id, "stopped", wait.timeout).await }
+        }
+        EnvCommand::Destroy { id, wait } => {
+            client.delete(&format!("/v1/environments/{id}")).await?;
+            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_env(&client, &id, "destroyed", wait.timeout).await }
+        }
+        EnvCommand::Exec { id, timeout, workdir, command } => {
+            let mut body = json!({ "code": command.join(" "), "timeoutSeconds": timeout });
+            if let Some(dir) = workdir {
+                body["workingDir"] = json!(dir);
+            }
+            let out = client.post(&format!("/v1/environments/{id}/exec"), body).await?;
+            print_exec(&out, timeout)
+        }
+        EnvCommand::Wait { id, state, timeout } => wait_env(&client, &id, &state, timeout).await,
+        EnvCommand::Audit { id } => {
+            let list = client.get(&format!("/v1/environments/{id}/audit?limit=1000")).await?;
+            for a in list["items"].as_array().cloned().unwrap_or_default() {
+                let change = if a["newState"].is_string() { format!("{} -> {}", s(&a, "previousState"), s(&a, "newState")) } else { String::new() };
+                println!("{} {:<18} {:<22} {:<8} {} {}", s(&a, "at"), s(&a, "actor"), s(&a, "action"), s(&a, "outcome"), change, a["error"].as_str().unwrap_or(""));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        EnvCommand::History { id } => {
+            let list = client.get(&format!("/v1/environments/{id}/executions?limit=1000")).await?;
+            for e in list["items"].as_array().cloned().unwrap_or_default() {
+                println!("{} exit={:<4} {:>6}ms {:<9} {}", s(&e, "startedAt"), s(&e, "exitCode"), s(&e, "durationMs"), s(&e, "status"), s(&e, "command").replace('\n', "; "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn print_exec(out: &Value, timeout: i64) -> Result<ExitCode, Failure> {
+    use std::io::Write;
+    let _ = std::io::stdout().write_all(out["stdout"].as_str().unwrap_or("").as_bytes());
+    let _ = std::io::stderr().write_all(out["stderr"].as_str().unwrap_or("").as_bytes());
+    if out["timedOut"].as_bool() == Some(true) {
+        return Err(Failure::failed(format!("the command timed out after {timeout}s")));
+    }
+    let code = out["exitCode"].as_i64().unwrap_or(255);
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(255)))
+}
+
+async fn admin(command: AdminCommand) -> Result<ExitCode, Failure> {
+    let client = Client::from_env()?;
+    match command {
+        AdminCommand::Users { create: Some(email), tier, role } => {
+            let r = client.post("/v1/admin/users", json!({ "email": email, "tier": tier, "role": role })).await?;
+            println!("created {} ({}); token: {}", s(&r["user"], "email"), s(&r["user"], "id"), s(&r, "token"));
+        }
+        AdminCommand::Users { create: None, .. } => {
+            let list = client.get("/v1/admin/users").await?;
+            println!("{:<38} {:<6} {:<10} EMAIL", "ID", "ROLE", "TIER");
+            for u in list["items"].as_array().cloned().unwrap_or_default() {
+                println!("{:<38} {:<6} {:<10} {}", s(&u, "id"), s(&u, "role"), s(&u, "tier"), s(&u, "email"));
+            }
+        }
+        AdminCommand::Vms => {
+            let r = client.get("/v1/admin/vms").await?;
+            let st = &r["stats"];
+            println!(
+                "total {}  running {}  stopped {}  provisioning {}  error {}  vCPUs {}/{}  memory {}/{} MB",
+                s(st, "total"), s(st, "running"), s(st, "stopped"), s(st, "provisioning"), s(st, "error"),
+                s(st, "vcpusRunning"), s(st, "vcpusTotal"), s(st, "memoryMbRunning"), s(st, "memoryMbTotal")
+            );
+            for v in r["vms"].as_array().cloned().unwrap_or_default() {
+                println!("{:<38} {:<12} {:>3} vCPU {:>6} MB  user {}", s(&v, "id"), s(&v, "status"), s(&v, "vcpus"), s(&v, "memoryMb"), s(&v, "userId"));
+            }
+        }
+        AdminCommand::Jobs { retry: Some(id), .. } => {
+            let j = client.post(&format!("/v1/admin/jobs/{id}/retry"), json!({})).await?;
+            println!("job {} is {} again", s(&j, "id"), s(&j, "state"));
+        }
+        AdminCommand::Jobs { state, retry: None } => {
+            let path = match state { Some(st) => format!("/v1/admin/jobs?state={st}"), None => "/v1/admin/jobs".into() };
+            for j in client.get(&path).await?["items"].as_array().cloned().unwrap_or_default() {
+                println!("{:>6} {:<9} {:<9} {:<9} {}/{} {} {}", s(&j, "id"), s(&j, "queue"), s(&j, "kind"), s(&j, "state"), s(&j, "attempts"), s(&j, "maxAttempts"), s(&j, "environmentId"), j["lastError"].as_str().unwrap_or(""));
+            }
+        }
+        AdminCommand::Hosts { drain: Some(id) } => {
+            let h = client.post(&format!("/v1/admin/hosts/{id}/drain"), json!({})).await?;
+            println!("{} is {}", s(&h, "name"), s(&h, "status"));
+        }
+        AdminCommand::Hosts { drain: None } => {
+            for h in client.get("/v1/admin/hosts").await?["items"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "{} {:<30} {:<9} vCPUs {}/{}  memory {}/{} MB  environments {}/{}",
+                    s(&h, "id"), s(&h, "name"), s(&h, "status"), s(&h, "usedVcpus"), s(&h, "maxVcpus"),
+                    s(&h, "usedMemoryMb"), s(&h, "maxMemoryMb"), s(&h, "usedEnvironments"), s(&h, "maxEnvironments")
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -94,7 +94,12 @@ async fn refused_without_writes(db: Db) {
 
     // The spec documents every route we serve.
     let spec = server.call("GET", "/openapi.json", None, None).await;
-    for path in ["/v1/me", "/v1/me/vm", "/v1/me/vm/exec", "/v1/me/vm/start", "/v1/me/vm/stop", "/v1/me/vm/logs", "/v1/flavors", "/v1/admin/users", "/v1/admin/vms", "/healthz", "/readyz"] {
+    for path in ["/v1/me", "/v1/me/vm", "/v1/me/vm/exec", "/v1/me/vm/start", "/v1/me/vm/stop", "/v1/me/vm/logs", "/v1/flavors",
+                 "/v1/admin/users", "/v1/admin/users/{id}", "/v1/admin/vms", "/healthz", "/readyz", "/v1/environments", "/v1/environments/{id}",
+                 "/v1/environments/{id}/wait", "/v1/environments/{id}/start", "/v1/environments/{id}/stop", "/v1/environments/{id}/exec",
+                 "/v1/environments/{id}/executions", "/v1/environments/{id}/audit", "/v1/environments/{id}/logs", "/v1/environments/{id}/activity",
+                 "/v1/environments/{id}/keepalive", "/v1/admin/environments", "/v1/admin/environments/{id}", "/v1/admin/jobs",
+                 "/v1/admin/jobs/{id}/retry", "/v1/admin/hosts", "/v1/admin/hosts/{id}/drain", "/v1/admin/hosts/{id}/ready", "/v1/admin/audit"] {
         assert!(spec.body["paths"].get(path).is_some(), "{path} missing from openapi.json");
     }
     let me = server.call("GET", "/v1/me", Some(&token), None).await;

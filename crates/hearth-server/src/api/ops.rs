@@ -49,3 +49,25 @@ pub async fn not_found() -> ApiError {
 pub async fn method_not_allowed() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this path does not take that method; see /openapi.json")
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every route the router declares is in the OpenAPI document, with each of its methods.
+    #[test]
+    fn spec_lists_every_route() {
+        let spec: serde_json::Value = serde_json::from_str(super::OPENAPI).unwrap();
+        let router = include_str!("mod.rs");
+        let mut checked = 0;
+        for line in router.lines().map(str::trim).filter(|l| l.starts_with(".route(\"")) {
+            let path = line.split('"').nth(1).unwrap();
+            let entry = spec["paths"].get(path).unwrap_or_else(|| panic!("{path} is not in openapi.json"));
+            for method in ["get", "post", "delete", "patch"] {
+                if line.contains(&format!("{method}(")) {
+                    assert!(entry.get(method).is_some(), "{method} {path} is not in openapi.json");
+                }
+            }
+            checked += 1;
+        }
+        assert!(checked >= 30, "only {checked} routes found; did the router move?");
+    }
+}
