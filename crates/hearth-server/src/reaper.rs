@@ -79,6 +79,10 @@ pub async fn reconcile(app: &App) -> anyhow::Result<()> {
         }
     }
 
+    for host in app.store.resum_hosts().await? {
+        tracing::warn!(host = %host, "host capacity counters had drifted from its environments; re-summed");
+    }
+
     let vms = match app.provider.list().await {
         Ok(vms) => vms,
         Err(e) => {

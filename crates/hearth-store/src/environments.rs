@@ -299,10 +299,19 @@ impl Store {
         cursor: Option<&str>,
         limit: i64,
     ) -> Result<(Vec<Environment>, Option<String>)> {
-        let rows = sqlx::query(select_env!(
-            "WHERE ($1 = '' OR user_id = $1) AND ($2 = '' OR state = $2) AND ($3 = 1 OR state <> 'destroyed') \
-             AND ($4 = '' OR id < $4) ORDER BY id DESC LIMIT $5"
-        ))
+        // A user's page walks the (user_id, id) index; the admin's walks the primary key.
+        let sql = if user_id.is_some() {
+            select_env!(
+                "WHERE user_id = $1 AND ($2 = '' OR state = $2) AND ($3 = 1 OR state <> 'destroyed') \
+                 AND ($4 = '' OR id < $4) ORDER BY id DESC LIMIT $5"
+            )
+        } else {
+            select_env!(
+                "WHERE $1 = '' AND ($2 = '' OR state = $2) AND ($3 = 1 OR state <> 'destroyed') \
+                 AND ($4 = '' OR id < $4) ORDER BY id DESC LIMIT $5"
+            )
+        };
+        let rows = sqlx::query(sql)
         .bind(user_id.unwrap_or(""))
         .bind(state.map(EnvState::as_str).unwrap_or(""))
         .bind(include_destroyed as i64)
@@ -375,6 +384,11 @@ impl Store {
             let (quota, usage) = quota_and_usage(&mut tx, &user).await?;
             quota.admit_existing(&usage, &next.resources()).map_err(StoreError::Quota)?;
             next.host_id = self.place_in(&mut tx, &next.provider, &next.resources(), next.host_id.as_deref()).await?;
+        } else if prev.state.is_active() && !next.state.is_active() {
+            // Stopped, failed or destroyed: its room on the host is free again.
+            if let Some(host) = &prev.host_id {
+                crate::hosts::adjust(&mut tx, host, &prev.resources(), -1).await?;
+            }
         }
         let done = sqlx::query(
             "UPDATE environments SET state = $1, state_message = $2, generation = $3, host_id = $4, vm_id = $5, \

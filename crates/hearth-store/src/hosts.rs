@@ -1,6 +1,8 @@
-//! Hosts and placement. What a host holds is summed from its active environments inside
-//! the placing transaction, so capacity is reserved and released with the state writes
-//! themselves and cannot drift.
+//! Hosts and placement. A host's `used_*` counters change only inside the transactions
+//! that move its environments into or out of an active state (reserve on create or
+//! start, release on stop, failure or destroy), under a row lock, so two requests can
+//! never together overfill a host. `resum_hosts` recomputes them from the environments,
+//! for the reconciler to catch drift.
 
 use crate::{Result, Store, StoreError, Tx, now_ms};
 use hearth_core::Resources;
@@ -28,15 +30,11 @@ pub struct HostCapacity {
     pub max_environments: i64,
 }
 
-const HOSTS_WITH_USE: &str = "SELECT h.id, h.name, h.provider, h.status, h.max_vcpus, h.max_memory_mb, \
-    h.max_environments, h.created_at, h.updated_at, \
-    CAST(COALESCE(SUM(e.vcpus), 0) AS BIGINT) AS used_vcpus, \
-    CAST(COALESCE(SUM(e.memory_mb), 0) AS BIGINT) AS used_memory_mb, \
-    CAST(COUNT(e.id) AS BIGINT) AS used_environments \
-    FROM hosts h LEFT JOIN environments e ON e.host_id = h.id \
-    AND e.state IN ('requested', 'provisioning', 'starting', 'running', 'stopping', 'destroying')";
-const GROUP: &str = " GROUP BY h.id, h.name, h.provider, h.status, h.max_vcpus, h.max_memory_mb, \
-    h.max_environments, h.created_at, h.updated_at ORDER BY h.name";
+const SELECT_HOST: &str = "SELECT id, name, provider, status, max_vcpus, max_memory_mb, max_environments, \
+    used_vcpus, used_memory_mb, used_environments, created_at, updated_at FROM hosts";
+
+/// The states that hold a host's capacity (and a user's quota).
+const ACTIVE_STATES: &str = "('requested', 'provisioning', 'starting', 'running', 'stopping', 'destroying')";
 
 fn host_from_row(r: &AnyRow) -> Result<Host> {
     Ok(Host {
@@ -102,7 +100,7 @@ impl Store {
     }
 
     pub async fn hosts(&self) -> Result<Vec<Host>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{HOSTS_WITH_USE}{GROUP}"))).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_HOST} ORDER BY name"))).fetch_all(&self.pool).await?;
         rows.iter().map(host_from_row).collect()
     }
 
@@ -134,15 +132,11 @@ impl Store {
         need: &Resources,
         pinned: Option<&str>,
     ) -> Result<Option<String>> {
-        let lock = format!("SELECT id FROM hosts WHERE provider = $1{}", self.for_update());
-        let any = sqlx::query(sqlx::AssertSqlSafe(lock)).bind(provider).fetch_all(&mut **tx).await?;
-        if any.is_empty() {
+        let sql = format!("{SELECT_HOST} WHERE provider = $1 ORDER BY name{}", self.for_update());
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(provider).fetch_all(&mut **tx).await?;
+        if rows.is_empty() {
             return Ok(None);
         }
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{HOSTS_WITH_USE} WHERE h.provider = $1{GROUP}")))
-            .bind(provider)
-            .fetch_all(&mut **tx)
-            .await?;
         let hosts = rows.iter().map(host_from_row).collect::<Result<Vec<_>>>()?;
         let describe = |h: &Host| {
             format!(
@@ -158,16 +152,69 @@ impl Store {
             if h.status != "ready" || !h.room.fits(need) {
                 return Err(StoreError::NoCapacity(format!("no room for {wanted} on its host: {}", describe(h))));
             }
+            adjust(tx, &h.id, need, 1).await?;
             return Ok(Some(h.id.clone()));
         }
         let ready: Vec<HostRoom> = hosts.iter().filter(|h| h.status == "ready").map(|h| h.room.clone()).collect();
         match place(&ready, need) {
-            Some(h) => Ok(Some(h.id.clone())),
+            Some(h) => {
+                adjust(tx, &h.id, need, 1).await?;
+                Ok(Some(h.id.clone()))
+            }
             None => {
                 let all: Vec<String> = hosts.iter().map(describe).collect();
                 Err(StoreError::NoCapacity(format!("no host has room for {wanted}: {}", all.join("; "))))
             }
         }
+    }
+}
+
+/// Adds (`sign` 1) or takes back (`sign` -1) one environment of size `r` on a host.
+pub(crate) async fn adjust(tx: &mut Tx, host_id: &str, r: &Resources, sign: i64) -> Result<()> {
+    sqlx::query(
+        "UPDATE hosts SET used_vcpus = used_vcpus + $1, used_memory_mb = used_memory_mb + $2, \
+         used_environments = used_environments + $3 WHERE id = $4",
+    )
+    .bind(sign * r.vcpus)
+    .bind(sign * r.memory_mb)
+    .bind(sign)
+    .bind(host_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+impl Store {
+    /// Recomputes every host's counters from its active environments; returns the names
+    /// of hosts whose counters had drifted (a bug worth a log line).
+    pub async fn resum_hosts(&self) -> Result<Vec<String>> {
+        let mut tx = self.begin().await?;
+        let lock = format!("{SELECT_HOST}{}", self.for_update());
+        let hosts = sqlx::query(sqlx::AssertSqlSafe(lock)).fetch_all(&mut *tx).await?;
+        let mut drifted = Vec::new();
+        for row in &hosts {
+            let h = host_from_row(row)?;
+            let sum = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) AS v, CAST(COALESCE(SUM(memory_mb), 0) AS BIGINT) AS m, \
+                 CAST(COUNT(*) AS BIGINT) AS n FROM environments WHERE host_id = $1 AND state IN {ACTIVE_STATES}"
+            )))
+            .bind(&h.id)
+            .fetch_one(&mut *tx)
+            .await?;
+            let (v, m, n): (i64, i64, i64) = (sum.try_get("v")?, sum.try_get("m")?, sum.try_get("n")?);
+            if (v, m, n) != (h.room.used_vcpus, h.room.used_memory_mb, h.room.used_environments) {
+                sqlx::query("UPDATE hosts SET used_vcpus = $1, used_memory_mb = $2, used_environments = $3 WHERE id = $4")
+                    .bind(v)
+                    .bind(m)
+                    .bind(n)
+                    .bind(&h.id)
+                    .execute(&mut *tx)
+                    .await?;
+                drifted.push(h.name.clone());
+            }
+        }
+        tx.commit().await?;
+        Ok(drifted)
     }
 }
 
@@ -237,6 +284,28 @@ mod tests {
             let err = store.save_transition(&a_err, retry, "t").await.unwrap_err();
             assert!(matches!(err, StoreError::NoCapacity(_)), "{err}");
             assert_eq!(store.environment(&a.id).await.unwrap().state, EnvState::Error);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn counters_match_the_environments_and_drift_is_repaired() {
+        each_backend(|store| async move {
+            let host = store
+                .upsert_host("h", "docker", &HostCapacity { max_vcpus: 64, max_memory_mb: 65536, max_environments: 10 })
+                .await
+                .unwrap();
+            let (user, _) = store.create_user("d@example.com", Role::User, Tier::Unlimited).await.unwrap();
+            let a = store.create_environment(&user, sample(false), provision_job(&user.id)).await.unwrap();
+            store.create_environment(&user, sample(false), provision_job(&user.id)).await.unwrap();
+            let stopped = store.save_transition(&a, a.moved_to(EnvState::Error, None, now_ms()).unwrap(), "t").await.unwrap();
+            assert!(store.resum_hosts().await.unwrap().is_empty(), "counters kept in step");
+            let h = store.host(&host.id).await.unwrap();
+            assert_eq!((h.room.used_vcpus, h.room.used_environments), (2, 1));
+            store.exec_sql_for_tests("UPDATE hosts SET used_vcpus = $1 WHERE id = $2", 99, &host.id).await.unwrap();
+            assert_eq!(store.resum_hosts().await.unwrap(), vec!["h".to_string()]);
+            assert_eq!(store.host(&host.id).await.unwrap().room.used_vcpus, 2);
+            let _ = stopped;
         })
         .await;
     }

@@ -55,9 +55,39 @@ pub enum Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// SQLite has one writer; queueing writers here is far cheaper than letting them
+    /// meet SQLite's busy handler, which sleeps in steps of up to 100 ms.
+    writer: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
-pub type Tx = sqlx::Transaction<'static, sqlx::Any>;
+/// A write transaction. On SQLite it also holds this process's writer lock.
+pub struct Tx {
+    tx: sqlx::Transaction<'static, sqlx::Any>,
+    _writer: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Tx {
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+}
+
+impl std::ops::Deref for Tx {
+    type Target = sqlx::AnyConnection;
+    fn deref(&self) -> &sqlx::AnyConnection {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut sqlx::AnyConnection {
+        &mut self.tx
+    }
+}
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -102,7 +132,7 @@ impl Store {
             }
             Backend::Postgres => options.connect(url).await?,
         };
-        let store = Store { pool, backend };
+        let store = Store { pool, backend, writer: Default::default() };
         match backend {
             Backend::Sqlite => {
                 store.pool.execute("PRAGMA journal_mode = WAL").await?;
@@ -125,8 +155,11 @@ impl Store {
     /// and then collide; plain `BEGIN` on PostgreSQL, where queries lock rows.
     pub async fn begin(&self) -> Result<Tx> {
         Ok(match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            Backend::Postgres => self.pool.begin().await?,
+            Backend::Sqlite => {
+                let writer = self.writer.clone().lock_owned().await;
+                Tx { tx: self.pool.begin_with("BEGIN IMMEDIATE").await?, _writer: Some(writer) }
+            }
+            Backend::Postgres => Tx { tx: self.pool.begin().await?, _writer: None },
         })
     }
 

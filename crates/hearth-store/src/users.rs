@@ -215,23 +215,25 @@ pub(crate) async fn quota_in(conn: &mut sqlx::AnyConnection, user: &User) -> Res
 /// Counts what the user holds now. Environments count until destroyed; resources count
 /// while active (not stopped, destroyed or failed).
 pub(crate) async fn usage_in(conn: &mut sqlx::AnyConnection, user_id: &str) -> Result<Usage> {
-    let rows = sqlx::query("SELECT state, vcpus, memory_mb, disk_gb FROM environments WHERE user_id = $1 AND state <> 'destroyed'")
-        .bind(user_id)
-        .fetch_all(&mut *conn)
-        .await?;
-    let mut u = Usage::default();
-    for row in rows {
-        let state: String = row.try_get("state")?;
-        let state = EnvState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("state {state}")))?;
-        u.environments += 1;
-        if state.is_active() {
-            u.concurrent_environments += 1;
-            u.vcpus += row.try_get::<i64, _>("vcpus")?;
-            u.memory_mb += row.try_get::<i64, _>("memory_mb")?;
-            u.disk_gb += row.try_get::<i64, _>("disk_gb")?;
-        }
-    }
-    Ok(u)
+    // Summed in SQL: one row back however many environments the user has.
+    const ACTIVE: &str = "state NOT IN ('stopped', 'destroyed', 'error')";
+    let sql = format!(
+        "SELECT CAST(COUNT(*) AS BIGINT) AS environments, \
+         CAST(COALESCE(SUM(CASE WHEN {ACTIVE} THEN 1 ELSE 0 END), 0) AS BIGINT) AS concurrent, \
+         CAST(COALESCE(SUM(CASE WHEN {ACTIVE} THEN vcpus ELSE 0 END), 0) AS BIGINT) AS vcpus, \
+         CAST(COALESCE(SUM(CASE WHEN {ACTIVE} THEN memory_mb ELSE 0 END), 0) AS BIGINT) AS memory_mb, \
+         CAST(COALESCE(SUM(CASE WHEN {ACTIVE} THEN disk_gb ELSE 0 END), 0) AS BIGINT) AS disk_gb \
+         FROM environments WHERE user_id = $1 AND state <> 'destroyed'"
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(user_id).fetch_one(&mut *conn).await?;
+    debug_assert!(!EnvState::Stopped.is_active() && !EnvState::Error.is_active());
+    Ok(Usage {
+        environments: row.try_get("environments")?,
+        concurrent_environments: row.try_get("concurrent")?,
+        vcpus: row.try_get("vcpus")?,
+        memory_mb: row.try_get("memory_mb")?,
+        disk_gb: row.try_get("disk_gb")?,
+    })
 }
 
 /// Reads (and on PostgreSQL locks, with `lock` = " FOR UPDATE") a user inside a transaction.

@@ -33,8 +33,11 @@ CREATE TABLE hosts (
     max_vcpus BIGINT NOT NULL,
     max_memory_mb BIGINT NOT NULL,
     max_environments BIGINT NOT NULL,
-    -- What a host holds is summed from its active environments, never kept in counters
-    -- that could drift.
+    -- What the host's active environments hold: changed only in the transactions that
+    -- change those environments' states; the reconciler re-sums them to catch drift.
+    used_vcpus BIGINT NOT NULL DEFAULT 0,
+    used_memory_mb BIGINT NOT NULL DEFAULT 0,
+    used_environments BIGINT NOT NULL DEFAULT 0,
     created_at BIGINT NOT NULL,
     updated_at BIGINT NOT NULL
 );
@@ -77,8 +80,12 @@ CREATE TABLE environments (
     init_script TEXT,
     repository_url TEXT
 );
-CREATE INDEX environments_host ON environments(host_id, state);
-CREATE INDEX environments_user ON environments(user_id, state);
+-- Covering: a host's use is summed from the index alone.
+CREATE INDEX environments_host ON environments(host_id, state, vcpus, memory_mb);
+-- Covering: quota usage is summed from the index alone.
+CREATE INDEX environments_user ON environments(user_id, state, vcpus, memory_mb, disk_gb);
+-- A user's list, newest first.
+CREATE INDEX environments_user_id ON environments(user_id, id);
 -- At most one live personal VM per user: concurrent provisions meet here.
 CREATE UNIQUE INDEX environments_one_personal ON environments(user_id)
     WHERE personal = 1 AND state <> 'destroyed';
