@@ -193,10 +193,93 @@ impl SshPool {
     }
 }
 
-async fn run_on(handle: &Handle<AcceptHost>, req: &ExecRequest) -> Result<ExecOutput, GuestError> {
-    let started = Instant::now();
+/// A piece of a streaming command's life.
+#[derive(Debug, Clone)]
+pub enum StreamChunk {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    Exit { code: Option<i64>, timed_out: bool, duration: Duration },
+}
+
+impl SshPool {
+    /// Starts a command and streams its output as it comes. Dropping the receiver kills
+    /// the remote process (SIGKILL, then the channel is closed).
+    pub async fn exec_stream(&self, target: &Target, req: &ExecRequest) -> Result<tokio::sync::mpsc::Receiver<StreamChunk>, GuestError> {
+        let handle = self.handle(target).await?;
+        let channel = match start(&handle, req).await {
+            Ok(c) => c,
+            Err(GuestError::Session(_)) => {
+                self.conns.lock().await.remove(&target.environment_id);
+                let handle = self.handle(target).await?;
+                start(&handle, req).await?
+            }
+            Err(e) => return Err(e),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let timeout = req.timeout;
+        tokio::spawn(async move {
+            let mut channel = channel;
+            let started = Instant::now();
+            let deadline = tokio::time::sleep(timeout);
+            tokio::pin!(deadline);
+            let mut code = None;
+            let mut timed_out = false;
+            loop {
+                tokio::select! {
+                    msg = channel.wait() => match msg {
+                        Some(ChannelMsg::Data { data }) => {
+                            if tx.send(StreamChunk::Stdout(data.to_vec())).await.is_err() { break; }
+                        }
+                        Some(ChannelMsg::ExtendedData { data, ext: 1 }) => {
+                            if tx.send(StreamChunk::Stderr(data.to_vec())).await.is_err() { break; }
+                        }
+                        Some(ChannelMsg::ExitStatus { exit_status }) => code = Some(exit_status as i64),
+                        Some(ChannelMsg::Close) | None => {
+                            let _ = tx.send(StreamChunk::Exit { code, timed_out, duration: started.elapsed() }).await;
+                            return;
+                        }
+                        Some(_) => {}
+                    },
+                    _ = &mut deadline => {
+                        timed_out = true;
+                        let _ = channel.signal(Sig::KILL).await;
+                        let _ = channel.close().await;
+                        let _ = tx.send(StreamChunk::Exit { code: None, timed_out, duration: started.elapsed() }).await;
+                        return;
+                    }
+                    _ = tx.closed() => break,
+                }
+            }
+            // The listener went away: stop the command.
+            let _ = channel.signal(Sig::KILL).await;
+            let _ = channel.close().await;
+        });
+        Ok(rx)
+    }
+}
+
+impl SshPool {
+    /// An interactive shell on a PTY of `cols` x `rows`, on the kept connection.
+    pub async fn open_shell(&self, target: &Target, cols: u32, rows: u32) -> Result<russh::Channel<client::Msg>, GuestError> {
+        let session = |e: russh::Error| GuestError::Session(e.to_string());
+        let handle = self.handle(target).await?;
+        let channel = match handle.channel_open_session().await {
+            Ok(c) => c,
+            Err(_) => {
+                self.conns.lock().await.remove(&target.environment_id);
+                self.handle(target).await?.channel_open_session().await.map_err(session)?
+            }
+        };
+        channel.request_pty(false, "xterm-256color", cols, rows, 0, 0, &[]).await.map_err(session)?;
+        channel.request_shell(false).await.map_err(session)?;
+        Ok(channel)
+    }
+}
+
+/// Opens a channel and starts `req` on it (environment, working directory, command).
+async fn start(handle: &Handle<AcceptHost>, req: &ExecRequest) -> Result<russh::Channel<client::Msg>, GuestError> {
     let session = |e: russh::Error| GuestError::Session(e.to_string());
-    let mut channel = handle.channel_open_session().await.map_err(session)?;
+    let channel = handle.channel_open_session().await.map_err(session)?;
     for (k, v) in &req.env {
         channel.set_env(false, k.as_str(), v.as_str()).await.map_err(session)?;
     }
@@ -208,6 +291,12 @@ async fn run_on(handle: &Handle<AcceptHost>, req: &ExecRequest) -> Result<ExecOu
         None => req.code.clone(),
     };
     channel.exec(true, code.into_bytes()).await.map_err(session)?;
+    Ok(channel)
+}
+
+async fn run_on(handle: &Handle<AcceptHost>, req: &ExecRequest) -> Result<ExecOutput, GuestError> {
+    let started = Instant::now();
+    let mut channel = start(handle, req).await?;
 
     let mut out = ExecOutput {
         stdout: Vec::new(),

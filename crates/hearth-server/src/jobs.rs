@@ -70,12 +70,16 @@ impl JobHandler {
         if let Err(e) = self.app.store.append_log(&env.id, level, message).await {
             tracing::warn!(environment = %env.id, error = %e, "could not write a provisioning log line");
         }
+        self.app.notify_changed();
     }
 
     async fn move_to(&self, env: &Environment, to: EnvState, message: Option<String>, actor: &str) -> Result<Environment, JobError> {
         let next = env.moved_to(to, message, now_ms()).map_err(|e| JobError::Fatal(e.to_string()))?;
         match self.app.store.save_transition(env, next, actor).await {
-            Ok(env) => Ok(env),
+            Ok(env) => {
+                self.app.notify_changed();
+                Ok(env)
+            }
             // Coming back to life needs quota and host room; without them it stays put.
             Err(e @ (StoreError::Quota(_) | StoreError::NoCapacity(_))) => {
                 let msg = format!("cannot become {to}: {e}");
@@ -99,7 +103,9 @@ impl JobHandler {
         next.ssh_host = vm.ssh_host.clone();
         next.ssh_port = vm.ssh_port;
         next.ip_address = vm.ip_address.clone();
-        self.app.store.save_transition(env, next, actor).await.map_err(retry)
+        let saved = self.app.store.save_transition(env, next, actor).await.map_err(retry)?;
+        self.app.notify_changed();
+        Ok(saved)
     }
 
     /// Ends a failed attempt: retry if attempts remain and the error allows, else undo

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod jobs;
 pub mod reaper;
 pub mod service;
@@ -29,6 +30,15 @@ pub struct App {
     pub ssh: SshPool,
     pub master_key: MasterKey,
     pub config: Arc<Config>,
+    /// Woken when this process writes a state change or log line (event streams wait on it).
+    pub changed: Arc<tokio::sync::Notify>,
+}
+
+impl App {
+    /// Tells this process's event streams to look again now.
+    pub fn notify_changed(&self) {
+        self.changed.notify_waiters();
+    }
 }
 
 pub mod serve;

@@ -70,7 +70,15 @@ pub async fn open_app(config: Config) -> Result<App> {
     }
     register_local_host(&store, &config).await?;
     let queue = Queue::new(store.clone(), config.queues.clone(), config.timing.clone());
-    Ok(App { store, queue, provider, ssh: SshPool::new(), master_key, config: Arc::new(config) })
+    Ok(App {
+        store,
+        queue,
+        provider,
+        ssh: SshPool::new(),
+        master_key,
+        config: Arc::new(config),
+        changed: Arc::new(tokio::sync::Notify::new()),
+    })
 }
 
 /// The Docker engine this process drives is a host: capacity from the machine, with dev-VM

@@ -83,6 +83,13 @@ pub struct ExecInput {
     pub working_dir: Option<String>,
 }
 
+/// One server-sent event of a streaming exec: `stdout`, `stderr`, then `exit`.
+#[derive(Debug, Clone)]
+pub struct StreamEvent {
+    pub kind: &'static str,
+    pub data: serde_json::Value,
+}
+
 impl ExecInput {
     /// Checks the input before anything is looked up; returns the timeout in seconds.
     pub fn validate(&self) -> ApiResult<i64> {
@@ -277,23 +284,28 @@ impl App {
         })
     }
 
-    /// Runs a command in a running VM and records it. A stopped VM gets a start queued
-    /// (as the original did) and the caller is told to retry.
-    pub async fn exec(&self, user: &User, env: &Environment, input: ExecInput) -> ApiResult<ExecView> {
-        let timeout = input.validate()?;
+    /// Refuses a command unless the VM runs. A stopped VM gets a start queued (as the
+    /// original did) and the caller is told to retry.
+    async fn ensure_running(&self, user: &User, env: &Environment) -> ApiResult<()> {
         match env.state {
-            EnvState::Running => {}
+            EnvState::Running => Ok(()),
             EnvState::Stopped => {
                 if !self.store.has_pending_job(&env.id, JobKind::Start.as_str()).await? {
                     self.request(&user.id, env, JobKind::Start).await?;
                 }
-                return Err(ApiError::invalid_state("the VM is stopped; a start has been queued, try again in a few seconds"));
+                Err(ApiError::invalid_state("the VM is stopped; a start has been queued, try again in a few seconds"))
             }
             EnvState::Requested | EnvState::Provisioning => {
-                return Err(ApiError::invalid_state("the VM is still provisioning; try again when it is running"));
+                Err(ApiError::invalid_state("the VM is still provisioning; try again when it is running"))
             }
-            other => return Err(ApiError::invalid_state(format!("the VM is {other}; commands run only when it is running"))),
+            other => Err(ApiError::invalid_state(format!("the VM is {other}; commands run only when it is running"))),
         }
+    }
+
+    /// Runs a command in a running VM and records it.
+    pub async fn exec(&self, user: &User, env: &Environment, input: ExecInput) -> ApiResult<ExecView> {
+        let timeout = input.validate()?;
+        self.ensure_running(user, env).await?;
         let target = self.target(env)?;
         let request = ExecRequest {
             code: input.code.clone(),
@@ -350,6 +362,92 @@ impl App {
         self.store.insert_execution(&execution).await?;
         let truncated = out.truncated || out_cut || err_cut;
         Ok(ExecView::from_execution(&execution, stdout, stderr, truncated))
+    }
+}
+
+impl App {
+    /// Starts a command and streams its output. The execution is recorded when it ends,
+    /// or as `cancelled` when the listener goes away (which kills the remote process).
+    pub async fn exec_stream(&self, user: &User, env: &Environment, input: ExecInput) -> ApiResult<tokio::sync::mpsc::Receiver<StreamEvent>> {
+        let timeout = input.validate()?;
+        self.ensure_running(user, env).await?;
+        let target = self.target(env)?;
+        let request = ExecRequest {
+            code: input.code.clone(),
+            working_dir: input.working_dir.clone(),
+            env: env.environment_vars.clone(),
+            timeout: Duration::from_secs(timeout as u64),
+            max_output: EXEC_OUTPUT_LIMIT,
+        };
+        let started_at = now_ms();
+        let mut chunks = self
+            .ssh
+            .exec_stream(&target, &request)
+            .await
+            .map_err(|e| ApiError::unavailable(format!("could not run the command: {e}")))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let app = self.clone();
+        let (env_id, user_id) = (env.id.clone(), user.id.clone());
+        tokio::spawn(async move {
+            use hearth_guest::StreamChunk;
+            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+            let mut ending = None;
+            loop {
+                let chunk = tokio::select! {
+                    chunk = chunks.recv() => chunk,
+                    // The listener hung up while the command was quiet.
+                    _ = tx.closed() => None,
+                };
+                let Some(chunk) = chunk else { break };
+                let event = match chunk {
+                    StreamChunk::Stdout(b) => {
+                        stdout.extend_from_slice(&b);
+                        StreamEvent { kind: "stdout", data: serde_json::json!({ "data": String::from_utf8_lossy(&b) }) }
+                    }
+                    StreamChunk::Stderr(b) => {
+                        stderr.extend_from_slice(&b);
+                        StreamEvent { kind: "stderr", data: serde_json::json!({ "data": String::from_utf8_lossy(&b) }) }
+                    }
+                    StreamChunk::Exit { code, timed_out, duration } => {
+                        ending = Some((code, timed_out, duration));
+                        StreamEvent {
+                            kind: "exit",
+                            data: serde_json::json!({ "exitCode": code, "timedOut": timed_out, "durationMs": duration.as_millis() as i64 }),
+                        }
+                    }
+                };
+                if tx.send(event).await.is_err() {
+                    break; // listener gone: dropping `chunks` kills the command
+                }
+            }
+            drop(chunks);
+            let finished_at = now_ms();
+            let (stored_out, so) = cut(&stdout, STORED_OUTPUT_LIMIT);
+            let (stored_err, se) = cut(&stderr, STORED_OUTPUT_LIMIT);
+            let (status, code) = match ending {
+                Some((_, true, _)) => ("timeout", None),
+                Some((code, false, _)) => ("completed", code),
+                None => ("cancelled", None),
+            };
+            let execution = Execution {
+                id: uuid::Uuid::now_v7().to_string(),
+                environment_id: env_id.clone(),
+                user_id,
+                command: input.code,
+                working_dir: input.working_dir,
+                status: status.into(),
+                exit_code: code,
+                stdout: stored_out,
+                stderr: stored_err,
+                truncated: so || se,
+                started_at,
+                finished_at: Some(finished_at),
+                duration_ms: Some(finished_at - started_at),
+            };
+            let _ = app.store.insert_execution(&execution).await;
+            let _ = app.store.touch_activity(&env_id, finished_at, "exec").await;
+        });
+        Ok(rx)
     }
 }
 

@@ -289,6 +289,17 @@ impl Store {
         env_from_row(&row)
     }
 
+    /// Any user's environment by id or slug. Only for checks that then verify ownership
+    /// (a terminal ticket names its user).
+    pub async fn environment_for_user_any(&self, id_or_slug: &str) -> Result<Environment> {
+        let row = sqlx::query(select_env!("WHERE id = $1 OR slug = $1"))
+            .bind(id_or_slug)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        env_from_row(&row)
+    }
+
     /// A page of environments, newest first (ids are time-ordered UUIDv7). Filters are
     /// optional; `cursor` is the last id of the previous page.
     pub async fn list_environments(

@@ -46,6 +46,12 @@ pub enum StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    Environments,
+    Jobs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Sqlite,
     Postgres,
@@ -173,6 +179,17 @@ impl Store {
     /// are otherwise hours away, such as idleness or expiry).
     pub async fn exec_sql_for_tests(&self, sql: &str, a: i64, b: &str) -> Result<u64> {
         Ok(sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).bind(a).bind(b).execute(&self.pool).await?.rows_affected())
+    }
+
+    /// `(state, count)` of a table's `state` column (environments or jobs), for metrics.
+    pub async fn counts_by_state(&self, table: Counted) -> Result<Vec<(String, i64)>> {
+        use sqlx::Row;
+        let sql = match table {
+            Counted::Environments => "SELECT state, CAST(COUNT(*) AS BIGINT) AS n FROM environments GROUP BY state",
+            Counted::Jobs => "SELECT state, CAST(COUNT(*) AS BIGINT) AS n FROM jobs GROUP BY state",
+        };
+        let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
+        rows.iter().map(|r| Ok((r.try_get("state")?, r.try_get("n")?))).collect()
     }
 
     pub async fn ping(&self) -> Result<()> {

@@ -46,6 +46,8 @@ pub struct Execution {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogEntry {
+    /// Increases with every line written, across environments: a resume cursor.
+    pub id: i64,
     pub at: i64,
     /// `info`, `success`, `error` or `debug`, as the seed's log had.
     pub level: String,
@@ -253,11 +255,25 @@ impl Store {
         Ok(())
     }
 
+    /// Lines written after `after_id` (for live streams), oldest first.
+    pub async fn logs_after(&self, environment_id: &str, after_id: i64) -> Result<Vec<LogEntry>> {
+        let rows = sqlx::query(
+            "SELECT id, at, level, message FROM provision_logs WHERE environment_id = $1 AND id > $2 ORDER BY id LIMIT 1000",
+        )
+        .bind(environment_id)
+        .bind(after_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok(LogEntry { id: r.try_get("id")?, at: r.try_get("at")?, level: r.try_get("level")?, message: r.try_get("message")? }))
+            .collect()
+    }
+
     /// The environment's log: at most the last 100 lines, and none once an hour has
     /// passed since the last write (the seed's Redis list with its one-hour TTL).
     pub async fn logs(&self, environment_id: &str) -> Result<Vec<LogEntry>> {
         let rows = sqlx::query(
-            "SELECT at, level, message FROM provision_logs WHERE environment_id = $1 ORDER BY id DESC LIMIT $2",
+            "SELECT id, at, level, message FROM provision_logs WHERE environment_id = $1 ORDER BY id DESC LIMIT $2",
         )
         .bind(environment_id)
         .bind(LOG_KEEP)
@@ -265,7 +281,7 @@ impl Store {
         .await?;
         let mut entries = rows
             .iter()
-            .map(|r| Ok(LogEntry { at: r.try_get("at")?, level: r.try_get("level")?, message: r.try_get("message")? }))
+            .map(|r| Ok(LogEntry { id: r.try_get("id")?, at: r.try_get("at")?, level: r.try_get("level")?, message: r.try_get("message")? }))
             .collect::<Result<Vec<_>>>()?;
         entries.reverse();
         if entries.last().is_some_and(|newest| now_ms() - newest.at > LOG_WINDOW_MS) {

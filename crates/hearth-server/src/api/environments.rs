@@ -258,3 +258,41 @@ pub async fn keepalive(State(app): State<App>, Caller(user): Caller, Path(id): P
     app.store.touch_activity(&env.id, now_ms(), "keepalive").await?;
     Ok(Json(activity_view(&owned(&app, &user.id, &id).await?)))
 }
+
+/// Server-sent events: the current state and recent log, then changes as they happen.
+pub async fn events(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    let env = owned(&app, &user.id, &id).await?;
+    let resume = crate::events::parse_cursor(headers.get("last-event-id").and_then(|v| v.to_str().ok()));
+    Ok(crate::events::stream(app, env.id, resume).into_response())
+}
+
+/// Streaming exec: `stdout` and `stderr` events as output is produced, then `exit`.
+/// Closing the connection kills the remote process.
+pub async fn exec_stream(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    Body(body): Body<super::me::ExecBody>,
+) -> ApiResult<axum::response::Response> {
+    let input: ExecInput = body.into();
+    input.validate()?;
+    let env = owned(&app, &user.id, &id).await?;
+    let rx = app.exec_stream(&user, &env, input).await?;
+    Ok(stream_response(rx))
+}
+
+pub fn stream_response(rx: tokio::sync::mpsc::Receiver<crate::service::StreamEvent>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let events = futures::stream::unfold(rx, |mut rx| async move {
+        let e = rx.recv().await?;
+        Some((Ok::<_, std::convert::Infallible>(Event::default().event(e.kind).data(e.data.to_string())), rx))
+    });
+    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+}

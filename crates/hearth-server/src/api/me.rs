@@ -90,3 +90,18 @@ pub async fn logs(State(app): State<App>, Caller(user): Caller) -> ApiResult<Jso
     let items: Vec<LogView> = app.store.logs(&env.id).await?.iter().map(LogView::from).collect();
     Ok(Json(json!({ "items": items })))
 }
+
+pub async fn events(State(app): State<App>, Caller(user): Caller, headers: axum::http::HeaderMap) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    let env = personal(&app, &user.id).await?;
+    let resume = crate::events::parse_cursor(headers.get("last-event-id").and_then(|v| v.to_str().ok()));
+    Ok(crate::events::stream(app, env.id, resume).into_response())
+}
+
+pub async fn exec_stream(State(app): State<App>, Caller(user): Caller, Body(body): Body<ExecBody>) -> ApiResult<axum::response::Response> {
+    let input: ExecInput = body.into();
+    input.validate()?;
+    let env = personal(&app, &user.id).await?;
+    let rx = app.exec_stream(&user, &env, input).await?;
+    Ok(super::environments::stream_response(rx))
+}

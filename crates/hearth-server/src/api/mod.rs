@@ -5,6 +5,7 @@ mod admin;
 mod environments;
 mod me;
 mod ops;
+mod terminal;
 
 use crate::App;
 use crate::error::ApiError;
@@ -24,6 +25,7 @@ pub fn router(app: App) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/openapi.json", get(ops::openapi))
+        .route("/metrics", get(ops::metrics))
         .route("/v1/flavors", get(ops::flavors))
         .route("/v1/me", get(me::me))
         .route("/v1/me/vm", get(me::get_vm).post(me::provision).delete(me::destroy))
@@ -31,6 +33,8 @@ pub fn router(app: App) -> Router {
         .route("/v1/me/vm/stop", post(me::stop))
         .route("/v1/me/vm/exec", post(me::exec))
         .route("/v1/me/vm/logs", get(me::logs))
+        .route("/v1/me/vm/events", get(me::events))
+        .route("/v1/me/vm/exec/stream", post(me::exec_stream))
         .route("/v1/environments", post(environments::create).get(environments::list))
         .route("/v1/environments/{id}", get(environments::get).delete(environments::destroy))
         .route("/v1/environments/{id}/wait", get(environments::wait))
@@ -42,6 +46,10 @@ pub fn router(app: App) -> Router {
         .route("/v1/environments/{id}/logs", get(environments::logs))
         .route("/v1/environments/{id}/activity", get(environments::activity))
         .route("/v1/environments/{id}/keepalive", post(environments::keepalive))
+        .route("/v1/environments/{id}/events", get(environments::events))
+        .route("/v1/environments/{id}/exec/stream", post(environments::exec_stream))
+        .route("/v1/environments/{id}/terminal", get(terminal::terminal))
+        .route("/v1/environments/{id}/terminal/ticket", post(terminal::ticket))
         .route("/v1/admin/users", post(admin::create_user).get(admin::list_users))
         .route("/v1/admin/users/{id}", patch(admin::patch_user))
         .route("/v1/admin/vms", get(admin::vms))

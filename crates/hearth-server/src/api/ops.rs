@@ -25,6 +25,29 @@ pub async fn readyz(State(app): State<App>) -> impl IntoResponse {
     (status, Json(json!({ "ready": ready, "database": database, "provider": provider })))
 }
 
+/// Prometheus text: environments and jobs by state (cluster-wide, from the database) and
+/// this node's identity.
+pub async fn metrics(State(app): State<App>) -> Result<impl IntoResponse, ApiError> {
+    use hearth_store::Counted;
+    use std::fmt::Write;
+    let mut out = String::new();
+    let envs = app.store.counts_by_state(Counted::Environments).await?;
+    let _ = writeln!(out, "# HELP hearth_environments Environments by state.\n# TYPE hearth_environments gauge");
+    for state in hearth_core::EnvState::ALL {
+        let n = envs.iter().find(|(s, _)| s == state.as_str()).map(|(_, n)| *n).unwrap_or(0);
+        let _ = writeln!(out, "hearth_environments{{state=\"{state}\"}} {n}");
+    }
+    let jobs = app.store.counts_by_state(Counted::Jobs).await?;
+    let _ = writeln!(out, "# HELP hearth_jobs Jobs by state.\n# TYPE hearth_jobs gauge");
+    for state in ["queued", "running", "succeeded", "dead"] {
+        let n = jobs.iter().find(|(s, _)| s == state).map(|(_, n)| *n).unwrap_or(0);
+        let _ = writeln!(out, "hearth_jobs{{state=\"{state}\"}} {n}");
+    }
+    let _ = writeln!(out, "# HELP hearth_node_info This node.\n# TYPE hearth_node_info gauge");
+    let _ = writeln!(out, "hearth_node_info{{owner=\"{}\",workers=\"{}\"}} 1", app.queue.owner(), app.config.workers);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
+}
+
 pub async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }

@@ -1,0 +1,119 @@
+//! The browser terminal: a WebSocket bridged to an SSH PTY in the guest.
+//!
+//! Binary frames carry terminal bytes both ways; text frames carry JSON control messages
+//! (`{"type":"resize","cols":N,"rows":N}`). Browsers cannot set headers on a WebSocket,
+//! so they first get a ticket (`POST .../terminal/ticket`, valid 60 s, sealed with the
+//! master key, so any node can check it) and pass it as `?ticket=`; other clients may
+//! send the bearer token instead.
+
+use super::Caller;
+use crate::App;
+use crate::error::{ApiError, ApiResult};
+use axum::Json;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::response::Response;
+use hearth_core::EnvState;
+use hearth_store::{Environment, now_ms};
+use russh::ChannelMsg;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+const TICKET_TTL_MS: i64 = 60_000;
+
+fn seal_ticket(app: &App, env_id: &str, user_id: &str) -> String {
+    let sealed = app.master_key.seal(&format!("terminal|{env_id}|{user_id}|{}", now_ms() + TICKET_TTL_MS));
+    hex::encode(sealed)
+}
+
+/// The user the ticket was issued to, if it is genuine, unexpired and for this environment.
+fn open_ticket(app: &App, ticket: &str, env_id: &str) -> Option<String> {
+    let sealed = String::from_utf8(hex::decode(ticket).ok()?).ok()?;
+    let text = app.master_key.open(&sealed).ok()?;
+    let mut parts = text.split('|');
+    let (kind, env, user, expiry) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?.parse::<i64>().ok()?);
+    (kind == "terminal" && env == env_id && expiry >= now_ms()).then(|| user.to_string())
+}
+
+pub async fn ticket(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+    let env = app.store.environment_for_user(&user.id, &id).await.map_err(|_| ApiError::not_found("environment"))?;
+    Ok(Json(json!({ "ticket": seal_ticket(&app, &env.id, &user.id), "expiresInSeconds": TICKET_TTL_MS / 1000 })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct TerminalQuery {
+    ticket: Option<String>,
+    cols: Option<u32>,
+    rows: Option<u32>,
+}
+
+pub async fn terminal(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    q: Result<Query<TerminalQuery>, axum::extract::rejection::QueryRejection>,
+    mut parts: Parts,
+) -> ApiResult<Response> {
+    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let user_id = if parts.headers.contains_key(axum::http::header::AUTHORIZATION) {
+        Caller::from_request_parts(&mut parts, &app).await?.0.id
+    } else {
+        let ticket = q.ticket.as_deref().ok_or_else(|| {
+            ApiError::new(axum::http::StatusCode::UNAUTHORIZED, "unauthenticated", "send a bearer token or ?ticket= from POST .../terminal/ticket")
+        })?;
+        let env = app.store.environment_for_user_any(&id).await.map_err(|_| ApiError::not_found("environment"))?;
+        open_ticket(&app, ticket, &env.id)
+            .ok_or_else(|| ApiError::new(axum::http::StatusCode::UNAUTHORIZED, "unauthenticated", "the ticket is invalid or expired"))?
+    };
+    let env = app.store.environment_for_user(&user_id, &id).await.map_err(|_| ApiError::not_found("environment"))?;
+    if env.state != EnvState::Running {
+        return Err(ApiError::invalid_state(format!("the environment is {}; a terminal needs it running", env.state)));
+    }
+    let (cols, rows) = (q.cols.unwrap_or(80).clamp(1, 1000), q.rows.unwrap_or(24).clamp(1, 1000));
+    let target = app.target(&env)?;
+    let channel = app.ssh.open_shell(&target, cols, rows).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let ws = WebSocketUpgrade::from_request_parts(&mut parts, &app)
+        .await
+        .map_err(|e| ApiError::invalid(format!("this endpoint needs a WebSocket upgrade: {e}")))?;
+    Ok(ws.on_upgrade(move |socket| bridge(app, env, socket, channel)))
+}
+
+async fn bridge(app: App, env: Environment, mut socket: WebSocket, channel: russh::Channel<russh::client::Msg>) {
+    let (mut from_guest, to_guest) = channel.split();
+    let _ = app.store.touch_activity(&env.id, now_ms(), "terminal").await;
+    let mut last_touch = now_ms();
+    loop {
+        tokio::select! {
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Binary(bytes))) => {
+                    if to_guest.data_bytes(bytes).await.is_err() { break; }
+                    if now_ms() - last_touch > 30_000 {
+                        last_touch = now_ms();
+                        let _ = app.store.touch_activity(&env.id, last_touch, "terminal").await;
+                    }
+                }
+                Some(Ok(Message::Text(text))) => {
+                    let Ok(control) = serde_json::from_str::<Value>(&text) else { continue };
+                    if control["type"] == "resize" {
+                        let cols = control["cols"].as_u64().unwrap_or(80).clamp(1, 1000) as u32;
+                        let rows = control["rows"].as_u64().unwrap_or(24).clamp(1, 1000) as u32;
+                        let _ = to_guest.window_change(cols, rows, 0, 0).await;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+            msg = from_guest.wait() => match msg {
+                Some(ChannelMsg::Data { data }) | Some(ChannelMsg::ExtendedData { data, .. }) => {
+                    if socket.send(Message::Binary(data.to_vec().into())).await.is_err() { break; }
+                }
+                Some(ChannelMsg::ExitStatus { .. }) | Some(ChannelMsg::Eof) | Some(ChannelMsg::Close) | None => break,
+                Some(_) => {}
+            },
+        }
+    }
+    let _ = to_guest.close().await;
+    let _ = socket.send(Message::Close(None)).await;
+    let _ = app.store.touch_activity(&env.id, now_ms(), "terminal").await;
+}
