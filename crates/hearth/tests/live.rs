@@ -69,7 +69,23 @@ async fn events_reach_another_node_in_order() {
     let id = r.body["id"].as_str().unwrap().to_string();
     let resp = sse(&api, &format!("/v1/environments/{id}/events"), &token, None).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let events = read_sse(resp, UP, |e, v| e == "state" && (v["state"] == "running" || v["state"] == "error")).await;
+    // The success line is written just after the state turns running: read until both,
+    // in whichever order the stream delivers them.
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let (running, complete) = (AtomicBool::new(false), AtomicBool::new(false));
+    let events = read_sse(resp, UP, |e, v| {
+        if e == "state" && v["state"] == "error" {
+            return true;
+        }
+        if e == "state" && v["state"] == "running" {
+            running.store(true, SeqCst);
+        }
+        if e == "log" && v["message"].as_str().unwrap_or("").contains("provisioning complete") {
+            complete.store(true, SeqCst);
+        }
+        running.load(SeqCst) && complete.load(SeqCst)
+    })
+    .await;
     let states: Vec<&str> = events.iter().filter(|e| e.0 == "state").map(|e| e.2["state"].as_str().unwrap()).collect();
     assert_eq!(states.first(), Some(&"requested"), "{states:?}");
     assert_eq!(states.last(), Some(&"running"), "{states:?}");
