@@ -259,8 +259,15 @@ impl SshPool {
 }
 
 impl SshPool {
-    /// An interactive shell on a PTY of `cols` x `rows`, on the kept connection.
-    pub async fn open_shell(&self, target: &Target, cols: u32, rows: u32) -> Result<russh::Channel<client::Msg>, GuestError> {
+    /// An interactive shell on a PTY of `cols` x `rows`, on the kept connection, with
+    /// the environment's variables set (as SSH `env` requests).
+    pub async fn open_shell(
+        &self,
+        target: &Target,
+        env: &BTreeMap<String, String>,
+        cols: u32,
+        rows: u32,
+    ) -> Result<russh::Channel<client::Msg>, GuestError> {
         let session = |e: russh::Error| GuestError::Session(e.to_string());
         let handle = self.handle(target).await?;
         let channel = match handle.channel_open_session().await {
@@ -270,6 +277,9 @@ impl SshPool {
                 self.handle(target).await?.channel_open_session().await.map_err(session)?
             }
         };
+        for (k, v) in env {
+            channel.set_env(false, k.as_str(), v.as_str()).await.map_err(session)?;
+        }
         channel.request_pty(false, "xterm-256color", cols, rows, 0, 0, &[]).await.map_err(session)?;
         channel.request_shell(false).await.map_err(session)?;
         Ok(channel)

@@ -12,6 +12,7 @@ use hearth_queue::Queue;
 use hearth_store::Store;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::future::IntoFuture;
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -145,12 +146,27 @@ pub async fn run(config: Config) -> Result<()> {
     };
     let upkeep = tokio::spawn(crate::reaper::run(app.clone(), stopped));
     let router = crate::api::router(app.clone());
-    axum::serve(listener, router).with_graceful_shutdown(shutdown_signal()).await?;
-    tracing::info!("shutting down: finishing running jobs");
+    let (closing, closed) = watch::channel(false);
+    let server = tokio::spawn(
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let mut closed = closed;
+                let _ = closed.wait_for(|c| *c).await;
+            })
+            .into_future(),
+    );
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new jobs are claimed; running ones finish");
+    let _ = closing.send(true);
     let _ = stop.send(true);
+    // Event streams and terminals never end by themselves: give them a moment, then go.
+    if tokio::time::timeout(std::time::Duration::from_secs(5), server).await.is_err() {
+        tracing::info!("closing the remaining long-lived connections");
+    }
     if let Some(w) = workers {
         let _ = w.await;
     }
     let _ = upkeep.await;
+    tracing::info!("stopped");
     Ok(())
 }

@@ -55,6 +55,14 @@ impl Client {
         Ok(Client { http, base: base.trim_end_matches('/').to_string(), token })
     }
 
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value, Failure> {
         let resp = req.bearer_auth(&self.token).send().await.map_err(|e| {
             Failure::unreachable(format!("cannot reach Hearth at {} ({e}); is `hearth serve` running?", self.base))

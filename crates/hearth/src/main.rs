@@ -6,6 +6,7 @@
 //! `vm exec` exits with the remote command's code.
 
 mod client;
+mod ssh;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
@@ -40,6 +41,10 @@ enum Command {
     Env {
         #[command(subcommand)]
         command: EnvCommand,
+    },
+    /// An interactive shell in an environment (your personal VM if no id is given).
+    Ssh {
+        id: Option<String>,
     },
     /// Administration (admin role).
     Admin {
@@ -235,6 +240,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Vm { command } => vm(command).await,
         Command::Env { command } => env(command).await,
         Command::Admin { command } => admin(command).await,
+        Command::Ssh { id } => ssh::run(&Client::from_env()?, id).await,
     }
 }
 

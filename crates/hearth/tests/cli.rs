@@ -44,6 +44,24 @@ async fn cli_drives_vms_and_environments() {
     assert!(code == 0 && out.contains("printenv GREETING"), "{out}");
     let (code, out, _) = hearth(&server, &token, &["env", "audit", &slug]);
     assert!(code == 0 && out.contains("provisioning -> running"), "{out}");
+    // `hearth ssh`: a shell on a PTY; here fed from a pipe.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["ssh", &slug])
+        .env("HEARTH_URL", &server.base)
+        .env("HEARTH_TOKEN", &token)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"echo $((6*7)) $GREETING\nexit\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("42 hello world"), "{text}");
+
     let (code, _, _) = hearth(&server, &token, &["env", "destroy", &slug]);
     assert_eq!(code, 0);
 

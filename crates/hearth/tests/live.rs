@@ -211,3 +211,44 @@ async fn a_killed_nodes_provision_finishes_on_another() {
     second.wait_env(&token, &id, "destroyed", UP).await;
     assert!(containers_of(&id).is_empty());
 }
+
+/// SIGTERM: the node stops even with a live event stream open, and a provision it was
+/// running is finished first (its job ends `succeeded`, not handed back half done).
+#[tokio::test]
+async fn sigterm_finishes_the_running_job_and_exits() {
+    let site = Site::new(Db::Sqlite).await;
+    let mut server = site.start().await;
+    let token = server.user("term@example.com", "pro").await;
+    let r = server.call("POST", "/v1/environments", Some(&token), Some(json!({"name": "graceful", "memoryMb": 256}))).await;
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let stream = sse(&server, &format!("/v1/environments/{id}/events"), &token, None).send().await.unwrap();
+    loop {
+        let e = server.call("GET", &format!("/v1/environments/{id}"), Some(&token), None).await.body;
+        if e["state"] != "requested" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    send_sigterm(server.child.id());
+    let status = tokio::task::spawn_blocking(move || {
+        let status = server.child.wait().unwrap();
+        (server, status)
+    });
+    let (server, status) = tokio::time::timeout(Duration::from_secs(90), status).await.expect("the node did not stop").unwrap();
+    assert!(status.success(), "{status:?}");
+    drop(stream);
+    drop(server);
+    let store = site.store().await;
+    let job = store.jobs_for_environment(&id).await.unwrap().remove(0);
+    assert_eq!((job.state, store.environment(&id).await.unwrap().state.as_str()), (hearth_store::JobState::Succeeded, "running"));
+    assert!(site.log().contains("stopped"));
+    // Clean up with a fresh node.
+    let server = site.start().await;
+    server.call("DELETE", &format!("/v1/environments/{id}"), Some(&token), None).await;
+    server.wait_env(&token, &id, "destroyed", UP).await;
+}
+
+fn send_sigterm(pid: u32) {
+    let ok = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    assert!(ok.success());
+}

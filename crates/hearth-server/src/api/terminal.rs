@@ -72,7 +72,7 @@ pub async fn terminal(
     }
     let (cols, rows) = (q.cols.unwrap_or(80).clamp(1, 1000), q.rows.unwrap_or(24).clamp(1, 1000));
     let target = app.target(&env)?;
-    let channel = app.ssh.open_shell(&target, cols, rows).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let channel = app.ssh.open_shell(&target, &env.environment_vars, cols, rows).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
     let ws = WebSocketUpgrade::from_request_parts(&mut parts, &app)
         .await
         .map_err(|e| ApiError::invalid(format!("this endpoint needs a WebSocket upgrade: {e}")))?;
