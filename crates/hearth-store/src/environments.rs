@@ -433,7 +433,9 @@ impl Store {
             let outcome = if next.state == EnvState::Error { "failed" } else { "success" };
             let error = if next.state == EnvState::Error { next.state_message.as_deref() } else { None };
             let action = format!("state_{}", next.state);
-            insert_audit(&mut tx, actor, &action, Some(&prev.id), Some(prev.state), Some(next.state), outcome, error, None)
+            // How long the environment spent in the state it leaves.
+            let in_previous = (now - prev.updated_at).max(0);
+            insert_audit(&mut tx, actor, &action, Some(&prev.id), Some(prev.state), Some(next.state), outcome, error, Some(in_previous))
                 .await?;
         }
         tx.commit().await?;
@@ -593,6 +595,7 @@ pub(crate) mod tests {
             let audit = store.audit_for_environment(&env.id).await.unwrap();
             let last = audit.last().unwrap();
             assert_eq!((last.previous_state.as_deref(), last.new_state.as_deref()), (Some("requested"), Some("provisioning")));
+            assert!(last.duration_ms.is_some_and(|d| d >= 0));
         })
         .await;
     }

@@ -377,6 +377,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn dead_jobs_can_be_retried_once_dead() {
+        each_backend(|store| async move {
+            let id = store.enqueue(&job("env-r", "start"), "start").await.unwrap();
+            store.claim("control", "w", 10_000).await.unwrap().unwrap();
+            assert!(matches!(store.retry_dead(id, "admin").await, Err(StoreError::Conflict(_))), "a running job is not dead");
+            store.fail(id, "w", "gave up", None).await.unwrap();
+            let again = store.retry_dead(id, "admin").await.unwrap();
+            assert_eq!((again.state, again.attempts, again.actor.as_str()), (JobState::Queued, 0, "admin"));
+            assert_eq!(store.claim("control", "w2", 10_000).await.unwrap().unwrap().id, id);
+            assert!(matches!(store.retry_dead(999_999, "admin").await, Err(StoreError::NotFound)));
+        })
+        .await;
+    }
+
+    #[tokio::test]
     async fn backoff_delays_the_retry() {
         each_backend(|store| async move {
             let id = store.enqueue(&job("env-d", "start"), "start").await.unwrap();
