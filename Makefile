@@ -20,7 +20,7 @@ setup:
 
 ## Every test, on SQLite and PostgreSQL, against the real Docker engine.
 test:
-	scripts/services.sh docker postgres
+	scripts/services.sh docker postgres redis
 	$(CARGO) build --bin hearth
 	$(HEARTH_DEBUG) image build
 	$(MAKE) clean-containers

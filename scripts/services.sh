@@ -2,6 +2,7 @@
 # Installs and starts what Hearth and its tests need on a Debian 12 machine, idempotently:
 #   scripts/services.sh docker      Docker engine (dockerd) and mmdebstrap
 #   scripts/services.sh postgres    PostgreSQL 15 on 127.0.0.1 with a `hearth` role (tests)
+#   scripts/services.sh redis       redis-server installed (tests start their own)
 # Prints the variables to export on its last lines.
 set -euo pipefail
 
@@ -47,11 +48,17 @@ start_postgres() {
   echo "HEARTH_TEST_POSTGRES_URL=postgres://hearth:hearth@127.0.0.1:5432/hearth"
 }
 
+# Tests start their own redis-server on a free port; this only installs it.
+install_redis() {
+  apt_install redis-server
+}
+
 need_root
 for what in "$@"; do
   case "$what" in
     docker) start_docker ;;
     postgres) start_postgres ;;
-    *) echo "scripts/services.sh: unknown service $what (docker, postgres)" >&2; exit 2 ;;
+    redis) install_redis ;;
+    *) echo "scripts/services.sh: unknown service $what (docker, postgres, redis)" >&2; exit 2 ;;
   esac
 done

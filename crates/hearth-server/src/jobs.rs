@@ -70,14 +70,16 @@ impl JobHandler {
         if let Err(e) = self.app.store.append_log(&env.id, level, message).await {
             tracing::warn!(environment = %env.id, error = %e, "could not write a provisioning log line");
         }
-        self.app.notify_changed();
+        let entry = serde_json::json!({ "timestamp": crate::views::time(now_ms()), "level": level, "message": message });
+        self.app.bus.push_log(&env.id, entry);
+        self.app.notify_changed(&env.id);
     }
 
     async fn move_to(&self, env: &Environment, to: EnvState, message: Option<String>, actor: &str) -> Result<Environment, JobError> {
         let next = env.moved_to(to, message, now_ms()).map_err(|e| JobError::Fatal(e.to_string()))?;
         match self.app.store.save_transition(env, next, actor).await {
             Ok(env) => {
-                self.app.notify_changed();
+                self.app.notify_changed(&env.id);
                 Ok(env)
             }
             // Coming back to life needs quota and host room; without them it stays put.
@@ -104,7 +106,7 @@ impl JobHandler {
         next.ssh_port = vm.ssh_port;
         next.ip_address = vm.ip_address.clone();
         let saved = self.app.store.save_transition(env, next, actor).await.map_err(retry)?;
-        self.app.notify_changed();
+        self.app.notify_changed(&saved.id);
         Ok(saved)
     }
 

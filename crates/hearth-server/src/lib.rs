@@ -5,6 +5,7 @@
 //! `jobs` (the provisioning and control steps, each with its undo).
 
 pub mod api;
+pub mod bus;
 pub mod config;
 pub mod error;
 pub mod events;
@@ -30,14 +31,26 @@ pub struct App {
     pub ssh: SshPool,
     pub master_key: MasterKey,
     pub config: Arc<Config>,
-    /// Woken when this process writes a state change or log line (event streams wait on it).
+    /// Woken when a state change or log line is written (event streams wait on it).
     pub changed: Arc<tokio::sync::Notify>,
+    pub bus: bus::Bus,
 }
 
 impl App {
-    /// Tells this process's event streams to look again now.
-    pub fn notify_changed(&self) {
+    /// Tells event streams, here and (through Redis) on other nodes, to look again now.
+    pub fn notify_changed(&self, environment_id: &str) {
         self.changed.notify_waiters();
+        self.bus.publish(bus::CHANGED, environment_id.to_string());
+    }
+
+    pub fn notify_changed_locally(&self) {
+        self.changed.notify_waiters();
+    }
+
+    /// Wakes the workers of `queue` here and, through Redis, on every other node.
+    pub fn wake(&self, queue: &str) {
+        self.queue.wake(queue);
+        self.bus.publish(bus::WAKE, queue.to_string());
     }
 }
 

@@ -71,7 +71,13 @@ pub async fn open_app(config: Config) -> Result<App> {
     }
     register_local_host(&store, &config).await?;
     let queue = Queue::new(store.clone(), config.queues.clone(), config.timing.clone());
+    let bus = crate::bus::Bus::new(crate::bus::url_from_env().as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+    if bus.enabled() {
+        let status = bus.status().await;
+        tracing::info!(redis = %status, "Redis configured as the bus");
+    }
     Ok(App {
+        bus,
         store,
         queue,
         provider,
@@ -144,7 +150,8 @@ pub async fn run(config: Config) -> Result<()> {
         tracing::info!("HEARTH_WORKERS=0: this node serves the API only");
         None
     };
-    let upkeep = tokio::spawn(crate::reaper::run(app.clone(), stopped));
+    let upkeep = tokio::spawn(crate::reaper::run(app.clone(), stopped.clone()));
+    let listener_task = tokio::spawn(app.bus.clone().listen(app.clone(), stopped));
     let router = crate::api::router(app.clone());
     let (closing, closed) = watch::channel(false);
     let server = tokio::spawn(
@@ -167,6 +174,7 @@ pub async fn run(config: Config) -> Result<()> {
         let _ = w.await;
     }
     let _ = upkeep.await;
+    let _ = listener_task.await;
     tracing::info!("stopped");
     Ok(())
 }

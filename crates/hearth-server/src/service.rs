@@ -203,7 +203,7 @@ impl App {
         let job = self.new_job(JobKind::Provision, "", &user.id);
         let env = self.store.create_environment(user, new, job).await?;
         let _ = self.store.append_log(&env.id, "info", "provisioning requested; queued").await;
-        self.queue.wake(JobKind::Provision.queue());
+        self.wake(JobKind::Provision.queue());
         Ok((env, access_token))
     }
 
@@ -235,7 +235,7 @@ impl App {
         Ok(match outcome {
             PersonalOutcome::Created(env) => {
                 let _ = self.store.append_log(&env.id, "info", "provisioning requested; queued").await;
-                self.queue.wake(JobKind::Provision.queue());
+                self.wake(JobKind::Provision.queue());
                 (true, env)
             }
             PersonalOutcome::Existing(env) => (false, env),
@@ -263,7 +263,7 @@ impl App {
         }
         let job = self.new_job(kind, &env.id, actor);
         self.store.enqueue(&job, &format!("{}_requested", kind.as_str())).await?;
-        self.queue.wake(kind.queue());
+        self.wake(kind.queue());
         Ok(())
     }
 

@@ -177,7 +177,7 @@ pub async fn jobs(State(app): State<App>, Admin(_): Admin, q: Result<Query<JobQu
 pub async fn retry_job(State(app): State<App>, Admin(admin): Admin, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<JobView>)> {
     let id: i64 = id.parse().map_err(|_| ApiError::not_found("job"))?;
     let job = app.store.retry_dead(id, &admin.id).await.map_err(not_found("job"))?;
-    app.queue.wake(&job.queue);
+    app.wake(&job.queue);
     Ok((StatusCode::ACCEPTED, Json(JobView::from(&job))))
 }
 

@@ -22,7 +22,9 @@ pub async fn readyz(State(app): State<App>) -> impl IntoResponse {
     let provider = app.provider.check().await.map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string());
     let ready = database == "ok" && provider == "ok";
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({ "ready": ready, "database": database, "provider": provider })))
+    // Redis is optional: reported, never a reason to be unready.
+    let redis = app.bus.status().await;
+    (status, Json(json!({ "ready": ready, "database": database, "provider": provider, "redis": redis, "node": app.queue.owner() })))
 }
 
 /// Prometheus text: environments and jobs by state (cluster-wide, from the database) and
