@@ -11,11 +11,45 @@ use crate::views::time;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use hearth_core::EnvState;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 pub const EVENT_POLL: Duration = Duration::from_millis(250);
+
+/// Shares the "anything new?" probe among all streams of one environment, so 500
+/// subscribers cost one small query per poll interval, not 500 pairs. A local write (or a
+/// Redis notice) bumps `version`, which invalidates every cached head at once.
+#[derive(Default)]
+pub struct Hub {
+    version: AtomicU64,
+    heads: Mutex<HashMap<String, (u64, Instant, Option<(i64, i64)>)>>,
+}
+
+impl Hub {
+    pub fn bump(&self) {
+        self.version.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// (generation, newest log id) of the environment, at most `EVENT_POLL` old.
+    async fn head(&self, app: &App, environment_id: &str) -> Option<(i64, i64)> {
+        let version = self.version.load(Ordering::SeqCst);
+        if let Some((v, at, head)) = self.heads.lock().unwrap().get(environment_id) {
+            if *v == version && at.elapsed() < EVENT_POLL {
+                return *head;
+            }
+        }
+        let head = app.store.event_head(environment_id).await.ok().flatten();
+        let mut heads = self.heads.lock().unwrap();
+        if heads.len() > 10_000 {
+            heads.retain(|_, (_, at, _)| at.elapsed() < Duration::from_secs(60));
+        }
+        heads.insert(environment_id.to_string(), (version, Instant::now(), head));
+        head
+    }
+}
 
 struct Cursor {
     app: App,
@@ -63,6 +97,14 @@ impl Cursor {
     }
 
     async fn poll(&mut self) {
+        match self.app.hub.head(&self.app, &self.id).await {
+            None => {
+                self.done = true;
+                return;
+            }
+            Some((generation, log_id)) if generation == self.generation && log_id <= self.log_id => return,
+            Some(_) => {}
+        }
         // Log lines first: they describe how the state below was reached.
         if let Ok(lines) = self.app.store.logs_after(&self.id, self.log_id).await {
             for l in lines {

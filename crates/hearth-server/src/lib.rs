@@ -34,16 +34,18 @@ pub struct App {
     /// Woken when a state change or log line is written (event streams wait on it).
     pub changed: Arc<tokio::sync::Notify>,
     pub bus: bus::Bus,
+    pub hub: Arc<events::Hub>,
 }
 
 impl App {
     /// Tells event streams, here and (through Redis) on other nodes, to look again now.
     pub fn notify_changed(&self, environment_id: &str) {
-        self.changed.notify_waiters();
+        self.notify_changed_locally();
         self.bus.publish(bus::CHANGED, environment_id.to_string());
     }
 
     pub fn notify_changed_locally(&self) {
+        self.hub.bump();
         self.changed.notify_waiters();
     }
 

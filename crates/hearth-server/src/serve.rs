@@ -78,6 +78,7 @@ pub async fn open_app(config: Config) -> Result<App> {
     }
     Ok(App {
         bus,
+        hub: Default::default(),
         store,
         queue,
         provider,

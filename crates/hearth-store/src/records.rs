@@ -255,6 +255,19 @@ impl Store {
         Ok(())
     }
 
+    /// The environment's generation and newest log line id: a cheap "anything new?" probe
+    /// for live streams. `None` when the environment does not exist.
+    pub async fn event_head(&self, environment_id: &str) -> Result<Option<(i64, i64)>> {
+        let row = sqlx::query(
+            "SELECT generation, (SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) FROM provision_logs WHERE environment_id = $1) AS log_id \
+             FROM environments WHERE id = $1",
+        )
+        .bind(environment_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| Ok((r.try_get("generation")?, r.try_get("log_id")?))).transpose()
+    }
+
     /// Lines written after `after_id` (for live streams), oldest first.
     pub async fn logs_after(&self, environment_id: &str, after_id: i64) -> Result<Vec<LogEntry>> {
         let rows = sqlx::query(
