@@ -155,6 +155,10 @@ pub async fn run(config: Config) -> Result<()> {
     let listener_task = tokio::spawn(app.bus.clone().listen(app.clone(), stopped));
     let router = crate::api::router(app.clone());
     let (closing, closed) = watch::channel(false);
+    // No Nagle delay: terminal keystrokes and event lines are small writes.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = tokio::spawn(
         axum::serve(listener, router)
             .with_graceful_shutdown(async move {

@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Terminal keystroke-to-echo (issue 4): one byte typed into Hearth's terminal WebSocket
+until the guest's PTY echoes it back, against `ssh -tt` straight to the same guest (with
+the user's own key) in the same run.
+
+Usage: scripts/bench_terminal.py PATH/TO/hearth [--keys 200]
+Needs Docker, the hearth/base image and `pip install websockets`.
+"""
+import asyncio
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import websockets
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_api import request  # noqa: E402
+
+SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+async def hearth_echo(port, token, env_id, keys):
+    url = f"ws://127.0.0.1:{port}/v1/environments/{env_id}/terminal?cols=80&rows=24"
+    times = []
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+        await ws.send(b"stty -icanon; cat\n")
+        await asyncio.sleep(1.0)
+        while True:  # drain the prompt
+            try:
+                await asyncio.wait_for(ws.recv(), 0.3)
+            except asyncio.TimeoutError:
+                break
+        for i in range(keys):
+            ch = bytes([97 + i % 26])
+            t0 = time.perf_counter()
+            await ws.send(ch)
+            got = b""
+            while ch not in got:
+                got += await ws.recv()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def ssh_echo(key, port, keys):
+    import pty
+    import select
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvp("ssh", ["ssh", "-tt", *SSH_OPTS, "-i", key, "-p", str(port), "dev@127.0.0.1", "stty -icanon; cat"])
+    time.sleep(2.0)
+    while select.select([fd], [], [], 0.3)[0]:
+        os.read(fd, 4096)
+    times = []
+    for i in range(keys):
+        ch = bytes([97 + i % 26])
+        t0 = time.perf_counter()
+        os.write(fd, ch)
+        got = b""
+        while ch not in got:
+            got += os.read(fd, 4096)
+        times.append(time.perf_counter() - t0)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return times
+
+
+def main():
+    binary = sys.argv[1]
+    keys = int(sys.argv[sys.argv.index("--keys") + 1]) if "--keys" in sys.argv else 200
+    work = tempfile.mkdtemp(prefix="hearth-bench-term-")
+    key = work + "/id"
+    subprocess.check_call(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key])
+    port = free_port()
+    env = dict(os.environ, HEARTH_DATA_DIR=work + "/data", HEARTH_LISTEN=f"127.0.0.1:{port}", HEARTH_INSTANCE="bench", RUST_LOG="warn")
+    proc = subprocess.Popen([binary, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            try:
+                request(port, "GET", "/healthz")
+                break
+            except OSError:
+                time.sleep(0.05)
+        admin = open(work + "/data/admin.token").read().strip()
+        _, body = request(port, "POST", "/v1/admin/users", admin, {"email": "term@example.com", "tier": "pro"})
+        token = body["token"]
+        pub = open(key + ".pub").read().strip()
+        _, e = request(port, "POST", "/v1/environments", token, {"name": "term", "memoryMb": 256, "sshPublicKey": pub})
+        _, e = request(port, "GET", f"/v1/environments/{e['id']}/wait?state=running&timeoutSeconds=120", token)
+        hearth = asyncio.run(hearth_echo(port, token, e["id"], keys))
+        raw = ssh_echo(key, e["sshPort"], keys)
+        med = lambda xs: statistics.median(xs) * 1000
+        p99 = lambda xs: sorted(xs)[int(0.99 * len(xs))] * 1000
+        print("| keystroke to echo | median | p99 | n |")
+        print("|---|---|---|---|")
+        print(f"| Hearth terminal WebSocket | {med(hearth):.2f} ms | {p99(hearth):.2f} ms | {len(hearth)} |")
+        print(f"| `ssh -tt` to the same guest | {med(raw):.2f} ms | {p99(raw):.2f} ms | {len(raw)} |")
+        print(f"| ratio (medians) | {med(hearth) / med(raw):.2f} | | |")
+        request(port, "DELETE", f"/v1/environments/{e['id']}", token)
+        time.sleep(2)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        ids = subprocess.run(["docker", "ps", "-aq", "--filter", "label=hearth.instance=bench"], capture_output=True, text=True).stdout.split()
+        if ids:
+            subprocess.run(["docker", "rm", "-f", *ids], stdout=subprocess.DEVNULL)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
