@@ -302,11 +302,10 @@ impl App {
         }
     }
 
-    /// Runs a command in a running VM and records it.
-    pub async fn exec(&self, user: &User, env: &Environment, input: ExecInput) -> ApiResult<ExecView> {
+    /// Checks the input and the VM, and builds the SSH request: shared by both exec forms.
+    async fn prepare_exec(&self, user: &User, env: &Environment, input: &ExecInput) -> ApiResult<(Target, ExecRequest)> {
         let timeout = input.validate()?;
         self.ensure_running(user, env).await?;
-        let target = self.target(env)?;
         let request = ExecRequest {
             code: input.code.clone(),
             working_dir: input.working_dir.clone(),
@@ -314,6 +313,12 @@ impl App {
             timeout: Duration::from_secs(timeout as u64),
             max_output: EXEC_OUTPUT_LIMIT,
         };
+        Ok((self.target(env)?, request))
+    }
+
+    /// Runs a command in a running VM and records it.
+    pub async fn exec(&self, user: &User, env: &Environment, input: ExecInput) -> ApiResult<ExecView> {
+        let (target, request) = self.prepare_exec(user, env, &input).await?;
         let started_at = now_ms();
         let result = self.ssh.exec(&target, &request).await;
         let finished_at = now_ms();
@@ -369,16 +374,7 @@ impl App {
     /// Starts a command and streams its output. The execution is recorded when it ends,
     /// or as `cancelled` when the listener goes away (which kills the remote process).
     pub async fn exec_stream(&self, user: &User, env: &Environment, input: ExecInput) -> ApiResult<tokio::sync::mpsc::Receiver<StreamEvent>> {
-        let timeout = input.validate()?;
-        self.ensure_running(user, env).await?;
-        let target = self.target(env)?;
-        let request = ExecRequest {
-            code: input.code.clone(),
-            working_dir: input.working_dir.clone(),
-            env: env.environment_vars.clone(),
-            timeout: Duration::from_secs(timeout as u64),
-            max_output: EXEC_OUTPUT_LIMIT,
-        };
+        let (target, request) = self.prepare_exec(user, env, &input).await?;
         let started_at = now_ms();
         let mut chunks = self
             .ssh

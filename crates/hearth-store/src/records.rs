@@ -59,6 +59,10 @@ pub const LOG_KEEP: i64 = 100;
 /// ...written within this long of the newest one.
 pub const LOG_WINDOW_MS: i64 = 3_600_000;
 
+fn log_from_row(r: &sqlx::any::AnyRow) -> Result<LogEntry> {
+    Ok(LogEntry { id: r.try_get("id")?, at: r.try_get("at")?, level: r.try_get("level")?, message: r.try_get("message")? })
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn insert_audit(
     tx: &mut Tx,
@@ -277,9 +281,7 @@ impl Store {
         .bind(after_id)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
-            .map(|r| Ok(LogEntry { id: r.try_get("id")?, at: r.try_get("at")?, level: r.try_get("level")?, message: r.try_get("message")? }))
-            .collect()
+        rows.iter().map(log_from_row).collect()
     }
 
     /// The environment's log: at most the last 100 lines, and none once an hour has
@@ -294,7 +296,7 @@ impl Store {
         .await?;
         let mut entries = rows
             .iter()
-            .map(|r| Ok(LogEntry { id: r.try_get("id")?, at: r.try_get("at")?, level: r.try_get("level")?, message: r.try_get("message")? }))
+            .map(log_from_row)
             .collect::<Result<Vec<_>>>()?;
         entries.reverse();
         if entries.last().is_some_and(|newest| now_ms() - newest.at > LOG_WINDOW_MS) {
