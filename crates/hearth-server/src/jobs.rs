@@ -175,6 +175,17 @@ impl JobHandler {
         Ok(vm)
     }
 
+    async fn log_host(&self, env: &Environment) {
+        let line = match &env.host_id {
+            Some(id) => match self.app.store.host(id).await {
+                Ok(h) => format!("placed on host {} ({} of {} vCPUs in use)", h.name, h.room.used_vcpus, h.room.max_vcpus),
+                Err(_) => format!("placed on host {id}"),
+            },
+            None => format!("the {} provider places VMs itself", env.provider),
+        };
+        self.log(env, "info", &line).await;
+    }
+
     /// Runs the user's init script once, as the guest user, with the environment's
     /// variables. A non-zero exit fails provisioning with the script's last output.
     async fn run_init_script(&self, env: &Environment, vm: &VmInfo, script: &str) -> Result<(), StepError> {
@@ -214,7 +225,9 @@ impl JobHandler {
         let env = match env.state {
             EnvState::Requested | EnvState::Error => {
                 self.log(&env, "info", &format!("picked up by worker {} (attempt {})", self.app.queue.owner(), job.attempts)).await;
-                self.move_to(&env, EnvState::Provisioning, Some("provisioning".into()), &actor).await?
+                let env = self.move_to(&env, EnvState::Provisioning, Some("provisioning".into()), &actor).await?;
+                self.log_host(&env).await;
+                env
             }
             EnvState::Provisioning => {
                 self.log(&env, "info", &format!("resumed by worker {} (attempt {})", self.app.queue.owner(), job.attempts)).await;
