@@ -39,6 +39,10 @@ async fn ownership_matrix(db: Db) {
             ("GET", format!("/v1/environments/{target}/logs"), None),
             ("GET", format!("/v1/environments/{target}/activity"), None),
             ("POST", format!("/v1/environments/{target}/keepalive"), None),
+            ("GET", format!("/v1/environments/{target}/events"), None),
+            ("POST", format!("/v1/environments/{target}/exec/stream"), Some(json!({"code": "id"}))),
+            ("POST", format!("/v1/environments/{target}/terminal/ticket"), None),
+            ("GET", format!("/v1/environments/{target}/terminal"), None),
         ];
         for (method, path, body) in calls {
             let r = server.call(method, &path, Some(&bob), body).await;
@@ -50,8 +54,10 @@ async fn ownership_matrix(db: Db) {
     // Bob's own views show nothing of Alice's.
     let list = server.call("GET", "/v1/environments", Some(&bob), None).await;
     assert_eq!(list.body["items"].as_array().unwrap().len(), 0);
-    let r = server.call("GET", "/v1/me/vm", Some(&bob), None).await;
-    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    for (method, path) in [("GET", "/v1/me/vm"), ("GET", "/v1/me/vm/events"), ("POST", "/v1/me/vm/exec/stream")] {
+        let r = server.call(method, path, Some(&bob), Some(json!({"code": "id"}))).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "bob {method} {path}");
+    }
 
     let admin_calls: Vec<(&str, String)> = vec![
         ("GET", "/v1/admin/vms".into()),
