@@ -14,34 +14,15 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import free_port, request  # noqa: E402
+
 PG_ADMIN = "postgres://hearth:hearth@127.0.0.1:5432/hearth"
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def request(port, method, path, token=None, body=None, conn=None):
-    c = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    headers = {"content-type": "application/json"}
-    if token:
-        headers["authorization"] = f"Bearer {token}"
-    c.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
-    r = c.getresponse()
-    data = r.read()
-    if conn is None:
-        c.close()
-    return r.status, (json.loads(data) if data else None)
 
 
 def fresh_pg_url(name):

@@ -9,26 +9,13 @@ Needs Docker and the hearth/base image.
 import http.client
 import json
 import os
-import shutil
-import socket
-import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from datetime import datetime
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_api import request  # noqa: E402
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+from benchlib import Node, remove_bench_containers, request  # noqa: E402
 
 
 def ms(text):
@@ -61,20 +48,10 @@ def subscriber(port, token, env_id, after, out, ready):
 def main():
     binary = sys.argv[1]
     n = int(sys.argv[sys.argv.index("--subscribers") + 1]) if "--subscribers" in sys.argv else 500
-    work = tempfile.mkdtemp(prefix="hearth-bench-fanout-")
-    port = free_port()
-    env = dict(os.environ, HEARTH_DATA_DIR=work + "/data", HEARTH_LISTEN=f"127.0.0.1:{port}", HEARTH_INSTANCE="bench", RUST_LOG="warn")
-    proc = subprocess.Popen([binary, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    node = Node(binary)
+    port, proc = node.port, node.proc
     try:
-        for _ in range(600):
-            try:
-                request(port, "GET", "/healthz")
-                break
-            except OSError:
-                time.sleep(0.05)
-        admin = open(work + "/data/admin.token").read().strip()
-        _, body = request(port, "POST", "/v1/admin/users", admin, {"email": "fan@example.com", "tier": "pro"})
-        token = body["token"]
+        token, _ = node.user("fan@example.com", "pro")
         _, e = request(port, "POST", "/v1/environments", token, {"name": "fan", "memoryMb": 256})
         env_id = e["id"]
         request(port, "GET", f"/v1/environments/{env_id}/wait?state=running&timeoutSeconds=120", token)
@@ -103,12 +80,8 @@ def main():
         request(port, "DELETE", f"/v1/environments/{env_id}", token)
         time.sleep(2)
     finally:
-        proc.terminate()
-        proc.wait(30)
-        ids = subprocess.run(["docker", "ps", "-aq", "--filter", "label=hearth.instance=bench"], capture_output=True, text=True).stdout.split()
-        if ids:
-            subprocess.run(["docker", "rm", "-f", *ids], stdout=subprocess.DEVNULL)
-        shutil.rmtree(work, ignore_errors=True)
+        node.stop()
+        remove_bench_containers()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Needs Docker, the hearth/base image and `pip install websockets`.
 import asyncio
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,17 +18,9 @@ import time
 import websockets
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_api import request  # noqa: E402
+from benchlib import Node, remove_bench_containers, request  # noqa: E402
 
 SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR"]
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 async def hearth_echo(port, token, env_id, keys):
@@ -83,19 +74,10 @@ def main():
     work = tempfile.mkdtemp(prefix="hearth-bench-term-")
     key = work + "/id"
     subprocess.check_call(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key])
-    port = free_port()
-    env = dict(os.environ, HEARTH_DATA_DIR=work + "/data", HEARTH_LISTEN=f"127.0.0.1:{port}", HEARTH_INSTANCE="bench", RUST_LOG="warn")
-    proc = subprocess.Popen([binary, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    node = Node(binary)
+    port = node.port
     try:
-        for _ in range(600):
-            try:
-                request(port, "GET", "/healthz")
-                break
-            except OSError:
-                time.sleep(0.05)
-        admin = open(work + "/data/admin.token").read().strip()
-        _, body = request(port, "POST", "/v1/admin/users", admin, {"email": "term@example.com", "tier": "pro"})
-        token = body["token"]
+        token, _ = node.user("term@example.com", "pro")
         pub = open(key + ".pub").read().strip()
         _, e = request(port, "POST", "/v1/environments", token, {"name": "term", "memoryMb": 256, "sshPublicKey": pub})
         _, e = request(port, "GET", f"/v1/environments/{e['id']}/wait?state=running&timeoutSeconds=120", token)
@@ -111,11 +93,8 @@ def main():
         request(port, "DELETE", f"/v1/environments/{e['id']}", token)
         time.sleep(2)
     finally:
-        proc.terminate()
-        proc.wait(30)
-        ids = subprocess.run(["docker", "ps", "-aq", "--filter", "label=hearth.instance=bench"], capture_output=True, text=True).stdout.split()
-        if ids:
-            subprocess.run(["docker", "rm", "-f", *ids], stdout=subprocess.DEVNULL)
+        node.stop()
+        remove_bench_containers()
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -8,51 +8,27 @@ Usage: scripts/bench_wake.py PATH/TO/hearth [--rounds N]
 Needs Docker, the hearth/base image, PostgreSQL (scripts/services.sh postgres) and redis-server.
 """
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_api import fresh_pg_url, request  # noqa: E402
+from bench_api import fresh_pg_url  # noqa: E402
+from benchlib import Node, free_port, remove_bench_containers, request  # noqa: E402
 
 KEY = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-def node(binary, db, extra, data_dir):
-    port = free_port()
-    env = dict(os.environ, HEARTH_DATA_DIR=data_dir, HEARTH_LISTEN=f"127.0.0.1:{port}", DATABASE_URL=db,
-               HEARTH_MASTER_KEY=KEY, HEARTH_INSTANCE="bench", RUST_LOG="warn", **extra)
-    proc = subprocess.Popen([binary, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(600):
-        try:
-            request(port, "GET", "/healthz")
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("node did not start")
-
-
 def run(binary, redis_url, rounds):
-    work = tempfile.mkdtemp(prefix="hearth-bench-wake-")
     db = fresh_pg_url("hearth_bench_wake")
-    extra = {"REDIS_URL": redis_url} if redis_url else {}
-    worker, _ = node(binary, db, extra, work + "/worker")
-    api, port = node(binary, db, dict(extra, HEARTH_WORKERS="0"), work + "/api")
-    admin = open(work + "/worker/admin.token").read().strip()
-    _, body = request(port, "POST", "/v1/admin/users", admin, {"email": "wake@example.com", "tier": "unlimited"})
-    token = body["token"]
+    extra = {"DATABASE_URL": db, "HEARTH_MASTER_KEY": KEY}
+    if redis_url:
+        extra["REDIS_URL"] = redis_url
+    worker = Node(binary, extra)
+    api = Node(binary, dict(extra, HEARTH_WORKERS="0"))
+    port = api.port
+    token, _ = api.user("wake@example.com", admin=worker.admin_token())
     latencies = []
     try:
         for i in range(rounds):
@@ -70,15 +46,10 @@ def run(binary, redis_url, rounds):
             request(port, "DELETE", f"/v1/environments/{env['id']}", token)
         return latencies
     finally:
-        api.terminate()
         time.sleep(3)  # destroys finish on the worker
-        worker.terminate()
-        api.wait(30)
-        worker.wait(30)
-        ids = subprocess.run(["docker", "ps", "-aq", "--filter", "label=hearth.instance=bench"], capture_output=True, text=True).stdout.split()
-        if ids:
-            subprocess.run(["docker", "rm", "-f", *ids], stdout=subprocess.DEVNULL)
-        shutil.rmtree(work, ignore_errors=True)
+        api.stop()
+        worker.stop()
+        remove_bench_containers()
 
 
 def iso_ms(text):
