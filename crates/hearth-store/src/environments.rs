@@ -331,12 +331,7 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         let mut items = rows.iter().map(env_from_row).collect::<Result<Vec<_>>>()?;
-        let next = if items.len() as i64 > limit {
-            items.truncate(limit as usize);
-            items.last().map(|e| e.id.clone())
-        } else {
-            None
-        };
+        let next = crate::finish_page(&mut items, limit, |e| e.id.clone());
         Ok((items, next))
     }
 

@@ -207,6 +207,17 @@ impl Store {
     }
 }
 
+/// Ends a page fetched with `LIMIT limit + 1`: drops the extra row, and returns the
+/// cursor of the last kept row when there is more to come.
+fn finish_page<T, C>(items: &mut Vec<T>, limit: i64, cursor: impl Fn(&T) -> C) -> Option<C> {
+    if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(cursor)
+    } else {
+        None
+    }
+}
+
 /// A unique-constraint violation, on either backend.
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     match e {

@@ -157,12 +157,7 @@ impl Store {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let next = if items.len() as i64 > limit {
-            items.truncate(limit as usize);
-            items.last().map(|a| a.id)
-        } else {
-            None
-        };
+        let next = crate::finish_page(&mut items, limit, |a| a.id);
         Ok((items, next))
     }
 
@@ -229,12 +224,7 @@ impl Store {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let next = if items.len() as i64 > limit {
-            items.truncate(limit as usize);
-            items.last().map(|e| e.id.clone())
-        } else {
-            None
-        };
+        let next = crate::finish_page(&mut items, limit, |e| e.id.clone());
         Ok((items, next))
     }
 
