@@ -1,14 +1,13 @@
 //! Admin endpoints (role `admin`).
 
-use super::{Admin, Body};
+use super::{Admin, Body, Params};
 use crate::App;
 use crate::error::{ApiError, ApiResult};
 use super::environments::{page_limit, parse_state};
 use crate::service::JobKind;
 use crate::views::{AuditView, EnvironmentView, HostView, JobView, UserView, UserVm};
 use axum::Json;
-use axum::extract::{Path, Query, State};
-use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, State};
 use hearth_store::{AuditFilter, JobState, QuotaOverrides, StoreError};
 use axum::http::StatusCode;
 use hearth_core::{EnvState, Role, Tier};
@@ -89,8 +88,7 @@ pub struct EnvQuery {
     include_destroyed: bool,
 }
 
-pub async fn environments(State(app): State<App>, Admin(_): Admin, q: Result<Query<EnvQuery>, QueryRejection>) -> ApiResult<Json<Value>> {
-    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
+pub async fn environments(State(app): State<App>, Admin(_): Admin, Params(q): Params<EnvQuery>) -> ApiResult<Json<Value>> {
     let state = parse_state(q.state.as_deref())?;
     let (items, next) = app
         .store
@@ -163,8 +161,7 @@ pub struct JobQuery {
     state: Option<String>,
 }
 
-pub async fn jobs(State(app): State<App>, Admin(_): Admin, q: Result<Query<JobQuery>, QueryRejection>) -> ApiResult<Json<Value>> {
-    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
+pub async fn jobs(State(app): State<App>, Admin(_): Admin, Params(q): Params<JobQuery>) -> ApiResult<Json<Value>> {
     let state = q
         .state
         .as_deref()
@@ -210,9 +207,8 @@ pub struct AuditQuery {
 }
 
 /// All of the audit log, newest first, filtered by actor, action, environment or outcome.
-pub async fn audit(State(app): State<App>, Admin(_): Admin, q: Result<Query<AuditQuery>, QueryRejection>) -> ApiResult<Json<Value>> {
-    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
-    let cursor = q.cursor.as_deref().map(|c| c.parse::<i64>().map_err(|_| ApiError::invalid("cursor must be a number"))).transpose()?;
+pub async fn audit(State(app): State<App>, Admin(_): Admin, Params(q): Params<AuditQuery>) -> ApiResult<Json<Value>> {
+    let cursor = super::number_cursor(q.cursor.as_deref())?;
     let filter = AuditFilter { environment_id: q.environment_id, actor: q.actor, action: q.action, outcome: q.outcome };
     let (items, next) = app.store.audit_page(&filter, cursor, page_limit(q.limit)?, false).await?;
     let items: Vec<AuditView> = items.iter().map(AuditView::from).collect();

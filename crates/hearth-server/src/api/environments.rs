@@ -1,13 +1,13 @@
 //! Environments: several per user, under quota. Every lookup is scoped by the caller, so
 //! someone else's id is a 404 like an id that does not exist.
 
-use super::{Body, Caller};
+use super::{Body, Caller, Params};
 use crate::App;
 use crate::error::{ApiError, ApiResult};
 use crate::service::{CreateInput, ExecInput, JobKind, SizeRequest};
 use crate::views::{AuditView, EnvironmentView, ExecView, ExecutionView, LogView, time};
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use hearth_core::EnvState;
 use hearth_store::{AuditFilter, Environment, now_ms};
@@ -80,8 +80,7 @@ pub fn parse_state(state: Option<&str>) -> ApiResult<Option<EnvState>> {
     state.map(|s| EnvState::parse(s).ok_or_else(|| ApiError::invalid(format!("unknown state {s:?}")))).transpose()
 }
 
-pub async fn list(State(app): State<App>, Caller(user): Caller, q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> ApiResult<Json<Value>> {
-    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
+pub async fn list(State(app): State<App>, Caller(user): Caller, Params(q): Params<ListQuery>) -> ApiResult<Json<Value>> {
     let state = parse_state(q.state.as_deref())?;
     let (items, next) = app
         .store
@@ -115,9 +114,8 @@ pub async fn wait(
     State(app): State<App>,
     Caller(user): Caller,
     Path(id): Path<String>,
-    q: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+    Params(q): Params<WaitQuery>,
 ) -> ApiResult<Json<EnvironmentView>> {
-    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
     let want = parse_state(Some(&q.state))?.expect("given");
     let timeout = q.timeout_seconds.unwrap_or(60);
     if !(1..=600).contains(&timeout) {
@@ -190,9 +188,8 @@ pub async fn executions(
     State(app): State<App>,
     Caller(user): Caller,
     Path(id): Path<String>,
-    q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+    Params(q): Params<PageQuery>,
 ) -> ApiResult<Json<Value>> {
-    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
     let env = owned(&app, &user.id, &id).await?;
     let (items, next) = app.store.executions_page(&env.id, q.cursor.as_deref(), page_limit(q.limit)?).await?;
     let items: Vec<ExecutionView> = items.iter().map(ExecutionView::from).collect();
@@ -203,11 +200,10 @@ pub async fn audit(
     State(app): State<App>,
     Caller(user): Caller,
     Path(id): Path<String>,
-    q: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
+    Params(q): Params<PageQuery>,
 ) -> ApiResult<Json<Value>> {
-    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
     let env = owned(&app, &user.id, &id).await?;
-    let cursor = q.cursor.as_deref().map(|c| c.parse::<i64>().map_err(|_| ApiError::invalid("cursor must be a number"))).transpose()?;
+    let cursor = super::number_cursor(q.cursor.as_deref())?;
     let filter = AuditFilter { environment_id: Some(env.id.clone()), ..Default::default() };
     let (items, next) = app.store.audit_page(&filter, cursor, page_limit(q.limit)?, true).await?;
     let items: Vec<AuditView> = items.iter().map(AuditView::from).collect();

@@ -108,6 +108,26 @@ impl FromRequestParts<App> for Admin {
     }
 }
 
+/// Query parameters whose every failure (wrong type, unknown name) is a 400
+/// `invalid_input`, like a bad body.
+pub struct Params<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Params<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Params<T>, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| Params(q.0))
+            .map_err(|e| ApiError::invalid(e.body_text()))
+    }
+}
+
+/// The audit log's cursor: the id of the last entry seen.
+pub fn number_cursor(cursor: Option<&str>) -> Result<Option<i64>, ApiError> {
+    cursor.map(|c| c.parse::<i64>().map_err(|_| ApiError::invalid("cursor must be a number"))).transpose()
+}
+
 /// A JSON body whose every failure (bad JSON, wrong types, unknown fields, too large) is
 /// a 400 `invalid_input` that says what was wrong. An empty body means `T::default()`.
 pub struct Body<T>(pub T);

@@ -6,12 +6,12 @@
 //! master key, so any node can check it) and pass it as `?ticket=`; other clients may
 //! send the bearer token instead.
 
-use super::Caller;
+use super::{Caller, Params};
 use crate::App;
 use crate::error::{ApiError, ApiResult};
 use axum::Json;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::response::Response;
 use hearth_core::EnvState;
@@ -52,10 +52,9 @@ pub struct TerminalQuery {
 pub async fn terminal(
     State(app): State<App>,
     Path(id): Path<String>,
-    q: Result<Query<TerminalQuery>, axum::extract::rejection::QueryRejection>,
+    Params(q): Params<TerminalQuery>,
     mut parts: Parts,
 ) -> ApiResult<Response> {
-    let Query(q) = q.map_err(|e| ApiError::invalid(e.body_text()))?;
     let user_id = if parts.headers.contains_key(axum::http::header::AUTHORIZATION) {
         Caller::from_request_parts(&mut parts, &app).await?.0.id
     } else {
