@@ -301,13 +301,54 @@ fn print_vm(vm: &Value) {
     println!("runtime: {} min", n("totalRuntimeMinutes"));
 }
 
-/// Polls the VM until its status is one of `want`, printing new log lines as they come.
-async fn wait_for(client: &Client, want: &[&str], timeout: u64, gone_ok: bool) -> Result<ExitCode, Failure> {
+/// What `wait_until` polls: the VM or an environment, its log, and how to show it.
+struct Watch {
+    path: String,
+    logs: String,
+    /// `status` for the personal VM, `state` for an environment.
+    field: &'static str,
+    noun: &'static str,
+    /// The command that shows it again, for the timeout message.
+    check: String,
+    print: fn(&Value),
+    /// The personal VM answers 404 once destroyed: that counts as reaching `destroyed`.
+    gone_is_destroyed: bool,
+}
+
+impl Watch {
+    fn vm() -> Watch {
+        Watch {
+            path: "/v1/me/vm".into(),
+            logs: "/v1/me/vm/logs".into(),
+            field: "status",
+            noun: "VM",
+            check: "hearth vm status".into(),
+            print: print_vm,
+            gone_is_destroyed: true,
+        }
+    }
+
+    fn env(id: &str) -> Watch {
+        Watch {
+            path: format!("/v1/environments/{id}"),
+            logs: format!("/v1/environments/{id}/logs"),
+            field: "state",
+            noun: "environment",
+            check: format!("hearth env show {id}"),
+            print: print_env,
+            gone_is_destroyed: false,
+        }
+    }
+}
+
+/// Polls until the state is `want`, printing new log lines as they come; `error` (or an
+/// unexpected `destroyed`) ends it with exit code 1.
+async fn wait_until(client: &Client, w: Watch, want: &str, timeout: u64) -> Result<ExitCode, Failure> {
     let bar = spinner("waiting");
     let started = Instant::now();
     let mut seen = 0usize;
     loop {
-        if let Ok(logs) = client.get("/v1/me/vm/logs").await {
+        if let Ok(logs) = client.get(&w.logs).await {
             let items = logs["items"].as_array().cloned().unwrap_or_default();
             // The log keeps the last 100 lines; print only what is new.
             for line in items.iter().skip(seen.min(items.len())) {
@@ -315,9 +356,9 @@ async fn wait_for(client: &Client, want: &[&str], timeout: u64, gone_ok: bool) -
             }
             seen = items.len();
         }
-        let vm = match client.get("/v1/me/vm").await {
-            Ok(vm) => vm,
-            Err(f) if gone_ok && f.status == Some(404) => {
+        let current = match client.get(&w.path).await {
+            Ok(v) => v,
+            Err(f) if w.gone_is_destroyed && want == "destroyed" && f.status == Some(404) => {
                 bar.finish_and_clear();
                 println!("destroyed");
                 return Ok(ExitCode::SUCCESS);
@@ -327,24 +368,22 @@ async fn wait_for(client: &Client, want: &[&str], timeout: u64, gone_ok: bool) -
                 return Err(f);
             }
         };
-        let status = vm["status"].as_str().unwrap_or("").to_string();
-        bar.set_message(status.clone());
-        if want.contains(&status.as_str()) {
+        let state = s(&current, w.field);
+        bar.set_message(state.clone());
+        if state == want {
             bar.finish_and_clear();
-            print_vm(&vm);
+            (w.print)(&current);
             return Ok(ExitCode::SUCCESS);
         }
-        if status == "error" {
+        if state == "error" || state == "destroyed" {
             bar.finish_and_clear();
-            print_vm(&vm);
-            return Err(Failure::failed(format!(
-                "the VM is in error: {}",
-                vm["stateMessage"].as_str().unwrap_or("no reason given")
-            )));
+            (w.print)(&current);
+            let reason = current["stateMessage"].as_str().unwrap_or("no reason given");
+            return Err(Failure::failed(format!("the {} is {state}: {reason}", w.noun)));
         }
         if started.elapsed() > Duration::from_secs(timeout) {
             bar.finish_and_clear();
-            return Err(Failure::failed(format!("still {status} after {timeout}s; `hearth vm status` to check again")));
+            return Err(Failure::failed(format!("still {state} after {timeout}s; `{}` to check again", w.check)));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -365,7 +404,7 @@ async fn vm(command: VmCommand) -> Result<ExitCode, Failure> {
                 print_vm(&vm);
                 return Ok(ExitCode::SUCCESS);
             }
-            wait_for(&client, &["running"], wait.timeout, false).await
+            wait_until(&client, Watch::vm(), "running", wait.timeout).await
         }
         VmCommand::Status { json } => {
             let vm = client.get("/v1/me/vm").await?;
@@ -378,15 +417,15 @@ async fn vm(command: VmCommand) -> Result<ExitCode, Failure> {
         }
         VmCommand::Start { wait } => {
             client.post("/v1/me/vm/start", json!({})).await?;
-            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_for(&client, &["running"], wait.timeout, false).await }
+            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::vm(), "running", wait.timeout).await }
         }
         VmCommand::Stop { wait } => {
             client.post("/v1/me/vm/stop", json!({})).await?;
-            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_for(&client, &["stopped"], wait.timeout, false).await }
+            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::vm(), "stopped", wait.timeout).await }
         }
         VmCommand::Destroy { wait } => {
             client.delete("/v1/me/vm").await?;
-            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_for(&client, &["destroyed"], wait.timeout, true).await }
+            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::vm(), "destroyed", wait.timeout).await }
         }
         VmCommand::Exec { timeout, workdir, command } => {
             let mut body = json!({ "code": command.join(" "), "timeoutSeconds": timeout });
@@ -430,40 +469,6 @@ fn print_env(e: &Value) {
     println!("expires: {}", s(e, "expiresAt"));
 }
 
-/// Polls an environment until `want`, printing new log lines; `error` ends it with exit 1.
-async fn wait_env(client: &Client, id: &str, want: &str, timeout: u64) -> Result<ExitCode, Failure> {
-    let bar = spinner("waiting");
-    let started = Instant::now();
-    let mut seen = 0usize;
-    loop {
-        if let Ok(logs) = client.get(&format!("/v1/environments/{id}/logs")).await {
-            let items = logs["items"].as_array().cloned().unwrap_or_default();
-            for line in items.iter().skip(seen.min(items.len())) {
-                bar.println(format!("  {:<7} {}", line["level"].as_str().unwrap_or(""), line["message"].as_str().unwrap_or("")));
-            }
-            seen = items.len();
-        }
-        let e = client.get(&format!("/v1/environments/{id}")).await.inspect_err(|_| bar.finish_and_clear())?;
-        let state = s(&e, "state");
-        bar.set_message(state.clone());
-        if state == want {
-            bar.finish_and_clear();
-            print_env(&e);
-            return Ok(ExitCode::SUCCESS);
-        }
-        if state == "error" || (state == "destroyed" && want != "destroyed") {
-            bar.finish_and_clear();
-            print_env(&e);
-            return Err(Failure::failed(format!("the environment is {state}: {}", s(&e, "stateMessage"))));
-        }
-        if started.elapsed() > Duration::from_secs(timeout) {
-            bar.finish_and_clear();
-            return Err(Failure::failed(format!("still {state} after {timeout}s")));
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
 fn read_file(path: &std::path::Path, what: &str) -> Result<String, Failure> {
     std::fs::read_to_string(path).map_err(|e| Failure::usage(format!("cannot read {what} {}: {e}", path.display())))
 }
@@ -495,7 +500,7 @@ async fn env(command: EnvCommand) -> Result<ExitCode, Failure> {
             if wait.no_wait {
                 return Ok(ExitCode::SUCCESS);
             }
-            wait_env(&client, &s(&e, "id"), "running", wait.timeout).await
+            wait_until(&client, Watch::env(&s(&e, "id")), "running", wait.timeout).await
         }
         EnvCommand::List { all } => {
             let list = client.get(&format!("/v1/environments?includeDestroyed={all}")).await?;
@@ -513,15 +518,15 @@ async fn env(command: EnvCommand) -> Result<ExitCode, Failure> {
         }
         EnvCommand::Start { id, wait } => {
             client.post(&format!("/v1/environments/{id}/start"), json!({})).await?;
-            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_env(&client, &id, "running", wait.timeout).await }
+            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::env(&id), "running", wait.timeout).await }
         }
         EnvCommand::Stop { id, wait } => {
             client.post(&format!("/v1/environments/{id}/stop"), json!({})).await?;
-            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_env(&client, &id, "stopped", wait.timeout).await }
+            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::env(&id), "stopped", wait.timeout).await }
         }
         EnvCommand::Destroy { id, wait } => {
             client.delete(&format!("/v1/environments/{id}")).await?;
-            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_env(&client, &id, "destroyed", wait.timeout).await }
+            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::env(&id), "destroyed", wait.timeout).await }
         }
         EnvCommand::Exec { id, timeout, workdir, command } => {
             let mut body = json!({ "code": command.join(" "), "timeoutSeconds": timeout });
@@ -531,7 +536,7 @@ async fn env(command: EnvCommand) -> Result<ExitCode, Failure> {
             let out = client.post(&format!("/v1/environments/{id}/exec"), body).await?;
             print_exec(&out, timeout)
         }
-        EnvCommand::Wait { id, state, timeout } => wait_env(&client, &id, &state, timeout).await,
+        EnvCommand::Wait { id, state, timeout } => wait_until(&client, Watch::env(&id), &state, timeout).await,
         EnvCommand::Audit { id } => {
             let list = client.get(&format!("/v1/environments/{id}/audit?limit=1000")).await?;
             for a in list["items"].as_array().cloned().unwrap_or_default() {
