@@ -7,69 +7,30 @@ Needs a running Docker engine and the hearth/base image (`make bench` sets both 
 Prints a markdown table. Only loopback addresses are used.
 """
 import http.client
-import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import INSTANCE, Node, remove_bench_containers, request  # noqa: E402
+
 IMAGE = "hearth/base:latest"
 SSH_OPTS = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
             "-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=2"]
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class Hearth:
-    def __init__(self, binary):
-        self.dir = tempfile.mkdtemp(prefix="hearth-bench-")
-        self.port = free_port()
-        env = dict(os.environ, HEARTH_DATA_DIR=self.dir + "/data", HEARTH_LISTEN=f"127.0.0.1:{self.port}",
-                   HEARTH_INSTANCE="bench", RUST_LOG="warn")
-        self.log = open(self.dir + "/server.log", "w")
-        self.proc = subprocess.Popen([binary, "serve"], env=env, stdout=self.log, stderr=self.log)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                self.request("GET", "/healthz")
-                break
-            except OSError:
-                time.sleep(0.05)
-        self.admin = open(self.dir + "/data/admin.token").read().strip()
-        self.conn = None
+class Hearth(Node):
+    """A node with the personal-VM calls this benchmark makes."""
 
     def request(self, method, path, token=None, body=None, conn=None):
-        c = conn or http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        headers = {"content-type": "application/json"}
-        if token:
-            headers["authorization"] = f"Bearer {token}"
-        c.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
-        r = c.getresponse()
-        data = r.read()
-        if conn is None:
-            c.close()
-        return r.status, (json.loads(data) if data else None)
+        return request(self.port, method, path, token, body, conn)
 
     def user(self, email, tier="unlimited"):
-        status, body = self.request("POST", "/v1/admin/users", self.admin, {"email": email, "tier": tier})
-        assert status == 201, body
-        return body["token"]
-
-    def rss_kb(self):
-        for line in open(f"/proc/{self.proc.pid}/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
+        return super().user(email, tier)[0]
 
     def wait(self, token, status, timeout=180):
         deadline = time.time() + timeout
@@ -81,11 +42,6 @@ class Hearth:
                 raise RuntimeError(body)
             time.sleep(0.1)
         raise RuntimeError(f"not {status} after {timeout}s")
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(30)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def hearth_provision_to_exec(h, n):
@@ -105,7 +61,7 @@ def hearth_provision_to_exec(h, n):
 def raw_docker_to_ssh(key, pub):
     t0 = time.perf_counter()
     cid = subprocess.check_output(["docker", "run", "-d", "--init", "-e", f"HEARTH_AUTHORIZED_KEYS={pub}",
-                                   "-p", "127.0.0.1::22", "--label", "hearth.instance=bench", IMAGE], text=True).strip()
+                                   "-p", "127.0.0.1::22", "--label", f"hearth.instance={INSTANCE}", IMAGE], text=True).strip()
     port = subprocess.check_output(["docker", "port", cid, "22/tcp"], text=True).split("\n")[0].rsplit(":", 1)[1]
     while subprocess.run(["ssh", *SSH_OPTS, "-i", key, "-p", port, "dev@127.0.0.1", "true"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode != 0:
@@ -188,10 +144,7 @@ def main():
             h.wait(tok, "gone")
     finally:
         h.stop()
-        ids = subprocess.run(["docker", "ps", "-aq", "--filter", "label=hearth.instance=bench"],
-                             capture_output=True, text=True).stdout.split()
-        if ids:
-            subprocess.run(["docker", "rm", "-f", *ids], stdout=subprocess.DEVNULL)
+        remove_bench_containers()
         shutil.rmtree(keydir, ignore_errors=True)
 
     print("| measure | figure |")
