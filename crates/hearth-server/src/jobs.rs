@@ -144,6 +144,15 @@ impl JobHandler {
         }
     }
 
+    /// The SSH target of `env` at the address the provider just reported (the row is
+    /// only updated once the VM is ready).
+    fn target_at(&self, env: &Environment, vm: &VmInfo) -> Result<hearth_guest::Target, StepError> {
+        let mut at = env.clone();
+        at.ssh_host = vm.ssh_host.clone();
+        at.ssh_port = vm.ssh_port;
+        self.app.target(&at).map_err(|e| StepError::Final(e.message))
+    }
+
     /// Boots (or finds) the VM and waits for SSH. Shared by provision and start.
     async fn bring_up(&self, env: &Environment, create: bool) -> Result<VmInfo, StepError> {
         let vm = if create {
@@ -163,10 +172,7 @@ impl JobHandler {
             vm.ssh_port.unwrap_or(0)
         ))
         .await;
-        let mut with_address = env.clone();
-        with_address.ssh_host = vm.ssh_host.clone();
-        with_address.ssh_port = vm.ssh_port;
-        let target = self.app.target(&with_address).map_err(|e| StepError::Final(e.message))?;
+        let target = self.target_at(env, &vm)?;
         self.app
             .ssh
             .wait_ready(&target, self.app.config.ssh_wait)
@@ -190,10 +196,7 @@ impl JobHandler {
     /// variables. A non-zero exit fails provisioning with the script's last output.
     async fn run_init_script(&self, env: &Environment, vm: &VmInfo, script: &str) -> Result<(), StepError> {
         self.log(env, "info", "running the init script").await;
-        let mut with_address = env.clone();
-        with_address.ssh_host = vm.ssh_host.clone();
-        with_address.ssh_port = vm.ssh_port;
-        let target = self.app.target(&with_address).map_err(|e| StepError::Final(e.message))?;
+        let target = self.target_at(env, vm)?;
         let request = hearth_guest::ExecRequest {
             code: script.to_string(),
             working_dir: None,
