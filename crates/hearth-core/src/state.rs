@@ -22,21 +22,29 @@ use EnvState::*;
 /// Every allowed `(from, to)` pair. Anything not listed is refused.
 ///
 /// `error` can be retried (`provisioning` when no VM was ever made, `starting` otherwise)
-/// or destroyed; `destroyed` is final.
+/// or destroyed; `destroyed` is final. Destroy is possible from every other state: a
+/// transitional state whose job died for good goes straight to `destroying`.
 pub const TRANSITIONS: &[(EnvState, EnvState)] = &[
     (Requested, Provisioning),
     (Requested, Destroying),
     (Requested, Error),
     (Provisioning, Running),
+    (Provisioning, Destroying),
     (Provisioning, Error),
     (Running, Stopping),
     (Running, Destroying),
     (Running, Error),
     (Stopping, Stopped),
+    // The stop failed for good and the VM still runs.
+    (Stopping, Running),
+    (Stopping, Destroying),
     (Stopping, Error),
     (Stopped, Starting),
     (Stopped, Destroying),
+    // Its VM vanished behind Hearth's back.
+    (Stopped, Error),
     (Starting, Running),
+    (Starting, Destroying),
     (Starting, Error),
     (Destroying, Destroyed),
     (Destroying, Error),
@@ -44,6 +52,16 @@ pub const TRANSITIONS: &[(EnvState, EnvState)] = &[
     (Error, Starting),
     (Error, Destroying),
 ];
+
+/// See [`EnvState::reservation`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// Check quota and host room, then hold them.
+    Reserve,
+    /// Give them back.
+    Release,
+    Keep,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("an environment cannot go from {from} to {to}")]
@@ -95,9 +113,17 @@ impl EnvState {
         }
     }
 
-    /// Holds quota: anything that is not stopped, destroyed or failed.
-    pub fn is_active(self) -> bool {
-        !matches!(self, Stopped | Destroyed | Error)
+    /// What moving from `self` to `to` does to the quota and host room the environment
+    /// holds (`reserved`). Coming to life (`provisioning`, `starting`) reserves; coming to
+    /// rest (`stopped`, `error`, `destroyed`) releases; everything else keeps what it
+    /// had. `destroying` never reserves, so destroy is possible at full quota or on a
+    /// draining host, and it keeps a running VM counted until the VM is gone.
+    pub fn reservation(self, to: EnvState, reserved: bool) -> Reservation {
+        match to {
+            Provisioning | Starting if !reserved => Reservation::Reserve,
+            Stopped | Error | Destroyed if reserved => Reservation::Release,
+            _ => Reservation::Keep,
+        }
     }
 
     /// A job is under way and will move the state on by itself.
@@ -168,8 +194,21 @@ mod tests {
     }
 
     #[test]
-    fn active_states() {
-        assert!(Running.is_active() && Provisioning.is_active());
-        assert!(!Stopped.is_active() && !Error.is_active() && !Destroyed.is_active());
+    fn reservations() {
+        use Reservation::*;
+        assert_eq!(Stopped.reservation(Starting, false), Reserve);
+        assert_eq!(Error.reservation(Provisioning, false), Reserve);
+        assert_eq!(Running.reservation(Stopping, true), Keep);
+        assert_eq!(Stopping.reservation(Stopped, true), Release);
+        assert_eq!(Provisioning.reservation(Error, true), Release);
+        // Destroy never needs room, and a running VM stays counted until it is gone.
+        assert_eq!(Stopped.reservation(Destroying, false), Keep);
+        assert_eq!(Running.reservation(Destroying, true), Keep);
+        assert_eq!(Destroying.reservation(Destroyed, true), Release);
+        assert_eq!(Destroying.reservation(Destroyed, false), Keep);
+        // Every state but `destroyed` can reach `destroying` in one step.
+        for from in EnvState::ALL {
+            assert_eq!(from.can_become(Destroying), !matches!(from, Destroying | Destroyed), "{from}");
+        }
     }
 }

@@ -79,6 +79,17 @@ impl MasterKey {
         B64.encode(self.0)
     }
 
+    /// A one-way check value of the key: SHA-256 of a fixed label and the key. The
+    /// database keeps it, so a node can tell whether its key is the installation's without
+    /// the key ever being stored there.
+    pub fn check_value(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"hearth master key check v1\0");
+        h.update(self.0);
+        hex::encode(h.finalize())
+    }
+
     /// `v1:` + base64(nonce || ciphertext).
     pub fn seal(&self, plaintext: &str) -> String {
         let cipher = Aes256Gcm::new_from_slice(&self.0).expect("32-byte key");
@@ -120,6 +131,9 @@ mod tests {
         let again = MasterKey::parse(&k.to_base64()).unwrap();
         assert_eq!(again.open(&sealed).unwrap(), "secret key text");
         assert!(MasterKey::parse("short").is_err());
+        assert_eq!(again.check_value(), k.check_value());
+        assert_ne!(MasterKey::generate().check_value(), k.check_value());
+        assert!(!k.check_value().contains(&k.to_base64()));
     }
 
     #[test]

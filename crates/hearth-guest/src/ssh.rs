@@ -33,6 +33,9 @@ pub struct ExecRequest {
     pub code: String,
     pub working_dir: Option<String>,
     pub env: BTreeMap<String, String>,
+    /// Written to the command's standard input, which is then closed (so a command that
+    /// reads it never waits for input that cannot come).
+    pub stdin: Vec<u8>,
     pub timeout: Duration,
     /// Output past this many bytes per stream is dropped and `truncated` set.
     pub max_output: usize,
@@ -152,6 +155,7 @@ impl SshPool {
             code: "true".into(),
             working_dir: None,
             env: BTreeMap::new(),
+            stdin: Vec::new(),
             timeout: Duration::from_secs(5),
             max_output: 1024,
         })
@@ -301,6 +305,10 @@ async fn start(handle: &Handle<AcceptHost>, req: &ExecRequest) -> Result<russh::
         None => req.code.clone(),
     };
     channel.exec(true, code.into_bytes()).await.map_err(session)?;
+    if !req.stdin.is_empty() {
+        channel.data(&req.stdin[..]).await.map_err(session)?;
+    }
+    channel.eof().await.map_err(session)?;
     Ok(channel)
 }
 

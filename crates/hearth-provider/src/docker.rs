@@ -1,62 +1,181 @@
-//! The Docker provider: one container per environment, through the Engine API (bollard).
+//! The Docker provider: one container per environment on any number of Docker engines,
+//! each reached through its host's endpoint (bollard):
+//! - `unix:///path/docker.sock`: an engine on the node's own machine (only nodes on that
+//!   machine can use it);
+//! - `tcp://host:port` with TLS material (CA, client certificate and key): a remote engine;
+//!   plain TCP is refused, since it hands out root on the host;
+//! - `ssh://user@host[:port]`: a remote engine through `ssh ... docker system dial-stdio`,
+//!   with the node user's own SSH configuration and keys.
 //!
-//! Containers are named `hearth-<environment id>` and labelled `hearth.managed=true` and
-//! `hearth.environment=<id>`. SSH is published on 127.0.0.1 with a port Docker picks, so
-//! there is no port scanning and no race between two creates. Disk size is recorded but
-//! not enforced: overlay2 has no per-container quota without an XFS backing store.
+//! Containers are named `hearth-<environment id>` and labelled with the installation and
+//! environment. SSH is published on the host's guest address with a port Docker picks, so
+//! there is no port scanning and no race between two creates. Disk size is recorded but not
+//! enforced: overlay2 has no per-container quota without an XFS backing store.
 
-use crate::{Provider, ProviderError, VmInfo, VmSpec, VmState};
+use crate::{
+    HostRef, LABEL_ENVIRONMENT, LABEL_INSTALLATION, LABEL_MANAGED, Provider, ProviderError, VmInfo, VmRef, VmSpec, VmState,
+};
 use async_trait::async_trait;
-use bollard::Docker;
 use bollard::errors::Error as DockerError;
 use bollard::models::{ContainerCreateBody, ContainerStateStatusEnum, HostConfig, PortBinding};
 use bollard::query_parameters::{
     CreateContainerOptions, InspectContainerOptions, ListContainersOptions, RemoveContainerOptions,
     StartContainerOptions, StopContainerOptions,
 };
+use bollard::{API_DEFAULT_VERSION, Docker};
+use hearth_core::HostKind;
 use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
 
-pub const LABEL_MANAGED: &str = "hearth.managed";
-pub const LABEL_ENVIRONMENT: &str = "hearth.environment";
-/// Which Hearth installation owns the container (`HEARTH_INSTANCE`, default `default`), so
-/// two installations, or the tests, can share one Docker engine without touching each other.
-pub const LABEL_INSTANCE: &str = "hearth.instance";
-/// The guest's start-up script reads the authorized key from here.
+/// The guest's start-up script reads the authorized keys from here.
 pub const AUTHORIZED_KEYS_ENV: &str = "HEARTH_AUTHORIZED_KEYS";
+/// Seconds a request to an engine may take before it counts as unanswered.
+const REQUEST_TIMEOUT_SECONDS: u64 = 60;
 
 pub struct DockerProvider {
-    /// Connected on first use and kept, so Hearth can start before Docker does.
-    docker: tokio::sync::Mutex<Option<Docker>>,
-    instance: String,
+    /// One client per host, made on first use and remade when the endpoint changes.
+    clients: Mutex<HashMap<String, (String, Docker)>>,
+    /// Where TLS material is written for bollard, which reads it from files (mode 0600).
+    scratch: PathBuf,
     /// Seconds `docker stop` waits for sshd before killing it.
     stop_timeout: i32,
 }
 
-pub fn container_name(environment_id: &str) -> String {
-    format!("hearth-{environment_id}")
+impl DockerProvider {
+    /// No I/O: engines are reached on first use. `scratch` is a private directory.
+    pub fn new(scratch: PathBuf) -> DockerProvider {
+        DockerProvider { clients: Mutex::new(HashMap::new()), scratch, stop_timeout: 5 }
+    }
+
+    /// The engine client for `host`, connecting (and negotiating the API version, so
+    /// Debian's Docker 20.10 works) if this is the first use.
+    async fn client(&self, host: &HostRef) -> Result<Docker, ProviderError> {
+        let fingerprint = format!("{}|{}", host.endpoint, host.tls.as_ref().map(|t| t.cert_pem.len()).unwrap_or(0));
+        if let Some((f, d)) = self.clients.lock().unwrap().get(&host.id) {
+            if *f == fingerprint {
+                return Ok(d.clone());
+            }
+        }
+        let docker = self.connect(host)?;
+        let docker = docker.negotiate_version().await.map_err(|e| unavailable(host, e))?;
+        self.clients.lock().unwrap().insert(host.id.clone(), (fingerprint, docker.clone()));
+        Ok(docker)
+    }
+
+    fn connect(&self, host: &HostRef) -> Result<Docker, ProviderError> {
+        let endpoint = host.endpoint.as_str();
+        let refused = |e: DockerError| ProviderError::Failed(format!("host {}: endpoint {endpoint} is unusable: {e}", host.name));
+        if let Some(path) = endpoint.strip_prefix("unix://") {
+            return Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECONDS, API_DEFAULT_VERSION).map_err(refused);
+        }
+        if endpoint.starts_with("tcp://") {
+            let Some(tls) = &host.tls else {
+                return Err(ProviderError::Failed(format!(
+                    "host {}: {endpoint} needs TLS material (CA, client certificate and key); plain TCP hands out root on the host",
+                    host.name
+                )));
+            };
+            let dir = self.scratch.join(&host.id);
+            write_private(&dir, "ca.pem", &tls.ca_pem)?;
+            write_private(&dir, "cert.pem", &tls.cert_pem)?;
+            write_private(&dir, "key.pem", &tls.key_pem)?;
+            return Docker::connect_with_ssl(
+                endpoint,
+                &dir.join("key.pem"),
+                &dir.join("cert.pem"),
+                &dir.join("ca.pem"),
+                REQUEST_TIMEOUT_SECONDS,
+                API_DEFAULT_VERSION,
+            )
+            .map_err(refused);
+        }
+        if endpoint.starts_with("ssh://") {
+            return Docker::connect_with_ssh(endpoint, REQUEST_TIMEOUT_SECONDS, API_DEFAULT_VERSION, None).map_err(refused);
+        }
+        Err(ProviderError::Failed(format!(
+            "host {}: endpoint {endpoint:?} must start with unix://, tcp:// or ssh://",
+            host.name
+        )))
+    }
+
+    async fn inspect_key(&self, host: &HostRef, key: &str) -> Result<Option<VmInfo>, ProviderError> {
+        match self.client(host).await?.inspect_container(key, None::<InspectContainerOptions>).await {
+            Ok(c) => {
+                let labels = c.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default();
+                if labels.get(LABEL_INSTALLATION) != Some(&host.installation_id) {
+                    // Not ours: another installation's container of that name is no VM of ours.
+                    return Ok(None);
+                }
+                let state = match c.state.as_ref().and_then(|s| s.status) {
+                    Some(ContainerStateStatusEnum::RUNNING) => VmState::Running,
+                    Some(ContainerStateStatusEnum::EXITED) | Some(ContainerStateStatusEnum::CREATED) => VmState::Stopped,
+                    _ => VmState::Other,
+                };
+                let ports = c.network_settings.as_ref().and_then(|n| n.ports.as_ref());
+                let ssh_port = ports
+                    .and_then(|p| p.get("22/tcp"))
+                    .and_then(|b| b.as_ref())
+                    .and_then(|b| b.first())
+                    .and_then(|b| b.host_port.as_deref())
+                    .and_then(|p| p.parse::<i64>().ok());
+                let ip = c
+                    .network_settings
+                    .as_ref()
+                    .and_then(|n| n.networks.as_ref())
+                    .and_then(|n| n.values().find_map(|net| net.ip_address.clone()))
+                    .filter(|ip| !ip.is_empty());
+                let name = c.name.as_deref().unwrap_or(key).trim_start_matches('/').to_string();
+                Ok(Some(VmInfo {
+                    vm: VmRef { name, id: c.id },
+                    environment_id: labels.get(LABEL_ENVIRONMENT).cloned().unwrap_or_default(),
+                    state,
+                    ssh_host: ssh_port.map(|_| host.guest_address.clone()),
+                    ssh_port,
+                    ip_address: ip,
+                }))
+            }
+            Err(e) if is_status(&e, 404) => Ok(None),
+            Err(e) => Err(classify(host, e)),
+        }
+    }
+
+    /// The container if it exists and belongs to this installation: every action checks
+    /// first, so no installation ever touches another's container.
+    async fn ours(&self, host: &HostRef, vm: &VmRef) -> Result<Option<VmInfo>, ProviderError> {
+        self.inspect_key(host, vm.key()).await
+    }
 }
 
-fn instance_name() -> String {
-    std::env::var("HEARTH_INSTANCE").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into())
+fn write_private(dir: &std::path::Path, name: &str, contents: &str) -> Result<(), ProviderError> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let fail = |e: std::io::Error| ProviderError::Failed(format!("cannot write TLS material into {}: {e}", dir.display()));
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(fail)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(dir.join(name)).map_err(fail)?;
+    f.write_all(contents.as_bytes()).map_err(fail)
 }
 
-fn unavailable(e: DockerError) -> ProviderError {
+fn unavailable(host: &HostRef, e: DockerError) -> ProviderError {
     ProviderError::Unavailable(format!(
-        "cannot reach the Docker engine ({e}); start it (for example `dockerd &` or `systemctl start docker`) \
-         or point DOCKER_HOST at it"
+        "cannot reach the Docker engine of host {} at {} ({e}); start it (`dockerd`, `systemctl start docker`) or fix \
+         the host's endpoint",
+        host.name, host.endpoint
     ))
 }
 
 /// Connection failures mean the engine is down; anything else is a refusal worth showing.
-fn classify(e: DockerError) -> ProviderError {
+fn classify(host: &HostRef, e: DockerError) -> ProviderError {
     match e {
         DockerError::DockerResponseServerError { status_code, message } => {
-            ProviderError::Failed(format!("Docker refused ({status_code}): {message}"))
+            ProviderError::Failed(format!("the Docker engine of host {} refused ({status_code}): {message}", host.name))
         }
-        DockerError::HyperResponseError { .. } | DockerError::IOError { .. } | DockerError::RequestTimeoutError => {
-            unavailable(e)
-        }
-        other => ProviderError::Failed(other.to_string()),
+        DockerError::HyperResponseError { .. }
+        | DockerError::IOError { .. }
+        | DockerError::RequestTimeoutError
+        | DockerError::HyperLegacyError { .. }
+        | DockerError::SocketNotFoundError(_) => unavailable(host, e),
+        other => ProviderError::Failed(format!("host {}: {other}", host.name)),
     }
 }
 
@@ -64,117 +183,33 @@ fn is_status(e: &DockerError, code: u16) -> bool {
     matches!(e, DockerError::DockerResponseServerError { status_code, .. } if *status_code == code)
 }
 
-impl Default for DockerProvider {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl DockerProvider {
-    /// No I/O: the engine (`DOCKER_HOST` or the local socket) is reached on first use,
-    /// with the API version negotiated so Debian's Docker 20.10 works.
-    pub fn new() -> DockerProvider {
-        DockerProvider { docker: tokio::sync::Mutex::new(None), instance: instance_name(), stop_timeout: 5 }
-    }
-
-    /// The engine client, connecting if this is the first use or the last attempt failed.
-    pub async fn client(&self) -> Result<Docker, ProviderError> {
-        let mut slot = self.docker.lock().await;
-        if let Some(d) = slot.as_ref() {
-            return Ok(d.clone());
-        }
-        let docker = Docker::connect_with_local_defaults().map_err(unavailable)?;
-        let docker = docker.negotiate_version().await.map_err(unavailable)?;
-        *slot = Some(docker.clone());
-        Ok(docker)
-    }
-
-    async fn info_of(&self, environment_id: &str) -> Result<Option<VmInfo>, ProviderError> {
-        self.inspect_named(&container_name(environment_id), environment_id).await
-    }
-
-    /// Inspects a container by name or id; `environment_id` is what it belongs to.
-    async fn inspect_named(&self, name_or_id: &str, environment_id: &str) -> Result<Option<VmInfo>, ProviderError> {
-        match self.client().await?.inspect_container(name_or_id, None::<InspectContainerOptions>).await {
-            Ok(c) => {
-                let state = match c.state.as_ref().and_then(|s| s.status) {
-                    Some(ContainerStateStatusEnum::RUNNING) => VmState::Running,
-                    Some(ContainerStateStatusEnum::EXITED) | Some(ContainerStateStatusEnum::CREATED) => VmState::Stopped,
-                    _ => VmState::Other,
-                };
-                let ports = c.network_settings.as_ref().and_then(|n| n.ports.as_ref());
-                let binding = ports
-                    .and_then(|p| p.get("22/tcp"))
-                    .and_then(|b| b.as_ref())
-                    .and_then(|b| b.first());
-                let ssh_port = binding.and_then(|b| b.host_port.as_deref()).and_then(|p| p.parse::<i64>().ok());
-                let ip = c
-                    .network_settings
-                    .as_ref()
-                    .and_then(|n| n.networks.as_ref())
-                    .and_then(|n| n.values().find_map(|net| net.ip_address.clone()))
-                    .filter(|ip| !ip.is_empty());
-                Ok(Some(VmInfo {
-                    environment_id: environment_id.to_string(),
-                    vm_id: c.id.unwrap_or_default(),
-                    state,
-                    ssh_host: ssh_port.map(|_| "127.0.0.1".to_string()),
-                    ssh_port,
-                    ip_address: ip,
-                    memory_bytes: c.host_config.and_then(|h| h.memory),
-                }))
-            }
-            Err(e) if is_status(&e, 404) => Ok(None),
-            Err(e) => Err(classify(e)),
-        }
-    }
-
-    async fn start_existing(&self, environment_id: &str) -> Result<VmInfo, ProviderError> {
-        match self.client().await?.start_container(&container_name(environment_id), None::<StartContainerOptions>).await {
-            Ok(()) => {}
-            Err(e) if is_status(&e, 304) => {} // already running
-            Err(e) if is_status(&e, 404) => return Err(ProviderError::NotFound(environment_id.to_string())),
-            Err(e) => return Err(classify(e)),
-        }
-        let info = self.info_of(environment_id).await?.ok_or_else(|| ProviderError::NotFound(environment_id.to_string()))?;
-        if info.state != VmState::Running || info.ssh_port.is_none() {
-            return Err(ProviderError::Failed(format!(
-                "container {} did not stay running (state {:?}); see `docker logs {}`",
-                container_name(environment_id),
-                info.state,
-                container_name(environment_id)
-            )));
-        }
-        Ok(info)
-    }
-}
-
 #[async_trait]
 impl Provider for DockerProvider {
-    fn name(&self) -> &'static str {
-        "docker"
+    fn kind(&self) -> HostKind {
+        HostKind::Docker
     }
 
-    async fn check(&self) -> Result<(), ProviderError> {
-        self.client().await?.ping().await.map(|_| ()).map_err(unavailable)
+    async fn check(&self, host: &HostRef) -> Result<(), ProviderError> {
+        let docker = self.client(host).await?;
+        docker.ping().await.map(|_| ()).map_err(|e| unavailable(host, e))
     }
 
-    async fn create(&self, spec: &VmSpec) -> Result<VmInfo, ProviderError> {
-        if self.info_of(&spec.environment_id).await?.is_none() {
+    async fn ensure_created(&self, host: &HostRef, spec: &VmSpec) -> Result<VmRef, ProviderError> {
+        let docker = self.client(host).await?;
+        if self.inspect_key(host, &spec.name).await?.is_none() {
             let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
             env.push(format!("{AUTHORIZED_KEYS_ENV}={}", spec.authorized_key));
-            let labels = HashMap::from([
-                (LABEL_MANAGED.to_string(), "true".to_string()),
-                (LABEL_ENVIRONMENT.to_string(), spec.environment_id.clone()),
-                (LABEL_INSTANCE.to_string(), self.instance.clone()),
-            ]);
+            let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
+            labels.insert(LABEL_MANAGED.into(), "true".into());
+            labels.insert(LABEL_INSTALLATION.into(), host.installation_id.clone());
+            labels.insert(LABEL_ENVIRONMENT.into(), spec.environment_id.clone());
             let port_bindings = HashMap::from([(
                 "22/tcp".to_string(),
-                Some(vec![PortBinding { host_ip: Some("127.0.0.1".into()), host_port: Some(String::new()) }]),
+                Some(vec![PortBinding { host_ip: Some(host.guest_address.clone()), host_port: Some(String::new()) }]),
             )]);
             let body = ContainerCreateBody {
                 image: Some(spec.image.clone()),
-                hostname: Some("hearth".into()),
+                hostname: Some(spec.hostname.clone()),
                 env: Some(env),
                 labels: Some(labels),
                 exposed_ports: Some(vec!["22/tcp".to_string()]),
@@ -191,68 +226,107 @@ impl Provider for DockerProvider {
                 }),
                 ..Default::default()
             };
-            let options = CreateContainerOptions { name: Some(container_name(&spec.environment_id)), ..Default::default() };
-            match self.client().await?.create_container(Some(options), body).await {
+            let options = CreateContainerOptions { name: Some(spec.name.clone()), ..Default::default() };
+            match docker.create_container(Some(options), body).await {
                 Ok(_) => {}
-                // A concurrent or earlier attempt made it first: use that one.
+                // A concurrent or earlier attempt made it first: use that one (checked below).
                 Err(e) if is_status(&e, 409) => {}
                 Err(e) if is_status(&e, 404) => {
                     return Err(ProviderError::Failed(format!(
-                        "image {} is not in the Docker engine; build it with `hearth image build`",
-                        spec.image
+                        "image {} is not in the Docker engine of host {}; build it there with `hearth image build`",
+                        spec.image, host.name
                     )));
                 }
-                Err(e) => return Err(classify(e)),
+                Err(e) => return Err(classify(host, e)),
             }
         }
-        self.start_existing(&spec.environment_id).await
+        let Some(info) = self.inspect_key(host, &spec.name).await? else {
+            return Err(ProviderError::Failed(format!(
+                "a container named {} exists on host {} but belongs to another installation; remove it or rename it",
+                spec.name, host.name
+            )));
+        };
+        self.start(host, &info.vm).await?;
+        Ok(info.vm)
     }
 
-    async fn start(&self, environment_id: &str) -> Result<VmInfo, ProviderError> {
-        self.start_existing(environment_id).await
-    }
-
-    async fn stop(&self, environment_id: &str) -> Result<(), ProviderError> {
-        let options = StopContainerOptions { t: Some(self.stop_timeout), ..Default::default() };
-        match self.client().await?.stop_container(&container_name(environment_id), Some(options)).await {
+    async fn start(&self, host: &HostRef, vm: &VmRef) -> Result<(), ProviderError> {
+        if self.ours(host, vm).await?.is_none() {
+            return Err(ProviderError::NotFound(vm.name.clone()));
+        }
+        match self.client(host).await?.start_container(vm.key(), None::<StartContainerOptions>).await {
             Ok(()) => Ok(()),
-            Err(e) if is_status(&e, 304) => Ok(()), // already stopped
-            Err(e) if is_status(&e, 404) => Err(ProviderError::NotFound(environment_id.to_string())),
-            Err(e) => Err(classify(e)),
+            Err(e) if is_status(&e, 304) => Ok(()), // already running
+            Err(e) if is_status(&e, 404) => Err(ProviderError::NotFound(vm.name.clone())),
+            Err(e) => Err(classify(host, e)),
         }
     }
 
-    async fn destroy(&self, environment_id: &str) -> Result<(), ProviderError> {
+    async fn stop(&self, host: &HostRef, vm: &VmRef) -> Result<(), ProviderError> {
+        if self.ours(host, vm).await?.is_none() {
+            return Err(ProviderError::NotFound(vm.name.clone()));
+        }
+        let options = StopContainerOptions { t: Some(self.stop_timeout), ..Default::default() };
+        match self.client(host).await?.stop_container(vm.key(), Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_status(&e, 304) => Ok(()), // already stopped
+            Err(e) if is_status(&e, 404) => Err(ProviderError::NotFound(vm.name.clone())),
+            Err(e) => Err(classify(host, e)),
+        }
+    }
+
+    async fn destroy(&self, host: &HostRef, vm: &VmRef) -> Result<(), ProviderError> {
+        if self.ours(host, vm).await?.is_none() {
+            return Ok(());
+        }
         let options = RemoveContainerOptions { force: true, v: true, ..Default::default() };
-        match self.client().await?.remove_container(&container_name(environment_id), Some(options)).await {
+        match self.client(host).await?.remove_container(vm.key(), Some(options)).await {
             Ok(()) => Ok(()),
             Err(e) if is_status(&e, 404) => Ok(()),
             // 409: removal already in progress; the container is going away.
             Err(e) if is_status(&e, 409) => Ok(()),
-            Err(e) => Err(classify(e)),
+            Err(e) => Err(classify(host, e)),
         }
     }
 
-    async fn inspect(&self, environment_id: &str) -> Result<Option<VmInfo>, ProviderError> {
-        self.info_of(environment_id).await
+    async fn inspect(&self, host: &HostRef, vm: &VmRef) -> Result<Option<VmInfo>, ProviderError> {
+        self.ours(host, vm).await
     }
 
-    async fn list(&self) -> Result<Vec<VmInfo>, ProviderError> {
+    async fn list(&self, host: &HostRef) -> Result<Vec<VmInfo>, ProviderError> {
         let filters = HashMap::from([(
             "label".to_string(),
-            vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_INSTANCE}={}", self.instance)],
+            vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_INSTALLATION}={}", host.installation_id)],
         )]);
         let options = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
-        let containers = self.client().await?.list_containers(Some(options)).await.map_err(classify)?;
-        let mut out = Vec::new();
-        for c in containers {
-            let (Some(env), Some(id)) = (c.labels.as_ref().and_then(|l| l.get(LABEL_ENVIRONMENT)), c.id.as_deref()) else {
-                continue;
-            };
-            if let Some(info) = self.inspect_named(id, env).await? {
-                out.push(info);
-            }
-        }
-        Ok(out)
+        let containers = self.client(host).await?.list_containers(Some(options)).await.map_err(|e| classify(host, e))?;
+        Ok(containers
+            .into_iter()
+            .filter_map(|c| {
+                let labels = c.labels.unwrap_or_default();
+                let environment_id = labels.get(LABEL_ENVIRONMENT)?.clone();
+                let state = match c.state.map(|s| s.to_string()).as_deref() {
+                    Some("running") => VmState::Running,
+                    Some("exited") | Some("created") => VmState::Stopped,
+                    _ => VmState::Other,
+                };
+                let ssh_port = c
+                    .ports
+                    .unwrap_or_default()
+                    .iter()
+                    .find(|p| p.private_port == 22)
+                    .and_then(|p| p.public_port)
+                    .map(i64::from);
+                let name = c.names.unwrap_or_default().first().map(|n| n.trim_start_matches('/').to_string())?;
+                Some(VmInfo {
+                    vm: VmRef { name, id: c.id },
+                    environment_id,
+                    state,
+                    ssh_host: ssh_port.map(|_| host.guest_address.clone()),
+                    ssh_port,
+                    ip_address: None,
+                })
+            })
+            .collect())
     }
 }

@@ -1,25 +1,101 @@
-//! Where VMs come from. A provider takes a spec and returns facts; it knows nothing of
-//! users or the database. Every VM carries a name and labels derived from its
-//! environment id, so a retried create finds the first attempt's VM.
+//! Where VMs come from. A provider drives one kind of host (a Docker engine, an agent, a
+//! cloud project, a simulated host); every call names the host (`HostRef`, built from its
+//! row) and the VM (`VmRef`), so any node can act on any host.
+//!
+//! Architecture invariant: providers know nothing of the database, users or quotas. They
+//! take a spec and return facts. Every VM carries a deterministic name derived from its
+//! environment id and is labelled with the installation's id, so a retried create finds
+//! the first attempt's VM and an installation only ever sees its own VMs.
 
 pub mod docker;
 pub mod image;
+pub mod sim;
 
 use async_trait::async_trait;
-use std::collections::BTreeMap;
+use hearth_core::HostKind;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
-/// What to create. `environment_id` is the key for every later call.
+/// The host a call is about, as a provider needs it.
+#[derive(Debug, Clone)]
+pub struct HostRef {
+    pub id: String,
+    pub name: String,
+    pub kind: HostKind,
+    /// `unix:///path`, `tcp://host:port`, `ssh://user@host[:port]`, `sim://name`.
+    pub endpoint: String,
+    /// Where guests answer, from the nodes.
+    pub guest_address: String,
+    /// For `tcp://` Docker endpoints: PEM text, the key already unsealed.
+    pub tls: Option<TlsMaterial>,
+    /// Kind-specific settings (a simulated host's latency and faults).
+    pub options: serde_json::Value,
+    /// The installation whose VMs a call may see and touch; no other's.
+    pub installation_id: String,
+}
+
+#[derive(Clone)]
+pub struct TlsMaterial {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsMaterial { .. }")
+    }
+}
+
+/// A VM on a host: the deterministic name the control plane gave it and, once it exists,
+/// the provider's own id. Either finds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRef {
+    pub name: String,
+    pub id: Option<String>,
+}
+
+impl VmRef {
+    /// The reference of an environment's VM before it exists: its name only.
+    pub fn named(environment_id: &str) -> VmRef {
+        VmRef { name: vm_name(environment_id), id: None }
+    }
+
+    /// What to ask the provider for: its id when known, else the name.
+    pub fn key(&self) -> &str {
+        self.id.as_deref().unwrap_or(&self.name)
+    }
+}
+
+/// `hearth-<environment id>`: the same on every attempt, so a retry finds the VM.
+pub fn vm_name(environment_id: &str) -> String {
+    format!("hearth-{environment_id}")
+}
+
+/// Labels every VM carries.
+pub const LABEL_MANAGED: &str = "hearth.managed";
+pub const LABEL_INSTALLATION: &str = "hearth.installation";
+pub const LABEL_ENVIRONMENT: &str = "hearth.environment";
+
+/// What to create.
 #[derive(Debug, Clone)]
 pub struct VmSpec {
     pub environment_id: String,
+    pub name: String,
+    /// The guest's hostname (the environment's slug, so a prompt says where it is).
+    pub hostname: String,
     pub image: String,
     pub vcpus: i64,
     pub memory_mb: i64,
     pub disk_gb: i64,
+    pub gpus: i64,
     /// Handed to the VM as data, never through a shell.
     pub env: BTreeMap<String, String>,
-    /// The OpenSSH public key the guest's `dev` user accepts.
+    /// The OpenSSH public keys the guest's `dev` user accepts.
     pub authorized_key: String,
+    /// Extra labels for people (the installation's display name).
+    pub labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,48 +108,84 @@ pub enum VmState {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmInfo {
+    pub vm: VmRef,
     pub environment_id: String,
-    pub vm_id: String,
     pub state: VmState,
     /// Where SSH answers, from the control plane's point of view.
     pub ssh_host: Option<String>,
     pub ssh_port: Option<i64>,
     pub ip_address: Option<String>,
-    pub memory_bytes: Option<i64>,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProviderError {
-    /// The backend (Docker engine, agent, cloud API) cannot be reached at all.
+    /// The host (Docker engine, agent, cloud API) cannot be reached at all.
     #[error("{0}")]
     Unavailable(String),
-    #[error("no VM for environment {0}")]
+    #[error("no VM {0} on the host")]
     NotFound(String),
-    /// The backend answered but refused or failed the request.
+    /// The host answered but refused or failed the request.
     #[error("{0}")]
     Failed(String),
+    /// This build or this host cannot do it (a kind with no provider yet, say).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 #[async_trait]
 pub trait Provider: Send + Sync + 'static {
-    fn name(&self) -> &'static str;
+    fn kind(&self) -> HostKind;
 
-    /// Is the backend reachable? The error says how to fix it.
-    async fn check(&self) -> Result<(), ProviderError>;
+    /// Is the host reachable? The error says how to fix it.
+    async fn check(&self, host: &HostRef) -> Result<(), ProviderError>;
 
-    /// Creates (or finds, after a retry) the VM and starts it.
-    async fn create(&self, spec: &VmSpec) -> Result<VmInfo, ProviderError>;
+    /// Creates the VM and sets it going, or finds the one an earlier attempt made (by
+    /// name). Returns as soon as the VM exists, which may be before it is running.
+    async fn ensure_created(&self, host: &HostRef, spec: &VmSpec) -> Result<VmRef, ProviderError>;
 
-    /// Starts a stopped VM; returns its (possibly new) SSH address.
-    async fn start(&self, environment_id: &str) -> Result<VmInfo, ProviderError>;
+    /// Starts a stopped VM; `NotFound` when it is gone.
+    async fn start(&self, host: &HostRef, vm: &VmRef) -> Result<(), ProviderError>;
 
-    async fn stop(&self, environment_id: &str) -> Result<(), ProviderError>;
+    /// Stops a VM; `NotFound` when it is gone.
+    async fn stop(&self, host: &HostRef, vm: &VmRef) -> Result<(), ProviderError>;
 
     /// Removes the VM; a VM that is already gone counts as removed.
-    async fn destroy(&self, environment_id: &str) -> Result<(), ProviderError>;
+    async fn destroy(&self, host: &HostRef, vm: &VmRef) -> Result<(), ProviderError>;
 
-    async fn inspect(&self, environment_id: &str) -> Result<Option<VmInfo>, ProviderError>;
+    /// The VM as it is now, or `None` when it does not exist.
+    async fn inspect(&self, host: &HostRef, vm: &VmRef) -> Result<Option<VmInfo>, ProviderError>;
 
-    /// Every VM this provider manages, for the reconciler.
-    async fn list(&self) -> Result<Vec<VmInfo>, ProviderError>;
+    /// Every VM of this installation on the host, for the reconciler.
+    async fn list(&self, host: &HostRef) -> Result<Vec<VmInfo>, ProviderError>;
+
+    /// A named point in a job (`provision.create_vm`, ...) where a simulated host injects
+    /// latency or a failure. Real hosts pass straight through.
+    async fn fault_point(&self, _host: &HostRef, _step: &str) -> Result<(), ProviderError> {
+        Ok(())
+    }
+}
+
+/// The provider for each kind of host.
+#[derive(Clone, Default)]
+pub struct Providers {
+    by_kind: HashMap<HostKind, Arc<dyn Provider>>,
+}
+
+impl Providers {
+    pub fn with(mut self, provider: Arc<dyn Provider>) -> Providers {
+        self.by_kind.insert(provider.kind(), provider);
+        self
+    }
+
+    pub fn get(&self, kind: HostKind) -> Result<Arc<dyn Provider>, ProviderError> {
+        self.by_kind.get(&kind).cloned().ok_or_else(|| {
+            ProviderError::Unsupported(format!("hosts of kind {kind} are not supported by this version of Hearth yet"))
+        })
+    }
+
+    pub fn kinds(&self) -> Vec<HostKind> {
+        let mut kinds: Vec<HostKind> = self.by_kind.keys().copied().collect();
+        kinds.sort_by_key(|k| k.as_str());
+        kinds
+    }
 }

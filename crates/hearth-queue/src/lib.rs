@@ -3,15 +3,21 @@
 //! jobs of workers that died.
 //!
 //! Workers sleep until woken in-process (`Queue::wake`) or until the poll interval passes,
-//! so a job written by another process is still picked up, only later.
+//! so a job written by another process is still picked up, only later. A handler holds a
+//! `Lease`: its token is cancelled the moment the lease is found lost, and the handler's
+//! future is dropped, so a worker that lost a job stops acting on it.
+//!
+//! Architecture invariant: the queue knows jobs, not environments; what a job does is the
+//! handler's business.
 
 use async_trait::async_trait;
-use hearth_store::{Job, Store, now_ms};
+use hearth_store::{Job, Store};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
+pub use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone)]
 pub struct QueueConfig {
@@ -44,14 +50,26 @@ pub enum JobError {
     Retry(String),
     /// Retrying cannot help; the job goes straight to `dead`.
     Fatal(String),
+    /// Not a failure: the job waits for something outside it and runs again after the
+    /// delay without spending an attempt.
+    Later(String, Duration),
 }
 
 impl std::fmt::Display for JobError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            JobError::Retry(m) | JobError::Fatal(m) => f.write_str(m),
+            JobError::Retry(m) | JobError::Fatal(m) | JobError::Later(m, _) => f.write_str(m),
         }
     }
+}
+
+/// A worker's hold on a job.
+#[derive(Clone, Debug)]
+pub struct Lease {
+    /// The lease owner, as written on the job row (progress is saved under it).
+    pub owner: String,
+    /// Cancelled when the lease is found lost: stop acting.
+    pub lost: CancellationToken,
 }
 
 /// Does the work of a job. It must be idempotent: after a crash the same job runs again.
@@ -59,7 +77,7 @@ impl std::fmt::Display for JobError {
 /// handler undoes what it did before returning.
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
-    async fn run(&self, job: &Job) -> Result<(), JobError>;
+    async fn run(&self, job: &Job, lease: &Lease) -> Result<(), JobError>;
 }
 
 #[derive(Debug, Clone)]
@@ -165,8 +183,28 @@ impl Queue {
     async fn idle_sleep(&self, queue: &str) -> Duration {
         let poll = self.inner.timing.poll;
         match self.inner.store.next_run_after(queue).await {
-            Ok(Some(at)) => Duration::from_millis((at - now_ms()).clamp(10, poll.as_millis() as i64) as u64),
+            Ok(Some(at)) => Duration::from_millis((at - self.inner.store.now()).clamp(10, poll.as_millis() as i64) as u64),
             _ => poll,
+        }
+    }
+
+    /// Claims and runs, one after another, every job that is ready now on any queue;
+    /// returns how many ran. For tests that drive jobs (with a manual clock) instead of
+    /// running the worker loops.
+    pub async fn run_ready(&self, handler: &dyn Handler) -> usize {
+        let mut ran = 0;
+        loop {
+            let mut any = false;
+            for config in &self.inner.configs {
+                if let Ok(Some(job)) = self.inner.store.claim(&config.name, &self.inner.owner, self.lease_ms()).await {
+                    self.execute(config, handler, job).await;
+                    ran += 1;
+                    any = true;
+                }
+            }
+            if !any {
+                return ran;
+            }
         }
     }
 
@@ -177,19 +215,21 @@ impl Queue {
     async fn execute(&self, config: &QueueConfig, handler: &dyn Handler, job: Job) {
         let store = &self.inner.store;
         let owner = &self.inner.owner;
-        tracing::info!(job = job.id, kind = %job.kind, environment = %job.environment_id, attempt = job.attempts, "job started");
+        tracing::info!(job = job.id, kind = %job.kind, environment = %job.environment_id, attempt = job.attempts, crashes = job.crashes, "job started");
+        let lease = Lease { owner: owner.clone(), lost: CancellationToken::new() };
         let _heartbeat = {
-            let (store, owner, lease) = (store.clone(), owner.clone(), self.lease_ms());
+            let (store, owner, lease_ms, lost) = (store.clone(), owner.clone(), self.lease_ms(), lease.lost.clone());
             let id = job.id;
             AbortOnDrop(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_millis((lease / 3).max(1) as u64));
+                let mut tick = tokio::time::interval(Duration::from_millis((lease_ms / 3).max(1) as u64));
                 tick.tick().await;
                 loop {
                     tick.tick().await;
-                    match store.renew_lease(id, &owner, lease).await {
+                    match store.renew_lease(id, &owner, lease_ms).await {
                         Ok(true) => {}
                         Ok(false) => {
-                            tracing::warn!(job = id, "lost the lease on a running job");
+                            tracing::warn!(job = id, "lost the lease on a running job; stopping it here");
+                            lost.cancel();
                             break;
                         }
                         Err(e) => tracing::warn!(job = id, error = %e, "could not renew a lease"),
@@ -197,7 +237,14 @@ impl Queue {
                 }
             }))
         };
-        let result = handler.run(&job).await;
+        let result = tokio::select! {
+            result = handler.run(&job, &lease) => result,
+            _ = lease.lost.cancelled() => {
+                // Another worker owns it now; its outcome is that worker's to record.
+                self.wake(&config.name);
+                return;
+            }
+        };
         drop(_heartbeat);
         let recorded = match result {
             Ok(()) => {
@@ -207,7 +254,11 @@ impl Queue {
             Err(JobError::Retry(msg)) if !job.is_last_attempt() => {
                 let delay = config.backoff_for(job.attempts);
                 tracing::warn!(job = job.id, kind = %job.kind, error = %msg, retry_in_ms = delay.as_millis() as u64, "job failed; will retry");
-                store.fail(job.id, owner, &msg, Some(now_ms() + delay.as_millis() as i64)).await
+                store.fail(job.id, owner, &msg, Some(store.now() + delay.as_millis() as i64)).await
+            }
+            Err(JobError::Later(msg, delay)) => {
+                tracing::info!(job = job.id, kind = %job.kind, note = %msg, again_in_ms = delay.as_millis() as u64, "job waits");
+                store.postpone(job.id, owner, &msg, store.now() + delay.as_millis() as i64).await
             }
             Err(e) => {
                 tracing::error!(job = job.id, kind = %job.kind, error = %e, "job failed for good; dead-lettered");

@@ -34,7 +34,7 @@ struct Counting {
 
 #[async_trait]
 impl Handler for Counting {
-    async fn run(&self, _job: &Job) -> Result<(), JobError> {
+    async fn run(&self, _job: &Job, _lease: &Lease) -> Result<(), JobError> {
         self.runs.fetch_add(1, Ordering::SeqCst);
         let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak.fetch_max(n, Ordering::SeqCst);
@@ -106,7 +106,7 @@ struct Hang;
 
 #[async_trait]
 impl Handler for Hang {
-    async fn run(&self, _job: &Job) -> Result<(), JobError> {
+    async fn run(&self, _job: &Job, _lease: &Lease) -> Result<(), JobError> {
         std::future::pending().await
     }
 }
@@ -142,7 +142,78 @@ async fn a_dead_workers_job_runs_again_elsewhere() {
         stop2.send(true).unwrap();
         task.await.unwrap();
         let j = store.job(id).await.unwrap();
-        assert_eq!((j.state, j.attempts), (JobState::Succeeded, 2));
+        // The dead worker's claim is a crash, not an attempt.
+        assert_eq!((j.state, j.attempts, j.crashes), (JobState::Succeeded, 1, 1));
+    })
+    .await;
+}
+
+/// Holds its job until the lease is gone, then reports whether the token said so.
+struct Watchful {
+    saw_loss: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait]
+impl Handler for Watchful {
+    async fn run(&self, _job: &Job, lease: &Lease) -> Result<(), JobError> {
+        let saw = self.saw_loss.clone();
+        let lost = lease.lost.clone();
+        // A side task stands for work the handler would stop doing.
+        tokio::spawn(async move {
+            lost.cancelled().await;
+            saw.store(true, Ordering::SeqCst);
+        });
+        std::future::pending().await
+    }
+}
+
+#[tokio::test]
+async fn a_handler_learns_that_its_lease_is_lost() {
+    each_backend(|store| async move {
+        let id = store.enqueue(&job("env-l"), "k").await.unwrap();
+        let queue = Queue::new(store.clone(), fast(1, 2), timing());
+        let saw = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn({
+            let (queue, saw) = (queue.clone(), saw.clone());
+            async move { queue.run(Arc::new(Watchful { saw_loss: saw }), rx).await }
+        });
+        for _ in 0..200 {
+            if store.job(id).await.unwrap().state == JobState::Running {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Someone else takes the job (as the sweeper would after a stall).
+        store.exec_sql_for_tests("UPDATE jobs SET lease_owner = 'other' WHERE id = $1 AND $2 = $2", id, "").await.unwrap();
+        wait_until("the handler to see the loss", || saw.load(Ordering::SeqCst)).await;
+        stop.send(true).unwrap();
+        task.await.unwrap();
+        // The old worker recorded nothing: the job is the other owner's.
+        assert_eq!(store.job(id).await.unwrap().lease_owner.as_deref(), Some("other"));
+    })
+    .await;
+}
+
+struct Waits;
+
+#[async_trait]
+impl Handler for Waits {
+    async fn run(&self, _job: &Job, _lease: &Lease) -> Result<(), JobError> {
+        Err(JobError::Later("waiting for the host".into(), Duration::from_secs(60)))
+    }
+}
+
+#[tokio::test]
+async fn waiting_spends_no_attempt() {
+    each_backend(|store| async move {
+        let id = store.enqueue(&job("env-w"), "k").await.unwrap();
+        let queue = Queue::new(store.clone(), fast(1, 1), timing());
+        assert_eq!(queue.run_ready(&Waits).await, 1);
+        let j = store.job(id).await.unwrap();
+        assert_eq!((j.state, j.attempts, j.last_error.as_deref()), (JobState::Queued, 0, Some("waiting for the host")));
+        assert!(j.run_after >= store.now() + 59_000);
+        assert_eq!(queue.run_ready(&Waits).await, 0, "not due yet");
     })
     .await;
 }

@@ -1,9 +1,10 @@
 //! API errors: `{"error": {"code", "message"}}` with the status DESIGN.md section 5 gives.
+//! The one place application errors become HTTP status codes.
 
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use hearth_store::StoreError;
+use hearth_app::AppError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -19,33 +20,34 @@ impl ApiError {
     pub fn invalid(message: impl Into<String>) -> ApiError {
         Self::new(StatusCode::BAD_REQUEST, "invalid_input", message)
     }
-    pub fn not_found(what: &str) -> ApiError {
-        Self::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
-    }
-    pub fn invalid_state(message: impl Into<String>) -> ApiError {
-        Self::new(StatusCode::CONFLICT, "invalid_state", message)
-    }
-    pub fn unavailable(message: impl Into<String>) -> ApiError {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
-    }
-    pub fn internal(message: impl Into<String>) -> ApiError {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    pub fn unauthenticated(message: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthenticated", message)
     }
 }
 
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> ApiError {
-        match e {
-            StoreError::NotFound => ApiError::not_found("object"),
-            StoreError::Quota(q) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", q.to_string()),
-            StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
-            StoreError::NoCapacity(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_capacity", m),
-            StoreError::Stale => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
-            other => {
-                tracing::error!(error = %other, "database error");
-                ApiError::unavailable(format!("the database failed: {other}"))
-            }
-        }
+impl From<AppError> for ApiError {
+    fn from(e: AppError) -> ApiError {
+        let message = e.to_string();
+        let (status, code) = match e {
+            AppError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_input"),
+            AppError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            AppError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            AppError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            AppError::InvalidState(_) => (StatusCode::CONFLICT, "invalid_state"),
+            AppError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            AppError::Quota(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
+            AppError::NoCapacity(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_capacity"),
+            AppError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
+            AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            AppError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        ApiError { status, code, message }
+    }
+}
+
+impl From<hearth_store::StoreError> for ApiError {
+    fn from(e: hearth_store::StoreError) -> ApiError {
+        AppError::from(e).into()
     }
 }
 

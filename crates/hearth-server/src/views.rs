@@ -1,14 +1,10 @@
 //! The JSON shapes of the API (camelCase, RFC 3339 times), built from store types.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use hearth_app::service::ExecResult;
 use hearth_store::{AuditEntry, Environment, Execution, Host, Job, LogEntry, User};
 use serde::Serialize;
 
-pub fn time(ms: i64) -> String {
-    DateTime::<Utc>::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .to_rfc3339_opts(SecondsFormat::Millis, true)
-}
+pub use hearth_app::events::time;
 
 fn opt_time(ms: Option<i64>) -> Option<String> {
     ms.map(time)
@@ -44,7 +40,7 @@ pub struct UserVm {
 impl From<&Environment> for UserVm {
     fn from(e: &Environment) -> UserVm {
         let running_now = match (e.state, e.started_at) {
-            (hearth_core::EnvState::Running, Some(s)) => ((hearth_store::now_ms() - s) / 1000).max(0),
+            (hearth_core::EnvState::Running, Some(s)) => ((hearth_core::Clock::now_ms(&hearth_core::clock::SystemClock) - s) / 1000).max(0),
             _ => 0,
         };
         UserVm {
@@ -121,16 +117,16 @@ pub struct ExecView {
     pub truncated: bool,
 }
 
-impl ExecView {
-    pub fn from_execution(e: &Execution, stdout: String, stderr: String, truncated: bool) -> ExecView {
+impl From<&ExecResult> for ExecView {
+    fn from(r: &ExecResult) -> ExecView {
         ExecView {
-            id: e.id.clone(),
-            stdout,
-            stderr,
-            exit_code: e.exit_code,
-            duration_ms: e.duration_ms.unwrap_or(0),
-            timed_out: e.status == "timeout",
-            truncated,
+            id: r.execution.id.clone(),
+            stdout: r.stdout.clone(),
+            stderr: r.stderr.clone(),
+            exit_code: r.execution.exit_code,
+            duration_ms: r.execution.duration_ms.unwrap_or(0),
+            timed_out: r.execution.status == "timeout",
+            truncated: r.truncated,
         }
     }
 }
@@ -156,6 +152,8 @@ pub struct EnvironmentView {
     pub vcpus: i64,
     pub memory_mb: i64,
     pub disk_gb: i64,
+    pub gpus: i64,
+    pub gpu_model: Option<String>,
     pub base_image: String,
     pub repository_url: Option<String>,
     pub environment_vars: std::collections::BTreeMap<String, String>,
@@ -178,7 +176,7 @@ impl From<&Environment> for EnvironmentView {
             personal: e.personal,
             state: e.state.to_string(),
             state_message: e.state_message.clone(),
-            provider: e.provider.clone(),
+            provider: e.provider.to_string(),
             host_id: e.host_id.clone(),
             vm_id: e.vm_id.clone(),
             region: e.region.clone(),
@@ -189,6 +187,8 @@ impl From<&Environment> for EnvironmentView {
             vcpus: e.vcpus,
             memory_mb: e.memory_mb,
             disk_gb: e.disk_gb,
+            gpus: e.gpus,
+            gpu_model: e.gpu_model.clone(),
             base_image: e.base_image.clone(),
             repository_url: e.repository_url.clone(),
             environment_vars: e.environment_vars.clone(),
@@ -271,19 +271,32 @@ impl From<&Execution> for ExecutionView {
     }
 }
 
+/// A host as admins see it. TLS material never leaves the server.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HostView {
     pub id: String,
     pub name: String,
-    pub provider: String,
-    pub status: String,
+    pub kind: &'static str,
+    pub endpoint: String,
+    pub guest_address: String,
+    pub region: Option<String>,
+    pub gpu_model: Option<String>,
+    pub gpu_count: i64,
+    pub status: &'static str,
+    pub health: &'static str,
+    pub health_message: Option<String>,
+    pub last_seen_at: Option<String>,
     pub max_vcpus: i64,
     pub max_memory_mb: i64,
     pub max_environments: i64,
     pub used_vcpus: i64,
     pub used_memory_mb: i64,
     pub used_environments: i64,
+    pub used_gpus: i64,
+    pub tls: bool,
+    pub options: serde_json::Value,
+    pub created_at: String,
     pub updated_at: String,
 }
 
@@ -292,14 +305,26 @@ impl From<&Host> for HostView {
         HostView {
             id: h.id.clone(),
             name: h.name.clone(),
-            provider: h.provider.clone(),
-            status: h.status.clone(),
-            max_vcpus: h.room.max_vcpus,
-            max_memory_mb: h.room.max_memory_mb,
-            max_environments: h.room.max_environments,
-            used_vcpus: h.room.used_vcpus,
-            used_memory_mb: h.room.used_memory_mb,
-            used_environments: h.room.used_environments,
+            kind: h.kind.as_str(),
+            endpoint: h.endpoint.clone(),
+            guest_address: h.guest_address.clone(),
+            region: h.region.clone(),
+            gpu_model: h.gpu_model.clone(),
+            gpu_count: h.gpu_count,
+            status: h.status.as_str(),
+            health: h.health.as_str(),
+            health_message: h.health_message.clone(),
+            last_seen_at: opt_time(h.last_seen_at),
+            max_vcpus: h.capacity.max_vcpus,
+            max_memory_mb: h.capacity.max_memory_mb,
+            max_environments: h.capacity.max_environments,
+            used_vcpus: h.used_vcpus,
+            used_memory_mb: h.used_memory_mb,
+            used_environments: h.used_environments,
+            used_gpus: h.used_gpus,
+            tls: h.tls_key_sealed.is_some(),
+            options: h.options.clone(),
+            created_at: time(h.created_at),
             updated_at: time(h.updated_at),
         }
     }

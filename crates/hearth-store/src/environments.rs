@@ -1,11 +1,13 @@
 //! Environments: creation under quota (with its first job, in one transaction) and
-//! conditional state writes guarded by state and generation.
+//! conditional state writes guarded by state and generation, which also reserve and
+//! release quota and host room as `EnvState::reservation` says.
 
+use crate::hosts::{Placement, release};
 use crate::jobs::{NewJob, insert_job};
 use crate::records::insert_audit;
 use crate::users::{User, quota_and_usage};
-use crate::{Result, Store, StoreError, Tx, now_ms};
-use hearth_core::{EnvState, Resources};
+use crate::{Result, Store, StoreError, Tx};
+use hearth_core::{EnvState, HostKind, Reservation, Resources};
 use rand::Rng;
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -21,8 +23,10 @@ pub struct Environment {
     pub state: EnvState,
     pub state_message: Option<String>,
     pub generation: i64,
-    pub provider: String,
+    /// The kind of host it runs on (and so its provider).
+    pub provider: HostKind,
     pub host_id: Option<String>,
+    /// The provider's id of its VM, saved as soon as the VM exists.
     pub vm_id: Option<String>,
     pub region: Option<String>,
     pub ip_address: Option<String>,
@@ -32,6 +36,10 @@ pub struct Environment {
     pub vcpus: i64,
     pub memory_mb: i64,
     pub disk_gb: i64,
+    pub gpus: i64,
+    pub gpu_model: Option<String>,
+    /// Holds its quota and host room now.
+    pub reserved: bool,
     pub base_image: String,
     pub environment_vars: BTreeMap<String, String>,
     pub ssh_public_key: String,
@@ -53,6 +61,18 @@ pub struct Environment {
 impl Environment {
     pub fn resources(&self) -> Resources {
         Resources { vcpus: self.vcpus, memory_mb: self.memory_mb, disk_gb: self.disk_gb }
+    }
+
+    /// What it needs from a host. A region asked for at creation stays asked for; the
+    /// region it was given (`region`) is that of its host.
+    fn placement(&self) -> Placement {
+        Placement {
+            kind: self.provider,
+            resources: self.resources(),
+            gpus: self.gpus,
+            gpu_model: self.gpu_model.clone(),
+            region: self.region.clone(),
+        }
     }
 
     /// A copy moved to `to`, with the timestamps that transition implies. Refuses
@@ -80,13 +100,12 @@ impl Environment {
     }
 }
 
-/// What the API asks for; the store adds ids, slug and timestamps.
+/// What the API asks for; the store adds ids, slug, host and timestamps.
 #[derive(Debug, Clone)]
 pub struct NewEnvironment {
     pub name: String,
     pub personal: bool,
-    pub provider: String,
-    pub resources: Resources,
+    pub placement: Placement,
     pub base_image: String,
     pub ssh_user: String,
     pub environment_vars: BTreeMap<String, String>,
@@ -110,7 +129,7 @@ const COLUMNS: &str = "id, slug, name, user_id, personal, state, state_message, 
     host_id, vm_id, region, ip_address, ssh_host, ssh_port, ssh_user, vcpus, memory_mb, disk_gb, \
     base_image, environment_vars, ssh_public_key, ssh_private_key_enc, auto_stop_minutes, \
     total_runtime_seconds, created_at, updated_at, started_at, stopped_at, expires_at, last_activity_at, \
-    last_activity_source, access_token_hash, init_script, repository_url";
+    last_activity_source, access_token_hash, init_script, repository_url, gpus, gpu_model, reserved";
 
 macro_rules! select_env {
     ($where:literal) => {
@@ -119,7 +138,8 @@ macro_rules! select_env {
              host_id, vm_id, region, ip_address, ssh_host, ssh_port, ssh_user, vcpus, memory_mb, disk_gb, \
              base_image, environment_vars, ssh_public_key, ssh_private_key_enc, auto_stop_minutes, \
              total_runtime_seconds, created_at, updated_at, started_at, stopped_at, expires_at, last_activity_at, \
-             last_activity_source, access_token_hash, init_script, repository_url FROM environments ",
+             last_activity_source, access_token_hash, init_script, repository_url, gpus, gpu_model, reserved \
+             FROM environments ",
             $where
         )
     };
@@ -128,6 +148,7 @@ macro_rules! select_env {
 fn env_from_row(row: &AnyRow) -> Result<Environment> {
     let state: String = row.try_get("state")?;
     let vars: String = row.try_get("environment_vars")?;
+    let provider: String = row.try_get("provider")?;
     Ok(Environment {
         id: row.try_get("id")?,
         slug: row.try_get("slug")?,
@@ -137,7 +158,7 @@ fn env_from_row(row: &AnyRow) -> Result<Environment> {
         state: EnvState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("state {state}")))?,
         state_message: row.try_get("state_message")?,
         generation: row.try_get("generation")?,
-        provider: row.try_get("provider")?,
+        provider: HostKind::parse(&provider).ok_or_else(|| StoreError::Corrupt(format!("provider {provider}")))?,
         host_id: row.try_get("host_id")?,
         vm_id: row.try_get("vm_id")?,
         region: row.try_get("region")?,
@@ -148,6 +169,9 @@ fn env_from_row(row: &AnyRow) -> Result<Environment> {
         vcpus: row.try_get("vcpus")?,
         memory_mb: row.try_get("memory_mb")?,
         disk_gb: row.try_get("disk_gb")?,
+        gpus: row.try_get("gpus")?,
+        gpu_model: row.try_get("gpu_model")?,
+        reserved: row.try_get::<i64, _>("reserved")? != 0,
         base_image: row.try_get("base_image")?,
         environment_vars: serde_json::from_str(&vars)
             .map_err(|e| StoreError::Corrupt(format!("environment_vars: {e}")))?,
@@ -203,11 +227,12 @@ impl Store {
         }
     }
 
-    /// Inserts an environment in `requested`, its first job and the audit line, in one
-    /// transaction, after checking the quota against current usage.
+    /// Inserts an environment in `requested` on the host placement chose, its first job
+    /// and the audit line, in one transaction, after checking the quota against current
+    /// usage.
     pub async fn create_environment(&self, user: &User, new: NewEnvironment, first_job: NewJob) -> Result<Environment> {
-        let now = now_ms();
-        let env = Environment {
+        let now = self.now();
+        let mut env = Environment {
             id: uuid::Uuid::now_v7().to_string(),
             slug: new_slug(),
             name: new.name,
@@ -216,17 +241,20 @@ impl Store {
             state: EnvState::Requested,
             state_message: Some("queued for provisioning".into()),
             generation: 1,
-            provider: new.provider,
+            provider: new.placement.kind,
             host_id: None,
             vm_id: None,
-            region: None,
+            region: new.placement.region.clone(),
             ip_address: None,
             ssh_host: None,
             ssh_port: None,
             ssh_user: new.ssh_user,
-            vcpus: new.resources.vcpus,
-            memory_mb: new.resources.memory_mb,
-            disk_gb: new.resources.disk_gb,
+            vcpus: new.placement.resources.vcpus,
+            memory_mb: new.placement.resources.memory_mb,
+            disk_gb: new.placement.resources.disk_gb,
+            gpus: new.placement.gpus,
+            gpu_model: new.placement.gpu_model.clone(),
+            reserved: true,
             base_image: new.base_image,
             environment_vars: new.environment_vars,
             ssh_public_key: new.ssh_public_key,
@@ -250,11 +278,12 @@ impl Store {
         sqlx::query(sqlx::AssertSqlSafe(lock)).bind(&user.id).fetch_one(&mut *tx).await?;
         let (quota, usage) = quota_and_usage(&mut tx, user).await?;
         quota.admit(&usage, &env.resources()).map_err(StoreError::Quota)?;
-        let mut env = env;
-        env.host_id = self.place_in(&mut tx, &env.provider, &env.resources(), None).await?;
+        let host_id = self.place_in(&mut tx, &new.placement, None).await?;
+        env.region = host_region(&mut tx, &host_id).await?;
+        env.host_id = Some(host_id);
         insert_env(&mut tx, &env).await?;
         insert_job(&mut tx, &first_job.for_environment(&env.id), now).await?;
-        insert_audit(&mut tx, &first_job.actor, "create", Some(&env.id), None, Some(EnvState::Requested), "success", None, None)
+        insert_audit(&mut tx, now, &first_job.actor, "create", Some(&env.id), None, Some(EnvState::Requested), "success", None, None)
             .await?;
         tx.commit().await?;
         Ok(env)
@@ -323,47 +352,56 @@ impl Store {
             )
         };
         let rows = sqlx::query(sql)
-        .bind(user_id.unwrap_or(""))
-        .bind(state.map(EnvState::as_str).unwrap_or(""))
-        .bind(include_destroyed as i64)
-        .bind(cursor.unwrap_or(""))
-        .bind(limit + 1)
-        .fetch_all(&self.pool)
-        .await?;
+            .bind(user_id.unwrap_or(""))
+            .bind(state.map(EnvState::as_str).unwrap_or(""))
+            .bind(include_destroyed as i64)
+            .bind(cursor.unwrap_or(""))
+            .bind(limit + 1)
+            .fetch_all(&self.pool)
+            .await?;
         let mut items = rows.iter().map(env_from_row).collect::<Result<Vec<_>>>()?;
         let next = crate::finish_page(&mut items, limit, |e| e.id.clone());
         Ok((items, next))
     }
 
+    /// Every environment on a host that is not destroyed, for the reconciler.
+    pub async fn environments_on_host(&self, host_id: &str) -> Result<Vec<Environment>> {
+        let rows = sqlx::query(select_env!("WHERE host_id = $1 AND state <> 'destroyed'"))
+            .bind(host_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(env_from_row).collect()
+    }
+
     /// Running environments idle for longer than their auto-stop time.
-    pub async fn idle_environments(&self, now: i64) -> Result<Vec<Environment>> {
+    pub async fn idle_environments(&self) -> Result<Vec<Environment>> {
         let rows = sqlx::query(select_env!(
             "WHERE state = 'running' AND auto_stop_minutes IS NOT NULL AND auto_stop_minutes > 0 \
              AND COALESCE(last_activity_at, started_at, created_at) + auto_stop_minutes * 60000 < $1"
         ))
-        .bind(now)
+        .bind(self.now())
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(env_from_row).collect()
     }
 
     /// Environments past `expiresAt` that are not yet on their way out.
-    pub async fn expired_environments(&self, now: i64) -> Result<Vec<Environment>> {
+    pub async fn expired_environments(&self) -> Result<Vec<Environment>> {
         let rows = sqlx::query(select_env!(
             "WHERE expires_at IS NOT NULL AND expires_at < $1 AND state NOT IN ('destroying', 'destroyed')"
         ))
-        .bind(now)
+        .bind(self.now())
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(env_from_row).collect()
     }
 
-    /// Environments in a transitional state whose last write is older than `before`.
-    pub async fn transitional_since(&self, before: i64) -> Result<Vec<Environment>> {
+    /// Environments in a transitional state whose last write is older than `age_ms`.
+    pub async fn transitional_for(&self, age_ms: i64) -> Result<Vec<Environment>> {
         let rows = sqlx::query(select_env!(
             "WHERE state IN ('requested', 'provisioning', 'starting', 'stopping', 'destroying') AND updated_at < $1"
         ))
-        .bind(before)
+        .bind(self.now() - age_ms)
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(env_from_row).collect()
@@ -378,29 +416,38 @@ impl Store {
     }
 
     /// Writes `next` if the row still has `prev`'s state and generation; bumps the
-    /// generation and records the transition in the audit log, in one transaction.
+    /// generation, reserves or releases quota and host room as the transition says, and
+    /// records it in the audit log, in one transaction.
     pub async fn save_transition(&self, prev: &Environment, mut next: Environment, actor: &str) -> Result<Environment> {
-        let now = now_ms();
+        let now = self.now();
         next.generation = prev.generation + 1;
         next.updated_at = now;
         let mut tx = self.begin().await?;
-        if !prev.state.is_active() && next.state.is_active() {
-            // Coming back to life (start, retry): it needs quota and host room again.
-            let user = crate::users::user_in(&mut tx, &prev.user_id, self.for_update()).await?;
-            let (quota, usage) = quota_and_usage(&mut tx, &user).await?;
-            quota.admit_existing(&usage, &next.resources()).map_err(StoreError::Quota)?;
-            next.host_id = self.place_in(&mut tx, &next.provider, &next.resources(), next.host_id.as_deref()).await?;
-        } else if prev.state.is_active() && !next.state.is_active() {
-            // Stopped, failed or destroyed: its room on the host is free again.
-            if let Some(host) = &prev.host_id {
-                crate::hosts::adjust(&mut tx, host, &prev.resources(), -1).await?;
+        match prev.state.reservation(next.state, prev.reserved) {
+            Reservation::Reserve => {
+                let user = crate::users::user_in(&mut tx, &prev.user_id, self.for_update()).await?;
+                let (quota, usage) = quota_and_usage(&mut tx, &user).await?;
+                quota.admit_existing(&usage, &next.resources()).map_err(StoreError::Quota)?;
+                // A VM that exists lives on its host; one never made may go anywhere.
+                let pinned = if prev.vm_id.is_some() { prev.host_id.as_deref() } else { None };
+                let host_id = self.place_in(&mut tx, &next.placement(), pinned).await?;
+                next.region = host_region(&mut tx, &host_id).await?;
+                next.host_id = Some(host_id);
+                next.reserved = true;
             }
+            Reservation::Release => {
+                if let Some(host) = &prev.host_id {
+                    release(&mut tx, host, &prev.resources(), prev.gpus).await?;
+                }
+                next.reserved = false;
+            }
+            Reservation::Keep => next.reserved = prev.reserved,
         }
         let done = sqlx::query(
             "UPDATE environments SET state = $1, state_message = $2, generation = $3, host_id = $4, vm_id = $5, \
              ip_address = $6, ssh_host = $7, ssh_port = $8, total_runtime_seconds = $9, updated_at = $10, \
-             started_at = $11, stopped_at = $12, last_activity_at = $13, last_activity_source = $17 \
-             WHERE id = $14 AND state = $15 AND generation = $16",
+             started_at = $11, stopped_at = $12, last_activity_at = $13, last_activity_source = $17, reserved = $18, \
+             region = $19 WHERE id = $14 AND state = $15 AND generation = $16",
         )
         .bind(next.state.as_str())
         .bind(&next.state_message)
@@ -419,6 +466,8 @@ impl Store {
         .bind(prev.state.as_str())
         .bind(prev.generation)
         .bind(&next.last_activity_source)
+        .bind(next.reserved as i64)
+        .bind(&next.region)
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() != 1 {
@@ -430,10 +479,37 @@ impl Store {
             let action = format!("state_{}", next.state);
             // How long the environment spent in the state it leaves.
             let in_previous = (now - prev.updated_at).max(0);
-            insert_audit(&mut tx, actor, &action, Some(&prev.id), Some(prev.state), Some(next.state), outcome, error, Some(in_previous))
+            insert_audit(&mut tx, now, actor, &action, Some(&prev.id), Some(prev.state), Some(next.state), outcome, error, Some(in_previous))
                 .await?;
         }
         tx.commit().await?;
+        Ok(next)
+    }
+
+    /// Saves the VM a job just made (its reference and, once known, its address) without
+    /// a state change, so it is known from the moment it exists. Conditional on the
+    /// generation, like every write of a job.
+    pub async fn save_vm(&self, env: &Environment) -> Result<Environment> {
+        let mut next = env.clone();
+        next.generation = env.generation + 1;
+        next.updated_at = self.now();
+        let done = sqlx::query(
+            "UPDATE environments SET vm_id = $1, ip_address = $2, ssh_host = $3, ssh_port = $4, generation = $5, \
+             updated_at = $6 WHERE id = $7 AND generation = $8",
+        )
+        .bind(&next.vm_id)
+        .bind(&next.ip_address)
+        .bind(&next.ssh_host)
+        .bind(next.ssh_port)
+        .bind(next.generation)
+        .bind(next.updated_at)
+        .bind(&env.id)
+        .bind(env.generation)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::Stale);
+        }
         Ok(next)
     }
 
@@ -450,11 +526,16 @@ impl Store {
     }
 }
 
+async fn host_region(tx: &mut Tx, host_id: &str) -> Result<Option<String>> {
+    let row = sqlx::query("SELECT region FROM hosts WHERE id = $1").bind(host_id).fetch_one(&mut **tx).await?;
+    Ok(row.try_get("region")?)
+}
+
 async fn insert_env(tx: &mut Tx, e: &Environment) -> Result<()> {
     let vars = serde_json::to_string(&e.environment_vars).map_err(|err| StoreError::Corrupt(err.to_string()))?;
     let sql = format!(
         "INSERT INTO environments ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
-         $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35)"
+         $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38)"
     );
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(&e.id)
@@ -465,7 +546,7 @@ async fn insert_env(tx: &mut Tx, e: &Environment) -> Result<()> {
         .bind(e.state.as_str())
         .bind(&e.state_message)
         .bind(e.generation)
-        .bind(&e.provider)
+        .bind(e.provider.as_str())
         .bind(&e.host_id)
         .bind(&e.vm_id)
         .bind(&e.region)
@@ -492,6 +573,9 @@ async fn insert_env(tx: &mut Tx, e: &Environment) -> Result<()> {
         .bind(&e.access_token_hash)
         .bind(&e.init_script)
         .bind(&e.repository_url)
+        .bind(e.gpus)
+        .bind(&e.gpu_model)
+        .bind(e.reserved as i64)
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -507,8 +591,13 @@ pub(crate) mod tests {
         NewEnvironment {
             name: "Personal VM".into(),
             personal,
-            provider: "docker".into(),
-            resources: Tier::Free.default_resources(),
+            placement: Placement {
+                kind: HostKind::Docker,
+                resources: Tier::Free.default_resources(),
+                gpus: 0,
+                gpu_model: None,
+                region: None,
+            },
             base_image: "hearth/base:latest".into(),
             ssh_user: "dev".into(),
             environment_vars: BTreeMap::from([("X".to_string(), "$(id) 'q'".to_string())]),
@@ -522,6 +611,11 @@ pub(crate) mod tests {
         }
     }
 
+    /// A Docker host with room for anything the tests ask.
+    pub(crate) async fn roomy_host(store: &Store) -> crate::Host {
+        store.add_host(&crate::hosts::tests::host("roomy", HostKind::Docker, 100_000, 100_000_000)).await.unwrap()
+    }
+
     pub(crate) fn provision_job(actor: &str) -> NewJob {
         NewJob { queue: "provision".into(), kind: "provision".into(), environment_id: String::new(), max_attempts: 3, actor: actor.into() }
     }
@@ -529,6 +623,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn personal_vm_is_created_once_even_concurrently() {
         each_backend(|store| async move {
+            roomy_host(&store).await;
             let (user, _) = store.create_user("p@example.com", Role::User, Tier::Free).await.unwrap();
             let mut tasks = Vec::new();
             for _ in 0..8 {
@@ -562,9 +657,10 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn quota_is_enforced_in_the_transaction() {
         each_backend(|store| async move {
+            roomy_host(&store).await;
             let (user, _) = store.create_user("q@example.com", Role::User, Tier::Free).await.unwrap();
             let mut big = sample(false);
-            big.resources.vcpus = 3;
+            big.placement.resources.vcpus = 3;
             let err = store.create_environment(&user, big, provision_job(&user.id)).await.unwrap_err();
             assert!(matches!(err, StoreError::Quota(ref q) if q.limit == "maxVcpus"), "{err}");
             store.create_environment(&user, sample(false), provision_job(&user.id)).await.unwrap();
@@ -577,16 +673,17 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn stale_writers_lose() {
         each_backend(|store| async move {
+            roomy_host(&store).await;
             let (user, _) = store.create_user("s@example.com", Role::User, Tier::Free).await.unwrap();
             let env = store.create_environment(&user, sample(true), provision_job(&user.id)).await.unwrap();
-            let a = env.moved_to(EnvState::Provisioning, None, now_ms()).unwrap();
-            let b = env.moved_to(EnvState::Error, Some("x".into()), now_ms()).unwrap();
+            let a = env.moved_to(EnvState::Provisioning, None, store.now()).unwrap();
+            let b = env.moved_to(EnvState::Error, Some("x".into()), store.now()).unwrap();
             let saved = store.save_transition(&env, a, "system:test").await.unwrap();
             assert_eq!(saved.generation, env.generation + 1);
             assert!(matches!(store.save_transition(&env, b, "system:test").await, Err(StoreError::Stale)));
             assert_eq!(store.environment(&env.id).await.unwrap().state, EnvState::Provisioning);
             // Not in the table: refused before any write.
-            assert!(saved.moved_to(EnvState::Stopped, None, now_ms()).is_err());
+            assert!(saved.moved_to(EnvState::Stopped, None, store.now()).is_err());
             let audit = store.audit_for_environment(&env.id).await.unwrap();
             let last = audit.last().unwrap();
             assert_eq!((last.previous_state.as_deref(), last.new_state.as_deref()), (Some("requested"), Some("provisioning")));

@@ -1,11 +1,16 @@
-//! The jobs table: durable work items with leases.
+//! The jobs table: durable work items with leases and saved progress.
 //!
 //! A job is claimed by setting a lease; a worker that dies stops renewing it and the
 //! sweeper hands the job back. Jobs of one environment run strictly in id order: a job
 //! is claimable only when no earlier job of its environment is queued or running.
+//!
+//! A job's `progress` is what its saga steps produced so far, written by the lease owner
+//! only, so a retry (or another node, after a crash) resumes after the last finished step.
+//! A worker's death refunds the attempt it was on and counts a crash instead: attempts
+//! measure the job's own failures, and `MAX_CRASHES` bounds the rest.
 
 use crate::records::insert_audit;
-use crate::{Result, Store, StoreError, Tx, now_ms};
+use crate::{Result, Store, StoreError, Tx};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
@@ -51,6 +56,10 @@ impl NewJob {
     }
 }
 
+/// Worker deaths one job may suffer before it is run once more only to wind down (undo
+/// and settle its environment).
+pub const MAX_CRASHES: i64 = 5;
+
 #[derive(Debug, Clone)]
 pub struct Job {
     pub id: i64,
@@ -66,15 +75,18 @@ pub struct Job {
     pub lease_expires_at: Option<i64>,
     pub last_error: Option<String>,
     pub actor: String,
+    /// What the saga's finished steps produced (JSON object).
+    pub progress: serde_json::Value,
+    /// Claims that ended with the worker's death.
+    pub crashes: i64,
     pub created_at: i64,
     pub updated_at: i64,
 }
 
 impl Job {
-    /// A claim past the last attempt happens when a worker died holding the last one:
-    /// the handler must only clean up.
+    /// Too many workers died running it: the handler must only wind down.
     pub fn exhausted(&self) -> bool {
-        self.attempts > self.max_attempts
+        self.crashes > MAX_CRASHES || self.attempts > self.max_attempts
     }
 
     pub fn is_last_attempt(&self) -> bool {
@@ -83,10 +95,11 @@ impl Job {
 }
 
 const SELECT_JOB: &str = "SELECT id, queue, kind, environment_id, state, attempts, max_attempts, run_after, \
-    lease_owner, lease_expires_at, last_error, actor, created_at, updated_at FROM jobs";
+    lease_owner, lease_expires_at, last_error, actor, progress, crashes, created_at, updated_at FROM jobs";
 
 fn job_from_row(row: &AnyRow) -> Result<Job> {
     let state: String = row.try_get("state")?;
+    let progress: String = row.try_get("progress")?;
     Ok(Job {
         id: row.try_get("id")?,
         queue: row.try_get("queue")?,
@@ -100,6 +113,8 @@ fn job_from_row(row: &AnyRow) -> Result<Job> {
         lease_expires_at: row.try_get("lease_expires_at")?,
         last_error: row.try_get("last_error")?,
         actor: row.try_get("actor")?,
+        progress: serde_json::from_str(&progress).map_err(|_| StoreError::Corrupt(format!("job progress {progress:?}")))?,
+        crashes: row.try_get("crashes")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
     })
@@ -125,10 +140,10 @@ pub(crate) async fn insert_job(tx: &mut Tx, job: &NewJob, now: i64) -> Result<i6
 impl Store {
     /// Queues a job and writes the audit line for the request that asked for it.
     pub async fn enqueue(&self, job: &NewJob, action: &str) -> Result<i64> {
-        let now = now_ms();
+        let now = self.now();
         let mut tx = self.begin().await?;
         let id = insert_job(&mut tx, job, now).await?;
-        insert_audit(&mut tx, &job.actor, action, Some(&job.environment_id), None, None, "queued", None, None).await?;
+        insert_audit(&mut tx, now, &job.actor, action, Some(&job.environment_id), None, None, "queued", None, None).await?;
         tx.commit().await?;
         Ok(id)
     }
@@ -137,7 +152,7 @@ impl Store {
     /// outstanding, leasing it to `owner` for `lease_ms`.
     pub async fn claim(&self, queue: &str, owner: &str, lease_ms: i64) -> Result<Option<Job>> {
         for _ in 0..5 {
-            let now = now_ms();
+            let now = self.now();
             let mut tx = self.begin().await?;
             let candidate = sqlx::query(
                 "SELECT j.id FROM jobs j WHERE j.queue = $1 AND j.state = 'queued' AND j.run_after <= $2 \
@@ -174,9 +189,24 @@ impl Store {
         Ok(None)
     }
 
+    /// Saves what the job's steps produced so far; false when the job is no longer ours
+    /// (its lease ran out and it was handed to another worker).
+    pub async fn save_progress(&self, id: i64, owner: &str, progress: &serde_json::Value) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE jobs SET progress = $1, updated_at = $2 WHERE id = $3 AND lease_owner = $4 AND state = 'running'",
+        )
+        .bind(progress.to_string())
+        .bind(self.now())
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// Extends the lease; false when the job is no longer ours (it was swept and re-run).
     pub async fn renew_lease(&self, id: i64, owner: &str, lease_ms: i64) -> Result<bool> {
-        let now = now_ms();
+        let now = self.now();
         let done = sqlx::query(
             "UPDATE jobs SET lease_expires_at = $1, updated_at = $2 WHERE id = $3 AND lease_owner = $4 AND state = 'running'",
         )
@@ -194,7 +224,7 @@ impl Store {
             "UPDATE jobs SET state = 'succeeded', lease_owner = NULL, lease_expires_at = NULL, updated_at = $1 \
              WHERE id = $2 AND lease_owner = $3",
         )
-        .bind(now_ms())
+        .bind(self.now())
         .bind(id)
         .bind(owner)
         .execute(&self.pool)
@@ -204,7 +234,7 @@ impl Store {
 
     /// Records a failed attempt: back to `queued` at `retry_at`, or `dead` when `None`.
     pub async fn fail(&self, id: i64, owner: &str, error: &str, retry_at: Option<i64>) -> Result<()> {
-        let now = now_ms();
+        let now = self.now();
         let state = if retry_at.is_some() { "queued" } else { "dead" };
         sqlx::query(
             "UPDATE jobs SET state = $1, run_after = $2, last_error = $3, lease_owner = NULL, lease_expires_at = NULL, \
@@ -221,11 +251,30 @@ impl Store {
         Ok(())
     }
 
-    /// Hands back jobs whose lease ran out (their worker died). Returns how many.
+    /// Puts the job back to run at `run_at` without spending an attempt: it is waiting
+    /// for something outside it (an undo that needs the host back, say), not failing.
+    pub async fn postpone(&self, id: i64, owner: &str, note: &str, run_at: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE jobs SET state = 'queued', run_after = $1, last_error = $2, attempts = attempts - 1, \
+             lease_owner = NULL, lease_expires_at = NULL, updated_at = $3 WHERE id = $4 AND lease_owner = $5",
+        )
+        .bind(run_at)
+        .bind(note)
+        .bind(self.now())
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Hands back jobs whose lease ran out (their worker died), refunding the attempt and
+    /// counting a crash. Returns how many.
     pub async fn requeue_expired(&self) -> Result<u64> {
-        let now = now_ms();
+        let now = self.now();
         let done = sqlx::query(
             "UPDATE jobs SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, run_after = $1, \
+             attempts = attempts - 1, crashes = crashes + 1, \
              last_error = 'the worker running it stopped renewing its lease', updated_at = $1 \
              WHERE state = 'running' AND lease_expires_at < $1",
         )
@@ -288,13 +337,14 @@ impl Store {
         rows.iter().map(job_from_row).collect()
     }
 
-    /// Puts a dead job back in the queue with fresh attempts.
+    /// Puts a dead job back in the queue with fresh attempts. Its saga starts afresh: a
+    /// job dies only after undoing what it did.
     pub async fn retry_dead(&self, id: i64, actor: &str) -> Result<Job> {
-        let now = now_ms();
+        let now = self.now();
         let mut tx = self.begin().await?;
         let done = sqlx::query(
-            "UPDATE jobs SET state = 'queued', attempts = 0, run_after = $1, updated_at = $1, actor = $2 \
-             WHERE id = $3 AND state = 'dead'",
+            "UPDATE jobs SET state = 'queued', attempts = 0, crashes = 0, progress = '{}', run_after = $1, \
+             updated_at = $1, actor = $2 WHERE id = $3 AND state = 'dead'",
         )
         .bind(now)
         .bind(actor)
@@ -310,7 +360,7 @@ impl Store {
         }
         let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_JOB} WHERE id = $1"))).bind(id).fetch_one(&mut *tx).await?;
         let job = job_from_row(&row)?;
-        insert_audit(&mut tx, actor, "job_retry", Some(&job.environment_id), None, None, "queued", None, None).await?;
+        insert_audit(&mut tx, now, actor, "job_retry", Some(&job.environment_id), None, None, "queued", None, None).await?;
         tx.commit().await?;
         Ok(job)
     }
@@ -363,7 +413,12 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             assert_eq!(store.requeue_expired().await.unwrap(), 1);
             let again = store.claim("control", "w2", 10_000).await.unwrap().unwrap();
-            assert_eq!((again.id, again.attempts), (id, 2));
+            // The dead worker's attempt was refunded and counted as a crash.
+            assert_eq!((again.id, again.attempts, again.crashes), (id, 1, 1));
+            // Progress is the lease owner's alone to write.
+            assert!(!store.save_progress(id, "dead-worker", &serde_json::json!({"done": ["a"]})).await.unwrap());
+            assert!(store.save_progress(id, "w2", &serde_json::json!({"done": ["a"]})).await.unwrap());
+            assert_eq!(store.job(id).await.unwrap().progress["done"][0], "a");
             assert!(!store.renew_lease(id, "dead-worker", 10_000).await.unwrap());
             assert!(store.renew_lease(id, "w2", 10_000).await.unwrap());
             // The old owner's late verdict is ignored.
@@ -396,9 +451,9 @@ mod tests {
         each_backend(|store| async move {
             let id = store.enqueue(&job("env-d", "start"), "start").await.unwrap();
             store.claim("control", "w", 10_000).await.unwrap().unwrap();
-            store.fail(id, "w", "try later", Some(now_ms() + 60_000)).await.unwrap();
+            store.fail(id, "w", "try later", Some(store.now() + 60_000)).await.unwrap();
             assert!(store.claim("control", "w", 10_000).await.unwrap().is_none());
-            assert!(store.next_run_after("control").await.unwrap().unwrap() > now_ms());
+            assert!(store.next_run_after("control").await.unwrap().unwrap() > store.now());
         })
         .await;
     }

@@ -7,18 +7,24 @@
 
 mod environments;
 mod hosts;
+mod installation;
 mod jobs;
 mod records;
+mod sim;
 mod users;
 
 pub use environments::{Environment, NewEnvironment, PersonalOutcome};
-pub use hosts::{Host, HostCapacity};
-pub use jobs::{Job, JobState, NewJob};
+pub use hosts::{Host, HostCapacity, HostUpdate, NewHost, Placement};
+pub use installation::{Installation, KeyCheck};
+pub use jobs::{Job, JobState, MAX_CRASHES, NewJob};
 pub use records::{AuditEntry, AuditFilter, Execution, LogEntry};
+pub use sim::SimVmRow;
 pub use users::{QuotaOverrides, User, generate_token, hash_token};
 
+use hearth_core::Clock;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Executor};
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +45,9 @@ pub enum StoreError {
     /// No host has room (or the environment's own host has none).
     #[error("{0}")]
     NoCapacity(String),
+    /// No host could ever take it (no host in that region, none with such GPUs).
+    #[error("{0}")]
+    NoSuchHost(String),
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
 }
@@ -61,6 +70,7 @@ pub enum Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    clock: Arc<dyn Clock>,
     /// SQLite has one writer; queueing writers here is far cheaper than letting them
     /// meet SQLite's busy handler, which sleeps in steps of up to 100 ms.
     writer: std::sync::Arc<tokio::sync::Mutex<()>>,
@@ -98,17 +108,15 @@ impl std::ops::DerefMut for Tx {
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl Store {
     /// Connects and applies the backend's migrations. `url` is `sqlite://PATH` or
     /// `postgres://...`.
     pub async fn connect(url: &str) -> Result<Store> {
+        Self::connect_with_clock(url, hearth_core::clock::system()).await
+    }
+
+    /// As `connect`, with every time the store writes or compares read from `clock`.
+    pub async fn connect_with_clock(url: &str, clock: Arc<dyn Clock>) -> Result<Store> {
         install_default_drivers();
         let backend = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
             Backend::Postgres
@@ -138,7 +146,7 @@ impl Store {
             }
             Backend::Postgres => options.connect(url).await?,
         };
-        let store = Store { pool, backend, writer: Default::default() };
+        let store = Store { pool, backend, clock, writer: Default::default() };
         match backend {
             Backend::Sqlite => {
                 store.pool.execute("PRAGMA journal_mode = WAL").await?;
@@ -151,6 +159,15 @@ impl Store {
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// Now, by the store's clock (epoch milliseconds).
+    pub fn now(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
     }
 
     pub fn pool(&self) -> &AnyPool {

@@ -1,6 +1,6 @@
 //! Append-only records: the audit log, executions and the provisioning log.
 
-use crate::{Result, Store, Tx, now_ms};
+use crate::{Result, Store, Tx};
 use hearth_core::EnvState;
 use sqlx::Row;
 
@@ -66,6 +66,7 @@ fn log_from_row(r: &sqlx::any::AnyRow) -> Result<LogEntry> {
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn insert_audit(
     tx: &mut Tx,
+    now: i64,
     actor: &str,
     action: &str,
     environment_id: Option<&str>,
@@ -79,7 +80,7 @@ pub(crate) async fn insert_audit(
         "INSERT INTO audit_log (at, actor, action, environment_id, previous_state, new_state, outcome, error, duration_ms) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
-    .bind(now_ms())
+    .bind(now)
     .bind(actor)
     .bind(action)
     .bind(environment_id)
@@ -103,8 +104,9 @@ impl Store {
         error: Option<&str>,
         duration_ms: Option<i64>,
     ) -> Result<()> {
+        let now = self.now();
         let mut tx = self.begin().await?;
-        insert_audit(&mut tx, actor, action, environment_id, None, None, outcome, error, duration_ms).await?;
+        insert_audit(&mut tx, now, actor, action, environment_id, None, None, outcome, error, duration_ms).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -230,7 +232,7 @@ impl Store {
 
     /// Appends a provisioning log line and drops lines that fell out of the window.
     pub async fn append_log(&self, environment_id: &str, level: &str, message: &str) -> Result<()> {
-        let now = now_ms();
+        let now = self.now();
         sqlx::query("INSERT INTO provision_logs (environment_id, at, level, message) VALUES ($1, $2, $3, $4)")
             .bind(environment_id)
             .bind(now)
@@ -289,7 +291,7 @@ impl Store {
             .map(log_from_row)
             .collect::<Result<Vec<_>>>()?;
         entries.reverse();
-        if entries.last().is_some_and(|newest| now_ms() - newest.at > LOG_WINDOW_MS) {
+        if entries.last().is_some_and(|newest| self.now() - newest.at > LOG_WINDOW_MS) {
             entries.clear();
         }
         Ok(entries)

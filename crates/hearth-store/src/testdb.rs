@@ -28,6 +28,17 @@ pub async fn fresh_postgres() -> Store {
     Store::connect(&fresh_postgres_url().await).await.unwrap()
 }
 
+/// Runs `body` with the URL of a fresh SQLite database, then of a fresh PostgreSQL one.
+pub async fn each_backend_url<F, Fut>(body: F)
+where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    body(format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display())).await;
+    body(fresh_postgres_url().await).await;
+}
+
 pub async fn each_backend<F, Fut>(body: F)
 where
     F: Fn(Store) -> Fut,

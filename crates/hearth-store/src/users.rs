@@ -1,7 +1,7 @@
 //! Users, their API tokens (stored as SHA-256 hashes) and their quotas.
 
-use crate::{Result, Store, StoreError, Tx, now_ms};
-use hearth_core::{EnvState, Quota, Role, Tier, Usage};
+use crate::{Result, Store, StoreError, Tx};
+use hearth_core::{Quota, Role, Tier, Usage};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
@@ -61,7 +61,7 @@ impl Store {
             email: email.to_string(),
             role,
             tier,
-            created_at: now_ms(),
+            created_at: self.now(),
         };
         let token = generate_token();
         let mut tx = self.begin().await?;
@@ -213,10 +213,10 @@ pub(crate) async fn quota_in(conn: &mut sqlx::AnyConnection, user: &User) -> Res
 }
 
 /// Counts what the user holds now. Environments count until destroyed; resources count
-/// while active (not stopped, destroyed or failed).
+/// while reserved (see `EnvState::reservation`).
 pub(crate) async fn usage_in(conn: &mut sqlx::AnyConnection, user_id: &str) -> Result<Usage> {
     // Summed in SQL: one row back however many environments the user has.
-    const ACTIVE: &str = "state NOT IN ('stopped', 'destroyed', 'error')";
+    const ACTIVE: &str = "reserved = 1";
     let sql = format!(
         "SELECT CAST(COUNT(*) AS BIGINT) AS environments, \
          CAST(COALESCE(SUM(CASE WHEN {ACTIVE} THEN 1 ELSE 0 END), 0) AS BIGINT) AS concurrent, \
@@ -226,7 +226,6 @@ pub(crate) async fn usage_in(conn: &mut sqlx::AnyConnection, user_id: &str) -> R
          FROM environments WHERE user_id = $1 AND state <> 'destroyed'"
     );
     let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(user_id).fetch_one(&mut *conn).await?;
-    debug_assert!(!EnvState::Stopped.is_active() && !EnvState::Error.is_active());
     Ok(Usage {
         environments: row.try_get("environments")?,
         concurrent_environments: row.try_get("concurrent")?,

@@ -38,7 +38,7 @@ impl Client {
         let token = match std::env::var("HEARTH_TOKEN").ok().filter(|s| !s.is_empty()) {
             Some(t) => t,
             None => {
-                let dir = std::env::var("HEARTH_DATA_DIR").unwrap_or_else(|_| hearth_server::config::default_data_dir());
+                let dir = std::env::var("HEARTH_DATA_DIR").unwrap_or_else(|_| hearth_app::config::default_data_dir());
                 let path = std::path::Path::new(&dir).join("admin.token");
                 std::fs::read_to_string(&path).map(|t| t.trim().to_string()).map_err(|_| {
                     Failure::unreachable(format!(
@@ -84,6 +84,10 @@ impl Client {
 
     pub async fn post(&self, path: &str, body: Value) -> Result<Value, Failure> {
         self.send(self.http.post(format!("{}{path}", self.base)).json(&body)).await
+    }
+
+    pub async fn patch(&self, path: &str, body: Value) -> Result<Value, Failure> {
+        self.send(self.http.patch(format!("{}{path}", self.base)).json(&body)).await
     }
 
     pub async fn delete(&self, path: &str) -> Result<Value, Failure> {

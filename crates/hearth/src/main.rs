@@ -148,11 +148,70 @@ enum AdminCommand {
         #[arg(long)]
         retry: Option<i64>,
     },
-    /// Hosts and their use; --drain ID stops placing on one.
+    /// Hosts: the machines (or projects) VMs run on.
     Hosts {
-        #[arg(long)]
-        drain: Option<String>,
+        #[command(subcommand)]
+        command: HostsCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum HostsCommand {
+    /// Every host with its health and use.
+    List,
+    /// Add a host; it must answer first (nothing is added when it does not).
+    Add {
+        name: String,
+        /// docker or sim (agent and ovh are coming).
+        #[arg(long, default_value = "docker")]
+        kind: String,
+        /// unix:///path/docker.sock, tcp://host:2376 (with --tls-*), ssh://user@host; sim://... for sim.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Where the nodes reach the host's guests (Docker publishes SSH ports on it).
+        #[arg(long)]
+        guest_address: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        gpu_model: Option<String>,
+        #[arg(long)]
+        gpu_count: Option<i64>,
+        #[arg(long)]
+        max_vcpus: i64,
+        #[arg(long)]
+        max_memory_mb: i64,
+        #[arg(long)]
+        max_environments: Option<i64>,
+        /// PEM files for a tcp:// Docker endpoint; the key is sealed in the database.
+        #[arg(long)]
+        tls_ca: Option<std::path::PathBuf>,
+        #[arg(long)]
+        tls_cert: Option<std::path::PathBuf>,
+        #[arg(long)]
+        tls_key: Option<std::path::PathBuf>,
+        /// Kind-specific options as JSON (a sim host's latency and faults).
+        #[arg(long)]
+        options: Option<String>,
+    },
+    /// Change a host's capacity or options.
+    Update {
+        id: String,
+        #[arg(long)]
+        max_vcpus: Option<i64>,
+        #[arg(long)]
+        max_memory_mb: Option<i64>,
+        #[arg(long)]
+        max_environments: Option<i64>,
+        #[arg(long)]
+        options: Option<String>,
+    },
+    /// Take no new environments on it (what it runs stays).
+    Drain { id: String },
+    /// Take new environments again.
+    Ready { id: String },
+    /// Remove a host that holds no environment.
+    Remove { id: String },
 }
 
 #[derive(Subcommand)]
@@ -602,18 +661,74 @@ async fn admin(command: AdminCommand) -> Result<ExitCode, Failure> {
                 println!("{:>6} {:<9} {:<9} {:<9} {}/{} {} {}", s(&j, "id"), s(&j, "queue"), s(&j, "kind"), s(&j, "state"), s(&j, "attempts"), s(&j, "maxAttempts"), s(&j, "environmentId"), j["lastError"].as_str().unwrap_or(""));
             }
         }
-        AdminCommand::Hosts { drain: Some(id) } => {
-            let h = client.post(&format!("/v1/admin/hosts/{id}/drain"), json!({})).await?;
-            println!("{} is {}", s(&h, "name"), s(&h, "status"));
-        }
-        AdminCommand::Hosts { drain: None } => {
+        AdminCommand::Hosts { command } => return hosts(&client, command).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_host(h: &Value) {
+    println!(
+        "{} {:<24} {:<6} {:<9} {:<9} vCPUs {}/{}  memory {}/{} MB  environments {}/{}  {}{}",
+        s(h, "id"), s(h, "name"), s(h, "kind"), s(h, "status"), s(h, "health"), s(h, "usedVcpus"), s(h, "maxVcpus"),
+        s(h, "usedMemoryMb"), s(h, "maxMemoryMb"), s(h, "usedEnvironments"), s(h, "maxEnvironments"), s(h, "endpoint"),
+        h["healthMessage"].as_str().map(|m| format!("  ({m})")).unwrap_or_default()
+    );
+}
+
+fn json_arg(text: Option<String>, what: &str) -> Result<Option<Value>, Failure> {
+    text.map(|t| serde_json::from_str(&t).map_err(|e| Failure::usage(format!("{what} must be JSON: {e}")))).transpose()
+}
+
+async fn hosts(client: &Client, command: HostsCommand) -> Result<ExitCode, Failure> {
+    match command {
+        HostsCommand::List => {
             for h in client.get("/v1/admin/hosts").await?["items"].as_array().cloned().unwrap_or_default() {
-                println!(
-                    "{} {:<30} {:<9} vCPUs {}/{}  memory {}/{} MB  environments {}/{}",
-                    s(&h, "id"), s(&h, "name"), s(&h, "status"), s(&h, "usedVcpus"), s(&h, "maxVcpus"),
-                    s(&h, "usedMemoryMb"), s(&h, "maxMemoryMb"), s(&h, "usedEnvironments"), s(&h, "maxEnvironments")
-                );
+                print_host(&h);
             }
+        }
+        HostsCommand::Add {
+            name, kind, endpoint, guest_address, region, gpu_model, gpu_count, max_vcpus, max_memory_mb,
+            max_environments, tls_ca, tls_cert, tls_key, options,
+        } => {
+            let mut body = json!({ "name": name, "kind": kind, "maxVcpus": max_vcpus, "maxMemoryMb": max_memory_mb });
+            for (k, v) in [("endpoint", endpoint), ("guestAddress", guest_address), ("region", region), ("gpuModel", gpu_model)] {
+                if let Some(v) = v {
+                    body[k] = json!(v);
+                }
+            }
+            for (k, v) in [("gpuCount", gpu_count), ("maxEnvironments", max_environments)] {
+                if let Some(v) = v {
+                    body[k] = json!(v);
+                }
+            }
+            for (k, path) in [("tlsCa", tls_ca), ("tlsCert", tls_cert), ("tlsKey", tls_key)] {
+                if let Some(p) = path {
+                    body[k] = json!(read_file(&p, k)?);
+                }
+            }
+            if let Some(o) = json_arg(options, "--options")? {
+                body["options"] = o;
+            }
+            let h = client.post("/v1/admin/hosts", body).await?;
+            print_host(&h);
+        }
+        HostsCommand::Update { id, max_vcpus, max_memory_mb, max_environments, options } => {
+            let mut body = json!({});
+            for (k, v) in [("maxVcpus", max_vcpus), ("maxMemoryMb", max_memory_mb), ("maxEnvironments", max_environments)] {
+                if let Some(v) = v {
+                    body[k] = json!(v);
+                }
+            }
+            if let Some(o) = json_arg(options, "--options")? {
+                body["options"] = o;
+            }
+            print_host(&client.patch(&format!("/v1/admin/hosts/{id}"), body).await?);
+        }
+        HostsCommand::Drain { id } => print_host(&client.post(&format!("/v1/admin/hosts/{id}/drain"), json!({})).await?),
+        HostsCommand::Ready { id } => print_host(&client.post(&format!("/v1/admin/hosts/{id}/ready"), json!({})).await?),
+        HostsCommand::Remove { id } => {
+            let h = client.delete(&format!("/v1/admin/hosts/{id}")).await?;
+            println!("removed {} ({})", s(&h, "name"), s(&h, "id"));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -89,9 +89,9 @@ async fn reaper_stops_idle_and_destroys_expired(db: Db) {
 
     // Two hours of idleness (written into the database, not slept) and an expiry in the past.
     let store = site.store().await;
-    let two_hours_ago = hearth_store::now_ms() - 2 * 3_600_000;
+    let two_hours_ago = now_ms() - 2 * 3_600_000;
     store.exec_sql_for_tests("UPDATE environments SET last_activity_at = $1 WHERE id = $2", two_hours_ago, &a).await.unwrap();
-    store.exec_sql_for_tests("UPDATE environments SET expires_at = $1 WHERE id = $2", hearth_store::now_ms() - 1000, &b).await.unwrap();
+    store.exec_sql_for_tests("UPDATE environments SET expires_at = $1 WHERE id = $2", now_ms() - 1000, &b).await.unwrap();
     server.wait_env(&token, &a, "stopped", UP).await;
     server.wait_env(&token, &b, "destroyed", UP).await;
     assert!(containers_of(&b).is_empty());

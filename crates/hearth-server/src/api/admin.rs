@@ -1,16 +1,14 @@
-//! Admin endpoints (role `admin`).
+//! Admin endpoints (role `admin`): users, every VM and environment, jobs, the audit log.
 
+use super::environments::{page_limit, parse_state};
 use super::{Admin, Body, Params};
 use crate::App;
-use crate::error::{ApiError, ApiResult};
-use super::environments::{page_limit, parse_state};
-use crate::service::JobKind;
+use crate::error::ApiResult;
 use crate::views::{AuditView, EnvironmentView, HostView, JobView, UserView, UserVm};
 use axum::Json;
 use axum::extract::{Path, State};
-use hearth_store::{AuditFilter, JobState, QuotaOverrides, StoreError};
 use axum::http::StatusCode;
-use hearth_core::{EnvState, Role, Tier};
+use hearth_store::{AuditFilter, QuotaOverrides};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -27,19 +25,7 @@ pub async fn create_user(
     Admin(_): Admin,
     Body(body): Body<NewUserBody>,
 ) -> ApiResult<(StatusCode, Json<Value>)> {
-    let email = body.email.as_str();
-    if email.len() > 254 || !email.contains('@') || email.starts_with('@') || email.ends_with('@') || email.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(ApiError::invalid("email must look like name@domain, without spaces or control characters (at most 254 characters)"));
-    }
-    let role = match body.role.as_deref() {
-        None => Role::User,
-        Some(r) => Role::parse(r).ok_or_else(|| ApiError::invalid(format!("role must be user or admin, got {r:?}")))?,
-    };
-    let tier = match body.tier.as_deref() {
-        None => Tier::Free,
-        Some(t) => Tier::parse(t).ok_or_else(|| ApiError::invalid(format!("tier must be free, pro or unlimited, got {t:?}")))?,
-    };
-    let (user, token) = app.store.create_user(email, role, tier).await?;
+    let (user, token) = app.create_user(&body.email, body.role.as_deref(), body.tier.as_deref()).await?;
     Ok((StatusCode::CREATED, Json(json!({ "user": UserView::from(&user), "token": token }))))
 }
 
@@ -50,31 +36,10 @@ pub async fn list_users(State(app): State<App>, Admin(_): Admin) -> ApiResult<Js
 
 /// The seed's `getAllVms`: every personal VM, the hosts, and counts.
 pub async fn vms(State(app): State<App>, Admin(_): Admin) -> ApiResult<Json<Value>> {
-    let envs = app.store.live_environments().await?;
-    let personal: Vec<_> = envs.iter().filter(|e| e.personal).collect();
-    let count = |s: EnvState| personal.iter().filter(|e| e.state == s).count();
-    let running: Vec<_> = personal.iter().filter(|e| e.state == EnvState::Running).collect();
-    let stats = json!({
-        "total": personal.len(),
-        "running": running.len(),
-        "stopped": count(EnvState::Stopped),
-        "provisioning": personal.iter().filter(|e| matches!(e.state, EnvState::Requested | EnvState::Provisioning)).count(),
-        "error": count(EnvState::Error),
-        "vcpusRunning": running.iter().map(|e| e.vcpus).sum::<i64>(),
-        "vcpusTotal": personal.iter().map(|e| e.vcpus).sum::<i64>(),
-        "memoryMbRunning": running.iter().map(|e| e.memory_mb).sum::<i64>(),
-        "memoryMbTotal": personal.iter().map(|e| e.memory_mb).sum::<i64>(),
-    });
-    let vms: Vec<UserVm> = personal.iter().map(|e| UserVm::from(*e)).collect();
-    let hosts: Vec<HostView> = app.store.hosts().await?.iter().map(HostView::from).collect();
-    Ok(Json(json!({ "vms": vms, "hosts": hosts, "stats": stats })))
-}
-
-fn not_found(what: &'static str) -> impl Fn(StoreError) -> ApiError {
-    move |e| match e {
-        StoreError::NotFound => ApiError::not_found(what),
-        other => other.into(),
-    }
+    let overview = app.vms_overview().await?;
+    let vms: Vec<UserVm> = overview.vms.iter().map(UserVm::from).collect();
+    let hosts: Vec<HostView> = overview.hosts.iter().map(HostView::from).collect();
+    Ok(Json(json!({ "vms": vms, "hosts": hosts, "stats": overview.stats })))
 }
 
 #[derive(Deserialize, Default)]
@@ -103,8 +68,7 @@ pub async fn destroy_environment(
     Admin(admin): Admin,
     Path(id): Path<String>,
 ) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
-    let env = app.store.environment(&id).await.map_err(not_found("environment"))?;
-    app.request(&admin.id, &env, JobKind::Destroy).await?;
+    let env = app.admin_destroy(&admin, &id).await?;
     Ok((StatusCode::ACCEPTED, Json(EnvironmentView::from(&env))))
 }
 
@@ -123,35 +87,7 @@ pub async fn patch_user(
     Path(id): Path<String>,
     Body(b): Body<PatchUserBody>,
 ) -> ApiResult<Json<Value>> {
-    let user = app.store.user(&id).await.map_err(not_found("user"))?;
-    let tier = b.tier.as_deref().map(|t| Tier::parse(t).ok_or_else(|| ApiError::invalid(format!("tier must be free, pro or unlimited, got {t:?}")))).transpose()?;
-    let role = b.role.as_deref().map(|r| Role::parse(r).ok_or_else(|| ApiError::invalid(format!("role must be user or admin, got {r:?}")))).transpose()?;
-    if let Some(q) = &b.quota {
-        for (name, v) in [
-            ("maxEnvironments", q.max_environments),
-            ("maxConcurrentEnvironments", q.max_concurrent_environments),
-            ("maxVcpus", q.max_vcpus),
-            ("maxMemoryMb", q.max_memory_mb),
-            ("maxDiskGb", q.max_disk_gb),
-            ("maxDurationHours", q.max_duration_hours),
-        ] {
-            if let Some(v) = v {
-                if !(0..=10_000_000).contains(&v) {
-                    return Err(ApiError::invalid(format!("quota.{name} must be between 0 and 10000000, got {v}")));
-                }
-            }
-        }
-    }
-    if admin.id == user.id && role == Some(Role::User) {
-        return Err(ApiError::invalid_state("an admin cannot take away their own admin role"));
-    }
-    let user = app.store.set_user_tier_role(&user.id, tier, role).await?;
-    if let Some(q) = &b.quota {
-        app.store.set_quota_overrides(&user.id, q).await?;
-    }
-    let _ = app.store.audit(&admin.id, "user_update", None, "success", None, None).await;
-    let quota = app.store.quota(&user).await?;
-    let overrides = app.store.quota_overrides(&user.id).await?;
+    let (user, quota, overrides) = app.update_user(&admin, &id, b.tier.as_deref(), b.role.as_deref(), b.quota).await?;
     Ok(Json(json!({ "user": UserView::from(&user), "quota": quota, "quotaOverrides": overrides })))
 }
 
@@ -162,37 +98,13 @@ pub struct JobQuery {
 }
 
 pub async fn jobs(State(app): State<App>, Admin(_): Admin, Params(q): Params<JobQuery>) -> ApiResult<Json<Value>> {
-    let state = q
-        .state
-        .as_deref()
-        .map(|s| JobState::parse(s).ok_or_else(|| ApiError::invalid(format!("state must be queued, running, succeeded or dead, got {s:?}"))))
-        .transpose()?;
-    let items: Vec<JobView> = app.store.list_jobs(state).await?.iter().map(JobView::from).collect();
+    let items: Vec<JobView> = app.jobs(q.state.as_deref()).await?.iter().map(JobView::from).collect();
     Ok(Json(json!({ "items": items })))
 }
 
 pub async fn retry_job(State(app): State<App>, Admin(admin): Admin, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<JobView>)> {
-    let id: i64 = id.parse().map_err(|_| ApiError::not_found("job"))?;
-    let job = app.store.retry_dead(id, &admin.id).await.map_err(not_found("job"))?;
-    app.wake(&job.queue);
+    let job = app.retry_job(&admin, &id).await?;
     Ok((StatusCode::ACCEPTED, Json(JobView::from(&job))))
-}
-
-pub async fn hosts(State(app): State<App>, Admin(_): Admin) -> ApiResult<Json<Value>> {
-    let items: Vec<HostView> = app.store.hosts().await?.iter().map(HostView::from).collect();
-    Ok(Json(json!({ "items": items })))
-}
-
-pub async fn drain_host(State(app): State<App>, Admin(admin): Admin, Path(id): Path<String>) -> ApiResult<Json<HostView>> {
-    let host = app.store.set_host_status(&id, "draining").await.map_err(not_found("host"))?;
-    let _ = app.store.audit(&admin.id, "host_drain", None, "success", None, None).await;
-    Ok(Json(HostView::from(&host)))
-}
-
-pub async fn undrain_host(State(app): State<App>, Admin(admin): Admin, Path(id): Path<String>) -> ApiResult<Json<HostView>> {
-    let host = app.store.set_host_status(&id, "ready").await.map_err(not_found("host"))?;
-    let _ = app.store.audit(&admin.id, "host_ready", None, "success", None, None).await;
-    Ok(Json(HostView::from(&host)))
 }
 
 #[derive(Deserialize, Default)]

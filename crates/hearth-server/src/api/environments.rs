@@ -4,17 +4,17 @@
 use super::{Body, Caller, Params};
 use crate::App;
 use crate::error::{ApiError, ApiResult};
-use crate::service::{CreateInput, ExecInput, JobKind, SizeRequest};
 use crate::views::{AuditView, EnvironmentView, ExecView, ExecutionView, LogView, time};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use hearth_core::EnvState;
-use hearth_store::{AuditFilter, Environment, now_ms};
+use hearth_app::service::{CreateInput, ExecInput, SizeRequest, StreamEvent};
+use hearth_core::{EnvState, JobKind};
+use hearth_store::{AuditFilter, Environment};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -33,6 +33,8 @@ pub struct CreateBody {
     ssh_public_key: Option<String>,
     provider: Option<String>,
     region: Option<String>,
+    gpus: Option<i64>,
+    gpu_model: Option<String>,
 }
 
 pub async fn create(
@@ -51,6 +53,8 @@ pub async fn create(
         ssh_public_key: b.ssh_public_key,
         provider: b.provider,
         region: b.region,
+        gpus: b.gpus,
+        gpu_model: b.gpu_model,
     };
     let (env, access_token) = app.create_environment(&user, input).await?;
     let mut body = serde_json::to_value(EnvironmentView::from(&env)).unwrap_or_default();
@@ -77,6 +81,7 @@ pub fn page_limit(limit: Option<i64>) -> ApiResult<i64> {
 }
 
 pub fn parse_state(state: Option<&str>) -> ApiResult<Option<EnvState>> {
+    // One state name parser for every query.
     state.map(|s| EnvState::parse(s).ok_or_else(|| ApiError::invalid(format!("unknown state {s:?}")))).transpose()
 }
 
@@ -90,15 +95,8 @@ pub async fn list(State(app): State<App>, Caller(user): Caller, Params(q): Param
     Ok(Json(json!({ "items": items, "nextCursor": next })))
 }
 
-async fn owned(app: &App, user_id: &str, id: &str) -> ApiResult<Environment> {
-    app.store.environment_for_user(user_id, id).await.map_err(|e| match e {
-        hearth_store::StoreError::NotFound => ApiError::not_found("environment"),
-        other => other.into(),
-    })
-}
-
 pub async fn get(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<EnvironmentView>> {
-    Ok(Json(EnvironmentView::from(&owned(&app, &user.id, &id).await?)))
+    Ok(Json(EnvironmentView::from(&app.owned_environment(&user, &id).await?)))
 }
 
 #[derive(Deserialize)]
@@ -121,48 +119,27 @@ pub async fn wait(
     if !(1..=600).contains(&timeout) {
         return Err(ApiError::invalid("timeoutSeconds must be between 1 and 600"));
     }
-    let env = owned(&app, &user.id, &id).await?;
-    let deadline = Instant::now() + Duration::from_secs(timeout);
-    let mut env = env;
-    loop {
-        if env.state == want {
-            return Ok(Json(EnvironmentView::from(&env)));
-        }
-        if matches!(env.state, EnvState::Error | EnvState::Destroyed) {
-            return Err(ApiError::invalid_state(format!(
-                "the environment is {} ({}), it will not become {want} by itself",
-                env.state,
-                env.state_message.as_deref().unwrap_or("no message")
-            )));
-        }
-        if Instant::now() >= deadline {
-            return Err(ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "timeout",
-                format!("still {} after {timeout}s", env.state),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        env = app.store.environment(&env.id).await?;
-    }
+    let env = app.owned_environment(&user, &id).await?;
+    let env = app.wait_for_state(env, want, Duration::from_secs(timeout)).await?;
+    Ok(Json(EnvironmentView::from(&env)))
 }
 
-async fn control(app: App, user_id: &str, id: &str, kind: JobKind) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
-    let env = owned(&app, user_id, id).await?;
-    app.request(user_id, &env, kind).await?;
+async fn control(app: App, user: &hearth_store::User, id: &str, kind: JobKind) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
+    let env = app.owned_environment(user, id).await?;
+    app.request(&user.id, &env, kind).await?;
     Ok((StatusCode::ACCEPTED, Json(EnvironmentView::from(&env))))
 }
 
 pub async fn start(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
-    control(app, &user.id, &id, JobKind::Start).await
+    control(app, &user, &id, JobKind::Start).await
 }
 
 pub async fn stop(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
-    control(app, &user.id, &id, JobKind::Stop).await
+    control(app, &user, &id, JobKind::Stop).await
 }
 
 pub async fn destroy(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
-    control(app, &user.id, &id, JobKind::Destroy).await
+    control(app, &user, &id, JobKind::Destroy).await
 }
 
 pub async fn exec(
@@ -173,8 +150,8 @@ pub async fn exec(
 ) -> ApiResult<Json<ExecView>> {
     let input: ExecInput = body.into();
     input.validate()?;
-    let env = owned(&app, &user.id, &id).await?;
-    Ok(Json(app.exec(&user, &env, input).await?))
+    let env = app.owned_environment(&user, &id).await?;
+    Ok(Json(ExecView::from(&app.exec(&user, &env, input).await?)))
 }
 
 #[derive(Deserialize, Default)]
@@ -190,7 +167,7 @@ pub async fn executions(
     Path(id): Path<String>,
     Params(q): Params<PageQuery>,
 ) -> ApiResult<Json<Value>> {
-    let env = owned(&app, &user.id, &id).await?;
+    let env = app.owned_environment(&user, &id).await?;
     let (items, next) = app.store.executions_page(&env.id, q.cursor.as_deref(), page_limit(q.limit)?).await?;
     let items: Vec<ExecutionView> = items.iter().map(ExecutionView::from).collect();
     Ok(Json(json!({ "items": items, "nextCursor": next })))
@@ -202,7 +179,7 @@ pub async fn audit(
     Path(id): Path<String>,
     Params(q): Params<PageQuery>,
 ) -> ApiResult<Json<Value>> {
-    let env = owned(&app, &user.id, &id).await?;
+    let env = app.owned_environment(&user, &id).await?;
     let cursor = super::number_cursor(q.cursor.as_deref())?;
     let filter = AuditFilter { environment_id: Some(env.id.clone()), ..Default::default() };
     let (items, next) = app.store.audit_page(&filter, cursor, page_limit(q.limit)?, true).await?;
@@ -211,7 +188,7 @@ pub async fn audit(
 }
 
 pub async fn logs(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let env = owned(&app, &user.id, &id).await?;
+    let env = app.owned_environment(&user, &id).await?;
     let items: Vec<LogView> = app.store.logs(&env.id).await?.iter().map(LogView::from).collect();
     Ok(Json(json!({ "items": items })))
 }
@@ -219,7 +196,7 @@ pub async fn logs(State(app): State<App>, Caller(user): Caller, Path(id): Path<S
 /// Why the environment is (or is not) kept alive: last activity, its source, and when
 /// the reaper will stop or destroy it.
 pub async fn activity(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let env = owned(&app, &user.id, &id).await?;
+    let env = app.owned_environment(&user, &id).await?;
     Ok(Json(activity_view(&env)))
 }
 
@@ -247,12 +224,7 @@ pub fn activity_view(env: &Environment) -> Value {
 
 /// An explicit keep-alive: counts as activity for auto-stop.
 pub async fn keepalive(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let env = owned(&app, &user.id, &id).await?;
-    if env.state != EnvState::Running {
-        return Err(ApiError::invalid_state(format!("the environment is {}; only a running one can be kept alive", env.state)));
-    }
-    app.store.touch_activity(&env.id, now_ms(), "keepalive").await?;
-    Ok(Json(activity_view(&owned(&app, &user.id, &id).await?)))
+    Ok(Json(activity_view(&app.keep_alive(&user, &id).await?)))
 }
 
 /// Server-sent events: the current state and recent log, then changes as they happen.
@@ -263,9 +235,8 @@ pub async fn events(
     headers: axum::http::HeaderMap,
 ) -> ApiResult<axum::response::Response> {
     use axum::response::IntoResponse;
-    let env = owned(&app, &user.id, &id).await?;
-    let resume = crate::events::parse_cursor(headers.get("last-event-id").and_then(|v| v.to_str().ok()));
-    Ok(crate::events::stream(app, env.id, resume).into_response())
+    let env = app.owned_environment(&user, &id).await?;
+    Ok(event_stream(app, env.id, &headers).into_response())
 }
 
 /// Streaming exec: `stdout` and `stderr` events as output is produced, then `exit`.
@@ -278,12 +249,23 @@ pub async fn exec_stream(
 ) -> ApiResult<axum::response::Response> {
     let input: ExecInput = body.into();
     input.validate()?;
-    let env = owned(&app, &user.id, &id).await?;
+    let env = app.owned_environment(&user, &id).await?;
     let rx = app.exec_stream(&user, &env, input).await?;
     Ok(stream_response(rx))
 }
 
-pub fn stream_response(rx: tokio::sync::mpsc::Receiver<crate::service::StreamEvent>) -> axum::response::Response {
+/// The environment's live events as server-sent events, resuming after `Last-Event-ID`.
+pub fn event_stream(app: App, environment_id: String, headers: &axum::http::HeaderMap) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures::StreamExt;
+    let resume = hearth_app::events::parse_cursor(headers.get("last-event-id").and_then(|v| v.to_str().ok()));
+    let events = hearth_app::events::stream(app, environment_id, resume)
+        .map(|e| Ok::<_, std::convert::Infallible>(Event::default().event(e.kind).id(e.id).data(e.data.to_string())));
+    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("ping")).into_response()
+}
+
+pub fn stream_response(rx: tokio::sync::mpsc::Receiver<StreamEvent>) -> axum::response::Response {
     use axum::response::IntoResponse;
     use axum::response::sse::{Event, KeepAlive, Sse};
     let events = futures::stream::unfold(rx, |mut rx| async move {

@@ -2,13 +2,14 @@
 
 use super::{Body, Caller};
 use crate::App;
-use crate::error::{ApiError, ApiResult};
-use crate::service::{ExecInput, JobKind, SizeRequest};
+use crate::error::ApiResult;
 use crate::views::{ExecView, LogView, UserView, UserVm};
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use hearth_store::Environment;
+use hearth_app::service::{ExecInput, SizeRequest};
+use hearth_core::JobKind;
+use hearth_store::User;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -18,12 +19,8 @@ pub async fn me(State(app): State<App>, Caller(user): Caller) -> ApiResult<Json<
     Ok(Json(json!({ "user": UserView::from(&user), "quota": quota, "usage": usage })))
 }
 
-async fn personal(app: &App, user_id: &str) -> ApiResult<Environment> {
-    app.store.personal_environment(user_id).await?.ok_or_else(|| ApiError::not_found("personal VM"))
-}
-
 pub async fn get_vm(State(app): State<App>, Caller(user): Caller) -> ApiResult<Json<UserVm>> {
-    Ok(Json(UserVm::from(&personal(&app, &user.id).await?)))
+    Ok(Json(UserVm::from(&app.personal_vm(&user).await?)))
 }
 
 #[derive(Deserialize, Default)]
@@ -45,22 +42,22 @@ pub async fn provision(
     Ok((status, Json(UserVm::from(&env))))
 }
 
-async fn control(app: App, user_id: &str, kind: JobKind) -> ApiResult<(StatusCode, Json<UserVm>)> {
-    let env = personal(&app, user_id).await?;
-    app.request(user_id, &env, kind).await?;
+async fn control(app: App, user: &User, kind: JobKind) -> ApiResult<(StatusCode, Json<UserVm>)> {
+    let env = app.personal_vm(user).await?;
+    app.request(&user.id, &env, kind).await?;
     Ok((StatusCode::ACCEPTED, Json(UserVm::from(&env))))
 }
 
 pub async fn start(State(app): State<App>, Caller(user): Caller) -> ApiResult<(StatusCode, Json<UserVm>)> {
-    control(app, &user.id, JobKind::Start).await
+    control(app, &user, JobKind::Start).await
 }
 
 pub async fn stop(State(app): State<App>, Caller(user): Caller) -> ApiResult<(StatusCode, Json<UserVm>)> {
-    control(app, &user.id, JobKind::Stop).await
+    control(app, &user, JobKind::Stop).await
 }
 
 pub async fn destroy(State(app): State<App>, Caller(user): Caller) -> ApiResult<(StatusCode, Json<UserVm>)> {
-    control(app, &user.id, JobKind::Destroy).await
+    control(app, &user, JobKind::Destroy).await
 }
 
 #[derive(Deserialize, Default)]
@@ -81,27 +78,25 @@ impl From<ExecBody> for ExecInput {
 pub async fn exec(State(app): State<App>, Caller(user): Caller, Body(body): Body<ExecBody>) -> ApiResult<Json<ExecView>> {
     let input: ExecInput = body.into();
     input.validate()?;
-    let env = personal(&app, &user.id).await?;
-    Ok(Json(app.exec(&user, &env, input).await?))
+    let env = app.personal_vm(&user).await?;
+    Ok(Json(ExecView::from(&app.exec(&user, &env, input).await?)))
 }
 
 pub async fn logs(State(app): State<App>, Caller(user): Caller) -> ApiResult<Json<Value>> {
-    let env = personal(&app, &user.id).await?;
+    let env = app.personal_vm(&user).await?;
     let items: Vec<LogView> = app.store.logs(&env.id).await?.iter().map(LogView::from).collect();
     Ok(Json(json!({ "items": items })))
 }
 
 pub async fn events(State(app): State<App>, Caller(user): Caller, headers: axum::http::HeaderMap) -> ApiResult<axum::response::Response> {
-    use axum::response::IntoResponse;
-    let env = personal(&app, &user.id).await?;
-    let resume = crate::events::parse_cursor(headers.get("last-event-id").and_then(|v| v.to_str().ok()));
-    Ok(crate::events::stream(app, env.id, resume).into_response())
+    let env = app.personal_vm(&user).await?;
+    Ok(super::environments::event_stream(app, env.id, &headers))
 }
 
 pub async fn exec_stream(State(app): State<App>, Caller(user): Caller, Body(body): Body<ExecBody>) -> ApiResult<axum::response::Response> {
     let input: ExecInput = body.into();
     input.validate()?;
-    let env = personal(&app, &user.id).await?;
+    let env = app.personal_vm(&user).await?;
     let rx = app.exec_stream(&user, &env, input).await?;
     Ok(super::environments::stream_response(rx))
 }

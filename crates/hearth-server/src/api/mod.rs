@@ -3,6 +3,7 @@
 
 mod admin;
 mod environments;
+mod hosts;
 mod me;
 mod ops;
 mod terminal;
@@ -27,6 +28,7 @@ pub fn router(app: App) -> Router {
         .route("/openapi.json", get(ops::openapi))
         .route("/metrics", get(ops::metrics))
         .route("/v1/flavors", get(ops::flavors))
+        .route("/v1/regions", get(ops::regions))
         .route("/v1/me", get(me::me))
         .route("/v1/me/vm", get(me::get_vm).post(me::provision).delete(me::destroy))
         .route("/v1/me/vm/start", post(me::start))
@@ -57,9 +59,10 @@ pub fn router(app: App) -> Router {
         .route("/v1/admin/environments/{id}", axum::routing::delete(admin::destroy_environment))
         .route("/v1/admin/jobs", get(admin::jobs))
         .route("/v1/admin/jobs/{id}/retry", post(admin::retry_job))
-        .route("/v1/admin/hosts", get(admin::hosts))
-        .route("/v1/admin/hosts/{id}/drain", post(admin::drain_host))
-        .route("/v1/admin/hosts/{id}/ready", post(admin::undrain_host))
+        .route("/v1/admin/hosts", get(hosts::list).post(hosts::add))
+        .route("/v1/admin/hosts/{id}", get(hosts::get).patch(hosts::update).delete(hosts::remove))
+        .route("/v1/admin/hosts/{id}/drain", post(hosts::drain))
+        .route("/v1/admin/hosts/{id}/ready", post(hosts::ready))
         .route("/v1/admin/audit", get(admin::audit))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
@@ -74,22 +77,18 @@ impl FromRequestParts<App> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Caller, ApiError> {
-        let unauthenticated = |m: &str| ApiError::new(axum::http::StatusCode::UNAUTHORIZED, "unauthenticated", m);
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| unauthenticated("missing Authorization: Bearer <token> header"))?;
+            .ok_or_else(|| ApiError::unauthenticated("missing Authorization: Bearer <token> header"))?;
         let token = header
             .to_str()
             .ok()
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| unauthenticated("the Authorization header must be `Bearer <token>`"))?;
-        match app.store.user_by_token(token).await? {
-            Some(user) => Ok(Caller(user)),
-            None => Err(unauthenticated("unknown or revoked token")),
-        }
+            .ok_or_else(|| ApiError::unauthenticated("the Authorization header must be `Bearer <token>`"))?;
+        Ok(Caller(app.authenticate(token).await?))
     }
 }
 

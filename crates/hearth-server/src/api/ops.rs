@@ -16,15 +16,26 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// Ready when the database answers and the provider is reachable.
+/// Ready when the database answers within a second. Hosts are reported (from the last
+/// health checks), never a reason for this node to be unready: other hosts may serve.
 pub async fn readyz(State(app): State<App>) -> impl IntoResponse {
-    let database = app.store.ping().await.map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string());
-    let provider = app.provider.check().await.map(|_| "ok".to_string()).unwrap_or_else(|e| e.to_string());
-    let ready = database == "ok" && provider == "ok";
+    let database = match tokio::time::timeout(std::time::Duration::from_secs(1), app.store.ping()).await {
+        Ok(Ok(())) => "ok".to_string(),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no answer within 1 s".to_string(),
+    };
+    let hosts = match tokio::time::timeout(std::time::Duration::from_secs(1), app.store.hosts()).await {
+        Ok(Ok(hosts)) => {
+            let healthy = hosts.iter().filter(|h| h.health == hearth_core::HostHealth::Healthy).count();
+            json!({ "healthy": healthy, "unhealthy": hosts.len() - healthy })
+        }
+        _ => Value::Null,
+    };
+    let ready = database == "ok";
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     // Redis is optional: reported, never a reason to be unready.
     let redis = app.bus.status().await;
-    (status, Json(json!({ "ready": ready, "database": database, "provider": provider, "redis": redis, "node": app.queue.owner() })))
+    (status, Json(json!({ "ready": ready, "database": database, "hosts": hosts, "redis": redis, "node": app.queue.owner() })))
 }
 
 /// Prometheus text: environments and jobs by state (cluster-wide, from the database) and
@@ -54,21 +65,27 @@ pub async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
-/// The sizes offered: with Docker any size within quota works, so these are the tiers'.
+/// The sizes offered: any size within quota works, so these are the tiers'.
 pub async fn flavors(State(app): State<App>) -> Json<Value> {
     let items: Vec<Value> = [Tier::Free, Tier::Pro, Tier::Unlimited]
         .into_iter()
         .map(|t| {
             let r = t.default_resources();
-            json!({ "id": t.as_str(), "name": t.as_str(), "provider": app.provider.name(),
+            json!({ "id": t.as_str(), "name": t.as_str(), "provider": app.config.default_kind,
                     "vcpus": r.vcpus, "memoryMb": r.memory_mb, "diskGb": r.disk_gb })
         })
         .collect();
     Json(json!({ "items": items }))
 }
 
+/// The regions of healthy, ready hosts: where an environment may ask to be placed.
+pub async fn regions(State(app): State<App>) -> Result<Json<Value>, ApiError> {
+    let items: Vec<Value> = app.store.regions().await?.into_iter().map(|(id, hosts)| json!({ "id": id, "hosts": hosts })).collect();
+    Ok(Json(json!({ "items": items })))
+}
+
 pub async fn not_found() -> ApiError {
-    ApiError::not_found("route")
+    hearth_app::AppError::NotFound("route").into()
 }
 
 pub async fn method_not_allowed() -> ApiError {

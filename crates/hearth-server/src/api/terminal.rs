@@ -9,13 +9,14 @@
 use super::{Caller, Params};
 use crate::App;
 use crate::error::{ApiError, ApiResult};
+use hearth_app::AppError;
 use axum::Json;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::response::Response;
 use hearth_core::EnvState;
-use hearth_store::{Environment, now_ms};
+use hearth_store::Environment;
 use russh::ChannelMsg;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -23,7 +24,7 @@ use serde_json::{Value, json};
 const TICKET_TTL_MS: i64 = 60_000;
 
 fn seal_ticket(app: &App, env_id: &str, user_id: &str) -> String {
-    let sealed = app.master_key.seal(&format!("terminal|{env_id}|{user_id}|{}", now_ms() + TICKET_TTL_MS));
+    let sealed = app.master_key.seal(&format!("terminal|{env_id}|{user_id}|{}", app.now() + TICKET_TTL_MS));
     hex::encode(sealed)
 }
 
@@ -33,11 +34,11 @@ fn open_ticket(app: &App, ticket: &str, env_id: &str) -> Option<String> {
     let text = app.master_key.open(&sealed).ok()?;
     let mut parts = text.split('|');
     let (kind, env, user, expiry) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?.parse::<i64>().ok()?);
-    (kind == "terminal" && env == env_id && expiry >= now_ms()).then(|| user.to_string())
+    (kind == "terminal" && env == env_id && expiry >= app.now()).then(|| user.to_string())
 }
 
 pub async fn ticket(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let env = app.store.environment_for_user(&user.id, &id).await.map_err(|_| ApiError::not_found("environment"))?;
+    let env = app.store.environment_for_user(&user.id, &id).await.map_err(|_| AppError::NotFound("environment"))?;
     Ok(Json(json!({ "ticket": seal_ticket(&app, &env.id, &user.id), "expiresInSeconds": TICKET_TTL_MS / 1000 })))
 }
 
@@ -59,19 +60,19 @@ pub async fn terminal(
         Caller::from_request_parts(&mut parts, &app).await?.0.id
     } else {
         let ticket = q.ticket.as_deref().ok_or_else(|| {
-            ApiError::new(axum::http::StatusCode::UNAUTHORIZED, "unauthenticated", "send a bearer token or ?ticket= from POST .../terminal/ticket")
+            ApiError::unauthenticated("send a bearer token or ?ticket= from POST .../terminal/ticket")
         })?;
-        let env = app.store.environment_for_user_any(&id).await.map_err(|_| ApiError::not_found("environment"))?;
+        let env = app.store.environment_for_user_any(&id).await.map_err(|_| AppError::NotFound("environment"))?;
         open_ticket(&app, ticket, &env.id)
-            .ok_or_else(|| ApiError::new(axum::http::StatusCode::UNAUTHORIZED, "unauthenticated", "the ticket is invalid or expired"))?
+            .ok_or_else(|| ApiError::unauthenticated("the ticket is invalid or expired"))?
     };
-    let env = app.store.environment_for_user(&user_id, &id).await.map_err(|_| ApiError::not_found("environment"))?;
+    let env = app.store.environment_for_user(&user_id, &id).await.map_err(|_| AppError::NotFound("environment"))?;
     if env.state != EnvState::Running {
-        return Err(ApiError::invalid_state(format!("the environment is {}; a terminal needs it running", env.state)));
+        return Err(AppError::InvalidState(format!("the environment is {}; a terminal needs it running", env.state)).into());
     }
     let (cols, rows) = (q.cols.unwrap_or(80).clamp(1, 1000), q.rows.unwrap_or(24).clamp(1, 1000));
     let target = app.target(&env)?;
-    let channel = app.ssh.open_shell(&target, &env.environment_vars, cols, rows).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let channel = app.ssh.open_shell(&target, &env.environment_vars, cols, rows).await.map_err(|e| AppError::Unavailable(e.to_string()))?;
     let ws = WebSocketUpgrade::from_request_parts(&mut parts, &app)
         .await
         .map_err(|e| ApiError::invalid(format!("this endpoint needs a WebSocket upgrade: {e}")))?;
@@ -80,15 +81,15 @@ pub async fn terminal(
 
 async fn bridge(app: App, env: Environment, mut socket: WebSocket, channel: russh::Channel<russh::client::Msg>) {
     let (mut from_guest, to_guest) = channel.split();
-    let _ = app.store.touch_activity(&env.id, now_ms(), "terminal").await;
-    let mut last_touch = now_ms();
+    let _ = app.store.touch_activity(&env.id, app.now(), "terminal").await;
+    let mut last_touch = app.now();
     loop {
         tokio::select! {
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Binary(bytes))) => {
                     if to_guest.data_bytes(bytes).await.is_err() { break; }
-                    if now_ms() - last_touch > 30_000 {
-                        last_touch = now_ms();
+                    if app.now() - last_touch > 30_000 {
+                        last_touch = app.now();
                         let _ = app.store.touch_activity(&env.id, last_touch, "terminal").await;
                     }
                 }
@@ -114,5 +115,5 @@ async fn bridge(app: App, env: Environment, mut socket: WebSocket, channel: russ
     }
     let _ = to_guest.close().await;
     let _ = socket.send(Message::Close(None)).await;
-    let _ = app.store.touch_activity(&env.id, now_ms(), "terminal").await;
+    let _ = app.store.touch_activity(&env.id, app.now(), "terminal").await;
 }

@@ -121,6 +121,11 @@ fn uuid_like() -> String {
     format!("{:016x}{:016x}", h.finish(), std::process::id())
 }
 
+/// Now, by the wall clock the server uses too (epoch milliseconds).
+pub fn now_ms() -> i64 {
+    hearth_core::Clock::now_ms(&hearth_core::clock::SystemClock)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

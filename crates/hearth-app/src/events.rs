@@ -1,5 +1,5 @@
-//! Live events for one environment, as server-sent events: `state` when the state
-//! changes, `log` for each provisioning log line.
+//! Live events for one environment: `state` when the state changes, `log` for each
+//! provisioning log line. The HTTP layer sends them as server-sent events.
 //!
 //! The database is the source: a stream polls it (every `EVENT_POLL`) and is woken at
 //! once by writes in this process, so events written on one node reach clients of
@@ -7,17 +7,29 @@
 //! `<generation>-<log id>`; a client reconnecting with `Last-Event-ID` resumes after it.
 
 use crate::App;
-use crate::views::time;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use hearth_core::EnvState;
 use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub const EVENT_POLL: Duration = Duration::from_millis(250);
+
+/// RFC 3339 with milliseconds, as every time in the API is written.
+pub fn time(ms: i64) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// One event: its kind (`state` or `log`), its resume cursor, and its JSON data.
+#[derive(Debug, Clone)]
+pub struct LiveEvent {
+    pub kind: &'static str,
+    pub id: String,
+    pub data: serde_json::Value,
+}
 
 /// Shares the "anything new?" probe among all streams of one environment, so 500
 /// subscribers cost one small query per poll interval, not 500 pairs. A local write (or a
@@ -34,7 +46,7 @@ impl Hub {
     }
 
     /// (generation, newest log id) of the environment, at most `EVENT_POLL` old.
-    async fn head(&self, app: &App, environment_id: &str) -> Option<(i64, i64)> {
+    pub async fn head(&self, app: &App, environment_id: &str) -> Option<(i64, i64)> {
         let version = self.version.load(Ordering::SeqCst);
         if let Some((v, at, head)) = self.heads.lock().unwrap().get(environment_id) {
             if *v == version && at.elapsed() < EVENT_POLL {
@@ -56,7 +68,7 @@ struct Cursor {
     id: String,
     generation: i64,
     log_id: i64,
-    pending: VecDeque<Event>,
+    pending: VecDeque<LiveEvent>,
     done: bool,
 }
 
@@ -66,14 +78,14 @@ pub fn parse_cursor(last_event_id: Option<&str>) -> Option<(i64, i64)> {
     Some((g.parse().ok()?, l.parse().ok()?))
 }
 
-pub fn stream(app: App, environment_id: String, resume: Option<(i64, i64)>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+pub fn stream(app: App, environment_id: String, resume: Option<(i64, i64)>) -> impl Stream<Item = LiveEvent> {
     // Generations start at 1, so 0 means "nothing seen yet".
     let (generation, log_id) = resume.unwrap_or((0, 0));
     let cursor = Cursor { app, id: environment_id, generation, log_id, pending: VecDeque::new(), done: false };
     let events = futures::stream::unfold(cursor, |mut c| async move {
         loop {
             if let Some(ev) = c.pending.pop_front() {
-                return Some((Ok(ev), c));
+                return Some((ev, c));
             }
             if c.done {
                 return None;
@@ -88,7 +100,7 @@ pub fn stream(app: App, environment_id: String, resume: Option<(i64, i64)>) -> S
             }
         }
     });
-    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("ping"))
+    events
 }
 
 impl Cursor {
@@ -110,7 +122,7 @@ impl Cursor {
             for l in lines {
                 self.log_id = l.id;
                 let data = serde_json::json!({ "timestamp": time(l.at), "level": l.level, "message": l.message });
-                self.pending.push_back(Event::default().event("log").id(self.id()).data(data.to_string()));
+                self.pending.push_back(LiveEvent { kind: "log", id: self.id(), data });
             }
         }
         let Ok(env) = self.app.store.environment(&self.id).await else {
@@ -123,7 +135,7 @@ impl Cursor {
                 "state": env.state.as_str(), "stateMessage": env.state_message,
                 "generation": env.generation, "at": time(env.updated_at),
             });
-            self.pending.push_back(Event::default().event("state").id(self.id()).data(data.to_string()));
+            self.pending.push_back(LiveEvent { kind: "state", id: self.id(), data });
         }
         if env.state == EnvState::Destroyed {
             self.done = true;

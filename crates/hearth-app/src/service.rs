@@ -1,48 +1,18 @@
-//! What a request may do, and the writes it makes. Handlers call these; jobs do the work.
+//! What a request may do, and the writes it makes. The HTTP handlers call these; jobs do
+//! the work.
 
 use crate::App;
-use crate::error::{ApiError, ApiResult};
-use crate::views::ExecView;
-use hearth_core::{EnvState, Resources, validate};
+use crate::error::{AppError, AppResult};
+use hearth_core::{EnvState, HostKind, JobKind, Resources, validate};
 use hearth_guest::{ExecRequest, KeyPair, Target};
-use hearth_store::{Environment, Execution, NewEnvironment, PersonalOutcome, StoreError, User, now_ms};
-use hearth_store::NewJob;
+use hearth_store::{Environment, Execution, NewEnvironment, NewJob, PersonalOutcome, Placement, User};
 use std::collections::BTreeMap;
 use std::time::Duration;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JobKind {
-    Provision,
-    Start,
-    Stop,
-    Destroy,
-}
-
-impl JobKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobKind::Provision => "provision",
-            JobKind::Start => "start",
-            JobKind::Stop => "stop",
-            JobKind::Destroy => "destroy",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<JobKind> {
-        [JobKind::Provision, JobKind::Start, JobKind::Stop, JobKind::Destroy].into_iter().find(|k| k.as_str() == s)
-    }
-
-    pub fn queue(self) -> &'static str {
-        match self {
-            JobKind::Provision => "provision",
-            _ => "control",
-        }
-    }
-}
 
 /// Output kept per stream in the API answer; the executions table keeps 64 KiB.
 pub const EXEC_OUTPUT_LIMIT: usize = 1024 * 1024;
 pub const STORED_OUTPUT_LIMIT: usize = 64 * 1024;
+pub const MAX_DURATION_HOURS: i64 = 24 * 365;
 
 #[derive(Debug, Clone, Default)]
 pub struct SizeRequest {
@@ -62,13 +32,14 @@ pub struct CreateInput {
     pub environment_vars: BTreeMap<String, String>,
     pub repository_url: Option<String>,
     pub ssh_public_key: Option<String>,
+    /// A host kind (`docker`, `sim`, ...); the installation's default when absent.
     pub provider: Option<String>,
     pub region: Option<String>,
+    pub gpus: Option<i64>,
+    pub gpu_model: Option<String>,
 }
 
-pub const MAX_DURATION_HOURS: i64 = 24 * 365;
-
-/// `env_`-style random text: lower-case letters and digits from the OS CSPRNG.
+/// Random text of lower-case letters and digits from the OS CSPRNG.
 pub fn random_token(len: usize) -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
@@ -83,21 +54,31 @@ pub struct ExecInput {
     pub working_dir: Option<String>,
 }
 
-/// One server-sent event of a streaming exec: `stdout`, `stderr`, then `exit`.
+/// One event of a streaming exec: `stdout`, `stderr`, then `exit`.
 #[derive(Debug, Clone)]
 pub struct StreamEvent {
     pub kind: &'static str,
     pub data: serde_json::Value,
 }
 
+/// What a command returned, as the API shows it.
+#[derive(Debug, Clone)]
+pub struct ExecResult {
+    pub execution: Execution,
+    /// Up to `EXEC_OUTPUT_LIMIT` per stream (the stored execution keeps less).
+    pub stdout: String,
+    pub stderr: String,
+    pub truncated: bool,
+}
+
 impl ExecInput {
     /// Checks the input before anything is looked up; returns the timeout in seconds.
-    pub fn validate(&self) -> ApiResult<i64> {
-        validate::command(&self.code).map_err(ApiError::invalid)?;
+    pub fn validate(&self) -> AppResult<i64> {
+        validate::command(&self.code).map_err(AppError::Invalid)?;
         if let Some(dir) = &self.working_dir {
-            validate::working_dir(dir).map_err(ApiError::invalid)?;
+            validate::working_dir(dir).map_err(AppError::Invalid)?;
         }
-        validate::timeout_seconds(self.timeout_seconds.unwrap_or(60)).map_err(ApiError::invalid)
+        validate::timeout_seconds(self.timeout_seconds.unwrap_or(60)).map_err(AppError::Invalid)
     }
 }
 
@@ -125,58 +106,82 @@ impl App {
         }
     }
 
-    fn resources(&self, user: &User, size: &SizeRequest) -> ApiResult<Resources> {
+    /// The caller behind a bearer token.
+    pub async fn authenticate(&self, token: &str) -> AppResult<User> {
+        self.store.user_by_token(token).await?.ok_or_else(|| AppError::Unauthenticated("unknown or revoked token".into()))
+    }
+
+    fn resources(&self, user: &User, size: &SizeRequest) -> AppResult<Resources> {
         let defaults = user.tier.default_resources();
         Ok(Resources {
-            vcpus: validate::vcpus(size.vcpus.unwrap_or(defaults.vcpus)).map_err(ApiError::invalid)?,
-            memory_mb: validate::memory_mb(size.memory_mb.unwrap_or(defaults.memory_mb)).map_err(ApiError::invalid)?,
-            disk_gb: validate::disk_gb(size.disk_gb.unwrap_or(defaults.disk_gb)).map_err(ApiError::invalid)?,
+            vcpus: validate::vcpus(size.vcpus.unwrap_or(defaults.vcpus)).map_err(AppError::Invalid)?,
+            memory_mb: validate::memory_mb(size.memory_mb.unwrap_or(defaults.memory_mb)).map_err(AppError::Invalid)?,
+            disk_gb: validate::disk_gb(size.disk_gb.unwrap_or(defaults.disk_gb)).map_err(AppError::Invalid)?,
         })
     }
 
-    /// Creates an environment under quota, queued for provisioning. Returns it with its
-    /// access token, which is shown this once.
-    pub async fn create_environment(&self, user: &User, input: CreateInput) -> ApiResult<(Environment, String)> {
+    /// What the request needs from a host: a kind this installation drives, and an
+    /// optional region and GPUs.
+    fn placement(&self, resources: Resources, input: &CreateInput) -> AppResult<Placement> {
+        let kind = match &input.provider {
+            None => self.config.default_kind,
+            Some(p) => HostKind::parse(p).ok_or_else(|| {
+                AppError::Invalid(format!("provider must be one of docker, agent, ovh, sim; got {p:?}"))
+            })?,
+        };
+        self.providers.get(kind).map_err(|e| AppError::Invalid(e.to_string()))?;
+        if let Some(r) = &input.region {
+            hearth_core::host::check_label("region", r).map_err(AppError::Invalid)?;
+        }
+        if let Some(m) = &input.gpu_model {
+            hearth_core::host::check_label("gpuModel", m).map_err(AppError::Invalid)?;
+        }
+        let gpus = input.gpus.unwrap_or(if input.gpu_model.is_some() { 1 } else { 0 });
+        if !(0..=hearth_core::host::MAX_GPUS).contains(&gpus) {
+            return Err(AppError::Invalid(format!("gpus must be between 0 and {}, got {gpus}", hearth_core::host::MAX_GPUS)));
+        }
+        if gpus == 0 && input.gpu_model.is_some() {
+            return Err(AppError::Invalid("gpuModel needs gpus of at least 1".into()));
+        }
+        Ok(Placement { kind, resources, gpus, gpu_model: input.gpu_model.clone(), region: input.region.clone() })
+    }
+
+    /// Creates an environment under quota, placed on a host and queued for provisioning.
+    /// Returns it with its access token, which is shown this once.
+    pub async fn create_environment(&self, user: &User, input: CreateInput) -> AppResult<(Environment, String)> {
         let name = input.name.as_str();
         if name.trim().is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
-            return Err(ApiError::invalid("name must be 1 to 100 characters without control characters"));
+            return Err(AppError::Invalid("name must be 1 to 100 characters without control characters".into()));
         }
         let resources = self.resources(user, &input.size)?;
-        validate::env_vars(&input.environment_vars).map_err(ApiError::invalid)?;
-        if let Some(p) = &input.provider {
-            if p != self.provider.name() {
-                return Err(ApiError::invalid(format!("provider {p:?} is not enabled here; this server runs {:?}", self.provider.name())));
-            }
-        }
-        if input.region.is_some() {
-            return Err(ApiError::invalid(format!("the {} provider has no regions; leave region out", self.provider.name())));
-        }
+        let placement = self.placement(resources, &input)?;
+        validate::env_vars(&input.environment_vars).map_err(AppError::Invalid)?;
         if input.repository_url.is_some() {
-            return Err(ApiError::invalid("repositoryUrl is not supported yet; clone it with exec once the environment runs"));
+            return Err(AppError::Invalid("repositoryUrl is not supported yet; clone it with exec once the environment runs".into()));
         }
         let image = input.base_image.clone().unwrap_or_else(|| self.config.image.clone());
         if image != self.config.image {
-            return Err(ApiError::invalid(format!("baseImage must be {:?} (the images this server offers)", self.config.image)));
+            return Err(AppError::Invalid(format!("baseImage must be {:?} (the images this server offers)", self.config.image)));
         }
         if let Some(script) = &input.init_script {
-            validate::command(script).map_err(|e| ApiError::invalid(format!("initScript: {e}")))?;
+            validate::command(script).map_err(|e| AppError::Invalid(format!("initScript: {e}")))?;
         }
         let user_key = match &input.ssh_public_key {
-            Some(k) => Some(hearth_guest::keys::check_public_key(k).map_err(ApiError::invalid)?),
+            Some(k) => Some(hearth_guest::keys::check_public_key(k).map_err(AppError::Invalid)?),
             None => None,
         };
         let quota = self.store.quota(user).await?;
         let hours = input.duration_hours.unwrap_or(quota.max_duration_hours.min(24));
         if !(1..=MAX_DURATION_HOURS).contains(&hours) {
-            return Err(ApiError::invalid(format!("durationHours must be between 1 and {MAX_DURATION_HOURS}, got {hours}")));
+            return Err(AppError::Invalid(format!("durationHours must be between 1 and {MAX_DURATION_HOURS}, got {hours}")));
         }
         if hours > quota.max_duration_hours {
-            return Err(ApiError::from(StoreError::Quota(hearth_core::QuotaExceeded {
+            return Err(AppError::Quota(hearth_core::QuotaExceeded {
                 limit: "maxDurationHours",
                 max: quota.max_duration_hours,
                 used: 0,
                 requested: hours,
-            })));
+            }));
         }
         let keys = KeyPair::generate();
         let mut authorized = keys.public_openssh.clone();
@@ -187,15 +192,14 @@ impl App {
         let new = NewEnvironment {
             name: input.name,
             personal: false,
-            provider: self.provider.name().into(),
-            resources,
+            placement,
             base_image: image,
             ssh_user: "dev".into(),
             environment_vars: input.environment_vars,
             ssh_public_key: authorized,
             ssh_private_key_enc: self.master_key.seal(&keys.private_openssh),
             auto_stop_minutes: user.tier.auto_stop_minutes(),
-            expires_at: Some(now_ms() + hours * 3_600_000),
+            expires_at: Some(self.now() + hours * 3_600_000),
             access_token_hash: hearth_store::hash_token(&access_token),
             init_script: input.init_script,
             repository_url: None,
@@ -208,7 +212,7 @@ impl App {
     }
 
     /// Creates the caller's personal VM (queued for provisioning) or returns the live one.
-    pub async fn provision_personal(&self, user: &User, size: SizeRequest) -> ApiResult<(bool, Environment)> {
+    pub async fn provision_personal(&self, user: &User, size: SizeRequest) -> AppResult<(bool, Environment)> {
         let resources = self.resources(user, &size)?;
         if let Some(existing) = self.store.personal_environment(&user.id).await? {
             return Ok((false, existing));
@@ -217,8 +221,7 @@ impl App {
         let new = NewEnvironment {
             name: "Personal VM".into(),
             personal: true,
-            provider: self.provider.name().into(),
-            resources,
+            placement: self.placement(resources, &CreateInput::default())?,
             base_image: self.config.image.clone(),
             ssh_user: "dev".into(),
             environment_vars: BTreeMap::new(),
@@ -242,24 +245,44 @@ impl App {
         })
     }
 
+    /// The caller's environment by id or slug; someone else's is "not found".
+    pub async fn owned_environment(&self, user: &User, id_or_slug: &str) -> AppResult<Environment> {
+        self.store.environment_for_user(&user.id, id_or_slug).await.map_err(AppError::not_found("environment"))
+    }
+
+    /// Records an explicit keep-alive (activity for auto-stop) on a running environment.
+    pub async fn keep_alive(&self, user: &User, id_or_slug: &str) -> AppResult<Environment> {
+        let env = self.owned_environment(user, id_or_slug).await?;
+        if env.state != EnvState::Running {
+            return Err(AppError::InvalidState(format!("the environment is {}; only a running one can be kept alive", env.state)));
+        }
+        self.store.touch_activity(&env.id, self.now(), "keepalive").await?;
+        self.owned_environment(user, id_or_slug).await
+    }
+
+    /// The caller's personal VM.
+    pub async fn personal_vm(&self, user: &User) -> AppResult<Environment> {
+        self.store.personal_environment(&user.id).await?.ok_or(AppError::NotFound("personal VM"))
+    }
+
     /// Queues start, stop or destroy. The job decides at run time what is left to do,
     /// so a repeated request is kept (and runs in order), never silently dropped.
-    pub async fn request(&self, actor: &str, env: &Environment, kind: JobKind) -> ApiResult<()> {
+    pub async fn request(&self, actor: &str, env: &Environment, kind: JobKind) -> AppResult<()> {
         match (kind, env.state) {
             (_, EnvState::Destroyed) => {
-                return Err(ApiError::invalid_state("the VM is destroyed; provision a new one"));
+                return Err(AppError::InvalidState("the VM is destroyed; provision a new one".into()));
             }
             (JobKind::Start | JobKind::Stop, EnvState::Destroying) => {
-                return Err(ApiError::invalid_state("the VM is being destroyed"));
+                return Err(AppError::InvalidState("the VM is being destroyed".into()));
             }
             _ => {}
         }
-        if kind == JobKind::Start && !env.state.is_active() {
+        if kind == JobKind::Start && !env.reserved {
             // Fail fast; the job enforces it again atomically when it moves the state.
             let owner = self.store.user(&env.user_id).await?;
             let quota = self.store.quota(&owner).await?;
             let usage = self.store.usage(&owner.id).await?;
-            quota.admit_existing(&usage, &env.resources()).map_err(|q| ApiError::from(StoreError::Quota(q)))?;
+            quota.admit_existing(&usage, &env.resources()).map_err(AppError::Quota)?;
         }
         let job = self.new_job(kind, &env.id, actor);
         self.store.enqueue(&job, &format!("{}_requested", kind.as_str())).await?;
@@ -267,18 +290,59 @@ impl App {
         Ok(())
     }
 
-    pub fn target(&self, env: &Environment) -> ApiResult<Target> {
+    /// Returns once the environment is in `want`: waits on change notices (this node's
+    /// writes, other nodes' through Redis, and the shared head probe otherwise).
+    /// `InvalidState` when it settled in `error` or `destroyed` instead; `Timeout` when
+    /// `timeout` passed.
+    pub async fn wait_for_state(&self, env: Environment, want: EnvState, timeout: Duration) -> AppResult<Environment> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut env = env;
+        loop {
+            if env.state == want {
+                return Ok(env);
+            }
+            if matches!(env.state, EnvState::Error | EnvState::Destroyed) {
+                return Err(AppError::InvalidState(format!(
+                    "the environment is {} ({}), it will not become {want} by itself",
+                    env.state,
+                    env.state_message.as_deref().unwrap_or("no message")
+                )));
+            }
+            let seen = env.generation;
+            loop {
+                let notice = self.changed.notified();
+                match self.hub.head(self, &env.id).await {
+                    Some((generation, _)) if generation != seen => break,
+                    None => return Err(AppError::NotFound("environment")),
+                    Some(_) => {}
+                }
+                tokio::select! {
+                    _ = notice => {}
+                    _ = tokio::time::sleep(crate::events::EVENT_POLL) => {}
+                    _ = tokio::time::sleep_until(deadline) => {
+                        return Err(AppError::Timeout(format!("still {} after {} s", env.state, timeout.as_secs())));
+                    }
+                }
+            }
+            env = self.store.environment(&env.id).await?;
+        }
+    }
+
+    pub fn target(&self, env: &Environment) -> AppResult<Target> {
         let (Some(host), Some(port)) = (env.ssh_host.clone(), env.ssh_port) else {
-            return Err(ApiError::invalid_state("the VM has no SSH address yet"));
+            return Err(AppError::InvalidState("the VM has no SSH address yet".into()));
         };
+        if env.provider == HostKind::Sim {
+            return Err(AppError::InvalidState("a simulated VM runs no commands; it exists for tests and load measurements".into()));
+        }
         let private_key_openssh = self
             .master_key
             .open(&env.ssh_private_key_enc)
-            .map_err(|e| ApiError::internal(format!("{e}; was HEARTH_MASTER_KEY changed?")))?;
+            .map_err(|e| AppError::Internal(format!("{e}; was HEARTH_MASTER_KEY changed?")))?;
         Ok(Target {
             environment_id: env.id.clone(),
             host,
-            port: u16::try_from(port).map_err(|_| ApiError::internal("stored SSH port out of range"))?,
+            port: u16::try_from(port).map_err(|_| AppError::Internal("stored SSH port out of range".into()))?,
             user: env.ssh_user.clone(),
             private_key_openssh,
         })
@@ -286,101 +350,96 @@ impl App {
 
     /// Refuses a command unless the VM runs. A stopped VM gets a start queued (as the
     /// original did) and the caller is told to retry.
-    async fn ensure_running(&self, user: &User, env: &Environment) -> ApiResult<()> {
+    async fn ensure_running(&self, user: &User, env: &Environment) -> AppResult<()> {
         match env.state {
             EnvState::Running => Ok(()),
             EnvState::Stopped => {
                 if !self.store.has_pending_job(&env.id, JobKind::Start.as_str()).await? {
                     self.request(&user.id, env, JobKind::Start).await?;
                 }
-                Err(ApiError::invalid_state("the VM is stopped; a start has been queued, try again in a few seconds"))
+                Err(AppError::InvalidState("the VM is stopped; a start has been queued, try again in a few seconds".into()))
             }
             EnvState::Requested | EnvState::Provisioning => {
-                Err(ApiError::invalid_state("the VM is still provisioning; try again when it is running"))
+                Err(AppError::InvalidState("the VM is still provisioning; try again when it is running".into()))
             }
-            other => Err(ApiError::invalid_state(format!("the VM is {other}; commands run only when it is running"))),
+            other => Err(AppError::InvalidState(format!("the VM is {other}; commands run only when it is running"))),
         }
     }
 
     /// Checks the input and the VM, and builds the SSH request: shared by both exec forms.
-    async fn prepare_exec(&self, user: &User, env: &Environment, input: &ExecInput) -> ApiResult<(Target, ExecRequest)> {
+    async fn prepare_exec(&self, user: &User, env: &Environment, input: &ExecInput) -> AppResult<(Target, ExecRequest)> {
         let timeout = input.validate()?;
         self.ensure_running(user, env).await?;
         let request = ExecRequest {
             code: input.code.clone(),
             working_dir: input.working_dir.clone(),
             env: env.environment_vars.clone(),
+            stdin: Vec::new(),
             timeout: Duration::from_secs(timeout as u64),
             max_output: EXEC_OUTPUT_LIMIT,
         };
         Ok((self.target(env)?, request))
     }
 
+    fn execution(&self, env_id: &str, user_id: &str, input: &ExecInput, started_at: i64) -> Execution {
+        let finished_at = self.now();
+        Execution {
+            id: uuid::Uuid::now_v7().to_string(),
+            environment_id: env_id.to_string(),
+            user_id: user_id.to_string(),
+            command: input.code.clone(),
+            working_dir: input.working_dir.clone(),
+            status: String::new(),
+            exit_code: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            truncated: false,
+            started_at,
+            finished_at: Some(finished_at),
+            duration_ms: Some(finished_at - started_at),
+        }
+    }
+
     /// Runs a command in a running VM and records it.
-    pub async fn exec(&self, user: &User, env: &Environment, input: ExecInput) -> ApiResult<ExecView> {
+    pub async fn exec(&self, user: &User, env: &Environment, input: ExecInput) -> AppResult<ExecResult> {
         let (target, request) = self.prepare_exec(user, env, &input).await?;
-        let started_at = now_ms();
+        let started_at = self.now();
         let result = self.ssh.exec(&target, &request).await;
-        let finished_at = now_ms();
-        let _ = self.store.touch_activity(&env.id, finished_at, "exec").await;
+        let _ = self.store.touch_activity(&env.id, self.now(), "exec").await;
+        let mut execution = self.execution(&env.id, &user.id, &input, started_at);
         let out = match result {
             Ok(out) => out,
             Err(e) => {
-                let execution = Execution {
-                    id: uuid::Uuid::now_v7().to_string(),
-                    environment_id: env.id.clone(),
-                    user_id: user.id.clone(),
-                    command: input.code,
-                    working_dir: input.working_dir,
-                    status: "failed".into(),
-                    exit_code: None,
-                    stdout: String::new(),
-                    stderr: e.to_string(),
-                    truncated: false,
-                    started_at,
-                    finished_at: Some(finished_at),
-                    duration_ms: Some(finished_at - started_at),
-                };
+                execution.status = "failed".into();
+                execution.stderr = e.to_string();
                 self.store.insert_execution(&execution).await?;
-                return Err(ApiError::unavailable(format!("could not run the command: {e}")));
+                return Err(AppError::Unavailable(format!("could not run the command: {e}")));
             }
         };
         let (stdout, out_cut) = cut(&out.stdout, EXEC_OUTPUT_LIMIT);
         let (stderr, err_cut) = cut(&out.stderr, EXEC_OUTPUT_LIMIT);
         let (stored_out, so) = cut(stdout.as_bytes(), STORED_OUTPUT_LIMIT);
         let (stored_err, se) = cut(stderr.as_bytes(), STORED_OUTPUT_LIMIT);
-        let execution = Execution {
-            id: uuid::Uuid::now_v7().to_string(),
-            environment_id: env.id.clone(),
-            user_id: user.id.clone(),
-            command: input.code,
-            working_dir: input.working_dir,
-            status: if out.timed_out { "timeout" } else { "completed" }.into(),
-            exit_code: out.exit_code,
-            stdout: stored_out,
-            stderr: stored_err,
-            truncated: out.truncated || so || se,
-            started_at,
-            finished_at: Some(finished_at),
-            duration_ms: Some(out.duration.as_millis() as i64),
-        };
+        execution.status = if out.timed_out { "timeout" } else { "completed" }.into();
+        execution.exit_code = out.exit_code;
+        execution.stdout = stored_out;
+        execution.stderr = stored_err;
+        execution.truncated = out.truncated || so || se;
+        execution.duration_ms = Some(out.duration.as_millis() as i64);
         self.store.insert_execution(&execution).await?;
-        let truncated = out.truncated || out_cut || err_cut;
-        Ok(ExecView::from_execution(&execution, stdout, stderr, truncated))
+        Ok(ExecResult { execution, stdout, stderr, truncated: out.truncated || out_cut || err_cut })
     }
-}
 
-impl App {
     /// Starts a command and streams its output. The execution is recorded when it ends,
     /// or as `cancelled` when the listener goes away (which kills the remote process).
-    pub async fn exec_stream(&self, user: &User, env: &Environment, input: ExecInput) -> ApiResult<tokio::sync::mpsc::Receiver<StreamEvent>> {
+    pub async fn exec_stream(&self, user: &User, env: &Environment, input: ExecInput) -> AppResult<tokio::sync::mpsc::Receiver<StreamEvent>> {
         let (target, request) = self.prepare_exec(user, env, &input).await?;
-        let started_at = now_ms();
+        let started_at = self.now();
         let mut chunks = self
             .ssh
             .exec_stream(&target, &request)
             .await
-            .map_err(|e| ApiError::unavailable(format!("could not run the command: {e}")))?;
+            .map_err(|e| AppError::Unavailable(format!("could not run the command: {e}")))?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let app = self.clone();
         let (env_id, user_id) = (env.id.clone(), user.id.clone());
@@ -417,7 +476,7 @@ impl App {
                 }
             }
             drop(chunks);
-            let finished_at = now_ms();
+            let mut execution = app.execution(&env_id, &user_id, &input, started_at);
             let (stored_out, so) = cut(&stdout, STORED_OUTPUT_LIMIT);
             let (stored_err, se) = cut(&stderr, STORED_OUTPUT_LIMIT);
             let (status, code) = match ending {
@@ -425,23 +484,13 @@ impl App {
                 Some((code, false, _)) => ("completed", code),
                 None => ("cancelled", None),
             };
-            let execution = Execution {
-                id: uuid::Uuid::now_v7().to_string(),
-                environment_id: env_id.clone(),
-                user_id,
-                command: input.code,
-                working_dir: input.working_dir,
-                status: status.into(),
-                exit_code: code,
-                stdout: stored_out,
-                stderr: stored_err,
-                truncated: so || se,
-                started_at,
-                finished_at: Some(finished_at),
-                duration_ms: Some(finished_at - started_at),
-            };
+            execution.status = status.into();
+            execution.exit_code = code;
+            execution.stdout = stored_out;
+            execution.stderr = stored_err;
+            execution.truncated = so || se;
             let _ = app.store.insert_execution(&execution).await;
-            let _ = app.store.touch_activity(&env_id, finished_at, "exec").await;
+            let _ = app.store.touch_activity(&env_id, app.now(), "exec").await;
         });
         Ok(rx)
     }

@@ -1,0 +1,132 @@
+//! Settings from the environment (DESIGN.md section 6), with defaults that run on one machine.
+
+use hearth_core::HostKind;
+use hearth_queue::{QueueConfig, Timing};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    /// `HEARTH_MASTER_KEY`; when unset, `<data dir>/master.key` (made on first start).
+    pub master_key: Option<String>,
+    /// `VM_PROVIDER`: the kind of host environments go to unless they ask for another.
+    pub default_kind: HostKind,
+    /// `HEARTH_INSTANCE`: a display name, put on VMs as a label for people. Identity is
+    /// the installation id in the database, never this.
+    pub instance_name: Option<String>,
+    pub image: String,
+    pub queues: Vec<QueueConfig>,
+    pub timing: Timing,
+    /// How long provisioning waits for the guest's SSH before the attempt fails.
+    pub ssh_wait: Duration,
+    /// How often the reaper and reconciler run.
+    pub reaper_interval: Duration,
+    /// A transition older than this with no job behind it is rolled back.
+    pub transition_deadline: Duration,
+    /// How often every host is asked whether it answers.
+    pub host_check_interval: Duration,
+    /// A host not seen for this long is unhealthy: placement skips it, and the reconciler
+    /// leaves its VMs alone.
+    pub host_unhealthy_after: Duration,
+    /// Register the local Docker engine as a host on the installation's first start.
+    pub local_docker_host: bool,
+    /// Capacity the local Docker host announces (defaults from the machine).
+    pub host_max_vcpus: Option<i64>,
+    pub host_max_memory_mb: Option<i64>,
+    pub host_max_environments: i64,
+    /// Run job workers in this process (an API-only node sets false).
+    pub workers: bool,
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn number<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
+    match var(name) {
+        None => Ok(default),
+        Some(v) => v.trim().parse().map_err(|_| format!("{name} must be a number, got {v:?}")),
+    }
+}
+
+impl Config {
+    /// The defaults, for a data directory and database, with nothing read from the
+    /// environment (tests build on this).
+    pub fn new(data_dir: PathBuf, database_url: String) -> Config {
+        Config {
+            listen: "127.0.0.1:8080".into(),
+            data_dir,
+            database_url,
+            master_key: None,
+            default_kind: HostKind::Docker,
+            instance_name: None,
+            image: hearth_provider::image::DEFAULT_IMAGE.into(),
+            queues: QueueConfig::defaults(),
+            timing: Timing::default(),
+            ssh_wait: Duration::from_secs(120),
+            reaper_interval: Duration::from_secs(30),
+            transition_deadline: Duration::from_secs(900),
+            host_check_interval: Duration::from_secs(5),
+            host_unhealthy_after: Duration::from_secs(15),
+            local_docker_host: true,
+            host_max_vcpus: None,
+            host_max_memory_mb: None,
+            host_max_environments: 200,
+            workers: true,
+        }
+    }
+
+    /// The defaults, overridden by the environment variables README.md lists.
+    pub fn from_env() -> Result<Config, String> {
+        let data_dir = PathBuf::from(var("HEARTH_DATA_DIR").unwrap_or_else(default_data_dir));
+        let database_url = var("DATABASE_URL")
+            .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", data_dir.join("hearth.db").display()));
+        let mut c = Config::new(data_dir, database_url);
+        let provider = var("VM_PROVIDER").unwrap_or_else(|| "docker".into());
+        c.default_kind = match HostKind::parse(&provider) {
+            Some(k @ (HostKind::Docker | HostKind::Sim)) => k,
+            Some(other) => {
+                return Err(format!("VM_PROVIDER={other} is not implemented yet; `docker` and `sim` work in this version"));
+            }
+            None => return Err(format!("VM_PROVIDER must be docker, agent, ovh or sim, got {provider:?}")),
+        };
+        for q in &mut c.queues {
+            let up = q.name.to_uppercase();
+            q.concurrency = number(&format!("HEARTH_{up}_CONCURRENCY"), q.concurrency)?;
+            q.max_attempts = number(&format!("HEARTH_{up}_ATTEMPTS"), q.max_attempts)?;
+            let backoff_ms = number(&format!("HEARTH_{up}_BACKOFF_MS"), q.backoff.as_millis() as u64)?;
+            q.backoff = Duration::from_millis(backoff_ms);
+            if q.concurrency == 0 || q.max_attempts < 1 {
+                return Err(format!("queue {} needs concurrency and attempts of at least 1", q.name));
+            }
+        }
+        let ms = |name: &str, d: Duration| number(name, d.as_millis() as u64).map(Duration::from_millis);
+        let secs = |name: &str, d: Duration| number(name, d.as_secs()).map(Duration::from_secs);
+        c.timing = Timing { lease: ms("HEARTH_JOB_LEASE_MS", c.timing.lease)?, poll: ms("HEARTH_JOB_POLL_MS", c.timing.poll)? };
+        c.listen = var("HEARTH_LISTEN").unwrap_or(c.listen);
+        c.master_key = var("HEARTH_MASTER_KEY");
+        c.instance_name = var("HEARTH_INSTANCE");
+        c.image = var("HEARTH_IMAGE").unwrap_or(c.image);
+        c.ssh_wait = secs("HEARTH_SSH_WAIT_SECONDS", c.ssh_wait)?;
+        c.reaper_interval = ms("HEARTH_REAPER_INTERVAL_MS", c.reaper_interval)?;
+        c.transition_deadline = secs("HEARTH_TRANSITION_DEADLINE_SECONDS", c.transition_deadline)?;
+        c.host_check_interval = ms("HEARTH_HOST_CHECK_INTERVAL_MS", c.host_check_interval)?;
+        c.host_unhealthy_after = ms("HEARTH_HOST_UNHEALTHY_AFTER_MS", c.host_unhealthy_after)?;
+        c.local_docker_host = number("HEARTH_LOCAL_DOCKER_HOST", 1u8)? != 0;
+        c.host_max_vcpus = var("HEARTH_HOST_MAX_VCPUS").map(|_| number("HEARTH_HOST_MAX_VCPUS", 0i64)).transpose()?;
+        c.host_max_memory_mb = var("HEARTH_HOST_MAX_MEMORY_MB").map(|_| number("HEARTH_HOST_MAX_MEMORY_MB", 0i64)).transpose()?;
+        c.host_max_environments = number("HEARTH_HOST_MAX_ENVIRONMENTS", c.host_max_environments)?;
+        c.workers = number("HEARTH_WORKERS", 1u8)? != 0;
+        Ok(c)
+    }
+}
+
+pub fn default_data_dir() -> String {
+    match std::env::var("HOME") {
+        Ok(home) if !home.is_empty() => format!("{home}/.local/share/hearth"),
+        _ => "/var/lib/hearth".into(),
+    }
+}

@@ -1,0 +1,115 @@
+//! Reaching into a guest during a job: over SSH for real VMs, through the simulated
+//! provider for simulated ones.
+//!
+//! The init script runs detached in the guest, started once behind a `mkdir` guard and
+//! recorded in files there (`~/.hearth/init/{script,pid,output,exit}`). So it never runs
+//! twice, whatever happens to the node that started it, and a job can look in on it
+//! later instead of holding a worker while it runs. The script itself travels as data on
+//! standard input; the shell text below is fixed.
+
+use hearth_guest::{ExecRequest, SshPool, Target};
+use hearth_provider::sim::SimProvider;
+use hearth_provider::{HostRef, VmRef};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Starts `~/.hearth/init/script` (read from stdin) once, detached from this connection.
+/// The script is written into a fresh directory that is then renamed into place: the
+/// rename is the once-only guard, and a half-written script never runs.
+const START_INIT: &str = r#"set -u
+d="$HOME/.hearth/init"
+mkdir -p "$HOME/.hearth"
+t=$(mktemp -d "$HOME/.hearth/init.XXXXXX")
+cat > "$t/script"
+if [ ! -e "$d" ] && mv -T "$t" "$d" 2>/dev/null; then
+  setsid sh -c 'echo $$ > "$1/pid"; bash "$1/script" > "$1/output" 2>&1; echo $? > "$1/exit.tmp"; mv "$1/exit.tmp" "$1/exit"' hearth-init "$d" < /dev/null > /dev/null 2>&1 &
+  echo started
+else
+  rm -rf "$t"
+  echo already
+fi
+"#;
+
+/// Prints `exit <code>` and the output's tail, `running`, or `lost` (started, but neither
+/// running nor finished: the VM restarted under it, or it never got going).
+const INIT_STATUS: &str = r#"d="$HOME/.hearth/init"
+if [ -f "$d/exit" ]; then echo "exit $(cat "$d/exit")"; tail -c 2048 "$d/output" 2>/dev/null
+elif [ -f "$d/pid" ] && kill -0 "$(cat "$d/pid")" 2>/dev/null; then echo running
+elif [ -d "$d" ] && [ ! -f "$d/pid" ] && [ -n "$(find "$d" -maxdepth 0 -mmin -1)" ]; then echo running
+else echo lost; fi
+"#;
+
+pub(crate) enum InitStatus {
+    Running,
+    Exited { code: i64, output_tail: String },
+    /// Started, but its process is gone without an exit code.
+    Lost,
+}
+
+pub(crate) enum Guest {
+    Ssh { pool: SshPool, target: Target },
+    Sim { sim: Arc<SimProvider>, host: HostRef, vm: VmRef },
+}
+
+fn request(code: &str, env: &BTreeMap<String, String>, stdin: Vec<u8>) -> ExecRequest {
+    ExecRequest {
+        code: code.to_string(),
+        working_dir: None,
+        env: env.clone(),
+        stdin,
+        timeout: Duration::from_secs(30),
+        max_output: 16 * 1024,
+    }
+}
+
+impl Guest {
+    /// One try: does the guest accept Hearth's key and run a command?
+    pub async fn probe(&self) -> Result<(), String> {
+        match self {
+            Guest::Ssh { pool, target } => pool.probe(target).await.map_err(|e| e.to_string()),
+            Guest::Sim { sim, host, vm } => sim.probe(host, vm).await.map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Starts the init script unless it ever started in this VM.
+    pub async fn start_init(&self, script: &str, env: &BTreeMap<String, String>) -> Result<(), String> {
+        match self {
+            Guest::Ssh { pool, target } => {
+                let out = pool.exec(target, &request(START_INIT, env, script.as_bytes().to_vec())).await.map_err(|e| e.to_string())?;
+                if out.exit_code != Some(0) {
+                    return Err(format!(
+                        "could not start the init script (exit {:?}): {}",
+                        out.exit_code,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ));
+                }
+                Ok(())
+            }
+            Guest::Sim { sim, host, vm } => sim.start_init(host, vm).await.map_err(|e| e.to_string()),
+        }
+    }
+
+    pub async fn init_status(&self) -> Result<InitStatus, String> {
+        match self {
+            Guest::Ssh { pool, target } => {
+                let out = pool.exec(target, &request(INIT_STATUS, &BTreeMap::new(), Vec::new())).await.map_err(|e| e.to_string())?;
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                let (first, rest) = text.split_once('\n').unwrap_or((text.as_str(), ""));
+                if let Some(code) = first.strip_prefix("exit ") {
+                    let code = code.trim().parse().map_err(|_| format!("unreadable init exit code {code:?}"))?;
+                    return Ok(InitStatus::Exited { code, output_tail: rest.to_string() });
+                }
+                match first.trim() {
+                    "running" => Ok(InitStatus::Running),
+                    "lost" => Ok(InitStatus::Lost),
+                    other => Err(format!("unexpected answer from the guest about its init script: {other:?}")),
+                }
+            }
+            Guest::Sim { sim, host, vm } => match sim.init_outcome(host, vm).await.map_err(|e| e.to_string())? {
+                Some(code) => Ok(InitStatus::Exited { code, output_tail: String::new() }),
+                None => Ok(InitStatus::Lost),
+            },
+        }
+    }
+}

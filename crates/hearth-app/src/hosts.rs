@@ -1,0 +1,219 @@
+//! Managing hosts (admins): add one after checking it answers, drain it, change its
+//! capacity or simulated faults, remove it once it holds nothing.
+
+use crate::App;
+use crate::error::{AppError, AppResult};
+use hearth_core::host::{MAX_GPUS, check_label, check_name};
+use hearth_core::{HostKind, HostStatus};
+use hearth_provider::sim::SimOptions;
+use hearth_store::{Host, HostCapacity, HostUpdate, NewHost, User};
+use std::time::Duration;
+
+/// How long adding a host waits for it to answer.
+const ADD_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounds on what one host may announce.
+pub const MAX_HOST_VCPUS: i64 = 100_000;
+pub const MAX_HOST_MEMORY_MB: i64 = 100_000_000;
+pub const MAX_HOST_ENVIRONMENTS: i64 = 100_000;
+
+/// A host to add, as an admin describes it.
+#[derive(Debug, Clone, Default)]
+pub struct HostInput {
+    pub name: String,
+    pub kind: String,
+    pub endpoint: Option<String>,
+    pub guest_address: Option<String>,
+    pub region: Option<String>,
+    pub gpu_model: Option<String>,
+    pub gpu_count: Option<i64>,
+    pub max_vcpus: i64,
+    pub max_memory_mb: i64,
+    pub max_environments: Option<i64>,
+    pub tls_ca: Option<String>,
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    pub options: Option<serde_json::Value>,
+}
+
+fn capacity(vcpus: i64, memory_mb: i64, environments: i64) -> AppResult<HostCapacity> {
+    for (name, v, max) in [
+        ("maxVcpus", vcpus, MAX_HOST_VCPUS),
+        ("maxMemoryMb", memory_mb, MAX_HOST_MEMORY_MB),
+        ("maxEnvironments", environments, MAX_HOST_ENVIRONMENTS),
+    ] {
+        if !(1..=max).contains(&v) {
+            return Err(AppError::Invalid(format!("{name} must be between 1 and {max}, got {v}")));
+        }
+    }
+    Ok(HostCapacity { max_vcpus: vcpus, max_memory_mb: memory_mb, max_environments: environments })
+}
+
+/// A kind's options: a simulated host's are checked; other kinds take none.
+fn options(kind: HostKind, options: Option<serde_json::Value>) -> AppResult<serde_json::Value> {
+    let options = options.unwrap_or_else(|| serde_json::json!({}));
+    match kind {
+        HostKind::Sim => {
+            SimOptions::parse(&options).map_err(AppError::Invalid)?;
+        }
+        _ if options.as_object().is_some_and(|o| o.is_empty()) => {}
+        _ => return Err(AppError::Invalid(format!("hosts of kind {kind} take no options"))),
+    }
+    Ok(options)
+}
+
+/// An address the nodes can reach guests at: an IP address or a DNS name.
+fn check_address(a: &str) -> AppResult<()> {
+    let ok = (1..=253).contains(&a.len()) && a.chars().all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c));
+    if ok { Ok(()) } else { Err(AppError::Invalid(format!("guestAddress {a:?} must be an IP address or a DNS name"))) }
+}
+
+impl App {
+    /// Adds a host once it answers; nothing is written when it does not.
+    pub async fn add_host(&self, actor: &User, input: HostInput) -> AppResult<Host> {
+        check_name(&input.name).map_err(AppError::Invalid)?;
+        let kind = HostKind::parse(&input.kind)
+            .ok_or_else(|| AppError::Invalid(format!("kind must be docker, agent, ovh or sim; got {:?}", input.kind)))?;
+        let provider = self.providers.get(kind).map_err(|e| AppError::Invalid(e.to_string()))?;
+        let endpoint = match (kind, input.endpoint) {
+            (HostKind::Sim, None) => format!("sim://{}", input.name),
+            (_, Some(e)) => e,
+            (_, None) => return Err(AppError::Invalid(format!("a {kind} host needs an endpoint"))),
+        };
+        let schemes: &[&str] = match kind {
+            HostKind::Docker => &["unix://", "tcp://", "ssh://"],
+            HostKind::Sim => &["sim://"],
+            _ => &["https://"],
+        };
+        if !schemes.iter().any(|s| endpoint.starts_with(s)) || endpoint.len() > 1000 || endpoint.chars().any(char::is_whitespace) {
+            return Err(AppError::Invalid(format!("the endpoint of a {kind} host must start with {}", schemes.join(", "))));
+        }
+        let guest_address = input.guest_address.unwrap_or_else(|| "127.0.0.1".into());
+        check_address(&guest_address)?;
+        if let Some(r) = &input.region {
+            check_label("region", r).map_err(AppError::Invalid)?;
+        }
+        if let Some(m) = &input.gpu_model {
+            check_label("gpuModel", m).map_err(AppError::Invalid)?;
+        }
+        let gpu_count = input.gpu_count.unwrap_or(0);
+        if !(0..=MAX_GPUS * 8).contains(&gpu_count) {
+            return Err(AppError::Invalid(format!("gpuCount must be between 0 and {}", MAX_GPUS * 8)));
+        }
+        if (gpu_count > 0) != input.gpu_model.is_some() {
+            return Err(AppError::Invalid("gpuModel and gpuCount go together".into()));
+        }
+        let capacity = capacity(input.max_vcpus, input.max_memory_mb, input.max_environments.unwrap_or(200))?;
+        let tls = match (input.tls_ca, input.tls_cert, input.tls_key) {
+            (None, None, None) => None,
+            (Some(ca), Some(cert), Some(key)) => Some((ca, cert, key)),
+            _ => return Err(AppError::Invalid("tlsCa, tlsCert and tlsKey go together".into())),
+        };
+        if endpoint.starts_with("tcp://") != tls.is_some() {
+            return Err(AppError::Invalid(
+                "a tcp:// endpoint needs tlsCa, tlsCert and tlsKey (plain TCP hands out root on the host); other endpoints take none".into(),
+            ));
+        }
+        let options = options(kind, input.options)?;
+        let new = NewHost {
+            id: uuid::Uuid::now_v7().to_string(),
+            name: input.name,
+            kind,
+            endpoint,
+            guest_address,
+            region: input.region,
+            gpu_model: input.gpu_model,
+            gpu_count,
+            capacity,
+            tls_ca: tls.as_ref().map(|t| t.0.clone()),
+            tls_cert: tls.as_ref().map(|t| t.1.clone()),
+            tls_key_sealed: tls.as_ref().map(|t| self.master_key.seal(&t.2)),
+            options,
+        };
+        // Checked under the id it will have, before anything is written.
+        let probe = Host {
+            id: new.id.clone(),
+            name: new.name.clone(),
+            kind,
+            endpoint: new.endpoint.clone(),
+            guest_address: new.guest_address.clone(),
+            region: None,
+            gpu_model: None,
+            gpu_count: 0,
+            status: HostStatus::Ready,
+            health: hearth_core::HostHealth::Healthy,
+            health_message: None,
+            last_seen_at: None,
+            capacity,
+            used_vcpus: 0,
+            used_memory_mb: 0,
+            used_environments: 0,
+            used_gpus: 0,
+            tls_ca: new.tls_ca.clone(),
+            tls_cert: new.tls_cert.clone(),
+            tls_key_sealed: new.tls_key_sealed.clone(),
+            options: new.options.clone(),
+            created_at: 0,
+            updated_at: 0,
+        };
+        let host_ref = self.host_ref(&probe)?;
+        match tokio::time::timeout(ADD_CHECK_TIMEOUT, provider.check(&host_ref)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(AppError::Invalid(format!("host {} does not answer: {e}; nothing was added", new.name))),
+            Err(_) => {
+                return Err(AppError::Invalid(format!(
+                    "host {} did not answer within {} s; nothing was added",
+                    new.name,
+                    ADD_CHECK_TIMEOUT.as_secs()
+                )));
+            }
+        }
+        let host = self.store.add_host(&new).await?;
+        let _ = self.store.audit(&actor.id, "host_add", None, "success", None, None).await;
+        tracing::info!(host = %host.name, kind = %host.kind, endpoint = %host.endpoint, "host added");
+        Ok(host)
+    }
+
+    pub async fn find_host(&self, id_or_name: &str) -> AppResult<Host> {
+        self.store.find_host(id_or_name).await.map_err(AppError::not_found("host"))
+    }
+
+    pub async fn set_host_status(&self, actor: &User, id_or_name: &str, status: HostStatus) -> AppResult<Host> {
+        let host = self.find_host(id_or_name).await?;
+        let host = self.store.set_host_status(&host.id, status).await?;
+        let action = if status == HostStatus::Draining { "host_drain" } else { "host_ready" };
+        let _ = self.store.audit(&actor.id, action, None, "success", None, None).await;
+        Ok(host)
+    }
+
+    /// Changes a host's capacity or options; `None` keeps what it has.
+    pub async fn update_host(
+        &self,
+        actor: &User,
+        id_or_name: &str,
+        cap: (Option<i64>, Option<i64>, Option<i64>),
+        new_options: Option<serde_json::Value>,
+    ) -> AppResult<Host> {
+        let host = self.find_host(id_or_name).await?;
+        let capacity = capacity(
+            cap.0.unwrap_or(host.capacity.max_vcpus),
+            cap.1.unwrap_or(host.capacity.max_memory_mb),
+            cap.2.unwrap_or(host.capacity.max_environments),
+        )?;
+        let options = match new_options {
+            Some(o) => Some(options(host.kind, Some(o))?),
+            None => None,
+        };
+        let host = self.store.update_host(&host.id, &HostUpdate { capacity: Some(capacity), options }).await?;
+        let _ = self.store.audit(&actor.id, "host_update", None, "success", None, None).await;
+        Ok(host)
+    }
+
+    /// Removes a host that holds no environment.
+    pub async fn remove_host(&self, actor: &User, id_or_name: &str) -> AppResult<Host> {
+        let host = self.find_host(id_or_name).await?;
+        let host = self.store.remove_host(&host.id).await?;
+        let _ = self.store.audit(&actor.id, "host_remove", None, "success", None, None).await;
+        tracing::info!(host = %host.name, "host removed");
+        Ok(host)
+    }
+}

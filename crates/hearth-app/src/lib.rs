@@ -1,0 +1,105 @@
+//! The application: what requests may do (`service`, `hosts`), the sagas that turn them
+//! into VMs (`jobs`, `saga`), the background upkeep (`reaper`, `reconcile`, `health`), live
+//! events (`events`, `bus`) and start-up (`start`).
+//!
+//! Architecture invariant: this crate knows no HTTP. It returns its own errors
+//! (`AppError`), which only the HTTP crate turns into status codes; background workers
+//! never see an HTTP error. Providers are looked up by a host's kind and every provider
+//! call names the host, so any node can act on any host.
+
+pub mod admin;
+pub mod bus;
+pub mod config;
+pub mod error;
+pub mod events;
+mod guest;
+pub mod health;
+pub mod hosts;
+pub mod jobs;
+pub mod reaper;
+pub mod reconcile;
+mod saga;
+pub mod service;
+mod sim_ledger;
+pub mod start;
+
+#[cfg(test)]
+mod tests;
+
+pub use config::Config;
+pub use error::{AppError, AppResult};
+
+use hearth_guest::{MasterKey, SshPool};
+use hearth_provider::sim::SimProvider;
+use hearth_provider::{HostRef, Providers, TlsMaterial};
+use hearth_queue::Queue;
+use hearth_store::{Host, Store};
+use std::sync::Arc;
+
+/// Everything a request or a job needs, cheap to clone.
+#[derive(Clone)]
+pub struct App {
+    pub store: Store,
+    pub queue: Queue,
+    pub providers: Providers,
+    /// Also in `providers`; kept apart because its guests are reached through it, not SSH.
+    pub sim: Arc<SimProvider>,
+    pub ssh: SshPool,
+    pub master_key: MasterKey,
+    /// This installation's id: every VM carries it, and nothing else is ever touched.
+    pub installation_id: String,
+    pub config: Arc<Config>,
+    /// Woken when a state change or log line is written (event streams wait on it).
+    pub changed: Arc<tokio::sync::Notify>,
+    pub bus: bus::Bus,
+    pub hub: Arc<events::Hub>,
+}
+
+impl App {
+    /// Now, by the store's clock.
+    pub fn now(&self) -> i64 {
+        self.store.now()
+    }
+
+    /// Tells event streams, here and (through Redis) on other nodes, to look again now.
+    pub fn notify_changed(&self, environment_id: &str) {
+        self.notify_changed_locally();
+        self.bus.publish(bus::CHANGED, environment_id.to_string());
+    }
+
+    pub fn notify_changed_locally(&self) {
+        self.hub.bump();
+        self.changed.notify_waiters();
+    }
+
+    /// Wakes the workers of `queue` here and, through Redis, on every other node.
+    pub fn wake(&self, queue: &str) {
+        self.queue.wake(queue);
+        self.bus.publish(bus::WAKE, queue.to_string());
+    }
+
+    /// What a provider needs to know of a host, its TLS key unsealed.
+    pub fn host_ref(&self, host: &Host) -> AppResult<HostRef> {
+        let tls = match (&host.tls_ca, &host.tls_cert, &host.tls_key_sealed) {
+            (Some(ca), Some(cert), Some(key)) => Some(TlsMaterial {
+                ca_pem: ca.clone(),
+                cert_pem: cert.clone(),
+                key_pem: self
+                    .master_key
+                    .open(key)
+                    .map_err(|e| AppError::Internal(format!("the TLS key of host {} cannot be opened: {e}", host.name)))?,
+            }),
+            _ => None,
+        };
+        Ok(HostRef {
+            id: host.id.clone(),
+            name: host.name.clone(),
+            kind: host.kind,
+            endpoint: host.endpoint.clone(),
+            guest_address: host.guest_address.clone(),
+            tls,
+            options: host.options.clone(),
+            installation_id: self.installation_id.clone(),
+        })
+    }
+}

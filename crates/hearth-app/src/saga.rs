@@ -1,0 +1,387 @@
+//! Jobs as sagas that remember: each job is a list of named steps (its `Plan`), each with
+//! an undo where one is needed. What a step produced is saved on the job as it completes
+//! (by the lease owner only), so a retry, or another node after a crash, continues after
+//! the last finished step: a half-made VM is found by its saved reference and the init
+//! script never runs twice.
+//!
+//! When a step fails for good (its error cannot be retried, or the last attempt failed,
+//! or too many workers died running it), the saga winds down: it records why, undoes every
+//! step it reached in reverse, and settles the environment in a state that tells the
+//! truth (`error` with the reason, or back where it was). An undo that cannot finish now
+//! (the host is unreachable) makes the job wait and try again without spending attempts:
+//! undo always finishes eventually, and the environment keeps holding what its VM uses
+//! until it has.
+
+use crate::App;
+use hearth_core::{EnvState, JobKind};
+use hearth_provider::{HostRef, Provider, ProviderError, VmRef};
+use hearth_queue::{JobError, Lease};
+use hearth_store::{Environment, Host, Job, StoreError};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a wound-down job waits before trying an undo again.
+pub(crate) const UNDO_RETRY: Duration = Duration::from_secs(5);
+
+/// What a job's steps produced so far.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Progress {
+    /// The plan chosen on the first run (a start of an environment that never had a VM
+    /// provisions it), kept so a resumed job follows the same one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<Plan>,
+    /// Names of the finished steps.
+    #[serde(default)]
+    pub done: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Address>,
+    /// When the init script was started (store clock), to bound how long it may run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_started_at: Option<i64>,
+    /// Set when the saga gave up: why. A resumed job finishes winding down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
+}
+
+/// Where a VM's SSH answers, as the provider reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Address {
+    pub ssh_host: String,
+    pub ssh_port: i64,
+    pub ip_address: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Plan {
+    Provision,
+    Start,
+    Stop,
+    Destroy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Moves the environment into the job's transitional state (or finds it done).
+    Begin,
+    /// Ensure created: the VM exists (it may still be booting). Undo: remove it.
+    CreateVm,
+    /// The provider reports it running, with an SSH address.
+    WaitRunning,
+    /// The guest accepts Hearth's key.
+    WaitSsh,
+    /// The user's init script ran once and exited 0.
+    InitScript,
+    /// Undo: stop it again.
+    StartVm,
+    StopVm,
+    DestroyVm,
+    /// Moves the environment into the job's final state.
+    Finish,
+}
+
+impl Step {
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Begin => "begin",
+            Step::CreateVm => "create_vm",
+            Step::WaitRunning => "wait_running",
+            Step::WaitSsh => "wait_ssh",
+            Step::InitScript => "init_script",
+            Step::StartVm => "start_vm",
+            Step::StopVm => "stop_vm",
+            Step::DestroyVm => "destroy_vm",
+            Step::Finish => "finish",
+        }
+    }
+}
+
+impl Plan {
+    pub fn name(self) -> &'static str {
+        match self {
+            Plan::Provision => "provision",
+            Plan::Start => "start",
+            Plan::Stop => "stop",
+            Plan::Destroy => "destroy",
+        }
+    }
+
+    /// The state a successful run leaves the environment in.
+    pub fn target(self) -> EnvState {
+        match self {
+            Plan::Provision | Plan::Start => EnvState::Running,
+            Plan::Stop => EnvState::Stopped,
+            Plan::Destroy => EnvState::Destroyed,
+        }
+    }
+
+    /// The plan a job of `kind` follows for `env` when it first runs.
+    pub fn choose(kind: JobKind, env: &Environment) -> Plan {
+        match kind {
+            JobKind::Provision => Plan::Provision,
+            // Never got a VM: starting it means provisioning it.
+            JobKind::Start
+                if env.vm_id.is_none() && matches!(env.state, EnvState::Error | EnvState::Requested | EnvState::Provisioning) =>
+            {
+                Plan::Provision
+            }
+            JobKind::Start => Plan::Start,
+            JobKind::Stop => Plan::Stop,
+            JobKind::Destroy => Plan::Destroy,
+        }
+    }
+
+    pub fn steps(self, with_init_script: bool) -> Vec<Step> {
+        use Step::*;
+        match self {
+            Plan::Provision if with_init_script => vec![Begin, CreateVm, WaitRunning, WaitSsh, InitScript, Finish],
+            Plan::Provision => vec![Begin, CreateVm, WaitRunning, WaitSsh, Finish],
+            Plan::Start => vec![Begin, StartVm, WaitRunning, WaitSsh, Finish],
+            Plan::Stop => vec![Begin, StopVm, Finish],
+            Plan::Destroy => vec![Begin, DestroyVm, Finish],
+        }
+    }
+
+    /// Every fault point of every plan: before each step (`provision.create_vm`) and
+    /// after it acted but before its progress is saved (`provision.create_vm.after`).
+    #[cfg(test)]
+    pub fn all_fault_points() -> Vec<(Plan, String)> {
+        [Plan::Provision, Plan::Start, Plan::Stop, Plan::Destroy]
+            .into_iter()
+            .flat_map(|p| {
+                p.steps(true).into_iter().flat_map(move |s| {
+                    [(p, format!("{}.{}", p.name(), s.name())), (p, format!("{}.{}.after", p.name(), s.name()))]
+                })
+            })
+            .collect()
+    }
+}
+
+/// How a step ended well.
+pub(crate) enum Next {
+    Continue,
+    /// Nothing left to do (the work was already done, or a destroy overtook it): the job
+    /// ends successfully.
+    Done,
+    /// Not finished, not failed: look again later without holding a worker.
+    Wait(String, Duration),
+}
+
+/// How a step ended badly.
+#[derive(Debug)]
+pub(crate) enum StepError {
+    /// Another attempt may work.
+    Retryable(String),
+    /// No attempt will work.
+    Final(String),
+    /// The VM disappeared while being brought up: the next attempt makes it again.
+    Vanished(String),
+}
+
+impl StepError {
+    pub fn message(&self) -> &str {
+        match self {
+            StepError::Retryable(m) | StepError::Final(m) | StepError::Vanished(m) => m,
+        }
+    }
+}
+
+impl From<ProviderError> for StepError {
+    fn from(e: ProviderError) -> StepError {
+        match e {
+            ProviderError::Unavailable(m) | ProviderError::Failed(m) => StepError::Retryable(m),
+            ProviderError::NotFound(name) => StepError::Vanished(format!("the VM {name} no longer exists")),
+            ProviderError::Unsupported(m) => StepError::Final(m),
+        }
+    }
+}
+
+impl From<StoreError> for StepError {
+    fn from(e: StoreError) -> StepError {
+        match e {
+            StoreError::Quota(_) | StoreError::NoCapacity(_) | StoreError::NoSuchHost(_) => StepError::Final(e.to_string()),
+            other => StepError::Retryable(other.to_string()),
+        }
+    }
+}
+
+/// The host an environment lives on, ready for provider calls.
+pub(crate) struct OnHost {
+    pub host: Host,
+    pub host_ref: HostRef,
+    pub provider: Arc<dyn Provider>,
+}
+
+/// One run of a job's saga.
+pub(crate) struct Run<'a> {
+    pub app: &'a App,
+    pub job: &'a Job,
+    pub lease: &'a Lease,
+    pub plan: Plan,
+    pub progress: Progress,
+}
+
+impl<'a> Run<'a> {
+    pub fn new(app: &'a App, job: &'a Job, lease: &'a Lease, env: &Environment) -> Result<Run<'a>, JobError> {
+        let kind = JobKind::parse(&job.kind).ok_or_else(|| JobError::Fatal(format!("unknown job kind {:?}", job.kind)))?;
+        let progress: Progress = serde_json::from_value(job.progress.clone())
+            .map_err(|e| JobError::Fatal(format!("the job's saved progress is unreadable: {e}")))?;
+        let plan = progress.plan.unwrap_or_else(|| Plan::choose(kind, env));
+        Ok(Run { app, job, lease, plan, progress: Progress { plan: Some(plan), ..progress } })
+    }
+
+    pub fn actor(&self) -> &str {
+        &self.job.actor
+    }
+
+    fn steps(&self, env: &Environment) -> Vec<Step> {
+        self.plan.steps(env.init_script.is_some())
+    }
+
+    fn is_done(&self, step: Step) -> bool {
+        self.progress.done.iter().any(|d| d == step.name())
+    }
+
+    /// Saves the progress under this worker's lease; a lost lease stops the saga.
+    pub async fn save(&self) -> Result<(), JobError> {
+        let value = serde_json::to_value(&self.progress).map_err(|e| JobError::Fatal(e.to_string()))?;
+        match self.app.store.save_progress(self.job.id, &self.lease.owner, &value).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                self.lease.lost.cancel();
+                Err(JobError::Retry("lost the lease; another worker continues".into()))
+            }
+            Err(e) => Err(JobError::Retry(format!("could not save the job's progress: {e}"))),
+        }
+    }
+
+    /// The environment as it is now.
+    pub async fn env(&self) -> Result<Environment, JobError> {
+        match self.app.store.environment(&self.job.environment_id).await {
+            Ok(env) => Ok(env),
+            Err(StoreError::NotFound) => Err(JobError::Fatal("the environment does not exist".into())),
+            Err(e) => Err(JobError::Retry(e.to_string())),
+        }
+    }
+
+    /// The environment's host, if it has one (and its kind has a provider).
+    pub async fn on_host(&self, env: &Environment) -> Result<Option<OnHost>, StepError> {
+        let Some(host_id) = &env.host_id else { return Ok(None) };
+        let host = self.app.store.host(host_id).await?;
+        let host_ref = self.app.host_ref(&host).map_err(|e| StepError::Final(e.to_string()))?;
+        let provider = self.app.providers.get(host.kind)?;
+        Ok(Some(OnHost { host, host_ref, provider }))
+    }
+
+    pub async fn execute(mut self) -> Result<(), JobError> {
+        if let Some(reason) = self.progress.failed.clone() {
+            return self.wind_down(reason).await;
+        }
+        if self.job.exhausted() {
+            let env = self.env().await?;
+            self.app
+                .log(&env, "error", &format!("{} workers died running this {}; undoing it", self.job.crashes, self.plan.name()))
+                .await;
+            return self.wind_down(format!("the workers running it died {} times", self.job.crashes)).await;
+        }
+        let env = self.env().await?;
+        for step in self.steps(&env) {
+            if self.is_done(step) {
+                continue;
+            }
+            let env = self.env().await?;
+            let outcome = match self.fault_point(&env, step, "").await {
+                Ok(()) => match self.step(step, env.clone()).await {
+                    // Acted, not yet recorded: the window a crash must not spoil.
+                    Ok(Next::Continue) => self.fault_point(&env, step, ".after").await.map(|()| Next::Continue),
+                    other => other,
+                },
+                Err(e) => Err(e),
+            };
+            match outcome {
+                Ok(Next::Continue) => {
+                    self.progress.done.push(step.name().to_string());
+                    self.save().await?;
+                }
+                Ok(Next::Done) => {
+                    self.save().await?;
+                    return Ok(());
+                }
+                Ok(Next::Wait(note, after)) => {
+                    self.save().await?;
+                    return Err(JobError::Later(note, after));
+                }
+                Err(e) => return self.failed(step, &env, e).await,
+            }
+        }
+        Ok(())
+    }
+
+    /// A simulated host may fail or stall here; real hosts pass.
+    async fn fault_point(&self, env: &Environment, step: Step, suffix: &str) -> Result<(), StepError> {
+        if let Some(on) = self.on_host(env).await? {
+            let point = format!("{}.{}{suffix}", self.plan.name(), step.name());
+            on.provider.fault_point(&on.host_ref, &point).await?;
+        }
+        Ok(())
+    }
+
+    async fn failed(&mut self, step: Step, env: &Environment, e: StepError) -> Result<(), JobError> {
+        let msg = e.message().to_string();
+        let retryable = !matches!(e, StepError::Final(_));
+        if let StepError::Vanished(_) = e {
+            // Made again on the next attempt.
+            self.progress.done.retain(|d| d == Step::Begin.name());
+            self.progress.vm = None;
+            self.progress.address = None;
+        }
+        if retryable && !self.job.is_last_attempt() {
+            self.app
+                .log(env, "error", &format!("{} failed (attempt {} of {}): {msg}; will retry", step.name(), self.job.attempts, self.job.max_attempts))
+                .await;
+            self.save().await?;
+            return Err(JobError::Retry(msg));
+        }
+        self.wind_down(msg).await
+    }
+
+    /// Gives up: records why, undoes every step reached (the one that failed included, as
+    /// it may have acted before failing) in reverse, and settles the environment.
+    async fn wind_down(&mut self, reason: String) -> Result<(), JobError> {
+        let env = self.env().await?;
+        if env.state == self.plan.target() {
+            // Its last write went through; only the bookkeeping after it failed.
+            return Ok(());
+        }
+        if self.progress.failed.is_none() {
+            self.app.log(&env, "error", &format!("{} failed: {reason}", self.plan.name())).await;
+            let action = format!("{}_failed", self.plan.name());
+            let _ = self.app.store.audit(self.actor(), &action, Some(&env.id), "failed", Some(&reason), None).await;
+            self.progress.failed = Some(reason.clone());
+            self.save().await?;
+        }
+        let steps = self.steps(&env);
+        let reached = steps.iter().position(|s| !self.is_done(*s)).map(|i| i + 1).unwrap_or(steps.len());
+        for step in steps[..reached].iter().rev() {
+            let env = self.env().await?;
+            if let Err(e) = self.undo(*step, &env).await {
+                let note = format!("undoing {} after \"{reason}\": {}", step.name(), e.message());
+                self.app.log(&env, "error", &format!("{note}; trying again in {} s", UNDO_RETRY.as_secs())).await;
+                return Err(JobError::Later(note, UNDO_RETRY));
+            }
+            self.progress.done.retain(|d| d != step.name());
+        }
+        self.save().await?;
+        let env = self.env().await?;
+        match self.settle(env, &reason).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(JobError::Fatal(reason)),
+            Err(e) => Err(JobError::Later(format!("settling after \"{reason}\": {}", e.message()), UNDO_RETRY)),
+        }
+    }
+}
