@@ -424,8 +424,19 @@ impl Run<'_> {
                 Some(_) => (Error, Some(format!("destroy failed: {reason}; destroy it again"))),
             },
             (_, state) if state.is_transitional() => (Error, Some(reason.to_string())),
-            // Already at rest (the failure came before the first write, or after the last).
-            _ => return Ok(false),
+            // At rest already: the failure came before the first write, or the environment
+            // failed while its undo waited for the host; it gives back what it still holds.
+            _ => {
+                if env.reserved && env.state != Running {
+                    let mut released = self.app.store.release_held(&env).await?;
+                    if self.plan == Plan::Provision && released.vm_id.is_some() {
+                        released.vm_id = None;
+                        self.app.store.save_vm(&released).await?;
+                    }
+                    self.app.notify_changed(&env.id);
+                }
+                return Ok(false);
+            }
         };
         let mut next = env.moved_to(to, message, self.app.now()).map_err(|e| StepError::Final(e.to_string()))?;
         if self.plan == Plan::Provision {

@@ -71,7 +71,7 @@ fn judge(env: &Environment, vm: Option<&VmInfo>) -> Option<Finding> {
         (EnvState::Running, None) => Some(Finding::Vanished),
         (EnvState::Running, Some(VmState::Stopped | VmState::Other)) => Some(Finding::StoppedBehindOurBack),
         (EnvState::Stopped, None) if env.vm_id.is_some() => Some(Finding::Vanished),
-        (EnvState::Stopped | EnvState::Error, Some(VmState::Running)) => Some(Finding::RunsWhileAtRest),
+        (EnvState::Stopped | EnvState::Error, Some(VmState::Running)) if !env.reserved => Some(Finding::RunsWhileAtRest),
         _ => None,
     }
 }

@@ -350,6 +350,20 @@ impl<'a> Run<'a> {
         self.wind_down(msg).await
     }
 
+    /// Tells the truth before the undo can finish: the environment failed. What its VM may
+    /// use stays held until the undo has removed or stopped it.
+    async fn fail_holding(&self, env: &Environment, reason: &str) {
+        if !matches!(self.plan, Plan::Provision | Plan::Start) || !env.state.is_transitional() {
+            return;
+        }
+        let message = format!("{reason}; its VM is cleaned up once its host answers again, and counts until then");
+        if let Ok(next) = env.moved_to(EnvState::Error, Some(message), self.app.now()) {
+            if self.app.store.save_transition_holding(env, next, self.actor()).await.is_ok() {
+                self.app.notify_changed(&env.id);
+            }
+        }
+    }
+
     /// Gives up: records why, undoes every step reached (the one that failed included, as
     /// it may have acted before failing) in reverse, and settles the environment.
     async fn wind_down(&mut self, reason: String) -> Result<(), JobError> {
@@ -372,6 +386,7 @@ impl<'a> Run<'a> {
             if let Err(e) = self.undo(*step, &env).await {
                 let note = format!("undoing {} after \"{reason}\": {}", step.name(), e.message());
                 self.app.log(&env, "error", &format!("{note}; trying again in {} s", UNDO_RETRY.as_secs())).await;
+                self.fail_holding(&env, &reason).await;
                 return Err(JobError::Later(note, UNDO_RETRY));
             }
             self.progress.done.retain(|d| d != step.name());

@@ -314,8 +314,10 @@ async fn an_undo_that_cannot_finish_waits_and_keeps_what_its_vm_uses() {
         w.faults(&host, json!({ "down": true, "faults": { "provision.init_script": "fail" } })).await;
         w.app.queue.run_ready(&handler).await;
         let now = w.env(&env.id).await;
-        assert_eq!(now.state, EnvState::Provisioning, "not `error` while its VM may still run");
-        assert!(now.reserved, "what the VM uses stays counted");
+        assert_eq!(now.state, EnvState::Error, "the failure is told at once");
+        assert!(now.state_message.as_deref().unwrap().contains("cleaned up once its host answers"), "{:?}", now.state_message);
+        assert!(now.reserved, "what the VM may still use stays counted");
+        assert_eq!(w.app.store.usage(&w.user.id).await.unwrap().concurrent_environments, 1);
         let job = &w.app.store.jobs_for_environment(&env.id).await.unwrap()[0];
         assert_eq!(job.state, JobState::Queued);
         assert!(job.last_error.as_deref().unwrap().contains("undoing"), "{:?}", job.last_error);
@@ -324,12 +326,14 @@ async fn an_undo_that_cannot_finish_waits_and_keeps_what_its_vm_uses() {
             w.clock.advance_ms(60_000);
             w.app.queue.run_ready(&handler).await;
         }
-        assert_eq!(w.env(&env.id).await.state, EnvState::Provisioning, "still waiting, attempts unspent");
+        assert!(w.env(&env.id).await.reserved, "still waiting, attempts unspent");
+        assert_eq!(w.live_vms(&env.id).await.len(), 1);
         w.faults(&host, json!({})).await;
         w.settle().await;
         let now = w.env(&env.id).await;
         assert_eq!(now.state, EnvState::Error);
         assert!(now.state_message.unwrap().contains("provision.init_script"));
+        assert!(!now.reserved && now.vm_id.is_none(), "released once the VM is gone");
         assert!(w.live_vms(&env.id).await.is_empty());
         w.check_invariants("undo").await;
     })

@@ -65,7 +65,10 @@ impl DockerProvider {
 
     fn connect(&self, host: &HostRef) -> Result<Docker, ProviderError> {
         let endpoint = host.endpoint.as_str();
-        let refused = |e: DockerError| ProviderError::Failed(format!("host {}: endpoint {endpoint} is unusable: {e}", host.name));
+        let refused = |e: DockerError| match e {
+            DockerError::SocketNotFoundError(_) => unavailable(host, e),
+            e => ProviderError::Failed(format!("host {}: endpoint {endpoint} is unusable: {e}", host.name)),
+        };
         if let Some(path) = endpoint.strip_prefix("unix://") {
             return Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECONDS, API_DEFAULT_VERSION).map_err(refused);
         }

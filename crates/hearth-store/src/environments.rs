@@ -418,12 +418,56 @@ impl Store {
     /// Writes `next` if the row still has `prev`'s state and generation; bumps the
     /// generation, reserves or releases quota and host room as the transition says, and
     /// records it in the audit log, in one transaction.
-    pub async fn save_transition(&self, prev: &Environment, mut next: Environment, actor: &str) -> Result<Environment> {
+    pub async fn save_transition(&self, prev: &Environment, next: Environment, actor: &str) -> Result<Environment> {
+        self.write_transition(prev, next, actor, false).await
+    }
+
+    /// As `save_transition`, into a state at rest (`error`), but holding on to the quota
+    /// and host room: its VM may still exist and must stay counted until an undo removes
+    /// it (then `release_held`).
+    pub async fn save_transition_holding(&self, prev: &Environment, next: Environment, actor: &str) -> Result<Environment> {
+        self.write_transition(prev, next, actor, true).await
+    }
+
+    /// Gives back what an environment at rest still holds (see `save_transition_holding`).
+    pub async fn release_held(&self, env: &Environment) -> Result<Environment> {
+        if !env.reserved || env.state.is_transitional() || env.state == EnvState::Running {
+            return Ok(env.clone());
+        }
+        let mut next = env.clone();
+        next.generation = env.generation + 1;
+        next.updated_at = self.now();
+        next.reserved = false;
+        let mut tx = self.begin().await?;
+        let done = sqlx::query(
+            "UPDATE environments SET reserved = 0, generation = $1, updated_at = $2 WHERE id = $3 AND generation = $4 AND reserved = 1",
+        )
+        .bind(next.generation)
+        .bind(next.updated_at)
+        .bind(&env.id)
+        .bind(env.generation)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Err(StoreError::Stale);
+        }
+        if let Some(host) = &env.host_id {
+            release(&mut tx, host, &env.resources(), env.gpus).await?;
+        }
+        tx.commit().await?;
+        Ok(next)
+    }
+
+    async fn write_transition(&self, prev: &Environment, mut next: Environment, actor: &str, holding: bool) -> Result<Environment> {
         let now = self.now();
         next.generation = prev.generation + 1;
         next.updated_at = now;
         let mut tx = self.begin().await?;
-        match prev.state.reservation(next.state, prev.reserved) {
+        let reservation = match prev.state.reservation(next.state, prev.reserved) {
+            Reservation::Release if holding => Reservation::Keep,
+            r => r,
+        };
+        match reservation {
             Reservation::Reserve => {
                 let user = crate::users::user_in(&mut tx, &prev.user_id, self.for_update()).await?;
                 let (quota, usage) = quota_and_usage(&mut tx, &user).await?;

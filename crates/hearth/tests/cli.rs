@@ -71,10 +71,10 @@ async fn cli_drives_vms_and_environments() {
     assert!(err.contains("not_found"));
     let (code, _, err) = hearth(&server, "hearth_wrong", &["vm", "status"]);
     assert_eq!(code, 3, "{err}");
-    let (code, _, _) = hearth(&server, &token, &["admin", "hosts"]);
+    let (code, _, _) = hearth(&server, &token, &["admin", "hosts", "list"]);
     assert_eq!(code, 1);
-    let (code, out, _) = hearth(&server, &server.admin_token, &["admin", "hosts"]);
-    assert!(code == 0 && out.contains("docker@"), "{out}");
+    let (code, out, _) = hearth(&server, &server.admin_token, &["admin", "hosts", "list"]);
+    assert!(code == 0 && out.contains("docker@") && out.contains("healthy"), "{out}");
     let (code, out, _) = hearth(&server, &server.admin_token, &["admin", "users", "--create", "new@example.com", "--tier", "pro"]);
     assert!(code == 0 && out.contains("token: hearth_"), "{out}");
 }

@@ -38,7 +38,8 @@ async fn killed_mid_provision(db: Db) {
     let r = server.call("POST", "/v1/me/vm/exec", Some(&token), Some(json!({"code": "echo alive"}))).await;
     assert_eq!(r.body["stdout"], "alive\n", "{:?}", r.body);
     let job = store.jobs_for_environment(&env_id).await.unwrap().remove(0);
-    assert_eq!((job.state, job.attempts), (hearth_store::JobState::Succeeded, 2));
+    // The dead worker's claim counts as a crash, not as one of the job's attempts.
+    assert_eq!((job.state, job.attempts, job.crashes), (hearth_store::JobState::Succeeded, 1, 1));
 
     server.call("DELETE", "/v1/me/vm", Some(&token), None).await;
     server.wait_vm(&token, "gone", Duration::from_secs(120)).await;

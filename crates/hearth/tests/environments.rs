@@ -219,24 +219,32 @@ async fn reconciler_rolls_back_and_removes_orphans() {
     let audit = store.audit_for_environment(&id).await.unwrap();
     assert_eq!(audit.last().unwrap().actor, "system:reconciler");
 
+    // A labelled container of this installation with no environment is removed; one of
+    // another installation, named and labelled the same way, is not.
+    let installation = store.installation().await.unwrap().id;
     let orphan_env = format!("{}-orphan", site.instance);
-    let orphan_env = orphan_env.as_str();
-    let out = std::process::Command::new("docker")
-        .args(["run", "-d", "--label", "hearth.managed=true", "--label", &format!("hearth.instance={}", site.instance),
-               "--label", &format!("hearth.environment={orphan_env}"), "--name", &format!("hearth-{orphan_env}"),
-               "hearth/base:latest", "sleep", "600"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let foreign_env = format!("{}-foreign", site.instance);
+    for (env, owner) in [(orphan_env.as_str(), installation.as_str()), (foreign_env.as_str(), "another-installation")] {
+        let out = std::process::Command::new("docker")
+            .args(["run", "-d", "--label", "hearth.managed=true", "--label", &format!("hearth.instance={}", site.instance),
+                   "--label", &format!("hearth.installation={owner}"),
+                   "--label", &format!("hearth.environment={env}"), "--name", &format!("hearth-{env}"),
+                   "hearth/base:latest", "sleep", "600"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
     for _ in 0..100 {
-        if containers_of(orphan_env).is_empty() {
+        if containers_of(&orphan_env).is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let left: Vec<String> = containers_of(orphan_env);
-    if !left.is_empty() {
-        let _ = std::process::Command::new("docker").args(["rm", "-f"]).args(&left).output();
-    }
+    let left: Vec<String> = containers_of(&orphan_env);
+    let foreign: Vec<String> = containers_of(&foreign_env);
+    let _ = std::process::Command::new("docker").args(["rm", "-f"]).args(&left).args(&foreign).output();
     assert!(left.is_empty(), "orphan container was not removed");
+    assert_eq!(foreign.len(), 1, "another installation's container was touched");
+    let audit = server.call("GET", &format!("/v1/admin/audit?action=orphan_removed&environmentId={orphan_env}"), Some(&server.admin_token), None).await;
+    assert_eq!(audit.body["items"].as_array().unwrap().len(), 1, "{:?}", audit.body);
 }

@@ -94,7 +94,7 @@ async fn ownership_matrix(db: Db) {
     assert_eq!(all.body["items"].as_array().unwrap().len(), 2);
     let hosts = server.call("GET", "/v1/admin/hosts", Some(&server.admin_token), None).await;
     let host = &hosts.body["items"][0];
-    assert_eq!(host["provider"], "docker");
+    assert_eq!(host["kind"], "docker");
     assert_eq!(host["usedEnvironments"], 2, "{hosts:?}");
     let drained = server.call("POST", &format!("/v1/admin/hosts/{}/drain", host["id"].as_str().unwrap()), Some(&server.admin_token), None).await;
     assert_eq!(drained.body["status"], "draining");
