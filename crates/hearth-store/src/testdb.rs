@@ -49,3 +49,43 @@ where
     body(Store::connect(&url).await.unwrap()).await;
     body(fresh_postgres().await).await;
 }
+
+impl Store {
+    /// Test setup at scale: `count` running environments of `user_id` on each listed host,
+    /// written in large batches, then the host counters re-summed. Bypasses quota and
+    /// placement on purpose: it builds a fleet, it does not exercise creation.
+    pub async fn insert_running_for_tests(&self, user_id: &str, hosts: &[(String, i64)]) -> crate::Result<()> {
+        const PER_BATCH: usize = 200;
+        let now = self.now();
+        let rows: Vec<(&str, String)> = hosts
+            .iter()
+            .flat_map(|(h, n)| (0..*n).map(move |_| (h.as_str(), uuid::Uuid::now_v7().to_string())))
+            .collect();
+        let mut tx = self.begin().await?;
+        for batch in rows.chunks(PER_BATCH) {
+            let mut sql = String::from(
+                "INSERT INTO environments (id, slug, name, user_id, personal, state, generation, provider, host_id, ssh_user, \
+                 vcpus, memory_mb, disk_gb, base_image, environment_vars, ssh_public_key, ssh_private_key_enc, created_at, \
+                 updated_at, access_token_hash, reserved) VALUES ",
+            );
+            for i in 0..batch.len() {
+                let b = i * 5;
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!(
+                    "(${}, ${}, 'bulk', ${}, 0, 'running', 1, 'sim', ${}, 'dev', 1, 256, 1, 'none', '{{}}', '', '', ${}, ${}, '', 1)",
+                    b + 1, b + 2, b + 3, b + 4, b + 5, b + 5
+                ));
+            }
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (host, id) in batch {
+                q = q.bind(id.clone()).bind(format!("env_{}", &id[id.len() - 12..])).bind(user_id).bind(*host).bind(now);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        self.resum_hosts().await?;
+        Ok(())
+    }
+}

@@ -222,11 +222,12 @@ async fn reconciler_rolls_back_and_removes_orphans() {
     // A labelled container of this installation with no environment is removed; one of
     // another installation, named and labelled the same way, is not.
     let installation = store.installation().await.unwrap().id;
-    let orphan_env = format!("{}-orphan", site.instance);
-    let foreign_env = format!("{}-foreign", site.instance);
+    let name = site.instance.clone().unwrap();
+    let orphan_env = format!("{name}-orphan");
+    let foreign_env = format!("{name}-foreign");
     for (env, owner) in [(orphan_env.as_str(), installation.as_str()), (foreign_env.as_str(), "another-installation")] {
         let out = std::process::Command::new("docker")
-            .args(["run", "-d", "--label", "hearth.managed=true", "--label", &format!("hearth.instance={}", site.instance),
+            .args(["run", "-d", "--label", "hearth.managed=true", "--label", &format!("hearth.instance={name}"),
                    "--label", &format!("hearth.installation={owner}"),
                    "--label", &format!("hearth.environment={env}"), "--name", &format!("hearth-{env}"),
                    "hearth/base:latest", "sleep", "600"])

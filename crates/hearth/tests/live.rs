@@ -59,10 +59,7 @@ fn sse(server: &Server, path: &str, token: &str, last_id: Option<&str>) -> reqwe
 async fn events_reach_another_node_in_order() {
     let site = Site::new(Db::Postgres).await.with_env("HEARTH_MASTER_KEY", MASTER_KEY);
     let _worker = site.start().await; // runs every job
-    let api_site = Site { instance: site.instance.clone(), dir: tempfile::tempdir().unwrap(), database_url: site.database_url.clone(),
-                          extra_env: vec![("HEARTH_MASTER_KEY".into(), MASTER_KEY.into()), ("HEARTH_WORKERS".into(), "0".into())] };
-    std::fs::create_dir_all(api_site.data_dir()).unwrap();
-    std::fs::copy(site.data_dir().join("admin.token"), api_site.data_dir().join("admin.token")).unwrap();
+    let api_site = site.node().with_env("HEARTH_WORKERS", "0");
     let api = api_site.start().await; // serves the API only: every job runs on `worker`
     let token = api.user("watch@example.com", "pro").await;
     let r = api.call("POST", "/v1/environments", Some(&token), Some(json!({"name": "watched", "memoryMb": 256}))).await;

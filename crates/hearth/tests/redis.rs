@@ -46,14 +46,7 @@ async fn redis_wakes_other_nodes_and_its_loss_loses_nothing() {
         .with_env("REDIS_URL", &url)
         .with_env("HEARTH_JOB_POLL_MS", "20000");
     let worker = site.start().await;
-    let api_site = Site {
-        instance: site.instance.clone(),
-        dir: tempfile::tempdir().unwrap(),
-        database_url: site.database_url.clone(),
-        extra_env: vec![("HEARTH_MASTER_KEY".into(), MASTER_KEY.into()), ("HEARTH_WORKERS".into(), "0".into()), ("REDIS_URL".into(), url.clone())],
-    };
-    std::fs::create_dir_all(api_site.data_dir()).unwrap();
-    std::fs::copy(site.data_dir().join("admin.token"), api_site.data_dir().join("admin.token")).unwrap();
+    let api_site = site.node().with_env("HEARTH_WORKERS", "0");
     let api = api_site.start().await;
     let ready = api.call("GET", "/readyz", None, None).await;
     assert_eq!(ready.body["redis"], "ok", "{:?}", ready.body);

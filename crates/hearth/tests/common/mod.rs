@@ -1,6 +1,8 @@
 //! Runs the real `hearth serve` binary against a real database and Docker engine.
 #![allow(dead_code)]
 
+pub mod engine;
+
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -16,8 +18,9 @@ pub enum Db {
 /// One database (SQLite file or fresh PostgreSQL database) and data directory, which
 /// outlive any one server process: kill a server and start another on the same state.
 pub struct Site {
-    /// `hearth.instance` label of this site's containers: its reconciler ignores others'.
-    pub instance: String,
+    /// `HEARTH_INSTANCE`, a display name put on this site's containers so `make` can clean
+    /// up after tests. `None`: default settings, as a new user would run it.
+    pub instance: Option<String>,
     pub dir: tempfile::TempDir,
     pub database_url: String,
     pub extra_env: Vec<(String, String)>,
@@ -30,8 +33,30 @@ impl Site {
             Db::Sqlite => format!("sqlite://{}?mode=rwc", dir.path().join("hearth.db").display()),
             Db::Postgres => hearth_store::testdb::fresh_postgres_url().await,
         };
-        let instance = format!("test-{}", &uuid_like()[..12]);
+        let instance = Some(format!("test-{}", &uuid_like()[..12]));
         Site { instance, dir, database_url, extra_env: Vec::new() }
+    }
+
+    /// No `HEARTH_INSTANCE`: the settings a new user would run with.
+    pub fn default_settings(mut self) -> Site {
+        self.instance = None;
+        self
+    }
+
+    /// Another node of the same installation: the same database and settings, its own
+    /// data directory (with the admin token copied, so tests can call it as the admin).
+    pub fn node(&self) -> Site {
+        let node = Site {
+            instance: self.instance.clone(),
+            dir: tempfile::tempdir().unwrap(),
+            database_url: self.database_url.clone(),
+            extra_env: self.extra_env.clone(),
+        };
+        std::fs::create_dir_all(node.data_dir()).unwrap();
+        if let Ok(token) = std::fs::read_to_string(self.data_dir().join("admin.token")) {
+            std::fs::write(node.data_dir().join("admin.token"), token).unwrap();
+        }
+        node
     }
 
     pub fn with_env(mut self, k: &str, v: &str) -> Site {
@@ -43,8 +68,7 @@ impl Site {
         self.dir.path().join("data")
     }
 
-    pub async fn start(&self) -> Server {
-        let port = free_port();
+    fn command(&self, port: u16) -> Command {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -55,7 +79,7 @@ impl Site {
             .env("HEARTH_DATA_DIR", self.data_dir())
             .env("HEARTH_LISTEN", format!("127.0.0.1:{port}"))
             .env("DATABASE_URL", &self.database_url)
-            .env("HEARTH_INSTANCE", &self.instance)
+            .env_remove("HEARTH_INSTANCE")
             .env("HEARTH_JOB_LEASE_MS", "3000")
             .env("HEARTH_JOB_POLL_MS", "200")
             .env("HEARTH_PROVISION_BACKOFF_MS", "300")
@@ -66,10 +90,34 @@ impl Site {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        if let Some(name) = &self.instance {
+            cmd.env("HEARTH_INSTANCE", name);
+        }
         for (k, v) in &self.extra_env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("spawn hearth serve");
+        cmd
+    }
+
+    /// Starts `hearth serve` and expects it to refuse: returns its exit code and log.
+    pub fn start_refused(&self) -> (i32, String) {
+        let mut child = self.command(free_port()).spawn().expect("spawn hearth serve");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status.code().unwrap_or(-1), self.log());
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!("hearth serve did not refuse to start; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub async fn start(&self) -> Server {
+        let port = free_port();
+        let child = self.command(port).spawn().expect("spawn hearth serve");
         let base = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::new();
         let started = Instant::now();
