@@ -23,7 +23,7 @@ mkdir -p "$HOME/.hearth"
 t=$(mktemp -d "$HOME/.hearth/init.XXXXXX")
 cat > "$t/script"
 if [ ! -e "$d" ] && mv -T "$t" "$d" 2>/dev/null; then
-  setsid sh -c 'echo $$ > "$1/pid"; bash "$1/script" > "$1/output" 2>&1; echo $? > "$1/exit.tmp"; mv "$1/exit.tmp" "$1/exit"' hearth-init "$d" < /dev/null > /dev/null 2>&1 &
+  setsid sh -c 'echo $$ > "$1/pid.tmp"; mv "$1/pid.tmp" "$1/pid"; bash "$1/script" > "$1/output" 2>&1; echo $? > "$1/exit.tmp"; mv "$1/exit.tmp" "$1/exit"' hearth-init "$d" < /dev/null > /dev/null 2>&1 &
   echo started
 else
   rm -rf "$t"
@@ -32,12 +32,19 @@ fi
 "#;
 
 /// Prints `exit <code>` and the output's tail, `running`, or `lost` (started, but neither
-/// running nor finished: the VM restarted under it, or it never got going).
+/// running nor finished: the VM restarted under it, or it never got going). Files are
+/// written whole and renamed into place, and `lost` is only said when a second look a
+/// moment later agrees, so a busy guest is never mistaken for a dead script.
 const INIT_STATUS: &str = r#"d="$HOME/.hearth/init"
-if [ -f "$d/exit" ]; then echo "exit $(cat "$d/exit")"; tail -c 2048 "$d/output" 2>/dev/null
-elif [ -f "$d/pid" ] && kill -0 "$(cat "$d/pid")" 2>/dev/null; then echo running
-elif [ -d "$d" ] && [ ! -f "$d/pid" ] && [ -n "$(find "$d" -maxdepth 0 -mmin -1)" ]; then echo running
-else echo lost; fi
+look() {
+  if [ -f "$d/exit" ]; then echo "exit $(cat "$d/exit")"; tail -c 2048 "$d/output" 2>/dev/null
+  elif [ -f "$d/pid" ] && kill -0 "$(cat "$d/pid")" 2>/dev/null; then echo running
+  elif [ -d "$d" ] && [ ! -f "$d/pid" ] && [ -n "$(find "$d" -maxdepth 0 -mmin -1)" ]; then echo running
+  else echo lost; fi
+}
+seen=$(look)
+if [ "$seen" = lost ]; then sleep 1; seen=$(look); fi
+printf '%s\n' "$seen"
 "#;
 
 pub(crate) enum InitStatus {
