@@ -35,10 +35,16 @@ async fn check_one(app: &App, host: &Host) -> Result<(), String> {
     let provider = app.providers.get(host.kind).map_err(|e| e.to_string())?;
     let host_ref = app.host_ref(host).map_err(|e| e.to_string())?;
     let timeout = CHECK_TIMEOUT.min(app.config.host_check_interval.max(Duration::from_millis(500)));
-    match tokio::time::timeout(timeout, provider.check(&host_ref)).await {
-        Ok(result) => result.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+    let facts = match tokio::time::timeout(timeout, provider.check(&host_ref)).await {
+        Ok(result) => result.map_err(|e| e.to_string())?,
+        Err(_) => return Err(format!("no answer within {} ms", timeout.as_millis())),
+    };
+    if let (None, Some(identity)) = (&host.identity, &facts.identity) {
+        if let Err(e) = app.store.record_identity(&host.id, identity).await {
+            tracing::error!(host = %host.name, error = %e, "a host is registered twice; the reconciler leaves it alone");
+        }
     }
+    Ok(())
 }
 
 /// One round: asks every host and records what it found.

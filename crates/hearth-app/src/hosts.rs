@@ -114,7 +114,7 @@ impl App {
             ));
         }
         let options = options(kind, input.options)?;
-        let new = NewHost {
+        let mut new = NewHost {
             id: uuid::Uuid::now_v7().to_string(),
             name: input.name,
             kind,
@@ -128,6 +128,7 @@ impl App {
             tls_cert: tls.as_ref().map(|t| t.1.clone()),
             tls_key_sealed: tls.as_ref().map(|t| self.master_key.seal(&t.2)),
             options,
+            identity: None,
         };
         // Checked under the id it will have, before anything is written.
         let probe = Host {
@@ -152,12 +153,13 @@ impl App {
             tls_cert: new.tls_cert.clone(),
             tls_key_sealed: new.tls_key_sealed.clone(),
             options: new.options.clone(),
+            identity: None,
             created_at: 0,
             updated_at: 0,
         };
         let host_ref = self.host_ref(&probe)?;
         match tokio::time::timeout(ADD_CHECK_TIMEOUT, provider.check(&host_ref)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(facts)) => new.identity = facts.identity,
             Ok(Err(e)) => return Err(AppError::Invalid(format!("host {} does not answer: {e}; nothing was added", new.name))),
             Err(_) => {
                 return Err(AppError::Invalid(format!(

@@ -32,7 +32,12 @@ impl Handler for JobHandler {
             Err(StoreError::NotFound) => return Err(JobError::Fatal("the environment does not exist".into())),
             Err(e) => return Err(JobError::Retry(e.to_string())),
         };
-        Run::new(&self.app, job, lease, &env)?.execute().await
+        let outcome = Run::new(&self.app, job, lease, &env)?.execute().await;
+        // Each run writes a handful of log lines: trim here, so the log stays bounded.
+        if let Err(e) = self.app.store.trim_log(&env.id).await {
+            tracing::warn!(environment = %env.id, error = %e, "could not trim the provisioning log");
+        }
+        outcome
     }
 }
 
@@ -99,6 +104,7 @@ impl Run<'_> {
     async fn move_to(&self, env: &Environment, to: EnvState, message: Option<String>) -> Result<Environment, StepError> {
         let next = env.moved_to(to, message, self.app.now()).map_err(|e| StepError::Final(e.to_string()))?;
         let saved = self.app.store.save_transition(env, next, self.actor()).await?;
+        self.remember(&saved);
         self.app.notify_changed(&saved.id);
         Ok(saved)
     }
@@ -139,9 +145,8 @@ impl Run<'_> {
         let worker = format!("worker {} (attempt {})", self.app.queue.owner(), self.job.attempts);
         match (self.plan, env.state) {
             (Plan::Provision, Requested | Error) => {
-                self.app.log(&env, "info", &format!("picked up by {worker}")).await;
                 let env = self.move_to(&env, Provisioning, Some("provisioning".into())).await?;
-                self.log_host(&env).await;
+                self.log_host(&env, &worker).await;
                 Ok(Next::Continue)
             }
             (Plan::Start, Stopped | Error) => {
@@ -174,21 +179,18 @@ impl Run<'_> {
         }
     }
 
-    async fn log_host(&self, env: &Environment) {
-        let line = match &env.host_id {
-            Some(id) => match self.app.store.host(id).await {
-                Ok(h) => format!(
-                    "placed on host {} ({} of {} vCPUs in use{})",
-                    h.name,
-                    h.used_vcpus,
-                    h.capacity.max_vcpus,
-                    h.region.as_deref().map(|r| format!(", region {r}")).unwrap_or_default()
-                ),
-                Err(_) => format!("placed on host {id}"),
-            },
-            None => "not placed on any host".to_string(),
+    async fn log_host(&self, env: &Environment, worker: &str) {
+        let placed = match self.on_host(env).await {
+            Ok(Some(on)) => format!(
+                "placed on host {} ({} of {} vCPUs in use{})",
+                on.host.name,
+                on.host.used_vcpus,
+                on.host.capacity.max_vcpus,
+                on.host.region.as_deref().map(|r| format!(", region {r}")).unwrap_or_default()
+            ),
+            _ => "not placed on any host".to_string(),
         };
-        self.app.log(env, "info", &line).await;
+        self.app.log(env, "info", &format!("picked up by {worker}; {placed}")).await;
     }
 
     async fn create_vm(&mut self, env: Environment) -> Result<Next, StepError> {
@@ -204,8 +206,8 @@ impl Run<'_> {
         // Known from the moment it exists, not only once it runs.
         let mut next = env.clone();
         next.vm_id = vm.id.clone();
-        self.app.store.save_vm(&next).await?;
-        self.app.log(&env, "info", &format!("VM {} exists; waiting for it to run", short(vm.key()))).await;
+        let saved = self.app.store.save_vm(&next).await?;
+        self.remember(&saved);
         Ok(Next::Continue)
     }
 
@@ -245,8 +247,9 @@ impl Run<'_> {
         let mut forgotten = env.clone();
         forgotten.vm_id = None;
         forgotten.ssh_port = None;
-        if let Err(e) = self.app.store.save_vm(&forgotten).await {
-            return StepError::Retryable(e.to_string());
+        match self.app.store.save_vm(&forgotten).await {
+            Ok(saved) => self.remember(&saved),
+            Err(e) => return StepError::Retryable(e.to_string()),
         }
         StepError::Final(format!("{msg}; start it again to provision a new one"))
     }
@@ -352,6 +355,7 @@ impl Run<'_> {
                 next.ssh_port = Some(at.ssh_port);
                 next.ip_address = at.ip_address;
                 let saved = self.app.store.save_transition(&env, next, self.actor()).await?;
+                self.remember(&saved);
                 self.app.notify_changed(&saved.id);
                 let done = if self.plan == Plan::Provision { "provisioning complete: the VM is ready and running" } else { "the VM is running" };
                 self.app.log(&saved, "success", done).await;
@@ -359,14 +363,14 @@ impl Run<'_> {
             (Plan::Stop, Stopping) => {
                 let mut next = env.moved_to(Stopped, None, self.app.now()).map_err(|e| StepError::Final(e.to_string()))?;
                 next.ssh_port = None;
-                self.app.store.save_transition(&env, next, self.actor()).await?;
+                self.remember(&self.app.store.save_transition(&env, next, self.actor()).await?);
                 self.app.notify_changed(&env.id);
                 self.app.log(&env, "info", "the VM is stopped").await;
             }
             (Plan::Destroy, Destroying) => {
                 let mut next = env.moved_to(Destroyed, None, self.app.now()).map_err(|e| StepError::Final(e.to_string()))?;
                 next.ssh_port = None;
-                self.app.store.save_transition(&env, next, self.actor()).await?;
+                self.remember(&self.app.store.save_transition(&env, next, self.actor()).await?);
                 self.app.notify_changed(&env.id);
                 self.app.log(&env, "info", "the VM is destroyed").await;
             }
@@ -431,8 +435,9 @@ impl Run<'_> {
                     let mut released = self.app.store.release_held(&env).await?;
                     if self.plan == Plan::Provision && released.vm_id.is_some() {
                         released.vm_id = None;
-                        self.app.store.save_vm(&released).await?;
+                        released = self.app.store.save_vm(&released).await?;
                     }
+                    self.remember(&released);
                     self.app.notify_changed(&env.id);
                 }
                 return Ok(false);
@@ -447,6 +452,7 @@ impl Run<'_> {
             next.ssh_port = None;
         }
         let saved = self.app.store.save_transition(&env, next, self.actor()).await?;
+        self.remember(&saved);
         self.app.notify_changed(&saved.id);
         Ok(matches!((self.plan, to), (Plan::Stop, Stopped) | (Plan::Destroy, Destroyed)))
     }

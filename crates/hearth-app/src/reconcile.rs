@@ -17,7 +17,7 @@
 //! judged at all.
 
 use crate::App;
-use hearth_core::{EnvState, HostHealth, JobKind};
+use hearth_core::{EnvState, HostHealth, HostKind, JobKind};
 use hearth_provider::{VmInfo, VmRef, VmState};
 use hearth_store::{Environment, Host, StoreError};
 use std::collections::HashMap;
@@ -30,7 +30,9 @@ pub async fn reconcile(app: &App) -> anyhow::Result<()> {
         tracing::warn!(host = %host, "host capacity counters had drifted from its environments; re-summed");
     }
     for host in app.store.hosts().await? {
-        if host.health != HostHealth::Healthy {
+        // Not answering, or (a Docker engine) not yet known to be one machine registered
+        // once: its VMs are not judged.
+        if host.health != HostHealth::Healthy || (host.kind == HostKind::Docker && host.identity.is_none()) {
             continue;
         }
         if let Err(e) = reconcile_host(app, &host).await {

@@ -211,6 +211,7 @@ impl From<StoreError> for StepError {
 }
 
 /// The host an environment lives on, ready for provider calls.
+#[derive(Clone)]
 pub(crate) struct OnHost {
     pub host: Host,
     pub host_ref: HostRef,
@@ -224,6 +225,12 @@ pub(crate) struct Run<'a> {
     pub lease: &'a Lease,
     pub plan: Plan,
     pub progress: Progress,
+    /// The environment's host, read once per run (a host does not move under a job).
+    host: std::sync::Mutex<Option<OnHost>>,
+    /// The environment as this run last read or wrote it. Nothing else writes it while the
+    /// job runs (jobs of one environment run one at a time and the reconciler leaves it
+    /// alone); a write that finds it changed anyway fails as stale, and the run reads again.
+    env: std::sync::Mutex<Option<Environment>>,
 }
 
 impl<'a> Run<'a> {
@@ -232,7 +239,15 @@ impl<'a> Run<'a> {
         let progress: Progress = serde_json::from_value(job.progress.clone())
             .map_err(|e| JobError::Fatal(format!("the job's saved progress is unreadable: {e}")))?;
         let plan = progress.plan.unwrap_or_else(|| Plan::choose(kind, env));
-        Ok(Run { app, job, lease, plan, progress: Progress { plan: Some(plan), ..progress } })
+        Ok(Run {
+            app,
+            job,
+            lease,
+            plan,
+            progress: Progress { plan: Some(plan), ..progress },
+            host: Default::default(),
+            env: std::sync::Mutex::new(Some(env.clone())),
+        })
     }
 
     pub fn actor(&self) -> &str {
@@ -260,10 +275,21 @@ impl<'a> Run<'a> {
         }
     }
 
-    /// The environment as it is now.
+    /// Keeps what a write of this run saved as the environment's latest state.
+    pub fn remember(&self, env: &Environment) {
+        *self.env.lock().unwrap() = Some(env.clone());
+    }
+
+    /// The environment as it is now: as this run last saw it, or read afresh.
     pub async fn env(&self) -> Result<Environment, JobError> {
+        if let Some(env) = self.env.lock().unwrap().clone() {
+            return Ok(env);
+        }
         match self.app.store.environment(&self.job.environment_id).await {
-            Ok(env) => Ok(env),
+            Ok(env) => {
+                self.remember(&env);
+                Ok(env)
+            }
             Err(StoreError::NotFound) => Err(JobError::Fatal("the environment does not exist".into())),
             Err(e) => Err(JobError::Retry(e.to_string())),
         }
@@ -272,10 +298,15 @@ impl<'a> Run<'a> {
     /// The environment's host, if it has one (and its kind has a provider).
     pub async fn on_host(&self, env: &Environment) -> Result<Option<OnHost>, StepError> {
         let Some(host_id) = &env.host_id else { return Ok(None) };
+        if let Some(on) = self.host.lock().unwrap().as_ref().filter(|on| &on.host.id == host_id) {
+            return Ok(Some(on.clone()));
+        }
         let host = self.app.store.host(host_id).await?;
         let host_ref = self.app.host_ref(&host).map_err(|e| StepError::Final(e.to_string()))?;
         let provider = self.app.providers.get(host.kind)?;
-        Ok(Some(OnHost { host, host_ref, provider }))
+        let on = OnHost { host, host_ref, provider };
+        *self.host.lock().unwrap() = Some(on.clone());
+        Ok(Some(on))
     }
 
     pub async fn execute(mut self) -> Result<(), JobError> {
@@ -332,6 +363,8 @@ impl<'a> Run<'a> {
     }
 
     async fn failed(&mut self, step: Step, env: &Environment, e: StepError) -> Result<(), JobError> {
+        // Whatever failed, read the environment afresh from here on.
+        *self.env.lock().unwrap() = None;
         let msg = e.message().to_string();
         let retryable = !matches!(e, StepError::Final(_));
         if let StepError::Vanished(_) = e {
@@ -358,7 +391,8 @@ impl<'a> Run<'a> {
         }
         let message = format!("{reason}; its VM is cleaned up once its host answers again, and counts until then");
         if let Ok(next) = env.moved_to(EnvState::Error, Some(message), self.app.now()) {
-            if self.app.store.save_transition_holding(env, next, self.actor()).await.is_ok() {
+            if let Ok(saved) = self.app.store.save_transition_holding(env, next, self.actor()).await {
+                self.remember(&saved);
                 self.app.notify_changed(&env.id);
             }
         }

@@ -128,6 +128,8 @@ async fn first_host(store: &Store, config: &Config) -> Result<()> {
         tls_cert: None,
         tls_key_sealed: None,
         options: serde_json::json!({}),
+        // Learnt at its first health check: Docker may not be up yet.
+        identity: None,
     };
     match store.add_host(&new).await {
         Ok(host) => {

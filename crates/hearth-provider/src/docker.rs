@@ -13,7 +13,7 @@
 //! enforced: overlay2 has no per-container quota without an XFS backing store.
 
 use crate::{
-    HostRef, LABEL_ENVIRONMENT, LABEL_INSTALLATION, LABEL_MANAGED, Provider, ProviderError, VmInfo, VmRef, VmSpec, VmState,
+    HostFacts, HostRef, LABEL_ENVIRONMENT, LABEL_INSTALLATION, LABEL_MANAGED, Provider, ProviderError, VmInfo, VmRef, VmSpec, VmState,
 };
 use async_trait::async_trait;
 use bollard::errors::Error as DockerError;
@@ -192,9 +192,10 @@ impl Provider for DockerProvider {
         HostKind::Docker
     }
 
-    async fn check(&self, host: &HostRef) -> Result<(), ProviderError> {
+    async fn check(&self, host: &HostRef) -> Result<HostFacts, ProviderError> {
         let docker = self.client(host).await?;
-        docker.ping().await.map(|_| ()).map_err(|e| unavailable(host, e))
+        let info = docker.info().await.map_err(|e| unavailable(host, e))?;
+        Ok(HostFacts { identity: info.id.filter(|id| !id.is_empty()).map(|id| format!("docker:{id}")) })
     }
 
     async fn ensure_created(&self, host: &HostRef, spec: &VmSpec) -> Result<VmRef, ProviderError> {

@@ -117,6 +117,14 @@ pub struct VmInfo {
     pub ip_address: Option<String>,
 }
 
+/// What a host says of itself when checked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostFacts {
+    /// A stable id of the machine (a Docker engine's ID), so one machine is never
+    /// registered as two hosts; `None` for kinds that cannot say.
+    pub identity: Option<String>,
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProviderError {
     /// The host (Docker engine, agent, cloud API) cannot be reached at all.
@@ -136,8 +144,8 @@ pub enum ProviderError {
 pub trait Provider: Send + Sync + 'static {
     fn kind(&self) -> HostKind;
 
-    /// Is the host reachable? The error says how to fix it.
-    async fn check(&self, host: &HostRef) -> Result<(), ProviderError>;
+    /// Is the host reachable, and which machine is it? The error says how to fix it.
+    async fn check(&self, host: &HostRef) -> Result<HostFacts, ProviderError>;
 
     /// Creates the VM and sets it going, or finds the one an earlier attempt made (by
     /// name). Returns as soon as the VM exists, which may be before it is running.

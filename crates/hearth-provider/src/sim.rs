@@ -17,7 +17,7 @@
 //! What it cannot show: anything about real VMs (boot times, images, SSH, resource
 //! limits). `times` is counted per process, so a restarted node injects afresh.
 
-use crate::{HostRef, Provider, ProviderError, VmInfo, VmRef, VmSpec, VmState};
+use crate::{HostFacts, HostRef, Provider, ProviderError, VmInfo, VmRef, VmSpec, VmState};
 use async_trait::async_trait;
 use hearth_core::HostKind;
 use serde::Deserialize;
@@ -182,8 +182,8 @@ impl Provider for SimProvider {
         HostKind::Sim
     }
 
-    async fn check(&self, host: &HostRef) -> Result<(), ProviderError> {
-        self.enter(host).await.map(|_| ())
+    async fn check(&self, host: &HostRef) -> Result<HostFacts, ProviderError> {
+        self.enter(host).await.map(|_| HostFacts::default())
     }
 
     async fn ensure_created(&self, host: &HostRef, spec: &VmSpec) -> Result<VmRef, ProviderError> {

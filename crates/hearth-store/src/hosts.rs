@@ -52,6 +52,9 @@ pub struct Host {
     pub tls_key_sealed: Option<String>,
     /// Kind-specific settings (a simulated host's latency and faults).
     pub options: serde_json::Value,
+    /// Which machine it is, as it says itself; `None` until first checked, or for kinds
+    /// that cannot say.
+    pub identity: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -73,6 +76,7 @@ pub struct NewHost {
     pub tls_cert: Option<String>,
     pub tls_key_sealed: Option<String>,
     pub options: serde_json::Value,
+    pub identity: Option<String>,
 }
 
 /// Changes to a host; `None` leaves a field as it is.
@@ -94,7 +98,7 @@ pub struct Placement {
 
 const SELECT_HOST: &str = "SELECT id, name, kind, endpoint, guest_address, region, gpu_model, gpu_count, status, health, \
     health_message, last_seen_at, max_vcpus, max_memory_mb, max_environments, used_vcpus, used_memory_mb, \
-    used_environments, used_gpus, tls_ca, tls_cert, tls_key_sealed, options, created_at, updated_at FROM hosts";
+    used_environments, used_gpus, tls_ca, tls_cert, tls_key_sealed, options, identity, created_at, updated_at FROM hosts";
 
 fn host_from_row(r: &AnyRow) -> Result<Host> {
     let corrupt = |what: &str, v: &str| StoreError::Corrupt(format!("host {what} {v:?}"));
@@ -128,6 +132,7 @@ fn host_from_row(r: &AnyRow) -> Result<Host> {
         tls_cert: r.try_get("tls_cert")?,
         tls_key_sealed: r.try_get("tls_key_sealed")?,
         options: serde_json::from_str(&options).map_err(|_| corrupt("options", &options))?,
+        identity: r.try_get("identity")?,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
     })
@@ -142,8 +147,8 @@ impl Store {
         let mut tx = self.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO hosts (id, name, kind, status, max_vcpus, max_memory_mb, max_environments, created_at, updated_at, \
-             endpoint, guest_address, region, gpu_model, gpu_count, health, last_seen_at, tls_ca, tls_cert, tls_key_sealed, options) \
-             VALUES ($1, $2, $3, 'ready', $4, $5, $6, $7, $7, $8, $9, $10, $11, $12, 'healthy', $7, $13, $14, $15, $16)",
+             endpoint, guest_address, region, gpu_model, gpu_count, health, last_seen_at, tls_ca, tls_cert, tls_key_sealed, options, \
+             identity) VALUES ($1, $2, $3, 'ready', $4, $5, $6, $7, $7, $8, $9, $10, $11, $12, 'healthy', $7, $13, $14, $15, $16, $17)",
         )
         .bind(&id)
         .bind(&new.name)
@@ -161,16 +166,51 @@ impl Store {
         .bind(&new.tls_cert)
         .bind(&new.tls_key_sealed)
         .bind(new.options.to_string())
+        .bind(&new.identity)
         .execute(&mut *tx)
         .await;
         if let Err(e) = inserted {
             if crate::is_unique_violation(&e) {
+                drop(tx);
+                if let Some(twin) = self.host_with_identity(new.identity.as_deref()).await? {
+                    return Err(StoreError::Conflict(format!(
+                        "{} is the same machine as host {}; a machine is registered once",
+                        new.endpoint, twin.name
+                    )));
+                }
                 return Err(StoreError::Conflict(format!("a host named {:?} exists", new.name)));
             }
             return Err(e.into());
         }
         tx.commit().await?;
         self.host(&id).await
+    }
+
+    async fn host_with_identity(&self, identity: Option<&str>) -> Result<Option<Host>> {
+        let Some(identity) = identity else { return Ok(None) };
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_HOST} WHERE identity = $1")))
+            .bind(identity)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(host_from_row).transpose()
+    }
+
+    /// Records which machine a host is, once known. `Err(Conflict)` names the other host
+    /// when it is the same machine.
+    pub async fn record_identity(&self, id: &str, identity: &str) -> Result<()> {
+        let done = sqlx::query("UPDATE hosts SET identity = $1 WHERE id = $2 AND identity IS NULL")
+            .bind(identity)
+            .bind(id)
+            .execute(&self.pool)
+            .await;
+        match done {
+            Ok(_) => Ok(()),
+            Err(e) if crate::is_unique_violation(&e) => {
+                let twin = self.host_with_identity(Some(identity)).await?.map(|h| h.name).unwrap_or_default();
+                Err(StoreError::Conflict(format!("it is the same machine as host {twin}; remove one of the two")))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub async fn hosts(&self) -> Result<Vec<Host>> {
@@ -512,6 +552,7 @@ pub(crate) mod tests {
             tls_cert: None,
             tls_key_sealed: None,
             options: serde_json::json!({}),
+            identity: None,
         }
     }
 
@@ -643,6 +684,26 @@ pub(crate) mod tests {
             assert_eq!(store.regions().await.unwrap(), vec![("gra".to_string(), 1), ("sbg".to_string(), 1)]);
             let _ = plain;
             assert!(store.resum_hosts().await.unwrap().is_empty());
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_machine_is_registered_once() {
+        each_backend(|store| async move {
+            let mut a = host("a", HostKind::Docker, 8, 8192);
+            a.identity = Some("engine-1".into());
+            store.add_host(&a).await.unwrap();
+            let mut b = host("b", HostKind::Docker, 8, 8192);
+            b.identity = Some("engine-1".into());
+            let err = store.add_host(&b).await.unwrap_err();
+            assert!(matches!(err, StoreError::Conflict(ref m) if m.contains("same machine as host a")), "{err}");
+            b.identity = None;
+            let b = store.add_host(&b).await.unwrap();
+            let err = store.record_identity(&b.id, "engine-1").await.unwrap_err();
+            assert!(matches!(err, StoreError::Conflict(ref m) if m.contains("host a")), "{err}");
+            store.record_identity(&b.id, "engine-2").await.unwrap();
+            assert_eq!(store.host(&b.id).await.unwrap().identity.as_deref(), Some("engine-2"));
         })
         .await;
     }

@@ -58,6 +58,8 @@ pub struct LogEntry {
 pub const LOG_KEEP: i64 = 100;
 /// ...written within this long of the newest one.
 pub const LOG_WINDOW_MS: i64 = 3_600_000;
+/// How often (in lines written, across environments) old lines are dropped.
+const LOG_TRIM_EVERY: i64 = 16;
 
 fn log_from_row(r: &sqlx::any::AnyRow) -> Result<LogEntry> {
     Ok(LogEntry { id: r.try_get("id")?, at: r.try_get("at")?, level: r.try_get("level")?, message: r.try_get("message")? })
@@ -230,16 +232,29 @@ impl Store {
         Ok((items, next))
     }
 
-    /// Appends a provisioning log line and drops lines that fell out of the window.
+    /// Appends a provisioning log line. Every `LOG_TRIM_EVERY`th line (by id) also trims
+    /// the environment's log, as does the end of every job (`trim_log`): readers never see
+    /// more than the last `LOG_KEEP`, and a line costs one write instead of two.
     pub async fn append_log(&self, environment_id: &str, level: &str, message: &str) -> Result<()> {
         let now = self.now();
-        sqlx::query("INSERT INTO provision_logs (environment_id, at, level, message) VALUES ($1, $2, $3, $4)")
-            .bind(environment_id)
-            .bind(now)
-            .bind(level)
-            .bind(message)
-            .execute(&self.pool)
-            .await?;
+        let id: i64 = sqlx::query(
+            "INSERT INTO provision_logs (environment_id, at, level, message) VALUES ($1, $2, $3, $4) RETURNING id",
+        )
+        .bind(environment_id)
+        .bind(now)
+        .bind(level)
+        .bind(message)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("id")?;
+        if id % LOG_TRIM_EVERY == 0 {
+            self.trim_log(environment_id).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops the environment's log lines past the last `LOG_KEEP`.
+    pub async fn trim_log(&self, environment_id: &str) -> Result<()> {
         sqlx::query(
             "DELETE FROM provision_logs WHERE environment_id = $1 AND id NOT IN \
              (SELECT id FROM provision_logs WHERE environment_id = $1 ORDER BY id DESC LIMIT $2)",

@@ -89,3 +89,16 @@ impl Store {
         Ok(())
     }
 }
+
+impl Store {
+    /// Benchmarks: how long placing `need` takes (the placement query and the conditional
+    /// reservation, in a transaction that is then rolled back, so the fleet stays as it is).
+    pub async fn time_placement(&self, need: &crate::Placement) -> crate::Result<std::time::Duration> {
+        let mut tx = self.begin().await?;
+        let started = std::time::Instant::now();
+        let placed = self.place_in(&mut tx, need, None).await;
+        let took = started.elapsed();
+        tx.rollback().await?;
+        placed.map(|_| took)
+    }
+}

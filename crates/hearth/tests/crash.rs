@@ -55,3 +55,38 @@ async fn killed_mid_provision_sqlite() {
 async fn killed_mid_provision_postgres() {
     killed_mid_provision(Db::Postgres).await;
 }
+
+/// A node killed while the init script runs: the script goes on in the guest, runs once,
+/// and the node that resumes the job finds its end instead of starting it again.
+#[tokio::test]
+async fn killed_during_the_init_script() {
+    let site = Site::new(Db::Sqlite).await;
+    let server = site.start().await;
+    let token = server.user("init@example.com", "pro").await;
+    let script = "echo ran >> /home/dev/runs; sleep 3; echo finished";
+    let r = server.call("POST", "/v1/environments", Some(&token), Some(json!({"name": "init", "memoryMb": 256, "initScript": script}))).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    loop {
+        let logs = server.call("GET", &format!("/v1/environments/{id}/logs"), Some(&token), None).await.body;
+        if logs.to_string().contains("running the init script") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the init script never started: {logs}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.kill();
+    let server = site.start().await;
+    let env = server.wait_env(&token, &id, "running", Duration::from_secs(120)).await;
+    assert_eq!(env["state"], "running");
+    let r = server.call("POST", &format!("/v1/environments/{id}/exec"), Some(&token), Some(json!({"code": "cat /home/dev/runs"}))).await;
+    assert_eq!(r.body["stdout"], "ran\n", "the init script ran once: {:?}", r.body);
+    let logs = server.call("GET", &format!("/v1/environments/{id}/logs"), Some(&token), None).await.body;
+    assert!(logs.to_string().contains("init script finished: finished"), "{logs}");
+    let job = site.store().await.jobs_for_environment(&id).await.unwrap().remove(0);
+    assert_eq!((job.state, job.crashes), (hearth_store::JobState::Succeeded, 1));
+    server.call("DELETE", &format!("/v1/environments/{id}"), Some(&token), None).await;
+    server.wait_env(&token, &id, "destroyed", Duration::from_secs(120)).await;
+    assert!(containers_of(&id).is_empty());
+}

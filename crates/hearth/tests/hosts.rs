@@ -152,6 +152,15 @@ async fn two_engines_two_nodes() {
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     let second = r.body["id"].as_str().unwrap().to_string();
     assert_eq!(r.body["health"], "healthy");
+    // One machine is one host: the same engine over TLS is refused while it is registered.
+    let tls = engine.tls.as_ref().unwrap();
+    let twin = json!({
+        "name": "engine-2-tls", "kind": "docker", "endpoint": tls.endpoint, "region": "two", "maxVcpus": 32, "maxMemoryMb": 32768,
+        "tlsCa": tls.ca, "tlsCert": tls.cert, "tlsKey": tls.key,
+    });
+    let r = a.call("POST", "/v1/admin/hosts", Some(&admin), Some(twin.clone())).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{:?}", r.body);
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("same machine as host engine-2"), "{:?}", r.body);
     let regions = a.call("GET", "/v1/regions", None, None).await.body;
     assert_eq!(regions["items"], json!([{"id": "two", "hosts": 1}]));
 
@@ -232,11 +241,7 @@ async fn two_engines_two_nodes() {
     }
     let removed = b.call("DELETE", &format!("/v1/admin/hosts/{second}"), Some(&admin), None).await;
     assert_eq!(removed.status, StatusCode::OK, "{:?}", removed.body);
-    let tls = engine.tls.as_ref().unwrap();
-    let r = b.call("POST", "/v1/admin/hosts", Some(&admin), Some(json!({
-        "name": "engine-2-tls", "kind": "docker", "endpoint": tls.endpoint, "region": "two", "maxVcpus": 32, "maxMemoryMb": 32768,
-        "tlsCa": tls.ca, "tlsCert": tls.cert, "tlsKey": tls.key,
-    }))).await;
+    let r = b.call("POST", "/v1/admin/hosts", Some(&admin), Some(twin)).await;
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     assert_eq!(r.body["tls"], true);
     assert!(!r.body.to_string().contains("PRIVATE KEY"), "the key never leaves the server");

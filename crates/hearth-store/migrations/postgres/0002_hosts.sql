@@ -29,6 +29,10 @@ ALTER TABLE hosts ADD COLUMN tls_cert TEXT;
 ALTER TABLE hosts ADD COLUMN tls_key_sealed TEXT;
 -- Kind-specific settings as JSON (a simulated host's latency and faults).
 ALTER TABLE hosts ADD COLUMN options TEXT NOT NULL DEFAULT '{}';
+-- Which machine it is, as it says itself (a Docker engine's ID): one host row per machine,
+-- or each host's reconciler would take the other's VMs for leftovers.
+ALTER TABLE hosts ADD COLUMN identity TEXT;
+CREATE UNIQUE INDEX hosts_identity ON hosts(identity) WHERE identity IS NOT NULL;
 
 ALTER TABLE environments ADD COLUMN gpus BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE environments ADD COLUMN gpu_model TEXT;
