@@ -23,7 +23,8 @@ apt_install() {
 }
 
 start_docker() {
-  apt_install docker.io mmdebstrap openssh-client
+  # iproute2 and openssl: the tests start a second engine on a bridge of its own, with TLS.
+  apt_install docker.io mmdebstrap openssh-client iproute2 openssl
   if ! /usr/bin/docker info >/dev/null 2>&1; then
     echo "starting dockerd" >&2
     nohup /usr/sbin/dockerd >/var/log/hearth-dockerd.log 2>&1 &
