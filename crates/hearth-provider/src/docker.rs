@@ -195,7 +195,14 @@ impl Provider for DockerProvider {
     async fn check(&self, host: &HostRef) -> Result<HostFacts, ProviderError> {
         let docker = self.client(host).await?;
         let info = docker.info().await.map_err(|e| unavailable(host, e))?;
-        Ok(HostFacts { identity: info.id.filter(|id| !id.is_empty()).map(|id| format!("docker:{id}")) })
+        // The engine ID alone is not enough: daemons of one machine share it (it comes
+        // from /etc/docker), and cloned machines may too. With the machine's name and the
+        // daemon's data root, two rows name one engine only when they really do.
+        let identity = match (info.id.filter(|id| !id.is_empty()), info.docker_root_dir) {
+            (Some(id), Some(root)) => Some(format!("docker:{id}:{}:{root}", info.name.unwrap_or_default())),
+            _ => None,
+        };
+        Ok(HostFacts { identity })
     }
 
     async fn ensure_created(&self, host: &HostRef, spec: &VmSpec) -> Result<VmRef, ProviderError> {

@@ -174,7 +174,7 @@ impl Store {
                 drop(tx);
                 if let Some(twin) = self.host_with_identity(new.identity.as_deref()).await? {
                     return Err(StoreError::Conflict(format!(
-                        "{} is the same machine as host {}; a machine is registered once",
+                        "{} reaches the same host as {}; a host is registered once",
                         new.endpoint, twin.name
                     )));
                 }
@@ -196,7 +196,7 @@ impl Store {
     }
 
     /// Records which machine a host is, once known. `Err(Conflict)` names the other host
-    /// when it is the same machine.
+    /// when it is the same host.
     pub async fn record_identity(&self, id: &str, identity: &str) -> Result<()> {
         let done = sqlx::query("UPDATE hosts SET identity = $1 WHERE id = $2 AND identity IS NULL")
             .bind(identity)
@@ -207,7 +207,7 @@ impl Store {
             Ok(_) => Ok(()),
             Err(e) if crate::is_unique_violation(&e) => {
                 let twin = self.host_with_identity(Some(identity)).await?.map(|h| h.name).unwrap_or_default();
-                Err(StoreError::Conflict(format!("it is the same machine as host {twin}; remove one of the two")))
+                Err(StoreError::Conflict(format!("it reaches the same host as {twin}; remove one of the two")))
             }
             Err(e) => Err(e.into()),
         }
@@ -697,7 +697,7 @@ pub(crate) mod tests {
             let mut b = host("b", HostKind::Docker, 8, 8192);
             b.identity = Some("engine-1".into());
             let err = store.add_host(&b).await.unwrap_err();
-            assert!(matches!(err, StoreError::Conflict(ref m) if m.contains("same machine as host a")), "{err}");
+            assert!(matches!(err, StoreError::Conflict(ref m) if m.contains("same host as a")), "{err}");
             b.identity = None;
             let b = store.add_host(&b).await.unwrap();
             let err = store.record_identity(&b.id, "engine-1").await.unwrap_err();

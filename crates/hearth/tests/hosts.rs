@@ -160,7 +160,7 @@ async fn two_engines_two_nodes() {
     });
     let r = a.call("POST", "/v1/admin/hosts", Some(&admin), Some(twin.clone())).await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{:?}", r.body);
-    assert!(r.body["error"]["message"].as_str().unwrap().contains("same machine as host engine-2"), "{:?}", r.body);
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("same host as engine-2"), "{:?}", r.body);
     let regions = a.call("GET", "/v1/regions", None, None).await.body;
     assert_eq!(regions["items"], json!([{"id": "two", "hosts": 1}]));
 

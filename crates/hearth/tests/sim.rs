@@ -131,8 +131,15 @@ async fn killed_at_every_step(db: Db) {
         assert_eq!(vms[0].init_runs, 1, "{point}: the init script ran once");
         let live = vms.iter().filter(|v| v.state != "destroyed").count();
         assert_eq!(live, usize::from(plan != "destroy"), "{point}: {body:?}");
-        let jobs = store.jobs_for_environment(id).await.unwrap();
-        let last = jobs.last().unwrap();
+        // The job records its success just after its last write: give it a moment.
+        let started = Instant::now();
+        let last = loop {
+            let last = store.jobs_for_environment(id).await.unwrap().pop().unwrap();
+            if last.state == hearth_store::JobState::Succeeded || started.elapsed() > Duration::from_secs(10) {
+                break last;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         assert_eq!((last.state, last.crashes), (hearth_store::JobState::Succeeded, 1), "{point}: {last:?}");
     }
     assert!(store.resum_hosts().await.unwrap().is_empty(), "host counters drifted");
