@@ -91,6 +91,23 @@ impl World {
         panic!("jobs did not settle: {:?}", self.app.store.list_jobs(None).await.unwrap());
     }
 
+    /// A node runs the ready jobs until one hangs at a simulated fault, and dies there
+    /// (its task dropped: no clean-up, the lease kept). Then its lease runs out and the
+    /// sweeper hands the job back; returns how many jobs it handed back.
+    async fn crash_at_the_hang(&self, handler: &Arc<JobHandler>) -> u64 {
+        let mut hangs = self.app.sim.hangs();
+        let seen = *hangs.borrow_and_update();
+        let node = tokio::spawn({
+            let (queue, handler) = (self.app.queue.clone(), handler.clone());
+            async move { queue.run_ready(handler.as_ref()).await }
+        });
+        hangs.wait_for(|n| *n > seen).await.unwrap();
+        node.abort();
+        let _ = node.await;
+        self.clock.advance_ms(31_000);
+        self.app.store.requeue_expired().await.unwrap()
+    }
+
     async fn live_vms(&self, env_id: &str) -> Vec<hearth_store::SimVmRow> {
         self.app.store.sim_vms_of(env_id).await.unwrap().into_iter().filter(|v| v.state != "destroyed").collect()
     }
@@ -233,19 +250,8 @@ async fn a_crash_at_every_step_finishes_with_one_vm_and_one_init_run() {
                 w.faults(&host, hang).await;
                 w.request(&env.id, kind_of(plan)).await;
             }
-            // The node runs the job until it hangs at the point, then dies there.
-            let mut hangs = w.app.sim.hangs();
-            let seen = *hangs.borrow_and_update();
-            let node = tokio::spawn({
-                let (queue, handler) = (w.app.queue.clone(), handler.clone());
-                async move { queue.run_ready(handler.as_ref()).await }
-            });
-            hangs.wait_for(|n| *n > seen).await.unwrap();
-            node.abort();
-            let _ = node.await;
-            // Its lease runs out; the job goes back to the queue; the host recovers.
-            w.clock.advance_ms(31_000);
-            assert_eq!(w.app.store.requeue_expired().await.unwrap(), 1, "{point}");
+            // The node dies at the point; the job goes back to the queue; the host recovers.
+            assert_eq!(w.crash_at_the_hang(&handler).await, 1, "{point}");
             w.faults(&host, json!({})).await;
             w.settle().await;
             let now = w.env(&env.id).await;
@@ -275,17 +281,7 @@ async fn a_job_whose_workers_keep_dying_winds_down_and_settles() {
         let env = w.create("k").await;
         let handler = Arc::new(JobHandler { app: w.app.clone() });
         for _ in 0..=hearth_store::MAX_CRASHES {
-            let mut hangs = w.app.sim.hangs();
-            let seen = *hangs.borrow_and_update();
-            let node = tokio::spawn({
-                let (queue, handler) = (w.app.queue.clone(), handler.clone());
-                async move { queue.run_ready(handler.as_ref()).await }
-            });
-            hangs.wait_for(|n| *n > seen).await.unwrap();
-            node.abort();
-            let _ = node.await;
-            w.clock.advance_ms(31_000);
-            w.app.store.requeue_expired().await.unwrap();
+            assert_eq!(w.crash_at_the_hang(&handler).await, 1);
         }
         // Past the bound, the next run only winds down: no VM, `error` with the reason.
         w.settle().await;
