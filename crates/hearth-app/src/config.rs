@@ -31,6 +31,9 @@ pub struct Config {
     /// A host not seen for this long is unhealthy: placement skips it, and the reconciler
     /// leaves its VMs alone.
     pub host_unhealthy_after: Duration,
+    /// How long a job waits for a host that does not answer (a daemon restart, a network
+    /// blip) before that counts as a failed attempt.
+    pub host_outage_budget: Duration,
     /// Register the local Docker engine as a host on the installation's first start.
     pub local_docker_host: bool,
     /// Capacity the local Docker host announces (defaults from the machine).
@@ -71,6 +74,7 @@ impl Config {
             transition_deadline: Duration::from_secs(900),
             host_check_interval: Duration::from_secs(5),
             host_unhealthy_after: Duration::from_secs(15),
+            host_outage_budget: Duration::from_secs(300),
             local_docker_host: true,
             host_max_vcpus: None,
             host_max_memory_mb: None,
@@ -115,6 +119,7 @@ impl Config {
         c.transition_deadline = secs("HEARTH_TRANSITION_DEADLINE_SECONDS", c.transition_deadline)?;
         c.host_check_interval = ms("HEARTH_HOST_CHECK_INTERVAL_MS", c.host_check_interval)?;
         c.host_unhealthy_after = ms("HEARTH_HOST_UNHEALTHY_AFTER_MS", c.host_unhealthy_after)?;
+        c.host_outage_budget = secs("HEARTH_HOST_OUTAGE_BUDGET_SECONDS", c.host_outage_budget)?;
         c.local_docker_host = number("HEARTH_LOCAL_DOCKER_HOST", 1u8)? != 0;
         c.host_max_vcpus = var("HEARTH_HOST_MAX_VCPUS").map(|_| number("HEARTH_HOST_MAX_VCPUS", 0i64)).transpose()?;
         c.host_max_memory_mb = var("HEARTH_HOST_MAX_MEMORY_MB").map(|_| number("HEARTH_HOST_MAX_MEMORY_MB", 0i64)).transpose()?;

@@ -53,6 +53,8 @@ pub struct App {
     pub changed: Arc<tokio::sync::Notify>,
     pub bus: bus::Bus,
     pub hub: Arc<events::Hub>,
+    /// What the reconciler found on its last pass, to act on when found again.
+    pub suspects: Arc<reconcile::Suspects>,
 }
 
 impl App {

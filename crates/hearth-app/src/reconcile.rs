@@ -11,34 +11,58 @@
 //!
 //! It judges only on facts observed after the state they are compared with: the
 //! environments are read before the host is listed, every suspect is read again and its
-//! VM inspected directly before anything is done, and every write is conditional on the
-//! environment's generation. Environments with a job queued or running are the job's
-//! business and are skipped. Unhealthy hosts, and hosts whose listing fails, are not
-//! judged at all.
+//! VM inspected directly, and it acts only on what it found the same way on two passes in a
+//! row (the same environment generation, the same finding), with every write conditional
+//! on that generation. Environments with a job queued or running are the job's business
+//! and are skipped. Unhealthy hosts, and hosts whose listing fails, are not judged at all.
 
 use crate::App;
 use hearth_core::{EnvState, HostHealth, HostKind, JobKind};
 use hearth_provider::{VmInfo, VmRef, VmState};
 use hearth_store::{Environment, Host, StoreError};
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 pub const RECONCILER: &str = "system:reconciler";
+
+/// What the last pass found and did not act on yet: `key -> what exactly`. A finding is
+/// acted on when the next pass finds it again, unchanged.
+#[derive(Default)]
+pub struct Suspects(Mutex<HashMap<String, String>>);
+
+/// One pass's findings, checked against the previous pass's.
+struct Pass<'a> {
+    previous: &'a HashMap<String, String>,
+    seen: HashMap<String, String>,
+}
+
+impl Pass<'_> {
+    /// Records a finding; true when the previous pass found exactly the same.
+    fn confirmed(&mut self, key: String, what: String) -> bool {
+        let again = self.previous.get(&key) == Some(&what);
+        self.seen.insert(key, what);
+        again
+    }
+}
 
 pub async fn reconcile(app: &App) -> anyhow::Result<()> {
     roll_back_stuck(app).await?;
     for host in app.store.resum_hosts().await? {
         tracing::warn!(host = %host, "host capacity counters had drifted from its environments; re-summed");
     }
+    let previous = std::mem::take(&mut *app.suspects.0.lock().unwrap());
+    let mut pass = Pass { previous: &previous, seen: HashMap::new() };
     for host in app.store.hosts().await? {
         // Not answering, or (a Docker engine) not yet known to be one machine registered
         // once: its VMs are not judged.
         if host.health != HostHealth::Healthy || (host.kind == HostKind::Docker && host.identity.is_none()) {
             continue;
         }
-        if let Err(e) = reconcile_host(app, &host).await {
+        if let Err(e) = reconcile_host(app, &host, &mut pass).await {
             tracing::warn!(host = %host.name, error = %e, "reconciler skipped a host it could not ask");
         }
     }
+    *app.suspects.0.lock().unwrap() = pass.seen;
     Ok(())
 }
 
@@ -78,7 +102,7 @@ fn judge(env: &Environment, vm: Option<&VmInfo>) -> Option<Finding> {
     }
 }
 
-async fn reconcile_host(app: &App, host: &Host) -> anyhow::Result<()> {
+async fn reconcile_host(app: &App, host: &Host, pass: &mut Pass<'_>) -> anyhow::Result<()> {
     let provider = app.providers.get(host.kind)?;
     let host_ref = app.host_ref(host)?;
     // Read before listing: a change after this read is newer than the listing can show.
@@ -98,7 +122,9 @@ async fn reconcile_host(app: &App, host: &Host) -> anyhow::Result<()> {
         if judge(&now, fresh.as_ref()) != Some(finding) {
             continue;
         }
-        act(app, &now, finding, &host_ref, provider.as_ref(), &vm).await;
+        if pass.confirmed(format!("env:{}", env.id), format!("{}:{finding:?}", now.generation)) {
+            act(app, &now, finding, &host_ref, provider.as_ref(), &vm).await;
+        }
     }
 
     for vm in &vms {
@@ -123,6 +149,10 @@ async fn reconcile_host(app: &App, host: &Host) -> anyhow::Result<()> {
         }
         // Still there? A job may have removed it since the listing.
         if provider.inspect(&host_ref, &vm.vm).await?.is_none() {
+            continue;
+        }
+        let owner_generation = owner.as_ref().map(|e| e.generation).unwrap_or(-1);
+        if !pass.confirmed(format!("vm:{}:{}", host.id, vm.vm.key()), owner_generation.to_string()) {
             continue;
         }
         tracing::warn!(host = %host.name, environment = %vm.environment_id, vm = %vm.vm.key(), "removing a VM that belongs to no live environment");

@@ -23,6 +23,8 @@ use std::time::Duration;
 
 /// How long a wound-down job waits before trying an undo again.
 pub(crate) const UNDO_RETRY: Duration = Duration::from_secs(5);
+/// How often a job looks again for a host that does not answer.
+pub(crate) const HOST_WAIT: Duration = Duration::from_secs(2);
 
 /// What a job's steps produced so far.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -42,6 +44,9 @@ pub(crate) struct Progress {
     /// When the init script was started (store clock), to bound how long it may run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_started_at: Option<i64>,
+    /// Since when (store clock) the host has not answered this job, while it waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable_since: Option<i64>,
     /// Set when the saga gave up: why. A resumed job finishes winding down.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed: Option<String>,
@@ -175,6 +180,9 @@ pub(crate) enum Next {
 /// How a step ended badly.
 #[derive(Debug)]
 pub(crate) enum StepError {
+    /// The host cannot be reached: wait for it (up to the outage budget) without spending
+    /// attempts, then it counts as retryable.
+    Unreachable(String),
     /// Another attempt may work.
     Retryable(String),
     /// No attempt will work.
@@ -186,7 +194,7 @@ pub(crate) enum StepError {
 impl StepError {
     pub fn message(&self) -> &str {
         match self {
-            StepError::Retryable(m) | StepError::Final(m) | StepError::Vanished(m) => m,
+            StepError::Unreachable(m) | StepError::Retryable(m) | StepError::Final(m) | StepError::Vanished(m) => m,
         }
     }
 }
@@ -194,7 +202,8 @@ impl StepError {
 impl From<ProviderError> for StepError {
     fn from(e: ProviderError) -> StepError {
         match e {
-            ProviderError::Unavailable(m) | ProviderError::Failed(m) => StepError::Retryable(m),
+            ProviderError::Unavailable(m) => StepError::Unreachable(m),
+            ProviderError::Failed(m) => StepError::Retryable(m),
             ProviderError::NotFound(name) => StepError::Vanished(format!("the VM {name} no longer exists")),
             ProviderError::Unsupported(m) => StepError::Final(m),
         }
@@ -337,6 +346,7 @@ impl<'a> Run<'a> {
             match outcome {
                 Ok(Next::Continue) => {
                     self.progress.done.push(step.name().to_string());
+                    self.progress.unreachable_since = None;
                     self.save().await?;
                 }
                 Ok(Next::Done) => {
@@ -366,6 +376,22 @@ impl<'a> Run<'a> {
         // Whatever failed, read the environment afresh from here on.
         *self.env.lock().unwrap() = None;
         let msg = e.message().to_string();
+        if let StepError::Unreachable(_) = e {
+            // A daemon restart or a network blip: wait for the host, spending no attempts,
+            // for as long as the outage budget allows.
+            let now = self.app.now();
+            let since = *self.progress.unreachable_since.get_or_insert(now);
+            let budget = self.app.config.host_outage_budget;
+            if now - since < budget.as_millis() as i64 {
+                if since == now {
+                    self.app
+                        .log(env, "error", &format!("{}: {msg}; waiting up to {} s for the host to answer", step.name(), budget.as_secs()))
+                        .await;
+                }
+                self.save().await?;
+                return Err(JobError::Later(format!("waiting for the host: {msg}"), HOST_WAIT));
+            }
+        }
         let retryable = !matches!(e, StepError::Final(_));
         if let StepError::Vanished(_) = e {
             // Made again on the next attempt.

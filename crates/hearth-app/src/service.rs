@@ -301,7 +301,9 @@ impl App {
             if env.state == want {
                 return Ok(env);
             }
-            if matches!(env.state, EnvState::Error | EnvState::Destroyed) {
+            // At rest for good, unless a job is about to move it on (a destroy of an
+            // environment in `error`, say, that has not begun yet).
+            if matches!(env.state, EnvState::Error | EnvState::Destroyed) && !self.store.has_outstanding_job(&env.id).await? {
                 return Err(AppError::InvalidState(format!(
                     "the environment is {} ({}), it will not become {want} by itself",
                     env.state,

@@ -187,6 +187,7 @@ pub async fn open_app_with_clock(config: Config, clock: Arc<dyn Clock>) -> Resul
     Ok(App {
         bus,
         hub: Default::default(),
+        suspects: Default::default(),
         store,
         queue,
         providers,

@@ -108,6 +108,12 @@ impl World {
         self.app.store.requeue_expired().await.unwrap()
     }
 
+    /// Two reconciler passes: it acts on what it finds twice in a row.
+    async fn reconcile(&self) {
+        crate::reconcile::reconcile(&self.app).await.unwrap();
+        crate::reconcile::reconcile(&self.app).await.unwrap();
+    }
+
     async fn live_vms(&self, env_id: &str) -> Vec<hearth_store::SimVmRow> {
         self.app.store.sim_vms_of(env_id).await.unwrap().into_iter().filter(|v| v.state != "destroyed").collect()
     }
@@ -217,7 +223,7 @@ async fn a_failure_at_every_step_leaves_nothing_behind() {
             }
             // A VM left running behind `error` (a destroy that failed) is stopped by the
             // reconciler: only what holds quota may run.
-            crate::reconcile::reconcile(&w.app).await.unwrap();
+            w.reconcile().await;
             w.check_invariants(&point).await;
             assert!(!now.reserved || matches!(now.state, EnvState::Running), "{point}: {:?} holds resources", now.state);
             // Whatever happened, the environment can still be destroyed, for good.
@@ -361,7 +367,7 @@ async fn the_reconciler_acts_on_facts_and_leaves_unhealthy_hosts_alone() {
         w.clock.advance_ms(16_000);
         crate::health::check_hosts(&w.app).await.unwrap();
         assert_eq!(w.app.store.host(&host.id).await.unwrap().health, HostHealth::Unhealthy);
-        crate::reconcile::reconcile(&w.app).await.unwrap();
+        w.reconcile().await;
         assert_eq!(w.env(&a.id).await.state, EnvState::Running, "not declared vanished while its host is unreachable");
         // A new environment cannot go there now.
         let err = w.app.create_environment(&w.user, CreateInput { name: "x".into(), region: Some("rc".into()), ..Default::default() }).await;
@@ -370,7 +376,7 @@ async fn the_reconciler_acts_on_facts_and_leaves_unhealthy_hosts_alone() {
         w.faults(&host, json!({})).await;
         crate::health::check_hosts(&w.app).await.unwrap();
         assert_eq!(w.app.store.host(&host.id).await.unwrap().health, HostHealth::Healthy);
-        crate::reconcile::reconcile(&w.app).await.unwrap();
+        w.reconcile().await;
         let a_now = w.env(&a.id).await;
         assert_eq!(a_now.state, EnvState::Error);
         assert!(a_now.state_message.unwrap().contains("vanished"));
@@ -383,7 +389,7 @@ async fn the_reconciler_acts_on_facts_and_leaves_unhealthy_hosts_alone() {
         w.check_invariants("reconciler").await;
         // A second pass finds nothing more to do.
         let before = w.app.store.count("SELECT COUNT(*) AS n FROM audit_log").await.unwrap();
-        crate::reconcile::reconcile(&w.app).await.unwrap();
+        w.reconcile().await;
         assert_eq!(w.app.store.count("SELECT COUNT(*) AS n FROM audit_log").await.unwrap(), before);
         // Start re-provisions the one whose VM vanished.
         w.request(&a.id, JobKind::Start).await;
@@ -403,7 +409,7 @@ async fn two_installations_on_one_host_never_see_each_others_vms() {
         w.settle().await;
         // Another installation's VM on the same simulated host.
         w.app.store.sim_ensure(&host.id, "hearth-someone-else", "other-installation", "their-env").await.unwrap();
-        crate::reconcile::reconcile(&w.app).await.unwrap();
+        w.reconcile().await;
         let theirs = w.app.store.sim_vms_of("their-env").await.unwrap();
         assert_eq!(theirs[0].state, "running", "another installation's VM is never touched");
         assert_eq!(w.env(&env.id).await.state, EnvState::Running);
@@ -481,6 +487,117 @@ async fn hosts_are_checked_before_they_are_added() {
             assert!(matches!(err, crate::AppError::Invalid(_)), "{input:?}: {err:?}");
         }
         assert_eq!(w.app.store.count_hosts().await.unwrap(), 0, "nothing was written");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn destroy_needs_no_quota_and_no_room() {
+    each_backend_url(|url| async move {
+        let w = world(url).await;
+        let host = w.host("full", json!({})).await;
+        let id = w.app.store.user(&w.user.id).await.unwrap().id;
+        let one = hearth_store::QuotaOverrides { max_concurrent_environments: Some(1), ..Default::default() };
+        w.app.store.set_quota_overrides(&id, &one).await.unwrap();
+        let stopped = w.create("full").await;
+        w.settle().await;
+        w.request(&stopped.id, JobKind::Stop).await;
+        w.settle().await;
+        let running = w.create("full").await;
+        w.settle().await;
+        assert_eq!(w.env(&running.id).await.state, EnvState::Running);
+        // At full quota, the stopped one cannot start, but it can be destroyed.
+        let env = w.env(&stopped.id).await;
+        assert!(matches!(w.app.request(&w.user.id, &env, JobKind::Start).await, Err(crate::AppError::Quota(_))));
+        w.request(&stopped.id, JobKind::Destroy).await;
+        w.settle().await;
+        assert_eq!(w.env(&stopped.id).await.state, EnvState::Destroyed);
+        // On a draining host, too.
+        w.request(&running.id, JobKind::Stop).await;
+        w.settle().await;
+        w.app.set_host_status(&w.admin, &host.id, hearth_core::HostStatus::Draining).await.unwrap();
+        w.request(&running.id, JobKind::Destroy).await;
+        w.settle().await;
+        assert_eq!(w.env(&running.id).await.state, EnvState::Destroyed);
+        assert!(w.live_vms(&running.id).await.is_empty());
+        w.check_invariants("destroy").await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn kills_during_a_start_that_provisions_settle_it() {
+    each_backend_url(|url| async move {
+        let w = world(url).await;
+        let host = w.host("rp", json!({ "faults": { "provision.create_vm": "fail" } })).await;
+        let env = w.create("rp").await;
+        w.settle().await;
+        let failed = w.env(&env.id).await;
+        assert_eq!((failed.state, failed.vm_id.is_none()), (EnvState::Error, true));
+        // A start of an environment that never had a VM provisions it; its node dies there,
+        // and the next one dies there too.
+        w.faults(&host, json!({ "faults": { "provision.wait_ssh": "hang" } })).await;
+        w.request(&env.id, JobKind::Start).await;
+        let handler = Arc::new(JobHandler { app: w.app.clone() });
+        assert_eq!(w.crash_at_the_hang(&handler).await, 1);
+        assert_eq!(w.env(&env.id).await.state, EnvState::Provisioning);
+        assert_eq!(w.crash_at_the_hang(&handler).await, 1, "the second kill, in the same job");
+        w.faults(&host, json!({})).await;
+        w.settle().await;
+        let now = w.env(&env.id).await;
+        assert_eq!(now.state, EnvState::Running, "{:?}", now.state_message);
+        let start = w.app.store.jobs_for_environment(&env.id).await.unwrap().pop().unwrap();
+        assert_eq!((start.kind.as_str(), start.state, start.crashes, start.attempts), ("start", JobState::Succeeded, 2, 1));
+        assert_eq!(w.live_vms(&env.id).await.len(), 1);
+        w.check_invariants("re-provisioning start").await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_host_outage_is_ridden_out_within_the_budget() {
+    each_backend_url(|url| async move {
+        let w = world(url).await;
+        let host = w.host("out", json!({})).await;
+        w.faults(&host, json!({ "down": true })).await;
+        let env = w.create("out").await;
+        let handler = JobHandler { app: w.app.clone() };
+        // Four minutes without the host: the job waits, spending no attempts.
+        for _ in 0..8 {
+            w.app.queue.run_ready(&handler).await;
+            w.clock.advance_ms(30_000);
+        }
+        let job = &w.app.store.jobs_for_environment(&env.id).await.unwrap()[0];
+        assert_eq!((job.state, job.attempts), (JobState::Queued, 0), "{job:?}");
+        assert!(job.last_error.as_deref().unwrap().contains("waiting for the host"));
+        assert_eq!(w.env(&env.id).await.state, EnvState::Provisioning);
+        w.faults(&host, json!({})).await;
+        w.settle().await;
+        assert_eq!(w.env(&env.id).await.state, EnvState::Running);
+        // A stop during an outage waits too, then stops.
+        w.faults(&host, json!({ "down": true })).await;
+        w.request(&env.id, JobKind::Stop).await;
+        w.app.queue.run_ready(&handler).await;
+        w.clock.advance_ms(60_000);
+        w.app.queue.run_ready(&handler).await;
+        assert_eq!(w.env(&env.id).await.state, EnvState::Stopping, "not `error` after a short outage");
+        w.faults(&host, json!({})).await;
+        w.settle().await;
+        assert_eq!(w.env(&env.id).await.state, EnvState::Stopped);
+        // Past the budget, the outage counts: the start fails, and its VM is stopped.
+        w.faults(&host, json!({ "down": true })).await;
+        w.request(&env.id, JobKind::Start).await;
+        for _ in 0..30 {
+            w.app.queue.run_ready(&handler).await;
+            w.clock.advance_ms(60_000);
+        }
+        let now = w.env(&env.id).await;
+        assert_eq!(now.state, EnvState::Error, "{:?}", now.state_message);
+        assert!(now.state_message.as_deref().unwrap().contains("simulated host sim-out is down"));
+        w.faults(&host, json!({})).await;
+        w.settle().await;
+        w.reconcile().await;
+        w.check_invariants("outage").await;
     })
     .await;
 }

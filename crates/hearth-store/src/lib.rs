@@ -54,6 +54,9 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// How long anything waits for a database connection before it fails.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counted {
     Environments,
@@ -129,7 +132,8 @@ impl Store {
         };
         let options = AnyPoolOptions::new()
             .max_connections(if backend == Backend::Sqlite { 8 } else { 16 })
-            .acquire_timeout(Duration::from_secs(30));
+            // A request waits at most this long for the database before it fails (a 503).
+            .acquire_timeout(ACQUIRE_TIMEOUT);
         let pool = match backend {
             Backend::Sqlite => {
                 options

@@ -127,7 +127,8 @@ async fn docker_unreachable() {
         .await
         .with_env("DOCKER_HOST", "unix:///nonexistent/docker.sock")
         .with_env("HEARTH_HOST_CHECK_INTERVAL_MS", "200")
-        .with_env("HEARTH_HOST_UNHEALTHY_AFTER_MS", "3000");
+        .with_env("HEARTH_HOST_UNHEALTHY_AFTER_MS", "3000")
+        .with_env("HEARTH_HOST_OUTAGE_BUDGET_SECONDS", "2");
     let server = site.start().await;
     let token = server.user("nodocker@example.com", "free").await;
     let r = server.call("POST", "/v1/me/vm", Some(&token), None).await;

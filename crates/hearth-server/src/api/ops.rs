@@ -24,12 +24,15 @@ pub async fn readyz(State(app): State<App>) -> impl IntoResponse {
         Ok(Err(e)) => e.to_string(),
         Err(_) => "no answer within 1 s".to_string(),
     };
-    let hosts = match tokio::time::timeout(std::time::Duration::from_secs(1), app.store.hosts()).await {
-        Ok(Ok(hosts)) => {
-            let healthy = hosts.iter().filter(|h| h.health == hearth_core::HostHealth::Healthy).count();
-            json!({ "healthy": healthy, "unhealthy": hosts.len() - healthy })
-        }
-        _ => Value::Null,
+    let hosts = match (database == "ok").then(|| app.store.hosts()) {
+        Some(hosts) => match tokio::time::timeout(std::time::Duration::from_secs(1), hosts).await {
+            Ok(Ok(hosts)) => {
+                let healthy = hosts.iter().filter(|h| h.health == hearth_core::HostHealth::Healthy).count();
+                json!({ "healthy": healthy, "unhealthy": hosts.len() - healthy })
+            }
+            _ => Value::Null,
+        },
+        None => Value::Null,
     };
     let ready = database == "ok";
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
