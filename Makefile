@@ -7,7 +7,7 @@ HEARTH_DEBUG := $(CARGO_TARGET_DIR)/debug/hearth
 HEARTH_RELEASE := $(CARGO_TARGET_DIR)/release/hearth
 PG_URL := postgres://hearth:hearth@127.0.0.1:5432/hearth
 
-.PHONY: run setup test build image bench clean-containers
+.PHONY: run setup test fuzz build image bench clean-containers
 
 ## Install Docker and mmdebstrap, start dockerd, build Hearth and the guest image, then serve.
 run: setup
@@ -18,14 +18,21 @@ setup:
 	$(CARGO) build --release --bin hearth
 	$(HEARTH_RELEASE) image build
 
-## Every test, on SQLite and PostgreSQL, against the real Docker engine.
+## Every test, on SQLite and PostgreSQL, against the real Docker engine; then the fuzzer.
 test:
-	scripts/services.sh docker postgres redis
+	scripts/services.sh docker postgres redis fuzz
 	$(CARGO) build --bin hearth
 	$(HEARTH_DEBUG) image build
 	$(MAKE) clean-containers
 	HEARTH_TEST_POSTGRES_URL=$(PG_URL) $(CARGO) nextest run --workspace --no-fail-fast; \
-	  status=$$?; $(MAKE) clean-containers; exit $$status
+	  status=$$?; python3 scripts/fuzz.py $(HEARTH_DEBUG) --examples 10 || status=1; \
+	  $(MAKE) clean-containers; exit $$status
+
+## Schemathesis against /openapi.json with a user's and an admin's token.
+fuzz:
+	scripts/services.sh fuzz
+	$(CARGO) build --bin hearth
+	python3 scripts/fuzz.py $(HEARTH_DEBUG) --examples 25
 
 ## Benchmarks of BENCHMARKS.md (needs the same setup as the tests).
 bench:

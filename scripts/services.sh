@@ -3,6 +3,7 @@
 #   scripts/services.sh docker      Docker engine (dockerd) and mmdebstrap
 #   scripts/services.sh postgres    PostgreSQL 15 on 127.0.0.1 with a `hearth` role (tests)
 #   scripts/services.sh redis       redis-server installed (tests start their own)
+#   scripts/services.sh fuzz        schemathesis (pinned) from PyPI
 # Prints the variables to export on its last lines.
 set -euo pipefail
 
@@ -54,12 +55,22 @@ install_redis() {
   apt_install redis-server
 }
 
+# Schemathesis, pinned, from PyPI (`make fuzz`).
+SCHEMATHESIS=4.32.5
+install_fuzzer() {
+  if [ "$(python3 -c 'import schemathesis; print(schemathesis.__version__)' 2>/dev/null)" != "$SCHEMATHESIS" ]; then
+    echo "installing schemathesis $SCHEMATHESIS" >&2
+    python3 -m pip install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS" >&2
+  fi
+}
+
 need_root
 for what in "$@"; do
   case "$what" in
     docker) start_docker ;;
     postgres) start_postgres ;;
     redis) install_redis ;;
-    *) echo "scripts/services.sh: unknown service $what (docker, postgres, redis)" >&2; exit 2 ;;
+    fuzz) install_fuzzer ;;
+    *) echo "scripts/services.sh: unknown service $what (docker, postgres, redis, fuzz)" >&2; exit 2 ;;
   esac
 done

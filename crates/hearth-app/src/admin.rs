@@ -37,14 +37,14 @@ fn role(r: &str) -> AppResult<Role> {
 impl App {
     /// A new user (free tier and `user` role unless given); returns its first token.
     pub async fn create_user(&self, email: &str, role_name: Option<&str>, tier_name: Option<&str>) -> AppResult<(User, String)> {
-        if email.len() > 254
-            || !email.contains('@')
-            || email.starts_with('@')
-            || email.ends_with('@')
-            || email.chars().any(|c| c.is_control() || c.is_whitespace())
-        {
+        let well_formed = match email.split_once('@') {
+            Some((name, domain)) => !name.is_empty() && !domain.is_empty() && !domain.contains('@'),
+            None => false,
+        };
+        if !well_formed || email.chars().count() > 254 || email.chars().any(|c| c.is_control() || c.is_whitespace()) {
             return Err(AppError::Invalid(
-                "email must look like name@domain, without spaces or control characters (at most 254 characters)".into(),
+                "email must look like name@domain, with one @, without spaces or control characters (at most 254 characters)"
+                    .into(),
             ));
         }
         let role = role_name.map(role).transpose()?.unwrap_or(Role::User);

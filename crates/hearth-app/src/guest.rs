@@ -62,6 +62,7 @@ pub(crate) enum Guest {
 fn request(code: &str, env: &BTreeMap<String, String>, stdin: Vec<u8>) -> ExecRequest {
     ExecRequest {
         code: code.to_string(),
+        code_on_stdin: false,
         working_dir: None,
         env: env.clone(),
         stdin,

@@ -149,10 +149,7 @@ impl App {
     /// Creates an environment under quota, placed on a host and queued for provisioning.
     /// Returns it with its access token, which is shown this once.
     pub async fn create_environment(&self, user: &User, input: CreateInput) -> AppResult<(Environment, String)> {
-        let name = input.name.as_str();
-        if name.trim().is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
-            return Err(AppError::Invalid("name must be 1 to 100 characters without control characters".into()));
-        }
+        validate::name(&input.name).map_err(AppError::Invalid)?;
         let resources = self.resources(user, &input.size)?;
         let placement = self.placement(resources, &input)?;
         validate::env_vars(&input.environment_vars).map_err(AppError::Invalid)?;
@@ -374,6 +371,7 @@ impl App {
         self.ensure_running(user, env).await?;
         let request = ExecRequest {
             code: input.code.clone(),
+            code_on_stdin: true,
             working_dir: input.working_dir.clone(),
             env: env.environment_vars.clone(),
             stdin: Vec::new(),

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 /// Which provider drives a host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum HostKind {
     /// A Docker engine, local or remote (`unix://`, `tcp://` with TLS, `ssh://`).
     Docker,
@@ -44,6 +45,7 @@ impl std::fmt::Display for HostKind {
 /// The operator's intent for a host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum HostStatus {
     /// Takes new environments.
     Ready,
@@ -67,6 +69,7 @@ impl HostStatus {
 /// What the last checks of a host found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum HostHealth {
     Healthy,
     /// Not answering for longer than the stated time: placement skips it and the

@@ -7,10 +7,13 @@ pub const MAX_VCPUS: i64 = 64;
 pub const MIN_MEMORY_MB: i64 = 256;
 pub const MAX_MEMORY_MB: i64 = 262_144;
 pub const MAX_DISK_GB: i64 = 2048;
-pub const MAX_COMMAND_BYTES: usize = 256 * 1024;
+/// Limits are in characters, as the API document states them (so at most 4 bytes each).
+pub const MAX_COMMAND_CHARS: usize = 65_536;
 pub const MAX_TIMEOUT_SECONDS: i64 = 3600;
 pub const MAX_ENV_VARS: usize = 64;
-pub const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
+pub const MAX_ENV_VALUE_CHARS: usize = 8_192;
+pub const MAX_NAME_CHARS: usize = 100;
+pub const MAX_WORKING_DIR_CHARS: usize = 4096;
 /// Names the guest's own start-up uses; users may not override them.
 pub const RESERVED_ENV_PREFIX: &str = "HEARTH_";
 
@@ -42,18 +45,27 @@ pub fn command(code: &str) -> Result<(), String> {
     if code.trim().is_empty() {
         return Err("code must not be empty".into());
     }
-    if code.len() > MAX_COMMAND_BYTES {
-        return Err(format!("code is {} bytes; the limit is {MAX_COMMAND_BYTES}", code.len()));
+    let chars = code.chars().count();
+    if chars > MAX_COMMAND_CHARS {
+        return Err(format!("code is {chars} characters; the limit is {MAX_COMMAND_CHARS}"));
     }
     if code.contains('\0') {
-        return Err("code must not contain NUL bytes".into());
+        return Err("code must not contain NUL characters".into());
     }
     Ok(())
 }
 
 pub fn working_dir(dir: &str) -> Result<(), String> {
-    if !dir.starts_with('/') || dir.len() > 4096 || dir.contains('\0') {
-        return Err("workingDir must be an absolute path without NUL bytes, at most 4096 bytes".into());
+    if !dir.starts_with('/') || dir.chars().count() > MAX_WORKING_DIR_CHARS || dir.contains('\0') {
+        return Err(format!("workingDir must be an absolute path without NUL characters, at most {MAX_WORKING_DIR_CHARS} characters"));
+    }
+    Ok(())
+}
+
+/// A display name: 1 to 100 characters, not only spaces, no control characters.
+pub fn name(name: &str) -> Result<(), String> {
+    if name.trim().is_empty() || name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
+        return Err(format!("name must be 1 to {MAX_NAME_CHARS} characters without control characters"));
     }
     Ok(())
 }
@@ -73,9 +85,9 @@ pub fn env_vars(vars: &BTreeMap<String, String>) -> Result<(), String> {
         if name.starts_with(RESERVED_ENV_PREFIX) {
             return Err(format!("environment variable names starting with {RESERVED_ENV_PREFIX} are reserved"));
         }
-        if value.len() > MAX_ENV_VALUE_BYTES || value.contains('\0') {
+        if value.chars().count() > MAX_ENV_VALUE_CHARS || value.contains('\0') {
             return Err(format!(
-                "environment variable {name} must be at most {MAX_ENV_VALUE_BYTES} bytes without NUL bytes"
+                "environment variable {name} must be at most {MAX_ENV_VALUE_CHARS} characters without NUL characters"
             ));
         }
     }
@@ -116,7 +128,9 @@ mod tests {
         assert!(command("").is_err());
         assert!(command("   ").is_err());
         assert!(command("a\0b").is_err());
-        assert!(command(&"x".repeat(MAX_COMMAND_BYTES + 1)).is_err());
+        assert!(command(&"x".repeat(MAX_COMMAND_CHARS + 1)).is_err());
+        assert!(command(&"é".repeat(MAX_COMMAND_CHARS)).is_ok());
+        assert!(name("  ").is_err() && name("ok").is_ok() && name("a\u{7}").is_err());
         assert!(command("echo hi; exit 3").is_ok());
         assert!(working_dir("relative").is_err());
         assert!(working_dir("/tmp").is_ok());

@@ -29,8 +29,13 @@ pub struct Target {
 
 #[derive(Debug, Clone)]
 pub struct ExecRequest {
-    /// Run by the login shell of the guest user, as `ssh host CODE` would.
+    /// Run by the login shell of the guest user, as `ssh host CODE` would. A user's
+    /// command travels on standard input to a fixed wrapper (`code_on_stdin`), so its size
+    /// is never bound by the guest's argument limit (128 KiB per argument on Linux).
     pub code: String,
+    /// Send `code` on standard input to the fixed wrapper (a user's command, which then
+    /// reads an empty standard input); otherwise run `code` itself, with `stdin`.
+    pub code_on_stdin: bool,
     pub working_dir: Option<String>,
     pub env: BTreeMap<String, String>,
     /// Written to the command's standard input, which is then closed (so a command that
@@ -85,10 +90,20 @@ pub struct SshPool {
     conns: Arc<Mutex<HashMap<String, Cached>>>,
 }
 
-/// The working directory travels as an SSH `env` request (data, not shell text) and the
-/// fixed prefix `cd`s into it before the user's code runs.
+/// The working directory travels as an SSH `env` request (data, not shell text); the
+/// fixed wrapper `cd`s into it before the user's code runs.
 const WORKDIR_ENV: &str = "HEARTH_WORKDIR";
-const WORKDIR_PREFIX: &str = "cd -- \"$HEARTH_WORKDIR\" || exit 126\n";
+/// Reads the user's code from standard input into a file that is unlinked once open, then
+/// replaces itself with the user's login shell reading the code from that descriptor, so
+/// signals (a timeout's SIGKILL) reach the user's shell and the command's own standard
+/// input is empty.
+const WRAPPER: &str = r#"t=$(mktemp) || exit 125
+cat > "$t"
+exec 3< "$t"
+rm -f -- "$t"
+if [ -n "${HEARTH_WORKDIR:-}" ]; then cd -- "$HEARTH_WORKDIR" || exit 126; fi
+exec "${SHELL:-/bin/sh}" /dev/fd/3 < /dev/null
+"#;
 
 impl SshPool {
     pub fn new() -> SshPool {
@@ -153,6 +168,7 @@ impl SshPool {
         let handle = Arc::new(handle);
         let out = run_on(&handle, &ExecRequest {
             code: "true".into(),
+            code_on_stdin: false,
             working_dir: None,
             env: BTreeMap::new(),
             stdin: Vec::new(),
@@ -297,16 +313,13 @@ async fn start(handle: &Handle<AcceptHost>, req: &ExecRequest) -> Result<russh::
     for (k, v) in &req.env {
         channel.set_env(false, k.as_str(), v.as_str()).await.map_err(session)?;
     }
-    let code = match &req.working_dir {
-        Some(dir) => {
-            channel.set_env(false, WORKDIR_ENV, dir.as_str()).await.map_err(session)?;
-            format!("{WORKDIR_PREFIX}{}", req.code)
-        }
-        None => req.code.clone(),
-    };
-    channel.exec(true, code.into_bytes()).await.map_err(session)?;
-    if !req.stdin.is_empty() {
-        channel.data(&req.stdin[..]).await.map_err(session)?;
+    if let Some(dir) = &req.working_dir {
+        channel.set_env(false, WORKDIR_ENV, dir.as_str()).await.map_err(session)?;
+    }
+    let (code, stdin) = if req.code_on_stdin { (WRAPPER, req.code.as_bytes()) } else { (req.code.as_str(), &req.stdin[..]) };
+    channel.exec(true, code.as_bytes()).await.map_err(session)?;
+    if !stdin.is_empty() {
+        channel.data(stdin).await.map_err(session)?;
     }
     channel.eof().await.map_err(session)?;
     Ok(channel)

@@ -5,6 +5,24 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use hearth_app::AppError;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// Every error answer: `{"error": {"code": ..., "message": ...}}`.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// `invalid_input`, `unauthenticated`, `forbidden`, `not_found`, `invalid_state`,
+    /// `conflict`, `quota_exceeded`, `timeout`, `no_capacity`, `unavailable`, `internal`,
+    /// `method_not_allowed`.
+    pub code: String,
+    /// What went wrong and, where it helps, what to do.
+    pub message: String,
+}
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -53,7 +71,7 @@ impl From<hearth_store::StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
+        let body = ErrorBody { error: ErrorDetail { code: self.code.to_string(), message: self.message } };
         (self.status, Json(body)).into_response()
     }
 }

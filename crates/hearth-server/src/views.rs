@@ -1,8 +1,11 @@
-//! The JSON shapes of the API (camelCase, RFC 3339 times), built from store types.
+//! The JSON shapes of the API (camelCase, RFC 3339 times), built from store types. Their
+//! schemas go into the OpenAPI document (`api::docs`), so document and answers cannot drift.
 
 use hearth_app::service::ExecResult;
-use hearth_store::{AuditEntry, Environment, Execution, Host, Job, LogEntry, User};
+use hearth_core::{EnvState, HostHealth, HostKind, HostStatus, Quota, Role, Tier, Usage};
+use hearth_store::{AuditEntry, Environment, Execution, Host, Job, LogEntry, QuotaOverrides, User};
 use serde::Serialize;
+use utoipa::ToSchema;
 
 pub use hearth_app::events::time;
 
@@ -11,13 +14,13 @@ fn opt_time(ms: Option<i64>) -> Option<String> {
 }
 
 /// The personal VM: a view of the user's personal environment, never a second status.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UserVm {
     pub id: String,
     pub user_id: String,
     pub environment_id: String,
-    pub status: String,
+    pub status: EnvState,
     pub state_message: Option<String>,
     pub generation: i64,
     pub vcpus: i64,
@@ -47,7 +50,7 @@ impl From<&Environment> for UserVm {
             id: e.id.clone(),
             user_id: e.user_id.clone(),
             environment_id: e.id.clone(),
-            status: e.state.to_string(),
+            status: e.state,
             state_message: e.state_message.clone(),
             generation: e.generation,
             vcpus: e.vcpus,
@@ -69,13 +72,13 @@ impl From<&Environment> for UserVm {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UserView {
     pub id: String,
     pub email: String,
-    pub role: &'static str,
-    pub tier: &'static str,
+    pub role: Role,
+    pub tier: Tier,
     pub created_at: String,
 }
 
@@ -84,14 +87,14 @@ impl From<&User> for UserView {
         UserView {
             id: u.id.clone(),
             email: u.email.clone(),
-            role: u.role.as_str(),
-            tier: u.tier.as_str(),
+            role: u.role,
+            tier: u.tier,
             created_at: time(u.created_at),
         }
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LogView {
     pub timestamp: String,
@@ -105,7 +108,7 @@ impl From<&LogEntry> for LogView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ExecView {
     pub id: String,
@@ -131,7 +134,7 @@ impl From<&ExecResult> for ExecView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EnvironmentView {
     pub id: String,
@@ -139,9 +142,9 @@ pub struct EnvironmentView {
     pub name: String,
     pub user_id: String,
     pub personal: bool,
-    pub state: String,
+    pub state: EnvState,
     pub state_message: Option<String>,
-    pub provider: String,
+    pub provider: HostKind,
     pub host_id: Option<String>,
     pub vm_id: Option<String>,
     pub region: Option<String>,
@@ -174,9 +177,9 @@ impl From<&Environment> for EnvironmentView {
             name: e.name.clone(),
             user_id: e.user_id.clone(),
             personal: e.personal,
-            state: e.state.to_string(),
+            state: e.state,
             state_message: e.state_message.clone(),
-            provider: e.provider.to_string(),
+            provider: e.provider,
             host_id: e.host_id.clone(),
             vm_id: e.vm_id.clone(),
             region: e.region.clone(),
@@ -203,7 +206,7 @@ impl From<&Environment> for EnvironmentView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditView {
     pub id: i64,
@@ -235,7 +238,7 @@ impl From<&AuditEntry> for AuditView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ExecutionView {
     pub id: String,
@@ -272,19 +275,19 @@ impl From<&Execution> for ExecutionView {
 }
 
 /// A host as admins see it. TLS material never leaves the server.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct HostView {
     pub id: String,
     pub name: String,
-    pub kind: &'static str,
+    pub kind: HostKind,
     pub endpoint: String,
     pub guest_address: String,
     pub region: Option<String>,
     pub gpu_model: Option<String>,
     pub gpu_count: i64,
-    pub status: &'static str,
-    pub health: &'static str,
+    pub status: HostStatus,
+    pub health: HostHealth,
     pub health_message: Option<String>,
     pub last_seen_at: Option<String>,
     pub max_vcpus: i64,
@@ -295,6 +298,7 @@ pub struct HostView {
     pub used_environments: i64,
     pub used_gpus: i64,
     pub tls: bool,
+    #[schema(value_type = Object)]
     pub options: serde_json::Value,
     pub created_at: String,
     pub updated_at: String,
@@ -305,14 +309,14 @@ impl From<&Host> for HostView {
         HostView {
             id: h.id.clone(),
             name: h.name.clone(),
-            kind: h.kind.as_str(),
+            kind: h.kind,
             endpoint: h.endpoint.clone(),
             guest_address: h.guest_address.clone(),
             region: h.region.clone(),
             gpu_model: h.gpu_model.clone(),
             gpu_count: h.gpu_count,
-            status: h.status.as_str(),
-            health: h.health.as_str(),
+            status: h.status,
+            health: h.health,
             health_message: h.health_message.clone(),
             last_seen_at: opt_time(h.last_seen_at),
             max_vcpus: h.capacity.max_vcpus,
@@ -330,13 +334,15 @@ impl From<&Host> for HostView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct JobView {
     pub id: i64,
     pub queue: String,
     pub kind: String,
     pub environment_id: String,
+    /// `queued`, `running`, `succeeded` or `dead`.
+    #[schema(pattern = "^(queued|running|succeeded|dead)$")]
     pub state: &'static str,
     pub attempts: i64,
     pub max_attempts: i64,
@@ -366,4 +372,175 @@ impl From<&Job> for JobView {
             updated_at: time(j.updated_at),
         }
     }
+}
+
+/// A page of a list: `nextCursor` is where the next page starts, `null` on the last.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Page<T: ToSchema> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// A whole list.
+#[derive(Serialize, ToSchema)]
+pub struct Items<T: ToSchema> {
+    pub items: Vec<T>,
+}
+
+/// `GET /v1/me`: the caller, their quota and what of it they use.
+#[derive(Serialize, ToSchema)]
+pub struct MeView {
+    pub user: UserView,
+    pub quota: Quota,
+    pub usage: Usage,
+}
+
+/// A user just made, with their first API token (shown this once).
+#[derive(Serialize, ToSchema)]
+pub struct NewUserView {
+    pub user: UserView,
+    pub token: String,
+}
+
+/// A user after a change, with the quota now in force and the overrides.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UserQuotaView {
+    pub user: UserView,
+    pub quota: Quota,
+    pub quota_overrides: QuotaOverrides,
+}
+
+/// An environment just created, with its access token (shown this once).
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatedEnvironment {
+    #[serde(flatten)]
+    pub environment: EnvironmentView,
+    pub access_token: String,
+}
+
+/// The seed's `getAllVms` counts.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct VmStatsView {
+    pub total: usize,
+    pub running: usize,
+    pub stopped: usize,
+    pub provisioning: usize,
+    pub error: usize,
+    pub vcpus_running: i64,
+    pub vcpus_total: i64,
+    pub memory_mb_running: i64,
+    pub memory_mb_total: i64,
+}
+
+impl From<&hearth_app::admin::VmStats> for VmStatsView {
+    fn from(s: &hearth_app::admin::VmStats) -> VmStatsView {
+        VmStatsView {
+            total: s.total,
+            running: s.running,
+            stopped: s.stopped,
+            provisioning: s.provisioning,
+            error: s.error,
+            vcpus_running: s.vcpus_running,
+            vcpus_total: s.vcpus_total,
+            memory_mb_running: s.memory_mb_running,
+            memory_mb_total: s.memory_mb_total,
+        }
+    }
+}
+
+/// The seed's `getAllVms`: every personal VM, the hosts, and counts.
+#[derive(Serialize, ToSchema)]
+pub struct VmsView {
+    pub vms: Vec<UserVm>,
+    pub hosts: Vec<HostView>,
+    pub stats: VmStatsView,
+}
+
+/// Why an environment is kept alive, and until when.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ActivityView {
+    pub state: EnvState,
+    pub last_activity_at: Option<String>,
+    pub last_activity_source: Option<String>,
+    pub auto_stop_minutes: Option<i64>,
+    pub next_auto_stop_at: Option<String>,
+    pub expires_at: Option<String>,
+    pub reason: String,
+}
+
+impl From<&Environment> for ActivityView {
+    fn from(env: &Environment) -> ActivityView {
+        let last = env.last_activity_at.or(env.started_at).unwrap_or(env.created_at);
+        let next_stop = match (env.state, env.auto_stop_minutes) {
+            (EnvState::Running, Some(m)) if m > 0 => Some(time(last + m * 60_000)),
+            _ => None,
+        };
+        let reason = match &next_stop {
+            Some(_) => format!(
+                "kept running by {} activity; stops after {} idle minutes",
+                env.last_activity_source.as_deref().unwrap_or("start"),
+                env.auto_stop_minutes.unwrap_or(0)
+            ),
+            None if env.state == EnvState::Running => "auto-stop is off for this environment".to_string(),
+            None => format!("the environment is {}", env.state),
+        };
+        ActivityView {
+            state: env.state,
+            last_activity_at: opt_time(env.last_activity_at),
+            last_activity_source: env.last_activity_source.clone(),
+            auto_stop_minutes: env.auto_stop_minutes,
+            next_auto_stop_at: next_stop,
+            expires_at: opt_time(env.expires_at),
+            reason,
+        }
+    }
+}
+
+/// A size a provider offers.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FlavorView {
+    pub id: Tier,
+    pub name: Tier,
+    pub provider: HostKind,
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub disk_gb: i64,
+}
+
+/// A region of healthy hosts that take new environments.
+#[derive(Serialize, ToSchema)]
+pub struct RegionView {
+    pub id: String,
+    pub hosts: i64,
+}
+
+/// A terminal ticket for a browser's WebSocket.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TicketView {
+    pub ticket: String,
+    pub expires_in_seconds: i64,
+}
+
+/// `{"status": "ok"}`
+#[derive(Serialize, ToSchema)]
+pub struct HealthView {
+    pub status: &'static str,
+}
+
+/// Readiness: the database, the hosts as last checked, Redis, and this node.
+#[derive(Serialize, ToSchema)]
+pub struct ReadyView {
+    pub ready: bool,
+    pub database: String,
+    #[schema(value_type = Object)]
+    pub hosts: serde_json::Value,
+    pub redis: String,
+    pub node: String,
 }

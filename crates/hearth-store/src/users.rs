@@ -9,13 +9,20 @@ use sqlx::any::AnyRow;
 
 /// Admin overrides of a user's quota, column by column.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct QuotaOverrides {
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 10000000))]
     pub max_environments: Option<i64>,
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 10000000))]
     pub max_concurrent_environments: Option<i64>,
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 10000000))]
     pub max_vcpus: Option<i64>,
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 10000000))]
     pub max_memory_mb: Option<i64>,
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 10000000))]
     pub max_disk_gb: Option<i64>,
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 10000000))]
     pub max_duration_hours: Option<i64>,
 }
 

@@ -1,128 +1,154 @@
 //! Admin endpoints (role `admin`): users, every VM and environment, jobs, the audit log.
 
-use super::environments::{page_limit, parse_state};
+use super::docs::{AdminOnly, Authed, Invalid, Missing, Refused};
+use super::environments::page_limit;
 use super::{Admin, Body, Params};
 use crate::App;
 use crate::error::ApiResult;
-use crate::views::{AuditView, EnvironmentView, HostView, JobView, UserView, UserVm};
+use crate::views::{AuditView, EnvironmentView, HostView, Items, JobView, NewUserView, Page, UserQuotaView, UserView, UserVm, VmStatsView, VmsView};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use hearth_core::{EnvState, Role, Tier};
 use hearth_store::{AuditFilter, QuotaOverrides};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NewUserBody {
+    /// `name@domain`: one `@`, at most 254 characters, no spaces or control characters.
+    #[schema(min_length = 3, max_length = 254, pattern = "^[^@\\s\\u0000-\\u001F\\u007F-\\u009F]+@[^@\\s\\u0000-\\u001F\\u007F-\\u009F]+$")]
     email: String,
-    role: Option<String>,
-    tier: Option<String>,
+    role: Option<Role>,
+    tier: Option<Tier>,
 }
 
-pub async fn create_user(
-    State(app): State<App>,
-    Admin(_): Admin,
-    Body(body): Body<NewUserBody>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
-    let (user, token) = app.create_user(&body.email, body.role.as_deref(), body.tier.as_deref()).await?;
-    Ok((StatusCode::CREATED, Json(json!({ "user": UserView::from(&user), "token": token }))))
+/// Creates a user (free tier and `user` role unless given) with a first API token.
+#[utoipa::path(post, path = "/v1/admin/users", tag = "admin", request_body = NewUserBody,
+    responses((status = 201, description = "the user and their token, shown this once", body = NewUserView),
+        Invalid, Refused, AdminOnly, Authed))]
+pub async fn create_user(State(app): State<App>, Admin(_admin): Admin, Body(body): Body<NewUserBody>) -> ApiResult<(StatusCode, Json<NewUserView>)> {
+    let role = body.role.map(|r| r.as_str());
+    let tier = body.tier.map(|t| t.as_str());
+    let (user, token) = app.create_user(&body.email, role, tier).await?;
+    Ok((StatusCode::CREATED, Json(NewUserView { user: UserView::from(&user), token })))
 }
 
-pub async fn list_users(State(app): State<App>, Admin(_): Admin) -> ApiResult<Json<Value>> {
-    let items: Vec<UserView> = app.store.list_users().await?.iter().map(UserView::from).collect();
-    Ok(Json(json!({ "items": items })))
+/// Every user.
+#[utoipa::path(get, path = "/v1/admin/users", tag = "admin", responses((status = 200, description = "the users", body = Items<UserView>), AdminOnly, Authed))]
+pub async fn list_users(State(app): State<App>, Admin(_admin): Admin) -> ApiResult<Json<Items<UserView>>> {
+    Ok(Json(Items { items: app.store.list_users().await?.iter().map(UserView::from).collect() }))
 }
 
 /// The seed's `getAllVms`: every personal VM, the hosts, and counts.
-pub async fn vms(State(app): State<App>, Admin(_): Admin) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/v1/admin/vms", tag = "admin", responses((status = 200, description = "VMs, hosts, counts", body = VmsView), AdminOnly, Authed))]
+pub async fn vms(State(app): State<App>, Admin(_admin): Admin) -> ApiResult<Json<VmsView>> {
     let overview = app.vms_overview().await?;
-    let vms: Vec<UserVm> = overview.vms.iter().map(UserVm::from).collect();
-    let hosts: Vec<HostView> = overview.hosts.iter().map(HostView::from).collect();
-    Ok(Json(json!({ "vms": vms, "hosts": hosts, "stats": overview.stats })))
+    Ok(Json(VmsView {
+        vms: overview.vms.iter().map(UserVm::from).collect(),
+        hosts: overview.hosts.iter().map(HostView::from).collect(),
+        stats: VmStatsView::from(&overview.stats),
+    }))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
 pub struct EnvQuery {
-    state: Option<String>,
+    state: Option<EnvState>,
     user_id: Option<String>,
     cursor: Option<String>,
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
     #[serde(default)]
     include_destroyed: bool,
 }
 
-pub async fn environments(State(app): State<App>, Admin(_): Admin, Params(q): Params<EnvQuery>) -> ApiResult<Json<Value>> {
-    let state = parse_state(q.state.as_deref())?;
-    let (items, next) = app
+/// Every user's environments, newest first.
+#[utoipa::path(get, path = "/v1/admin/environments", tag = "admin", params(EnvQuery),
+    responses((status = 200, description = "a page", body = Page<EnvironmentView>), Invalid, AdminOnly, Authed))]
+pub async fn environments(State(app): State<App>, Admin(_admin): Admin, Params(q): Params<EnvQuery>) -> ApiResult<Json<Page<EnvironmentView>>> {
+    let cursor = q.cursor.as_deref().filter(|c| !c.is_empty());
+    let (items, next_cursor) = app
         .store
-        .list_environments(q.user_id.as_deref(), state, q.include_destroyed, q.cursor.as_deref(), page_limit(q.limit)?)
+        .list_environments(q.user_id.as_deref(), q.state, q.include_destroyed, cursor, page_limit(q.limit)?)
         .await?;
-    let items: Vec<EnvironmentView> = items.iter().map(EnvironmentView::from).collect();
-    Ok(Json(json!({ "items": items, "nextCursor": next })))
+    Ok(Json(Page { items: items.iter().map(EnvironmentView::from).collect(), next_cursor }))
 }
 
-pub async fn destroy_environment(
-    State(app): State<App>,
-    Admin(admin): Admin,
-    Path(id): Path<String>,
-) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
+/// Destroys anyone's environment.
+#[utoipa::path(delete, path = "/v1/admin/environments/{id}", tag = "admin", params(("id" = String, Path, description = "environment id")),
+    responses((status = 202, description = "a destroy is queued", body = EnvironmentView), Missing, Refused, AdminOnly, Authed))]
+pub async fn destroy_environment(State(app): State<App>, Admin(admin): Admin, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
     let env = app.admin_destroy(&admin, &id).await?;
     Ok((StatusCode::ACCEPTED, Json(EnvironmentView::from(&env))))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PatchUserBody {
-    tier: Option<String>,
-    role: Option<String>,
+    tier: Option<Tier>,
+    role: Option<Role>,
     /// Replaces the overrides; a field left out (or null) means the tier's default.
     quota: Option<QuotaOverrides>,
 }
 
-pub async fn patch_user(
-    State(app): State<App>,
-    Admin(admin): Admin,
-    Path(id): Path<String>,
-    Body(b): Body<PatchUserBody>,
-) -> ApiResult<Json<Value>> {
-    let (user, quota, overrides) = app.update_user(&admin, &id, b.tier.as_deref(), b.role.as_deref(), b.quota).await?;
-    Ok(Json(json!({ "user": UserView::from(&user), "quota": quota, "quotaOverrides": overrides })))
+/// Changes a user's tier, role or quota overrides.
+#[utoipa::path(patch, path = "/v1/admin/users/{id}", tag = "admin", params(("id" = String, Path, description = "user id")),
+    request_body(content = Option<PatchUserBody>, description = "what to change; an empty body changes nothing"),
+    responses((status = 200, description = "the user, the quota in force, the overrides", body = UserQuotaView), Invalid, Missing, Refused, AdminOnly, Authed))]
+pub async fn patch_user(State(app): State<App>, Admin(admin): Admin, Path(id): Path<String>, Body(b): Body<PatchUserBody>) -> ApiResult<Json<UserQuotaView>> {
+    let tier = b.tier.map(|t| t.as_str());
+    let role = b.role.map(|r| r.as_str());
+    let (user, quota, quota_overrides) = app.update_user(&admin, &id, tier, role, b.quota).await?;
+    Ok(Json(UserQuotaView { user: UserView::from(&user), quota, quota_overrides }))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct JobQuery {
+    #[param(pattern = "^(queued|running|succeeded|dead)$")]
     state: Option<String>,
 }
 
-pub async fn jobs(State(app): State<App>, Admin(_): Admin, Params(q): Params<JobQuery>) -> ApiResult<Json<Value>> {
-    let items: Vec<JobView> = app.jobs(q.state.as_deref()).await?.iter().map(JobView::from).collect();
-    Ok(Json(json!({ "items": items })))
+/// The newest 500 jobs, optionally by state.
+#[utoipa::path(get, path = "/v1/admin/jobs", tag = "admin", params(JobQuery),
+    responses((status = 200, description = "newest first", body = Items<JobView>), Invalid, AdminOnly, Authed))]
+pub async fn jobs(State(app): State<App>, Admin(_admin): Admin, Params(q): Params<JobQuery>) -> ApiResult<Json<Items<JobView>>> {
+    Ok(Json(Items { items: app.jobs(q.state.as_deref()).await?.iter().map(JobView::from).collect() }))
 }
 
+/// Puts a dead job back in its queue.
+#[utoipa::path(post, path = "/v1/admin/jobs/{id}/retry", tag = "admin", params(("id" = String, Path, description = "job id")),
+    responses((status = 202, description = "queued again", body = JobView), Missing, Refused, AdminOnly, Authed))]
 pub async fn retry_job(State(app): State<App>, Admin(admin): Admin, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<JobView>)> {
     let job = app.retry_job(&admin, &id).await?;
     Ok((StatusCode::ACCEPTED, Json(JobView::from(&job))))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
 pub struct AuditQuery {
     actor: Option<String>,
     action: Option<String>,
     environment_id: Option<String>,
     outcome: Option<String>,
+    /// `nextCursor` of the page before (a number; empty means the first page).
+    #[param(pattern = "^[0-9]{0,18}$")]
     cursor: Option<String>,
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 
 /// All of the audit log, newest first, filtered by actor, action, environment or outcome.
-pub async fn audit(State(app): State<App>, Admin(_): Admin, Params(q): Params<AuditQuery>) -> ApiResult<Json<Value>> {
+#[utoipa::path(get, path = "/v1/admin/audit", tag = "admin", params(AuditQuery),
+    responses((status = 200, description = "a page", body = Page<AuditView>), Invalid, AdminOnly, Authed))]
+pub async fn audit(State(app): State<App>, Admin(_admin): Admin, Params(q): Params<AuditQuery>) -> ApiResult<Json<Page<AuditView>>> {
     let cursor = super::number_cursor(q.cursor.as_deref())?;
     let filter = AuditFilter { environment_id: q.environment_id, actor: q.actor, action: q.action, outcome: q.outcome };
     let (items, next) = app.store.audit_page(&filter, cursor, page_limit(q.limit)?, false).await?;
-    let items: Vec<AuditView> = items.iter().map(AuditView::from).collect();
-    Ok(Json(json!({ "items": items, "nextCursor": next.map(|n| n.to_string()) })))
+    Ok(Json(Page { items: items.iter().map(AuditView::from).collect(), next_cursor: next.map(|n| n.to_string()) }))
 }

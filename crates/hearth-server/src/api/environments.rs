@@ -1,47 +1,67 @@
 //! Environments: several per user, under quota. Every lookup is scoped by the caller, so
 //! someone else's id is a 404 like an id that does not exist.
 
+use super::docs::{Authed, Invalid, Missing, OverQuota, Refused};
 use super::{Body, Caller, Params};
 use crate::App;
-use crate::error::{ApiError, ApiResult};
-use crate::views::{AuditView, EnvironmentView, ExecView, ExecutionView, LogView, time};
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::views::{ActivityView, AuditView, CreatedEnvironment, EnvironmentView, ExecView, ExecutionView, Items, LogView, Page};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use hearth_app::service::{CreateInput, ExecInput, SizeRequest, StreamEvent};
-use hearth_core::{EnvState, JobKind};
-use hearth_store::{AuditFilter, Environment};
+use hearth_core::{EnvState, HostKind, JobKind};
+use hearth_store::AuditFilter;
 use serde::Deserialize;
-use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::Duration;
+use utoipa::{IntoParams, ToSchema};
 
-#[derive(Deserialize, Default)]
+/// What to create; sizes default to the caller's tier.
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateBody {
-    #[serde(default)]
+    /// 1 to 100 characters, not blank, no control characters.
+    #[schema(min_length = 1, max_length = 100, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     name: String,
+    #[schema(minimum = 1, maximum = 64)]
     vcpus: Option<i64>,
+    #[schema(minimum = 256, maximum = 262144)]
     memory_mb: Option<i64>,
+    #[schema(minimum = 1, maximum = 2048)]
     disk_gb: Option<i64>,
+    /// How long it may live; at most the caller's `maxDurationHours` (else 429).
+    #[schema(minimum = 1, maximum = 8760)]
     duration_hours: Option<i64>,
+    /// One of the images this server offers.
     base_image: Option<String>,
+    /// Runs once, as the guest user, after SSH answers; a non-zero exit fails the environment.
+    #[schema(min_length = 1, max_length = 65536, pattern = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$")]
     init_script: Option<String>,
+    /// Handed to the VM as data: at most 64, names of `[A-Za-z_][A-Za-z0-9_]*` (at most 128
+    /// characters; those starting with `HEARTH_` are reserved).
     #[serde(default)]
     environment_vars: BTreeMap<String, String>,
+    /// Not supported yet: refused with a 400 that says so.
+    #[schema(ignore)]
     repository_url: Option<String>,
+    /// An OpenSSH public key line, so the caller can SSH in too.
     ssh_public_key: Option<String>,
-    provider: Option<String>,
+    /// The kind of host; the installation's default when left out.
+    provider: Option<HostKind>,
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
     region: Option<String>,
+    #[schema(minimum = 0, maximum = 16)]
     gpus: Option<i64>,
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
     gpu_model: Option<String>,
 }
 
-pub async fn create(
-    State(app): State<App>,
-    Caller(user): Caller,
-    Body(b): Body<CreateBody>,
-) -> ApiResult<(StatusCode, Json<Value>)> {
+/// Creates an environment, placed on a host and queued for provisioning.
+#[utoipa::path(post, path = "/v1/environments", tag = "environments", request_body = CreateBody,
+    responses((status = 202, description = "queued for provisioning; the access token is shown this once", body = CreatedEnvironment),
+        Invalid, OverQuota, Authed))]
+pub async fn create(State(app): State<App>, Caller(user): Caller, Body(b): Body<CreateBody>) -> ApiResult<(StatusCode, Json<CreatedEnvironment>)> {
     let input = CreateInput {
         name: b.name,
         size: SizeRequest { vcpus: b.vcpus, memory_mb: b.memory_mb, disk_gb: b.disk_gb },
@@ -51,23 +71,24 @@ pub async fn create(
         environment_vars: b.environment_vars,
         repository_url: b.repository_url,
         ssh_public_key: b.ssh_public_key,
-        provider: b.provider,
+        provider: b.provider.map(|k| k.to_string()),
         region: b.region,
         gpus: b.gpus,
         gpu_model: b.gpu_model,
     };
     let (env, access_token) = app.create_environment(&user, input).await?;
-    let mut body = serde_json::to_value(EnvironmentView::from(&env)).unwrap_or_default();
-    body["accessToken"] = json!(access_token);
-    Ok((StatusCode::ACCEPTED, Json(body)))
+    Ok((StatusCode::ACCEPTED, Json(CreatedEnvironment { environment: EnvironmentView::from(&env), access_token })))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
 pub struct ListQuery {
+    /// `nextCursor` of the page before.
     cursor: Option<String>,
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
-    state: Option<String>,
+    state: Option<EnvState>,
     #[serde(default)]
     include_destroyed: bool,
 }
@@ -80,47 +101,49 @@ pub fn page_limit(limit: Option<i64>) -> ApiResult<i64> {
     }
 }
 
-pub fn parse_state(state: Option<&str>) -> ApiResult<Option<EnvState>> {
-    // One state name parser for every query.
-    state.map(|s| EnvState::parse(s).ok_or_else(|| ApiError::invalid(format!("unknown state {s:?}")))).transpose()
-}
-
-pub async fn list(State(app): State<App>, Caller(user): Caller, Params(q): Params<ListQuery>) -> ApiResult<Json<Value>> {
-    let state = parse_state(q.state.as_deref())?;
-    let (items, next) = app
+/// The caller's environments, newest first.
+#[utoipa::path(get, path = "/v1/environments", tag = "environments", params(ListQuery),
+    responses((status = 200, description = "a page", body = Page<EnvironmentView>), Invalid, Authed))]
+pub async fn list(State(app): State<App>, Caller(user): Caller, Params(q): Params<ListQuery>) -> ApiResult<Json<Page<EnvironmentView>>> {
+    let cursor = q.cursor.as_deref().filter(|c| !c.is_empty());
+    let (items, next_cursor) = app
         .store
-        .list_environments(Some(&user.id), state, q.include_destroyed, q.cursor.as_deref(), page_limit(q.limit)?)
+        .list_environments(Some(&user.id), q.state, q.include_destroyed, cursor, page_limit(q.limit)?)
         .await?;
-    let items: Vec<EnvironmentView> = items.iter().map(EnvironmentView::from).collect();
-    Ok(Json(json!({ "items": items, "nextCursor": next })))
+    Ok(Json(Page { items: items.iter().map(EnvironmentView::from).collect(), next_cursor }))
 }
 
+/// One of the caller's environments.
+#[utoipa::path(get, path = "/v1/environments/{id}", tag = "environments", params(("id" = String, Path, description = "id or slug")),
+    responses((status = 200, description = "the environment", body = EnvironmentView), Missing, Authed))]
 pub async fn get(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<EnvironmentView>> {
     Ok(Json(EnvironmentView::from(&app.owned_environment(&user, &id).await?)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
 pub struct WaitQuery {
-    state: String,
+    state: EnvState,
+    #[param(minimum = 1, maximum = 600)]
     timeout_seconds: Option<u64>,
 }
 
-/// Returns once the environment reaches `state`; 408 on timeout; 409 if it ended in
-/// `error` or `destroyed` instead.
-pub async fn wait(
-    State(app): State<App>,
-    Caller(user): Caller,
-    Path(id): Path<String>,
-    Params(q): Params<WaitQuery>,
-) -> ApiResult<Json<EnvironmentView>> {
-    let want = parse_state(Some(&q.state))?.expect("given");
+/// Returns once the environment is in `state`.
+#[utoipa::path(get, path = "/v1/environments/{id}/wait", tag = "environments",
+    params(("id" = String, Path, description = "id or slug"), WaitQuery),
+    responses(
+        (status = 200, description = "it is in that state", body = EnvironmentView),
+        (status = 408, description = "not yet, after `timeoutSeconds`", body = ErrorBody),
+        (status = 409, description = "it settled in `error` or `destroyed` instead", body = ErrorBody),
+        Invalid, Missing, Authed))]
+pub async fn wait(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>, Params(q): Params<WaitQuery>) -> ApiResult<Json<EnvironmentView>> {
     let timeout = q.timeout_seconds.unwrap_or(60);
     if !(1..=600).contains(&timeout) {
         return Err(ApiError::invalid("timeoutSeconds must be between 1 and 600"));
     }
     let env = app.owned_environment(&user, &id).await?;
-    let env = app.wait_for_state(env, want, Duration::from_secs(timeout)).await?;
+    let env = app.wait_for_state(env, q.state, Duration::from_secs(timeout)).await?;
     Ok(Json(EnvironmentView::from(&env)))
 }
 
@@ -130,123 +153,121 @@ async fn control(app: App, user: &hearth_store::User, id: &str, kind: JobKind) -
     Ok((StatusCode::ACCEPTED, Json(EnvironmentView::from(&env))))
 }
 
+/// Starts an environment (provisions it anew if its VM is gone).
+#[utoipa::path(post, path = "/v1/environments/{id}/start", tag = "environments", params(("id" = String, Path, description = "id or slug")),
+    responses((status = 202, description = "a start is queued", body = EnvironmentView), Missing, Refused, OverQuota, Authed))]
 pub async fn start(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
     control(app, &user, &id, JobKind::Start).await
 }
 
+/// Stops an environment.
+#[utoipa::path(post, path = "/v1/environments/{id}/stop", tag = "environments", params(("id" = String, Path, description = "id or slug")),
+    responses((status = 202, description = "a stop is queued", body = EnvironmentView), Missing, Refused, Authed))]
 pub async fn stop(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
     control(app, &user, &id, JobKind::Stop).await
 }
 
+/// Destroys an environment; always possible, whatever its quota or host.
+#[utoipa::path(delete, path = "/v1/environments/{id}", tag = "environments", params(("id" = String, Path, description = "id or slug")),
+    responses((status = 202, description = "a destroy is queued", body = EnvironmentView), Missing, Refused, Authed))]
 pub async fn destroy(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
     control(app, &user, &id, JobKind::Destroy).await
 }
 
-pub async fn exec(
-    State(app): State<App>,
-    Caller(user): Caller,
-    Path(id): Path<String>,
-    Body(body): Body<super::me::ExecBody>,
-) -> ApiResult<Json<ExecView>> {
+/// Runs a command in a running environment and waits for it.
+#[utoipa::path(post, path = "/v1/environments/{id}/exec", tag = "environments", params(("id" = String, Path, description = "id or slug")),
+    request_body = super::me::ExecBody,
+    responses((status = 200, description = "the command ran", body = ExecView), Invalid, Missing, Refused, Authed))]
+pub async fn exec(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>, Body(body): Body<super::me::ExecBody>) -> ApiResult<Json<ExecView>> {
     let input: ExecInput = body.into();
     input.validate()?;
     let env = app.owned_environment(&user, &id).await?;
     Ok(Json(ExecView::from(&app.exec(&user, &env, input).await?)))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
 pub struct PageQuery {
+    /// `nextCursor` of the page before.
     cursor: Option<String>,
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 
-pub async fn executions(
-    State(app): State<App>,
-    Caller(user): Caller,
-    Path(id): Path<String>,
-    Params(q): Params<PageQuery>,
-) -> ApiResult<Json<Value>> {
+/// The commands run in an environment, oldest first.
+#[utoipa::path(get, path = "/v1/environments/{id}/executions", tag = "environments",
+    params(("id" = String, Path, description = "id or slug"), PageQuery),
+    responses((status = 200, description = "a page", body = Page<ExecutionView>), Invalid, Missing, Authed))]
+pub async fn executions(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>, Params(q): Params<PageQuery>) -> ApiResult<Json<Page<ExecutionView>>> {
     let env = app.owned_environment(&user, &id).await?;
-    let (items, next) = app.store.executions_page(&env.id, q.cursor.as_deref(), page_limit(q.limit)?).await?;
-    let items: Vec<ExecutionView> = items.iter().map(ExecutionView::from).collect();
-    Ok(Json(json!({ "items": items, "nextCursor": next })))
+    let cursor = q.cursor.as_deref().filter(|c| !c.is_empty());
+    let (items, next_cursor) = app.store.executions_page(&env.id, cursor, page_limit(q.limit)?).await?;
+    Ok(Json(Page { items: items.iter().map(ExecutionView::from).collect(), next_cursor }))
 }
 
-pub async fn audit(
-    State(app): State<App>,
-    Caller(user): Caller,
-    Path(id): Path<String>,
-    Params(q): Params<PageQuery>,
-) -> ApiResult<Json<Value>> {
+#[derive(Deserialize, Default, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
+pub struct AuditPageQuery {
+    /// `nextCursor` of the page before (a number; empty means the first page).
+    #[param(pattern = "^[0-9]{0,18}$")]
+    cursor: Option<String>,
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+}
+
+/// An environment's audit log, oldest first.
+#[utoipa::path(get, path = "/v1/environments/{id}/audit", tag = "environments",
+    params(("id" = String, Path, description = "id or slug"), AuditPageQuery),
+    responses((status = 200, description = "a page; the cursor is a number", body = Page<AuditView>), Invalid, Missing, Authed))]
+pub async fn audit(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>, Params(q): Params<AuditPageQuery>) -> ApiResult<Json<Page<AuditView>>> {
     let env = app.owned_environment(&user, &id).await?;
     let cursor = super::number_cursor(q.cursor.as_deref())?;
     let filter = AuditFilter { environment_id: Some(env.id.clone()), ..Default::default() };
     let (items, next) = app.store.audit_page(&filter, cursor, page_limit(q.limit)?, true).await?;
-    let items: Vec<AuditView> = items.iter().map(AuditView::from).collect();
-    Ok(Json(json!({ "items": items, "nextCursor": next.map(|n| n.to_string()) })))
+    Ok(Json(Page { items: items.iter().map(AuditView::from).collect(), next_cursor: next.map(|n| n.to_string()) }))
 }
 
-pub async fn logs(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
+/// An environment's provisioning log: the last 100 lines of the last hour.
+#[utoipa::path(get, path = "/v1/environments/{id}/logs", tag = "environments", params(("id" = String, Path, description = "id or slug")),
+    responses((status = 200, description = "oldest first", body = Items<LogView>), Missing, Authed))]
+pub async fn logs(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<Items<LogView>>> {
     let env = app.owned_environment(&user, &id).await?;
-    let items: Vec<LogView> = app.store.logs(&env.id).await?.iter().map(LogView::from).collect();
-    Ok(Json(json!({ "items": items })))
+    Ok(Json(Items { items: app.store.logs(&env.id).await?.iter().map(LogView::from).collect() }))
 }
 
-/// Why the environment is (or is not) kept alive: last activity, its source, and when
-/// the reaper will stop or destroy it.
-pub async fn activity(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let env = app.owned_environment(&user, &id).await?;
-    Ok(Json(activity_view(&env)))
-}
-
-pub fn activity_view(env: &Environment) -> Value {
-    let last = env.last_activity_at.or(env.started_at).unwrap_or(env.created_at);
-    let next_stop = match (env.state, env.auto_stop_minutes) {
-        (EnvState::Running, Some(m)) if m > 0 => Some(time(last + m * 60_000)),
-        _ => None,
-    };
-    let reason = match (&next_stop, env.expires_at) {
-        (Some(_), _) => format!("kept running by {} activity; stops after {} idle minutes", env.last_activity_source.as_deref().unwrap_or("start"), env.auto_stop_minutes.unwrap_or(0)),
-        (None, _) if env.state == EnvState::Running => "auto-stop is off for this environment".to_string(),
-        _ => format!("the environment is {}", env.state),
-    };
-    json!({
-        "state": env.state.as_str(),
-        "lastActivityAt": env.last_activity_at.map(time),
-        "lastActivitySource": env.last_activity_source,
-        "autoStopMinutes": env.auto_stop_minutes,
-        "nextAutoStopAt": next_stop,
-        "expiresAt": env.expires_at.map(time),
-        "reason": reason,
-    })
+/// Why the environment is (or is not) kept alive: last activity, its source, and when the
+/// reaper will stop or destroy it.
+#[utoipa::path(get, path = "/v1/environments/{id}/activity", tag = "environments", params(("id" = String, Path, description = "id or slug")),
+    responses((status = 200, description = "its activity", body = ActivityView), Missing, Authed))]
+pub async fn activity(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<ActivityView>> {
+    Ok(Json(ActivityView::from(&app.owned_environment(&user, &id).await?)))
 }
 
 /// An explicit keep-alive: counts as activity for auto-stop.
-pub async fn keepalive(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    Ok(Json(activity_view(&app.keep_alive(&user, &id).await?)))
+#[utoipa::path(post, path = "/v1/environments/{id}/keepalive", tag = "environments", params(("id" = String, Path, description = "id or slug")),
+    responses((status = 200, description = "its activity now", body = ActivityView), Missing, Refused, Authed))]
+pub async fn keepalive(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<ActivityView>> {
+    Ok(Json(ActivityView::from(&app.keep_alive(&user, &id).await?)))
 }
 
-/// Server-sent events: the current state and recent log, then changes as they happen.
-pub async fn events(
-    State(app): State<App>,
-    Caller(user): Caller,
-    Path(id): Path<String>,
-    headers: axum::http::HeaderMap,
-) -> ApiResult<axum::response::Response> {
-    use axum::response::IntoResponse;
+/// Live events (server-sent events): the current state and recent log, then changes.
+#[utoipa::path(get, path = "/v1/environments/{id}/events", tag = "environments",
+    params(("id" = String, Path, description = "id or slug"), ("Last-Event-ID" = Option<String>, Header, description = "resume after this event")),
+    responses((status = 200, description = "a stream of `state` and `log` events", content_type = "text/event-stream", body = String), Missing, Authed))]
+pub async fn events(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>, headers: axum::http::HeaderMap) -> ApiResult<axum::response::Response> {
     let env = app.owned_environment(&user, &id).await?;
-    Ok(event_stream(app, env.id, &headers).into_response())
+    Ok(event_stream(app, env.id, &headers))
 }
 
-/// Streaming exec: `stdout` and `stderr` events as output is produced, then `exit`.
-/// Closing the connection kills the remote process.
-pub async fn exec_stream(
-    State(app): State<App>,
-    Caller(user): Caller,
-    Path(id): Path<String>,
-    Body(body): Body<super::me::ExecBody>,
-) -> ApiResult<axum::response::Response> {
+/// Runs a command and streams its output (server-sent events): `stdout` and `stderr` as
+/// produced, then `exit`. Closing the connection kills the remote process.
+#[utoipa::path(post, path = "/v1/environments/{id}/exec/stream", tag = "environments",
+    params(("id" = String, Path, description = "id or slug")), request_body = super::me::ExecBody,
+    responses((status = 200, description = "`stdout`, `stderr`, then `exit` events", content_type = "text/event-stream", body = String),
+        Invalid, Missing, Refused, Authed))]
+pub async fn exec_stream(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>, Body(body): Body<super::me::ExecBody>) -> ApiResult<axum::response::Response> {
     let input: ExecInput = body.into();
     input.validate()?;
     let env = app.owned_environment(&user, &id).await?;

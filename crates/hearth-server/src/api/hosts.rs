@@ -1,40 +1,61 @@
 //! Hosts (role `admin`): add, list, show, change, drain, make ready, remove.
 
+use super::docs::{AdminOnly, Authed, Invalid, Missing, Refused};
 use super::{Admin, Body};
 use crate::App;
 use crate::error::ApiResult;
-use crate::views::HostView;
+use crate::views::{HostView, Items};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use hearth_app::hosts::HostInput;
-use hearth_core::HostStatus;
+use hearth_core::{HostKind, HostStatus};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
+use utoipa::ToSchema;
 
-#[derive(Deserialize, Default)]
+/// A host to add; it must answer before it is added.
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AddBody {
+    #[schema(min_length = 1, max_length = 100, pattern = "^[A-Za-z0-9._@:/-]+$")]
     name: String,
-    kind: String,
+    kind: Option<HostKind>,
+    /// `unix:///path`, `tcp://host:port` (with `tlsCa`, `tlsCert`, `tlsKey`), `ssh://user@host`;
+    /// `sim://...` for a simulated host (the default for one).
+    #[schema(max_length = 1000)]
     endpoint: Option<String>,
+    /// Where the nodes reach its guests (default 127.0.0.1).
+    #[schema(max_length = 253, pattern = "^[A-Za-z0-9.:-]+$")]
     guest_address: Option<String>,
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
     region: Option<String>,
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
     gpu_model: Option<String>,
+    #[schema(minimum = 0, maximum = 128)]
     gpu_count: Option<i64>,
+    #[schema(minimum = 1, maximum = 100000)]
     max_vcpus: i64,
+    #[schema(minimum = 1, maximum = 100000000)]
     max_memory_mb: i64,
+    #[schema(minimum = 1, maximum = 100000)]
     max_environments: Option<i64>,
     tls_ca: Option<String>,
     tls_cert: Option<String>,
+    /// Sealed with the master key at once; never shown again.
     tls_key: Option<String>,
+    /// A simulated host's latency and faults (see the simulated provider).
+    #[schema(value_type = Option<Object>)]
     options: Option<Value>,
 }
 
+/// Adds a host after checking it answers; nothing is added when it does not.
+#[utoipa::path(post, path = "/v1/admin/hosts", tag = "hosts", request_body = AddBody,
+    responses((status = 201, description = "the host", body = HostView), Invalid, Refused, AdminOnly, Authed))]
 pub async fn add(State(app): State<App>, Admin(admin): Admin, Body(b): Body<AddBody>) -> ApiResult<(StatusCode, Json<HostView>)> {
     let input = HostInput {
         name: b.name,
-        kind: b.kind,
+        kind: b.kind.unwrap_or(HostKind::Docker).to_string(),
         endpoint: b.endpoint,
         guest_address: b.guest_address,
         region: b.region,
@@ -52,37 +73,58 @@ pub async fn add(State(app): State<App>, Admin(admin): Admin, Body(b): Body<AddB
     Ok((StatusCode::CREATED, Json(HostView::from(&host))))
 }
 
-pub async fn list(State(app): State<App>, Admin(_): Admin) -> ApiResult<Json<Value>> {
-    let items: Vec<HostView> = app.store.hosts().await?.iter().map(HostView::from).collect();
-    Ok(Json(json!({ "items": items })))
+/// Every host, with its health and use.
+#[utoipa::path(get, path = "/v1/admin/hosts", tag = "hosts", responses((status = 200, description = "the hosts", body = Items<HostView>), AdminOnly, Authed))]
+pub async fn list(State(app): State<App>, Admin(_admin): Admin) -> ApiResult<Json<Items<HostView>>> {
+    Ok(Json(Items { items: app.store.hosts().await?.iter().map(HostView::from).collect() }))
 }
 
-pub async fn get(State(app): State<App>, Admin(_): Admin, Path(id): Path<String>) -> ApiResult<Json<HostView>> {
+/// One host.
+#[utoipa::path(get, path = "/v1/admin/hosts/{id}", tag = "hosts", params(("id" = String, Path, description = "host id or name")),
+    responses((status = 200, description = "the host", body = HostView), Missing, AdminOnly, Authed))]
+pub async fn get(State(app): State<App>, Admin(_admin): Admin, Path(id): Path<String>) -> ApiResult<Json<HostView>> {
     Ok(Json(HostView::from(&app.find_host(&id).await?)))
 }
 
-#[derive(Deserialize, Default)]
+/// What to change; what is left out stays.
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpdateBody {
+    #[schema(minimum = 1, maximum = 100000)]
     max_vcpus: Option<i64>,
+    #[schema(minimum = 1, maximum = 100000000)]
     max_memory_mb: Option<i64>,
+    #[schema(minimum = 1, maximum = 100000)]
     max_environments: Option<i64>,
+    #[schema(value_type = Option<Object>)]
     options: Option<Value>,
 }
 
+/// Changes a host's capacity or options.
+#[utoipa::path(patch, path = "/v1/admin/hosts/{id}", tag = "hosts", params(("id" = String, Path, description = "host id or name")), request_body(content = Option<UpdateBody>, description = "what to change; what is left out stays"),
+    responses((status = 200, description = "the host", body = HostView), Invalid, Missing, AdminOnly, Authed))]
 pub async fn update(State(app): State<App>, Admin(admin): Admin, Path(id): Path<String>, Body(b): Body<UpdateBody>) -> ApiResult<Json<HostView>> {
     let host = app.update_host(&admin, &id, (b.max_vcpus, b.max_memory_mb, b.max_environments), b.options).await?;
     Ok(Json(HostView::from(&host)))
 }
 
+/// Takes no new environments on the host; what it runs stays.
+#[utoipa::path(post, path = "/v1/admin/hosts/{id}/drain", tag = "hosts", params(("id" = String, Path, description = "host id or name")),
+    responses((status = 200, description = "the host", body = HostView), Missing, AdminOnly, Authed))]
 pub async fn drain(State(app): State<App>, Admin(admin): Admin, Path(id): Path<String>) -> ApiResult<Json<HostView>> {
     Ok(Json(HostView::from(&app.set_host_status(&admin, &id, HostStatus::Draining).await?)))
 }
 
+/// Takes new environments on the host again.
+#[utoipa::path(post, path = "/v1/admin/hosts/{id}/ready", tag = "hosts", params(("id" = String, Path, description = "host id or name")),
+    responses((status = 200, description = "the host", body = HostView), Missing, AdminOnly, Authed))]
 pub async fn ready(State(app): State<App>, Admin(admin): Admin, Path(id): Path<String>) -> ApiResult<Json<HostView>> {
     Ok(Json(HostView::from(&app.set_host_status(&admin, &id, HostStatus::Ready).await?)))
 }
 
+/// Removes a host that holds no environment.
+#[utoipa::path(delete, path = "/v1/admin/hosts/{id}", tag = "hosts", params(("id" = String, Path, description = "host id or name")),
+    responses((status = 200, description = "the removed host", body = HostView), Missing, Refused, AdminOnly, Authed))]
 pub async fn remove(State(app): State<App>, Admin(admin): Admin, Path(id): Path<String>) -> ApiResult<Json<HostView>> {
     Ok(Json(HostView::from(&app.remove_host(&admin, &id).await?)))
 }

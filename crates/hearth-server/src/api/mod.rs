@@ -2,6 +2,7 @@
 //! authorize, call one service function, map the result.
 
 mod admin;
+pub mod docs;
 mod environments;
 mod hosts;
 mod me;
@@ -13,59 +14,91 @@ use crate::error::ApiError;
 use axum::Router;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::routing::{get, patch, post};
 use hearth_core::Role;
 use hearth_store::User;
 use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-/// Largest accepted request body. Commands may be up to 256 KiB.
+/// Largest accepted request body. Commands may be up to 65,536 characters (256 KiB).
 pub const BODY_LIMIT: usize = 512 * 1024;
 
+/// The routes and the OpenAPI document, built from the same registrations: a route is
+/// served if and only if it is documented.
+pub fn routes() -> (axum::Router<App>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(docs::ApiDoc::openapi())
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(ops::openapi))
+        .routes(routes!(ops::metrics))
+        .routes(routes!(ops::flavors))
+        .routes(routes!(ops::regions))
+        .routes(routes!(me::me))
+        .routes(routes!(me::get_vm, me::provision, me::destroy))
+        .routes(routes!(me::start))
+        .routes(routes!(me::stop))
+        .routes(routes!(me::exec))
+        .routes(routes!(me::logs))
+        .routes(routes!(me::events))
+        .routes(routes!(me::exec_stream))
+        .routes(routes!(environments::create, environments::list))
+        .routes(routes!(environments::get, environments::destroy))
+        .routes(routes!(environments::wait))
+        .routes(routes!(environments::start))
+        .routes(routes!(environments::stop))
+        .routes(routes!(environments::exec))
+        .routes(routes!(environments::executions))
+        .routes(routes!(environments::audit))
+        .routes(routes!(environments::logs))
+        .routes(routes!(environments::activity))
+        .routes(routes!(environments::keepalive))
+        .routes(routes!(environments::events))
+        .routes(routes!(environments::exec_stream))
+        .routes(routes!(terminal::terminal))
+        .routes(routes!(terminal::ticket))
+        .routes(routes!(admin::create_user, admin::list_users))
+        .routes(routes!(admin::patch_user))
+        .routes(routes!(admin::vms))
+        .routes(routes!(admin::environments))
+        .routes(routes!(admin::destroy_environment))
+        .routes(routes!(admin::jobs))
+        .routes(routes!(admin::retry_job))
+        .routes(routes!(admin::audit))
+        .routes(routes!(hosts::add, hosts::list))
+        .routes(routes!(hosts::get, hosts::update, hosts::remove))
+        .routes(routes!(hosts::drain))
+        .routes(routes!(hosts::ready))
+        .split_for_parts()
+}
+
+/// The OpenAPI document as served: the generated one, with what only this server knows
+/// (the images it offers) filled in.
+pub fn document(app: &App) -> String {
+    let (_, doc) = routes();
+    let mut doc = serde_json::to_value(doc).expect("the document serializes");
+    if let Some(image) = doc.pointer_mut("/components/schemas/CreateBody/properties/baseImage") {
+        image["enum"] = serde_json::json!([app.config.image, null]);
+    }
+    // What the schema attributes cannot say about a map (`validate::env_vars` has the rule).
+    if let Some(vars) = doc.pointer_mut("/components/schemas/CreateBody/properties/environmentVars") {
+        vars["maxProperties"] = serde_json::json!(hearth_core::validate::MAX_ENV_VARS);
+        vars["propertyNames"] = serde_json::json!({ "pattern": "^[A-Za-z_][A-Za-z0-9_]{0,127}$" });
+        vars["additionalProperties"] = serde_json::json!({
+            "type": "string", "maxLength": hearth_core::validate::MAX_ENV_VALUE_CHARS, "pattern": "^[^\\u0000]*$"
+        });
+    }
+    doc.to_string()
+}
+
 pub fn router(app: App) -> Router {
-    Router::new()
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/openapi.json", get(ops::openapi))
-        .route("/metrics", get(ops::metrics))
-        .route("/v1/flavors", get(ops::flavors))
-        .route("/v1/regions", get(ops::regions))
-        .route("/v1/me", get(me::me))
-        .route("/v1/me/vm", get(me::get_vm).post(me::provision).delete(me::destroy))
-        .route("/v1/me/vm/start", post(me::start))
-        .route("/v1/me/vm/stop", post(me::stop))
-        .route("/v1/me/vm/exec", post(me::exec))
-        .route("/v1/me/vm/logs", get(me::logs))
-        .route("/v1/me/vm/events", get(me::events))
-        .route("/v1/me/vm/exec/stream", post(me::exec_stream))
-        .route("/v1/environments", post(environments::create).get(environments::list))
-        .route("/v1/environments/{id}", get(environments::get).delete(environments::destroy))
-        .route("/v1/environments/{id}/wait", get(environments::wait))
-        .route("/v1/environments/{id}/start", post(environments::start))
-        .route("/v1/environments/{id}/stop", post(environments::stop))
-        .route("/v1/environments/{id}/exec", post(environments::exec))
-        .route("/v1/environments/{id}/executions", get(environments::executions))
-        .route("/v1/environments/{id}/audit", get(environments::audit))
-        .route("/v1/environments/{id}/logs", get(environments::logs))
-        .route("/v1/environments/{id}/activity", get(environments::activity))
-        .route("/v1/environments/{id}/keepalive", post(environments::keepalive))
-        .route("/v1/environments/{id}/events", get(environments::events))
-        .route("/v1/environments/{id}/exec/stream", post(environments::exec_stream))
-        .route("/v1/environments/{id}/terminal", get(terminal::terminal))
-        .route("/v1/environments/{id}/terminal/ticket", post(terminal::ticket))
-        .route("/v1/admin/users", post(admin::create_user).get(admin::list_users))
-        .route("/v1/admin/users/{id}", patch(admin::patch_user))
-        .route("/v1/admin/vms", get(admin::vms))
-        .route("/v1/admin/environments", get(admin::environments))
-        .route("/v1/admin/environments/{id}", axum::routing::delete(admin::destroy_environment))
-        .route("/v1/admin/jobs", get(admin::jobs))
-        .route("/v1/admin/jobs/{id}/retry", post(admin::retry_job))
-        .route("/v1/admin/hosts", get(hosts::list).post(hosts::add))
-        .route("/v1/admin/hosts/{id}", get(hosts::get).patch(hosts::update).delete(hosts::remove))
-        .route("/v1/admin/hosts/{id}/drain", post(hosts::drain))
-        .route("/v1/admin/hosts/{id}/ready", post(hosts::ready))
-        .route("/v1/admin/audit", get(admin::audit))
+    let document = Arc::new(document(&app));
+    let (routes, _) = routes();
+    routes
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
+        .layer(axum::Extension(document))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(app)
 }
@@ -124,7 +157,25 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Params<
 
 /// The audit log's cursor: the id of the last entry seen.
 pub fn number_cursor(cursor: Option<&str>) -> Result<Option<i64>, ApiError> {
-    cursor.map(|c| c.parse::<i64>().map_err(|_| ApiError::invalid("cursor must be a number"))).transpose()
+    cursor
+        .filter(|c| !c.is_empty())
+        .map(|c| c.parse::<i64>().map_err(|_| ApiError::invalid("cursor must be a number")))
+        .transpose()
+}
+
+/// A JSON number with no fraction (`6.0`) is an integer, as JSON Schema and JavaScript
+/// have it; serde would refuse it for an integer field.
+fn integral(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 9.0e15 => Value::from(f as i64),
+            _ => Value::Number(n),
+        },
+        Value::Array(items) => Value::Array(items.into_iter().map(integral).collect()),
+        Value::Object(map) => Value::Object(map.into_iter().map(|(k, v)| (k, integral(v))).collect()),
+        other => other,
+    }
 }
 
 /// A JSON body whose every failure (bad JSON, wrong types, unknown fields, too large) is
@@ -141,8 +192,12 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for Body<T> {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(Body(T::default()));
         }
-        serde_json::from_slice(&bytes)
-            .map(Body)
-            .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))?;
+        if value.is_null() {
+            // `null` is no body, for the routes whose body is optional.
+            return Ok(Body(T::default()));
+        }
+        serde_json::from_value(integral(value)).map(Body).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
     }
 }

@@ -19,7 +19,7 @@ use hearth_core::EnvState;
 use hearth_store::Environment;
 use russh::ChannelMsg;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const TICKET_TTL_MS: i64 = 60_000;
 
@@ -37,19 +37,35 @@ fn open_ticket(app: &App, ticket: &str, env_id: &str) -> Option<String> {
     (kind == "terminal" && env == env_id && expiry >= app.now()).then(|| user.to_string())
 }
 
-pub async fn ticket(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<Value>> {
-    let env = app.store.environment_for_user(&user.id, &id).await.map_err(|_| AppError::NotFound("environment"))?;
-    Ok(Json(json!({ "ticket": seal_ticket(&app, &env.id, &user.id), "expiresInSeconds": TICKET_TTL_MS / 1000 })))
+/// A ticket for the terminal WebSocket (browsers cannot send headers there): valid 60 s.
+#[utoipa::path(post, path = "/v1/environments/{id}/terminal/ticket", tag = "environments", params(("id" = String, Path, description = "id or slug")),
+    responses((status = 200, description = "the ticket", body = crate::views::TicketView), super::docs::Missing, super::docs::Authed))]
+pub async fn ticket(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<crate::views::TicketView>> {
+    let env = app.owned_environment(&user, &id).await?;
+    Ok(Json(crate::views::TicketView { ticket: seal_ticket(&app, &env.id, &user.id), expires_in_seconds: TICKET_TTL_MS / 1000 }))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct TerminalQuery {
+    /// From `POST .../terminal/ticket`, for clients that cannot send headers.
     ticket: Option<String>,
+    #[param(minimum = 1, maximum = 1000)]
     cols: Option<u32>,
+    #[param(minimum = 1, maximum = 1000)]
     rows: Option<u32>,
 }
 
+/// A WebSocket to an interactive shell on a PTY: binary frames carry terminal bytes both
+/// ways, text frames JSON control messages (`{"type":"resize","cols":N,"rows":N}`).
+/// Authenticated by a bearer token or `?ticket=`.
+#[utoipa::path(get, path = "/v1/environments/{id}/terminal", tag = "environments",
+    params(("id" = String, Path, description = "id or slug"), TerminalQuery),
+    responses(
+        (status = 101, description = "switched to the WebSocket protocol"),
+        (status = 400, description = "not a WebSocket upgrade", body = crate::error::ErrorBody),
+        super::docs::Missing, super::docs::Refused, super::docs::Authed))]
 pub async fn terminal(
     State(app): State<App>,
     Path(id): Path<String>,
