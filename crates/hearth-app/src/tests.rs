@@ -348,6 +348,9 @@ async fn the_reconciler_acts_on_facts_and_leaves_unhealthy_hosts_alone() {
         let w = world(url).await;
         let host = w.host("rc", json!({})).await;
         let (a, b, c, d) = (w.create("rc").await, w.create("rc").await, w.create("rc").await, w.create("rc").await);
+        let e = w.create("rc").await;
+        w.settle().await;
+        w.request(&e.id, JobKind::Stop).await;
         w.settle().await;
         let w = &w;
         let vm = |id: String| async move { w.live_vms(&id).await.remove(0) };
@@ -357,6 +360,9 @@ async fn the_reconciler_acts_on_facts_and_leaves_unhealthy_hosts_alone() {
         let cenv = w.env(&c.id).await;
         let failed = cenv.moved_to(EnvState::Error, Some("test".into()), w.app.now()).unwrap();
         w.app.store.save_transition(&cenv, failed, "test").await.unwrap();
+        // e is stopped, and its VM is removed behind Hearth's back.
+        let e_vm = w.app.store.sim_vms_of(&e.id).await.unwrap().pop().unwrap();
+        w.app.store.sim_set_state(&e_vm.vm_id, "destroyed").await.unwrap();
         // d is destroyed in the database while its VM stays: an orphan.
         let denv = w.env(&d.id).await;
         let going = w.app.store.save_transition(&denv, denv.moved_to(EnvState::Destroying, None, w.app.now()).unwrap(), "t").await.unwrap();
@@ -382,6 +388,8 @@ async fn the_reconciler_acts_on_facts_and_leaves_unhealthy_hosts_alone() {
         assert!(a_now.state_message.unwrap().contains("vanished"));
         assert_eq!(a_now.vm_id, None, "forgotten, so a start provisions anew");
         assert_eq!(w.env(&b.id).await.state, EnvState::Stopped);
+        let e_now = w.env(&e.id).await;
+        assert_eq!((e_now.state, e_now.vm_id.is_none()), (EnvState::Error, true), "a stopped environment's vanished VM is noticed");
         assert_eq!(vm(c.id.clone()).await.state, "stopped", "a VM may run only while its environment holds resources");
         assert!(w.live_vms(&d.id).await.is_empty(), "the orphan is removed");
         let audit = w.app.store.audit_for_environment(&d.id).await.unwrap();
