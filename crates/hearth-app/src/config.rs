@@ -42,7 +42,11 @@ pub struct Config {
     pub host_max_environments: i64,
     /// Run job workers in this process (an API-only node sets false).
     pub workers: bool,
+    /// How long history is kept.
+    pub retention: hearth_store::Retention,
 }
+
+const DAY_MS: i64 = 86_400_000;
 
 fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
@@ -80,6 +84,12 @@ impl Config {
             host_max_memory_mb: None,
             host_max_environments: 200,
             workers: true,
+            retention: hearth_store::Retention {
+                executions_ms: 30 * DAY_MS,
+                audit_ms: 365 * DAY_MS,
+                jobs_ms: 30 * DAY_MS,
+                destroyed_ms: 30 * DAY_MS,
+            },
         }
     }
 
@@ -125,6 +135,13 @@ impl Config {
         c.host_max_memory_mb = var("HEARTH_HOST_MAX_MEMORY_MB").map(|_| number("HEARTH_HOST_MAX_MEMORY_MB", 0i64)).transpose()?;
         c.host_max_environments = number("HEARTH_HOST_MAX_ENVIRONMENTS", c.host_max_environments)?;
         c.workers = number("HEARTH_WORKERS", 1u8)? != 0;
+        let days = |name: &str, ms: i64| number(name, ms / DAY_MS).map(|d: i64| d.max(1) * DAY_MS);
+        c.retention = hearth_store::Retention {
+            executions_ms: days("HEARTH_RETAIN_EXECUTIONS_DAYS", c.retention.executions_ms)?,
+            audit_ms: days("HEARTH_RETAIN_AUDIT_DAYS", c.retention.audit_ms)?,
+            jobs_ms: days("HEARTH_RETAIN_JOBS_DAYS", c.retention.jobs_ms)?,
+            destroyed_ms: days("HEARTH_RETAIN_DESTROYED_DAYS", c.retention.destroyed_ms)?,
+        };
         Ok(c)
     }
 }

@@ -1,6 +1,7 @@
 //! Background upkeep on every node (state writes are conditional, so two nodes doing it at
 //! once is harmless): the reaper stops idle environments and destroys expired ones (actor
-//! `system:reaper`), then the reconciler runs (`reconcile`).
+//! `system:reaper`), then the reconciler runs (`reconcile`), then old history goes
+//! (`Store::prune`, by `HEARTH_RETAIN_*_DAYS`).
 
 use crate::App;
 use hearth_core::JobKind;
@@ -16,6 +17,11 @@ pub async fn run(app: App, mut shutdown: watch::Receiver<bool>) {
         }
         if let Err(e) = crate::reconcile::reconcile(&app).await {
             tracing::warn!(error = %e, "reconciler pass failed");
+        }
+        match app.store.prune(&app.config.retention).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rows = n, "removed history past its retention"),
+            Err(e) => tracing::warn!(error = %e, "retention pass failed"),
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}

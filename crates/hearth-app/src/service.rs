@@ -39,14 +39,6 @@ pub struct CreateInput {
     pub gpu_model: Option<String>,
 }
 
-/// Random text of lower-case letters and digits from the OS CSPRNG.
-pub fn random_token(len: usize) -> String {
-    use rand::Rng;
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rngs::OsRng;
-    (0..len).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
-}
-
 #[derive(Debug, Clone)]
 pub struct ExecInput {
     pub code: String,
@@ -79,6 +71,22 @@ impl ExecInput {
             validate::working_dir(dir).map_err(AppError::Invalid)?;
         }
         validate::timeout_seconds(self.timeout_seconds.unwrap_or(60)).map_err(AppError::Invalid)
+    }
+}
+
+/// The first `STORED_OUTPUT_LIMIT` bytes of a stream (and a note of what was dropped).
+#[derive(Default)]
+struct Capped {
+    bytes: Vec<u8>,
+    dropped: bool,
+}
+
+impl Capped {
+    fn push(&mut self, data: &[u8]) {
+        // One byte over the limit, so `cut` still sees the output was longer.
+        let room = (STORED_OUTPUT_LIMIT + 1).saturating_sub(self.bytes.len());
+        self.dropped |= data.len() > room;
+        self.bytes.extend_from_slice(&data[..data.len().min(room)]);
     }
 }
 
@@ -147,8 +155,7 @@ impl App {
     }
 
     /// Creates an environment under quota, placed on a host and queued for provisioning.
-    /// Returns it with its access token, which is shown this once.
-    pub async fn create_environment(&self, user: &User, input: CreateInput) -> AppResult<(Environment, String)> {
+    pub async fn create_environment(&self, user: &User, input: CreateInput) -> AppResult<Environment> {
         validate::name(&input.name).map_err(AppError::Invalid)?;
         let resources = self.resources(user, &input.size)?;
         let placement = self.placement(resources, &input)?;
@@ -185,7 +192,6 @@ impl App {
         if let Some(k) = user_key {
             authorized = format!("{authorized}\n{k}");
         }
-        let access_token = random_token(32);
         let new = NewEnvironment {
             name: input.name,
             personal: false,
@@ -197,7 +203,6 @@ impl App {
             ssh_private_key_enc: self.master_key.seal(&keys.private_openssh),
             auto_stop_minutes: user.tier.auto_stop_minutes(),
             expires_at: Some(self.now() + hours * 3_600_000),
-            access_token_hash: hearth_store::hash_token(&access_token),
             init_script: input.init_script,
             repository_url: None,
         };
@@ -205,7 +210,7 @@ impl App {
         let env = self.store.create_environment(user, new, job).await?;
         let _ = self.store.append_log(&env.id, "info", "provisioning requested; queued").await;
         self.wake(JobKind::Provision.queue());
-        Ok((env, access_token))
+        Ok(env)
     }
 
     /// Creates the caller's personal VM (queued for provisioning) or returns the live one.
@@ -226,7 +231,6 @@ impl App {
             ssh_private_key_enc: self.master_key.seal(&keys.private_openssh),
             auto_stop_minutes: user.tier.auto_stop_minutes(),
             expires_at: None,
-            access_token_hash: hearth_store::hash_token(&random_token(32)),
             init_script: None,
             repository_url: None,
         };
@@ -245,6 +249,12 @@ impl App {
     /// The caller's environment by id or slug; someone else's is "not found".
     pub async fn owned_environment(&self, user: &User, id_or_slug: &str) -> AppResult<Environment> {
         self.store.environment_for_user(&user.id, id_or_slug).await.map_err(AppError::not_found("environment"))
+    }
+
+    /// One of the caller's executions in one of their environments, with its output.
+    pub async fn execution(&self, user: &User, id_or_slug: &str, execution_id: &str) -> AppResult<Execution> {
+        let env = self.owned_environment(user, id_or_slug).await?;
+        self.store.execution(&env.id, execution_id).await.map_err(AppError::not_found("execution"))
     }
 
     /// Records an explicit keep-alive (activity for auto-stop) on a running environment.
@@ -282,7 +292,7 @@ impl App {
             quota.admit_existing(&usage, &env.resources()).map_err(AppError::Quota)?;
         }
         let job = self.new_job(kind, &env.id, actor);
-        self.store.enqueue(&job, &format!("{}_requested", kind.as_str())).await?;
+        self.store.enqueue_control(&job, &format!("{}_requested", kind.as_str())).await?;
         self.wake(kind.queue());
         Ok(())
     }
@@ -381,7 +391,7 @@ impl App {
         Ok((self.target(env)?, request))
     }
 
-    fn execution(&self, env_id: &str, user_id: &str, input: &ExecInput, started_at: i64) -> Execution {
+    fn new_execution(&self, env_id: &str, user_id: &str, input: &ExecInput, started_at: i64) -> Execution {
         let finished_at = self.now();
         Execution {
             id: uuid::Uuid::now_v7().to_string(),
@@ -406,7 +416,7 @@ impl App {
         let started_at = self.now();
         let result = self.ssh.exec(&target, &request).await;
         let _ = self.store.touch_activity(&env.id, self.now(), "exec").await;
-        let mut execution = self.execution(&env.id, &user.id, &input, started_at);
+        let mut execution = self.new_execution(&env.id, &user.id, &input, started_at);
         let out = match result {
             Ok(out) => out,
             Err(e) => {
@@ -445,7 +455,10 @@ impl App {
         let (env_id, user_id) = (env.id.clone(), user.id.clone());
         tokio::spawn(async move {
             use hearth_guest::StreamChunk;
-            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+            // Only what is stored is kept: memory stays bounded whatever the command
+            // prints; the rest passes through to the listener, at the listener's pace
+            // (the channel is bounded, and so is the SSH channel behind it).
+            let (mut stdout, mut stderr) = (Capped::default(), Capped::default());
             let mut ending = None;
             loop {
                 let chunk = tokio::select! {
@@ -456,11 +469,11 @@ impl App {
                 let Some(chunk) = chunk else { break };
                 let event = match chunk {
                     StreamChunk::Stdout(b) => {
-                        stdout.extend_from_slice(&b);
+                        stdout.push(&b);
                         StreamEvent { kind: "stdout", data: serde_json::json!({ "data": String::from_utf8_lossy(&b) }) }
                     }
                     StreamChunk::Stderr(b) => {
-                        stderr.extend_from_slice(&b);
+                        stderr.push(&b);
                         StreamEvent { kind: "stderr", data: serde_json::json!({ "data": String::from_utf8_lossy(&b) }) }
                     }
                     StreamChunk::Exit { code, timed_out, duration } => {
@@ -476,9 +489,9 @@ impl App {
                 }
             }
             drop(chunks);
-            let mut execution = app.execution(&env_id, &user_id, &input, started_at);
-            let (stored_out, so) = cut(&stdout, STORED_OUTPUT_LIMIT);
-            let (stored_err, se) = cut(&stderr, STORED_OUTPUT_LIMIT);
+            let mut execution = app.new_execution(&env_id, &user_id, &input, started_at);
+            let (stored_out, so) = cut(&stdout.bytes, STORED_OUTPUT_LIMIT);
+            let (stored_err, se) = cut(&stderr.bytes, STORED_OUTPUT_LIMIT);
             let (status, code) = match ending {
                 Some((_, true, _)) => ("timeout", None),
                 Some((code, false, _)) => ("completed", code),
@@ -488,7 +501,7 @@ impl App {
             execution.exit_code = code;
             execution.stdout = stored_out;
             execution.stderr = stored_err;
-            execution.truncated = so || se;
+            execution.truncated = so || se || stdout.dropped || stderr.dropped;
             let _ = app.store.insert_execution(&execution).await;
             let _ = app.store.touch_activity(&env_id, app.now(), "exec").await;
         });

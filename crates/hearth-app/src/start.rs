@@ -80,6 +80,19 @@ async fn master_key(config: &Config, store: &Store) -> Result<MasterKey> {
     }
 }
 
+/// The master key, as the store's seal for secrets at rest.
+struct Sealed(MasterKey);
+
+impl hearth_store::Secrets for Sealed {
+    fn seal(&self, plain: &str) -> String {
+        self.0.seal(plain)
+    }
+
+    fn open(&self, sealed: &str) -> Result<String, String> {
+        self.0.open(sealed).map_err(|e| e.to_string())
+    }
+}
+
 /// On an empty database: an admin user whose token goes to `<data dir>/admin.token`.
 async fn ensure_admin(store: &Store, data_dir: &Path) -> Result<()> {
     if store.count_users().await? > 0 {
@@ -172,6 +185,8 @@ pub async fn open_app_with_clock(config: Config, clock: Arc<dyn Clock>) -> Resul
     }
     let installation = store.installation().await?;
     let master_key = master_key(&config, &store).await?;
+    // Environment variables (often secrets) are sealed at rest like SSH keys.
+    let store = store.with_secrets(Arc::new(Sealed(master_key.clone())));
     ensure_admin(&store, &config.data_dir).await?;
     first_host(&store, &config).await?;
     let sim = Arc::new(SimProvider::new(Arc::new(crate::sim_ledger::StoreLedger(store.clone()))));

@@ -61,7 +61,7 @@ impl World {
             size: SizeRequest { vcpus: Some(1), memory_mb: Some(512), disk_gb: Some(1) },
             ..Default::default()
         };
-        self.app.create_environment(&self.user, input).await.unwrap().0
+        self.app.create_environment(&self.user, input).await.unwrap()
     }
 
     async fn env(&self, id: &str) -> Environment {
@@ -448,9 +448,9 @@ async fn regions_and_gpus_are_asked_for_and_refused_clearly() {
             size: SizeRequest { vcpus: Some(1), memory_mb: Some(512), disk_gb: Some(1) },
             ..Default::default()
         };
-        let (e, _) = w.app.create_environment(&w.user, ask(None, Some(1))).await.unwrap();
+        let e = w.app.create_environment(&w.user, ask(None, Some(1))).await.unwrap();
         assert_eq!((e.host_id.as_deref(), e.region.as_deref()), (Some(gpu.id.as_str()), Some("sbg")));
-        let (e, _) = w.app.create_environment(&w.user, ask(Some("gra"), None)).await.unwrap();
+        let e = w.app.create_environment(&w.user, ask(Some("gra"), None)).await.unwrap();
         assert_eq!(e.region.as_deref(), Some("gra"));
         assert!(matches!(w.app.create_environment(&w.user, ask(None, Some(1))).await, Err(crate::AppError::NoCapacity(_))));
         for (region, gpus) in [(Some("tyo"), None), (Some("gra"), Some(1)), (None, Some(2))] {

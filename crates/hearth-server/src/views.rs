@@ -3,7 +3,7 @@
 
 use hearth_app::service::ExecResult;
 use hearth_core::{EnvState, HostHealth, HostKind, HostStatus, Quota, Role, Tier, Usage};
-use hearth_store::{AuditEntry, Environment, Execution, Host, Job, LogEntry, QuotaOverrides, User};
+use hearth_store::{AuditEntry, Environment, Execution, ExecutionSummary, Host, Job, LogEntry, QuotaOverrides, User};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -274,6 +274,47 @@ impl From<&Execution> for ExecutionView {
     }
 }
 
+/// An execution in a list: no output, and the command's first 1,024 characters (at
+/// most 4 KiB), so a page of 1,000 stays within 5 MiB. `GET .../executions/{id}` has the rest.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecutionSummaryView {
+    pub id: String,
+    pub environment_id: String,
+    pub command: String,
+    pub command_truncated: bool,
+    pub working_dir: Option<String>,
+    pub status: String,
+    pub exit_code: Option<i64>,
+    /// The stored output was cut (64 KiB per stream is kept).
+    pub truncated: bool,
+    pub stdout_chars: i64,
+    pub stderr_chars: i64,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    pub duration_ms: Option<i64>,
+}
+
+impl From<&ExecutionSummary> for ExecutionSummaryView {
+    fn from(e: &ExecutionSummary) -> ExecutionSummaryView {
+        ExecutionSummaryView {
+            id: e.id.clone(),
+            environment_id: e.environment_id.clone(),
+            command: e.command.clone(),
+            command_truncated: e.command_truncated,
+            working_dir: e.working_dir.clone(),
+            status: e.status.clone(),
+            exit_code: e.exit_code,
+            truncated: e.truncated,
+            stdout_chars: e.stdout_chars,
+            stderr_chars: e.stderr_chars,
+            started_at: time(e.started_at),
+            finished_at: opt_time(e.finished_at),
+            duration_ms: e.duration_ms,
+        }
+    }
+}
+
 /// A host as admins see it. TLS material never leaves the server.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -410,15 +451,6 @@ pub struct UserQuotaView {
     pub user: UserView,
     pub quota: Quota,
     pub quota_overrides: QuotaOverrides,
-}
-
-/// An environment just created, with its access token (shown this once).
-#[derive(Serialize, ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct CreatedEnvironment {
-    #[serde(flatten)]
-    pub environment: EnvironmentView,
-    pub access_token: String,
 }
 
 /// The seed's `getAllVms` counts.

@@ -53,7 +53,6 @@ pub struct Environment {
     pub expires_at: Option<i64>,
     pub last_activity_at: Option<i64>,
     pub last_activity_source: Option<String>,
-    pub access_token_hash: String,
     pub init_script: Option<String>,
     pub repository_url: Option<String>,
 }
@@ -113,8 +112,6 @@ pub struct NewEnvironment {
     pub ssh_private_key_enc: String,
     pub auto_stop_minutes: Option<i64>,
     pub expires_at: Option<i64>,
-    /// SHA-256 of the environment's access token (the token is shown once).
-    pub access_token_hash: String,
     pub init_script: Option<String>,
     pub repository_url: Option<String>,
 }
@@ -129,7 +126,7 @@ const COLUMNS: &str = "id, slug, name, user_id, personal, state, state_message, 
     host_id, vm_id, region, ip_address, ssh_host, ssh_port, ssh_user, vcpus, memory_mb, disk_gb, \
     base_image, environment_vars, ssh_public_key, ssh_private_key_enc, auto_stop_minutes, \
     total_runtime_seconds, created_at, updated_at, started_at, stopped_at, expires_at, last_activity_at, \
-    last_activity_source, access_token_hash, init_script, repository_url, gpus, gpu_model, reserved";
+    last_activity_source, init_script, repository_url, gpus, gpu_model, reserved";
 
 macro_rules! select_env {
     ($where:literal) => {
@@ -138,16 +135,44 @@ macro_rules! select_env {
              host_id, vm_id, region, ip_address, ssh_host, ssh_port, ssh_user, vcpus, memory_mb, disk_gb, \
              base_image, environment_vars, ssh_public_key, ssh_private_key_enc, auto_stop_minutes, \
              total_runtime_seconds, created_at, updated_at, started_at, stopped_at, expires_at, last_activity_at, \
-             last_activity_source, access_token_hash, init_script, repository_url, gpus, gpu_model, reserved \
+             last_activity_source, init_script, repository_url, gpus, gpu_model, reserved \
              FROM environments ",
             $where
         )
     };
 }
 
+impl Store {
+    /// Environment variables as kept at rest: sealed JSON when the store has a key.
+    fn seal_vars(&self, vars: &BTreeMap<String, String>) -> Result<String> {
+        let json = serde_json::to_string(vars).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+        Ok(match &self.secrets {
+            Some(s) => s.seal(&json),
+            None => json,
+        })
+    }
+
+    fn open_vars(&self, kept: &str) -> Result<BTreeMap<String, String>> {
+        let json = match (&self.secrets, kept.starts_with('{')) {
+            (_, true) => kept.to_string(),
+            (Some(s), false) => s.open(kept).map_err(|e| StoreError::Corrupt(format!("environment_vars: {e}")))?,
+            (None, false) => return Err(StoreError::Corrupt("environment_vars are sealed and this store has no key".into())),
+        };
+        serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(format!("environment_vars: {e}")))
+    }
+
+    fn env_from_row(&self, row: &AnyRow) -> Result<Environment> {
+        let vars: String = row.try_get("environment_vars")?;
+        let mut env = env_from_row(row)?;
+        env.environment_vars = self.open_vars(&vars)?;
+        Ok(env)
+    }
+}
+
+/// The row's columns; `environment_vars` is filled in by `Store::env_from_row`, which can
+/// open it.
 fn env_from_row(row: &AnyRow) -> Result<Environment> {
     let state: String = row.try_get("state")?;
-    let vars: String = row.try_get("environment_vars")?;
     let provider: String = row.try_get("provider")?;
     Ok(Environment {
         id: row.try_get("id")?,
@@ -173,8 +198,7 @@ fn env_from_row(row: &AnyRow) -> Result<Environment> {
         gpu_model: row.try_get("gpu_model")?,
         reserved: row.try_get::<i64, _>("reserved")? != 0,
         base_image: row.try_get("base_image")?,
-        environment_vars: serde_json::from_str(&vars)
-            .map_err(|e| StoreError::Corrupt(format!("environment_vars: {e}")))?,
+        environment_vars: BTreeMap::new(),
         ssh_public_key: row.try_get("ssh_public_key")?,
         ssh_private_key_enc: row.try_get("ssh_private_key_enc")?,
         auto_stop_minutes: row.try_get("auto_stop_minutes")?,
@@ -186,7 +210,6 @@ fn env_from_row(row: &AnyRow) -> Result<Environment> {
         expires_at: row.try_get("expires_at")?,
         last_activity_at: row.try_get("last_activity_at")?,
         last_activity_source: row.try_get("last_activity_source")?,
-        access_token_hash: row.try_get("access_token_hash")?,
         init_script: row.try_get("init_script")?,
         repository_url: row.try_get("repository_url")?,
     })
@@ -268,7 +291,6 @@ impl Store {
             expires_at: new.expires_at,
             last_activity_at: None,
             last_activity_source: None,
-            access_token_hash: new.access_token_hash,
             init_script: new.init_script,
             repository_url: new.repository_url,
         };
@@ -281,7 +303,8 @@ impl Store {
         let host_id = self.place_in(&mut tx, &new.placement, None).await?;
         env.region = host_region(&mut tx, &host_id).await?;
         env.host_id = Some(host_id);
-        insert_env(&mut tx, &env).await?;
+        let vars = self.seal_vars(&env.environment_vars)?;
+        insert_env(&mut tx, &env, &vars).await?;
         insert_job(&mut tx, &first_job.for_environment(&env.id), now).await?;
         insert_audit(&mut tx, now, &first_job.actor, "create", Some(&env.id), None, Some(EnvState::Requested), "success", None, None)
             .await?;
@@ -295,7 +318,7 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?
             .ok_or(StoreError::NotFound)?;
-        env_from_row(&row)
+        self.env_from_row(&row)
     }
 
     /// The user's live (not destroyed) personal environment.
@@ -304,7 +327,7 @@ impl Store {
             .bind(user_id)
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(env_from_row).transpose()
+        row.as_ref().map(|r| self.env_from_row(r)).transpose()
     }
 
     /// The caller's environment by id or slug. Someone else's is `NotFound`, never shown.
@@ -315,7 +338,7 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?
             .ok_or(StoreError::NotFound)?;
-        env_from_row(&row)
+        self.env_from_row(&row)
     }
 
     /// Any user's environment by id or slug. Only for checks that then verify ownership
@@ -326,7 +349,7 @@ impl Store {
             .fetch_optional(&self.pool)
             .await?
             .ok_or(StoreError::NotFound)?;
-        env_from_row(&row)
+        self.env_from_row(&row)
     }
 
     /// A page of environments, newest first (ids are time-ordered UUIDv7). Filters are
@@ -359,7 +382,7 @@ impl Store {
             .bind(limit + 1)
             .fetch_all(&self.pool)
             .await?;
-        let mut items = rows.iter().map(env_from_row).collect::<Result<Vec<_>>>()?;
+        let mut items = rows.iter().map(|r| self.env_from_row(r)).collect::<Result<Vec<_>>>()?;
         let next = crate::finish_page(&mut items, limit, |e| e.id.clone());
         Ok((items, next))
     }
@@ -370,7 +393,7 @@ impl Store {
             .bind(host_id)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(env_from_row).collect()
+        rows.iter().map(|r| self.env_from_row(r)).collect()
     }
 
     /// Running environments idle for longer than their auto-stop time.
@@ -382,7 +405,7 @@ impl Store {
         .bind(self.now())
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(env_from_row).collect()
+        rows.iter().map(|r| self.env_from_row(r)).collect()
     }
 
     /// Environments past `expiresAt` that are not yet on their way out.
@@ -393,7 +416,7 @@ impl Store {
         .bind(self.now())
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(env_from_row).collect()
+        rows.iter().map(|r| self.env_from_row(r)).collect()
     }
 
     /// Environments in a transitional state whose last write is older than `age_ms`.
@@ -404,7 +427,7 @@ impl Store {
         .bind(self.now() - age_ms)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(env_from_row).collect()
+        rows.iter().map(|r| self.env_from_row(r)).collect()
     }
 
     /// Every environment that is not destroyed, for the admin view.
@@ -412,7 +435,7 @@ impl Store {
         let rows = sqlx::query(select_env!("WHERE state <> 'destroyed' ORDER BY created_at, id"))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(env_from_row).collect()
+        rows.iter().map(|r| self.env_from_row(r)).collect()
     }
 
     /// Writes `next` if the row still has `prev`'s state and generation; bumps the
@@ -575,11 +598,11 @@ async fn host_region(tx: &mut Tx, host_id: &str) -> Result<Option<String>> {
     Ok(row.try_get("region")?)
 }
 
-async fn insert_env(tx: &mut Tx, e: &Environment) -> Result<()> {
-    let vars = serde_json::to_string(&e.environment_vars).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+/// Writes a new environment row; `vars` are its variables as kept at rest.
+async fn insert_env(tx: &mut Tx, e: &Environment, vars: &str) -> Result<()> {
     let sql = format!(
         "INSERT INTO environments ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
-         $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38)"
+         $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37)"
     );
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(&e.id)
@@ -614,7 +637,6 @@ async fn insert_env(tx: &mut Tx, e: &Environment) -> Result<()> {
         .bind(e.expires_at)
         .bind(e.last_activity_at)
         .bind(&e.last_activity_source)
-        .bind(&e.access_token_hash)
         .bind(&e.init_script)
         .bind(&e.repository_url)
         .bind(e.gpus)
@@ -649,7 +671,6 @@ pub(crate) mod tests {
             ssh_private_key_enc: "enc".into(),
             auto_stop_minutes: Some(60),
             expires_at: None,
-            access_token_hash: "h".into(),
             init_script: None,
             repository_url: None,
         }

@@ -148,6 +148,45 @@ impl Store {
         Ok(id)
     }
 
+    /// Queues a start, stop or destroy, keeping at most one that has not begun per
+    /// environment: a later request replaces an earlier one that never ran, and a destroy
+    /// replaces every job that never ran (a provision that never began included). Jobs
+    /// that have begun (claimed once, or holding progress) are never dropped. A start or
+    /// stop behind a pending destroy is refused.
+    pub async fn enqueue_control(&self, job: &NewJob, action: &str) -> Result<i64> {
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        // One request per environment at a time on PostgreSQL (SQLite has one writer).
+        let lock = format!("SELECT id FROM environments WHERE id = $1{}", self.for_update());
+        sqlx::query(sqlx::AssertSqlSafe(lock)).bind(&job.environment_id).fetch_optional(&mut *tx).await?;
+        if job.kind != "destroy" {
+            let destroying: i64 = sqlx::query(
+                "SELECT COUNT(*) AS n FROM jobs WHERE environment_id = $1 AND kind = 'destroy' AND state IN ('queued', 'running')",
+            )
+            .bind(&job.environment_id)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("n")?;
+            if destroying > 0 {
+                return Err(StoreError::Conflict("a destroy of this environment is queued".into()));
+            }
+        }
+        let superseded = if job.kind == "destroy" { "('provision', 'start', 'stop', 'destroy')" } else { "('start', 'stop')" };
+        let dropped = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM jobs WHERE environment_id = $1 AND state = 'queued' AND attempts = 0 AND crashes = 0 \
+             AND progress = '{{}}' AND kind IN {superseded}"
+        )))
+        .bind(&job.environment_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let id = insert_job(&mut tx, job, now).await?;
+        let note = (dropped > 0).then(|| format!("replaced {dropped} request(s) that had not begun"));
+        insert_audit(&mut tx, now, &job.actor, action, Some(&job.environment_id), None, None, "queued", note.as_deref(), None).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
     /// Claims the oldest ready job of `queue` whose environment has nothing earlier
     /// outstanding, leasing it to `owner` for `lease_ms`.
     pub async fn claim(&self, queue: &str, owner: &str, lease_ms: i64) -> Result<Option<Job>> {
@@ -442,6 +481,32 @@ mod tests {
             assert_eq!((again.state, again.attempts, again.actor.as_str()), (JobState::Queued, 0, "admin"));
             assert_eq!(store.claim("control", "w2", 10_000).await.unwrap().unwrap().id, id);
             assert!(matches!(store.retry_dead(999_999, "admin").await, Err(StoreError::NotFound)));
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn control_requests_coalesce_and_destroy_supersedes() {
+        each_backend(|store| async move {
+            let env = "env-co";
+            let job = |kind: &str| NewJob { queue: "control".into(), kind: kind.into(), environment_id: env.into(), max_attempts: 2, actor: "u".into() };
+            let first = store.enqueue_control(&job("start"), "start_requested").await.unwrap();
+            // It begins; later requests queue behind it, one at a time.
+            assert_eq!(store.claim("control", "w", 60_000).await.unwrap().unwrap().id, first);
+            for i in 0..50 {
+                let kind = if i % 2 == 0 { "stop" } else { "start" };
+                store.enqueue_control(&job(kind), "x").await.unwrap();
+            }
+            let pending: Vec<Job> = store.jobs_for_environment(env).await.unwrap().into_iter().filter(|j| j.state == JobState::Queued).collect();
+            assert_eq!(pending.len(), 1, "one request waits, the last one");
+            assert_eq!(pending[0].kind, "start");
+            // A destroy replaces it; nothing else may queue behind a destroy.
+            store.enqueue_control(&job("destroy"), "destroy_requested").await.unwrap();
+            let pending: Vec<Job> = store.jobs_for_environment(env).await.unwrap().into_iter().filter(|j| j.state == JobState::Queued).collect();
+            assert_eq!(pending.iter().map(|j| j.kind.as_str()).collect::<Vec<_>>(), vec!["destroy"]);
+            assert!(matches!(store.enqueue_control(&job("start"), "x").await, Err(StoreError::Conflict(_))));
+            // The running job was never dropped.
+            assert_eq!(store.job(first).await.unwrap().state, JobState::Running);
         })
         .await;
     }

@@ -10,6 +10,7 @@ mod hosts;
 mod installation;
 mod jobs;
 mod records;
+mod retention;
 mod sim;
 mod users;
 
@@ -17,7 +18,8 @@ pub use environments::{Environment, NewEnvironment, PersonalOutcome};
 pub use hosts::{Host, HostCapacity, HostUpdate, NewHost, Placement};
 pub use installation::{Installation, KeyCheck};
 pub use jobs::{Job, JobState, MAX_CRASHES, NewJob};
-pub use records::{AuditEntry, AuditFilter, Execution, LogEntry};
+pub use records::{AuditEntry, AuditFilter, Execution, ExecutionSummary, LogEntry};
+pub use retention::Retention;
 pub use sim::SimVmRow;
 pub use users::{QuotaOverrides, User, generate_token, hash_token};
 
@@ -69,11 +71,19 @@ pub enum Backend {
     Postgres,
 }
 
+/// Seals and opens secrets kept at rest (environment variables). The key lives above the
+/// store; without one, values are kept as they are (the store's own tests).
+pub trait Secrets: Send + Sync + 'static {
+    fn seal(&self, plain: &str) -> String;
+    fn open(&self, sealed: &str) -> std::result::Result<String, String>;
+}
+
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
     clock: Arc<dyn Clock>,
+    secrets: Option<Arc<dyn Secrets>>,
     /// SQLite has one writer; queueing writers here is far cheaper than letting them
     /// meet SQLite's busy handler, which sleeps in steps of up to 100 ms.
     writer: std::sync::Arc<tokio::sync::Mutex<()>>,
@@ -150,7 +160,7 @@ impl Store {
             }
             Backend::Postgres => options.connect(url).await?,
         };
-        let store = Store { pool, backend, clock, writer: Default::default() };
+        let store = Store { pool, backend, clock, secrets: None, writer: Default::default() };
         match backend {
             Backend::Sqlite => {
                 store.pool.execute("PRAGMA journal_mode = WAL").await?;
@@ -163,6 +173,12 @@ impl Store {
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// The same store, sealing secrets at rest with `secrets` from now on.
+    pub fn with_secrets(mut self, secrets: Arc<dyn Secrets>) -> Store {
+        self.secrets = Some(secrets);
+        self
     }
 
     /// Now, by the store's clock (epoch milliseconds).

@@ -44,6 +44,28 @@ pub struct Execution {
     pub duration_ms: Option<i64>,
 }
 
+/// An execution in a list: no output bodies, and the command's first
+/// `SUMMARY_COMMAND_CHARS` characters, so a page stays small (`GET` one for the rest).
+#[derive(Debug, Clone)]
+pub struct ExecutionSummary {
+    pub id: String,
+    pub environment_id: String,
+    pub command: String,
+    pub command_truncated: bool,
+    pub working_dir: Option<String>,
+    pub status: String,
+    pub exit_code: Option<i64>,
+    pub truncated: bool,
+    pub stdout_chars: i64,
+    pub stderr_chars: i64,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub duration_ms: Option<i64>,
+}
+
+/// How much of a command a list shows.
+pub const SUMMARY_COMMAND_CHARS: i64 = 1024;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogEntry {
     /// Increases with every line written, across environments: a resume cursor.
@@ -60,6 +82,27 @@ pub const LOG_KEEP: i64 = 100;
 pub const LOG_WINDOW_MS: i64 = 3_600_000;
 /// How often (in lines written, across environments) old lines are dropped.
 const LOG_TRIM_EVERY: i64 = 16;
+
+const SELECT_EXECUTION: &str = "SELECT id, environment_id, user_id, command, working_dir, status, exit_code, stdout, stderr, \
+    truncated, started_at, finished_at, duration_ms FROM executions";
+
+fn execution_from_row(r: &sqlx::any::AnyRow) -> Result<Execution> {
+    Ok(Execution {
+        id: r.try_get("id")?,
+        environment_id: r.try_get("environment_id")?,
+        user_id: r.try_get("user_id")?,
+        command: r.try_get("command")?,
+        working_dir: r.try_get("working_dir")?,
+        status: r.try_get("status")?,
+        exit_code: r.try_get("exit_code")?,
+        stdout: r.try_get("stdout")?,
+        stderr: r.try_get("stderr")?,
+        truncated: r.try_get::<i64, _>("truncated")? != 0,
+        started_at: r.try_get("started_at")?,
+        finished_at: r.try_get("finished_at")?,
+        duration_ms: r.try_get("duration_ms")?,
+    })
+}
 
 fn log_from_row(r: &sqlx::any::AnyRow) -> Result<LogEntry> {
     Ok(LogEntry { id: r.try_get("id")?, at: r.try_get("at")?, level: r.try_get("level")?, message: r.try_get("message")? })
@@ -188,21 +231,42 @@ impl Store {
         Ok(())
     }
 
+    /// Every execution of an environment with its output (tests and diagnostics).
     pub async fn executions_for_environment(&self, environment_id: &str) -> Result<Vec<Execution>> {
-        Ok(self.executions_page(environment_id, None, 100_000).await?.0)
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_EXECUTION} WHERE environment_id = $1 ORDER BY id")))
+            .bind(environment_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(execution_from_row).collect()
     }
 
-    /// A page of an environment's executions, oldest first; ids are time-ordered.
+    /// One execution of an environment, with its output.
+    pub async fn execution(&self, environment_id: &str, id: &str) -> Result<Execution> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_EXECUTION} WHERE environment_id = $1 AND id = $2")))
+            .bind(environment_id)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(crate::StoreError::NotFound)?;
+        execution_from_row(&row)
+    }
+
+    /// A page of an environment's executions, oldest first (ids are time-ordered), as
+    /// summaries.
     pub async fn executions_page(
         &self,
         environment_id: &str,
         cursor: Option<&str>,
         limit: i64,
-    ) -> Result<(Vec<Execution>, Option<String>)> {
-        let rows = sqlx::query(
-            "SELECT id, environment_id, user_id, command, working_dir, status, exit_code, stdout, stderr, truncated, \
-             started_at, finished_at, duration_ms FROM executions WHERE environment_id = $1 AND id > $2 ORDER BY id LIMIT $3",
-        )
+    ) -> Result<(Vec<ExecutionSummary>, Option<String>)> {
+        let sql = format!(
+            "SELECT id, environment_id, SUBSTR(command, 1, {SUMMARY_COMMAND_CHARS}) AS command, \
+             CAST(CASE WHEN LENGTH(command) > {SUMMARY_COMMAND_CHARS} THEN 1 ELSE 0 END AS BIGINT) AS command_truncated, \
+             working_dir, status, exit_code, truncated, CAST(LENGTH(stdout) AS BIGINT) AS stdout_chars, \
+             CAST(LENGTH(stderr) AS BIGINT) AS stderr_chars, started_at, finished_at, duration_ms \
+             FROM executions WHERE environment_id = $1 AND id > $2 ORDER BY id LIMIT $3"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(environment_id)
         .bind(cursor.unwrap_or(""))
         .bind(limit + 1)
@@ -211,17 +275,17 @@ impl Store {
         let mut items = rows
             .iter()
             .map(|r| {
-                Ok(Execution {
+                Ok(ExecutionSummary {
                     id: r.try_get("id")?,
                     environment_id: r.try_get("environment_id")?,
-                    user_id: r.try_get("user_id")?,
                     command: r.try_get("command")?,
+                    command_truncated: r.try_get::<i64, _>("command_truncated")? != 0,
                     working_dir: r.try_get("working_dir")?,
                     status: r.try_get("status")?,
                     exit_code: r.try_get("exit_code")?,
-                    stdout: r.try_get("stdout")?,
-                    stderr: r.try_get("stderr")?,
                     truncated: r.try_get::<i64, _>("truncated")? != 0,
+                    stdout_chars: r.try_get("stdout_chars")?,
+                    stderr_chars: r.try_get("stderr_chars")?,
                     started_at: r.try_get("started_at")?,
                     finished_at: r.try_get("finished_at")?,
                     duration_ms: r.try_get("duration_ms")?,

@@ -66,7 +66,7 @@ impl Store {
             let mut sql = String::from(
                 "INSERT INTO environments (id, slug, name, user_id, personal, state, generation, provider, host_id, ssh_user, \
                  vcpus, memory_mb, disk_gb, base_image, environment_vars, ssh_public_key, ssh_private_key_enc, created_at, \
-                 updated_at, access_token_hash, reserved) VALUES ",
+                 updated_at, reserved) VALUES ",
             );
             for i in 0..batch.len() {
                 let b = i * 5;
@@ -74,7 +74,7 @@ impl Store {
                     sql.push_str(", ");
                 }
                 sql.push_str(&format!(
-                    "(${}, ${}, 'bulk', ${}, 0, 'running', 1, 'sim', ${}, 'dev', 1, 256, 1, 'none', '{{}}', '', '', ${}, ${}, '', 1)",
+                    "(${}, ${}, 'bulk', ${}, 0, 'running', 1, 'sim', ${}, 'dev', 1, 256, 1, 'none', '{{}}', '', '', ${}, ${}, 1)",
                     b + 1, b + 2, b + 3, b + 4, b + 5, b + 5
                 ));
             }

@@ -304,6 +304,12 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
 }
 
 async fn serve() -> Result<ExitCode, Failure> {
+    // Everything the server writes (the database, its journal, keys, tokens) is for its
+    // own user only.
+    // SAFETY: umask has no preconditions; it only sets this process's file mode mask.
+    unsafe {
+        libc::umask(0o077);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn,russh=warn".into()),
@@ -328,24 +334,23 @@ fn build_image(tag: &str, force: bool) -> Result<ExitCode, Failure> {
         println!("{tag} is up to date (recipe {})", image::recipe_hash());
         return Ok(ExitCode::SUCCESS);
     }
-    let work = tempfile_dir()?;
+    // A fresh directory only this user can enter (mode 0700, a random name), never one
+    // that already exists: the root filesystem of every guest is built in it.
+    let work = tempfile::Builder::new()
+        .prefix("hearth-image-")
+        .tempdir()
+        .map_err(|e| Failure::failed(format!("cannot create a private temporary directory: {e}")))?;
     let bar = spinner("starting");
     let started = Instant::now();
-    let result = image::build(tag, &work, &mut |step| {
+    let result = image::build(tag, work.path(), &mut |step| {
         bar.println(format!("[{:>5.1}s] {step}", started.elapsed().as_secs_f64()));
         bar.set_message(step.to_string());
     });
     bar.finish_and_clear();
-    let _ = std::fs::remove_dir_all(&work);
+    drop(work);
     result.map_err(|e| Failure::failed(e.to_string()))?;
     println!("built {tag} in {:.1}s", started.elapsed().as_secs_f64());
     Ok(ExitCode::SUCCESS)
-}
-
-fn tempfile_dir() -> Result<std::path::PathBuf, Failure> {
-    let dir = std::env::temp_dir().join(format!("hearth-image-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| Failure::failed(format!("cannot create {}: {e}", dir.display())))?;
-    Ok(dir)
 }
 
 fn print_vm(vm: &Value) {
@@ -555,7 +560,7 @@ async fn env(command: EnvCommand) -> Result<ExitCode, Failure> {
                 body["sshPublicKey"] = json!(read_file(&p, "the public key")?.trim());
             }
             let e = client.post("/v1/environments", body).await?;
-            println!("created {} ({}); access token {}", s(&e, "id"), s(&e, "slug"), s(&e, "accessToken"));
+            println!("created {} ({})", s(&e, "id"), s(&e, "slug"));
             if wait.no_wait {
                 return Ok(ExitCode::SUCCESS);
             }

@@ -38,12 +38,11 @@ async fn concurrent_creates_respect_quota(db: Db) {
     let list = server.call("GET", "/v1/environments", Some(&token), None).await;
     assert_eq!(list.body["items"].as_array().unwrap().len(), 5);
     assert_eq!(site.store().await.count("SELECT COUNT(*) AS n FROM jobs").await.unwrap(), 5);
-    // Slugs and access tokens: env_ + 8, and 32 characters of [a-z0-9].
+    // Slugs: env_ + 8 characters of [a-z0-9].
     let created = results.iter().find(|r| r.status == StatusCode::ACCEPTED).unwrap();
     let slug = created.body["slug"].as_str().unwrap();
     assert!(slug.len() == 12 && slug.starts_with("env_") && slug[4..].chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
-    let token_text = created.body["accessToken"].as_str().unwrap();
-    assert!(token_text.len() == 32 && token_text.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
+    assert!(created.body.get("accessToken").is_none(), "no token that nothing checks");
     // Lookup by slug, and the wait endpoint times out with 408 while nothing runs.
     let by_slug = server.call("GET", &format!("/v1/environments/{slug}"), Some(&token), None).await;
     assert_eq!(by_slug.body["id"], created.body["id"]);

@@ -5,7 +5,7 @@ use super::docs::{Authed, Invalid, Missing, OverQuota, Refused};
 use super::{Body, Caller, Params};
 use crate::App;
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::views::{ActivityView, AuditView, CreatedEnvironment, EnvironmentView, ExecView, ExecutionView, Items, LogView, Page};
+use crate::views::{ActivityView, AuditView, EnvironmentView, ExecView, ExecutionSummaryView, ExecutionView, Items, LogView, Page};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -59,9 +59,9 @@ pub struct CreateBody {
 
 /// Creates an environment, placed on a host and queued for provisioning.
 #[utoipa::path(post, path = "/v1/environments", tag = "environments", request_body = CreateBody,
-    responses((status = 202, description = "queued for provisioning; the access token is shown this once", body = CreatedEnvironment),
+    responses((status = 202, description = "queued for provisioning", body = EnvironmentView),
         Invalid, OverQuota, Authed))]
-pub async fn create(State(app): State<App>, Caller(user): Caller, Body(b): Body<CreateBody>) -> ApiResult<(StatusCode, Json<CreatedEnvironment>)> {
+pub async fn create(State(app): State<App>, Caller(user): Caller, Body(b): Body<CreateBody>) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
     let input = CreateInput {
         name: b.name,
         size: SizeRequest { vcpus: b.vcpus, memory_mb: b.memory_mb, disk_gb: b.disk_gb },
@@ -76,8 +76,8 @@ pub async fn create(State(app): State<App>, Caller(user): Caller, Body(b): Body<
         gpus: b.gpus,
         gpu_model: b.gpu_model,
     };
-    let (env, access_token) = app.create_environment(&user, input).await?;
-    Ok((StatusCode::ACCEPTED, Json(CreatedEnvironment { environment: EnvironmentView::from(&env), access_token })))
+    let env = app.create_environment(&user, input).await?;
+    Ok((StatusCode::ACCEPTED, Json(EnvironmentView::from(&env))))
 }
 
 #[derive(Deserialize, Default, IntoParams)]
@@ -195,15 +195,23 @@ pub struct PageQuery {
     limit: Option<i64>,
 }
 
-/// The commands run in an environment, oldest first.
+/// The commands run in an environment, oldest first, without their output.
 #[utoipa::path(get, path = "/v1/environments/{id}/executions", tag = "environments",
     params(("id" = String, Path, description = "id or slug"), PageQuery),
-    responses((status = 200, description = "a page", body = Page<ExecutionView>), Invalid, Missing, Authed))]
-pub async fn executions(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>, Params(q): Params<PageQuery>) -> ApiResult<Json<Page<ExecutionView>>> {
+    responses((status = 200, description = "a page of at most 5 MiB", body = Page<ExecutionSummaryView>), Invalid, Missing, Authed))]
+pub async fn executions(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>, Params(q): Params<PageQuery>) -> ApiResult<Json<Page<ExecutionSummaryView>>> {
     let env = app.owned_environment(&user, &id).await?;
     let cursor = q.cursor.as_deref().filter(|c| !c.is_empty());
     let (items, next_cursor) = app.store.executions_page(&env.id, cursor, page_limit(q.limit)?).await?;
-    Ok(Json(Page { items: items.iter().map(ExecutionView::from).collect(), next_cursor }))
+    Ok(Json(Page { items: items.iter().map(ExecutionSummaryView::from).collect(), next_cursor }))
+}
+
+/// One command run in an environment, with its stored output (64 KiB per stream).
+#[utoipa::path(get, path = "/v1/environments/{id}/executions/{execution}", tag = "environments",
+    params(("id" = String, Path, description = "id or slug"), ("execution" = String, Path, description = "execution id")),
+    responses((status = 200, description = "the execution", body = ExecutionView), Missing, Authed))]
+pub async fn execution(State(app): State<App>, Caller(user): Caller, Path((id, execution)): Path<(String, String)>) -> ApiResult<Json<ExecutionView>> {
+    Ok(Json(ExecutionView::from(&app.execution(&user, &id, &execution).await?)))
 }
 
 #[derive(Deserialize, Default, IntoParams)]

@@ -50,6 +50,7 @@ pub fn routes() -> (axum::Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(environments::stop))
         .routes(routes!(environments::exec))
         .routes(routes!(environments::executions))
+        .routes(routes!(environments::execution))
         .routes(routes!(environments::audit))
         .routes(routes!(environments::logs))
         .routes(routes!(environments::activity))

@@ -67,3 +67,10 @@ CREATE TABLE sim_vms (
 );
 CREATE UNIQUE INDEX sim_vms_live_name ON sim_vms(host_id, name) WHERE state <> 'destroyed';
 CREATE INDEX sim_vms_environment ON sim_vms(environment_id);
+
+-- Retention (Store::prune) walks these by age.
+CREATE INDEX executions_started ON executions(started_at);
+CREATE INDEX audit_at ON audit_log(at);
+CREATE INDEX jobs_finished ON jobs(state, updated_at);
+-- The access token a create once returned was never checked by anything.
+ALTER TABLE environments DROP COLUMN access_token_hash;
