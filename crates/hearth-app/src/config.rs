@@ -8,6 +8,11 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: String,
+    /// Connections the listener holds at most (`HEARTH_MAX_CONNECTIONS`).
+    pub max_connections: usize,
+    /// A request's headers must arrive within this; a keep-alive connection idle this long
+    /// is closed (`HEARTH_HEADER_TIMEOUT_SECONDS`).
+    pub header_timeout: Duration,
     pub data_dir: PathBuf,
     pub database_url: String,
     /// `HEARTH_MASTER_KEY`; when unset, `<data dir>/master.key` (made on first start).
@@ -65,6 +70,8 @@ impl Config {
     pub fn new(data_dir: PathBuf, database_url: String) -> Config {
         Config {
             listen: "127.0.0.1:8080".into(),
+            max_connections: 16_384,
+            header_timeout: Duration::from_secs(10),
             data_dir,
             database_url,
             master_key: None,
@@ -121,6 +128,8 @@ impl Config {
         let secs = |name: &str, d: Duration| number(name, d.as_secs()).map(Duration::from_secs);
         c.timing = Timing { lease: ms("HEARTH_JOB_LEASE_MS", c.timing.lease)?, poll: ms("HEARTH_JOB_POLL_MS", c.timing.poll)? };
         c.listen = var("HEARTH_LISTEN").unwrap_or(c.listen);
+        c.max_connections = number("HEARTH_MAX_CONNECTIONS", c.max_connections)?;
+        c.header_timeout = secs("HEARTH_HEADER_TIMEOUT_SECONDS", c.header_timeout)?;
         c.master_key = var("HEARTH_MASTER_KEY");
         c.instance_name = var("HEARTH_INSTANCE");
         c.image = var("HEARTH_IMAGE").unwrap_or(c.image);

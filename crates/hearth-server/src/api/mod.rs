@@ -24,6 +24,8 @@ use utoipa_axum::routes;
 
 /// Largest accepted request body. Commands may be up to 65,536 characters (256 KiB).
 pub const BODY_LIMIT: usize = 512 * 1024;
+/// How long a request body may take to arrive.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The routes and the OpenAPI document, built from the same registrations: a route is
 /// served if and only if it is documented.
@@ -187,9 +189,18 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Body<T>, ApiError> {
-        let bytes = axum::body::Bytes::from_request(req, state).await.map_err(|e| {
-            ApiError::invalid(format!("could not read the request body (the limit is {} KiB): {e}", BODY_LIMIT / 1024))
-        })?;
+        let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::Bytes::from_request(req, state)).await {
+            Ok(read) => read.map_err(|e| {
+                ApiError::invalid(format!("could not read the request body (the limit is {} KiB): {e}", BODY_LIMIT / 1024))
+            })?,
+            Err(_) => {
+                return Err(ApiError::new(
+                    axum::http::StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    format!("the request body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
+                ));
+            }
+        };
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(Body(T::default()));
         }

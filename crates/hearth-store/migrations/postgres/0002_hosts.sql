@@ -74,3 +74,11 @@ CREATE INDEX audit_at ON audit_log(at);
 CREATE INDEX jobs_finished ON jobs(state, updated_at);
 -- The access token a create once returned was never checked by anything.
 ALTER TABLE environments DROP COLUMN access_token_hash;
+
+-- Terminal tickets already used: a ticket opens one terminal (rows go once expired).
+CREATE TABLE used_tickets (
+    ticket_hash TEXT PRIMARY KEY,
+    expires_at BIGINT NOT NULL
+);
+-- Named API tokens, so a user can hold several and revoke one.
+CREATE INDEX api_tokens_user ON api_tokens(user_id);
