@@ -78,7 +78,7 @@ def running(node):
 
 
 def run(binary, label, database_url, args, concurrency):
-    env = {"VM_PROVIDER": "sim", "DATABASE_URL": database_url(), "HEARTH_WORKERS": "0",
+    env = {"VM_PROVIDER": "sim", "DATABASE_URL": database_url(), "HEARTH_WORKERS": "0", "HEARTH_METRICS_PUBLIC": "1",
            "HEARTH_REAPER_INTERVAL_MS": "3600000"}
     node = Node(binary, env)
     try:
@@ -87,7 +87,8 @@ def run(binary, label, database_url, args, concurrency):
         accepted = n / took
     finally:
         node.stop()
-    env = {"VM_PROVIDER": "sim", "DATABASE_URL": database_url(), "HEARTH_PROVISION_CONCURRENCY": str(concurrency),
+    env = {"VM_PROVIDER": "sim", "DATABASE_URL": database_url(), "HEARTH_METRICS_PUBLIC": "1",
+           "HEARTH_PROVISION_CONCURRENCY": str(concurrency),
            "HEARTH_REAPER_INTERVAL_MS": "3600000", "HEARTH_JOB_POLL_MS": "200"}
     node = Node(binary, env)
     try:

@@ -3,7 +3,10 @@
 use crate::App;
 use crate::error::{AppError, AppResult};
 use hearth_core::{EnvState, JobKind, Quota, Role, Tier};
-use hearth_store::{Environment, Host, Job, JobState, QuotaOverrides, User};
+use hearth_store::{ApiToken, Environment, Host, Job, JobState, QuotaOverrides, User};
+
+/// Tokens one user may hold at once.
+pub const MAX_TOKENS_PER_USER: usize = 100;
 
 /// The seed's `getAllVms`: every personal VM, the hosts, and counts.
 pub struct VmsOverview {
@@ -92,6 +95,46 @@ impl App {
         let quota = self.store.quota(&user).await?;
         let overrides = self.store.quota_overrides(&user.id).await?;
         Ok((user, quota, overrides))
+    }
+
+    /// Removes a user who holds nothing: refused while any of their environments is not
+    /// destroyed, and for the caller themselves (an installation keeps an admin).
+    pub async fn delete_user(&self, admin: &User, id: &str) -> AppResult<()> {
+        let user = self.store.user(id).await.map_err(AppError::not_found("user"))?;
+        if user.id == admin.id {
+            return Err(AppError::InvalidState("an admin cannot remove themselves".into()));
+        }
+        self.store.delete_user(&user.id).await.map_err(|e| match e {
+            hearth_store::StoreError::Conflict(m) => AppError::InvalidState(m),
+            hearth_store::StoreError::NotFound => AppError::NotFound("user"),
+            e => e.into(),
+        })?;
+        tracing::info!(admin = %admin.id, user = %user.id, "user removed");
+        let _ = self.store.audit(&admin.id, "user_delete", None, "success", None, None).await;
+        Ok(())
+    }
+
+    /// Another token for the caller (at most `MAX_TOKENS_PER_USER`); the plaintext is
+    /// returned this once.
+    pub async fn create_token(&self, user: &User, name: &str) -> AppResult<(ApiToken, String)> {
+        if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
+            return Err(AppError::Invalid("name must be 1 to 64 characters, without control characters".into()));
+        }
+        if self.store.list_tokens(&user.id).await?.len() >= MAX_TOKENS_PER_USER {
+            return Err(AppError::InvalidState(format!(
+                "a user holds at most {MAX_TOKENS_PER_USER} tokens; revoke one first"
+            )));
+        }
+        let made = self.store.create_token(&user.id, name).await?;
+        let _ = self.store.audit(&user.id, "token_create", None, "success", None, None).await;
+        Ok(made)
+    }
+
+    /// Revokes one of the caller's tokens (it stops working at once, on every node).
+    pub async fn revoke_token(&self, user: &User, id: &str) -> AppResult<()> {
+        self.store.revoke_token(&user.id, id).await.map_err(AppError::not_found("token"))?;
+        let _ = self.store.audit(&user.id, "token_revoke", None, "success", None, None).await;
+        Ok(())
     }
 
     pub async fn vms_overview(&self) -> AppResult<VmsOverview> {

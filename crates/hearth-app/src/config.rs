@@ -13,6 +13,9 @@ pub struct Config {
     /// A request's headers must arrive within this; a keep-alive connection idle this long
     /// is closed (`HEARTH_HEADER_TIMEOUT_SECONDS`).
     pub header_timeout: Duration,
+    /// `/metrics` answers without a token (`HEARTH_METRICS_PUBLIC=1`); otherwise it needs
+    /// an admin's, since it tells how many environments and jobs there are.
+    pub metrics_public: bool,
     pub data_dir: PathBuf,
     pub database_url: String,
     /// `HEARTH_MASTER_KEY`; when unset, `<data dir>/master.key` (made on first start).
@@ -72,6 +75,7 @@ impl Config {
             listen: "127.0.0.1:8080".into(),
             max_connections: 16_384,
             header_timeout: Duration::from_secs(10),
+            metrics_public: false,
             data_dir,
             database_url,
             master_key: None,
@@ -144,6 +148,7 @@ impl Config {
         c.host_max_memory_mb = var("HEARTH_HOST_MAX_MEMORY_MB").map(|_| number("HEARTH_HOST_MAX_MEMORY_MB", 0i64)).transpose()?;
         c.host_max_environments = number("HEARTH_HOST_MAX_ENVIRONMENTS", c.host_max_environments)?;
         c.workers = number("HEARTH_WORKERS", 1u8)? != 0;
+        c.metrics_public = number("HEARTH_METRICS_PUBLIC", 0u8)? != 0;
         let days = |name: &str, ms: i64| number(name, ms / DAY_MS).map(|d: i64| d.max(1) * DAY_MS);
         c.retention = hearth_store::Retention {
             executions_ms: days("HEARTH_RETAIN_EXECUTIONS_DAYS", c.retention.executions_ms)?,

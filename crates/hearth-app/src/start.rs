@@ -83,6 +83,12 @@ async fn master_key(config: &Config, store: &Store) -> Result<MasterKey> {
 /// The master key, as the store's seal for secrets at rest.
 struct Sealed(MasterKey);
 
+/// `store`, sealing and opening secrets at rest with `key` (what `hearth serve` does with
+/// the installation's master key; tools and tests that read sealed columns need it too).
+pub fn sealed_with(store: Store, key: MasterKey) -> Store {
+    store.with_secrets(Arc::new(Sealed(key)))
+}
+
 impl hearth_store::Secrets for Sealed {
     fn seal(&self, plain: &str) -> String {
         self.0.seal(plain)
@@ -186,7 +192,7 @@ pub async fn open_app_with_clock(config: Config, clock: Arc<dyn Clock>) -> Resul
     let installation = store.installation().await?;
     let master_key = master_key(&config, &store).await?;
     // Environment variables (often secrets) are sealed at rest like SSH keys.
-    let store = store.with_secrets(Arc::new(Sealed(master_key.clone())));
+    let store = sealed_with(store, master_key.clone());
     ensure_admin(&store, &config.data_dir).await?;
     first_host(&store, &config).await?;
     let sim = Arc::new(SimProvider::new(Arc::new(crate::sim_ledger::StoreLedger(store.clone()))));

@@ -437,6 +437,30 @@ pub struct MeView {
     pub usage: Usage,
 }
 
+/// One of the caller's API tokens: its id and name, never the token.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenView {
+    /// Names the token for `DELETE /v1/me/tokens/{id}`.
+    pub id: String,
+    pub name: String,
+    pub created_at: String,
+}
+
+impl From<&hearth_store::ApiToken> for TokenView {
+    fn from(t: &hearth_store::ApiToken) -> TokenView {
+        TokenView { id: t.id.clone(), name: t.name.clone(), created_at: time(t.created_at) }
+    }
+}
+
+/// A token just made: the token itself is shown this once.
+#[derive(Serialize, ToSchema)]
+pub struct NewTokenView {
+    #[serde(flatten)]
+    pub about: TokenView,
+    pub token: String,
+}
+
 /// A user just made, with their first API token (shown this once).
 #[derive(Serialize, ToSchema)]
 pub struct NewUserView {

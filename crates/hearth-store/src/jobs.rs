@@ -187,8 +187,10 @@ impl Store {
         Ok(id)
     }
 
-    /// Claims the oldest ready job of `queue` whose environment has nothing earlier
-    /// outstanding, leasing it to `owner` for `lease_ms`.
+    /// Claims a ready job of `queue` whose environment has nothing earlier outstanding,
+    /// leasing it to `owner` for `lease_ms`. Fair between users: the job of the user with
+    /// the fewest jobs running in this queue goes first, oldest first among equals, so
+    /// one user's many requests cannot hold every worker while another user waits.
     pub async fn claim(&self, queue: &str, owner: &str, lease_ms: i64) -> Result<Option<Job>> {
         for _ in 0..5 {
             let now = self.now();
@@ -197,7 +199,9 @@ impl Store {
                 "SELECT j.id FROM jobs j WHERE j.queue = $1 AND j.state = 'queued' AND j.run_after <= $2 \
                  AND NOT EXISTS (SELECT 1 FROM jobs k WHERE k.environment_id = j.environment_id \
                    AND k.id < j.id AND k.state IN ('queued', 'running')) \
-                 ORDER BY j.id LIMIT 1",
+                 ORDER BY (SELECT COUNT(*) FROM jobs r JOIN environments re ON re.id = r.environment_id \
+                   WHERE r.queue = j.queue AND r.state = 'running' \
+                   AND re.user_id = (SELECT e.user_id FROM environments e WHERE e.id = j.environment_id)), j.id LIMIT 1",
             )
             .bind(queue)
             .bind(now)
@@ -439,6 +443,41 @@ mod tests {
             let third = store.claim("control", "w3", 10_000).await.unwrap().unwrap();
             assert_eq!(third.id, b);
             assert_eq!(third.attempts, 1);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn users_take_turns_for_workers() {
+        each_backend(|store| async move {
+            let (a, _) = store.create_user("a@example.com", hearth_core::Role::User, hearth_core::Tier::Pro).await.unwrap();
+            let (b, _) = store.create_user("b@example.com", hearth_core::Role::User, hearth_core::Tier::Pro).await.unwrap();
+            for (env, user) in [("a1", &a.id), ("a2", &a.id), ("a3", &a.id), ("b1", &b.id)] {
+                sqlx::query(
+                    "INSERT INTO environments (id, slug, name, user_id, personal, state, generation, provider, ssh_user, vcpus, \
+                     memory_mb, disk_gb, base_image, environment_vars, ssh_public_key, ssh_private_key_enc, created_at, updated_at) \
+                     VALUES ($1, $1, $1, $2, 0, 'requested', 1, 'sim', 'dev', 1, 256, 1, 'none', '{}', '', '', 0, 0)",
+                )
+                .bind(env)
+                .bind(user)
+                .execute(&store.pool)
+                .await
+                .unwrap();
+            }
+            let provision = |env: &str| NewJob { queue: "provision".into(), kind: "provision".into(), environment_id: env.into(), max_attempts: 2, actor: "t".into() };
+            let mut ids = Vec::new();
+            for env in ["a1", "a2", "a3", "b1"] {
+                ids.push(store.enqueue(&provision(env), "provision").await.unwrap());
+            }
+            let order: Vec<String> = {
+                let mut order = Vec::new();
+                for w in 0..4 {
+                    order.push(store.claim("provision", &format!("w{w}"), 10_000).await.unwrap().unwrap().environment_id);
+                }
+                order
+            };
+            // A asked first, but once A holds a worker, B's only request goes next.
+            assert_eq!(order, ["a1", "b1", "a2", "a3"]);
         })
         .await;
     }

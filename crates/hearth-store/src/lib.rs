@@ -21,7 +21,7 @@ pub use jobs::{Job, JobState, MAX_CRASHES, NewJob};
 pub use records::{AuditEntry, AuditFilter, Execution, ExecutionSummary, LogEntry};
 pub use retention::Retention;
 pub use sim::SimVmRow;
-pub use users::{QuotaOverrides, User, generate_token, hash_token};
+pub use users::{ApiToken, QuotaOverrides, User, generate_token, hash_token};
 
 use hearth_core::Clock;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
@@ -236,7 +236,7 @@ impl Store {
 
     /// `FOR UPDATE` on PostgreSQL, nothing on SQLite (the transaction already holds the
     /// write lock).
-    fn for_update(&self) -> &'static str {
+    pub(crate) fn for_update(&self) -> &'static str {
         match self.backend {
             Backend::Sqlite => "",
             Backend::Postgres => " FOR UPDATE",

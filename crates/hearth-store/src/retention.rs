@@ -40,7 +40,7 @@ impl Store {
                 now - r.destroyed_ms,
             ),
         ];
-        let mut removed = 0;
+        let mut removed = sqlx::query("DELETE FROM used_tickets WHERE expires_at < $1").bind(now).execute(&self.pool).await?.rows_affected();
         for (sql, before) in statements {
             removed += sqlx::query(sql).bind(before).bind(PRUNE_BATCH).execute(&self.pool).await?.rows_affected();
         }

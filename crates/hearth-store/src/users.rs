@@ -35,6 +35,22 @@ pub struct User {
     pub created_at: i64,
 }
 
+/// Characters of a token's hash that name it (its id): enough to be unique per user,
+/// useless for finding the token.
+const TOKEN_ID_CHARS: usize = 16;
+
+fn token_id(hash: &str) -> String {
+    hash[..TOKEN_ID_CHARS].to_string()
+}
+
+/// What a user may see of one of their tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    pub id: String,
+    pub name: String,
+    pub created_at: i64,
+}
+
 /// A new bearer token: 32 random bytes from the OS CSPRNG, hex, with a prefix that makes
 /// leaked tokens easy to grep for.
 pub fn generate_token() -> String {
@@ -108,6 +124,90 @@ impl Store {
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(user_from_row).transpose()
+    }
+
+    /// Makes another token for the user; returns it in plaintext (shown once) with its id.
+    pub async fn create_token(&self, user_id: &str, name: &str) -> Result<(ApiToken, String)> {
+        let token = generate_token();
+        let hash = hash_token(&token);
+        let created_at = self.now();
+        sqlx::query("INSERT INTO api_tokens (token_hash, user_id, name, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(&hash)
+            .bind(user_id)
+            .bind(name)
+            .bind(created_at)
+            .execute(&self.pool)
+            .await?;
+        Ok((ApiToken { id: token_id(&hash), name: name.to_string(), created_at }, token))
+    }
+
+    /// The user's tokens (never the tokens themselves: only their ids and names).
+    pub async fn list_tokens(&self, user_id: &str) -> Result<Vec<ApiToken>> {
+        let rows = sqlx::query("SELECT token_hash, name, created_at FROM api_tokens WHERE user_id = $1 ORDER BY created_at, token_hash")
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let hash: String = r.try_get("token_hash")?;
+                Ok(ApiToken { id: token_id(&hash), name: r.try_get("name")?, created_at: r.try_get("created_at")? })
+            })
+            .collect()
+    }
+
+    /// Revokes one of the user's tokens by id; NotFound when the user has no such token.
+    pub async fn revoke_token(&self, user_id: &str, id: &str) -> Result<()> {
+        if id.len() != TOKEN_ID_CHARS || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(StoreError::NotFound);
+        }
+        let done = sqlx::query("DELETE FROM api_tokens WHERE user_id = $1 AND token_hash LIKE $2")
+            .bind(user_id)
+            .bind(format!("{}%", id.to_ascii_lowercase()))
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 { Err(StoreError::NotFound) } else { Ok(()) }
+    }
+
+    /// Removes a user who holds nothing: Conflict while any of their environments is not
+    /// destroyed. What destroyed environments left (rows, jobs, executions, logs), tokens
+    /// and quota overrides go with the user; the audit log keeps its entries.
+    pub async fn delete_user(&self, id: &str) -> Result<()> {
+        let mut tx = self.begin().await?;
+        user_in(&mut tx, id, self.for_update()).await?;
+        let live: i64 = sqlx::query("SELECT COUNT(*) AS n FROM environments WHERE user_id = $1 AND state <> 'destroyed'")
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("n")?;
+        if live > 0 {
+            return Err(StoreError::Conflict(format!(
+                "the user still has {live} environment(s) that are not destroyed; destroy them first"
+            )));
+        }
+        for sql in [
+            "DELETE FROM executions WHERE environment_id IN (SELECT id FROM environments WHERE user_id = $1)",
+            "DELETE FROM provision_logs WHERE environment_id IN (SELECT id FROM environments WHERE user_id = $1)",
+            "DELETE FROM jobs WHERE environment_id IN (SELECT id FROM environments WHERE user_id = $1)",
+            "DELETE FROM environments WHERE user_id = $1",
+            "DELETE FROM api_tokens WHERE user_id = $1",
+            "DELETE FROM quotas WHERE user_id = $1",
+            "DELETE FROM users WHERE id = $1",
+        ] {
+            sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Marks a terminal ticket used; false when it was used before. `expires_at` is when
+    /// the row may go (the ticket is refused after that anyway).
+    pub async fn use_ticket(&self, ticket_hash: &str, expires_at: i64) -> Result<bool> {
+        let done = sqlx::query("INSERT INTO used_tickets (ticket_hash, expires_at) VALUES ($1, $2) ON CONFLICT (ticket_hash) DO NOTHING")
+            .bind(ticket_hash)
+            .bind(expires_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     pub async fn user(&self, id: &str) -> Result<User> {
@@ -282,6 +382,35 @@ mod tests {
             assert_eq!(n, 0);
             let dup = store.create_user("a@example.com", Role::User, Tier::Free).await;
             assert!(matches!(dup, Err(crate::StoreError::Conflict(_))));
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn tokens_are_listed_by_id_and_revoked_one_by_one() {
+        each_backend(|store| async move {
+            let (user, first) = store.create_user("t@example.com", Role::User, Tier::Free).await.unwrap();
+            let (other, _) = store.create_user("o@example.com", Role::User, Tier::Free).await.unwrap();
+            let (made, second) = store.create_token(&user.id, "laptop").await.unwrap();
+            let listed = store.list_tokens(&user.id).await.unwrap();
+            assert_eq!(listed.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["default", "laptop"]);
+            assert!(listed.iter().all(|t| !first.contains(&t.id) && !second.contains(&t.id)));
+            // Another user cannot revoke it, nor can a malformed id match several.
+            assert!(matches!(store.revoke_token(&other.id, &made.id).await, Err(crate::StoreError::NotFound)));
+            assert!(matches!(store.revoke_token(&user.id, "").await, Err(crate::StoreError::NotFound)));
+            assert!(matches!(store.revoke_token(&user.id, "%%%%%%%%%%%%%%%%").await, Err(crate::StoreError::NotFound)));
+            store.revoke_token(&user.id, &made.id).await.unwrap();
+            assert!(store.user_by_token(&second).await.unwrap().is_none());
+            assert_eq!(store.user_by_token(&first).await.unwrap().unwrap().id, user.id);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_ticket_is_used_once() {
+        each_backend(|store| async move {
+            assert!(store.use_ticket("abc", 10).await.unwrap());
+            assert!(!store.use_ticket("abc", 10).await.unwrap());
         })
         .await;
     }

@@ -153,12 +153,35 @@ async fn streaming_exec_and_terminal() {
     ws.send(Message::Binary(b"exit\n".to_vec().into())).await.unwrap();
     let act = server.call("GET", &format!("/v1/environments/{id}/activity"), Some(&token), None).await.body;
     assert_eq!(act["lastActivitySource"], "terminal");
-    // A forged or missing ticket is refused.
-    let bad = format!("{}/v1/environments/{id}/terminal?ticket=00ff", server.base.replace("http://", "ws://"));
-    assert!(tokio_tungstenite::connect_async(bad).await.is_err());
+    // A ticket opens one terminal: the same one again is refused.
+    let again = format!("{}/v1/environments/{id}/terminal?ticket={ticket}", server.base.replace("http://", "ws://"));
+    match tokio_tungstenite::connect_async(again).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+        other => panic!("a used ticket opened a terminal: {other:?}"),
+    }
+    // A forged ticket is refused the same way whether the environment exists or not.
+    for target in [id.as_str(), "01990000-0000-7000-8000-000000000000"] {
+        let r = server.call("GET", &format!("/v1/environments/{target}/terminal?ticket=00"), None, None).await;
+        assert_eq!(r.status, 401, "{target}: {:?}", r.body);
+    }
+    // A plain GET (no upgrade) with a token opens no shell in the guest.
+    let before = shells(&server, &token, &id).await;
+    for _ in 0..3 {
+        let r = server.call("GET", &format!("/v1/environments/{id}/terminal"), Some(&token), None).await;
+        assert_eq!(r.status, 400, "{:?}", r.body);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(shells(&server, &token, &id).await, before, "a GET without an upgrade left a shell behind");
 
     server.call("DELETE", &format!("/v1/environments/{id}"), Some(&token), None).await;
     server.wait_env(&token, &id, "destroyed", UP).await;
+}
+
+/// How many bash processes run in the guest (the counting command's own included).
+async fn shells(server: &Server, token: &str, id: &str) -> u32 {
+    let r = server.call("POST", &format!("/v1/environments/{id}/exec"), Some(token), Some(json!({"code": "pgrep -c -x bash || true"}))).await;
+    let out = r.body["stdout"].as_str().unwrap_or_else(|| panic!("{:?}", r.body));
+    out.trim().parse::<u32>().unwrap_or_else(|_| panic!("{out:?}"))
 }
 
 async fn read_until<S>(ws: &mut S, needle: &str)
@@ -204,7 +227,10 @@ async fn a_killed_nodes_provision_finishes_on_another() {
     let job = store.jobs_for_environment(&id).await.unwrap().remove(0);
     // The dead worker's claim counts as a crash, not as one of the job's attempts.
     assert_eq!((job.state, job.attempts, job.crashes), (hearth_store::JobState::Succeeded, 1, 1));
-    let metrics = second.http.get(format!("{}/metrics", second.base)).send().await.unwrap().text().await.unwrap();
+    // Metrics are for admins: not without a token, not with a user's.
+    assert_eq!(second.call("GET", "/metrics", None, None).await.status, 401);
+    assert_eq!(second.call("GET", "/metrics", Some(&token), None).await.status, 403);
+    let metrics = second.http.get(format!("{}/metrics", second.base)).bearer_auth(&second.admin_token).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("hearth_environments{state=\"running\"} 1"), "{metrics}");
     second.call("DELETE", &format!("/v1/environments/{id}"), Some(&token), None).await;
     second.wait_env(&token, &id, "destroyed", UP).await;

@@ -64,6 +64,7 @@ async fn ownership_matrix(db: Db) {
         ("GET", "/v1/admin/users".into()),
         ("POST", "/v1/admin/users".into()),
         ("PATCH", "/v1/admin/users/x".into()),
+        ("DELETE", "/v1/admin/users/x".into()),
         ("GET", "/v1/admin/environments".into()),
         ("DELETE", format!("/v1/admin/environments/{id}")),
         ("GET", "/v1/admin/jobs".into()),
@@ -101,6 +102,7 @@ async fn ownership_matrix(db: Db) {
     let r = server.call("POST", "/v1/environments", Some(&bob), Some(json!({"name": "no room"}))).await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(r.body["error"]["code"], "no_capacity");
+    assert!(!r.body.to_string().contains(host["name"].as_str().unwrap()), "a user saw a host's name: {:?}", r.body);
     let r = server.call("DELETE", &format!("/v1/admin/environments/{id}"), Some(&server.admin_token), None).await;
     assert_eq!(r.status, StatusCode::ACCEPTED);
     let jobs = server.call("GET", "/v1/admin/jobs?state=queued", Some(&server.admin_token), None).await;
@@ -111,6 +113,39 @@ async fn ownership_matrix(db: Db) {
     assert_eq!((r.body["user"]["tier"].as_str(), r.body["quota"]["maxVcpus"].as_i64()), (Some("unlimited"), Some(3)));
     let r = server.patch(&format!("/v1/admin/users/{bob_id}"), &server.admin_token, json!({"quota": {"maxVcpus": -1}})).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    // Tokens: a user makes another, sees ids and names only, and revokes one; another
+    // user's token id is unknown to them.
+    let made = server.call("POST", "/v1/me/tokens", Some(&alice), Some(json!({"name": "laptop"}))).await;
+    assert_eq!(made.status, StatusCode::CREATED, "{:?}", made.body);
+    let laptop = made.body["token"].as_str().unwrap().to_string();
+    let laptop_id = made.body["id"].as_str().unwrap().to_string();
+    assert_eq!(server.call("GET", "/v1/me", Some(&laptop), None).await.status, StatusCode::OK);
+    let listed = server.call("GET", "/v1/me/tokens", Some(&alice), None).await.body;
+    let names: Vec<&str> = listed["items"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["default", "laptop"]);
+    assert!(!listed.to_string().contains(&laptop) && !listed.to_string().contains(&alice), "a listing showed a token");
+    let r = server.call("DELETE", &format!("/v1/me/tokens/{laptop_id}"), Some(&bob), None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(server.call("POST", "/v1/me/tokens", Some(&alice), Some(json!({"name": ""}))).await.status, StatusCode::BAD_REQUEST);
+    let r = server.call("DELETE", &format!("/v1/me/tokens/{laptop_id}"), Some(&alice), None).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert_eq!(server.call("GET", "/v1/me", Some(&laptop), None).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(server.call("GET", "/v1/me", Some(&alice), None).await.status, StatusCode::OK);
+
+    // Removing users: not one who holds environments, not oneself; one who holds nothing
+    // goes, and their token with them.
+    let alice_id = server.user_id("alice@example.com").await;
+    let r = server.call("DELETE", &format!("/v1/admin/users/{alice_id}"), Some(&server.admin_token), None).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{:?}", r.body);
+    let admin_id = server.call("GET", "/v1/me", Some(&server.admin_token), None).await.body["user"]["id"].as_str().unwrap().to_string();
+    let r = server.call("DELETE", &format!("/v1/admin/users/{admin_id}"), Some(&server.admin_token), None).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{:?}", r.body);
+    let r = server.call("DELETE", &format!("/v1/admin/users/{bob_id}"), Some(&server.admin_token), None).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{:?}", r.body);
+    assert_eq!(server.call("GET", "/v1/me", Some(&bob), None).await.status, StatusCode::UNAUTHORIZED);
+    let r = server.call("DELETE", &format!("/v1/admin/users/{bob_id}"), Some(&server.admin_token), None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]

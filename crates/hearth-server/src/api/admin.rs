@@ -41,6 +41,15 @@ pub async fn list_users(State(app): State<App>, Admin(_admin): Admin) -> ApiResu
     Ok(Json(Items { items: app.store.list_users().await?.iter().map(UserView::from).collect() }))
 }
 
+/// Removes a user and what their destroyed environments left; refused (409) while any of
+/// their environments is not destroyed, and for the caller themselves.
+#[utoipa::path(delete, path = "/v1/admin/users/{id}", tag = "admin", params(("id" = String, Path, description = "user id")),
+    responses((status = 204, description = "removed"), Missing, Refused, AdminOnly, Authed))]
+pub async fn delete_user(State(app): State<App>, Admin(admin): Admin, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    app.delete_user(&admin, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// The seed's `getAllVms`: every personal VM, the hosts, and counts.
 #[utoipa::path(get, path = "/v1/admin/vms", tag = "admin", responses((status = 200, description = "VMs, hosts, counts", body = VmsView), AdminOnly, Authed))]
 pub async fn vms(State(app): State<App>, Admin(_admin): Admin) -> ApiResult<Json<VmsView>> {

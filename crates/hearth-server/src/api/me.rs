@@ -2,9 +2,10 @@
 
 use super::docs::{Authed, Invalid, Missing, OverQuota, Refused};
 use super::{Body, Caller};
+use axum::extract::Path;
 use crate::App;
 use crate::error::ApiResult;
-use crate::views::{ExecView, Items, LogView, MeView, UserView, UserVm};
+use crate::views::{ExecView, Items, LogView, MeView, NewTokenView, TokenView, UserView, UserVm};
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -20,6 +21,37 @@ pub async fn me(State(app): State<App>, Caller(user): Caller) -> ApiResult<Json<
     let quota = app.store.quota(&user).await?;
     let usage = app.store.usage(&user.id).await?;
     Ok(Json(MeView { user: UserView::from(&user), quota, usage }))
+}
+
+/// The caller's API tokens (ids and names; the tokens themselves are shown only when made).
+#[utoipa::path(get, path = "/v1/me/tokens", tag = "me", responses((status = 200, description = "the tokens", body = Items<TokenView>), Authed))]
+pub async fn tokens(State(app): State<App>, Caller(user): Caller) -> ApiResult<Json<Items<TokenView>>> {
+    Ok(Json(Items { items: app.store.list_tokens(&user.id).await?.iter().map(TokenView::from).collect() }))
+}
+
+#[derive(Deserialize, Default, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewTokenBody {
+    /// What the token is for, e.g. "laptop" or "ci".
+    #[schema(min_length = 1, max_length = 64)]
+    name: String,
+}
+
+/// Another token for the caller (at most 100); the token is in this answer only.
+#[utoipa::path(post, path = "/v1/me/tokens", tag = "me", request_body = NewTokenBody,
+    responses((status = 201, description = "the token, shown this once", body = NewTokenView), Invalid, Refused, Authed))]
+pub async fn create_token(State(app): State<App>, Caller(user): Caller, Body(body): Body<NewTokenBody>) -> ApiResult<(StatusCode, Json<NewTokenView>)> {
+    let (about, token) = app.create_token(&user, &body.name).await?;
+    Ok((StatusCode::CREATED, Json(NewTokenView { about: TokenView::from(&about), token })))
+}
+
+/// Revokes one of the caller's tokens; it stops working at once. Revoking the token this
+/// request carries is allowed.
+#[utoipa::path(delete, path = "/v1/me/tokens/{id}", tag = "me", params(("id" = String, Path, description = "the token's id")),
+    responses((status = 204, description = "revoked"), Missing, Authed))]
+pub async fn revoke_token(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    app.revoke_token(&user, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// The caller's personal VM.

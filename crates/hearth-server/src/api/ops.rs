@@ -47,11 +47,15 @@ pub async fn readyz(State(app): State<App>) -> (StatusCode, Json<ReadyView>) {
 }
 
 /// Prometheus text: environments and jobs by state (cluster-wide, from the database) and
-/// this node's identity.
-#[utoipa::path(get, path = "/metrics", tag = "operations", security(()),
+/// this node's identity. Needs an admin's token unless `HEARTH_METRICS_PUBLIC=1`.
+#[utoipa::path(get, path = "/metrics", tag = "operations", security(("bearer" = []), ()),
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String),
-        (status = 503, description = "the database does not answer", body = crate::error::ErrorBody)))]
-pub async fn metrics(State(app): State<App>) -> Result<impl IntoResponse, ApiError> {
+        super::docs::Authed, super::docs::AdminOnly))]
+pub async fn metrics(State(app): State<App>, mut parts: axum::http::request::Parts) -> Result<impl IntoResponse, ApiError> {
+    use axum::extract::FromRequestParts;
+    if !app.config.metrics_public {
+        super::Admin::from_request_parts(&mut parts, &app).await?;
+    }
     use hearth_store::Counted;
     use std::fmt::Write;
     let mut out = String::new();

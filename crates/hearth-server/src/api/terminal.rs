@@ -2,8 +2,8 @@
 //!
 //! Binary frames carry terminal bytes both ways; text frames carry JSON control messages
 //! (`{"type":"resize","cols":N,"rows":N}`). Browsers cannot set headers on a WebSocket,
-//! so they first get a ticket (`POST .../terminal/ticket`, valid 60 s, sealed with the
-//! master key, so any node can check it) and pass it as `?ticket=`; other clients may
+//! so they first get a ticket (`POST .../terminal/ticket`, valid 60 s and for one
+//! terminal, sealed with the master key, so any node can check it) and pass it as `?ticket=`; other clients may
 //! send the bearer token instead.
 
 use super::{Caller, Params};
@@ -24,17 +24,28 @@ use serde_json::Value;
 const TICKET_TTL_MS: i64 = 60_000;
 
 fn seal_ticket(app: &App, env_id: &str, user_id: &str) -> String {
-    let sealed = app.master_key.seal(&format!("terminal|{env_id}|{user_id}|{}", app.now() + TICKET_TTL_MS));
+    // The nonce makes every ticket distinct, so using one never spends another.
+    let nonce = &hearth_store::generate_token()[7..39];
+    let sealed = app.master_key.seal(&format!("terminal|{env_id}|{user_id}|{}|{nonce}", app.now() + TICKET_TTL_MS));
     hex::encode(sealed)
 }
 
-/// The user the ticket was issued to, if it is genuine, unexpired and for this environment.
-fn open_ticket(app: &App, ticket: &str, env_id: &str) -> Option<String> {
+/// What a genuine, unexpired ticket says.
+struct Ticket {
+    environment_id: String,
+    user_id: String,
+    expires_at: i64,
+}
+
+/// Opens a ticket without looking anything up, so a bad ticket learns nothing about
+/// which environments exist.
+fn open_ticket(app: &App, ticket: &str) -> Option<Ticket> {
     let sealed = String::from_utf8(hex::decode(ticket).ok()?).ok()?;
     let text = app.master_key.open(&sealed).ok()?;
     let mut parts = text.split('|');
     let (kind, env, user, expiry) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?.parse::<i64>().ok()?);
-    (kind == "terminal" && env == env_id && expiry >= app.now()).then(|| user.to_string())
+    (kind == "terminal" && expiry >= app.now())
+        .then(|| Ticket { environment_id: env.to_string(), user_id: user.to_string(), expires_at: expiry })
 }
 
 /// A ticket for the terminal WebSocket (browsers cannot send headers there): valid 60 s.
@@ -59,7 +70,8 @@ pub struct TerminalQuery {
 
 /// A WebSocket to an interactive shell on a PTY: binary frames carry terminal bytes both
 /// ways, text frames JSON control messages (`{"type":"resize","cols":N,"rows":N}`).
-/// Authenticated by a bearer token or `?ticket=`.
+/// Authenticated by a bearer token or `?ticket=` (single use). When the guest cannot be
+/// reached, the socket closes at once with code 1011 and the reason.
 #[utoipa::path(get, path = "/v1/environments/{id}/terminal", tag = "environments",
     params(("id" = String, Path, description = "id or slug"), TerminalQuery),
     responses(
@@ -72,27 +84,46 @@ pub async fn terminal(
     Params(q): Params<TerminalQuery>,
     mut parts: Parts,
 ) -> ApiResult<Response> {
-    let user_id = if parts.headers.contains_key(axum::http::header::AUTHORIZATION) {
-        Caller::from_request_parts(&mut parts, &app).await?.0.id
+    let (user_id, ticket) = if parts.headers.contains_key(axum::http::header::AUTHORIZATION) {
+        (Caller::from_request_parts(&mut parts, &app).await?.0.id, None)
     } else {
-        let ticket = q.ticket.as_deref().ok_or_else(|| {
+        let raw = q.ticket.as_deref().ok_or_else(|| {
             ApiError::unauthenticated("send a bearer token or ?ticket= from POST .../terminal/ticket")
         })?;
-        let env = app.store.environment_for_user_any(&id).await.map_err(|_| AppError::NotFound("environment"))?;
-        open_ticket(&app, ticket, &env.id)
-            .ok_or_else(|| ApiError::unauthenticated("the ticket is invalid or expired"))?
+        let ticket = open_ticket(&app, raw).ok_or_else(|| ApiError::unauthenticated("the ticket is invalid or expired"))?;
+        (ticket.user_id.clone(), Some((ticket, hearth_store::hash_token(raw))))
     };
     let env = app.store.environment_for_user(&user_id, &id).await.map_err(|_| AppError::NotFound("environment"))?;
+    if let Some((ticket, _)) = &ticket
+        && ticket.environment_id != env.id
+    {
+        return Err(ApiError::unauthenticated("the ticket is for another environment"));
+    }
     if env.state != EnvState::Running {
         return Err(AppError::InvalidState(format!("the environment is {}; a terminal needs it running", env.state)).into());
     }
-    let (cols, rows) = (q.cols.unwrap_or(80).clamp(1, 1000), q.rows.unwrap_or(24).clamp(1, 1000));
-    let target = app.target(&env)?;
-    let channel = app.ssh.open_shell(&target, &env.environment_vars, cols, rows).await.map_err(|e| AppError::Unavailable(e.to_string()))?;
     let ws = WebSocketUpgrade::from_request_parts(&mut parts, &app)
         .await
         .map_err(|e| ApiError::invalid(format!("this endpoint needs a WebSocket upgrade: {e}")))?;
-    Ok(ws.on_upgrade(move |socket| bridge(app, env, socket, channel)))
+    // Spent only once everything else held, so a refused attempt does not burn it.
+    if let Some((ticket, hash)) = &ticket
+        && !app.store.use_ticket(hash, ticket.expires_at).await.map_err(AppError::from)?
+    {
+        return Err(ApiError::unauthenticated("the ticket was used already; ask for a new one"));
+    }
+    let (cols, rows) = (q.cols.unwrap_or(80).clamp(1, 1000), q.rows.unwrap_or(24).clamp(1, 1000));
+    let target = app.target(&env)?;
+    // The shell opens only once the upgrade is done: a plain GET leaves nothing behind.
+    Ok(ws.on_upgrade(move |mut socket| async move {
+        match app.ssh.open_shell(&target, &env.environment_vars, cols, rows).await {
+            Ok(channel) => bridge(app, env, socket, channel).await,
+            Err(e) => {
+                tracing::warn!(environment = %env.id, error = %e, "cannot open a terminal");
+                let reason = format!("cannot reach the environment: {e}").chars().take(120).collect::<String>();
+                let _ = socket.send(Message::Close(Some(axum::extract::ws::CloseFrame { code: 1011, reason: reason.into() }))).await;
+            }
+        }
+    }))
 }
 
 async fn bridge(app: App, env: Environment, mut socket: WebSocket, channel: russh::Channel<russh::client::Msg>) {

@@ -141,8 +141,13 @@ impl Site {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
+    /// The site's database, opening sealed columns with its master key once it has one.
     pub async fn store(&self) -> hearth_store::Store {
-        hearth_store::Store::connect(&self.database_url).await.unwrap()
+        let store = hearth_store::Store::connect(&self.database_url).await.unwrap();
+        match std::fs::read_to_string(self.data_dir().join("master.key")) {
+            Ok(text) => hearth_app::start::sealed_with(store, hearth_guest::MasterKey::parse(&text).unwrap()),
+            Err(_) => store,
+        }
     }
 
     /// Rows per table: "the database is unchanged" means these did not move.
