@@ -46,3 +46,5 @@ bench:
 clean-containers:
 	@ids=$$(docker ps -a --filter label=hearth.managed=true --format '{{.ID}} {{.Label "hearth.instance"}}' | awk '$$2 ~ /^test-/ {print $$1}'); \
 	  if [ -n "$$ids" ]; then echo "removing leftover test containers: $$ids"; docker rm -f $$ids >/dev/null; fi
+	@ids=$$(docker network ls --filter label=hearth.managed=true --format '{{.ID}} {{.Label "hearth.instance"}}' | awk '$$2 ~ /^test-/ {print $$1}'); \
+	  if [ -n "$$ids" ]; then echo "removing leftover test networks: $$ids"; docker network rm $$ids >/dev/null; fi

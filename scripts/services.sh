@@ -23,9 +23,35 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
+# gVisor as the engine's runtime "runsc". Debian's runsc (2022-12) misreads kernels from
+# 6.x as "the root network namespace" and refuses to start with its own network stack, so
+# it runs with --network=host: the VM keeps its own network namespace (and bridge), and its
+# socket calls go to the host kernel instead of gVisor's netstack. Merged into an existing
+# daemon.json; a running dockerd reloads it on SIGHUP.
+register_runsc() {
+  python3 - <<'PY'
+import json, os
+path = "/etc/docker/daemon.json"
+conf = json.load(open(path)) if os.path.exists(path) and os.path.getsize(path) > 0 else {}
+want = {"path": "/usr/bin/runsc", "runtimeArgs": ["--network=host"]}
+if conf.get("runtimes", {}).get("runsc") != want:
+    conf.setdefault("runtimes", {})["runsc"] = want
+    os.makedirs("/etc/docker", exist_ok=True)
+    json.dump(conf, open(path, "w"), indent=2)
+PY
+}
+
 start_docker() {
   # iproute2 and openssl: the tests start a second engine on a bridge of its own, with TLS.
-  apt_install docker.io mmdebstrap openssh-client iproute2 openssl
+  # runsc: gVisor, an optional runtime for untrusted code. iptables: the guest firewall.
+  apt_install docker.io mmdebstrap openssh-client iproute2 openssl runsc iptables
+  register_runsc
+  if /usr/bin/docker info 2>/dev/null | grep -q 'Runtimes:.*runsc'; then
+    :
+  elif /usr/bin/docker info >/dev/null 2>&1; then
+    kill -HUP "$(pidof dockerd)"
+    for _ in $(seq 1 20); do /usr/bin/docker info 2>/dev/null | grep -q 'Runtimes:.*runsc' && break; sleep 0.25; done
+  fi
   if ! /usr/bin/docker info >/dev/null 2>&1; then
     echo "starting dockerd" >&2
     nohup /usr/sbin/dockerd >/var/log/hearth-dockerd.log 2>&1 &

@@ -16,6 +16,10 @@ pub struct Config {
     /// `/metrics` answers without a token (`HEARTH_METRICS_PUBLIC=1`); otherwise it needs
     /// an admin's, since it tells how many environments and jobs there are.
     pub metrics_public: bool,
+    /// Close the host to its VMs (`HEARTH_GUEST_FIREWALL`, on by default): on a machine
+    /// whose Docker engine is a host of this installation, VMs may not open connections
+    /// to the host or to link-local addresses (see `hearth_provider::docker::guard`).
+    pub guest_firewall: bool,
     pub data_dir: PathBuf,
     pub database_url: String,
     /// `HEARTH_MASTER_KEY`; when unset, `<data dir>/master.key` (made on first start).
@@ -76,6 +80,7 @@ impl Config {
             max_connections: 16_384,
             header_timeout: Duration::from_secs(10),
             metrics_public: false,
+            guest_firewall: true,
             data_dir,
             database_url,
             master_key: None,
@@ -149,6 +154,7 @@ impl Config {
         c.host_max_environments = number("HEARTH_HOST_MAX_ENVIRONMENTS", c.host_max_environments)?;
         c.workers = number("HEARTH_WORKERS", 1u8)? != 0;
         c.metrics_public = number("HEARTH_METRICS_PUBLIC", 0u8)? != 0;
+        c.guest_firewall = number("HEARTH_GUEST_FIREWALL", 1u8)? != 0;
         let days = |name: &str, ms: i64| number(name, ms / DAY_MS).map(|d: i64| d.max(1) * DAY_MS);
         c.retention = hearth_store::Retention {
             executions_ms: days("HEARTH_RETAIN_EXECUTIONS_DAYS", c.retention.executions_ms)?,

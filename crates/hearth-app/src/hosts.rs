@@ -48,12 +48,15 @@ fn capacity(vcpus: i64, memory_mb: i64, environments: i64) -> AppResult<HostCapa
     Ok(HostCapacity { max_vcpus: vcpus, max_memory_mb: memory_mb, max_environments: environments })
 }
 
-/// A kind's options: a simulated host's are checked; other kinds take none.
+/// A kind's options, checked: a simulated host's faults, a Docker host's confinement.
 fn options(kind: HostKind, options: Option<serde_json::Value>) -> AppResult<serde_json::Value> {
     let options = options.unwrap_or_else(|| serde_json::json!({}));
     match kind {
         HostKind::Sim => {
             SimOptions::parse(&options).map_err(AppError::Invalid)?;
+        }
+        HostKind::Docker => {
+            hearth_provider::docker::options::DockerOptions::parse(&options).map_err(AppError::Invalid)?;
         }
         _ if options.as_object().is_some_and(|o| o.is_empty()) => {}
         _ => return Err(AppError::Invalid(format!("hosts of kind {kind} take no options"))),

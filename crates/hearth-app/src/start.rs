@@ -161,6 +161,29 @@ async fn first_host(store: &Store, config: &Config) -> Result<()> {
     }
 }
 
+/// When an engine of this machine (a `unix://` endpoint) runs this installation's VMs,
+/// closes the host to them (`HEARTH_GUEST_FIREWALL=0` leaves the firewall alone). Without
+/// root or iptables it says what to run instead; it never stops the node from starting.
+async fn guard_local_engine(store: &Store, config: &Config) -> Result<()> {
+    if !config.guest_firewall {
+        return Ok(());
+    }
+    let local = store.hosts().await?.into_iter().any(|h| h.kind == HostKind::Docker && h.endpoint.starts_with("unix://"));
+    if !local {
+        return Ok(());
+    }
+    match hearth_provider::docker::guard::guard_local_host() {
+        Ok(()) => tracing::info!("VMs on this machine cannot open connections to it (iptables chain HEARTH-GUESTS)"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            commands = %hearth_provider::docker::guard::guard_commands().join("; "),
+            "cannot close this machine to its VMs: they can reach services listening on its addresses; run these as root, \
+             or set HEARTH_GUEST_FIREWALL=0 to silence this"
+        ),
+    }
+    Ok(())
+}
+
 pub fn machine_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
 }
@@ -195,6 +218,7 @@ pub async fn open_app_with_clock(config: Config, clock: Arc<dyn Clock>) -> Resul
     let store = sealed_with(store, master_key.clone());
     ensure_admin(&store, &config.data_dir).await?;
     first_host(&store, &config).await?;
+    guard_local_engine(&store, &config).await?;
     let sim = Arc::new(SimProvider::new(Arc::new(crate::sim_ledger::StoreLedger(store.clone()))));
     let docker = Arc::new(DockerProvider::new(config.data_dir.join("hosts")));
     let providers = Providers::default().with(docker).with(sim.clone());

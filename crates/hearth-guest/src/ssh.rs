@@ -67,6 +67,18 @@ pub enum GuestError {
     Key(String),
     #[error("SSH session failed: {0}")]
     Session(String),
+    /// The VM's SSH server took the connection but did not start the command in time:
+    /// usually a VM out of processes or memory.
+    #[error("the VM did not start the command within {0} s; it may be out of processes or memory (stop and start it)")]
+    Unresponsive(u64),
+}
+
+/// How long opening a terminal's shell may take.
+const SHELL_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Starts `req` within its own timeout: a VM that cannot fork never holds a request.
+async fn start_within(handle: &Handle<AcceptHost>, req: &ExecRequest) -> Result<russh::Channel<client::Msg>, GuestError> {
+    tokio::time::timeout(req.timeout, start(handle, req)).await.map_err(|_| GuestError::Unresponsive(req.timeout.as_secs()))?
 }
 
 struct AcceptHost;
@@ -226,12 +238,12 @@ impl SshPool {
     /// the remote process (SIGKILL, then the channel is closed).
     pub async fn exec_stream(&self, target: &Target, req: &ExecRequest) -> Result<tokio::sync::mpsc::Receiver<StreamChunk>, GuestError> {
         let handle = self.handle(target).await?;
-        let channel = match start(&handle, req).await {
+        let channel = match start_within(&handle, req).await {
             Ok(c) => c,
             Err(GuestError::Session(_)) => {
                 self.conns.lock().await.remove(&target.environment_id);
                 let handle = self.handle(target).await?;
-                start(&handle, req).await?
+                start_within(&handle, req).await?
             }
             Err(e) => return Err(e),
         };
@@ -290,19 +302,22 @@ impl SshPool {
     ) -> Result<russh::Channel<client::Msg>, GuestError> {
         let session = |e: russh::Error| GuestError::Session(e.to_string());
         let handle = self.handle(target).await?;
-        let channel = match handle.channel_open_session().await {
-            Ok(c) => c,
-            Err(_) => {
-                self.conns.lock().await.remove(&target.environment_id);
-                self.handle(target).await?.channel_open_session().await.map_err(session)?
+        let open = async {
+            let channel = match handle.channel_open_session().await {
+                Ok(c) => c,
+                Err(_) => {
+                    self.conns.lock().await.remove(&target.environment_id);
+                    self.handle(target).await?.channel_open_session().await.map_err(session)?
+                }
+            };
+            for (k, v) in env {
+                channel.set_env(false, k.as_str(), v.as_str()).await.map_err(session)?;
             }
+            channel.request_pty(false, "xterm-256color", cols, rows, 0, 0, &[]).await.map_err(session)?;
+            channel.request_shell(false).await.map_err(session)?;
+            Ok(channel)
         };
-        for (k, v) in env {
-            channel.set_env(false, k.as_str(), v.as_str()).await.map_err(session)?;
-        }
-        channel.request_pty(false, "xterm-256color", cols, rows, 0, 0, &[]).await.map_err(session)?;
-        channel.request_shell(false).await.map_err(session)?;
-        Ok(channel)
+        tokio::time::timeout(SHELL_OPEN_TIMEOUT, open).await.map_err(|_| GuestError::Unresponsive(SHELL_OPEN_TIMEOUT.as_secs()))?
     }
 }
 
@@ -327,7 +342,7 @@ async fn start(handle: &Handle<AcceptHost>, req: &ExecRequest) -> Result<russh::
 
 async fn run_on(handle: &Handle<AcceptHost>, req: &ExecRequest) -> Result<ExecOutput, GuestError> {
     let started = Instant::now();
-    let mut channel = start(handle, req).await?;
+    let mut channel = start_within(handle, req).await?;
 
     let mut out = ExecOutput {
         stdout: Vec::new(),

@@ -9,8 +9,18 @@
 //!
 //! Containers are named `hearth-<environment id>` and labelled with the installation and
 //! environment. SSH is published on the host's guest address with a port Docker picks, so
-//! there is no port scanning and no race between two creates. Disk size is recorded but not
-//! enforced: overlay2 has no per-container quota without an XFS backing store.
+//! there is no port scanning and no race between two creates.
+//!
+//! Confinement (the host's `options`, see `options.rs`): each VM on a network of its own
+//! (`network.rs`), a pids limit, the capabilities a dev VM needs and no more (no NET_RAW,
+//! so no ARP or packet spoofing; no MKNOD, no SETFCAP), optionally `no-new-privileges` and
+//! another runtime (gVisor's `runsc`). Disk size is enforced where the engine's storage
+//! driver can (`--storage-opt size`: overlay2 on XFS with pquota, btrfs, zfs); elsewhere
+//! it is recorded but not enforced, and the first create on such a host says so in the log.
+
+pub mod guard;
+pub mod network;
+pub mod options;
 
 use crate::{
     HostFacts, HostRef, LABEL_ENVIRONMENT, LABEL_INSTALLATION, LABEL_MANAGED, Provider, ProviderError, VmInfo, VmRef, VmSpec, VmState,
@@ -24,9 +34,27 @@ use bollard::query_parameters::{
 };
 use bollard::{API_DEFAULT_VERSION, Docker};
 use hearth_core::HostKind;
-use std::collections::HashMap;
+use options::DockerOptions;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Mutex;
+
+/// What a dev VM needs: sshd (CHOWN, SETUID, SETGID, SYS_CHROOT, AUDIT_WRITE, KILL,
+/// NET_BIND_SERVICE), sudo, and package managers (DAC_OVERRIDE, FOWNER, FSETID, SETPCAP).
+/// Docker's default set less NET_RAW, MKNOD and SETFCAP.
+pub const CAPABILITIES: [&str; 11] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "AUDIT_WRITE",
+];
 
 /// The guest's start-up script reads the authorized keys from here.
 pub const AUTHORIZED_KEYS_ENV: &str = "HEARTH_AUTHORIZED_KEYS";
@@ -40,12 +68,14 @@ pub struct DockerProvider {
     scratch: PathBuf,
     /// Seconds `docker stop` waits for sshd before killing it.
     stop_timeout: i32,
+    /// Hosts whose storage driver cannot limit a container's disk (learnt on first create).
+    no_disk_limit: Mutex<HashSet<String>>,
 }
 
 impl DockerProvider {
     /// No I/O: engines are reached on first use. `scratch` is a private directory.
     pub fn new(scratch: PathBuf) -> DockerProvider {
-        DockerProvider { clients: Mutex::new(HashMap::new()), scratch, stop_timeout: 5 }
+        DockerProvider { clients: Mutex::new(HashMap::new()), scratch, stop_timeout: 5, no_disk_limit: Mutex::new(HashSet::new()) }
     }
 
     /// The engine client for `host`, connecting (and negotiating the API version, so
@@ -159,7 +189,7 @@ fn write_private(dir: &std::path::Path, name: &str, contents: &str) -> Result<()
     f.write_all(contents.as_bytes()).map_err(fail)
 }
 
-fn unavailable(host: &HostRef, e: DockerError) -> ProviderError {
+pub(crate) fn unavailable(host: &HostRef, e: DockerError) -> ProviderError {
     ProviderError::Unavailable(format!(
         "cannot reach the Docker engine of host {} at {} ({e}); start it (`dockerd`, `systemctl start docker`) or fix \
          the host's endpoint",
@@ -168,7 +198,7 @@ fn unavailable(host: &HostRef, e: DockerError) -> ProviderError {
 }
 
 /// Connection failures mean the engine is down; anything else is a refusal worth showing.
-fn classify(host: &HostRef, e: DockerError) -> ProviderError {
+pub(crate) fn classify(host: &HostRef, e: DockerError) -> ProviderError {
     match e {
         DockerError::DockerResponseServerError { status_code, message } => {
             ProviderError::Failed(format!("the Docker engine of host {} refused ({status_code}): {message}", host.name))
@@ -182,7 +212,7 @@ fn classify(host: &HostRef, e: DockerError) -> ProviderError {
     }
 }
 
-fn is_status(e: &DockerError, code: u16) -> bool {
+pub(crate) fn is_status(e: &DockerError, code: u16) -> bool {
     matches!(e, DockerError::DockerResponseServerError { status_code, .. } if *status_code == code)
 }
 
@@ -193,8 +223,19 @@ impl Provider for DockerProvider {
     }
 
     async fn check(&self, host: &HostRef) -> Result<HostFacts, ProviderError> {
+        let options = DockerOptions::parse(&host.options).map_err(ProviderError::Failed)?;
         let docker = self.client(host).await?;
         let info = docker.info().await.map_err(|e| unavailable(host, e))?;
+        if let Some(runtime) = &options.runtime {
+            if !info.runtimes.as_ref().is_some_and(|r| r.contains_key(runtime)) {
+                return Err(ProviderError::Failed(format!(
+                    "host {}: its engine has no runtime {runtime:?}; register it (for gVisor: install runsc and add \
+                     {{\"runtimes\": {{\"runsc\": {{\"path\": \"/usr/bin/runsc\"}}}}}} to /etc/docker/daemon.json, then \
+                     reload dockerd) or remove options.runtime",
+                    host.name
+                )));
+            }
+        }
         // The engine ID alone is not enough: daemons of one machine share it (it comes
         // from /etc/docker), and cloned machines may too. With the machine's name and the
         // daemon's data root, two rows name one engine only when they really do.
@@ -206,8 +247,11 @@ impl Provider for DockerProvider {
     }
 
     async fn ensure_created(&self, host: &HostRef, spec: &VmSpec) -> Result<VmRef, ProviderError> {
+        let options = DockerOptions::parse(&host.options).map_err(ProviderError::Failed)?;
         let docker = self.client(host).await?;
         if self.inspect_key(host, &spec.name).await?.is_none() {
+            let pool = options.pool().map_err(ProviderError::Failed)?;
+            network::ensure(&docker, host, &spec.name, &spec.environment_id, &spec.labels, pool).await?;
             let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
             env.push(format!("{AUTHORIZED_KEYS_ENV}={}", spec.authorized_key));
             let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
@@ -218,11 +262,12 @@ impl Provider for DockerProvider {
                 "22/tcp".to_string(),
                 Some(vec![PortBinding { host_ip: Some(host.guest_address.clone()), host_port: Some(String::new()) }]),
             )]);
-            let body = ContainerCreateBody {
+            let limit_disk = !self.no_disk_limit.lock().unwrap().contains(&host.id);
+            let body = |limit_disk: bool| ContainerCreateBody {
                 image: Some(spec.image.clone()),
                 hostname: Some(spec.hostname.clone()),
-                env: Some(env),
-                labels: Some(labels),
+                env: Some(env.clone()),
+                labels: Some(labels.clone()),
                 exposed_ports: Some(vec!["22/tcp".to_string()]),
                 stop_timeout: Some(self.stop_timeout as i64),
                 host_config: Some(HostConfig {
@@ -231,14 +276,39 @@ impl Provider for DockerProvider {
                     // host's core count, and placement, not Docker, decides what fits.
                     cpu_period: Some(100_000),
                     cpu_quota: Some(spec.vcpus * 100_000),
-                    port_bindings: Some(port_bindings),
+                    pids_limit: Some(options.pids_limit),
+                    cap_drop: Some(vec!["ALL".into()]),
+                    cap_add: Some(CAPABILITIES.iter().map(|c| c.to_string()).collect()),
+                    security_opt: options.no_new_privileges.then(|| vec!["no-new-privileges".to_string()]),
+                    runtime: options.runtime.clone(),
+                    storage_opt: limit_disk.then(|| HashMap::from([("size".to_string(), format!("{}G", spec.disk_gb))])),
+                    network_mode: Some(spec.name.clone()),
+                    port_bindings: Some(port_bindings.clone()),
                     init: Some(true),
                     ..Default::default()
                 }),
                 ..Default::default()
             };
-            let options = CreateContainerOptions { name: Some(spec.name.clone()), ..Default::default() };
-            match docker.create_container(Some(options), body).await {
+            let create = |limit_disk: bool| {
+                let options = CreateContainerOptions { name: Some(spec.name.clone()), ..Default::default() };
+                docker.create_container(Some(options), body(limit_disk))
+            };
+            let mut created = create(limit_disk).await;
+            if let Err(e) = &created
+                && limit_disk
+                && is_status(e, 500)
+                && e.to_string().to_ascii_lowercase().contains("storage-opt")
+            {
+                tracing::warn!(
+                    host = %host.name,
+                    error = %e,
+                    "this host's storage driver cannot limit a VM's disk; disk sizes are recorded but not enforced there \
+                     (overlay2 needs an XFS backing store mounted with pquota)"
+                );
+                self.no_disk_limit.lock().unwrap().insert(host.id.clone());
+                created = create(false).await;
+            }
+            match created {
                 Ok(_) => {}
                 // A concurrent or earlier attempt made it first: use that one (checked below).
                 Err(e) if is_status(&e, 409) => {}
@@ -287,17 +357,19 @@ impl Provider for DockerProvider {
     }
 
     async fn destroy(&self, host: &HostRef, vm: &VmRef) -> Result<(), ProviderError> {
-        if self.ours(host, vm).await?.is_none() {
-            return Ok(());
+        let docker = self.client(host).await?;
+        if self.ours(host, vm).await?.is_some() {
+            let options = RemoveContainerOptions { force: true, v: true, ..Default::default() };
+            match docker.remove_container(vm.key(), Some(options)).await {
+                Ok(()) => {}
+                Err(e) if is_status(&e, 404) => {}
+                // 409: removal already in progress; the container is going away.
+                Err(e) if is_status(&e, 409) => {}
+                Err(e) => return Err(classify(host, e)),
+            }
         }
-        let options = RemoveContainerOptions { force: true, v: true, ..Default::default() };
-        match self.client(host).await?.remove_container(vm.key(), Some(options)).await {
-            Ok(()) => Ok(()),
-            Err(e) if is_status(&e, 404) => Ok(()),
-            // 409: removal already in progress; the container is going away.
-            Err(e) if is_status(&e, 409) => Ok(()),
-            Err(e) => Err(classify(host, e)),
-        }
+        // The network goes too, also when a crash left it without its container.
+        network::remove(&docker, host, &vm.name).await
     }
 
     async fn inspect(&self, host: &HostRef, vm: &VmRef) -> Result<Option<VmInfo>, ProviderError> {
