@@ -218,7 +218,14 @@ impl Run<'_> {
         let vm = vm_of(self, &env);
         let budget = self.app.config.ssh_wait;
         let started = Instant::now();
+        let mut last_look = Instant::now();
         loop {
+            if last_look.elapsed() > Duration::from_secs(2) {
+                last_look = Instant::now();
+                if self.overtaken(&env).await.unwrap_or(false) {
+                    return Ok(Next::Done);
+                }
+            }
             match on.provider.inspect(&on.host_ref, &vm).await? {
                 Some(info) if info.state == VmState::Running => {
                     if let (Some(host), Some(port)) = (info.ssh_host, info.ssh_port) {
@@ -273,6 +280,9 @@ impl Run<'_> {
             };
             if last_look.elapsed() > Duration::from_secs(2) {
                 last_look = Instant::now();
+                if self.overtaken(&env).await.unwrap_or(false) {
+                    return Ok(Next::Done);
+                }
                 match on.provider.inspect(&on.host_ref, &vm).await? {
                     None => return Err(self.vanished(&env).await),
                     Some(info) if info.ssh_port != Some(at.ssh_port) => {

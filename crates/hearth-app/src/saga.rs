@@ -335,6 +335,9 @@ impl<'a> Run<'a> {
                 continue;
             }
             let env = self.env().await?;
+            if self.overtaken(&env).await? {
+                return Ok(());
+            }
             let outcome = match self.fault_point(&env, step, "").await {
                 Ok(()) => match self.step(step, env.clone()).await {
                     // Acted, not yet recorded: the window a crash must not spoil.
@@ -361,6 +364,22 @@ impl<'a> Run<'a> {
             }
         }
         Ok(())
+    }
+
+    /// A destroy of the environment is waiting: a provision, start or stop ends here
+    /// (between steps, or in a long wait) and leaves the VM to the destroy, which removes
+    /// it by name whatever this run reached. A user's delete never waits out an SSH budget
+    /// or an init script.
+    pub async fn overtaken(&mut self, env: &Environment) -> Result<bool, JobError> {
+        if self.plan == Plan::Destroy {
+            return Ok(false);
+        }
+        let waiting = self.app.store.destroy_queued(&env.id).await.map_err(|e| JobError::Retry(e.to_string()))?;
+        if waiting {
+            self.app.log(env, "info", &format!("a destroy was requested; the {} stops here and the destroy cleans up", self.plan.name())).await;
+            self.save().await?;
+        }
+        Ok(waiting)
     }
 
     /// A simulated host may fail or stall here; real hosts pass.

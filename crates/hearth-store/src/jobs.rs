@@ -187,6 +187,16 @@ impl Store {
         Ok(id)
     }
 
+    /// Whether a destroy of the environment is queued (and so waits for its running job).
+    pub async fn destroy_queued(&self, environment_id: &str) -> Result<bool> {
+        let n: i64 = sqlx::query("SELECT COUNT(*) AS n FROM jobs WHERE environment_id = $1 AND kind = 'destroy' AND state = 'queued'")
+            .bind(environment_id)
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?;
+        Ok(n > 0)
+    }
+
     /// Claims a ready job of `queue` whose environment has nothing earlier outstanding,
     /// leasing it to `owner` for `lease_ms`. Fair between users: the job of the user with
     /// the fewest jobs running in this queue goes first, oldest first among equals, so

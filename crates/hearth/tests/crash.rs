@@ -90,3 +90,55 @@ async fn killed_during_the_init_script() {
     server.wait_env(&token, &id, "destroyed", Duration::from_secs(120)).await;
     assert!(containers_of(&id).is_empty());
 }
+
+/// A VM removed behind Hearth's back while provisioning waits for SSH: the job notices it
+/// is gone (it looks every 2 s) and retries, instead of waiting out the SSH budget.
+#[tokio::test]
+async fn a_vm_removed_while_waiting_for_ssh_is_noticed() {
+    // An image whose VMs never answer SSH: the base image with sleep as its entrypoint.
+    let image = "hearth-test/no-ssh:latest";
+    let made = std::process::Command::new("docker")
+        .args(["create", "--name", "hearth-test-no-ssh-source", "hearth/base:latest"])
+        .output()
+        .unwrap();
+    assert!(made.status.success() || String::from_utf8_lossy(&made.stderr).contains("already in use"), "{made:?}");
+    let committed = std::process::Command::new("docker")
+        .args(["commit", "--change", "ENTRYPOINT [\"sleep\", \"infinity\"]", "hearth-test-no-ssh-source", image])
+        .status()
+        .unwrap();
+    let _ = std::process::Command::new("docker").args(["rm", "-f", "hearth-test-no-ssh-source"]).output();
+    assert!(committed.success(), "docker commit failed");
+
+    let site = Site::new(Db::Sqlite).await.with_env("HEARTH_IMAGE", image).with_env("HEARTH_SSH_WAIT_SECONDS", "600");
+    let server = site.start().await;
+    let token = server.user("gone@example.com", "free").await;
+    let r = server.call("POST", "/v1/environments", Some(&token), Some(json!({"name": "gone", "memoryMb": 512}))).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let store = site.store().await;
+    // Wait until the job waits for SSH, then remove the container.
+    let started = Instant::now();
+    while !server.call("GET", &format!("/v1/environments/{id}/logs"), Some(&token), None).await.body.to_string().contains("waiting for SSH to answer") {
+        assert!(started.elapsed() < Duration::from_secs(60), "never waited for SSH");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(containers_of(&id).len(), 1);
+    let removed = std::process::Command::new("docker").args(["rm", "-f", &format!("hearth-{id}")]).status().unwrap();
+    assert!(removed.success());
+    // The attempt ends with the VM's absence, not with the 600 s SSH budget.
+    let job = loop {
+        let job = store.jobs_for_environment(&id).await.unwrap().remove(0);
+        if job.last_error.is_some() {
+            break job;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "the removal went unnoticed: {job:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(job.last_error.as_deref().unwrap().contains("no longer exists"), "{job:?}");
+    // A delete does not wait for the next attempt's 600 s either: the provision gives way.
+    server.call("DELETE", &format!("/v1/environments/{id}"), Some(&token), None).await;
+    server.wait_env(&token, &id, "destroyed", Duration::from_secs(120)).await;
+    assert!(containers_of(&id).is_empty());
+    let logs = server.call("GET", &format!("/v1/environments/{id}/logs"), Some(&token), None).await.body.to_string();
+    assert!(logs.contains("a destroy was requested; the provision stops here"), "{logs}");
+}
