@@ -406,8 +406,11 @@ impl Watch {
 }
 
 /// Polls until the state is `want`, printing new log lines as they come; `error` (or an
-/// unexpected `destroyed`) ends it with exit code 1.
-async fn wait_until(client: &Client, w: Watch, want: &str, timeout: u64) -> Result<ExitCode, Failure> {
+/// unexpected `destroyed`) ends it with exit code 1. `requested` is the answer to the
+/// request being waited for: a state it already had (say, the `error` a destroy was asked
+/// to clear) is not the outcome, only a later generation is.
+async fn wait_until(client: &Client, w: Watch, want: &str, timeout: u64, requested: &Value) -> Result<ExitCode, Failure> {
+    let since = requested["generation"].as_i64().unwrap_or(i64::MIN);
     let bar = spinner("waiting");
     let started = Instant::now();
     let mut seen = 0usize;
@@ -439,7 +442,8 @@ async fn wait_until(client: &Client, w: Watch, want: &str, timeout: u64) -> Resu
             (w.print)(&current);
             return Ok(ExitCode::SUCCESS);
         }
-        if state == "error" || state == "destroyed" {
+        let newer = current["generation"].as_i64().is_none_or(|g| g > since);
+        if (state == "error" || state == "destroyed") && newer {
             bar.finish_and_clear();
             (w.print)(&current);
             let reason = current["stateMessage"].as_str().unwrap_or("no reason given");
@@ -468,7 +472,7 @@ async fn vm(command: VmCommand) -> Result<ExitCode, Failure> {
                 print_vm(&vm);
                 return Ok(ExitCode::SUCCESS);
             }
-            wait_until(&client, Watch::vm(), "running", wait.timeout).await
+            wait_until(&client, Watch::vm(), "running", wait.timeout, &Value::Null).await
         }
         VmCommand::Status { json } => {
             let vm = client.get("/v1/me/vm").await?;
@@ -480,16 +484,16 @@ async fn vm(command: VmCommand) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
         VmCommand::Start { wait } => {
-            client.post("/v1/me/vm/start", json!({})).await?;
-            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::vm(), "running", wait.timeout).await }
+            let requested = client.post("/v1/me/vm/start", json!({})).await?;
+            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::vm(), "running", wait.timeout, &requested).await }
         }
         VmCommand::Stop { wait } => {
-            client.post("/v1/me/vm/stop", json!({})).await?;
-            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::vm(), "stopped", wait.timeout).await }
+            let requested = client.post("/v1/me/vm/stop", json!({})).await?;
+            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::vm(), "stopped", wait.timeout, &requested).await }
         }
         VmCommand::Destroy { wait } => {
-            client.delete("/v1/me/vm").await?;
-            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::vm(), "destroyed", wait.timeout).await }
+            let requested = client.delete("/v1/me/vm").await?;
+            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::vm(), "destroyed", wait.timeout, &requested).await }
         }
         VmCommand::Exec { timeout, workdir, command } => {
             let mut body = json!({ "code": command.join(" "), "timeoutSeconds": timeout });
@@ -564,7 +568,7 @@ async fn env(command: EnvCommand) -> Result<ExitCode, Failure> {
             if wait.no_wait {
                 return Ok(ExitCode::SUCCESS);
             }
-            wait_until(&client, Watch::env(&s(&e, "id")), "running", wait.timeout).await
+            wait_until(&client, Watch::env(&s(&e, "id")), "running", wait.timeout, &Value::Null).await
         }
         EnvCommand::List { all } => {
             let list = client.get(&format!("/v1/environments?includeDestroyed={all}")).await?;
@@ -581,16 +585,16 @@ async fn env(command: EnvCommand) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
         EnvCommand::Start { id, wait } => {
-            client.post(&format!("/v1/environments/{id}/start"), json!({})).await?;
-            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::env(&id), "running", wait.timeout).await }
+            let requested = client.post(&format!("/v1/environments/{id}/start"), json!({})).await?;
+            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::env(&id), "running", wait.timeout, &requested).await }
         }
         EnvCommand::Stop { id, wait } => {
-            client.post(&format!("/v1/environments/{id}/stop"), json!({})).await?;
-            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::env(&id), "stopped", wait.timeout).await }
+            let requested = client.post(&format!("/v1/environments/{id}/stop"), json!({})).await?;
+            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::env(&id), "stopped", wait.timeout, &requested).await }
         }
         EnvCommand::Destroy { id, wait } => {
-            client.delete(&format!("/v1/environments/{id}")).await?;
-            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::env(&id), "destroyed", wait.timeout).await }
+            let requested = client.delete(&format!("/v1/environments/{id}")).await?;
+            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::env(&id), "destroyed", wait.timeout, &requested).await }
         }
         EnvCommand::Exec { id, timeout, workdir, command } => {
             let mut body = json!({ "code": command.join(" "), "timeoutSeconds": timeout });
@@ -600,7 +604,7 @@ async fn env(command: EnvCommand) -> Result<ExitCode, Failure> {
             let out = client.post(&format!("/v1/environments/{id}/exec"), body).await?;
             print_exec(&out, timeout)
         }
-        EnvCommand::Wait { id, state, timeout } => wait_until(&client, Watch::env(&id), &state, timeout).await,
+        EnvCommand::Wait { id, state, timeout } => wait_until(&client, Watch::env(&id), &state, timeout, &Value::Null).await,
         EnvCommand::Audit { id } => {
             let list = client.get(&format!("/v1/environments/{id}/audit?limit=1000")).await?;
             for a in list["items"].as_array().cloned().unwrap_or_default() {

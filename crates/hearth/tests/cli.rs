@@ -65,6 +65,18 @@ async fn cli_drives_vms_and_environments() {
     let (code, _, _) = hearth(&server, &token, &["env", "destroy", &slug]);
     assert_eq!(code, 0);
 
+    // Destroying an environment in `error` succeeds: the error it had is not the outcome.
+    let script = site.dir.path().join("fail.sh");
+    std::fs::write(&script, "exit 7\n").unwrap();
+    let (code, out, err) = hearth(&server, &token, &["env", "create", "broken", "--memory-mb", "256", "--init-script", script.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    let slug = out.split_whitespace().find(|w| w.starts_with("(env_")).unwrap().trim_matches(|c| c == '(' || c == ')' || c == ';').to_string();
+    let (code, out, err) = hearth(&server, &token, &["env", "wait", &slug, "--state", "error"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = hearth(&server, &token, &["env", "destroy", &slug]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("destroyed"), "{out}");
+
     // Failures: unknown id is 1, a refused token is 3, admin commands need the role.
     let (code, _, err) = hearth(&server, &token, &["env", "show", "env_nothere"]);
     assert_eq!(code, 1, "{err}");
