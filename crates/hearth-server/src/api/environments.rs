@@ -198,12 +198,34 @@ pub struct PageQuery {
 /// The commands run in an environment, oldest first, without their output.
 #[utoipa::path(get, path = "/v1/environments/{id}/executions", tag = "environments",
     params(("id" = String, Path, description = "id or slug"), PageQuery),
-    responses((status = 200, description = "a page of at most 5 MiB", body = Page<ExecutionSummaryView>), Invalid, Missing, Authed))]
+    responses((status = 200, description = "a page of at most `limit` executions and 1 MiB", body = Page<ExecutionSummaryView>), Invalid, Missing, Authed))]
 pub async fn executions(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>, Params(q): Params<PageQuery>) -> ApiResult<Json<Page<ExecutionSummaryView>>> {
     let env = app.owned_environment(&user, &id).await?;
     let cursor = q.cursor.as_deref().filter(|c| !c.is_empty());
     let (items, next_cursor) = app.store.executions_page(&env.id, cursor, page_limit(q.limit)?).await?;
-    Ok(Json(Page { items: items.iter().map(ExecutionSummaryView::from).collect(), next_cursor }))
+    let views: Vec<ExecutionSummaryView> = items.iter().map(ExecutionSummaryView::from).collect();
+    Ok(Json(within_bytes(views, next_cursor, |e| e.id.clone())))
+}
+
+/// Most bytes a page of executions holds (the rest is on the next page).
+pub const PAGE_BYTES: usize = 1024 * 1024;
+
+/// Cuts a page to `PAGE_BYTES` of JSON (always keeping one item); the next page starts
+/// after the last item kept.
+fn within_bytes<T: serde::Serialize + utoipa::ToSchema>(items: Vec<T>, next_cursor: Option<String>, cursor_of: impl Fn(&T) -> String) -> Page<T> {
+    let mut used = 0;
+    let mut kept = Vec::with_capacity(items.len());
+    let total = items.len();
+    for item in items {
+        let size = serde_json::to_vec(&item).map(|b| b.len() + 1).unwrap_or(0);
+        if !kept.is_empty() && used + size > PAGE_BYTES {
+            break;
+        }
+        used += size;
+        kept.push(item);
+    }
+    let next_cursor = if kept.len() < total { kept.last().map(&cursor_of) } else { next_cursor };
+    Page { items: kept, next_cursor }
 }
 
 /// One command run in an environment, with its stored output (64 KiB per stream).
