@@ -32,8 +32,8 @@ pub async fn tokens(State(app): State<App>, Caller(user): Caller) -> ApiResult<J
 #[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewTokenBody {
-    /// What the token is for, e.g. "laptop" or "ci".
-    #[schema(min_length = 1, max_length = 64)]
+    /// What the token is for, e.g. "laptop" or "ci": 1 to 64 characters, no control characters.
+    #[schema(min_length = 1, max_length = 64, pattern = r"^[^\u0000-\u001F\u007F-\u009F]{1,64}$")]
     name: String,
 }
 
