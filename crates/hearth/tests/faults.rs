@@ -136,6 +136,7 @@ async fn a_docker_outage_is_ridden_out() {
     let server = site.start().await;
     let r = server.call("POST", "/v1/admin/hosts", Some(&server.admin_token), Some(json!({
         "name": "outage", "kind": "docker", "endpoint": engine.socket, "region": "out", "maxVcpus": 32, "maxMemoryMb": 32768,
+        "options": engine.options(),
     }))).await;
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     let token = server.user("outage@example.com", "pro").await;

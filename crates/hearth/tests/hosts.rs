@@ -148,6 +148,7 @@ async fn two_engines_two_nodes() {
     assert!(r.body["error"]["message"].as_str().unwrap().contains("nothing was added"));
     let r = a.call("POST", "/v1/admin/hosts", Some(&admin), Some(json!({
         "name": "engine-2", "kind": "docker", "endpoint": engine.socket, "region": "two", "maxVcpus": 32, "maxMemoryMb": 32768,
+        "options": engine.options(),
     }))).await;
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     let second = r.body["id"].as_str().unwrap().to_string();

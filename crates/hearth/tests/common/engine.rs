@@ -97,6 +97,12 @@ impl Engine {
         }
     }
 
+    /// The host `options` for this engine: VM networks from a range of its own, since two
+    /// engines on one machine do not see each other's networks.
+    pub fn options(&self) -> serde_json::Value {
+        serde_json::json!({ "subnetPool": format!("10.214.{}.0/24", self.subnet) })
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("dockerd.log")).unwrap_or_default()
     }
