@@ -35,6 +35,18 @@ async fn reach(server: &Server, token: &str, id: &str, ip: &str, port: u16) -> S
     stdout(server, token, id, &code).await
 }
 
+/// The host's forwarding rules and addresses, for a failure's message.
+fn firewall() -> String {
+    let mut out = String::new();
+    for args in [&["iptables", "-S", "FORWARD"][..], &["iptables", "-S", "DOCKER-USER"], &["iptables", "-S", "DOCKER-ISOLATION-STAGE-1"],
+        &["iptables", "-S", "DOCKER-ISOLATION-STAGE-2"], &["ip", "-4", "-brief", "addr"]]
+    {
+        let o = std::process::Command::new(args[0]).args(&args[1..]).output().unwrap();
+        out.push_str(&String::from_utf8_lossy(&o.stdout));
+    }
+    out
+}
+
 async fn host_id(server: &Server) -> String {
     let hosts = server.call("GET", "/v1/admin/hosts", Some(&server.admin_token), None).await;
     hosts.body["items"][0]["id"].as_str().unwrap().to_string()
@@ -63,8 +75,10 @@ async fn vms_of_different_users_cannot_reach_each_other_or_the_host() {
     // The probe works: a VM reaches its own sshd by its address.
     assert_eq!(reach(&server, &alice, &a, &a_ip, 22).await, "open");
     // It does not reach another user's VM.
-    assert_eq!(reach(&server, &alice, &a, &b_ip, 22).await, "closed");
-    assert_eq!(reach(&server, &bob, &b, &a_ip, 22).await, "closed");
+    for (token, from, to) in [(&alice, &a, &b_ip), (&bob, &b, &a_ip)] {
+        let seen = reach(&server, token, from, to, 22).await;
+        assert_eq!(seen, "closed", "{from} reached {to}:22; the host's rules:\n{}", firewall());
+    }
 
     // A service listening on every address of the host: this machine reaches it at the
     // VM's gateway address, the VM does not.

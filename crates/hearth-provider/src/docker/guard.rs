@@ -7,7 +7,10 @@
 //! - chain `HEARTH-GUESTS`, jumped to from `INPUT` for `-i hz+`: replies and DNS pass,
 //!   every other new connection to the host is rejected;
 //! - in `DOCKER-USER` (which Docker consults before its own forwarding rules): traffic
-//!   from `hz+` to 169.254.0.0/16 is rejected.
+//!   from `hz+` to 169.254.0.0/16 is rejected, and traffic from one VM bridge to another is
+//!   dropped. Docker's own isolation chains already do that; this holds even while Docker
+//!   rewrites them (each VM is alone on its bridge, so nothing legitimate goes bridge to
+//!   bridge).
 //!
 //! It runs `iptables` with arguments (never a shell), is idempotent, and needs root.
 //! Remote engines need the same rules on their own machine: `guard_commands` prints them.
@@ -30,6 +33,7 @@ fn rules() -> Vec<Vec<String>> {
         s(&["-A", CHAIN, "-j", "REJECT", "--reject-with", "icmp-port-unreachable"]),
         s(&["INPUT", "-i", &bridges, "-j", CHAIN]),
         s(&["DOCKER-USER", "-i", &bridges, "-d", "169.254.0.0/16", "-j", "REJECT"]),
+        s(&["DOCKER-USER", "-i", &bridges, "-o", &bridges, "-j", "DROP"]),
     ]
 }
 
