@@ -328,18 +328,19 @@ fn spinner(message: &str) -> ProgressBar {
     bar
 }
 
+/// A fresh directory only this user can enter (mode 0700, a random name), never one that
+/// already exists: the root filesystem of every guest is built in it.
+fn image_work_dir() -> std::io::Result<tempfile::TempDir> {
+    tempfile::Builder::new().prefix("hearth-image-").tempdir()
+}
+
 fn build_image(tag: &str, force: bool) -> Result<ExitCode, Failure> {
     use hearth_provider::image;
     if !force && image::is_current(tag) {
         println!("{tag} is up to date (recipe {})", image::recipe_hash());
         return Ok(ExitCode::SUCCESS);
     }
-    // A fresh directory only this user can enter (mode 0700, a random name), never one
-    // that already exists: the root filesystem of every guest is built in it.
-    let work = tempfile::Builder::new()
-        .prefix("hearth-image-")
-        .tempdir()
-        .map_err(|e| Failure::failed(format!("cannot create a private temporary directory: {e}")))?;
+    let work = image_work_dir().map_err(|e| Failure::failed(format!("cannot create a private temporary directory: {e}")))?;
     let bar = spinner("starting");
     let started = Instant::now();
     let result = image::build(tag, work.path(), &mut |step| {
@@ -741,4 +742,23 @@ async fn hosts(client: &Client, command: HostsCommand) -> Result<ExitCode, Failu
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn images_are_built_in_a_fresh_private_directory() {
+        // Someone else's directory where a predictable name would be: never used.
+        let planted = std::env::temp_dir().join(format!("hearth-image-{}", std::process::id()));
+        std::fs::create_dir_all(&planted).unwrap();
+        let (a, b) = (super::image_work_dir().unwrap(), super::image_work_dir().unwrap());
+        for dir in [&a, &b] {
+            assert_ne!(dir.path(), planted);
+            assert_eq!(std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777, 0o700);
+        }
+        assert_ne!(a.path(), b.path());
+        std::fs::remove_dir(&planted).unwrap();
+    }
 }
