@@ -331,7 +331,8 @@ fn spinner(message: &str) -> ProgressBar {
 /// A fresh directory only this user can enter (mode 0700, a random name), never one that
 /// already exists: the root filesystem of every guest is built in it.
 fn image_work_dir() -> std::io::Result<tempfile::TempDir> {
-    tempfile::Builder::new().prefix("hearth-image-").tempdir()
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new().prefix("hearth-image-").permissions(std::fs::Permissions::from_mode(0o700)).tempdir()
 }
 
 fn build_image(tag: &str, force: bool) -> Result<ExitCode, Failure> {
