@@ -40,7 +40,7 @@ fn rules() -> Vec<Vec<String>> {
 /// The shell commands an operator runs on a remote engine's machine (for documentation
 /// and error messages; Hearth itself never runs a shell).
 pub fn guard_commands() -> Vec<String> {
-    let mut out = vec![format!("iptables -w -N {CHAIN}"), format!("iptables -w -F {CHAIN}")];
+    let mut out = vec![format!("iptables -w -N {CHAIN} 2>/dev/null; iptables -w -F {CHAIN}")];
     for rule in rules() {
         if rule[0] == "-A" {
             out.push(format!("iptables -w {}", rule.join(" ")));
@@ -68,25 +68,61 @@ fn must(args: &[&str]) -> Result<(), String> {
     }
 }
 
+/// The chain as `iptables-restore --noflush` input: declaring the chain empties it and the
+/// rules follow in the same transaction, so there is no moment without them.
+fn chain_restore() -> String {
+    let mut text = format!("*filter\n:{CHAIN} - [0:0]\n");
+    for rule in rules().into_iter().filter(|r| r[0] == "-A") {
+        text.push_str(&rule.join(" "));
+        text.push('\n');
+    }
+    text.push_str("COMMIT\n");
+    text
+}
+
 /// Applies the guard on this machine; the error says what failed and how to do it by hand.
 pub fn guard_local_host() -> Result<(), String> {
-    // Creating a chain that exists fails; that is fine, it is emptied next.
-    let _ = iptables(&["-N", CHAIN]);
+    use std::io::Write;
+    let mut restore = Command::new("iptables-restore")
+        .args(["-w", "--noflush"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run iptables-restore: {e}"))?;
+    restore
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(chain_restore().as_bytes())
+        .map_err(|e| format!("cannot feed iptables-restore: {e}"))?;
+    let out = restore.wait_with_output().map_err(|e| format!("iptables-restore: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("iptables-restore failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    // Docker makes DOCKER-USER when it starts; make it first if Docker has not yet.
     let _ = iptables(&["-N", "DOCKER-USER"]);
-    must(&["-F", CHAIN])?;
-    for rule in rules() {
+    for rule in rules().into_iter().filter(|r| r[0] != "-A") {
         let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
-        if rule[0] == "-A" {
-            must(&rule)?;
-        } else {
-            let mut check = vec!["-C"];
-            check.extend(&rule);
-            if !iptables(&check)?.status.success() {
-                let mut insert = vec!["-I", rule[0], "1"];
-                insert.extend(&rule[1..]);
-                must(&insert)?;
-            }
+        let mut check = vec!["-C"];
+        check.extend(&rule);
+        if !iptables(&check)?.status.success() {
+            let mut insert = vec!["-I", rule[0], "1"];
+            insert.extend(&rule[1..]);
+            must(&insert)?;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_chain_is_replaced_in_one_transaction() {
+        let text = super::chain_restore();
+        assert!(text.starts_with("*filter\n:HEARTH-GUESTS - [0:0]\n"), "{text}");
+        assert!(text.ends_with("COMMIT\n"));
+        assert_eq!(text.lines().filter(|l| l.starts_with("-A HEARTH-GUESTS")).count(), 6);
+        assert!(!text.contains("INPUT"), "jumps are added one by one, after the chain exists");
+    }
 }
