@@ -20,9 +20,10 @@ setup:
 
 ## Every test, on SQLite and PostgreSQL, against the real Docker engine; then the fuzzer.
 test:
-	scripts/services.sh docker postgres redis fuzz
+	scripts/services.sh docker postgres redis fuzz qemu
 	$(CARGO) build --bin hearth
 	$(HEARTH_DEBUG) image build
+	$(HEARTH_DEBUG) image build --vm
 	$(MAKE) clean-containers
 	HEARTH_TEST_POSTGRES_URL=$(PG_URL) $(CARGO) nextest run --workspace --no-fail-fast; \
 	  status=$$?; python3 scripts/fuzz.py $(HEARTH_DEBUG) --examples 10 || status=1; \

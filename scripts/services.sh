@@ -4,6 +4,7 @@
 #   scripts/services.sh postgres    PostgreSQL 15 on 127.0.0.1 with a `hearth` role (tests)
 #   scripts/services.sh redis       redis-server installed (tests start their own)
 #   scripts/services.sh fuzz        schemathesis (pinned) from PyPI
+#   scripts/services.sh qemu        QEMU, qemu-img and busybox for VM hosts (hearth agent)
 # Prints the variables to export on its last lines.
 set -euo pipefail
 
@@ -90,6 +91,23 @@ install_fuzzer() {
   fi
 }
 
+# QEMU for VM hosts. Debian 12's qemu-system-x86 needs its own qemu-utils: a machine that
+# has a newer one (from backports) would lose it to a plain install, so both are pinned to
+# the version qemu-system-x86 comes in, in one command. busybox-static: the VM initramfs.
+install_qemu() {
+  if ! command -v qemu-system-x86_64 >/dev/null || ! command -v qemu-img >/dev/null || [ ! -x /bin/busybox ]; then
+    if [ ! -f /var/lib/apt/periodic/hearth-updated ]; then
+      apt-get update -qq
+      mkdir -p /var/lib/apt/periodic && touch /var/lib/apt/periodic/hearth-updated
+    fi
+    local v
+    v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+    echo "installing qemu-system-x86 and qemu-utils $v, busybox-static" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades \
+      "qemu-system-x86=$v" "qemu-utils=$v" busybox-static e2fsprogs mmdebstrap >/dev/null
+  fi
+}
+
 need_root
 for what in "$@"; do
   case "$what" in
@@ -97,6 +115,7 @@ for what in "$@"; do
     postgres) start_postgres ;;
     redis) install_redis ;;
     fuzz) install_fuzzer ;;
-    *) echo "scripts/services.sh: unknown service $what (docker, postgres, redis, fuzz)" >&2; exit 2 ;;
+    qemu) install_qemu ;;
+    *) echo "scripts/services.sh: unknown service $what (docker, postgres, redis, fuzz, qemu)" >&2; exit 2 ;;
   esac
 done

@@ -60,13 +60,16 @@ pub enum ImageError {
     Failed(String),
 }
 
-fn run(cmd: &mut Command, what: &str) -> Result<String, ImageError> {
+/// Runs a program (an argument vector, never a shell); its stderr's tail is the error.
+pub fn run(cmd: &mut Command, what: &str) -> Result<String, ImageError> {
     let out = cmd.output().map_err(|e| {
         let program = cmd.get_program().to_string_lossy().to_string();
         if e.kind() == std::io::ErrorKind::NotFound {
             let hint = match program.as_str() {
                 "mmdebstrap" => "apt-get install mmdebstrap",
                 "docker" => "apt-get install docker.io",
+                "mkfs.ext4" => "apt-get install e2fsprogs",
+                "qemu-img" | "qemu-system-x86_64" => "apt-get install qemu-system-x86 qemu-utils (in one command)",
                 _ => "install it with apt-get",
             };
             ImageError::Missing { program, hint: hint.into() }

@@ -216,13 +216,20 @@ enum HostsCommand {
 
 #[derive(Subcommand)]
 enum ImageCommand {
-    /// Build the Docker base image from Debian packages (needs root, mmdebstrap, dockerd).
+    /// Build the guest image from Debian packages (needs root and mmdebstrap): the Docker
+    /// base image, or with `--vm` a VM host's kernel, initramfs and root disk.
     Build {
         #[arg(long, default_value = hearth_provider::image::DEFAULT_IMAGE)]
         tag: String,
         /// Rebuild even if an image from the same recipe exists.
         #[arg(long)]
         force: bool,
+        /// Build the VM image (for `hearth agent` with QEMU or Firecracker) instead.
+        #[arg(long)]
+        vm: bool,
+        /// Where the VM image goes.
+        #[arg(long, env = "HEARTH_VM_IMAGE_DIR", default_value = hearth_agent::DEFAULT_VM_IMAGE_DIR)]
+        dir: std::path::PathBuf,
     },
 }
 
@@ -295,7 +302,8 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     match cli.command {
         Command::Serve => serve().await,
-        Command::Image { command: ImageCommand::Build { tag, force } } => build_image(&tag, force),
+        Command::Image { command: ImageCommand::Build { vm: true, force, dir, .. } } => build_vm_image(&dir, force),
+        Command::Image { command: ImageCommand::Build { tag, force, .. } } => build_image(&tag, force),
         Command::Vm { command } => vm(command).await,
         Command::Env { command } => env(command).await,
         Command::Admin { command } => admin(command).await,
@@ -333,6 +341,26 @@ fn spinner(message: &str) -> ProgressBar {
 fn image_work_dir() -> std::io::Result<tempfile::TempDir> {
     use std::os::unix::fs::PermissionsExt;
     tempfile::Builder::new().prefix("hearth-image-").permissions(std::fs::Permissions::from_mode(0o700)).tempdir()
+}
+
+fn build_vm_image(dir: &std::path::Path, force: bool) -> Result<ExitCode, Failure> {
+    use hearth_agent::image::{VmImage, build, recipe_hash};
+    if !force && VmImage::is_current(dir) {
+        println!("the VM image in {} is up to date (recipe {})", dir.display(), recipe_hash());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let work = image_work_dir().map_err(|e| Failure::failed(format!("cannot create a private temporary directory: {e}")))?;
+    let bar = spinner("starting");
+    let started = Instant::now();
+    let result = build(dir, work.path(), &mut |step| {
+        bar.println(format!("[{:>5.1}s] {step}", started.elapsed().as_secs_f64()));
+        bar.set_message(step.to_string());
+    });
+    bar.finish_and_clear();
+    drop(work);
+    let image = result.map_err(|e| Failure::failed(e.to_string()))?;
+    println!("built the VM image (kernel {}) into {} in {:.1}s", image.kernel_version, dir.display(), started.elapsed().as_secs_f64());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn build_image(tag: &str, force: bool) -> Result<ExitCode, Failure> {

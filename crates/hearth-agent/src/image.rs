@@ -1,0 +1,272 @@
+//! `hearth image build --vm`: the guest of a VM host, from Debian packages. `mmdebstrap`
+//! makes a root file system with Debian's cloud kernel; Hearth adds the `dev` user,
+//! key-only sshd and its init, then writes three files into the image directory:
+//! - `vmlinuz`: the kernel, taken from the root file system's `/boot`;
+//! - `initrd.gz`: a minimal initramfs (`initramfs.rs`): busybox and the virtio modules;
+//! - `rootfs.ext4`: the root file system (`mkfs.ext4 -d`, no loop device or mount), the
+//!   read-only base every VM's copy-on-write disk is layered on;
+//! - `manifest.json`: the kernel version and the recipe, so a current image is not rebuilt.
+//!
+//! Per-VM data (the authorized key, the hostname, the network) reaches the guest on a
+//! small second disk, the config drive (`/dev/vdb`, ext4, read-only): one mechanism that
+//! works for QEMU and Firecracker alike.
+//!
+//! Every external program runs with an argument vector; nothing goes through a shell.
+
+use hearth_provider::image::{ImageError, SUITE, SSHD_CONFIG, SUDOERS, run};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const VM_PACKAGES: &str =
+    "linux-image-cloud-amd64,openssh-server,sudo,git,curl,ca-certificates,iproute2,procps,bash,less,kmod,e2fsprogs,tini";
+
+/// The cloud kernel's virtio drivers are modules; these, in load order, give a disk and a NIC.
+pub const MODULES: [&str; 9] = [
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_legacy_dev",
+    "virtio_pci_modern_dev",
+    "virtio_pci",
+    "virtio_blk",
+    "failover",
+    "net_failover",
+    "virtio_net",
+];
+
+/// The initramfs's `/init`: load the modules, mount the root disk, switch to its init. A
+/// failure powers the VM off (it would otherwise hang, invisible, until a timeout).
+pub const INITRAMFS_INIT: &str = r#"#!/bin/busybox sh
+b=/bin/busybox
+fail() { $b echo "hearth initramfs: $*" > /dev/console; $b poweroff -f; }
+$b mount -t devtmpfs dev /dev || fail "no devtmpfs"
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk failover net_failover virtio_net; do
+  $b insmod /modules/$m.ko || fail "cannot load $m"
+done
+n=0
+while [ ! -b /dev/vda ]; do n=$((n + 1)); [ $n -gt 500 ] && fail "no root disk"; $b sleep 0.01; done
+$b mount -t ext4 -o rw /dev/vda /newroot || fail "cannot mount the root disk"
+$b mount --move /dev /newroot/dev
+exec $b switch_root /newroot /sbin/hearth-init
+"#;
+
+/// `rdinit=/probe`: proves the accelerator runs a guest (see `qemu::probe_kvm`).
+pub const PROBE: &str = "#!/bin/busybox sh\n/bin/busybox echo hearth-probe-ok > /dev/console\n/bin/busybox poweroff -f\n";
+
+/// The guest's init: file systems, the disk grown to its size, the config drive, network,
+/// the authorized key, then sshd under tini (PID 1 must reap orphans).
+pub const VM_INIT: &str = r#"#!/bin/sh
+PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mkdir -p /dev/pts /dev/shm
+ln -sf /proc/self/fd /dev/fd
+ln -sf /proc/self/fd/0 /dev/stdin
+ln -sf /proc/self/fd/1 /dev/stdout
+ln -sf /proc/self/fd/2 /dev/stderr
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs tmpfs /run
+mkdir -p /run/sshd /run/hearth
+resize2fs /dev/vda >/dev/null 2>&1
+mount -o ro /dev/vdb /run/hearth
+cfg() { cat "/run/hearth/$1" 2>/dev/null || echo "$2"; }
+hostname "$(cfg hostname hearth)"
+ip link set lo up
+for n in /sys/class/net/*; do
+  i=${n##*/}
+  [ "$i" = lo ] && continue
+  ip addr add "$(cfg address 10.0.2.15/24)" dev "$i"
+  ip link set "$i" up
+  ip route add default via "$(cfg gateway 10.0.2.2)"
+  break
+done
+echo "nameserver $(cfg dns 10.0.2.3)" > /etc/resolv.conf
+install -d -o dev -g dev -m 700 /home/dev/.ssh
+install -o dev -g dev -m 600 /run/hearth/authorized_keys /home/dev/.ssh/authorized_keys
+[ -f /etc/ssh/ssh_host_ed25519_key ] || ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key
+echo "hearth: sshd starting" > /dev/ttyS0
+exec /usr/bin/tini -- /usr/sbin/sshd -D -e
+"#;
+
+/// Identifies this recipe; an image directory with the same one needs no rebuild.
+pub fn recipe_hash() -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for part in [SUITE, VM_PACKAGES, INITRAMFS_INIT, PROBE, VM_INIT, SSHD_CONFIG, SUDOERS] {
+        for b in part.bytes().chain(std::iter::once(0)) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// A built VM image.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VmImage {
+    #[serde(skip)]
+    pub dir: PathBuf,
+    pub kernel_version: String,
+    pub recipe: String,
+}
+
+impl VmImage {
+    pub fn kernel(&self) -> PathBuf {
+        self.dir.join("vmlinuz")
+    }
+
+    pub fn initrd(&self) -> PathBuf {
+        self.dir.join("initrd.gz")
+    }
+
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs.ext4")
+    }
+
+    /// The image in `dir`, if one was built there.
+    pub fn open(dir: &Path) -> Result<VmImage, ImageError> {
+        let text = std::fs::read_to_string(dir.join("manifest.json")).map_err(|e| {
+            ImageError::Failed(format!("no VM image in {} ({e}); build it with `hearth image build --vm`", dir.display()))
+        })?;
+        let mut image: VmImage =
+            serde_json::from_str(&text).map_err(|e| ImageError::Failed(format!("{}/manifest.json is unreadable: {e}", dir.display())))?;
+        image.dir = dir.to_path_buf();
+        for file in [image.kernel(), image.initrd(), image.rootfs()] {
+            if !file.is_file() {
+                return Err(ImageError::Failed(format!("{} is missing; rebuild with `hearth image build --vm`", file.display())));
+            }
+        }
+        Ok(image)
+    }
+
+    pub fn is_current(dir: &Path) -> bool {
+        VmImage::open(dir).is_ok_and(|i| i.recipe == recipe_hash())
+    }
+}
+
+fn write(path: &Path, contents: &[u8], mode: u32) -> Result<(), ImageError> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |e: std::io::Error| ImageError::Failed(format!("write {}: {e}", path.display()));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    std::fs::write(path, contents).map_err(fail)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(fail)
+}
+
+/// The initramfs for the kernel whose modules are under `modules` (`/lib/modules/<v>`).
+fn initramfs(modules: &Path) -> Result<Vec<u8>, ImageError> {
+    use crate::initramfs::{Entry, newc_gz};
+    let busybox = std::fs::read("/bin/busybox")
+        .map_err(|e| ImageError::Missing { program: format!("/bin/busybox ({e})"), hint: "apt-get install busybox-static".into() })?;
+    let mut entries = vec![
+        Entry::Dir("bin".into()),
+        Entry::Dir("dev".into()),
+        Entry::Dir("newroot".into()),
+        Entry::Dir("modules".into()),
+        Entry::File { path: "bin/busybox".into(), mode: 0o755, data: busybox },
+        Entry::File { path: "init".into(), mode: 0o755, data: INITRAMFS_INIT.as_bytes().to_vec() },
+        Entry::File { path: "probe".into(), mode: 0o755, data: PROBE.as_bytes().to_vec() },
+    ];
+    let dep = std::fs::read_to_string(modules.join("modules.dep"))
+        .map_err(|e| ImageError::Failed(format!("read {}/modules.dep: {e}", modules.display())))?;
+    for name in MODULES {
+        let rel = dep
+            .lines()
+            .filter_map(|l| l.split(':').next())
+            .find(|p| Path::new(p).file_name().is_some_and(|f| f == format!("{name}.ko").as_str()))
+            .ok_or_else(|| ImageError::Failed(format!("the kernel has no module {name}.ko (uncompressed) in modules.dep")))?;
+        let data = std::fs::read(modules.join(rel)).map_err(|e| ImageError::Failed(format!("read {rel}: {e}")))?;
+        entries.push(Entry::File { path: format!("modules/{name}.ko"), mode: 0o644, data });
+    }
+    newc_gz(&entries).map_err(|e| ImageError::Failed(format!("pack the initramfs: {e}")))
+}
+
+/// Builds the image into `out` (replacing what is there), working in `work`, calling `step`
+/// before each stage. Needs root (mmdebstrap, chroot).
+pub fn build(out: &Path, work: &Path, step: &mut dyn FnMut(&str)) -> Result<VmImage, ImageError> {
+    let root = work.join("rootfs");
+    step("debootstrapping Debian with its cloud kernel (about 30 s)");
+    run(
+        Command::new("mmdebstrap").args(["--variant=minbase", "--quiet"]).arg(format!("--include={VM_PACKAGES}")).arg(SUITE).arg(&root),
+        "mmdebstrap",
+    )?;
+    step("adding the dev user, sshd configuration and init");
+    run(Command::new("chroot").arg(&root).args(["useradd", "--create-home", "--shell", "/bin/bash", "dev"]), "useradd")?;
+    run(Command::new("chroot").arg(&root).args(["usermod", "--password", "*", "dev"]), "usermod")?;
+    for entry in std::fs::read_dir(root.join("etc/ssh")).map_err(|e| ImageError::Failed(format!("read etc/ssh: {e}")))? {
+        let entry = entry.map_err(|e| ImageError::Failed(e.to_string()))?;
+        if entry.file_name().to_string_lossy().starts_with("ssh_host_") {
+            std::fs::remove_file(entry.path()).map_err(|e| ImageError::Failed(format!("remove host key: {e}")))?;
+        }
+    }
+    write(&root.join("sbin/hearth-init"), VM_INIT.as_bytes(), 0o755)?;
+    write(&root.join("etc/ssh/sshd_config.d/hearth.conf"), SSHD_CONFIG.as_bytes(), 0o644)?;
+    write(&root.join("etc/sudoers.d/dev"), SUDOERS.as_bytes(), 0o440)?;
+    let modules_dir = root.join("lib/modules");
+    let kernel_version = std::fs::read_dir(&modules_dir)
+        .map_err(|e| ImageError::Failed(format!("read {}: {e}", modules_dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().to_string()))
+        .max()
+        .ok_or_else(|| ImageError::Failed("the root file system has no kernel modules".into()))?;
+    step("packing the initramfs (busybox and the virtio modules)");
+    let initrd = initramfs(&modules_dir.join(&kernel_version))?;
+    let staging = work.join("image");
+    std::fs::create_dir_all(&staging).map_err(|e| ImageError::Failed(format!("mkdir {}: {e}", staging.display())))?;
+    std::fs::copy(root.join(format!("boot/vmlinuz-{kernel_version}")), staging.join("vmlinuz"))
+        .map_err(|e| ImageError::Failed(format!("copy the kernel: {e}")))?;
+    write(&staging.join("initrd.gz"), &initrd, 0o644)?;
+    // The kernel and Debian's initrd stay out of the disk: the VM boots the ones beside it.
+    for entry in std::fs::read_dir(root.join("boot")).map_err(|e| ImageError::Failed(format!("read boot: {e}")))? {
+        let path = entry.map_err(|e| ImageError::Failed(e.to_string()))?.path();
+        let _ = std::fs::remove_file(path);
+    }
+    let _ = std::fs::remove_dir_all(root.join("var/cache/apt/archives"));
+    step("writing the root file system (mkfs.ext4 -d)");
+    let used_mb = dir_size(&root) / (1024 * 1024);
+    // Room for the metadata; each VM's disk grows to its own size at boot.
+    let size_mb = used_mb + used_mb / 4 + 256;
+    run(
+        Command::new("mkfs.ext4").args(["-q", "-F", "-L", "hearth-root", "-d"]).arg(&root).arg(staging.join("rootfs.ext4")).arg(format!("{size_mb}M")),
+        "mkfs.ext4",
+    )?;
+    let image = VmImage { dir: out.to_path_buf(), kernel_version, recipe: recipe_hash() };
+    write(&staging.join("manifest.json"), serde_json::to_string_pretty(&image).expect("serializable").as_bytes(), 0o644)?;
+    // Replaced whole: a VM never boots a half-written image.
+    let _ = std::fs::remove_dir_all(out);
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| ImageError::Failed(format!("mkdir {}: {e}", parent.display())))?;
+    }
+    std::fs::rename(&staging, out).or_else(|_| copy_dir(&staging, out)).map_err(|e| {
+        ImageError::Failed(format!("move the image into {}: {e}", out.display()))
+    })?;
+    let _ = std::fs::remove_dir_all(&root);
+    VmImage::open(out)
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries.flatten() {
+            let Ok(meta) = e.path().symlink_metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += meta.len();
+            }
+        }
+    }
+    total
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        std::fs::copy(e.path(), to.join(e.file_name()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,19 @@
+//! `hearth agent`: runs VMs on a VM host for the control plane.
+//!
+//! Architecture invariant: the agent knows nothing of users, quotas or the database. It
+//! keeps its own durable records of the VMs it runs (one directory per VM), so after a
+//! restart it adopts what still runs and reports what died, and it never makes a second
+//! VM for one name.
+//!
+//! - `image.rs`: the VM guest (kernel, minimal initramfs, ext4 root) from Debian packages.
+//! - `initramfs.rs`: the cpio writer for that initramfs.
+//! - `qmp.rs`: a client of QEMU's machine protocol.
+//! - `qemu.rs`: the `qemu` backend.
+
+pub mod image;
+pub mod initramfs;
+pub mod qemu;
+pub mod qmp;
+
+/// Where `hearth image build --vm` puts the VM image, and where the agent looks for it.
+pub const DEFAULT_VM_IMAGE_DIR: &str = "/var/lib/hearth/vm-image";

@@ -1,0 +1,428 @@
+//! The `qemu` backend: one `qemu-system-x86_64` per VM, started detached (`-daemonize`)
+//! so it outlives the agent, and driven over QMP (`qmp.rs`).
+//!
+//! Each VM has a directory under the agent's state directory:
+//! - `record.json`: what was asked (sizes, SSH port, the accelerator) — the durable record
+//!   an agent reads back after a restart to adopt the VMs still running;
+//! - `disk.qcow2`: copy-on-write over the image's `rootfs.ext4`, with the VM's disk size as
+//!   its virtual size (the guest grows its file system to it at boot, and cannot exceed it);
+//! - `config.ext4`: the config drive (authorized key, hostname), read-only in the guest;
+//! - `qmp.sock`, `qemu.pid`, `console.log` (the serial console, for diagnosis).
+//!
+//! Network: QEMU user-mode networking with SSH forwarded from a port on 127.0.0.1. Each VM
+//! has its own network stack inside its QEMU process, so VMs cannot address each other.
+//!
+//! Stop is a power-off (QMP `quit`): the guest's ext4 journal makes the next boot
+//! consistent. Pause and resume are QMP `stop` and `cont`.
+//!
+//! The accelerator is decided by outcome, not by `/dev/kvm` existing (on some machines it
+//! opens and guests then hang): `probe_kvm` boots the initramfs's `/probe` under KVM and
+//! uses KVM only if it prints its marker in time; software emulation (TCG) otherwise.
+
+use crate::image::VmImage;
+use crate::qmp::Qmp;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub const QEMU: &str = "qemu-system-x86_64";
+/// How long a QEMU process may take to stop after `quit` before it is killed.
+const QUIT_GRACE: Duration = Duration::from_secs(5);
+/// How long the KVM probe may take; a working KVM prints its marker in well under a second.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Printed by the initramfs's `/probe`.
+pub const PROBE_MARKER: &str = "hearth-probe-ok";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("no VM {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<crate::qmp::QmpError> for VmmError {
+    fn from(e: crate::qmp::QmpError) -> VmmError {
+        VmmError::Failed(e.to_string())
+    }
+}
+
+/// What to make.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VmSpec {
+    /// The VM's name (`hearth-<environment id>`): one VM per name, ever.
+    pub name: String,
+    pub environment_id: String,
+    pub hostname: String,
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub disk_gb: i64,
+    /// OpenSSH public keys, one per line, for the guest's `dev` user.
+    pub authorized_keys: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What the agent keeps of a VM, on disk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VmRecord {
+    pub spec: VmSpec,
+    pub ssh_port: u16,
+    pub accel: Accel,
+    pub created_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmStatus {
+    Running,
+    Paused,
+    Stopped,
+}
+
+pub struct QemuHost {
+    dir: PathBuf,
+    image: VmImage,
+    accel: Accel,
+    /// Serializes changes to one VM at a time on this host (creates race on ports and names).
+    lock: tokio::sync::Mutex<()>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn fail(what: &str) -> impl Fn(std::io::Error) -> VmmError + '_ {
+    move |e| VmmError::Failed(format!("{what}: {e}"))
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<(), VmmError> {
+    hearth_provider::image::run(cmd, what).map(|_| ()).map_err(|e| VmmError::Failed(e.to_string()))
+}
+
+fn free_port() -> Result<u16, VmmError> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(fail("pick a port"))?;
+    Ok(l.local_addr().map_err(fail("pick a port"))?.port())
+}
+
+/// Whether `pid` is a live QEMU process of VM `name` (not a recycled pid).
+fn is_our_process(pid: u32, name: &str) -> bool {
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmdline) => {
+            let text = String::from_utf8_lossy(&cmdline);
+            text.split('\0').any(|arg| arg == format!("{name},process={name}"))
+        }
+        Err(_) => false,
+    }
+}
+
+impl QemuHost {
+    /// A host keeping its VMs under `dir`, booting `image`.
+    pub fn new(dir: PathBuf, image: VmImage, accel: Accel) -> Result<QemuHost, VmmError> {
+        std::fs::create_dir_all(dir.join("vms")).map_err(fail("create the state directory"))?;
+        Ok(QemuHost { dir, image, accel, lock: tokio::sync::Mutex::new(()) })
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    fn vm_dir(&self, name: &str) -> Result<PathBuf, VmmError> {
+        let well_formed = !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !well_formed {
+            return Err(VmmError::Failed(format!("VM name {name:?} must be letters, digits and '-' (at most 64)")));
+        }
+        Ok(self.dir.join("vms").join(name))
+    }
+
+    pub fn record(&self, name: &str) -> Result<Option<VmRecord>, VmmError> {
+        match std::fs::read_to_string(self.vm_dir(name)?.join("record.json")) {
+            Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| VmmError::Failed(format!("the record of {name} is unreadable: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(VmmError::Failed(format!("read the record of {name}: {e}"))),
+        }
+    }
+
+    fn pid(&self, name: &str) -> Option<u32> {
+        let dir = self.vm_dir(name).ok()?;
+        let pid: u32 = std::fs::read_to_string(dir.join("qemu.pid")).ok()?.trim().parse().ok()?;
+        is_our_process(pid, name).then_some(pid)
+    }
+
+    /// Makes the VM and starts it, or finds the one made before under that name (which is
+    /// started if it is not running): never a second VM for one name.
+    pub async fn create(&self, spec: &VmSpec) -> Result<VmRecord, VmmError> {
+        let _guard = self.lock.lock().await;
+        let dir = self.vm_dir(&spec.name)?;
+        let record = match self.record(&spec.name)? {
+            Some(record) => record,
+            None => {
+                if !(1..=2048).contains(&spec.disk_gb) || !(1..=64).contains(&spec.vcpus) || !(128..=262_144).contains(&spec.memory_mb) {
+                    return Err(VmmError::Failed("sizes out of range: 1-64 vCPUs, 128-262144 MB, 1-2048 GB".into()));
+                }
+                let building = self.dir.join("vms").join(format!(".{}.new", spec.name));
+                let _ = std::fs::remove_dir_all(&building);
+                std::fs::create_dir_all(building.join("config")).map_err(fail("create the VM's directory"))?;
+                run(
+                    Command::new("qemu-img")
+                        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                        .arg(self.image.rootfs())
+                        .arg(building.join("disk.qcow2"))
+                        .arg(format!("{}G", spec.disk_gb)),
+                    "qemu-img create",
+                )?;
+                std::fs::write(building.join("config/authorized_keys"), format!("{}\n", spec.authorized_keys.trim()))
+                    .map_err(fail("write the config drive"))?;
+                std::fs::write(building.join("config/hostname"), format!("{}\n", spec.hostname)).map_err(fail("write the config drive"))?;
+                run(
+                    Command::new("mkfs.ext4")
+                        .args(["-q", "-F", "-L", "hearth-config", "-d"])
+                        .arg(building.join("config"))
+                        .arg(building.join("config.ext4"))
+                        .arg("4M"),
+                    "mkfs.ext4 (config drive)",
+                )?;
+                let record = VmRecord { spec: spec.clone(), ssh_port: free_port()?, accel: self.accel, created_at_ms: now_ms() };
+                std::fs::write(building.join("record.json"), serde_json::to_vec_pretty(&record).expect("serializable"))
+                    .map_err(fail("write the VM's record"))?;
+                // The record appears whole or not at all.
+                std::fs::rename(&building, &dir).map_err(fail("commit the VM's directory"))?;
+                record
+            }
+        };
+        if self.pid(&spec.name).is_none() {
+            self.launch(&record).await?;
+        }
+        self.record(&spec.name)?.ok_or_else(|| VmmError::NotFound(spec.name.clone()))
+    }
+
+    /// Starts QEMU for `record`, detached; a port taken meanwhile gets another.
+    async fn launch(&self, record: &VmRecord) -> Result<(), VmmError> {
+        let name = &record.spec.name;
+        let dir = self.vm_dir(name)?;
+        let mut record = record.clone();
+        for attempt in 0..5 {
+            let _ = std::fs::remove_file(dir.join("qmp.sock"));
+            let out = Command::new(QEMU)
+                .args(self.arguments(&record, &dir))
+                .output()
+                .map_err(|e| VmmError::Failed(format!("cannot run {QEMU} ({e}); apt-get install qemu-system-x86 qemu-utils (in one command)")))?;
+            if out.status.success() {
+                tracing::info!(vm = %name, port = record.ssh_port, accel = record.accel.as_str(), "VM started");
+                return Ok(());
+            }
+            let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+            if stderr.contains("hostfwd") && attempt < 4 {
+                record.ssh_port = free_port()?;
+                std::fs::write(dir.join("record.json"), serde_json::to_vec_pretty(&record).expect("serializable"))
+                    .map_err(fail("write the VM's record"))?;
+                continue;
+            }
+            return Err(VmmError::Failed(format!("{QEMU} failed to start {name}: {}", stderr.trim())));
+        }
+        Err(VmmError::Failed(format!("no free port for the SSH of {name}")))
+    }
+
+    fn arguments(&self, record: &VmRecord, dir: &Path) -> Vec<String> {
+        let s = &record.spec;
+        let path = |f: &str| dir.join(f).display().to_string();
+        vec![
+            "-name".into(),
+            format!("{},process={}", s.name, s.name),
+            "-machine".into(),
+            "pc".into(),
+            "-accel".into(),
+            record.accel.as_str().into(),
+            "-m".into(),
+            s.memory_mb.to_string(),
+            "-smp".into(),
+            s.vcpus.to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-nographic".into(),
+            "-no-reboot".into(),
+            "-serial".into(),
+            format!("file:{}", path("console.log")),
+            "-kernel".into(),
+            self.image.kernel().display().to_string(),
+            "-initrd".into(),
+            self.image.initrd().display().to_string(),
+            "-append".into(),
+            "console=ttyS0 quiet panic=-1".into(),
+            "-drive".into(),
+            format!("file={},if=virtio,format=qcow2", path("disk.qcow2")),
+            "-drive".into(),
+            format!("file={},if=virtio,format=raw,readonly=on", path("config.ext4")),
+            "-netdev".into(),
+            format!("user,id=n0,hostfwd=tcp:127.0.0.1:{}-:22", record.ssh_port),
+            "-device".into(),
+            "virtio-net-pci,netdev=n0".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", path("qmp.sock")),
+            "-pidfile".into(),
+            path("qemu.pid"),
+            "-daemonize".into(),
+        ]
+    }
+
+    async fn qmp(&self, name: &str) -> Result<Qmp, VmmError> {
+        Ok(Qmp::connect(&self.vm_dir(name)?.join("qmp.sock")).await?)
+    }
+
+    pub async fn status(&self, name: &str) -> Result<Option<VmStatus>, VmmError> {
+        if self.record(name)?.is_none() {
+            return Ok(None);
+        }
+        if self.pid(name).is_none() {
+            return Ok(Some(VmStatus::Stopped));
+        }
+        match self.qmp(name).await?.status().await?.as_str() {
+            "paused" => Ok(Some(VmStatus::Paused)),
+            "running" => Ok(Some(VmStatus::Running)),
+            // Shutting down, crashed, or still starting: not usable.
+            _ => Ok(Some(VmStatus::Stopped)),
+        }
+    }
+
+    pub async fn start(&self, name: &str) -> Result<(), VmmError> {
+        let _guard = self.lock.lock().await;
+        let record = self.record(name)?.ok_or_else(|| VmmError::NotFound(name.into()))?;
+        if self.pid(name).is_some() {
+            return Ok(());
+        }
+        self.launch(&record).await
+    }
+
+    /// Powers the VM off; waits for QEMU to exit (kills it after a grace period).
+    pub async fn stop(&self, name: &str) -> Result<(), VmmError> {
+        let _guard = self.lock.lock().await;
+        self.record(name)?.ok_or_else(|| VmmError::NotFound(name.into()))?;
+        self.power_off(name).await
+    }
+
+    async fn power_off(&self, name: &str) -> Result<(), VmmError> {
+        let Some(pid) = self.pid(name) else { return Ok(()) };
+        if let Ok(mut qmp) = self.qmp(name).await {
+            // QEMU may close the connection before answering; either way it is going.
+            let _ = qmp.execute("quit", None).await;
+        }
+        let started = Instant::now();
+        while is_our_process(pid, name) {
+            if started.elapsed() > QUIT_GRACE {
+                // SAFETY: kill(2) with a pid checked to be this VM's QEMU a moment ago.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    pub async fn pause(&self, name: &str) -> Result<(), VmmError> {
+        self.qmp_running(name, "stop").await
+    }
+
+    pub async fn resume(&self, name: &str) -> Result<(), VmmError> {
+        self.qmp_running(name, "cont").await
+    }
+
+    async fn qmp_running(&self, name: &str, command: &str) -> Result<(), VmmError> {
+        self.record(name)?.ok_or_else(|| VmmError::NotFound(name.into()))?;
+        if self.pid(name).is_none() {
+            return Err(VmmError::Failed(format!("{name} is not running")));
+        }
+        self.qmp(name).await?.execute(command, None).await?;
+        Ok(())
+    }
+
+    /// Stops the VM and removes everything it had; a VM that does not exist counts as removed.
+    pub async fn destroy(&self, name: &str) -> Result<(), VmmError> {
+        let _guard = self.lock.lock().await;
+        let dir = self.vm_dir(name)?;
+        self.power_off(name).await?;
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(VmmError::Failed(format!("remove {}: {e}", dir.display()))),
+        }
+    }
+
+    /// Every VM this host keeps, with its status: after an agent restart, the ones whose
+    /// QEMU still runs are simply adopted (nothing is started twice), the ones that died
+    /// while it was down report `stopped`.
+    pub async fn list(&self) -> Result<Vec<(VmRecord, VmStatus)>, VmmError> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(self.dir.join("vms")).map_err(fail("read the state directory"))? {
+            let entry = entry.map_err(fail("read the state directory"))?;
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with('.') {
+                // A create that died half-way: nothing was started from it.
+                let _ = std::fs::remove_dir_all(entry.path());
+                continue;
+            }
+            if let (Some(record), Some(status)) = (self.record(&name)?, self.status(&name).await?) {
+                out.push((record, status));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Whether KVM really runs a guest here: boots the image's initramfs `/probe` under KVM and
+/// waits for its marker. `false` when `/dev/kvm` is missing, QEMU refuses, or the guest
+/// hangs (as under nested virtualization that does not work).
+pub fn probe_kvm(image: &VmImage, work: &Path) -> bool {
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        return false;
+    }
+    let log = work.join("kvm-probe.log");
+    let _ = std::fs::remove_file(&log);
+    let child = Command::new(QEMU)
+        .args(["-machine", "pc", "-accel", "kvm", "-m", "256", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", log.display()))
+        .arg("-kernel")
+        .arg(image.kernel())
+        .arg("-initrd")
+        .arg(image.initrd())
+        .args(["-append", "console=ttyS0 rdinit=/probe panic=-1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else { return false };
+    let started = Instant::now();
+    let mut works = false;
+    while started.elapsed() < PROBE_TIMEOUT {
+        if std::fs::read_to_string(&log).is_ok_and(|l| l.contains(PROBE_MARKER)) {
+            works = true;
+            break;
+        }
+        if let Ok(Some(_)) = child.try_wait() {
+            works = std::fs::read_to_string(&log).is_ok_and(|l| l.contains(PROBE_MARKER));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    works
+}

@@ -1,0 +1,126 @@
+//! A client of QEMU's machine protocol (QMP) on a Unix socket: JSON objects, one per line.
+//! On connect QEMU greets; `qmp_capabilities` leaves negotiation mode; then each
+//! `{"execute": ...}` is answered by `{"return": ...}` or `{"error": ...}`, with
+//! asynchronous `{"event": ...}` lines in between (skipped here). No maintained crate
+//! exists for this; it is small.
+
+use serde_json::{Value, json};
+use std::path::Path;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// How long one command may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("cannot reach QEMU's QMP socket {0}: {1}")]
+    Connect(String, String),
+    #[error("QEMU's QMP connection failed: {0}")]
+    Io(String),
+    #[error("QEMU refused {command}: {message}")]
+    Refused { command: String, message: String },
+}
+
+pub struct Qmp {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Qmp {
+    /// Connects and leaves negotiation mode.
+    pub async fn connect(socket: &Path) -> Result<Qmp, QmpError> {
+        let stream = tokio::time::timeout(COMMAND_TIMEOUT, UnixStream::connect(socket))
+            .await
+            .map_err(|_| QmpError::Connect(socket.display().to_string(), "timed out".into()))?
+            .map_err(|e| QmpError::Connect(socket.display().to_string(), e.to_string()))?;
+        let (read, writer) = stream.into_split();
+        let mut qmp = Qmp { reader: BufReader::new(read), writer };
+        let greeting = qmp.line().await?;
+        if greeting.get("QMP").is_none() {
+            return Err(QmpError::Io(format!("expected QEMU's greeting, got {greeting}")));
+        }
+        qmp.execute("qmp_capabilities", None).await?;
+        Ok(qmp)
+    }
+
+    async fn line(&mut self) -> Result<Value, QmpError> {
+        let mut line = String::new();
+        let n = tokio::time::timeout(COMMAND_TIMEOUT, self.reader.read_line(&mut line))
+            .await
+            .map_err(|_| QmpError::Io("no answer within 10 s".into()))?
+            .map_err(|e| QmpError::Io(e.to_string()))?;
+        if n == 0 {
+            return Err(QmpError::Io("QEMU closed the connection".into()));
+        }
+        serde_json::from_str(&line).map_err(|e| QmpError::Io(format!("unreadable line {line:?}: {e}")))
+    }
+
+    /// Runs one command; returns its `return` value.
+    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+        let mut request = json!({ "execute": command });
+        if let Some(args) = arguments {
+            request["arguments"] = args;
+        }
+        let mut text = request.to_string();
+        text.push('\n');
+        self.writer.write_all(text.as_bytes()).await.map_err(|e| QmpError::Io(e.to_string()))?;
+        loop {
+            let answer = self.line().await?;
+            if answer.get("event").is_some() {
+                continue;
+            }
+            if let Some(error) = answer.get("error") {
+                let message = error["desc"].as_str().unwrap_or("no description").to_string();
+                return Err(QmpError::Refused { command: command.to_string(), message });
+            }
+            return Ok(answer.get("return").cloned().unwrap_or(Value::Null));
+        }
+    }
+
+    /// `running`, `paused`, `shutdown`, ... as QEMU says.
+    pub async fn status(&mut self) -> Result<String, QmpError> {
+        let status = self.execute("query-status", None).await?;
+        Ok(status["status"].as_str().unwrap_or("unknown").to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A QEMU stand-in that greets, answers by the script, and records what it was sent.
+    #[tokio::test]
+    async fn commands_get_answers_events_are_skipped_and_errors_say_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            write.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n").await.unwrap();
+            let mut seen = Vec::new();
+            while let Some(line) = lines.next_line().await.unwrap() {
+                let v: Value = serde_json::from_str(&line).unwrap();
+                let cmd = v["execute"].as_str().unwrap().to_string();
+                let answer = match cmd.as_str() {
+                    "qmp_capabilities" => "{\"return\": {}}\n".to_string(),
+                    "query-status" => "{\"event\": \"RESUME\"}\n{\"return\": {\"status\": \"running\", \"running\": true}}\n".into(),
+                    _ => "{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"no such command\"}}\n".into(),
+                };
+                write.write_all(answer.as_bytes()).await.unwrap();
+                seen.push(cmd);
+            }
+            seen
+        });
+        let mut qmp = Qmp::connect(&path).await.unwrap();
+        assert_eq!(qmp.status().await.unwrap(), "running");
+        let err = qmp.execute("bogus", None).await.unwrap_err();
+        assert!(err.to_string().contains("no such command"), "{err}");
+        drop(qmp);
+        assert_eq!(server.await.unwrap(), ["qmp_capabilities", "query-status", "bogus"]);
+    }
+}
