@@ -9,11 +9,16 @@
 //! - `initramfs.rs`: the cpio writer for that initramfs.
 //! - `qmp.rs`: a client of QEMU's machine protocol.
 //! - `qemu.rs`: the `qemu` backend.
+//! - `identity.rs`: the agent's certificate authority and the credential it accepts.
+//! - `server.rs`: its HTTPS API; `run.rs`: start-up, joining, serving.
 
+pub mod identity;
 pub mod image;
 pub mod initramfs;
 pub mod qemu;
 pub mod qmp;
+pub mod run;
+pub mod server;
 
 /// Where `hearth image build --vm` puts the VM image, and where the agent looks for it.
 pub const DEFAULT_VM_IMAGE_DIR: &str = "/var/lib/hearth/vm-image";

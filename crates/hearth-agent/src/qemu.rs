@@ -9,7 +9,8 @@
 //! - `config.ext4`: the config drive (authorized key, hostname), read-only in the guest;
 //! - `qmp.sock`, `qemu.pid`, `console.log` (the serial console, for diagnosis).
 //!
-//! Network: QEMU user-mode networking with SSH forwarded from a port on 127.0.0.1. Each VM
+//! Network: QEMU user-mode networking with SSH forwarded from a port on the agent's guest
+//! address (127.0.0.1 unless configured). Each VM
 //! has its own network stack inside its QEMU process, so VMs cannot address each other.
 //!
 //! Stop is a power-off (QMP `quit`): the guest's ext4 journal makes the next boot
@@ -104,6 +105,8 @@ pub struct QemuHost {
     dir: PathBuf,
     image: VmImage,
     accel: Accel,
+    /// Where guests' SSH ports are forwarded from (127.0.0.1, or an address the nodes reach).
+    guest_address: String,
     /// Serializes changes to one VM at a time on this host (creates race on ports and names).
     lock: tokio::sync::Mutex<()>,
 }
@@ -120,8 +123,8 @@ fn run(cmd: &mut Command, what: &str) -> Result<(), VmmError> {
     hearth_provider::image::run(cmd, what).map(|_| ()).map_err(|e| VmmError::Failed(e.to_string()))
 }
 
-fn free_port() -> Result<u16, VmmError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(fail("pick a port"))?;
+fn free_port(address: &str) -> Result<u16, VmmError> {
+    let l = std::net::TcpListener::bind((address, 0)).map_err(fail("pick a port"))?;
     Ok(l.local_addr().map_err(fail("pick a port"))?.port())
 }
 
@@ -138,9 +141,9 @@ fn is_our_process(pid: u32, name: &str) -> bool {
 
 impl QemuHost {
     /// A host keeping its VMs under `dir`, booting `image`.
-    pub fn new(dir: PathBuf, image: VmImage, accel: Accel) -> Result<QemuHost, VmmError> {
+    pub fn new(dir: PathBuf, image: VmImage, accel: Accel, guest_address: &str) -> Result<QemuHost, VmmError> {
         std::fs::create_dir_all(dir.join("vms")).map_err(fail("create the state directory"))?;
-        Ok(QemuHost { dir, image, accel, lock: tokio::sync::Mutex::new(()) })
+        Ok(QemuHost { dir, image, accel, guest_address: guest_address.to_string(), lock: tokio::sync::Mutex::new(()) })
     }
 
     pub fn accel(&self) -> Accel {
@@ -202,7 +205,7 @@ impl QemuHost {
                         .arg("4M"),
                     "mkfs.ext4 (config drive)",
                 )?;
-                let record = VmRecord { spec: spec.clone(), ssh_port: free_port()?, accel: self.accel, created_at_ms: now_ms() };
+                let record = VmRecord { spec: spec.clone(), ssh_port: free_port(&self.guest_address)?, accel: self.accel, created_at_ms: now_ms() };
                 std::fs::write(building.join("record.json"), serde_json::to_vec_pretty(&record).expect("serializable"))
                     .map_err(fail("write the VM's record"))?;
                 // The record appears whole or not at all.
@@ -233,7 +236,7 @@ impl QemuHost {
             }
             let stderr = String::from_utf8_lossy(&out.stderr).to_string();
             if stderr.contains("hostfwd") && attempt < 4 {
-                record.ssh_port = free_port()?;
+                record.ssh_port = free_port(&self.guest_address)?;
                 std::fs::write(dir.join("record.json"), serde_json::to_vec_pretty(&record).expect("serializable"))
                     .map_err(fail("write the VM's record"))?;
                 continue;
@@ -274,7 +277,7 @@ impl QemuHost {
             "-drive".into(),
             format!("file={},if=virtio,format=raw,readonly=on", path("config.ext4")),
             "-netdev".into(),
-            format!("user,id=n0,hostfwd=tcp:127.0.0.1:{}-:22", record.ssh_port),
+            format!("user,id=n0,hostfwd=tcp:{}:{}-:22", self.guest_address, record.ssh_port),
             "-device".into(),
             "virtio-net-pci,netdev=n0".into(),
             "-qmp".into(),

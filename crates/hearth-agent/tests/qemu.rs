@@ -46,7 +46,7 @@ fn processes(name: &str) -> usize {
 async fn a_vm_boots_its_own_kernel_and_lives_its_whole_life() {
     let image = image();
     let state = tempfile::tempdir().unwrap();
-    let host = QemuHost::new(state.path().to_path_buf(), image.clone(), Accel::Tcg).unwrap();
+    let host = QemuHost::new(state.path().to_path_buf(), image.clone(), Accel::Tcg, "127.0.0.1").unwrap();
     let keys = KeyPair::generate();
     let name = format!("hearth-test-{}", std::process::id());
     let spec = VmSpec {
@@ -87,7 +87,7 @@ async fn a_vm_boots_its_own_kernel_and_lives_its_whole_life() {
     assert_eq!(host.status(&name).await.unwrap(), Some(VmStatus::Running));
 
     // A new agent on the same state adopts the running VM instead of starting another.
-    let again = QemuHost::new(state.path().to_path_buf(), image.clone(), Accel::Tcg).unwrap();
+    let again = QemuHost::new(state.path().to_path_buf(), image.clone(), Accel::Tcg, "127.0.0.1").unwrap();
     let listed = again.list().await.unwrap();
     assert_eq!(listed, vec![(record.clone(), VmStatus::Running)]);
     assert_eq!(processes(&name), 1);

@@ -117,9 +117,9 @@ impl Config {
         let mut c = Config::new(data_dir, database_url);
         let provider = var("VM_PROVIDER").unwrap_or_else(|| "docker".into());
         c.default_kind = match HostKind::parse(&provider) {
-            Some(k @ (HostKind::Docker | HostKind::Sim)) => k,
+            Some(k @ (HostKind::Docker | HostKind::Sim | HostKind::Agent)) => k,
             Some(other) => {
-                return Err(format!("VM_PROVIDER={other} is not implemented yet; `docker` and `sim` work in this version"));
+                return Err(format!("VM_PROVIDER={other} is not implemented yet; `docker`, `agent` and `sim` work in this version"));
             }
             None => return Err(format!("VM_PROVIDER must be docker, agent, ovh or sim, got {provider:?}")),
         };

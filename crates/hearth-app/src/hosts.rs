@@ -76,7 +76,7 @@ impl App {
         check_name(&input.name).map_err(AppError::Invalid)?;
         let kind = HostKind::parse(&input.kind)
             .ok_or_else(|| AppError::Invalid(format!("kind must be docker, agent, ovh or sim; got {:?}", input.kind)))?;
-        let provider = self.providers.get(kind).map_err(|e| AppError::Invalid(e.to_string()))?;
+        self.providers.get(kind).map_err(|e| AppError::Invalid(e.to_string()))?;
         let endpoint = match (kind, input.endpoint) {
             (HostKind::Sim, None) => format!("sim://{}", input.name),
             (_, Some(e)) => e,
@@ -116,6 +116,11 @@ impl App {
                 "a tcp:// endpoint needs tlsCa, tlsCert and tlsKey (plain TCP hands out root on the host); other endpoints take none".into(),
             ));
         }
+        if kind == HostKind::Agent {
+            return Err(AppError::Invalid(
+                "agents join by themselves: make a join token (`hearth admin hosts join-token NAME`) and start `hearth agent` with it".into(),
+            ));
+        }
         let options = options(kind, input.options)?;
         let mut new = NewHost {
             id: uuid::Uuid::now_v7().to_string(),
@@ -130,14 +135,24 @@ impl App {
             tls_ca: tls.as_ref().map(|t| t.0.clone()),
             tls_cert: tls.as_ref().map(|t| t.1.clone()),
             tls_key_sealed: tls.as_ref().map(|t| self.master_key.seal(&t.2)),
+            credential_sealed: None,
             options,
             identity: None,
         };
-        // Checked under the id it will have, before anything is written.
+        self.check_unsaved(&mut new).await?;
+        let host = self.store.add_host(&new).await?;
+        let _ = self.store.audit(&actor.id, "host_add", None, "success", None, None).await;
+        tracing::info!(host = %host.name, kind = %host.kind, endpoint = %host.endpoint, "host added");
+        Ok(host)
+    }
+
+    /// Checks a host before it is written, under the id it will have; learns its identity.
+    async fn check_unsaved(&self, new: &mut NewHost) -> AppResult<()> {
+        let provider = self.providers.get(new.kind).map_err(|e| AppError::Invalid(e.to_string()))?;
         let probe = Host {
             id: new.id.clone(),
             name: new.name.clone(),
-            kind,
+            kind: new.kind,
             endpoint: new.endpoint.clone(),
             guest_address: new.guest_address.clone(),
             region: None,
@@ -147,7 +162,7 @@ impl App {
             health: hearth_core::HostHealth::Healthy,
             health_message: None,
             last_seen_at: None,
-            capacity,
+            capacity: new.capacity,
             used_vcpus: 0,
             used_memory_mb: 0,
             used_environments: 0,
@@ -155,6 +170,7 @@ impl App {
             tls_ca: new.tls_ca.clone(),
             tls_cert: new.tls_cert.clone(),
             tls_key_sealed: new.tls_key_sealed.clone(),
+            credential_sealed: new.credential_sealed.clone(),
             options: new.options.clone(),
             identity: None,
             created_at: 0,
@@ -172,10 +188,86 @@ impl App {
                 )));
             }
         }
-        let host = self.store.add_host(&new).await?;
-        let _ = self.store.audit(&actor.id, "host_add", None, "success", None, None).await;
-        tracing::info!(host = %host.name, kind = %host.kind, endpoint = %host.endpoint, "host added");
-        Ok(host)
+        Ok(())
+    }
+
+    /// A one-time token with which an agent joins as host `name` (valid `ttl_seconds`,
+    /// 3600 unless given; at most a week). Returns the token (shown once) and its expiry.
+    pub async fn create_join_token(&self, admin: &User, name: &str, region: Option<&str>, ttl_seconds: Option<i64>) -> AppResult<(String, i64)> {
+        check_name(name).map_err(AppError::Invalid)?;
+        if let Some(r) = region {
+            check_label("region", r).map_err(AppError::Invalid)?;
+        }
+        let ttl = ttl_seconds.unwrap_or(3600);
+        if !(60..=7 * 86_400).contains(&ttl) {
+            return Err(AppError::Invalid("ttlSeconds must be between 60 and 604800".into()));
+        }
+        if self.store.find_host(name).await.is_ok() {
+            return Err(AppError::Conflict(format!("a host named {name:?} exists")));
+        }
+        let token = format!("hearth_join_{}", &hearth_store::generate_token()[7..]);
+        let expires_at = self.now() + ttl * 1000;
+        self.store.create_join_token(&hearth_store::hash_token(&token), name, region, &admin.id, expires_at).await?;
+        let _ = self.store.audit(&admin.id, "join_token_create", None, "success", None, None).await;
+        Ok((token, expires_at))
+    }
+
+    /// An agent joins with a join token: it must answer on its endpoint with the certificate
+    /// it sent; then it becomes a host, and gets the credential the control plane will
+    /// present to it from now on (shown once; kept sealed here).
+    pub async fn join_agent(&self, req: hearth_provider::agent::wire::JoinRequest) -> AppResult<(Host, String)> {
+        let refused = || AppError::Unauthenticated(
+            "the join token is unknown, used or expired; ask an admin for a new one (`hearth admin hosts join-token NAME`)".into(),
+        );
+        let token_hash = hearth_store::hash_token(&req.token);
+        let token = self.store.join_token(&token_hash).await?.ok_or_else(refused)?;
+        if !req.endpoint.starts_with("https://") || req.endpoint.len() > 1000 || req.endpoint.chars().any(char::is_whitespace) {
+            return Err(AppError::Invalid("endpoint must be https://host:port".into()));
+        }
+        check_address(&req.guest_address)?;
+        if !req.certificate.contains("BEGIN CERTIFICATE") || req.certificate.len() > 16 * 1024 {
+            return Err(AppError::Invalid("certificate must be one PEM certificate".into()));
+        }
+        let c = &req.capacity;
+        let capacity = capacity(c.max_vcpus, c.max_memory_mb, c.max_vms)?;
+        let credential = format!("hearth_agent_{}", &hearth_store::generate_token()[7..]);
+        let mut new = NewHost {
+            id: uuid::Uuid::now_v7().to_string(),
+            name: token.host_name.clone(),
+            kind: HostKind::Agent,
+            endpoint: req.endpoint.clone(),
+            guest_address: req.guest_address.clone(),
+            region: token.region.clone(),
+            gpu_model: None,
+            gpu_count: 0,
+            capacity,
+            tls_ca: Some(req.certificate.clone()),
+            tls_cert: None,
+            tls_key_sealed: None,
+            credential_sealed: Some(self.master_key.seal(&credential)),
+            options: serde_json::json!({}),
+            identity: None,
+        };
+        // The agent must already accept this credential: it learns it from our answer, so
+        // the check can only prove it answers on that endpoint with that certificate.
+        self.check_agent_answers(&mut new).await?;
+        let host = self.store.join_host(&token_hash, &new).await.map_err(|e| match e {
+            hearth_store::StoreError::NotFound => refused(),
+            e => e.into(),
+        })?;
+        let _ = self.store.audit("system:join", "host_join", None, "success", None, None).await;
+        tracing::info!(host = %host.name, endpoint = %host.endpoint, version = %req.version, "an agent joined");
+        Ok((host, credential))
+    }
+
+    /// Before an agent has its credential it answers only `/healthz`: that it does so over
+    /// TLS with the certificate it presented is what joining proves.
+    async fn check_agent_answers(&self, new: &mut NewHost) -> AppResult<()> {
+        let ca = new.tls_ca.clone().unwrap_or_default();
+        let answered = hearth_provider::agent::healthz(&new.endpoint, &ca).await;
+        answered.map_err(|e| AppError::Invalid(format!("the agent does not answer on {} with its certificate: {e}; nothing was added", new.endpoint)))?;
+        new.identity = Some(format!("agent:{}", hearth_provider::agent::fingerprint(&ca)));
+        Ok(())
     }
 
     pub async fn find_host(&self, id_or_name: &str) -> AppResult<Host> {

@@ -93,6 +93,16 @@ impl App {
             }),
             _ => None,
         };
+        let agent = match (host.kind, &host.tls_ca, &host.credential_sealed) {
+            (hearth_core::HostKind::Agent, Some(ca), Some(sealed)) => Some(hearth_provider::AgentAccess {
+                ca_pem: ca.clone(),
+                credential: self
+                    .master_key
+                    .open(sealed)
+                    .map_err(|e| AppError::Internal(format!("the credential of host {} cannot be opened: {e}", host.name)))?,
+            }),
+            _ => None,
+        };
         Ok(HostRef {
             id: host.id.clone(),
             name: host.name.clone(),
@@ -100,8 +110,10 @@ impl App {
             endpoint: host.endpoint.clone(),
             guest_address: host.guest_address.clone(),
             tls,
+            agent,
             options: host.options.clone(),
             installation_id: self.installation_id.clone(),
         })
     }
 }
+pub use hearth_provider::agent::wire as agent_wire;

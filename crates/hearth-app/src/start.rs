@@ -146,6 +146,7 @@ async fn first_host(store: &Store, config: &Config) -> Result<()> {
         tls_ca: None,
         tls_cert: None,
         tls_key_sealed: None,
+        credential_sealed: None,
         options: serde_json::json!({}),
         // Learnt at its first health check: Docker may not be up yet.
         identity: None,
@@ -221,7 +222,7 @@ pub async fn open_app_with_clock(config: Config, clock: Arc<dyn Clock>) -> Resul
     guard_local_engine(&store, &config).await?;
     let sim = Arc::new(SimProvider::new(Arc::new(crate::sim_ledger::StoreLedger(store.clone()))));
     let docker = Arc::new(DockerProvider::new(config.data_dir.join("hosts")));
-    let providers = Providers::default().with(docker).with(sim.clone());
+    let providers = Providers::default().with(docker).with(sim.clone()).with(Arc::new(hearth_provider::agent::AgentProvider::new()));
     let queue = Queue::new(store.clone(), config.queues.clone(), config.timing.clone());
     let bus = crate::bus::Bus::new(crate::bus::url_from_env().as_deref()).map_err(|e| anyhow::anyhow!(e))?;
     if bus.enabled() {

@@ -7,6 +7,7 @@
 //! environment id and is labelled with the installation's id, so a retried create finds
 //! the first attempt's VM and an installation only ever sees its own VMs.
 
+pub mod agent;
 pub mod docker;
 pub mod image;
 pub mod sim;
@@ -29,10 +30,25 @@ pub struct HostRef {
     pub guest_address: String,
     /// For `tcp://` Docker endpoints: PEM text, the key already unsealed.
     pub tls: Option<TlsMaterial>,
+    /// For `agent` hosts: the certificate authority pinned at join and the credential.
+    pub agent: Option<AgentAccess>,
     /// Kind-specific settings (a simulated host's latency and faults).
     pub options: serde_json::Value,
     /// The installation whose VMs a call may see and touch; no other's.
     pub installation_id: String,
+}
+
+#[derive(Clone)]
+pub struct AgentAccess {
+    pub ca_pem: String,
+    /// The bearer credential, unsealed.
+    pub credential: String,
+}
+
+impl std::fmt::Debug for AgentAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentAccess { .. }")
+    }
 }
 
 #[derive(Clone)]

@@ -311,6 +311,7 @@ mod tests {
 
     fn host(options: serde_json::Value) -> HostRef {
         HostRef {
+            agent: None,
             id: "h1".into(),
             name: "sim-1".into(),
             kind: HostKind::Sim,

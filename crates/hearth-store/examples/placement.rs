@@ -23,6 +23,7 @@ async fn run(label: &str, store: Store, hosts: usize, samples: usize) {
             tls_ca: None,
             tls_cert: None,
             tls_key_sealed: None,
+            credential_sealed: None,
             options: serde_json::json!({}),
             identity: None,
         };

@@ -50,6 +50,9 @@ pub struct Host {
     pub tls_cert: Option<String>,
     /// Sealed with the master key; the store never sees it in the clear.
     pub tls_key_sealed: Option<String>,
+    /// An agent's bearer credential, sealed with the master key (`tls_ca` then holds the
+    /// certificate authority the agent presented when it joined).
+    pub credential_sealed: Option<String>,
     /// Kind-specific settings (a simulated host's latency and faults).
     pub options: serde_json::Value,
     /// Which machine it is, as it says itself; `None` until first checked, or for kinds
@@ -75,6 +78,7 @@ pub struct NewHost {
     pub tls_ca: Option<String>,
     pub tls_cert: Option<String>,
     pub tls_key_sealed: Option<String>,
+    pub credential_sealed: Option<String>,
     pub options: serde_json::Value,
     pub identity: Option<String>,
 }
@@ -98,7 +102,7 @@ pub struct Placement {
 
 const SELECT_HOST: &str = "SELECT id, name, kind, endpoint, guest_address, region, gpu_model, gpu_count, status, health, \
     health_message, last_seen_at, max_vcpus, max_memory_mb, max_environments, used_vcpus, used_memory_mb, \
-    used_environments, used_gpus, tls_ca, tls_cert, tls_key_sealed, options, identity, created_at, updated_at FROM hosts";
+    used_environments, used_gpus, tls_ca, tls_cert, tls_key_sealed, credential_sealed, options, identity, created_at, updated_at FROM hosts";
 
 fn host_from_row(r: &AnyRow) -> Result<Host> {
     let corrupt = |what: &str, v: &str| StoreError::Corrupt(format!("host {what} {v:?}"));
@@ -131,6 +135,7 @@ fn host_from_row(r: &AnyRow) -> Result<Host> {
         tls_ca: r.try_get("tls_ca")?,
         tls_cert: r.try_get("tls_cert")?,
         tls_key_sealed: r.try_get("tls_key_sealed")?,
+        credential_sealed: r.try_get("credential_sealed")?,
         options: serde_json::from_str(&options).map_err(|_| corrupt("options", &options))?,
         identity: r.try_get("identity")?,
         created_at: r.try_get("created_at")?,
@@ -138,7 +143,64 @@ fn host_from_row(r: &AnyRow) -> Result<Host> {
     })
 }
 
+/// What a join token was made for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    pub host_name: String,
+    pub region: Option<String>,
+    pub expires_at: i64,
+}
+
 impl Store {
+    /// Records a join token (by its hash) for a host to be called `host_name`.
+    pub async fn create_join_token(&self, token_hash: &str, host_name: &str, region: Option<&str>, created_by: &str, expires_at: i64) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO join_tokens (token_hash, host_name, region, created_by, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(token_hash)
+        .bind(host_name)
+        .bind(region)
+        .bind(created_by)
+        .bind(self.now())
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The token if it is unused and unexpired (it stays so: see `use_join_token`).
+    pub async fn join_token(&self, token_hash: &str) -> Result<Option<JoinToken>> {
+        let row = sqlx::query("SELECT host_name, region, expires_at FROM join_tokens WHERE token_hash = $1 AND used_at IS NULL AND expires_at >= $2")
+            .bind(token_hash)
+            .bind(self.now())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok(JoinToken { host_name: r.try_get("host_name")?, region: r.try_get("region")?, expires_at: r.try_get("expires_at")? }))
+            .transpose()
+    }
+
+    /// Spends the token and registers the host in one transaction: a token makes one host,
+    /// and a host is only made with a token that was good at that moment.
+    pub async fn join_host(&self, token_hash: &str, new: &NewHost) -> Result<Host> {
+        let now = self.now();
+        let spent = sqlx::query("UPDATE join_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL AND expires_at >= $1")
+            .bind(now)
+            .bind(token_hash)
+            .execute(&self.pool)
+            .await?;
+        if spent.rows_affected() != 1 {
+            return Err(StoreError::NotFound);
+        }
+        match self.add_host(new).await {
+            Ok(host) => Ok(host),
+            Err(e) => {
+                // Nothing was made: the token may be used again.
+                let _ = sqlx::query("UPDATE join_tokens SET used_at = NULL WHERE token_hash = $1").bind(token_hash).execute(&self.pool).await;
+                Err(e)
+            }
+        }
+    }
+
     /// Registers a host; a taken name is a `Conflict`. New hosts are `ready` and, having
     /// been checked by the caller, `healthy`.
     pub async fn add_host(&self, new: &NewHost) -> Result<Host> {
@@ -148,7 +210,8 @@ impl Store {
         let inserted = sqlx::query(
             "INSERT INTO hosts (id, name, kind, status, max_vcpus, max_memory_mb, max_environments, created_at, updated_at, \
              endpoint, guest_address, region, gpu_model, gpu_count, health, last_seen_at, tls_ca, tls_cert, tls_key_sealed, options, \
-             identity) VALUES ($1, $2, $3, 'ready', $4, $5, $6, $7, $7, $8, $9, $10, $11, $12, 'healthy', $7, $13, $14, $15, $16, $17)",
+             identity, credential_sealed) VALUES ($1, $2, $3, 'ready', $4, $5, $6, $7, $7, $8, $9, $10, $11, $12, 'healthy', $7, $13, $14, $15, \
+             $16, $17, $18)",
         )
         .bind(&id)
         .bind(&new.name)
@@ -167,6 +230,7 @@ impl Store {
         .bind(&new.tls_key_sealed)
         .bind(new.options.to_string())
         .bind(&new.identity)
+        .bind(&new.credential_sealed)
         .execute(&mut *tx)
         .await;
         if let Err(e) = inserted {
@@ -551,6 +615,7 @@ pub(crate) mod tests {
             tls_ca: None,
             tls_cert: None,
             tls_key_sealed: None,
+            credential_sealed: None,
             options: serde_json::json!({}),
             identity: None,
         }

@@ -15,7 +15,7 @@ mod sim;
 mod users;
 
 pub use environments::{Environment, NewEnvironment, PersonalOutcome};
-pub use hosts::{Host, HostCapacity, HostUpdate, NewHost, Placement};
+pub use hosts::{Host, HostCapacity, HostUpdate, JoinToken, NewHost, Placement};
 pub use installation::{Installation, KeyCheck};
 pub use jobs::{Job, JobState, MAX_CRASHES, NewJob};
 pub use records::{AuditEntry, AuditFilter, Execution, ExecutionSummary, LogEntry};

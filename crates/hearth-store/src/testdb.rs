@@ -102,3 +102,16 @@ impl Store {
         placed.map(|_| took)
     }
 }
+
+impl Store {
+    /// Tests: runs a statement as is (to age a token, say).
+    pub async fn execute_for_tests(&self, sql: &str) {
+        sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).execute(&self.pool).await.expect("test statement");
+    }
+
+    /// Tests: the text column `v` of the first row of `sql`.
+    pub async fn count_text(&self, sql: &str) -> String {
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).fetch_one(&self.pool).await.expect("test query");
+        sqlx::Row::try_get(&row, "v").expect("a text column v")
+    }
+}

@@ -27,6 +27,8 @@ struct Cli {
 enum Command {
     /// Run the control plane: API, workers and reconciler.
     Serve,
+    /// Run the agent of a VM host (QEMU): joins an installation once, then serves it.
+    Agent(AgentArgs),
     /// Guest images.
     Image {
         #[command(subcommand)]
@@ -155,14 +157,59 @@ enum AdminCommand {
     },
 }
 
+#[derive(Args)]
+struct AgentArgs {
+    /// Where the agent keeps its identity and VM records (0700).
+    #[arg(long, env = "HEARTH_AGENT_STATE_DIR", default_value = "/var/lib/hearth/agent")]
+    state_dir: std::path::PathBuf,
+    /// The VM image (`hearth image build --vm`).
+    #[arg(long, env = "HEARTH_VM_IMAGE_DIR", default_value = hearth_agent::DEFAULT_VM_IMAGE_DIR)]
+    image_dir: std::path::PathBuf,
+    /// Where the agent's HTTPS API listens.
+    #[arg(long, env = "HEARTH_AGENT_LISTEN", default_value = "127.0.0.1:9443")]
+    listen: String,
+    /// host:port the control plane reaches the API at (default: --listen).
+    #[arg(long, env = "HEARTH_AGENT_ADVERTISE")]
+    advertise: Option<String>,
+    /// Where guests' SSH ports are forwarded from (an address the nodes and users reach).
+    #[arg(long, env = "HEARTH_AGENT_GUEST_ADDRESS", default_value = "127.0.0.1")]
+    guest_address: String,
+    /// First start only: the control plane's URL.
+    #[arg(long, env = "HEARTH_CONTROL_PLANE")]
+    control_plane: Option<String>,
+    /// First start only: from `hearth admin hosts join-token NAME`.
+    #[arg(long, env = "HEARTH_JOIN_TOKEN")]
+    join_token: Option<String>,
+    /// auto (boot a probe under KVM and use it only if it works), kvm or tcg.
+    #[arg(long, env = "HEARTH_AGENT_ACCEL", default_value = "auto")]
+    accel: String,
+    #[arg(long, env = "HEARTH_AGENT_MAX_VMS", default_value_t = 50)]
+    max_vms: i64,
+    #[arg(long, env = "HEARTH_AGENT_MAX_VCPUS", default_value_t = 16)]
+    max_vcpus: i64,
+    #[arg(long, env = "HEARTH_AGENT_MAX_MEMORY_MB", default_value_t = 60000)]
+    max_memory_mb: i64,
+    #[arg(long, env = "HEARTH_AGENT_MAX_DISK_GB", default_value_t = 500)]
+    max_disk_gb: i64,
+}
+
 #[derive(Subcommand)]
 enum HostsCommand {
     /// Every host with its health and use.
     List,
+    /// A one-time token with which `hearth agent` joins as host NAME.
+    JoinToken {
+        name: String,
+        #[arg(long)]
+        region: Option<String>,
+        /// How long it may be used.
+        #[arg(long, default_value_t = 3600)]
+        ttl_seconds: i64,
+    },
     /// Add a host; it must answer first (nothing is added when it does not).
     Add {
         name: String,
-        /// docker or sim (agent and ovh are coming).
+        /// docker or sim (agents join by themselves: see join-token; ovh is coming).
         #[arg(long, default_value = "docker")]
         kind: String,
         /// unix:///path/docker.sock, tcp://host:2376 (with --tls-*), ssh://user@host; sim://... for sim.
@@ -302,6 +349,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     match cli.command {
         Command::Serve => serve().await,
+        Command::Agent(args) => agent(args).await,
         Command::Image { command: ImageCommand::Build { vm: true, force, dir, .. } } => build_vm_image(&dir, force),
         Command::Image { command: ImageCommand::Build { tag, force, .. } } => build_image(&tag, force),
         Command::Vm { command } => vm(command).await,
@@ -325,6 +373,49 @@ async fn serve() -> Result<ExitCode, Failure> {
         .init();
     let config = hearth_server::Config::from_env().map_err(|m| Failure::usage(m))?;
     hearth_server::serve::run(config).await.map_err(|e| Failure::failed(format!("{e:#}")))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn agent(args: AgentArgs) -> Result<ExitCode, Failure> {
+    use hearth_agent::qemu::Accel;
+    // The agent's identity and the VMs' disks are for its own user only.
+    // SAFETY: umask has no preconditions; it only sets this process's file mode mask.
+    unsafe {
+        libc::umask(0o077);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let accel = match args.accel.as_str() {
+        "auto" => None,
+        "kvm" => Some(Accel::Kvm),
+        "tcg" => Some(Accel::Tcg),
+        other => return Err(Failure::usage(format!("--accel must be auto, kvm or tcg, got {other:?}"))),
+    };
+    let config = hearth_agent::run::AgentConfig {
+        state_dir: args.state_dir,
+        image_dir: args.image_dir,
+        advertise: args.advertise.unwrap_or_else(|| args.listen.clone()),
+        listen: args.listen,
+        guest_address: args.guest_address,
+        capacity: hearth_provider::agent::wire::Capacity {
+            max_vms: args.max_vms,
+            max_vcpus: args.max_vcpus,
+            max_memory_mb: args.max_memory_mb,
+            max_disk_gb: args.max_disk_gb,
+        },
+        accel,
+        control_plane: args.control_plane,
+        join_token: args.join_token,
+    };
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    hearth_agent::run::run(config, shutdown).await.map_err(|e| Failure::failed(format!("{e:#}")))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -762,6 +853,12 @@ async fn hosts(client: &Client, command: HostsCommand) -> Result<ExitCode, Failu
                 body["options"] = o;
             }
             print_host(&client.patch(&format!("/v1/admin/hosts/{id}"), body).await?);
+        }
+        HostsCommand::JoinToken { name, region, ttl_seconds } => {
+            let t = client.post("/v1/admin/hosts/join-tokens", json!({"name": name, "region": region, "ttlSeconds": ttl_seconds})).await?;
+            println!("join token for host {} (good for one join, until {}):", s(&t, "hostName"), s(&t, "expiresAt"));
+            println!("{}", s(&t, "token"));
+            println!("on the VM host: hearth agent --control-plane URL --join-token TOKEN --advertise HOST:PORT --guest-address HOST");
         }
         HostsCommand::Drain { id } => print_host(&client.post(&format!("/v1/admin/hosts/{id}/drain"), json!({})).await?),
         HostsCommand::Ready { id } => print_host(&client.post(&format!("/v1/admin/hosts/{id}/ready"), json!({})).await?),

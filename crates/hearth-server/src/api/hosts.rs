@@ -128,3 +128,99 @@ pub async fn ready(State(app): State<App>, Admin(admin): Admin, Path(id): Path<S
 pub async fn remove(State(app): State<App>, Admin(admin): Admin, Path(id): Path<String>) -> ApiResult<Json<HostView>> {
     Ok(Json(HostView::from(&app.remove_host(&admin, &id).await?)))
 }
+
+/// A join token for an agent that will become host `name`.
+#[derive(Deserialize, Default, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JoinTokenBody {
+    #[schema(min_length = 1, max_length = 100, pattern = "^[A-Za-z0-9._@:/-]+$")]
+    name: String,
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
+    region: Option<String>,
+    /// How long it may be used (default 3600; 60 to 604800).
+    #[schema(minimum = 60, maximum = 604800)]
+    ttl_seconds: Option<i64>,
+}
+
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JoinTokenView {
+    /// For `hearth agent --join-token`; shown this once, good for one join.
+    token: String,
+    host_name: String,
+    expires_at: String,
+}
+
+/// A one-time token with which a `hearth agent` joins as a new host.
+#[utoipa::path(post, path = "/v1/admin/hosts/join-tokens", tag = "hosts", request_body = JoinTokenBody,
+    responses((status = 201, description = "the token", body = JoinTokenView), Invalid, Refused, AdminOnly, Authed))]
+pub async fn join_token(State(app): State<App>, Admin(admin): Admin, Body(b): Body<JoinTokenBody>) -> ApiResult<(StatusCode, Json<JoinTokenView>)> {
+    let (token, expires_at) = app.create_join_token(&admin, &b.name, b.region.as_deref(), b.ttl_seconds).await?;
+    Ok((StatusCode::CREATED, Json(JoinTokenView { token, host_name: b.name, expires_at: crate::views::time(expires_at) })))
+}
+
+#[derive(Deserialize, Default, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentCapacity {
+    #[schema(minimum = 1, maximum = 100000)]
+    max_vms: i64,
+    #[schema(minimum = 1, maximum = 100000)]
+    max_vcpus: i64,
+    #[schema(minimum = 1, maximum = 100000000)]
+    max_memory_mb: i64,
+    #[schema(minimum = 1, maximum = 1000000)]
+    max_disk_gb: i64,
+}
+
+/// An agent asking to join, with its join token.
+#[derive(Deserialize, Default, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JoinBody {
+    #[schema(max_length = 200)]
+    token: String,
+    /// `https://host:port`, where the agent answers with `certificate`.
+    #[schema(max_length = 1000)]
+    endpoint: String,
+    /// The agent's certificate authority (PEM), pinned: nothing else is trusted for it.
+    #[schema(max_length = 16384)]
+    certificate: String,
+    #[schema(max_length = 253, pattern = "^[A-Za-z0-9.:-]+$")]
+    guest_address: String,
+    capacity: AgentCapacity,
+    #[schema(max_length = 100)]
+    version: String,
+}
+
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JoinedView {
+    host_id: String,
+    host_name: String,
+    /// The credential the control plane presents to the agent from now on; shown this once.
+    credential: String,
+}
+
+/// An agent joins with a join token (no bearer token: the join token is the credential).
+#[utoipa::path(post, path = "/v1/agents/join", tag = "hosts", security(()), request_body = JoinBody,
+    responses((status = 201, description = "joined", body = JoinedView), Invalid,
+        (status = 401, description = "the join token is unknown, used or expired", body = crate::error::ErrorBody),
+        (status = 409, description = "a host of that name or machine exists", body = crate::error::ErrorBody),
+        (status = 503, description = "the database does not answer", body = crate::error::ErrorBody)))]
+pub async fn join(State(app): State<App>, Body(b): Body<JoinBody>) -> ApiResult<(StatusCode, Json<JoinedView>)> {
+    use hearth_app::agent_wire as wire;
+    let request = wire::JoinRequest {
+        token: b.token,
+        endpoint: b.endpoint,
+        certificate: b.certificate,
+        guest_address: b.guest_address,
+        capacity: wire::Capacity {
+            max_vms: b.capacity.max_vms,
+            max_vcpus: b.capacity.max_vcpus,
+            max_memory_mb: b.capacity.max_memory_mb,
+            max_disk_gb: b.capacity.max_disk_gb,
+        },
+        version: b.version,
+    };
+    let (host, credential) = app.join_agent(request).await?;
+    Ok((StatusCode::CREATED, Json(JoinedView { host_id: host.id, host_name: host.name, credential })))
+}

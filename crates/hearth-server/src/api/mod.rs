@@ -74,6 +74,8 @@ pub fn routes() -> (axum::Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(hosts::add, hosts::list))
         .routes(routes!(hosts::get, hosts::update, hosts::remove))
         .routes(routes!(hosts::drain))
+        .routes(routes!(hosts::join_token))
+        .routes(routes!(hosts::join))
         .routes(routes!(hosts::ready))
         .split_for_parts()
 }

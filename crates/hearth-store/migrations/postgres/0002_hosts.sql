@@ -82,3 +82,16 @@ CREATE TABLE used_tickets (
 );
 -- Named API tokens, so a user can hold several and revoke one.
 CREATE INDEX api_tokens_user ON api_tokens(user_id);
+
+-- Hosts of kind agent: the credential the control plane presents, sealed with the master key.
+ALTER TABLE hosts ADD COLUMN credential_sealed TEXT;
+-- One-time tokens an admin hands to an agent so it can join (stored hashed).
+CREATE TABLE join_tokens (
+    token_hash TEXT PRIMARY KEY,
+    host_name TEXT NOT NULL,
+    region TEXT,
+    created_by TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL,
+    used_at BIGINT
+);

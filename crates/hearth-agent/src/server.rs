@@ -1,0 +1,239 @@
+//! The agent's HTTPS API, for the control plane only. Every route but `/healthz` needs the
+//! credential the control plane received when this agent joined (compared by SHA-256 with
+//! the one kept in `joined.json`); another host's credential, or none, is refused.
+//!
+//! - `GET /healthz`: alive (also before joining: the control plane checks it at join).
+//! - `GET /v1/status`: version, accelerator, capacity, VM counts.
+//! - `GET /v1/vms`, `POST /v1/vms` (create and start, or find: never two VMs for a name),
+//!   `GET /v1/vms/{name}`, `POST /v1/vms/{name}/{start|stop|pause|resume}`,
+//!   `DELETE /v1/vms/{name}`.
+//! - `GET /metrics`: Prometheus text.
+
+use crate::identity::{self, Joined};
+use crate::qemu::{QemuHost, VmSpec, VmStatus, VmmError};
+use anyhow::{Context, Result};
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hearth_provider::agent::wire;
+use serde_json::json;
+use std::sync::Arc;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Requests a connection may carry at once, and connections held: the control plane is the
+/// only client.
+const MAX_CONNECTIONS: usize = 256;
+
+pub struct Agent {
+    pub vms: QemuHost,
+    pub capacity: wire::Capacity,
+    pub guest_address: String,
+    pub joined: Joined,
+}
+
+type Shared = Arc<Agent>;
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": {"code": self.0.as_u16(), "message": self.1}}))).into_response()
+    }
+}
+
+impl From<VmmError> for ApiError {
+    fn from(e: VmmError) -> ApiError {
+        match e {
+            VmmError::NotFound(name) => ApiError(StatusCode::NOT_FOUND, format!("no VM {name}")),
+            VmmError::Failed(m) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, m),
+        }
+    }
+}
+
+async fn authorize(State(agent): State<Shared>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(identity::credential_hash);
+    if presented.as_deref() != Some(agent.joined.credential_sha256.as_str()) {
+        return ApiError(StatusCode::UNAUTHORIZED, "this agent answers only the control plane it joined".into()).into_response();
+    }
+    next.run(request).await
+}
+
+fn view(agent: &Agent, record: &crate::qemu::VmRecord, status: VmStatus) -> wire::Vm {
+    wire::Vm {
+        name: record.spec.name.clone(),
+        environment_id: record.spec.environment_id.clone(),
+        state: match status {
+            VmStatus::Running => "running",
+            VmStatus::Paused => "paused",
+            VmStatus::Stopped => "stopped",
+        }
+        .into(),
+        ssh_host: agent.guest_address.clone(),
+        ssh_port: record.ssh_port,
+    }
+}
+
+async fn one(agent: &Agent, name: &str) -> Result<wire::Vm, ApiError> {
+    let record = agent.vms.record(name)?.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no VM {name}")))?;
+    let status = agent.vms.status(name).await?.unwrap_or(VmStatus::Stopped);
+    Ok(view(agent, &record, status))
+}
+
+async fn status(State(agent): State<Shared>) -> Result<Json<wire::Status>, ApiError> {
+    let vms = agent.vms.list().await?;
+    Ok(Json(wire::Status {
+        version: VERSION.into(),
+        accel: agent.vms.accel().as_str().into(),
+        capacity: agent.capacity.clone(),
+        vms: vms.len() as i64,
+        running: vms.iter().filter(|(_, s)| *s == VmStatus::Running).count() as i64,
+    }))
+}
+
+async fn list(State(agent): State<Shared>) -> Result<Json<wire::Vms>, ApiError> {
+    let items = agent.vms.list().await?.iter().map(|(r, s)| view(&agent, r, *s)).collect();
+    Ok(Json(wire::Vms { items }))
+}
+
+async fn create(State(agent): State<Shared>, Json(body): Json<wire::CreateVm>) -> Result<Json<wire::Vm>, ApiError> {
+    if agent.vms.record(&body.name)?.is_none() {
+        let held = agent.vms.list().await?.len() as i64;
+        if held >= agent.capacity.max_vms {
+            return Err(ApiError(StatusCode::CONFLICT, format!("this host holds {held} VMs, its limit")));
+        }
+        if body.disk_gb > agent.capacity.max_disk_gb {
+            return Err(ApiError(StatusCode::CONFLICT, format!("a disk of {} GB is more than this host offers", body.disk_gb)));
+        }
+    }
+    let spec = VmSpec {
+        name: body.name,
+        environment_id: body.environment_id,
+        hostname: body.hostname,
+        vcpus: body.vcpus,
+        memory_mb: body.memory_mb,
+        disk_gb: body.disk_gb,
+        authorized_keys: body.authorized_keys,
+        labels: body.labels,
+    };
+    let record = agent.vms.create(&spec).await?;
+    Ok(Json(view(&agent, &record, VmStatus::Running)))
+}
+
+async fn get_vm(State(agent): State<Shared>, Path(name): Path<String>) -> Result<Json<wire::Vm>, ApiError> {
+    Ok(Json(one(&agent, &name).await?))
+}
+
+async fn act(State(agent): State<Shared>, Path((name, action)): Path<(String, String)>) -> Result<Json<wire::Vm>, ApiError> {
+    match action.as_str() {
+        "start" => agent.vms.start(&name).await?,
+        "stop" => agent.vms.stop(&name).await?,
+        "pause" => agent.vms.pause(&name).await?,
+        "resume" => agent.vms.resume(&name).await?,
+        other => return Err(ApiError(StatusCode::NOT_FOUND, format!("no action {other:?}: start, stop, pause or resume"))),
+    }
+    Ok(Json(one(&agent, &name).await?))
+}
+
+async fn destroy(State(agent): State<Shared>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    agent.vms.destroy(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn metrics(State(agent): State<Shared>) -> Result<impl IntoResponse, ApiError> {
+    use std::fmt::Write;
+    let vms = agent.vms.list().await?;
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP hearth_agent_vms VMs by state.\n# TYPE hearth_agent_vms gauge");
+    for (state, s) in [("running", VmStatus::Running), ("paused", VmStatus::Paused), ("stopped", VmStatus::Stopped)] {
+        let _ = writeln!(out, "hearth_agent_vms{{state=\"{state}\"}} {}", vms.iter().filter(|(_, st)| *st == s).count());
+    }
+    let c = &agent.capacity;
+    let _ = writeln!(out, "# HELP hearth_agent_capacity What this host offers.\n# TYPE hearth_agent_capacity gauge");
+    let _ = writeln!(out, "hearth_agent_capacity{{resource=\"vms\"}} {}", c.max_vms);
+    let _ = writeln!(out, "hearth_agent_capacity{{resource=\"vcpus\"}} {}", c.max_vcpus);
+    let _ = writeln!(out, "hearth_agent_capacity{{resource=\"memory_mb\"}} {}", c.max_memory_mb);
+    let _ = writeln!(out, "hearth_agent_info{{version=\"{VERSION}\",accel=\"{}\",host=\"{}\"}} 1", agent.vms.accel().as_str(), agent.joined.host_name);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// The routes: `/healthz` open, the rest behind the credential.
+pub fn router(agent: Shared) -> Router {
+    let guarded = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/vms", get(list).post(create))
+        .route("/v1/vms/{name}", get(get_vm).delete(destroy))
+        .route("/v1/vms/{name}/{action}", post(act))
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(agent.clone(), authorize))
+        .with_state(agent);
+    Router::new().route("/healthz", get(healthz)).merge(guarded)
+}
+
+/// The TLS settings for the agent's certificate (its chain ends at the pinned authority).
+pub fn tls_config(tls: &identity::Tls) -> Result<Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = vec![
+        CertificateDer::from_pem_slice(tls.cert_pem.as_bytes()).context("the agent's certificate")?,
+        CertificateDer::from_pem_slice(tls.ca_pem.as_bytes()).context("the agent's authority")?,
+    ];
+    let key = PrivateKeyDer::from_pem_slice(tls.key_pem.as_bytes()).context("the agent's key")?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    Ok(Arc::new(config))
+}
+
+/// Serves `router` over TLS on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(10));
+    let builder = Arc::new(builder);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept; pausing 100 ms");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return Ok(()),
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
+        let (acceptor, builder, router) = (acceptor.clone(), builder.clone(), router.clone());
+        tokio::spawn(async move {
+            let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await;
+            if let Ok(Ok(stream)) = handshake {
+                let _ = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router)).await;
+            }
+            drop(slot);
+        });
+    }
+}

@@ -1,0 +1,287 @@
+//! Hosts of kind `agent`: machines running `hearth agent`, which runs VMs (QEMU today).
+//! The control plane calls the agent's HTTPS API with the host's credential as a bearer
+//! token, trusting only the certificate authority the agent presented when it joined
+//! (pinned in the host's row): no other certificate is accepted, whatever the system trusts.
+//!
+//! `wire` holds the JSON both sides speak; the agent's server (`hearth-agent`) uses it too.
+
+use crate::{HostFacts, HostRef, Provider, ProviderError, VmInfo, VmRef, VmSpec, VmState};
+use async_trait::async_trait;
+use hearth_core::HostKind;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+pub mod wire {
+    use serde::{Deserialize, Serialize};
+    use std::collections::BTreeMap;
+
+    /// What an agent offers. The seed's defaults: 50 VMs, 16 vCPUs, 60,000 MB.
+    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Capacity {
+        pub max_vms: i64,
+        pub max_vcpus: i64,
+        pub max_memory_mb: i64,
+        pub max_disk_gb: i64,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Status {
+        pub version: String,
+        /// `kvm` or `tcg`, as the agent found by booting a probe.
+        pub accel: String,
+        pub capacity: Capacity,
+        pub vms: i64,
+        pub running: i64,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    pub struct CreateVm {
+        pub name: String,
+        pub environment_id: String,
+        pub hostname: String,
+        pub vcpus: i64,
+        pub memory_mb: i64,
+        pub disk_gb: i64,
+        pub authorized_keys: String,
+        #[serde(default)]
+        pub labels: BTreeMap<String, String>,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Vm {
+        pub name: String,
+        pub environment_id: String,
+        /// `running`, `paused` or `stopped`.
+        pub state: String,
+        pub ssh_host: String,
+        pub ssh_port: u16,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Vms {
+        pub items: Vec<Vm>,
+    }
+
+    /// Sent by an agent to the control plane, once, with a join token.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    pub struct JoinRequest {
+        pub token: String,
+        /// `https://host:port` where the control plane reaches the agent.
+        pub endpoint: String,
+        /// The agent's certificate authority (PEM): the only one trusted for it.
+        pub certificate: String,
+        /// Where guests' SSH ports answer.
+        pub guest_address: String,
+        pub capacity: Capacity,
+        pub version: String,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct JoinResponse {
+        pub host_id: String,
+        pub host_name: String,
+        /// The bearer credential the control plane will present; the agent keeps it 0600.
+        pub credential: String,
+    }
+}
+
+/// How long a call to an agent may take (a create returns once QEMU runs, not once it booted).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct AgentProvider {
+    /// One client per host, remade when its pinned certificate changes.
+    clients: Mutex<HashMap<String, (String, reqwest::Client)>>,
+}
+
+impl Default for AgentProvider {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AgentProvider {
+    pub fn new() -> AgentProvider {
+        AgentProvider { clients: Mutex::new(HashMap::new()) }
+    }
+
+    fn client(&self, host: &HostRef) -> Result<(reqwest::Client, String), ProviderError> {
+        let Some(access) = &host.agent else {
+            return Err(ProviderError::Failed(format!("host {} has no agent credential; join the agent again", host.name)));
+        };
+        if let Some((pem, client)) = self.clients.lock().unwrap().get(&host.id) {
+            if *pem == access.ca_pem {
+                return Ok((client.clone(), access.credential.clone()));
+            }
+        }
+        let ca = reqwest::Certificate::from_pem(access.ca_pem.as_bytes())
+            .map_err(|e| ProviderError::Failed(format!("host {}: its pinned certificate is unreadable: {e}", host.name)))?;
+        let client = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(ca)
+            .https_only(true)
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| ProviderError::Failed(format!("host {}: {e}", host.name)))?;
+        self.clients.lock().unwrap().insert(host.id.clone(), (access.ca_pem.clone(), client.clone()));
+        Ok((client, access.credential.clone()))
+    }
+
+    /// One call; `None` for a 404. Connection failures mean the agent is down.
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        host: &HostRef,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<Option<T>, ProviderError> {
+        let (client, credential) = self.client(host)?;
+        let mut request = client.request(method, format!("{}{path}", host.endpoint.trim_end_matches('/'))).bearer_auth(credential);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.map_err(|e| {
+            ProviderError::Unavailable(format!("cannot reach the agent of host {} at {}: {e}", host.name, host.endpoint))
+        })?;
+        let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            let text = response.text().await.unwrap_or_default();
+            let message = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                .unwrap_or(text);
+            return Err(ProviderError::Failed(format!("the agent of host {} refused ({status}): {message}", host.name)));
+        }
+        if status == reqwest::StatusCode::NO_CONTENT {
+            return Ok(serde_json::from_value(serde_json::Value::Null).ok());
+        }
+        let value = response
+            .json::<T>()
+            .await
+            .map_err(|e| ProviderError::Failed(format!("the agent of host {} answered something unreadable: {e}", host.name)))?;
+        Ok(Some(value))
+    }
+
+    pub async fn status(&self, host: &HostRef) -> Result<wire::Status, ProviderError> {
+        self.call(host, reqwest::Method::GET, "/v1/status", None)
+            .await?
+            .ok_or_else(|| ProviderError::Failed(format!("host {}: the agent has no status", host.name)))
+    }
+}
+
+/// Whether an agent answers `GET /healthz` at `endpoint` over TLS with a certificate from
+/// `ca_pem` (and nothing else): what an agent that asks to join must show.
+pub async fn healthz(endpoint: &str, ca_pem: &str) -> Result<(), String> {
+    let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes()).map_err(|e| format!("the certificate is unreadable: {e}"))?;
+    let client = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .https_only(true)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let response = client.get(format!("{}/healthz", endpoint.trim_end_matches('/'))).send().await.map_err(|e| {
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            text.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        text
+    })?;
+    if response.status().is_success() { Ok(()) } else { Err(format!("it answered {}", response.status())) }
+}
+
+fn info(vm: wire::Vm) -> VmInfo {
+    let state = match vm.state.as_str() {
+        "running" => VmState::Running,
+        "stopped" => VmState::Stopped,
+        _ => VmState::Other,
+    };
+    VmInfo {
+        vm: VmRef { name: vm.name, id: None },
+        environment_id: vm.environment_id,
+        state,
+        ssh_host: Some(vm.ssh_host),
+        ssh_port: Some(vm.ssh_port as i64),
+        ip_address: None,
+    }
+}
+
+/// The fingerprint of a PEM certificate: the host's identity (one agent, one certificate
+/// authority, made when its state directory was).
+pub fn fingerprint(pem: &str) -> String {
+    use sha2::Digest;
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    hex::encode(&sha2::Sha256::digest(body.as_bytes())[..16])
+}
+
+#[async_trait]
+impl Provider for AgentProvider {
+    fn kind(&self) -> HostKind {
+        HostKind::Agent
+    }
+
+    async fn check(&self, host: &HostRef) -> Result<HostFacts, ProviderError> {
+        self.status(host).await?;
+        let identity = host.agent.as_ref().map(|a| format!("agent:{}", fingerprint(&a.ca_pem)));
+        Ok(HostFacts { identity })
+    }
+
+    async fn ensure_created(&self, host: &HostRef, spec: &VmSpec) -> Result<VmRef, ProviderError> {
+        let body = wire::CreateVm {
+            name: spec.name.clone(),
+            environment_id: spec.environment_id.clone(),
+            hostname: spec.hostname.clone(),
+            vcpus: spec.vcpus,
+            memory_mb: spec.memory_mb,
+            disk_gb: spec.disk_gb,
+            authorized_keys: spec.authorized_key.clone(),
+            labels: spec.labels.clone(),
+        };
+        let vm: wire::Vm = self
+            .call(host, reqwest::Method::POST, "/v1/vms", Some(serde_json::to_value(body).expect("serializable")))
+            .await?
+            .ok_or_else(|| ProviderError::Failed(format!("host {}: the agent made no VM", host.name)))?;
+        Ok(VmRef { name: vm.name, id: None })
+    }
+
+    async fn start(&self, host: &HostRef, vm: &VmRef) -> Result<(), ProviderError> {
+        let done: Option<wire::Vm> = self.call(host, reqwest::Method::POST, &format!("/v1/vms/{}/start", vm.name), None).await?;
+        done.map(|_| ()).ok_or_else(|| ProviderError::NotFound(vm.name.clone()))
+    }
+
+    async fn stop(&self, host: &HostRef, vm: &VmRef) -> Result<(), ProviderError> {
+        let done: Option<wire::Vm> = self.call(host, reqwest::Method::POST, &format!("/v1/vms/{}/stop", vm.name), None).await?;
+        done.map(|_| ()).ok_or_else(|| ProviderError::NotFound(vm.name.clone()))
+    }
+
+    async fn destroy(&self, host: &HostRef, vm: &VmRef) -> Result<(), ProviderError> {
+        let _: Option<serde_json::Value> = self.call(host, reqwest::Method::DELETE, &format!("/v1/vms/{}", vm.name), None).await?;
+        Ok(())
+    }
+
+    async fn inspect(&self, host: &HostRef, vm: &VmRef) -> Result<Option<VmInfo>, ProviderError> {
+        let found: Option<wire::Vm> = self.call(host, reqwest::Method::GET, &format!("/v1/vms/{}", vm.name), None).await?;
+        Ok(found.map(info))
+    }
+
+    async fn list(&self, host: &HostRef) -> Result<Vec<VmInfo>, ProviderError> {
+        let vms: wire::Vms = self
+            .call(host, reqwest::Method::GET, "/v1/vms", None)
+            .await?
+            .ok_or_else(|| ProviderError::Failed(format!("host {}: the agent lists no VMs", host.name)))?;
+        Ok(vms.items.into_iter().map(info).collect())
+    }
+}

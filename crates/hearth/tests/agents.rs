@@ -1,0 +1,255 @@
+//! Hosts of kind `agent`: two `hearth agent` processes with the `qemu` backend join one
+//! installation and run real VMs (software emulation here); credentials and join tokens
+//! are enforced; a killed agent is noticed, and its VMs are adopted when it comes back.
+
+mod common;
+
+use common::*;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const UP: Duration = Duration::from_secs(240);
+
+fn image_dir() -> PathBuf {
+    PathBuf::from(std::env::var("HEARTH_VM_IMAGE_DIR").unwrap_or_else(|_| "/var/lib/hearth/vm-image".into()))
+}
+
+fn kernel_version() -> String {
+    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(image_dir().join("manifest.json")).expect("the VM image (make test builds it)")).unwrap();
+    manifest["kernelVersion"].as_str().unwrap().to_string()
+}
+
+struct Agent {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    listen: String,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Agent {
+    fn spawn(&mut self, server: &Server, token: Option<&str>) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("agent.log")).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
+        cmd.arg("agent")
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state"))
+            .arg("--image-dir")
+            .arg(image_dir())
+            .args(["--listen", &self.listen, "--guest-address", "127.0.0.1", "--accel", "tcg", "--max-vms", "4", "--max-vcpus", "8", "--max-memory-mb", "4096"])
+            .args(["--control-plane", &server.base])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if let Some(t) = token {
+            cmd.args(["--join-token", t]);
+        }
+        self.child = Some(cmd.spawn().unwrap());
+    }
+
+    fn start(server: &Server, token: &str) -> Agent {
+        let mut agent = Agent { child: None, dir: tempfile::tempdir().unwrap(), listen: format!("127.0.0.1:{}", free_port()) };
+        agent.spawn(server, Some(token));
+        agent
+    }
+
+    fn kill(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// A client that trusts this agent's authority only.
+    fn client(&self) -> reqwest::Client {
+        let ca = std::fs::read(self.dir.path().join("state/tls/ca.pem")).unwrap();
+        reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .build()
+            .unwrap()
+    }
+
+    async fn status(&self, credential: Option<&str>) -> StatusCode {
+        let mut r = self.client().get(format!("https://{}/v1/status", self.listen));
+        if let Some(c) = credential {
+            r = r.bearer_auth(c);
+        }
+        r.send().await.unwrap().status()
+    }
+}
+
+async fn join_token(server: &Server, name: &str) -> String {
+    let r = server.call("POST", "/v1/admin/hosts/join-tokens", Some(&server.admin_token), Some(json!({"name": name}))).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    r.body["token"].as_str().unwrap().to_string()
+}
+
+async fn host(server: &Server, name: &str) -> Option<Value> {
+    let hosts = server.call("GET", "/v1/admin/hosts", Some(&server.admin_token), None).await.body;
+    hosts["items"].as_array().unwrap().iter().find(|h| h["name"] == name).cloned()
+}
+
+async fn wait_health(server: &Server, name: &str, want: &str, agent: &Agent) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(h) = host(server, name).await {
+            if h["health"] == want {
+                return h;
+            }
+        }
+        assert!(Instant::now() < deadline, "host {name} never became {want}; agent log:\n{}", agent.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn exec(server: &Server, token: &str, id: &str, code: &str) -> String {
+    let r = server.call("POST", &format!("/v1/environments/{id}/exec"), Some(token), Some(json!({"code": code, "timeoutSeconds": 60}))).await;
+    assert_eq!((r.status, r.body["exitCode"].as_i64()), (StatusCode::OK, Some(0)), "{code}: {:?}", r.body);
+    r.body["stdout"].as_str().unwrap().trim().to_string()
+}
+
+/// QEMU processes of an environment's VM.
+fn qemu_of(environment_id: &str) -> usize {
+    let name = format!("hearth-{environment_id}");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).split('\0').any(|a| a == format!("{name},process={name}"))))
+        .count()
+}
+
+/// The credential the control plane holds for `host_id`, unsealed with the site's key.
+async fn credential(site: &Site, host_id: &str) -> String {
+    let store = site.store().await;
+    let sealed: String = store.count_text(&format!("SELECT credential_sealed AS v FROM hosts WHERE id = '{host_id}'")).await;
+    let key = hearth_guest::MasterKey::parse(&std::fs::read_to_string(site.data_dir().join("master.key")).unwrap()).unwrap();
+    key.open(&sealed).unwrap()
+}
+
+fn agent_site(site: Site) -> Site {
+    site.with_env("VM_PROVIDER", "agent")
+        .with_env("HEARTH_HOST_CHECK_INTERVAL_MS", "500")
+        .with_env("HEARTH_HOST_UNHEALTHY_AFTER_MS", "3000")
+        .with_env("HEARTH_SSH_WAIT_SECONDS", "180")
+}
+
+#[tokio::test]
+async fn two_agents_run_real_vms_and_only_their_control_plane_may_call_them() {
+    let site = agent_site(Site::new(Db::Sqlite).await);
+    let server = site.start().await;
+    let (ta, tb) = (join_token(&server, "vm-a").await, join_token(&server, "vm-b").await);
+    let a = Agent::start(&server, &ta);
+    let b = Agent::start(&server, &tb);
+    let host_a = wait_health(&server, "vm-a", "healthy", &a).await;
+    let host_b = wait_health(&server, "vm-b", "healthy", &b).await;
+    assert_eq!((host_a["kind"].as_str(), host_a["maxEnvironments"].as_i64()), (Some("agent"), Some(4)));
+
+    // A used token, an unknown one and an expired one are refused.
+    let join = |token: &str| json!({"token": token, "endpoint": "https://127.0.0.1:1", "certificate": "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n",
+        "guestAddress": "127.0.0.1", "capacity": {"maxVms": 1, "maxVcpus": 1, "maxMemoryMb": 512, "maxDiskGb": 1}, "version": "test"});
+    let expired = join_token(&server, "vm-late").await;
+    site.store().await.execute_for_tests("UPDATE join_tokens SET expires_at = 0 WHERE host_name = 'vm-late'").await;
+    for token in [ta.as_str(), "hearth_join_nonsense", expired.as_str()] {
+        let r = server.call("POST", "/v1/agents/join", None, Some(join(token))).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{token}: {:?}", r.body);
+    }
+    // The agents answer their own credential only.
+    let (cred_a, cred_b) = (credential(&site, host_a["id"].as_str().unwrap()).await, credential(&site, host_b["id"].as_str().unwrap()).await);
+    assert_eq!(a.status(Some(&cred_a)).await, StatusCode::OK);
+    assert_eq!(a.status(None).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(a.status(Some(&cred_b)).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(b.status(Some(&cred_a)).await, StatusCode::UNAUTHORIZED);
+
+    let token = server.user("vms@example.com", "pro").await;
+    let mut ids = Vec::new();
+    for name in ["one", "two"] {
+        let r = server.call("POST", "/v1/environments", Some(&token), Some(json!({"name": name, "memoryMb": 512, "vcpus": 1, "diskGb": 3}))).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+        ids.push(r.body["id"].as_str().unwrap().to_string());
+    }
+    let mut hosts = Vec::new();
+    for id in &ids {
+        let env = server.wait_env(&token, id, "running", UP).await;
+        hosts.push(env["hostId"].as_str().unwrap().to_string());
+    }
+    assert_ne!(hosts[0], hosts[1], "the two environments share a host");
+    let (one, two) = (&ids[0], &ids[1]);
+    assert_eq!(exec(&server, &token, one, "uname -r").await, kernel_version());
+    assert_eq!(exec(&server, &token, one, "df -BG --output=size / | tail -1").await, "3G");
+
+    server.call("POST", &format!("/v1/environments/{one}/stop"), Some(&token), None).await;
+    server.wait_env(&token, one, "stopped", UP).await;
+    assert_eq!(qemu_of(one), 0);
+    server.call("POST", &format!("/v1/environments/{one}/start"), Some(&token), None).await;
+    server.wait_env(&token, one, "running", UP).await;
+    assert_eq!(exec(&server, &token, one, "echo back").await, "back");
+
+    for id in &ids {
+        server.call("DELETE", &format!("/v1/environments/{id}"), Some(&token), None).await;
+    }
+    for id in &ids {
+        server.wait_env(&token, id, "destroyed", UP).await;
+        assert_eq!(qemu_of(id), 0, "a QEMU outlived {id}");
+        for agent in [&a, &b] {
+            assert!(!agent.dir.path().join("state/vms").join(format!("hearth-{id}")).exists(), "a disk outlived {id}");
+        }
+    }
+    let _ = two;
+}
+
+#[tokio::test]
+async fn a_killed_agent_is_noticed_and_its_vm_adopted() {
+    let site = agent_site(Site::new(Db::Sqlite).await);
+    let server = site.start().await;
+    let t = join_token(&server, "vm-k").await;
+    let mut agent = Agent::start(&server, &t);
+    wait_health(&server, "vm-k", "healthy", &agent).await;
+    let token = server.user("adopt@example.com", "pro").await;
+    let r = server.call("POST", "/v1/environments", Some(&token), Some(json!({"name": "adopted", "memoryMb": 512, "vcpus": 1, "diskGb": 2}))).await;
+    let id = r.body["id"].as_str().unwrap().to_string();
+    server.wait_env(&token, &id, "running", UP).await;
+    let boot_id = exec(&server, &token, &id, "cat /proc/sys/kernel/random/boot_id").await;
+
+    // kill -9: unhealthy within HEARTH_HOST_UNHEALTHY_AFTER_MS (3 s) plus a check interval.
+    agent.kill();
+    let killed = Instant::now();
+    wait_health(&server, "vm-k", "unhealthy", &agent).await;
+    println!("unhealthy {} ms after kill -9", killed.elapsed().as_millis());
+    // Back: the same VM, never restarted, never doubled.
+    agent.spawn(&server, None);
+    wait_health(&server, "vm-k", "healthy", &agent).await;
+    assert_eq!(qemu_of(&id), 1);
+    assert_eq!(exec(&server, &token, &id, "cat /proc/sys/kernel/random/boot_id").await, boot_id, "the VM was restarted");
+    assert!(agent.log().contains("opened the VM records"), "{}", agent.log());
+
+    // The VM dies while its agent is down: reported, and the environment recovers on start.
+    agent.kill();
+    let pid: i32 = std::fs::read_to_string(agent.dir.path().join(format!("state/vms/hearth-{id}/qemu.pid"))).unwrap().trim().parse().unwrap();
+    // SAFETY: kill(2) on the QEMU of this test's VM.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    agent.spawn(&server, None);
+    wait_health(&server, "vm-k", "healthy", &agent).await;
+    let env = server.wait_env(&token, &id, "stopped", UP).await;
+    assert!(env["stateMessage"].to_string().len() > 2, "{env}");
+    server.call("POST", &format!("/v1/environments/{id}/start"), Some(&token), None).await;
+    server.wait_env(&token, &id, "running", UP).await;
+    assert_ne!(exec(&server, &token, &id, "cat /proc/sys/kernel/random/boot_id").await, boot_id);
+    server.call("DELETE", &format!("/v1/environments/{id}"), Some(&token), None).await;
+    server.wait_env(&token, &id, "destroyed", UP).await;
+    assert_eq!(qemu_of(&id), 0);
+}
