@@ -107,6 +107,8 @@ pub struct QemuHost {
     accel: Accel,
     /// Where guests' SSH ports are forwarded from (127.0.0.1, or an address the nodes reach).
     guest_address: String,
+    /// The user QEMU drops to once it has opened its files (`guard.rs`), if confined.
+    runas: Option<String>,
     /// Serializes changes to one VM at a time on this host (creates race on ports and names).
     lock: tokio::sync::Mutex<()>,
 }
@@ -143,7 +145,13 @@ impl QemuHost {
     /// A host keeping its VMs under `dir`, booting `image`.
     pub fn new(dir: PathBuf, image: VmImage, accel: Accel, guest_address: &str) -> Result<QemuHost, VmmError> {
         std::fs::create_dir_all(dir.join("vms")).map_err(fail("create the state directory"))?;
-        Ok(QemuHost { dir, image, accel, guest_address: guest_address.to_string(), lock: tokio::sync::Mutex::new(()) })
+        Ok(QemuHost { dir, image, accel, guest_address: guest_address.to_string(), runas: None, lock: tokio::sync::Mutex::new(()) })
+    }
+
+    /// QEMU drops to `user` once its files are open (see `guard.rs`).
+    pub fn run_as(mut self, user: Option<String>) -> QemuHost {
+        self.runas = user;
+        self
     }
 
     pub fn accel(&self) -> Accel {
@@ -249,7 +257,7 @@ impl QemuHost {
     fn arguments(&self, record: &VmRecord, dir: &Path) -> Vec<String> {
         let s = &record.spec;
         let path = |f: &str| dir.join(f).display().to_string();
-        vec![
+        let mut args: Vec<String> = vec![
             "-name".into(),
             format!("{},process={}", s.name, s.name),
             "-machine".into(),
@@ -285,7 +293,11 @@ impl QemuHost {
             "-pidfile".into(),
             path("qemu.pid"),
             "-daemonize".into(),
-        ]
+        ];
+        if let Some(user) = &self.runas {
+            args.extend(["-runas".to_string(), user.clone()]);
+        }
+        args
     }
 
     async fn qmp(&self, name: &str) -> Result<Qmp, VmmError> {

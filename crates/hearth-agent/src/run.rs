@@ -95,7 +95,17 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let image = VmImage::open(&config.image_dir)?;
     let tls = identity::tls(&config.state_dir, &config.advertise)?;
     let accel = accelerator(&config, &image);
-    let vms = QemuHost::new(config.state_dir.clone(), image, accel, &config.guest_address)?;
+    let runas = match crate::guard::confine() {
+        Ok(user) => {
+            tracing::info!(user = %user, "VMs may not open connections to this host (iptables chain HEARTH-VMS)");
+            Some(user)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "VMs run unconfined: they can reach services on this host; run the agent as root");
+            None
+        }
+    };
+    let vms = QemuHost::new(config.state_dir.clone(), image, accel, &config.guest_address)?.run_as(runas);
     let adopted = vms.list().await?;
     let running = adopted.iter().filter(|(_, s)| *s == crate::qemu::VmStatus::Running).count();
     tracing::info!(vms = adopted.len(), running, accel = accel.as_str(), "opened the VM records");

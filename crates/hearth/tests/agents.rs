@@ -192,6 +192,18 @@ async fn two_agents_run_real_vms_and_only_their_control_plane_may_call_them() {
     assert_eq!(exec(&server, &token, one, "uname -r").await, kernel_version());
     assert_eq!(exec(&server, &token, one, "df -BG --output=size / | tail -1").await, "3G");
 
+    // Isolation: the probe reaches the VM's own sshd; through its gateway (this host) it
+    // reaches neither an agent's API, nor the other VM's SSH port, nor the control plane.
+    let reach = |port: u16, ip: &str| format!("if timeout 3 bash -c 'exec 3<>/dev/tcp/{ip}/{port}' 2>/dev/null; then echo open; else echo closed; fi");
+    assert_eq!(exec(&server, &token, one, &reach(22, "10.0.2.15")).await, "open");
+    let two_port = server.call("GET", &format!("/v1/environments/{two}"), Some(&token), None).await.body["sshPort"].as_u64().unwrap() as u16;
+    let api_port = |agent: &Agent| agent.listen.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let cp_port: u16 = server.base.rsplit(':').next().unwrap().parse().unwrap();
+    for port in [api_port(&a), api_port(&b), two_port, cp_port] {
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "nothing listens on {port}");
+        assert_eq!(exec(&server, &token, one, &reach(port, "10.0.2.2")).await, "closed", "a VM reached port {port} of its host");
+    }
+
     server.call("POST", &format!("/v1/environments/{one}/stop"), Some(&token), None).await;
     server.wait_env(&token, one, "stopped", UP).await;
     assert_eq!(qemu_of(one), 0);
@@ -209,7 +221,6 @@ async fn two_agents_run_real_vms_and_only_their_control_plane_may_call_them() {
             assert!(!agent.dir.path().join("state/vms").join(format!("hearth-{id}")).exists(), "a disk outlived {id}");
         }
     }
-    let _ = two;
 }
 
 #[tokio::test]
