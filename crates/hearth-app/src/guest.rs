@@ -10,18 +10,26 @@
 use hearth_guest::{ExecRequest, SshPool, Target};
 use hearth_provider::sim::SimProvider;
 use hearth_provider::{HostRef, VmRef};
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Starts `~/.hearth/init/script` (read from stdin) once, detached from this connection.
 /// The script is written into a fresh directory that is then renamed into place: the
-/// rename is the once-only guard, and a half-written script never runs.
+/// rename is the once-only guard. A half-written script never runs: when the node dies
+/// mid-send, `cat` sees an ordinary end of input, so the copy must match the SHA-256 that
+/// `@SHA256@` is replaced with (hex digits of our own making, never user text) first.
 const START_INIT: &str = r#"set -u
 d="$HOME/.hearth/init"
 mkdir -p "$HOME/.hearth"
 t=$(mktemp -d "$HOME/.hearth/init.XXXXXX")
 cat > "$t/script"
+if ! printf '%s  %s\n' @SHA256@ "$t/script" | sha256sum -c --status; then
+  rm -rf "$t"
+  echo "the init script arrived incomplete" >&2
+  exit 3
+fi
 if [ ! -e "$d" ] && mv -T "$t" "$d" 2>/dev/null; then
   setsid sh -c 'echo $$ > "$1/pid.tmp"; mv "$1/pid.tmp" "$1/pid"; bash "$1/script" > "$1/output" 2>&1; echo $? > "$1/exit.tmp"; mv "$1/exit.tmp" "$1/exit"' hearth-init "$d" < /dev/null > /dev/null 2>&1 &
   echo started
@@ -46,6 +54,10 @@ seen=$(look)
 if [ "$seen" = lost ]; then sleep 1; seen=$(look); fi
 printf '%s\n' "$seen"
 "#;
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
 
 pub(crate) enum InitStatus {
     Running,
@@ -84,7 +96,9 @@ impl Guest {
     pub async fn start_init(&self, script: &str, env: &BTreeMap<String, String>) -> Result<(), String> {
         match self {
             Guest::Ssh { pool, target } => {
-                let out = pool.exec(target, &request(START_INIT, env, script.as_bytes().to_vec())).await.map_err(|e| e.to_string())?;
+                let digest = hex(&Sha256::digest(script.as_bytes()));
+                let code = START_INIT.replace("@SHA256@", &digest);
+                let out = pool.exec(target, &request(&code, env, script.as_bytes().to_vec())).await.map_err(|e| e.to_string())?;
                 if out.exit_code != Some(0) {
                     return Err(format!(
                         "could not start the init script (exit {:?}): {}",
@@ -119,5 +133,52 @@ impl Guest {
                 None => Ok(InitStatus::Lost),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+
+    /// Runs START_INIT with `sh` here, as sshd would in a guest, on `sent` as its input.
+    fn start_with(home: &std::path::Path, script: &str, sent: &[u8]) -> std::process::Output {
+        let code = START_INIT.replace("@SHA256@", &hex(&Sha256::digest(script.as_bytes())));
+        let mut child = Command::new("sh")
+            .args(["-c", &code])
+            .env("HOME", home)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(sent).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    #[test]
+    fn a_script_cut_short_by_a_dying_node_never_runs() {
+        let home = tempfile::tempdir().unwrap();
+        let script = "echo ran >> \"$HOME/runs\"\n";
+        // The node died before sending anything, then halfway: both look like an end of input.
+        for sent in [&b""[..], &script.as_bytes()[..8]] {
+            let out = start_with(home.path(), script, sent);
+            assert_eq!(out.status.code(), Some(3), "{out:?}");
+            assert!(String::from_utf8_lossy(&out.stderr).contains("incomplete"), "{out:?}");
+            assert!(!home.path().join(".hearth/init").exists(), "the guard was taken by a partial script");
+        }
+        // The whole script runs, once.
+        let out = start_with(home.path(), script, script.as_bytes());
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "started\n", "{out:?}");
+        let out = start_with(home.path(), script, script.as_bytes());
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "already\n", "{out:?}");
+        let exit = home.path().join(".hearth/init/exit");
+        let waited = std::time::Instant::now();
+        while !exit.exists() {
+            assert!(waited.elapsed() < Duration::from_secs(10), "the script never finished");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(std::fs::read_to_string(home.path().join("runs")).unwrap(), "ran\n");
     }
 }
