@@ -179,10 +179,10 @@ pub struct JoinBody {
     #[schema(max_length = 200)]
     token: String,
     /// `https://host:port`, where the agent answers with `certificate`.
-    #[schema(max_length = 1000)]
+    #[schema(max_length = 1000, pattern = "^https://[^\\s]+$")]
     endpoint: String,
     /// The agent's certificate authority (PEM), pinned: nothing else is trusted for it.
-    #[schema(max_length = 16384)]
+    #[schema(max_length = 16384, pattern = "BEGIN CERTIFICATE")]
     certificate: String,
     #[schema(max_length = 253, pattern = "^[A-Za-z0-9.:-]+$")]
     guest_address: String,
