@@ -9,10 +9,12 @@
 //! - `initramfs.rs`: the cpio writer for that initramfs.
 //! - `qmp.rs`: a client of QEMU's machine protocol.
 //! - `qemu.rs`: the `qemu` backend.
+//! - `firecracker.rs`: the Firecracker API driver (tested against a spec-checking fake).
 //! - `guard.rs`: QEMU as a user of its own, and a firewall that keeps VMs off this host.
 //! - `identity.rs`: the agent's certificate authority and the credential it accepts.
 //! - `server.rs`: its HTTPS API; `run.rs`: start-up, joining, serving.
 
+pub mod firecracker;
 pub mod guard;
 pub mod identity;
 pub mod image;
