@@ -37,7 +37,12 @@ pub enum FcError {
     #[error("cannot reach Firecracker's API socket {0}: {1}")]
     Connect(String, String),
     #[error("Firecracker refused {method} {path} ({status}): {fault}")]
-    Refused { method: String, path: String, status: u16, fault: String },
+    Refused {
+        method: String,
+        path: String,
+        status: u16,
+        fault: String,
+    },
     #[error("Firecracker's API failed: {0}")]
     Io(String),
 }
@@ -49,16 +54,24 @@ pub struct FcClient {
 
 impl FcClient {
     pub fn new(socket: &Path) -> FcClient {
-        FcClient { socket: socket.to_path_buf() }
+        FcClient {
+            socket: socket.to_path_buf(),
+        }
     }
 
     /// One request on a fresh connection (the API is local and cheap); `Null` for a 204.
-    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, FcError> {
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, FcError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
             .map_err(|e| FcError::Connect(self.socket.display().to_string(), e.to_string()))?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| FcError::Io(e.to_string()))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| FcError::Io(e.to_string()))?;
         tokio::spawn(connection);
         let bytes = body.map(|b| b.to_string()).unwrap_or_default();
         let request = hyper::Request::builder()
@@ -74,20 +87,39 @@ impl FcClient {
             .map_err(|_| FcError::Io(format!("{method} {path}: no answer within 10 s")))?
             .map_err(|e| FcError::Io(e.to_string()))?;
         let status = response.status().as_u16();
-        let body = response.into_body().collect().await.map_err(|e| FcError::Io(e.to_string()))?.to_bytes();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| FcError::Io(e.to_string()))?
+            .to_bytes();
         if status == 204 {
             return Ok(Value::Null);
         }
         let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
         if !(200..300).contains(&status) {
-            let fault = value["fault_message"].as_str().unwrap_or("no fault_message").to_string();
-            return Err(FcError::Refused { method: method.into(), path: path.into(), status, fault });
+            let fault = value["fault_message"]
+                .as_str()
+                .unwrap_or("no fault_message")
+                .to_string();
+            return Err(FcError::Refused {
+                method: method.into(),
+                path: path.into(),
+                status,
+                fault,
+            });
         }
         Ok(value)
     }
 
     async fn put(&self, path: &str, body: impl Serialize) -> Result<(), FcError> {
-        self.call("PUT", path, Some(serde_json::to_value(body).expect("serializable"))).await.map(|_| ())
+        self.call(
+            "PUT",
+            path,
+            Some(serde_json::to_value(body).expect("serializable")),
+        )
+        .await
+        .map(|_| ())
     }
 }
 
@@ -110,7 +142,10 @@ pub struct BootSpec {
 /// `running`, `paused` or `not started`, from `GET /`.
 pub async fn state(client: &FcClient) -> Result<String, FcError> {
     let info = client.call("GET", "/", None).await?;
-    Ok(info["state"].as_str().unwrap_or("unknown").to_ascii_lowercase())
+    Ok(info["state"]
+        .as_str()
+        .unwrap_or("unknown")
+        .to_ascii_lowercase())
 }
 
 /// Configures a fresh process and starts the guest.
@@ -121,28 +156,50 @@ pub async fn boot(client: &FcClient, spec: &BootSpec) -> Result<(), FcError> {
         source["initrd_path"] = json!(initrd);
     }
     client.put("/boot-source", source).await?;
-    client.put("/machine-config", json!({"vcpu_count": spec.vcpus, "mem_size_mib": spec.memory_mb, "smt": false})).await?;
+    client
+        .put(
+            "/machine-config",
+            json!({"vcpu_count": spec.vcpus, "mem_size_mib": spec.memory_mb, "smt": false}),
+        )
+        .await?;
     client
         .put("/drives/rootfs", json!({"drive_id": "rootfs", "path_on_host": spec.root_disk, "is_root_device": true, "is_read_only": false}))
         .await?;
     client
         .put("/drives/config", json!({"drive_id": "config", "path_on_host": spec.config_drive, "is_root_device": false, "is_read_only": true}))
         .await?;
-    client.put("/network-interfaces/eth0", json!({"iface_id": "eth0", "host_dev_name": spec.tap, "guest_mac": spec.guest_mac})).await?;
-    client.put("/actions", json!({"action_type": "InstanceStart"})).await
+    client
+        .put(
+            "/network-interfaces/eth0",
+            json!({"iface_id": "eth0", "host_dev_name": spec.tap, "guest_mac": spec.guest_mac}),
+        )
+        .await?;
+    client
+        .put("/actions", json!({"action_type": "InstanceStart"}))
+        .await
 }
 
 pub async fn pause(client: &FcClient) -> Result<(), FcError> {
-    client.call("PATCH", "/vm", Some(json!({"state": "Paused"}))).await.map(|_| ())
+    client
+        .call("PATCH", "/vm", Some(json!({"state": "Paused"})))
+        .await
+        .map(|_| ())
 }
 
 pub async fn resume(client: &FcClient) -> Result<(), FcError> {
-    client.call("PATCH", "/vm", Some(json!({"state": "Resumed"}))).await.map(|_| ())
+    client
+        .call("PATCH", "/vm", Some(json!({"state": "Resumed"})))
+        .await
+        .map(|_| ())
 }
 
 /// A full snapshot of a running VM: it is paused first (Firecracker requires it) and left
 /// paused; resume it to go on, or stop it.
-pub async fn snapshot(client: &FcClient, snapshot_path: &str, mem_file_path: &str) -> Result<(), FcError> {
+pub async fn snapshot(
+    client: &FcClient,
+    snapshot_path: &str,
+    mem_file_path: &str,
+) -> Result<(), FcError> {
     if state(client).await? != "paused" {
         pause(client).await?;
     }
@@ -150,7 +207,11 @@ pub async fn snapshot(client: &FcClient, snapshot_path: &str, mem_file_path: &st
 }
 
 /// Loads a snapshot into a fresh process and resumes it.
-pub async fn load(client: &FcClient, snapshot_path: &str, mem_file_path: &str) -> Result<(), FcError> {
+pub async fn load(
+    client: &FcClient,
+    snapshot_path: &str,
+    mem_file_path: &str,
+) -> Result<(), FcError> {
     client
         .put(
             "/snapshot/load",
@@ -161,12 +222,19 @@ pub async fn load(client: &FcClient, snapshot_path: &str, mem_file_path: &str) -
 
 /// Asks the guest to reboot, which ends the Firecracker process.
 pub async fn stop(client: &FcClient) -> Result<(), FcError> {
-    client.put("/actions", json!({"action_type": "SendCtrlAltDel"})).await
+    client
+        .put("/actions", json!({"action_type": "SendCtrlAltDel"}))
+        .await
 }
 
 /// A locally administered MAC for a VM, derived from its name (stable across restarts).
 pub fn guest_mac(name: &str) -> String {
-    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
     let b = h.to_be_bytes();
-    format!("06:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3], b[4])
+    format!(
+        "06:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[0], b[1], b[2], b[3], b[4]
+    )
 }

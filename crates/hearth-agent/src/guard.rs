@@ -37,7 +37,9 @@ fn uid_of(user: &str) -> Option<u32> {
     let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
     passwd.lines().find_map(|l| {
         let mut f = l.split(':');
-        (f.next()? == user).then(|| f.nth(1)?.parse().ok()).flatten()
+        (f.next()? == user)
+            .then(|| f.nth(1)?.parse().ok())
+            .flatten()
     })
 }
 
@@ -49,11 +51,22 @@ pub fn confine() -> Result<String> {
     }
     if uid_of(VM_USER).is_none() {
         let out = Command::new("useradd")
-            .args(["--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", VM_USER])
+            .args([
+                "--system",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                VM_USER,
+            ])
             .output()
             .context("cannot run useradd")?;
         if !out.status.success() && uid_of(VM_USER).is_none() {
-            bail!("useradd {VM_USER} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "useradd {VM_USER} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
     }
     let uid = uid_of(VM_USER).context("the VM user has no uid")?;
@@ -63,17 +76,35 @@ pub fn confine() -> Result<String> {
         .stderr(Stdio::piped())
         .spawn()
         .context("cannot run iptables-restore (apt-get install iptables)")?;
-    restore.stdin.take().expect("piped").write_all(rules(uid).as_bytes())?;
+    restore
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(rules(uid).as_bytes())?;
     let out = restore.wait_with_output()?;
     if !out.status.success() {
-        bail!("iptables-restore failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "iptables-restore failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let jump = ["OUTPUT", "-j", CHAIN];
-    let present = Command::new("iptables").arg("-w").arg("-C").args(jump).status().context("cannot run iptables")?.success();
+    let present = Command::new("iptables")
+        .arg("-w")
+        .arg("-C")
+        .args(jump)
+        .status()
+        .context("cannot run iptables")?
+        .success();
     if !present {
-        let out = Command::new("iptables").args(["-w", "-I", "OUTPUT", "1", "-j", CHAIN]).output()?;
+        let out = Command::new("iptables")
+            .args(["-w", "-I", "OUTPUT", "1", "-j", CHAIN])
+            .output()?;
         if !out.status.success() {
-            bail!("iptables -I OUTPUT failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "iptables -I OUTPUT failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
     }
     Ok(VM_USER.to_string())
@@ -87,6 +118,11 @@ mod tests {
         assert!(r.starts_with("*filter\n:HEARTH-VMS - [0:0]\n") && r.ends_with("COMMIT\n"));
         let rejects: Vec<&str> = r.lines().filter(|l| l.contains("REJECT")).collect();
         assert_eq!(rejects.len(), 3);
-        assert!(rejects.iter().all(|l| l.contains("--uid-owner 997") && l.contains("--ctstate NEW")), "{r}");
+        assert!(
+            rejects
+                .iter()
+                .all(|l| l.contains("--uid-owner 997") && l.contains("--ctstate NEW")),
+            "{r}"
+        );
     }
 }

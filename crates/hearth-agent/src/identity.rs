@@ -7,7 +7,9 @@
 //!   control plane presents (the credential itself is never written here).
 
 use anyhow::{Context, Result, bail};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
+};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use std::path::{Path, PathBuf};
@@ -34,7 +36,11 @@ fn write_private(path: &Path, contents: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).with_context(|| format!("create {}", dir.display()))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("create {}", dir.display()))?;
     }
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
@@ -56,7 +62,10 @@ fn host_of(advertise: &str) -> Result<String> {
         Some((h, port)) if port.parse::<u16>().is_ok() => h,
         _ => bail!("the advertised address {advertise:?} must be host:port"),
     };
-    Ok(host.trim_start_matches('[').trim_end_matches(']').to_string())
+    Ok(host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string())
 }
 
 /// Loads the agent's TLS material, making what is missing.
@@ -84,7 +93,9 @@ pub fn tls(state: &Path, advertise: &str) -> Result<Tls> {
             // against `ca.pem` whichever of the two self-signatures it holds.
             let key = KeyPair::generate()?;
             let mut params = CertificateParams::new(vec![host.clone()])?;
-            params.distinguished_name.push(DnType::CommonName, host.clone());
+            params
+                .distinguished_name
+                .push(DnType::CommonName, host.clone());
             params.not_after = rcgen::date_time_ymd(2100, 1, 1);
             let cert = params.signed_by(&key, &issuer)?;
             write_private(&dir.join("key.pem"), &key.serialize_pem())?;
@@ -93,12 +104,18 @@ pub fn tls(state: &Path, advertise: &str) -> Result<Tls> {
             (cert.pem(), key.serialize_pem())
         }
     };
-    Ok(Tls { ca_pem, cert_pem, key_pem })
+    Ok(Tls {
+        ca_pem,
+        cert_pem,
+        key_pem,
+    })
 }
 
 fn ca_params() -> Result<CertificateParams> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.distinguished_name.push(DnType::CommonName, "hearth agent authority");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "hearth agent authority");
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     params.not_after = rcgen::date_time_ymd(2100, 1, 1);
@@ -111,7 +128,9 @@ pub fn joined_path(state: &Path) -> PathBuf {
 
 pub fn load_joined(state: &Path) -> Result<Option<Joined>> {
     match std::fs::read_to_string(joined_path(state)) {
-        Ok(text) => Ok(Some(serde_json::from_str(&text).context("joined.json is unreadable")?)),
+        Ok(text) => Ok(Some(
+            serde_json::from_str(&text).context("joined.json is unreadable")?,
+        )),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).context("read joined.json"),
     }
@@ -131,9 +150,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = tls(dir.path(), "127.0.0.1:9443").unwrap();
         let again = tls(dir.path(), "127.0.0.1:9443").unwrap();
-        assert_eq!((first.ca_pem.clone(), first.cert_pem.clone()), (again.ca_pem, again.cert_pem));
+        assert_eq!(
+            (first.ca_pem.clone(), first.cert_pem.clone()),
+            (again.ca_pem, again.cert_pem)
+        );
         for f in ["ca.key", "key.pem", "ca.pem"] {
-            let mode = std::fs::metadata(dir.path().join("tls").join(f)).unwrap().permissions().mode() & 0o777;
+            let mode = std::fs::metadata(dir.path().join("tls").join(f))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777;
             assert_eq!(mode, 0o600, "{f}");
         }
         // A new name: a new server certificate from the same authority.

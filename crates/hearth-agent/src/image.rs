@@ -13,13 +13,12 @@
 //!
 //! Every external program runs with an argument vector; nothing goes through a shell.
 
-use hearth_provider::image::{ImageError, SUITE, SSHD_CONFIG, SUDOERS, run};
+use hearth_provider::image::{ImageError, SSHD_CONFIG, SUDOERS, SUITE, run};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-pub const VM_PACKAGES: &str =
-    "linux-image-cloud-amd64,openssh-server,sudo,git,curl,ca-certificates,iproute2,procps,bash,less,kmod,e2fsprogs,tini";
+pub const VM_PACKAGES: &str = "linux-image-cloud-amd64,openssh-server,sudo,git,curl,ca-certificates,iproute2,procps,bash,less,kmod,e2fsprogs,tini";
 
 /// The cloud kernel's virtio drivers are modules; these, in load order, give a disk and a NIC.
 pub const MODULES: [&str; 9] = [
@@ -92,7 +91,15 @@ exec /usr/bin/tini -- /usr/sbin/sshd -D -e
 /// Identifies this recipe; an image directory with the same one needs no rebuild.
 pub fn recipe_hash() -> String {
     let mut h: u64 = 0xcbf29ce484222325;
-    for part in [SUITE, VM_PACKAGES, INITRAMFS_INIT, PROBE, VM_INIT, SSHD_CONFIG, SUDOERS] {
+    for part in [
+        SUITE,
+        VM_PACKAGES,
+        INITRAMFS_INIT,
+        PROBE,
+        VM_INIT,
+        SSHD_CONFIG,
+        SUDOERS,
+    ] {
         for b in part.bytes().chain(std::iter::once(0)) {
             h ^= b as u64;
             h = h.wrapping_mul(0x100000001b3);
@@ -127,14 +134,24 @@ impl VmImage {
     /// The image in `dir`, if one was built there.
     pub fn open(dir: &Path) -> Result<VmImage, ImageError> {
         let text = std::fs::read_to_string(dir.join("manifest.json")).map_err(|e| {
-            ImageError::Failed(format!("no VM image in {} ({e}); build it with `hearth image build --vm`", dir.display()))
+            ImageError::Failed(format!(
+                "no VM image in {} ({e}); build it with `hearth image build --vm`",
+                dir.display()
+            ))
         })?;
-        let mut image: VmImage =
-            serde_json::from_str(&text).map_err(|e| ImageError::Failed(format!("{}/manifest.json is unreadable: {e}", dir.display())))?;
+        let mut image: VmImage = serde_json::from_str(&text).map_err(|e| {
+            ImageError::Failed(format!(
+                "{}/manifest.json is unreadable: {e}",
+                dir.display()
+            ))
+        })?;
         image.dir = dir.to_path_buf();
         for file in [image.kernel(), image.initrd(), image.rootfs()] {
             if !file.is_file() {
-                return Err(ImageError::Failed(format!("{} is missing; rebuild with `hearth image build --vm`", file.display())));
+                return Err(ImageError::Failed(format!(
+                    "{} is missing; rebuild with `hearth image build --vm`",
+                    file.display()
+                )));
             }
         }
         Ok(image)
@@ -158,16 +175,30 @@ fn write(path: &Path, contents: &[u8], mode: u32) -> Result<(), ImageError> {
 /// The initramfs for the kernel whose modules are under `modules` (`/lib/modules/<v>`).
 fn initramfs(modules: &Path) -> Result<Vec<u8>, ImageError> {
     use crate::initramfs::{Entry, newc_gz};
-    let busybox = std::fs::read("/bin/busybox")
-        .map_err(|e| ImageError::Missing { program: format!("/bin/busybox ({e})"), hint: "apt-get install busybox-static".into() })?;
+    let busybox = std::fs::read("/bin/busybox").map_err(|e| ImageError::Missing {
+        program: format!("/bin/busybox ({e})"),
+        hint: "apt-get install busybox-static".into(),
+    })?;
     let mut entries = vec![
         Entry::Dir("bin".into()),
         Entry::Dir("dev".into()),
         Entry::Dir("newroot".into()),
         Entry::Dir("modules".into()),
-        Entry::File { path: "bin/busybox".into(), mode: 0o755, data: busybox },
-        Entry::File { path: "init".into(), mode: 0o755, data: INITRAMFS_INIT.as_bytes().to_vec() },
-        Entry::File { path: "probe".into(), mode: 0o755, data: PROBE.as_bytes().to_vec() },
+        Entry::File {
+            path: "bin/busybox".into(),
+            mode: 0o755,
+            data: busybox,
+        },
+        Entry::File {
+            path: "init".into(),
+            mode: 0o755,
+            data: INITRAMFS_INIT.as_bytes().to_vec(),
+        },
+        Entry::File {
+            path: "probe".into(),
+            mode: 0o755,
+            data: PROBE.as_bytes().to_vec(),
+        },
     ];
     let dep = std::fs::read_to_string(modules.join("modules.dep"))
         .map_err(|e| ImageError::Failed(format!("read {}/modules.dep: {e}", modules.display())))?;
@@ -175,10 +206,23 @@ fn initramfs(modules: &Path) -> Result<Vec<u8>, ImageError> {
         let rel = dep
             .lines()
             .filter_map(|l| l.split(':').next())
-            .find(|p| Path::new(p).file_name().is_some_and(|f| f == format!("{name}.ko").as_str()))
-            .ok_or_else(|| ImageError::Failed(format!("the kernel has no module {name}.ko (uncompressed) in modules.dep")))?;
-        let data = std::fs::read(modules.join(rel)).map_err(|e| ImageError::Failed(format!("read {rel}: {e}")))?;
-        entries.push(Entry::File { path: format!("modules/{name}.ko"), mode: 0o644, data });
+            .find(|p| {
+                Path::new(p)
+                    .file_name()
+                    .is_some_and(|f| f == format!("{name}.ko").as_str())
+            })
+            .ok_or_else(|| {
+                ImageError::Failed(format!(
+                    "the kernel has no module {name}.ko (uncompressed) in modules.dep"
+                ))
+            })?;
+        let data = std::fs::read(modules.join(rel))
+            .map_err(|e| ImageError::Failed(format!("read {rel}: {e}")))?;
+        entries.push(Entry::File {
+            path: format!("modules/{name}.ko"),
+            mode: 0o644,
+            data,
+        });
     }
     newc_gz(&entries).map_err(|e| ImageError::Failed(format!("pack the initramfs: {e}")))
 }
@@ -189,20 +233,45 @@ pub fn build(out: &Path, work: &Path, step: &mut dyn FnMut(&str)) -> Result<VmIm
     let root = work.join("rootfs");
     step("debootstrapping Debian with its cloud kernel (about 30 s)");
     run(
-        Command::new("mmdebstrap").args(["--variant=minbase", "--quiet"]).arg(format!("--include={VM_PACKAGES}")).arg(SUITE).arg(&root),
+        Command::new("mmdebstrap")
+            .args(["--variant=minbase", "--quiet"])
+            .arg(format!("--include={VM_PACKAGES}"))
+            .arg(SUITE)
+            .arg(&root),
         "mmdebstrap",
     )?;
     step("adding the dev user, sshd configuration and init");
-    run(Command::new("chroot").arg(&root).args(["useradd", "--create-home", "--shell", "/bin/bash", "dev"]), "useradd")?;
-    run(Command::new("chroot").arg(&root).args(["usermod", "--password", "*", "dev"]), "usermod")?;
-    for entry in std::fs::read_dir(root.join("etc/ssh")).map_err(|e| ImageError::Failed(format!("read etc/ssh: {e}")))? {
+    run(
+        Command::new("chroot").arg(&root).args([
+            "useradd",
+            "--create-home",
+            "--shell",
+            "/bin/bash",
+            "dev",
+        ]),
+        "useradd",
+    )?;
+    run(
+        Command::new("chroot")
+            .arg(&root)
+            .args(["usermod", "--password", "*", "dev"]),
+        "usermod",
+    )?;
+    for entry in std::fs::read_dir(root.join("etc/ssh"))
+        .map_err(|e| ImageError::Failed(format!("read etc/ssh: {e}")))?
+    {
         let entry = entry.map_err(|e| ImageError::Failed(e.to_string()))?;
         if entry.file_name().to_string_lossy().starts_with("ssh_host_") {
-            std::fs::remove_file(entry.path()).map_err(|e| ImageError::Failed(format!("remove host key: {e}")))?;
+            std::fs::remove_file(entry.path())
+                .map_err(|e| ImageError::Failed(format!("remove host key: {e}")))?;
         }
     }
     write(&root.join("sbin/hearth-init"), VM_INIT.as_bytes(), 0o755)?;
-    write(&root.join("etc/ssh/sshd_config.d/hearth.conf"), SSHD_CONFIG.as_bytes(), 0o644)?;
+    write(
+        &root.join("etc/ssh/sshd_config.d/hearth.conf"),
+        SSHD_CONFIG.as_bytes(),
+        0o644,
+    )?;
     write(&root.join("etc/sudoers.d/dev"), SUDOERS.as_bytes(), 0o440)?;
     let modules_dir = root.join("lib/modules");
     let kernel_version = std::fs::read_dir(&modules_dir)
@@ -213,12 +282,18 @@ pub fn build(out: &Path, work: &Path, step: &mut dyn FnMut(&str)) -> Result<VmIm
     step("packing the initramfs (busybox and the virtio modules)");
     let initrd = initramfs(&modules_dir.join(&kernel_version))?;
     let staging = work.join("image");
-    std::fs::create_dir_all(&staging).map_err(|e| ImageError::Failed(format!("mkdir {}: {e}", staging.display())))?;
-    std::fs::copy(root.join(format!("boot/vmlinuz-{kernel_version}")), staging.join("vmlinuz"))
-        .map_err(|e| ImageError::Failed(format!("copy the kernel: {e}")))?;
+    std::fs::create_dir_all(&staging)
+        .map_err(|e| ImageError::Failed(format!("mkdir {}: {e}", staging.display())))?;
+    std::fs::copy(
+        root.join(format!("boot/vmlinuz-{kernel_version}")),
+        staging.join("vmlinuz"),
+    )
+    .map_err(|e| ImageError::Failed(format!("copy the kernel: {e}")))?;
     write(&staging.join("initrd.gz"), &initrd, 0o644)?;
     // The kernel and Debian's initrd stay out of the disk: the VM boots the ones beside it.
-    for entry in std::fs::read_dir(root.join("boot")).map_err(|e| ImageError::Failed(format!("read boot: {e}")))? {
+    for entry in std::fs::read_dir(root.join("boot"))
+        .map_err(|e| ImageError::Failed(format!("read boot: {e}")))?
+    {
         let path = entry.map_err(|e| ImageError::Failed(e.to_string()))?.path();
         let _ = std::fs::remove_file(path);
     }
@@ -228,19 +303,34 @@ pub fn build(out: &Path, work: &Path, step: &mut dyn FnMut(&str)) -> Result<VmIm
     // Room for the metadata; each VM's disk grows to its own size at boot.
     let size_mb = used_mb + used_mb / 4 + 256;
     run(
-        Command::new("mkfs.ext4").args(["-q", "-F", "-L", "hearth-root", "-d"]).arg(&root).arg(staging.join("rootfs.ext4")).arg(format!("{size_mb}M")),
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "hearth-root", "-d"])
+            .arg(&root)
+            .arg(staging.join("rootfs.ext4"))
+            .arg(format!("{size_mb}M")),
         "mkfs.ext4",
     )?;
-    let image = VmImage { dir: out.to_path_buf(), kernel_version, recipe: recipe_hash() };
-    write(&staging.join("manifest.json"), serde_json::to_string_pretty(&image).expect("serializable").as_bytes(), 0o644)?;
+    let image = VmImage {
+        dir: out.to_path_buf(),
+        kernel_version,
+        recipe: recipe_hash(),
+    };
+    write(
+        &staging.join("manifest.json"),
+        serde_json::to_string_pretty(&image)
+            .expect("serializable")
+            .as_bytes(),
+        0o644,
+    )?;
     // Replaced whole: a VM never boots a half-written image.
     let _ = std::fs::remove_dir_all(out);
     if let Some(parent) = out.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| ImageError::Failed(format!("mkdir {}: {e}", parent.display())))?;
+        std::fs::create_dir_all(parent)
+            .map_err(|e| ImageError::Failed(format!("mkdir {}: {e}", parent.display())))?;
     }
-    std::fs::rename(&staging, out).or_else(|_| copy_dir(&staging, out)).map_err(|e| {
-        ImageError::Failed(format!("move the image into {}: {e}", out.display()))
-    })?;
+    std::fs::rename(&staging, out)
+        .or_else(|_| copy_dir(&staging, out))
+        .map_err(|e| ImageError::Failed(format!("move the image into {}: {e}", out.display())))?;
     let _ = std::fs::remove_dir_all(&root);
     VmImage::open(out)
 }
@@ -249,9 +339,13 @@ fn dir_size(dir: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in entries.flatten() {
-            let Ok(meta) = e.path().symlink_metadata() else { continue };
+            let Ok(meta) = e.path().symlink_metadata() else {
+                continue;
+            };
             if meta.is_dir() {
                 stack.push(e.path());
             } else {

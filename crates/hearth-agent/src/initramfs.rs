@@ -9,14 +9,23 @@ use std::io::Write;
 /// One file or directory of the archive.
 pub enum Entry {
     Dir(String),
-    File { path: String, mode: u32, data: Vec<u8> },
+    File {
+        path: String,
+        mode: u32,
+        data: Vec<u8>,
+    },
 }
 
 /// The archive, gzip-compressed, as the kernel's `initrd` takes it.
 pub fn newc_gz(entries: &[Entry]) -> std::io::Result<Vec<u8>> {
     let mut out = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     let mut inode = 1u32;
-    let mut header = |out: &mut dyn Write, name: &str, mode: u32, nlink: u32, size: usize| -> std::io::Result<usize> {
+    let mut header = |out: &mut dyn Write,
+                      name: &str,
+                      mode: u32,
+                      nlink: u32,
+                      size: usize|
+     -> std::io::Result<usize> {
         let name_len = name.len() + 1;
         let text = format!(
             "070701{inode:08X}{mode:08X}{:08X}{:08X}{nlink:08X}{:08X}{size:08X}{:08X}{:08X}{:08X}{:08X}{name_len:08X}{:08X}",
@@ -28,7 +37,8 @@ pub fn newc_gz(entries: &[Entry]) -> std::io::Result<Vec<u8>> {
         out.write_all(&[0])?;
         Ok(110 + name_len)
     };
-    let pad = |out: &mut dyn Write, written: usize| out.write_all(&[0u8; 3][..(4 - written % 4) % 4]);
+    let pad =
+        |out: &mut dyn Write, written: usize| out.write_all(&[0u8; 3][..(4 - written % 4) % 4]);
     for entry in entries {
         match entry {
             Entry::Dir(path) => {
@@ -55,9 +65,19 @@ mod tests {
 
     #[test]
     fn entries_are_aligned_and_terminated() {
-        let gz = newc_gz(&[Entry::Dir("bin".into()), Entry::File { path: "init".into(), mode: 0o755, data: b"#!/bin/sh\n".to_vec() }]).unwrap();
+        let gz = newc_gz(&[
+            Entry::Dir("bin".into()),
+            Entry::File {
+                path: "init".into(),
+                mode: 0o755,
+                data: b"#!/bin/sh\n".to_vec(),
+            },
+        ])
+        .unwrap();
         let mut raw = Vec::new();
-        flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut raw).unwrap();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_end(&mut raw)
+            .unwrap();
         assert_eq!(raw.len() % 4, 0);
         assert!(raw.starts_with(b"070701"));
         let text = String::from_utf8_lossy(&raw);

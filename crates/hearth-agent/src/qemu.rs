@@ -114,7 +114,10 @@ pub struct QemuHost {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn fail(what: &str) -> impl Fn(std::io::Error) -> VmmError + '_ {
@@ -122,7 +125,9 @@ fn fail(what: &str) -> impl Fn(std::io::Error) -> VmmError + '_ {
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<(), VmmError> {
-    hearth_provider::image::run(cmd, what).map(|_| ()).map_err(|e| VmmError::Failed(e.to_string()))
+    hearth_provider::image::run(cmd, what)
+        .map(|_| ())
+        .map_err(|e| VmmError::Failed(e.to_string()))
 }
 
 fn free_port(address: &str) -> Result<u16, VmmError> {
@@ -135,7 +140,8 @@ fn is_our_process(pid: u32, name: &str) -> bool {
     match std::fs::read(format!("/proc/{pid}/cmdline")) {
         Ok(cmdline) => {
             let text = String::from_utf8_lossy(&cmdline);
-            text.split('\0').any(|arg| arg == format!("{name},process={name}"))
+            text.split('\0')
+                .any(|arg| arg == format!("{name},process={name}"))
         }
         Err(_) => false,
     }
@@ -143,9 +149,21 @@ fn is_our_process(pid: u32, name: &str) -> bool {
 
 impl QemuHost {
     /// A host keeping its VMs under `dir`, booting `image`.
-    pub fn new(dir: PathBuf, image: VmImage, accel: Accel, guest_address: &str) -> Result<QemuHost, VmmError> {
+    pub fn new(
+        dir: PathBuf,
+        image: VmImage,
+        accel: Accel,
+        guest_address: &str,
+    ) -> Result<QemuHost, VmmError> {
         std::fs::create_dir_all(dir.join("vms")).map_err(fail("create the state directory"))?;
-        Ok(QemuHost { dir, image, accel, guest_address: guest_address.to_string(), runas: None, lock: tokio::sync::Mutex::new(()) })
+        Ok(QemuHost {
+            dir,
+            image,
+            accel,
+            guest_address: guest_address.to_string(),
+            runas: None,
+            lock: tokio::sync::Mutex::new(()),
+        })
     }
 
     /// QEMU drops to `user` once its files are open (see `guard.rs`).
@@ -159,16 +177,22 @@ impl QemuHost {
     }
 
     fn vm_dir(&self, name: &str) -> Result<PathBuf, VmmError> {
-        let well_formed = !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let well_formed = !name.is_empty()
+            && name.len() <= 64
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
         if !well_formed {
-            return Err(VmmError::Failed(format!("VM name {name:?} must be letters, digits and '-' (at most 64)")));
+            return Err(VmmError::Failed(format!(
+                "VM name {name:?} must be letters, digits and '-' (at most 64)"
+            )));
         }
         Ok(self.dir.join("vms").join(name))
     }
 
     pub fn record(&self, name: &str) -> Result<Option<VmRecord>, VmmError> {
         match std::fs::read_to_string(self.vm_dir(name)?.join("record.json")) {
-            Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| VmmError::Failed(format!("the record of {name} is unreadable: {e}"))),
+            Ok(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| VmmError::Failed(format!("the record of {name} is unreadable: {e}"))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(VmmError::Failed(format!("read the record of {name}: {e}"))),
         }
@@ -176,7 +200,11 @@ impl QemuHost {
 
     fn pid(&self, name: &str) -> Option<u32> {
         let dir = self.vm_dir(name).ok()?;
-        let pid: u32 = std::fs::read_to_string(dir.join("qemu.pid")).ok()?.trim().parse().ok()?;
+        let pid: u32 = std::fs::read_to_string(dir.join("qemu.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
         is_our_process(pid, name).then_some(pid)
     }
 
@@ -188,12 +216,18 @@ impl QemuHost {
         let record = match self.record(&spec.name)? {
             Some(record) => record,
             None => {
-                if !(1..=2048).contains(&spec.disk_gb) || !(1..=64).contains(&spec.vcpus) || !(128..=262_144).contains(&spec.memory_mb) {
-                    return Err(VmmError::Failed("sizes out of range: 1-64 vCPUs, 128-262144 MB, 1-2048 GB".into()));
+                if !(1..=2048).contains(&spec.disk_gb)
+                    || !(1..=64).contains(&spec.vcpus)
+                    || !(128..=262_144).contains(&spec.memory_mb)
+                {
+                    return Err(VmmError::Failed(
+                        "sizes out of range: 1-64 vCPUs, 128-262144 MB, 1-2048 GB".into(),
+                    ));
                 }
                 let building = self.dir.join("vms").join(format!(".{}.new", spec.name));
                 let _ = std::fs::remove_dir_all(&building);
-                std::fs::create_dir_all(building.join("config")).map_err(fail("create the VM's directory"))?;
+                std::fs::create_dir_all(building.join("config"))
+                    .map_err(fail("create the VM's directory"))?;
                 run(
                     Command::new("qemu-img")
                         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
@@ -202,9 +236,16 @@ impl QemuHost {
                         .arg(format!("{}G", spec.disk_gb)),
                     "qemu-img create",
                 )?;
-                std::fs::write(building.join("config/authorized_keys"), format!("{}\n", spec.authorized_keys.trim()))
-                    .map_err(fail("write the config drive"))?;
-                std::fs::write(building.join("config/hostname"), format!("{}\n", spec.hostname)).map_err(fail("write the config drive"))?;
+                std::fs::write(
+                    building.join("config/authorized_keys"),
+                    format!("{}\n", spec.authorized_keys.trim()),
+                )
+                .map_err(fail("write the config drive"))?;
+                std::fs::write(
+                    building.join("config/hostname"),
+                    format!("{}\n", spec.hostname),
+                )
+                .map_err(fail("write the config drive"))?;
                 run(
                     Command::new("mkfs.ext4")
                         .args(["-q", "-F", "-L", "hearth-config", "-d"])
@@ -213,9 +254,17 @@ impl QemuHost {
                         .arg("4M"),
                     "mkfs.ext4 (config drive)",
                 )?;
-                let record = VmRecord { spec: spec.clone(), ssh_port: free_port(&self.guest_address)?, accel: self.accel, created_at_ms: now_ms() };
-                std::fs::write(building.join("record.json"), serde_json::to_vec_pretty(&record).expect("serializable"))
-                    .map_err(fail("write the VM's record"))?;
+                let record = VmRecord {
+                    spec: spec.clone(),
+                    ssh_port: free_port(&self.guest_address)?,
+                    accel: self.accel,
+                    created_at_ms: now_ms(),
+                };
+                std::fs::write(
+                    building.join("record.json"),
+                    serde_json::to_vec_pretty(&record).expect("serializable"),
+                )
+                .map_err(fail("write the VM's record"))?;
                 // The record appears whole or not at all.
                 std::fs::rename(&building, &dir).map_err(fail("commit the VM's directory"))?;
                 record
@@ -224,7 +273,8 @@ impl QemuHost {
         if self.pid(&spec.name).is_none() {
             self.launch(&record).await?;
         }
-        self.record(&spec.name)?.ok_or_else(|| VmmError::NotFound(spec.name.clone()))
+        self.record(&spec.name)?
+            .ok_or_else(|| VmmError::NotFound(spec.name.clone()))
     }
 
     /// Starts QEMU for `record`, detached; a port taken meanwhile gets another.
@@ -245,13 +295,21 @@ impl QemuHost {
             let stderr = String::from_utf8_lossy(&out.stderr).to_string();
             if stderr.contains("hostfwd") && attempt < 4 {
                 record.ssh_port = free_port(&self.guest_address)?;
-                std::fs::write(dir.join("record.json"), serde_json::to_vec_pretty(&record).expect("serializable"))
-                    .map_err(fail("write the VM's record"))?;
+                std::fs::write(
+                    dir.join("record.json"),
+                    serde_json::to_vec_pretty(&record).expect("serializable"),
+                )
+                .map_err(fail("write the VM's record"))?;
                 continue;
             }
-            return Err(VmmError::Failed(format!("{QEMU} failed to start {name}: {}", stderr.trim())));
+            return Err(VmmError::Failed(format!(
+                "{QEMU} failed to start {name}: {}",
+                stderr.trim()
+            )));
         }
-        Err(VmmError::Failed(format!("no free port for the SSH of {name}")))
+        Err(VmmError::Failed(format!(
+            "no free port for the SSH of {name}"
+        )))
     }
 
     fn arguments(&self, record: &VmRecord, dir: &Path) -> Vec<String> {
@@ -283,9 +341,15 @@ impl QemuHost {
             "-drive".into(),
             format!("file={},if=virtio,format=qcow2", path("disk.qcow2")),
             "-drive".into(),
-            format!("file={},if=virtio,format=raw,readonly=on", path("config.ext4")),
+            format!(
+                "file={},if=virtio,format=raw,readonly=on",
+                path("config.ext4")
+            ),
             "-netdev".into(),
-            format!("user,id=n0,hostfwd=tcp:{}:{}-:22", self.guest_address, record.ssh_port),
+            format!(
+                "user,id=n0,hostfwd=tcp:{}:{}-:22",
+                self.guest_address, record.ssh_port
+            ),
             "-device".into(),
             "virtio-net-pci,netdev=n0".into(),
             "-qmp".into(),
@@ -321,7 +385,9 @@ impl QemuHost {
 
     pub async fn start(&self, name: &str) -> Result<(), VmmError> {
         let _guard = self.lock.lock().await;
-        let record = self.record(name)?.ok_or_else(|| VmmError::NotFound(name.into()))?;
+        let record = self
+            .record(name)?
+            .ok_or_else(|| VmmError::NotFound(name.into()))?;
         if self.pid(name).is_some() {
             return Ok(());
         }
@@ -331,12 +397,15 @@ impl QemuHost {
     /// Powers the VM off; waits for QEMU to exit (kills it after a grace period).
     pub async fn stop(&self, name: &str) -> Result<(), VmmError> {
         let _guard = self.lock.lock().await;
-        self.record(name)?.ok_or_else(|| VmmError::NotFound(name.into()))?;
+        self.record(name)?
+            .ok_or_else(|| VmmError::NotFound(name.into()))?;
         self.power_off(name).await
     }
 
     async fn power_off(&self, name: &str) -> Result<(), VmmError> {
-        let Some(pid) = self.pid(name) else { return Ok(()) };
+        let Some(pid) = self.pid(name) else {
+            return Ok(());
+        };
         if let Ok(mut qmp) = self.qmp(name).await {
             // QEMU may close the connection before answering; either way it is going.
             let _ = qmp.execute("quit", None).await;
@@ -361,7 +430,8 @@ impl QemuHost {
     }
 
     async fn qmp_running(&self, name: &str, command: &str) -> Result<(), VmmError> {
-        self.record(name)?.ok_or_else(|| VmmError::NotFound(name.into()))?;
+        self.record(name)?
+            .ok_or_else(|| VmmError::NotFound(name.into()))?;
         if self.pid(name).is_none() {
             return Err(VmmError::Failed(format!("{name} is not running")));
         }
@@ -386,7 +456,9 @@ impl QemuHost {
     /// while it was down report `stopped`.
     pub async fn list(&self) -> Result<Vec<(VmRecord, VmStatus)>, VmmError> {
         let mut out = Vec::new();
-        for entry in std::fs::read_dir(self.dir.join("vms")).map_err(fail("read the state directory"))? {
+        for entry in
+            std::fs::read_dir(self.dir.join("vms")).map_err(fail("read the state directory"))?
+        {
             let entry = entry.map_err(fail("read the state directory"))?;
             let name = entry.file_name().to_string_lossy().to_string();
             if name.starts_with('.') {
@@ -406,13 +478,34 @@ impl QemuHost {
 /// waits for its marker. `false` when `/dev/kvm` is missing, QEMU refuses, or the guest
 /// hangs (as under nested virtualization that does not work).
 pub fn probe_kvm(image: &VmImage, work: &Path) -> bool {
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
         return false;
     }
-    let log = work.join("kvm-probe.log");
+    probe(Accel::Kvm, image, work)
+}
+
+/// Whether a guest boots to the probe's marker under `accel` within `PROBE_TIMEOUT`.
+pub fn probe(accel: Accel, image: &VmImage, work: &Path) -> bool {
+    let log = work.join(format!("{}-probe.log", accel.as_str()));
     let _ = std::fs::remove_file(&log);
     let child = Command::new(QEMU)
-        .args(["-machine", "pc", "-accel", "kvm", "-m", "256", "-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .args([
+            "-machine",
+            "pc",
+            "-accel",
+            accel.as_str(),
+            "-m",
+            "256",
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+        ])
         .arg("-serial")
         .arg(format!("file:{}", log.display()))
         .arg("-kernel")

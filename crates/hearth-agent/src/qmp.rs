@@ -36,10 +36,15 @@ impl Qmp {
             .map_err(|_| QmpError::Connect(socket.display().to_string(), "timed out".into()))?
             .map_err(|e| QmpError::Connect(socket.display().to_string(), e.to_string()))?;
         let (read, writer) = stream.into_split();
-        let mut qmp = Qmp { reader: BufReader::new(read), writer };
+        let mut qmp = Qmp {
+            reader: BufReader::new(read),
+            writer,
+        };
         let greeting = qmp.line().await?;
         if greeting.get("QMP").is_none() {
-            return Err(QmpError::Io(format!("expected QEMU's greeting, got {greeting}")));
+            return Err(QmpError::Io(format!(
+                "expected QEMU's greeting, got {greeting}"
+            )));
         }
         qmp.execute("qmp_capabilities", None).await?;
         Ok(qmp)
@@ -54,26 +59,40 @@ impl Qmp {
         if n == 0 {
             return Err(QmpError::Io("QEMU closed the connection".into()));
         }
-        serde_json::from_str(&line).map_err(|e| QmpError::Io(format!("unreadable line {line:?}: {e}")))
+        serde_json::from_str(&line)
+            .map_err(|e| QmpError::Io(format!("unreadable line {line:?}: {e}")))
     }
 
     /// Runs one command; returns its `return` value.
-    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
         let mut request = json!({ "execute": command });
         if let Some(args) = arguments {
             request["arguments"] = args;
         }
         let mut text = request.to_string();
         text.push('\n');
-        self.writer.write_all(text.as_bytes()).await.map_err(|e| QmpError::Io(e.to_string()))?;
+        self.writer
+            .write_all(text.as_bytes())
+            .await
+            .map_err(|e| QmpError::Io(e.to_string()))?;
         loop {
             let answer = self.line().await?;
             if answer.get("event").is_some() {
                 continue;
             }
             if let Some(error) = answer.get("error") {
-                let message = error["desc"].as_str().unwrap_or("no description").to_string();
-                return Err(QmpError::Refused { command: command.to_string(), message });
+                let message = error["desc"]
+                    .as_str()
+                    .unwrap_or("no description")
+                    .to_string();
+                return Err(QmpError::Refused {
+                    command: command.to_string(),
+                    message,
+                });
             }
             return Ok(answer.get("return").cloned().unwrap_or(Value::Null));
         }
@@ -101,7 +120,10 @@ mod tests {
             let (stream, _) = listener.accept().await.unwrap();
             let (read, mut write) = stream.into_split();
             let mut lines = BufReader::new(read).lines();
-            write.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n").await.unwrap();
+            write
+                .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .await
+                .unwrap();
             let mut seen = Vec::new();
             while let Some(line) = lines.next_line().await.unwrap() {
                 let v: Value = serde_json::from_str(&line).unwrap();
@@ -121,6 +143,9 @@ mod tests {
         let err = qmp.execute("bogus", None).await.unwrap_err();
         assert!(err.to_string().contains("no such command"), "{err}");
         drop(qmp);
-        assert_eq!(server.await.unwrap(), ["qmp_capabilities", "query-status", "bogus"]);
+        assert_eq!(
+            server.await.unwrap(),
+            ["qmp_capabilities", "query-status", "bogus"]
+        );
     }
 }

@@ -36,7 +36,9 @@ fn accelerator(config: &AgentConfig, image: &VmImage) -> Accel {
     if let Some(a) = config.accel {
         return a;
     }
-    let remembered = config.state_dir.join(format!("accel-{}", image.kernel_version));
+    let remembered = config
+        .state_dir
+        .join(format!("accel-{}", image.kernel_version));
     if let Ok(text) = std::fs::read_to_string(&remembered) {
         match text.trim() {
             "kvm" => return Accel::Kvm,
@@ -44,8 +46,15 @@ fn accelerator(config: &AgentConfig, image: &VmImage) -> Accel {
             _ => {}
         }
     }
-    let accel = if probe_kvm(image, &config.state_dir) { Accel::Kvm } else { Accel::Tcg };
-    tracing::info!(accel = accel.as_str(), "decided the accelerator by booting a probe under KVM");
+    let accel = if probe_kvm(image, &config.state_dir) {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
+    tracing::info!(
+        accel = accel.as_str(),
+        "decided the accelerator by booting a probe under KVM"
+    );
     let _ = std::fs::write(&remembered, accel.as_str());
     accel
 }
@@ -77,7 +86,8 @@ async fn join(config: &AgentConfig, tls: &identity::Tls) -> Result<Joined> {
     if !status.is_success() {
         bail!("the control plane refused to let this agent join ({status}): {text}");
     }
-    let answer: wire::JoinResponse = serde_json::from_str(&text).context("the control plane's answer to the join is unreadable")?;
+    let answer: wire::JoinResponse = serde_json::from_str(&text)
+        .context("the control plane's answer to the join is unreadable")?;
     let joined = Joined {
         host_id: answer.host_id,
         host_name: answer.host_name,
@@ -88,9 +98,15 @@ async fn join(config: &AgentConfig, tls: &identity::Tls) -> Result<Joined> {
     Ok(joined)
 }
 
-pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&config.state_dir)
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.state_dir)
         .with_context(|| format!("create {}", config.state_dir.display()))?;
     let image = VmImage::open(&config.image_dir)?;
     let tls = identity::tls(&config.state_dir, &config.advertise)?;
@@ -105,11 +121,27 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
             None
         }
     };
-    let vms = QemuHost::new(config.state_dir.clone(), image, accel, &config.guest_address)?.run_as(runas);
+    let vms = QemuHost::new(
+        config.state_dir.clone(),
+        image,
+        accel,
+        &config.guest_address,
+    )?
+    .run_as(runas);
     let adopted = vms.list().await?;
-    let running = adopted.iter().filter(|(_, s)| *s == crate::qemu::VmStatus::Running).count();
-    tracing::info!(vms = adopted.len(), running, accel = accel.as_str(), "opened the VM records");
-    let listener = tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+    let running = adopted
+        .iter()
+        .filter(|(_, s)| *s == crate::qemu::VmStatus::Running)
+        .count();
+    tracing::info!(
+        vms = adopted.len(),
+        running,
+        accel = accel.as_str(),
+        "opened the VM records"
+    );
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
     let server_tls = tls_config(&tls)?;
     // Joining needs the API up: the control plane checks that it answers with its certificate.
     let joined = match identity::load_joined(&config.state_dir)? {
@@ -120,13 +152,18 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
             let pre = listener;
             let tls_for_join = server_tls.clone();
             let serving = tokio::spawn(async move {
-                let _ = serve(pre, tls_for_join, health, async { let _ = stopped.await; }).await;
+                let _ = serve(pre, tls_for_join, health, async {
+                    let _ = stopped.await;
+                })
+                .await;
             });
             let joined = join(&config, &tls).await;
             let _ = stop.send(());
             let _ = serving.await;
             let joined = joined?;
-            let listener = tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+            let listener = tokio::net::TcpListener::bind(&config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?;
             return finish(config, vms, joined, listener, server_tls, shutdown).await;
         }
     };
@@ -135,7 +172,10 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
 
 /// Before joining, only `/healthz` answers.
 fn router_for_join() -> axum::Router {
-    axum::Router::new().route("/healthz", axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }))
+    axum::Router::new().route(
+        "/healthz",
+        axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+    )
 }
 
 async fn finish(
@@ -147,7 +187,12 @@ async fn finish(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<()> {
     tracing::info!(address = %listener.local_addr()?, host = %joined.host_name, "the agent is serving");
-    let agent = Arc::new(Agent { vms, capacity: config.capacity.clone(), guest_address: config.guest_address.clone(), joined });
+    let agent = Arc::new(Agent {
+        vms,
+        capacity: config.capacity.clone(),
+        guest_address: config.guest_address.clone(),
+        joined,
+    });
     serve(listener, tls, router(agent), shutdown).await?;
     tracing::info!("stopped; the VMs keep running");
     Ok(())

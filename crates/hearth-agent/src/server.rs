@@ -41,7 +41,11 @@ struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({"error": {"code": self.0.as_u16(), "message": self.1}}))).into_response()
+        (
+            self.0,
+            Json(json!({"error": {"code": self.0.as_u16(), "message": self.1}})),
+        )
+            .into_response()
     }
 }
 
@@ -62,7 +66,11 @@ async fn authorize(State(agent): State<Shared>, request: Request, next: Next) ->
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(identity::credential_hash);
     if presented.as_deref() != Some(agent.joined.credential_sha256.as_str()) {
-        return ApiError(StatusCode::UNAUTHORIZED, "this agent answers only the control plane it joined".into()).into_response();
+        return ApiError(
+            StatusCode::UNAUTHORIZED,
+            "this agent answers only the control plane it joined".into(),
+        )
+        .into_response();
     }
     next.run(request).await
 }
@@ -83,7 +91,10 @@ fn view(agent: &Agent, record: &crate::qemu::VmRecord, status: VmStatus) -> wire
 }
 
 async fn one(agent: &Agent, name: &str) -> Result<wire::Vm, ApiError> {
-    let record = agent.vms.record(name)?.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no VM {name}")))?;
+    let record = agent
+        .vms
+        .record(name)?
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no VM {name}")))?;
     let status = agent.vms.status(name).await?.unwrap_or(VmStatus::Stopped);
     Ok(view(agent, &record, status))
 }
@@ -100,18 +111,36 @@ async fn status(State(agent): State<Shared>) -> Result<Json<wire::Status>, ApiEr
 }
 
 async fn list(State(agent): State<Shared>) -> Result<Json<wire::Vms>, ApiError> {
-    let items = agent.vms.list().await?.iter().map(|(r, s)| view(&agent, r, *s)).collect();
+    let items = agent
+        .vms
+        .list()
+        .await?
+        .iter()
+        .map(|(r, s)| view(&agent, r, *s))
+        .collect();
     Ok(Json(wire::Vms { items }))
 }
 
-async fn create(State(agent): State<Shared>, Json(body): Json<wire::CreateVm>) -> Result<Json<wire::Vm>, ApiError> {
+async fn create(
+    State(agent): State<Shared>,
+    Json(body): Json<wire::CreateVm>,
+) -> Result<Json<wire::Vm>, ApiError> {
     if agent.vms.record(&body.name)?.is_none() {
         let held = agent.vms.list().await?.len() as i64;
         if held >= agent.capacity.max_vms {
-            return Err(ApiError(StatusCode::CONFLICT, format!("this host holds {held} VMs, its limit")));
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("this host holds {held} VMs, its limit"),
+            ));
         }
         if body.disk_gb > agent.capacity.max_disk_gb {
-            return Err(ApiError(StatusCode::CONFLICT, format!("a disk of {} GB is more than this host offers", body.disk_gb)));
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!(
+                    "a disk of {} GB is more than this host offers",
+                    body.disk_gb
+                ),
+            ));
         }
     }
     let spec = VmSpec {
@@ -128,22 +157,36 @@ async fn create(State(agent): State<Shared>, Json(body): Json<wire::CreateVm>) -
     Ok(Json(view(&agent, &record, VmStatus::Running)))
 }
 
-async fn get_vm(State(agent): State<Shared>, Path(name): Path<String>) -> Result<Json<wire::Vm>, ApiError> {
+async fn get_vm(
+    State(agent): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<Json<wire::Vm>, ApiError> {
     Ok(Json(one(&agent, &name).await?))
 }
 
-async fn act(State(agent): State<Shared>, Path((name, action)): Path<(String, String)>) -> Result<Json<wire::Vm>, ApiError> {
+async fn act(
+    State(agent): State<Shared>,
+    Path((name, action)): Path<(String, String)>,
+) -> Result<Json<wire::Vm>, ApiError> {
     match action.as_str() {
         "start" => agent.vms.start(&name).await?,
         "stop" => agent.vms.stop(&name).await?,
         "pause" => agent.vms.pause(&name).await?,
         "resume" => agent.vms.resume(&name).await?,
-        other => return Err(ApiError(StatusCode::NOT_FOUND, format!("no action {other:?}: start, stop, pause or resume"))),
+        other => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no action {other:?}: start, stop, pause or resume"),
+            ));
+        }
     }
     Ok(Json(one(&agent, &name).await?))
 }
 
-async fn destroy(State(agent): State<Shared>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+async fn destroy(
+    State(agent): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     agent.vms.destroy(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -152,16 +195,47 @@ async fn metrics(State(agent): State<Shared>) -> Result<impl IntoResponse, ApiEr
     use std::fmt::Write;
     let vms = agent.vms.list().await?;
     let mut out = String::new();
-    let _ = writeln!(out, "# HELP hearth_agent_vms VMs by state.\n# TYPE hearth_agent_vms gauge");
-    for (state, s) in [("running", VmStatus::Running), ("paused", VmStatus::Paused), ("stopped", VmStatus::Stopped)] {
-        let _ = writeln!(out, "hearth_agent_vms{{state=\"{state}\"}} {}", vms.iter().filter(|(_, st)| *st == s).count());
+    let _ = writeln!(
+        out,
+        "# HELP hearth_agent_vms VMs by state.\n# TYPE hearth_agent_vms gauge"
+    );
+    for (state, s) in [
+        ("running", VmStatus::Running),
+        ("paused", VmStatus::Paused),
+        ("stopped", VmStatus::Stopped),
+    ] {
+        let _ = writeln!(
+            out,
+            "hearth_agent_vms{{state=\"{state}\"}} {}",
+            vms.iter().filter(|(_, st)| *st == s).count()
+        );
     }
     let c = &agent.capacity;
-    let _ = writeln!(out, "# HELP hearth_agent_capacity What this host offers.\n# TYPE hearth_agent_capacity gauge");
-    let _ = writeln!(out, "hearth_agent_capacity{{resource=\"vms\"}} {}", c.max_vms);
-    let _ = writeln!(out, "hearth_agent_capacity{{resource=\"vcpus\"}} {}", c.max_vcpus);
-    let _ = writeln!(out, "hearth_agent_capacity{{resource=\"memory_mb\"}} {}", c.max_memory_mb);
-    let _ = writeln!(out, "hearth_agent_info{{version=\"{VERSION}\",accel=\"{}\",host=\"{}\"}} 1", agent.vms.accel().as_str(), agent.joined.host_name);
+    let _ = writeln!(
+        out,
+        "# HELP hearth_agent_capacity What this host offers.\n# TYPE hearth_agent_capacity gauge"
+    );
+    let _ = writeln!(
+        out,
+        "hearth_agent_capacity{{resource=\"vms\"}} {}",
+        c.max_vms
+    );
+    let _ = writeln!(
+        out,
+        "hearth_agent_capacity{{resource=\"vcpus\"}} {}",
+        c.max_vcpus
+    );
+    let _ = writeln!(
+        out,
+        "hearth_agent_capacity{{resource=\"memory_mb\"}} {}",
+        c.max_memory_mb
+    );
+    let _ = writeln!(
+        out,
+        "hearth_agent_info{{version=\"{VERSION}\",accel=\"{}\",host=\"{}\"}} 1",
+        agent.vms.accel().as_str(),
+        agent.joined.host_name
+    );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
 }
 
@@ -177,7 +251,10 @@ pub fn router(agent: Shared) -> Router {
         .route("/v1/vms/{name}", get(get_vm).delete(destroy))
         .route("/v1/vms/{name}/{action}", post(act))
         .route("/metrics", get(metrics))
-        .route_layer(axum::middleware::from_fn_with_state(agent.clone(), authorize))
+        .route_layer(axum::middleware::from_fn_with_state(
+            agent.clone(),
+            authorize,
+        ))
         .with_state(agent);
     Router::new().route("/healthz", get(healthz)).merge(guarded)
 }
@@ -187,14 +264,17 @@ pub fn tls_config(tls: &identity::Tls) -> Result<Arc<rustls::ServerConfig>> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let chain = vec![
-        CertificateDer::from_pem_slice(tls.cert_pem.as_bytes()).context("the agent's certificate")?,
+        CertificateDer::from_pem_slice(tls.cert_pem.as_bytes())
+            .context("the agent's certificate")?,
         CertificateDer::from_pem_slice(tls.ca_pem.as_bytes()).context("the agent's authority")?,
     ];
     let key = PrivateKeyDer::from_pem_slice(tls.key_pem.as_bytes()).context("the agent's key")?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)?;
     Ok(Arc::new(config))
 }
 
@@ -211,7 +291,10 @@ pub async fn serve(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let mut builder = Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(10));
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(10));
     let builder = Arc::new(builder);
     tokio::pin!(shutdown);
     loop {
@@ -226,12 +309,18 @@ pub async fn serve(
             },
             _ = &mut shutdown => return Ok(()),
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
         let (acceptor, builder, router) = (acceptor.clone(), builder.clone(), router.clone());
         tokio::spawn(async move {
-            let handshake = tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await;
+            let handshake =
+                tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
+                    .await;
             if let Ok(Ok(stream)) = handshake {
-                let _ = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router)).await;
+                let _ = builder
+                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(router))
+                    .await;
             }
             drop(slot);
         });

@@ -20,7 +20,11 @@ use std::sync::{Arc, Mutex};
 
 /// The spec, as JSON.
 fn spec() -> Value {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/spec/firecracker-api.yaml")).unwrap();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/spec/firecracker-api.yaml"
+    ))
+    .unwrap();
     serde_yaml::from_str(&text).unwrap()
 }
 
@@ -37,7 +41,11 @@ struct Fake {
 fn template<'a>(spec: &'a Value, path: &str) -> Option<(&'a str, &'a Value)> {
     spec["paths"].as_object()?.iter().find_map(|(t, ops)| {
         let (ts, ps): (Vec<&str>, Vec<&str>) = (t.split('/').collect(), path.split('/').collect());
-        let same = ts.len() == ps.len() && ts.iter().zip(&ps).all(|(a, b)| (a.starts_with('{') && !b.is_empty()) || a == b);
+        let same = ts.len() == ps.len()
+            && ts
+                .iter()
+                .zip(&ps)
+                .all(|(a, b)| (a.starts_with('{') && !b.is_empty()) || a == b);
         same.then_some((t.as_str(), ops))
     })
 }
@@ -52,10 +60,18 @@ fn resolve<'a>(spec: &'a Value, schema: &'a Value) -> &'a Value {
 /// Problems of `body` against `schema` (objects checked recursively).
 fn check(spec: &Value, schema: &Value, body: &Value, at: &str, out: &mut Vec<String>) {
     let schema = resolve(spec, schema);
-    let kind = schema["type"].as_str().unwrap_or(if schema["properties"].is_object() { "object" } else { "" });
+    let kind = schema["type"]
+        .as_str()
+        .unwrap_or(if schema["properties"].is_object() {
+            "object"
+        } else {
+            ""
+        });
     match kind {
         "object" => {
-            let Some(obj) = body.as_object() else { return out.push(format!("{at} must be an object")) };
+            let Some(obj) = body.as_object() else {
+                return out.push(format!("{at} must be an object"));
+            };
             for req in schema["required"].as_array().into_iter().flatten() {
                 if !obj.contains_key(req.as_str().unwrap()) {
                     out.push(format!("{at}.{} is required", req.as_str().unwrap()));
@@ -64,7 +80,9 @@ fn check(spec: &Value, schema: &Value, body: &Value, at: &str, out: &mut Vec<Str
             for (k, v) in obj {
                 match schema["properties"].get(k) {
                     Some(p) => check(spec, p, v, &format!("{at}.{k}"), out),
-                    None if schema["properties"].is_object() => out.push(format!("{at}.{k} is not in the spec")),
+                    None if schema["properties"].is_object() => {
+                        out.push(format!("{at}.{k} is not in the spec"))
+                    }
                     None => {}
                 }
             }
@@ -82,26 +100,50 @@ fn check(spec: &Value, schema: &Value, body: &Value, at: &str, out: &mut Vec<Str
     }
 }
 
-fn judge(spec: &Value, fake: &mut Fake, method: &str, path: &str, body: &Value) -> Result<Value, String> {
+fn judge(
+    spec: &Value,
+    fake: &mut Fake,
+    method: &str,
+    path: &str,
+    body: &Value,
+) -> Result<Value, String> {
     fake.log.push(format!("{method} {path}"));
-    let found = template(spec, path).ok_or_else(|| format!("no path {path} in the spec")).and_then(|(t, ops)| {
-        ops.get(method.to_ascii_lowercase()).map(|op| (t, op)).ok_or_else(|| format!("{method} is not allowed on {t}"))
-    });
-    let (t, op) = found.inspect_err(|fault| fake.violations.push(format!("{method} {path}: {fault}")))?;
+    let found = template(spec, path)
+        .ok_or_else(|| format!("no path {path} in the spec"))
+        .and_then(|(t, ops)| {
+            ops.get(method.to_ascii_lowercase())
+                .map(|op| (t, op))
+                .ok_or_else(|| format!("{method} is not allowed on {t}"))
+        });
+    let (t, op) =
+        found.inspect_err(|fault| fake.violations.push(format!("{method} {path}: {fault}")))?;
     let mut problems = Vec::new();
-    if let Some(param) = op["parameters"].as_array().into_iter().flatten().find(|p| p["in"] == "body") {
+    if let Some(param) = op["parameters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["in"] == "body")
+    {
         if body.is_null() && param["required"] == true {
             problems.push("the body is required".to_string());
         } else if !body.is_null() {
             check(spec, &param["schema"], body, "body", &mut problems);
         }
     }
-    let text = format!("{} {}", op["summary"].as_str().unwrap_or(""), op["description"].as_str().unwrap_or(""));
+    let text = format!(
+        "{} {}",
+        op["summary"].as_str().unwrap_or(""),
+        op["description"].as_str().unwrap_or("")
+    );
     if text.contains("Pre-boot only") && fake.started {
-        problems.push(format!("{method} {t} is pre-boot only and came after InstanceStart"));
+        problems.push(format!(
+            "{method} {t} is pre-boot only and came after InstanceStart"
+        ));
     }
     if text.contains("Post-boot only") && !fake.started {
-        problems.push(format!("{method} {t} is post-boot only and came before InstanceStart"));
+        problems.push(format!(
+            "{method} {t} is post-boot only and came before InstanceStart"
+        ));
     }
     let action = body["action_type"].as_str();
     if t == "/actions" && action == Some("InstanceStart") && fake.started {
@@ -129,8 +171,16 @@ fn judge(spec: &Value, fake: &mut Fake, method: &str, path: &str, body: &Value) 
         _ => {}
     }
     if method == "GET" && t == "/" {
-        let state = if !fake.started { "Not started" } else if fake.paused { "Paused" } else { "Running" };
-        return Ok(json!({"app_name": "Firecracker", "id": "fake", "state": state, "vmm_version": "1.17.0-dev"}));
+        let state = if !fake.started {
+            "Not started"
+        } else if fake.paused {
+            "Paused"
+        } else {
+            "Running"
+        };
+        return Ok(
+            json!({"app_name": "Firecracker", "id": "fake", "state": state, "vmm_version": "1.17.0-dev"}),
+        );
     }
     Ok(Value::Null)
 }
@@ -149,17 +199,29 @@ fn serve(socket: &std::path::Path) -> Arc<Mutex<Fake>> {
                 async move {
                     let (method, path) = (req.method().to_string(), req.uri().path().to_string());
                     let bytes = req.into_body().collect().await.unwrap().to_bytes();
-                    let body: Value = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(json!("not JSON")) };
+                    let body: Value = if bytes.is_empty() {
+                        Value::Null
+                    } else {
+                        serde_json::from_slice(&bytes).unwrap_or(json!("not JSON"))
+                    };
                     let verdict = judge(&spec, &mut state.lock().unwrap(), &method, &path, &body);
                     let (status, text) = match verdict {
                         Ok(Value::Null) => (204, String::new()),
                         Ok(v) => (200, v.to_string()),
                         Err(fault) => (400, json!({"fault_message": fault}).to_string()),
                     };
-                    Ok::<_, std::convert::Infallible>(Response::builder().status(status).body(Full::new(Bytes::from(text))).unwrap())
+                    Ok::<_, std::convert::Infallible>(
+                        Response::builder()
+                            .status(status)
+                            .body(Full::new(Bytes::from(text)))
+                            .unwrap(),
+                    )
                 }
             });
-            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service),
+            );
         }
     });
     fake
@@ -192,7 +254,9 @@ async fn the_whole_life_of_a_vm_follows_the_spec() {
     firecracker::pause(&client).await.unwrap();
     assert_eq!(firecracker::state(&client).await.unwrap(), "paused");
     firecracker::resume(&client).await.unwrap();
-    firecracker::snapshot(&client, "/vm/snap", "/vm/mem").await.unwrap();
+    firecracker::snapshot(&client, "/vm/snap", "/vm/mem")
+        .await
+        .unwrap();
     assert_eq!(firecracker::state(&client).await.unwrap(), "paused");
     firecracker::resume(&client).await.unwrap();
     firecracker::stop(&client).await.unwrap();
@@ -201,15 +265,28 @@ async fn the_whole_life_of_a_vm_follows_the_spec() {
         assert!(f.violations.is_empty(), "{:?}", f.violations);
         let start = f.log.iter().position(|l| l == "PUT /actions").unwrap();
         assert_eq!(
-            f.log[..start].iter().filter(|l| !l.starts_with("GET")).cloned().collect::<Vec<_>>(),
-            ["PUT /logger", "PUT /boot-source", "PUT /machine-config", "PUT /drives/rootfs", "PUT /drives/config", "PUT /network-interfaces/eth0"]
+            f.log[..start]
+                .iter()
+                .filter(|l| !l.starts_with("GET"))
+                .cloned()
+                .collect::<Vec<_>>(),
+            [
+                "PUT /logger",
+                "PUT /boot-source",
+                "PUT /machine-config",
+                "PUT /drives/rootfs",
+                "PUT /drives/config",
+                "PUT /network-interfaces/eth0"
+            ]
         );
     }
     // A fresh process loads the snapshot and runs.
     let socket2 = dir.path().join("fc2.sock");
     let fresh = serve(&socket2);
     let client2 = FcClient::new(&socket2);
-    firecracker::load(&client2, "/vm/snap", "/vm/mem").await.unwrap();
+    firecracker::load(&client2, "/vm/snap", "/vm/mem")
+        .await
+        .unwrap();
     assert_eq!(firecracker::state(&client2).await.unwrap(), "running");
     assert!(fresh.lock().unwrap().violations.is_empty());
 }
@@ -224,7 +301,11 @@ async fn a_request_that_breaks_the_spec_fails() {
     for (method, path, body) in [
         ("PUT", "/machine-config", json!({"vcpu_count": 1})),
         ("PATCH", "/vm", json!({"state": "Sleeping"})),
-        ("PUT", "/boot-source", json!({"kernel_image_path": "/k", "kernel_args": "x"})),
+        (
+            "PUT",
+            "/boot-source",
+            json!({"kernel_image_path": "/k", "kernel_args": "x"}),
+        ),
         ("PUT", "/no-such-thing", json!({})),
     ] {
         let err = client.call(method, path, Some(body)).await.unwrap_err();
@@ -232,9 +313,36 @@ async fn a_request_that_breaks_the_spec_fails() {
     }
     // Order: a snapshot of a running VM, a drive after the start, a second start.
     firecracker::boot(&client, &boot_spec()).await.unwrap();
-    assert!(client.call("PUT", "/snapshot/create", Some(json!({"snapshot_path": "/s", "mem_file_path": "/m"}))).await.is_err());
-    assert!(client.call("PUT", "/drives/extra", Some(json!({"drive_id": "extra", "is_root_device": false}))).await.is_err());
-    assert!(client.call("PUT", "/actions", Some(json!({"action_type": "InstanceStart"}))).await.is_err());
+    assert!(
+        client
+            .call(
+                "PUT",
+                "/snapshot/create",
+                Some(json!({"snapshot_path": "/s", "mem_file_path": "/m"}))
+            )
+            .await
+            .is_err()
+    );
+    assert!(
+        client
+            .call(
+                "PUT",
+                "/drives/extra",
+                Some(json!({"drive_id": "extra", "is_root_device": false}))
+            )
+            .await
+            .is_err()
+    );
+    assert!(
+        client
+            .call(
+                "PUT",
+                "/actions",
+                Some(json!({"action_type": "InstanceStart"}))
+            )
+            .await
+            .is_err()
+    );
     let violations = fake.lock().unwrap().violations.clone();
     assert_eq!(violations.len(), 7, "{violations:#?}");
     // Booting again on a started process breaks the order too: the driver reports it.

@@ -10,8 +10,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 fn image() -> VmImage {
-    let dir = std::env::var("HEARTH_VM_IMAGE_DIR").unwrap_or_else(|_| hearth_agent::DEFAULT_VM_IMAGE_DIR.into());
-    VmImage::open(std::path::Path::new(&dir)).expect("the VM image: run `hearth image build --vm` (make test does)")
+    let dir = std::env::var("HEARTH_VM_IMAGE_DIR")
+        .unwrap_or_else(|_| hearth_agent::DEFAULT_VM_IMAGE_DIR.into());
+    VmImage::open(std::path::Path::new(&dir))
+        .expect("the VM image: run `hearth image build --vm` (make test does)")
 }
 
 async fn run(pool: &SshPool, target: &Target, code: &str) -> String {
@@ -25,7 +27,12 @@ async fn run(pool: &SshPool, target: &Target, code: &str) -> String {
         max_output: 65536,
     };
     let out = pool.exec(target, &req).await.expect("exec");
-    assert_eq!(out.exit_code, Some(0), "{code}: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.exit_code,
+        Some(0),
+        "{code}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -34,7 +41,10 @@ fn processes(name: &str) -> usize {
     let mut n = 0;
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            if String::from_utf8_lossy(&cmdline).split('\0').any(|a| a == format!("{name},process={name}")) {
+            if String::from_utf8_lossy(&cmdline)
+                .split('\0')
+                .any(|a| a == format!("{name},process={name}"))
+            {
                 n += 1;
             }
         }
@@ -46,7 +56,13 @@ fn processes(name: &str) -> usize {
 async fn a_vm_boots_its_own_kernel_and_lives_its_whole_life() {
     let image = image();
     let state = tempfile::tempdir().unwrap();
-    let host = QemuHost::new(state.path().to_path_buf(), image.clone(), Accel::Tcg, "127.0.0.1").unwrap();
+    let host = QemuHost::new(
+        state.path().to_path_buf(),
+        image.clone(),
+        Accel::Tcg,
+        "127.0.0.1",
+    )
+    .unwrap();
     let keys = KeyPair::generate();
     let name = format!("hearth-test-{}", std::process::id());
     let spec = VmSpec {
@@ -68,13 +84,28 @@ async fn a_vm_boots_its_own_kernel_and_lives_its_whole_life() {
         user: "dev".into(),
         private_key_openssh: keys.private_openssh.clone(),
     };
-    pool.wait_ready(&target, Duration::from_secs(120)).await.expect("SSH answers");
+    pool.wait_ready(&target, Duration::from_secs(120))
+        .await
+        .expect("SSH answers");
 
     // Its own kernel, its own name, the disk it asked for, and root through sudo.
     assert_eq!(run(&pool, &target, "uname -r").await, image.kernel_version);
-    assert_ne!(image.kernel_version, String::from_utf8_lossy(&std::process::Command::new("uname").arg("-r").output().unwrap().stdout).trim());
+    assert_ne!(
+        image.kernel_version,
+        String::from_utf8_lossy(
+            &std::process::Command::new("uname")
+                .arg("-r")
+                .output()
+                .unwrap()
+                .stdout
+        )
+        .trim()
+    );
     assert_eq!(run(&pool, &target, "hostname").await, "vm-one");
-    assert_eq!(run(&pool, &target, "df -BG --output=size / | tail -1").await, "3G");
+    assert_eq!(
+        run(&pool, &target, "df -BG --output=size / | tail -1").await,
+        "3G"
+    );
     assert_eq!(run(&pool, &target, "sudo -n id -u").await, "0");
 
     // The same name again is the same VM: no second QEMU.
@@ -87,7 +118,13 @@ async fn a_vm_boots_its_own_kernel_and_lives_its_whole_life() {
     assert_eq!(host.status(&name).await.unwrap(), Some(VmStatus::Running));
 
     // A new agent on the same state adopts the running VM instead of starting another.
-    let again = QemuHost::new(state.path().to_path_buf(), image.clone(), Accel::Tcg, "127.0.0.1").unwrap();
+    let again = QemuHost::new(
+        state.path().to_path_buf(),
+        image.clone(),
+        Accel::Tcg,
+        "127.0.0.1",
+    )
+    .unwrap();
     let listed = again.list().await.unwrap();
     assert_eq!(listed, vec![(record.clone(), VmStatus::Running)]);
     assert_eq!(processes(&name), 1);
@@ -97,19 +134,30 @@ async fn a_vm_boots_its_own_kernel_and_lives_its_whole_life() {
     assert_eq!(processes(&name), 0);
     host.start(&name).await.unwrap();
     pool.forget(&name).await;
-    pool.wait_ready(&target, Duration::from_secs(120)).await.expect("SSH answers after a start");
+    pool.wait_ready(&target, Duration::from_secs(120))
+        .await
+        .expect("SSH answers after a start");
     // What was written survives the stop (the overlay keeps it).
     run(&pool, &target, "echo kept > ~/note && sync").await;
 
     // Killed behind the agent's back: reported as stopped, and a start brings it back.
-    let pid: i32 = std::fs::read_to_string(state.path().join("vms").join(&name).join("qemu.pid")).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(state.path().join("vms").join(&name).join("qemu.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     // SAFETY: kill(2) on the pid QEMU wrote for this test's VM.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(again.list().await.unwrap(), vec![(record.clone(), VmStatus::Stopped)]);
+    assert_eq!(
+        again.list().await.unwrap(),
+        vec![(record.clone(), VmStatus::Stopped)]
+    );
     again.start(&name).await.unwrap();
     pool.forget(&name).await;
-    pool.wait_ready(&target, Duration::from_secs(120)).await.expect("SSH answers after the crash");
+    pool.wait_ready(&target, Duration::from_secs(120))
+        .await
+        .expect("SSH answers after the crash");
     assert_eq!(run(&pool, &target, "cat ~/note").await, "kept");
 
     // Destroy leaves no process and no file; destroying again is fine.
@@ -119,4 +167,17 @@ async fn a_vm_boots_its_own_kernel_and_lives_its_whole_life() {
     assert!(!state.path().join("vms").join(&name).exists());
     assert_eq!(host.status(&name).await.unwrap(), None);
     host.destroy(&name).await.unwrap();
+}
+
+/// The accelerator is decided by a boot, not by `/dev/kvm`: the probe sees a guest that
+/// boots (TCG always works), so a `false` for KVM means KVM's guest did not come up.
+#[test]
+fn the_probe_sees_a_guest_that_boots() {
+    let work = tempfile::tempdir().unwrap();
+    assert!(
+        hearth_agent::qemu::probe(Accel::Tcg, &image(), work.path()),
+        "a TCG guest never printed the probe's marker"
+    );
+    let log = std::fs::read_to_string(work.path().join("tcg-probe.log")).unwrap();
+    assert!(log.contains("Linux version"), "{log}");
 }

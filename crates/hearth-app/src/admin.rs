@@ -30,21 +30,31 @@ pub struct VmStats {
 }
 
 fn tier(t: &str) -> AppResult<Tier> {
-    Tier::parse(t).ok_or_else(|| AppError::Invalid(format!("tier must be free, pro or unlimited, got {t:?}")))
+    Tier::parse(t)
+        .ok_or_else(|| AppError::Invalid(format!("tier must be free, pro or unlimited, got {t:?}")))
 }
 
 fn role(r: &str) -> AppResult<Role> {
-    Role::parse(r).ok_or_else(|| AppError::Invalid(format!("role must be user or admin, got {r:?}")))
+    Role::parse(r)
+        .ok_or_else(|| AppError::Invalid(format!("role must be user or admin, got {r:?}")))
 }
 
 impl App {
     /// A new user (free tier and `user` role unless given); returns its first token.
-    pub async fn create_user(&self, email: &str, role_name: Option<&str>, tier_name: Option<&str>) -> AppResult<(User, String)> {
+    pub async fn create_user(
+        &self,
+        email: &str,
+        role_name: Option<&str>,
+        tier_name: Option<&str>,
+    ) -> AppResult<(User, String)> {
         let well_formed = match email.split_once('@') {
             Some((name, domain)) => !name.is_empty() && !domain.is_empty() && !domain.contains('@'),
             None => false,
         };
-        if !well_formed || email.chars().count() > 254 || email.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        if !well_formed
+            || email.chars().count() > 254
+            || email.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
             return Err(AppError::Invalid(
                 "email must look like name@domain, with one @, without spaces or control characters (at most 254 characters)"
                     .into(),
@@ -65,7 +75,11 @@ impl App {
         role_name: Option<&str>,
         quota: Option<QuotaOverrides>,
     ) -> AppResult<(User, Quota, QuotaOverrides)> {
-        let user = self.store.user(id).await.map_err(AppError::not_found("user"))?;
+        let user = self
+            .store
+            .user(id)
+            .await
+            .map_err(AppError::not_found("user"))?;
         let tier = tier_name.map(tier).transpose()?;
         let role = role_name.map(role).transpose()?;
         if let Some(q) = &quota {
@@ -79,19 +93,26 @@ impl App {
             ] {
                 if let Some(v) = v {
                     if !(0..=10_000_000).contains(&v) {
-                        return Err(AppError::Invalid(format!("quota.{name} must be between 0 and 10000000, got {v}")));
+                        return Err(AppError::Invalid(format!(
+                            "quota.{name} must be between 0 and 10000000, got {v}"
+                        )));
                     }
                 }
             }
         }
         if admin.id == user.id && role == Some(Role::User) {
-            return Err(AppError::InvalidState("an admin cannot take away their own admin role".into()));
+            return Err(AppError::InvalidState(
+                "an admin cannot take away their own admin role".into(),
+            ));
         }
         let user = self.store.set_user_tier_role(&user.id, tier, role).await?;
         if let Some(q) = &quota {
             self.store.set_quota_overrides(&user.id, q).await?;
         }
-        let _ = self.store.audit(&admin.id, "user_update", None, "success", None, None).await;
+        let _ = self
+            .store
+            .audit(&admin.id, "user_update", None, "success", None, None)
+            .await;
         let quota = self.store.quota(&user).await?;
         let overrides = self.store.quota_overrides(&user.id).await?;
         Ok((user, quota, overrides))
@@ -100,17 +121,29 @@ impl App {
     /// Removes a user who holds nothing: refused while any of their environments is not
     /// destroyed, and for the caller themselves (an installation keeps an admin).
     pub async fn delete_user(&self, admin: &User, id: &str) -> AppResult<()> {
-        let user = self.store.user(id).await.map_err(AppError::not_found("user"))?;
+        let user = self
+            .store
+            .user(id)
+            .await
+            .map_err(AppError::not_found("user"))?;
         if user.id == admin.id {
-            return Err(AppError::InvalidState("an admin cannot remove themselves".into()));
+            return Err(AppError::InvalidState(
+                "an admin cannot remove themselves".into(),
+            ));
         }
-        self.store.delete_user(&user.id).await.map_err(|e| match e {
-            hearth_store::StoreError::Conflict(m) => AppError::InvalidState(m),
-            hearth_store::StoreError::NotFound => AppError::NotFound("user"),
-            e => e.into(),
-        })?;
+        self.store
+            .delete_user(&user.id)
+            .await
+            .map_err(|e| match e {
+                hearth_store::StoreError::Conflict(m) => AppError::InvalidState(m),
+                hearth_store::StoreError::NotFound => AppError::NotFound("user"),
+                e => e.into(),
+            })?;
         tracing::info!(admin = %admin.id, user = %user.id, "user removed");
-        let _ = self.store.audit(&admin.id, "user_delete", None, "success", None, None).await;
+        let _ = self
+            .store
+            .audit(&admin.id, "user_delete", None, "success", None, None)
+            .await;
         Ok(())
     }
 
@@ -118,7 +151,9 @@ impl App {
     /// returned this once.
     pub async fn create_token(&self, user: &User, name: &str) -> AppResult<(ApiToken, String)> {
         if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
-            return Err(AppError::Invalid("name must be 1 to 64 characters, without control characters".into()));
+            return Err(AppError::Invalid(
+                "name must be 1 to 64 characters, without control characters".into(),
+            ));
         }
         if self.store.list_tokens(&user.id).await?.len() >= MAX_TOKENS_PER_USER {
             return Err(AppError::InvalidState(format!(
@@ -126,38 +161,67 @@ impl App {
             )));
         }
         let made = self.store.create_token(&user.id, name).await?;
-        let _ = self.store.audit(&user.id, "token_create", None, "success", None, None).await;
+        let _ = self
+            .store
+            .audit(&user.id, "token_create", None, "success", None, None)
+            .await;
         Ok(made)
     }
 
     /// Revokes one of the caller's tokens (it stops working at once, on every node).
     pub async fn revoke_token(&self, user: &User, id: &str) -> AppResult<()> {
-        self.store.revoke_token(&user.id, id).await.map_err(AppError::not_found("token"))?;
-        let _ = self.store.audit(&user.id, "token_revoke", None, "success", None, None).await;
+        self.store
+            .revoke_token(&user.id, id)
+            .await
+            .map_err(AppError::not_found("token"))?;
+        let _ = self
+            .store
+            .audit(&user.id, "token_revoke", None, "success", None, None)
+            .await;
         Ok(())
     }
 
     pub async fn vms_overview(&self) -> AppResult<VmsOverview> {
-        let vms: Vec<Environment> = self.store.live_environments().await?.into_iter().filter(|e| e.personal).collect();
-        let running: Vec<&Environment> = vms.iter().filter(|e| e.state == EnvState::Running).collect();
+        let vms: Vec<Environment> = self
+            .store
+            .live_environments()
+            .await?
+            .into_iter()
+            .filter(|e| e.personal)
+            .collect();
+        let running: Vec<&Environment> = vms
+            .iter()
+            .filter(|e| e.state == EnvState::Running)
+            .collect();
         let count = |s: EnvState| vms.iter().filter(|e| e.state == s).count();
         let stats = VmStats {
             total: vms.len(),
             running: running.len(),
             stopped: count(EnvState::Stopped),
-            provisioning: vms.iter().filter(|e| matches!(e.state, EnvState::Requested | EnvState::Provisioning)).count(),
+            provisioning: vms
+                .iter()
+                .filter(|e| matches!(e.state, EnvState::Requested | EnvState::Provisioning))
+                .count(),
             error: count(EnvState::Error),
             vcpus_running: running.iter().map(|e| e.vcpus).sum(),
             vcpus_total: vms.iter().map(|e| e.vcpus).sum(),
             memory_mb_running: running.iter().map(|e| e.memory_mb).sum(),
             memory_mb_total: vms.iter().map(|e| e.memory_mb).sum(),
         };
-        Ok(VmsOverview { vms, hosts: self.store.hosts().await?, stats })
+        Ok(VmsOverview {
+            vms,
+            hosts: self.store.hosts().await?,
+            stats,
+        })
     }
 
     /// Destroys anyone's environment.
     pub async fn admin_destroy(&self, admin: &User, id: &str) -> AppResult<Environment> {
-        let env = self.store.environment(id).await.map_err(AppError::not_found("environment"))?;
+        let env = self
+            .store
+            .environment(id)
+            .await
+            .map_err(AppError::not_found("environment"))?;
         self.request(&admin.id, &env, JobKind::Destroy).await?;
         Ok(env)
     }
@@ -165,8 +229,11 @@ impl App {
     pub async fn jobs(&self, state: Option<&str>) -> AppResult<Vec<Job>> {
         let state = state
             .map(|s| {
-                JobState::parse(s)
-                    .ok_or_else(|| AppError::Invalid(format!("state must be queued, running, succeeded or dead, got {s:?}")))
+                JobState::parse(s).ok_or_else(|| {
+                    AppError::Invalid(format!(
+                        "state must be queued, running, succeeded or dead, got {s:?}"
+                    ))
+                })
             })
             .transpose()?;
         Ok(self.store.list_jobs(state).await?)
@@ -175,7 +242,11 @@ impl App {
     /// Puts a dead job back in its queue.
     pub async fn retry_job(&self, admin: &User, id: &str) -> AppResult<Job> {
         let id: i64 = id.parse().map_err(|_| AppError::NotFound("job"))?;
-        let job = self.store.retry_dead(id, &admin.id).await.map_err(AppError::not_found("job"))?;
+        let job = self
+            .store
+            .retry_dead(id, &admin.id)
+            .await
+            .map_err(AppError::not_found("job"))?;
         self.wake(&job.queue);
         Ok(job)
     }

@@ -34,14 +34,29 @@ struct Inner {
 /// `REDIS_URL`, or `REDIS_HOST` and `REDIS_PORT` as the seed had them.
 pub fn url_from_env() -> Option<String> {
     let var = |n: &str| std::env::var(n).ok().filter(|v| !v.trim().is_empty());
-    var("REDIS_URL").or_else(|| var("REDIS_HOST").map(|h| format!("redis://{h}:{}/", var("REDIS_PORT").unwrap_or_else(|| "6379".into()))))
+    var("REDIS_URL").or_else(|| {
+        var("REDIS_HOST").map(|h| {
+            format!(
+                "redis://{h}:{}/",
+                var("REDIS_PORT").unwrap_or_else(|| "6379".into())
+            )
+        })
+    })
 }
 
 impl Bus {
     pub fn new(url: Option<&str>) -> Result<Bus, String> {
-        let Some(url) = url else { return Ok(Bus::default()) };
+        let Some(url) = url else {
+            return Ok(Bus::default());
+        };
         let client = redis::Client::open(url).map_err(|e| format!("REDIS_URL is invalid: {e}"))?;
-        Ok(Bus { inner: Some(Arc::new(Inner { client, conn: Mutex::new(None), retry_after: Mutex::new(None) })) })
+        Ok(Bus {
+            inner: Some(Arc::new(Inner {
+                client,
+                conn: Mutex::new(None),
+                retry_after: Mutex::new(None),
+            })),
+        })
     }
 
     pub fn enabled(&self) -> bool {
@@ -59,7 +74,11 @@ impl Bus {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT));
-        match inner.client.get_multiplexed_async_connection_with_config(&config).await {
+        match inner
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+        {
             Ok(c) => {
                 *retry_after = None;
                 *inner.conn.lock().await = Some(c.clone());
@@ -80,9 +99,13 @@ impl Bus {
         F: FnOnce(redis::aio::MultiplexedConnection) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = redis::RedisResult<()>> + Send,
     {
-        let Some(inner) = self.inner.clone() else { return };
+        let Some(inner) = self.inner.clone() else {
+            return;
+        };
         tokio::spawn(async move {
-            let Some(conn) = Bus::conn(&inner).await else { return };
+            let Some(conn) = Bus::conn(&inner).await else {
+                return;
+            };
             match tokio::time::timeout(TIMEOUT, f(conn)).await {
                 Ok(Ok(())) => {}
                 _ => {
@@ -112,7 +135,9 @@ impl Bus {
     /// Listens for other nodes' wake-ups and changes until shutdown, resubscribing after
     /// Redis comes back.
     pub async fn listen(self, app: App, mut shutdown: watch::Receiver<bool>) {
-        let Some(inner) = self.inner.clone() else { return };
+        let Some(inner) = self.inner.clone() else {
+            return;
+        };
         let mut warned = false;
         loop {
             let session = async {
@@ -154,7 +179,9 @@ impl Bus {
 
     /// "ok", "off" or why not, for `/readyz` (informational: Redis is optional).
     pub async fn status(&self) -> String {
-        let Some(inner) = &self.inner else { return "off".into() };
+        let Some(inner) = &self.inner else {
+            return "off".into();
+        };
         let ping = async {
             let mut c = inner.client.get_multiplexed_async_connection().await?;
             redis::cmd("PING").query_async::<String>(&mut c).await

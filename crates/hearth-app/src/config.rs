@@ -67,7 +67,10 @@ fn var(name: &str) -> Option<String> {
 fn number<T: std::str::FromStr>(name: &str, default: T) -> Result<T, String> {
     match var(name) {
         None => Ok(default),
-        Some(v) => v.trim().parse().map_err(|_| format!("{name} must be a number, got {v:?}")),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| format!("{name} must be a number, got {v:?}")),
     }
 }
 
@@ -112,30 +115,47 @@ impl Config {
     /// The defaults, overridden by the environment variables README.md lists.
     pub fn from_env() -> Result<Config, String> {
         let data_dir = PathBuf::from(var("HEARTH_DATA_DIR").unwrap_or_else(default_data_dir));
-        let database_url = var("DATABASE_URL")
-            .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", data_dir.join("hearth.db").display()));
+        let database_url = var("DATABASE_URL").unwrap_or_else(|| {
+            format!("sqlite://{}?mode=rwc", data_dir.join("hearth.db").display())
+        });
         let mut c = Config::new(data_dir, database_url);
         let provider = var("VM_PROVIDER").unwrap_or_else(|| "docker".into());
         c.default_kind = match HostKind::parse(&provider) {
             Some(k @ (HostKind::Docker | HostKind::Sim | HostKind::Agent)) => k,
             Some(other) => {
-                return Err(format!("VM_PROVIDER={other} is not implemented yet; `docker`, `agent` and `sim` work in this version"));
+                return Err(format!(
+                    "VM_PROVIDER={other} is not implemented yet; `docker`, `agent` and `sim` work in this version"
+                ));
             }
-            None => return Err(format!("VM_PROVIDER must be docker, agent, ovh or sim, got {provider:?}")),
+            None => {
+                return Err(format!(
+                    "VM_PROVIDER must be docker, agent, ovh or sim, got {provider:?}"
+                ));
+            }
         };
         for q in &mut c.queues {
             let up = q.name.to_uppercase();
             q.concurrency = number(&format!("HEARTH_{up}_CONCURRENCY"), q.concurrency)?;
             q.max_attempts = number(&format!("HEARTH_{up}_ATTEMPTS"), q.max_attempts)?;
-            let backoff_ms = number(&format!("HEARTH_{up}_BACKOFF_MS"), q.backoff.as_millis() as u64)?;
+            let backoff_ms = number(
+                &format!("HEARTH_{up}_BACKOFF_MS"),
+                q.backoff.as_millis() as u64,
+            )?;
             q.backoff = Duration::from_millis(backoff_ms);
             if q.concurrency == 0 || q.max_attempts < 1 {
-                return Err(format!("queue {} needs concurrency and attempts of at least 1", q.name));
+                return Err(format!(
+                    "queue {} needs concurrency and attempts of at least 1",
+                    q.name
+                ));
             }
         }
-        let ms = |name: &str, d: Duration| number(name, d.as_millis() as u64).map(Duration::from_millis);
+        let ms =
+            |name: &str, d: Duration| number(name, d.as_millis() as u64).map(Duration::from_millis);
         let secs = |name: &str, d: Duration| number(name, d.as_secs()).map(Duration::from_secs);
-        c.timing = Timing { lease: ms("HEARTH_JOB_LEASE_MS", c.timing.lease)?, poll: ms("HEARTH_JOB_POLL_MS", c.timing.poll)? };
+        c.timing = Timing {
+            lease: ms("HEARTH_JOB_LEASE_MS", c.timing.lease)?,
+            poll: ms("HEARTH_JOB_POLL_MS", c.timing.poll)?,
+        };
         c.listen = var("HEARTH_LISTEN").unwrap_or(c.listen);
         c.max_connections = number("HEARTH_MAX_CONNECTIONS", c.max_connections)?;
         c.header_timeout = secs("HEARTH_HEADER_TIMEOUT_SECONDS", c.header_timeout)?;
@@ -149,8 +169,12 @@ impl Config {
         c.host_unhealthy_after = ms("HEARTH_HOST_UNHEALTHY_AFTER_MS", c.host_unhealthy_after)?;
         c.host_outage_budget = secs("HEARTH_HOST_OUTAGE_BUDGET_SECONDS", c.host_outage_budget)?;
         c.local_docker_host = number("HEARTH_LOCAL_DOCKER_HOST", 1u8)? != 0;
-        c.host_max_vcpus = var("HEARTH_HOST_MAX_VCPUS").map(|_| number("HEARTH_HOST_MAX_VCPUS", 0i64)).transpose()?;
-        c.host_max_memory_mb = var("HEARTH_HOST_MAX_MEMORY_MB").map(|_| number("HEARTH_HOST_MAX_MEMORY_MB", 0i64)).transpose()?;
+        c.host_max_vcpus = var("HEARTH_HOST_MAX_VCPUS")
+            .map(|_| number("HEARTH_HOST_MAX_VCPUS", 0i64))
+            .transpose()?;
+        c.host_max_memory_mb = var("HEARTH_HOST_MAX_MEMORY_MB")
+            .map(|_| number("HEARTH_HOST_MAX_MEMORY_MB", 0i64))
+            .transpose()?;
         c.host_max_environments = number("HEARTH_HOST_MAX_ENVIRONMENTS", c.host_max_environments)?;
         c.workers = number("HEARTH_WORKERS", 1u8)? != 0;
         c.metrics_public = number("HEARTH_METRICS_PUBLIC", 0u8)? != 0;

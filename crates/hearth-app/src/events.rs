@@ -78,10 +78,21 @@ pub fn parse_cursor(last_event_id: Option<&str>) -> Option<(i64, i64)> {
     Some((g.parse().ok()?, l.parse().ok()?))
 }
 
-pub fn stream(app: App, environment_id: String, resume: Option<(i64, i64)>) -> impl Stream<Item = LiveEvent> {
+pub fn stream(
+    app: App,
+    environment_id: String,
+    resume: Option<(i64, i64)>,
+) -> impl Stream<Item = LiveEvent> {
     // Generations start at 1, so 0 means "nothing seen yet".
     let (generation, log_id) = resume.unwrap_or((0, 0));
-    let cursor = Cursor { app, id: environment_id, generation, log_id, pending: VecDeque::new(), done: false };
+    let cursor = Cursor {
+        app,
+        id: environment_id,
+        generation,
+        log_id,
+        pending: VecDeque::new(),
+        done: false,
+    };
     let events = futures::stream::unfold(cursor, |mut c| async move {
         loop {
             if let Some(ev) = c.pending.pop_front() {
@@ -114,7 +125,11 @@ impl Cursor {
                 self.done = true;
                 return;
             }
-            Some((generation, log_id)) if generation == self.generation && log_id <= self.log_id => return,
+            Some((generation, log_id))
+                if generation == self.generation && log_id <= self.log_id =>
+            {
+                return;
+            }
             Some(_) => {}
         }
         // Log lines first: they describe how the state below was reached.
@@ -122,7 +137,11 @@ impl Cursor {
             for l in lines {
                 self.log_id = l.id;
                 let data = serde_json::json!({ "timestamp": time(l.at), "level": l.level, "message": l.message });
-                self.pending.push_back(LiveEvent { kind: "log", id: self.id(), data });
+                self.pending.push_back(LiveEvent {
+                    kind: "log",
+                    id: self.id(),
+                    data,
+                });
             }
         }
         let Ok(env) = self.app.store.environment(&self.id).await else {
@@ -135,7 +154,11 @@ impl Cursor {
                 "state": env.state.as_str(), "stateMessage": env.state_message,
                 "generation": env.generation, "at": time(env.updated_at),
             });
-            self.pending.push_back(LiveEvent { kind: "state", id: self.id(), data });
+            self.pending.push_back(LiveEvent {
+                kind: "state",
+                id: self.id(),
+                data,
+            });
         }
         if env.state == EnvState::Destroyed {
             self.done = true;

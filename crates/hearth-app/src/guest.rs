@@ -61,14 +61,24 @@ fn hex(bytes: &[u8]) -> String {
 
 pub(crate) enum InitStatus {
     Running,
-    Exited { code: i64, output_tail: String },
+    Exited {
+        code: i64,
+        output_tail: String,
+    },
     /// Started, but its process is gone without an exit code.
     Lost,
 }
 
 pub(crate) enum Guest {
-    Ssh { pool: SshPool, target: Target },
-    Sim { sim: Arc<SimProvider>, host: HostRef, vm: VmRef },
+    Ssh {
+        pool: SshPool,
+        target: Target,
+    },
+    Sim {
+        sim: Arc<SimProvider>,
+        host: HostRef,
+        vm: VmRef,
+    },
 }
 
 fn request(code: &str, env: &BTreeMap<String, String>, stdin: Vec<u8>) -> ExecRequest {
@@ -93,12 +103,19 @@ impl Guest {
     }
 
     /// Starts the init script unless it ever started in this VM.
-    pub async fn start_init(&self, script: &str, env: &BTreeMap<String, String>) -> Result<(), String> {
+    pub async fn start_init(
+        &self,
+        script: &str,
+        env: &BTreeMap<String, String>,
+    ) -> Result<(), String> {
         match self {
             Guest::Ssh { pool, target } => {
                 let digest = hex(&Sha256::digest(script.as_bytes()));
                 let code = START_INIT.replace("@SHA256@", &digest);
-                let out = pool.exec(target, &request(&code, env, script.as_bytes().to_vec())).await.map_err(|e| e.to_string())?;
+                let out = pool
+                    .exec(target, &request(&code, env, script.as_bytes().to_vec()))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 if out.exit_code != Some(0) {
                     return Err(format!(
                         "could not start the init script (exit {:?}): {}",
@@ -108,28 +125,48 @@ impl Guest {
                 }
                 Ok(())
             }
-            Guest::Sim { sim, host, vm } => sim.start_init(host, vm).await.map_err(|e| e.to_string()),
+            Guest::Sim { sim, host, vm } => {
+                sim.start_init(host, vm).await.map_err(|e| e.to_string())
+            }
         }
     }
 
     pub async fn init_status(&self) -> Result<InitStatus, String> {
         match self {
             Guest::Ssh { pool, target } => {
-                let out = pool.exec(target, &request(INIT_STATUS, &BTreeMap::new(), Vec::new())).await.map_err(|e| e.to_string())?;
+                let out = pool
+                    .exec(target, &request(INIT_STATUS, &BTreeMap::new(), Vec::new()))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let text = String::from_utf8_lossy(&out.stdout).to_string();
                 let (first, rest) = text.split_once('\n').unwrap_or((text.as_str(), ""));
                 if let Some(code) = first.strip_prefix("exit ") {
-                    let code = code.trim().parse().map_err(|_| format!("unreadable init exit code {code:?}"))?;
-                    return Ok(InitStatus::Exited { code, output_tail: rest.to_string() });
+                    let code = code
+                        .trim()
+                        .parse()
+                        .map_err(|_| format!("unreadable init exit code {code:?}"))?;
+                    return Ok(InitStatus::Exited {
+                        code,
+                        output_tail: rest.to_string(),
+                    });
                 }
                 match first.trim() {
                     "running" => Ok(InitStatus::Running),
                     "lost" => Ok(InitStatus::Lost),
-                    other => Err(format!("unexpected answer from the guest about its init script: {other:?}")),
+                    other => Err(format!(
+                        "unexpected answer from the guest about its init script: {other:?}"
+                    )),
                 }
             }
-            Guest::Sim { sim, host, vm } => match sim.init_outcome(host, vm).await.map_err(|e| e.to_string())? {
-                Some(code) => Ok(InitStatus::Exited { code, output_tail: String::new() }),
+            Guest::Sim { sim, host, vm } => match sim
+                .init_outcome(host, vm)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Some(code) => Ok(InitStatus::Exited {
+                    code,
+                    output_tail: String::new(),
+                }),
                 None => Ok(InitStatus::Lost),
             },
         }
@@ -165,8 +202,14 @@ mod tests {
         for sent in [&b""[..], &script.as_bytes()[..8]] {
             let out = start_with(home.path(), script, sent);
             assert_eq!(out.status.code(), Some(3), "{out:?}");
-            assert!(String::from_utf8_lossy(&out.stderr).contains("incomplete"), "{out:?}");
-            assert!(!home.path().join(".hearth/init").exists(), "the guard was taken by a partial script");
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("incomplete"),
+                "{out:?}"
+            );
+            assert!(
+                !home.path().join(".hearth/init").exists(),
+                "the guard was taken by a partial script"
+            );
         }
         // The whole script runs, once.
         let out = start_with(home.path(), script, script.as_bytes());
@@ -176,9 +219,15 @@ mod tests {
         let exit = home.path().join(".hearth/init/exit");
         let waited = std::time::Instant::now();
         while !exit.exists() {
-            assert!(waited.elapsed() < Duration::from_secs(10), "the script never finished");
+            assert!(
+                waited.elapsed() < Duration::from_secs(10),
+                "the script never finished"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert_eq!(std::fs::read_to_string(home.path().join("runs")).unwrap(), "ran\n");
+        assert_eq!(
+            std::fs::read_to_string(home.path().join("runs")).unwrap(),
+            "ran\n"
+        );
     }
 }

@@ -5,6 +5,9 @@
 //! check given at most 5 s) a host that stops answering is unhealthy within 25 s, and one
 //! that answers again is healthy after its next check.
 //!
+//! What a host says of itself (an agent's version, accelerator and VMs) is kept when it
+//! changes, for the admin views.
+//!
 //! Several nodes checking at once is harmless: they write the same facts.
 
 use crate::App;
@@ -34,11 +37,21 @@ pub async fn run(app: App, mut shutdown: watch::Receiver<bool>) {
 async fn check_one(app: &App, host: &Host) -> Result<(), String> {
     let provider = app.providers.get(host.kind).map_err(|e| e.to_string())?;
     let host_ref = app.host_ref(host).map_err(|e| e.to_string())?;
-    let timeout = CHECK_TIMEOUT.min(app.config.host_check_interval.max(Duration::from_millis(500)));
+    let timeout = CHECK_TIMEOUT.min(
+        app.config
+            .host_check_interval
+            .max(Duration::from_millis(500)),
+    );
     let facts = match tokio::time::timeout(timeout, provider.check(&host_ref)).await {
         Ok(result) => result.map_err(|e| e.to_string())?,
         Err(_) => return Err(format!("no answer within {} ms", timeout.as_millis())),
     };
+    if facts.report.is_some() && facts.report != host.report {
+        let report = facts.report.as_ref().expect("checked");
+        if let Err(e) = app.store.record_report(&host.id, report).await {
+            tracing::warn!(host = %host.name, error = %e, "could not keep what the host reported");
+        }
+    }
     if let (None, Some(identity)) = (&host.identity, &facts.identity) {
         if let Err(e) = app.store.record_identity(&host.id, identity).await {
             tracing::error!(host = %host.name, error = %e, "a host is registered twice; the reconciler leaves it alone");

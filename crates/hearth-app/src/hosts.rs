@@ -42,10 +42,16 @@ fn capacity(vcpus: i64, memory_mb: i64, environments: i64) -> AppResult<HostCapa
         ("maxEnvironments", environments, MAX_HOST_ENVIRONMENTS),
     ] {
         if !(1..=max).contains(&v) {
-            return Err(AppError::Invalid(format!("{name} must be between 1 and {max}, got {v}")));
+            return Err(AppError::Invalid(format!(
+                "{name} must be between 1 and {max}, got {v}"
+            )));
         }
     }
-    Ok(HostCapacity { max_vcpus: vcpus, max_memory_mb: memory_mb, max_environments: environments })
+    Ok(HostCapacity {
+        max_vcpus: vcpus,
+        max_memory_mb: memory_mb,
+        max_environments: environments,
+    })
 }
 
 /// A kind's options, checked: a simulated host's faults, a Docker host's confinement.
@@ -56,39 +62,68 @@ fn options(kind: HostKind, options: Option<serde_json::Value>) -> AppResult<serd
             SimOptions::parse(&options).map_err(AppError::Invalid)?;
         }
         HostKind::Docker => {
-            hearth_provider::docker::options::DockerOptions::parse(&options).map_err(AppError::Invalid)?;
+            hearth_provider::docker::options::DockerOptions::parse(&options)
+                .map_err(AppError::Invalid)?;
         }
         _ if options.as_object().is_some_and(|o| o.is_empty()) => {}
-        _ => return Err(AppError::Invalid(format!("hosts of kind {kind} take no options"))),
+        _ => {
+            return Err(AppError::Invalid(format!(
+                "hosts of kind {kind} take no options"
+            )));
+        }
     }
     Ok(options)
 }
 
 /// An address the nodes can reach guests at: an IP address or a DNS name.
 fn check_address(a: &str) -> AppResult<()> {
-    let ok = (1..=253).contains(&a.len()) && a.chars().all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c));
-    if ok { Ok(()) } else { Err(AppError::Invalid(format!("guestAddress {a:?} must be an IP address or a DNS name"))) }
+    let ok = (1..=253).contains(&a.len())
+        && a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(AppError::Invalid(format!(
+            "guestAddress {a:?} must be an IP address or a DNS name"
+        )))
+    }
 }
 
 impl App {
     /// Adds a host once it answers; nothing is written when it does not.
     pub async fn add_host(&self, actor: &User, input: HostInput) -> AppResult<Host> {
         check_name(&input.name).map_err(AppError::Invalid)?;
-        let kind = HostKind::parse(&input.kind)
-            .ok_or_else(|| AppError::Invalid(format!("kind must be docker, agent, ovh or sim; got {:?}", input.kind)))?;
-        self.providers.get(kind).map_err(|e| AppError::Invalid(e.to_string()))?;
+        let kind = HostKind::parse(&input.kind).ok_or_else(|| {
+            AppError::Invalid(format!(
+                "kind must be docker, agent, ovh or sim; got {:?}",
+                input.kind
+            ))
+        })?;
+        self.providers
+            .get(kind)
+            .map_err(|e| AppError::Invalid(e.to_string()))?;
         let endpoint = match (kind, input.endpoint) {
             (HostKind::Sim, None) => format!("sim://{}", input.name),
             (_, Some(e)) => e,
-            (_, None) => return Err(AppError::Invalid(format!("a {kind} host needs an endpoint"))),
+            (_, None) => {
+                return Err(AppError::Invalid(format!(
+                    "a {kind} host needs an endpoint"
+                )));
+            }
         };
         let schemes: &[&str] = match kind {
             HostKind::Docker => &["unix://", "tcp://", "ssh://"],
             HostKind::Sim => &["sim://"],
             _ => &["https://"],
         };
-        if !schemes.iter().any(|s| endpoint.starts_with(s)) || endpoint.len() > 1000 || endpoint.chars().any(char::is_whitespace) {
-            return Err(AppError::Invalid(format!("the endpoint of a {kind} host must start with {}", schemes.join(", "))));
+        if !schemes.iter().any(|s| endpoint.starts_with(s))
+            || endpoint.len() > 1000
+            || endpoint.chars().any(char::is_whitespace)
+        {
+            return Err(AppError::Invalid(format!(
+                "the endpoint of a {kind} host must start with {}",
+                schemes.join(", ")
+            )));
         }
         let guest_address = input.guest_address.unwrap_or_else(|| "127.0.0.1".into());
         check_address(&guest_address)?;
@@ -100,16 +135,29 @@ impl App {
         }
         let gpu_count = input.gpu_count.unwrap_or(0);
         if !(0..=MAX_GPUS * 8).contains(&gpu_count) {
-            return Err(AppError::Invalid(format!("gpuCount must be between 0 and {}", MAX_GPUS * 8)));
+            return Err(AppError::Invalid(format!(
+                "gpuCount must be between 0 and {}",
+                MAX_GPUS * 8
+            )));
         }
         if (gpu_count > 0) != input.gpu_model.is_some() {
-            return Err(AppError::Invalid("gpuModel and gpuCount go together".into()));
+            return Err(AppError::Invalid(
+                "gpuModel and gpuCount go together".into(),
+            ));
         }
-        let capacity = capacity(input.max_vcpus, input.max_memory_mb, input.max_environments.unwrap_or(200))?;
+        let capacity = capacity(
+            input.max_vcpus,
+            input.max_memory_mb,
+            input.max_environments.unwrap_or(200),
+        )?;
         let tls = match (input.tls_ca, input.tls_cert, input.tls_key) {
             (None, None, None) => None,
             (Some(ca), Some(cert), Some(key)) => Some((ca, cert, key)),
-            _ => return Err(AppError::Invalid("tlsCa, tlsCert and tlsKey go together".into())),
+            _ => {
+                return Err(AppError::Invalid(
+                    "tlsCa, tlsCert and tlsKey go together".into(),
+                ));
+            }
         };
         if endpoint.starts_with("tcp://") != tls.is_some() {
             return Err(AppError::Invalid(
@@ -141,14 +189,20 @@ impl App {
         };
         self.check_unsaved(&mut new).await?;
         let host = self.store.add_host(&new).await?;
-        let _ = self.store.audit(&actor.id, "host_add", None, "success", None, None).await;
+        let _ = self
+            .store
+            .audit(&actor.id, "host_add", None, "success", None, None)
+            .await;
         tracing::info!(host = %host.name, kind = %host.kind, endpoint = %host.endpoint, "host added");
         Ok(host)
     }
 
     /// Checks a host before it is written, under the id it will have; learns its identity.
     async fn check_unsaved(&self, new: &mut NewHost) -> AppResult<()> {
-        let provider = self.providers.get(new.kind).map_err(|e| AppError::Invalid(e.to_string()))?;
+        let provider = self
+            .providers
+            .get(new.kind)
+            .map_err(|e| AppError::Invalid(e.to_string()))?;
         let probe = Host {
             id: new.id.clone(),
             name: new.name.clone(),
@@ -173,13 +227,19 @@ impl App {
             credential_sealed: new.credential_sealed.clone(),
             options: new.options.clone(),
             identity: None,
+            report: None,
             created_at: 0,
             updated_at: 0,
         };
         let host_ref = self.host_ref(&probe)?;
         match tokio::time::timeout(ADD_CHECK_TIMEOUT, provider.check(&host_ref)).await {
             Ok(Ok(facts)) => new.identity = facts.identity,
-            Ok(Err(e)) => return Err(AppError::Invalid(format!("host {} does not answer: {e}; nothing was added", new.name))),
+            Ok(Err(e)) => {
+                return Err(AppError::Invalid(format!(
+                    "host {} does not answer: {e}; nothing was added",
+                    new.name
+                )));
+            }
             Err(_) => {
                 return Err(AppError::Invalid(format!(
                     "host {} did not answer within {} s; nothing was added",
@@ -193,40 +253,75 @@ impl App {
 
     /// A one-time token with which an agent joins as host `name` (valid `ttl_seconds`,
     /// 3600 unless given; at most a week). Returns the token (shown once) and its expiry.
-    pub async fn create_join_token(&self, admin: &User, name: &str, region: Option<&str>, ttl_seconds: Option<i64>) -> AppResult<(String, i64)> {
+    pub async fn create_join_token(
+        &self,
+        admin: &User,
+        name: &str,
+        region: Option<&str>,
+        ttl_seconds: Option<i64>,
+    ) -> AppResult<(String, i64)> {
         check_name(name).map_err(AppError::Invalid)?;
         if let Some(r) = region {
             check_label("region", r).map_err(AppError::Invalid)?;
         }
         let ttl = ttl_seconds.unwrap_or(3600);
         if !(60..=7 * 86_400).contains(&ttl) {
-            return Err(AppError::Invalid("ttlSeconds must be between 60 and 604800".into()));
+            return Err(AppError::Invalid(
+                "ttlSeconds must be between 60 and 604800".into(),
+            ));
         }
         if self.store.find_host(name).await.is_ok() {
             return Err(AppError::Conflict(format!("a host named {name:?} exists")));
         }
         let token = format!("hearth_join_{}", &hearth_store::generate_token()[7..]);
         let expires_at = self.now() + ttl * 1000;
-        self.store.create_join_token(&hearth_store::hash_token(&token), name, region, &admin.id, expires_at).await?;
-        let _ = self.store.audit(&admin.id, "join_token_create", None, "success", None, None).await;
+        self.store
+            .create_join_token(
+                &hearth_store::hash_token(&token),
+                name,
+                region,
+                &admin.id,
+                expires_at,
+            )
+            .await?;
+        let _ = self
+            .store
+            .audit(&admin.id, "join_token_create", None, "success", None, None)
+            .await;
         Ok((token, expires_at))
     }
 
     /// An agent joins with a join token: it must answer on its endpoint with the certificate
     /// it sent; then it becomes a host, and gets the credential the control plane will
     /// present to it from now on (shown once; kept sealed here).
-    pub async fn join_agent(&self, req: hearth_provider::agent::wire::JoinRequest) -> AppResult<(Host, String)> {
-        let refused = || AppError::Unauthenticated(
+    pub async fn join_agent(
+        &self,
+        req: hearth_provider::agent::wire::JoinRequest,
+    ) -> AppResult<(Host, String)> {
+        let refused = || {
+            AppError::Unauthenticated(
             "the join token is unknown, used or expired; ask an admin for a new one (`hearth admin hosts join-token NAME`)".into(),
-        );
+        )
+        };
         let token_hash = hearth_store::hash_token(&req.token);
-        let token = self.store.join_token(&token_hash).await?.ok_or_else(refused)?;
-        if !req.endpoint.starts_with("https://") || req.endpoint.len() > 1000 || req.endpoint.chars().any(char::is_whitespace) {
-            return Err(AppError::Invalid("endpoint must be https://host:port".into()));
+        let token = self
+            .store
+            .join_token(&token_hash)
+            .await?
+            .ok_or_else(refused)?;
+        if !req.endpoint.starts_with("https://")
+            || req.endpoint.len() > 1000
+            || req.endpoint.chars().any(char::is_whitespace)
+        {
+            return Err(AppError::Invalid(
+                "endpoint must be https://host:port".into(),
+            ));
         }
         check_address(&req.guest_address)?;
         if !req.certificate.contains("BEGIN CERTIFICATE") || req.certificate.len() > 16 * 1024 {
-            return Err(AppError::Invalid("certificate must be one PEM certificate".into()));
+            return Err(AppError::Invalid(
+                "certificate must be one PEM certificate".into(),
+            ));
         }
         let c = &req.capacity;
         let capacity = capacity(c.max_vcpus, c.max_memory_mb, c.max_vms)?;
@@ -251,11 +346,18 @@ impl App {
         // The agent must already accept this credential: it learns it from our answer, so
         // the check can only prove it answers on that endpoint with that certificate.
         self.check_agent_answers(&mut new).await?;
-        let host = self.store.join_host(&token_hash, &new).await.map_err(|e| match e {
-            hearth_store::StoreError::NotFound => refused(),
-            e => e.into(),
-        })?;
-        let _ = self.store.audit("system:join", "host_join", None, "success", None, None).await;
+        let host = self
+            .store
+            .join_host(&token_hash, &new)
+            .await
+            .map_err(|e| match e {
+                hearth_store::StoreError::NotFound => refused(),
+                e => e.into(),
+            })?;
+        let _ = self
+            .store
+            .audit("system:join", "host_join", None, "success", None, None)
+            .await;
         tracing::info!(host = %host.name, endpoint = %host.endpoint, version = %req.version, "an agent joined");
         Ok((host, credential))
     }
@@ -265,20 +367,43 @@ impl App {
     async fn check_agent_answers(&self, new: &mut NewHost) -> AppResult<()> {
         let ca = new.tls_ca.clone().unwrap_or_default();
         let answered = hearth_provider::agent::healthz(&new.endpoint, &ca).await;
-        answered.map_err(|e| AppError::Invalid(format!("the agent does not answer on {} with its certificate: {e}; nothing was added", new.endpoint)))?;
-        new.identity = Some(format!("agent:{}", hearth_provider::agent::fingerprint(&ca)));
+        answered.map_err(|e| {
+            AppError::Invalid(format!(
+                "the agent does not answer on {} with its certificate: {e}; nothing was added",
+                new.endpoint
+            ))
+        })?;
+        new.identity = Some(format!(
+            "agent:{}",
+            hearth_provider::agent::fingerprint(&ca)
+        ));
         Ok(())
     }
 
     pub async fn find_host(&self, id_or_name: &str) -> AppResult<Host> {
-        self.store.find_host(id_or_name).await.map_err(AppError::not_found("host"))
+        self.store
+            .find_host(id_or_name)
+            .await
+            .map_err(AppError::not_found("host"))
     }
 
-    pub async fn set_host_status(&self, actor: &User, id_or_name: &str, status: HostStatus) -> AppResult<Host> {
+    pub async fn set_host_status(
+        &self,
+        actor: &User,
+        id_or_name: &str,
+        status: HostStatus,
+    ) -> AppResult<Host> {
         let host = self.find_host(id_or_name).await?;
         let host = self.store.set_host_status(&host.id, status).await?;
-        let action = if status == HostStatus::Draining { "host_drain" } else { "host_ready" };
-        let _ = self.store.audit(&actor.id, action, None, "success", None, None).await;
+        let action = if status == HostStatus::Draining {
+            "host_drain"
+        } else {
+            "host_ready"
+        };
+        let _ = self
+            .store
+            .audit(&actor.id, action, None, "success", None, None)
+            .await;
         Ok(host)
     }
 
@@ -300,8 +425,20 @@ impl App {
             Some(o) => Some(options(host.kind, Some(o))?),
             None => None,
         };
-        let host = self.store.update_host(&host.id, &HostUpdate { capacity: Some(capacity), options }).await?;
-        let _ = self.store.audit(&actor.id, "host_update", None, "success", None, None).await;
+        let host = self
+            .store
+            .update_host(
+                &host.id,
+                &HostUpdate {
+                    capacity: Some(capacity),
+                    options,
+                },
+            )
+            .await?;
+        let _ = self
+            .store
+            .audit(&actor.id, "host_update", None, "success", None, None)
+            .await;
         Ok(host)
     }
 
@@ -309,7 +446,10 @@ impl App {
     pub async fn remove_host(&self, actor: &User, id_or_name: &str) -> AppResult<Host> {
         let host = self.find_host(id_or_name).await?;
         let host = self.store.remove_host(&host.id).await?;
-        let _ = self.store.audit(&actor.id, "host_remove", None, "success", None, None).await;
+        let _ = self
+            .store
+            .audit(&actor.id, "host_remove", None, "success", None, None)
+            .await;
         tracing::info!(host = %host.name, "host removed");
         Ok(host)
     }

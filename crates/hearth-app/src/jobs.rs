@@ -29,7 +29,9 @@ impl Handler for JobHandler {
     async fn run(&self, job: &Job, lease: &Lease) -> Result<(), JobError> {
         let env = match self.app.store.environment(&job.environment_id).await {
             Ok(env) => env,
-            Err(StoreError::NotFound) => return Err(JobError::Fatal("the environment does not exist".into())),
+            Err(StoreError::NotFound) => {
+                return Err(JobError::Fatal("the environment does not exist".into()));
+            }
             Err(e) => return Err(JobError::Retry(e.to_string())),
         };
         let outcome = Run::new(&self.app, job, lease, &env)?.execute().await;
@@ -75,15 +77,30 @@ impl App {
     }
 
     /// The way into `env`'s guest at `at`.
-    fn guest(&self, host: &HostRef, env: &Environment, vm: &VmRef, at: &Address) -> Result<Guest, StepError> {
+    fn guest(
+        &self,
+        host: &HostRef,
+        env: &Environment,
+        vm: &VmRef,
+        at: &Address,
+    ) -> Result<Guest, StepError> {
         if host.kind == hearth_core::HostKind::Sim {
-            return Ok(Guest::Sim { sim: self.sim.clone(), host: host.clone(), vm: vm.clone() });
+            return Ok(Guest::Sim {
+                sim: self.sim.clone(),
+                host: host.clone(),
+                vm: vm.clone(),
+            });
         }
         let mut located = env.clone();
         located.ssh_host = Some(at.ssh_host.clone());
         located.ssh_port = Some(at.ssh_port);
-        let target = self.target(&located).map_err(|e| StepError::Final(e.to_string()))?;
-        Ok(Guest::Ssh { pool: self.ssh.clone(), target })
+        let target = self
+            .target(&located)
+            .map_err(|e| StepError::Final(e.to_string()))?;
+        Ok(Guest::Ssh {
+            pool: self.ssh.clone(),
+            target,
+        })
     }
 }
 
@@ -92,7 +109,10 @@ fn vm_of(run: &Run<'_>, env: &Environment) -> VmRef {
     if let Some(vm) = &run.progress.vm {
         return vm.clone();
     }
-    VmRef { name: hearth_provider::vm_name(&env.id), id: env.vm_id.clone() }
+    VmRef {
+        name: hearth_provider::vm_name(&env.id),
+        id: env.vm_id.clone(),
+    }
 }
 
 fn short(id: &str) -> &str {
@@ -101,9 +121,20 @@ fn short(id: &str) -> &str {
 
 impl Run<'_> {
     /// Moves the environment on, conditional on its state and generation.
-    async fn move_to(&self, env: &Environment, to: EnvState, message: Option<String>) -> Result<Environment, StepError> {
-        let next = env.moved_to(to, message, self.app.now()).map_err(|e| StepError::Final(e.to_string()))?;
-        let saved = self.app.store.save_transition(env, next, self.actor()).await?;
+    async fn move_to(
+        &self,
+        env: &Environment,
+        to: EnvState,
+        message: Option<String>,
+    ) -> Result<Environment, StepError> {
+        let next = env
+            .moved_to(to, message, self.app.now())
+            .map_err(|e| StepError::Final(e.to_string()))?;
+        let saved = self
+            .app
+            .store
+            .save_transition(env, next, self.actor())
+            .await?;
         self.remember(&saved);
         self.app.notify_changed(&saved.id);
         Ok(saved)
@@ -132,7 +163,9 @@ impl Run<'_> {
             Step::DestroyVm => {
                 self.app.ssh.forget(&env.id).await;
                 if let Some(on) = self.on_host(&env).await? {
-                    on.provider.destroy(&on.host_ref, &vm_of(self, &env)).await?;
+                    on.provider
+                        .destroy(&on.host_ref, &vm_of(self, &env))
+                        .await?;
                 }
                 Ok(Next::Continue)
             }
@@ -142,35 +175,51 @@ impl Run<'_> {
 
     async fn begin(&mut self, env: Environment) -> Result<Next, StepError> {
         use EnvState::*;
-        let worker = format!("worker {} (attempt {})", self.app.queue.owner(), self.job.attempts);
+        let worker = format!(
+            "worker {} (attempt {})",
+            self.app.queue.owner(),
+            self.job.attempts
+        );
         match (self.plan, env.state) {
             (Plan::Provision, Requested | Error) => {
-                let env = self.move_to(&env, Provisioning, Some("provisioning".into())).await?;
+                let env = self
+                    .move_to(&env, Provisioning, Some("provisioning".into()))
+                    .await?;
                 self.log_host(&env, &worker).await;
                 Ok(Next::Continue)
             }
             (Plan::Start, Stopped | Error) => {
-                let env = self.move_to(&env, Starting, Some("starting".into())).await?;
-                self.app.log(&env, "info", &format!("starting the VM ({worker})")).await;
+                let env = self
+                    .move_to(&env, Starting, Some("starting".into()))
+                    .await?;
+                self.app
+                    .log(&env, "info", &format!("starting the VM ({worker})"))
+                    .await;
                 Ok(Next::Continue)
             }
             (Plan::Stop, Running) => {
-                self.move_to(&env, Stopping, Some("stopping".into())).await?;
+                self.move_to(&env, Stopping, Some("stopping".into()))
+                    .await?;
                 Ok(Next::Continue)
             }
             (Plan::Destroy, Destroyed) => Ok(Next::Done),
             (Plan::Destroy, Destroying) => Ok(Next::Continue),
             (Plan::Destroy, _) => {
-                self.move_to(&env, Destroying, Some("destroying".into())).await?;
+                self.move_to(&env, Destroying, Some("destroying".into()))
+                    .await?;
                 Ok(Next::Continue)
             }
             // Resumed after a crash that came before this step was recorded.
             (Plan::Provision, Provisioning) | (Plan::Start, Starting) | (Plan::Stop, Stopping) => {
-                self.app.log(&env, "info", &format!("resumed by {worker}")).await;
+                self.app
+                    .log(&env, "info", &format!("resumed by {worker}"))
+                    .await;
                 Ok(Next::Continue)
             }
             // Done already, or overtaken by a destroy: nothing left to do.
-            (Plan::Provision | Plan::Start, Running) | (_, Destroying | Destroyed) => Ok(Next::Done),
+            (Plan::Provision | Plan::Start, Running) | (_, Destroying | Destroyed) => {
+                Ok(Next::Done)
+            }
             (Plan::Stop, _) => Ok(Next::Done),
             (plan, state) => Err(StepError::Retryable(format!(
                 "cannot {} an environment that is {state}; waiting for it to settle",
@@ -186,22 +235,35 @@ impl Run<'_> {
                 on.host.name,
                 on.host.used_vcpus,
                 on.host.capacity.max_vcpus,
-                on.host.region.as_deref().map(|r| format!(", region {r}")).unwrap_or_default()
+                on.host
+                    .region
+                    .as_deref()
+                    .map(|r| format!(", region {r}"))
+                    .unwrap_or_default()
             ),
             _ => "not placed on any host".to_string(),
         };
-        self.app.log(env, "info", &format!("picked up by {worker}; {placed}")).await;
+        self.app
+            .log(env, "info", &format!("picked up by {worker}; {placed}"))
+            .await;
     }
 
     async fn create_vm(&mut self, env: Environment) -> Result<Next, StepError> {
         let on = Self::need_host(self.on_host(&env).await?)?;
         self.app
-            .log(&env, "info", &format!(
-                "creating a VM on host {} from {} with {} vCPUs and {} MB of memory",
-                on.host.name, env.base_image, env.vcpus, env.memory_mb
-            ))
+            .log(
+                &env,
+                "info",
+                &format!(
+                    "creating a VM on host {} from {} with {} vCPUs and {} MB of memory",
+                    on.host.name, env.base_image, env.vcpus, env.memory_mb
+                ),
+            )
             .await;
-        let vm = on.provider.ensure_created(&on.host_ref, &self.app.spec(&env)).await?;
+        let vm = on
+            .provider
+            .ensure_created(&on.host_ref, &self.app.spec(&env))
+            .await?;
         self.progress.vm = Some(vm.clone());
         // Known from the moment it exists, not only once it runs.
         let mut next = env.clone();
@@ -230,7 +292,11 @@ impl Run<'_> {
                 Some(info) if info.state == VmState::Running => {
                     if let (Some(host), Some(port)) = (info.ssh_host, info.ssh_port) {
                         self.progress.vm = Some(info.vm);
-                        self.progress.address = Some(Address { ssh_host: host, ssh_port: port, ip_address: info.ip_address });
+                        self.progress.address = Some(Address {
+                            ssh_host: host,
+                            ssh_port: port,
+                            ip_address: info.ip_address,
+                        });
                         return Ok(Next::Continue);
                     }
                 }
@@ -238,7 +304,10 @@ impl Run<'_> {
                 None => return Err(self.vanished(&env).await),
             }
             if started.elapsed() > budget {
-                return Err(StepError::Retryable(format!("the VM did not report running within {} s", budget.as_secs())));
+                return Err(StepError::Retryable(format!(
+                    "the VM did not report running within {} s",
+                    budget.as_secs()
+                )));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -247,7 +316,10 @@ impl Run<'_> {
     /// The VM is gone. While provisioning, the next attempt makes another; a start cannot
     /// bring it back, so the environment forgets it and the next start provisions anew.
     async fn vanished(&self, env: &Environment) -> StepError {
-        let msg = format!("the VM {} no longer exists", hearth_provider::vm_name(&env.id));
+        let msg = format!(
+            "the VM {} no longer exists",
+            hearth_provider::vm_name(&env.id)
+        );
         if self.plan == Plan::Provision {
             return StepError::Vanished(msg);
         }
@@ -266,9 +338,22 @@ impl Run<'_> {
         let on = Self::need_host(self.on_host(&env).await?)?;
         let vm = vm_of(self, &env);
         let Some(at) = self.progress.address.clone() else {
-            return Err(StepError::Vanished("the VM's address was not recorded".into()));
+            return Err(StepError::Vanished(
+                "the VM's address was not recorded".into(),
+            ));
         };
-        self.app.log(&env, "info", &format!("VM {} is up; SSH on {}:{}; waiting for SSH to answer", short(vm.key()), at.ssh_host, at.ssh_port)).await;
+        self.app
+            .log(
+                &env,
+                "info",
+                &format!(
+                    "VM {} is up; SSH on {}:{}; waiting for SSH to answer",
+                    short(vm.key()),
+                    at.ssh_host,
+                    at.ssh_port
+                ),
+            )
+            .await;
         let guest = self.app.guest(&on.host_ref, &env, &vm, &at)?;
         let budget = self.app.config.ssh_wait;
         let started = Instant::now();
@@ -286,13 +371,18 @@ impl Run<'_> {
                 match on.provider.inspect(&on.host_ref, &vm).await? {
                     None => return Err(self.vanished(&env).await),
                     Some(info) if info.ssh_port != Some(at.ssh_port) => {
-                        return Err(StepError::Retryable("the VM's SSH address changed while waiting".into()));
+                        return Err(StepError::Retryable(
+                            "the VM's SSH address changed while waiting".into(),
+                        ));
                     }
                     Some(_) => {}
                 }
             }
             if started.elapsed() > budget {
-                return Err(StepError::Retryable(format!("SSH did not answer within {} s: {error}", budget.as_secs())));
+                return Err(StepError::Retryable(format!(
+                    "SSH did not answer within {} s: {error}",
+                    budget.as_secs()
+                )));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -301,11 +391,15 @@ impl Run<'_> {
     /// Starts the init script once (the guest keeps it running and records its end), then
     /// looks in on it every few seconds without holding a worker in between.
     async fn init_script(&mut self, env: Environment) -> Result<Next, StepError> {
-        let Some(script) = env.init_script.clone() else { return Ok(Next::Continue) };
+        let Some(script) = env.init_script.clone() else {
+            return Ok(Next::Continue);
+        };
         let on = Self::need_host(self.on_host(&env).await?)?;
         let vm = vm_of(self, &env);
         let Some(at) = self.progress.address.clone() else {
-            return Err(StepError::Vanished("the VM's address was not recorded".into()));
+            return Err(StepError::Vanished(
+                "the VM's address was not recorded".into(),
+            ));
         };
         let guest = self.app.guest(&on.host_ref, &env, &vm, &at)?;
         let now = self.app.now();
@@ -314,31 +408,58 @@ impl Run<'_> {
             None => {
                 self.app.log(&env, "info", "running the init script").await;
                 self.progress.init_started_at = Some(now);
-                self.save().await.map_err(|e| StepError::Retryable(e.to_string()))?;
+                self.save()
+                    .await
+                    .map_err(|e| StepError::Retryable(e.to_string()))?;
                 now
             }
         };
-        guest.start_init(&script, &env.environment_vars).await.map_err(StepError::Retryable)?;
+        guest
+            .start_init(&script, &env.environment_vars)
+            .await
+            .map_err(StepError::Retryable)?;
         let looked = Instant::now();
         loop {
             match guest.init_status().await.map_err(StepError::Retryable)? {
-                InitStatus::Exited { code: 0, output_tail } => {
-                    self.app.log(&env, "info", &format!("init script finished: {}", tail(&output_tail))).await;
+                InitStatus::Exited {
+                    code: 0,
+                    output_tail,
+                } => {
+                    self.app
+                        .log(
+                            &env,
+                            "info",
+                            &format!("init script finished: {}", tail(&output_tail)),
+                        )
+                        .await;
                     return Ok(Next::Continue);
                 }
                 InitStatus::Exited { code, output_tail } => {
-                    return Err(StepError::Final(format!("the init script exited with {code}: {}", tail(&output_tail))));
+                    return Err(StepError::Final(format!(
+                        "the init script exited with {code}: {}",
+                        tail(&output_tail)
+                    )));
                 }
                 InitStatus::Lost => {
-                    return Err(StepError::Final("the init script stopped without an exit code (did the VM restart?)".into()));
+                    return Err(StepError::Final(
+                        "the init script stopped without an exit code (did the VM restart?)".into(),
+                    ));
                 }
                 InitStatus::Running if now - started_at > INIT_SCRIPT_LIMIT.as_millis() as i64 => {
-                    return Err(StepError::Final(format!("the init script did not finish within {} s", INIT_SCRIPT_LIMIT.as_secs())));
+                    return Err(StepError::Final(format!(
+                        "the init script did not finish within {} s",
+                        INIT_SCRIPT_LIMIT.as_secs()
+                    )));
                 }
                 InitStatus::Running if looked.elapsed() < Duration::from_secs(1) => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                InitStatus::Running => return Ok(Next::Wait("the init script is running".into(), INIT_SCRIPT_POLL)),
+                InitStatus::Running => {
+                    return Ok(Next::Wait(
+                        "the init script is running".into(),
+                        INIT_SCRIPT_POLL,
+                    ));
+                }
             }
         }
     }
@@ -356,31 +477,61 @@ impl Run<'_> {
         use EnvState::*;
         match (self.plan, env.state) {
             (Plan::Provision, Provisioning) | (Plan::Start, Starting) => {
-                let at = self.progress.address.clone().ok_or_else(|| StepError::Vanished("no address recorded".into()))?;
-                let mut next = env.moved_to(Running, None, self.app.now()).map_err(|e| StepError::Final(e.to_string()))?;
+                let at = self
+                    .progress
+                    .address
+                    .clone()
+                    .ok_or_else(|| StepError::Vanished("no address recorded".into()))?;
+                let mut next = env
+                    .moved_to(Running, None, self.app.now())
+                    .map_err(|e| StepError::Final(e.to_string()))?;
                 if let Some(vm) = &self.progress.vm {
                     next.vm_id = vm.id.clone();
                 }
                 next.ssh_host = Some(at.ssh_host);
                 next.ssh_port = Some(at.ssh_port);
                 next.ip_address = at.ip_address;
-                let saved = self.app.store.save_transition(&env, next, self.actor()).await?;
+                let saved = self
+                    .app
+                    .store
+                    .save_transition(&env, next, self.actor())
+                    .await?;
                 self.remember(&saved);
                 self.app.notify_changed(&saved.id);
-                let done = if self.plan == Plan::Provision { "provisioning complete: the VM is ready and running" } else { "the VM is running" };
+                let done = if self.plan == Plan::Provision {
+                    "provisioning complete: the VM is ready and running"
+                } else {
+                    "the VM is running"
+                };
                 self.app.log(&saved, "success", done).await;
             }
             (Plan::Stop, Stopping) => {
-                let mut next = env.moved_to(Stopped, None, self.app.now()).map_err(|e| StepError::Final(e.to_string()))?;
+                let mut next = env
+                    .moved_to(Stopped, None, self.app.now())
+                    .map_err(|e| StepError::Final(e.to_string()))?;
                 next.ssh_port = None;
-                self.remember(&self.app.store.save_transition(&env, next, self.actor()).await?);
+                self.remember(
+                    &self
+                        .app
+                        .store
+                        .save_transition(&env, next, self.actor())
+                        .await?,
+                );
                 self.app.notify_changed(&env.id);
                 self.app.log(&env, "info", "the VM is stopped").await;
             }
             (Plan::Destroy, Destroying) => {
-                let mut next = env.moved_to(Destroyed, None, self.app.now()).map_err(|e| StepError::Final(e.to_string()))?;
+                let mut next = env
+                    .moved_to(Destroyed, None, self.app.now())
+                    .map_err(|e| StepError::Final(e.to_string()))?;
                 next.ssh_port = None;
-                self.remember(&self.app.store.save_transition(&env, next, self.actor()).await?);
+                self.remember(
+                    &self
+                        .app
+                        .store
+                        .save_transition(&env, next, self.actor())
+                        .await?,
+                );
                 self.app.notify_changed(&env.id);
                 self.app.log(&env, "info", "the VM is destroyed").await;
             }
@@ -418,7 +569,11 @@ impl Run<'_> {
     /// What the host says of the environment's VM now: `None` when it is gone.
     async fn observe(&self, env: &Environment) -> Result<Option<VmState>, StepError> {
         match self.on_host(env).await? {
-            Some(on) => Ok(on.provider.inspect(&on.host_ref, &vm_of(self, env)).await?.map(|i| i.state)),
+            Some(on) => Ok(on
+                .provider
+                .inspect(&on.host_ref, &vm_of(self, env))
+                .await?
+                .map(|i| i.state)),
             None => Ok(None),
         }
     }
@@ -426,16 +581,26 @@ impl Run<'_> {
     /// After the undo: the environment's state that tells the truth, judged for a stop or
     /// destroy by the VM as the host reports it now. `true` when that is the state the job
     /// was for (the VM had stopped or gone before the failure).
-    pub(crate) async fn settle(&mut self, env: Environment, reason: &str) -> Result<bool, StepError> {
+    pub(crate) async fn settle(
+        &mut self,
+        env: Environment,
+        reason: &str,
+    ) -> Result<bool, StepError> {
         use EnvState::*;
         let (to, message) = match (self.plan, env.state) {
             (Plan::Stop, Stopping) => match self.observe(&env).await? {
-                Some(VmState::Running) => (Running, Some(format!("stop failed: {reason}; the VM still runs"))),
+                Some(VmState::Running) => (
+                    Running,
+                    Some(format!("stop failed: {reason}; the VM still runs")),
+                ),
                 _ => (Stopped, None),
             },
             (Plan::Destroy, Destroying) => match self.observe(&env).await? {
                 None => (Destroyed, None),
-                Some(_) => (Error, Some(format!("destroy failed: {reason}; destroy it again"))),
+                Some(_) => (
+                    Error,
+                    Some(format!("destroy failed: {reason}; destroy it again")),
+                ),
             },
             (_, state) if state.is_transitional() => (Error, Some(reason.to_string())),
             // At rest already: the failure came before the first write, or the environment
@@ -453,7 +618,9 @@ impl Run<'_> {
                 return Ok(false);
             }
         };
-        let mut next = env.moved_to(to, message, self.app.now()).map_err(|e| StepError::Final(e.to_string()))?;
+        let mut next = env
+            .moved_to(to, message, self.app.now())
+            .map_err(|e| StepError::Final(e.to_string()))?;
         if self.plan == Plan::Provision {
             // Its VM was removed by the undo.
             next.vm_id = None;
@@ -461,10 +628,17 @@ impl Run<'_> {
         if to != Running {
             next.ssh_port = None;
         }
-        let saved = self.app.store.save_transition(&env, next, self.actor()).await?;
+        let saved = self
+            .app
+            .store
+            .save_transition(&env, next, self.actor())
+            .await?;
         self.remember(&saved);
         self.app.notify_changed(&saved.id);
-        Ok(matches!((self.plan, to), (Plan::Stop, Stopped) | (Plan::Destroy, Destroyed)))
+        Ok(matches!(
+            (self.plan, to),
+            (Plan::Stop, Stopped) | (Plan::Destroy, Destroyed)
+        ))
     }
 }
 

@@ -86,21 +86,27 @@ impl App {
             (Some(ca), Some(cert), Some(key)) => Some(TlsMaterial {
                 ca_pem: ca.clone(),
                 cert_pem: cert.clone(),
-                key_pem: self
-                    .master_key
-                    .open(key)
-                    .map_err(|e| AppError::Internal(format!("the TLS key of host {} cannot be opened: {e}", host.name)))?,
+                key_pem: self.master_key.open(key).map_err(|e| {
+                    AppError::Internal(format!(
+                        "the TLS key of host {} cannot be opened: {e}",
+                        host.name
+                    ))
+                })?,
             }),
             _ => None,
         };
         let agent = match (host.kind, &host.tls_ca, &host.credential_sealed) {
-            (hearth_core::HostKind::Agent, Some(ca), Some(sealed)) => Some(hearth_provider::AgentAccess {
-                ca_pem: ca.clone(),
-                credential: self
-                    .master_key
-                    .open(sealed)
-                    .map_err(|e| AppError::Internal(format!("the credential of host {} cannot be opened: {e}", host.name)))?,
-            }),
+            (hearth_core::HostKind::Agent, Some(ca), Some(sealed)) => {
+                Some(hearth_provider::AgentAccess {
+                    ca_pem: ca.clone(),
+                    credential: self.master_key.open(sealed).map_err(|e| {
+                        AppError::Internal(format!(
+                            "the credential of host {} cannot be opened: {e}",
+                            host.name
+                        ))
+                    })?,
+                })
+            }
             _ => None,
         };
         Ok(HostRef {

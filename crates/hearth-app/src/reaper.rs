@@ -33,21 +33,42 @@ pub async fn run(app: App, mut shutdown: watch::Receiver<bool>) {
 pub async fn reap(app: &App) -> anyhow::Result<()> {
     let now = app.now();
     for env in app.store.idle_environments().await? {
-        if app.store.has_pending_job(&env.id, JobKind::Stop.as_str()).await? {
+        if app
+            .store
+            .has_pending_job(&env.id, JobKind::Stop.as_str())
+            .await?
+        {
             continue;
         }
-        let idle = (now - env.last_activity_at.or(env.started_at).unwrap_or(env.created_at)) / 60_000;
-        app.log(&env, "info", &format!("idle for {idle} minutes (auto-stop after {}); stopping", env.auto_stop_minutes.unwrap_or(0)))
-            .await;
+        let idle = (now
+            - env
+                .last_activity_at
+                .or(env.started_at)
+                .unwrap_or(env.created_at))
+            / 60_000;
+        app.log(
+            &env,
+            "info",
+            &format!(
+                "idle for {idle} minutes (auto-stop after {}); stopping",
+                env.auto_stop_minutes.unwrap_or(0)
+            ),
+        )
+        .await;
         if let Err(e) = app.request(REAPER, &env, JobKind::Stop).await {
             tracing::warn!(environment = %env.id, error = %e, "reaper could not queue a stop");
         }
     }
     for env in app.store.expired_environments().await? {
-        if app.store.has_pending_job(&env.id, JobKind::Destroy.as_str()).await? {
+        if app
+            .store
+            .has_pending_job(&env.id, JobKind::Destroy.as_str())
+            .await?
+        {
             continue;
         }
-        app.log(&env, "info", "past its expiry time; destroying").await;
+        app.log(&env, "info", "past its expiry time; destroying")
+            .await;
         if let Err(e) = app.request(REAPER, &env, JobKind::Destroy).await {
             tracing::warn!(environment = %env.id, error = %e, "reaper could not queue a destroy");
         }

@@ -51,11 +51,16 @@ pub async fn reconcile(app: &App) -> anyhow::Result<()> {
         tracing::warn!(host = %host, "host capacity counters had drifted from its environments; re-summed");
     }
     let previous = std::mem::take(&mut *app.suspects.0.lock().unwrap());
-    let mut pass = Pass { previous: &previous, seen: HashMap::new() };
+    let mut pass = Pass {
+        previous: &previous,
+        seen: HashMap::new(),
+    };
     for host in app.store.hosts().await? {
         // Not answering, or (a Docker engine) not yet known to be one machine registered
         // once: its VMs are not judged.
-        if host.health != HostHealth::Healthy || (host.kind == HostKind::Docker && host.identity.is_none()) {
+        if host.health != HostHealth::Healthy
+            || (host.kind == HostKind::Docker && host.identity.is_none())
+        {
             continue;
         }
         if let Err(e) = reconcile_host(app, &host, &mut pass).await {
@@ -72,9 +77,18 @@ async fn roll_back_stuck(app: &App) -> anyhow::Result<()> {
         if app.store.has_outstanding_job(&env.id).await? {
             continue; // a job owns it (perhaps waiting for a retry); leave it be
         }
-        let msg = format!("stuck in {} for over {} s with no job to finish it; rolled back", env.state, deadline / 1000);
+        let msg = format!(
+            "stuck in {} for over {} s with no job to finish it; rolled back",
+            env.state,
+            deadline / 1000
+        );
         if env.state == EnvState::Destroying {
-            app.log(&env, "error", "stuck in destroying; queueing the destroy again").await;
+            app.log(
+                &env,
+                "error",
+                "stuck in destroying; queueing the destroy again",
+            )
+            .await;
             app.request(RECONCILER, &env, JobKind::Destroy).await?;
         } else if let Ok(next) = env.moved_to(EnvState::Error, Some(msg.clone()), app.now()) {
             app.log(&env, "error", &msg).await;
@@ -95,9 +109,13 @@ enum Finding {
 fn judge(env: &Environment, vm: Option<&VmInfo>) -> Option<Finding> {
     match (env.state, vm.map(|v| v.state)) {
         (EnvState::Running, None) => Some(Finding::Vanished),
-        (EnvState::Running, Some(VmState::Stopped | VmState::Other)) => Some(Finding::StoppedBehindOurBack),
+        (EnvState::Running, Some(VmState::Stopped | VmState::Other)) => {
+            Some(Finding::StoppedBehindOurBack)
+        }
         (EnvState::Stopped, None) if env.vm_id.is_some() => Some(Finding::Vanished),
-        (EnvState::Stopped | EnvState::Error, Some(VmState::Running)) if !env.reserved => Some(Finding::RunsWhileAtRest),
+        (EnvState::Stopped | EnvState::Error, Some(VmState::Running)) if !env.reserved => {
+            Some(Finding::RunsWhileAtRest)
+        }
         _ => None,
     }
 }
@@ -108,21 +126,32 @@ async fn reconcile_host(app: &App, host: &Host, pass: &mut Pass<'_>) -> anyhow::
     // Read before listing: a change after this read is newer than the listing can show.
     let envs = app.store.environments_on_host(&host.id).await?;
     let vms = provider.list(&host_ref).await?;
-    let by_env: HashMap<&str, &VmInfo> = vms.iter().map(|v| (v.environment_id.as_str(), v)).collect();
+    let by_env: HashMap<&str, &VmInfo> =
+        vms.iter().map(|v| (v.environment_id.as_str(), v)).collect();
 
     for env in &envs {
-        let Some(finding) = judge(env, by_env.get(env.id.as_str()).copied()) else { continue };
+        let Some(finding) = judge(env, by_env.get(env.id.as_str()).copied()) else {
+            continue;
+        };
         // Confirm on fresh facts: the row unchanged, no job, and the VM as suspected.
-        let Ok(now) = app.store.environment(&env.id).await else { continue };
+        let Ok(now) = app.store.environment(&env.id).await else {
+            continue;
+        };
         if now.generation != env.generation || app.store.has_outstanding_job(&env.id).await? {
             continue;
         }
-        let vm = VmRef { name: hearth_provider::vm_name(&env.id), id: env.vm_id.clone() };
+        let vm = VmRef {
+            name: hearth_provider::vm_name(&env.id),
+            id: env.vm_id.clone(),
+        };
         let fresh = provider.inspect(&host_ref, &vm).await?;
         if judge(&now, fresh.as_ref()) != Some(finding) {
             continue;
         }
-        if pass.confirmed(format!("env:{}", env.id), format!("{}:{finding:?}", now.generation)) {
+        if pass.confirmed(
+            format!("env:{}", env.id),
+            format!("{}:{finding:?}", now.generation),
+        ) {
             act(app, &now, finding, &host_ref, provider.as_ref(), &vm).await;
         }
     }
@@ -137,7 +166,13 @@ async fn reconcile_host(app: &App, host: &Host, pass: &mut Pass<'_>) -> anyhow::
             None => true,
             Some(env) if env.state == EnvState::Destroyed => true,
             // Its environment lives on another host now, or has another VM here.
-            Some(env) => env.host_id.as_deref() != Some(host.id.as_str()) || env.vm_id.as_ref().is_some_and(|id| Some(id) != vm.vm.id.as_ref()),
+            Some(env) => {
+                env.host_id.as_deref() != Some(host.id.as_str())
+                    || env
+                        .vm_id
+                        .as_ref()
+                        .is_some_and(|id| Some(id) != vm.vm.id.as_ref())
+            }
         };
         if !leftover {
             continue;
@@ -152,7 +187,10 @@ async fn reconcile_host(app: &App, host: &Host, pass: &mut Pass<'_>) -> anyhow::
             continue;
         }
         let owner_generation = owner.as_ref().map(|e| e.generation).unwrap_or(-1);
-        if !pass.confirmed(format!("vm:{}:{}", host.id, vm.vm.key()), owner_generation.to_string()) {
+        if !pass.confirmed(
+            format!("vm:{}:{}", host.id, vm.vm.key()),
+            owner_generation.to_string(),
+        ) {
             continue;
         }
         tracing::warn!(host = %host.name, environment = %vm.environment_id, vm = %vm.vm.key(), "removing a VM that belongs to no live environment");
@@ -160,21 +198,45 @@ async fn reconcile_host(app: &App, host: &Host, pass: &mut Pass<'_>) -> anyhow::
             Ok(()) => ("success", None),
             Err(e) => ("failed", Some(e.to_string())),
         };
-        let _ = app.store.audit(RECONCILER, "orphan_removed", Some(&vm.environment_id), outcome.0, outcome.1.as_deref(), None).await;
+        let _ = app
+            .store
+            .audit(
+                RECONCILER,
+                "orphan_removed",
+                Some(&vm.environment_id),
+                outcome.0,
+                outcome.1.as_deref(),
+                None,
+            )
+            .await;
     }
     Ok(())
 }
 
-async fn act(app: &App, env: &Environment, finding: Finding, host: &hearth_provider::HostRef, provider: &dyn hearth_provider::Provider, vm: &VmRef) {
+async fn act(
+    app: &App,
+    env: &Environment,
+    finding: Finding,
+    host: &hearth_provider::HostRef,
+    provider: &dyn hearth_provider::Provider,
+    vm: &VmRef,
+) {
     let now = app.now();
     match finding {
         Finding::Vanished => {
-            let msg = "the VM vanished outside Hearth; start the environment to provision a new one".to_string();
+            let msg =
+                "the VM vanished outside Hearth; start the environment to provision a new one"
+                    .to_string();
             if let Ok(mut next) = env.moved_to(EnvState::Error, Some(msg.clone()), now) {
                 next.vm_id = None;
                 next.ssh_port = None;
                 app.log(env, "error", &msg).await;
-                if app.store.save_transition(env, next, RECONCILER).await.is_ok() {
+                if app
+                    .store
+                    .save_transition(env, next, RECONCILER)
+                    .await
+                    .is_ok()
+                {
                     app.notify_changed(&env.id);
                 }
             }
@@ -182,13 +244,21 @@ async fn act(app: &App, env: &Environment, finding: Finding, host: &hearth_provi
         }
         Finding::StoppedBehindOurBack => {
             // Stopped behind Hearth's back (engine restart, OOM kill): record it.
-            app.log(env, "error", "the VM stopped outside Hearth; marking it stopped").await;
+            app.log(
+                env,
+                "error",
+                "the VM stopped outside Hearth; marking it stopped",
+            )
+            .await;
             let message = Some("stopped outside Hearth".to_string());
             if let Ok(stopping) = env.moved_to(EnvState::Stopping, message.clone(), now) {
                 if let Ok(stopping) = app.store.save_transition(env, stopping, RECONCILER).await {
                     if let Ok(mut stopped) = stopping.moved_to(EnvState::Stopped, message, now) {
                         stopped.ssh_port = None;
-                        let _ = app.store.save_transition(&stopping, stopped, RECONCILER).await;
+                        let _ = app
+                            .store
+                            .save_transition(&stopping, stopped, RECONCILER)
+                            .await;
                     }
                 }
             }
@@ -201,8 +271,26 @@ async fn act(app: &App, env: &Environment, finding: Finding, host: &hearth_provi
                 Ok(()) | Err(hearth_provider::ProviderError::NotFound(_)) => ("success", None),
                 Err(e) => ("failed", Some(e.to_string())),
             };
-            app.log(env, "info", &format!("its VM was running while the environment is {}; stopped it", env.state)).await;
-            let _ = app.store.audit(RECONCILER, "vm_stopped", Some(&env.id), outcome.0, outcome.1.as_deref(), None).await;
+            app.log(
+                env,
+                "info",
+                &format!(
+                    "its VM was running while the environment is {}; stopped it",
+                    env.state
+                ),
+            )
+            .await;
+            let _ = app
+                .store
+                .audit(
+                    RECONCILER,
+                    "vm_stopped",
+                    Some(&env.id),
+                    outcome.0,
+                    outcome.1.as_deref(),
+                    None,
+                )
+                .await;
         }
     }
 }

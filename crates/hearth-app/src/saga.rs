@@ -131,7 +131,11 @@ impl Plan {
             JobKind::Provision => Plan::Provision,
             // Never got a VM: starting it means provisioning it.
             JobKind::Start
-                if env.vm_id.is_none() && matches!(env.state, EnvState::Error | EnvState::Requested | EnvState::Provisioning) =>
+                if env.vm_id.is_none()
+                    && matches!(
+                        env.state,
+                        EnvState::Error | EnvState::Requested | EnvState::Provisioning
+                    ) =>
             {
                 Plan::Provision
             }
@@ -144,7 +148,9 @@ impl Plan {
     pub fn steps(self, with_init_script: bool) -> Vec<Step> {
         use Step::*;
         match self {
-            Plan::Provision if with_init_script => vec![Begin, CreateVm, WaitRunning, WaitSsh, InitScript, Finish],
+            Plan::Provision if with_init_script => {
+                vec![Begin, CreateVm, WaitRunning, WaitSsh, InitScript, Finish]
+            }
             Plan::Provision => vec![Begin, CreateVm, WaitRunning, WaitSsh, Finish],
             Plan::Start => vec![Begin, StartVm, WaitRunning, WaitSsh, Finish],
             Plan::Stop => vec![Begin, StopVm, Finish],
@@ -160,7 +166,10 @@ impl Plan {
             .into_iter()
             .flat_map(|p| {
                 p.steps(true).into_iter().flat_map(move |s| {
-                    [(p, format!("{}.{}", p.name(), s.name())), (p, format!("{}.{}.after", p.name(), s.name()))]
+                    [
+                        (p, format!("{}.{}", p.name(), s.name())),
+                        (p, format!("{}.{}.after", p.name(), s.name())),
+                    ]
                 })
             })
             .collect()
@@ -194,7 +203,10 @@ pub(crate) enum StepError {
 impl StepError {
     pub fn message(&self) -> &str {
         match self {
-            StepError::Unreachable(m) | StepError::Retryable(m) | StepError::Final(m) | StepError::Vanished(m) => m,
+            StepError::Unreachable(m)
+            | StepError::Retryable(m)
+            | StepError::Final(m)
+            | StepError::Vanished(m) => m,
         }
     }
 }
@@ -204,7 +216,9 @@ impl From<ProviderError> for StepError {
         match e {
             ProviderError::Unavailable(m) => StepError::Unreachable(m),
             ProviderError::Failed(m) => StepError::Retryable(m),
-            ProviderError::NotFound(name) => StepError::Vanished(format!("the VM {name} no longer exists")),
+            ProviderError::NotFound(name) => {
+                StepError::Vanished(format!("the VM {name} no longer exists"))
+            }
             ProviderError::Unsupported(m) => StepError::Final(m),
         }
     }
@@ -213,7 +227,9 @@ impl From<ProviderError> for StepError {
 impl From<StoreError> for StepError {
     fn from(e: StoreError) -> StepError {
         match e {
-            StoreError::Quota(_) | StoreError::NoCapacity(_) | StoreError::NoSuchHost(_) => StepError::Final(e.to_string()),
+            StoreError::Quota(_) | StoreError::NoCapacity(_) | StoreError::NoSuchHost(_) => {
+                StepError::Final(e.to_string())
+            }
             other => StepError::Retryable(other.to_string()),
         }
     }
@@ -243,8 +259,14 @@ pub(crate) struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    pub fn new(app: &'a App, job: &'a Job, lease: &'a Lease, env: &Environment) -> Result<Run<'a>, JobError> {
-        let kind = JobKind::parse(&job.kind).ok_or_else(|| JobError::Fatal(format!("unknown job kind {:?}", job.kind)))?;
+    pub fn new(
+        app: &'a App,
+        job: &'a Job,
+        lease: &'a Lease,
+        env: &Environment,
+    ) -> Result<Run<'a>, JobError> {
+        let kind = JobKind::parse(&job.kind)
+            .ok_or_else(|| JobError::Fatal(format!("unknown job kind {:?}", job.kind)))?;
         let progress: Progress = serde_json::from_value(job.progress.clone())
             .map_err(|e| JobError::Fatal(format!("the job's saved progress is unreadable: {e}")))?;
         let plan = progress.plan.unwrap_or_else(|| Plan::choose(kind, env));
@@ -253,7 +275,10 @@ impl<'a> Run<'a> {
             job,
             lease,
             plan,
-            progress: Progress { plan: Some(plan), ..progress },
+            progress: Progress {
+                plan: Some(plan),
+                ..progress
+            },
             host: Default::default(),
             env: std::sync::Mutex::new(Some(env.clone())),
         })
@@ -273,14 +298,24 @@ impl<'a> Run<'a> {
 
     /// Saves the progress under this worker's lease; a lost lease stops the saga.
     pub async fn save(&self) -> Result<(), JobError> {
-        let value = serde_json::to_value(&self.progress).map_err(|e| JobError::Fatal(e.to_string()))?;
-        match self.app.store.save_progress(self.job.id, &self.lease.owner, &value).await {
+        let value =
+            serde_json::to_value(&self.progress).map_err(|e| JobError::Fatal(e.to_string()))?;
+        match self
+            .app
+            .store
+            .save_progress(self.job.id, &self.lease.owner, &value)
+            .await
+        {
             Ok(true) => Ok(()),
             Ok(false) => {
                 self.lease.lost.cancel();
-                Err(JobError::Retry("lost the lease; another worker continues".into()))
+                Err(JobError::Retry(
+                    "lost the lease; another worker continues".into(),
+                ))
             }
-            Err(e) => Err(JobError::Retry(format!("could not save the job's progress: {e}"))),
+            Err(e) => Err(JobError::Retry(format!(
+                "could not save the job's progress: {e}"
+            ))),
         }
     }
 
@@ -299,21 +334,38 @@ impl<'a> Run<'a> {
                 self.remember(&env);
                 Ok(env)
             }
-            Err(StoreError::NotFound) => Err(JobError::Fatal("the environment does not exist".into())),
+            Err(StoreError::NotFound) => {
+                Err(JobError::Fatal("the environment does not exist".into()))
+            }
             Err(e) => Err(JobError::Retry(e.to_string())),
         }
     }
 
     /// The environment's host, if it has one (and its kind has a provider).
     pub async fn on_host(&self, env: &Environment) -> Result<Option<OnHost>, StepError> {
-        let Some(host_id) = &env.host_id else { return Ok(None) };
-        if let Some(on) = self.host.lock().unwrap().as_ref().filter(|on| &on.host.id == host_id) {
+        let Some(host_id) = &env.host_id else {
+            return Ok(None);
+        };
+        if let Some(on) = self
+            .host
+            .lock()
+            .unwrap()
+            .as_ref()
+            .filter(|on| &on.host.id == host_id)
+        {
             return Ok(Some(on.clone()));
         }
         let host = self.app.store.host(host_id).await?;
-        let host_ref = self.app.host_ref(&host).map_err(|e| StepError::Final(e.to_string()))?;
+        let host_ref = self
+            .app
+            .host_ref(&host)
+            .map_err(|e| StepError::Final(e.to_string()))?;
         let provider = self.app.providers.get(host.kind)?;
-        let on = OnHost { host, host_ref, provider };
+        let on = OnHost {
+            host,
+            host_ref,
+            provider,
+        };
         *self.host.lock().unwrap() = Some(on.clone());
         Ok(Some(on))
     }
@@ -325,9 +377,22 @@ impl<'a> Run<'a> {
         if self.job.exhausted() {
             let env = self.env().await?;
             self.app
-                .log(&env, "error", &format!("{} workers died running this {}; undoing it", self.job.crashes, self.plan.name()))
+                .log(
+                    &env,
+                    "error",
+                    &format!(
+                        "{} workers died running this {}; undoing it",
+                        self.job.crashes,
+                        self.plan.name()
+                    ),
+                )
                 .await;
-            return self.wind_down(format!("the workers running it died {} times", self.job.crashes)).await;
+            return self
+                .wind_down(format!(
+                    "the workers running it died {} times",
+                    self.job.crashes
+                ))
+                .await;
         }
         let env = self.env().await?;
         for step in self.steps(&env) {
@@ -341,7 +406,10 @@ impl<'a> Run<'a> {
             let outcome = match self.fault_point(&env, step, "").await {
                 Ok(()) => match self.step(step, env.clone()).await {
                     // Acted, not yet recorded: the window a crash must not spoil.
-                    Ok(Next::Continue) => self.fault_point(&env, step, ".after").await.map(|()| Next::Continue),
+                    Ok(Next::Continue) => self
+                        .fault_point(&env, step, ".after")
+                        .await
+                        .map(|()| Next::Continue),
                     other => other,
                 },
                 Err(e) => Err(e),
@@ -374,16 +442,35 @@ impl<'a> Run<'a> {
         if self.plan == Plan::Destroy {
             return Ok(false);
         }
-        let waiting = self.app.store.destroy_queued(&env.id).await.map_err(|e| JobError::Retry(e.to_string()))?;
+        let waiting = self
+            .app
+            .store
+            .destroy_queued(&env.id)
+            .await
+            .map_err(|e| JobError::Retry(e.to_string()))?;
         if waiting {
-            self.app.log(env, "info", &format!("a destroy was requested; the {} stops here and the destroy cleans up", self.plan.name())).await;
+            self.app
+                .log(
+                    env,
+                    "info",
+                    &format!(
+                        "a destroy was requested; the {} stops here and the destroy cleans up",
+                        self.plan.name()
+                    ),
+                )
+                .await;
             self.save().await?;
         }
         Ok(waiting)
     }
 
     /// A simulated host may fail or stall here; real hosts pass.
-    async fn fault_point(&self, env: &Environment, step: Step, suffix: &str) -> Result<(), StepError> {
+    async fn fault_point(
+        &self,
+        env: &Environment,
+        step: Step,
+        suffix: &str,
+    ) -> Result<(), StepError> {
         if let Some(on) = self.on_host(env).await? {
             let point = format!("{}.{}{suffix}", self.plan.name(), step.name());
             on.provider.fault_point(&on.host_ref, &point).await?;
@@ -391,7 +478,12 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
-    async fn failed(&mut self, step: Step, env: &Environment, e: StepError) -> Result<(), JobError> {
+    async fn failed(
+        &mut self,
+        step: Step,
+        env: &Environment,
+        e: StepError,
+    ) -> Result<(), JobError> {
         // Whatever failed, read the environment afresh from here on.
         *self.env.lock().unwrap() = None;
         let msg = e.message().to_string();
@@ -404,11 +496,22 @@ impl<'a> Run<'a> {
             if now - since < budget.as_millis() as i64 {
                 if since == now {
                     self.app
-                        .log(env, "error", &format!("{}: {msg}; waiting up to {} s for the host to answer", step.name(), budget.as_secs()))
+                        .log(
+                            env,
+                            "error",
+                            &format!(
+                                "{}: {msg}; waiting up to {} s for the host to answer",
+                                step.name(),
+                                budget.as_secs()
+                            ),
+                        )
                         .await;
                 }
                 self.save().await?;
-                return Err(JobError::Later(format!("waiting for the host: {msg}"), HOST_WAIT));
+                return Err(JobError::Later(
+                    format!("waiting for the host: {msg}"),
+                    HOST_WAIT,
+                ));
             }
         }
         let retryable = !matches!(e, StepError::Final(_));
@@ -420,7 +523,16 @@ impl<'a> Run<'a> {
         }
         if retryable && !self.job.is_last_attempt() {
             self.app
-                .log(env, "error", &format!("{} failed (attempt {} of {}): {msg}; will retry", step.name(), self.job.attempts, self.job.max_attempts))
+                .log(
+                    env,
+                    "error",
+                    &format!(
+                        "{} failed (attempt {} of {}): {msg}; will retry",
+                        step.name(),
+                        self.job.attempts,
+                        self.job.max_attempts
+                    ),
+                )
                 .await;
             self.save().await?;
             return Err(JobError::Retry(msg));
@@ -434,9 +546,16 @@ impl<'a> Run<'a> {
         if !matches!(self.plan, Plan::Provision | Plan::Start) || !env.state.is_transitional() {
             return;
         }
-        let message = format!("{reason}; its VM is cleaned up once its host answers again, and counts until then");
+        let message = format!(
+            "{reason}; its VM is cleaned up once its host answers again, and counts until then"
+        );
         if let Ok(next) = env.moved_to(EnvState::Error, Some(message), self.app.now()) {
-            if let Ok(saved) = self.app.store.save_transition_holding(env, next, self.actor()).await {
+            if let Ok(saved) = self
+                .app
+                .store
+                .save_transition_holding(env, next, self.actor())
+                .await
+            {
                 self.remember(&saved);
                 self.app.notify_changed(&env.id);
             }
@@ -452,19 +571,50 @@ impl<'a> Run<'a> {
             return Ok(());
         }
         if self.progress.failed.is_none() {
-            self.app.log(&env, "error", &format!("{} failed: {reason}", self.plan.name())).await;
+            self.app
+                .log(
+                    &env,
+                    "error",
+                    &format!("{} failed: {reason}", self.plan.name()),
+                )
+                .await;
             let action = format!("{}_failed", self.plan.name());
-            let _ = self.app.store.audit(self.actor(), &action, Some(&env.id), "failed", Some(&reason), None).await;
+            let _ = self
+                .app
+                .store
+                .audit(
+                    self.actor(),
+                    &action,
+                    Some(&env.id),
+                    "failed",
+                    Some(&reason),
+                    None,
+                )
+                .await;
             self.progress.failed = Some(reason.clone());
             self.save().await?;
         }
         let steps = self.steps(&env);
-        let reached = steps.iter().position(|s| !self.is_done(*s)).map(|i| i + 1).unwrap_or(steps.len());
+        let reached = steps
+            .iter()
+            .position(|s| !self.is_done(*s))
+            .map(|i| i + 1)
+            .unwrap_or(steps.len());
         for step in steps[..reached].iter().rev() {
             let env = self.env().await?;
             if let Err(e) = self.undo(*step, &env).await {
-                let note = format!("undoing {} after \"{reason}\": {}", step.name(), e.message());
-                self.app.log(&env, "error", &format!("{note}; trying again in {} s", UNDO_RETRY.as_secs())).await;
+                let note = format!(
+                    "undoing {} after \"{reason}\": {}",
+                    step.name(),
+                    e.message()
+                );
+                self.app
+                    .log(
+                        &env,
+                        "error",
+                        &format!("{note}; trying again in {} s", UNDO_RETRY.as_secs()),
+                    )
+                    .await;
                 self.fail_holding(&env, &reason).await;
                 return Err(JobError::Later(note, UNDO_RETRY));
             }
@@ -475,7 +625,10 @@ impl<'a> Run<'a> {
         match self.settle(env, &reason).await {
             Ok(true) => Ok(()),
             Ok(false) => Err(JobError::Fatal(reason)),
-            Err(e) => Err(JobError::Later(format!("settling after \"{reason}\": {}", e.message()), UNDO_RETRY)),
+            Err(e) => Err(JobError::Later(
+                format!("settling after \"{reason}\": {}", e.message()),
+                UNDO_RETRY,
+            )),
         }
     }
 }

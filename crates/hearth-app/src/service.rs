@@ -5,7 +5,9 @@ use crate::App;
 use crate::error::{AppError, AppResult};
 use hearth_core::{EnvState, HostKind, JobKind, Resources, validate};
 use hearth_guest::{ExecRequest, KeyPair, Target};
-use hearth_store::{Environment, Execution, NewEnvironment, NewJob, PersonalOutcome, Placement, User};
+use hearth_store::{
+    Environment, Execution, NewEnvironment, NewJob, PersonalOutcome, Placement, User,
+};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -104,7 +106,11 @@ fn cut(bytes: &[u8], limit: usize) -> (String, bool) {
 
 impl App {
     pub fn new_job(&self, kind: JobKind, environment_id: &str, actor: &str) -> NewJob {
-        let max_attempts = self.queue.config(kind.queue()).map(|c| c.max_attempts).unwrap_or(1);
+        let max_attempts = self
+            .queue
+            .config(kind.queue())
+            .map(|c| c.max_attempts)
+            .unwrap_or(1);
         NewJob {
             queue: kind.queue().into(),
             kind: kind.as_str().into(),
@@ -116,15 +122,21 @@ impl App {
 
     /// The caller behind a bearer token.
     pub async fn authenticate(&self, token: &str) -> AppResult<User> {
-        self.store.user_by_token(token).await?.ok_or_else(|| AppError::Unauthenticated("unknown or revoked token".into()))
+        self.store
+            .user_by_token(token)
+            .await?
+            .ok_or_else(|| AppError::Unauthenticated("unknown or revoked token".into()))
     }
 
     fn resources(&self, user: &User, size: &SizeRequest) -> AppResult<Resources> {
         let defaults = user.tier.default_resources();
         Ok(Resources {
-            vcpus: validate::vcpus(size.vcpus.unwrap_or(defaults.vcpus)).map_err(AppError::Invalid)?,
-            memory_mb: validate::memory_mb(size.memory_mb.unwrap_or(defaults.memory_mb)).map_err(AppError::Invalid)?,
-            disk_gb: validate::disk_gb(size.disk_gb.unwrap_or(defaults.disk_gb)).map_err(AppError::Invalid)?,
+            vcpus: validate::vcpus(size.vcpus.unwrap_or(defaults.vcpus))
+                .map_err(AppError::Invalid)?,
+            memory_mb: validate::memory_mb(size.memory_mb.unwrap_or(defaults.memory_mb))
+                .map_err(AppError::Invalid)?,
+            disk_gb: validate::disk_gb(size.disk_gb.unwrap_or(defaults.disk_gb))
+                .map_err(AppError::Invalid)?,
         })
     }
 
@@ -134,38 +146,68 @@ impl App {
         let kind = match &input.provider {
             None => self.config.default_kind,
             Some(p) => HostKind::parse(p).ok_or_else(|| {
-                AppError::Invalid(format!("provider must be one of docker, agent, ovh, sim; got {p:?}"))
+                AppError::Invalid(format!(
+                    "provider must be one of docker, agent, ovh, sim; got {p:?}"
+                ))
             })?,
         };
-        self.providers.get(kind).map_err(|e| AppError::Invalid(e.to_string()))?;
+        self.providers
+            .get(kind)
+            .map_err(|e| AppError::Invalid(e.to_string()))?;
         if let Some(r) = &input.region {
             hearth_core::host::check_label("region", r).map_err(AppError::Invalid)?;
         }
         if let Some(m) = &input.gpu_model {
             hearth_core::host::check_label("gpuModel", m).map_err(AppError::Invalid)?;
         }
-        let gpus = input.gpus.unwrap_or(if input.gpu_model.is_some() { 1 } else { 0 });
+        let gpus = input
+            .gpus
+            .unwrap_or(if input.gpu_model.is_some() { 1 } else { 0 });
         if !(0..=hearth_core::host::MAX_GPUS).contains(&gpus) {
-            return Err(AppError::Invalid(format!("gpus must be between 0 and {}, got {gpus}", hearth_core::host::MAX_GPUS)));
+            return Err(AppError::Invalid(format!(
+                "gpus must be between 0 and {}, got {gpus}",
+                hearth_core::host::MAX_GPUS
+            )));
         }
         if gpus == 0 && input.gpu_model.is_some() {
-            return Err(AppError::Invalid("gpuModel needs gpus of at least 1".into()));
+            return Err(AppError::Invalid(
+                "gpuModel needs gpus of at least 1".into(),
+            ));
         }
-        Ok(Placement { kind, resources, gpus, gpu_model: input.gpu_model.clone(), region: input.region.clone() })
+        Ok(Placement {
+            kind,
+            resources,
+            gpus,
+            gpu_model: input.gpu_model.clone(),
+            region: input.region.clone(),
+        })
     }
 
     /// Creates an environment under quota, placed on a host and queued for provisioning.
-    pub async fn create_environment(&self, user: &User, input: CreateInput) -> AppResult<Environment> {
+    pub async fn create_environment(
+        &self,
+        user: &User,
+        input: CreateInput,
+    ) -> AppResult<Environment> {
         validate::name(&input.name).map_err(AppError::Invalid)?;
         let resources = self.resources(user, &input.size)?;
         let placement = self.placement(resources, &input)?;
         validate::env_vars(&input.environment_vars).map_err(AppError::Invalid)?;
         if input.repository_url.is_some() {
-            return Err(AppError::Invalid("repositoryUrl is not supported yet; clone it with exec once the environment runs".into()));
+            return Err(AppError::Invalid(
+                "repositoryUrl is not supported yet; clone it with exec once the environment runs"
+                    .into(),
+            ));
         }
-        let image = input.base_image.clone().unwrap_or_else(|| self.config.image.clone());
+        let image = input
+            .base_image
+            .clone()
+            .unwrap_or_else(|| self.config.image.clone());
         if image != self.config.image {
-            return Err(AppError::Invalid(format!("baseImage must be {:?} (the images this server offers)", self.config.image)));
+            return Err(AppError::Invalid(format!(
+                "baseImage must be {:?} (the images this server offers)",
+                self.config.image
+            )));
         }
         if let Some(script) = &input.init_script {
             validate::command(script).map_err(|e| AppError::Invalid(format!("initScript: {e}")))?;
@@ -175,9 +217,13 @@ impl App {
             None => None,
         };
         let quota = self.store.quota(user).await?;
-        let hours = input.duration_hours.unwrap_or(quota.max_duration_hours.min(24));
+        let hours = input
+            .duration_hours
+            .unwrap_or(quota.max_duration_hours.min(24));
         if !(1..=MAX_DURATION_HOURS).contains(&hours) {
-            return Err(AppError::Invalid(format!("durationHours must be between 1 and {MAX_DURATION_HOURS}, got {hours}")));
+            return Err(AppError::Invalid(format!(
+                "durationHours must be between 1 and {MAX_DURATION_HOURS}, got {hours}"
+            )));
         }
         if hours > quota.max_duration_hours {
             return Err(AppError::Quota(hearth_core::QuotaExceeded {
@@ -208,13 +254,20 @@ impl App {
         };
         let job = self.new_job(JobKind::Provision, "", &user.id);
         let env = self.store.create_environment(user, new, job).await?;
-        let _ = self.store.append_log(&env.id, "info", "provisioning requested; queued").await;
+        let _ = self
+            .store
+            .append_log(&env.id, "info", "provisioning requested; queued")
+            .await;
         self.wake(JobKind::Provision.queue());
         Ok(env)
     }
 
     /// Creates the caller's personal VM (queued for provisioning) or returns the live one.
-    pub async fn provision_personal(&self, user: &User, size: SizeRequest) -> AppResult<(bool, Environment)> {
+    pub async fn provision_personal(
+        &self,
+        user: &User,
+        size: SizeRequest,
+    ) -> AppResult<(bool, Environment)> {
         let resources = self.resources(user, &size)?;
         if let Some(existing) = self.store.personal_environment(&user.id).await? {
             return Ok((false, existing));
@@ -235,10 +288,16 @@ impl App {
             repository_url: None,
         };
         let job = self.new_job(JobKind::Provision, "", &user.id);
-        let outcome = self.store.create_personal_environment(user, new, job).await?;
+        let outcome = self
+            .store
+            .create_personal_environment(user, new, job)
+            .await?;
         Ok(match outcome {
             PersonalOutcome::Created(env) => {
-                let _ = self.store.append_log(&env.id, "info", "provisioning requested; queued").await;
+                let _ = self
+                    .store
+                    .append_log(&env.id, "info", "provisioning requested; queued")
+                    .await;
                 self.wake(JobKind::Provision.queue());
                 (true, env)
             }
@@ -248,28 +307,47 @@ impl App {
 
     /// The caller's environment by id or slug; someone else's is "not found".
     pub async fn owned_environment(&self, user: &User, id_or_slug: &str) -> AppResult<Environment> {
-        self.store.environment_for_user(&user.id, id_or_slug).await.map_err(AppError::not_found("environment"))
+        self.store
+            .environment_for_user(&user.id, id_or_slug)
+            .await
+            .map_err(AppError::not_found("environment"))
     }
 
     /// One of the caller's executions in one of their environments, with its output.
-    pub async fn execution(&self, user: &User, id_or_slug: &str, execution_id: &str) -> AppResult<Execution> {
+    pub async fn execution(
+        &self,
+        user: &User,
+        id_or_slug: &str,
+        execution_id: &str,
+    ) -> AppResult<Execution> {
         let env = self.owned_environment(user, id_or_slug).await?;
-        self.store.execution(&env.id, execution_id).await.map_err(AppError::not_found("execution"))
+        self.store
+            .execution(&env.id, execution_id)
+            .await
+            .map_err(AppError::not_found("execution"))
     }
 
     /// Records an explicit keep-alive (activity for auto-stop) on a running environment.
     pub async fn keep_alive(&self, user: &User, id_or_slug: &str) -> AppResult<Environment> {
         let env = self.owned_environment(user, id_or_slug).await?;
         if env.state != EnvState::Running {
-            return Err(AppError::InvalidState(format!("the environment is {}; only a running one can be kept alive", env.state)));
+            return Err(AppError::InvalidState(format!(
+                "the environment is {}; only a running one can be kept alive",
+                env.state
+            )));
         }
-        self.store.touch_activity(&env.id, self.now(), "keepalive").await?;
+        self.store
+            .touch_activity(&env.id, self.now(), "keepalive")
+            .await?;
         self.owned_environment(user, id_or_slug).await
     }
 
     /// The caller's personal VM.
     pub async fn personal_vm(&self, user: &User) -> AppResult<Environment> {
-        self.store.personal_environment(&user.id).await?.ok_or(AppError::NotFound("personal VM"))
+        self.store
+            .personal_environment(&user.id)
+            .await?
+            .ok_or(AppError::NotFound("personal VM"))
     }
 
     /// Queues start, stop or destroy. The job decides at run time what is left to do,
@@ -277,7 +355,9 @@ impl App {
     pub async fn request(&self, actor: &str, env: &Environment, kind: JobKind) -> AppResult<()> {
         match (kind, env.state) {
             (_, EnvState::Destroyed) => {
-                return Err(AppError::InvalidState("the VM is destroyed; provision a new one".into()));
+                return Err(AppError::InvalidState(
+                    "the VM is destroyed; provision a new one".into(),
+                ));
             }
             (JobKind::Start | JobKind::Stop, EnvState::Destroying) => {
                 return Err(AppError::InvalidState("the VM is being destroyed".into()));
@@ -289,10 +369,14 @@ impl App {
             let owner = self.store.user(&env.user_id).await?;
             let quota = self.store.quota(&owner).await?;
             let usage = self.store.usage(&owner.id).await?;
-            quota.admit_existing(&usage, &env.resources()).map_err(AppError::Quota)?;
+            quota
+                .admit_existing(&usage, &env.resources())
+                .map_err(AppError::Quota)?;
         }
         let job = self.new_job(kind, &env.id, actor);
-        self.store.enqueue_control(&job, &format!("{}_requested", kind.as_str())).await?;
+        self.store
+            .enqueue_control(&job, &format!("{}_requested", kind.as_str()))
+            .await?;
         self.wake(kind.queue());
         Ok(())
     }
@@ -301,7 +385,12 @@ impl App {
     /// writes, other nodes' through Redis, and the shared head probe otherwise).
     /// `InvalidState` when it settled in `error` or `destroyed` instead; `Timeout` when
     /// `timeout` passed.
-    pub async fn wait_for_state(&self, env: Environment, want: EnvState, timeout: Duration) -> AppResult<Environment> {
+    pub async fn wait_for_state(
+        &self,
+        env: Environment,
+        want: EnvState,
+        timeout: Duration,
+    ) -> AppResult<Environment> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut env = env;
         loop {
@@ -310,7 +399,9 @@ impl App {
             }
             // At rest for good, unless a job is about to move it on (a destroy of an
             // environment in `error`, say, that has not begun yet).
-            if matches!(env.state, EnvState::Error | EnvState::Destroyed) && !self.store.has_outstanding_job(&env.id).await? {
+            if matches!(env.state, EnvState::Error | EnvState::Destroyed)
+                && !self.store.has_outstanding_job(&env.id).await?
+            {
                 return Err(AppError::InvalidState(format!(
                     "the environment is {} ({}), it will not become {want} by itself",
                     env.state,
@@ -339,10 +430,14 @@ impl App {
 
     pub fn target(&self, env: &Environment) -> AppResult<Target> {
         let (Some(host), Some(port)) = (env.ssh_host.clone(), env.ssh_port) else {
-            return Err(AppError::InvalidState("the VM has no SSH address yet".into()));
+            return Err(AppError::InvalidState(
+                "the VM has no SSH address yet".into(),
+            ));
         };
         if env.provider == HostKind::Sim {
-            return Err(AppError::InvalidState("a simulated VM runs no commands; it exists for tests and load measurements".into()));
+            return Err(AppError::InvalidState(
+                "a simulated VM runs no commands; it exists for tests and load measurements".into(),
+            ));
         }
         let private_key_openssh = self
             .master_key
@@ -351,7 +446,8 @@ impl App {
         Ok(Target {
             environment_id: env.id.clone(),
             host,
-            port: u16::try_from(port).map_err(|_| AppError::Internal("stored SSH port out of range".into()))?,
+            port: u16::try_from(port)
+                .map_err(|_| AppError::Internal("stored SSH port out of range".into()))?,
             user: env.ssh_user.clone(),
             private_key_openssh,
         })
@@ -363,20 +459,33 @@ impl App {
         match env.state {
             EnvState::Running => Ok(()),
             EnvState::Stopped => {
-                if !self.store.has_pending_job(&env.id, JobKind::Start.as_str()).await? {
+                if !self
+                    .store
+                    .has_pending_job(&env.id, JobKind::Start.as_str())
+                    .await?
+                {
                     self.request(&user.id, env, JobKind::Start).await?;
                 }
-                Err(AppError::InvalidState("the VM is stopped; a start has been queued, try again in a few seconds".into()))
+                Err(AppError::InvalidState(
+                    "the VM is stopped; a start has been queued, try again in a few seconds".into(),
+                ))
             }
-            EnvState::Requested | EnvState::Provisioning => {
-                Err(AppError::InvalidState("the VM is still provisioning; try again when it is running".into()))
-            }
-            other => Err(AppError::InvalidState(format!("the VM is {other}; commands run only when it is running"))),
+            EnvState::Requested | EnvState::Provisioning => Err(AppError::InvalidState(
+                "the VM is still provisioning; try again when it is running".into(),
+            )),
+            other => Err(AppError::InvalidState(format!(
+                "the VM is {other}; commands run only when it is running"
+            ))),
         }
     }
 
     /// Checks the input and the VM, and builds the SSH request: shared by both exec forms.
-    async fn prepare_exec(&self, user: &User, env: &Environment, input: &ExecInput) -> AppResult<(Target, ExecRequest)> {
+    async fn prepare_exec(
+        &self,
+        user: &User,
+        env: &Environment,
+        input: &ExecInput,
+    ) -> AppResult<(Target, ExecRequest)> {
         let timeout = input.validate()?;
         self.ensure_running(user, env).await?;
         let request = ExecRequest {
@@ -391,7 +500,13 @@ impl App {
         Ok((self.target(env)?, request))
     }
 
-    fn new_execution(&self, env_id: &str, user_id: &str, input: &ExecInput, started_at: i64) -> Execution {
+    fn new_execution(
+        &self,
+        env_id: &str,
+        user_id: &str,
+        input: &ExecInput,
+        started_at: i64,
+    ) -> Execution {
         let finished_at = self.now();
         Execution {
             id: uuid::Uuid::now_v7().to_string(),
@@ -411,7 +526,12 @@ impl App {
     }
 
     /// Runs a command in a running VM and records it.
-    pub async fn exec(&self, user: &User, env: &Environment, input: ExecInput) -> AppResult<ExecResult> {
+    pub async fn exec(
+        &self,
+        user: &User,
+        env: &Environment,
+        input: ExecInput,
+    ) -> AppResult<ExecResult> {
         let (target, request) = self.prepare_exec(user, env, &input).await?;
         let started_at = self.now();
         let result = self.ssh.exec(&target, &request).await;
@@ -423,26 +543,43 @@ impl App {
                 execution.status = "failed".into();
                 execution.stderr = e.to_string();
                 self.store.insert_execution(&execution).await?;
-                return Err(AppError::Unavailable(format!("could not run the command: {e}")));
+                return Err(AppError::Unavailable(format!(
+                    "could not run the command: {e}"
+                )));
             }
         };
         let (stdout, out_cut) = cut(&out.stdout, EXEC_OUTPUT_LIMIT);
         let (stderr, err_cut) = cut(&out.stderr, EXEC_OUTPUT_LIMIT);
         let (stored_out, so) = cut(stdout.as_bytes(), STORED_OUTPUT_LIMIT);
         let (stored_err, se) = cut(stderr.as_bytes(), STORED_OUTPUT_LIMIT);
-        execution.status = if out.timed_out { "timeout" } else { "completed" }.into();
+        execution.status = if out.timed_out {
+            "timeout"
+        } else {
+            "completed"
+        }
+        .into();
         execution.exit_code = out.exit_code;
         execution.stdout = stored_out;
         execution.stderr = stored_err;
         execution.truncated = out.truncated || so || se;
         execution.duration_ms = Some(out.duration.as_millis() as i64);
         self.store.insert_execution(&execution).await?;
-        Ok(ExecResult { execution, stdout, stderr, truncated: out.truncated || out_cut || err_cut })
+        Ok(ExecResult {
+            execution,
+            stdout,
+            stderr,
+            truncated: out.truncated || out_cut || err_cut,
+        })
     }
 
     /// Starts a command and streams its output. The execution is recorded when it ends,
     /// or as `cancelled` when the listener goes away (which kills the remote process).
-    pub async fn exec_stream(&self, user: &User, env: &Environment, input: ExecInput) -> AppResult<tokio::sync::mpsc::Receiver<StreamEvent>> {
+    pub async fn exec_stream(
+        &self,
+        user: &User,
+        env: &Environment,
+        input: ExecInput,
+    ) -> AppResult<tokio::sync::mpsc::Receiver<StreamEvent>> {
         let (target, request) = self.prepare_exec(user, env, &input).await?;
         let started_at = self.now();
         let mut chunks = self
@@ -470,13 +607,23 @@ impl App {
                 let event = match chunk {
                     StreamChunk::Stdout(b) => {
                         stdout.push(&b);
-                        StreamEvent { kind: "stdout", data: serde_json::json!({ "data": String::from_utf8_lossy(&b) }) }
+                        StreamEvent {
+                            kind: "stdout",
+                            data: serde_json::json!({ "data": String::from_utf8_lossy(&b) }),
+                        }
                     }
                     StreamChunk::Stderr(b) => {
                         stderr.push(&b);
-                        StreamEvent { kind: "stderr", data: serde_json::json!({ "data": String::from_utf8_lossy(&b) }) }
+                        StreamEvent {
+                            kind: "stderr",
+                            data: serde_json::json!({ "data": String::from_utf8_lossy(&b) }),
+                        }
                     }
-                    StreamChunk::Exit { code, timed_out, duration } => {
+                    StreamChunk::Exit {
+                        code,
+                        timed_out,
+                        duration,
+                    } => {
                         ending = Some((code, timed_out, duration));
                         StreamEvent {
                             kind: "exit",

@@ -53,10 +53,19 @@ async fn master_key(config: &Config, store: &Store) -> Result<MasterKey> {
         path.display()
     );
     let (key, source, generated) = if let Some(text) = &config.master_key {
-        (MasterKey::parse(text).context("HEARTH_MASTER_KEY is invalid")?, "HEARTH_MASTER_KEY".to_string(), false)
+        (
+            MasterKey::parse(text).context("HEARTH_MASTER_KEY is invalid")?,
+            "HEARTH_MASTER_KEY".to_string(),
+            false,
+        )
     } else if path.exists() {
-        let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        (MasterKey::parse(&text).with_context(|| format!("{} is invalid", path.display()))?, path.display().to_string(), false)
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        (
+            MasterKey::parse(&text).with_context(|| format!("{} is invalid", path.display()))?,
+            path.display().to_string(),
+            false,
+        )
     } else if installation.key_check.is_none() {
         let key = MasterKey::generate();
         write_private(&path, &key.to_base64())?;
@@ -75,7 +84,10 @@ async fn master_key(config: &Config, store: &Store) -> Result<MasterKey> {
             if generated {
                 let _ = std::fs::remove_file(&path);
             }
-            bail!("the master key of this node (from {source}) is not the key of installation {}; {how_to_fix}", installation.id)
+            bail!(
+                "the master key of this node (from {source}) is not the key of installation {}; {how_to_fix}",
+                installation.id
+            )
         }
     }
 }
@@ -104,7 +116,9 @@ async fn ensure_admin(store: &Store, data_dir: &Path) -> Result<()> {
     if store.count_users().await? > 0 {
         return Ok(());
     }
-    let (user, token) = store.create_user("admin@localhost", Role::Admin, Tier::Unlimited).await?;
+    let (user, token) = store
+        .create_user("admin@localhost", Role::Admin, Tier::Unlimited)
+        .await?;
     let path = data_dir.join("admin.token");
     write_private(&path, &token)?;
     tracing::info!(user = %user.id, path = %path.display(), "created the first admin; its API token is in this file");
@@ -116,13 +130,22 @@ async fn ensure_admin(store: &Store, data_dir: &Path) -> Result<()> {
 /// memory: most dev VMs sit idle), unless `HEARTH_HOST_MAX_*` say otherwise. Later hosts
 /// are added with `hearth admin hosts add`.
 async fn first_host(store: &Store, config: &Config) -> Result<()> {
-    if !config.local_docker_host || config.default_kind != HostKind::Docker || store.count_hosts().await? > 0 {
+    if !config.local_docker_host
+        || config.default_kind != HostKind::Docker
+        || store.count_hosts().await? > 0
+    {
         return Ok(());
     }
-    let cores = std::thread::available_parallelism().map(|n| n.get() as i64).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as i64)
+        .unwrap_or(1);
     let mem_mb = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<i64>().ok()))
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<i64>().ok())
+        })
         .map(|kb| kb / 1024)
         .unwrap_or(4096);
     let endpoint = std::env::var("DOCKER_HOST")
@@ -169,12 +192,18 @@ async fn guard_local_engine(store: &Store, config: &Config) -> Result<()> {
     if !config.guest_firewall {
         return Ok(());
     }
-    let local = store.hosts().await?.into_iter().any(|h| h.kind == HostKind::Docker && h.endpoint.starts_with("unix://"));
+    let local = store
+        .hosts()
+        .await?
+        .into_iter()
+        .any(|h| h.kind == HostKind::Docker && h.endpoint.starts_with("unix://"));
     if !local {
         return Ok(());
     }
     match hearth_provider::docker::guard::guard_local_host() {
-        Ok(()) => tracing::info!("VMs on this machine cannot open connections to it (iptables chain HEARTH-GUESTS)"),
+        Ok(()) => tracing::info!(
+            "VMs on this machine cannot open connections to it (iptables chain HEARTH-GUESTS)"
+        ),
         Err(e) => tracing::warn!(
             error = %e,
             commands = %hearth_provider::docker::guard::guard_commands().join("; "),
@@ -186,7 +215,9 @@ async fn guard_local_engine(store: &Store, config: &Config) -> Result<()> {
 }
 
 pub fn machine_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
 }
 
 fn redact(url: &str) -> String {
@@ -220,11 +251,17 @@ pub async fn open_app_with_clock(config: Config, clock: Arc<dyn Clock>) -> Resul
     ensure_admin(&store, &config.data_dir).await?;
     first_host(&store, &config).await?;
     guard_local_engine(&store, &config).await?;
-    let sim = Arc::new(SimProvider::new(Arc::new(crate::sim_ledger::StoreLedger(store.clone()))));
+    let sim = Arc::new(SimProvider::new(Arc::new(crate::sim_ledger::StoreLedger(
+        store.clone(),
+    ))));
     let docker = Arc::new(DockerProvider::new(config.data_dir.join("hosts")));
-    let providers = Providers::default().with(docker).with(sim.clone()).with(Arc::new(hearth_provider::agent::AgentProvider::new()));
+    let providers = Providers::default()
+        .with(docker)
+        .with(sim.clone())
+        .with(Arc::new(hearth_provider::agent::AgentProvider::new()));
     let queue = Queue::new(store.clone(), config.queues.clone(), config.timing.clone());
-    let bus = crate::bus::Bus::new(crate::bus::url_from_env().as_deref()).map_err(|e| anyhow::anyhow!(e))?;
+    let bus = crate::bus::Bus::new(crate::bus::url_from_env().as_deref())
+        .map_err(|e| anyhow::anyhow!(e))?;
     if bus.enabled() {
         let status = bus.status().await;
         tracing::info!(redis = %status, "Redis configured as the bus");
@@ -249,18 +286,29 @@ pub async fn open_app_with_clock(config: Config, clock: Arc<dyn Clock>) -> Resul
 /// Starts this node's background work: the job workers (unless `HEARTH_WORKERS=0`), the
 /// reaper and reconciler, host health checks, and the Redis listener. Each ends when
 /// `shutdown` turns true; running jobs are let finish.
-pub fn spawn_background(app: &App, shutdown: tokio::sync::watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<()>> {
+pub fn spawn_background(
+    app: &App,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     if app.config.workers {
         let queue = app.queue.clone();
         let handler = Arc::new(crate::jobs::JobHandler { app: app.clone() });
         let stopped = shutdown.clone();
-        tasks.push(tokio::spawn(async move { queue.run(handler, stopped).await }));
+        tasks.push(tokio::spawn(
+            async move { queue.run(handler, stopped).await },
+        ));
     } else {
         tracing::info!("HEARTH_WORKERS=0: this node serves the API only");
     }
-    tasks.push(tokio::spawn(crate::reaper::run(app.clone(), shutdown.clone())));
-    tasks.push(tokio::spawn(crate::health::run(app.clone(), shutdown.clone())));
+    tasks.push(tokio::spawn(crate::reaper::run(
+        app.clone(),
+        shutdown.clone(),
+    )));
+    tasks.push(tokio::spawn(crate::health::run(
+        app.clone(),
+        shutdown.clone(),
+    )));
     tasks.push(tokio::spawn(app.bus.clone().listen(app.clone(), shutdown)));
     tasks
 }

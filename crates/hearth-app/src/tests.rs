@@ -32,10 +32,26 @@ async fn world(url: String) -> World {
         q.backoff = Duration::from_secs(1);
     }
     let clock = ManualClock::new();
-    let app = crate::start::open_app_with_clock(config, clock.clone()).await.unwrap();
-    let (admin, _) = app.store.create_user("ops@example.com", Role::Admin, Tier::Unlimited).await.unwrap();
-    let (user, _) = app.store.create_user("u@example.com", Role::User, Tier::Unlimited).await.unwrap();
-    World { app, clock, admin, user, _dir: dir }
+    let app = crate::start::open_app_with_clock(config, clock.clone())
+        .await
+        .unwrap();
+    let (admin, _) = app
+        .store
+        .create_user("ops@example.com", Role::Admin, Tier::Unlimited)
+        .await
+        .unwrap();
+    let (user, _) = app
+        .store
+        .create_user("u@example.com", Role::User, Tier::Unlimited)
+        .await
+        .unwrap();
+    World {
+        app,
+        clock,
+        admin,
+        user,
+        _dir: dir,
+    }
 }
 
 impl World {
@@ -58,10 +74,17 @@ impl World {
             name: format!("in {region}"),
             region: Some(region.into()),
             init_script: Some("echo ready".into()),
-            size: SizeRequest { vcpus: Some(1), memory_mb: Some(512), disk_gb: Some(1) },
+            size: SizeRequest {
+                vcpus: Some(1),
+                memory_mb: Some(512),
+                disk_gb: Some(1),
+            },
             ..Default::default()
         };
-        self.app.create_environment(&self.user, input).await.unwrap()
+        self.app
+            .create_environment(&self.user, input)
+            .await
+            .unwrap()
     }
 
     async fn env(&self, id: &str) -> Environment {
@@ -74,21 +97,36 @@ impl World {
     }
 
     async fn faults(&self, host: &Host, options: Value) {
-        self.app.update_host(&self.admin, &host.id, (None, None, None), Some(options)).await.unwrap();
+        self.app
+            .update_host(&self.admin, &host.id, (None, None, None), Some(options))
+            .await
+            .unwrap();
     }
 
     /// Runs every job until none is left, moving the clock past backoffs and waits.
     async fn settle(&self) {
-        let handler = JobHandler { app: self.app.clone() };
+        let handler = JobHandler {
+            app: self.app.clone(),
+        };
         for _ in 0..500 {
             if self.app.queue.run_ready(&handler).await == 0 {
-                if self.app.store.count("SELECT COUNT(*) AS n FROM jobs WHERE state IN ('queued', 'running')").await.unwrap() == 0 {
+                if self
+                    .app
+                    .store
+                    .count("SELECT COUNT(*) AS n FROM jobs WHERE state IN ('queued', 'running')")
+                    .await
+                    .unwrap()
+                    == 0
+                {
                     return;
                 }
                 self.clock.advance_ms(60_000);
             }
         }
-        panic!("jobs did not settle: {:?}", self.app.store.list_jobs(None).await.unwrap());
+        panic!(
+            "jobs did not settle: {:?}",
+            self.app.store.list_jobs(None).await.unwrap()
+        );
     }
 
     /// A node runs the ready jobs until one hangs at a simulated fault, and dies there
@@ -115,23 +153,46 @@ impl World {
     }
 
     async fn live_vms(&self, env_id: &str) -> Vec<hearth_store::SimVmRow> {
-        self.app.store.sim_vms_of(env_id).await.unwrap().into_iter().filter(|v| v.state != "destroyed").collect()
+        self.app
+            .store
+            .sim_vms_of(env_id)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|v| v.state != "destroyed")
+            .collect()
     }
 
     /// What no failure may break: counters equal the sums, nothing transitional without a
     /// job, at most one VM per environment and none for a destroyed one, a running VM only
     /// for an environment that holds its resources, usage equal to what is held.
     async fn check_invariants(&self, context: &str) {
-        assert!(self.app.store.resum_hosts().await.unwrap().is_empty(), "{context}: host counters drifted");
+        assert!(
+            self.app.store.resum_hosts().await.unwrap().is_empty(),
+            "{context}: host counters drifted"
+        );
         let mut held = (0, 0);
         for env in self.app.store.live_environments().await.unwrap() {
             if env.state.is_transitional() {
-                assert!(self.app.store.has_outstanding_job(&env.id).await.unwrap(), "{context}: {} left {}", env.id, env.state);
+                assert!(
+                    self.app.store.has_outstanding_job(&env.id).await.unwrap(),
+                    "{context}: {} left {}",
+                    env.id,
+                    env.state
+                );
             }
             let vms = self.live_vms(&env.id).await;
-            assert!(vms.len() <= 1, "{context}: {} VMs for one environment", vms.len());
+            assert!(
+                vms.len() <= 1,
+                "{context}: {} VMs for one environment",
+                vms.len()
+            );
             if vms.iter().any(|v| v.state == "running") {
-                assert!(env.reserved, "{context}: a VM runs for an environment in {} that holds nothing", env.state);
+                assert!(
+                    env.reserved,
+                    "{context}: a VM runs for an environment in {} that holds nothing",
+                    env.state
+                );
             }
             if env.reserved {
                 held.0 += 1;
@@ -139,7 +200,11 @@ impl World {
             }
         }
         let usage = self.app.store.usage(&self.user.id).await.unwrap();
-        assert_eq!((usage.concurrent_environments, usage.vcpus), held, "{context}: usage");
+        assert_eq!(
+            (usage.concurrent_environments, usage.vcpus),
+            held,
+            "{context}: usage"
+        );
     }
 }
 
@@ -155,7 +220,9 @@ fn expected_after_failure(plan: Plan, point: &str) -> EnvState {
         (Plan::Stop | Plan::Destroy, "begin", false) => EnvState::Running,
         // The VM had stopped or gone: the job's state after all.
         (Plan::Stop, "stop_vm", true) | (Plan::Stop, "finish", false) => EnvState::Stopped,
-        (Plan::Destroy, "destroy_vm", true) | (Plan::Destroy, "finish", false) => EnvState::Destroyed,
+        (Plan::Destroy, "destroy_vm", true) | (Plan::Destroy, "finish", false) => {
+            EnvState::Destroyed
+        }
         // A stop that did not happen leaves it running.
         (Plan::Stop, _, _) => EnvState::Running,
         _ => EnvState::Error,
@@ -193,7 +260,16 @@ async fn a_failure_at_every_step_leaves_nothing_behind() {
         for (i, (plan, point)) in Plan::all_fault_points().into_iter().enumerate() {
             let region = format!("r{i}");
             let fault = json!({ "faults": { point.clone(): "fail" } });
-            let host = w.host(&region, if plan == Plan::Provision { fault.clone() } else { json!({}) }).await;
+            let host = w
+                .host(
+                    &region,
+                    if plan == Plan::Provision {
+                        fault.clone()
+                    } else {
+                        json!({})
+                    },
+                )
+                .await;
             let env = prepared(&w, &region, plan).await;
             if plan != Plan::Provision {
                 w.faults(&host, fault).await;
@@ -208,15 +284,23 @@ async fn a_failure_at_every_step_leaves_nothing_behind() {
                 EnvState::Error | EnvState::Running => {
                     if want == EnvState::Error || now.state_message.is_some() {
                         let msg = now.state_message.clone().unwrap_or_default();
-                        assert!(msg.contains(&format!("simulated failure at {point}")), "{point}: the reason is missing: {msg:?}");
+                        assert!(
+                            msg.contains(&format!("simulated failure at {point}")),
+                            "{point}: the reason is missing: {msg:?}"
+                        );
                     }
                 }
                 _ => {}
             }
             match (plan, want) {
                 // Provisioning undone: no VM at all, nothing held.
-                (Plan::Provision, EnvState::Error) => assert!(vms.is_empty(), "{point}: a VM was left behind"),
-                (_, EnvState::Destroyed) => assert!(vms.is_empty(), "{point}: a destroyed environment kept its VM"),
+                (Plan::Provision, EnvState::Error) => {
+                    assert!(vms.is_empty(), "{point}: a VM was left behind")
+                }
+                (_, EnvState::Destroyed) => assert!(
+                    vms.is_empty(),
+                    "{point}: a destroyed environment kept its VM"
+                ),
                 (_, EnvState::Running) => assert_eq!(vms[0].state, "running", "{point}"),
                 (_, EnvState::Stopped) => assert_eq!(vms[0].state, "stopped", "{point}"),
                 _ => {}
@@ -225,19 +309,30 @@ async fn a_failure_at_every_step_leaves_nothing_behind() {
             // reconciler: only what holds quota may run.
             w.reconcile().await;
             w.check_invariants(&point).await;
-            assert!(!now.reserved || matches!(now.state, EnvState::Running), "{point}: {:?} holds resources", now.state);
+            assert!(
+                !now.reserved || matches!(now.state, EnvState::Running),
+                "{point}: {:?} holds resources",
+                now.state
+            );
             // Whatever happened, the environment can still be destroyed, for good.
             w.faults(&host, json!({})).await;
             if want != EnvState::Destroyed {
                 w.request(&env.id, JobKind::Destroy).await;
                 w.settle().await;
             }
-            assert_eq!(w.env(&env.id).await.state, EnvState::Destroyed, "{point}: destroy after the failure");
+            assert_eq!(
+                w.env(&env.id).await.state,
+                EnvState::Destroyed,
+                "{point}: destroy after the failure"
+            );
             assert!(w.live_vms(&env.id).await.is_empty());
             w.check_invariants(&point).await;
         }
         let dead = w.app.store.list_jobs(Some(JobState::Dead)).await.unwrap();
-        assert!(!dead.is_empty(), "failing jobs end dead, for an admin to see");
+        assert!(
+            !dead.is_empty(),
+            "failing jobs end dead, for an admin to see"
+        );
     })
     .await;
 }
@@ -250,7 +345,16 @@ async fn a_crash_at_every_step_finishes_with_one_vm_and_one_init_run() {
         for (i, (plan, point)) in Plan::all_fault_points().into_iter().enumerate() {
             let region = format!("c{i}");
             let hang = json!({ "faults": { point.clone(): "hang" } });
-            let host = w.host(&region, if plan == Plan::Provision { hang.clone() } else { json!({}) }).await;
+            let host = w
+                .host(
+                    &region,
+                    if plan == Plan::Provision {
+                        hang.clone()
+                    } else {
+                        json!({})
+                    },
+                )
+                .await;
             let env = prepared(&w, &region, plan).await;
             if plan != Plan::Provision {
                 w.faults(&host, hang).await;
@@ -265,10 +369,18 @@ async fn a_crash_at_every_step_finishes_with_one_vm_and_one_init_run() {
             let all = w.app.store.sim_vms_of(&env.id).await.unwrap();
             assert_eq!(all.len(), 1, "{point}: exactly one VM was ever made");
             assert_eq!(all[0].init_runs, 1, "{point}: the init script ran once");
-            assert_eq!(w.live_vms(&env.id).await.len(), usize::from(plan != Plan::Destroy), "{point}");
+            assert_eq!(
+                w.live_vms(&env.id).await.len(),
+                usize::from(plan != Plan::Destroy),
+                "{point}"
+            );
             let jobs = w.app.store.jobs_for_environment(&env.id).await.unwrap();
             let last = jobs.last().unwrap();
-            assert_eq!((last.state, last.crashes), (JobState::Succeeded, 1), "{point}");
+            assert_eq!(
+                (last.state, last.crashes),
+                (JobState::Succeeded, 1),
+                "{point}"
+            );
             w.check_invariants(&point).await;
             if plan != Plan::Destroy {
                 w.request(&env.id, JobKind::Destroy).await;
@@ -283,7 +395,9 @@ async fn a_crash_at_every_step_finishes_with_one_vm_and_one_init_run() {
 async fn a_job_whose_workers_keep_dying_winds_down_and_settles() {
     each_backend_url(|url| async move {
         let w = world(url).await;
-        let host = w.host("k", json!({ "faults": { "provision.wait_ssh": "hang" } })).await;
+        let host = w
+            .host("k", json!({ "faults": { "provision.wait_ssh": "hang" } }))
+            .await;
         let env = w.create("k").await;
         let handler = Arc::new(JobHandler { app: w.app.clone() });
         for _ in 0..=hearth_store::MAX_CRASHES {
@@ -293,7 +407,10 @@ async fn a_job_whose_workers_keep_dying_winds_down_and_settles() {
         w.settle().await;
         let now = w.env(&env.id).await;
         assert_eq!(now.state, EnvState::Error);
-        assert!(now.state_message.unwrap().contains("died"), "the reason names the crashes");
+        assert!(
+            now.state_message.unwrap().contains("died"),
+            "the reason names the crashes"
+        );
         assert!(w.live_vms(&env.id).await.is_empty());
         w.check_invariants("crashes").await;
         let _ = host;
@@ -305,7 +422,12 @@ async fn a_job_whose_workers_keep_dying_winds_down_and_settles() {
 async fn an_undo_that_cannot_finish_waits_and_keeps_what_its_vm_uses() {
     each_backend_url(|url| async move {
         let w = world(url).await;
-        let host = w.host("u", json!({ "faults": { "provision.init_script": "fail" } })).await;
+        let host = w
+            .host(
+                "u",
+                json!({ "faults": { "provision.init_script": "fail" } }),
+            )
+            .await;
         let env = w.create("u").await;
         // The last attempt fails, and the host is unreachable for the undo.
         let handler = JobHandler { app: w.app.clone() };
@@ -313,29 +435,58 @@ async fn an_undo_that_cannot_finish_waits_and_keeps_what_its_vm_uses() {
             w.app.queue.run_ready(&handler).await;
             w.clock.advance_ms(60_000);
         }
-        w.faults(&host, json!({ "down": true, "faults": { "provision.init_script": "fail" } })).await;
+        w.faults(
+            &host,
+            json!({ "down": true, "faults": { "provision.init_script": "fail" } }),
+        )
+        .await;
         w.app.queue.run_ready(&handler).await;
         let now = w.env(&env.id).await;
         assert_eq!(now.state, EnvState::Error, "the failure is told at once");
-        assert!(now.state_message.as_deref().unwrap().contains("cleaned up once its host answers"), "{:?}", now.state_message);
+        assert!(
+            now.state_message
+                .as_deref()
+                .unwrap()
+                .contains("cleaned up once its host answers"),
+            "{:?}",
+            now.state_message
+        );
         assert!(now.reserved, "what the VM may still use stays counted");
-        assert_eq!(w.app.store.usage(&w.user.id).await.unwrap().concurrent_environments, 1);
+        assert_eq!(
+            w.app
+                .store
+                .usage(&w.user.id)
+                .await
+                .unwrap()
+                .concurrent_environments,
+            1
+        );
         let job = &w.app.store.jobs_for_environment(&env.id).await.unwrap()[0];
         assert_eq!(job.state, JobState::Queued);
-        assert!(job.last_error.as_deref().unwrap().contains("undoing"), "{:?}", job.last_error);
+        assert!(
+            job.last_error.as_deref().unwrap().contains("undoing"),
+            "{:?}",
+            job.last_error
+        );
         // Many retries later the host is back: the undo finishes, then the environment fails.
         for _ in 0..10 {
             w.clock.advance_ms(60_000);
             w.app.queue.run_ready(&handler).await;
         }
-        assert!(w.env(&env.id).await.reserved, "still waiting, attempts unspent");
+        assert!(
+            w.env(&env.id).await.reserved,
+            "still waiting, attempts unspent"
+        );
         assert_eq!(w.live_vms(&env.id).await.len(), 1);
         w.faults(&host, json!({})).await;
         w.settle().await;
         let now = w.env(&env.id).await;
         assert_eq!(now.state, EnvState::Error);
         assert!(now.state_message.unwrap().contains("provision.init_script"));
-        assert!(!now.reserved && now.vm_id.is_none(), "released once the VM is gone");
+        assert!(
+            !now.reserved && now.vm_id.is_none(),
+            "released once the VM is gone"
+        );
         assert!(w.live_vms(&env.id).await.is_empty());
         w.check_invariants("undo").await;
     })
@@ -347,7 +498,12 @@ async fn the_reconciler_acts_on_facts_and_leaves_unhealthy_hosts_alone() {
     each_backend_url(|url| async move {
         let w = world(url).await;
         let host = w.host("rc", json!({})).await;
-        let (a, b, c, d) = (w.create("rc").await, w.create("rc").await, w.create("rc").await, w.create("rc").await);
+        let (a, b, c, d) = (
+            w.create("rc").await,
+            w.create("rc").await,
+            w.create("rc").await,
+            w.create("rc").await,
+        );
         let e = w.create("rc").await;
         w.settle().await;
         w.request(&e.id, JobKind::Stop).await;
@@ -355,33 +511,94 @@ async fn the_reconciler_acts_on_facts_and_leaves_unhealthy_hosts_alone() {
         let w = &w;
         let vm = |id: String| async move { w.live_vms(&id).await.remove(0) };
         // a's VM vanishes, b's stops, behind Hearth's back; c fails and its VM keeps running.
-        w.app.store.sim_set_state(&vm(a.id.clone()).await.vm_id, "destroyed").await.unwrap();
-        w.app.store.sim_set_state(&vm(b.id.clone()).await.vm_id, "stopped").await.unwrap();
+        w.app
+            .store
+            .sim_set_state(&vm(a.id.clone()).await.vm_id, "destroyed")
+            .await
+            .unwrap();
+        w.app
+            .store
+            .sim_set_state(&vm(b.id.clone()).await.vm_id, "stopped")
+            .await
+            .unwrap();
         let cenv = w.env(&c.id).await;
-        let failed = cenv.moved_to(EnvState::Error, Some("test".into()), w.app.now()).unwrap();
-        w.app.store.save_transition(&cenv, failed, "test").await.unwrap();
+        let failed = cenv
+            .moved_to(EnvState::Error, Some("test".into()), w.app.now())
+            .unwrap();
+        w.app
+            .store
+            .save_transition(&cenv, failed, "test")
+            .await
+            .unwrap();
         // e is stopped, and its VM is removed behind Hearth's back.
         let e_vm = w.app.store.sim_vms_of(&e.id).await.unwrap().pop().unwrap();
-        w.app.store.sim_set_state(&e_vm.vm_id, "destroyed").await.unwrap();
+        w.app
+            .store
+            .sim_set_state(&e_vm.vm_id, "destroyed")
+            .await
+            .unwrap();
         // d is destroyed in the database while its VM stays: an orphan.
         let denv = w.env(&d.id).await;
-        let going = w.app.store.save_transition(&denv, denv.moved_to(EnvState::Destroying, None, w.app.now()).unwrap(), "t").await.unwrap();
-        w.app.store.save_transition(&going, going.moved_to(EnvState::Destroyed, None, w.app.now()).unwrap(), "t").await.unwrap();
+        let going = w
+            .app
+            .store
+            .save_transition(
+                &denv,
+                denv.moved_to(EnvState::Destroying, None, w.app.now())
+                    .unwrap(),
+                "t",
+            )
+            .await
+            .unwrap();
+        w.app
+            .store
+            .save_transition(
+                &going,
+                going
+                    .moved_to(EnvState::Destroyed, None, w.app.now())
+                    .unwrap(),
+                "t",
+            )
+            .await
+            .unwrap();
 
         // While the host cannot be asked, nothing is judged.
         w.faults(&host, json!({ "down": true })).await;
         w.clock.advance_ms(16_000);
         crate::health::check_hosts(&w.app).await.unwrap();
-        assert_eq!(w.app.store.host(&host.id).await.unwrap().health, HostHealth::Unhealthy);
+        assert_eq!(
+            w.app.store.host(&host.id).await.unwrap().health,
+            HostHealth::Unhealthy
+        );
         w.reconcile().await;
-        assert_eq!(w.env(&a.id).await.state, EnvState::Running, "not declared vanished while its host is unreachable");
+        assert_eq!(
+            w.env(&a.id).await.state,
+            EnvState::Running,
+            "not declared vanished while its host is unreachable"
+        );
         // A new environment cannot go there now.
-        let err = w.app.create_environment(&w.user, CreateInput { name: "x".into(), region: Some("rc".into()), ..Default::default() }).await;
-        assert!(matches!(err, Err(crate::AppError::NoCapacity(ref m)) if m.contains("1 not answering")), "{err:?}");
+        let err = w
+            .app
+            .create_environment(
+                &w.user,
+                CreateInput {
+                    name: "x".into(),
+                    region: Some("rc".into()),
+                    ..Default::default()
+                },
+            )
+            .await;
+        assert!(
+            matches!(err, Err(crate::AppError::NoCapacity(ref m)) if m.contains("1 not answering")),
+            "{err:?}"
+        );
 
         w.faults(&host, json!({})).await;
         crate::health::check_hosts(&w.app).await.unwrap();
-        assert_eq!(w.app.store.host(&host.id).await.unwrap().health, HostHealth::Healthy);
+        assert_eq!(
+            w.app.store.host(&host.id).await.unwrap().health,
+            HostHealth::Healthy
+        );
         w.reconcile().await;
         let a_now = w.env(&a.id).await;
         assert_eq!(a_now.state, EnvState::Error);
@@ -389,21 +606,49 @@ async fn the_reconciler_acts_on_facts_and_leaves_unhealthy_hosts_alone() {
         assert_eq!(a_now.vm_id, None, "forgotten, so a start provisions anew");
         assert_eq!(w.env(&b.id).await.state, EnvState::Stopped);
         let e_now = w.env(&e.id).await;
-        assert_eq!((e_now.state, e_now.vm_id.is_none()), (EnvState::Error, true), "a stopped environment's vanished VM is noticed");
-        assert_eq!(vm(c.id.clone()).await.state, "stopped", "a VM may run only while its environment holds resources");
+        assert_eq!(
+            (e_now.state, e_now.vm_id.is_none()),
+            (EnvState::Error, true),
+            "a stopped environment's vanished VM is noticed"
+        );
+        assert_eq!(
+            vm(c.id.clone()).await.state,
+            "stopped",
+            "a VM may run only while its environment holds resources"
+        );
         assert!(w.live_vms(&d.id).await.is_empty(), "the orphan is removed");
         let audit = w.app.store.audit_for_environment(&d.id).await.unwrap();
-        assert!(audit.iter().any(|e| e.action == "orphan_removed" && e.outcome == "success"));
+        assert!(
+            audit
+                .iter()
+                .any(|e| e.action == "orphan_removed" && e.outcome == "success")
+        );
         w.check_invariants("reconciler").await;
         // A second pass finds nothing more to do.
-        let before = w.app.store.count("SELECT COUNT(*) AS n FROM audit_log").await.unwrap();
+        let before = w
+            .app
+            .store
+            .count("SELECT COUNT(*) AS n FROM audit_log")
+            .await
+            .unwrap();
         w.reconcile().await;
-        assert_eq!(w.app.store.count("SELECT COUNT(*) AS n FROM audit_log").await.unwrap(), before);
+        assert_eq!(
+            w.app
+                .store
+                .count("SELECT COUNT(*) AS n FROM audit_log")
+                .await
+                .unwrap(),
+            before
+        );
         // Start re-provisions the one whose VM vanished.
         w.request(&a.id, JobKind::Start).await;
         w.settle().await;
         assert_eq!(w.env(&a.id).await.state, EnvState::Running);
-        assert_eq!(w.app.store.sim_vms_of(&a.id).await.unwrap().len(), 2, "a new VM was made");
+        assert_eq!(
+            w.app.store.sim_vms_of(&a.id).await.unwrap().len(),
+            2,
+            "a new VM was made"
+        );
     })
     .await;
 }
@@ -416,10 +661,22 @@ async fn two_installations_on_one_host_never_see_each_others_vms() {
         let env = w.create("shared").await;
         w.settle().await;
         // Another installation's VM on the same simulated host.
-        w.app.store.sim_ensure(&host.id, "hearth-someone-else", "other-installation", "their-env").await.unwrap();
+        w.app
+            .store
+            .sim_ensure(
+                &host.id,
+                "hearth-someone-else",
+                "other-installation",
+                "their-env",
+            )
+            .await
+            .unwrap();
         w.reconcile().await;
         let theirs = w.app.store.sim_vms_of("their-env").await.unwrap();
-        assert_eq!(theirs[0].state, "running", "another installation's VM is never touched");
+        assert_eq!(
+            theirs[0].state, "running",
+            "another installation's VM is never touched"
+        );
         assert_eq!(w.env(&env.id).await.state, EnvState::Running);
     })
     .await;
@@ -445,23 +702,62 @@ async fn regions_and_gpus_are_asked_for_and_refused_clearly() {
             name: "g".into(),
             region: region.map(str::to_string),
             gpus,
-            size: SizeRequest { vcpus: Some(1), memory_mb: Some(512), disk_gb: Some(1) },
+            size: SizeRequest {
+                vcpus: Some(1),
+                memory_mb: Some(512),
+                disk_gb: Some(1),
+            },
             ..Default::default()
         };
-        let e = w.app.create_environment(&w.user, ask(None, Some(1))).await.unwrap();
-        assert_eq!((e.host_id.as_deref(), e.region.as_deref()), (Some(gpu.id.as_str()), Some("sbg")));
-        let e = w.app.create_environment(&w.user, ask(Some("gra"), None)).await.unwrap();
+        let e = w
+            .app
+            .create_environment(&w.user, ask(None, Some(1)))
+            .await
+            .unwrap();
+        assert_eq!(
+            (e.host_id.as_deref(), e.region.as_deref()),
+            (Some(gpu.id.as_str()), Some("sbg"))
+        );
+        let e = w
+            .app
+            .create_environment(&w.user, ask(Some("gra"), None))
+            .await
+            .unwrap();
         assert_eq!(e.region.as_deref(), Some("gra"));
-        assert!(matches!(w.app.create_environment(&w.user, ask(None, Some(1))).await, Err(crate::AppError::NoCapacity(_))));
+        assert!(matches!(
+            w.app.create_environment(&w.user, ask(None, Some(1))).await,
+            Err(crate::AppError::NoCapacity(_))
+        ));
         for (region, gpus) in [(Some("tyo"), None), (Some("gra"), Some(1)), (None, Some(2))] {
-            let err = w.app.create_environment(&w.user, ask(region, gpus)).await.unwrap_err();
-            assert!(matches!(err, crate::AppError::Invalid(_)), "{region:?} {gpus:?}: {err:?}");
+            let err = w
+                .app
+                .create_environment(&w.user, ask(region, gpus))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, crate::AppError::Invalid(_)),
+                "{region:?} {gpus:?}: {err:?}"
+            );
         }
-        for bad in [ask(Some("gra; rm"), None), ask(None, Some(-1)), ask(None, Some(99))] {
-            assert!(matches!(w.app.create_environment(&w.user, bad).await, Err(crate::AppError::Invalid(_))));
+        for bad in [
+            ask(Some("gra; rm"), None),
+            ask(None, Some(-1)),
+            ask(None, Some(99)),
+        ] {
+            assert!(matches!(
+                w.app.create_environment(&w.user, bad).await,
+                Err(crate::AppError::Invalid(_))
+            ));
         }
-        let unsupported = CreateInput { provider: Some("ovh".into()), ..ask(None, None) };
-        let err = w.app.create_environment(&w.user, unsupported).await.unwrap_err();
+        let unsupported = CreateInput {
+            provider: Some("ovh".into()),
+            ..ask(None, None)
+        };
+        let err = w
+            .app
+            .create_environment(&w.user, unsupported)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("not supported"), "{err}");
     })
     .await;
@@ -482,19 +778,72 @@ async fn hosts_are_checked_before_they_are_added() {
         let err = w.app.add_host(&w.admin, down).await.unwrap_err();
         assert!(err.to_string().contains("nothing was added"), "{err}");
         let bad = [
-            HostInput { name: "a b".into(), kind: "sim".into(), max_vcpus: 1, max_memory_mb: 1, ..Default::default() },
-            HostInput { name: "x".into(), kind: "vmware".into(), max_vcpus: 1, max_memory_mb: 1, ..Default::default() },
-            HostInput { name: "x".into(), kind: "sim".into(), max_vcpus: 0, max_memory_mb: 1, ..Default::default() },
-            HostInput { name: "x".into(), kind: "docker".into(), endpoint: Some("tcp://10.0.0.1:2375".into()), max_vcpus: 1, max_memory_mb: 1, ..Default::default() },
-            HostInput { name: "x".into(), kind: "docker".into(), endpoint: Some("http://x".into()), max_vcpus: 1, max_memory_mb: 1, ..Default::default() },
-            HostInput { name: "x".into(), kind: "sim".into(), options: Some(json!({"faults": {"x": "explode"}})), max_vcpus: 1, max_memory_mb: 1, ..Default::default() },
-            HostInput { name: "x".into(), kind: "agent".into(), endpoint: Some("https://x".into()), max_vcpus: 1, max_memory_mb: 1, ..Default::default() },
+            HostInput {
+                name: "a b".into(),
+                kind: "sim".into(),
+                max_vcpus: 1,
+                max_memory_mb: 1,
+                ..Default::default()
+            },
+            HostInput {
+                name: "x".into(),
+                kind: "vmware".into(),
+                max_vcpus: 1,
+                max_memory_mb: 1,
+                ..Default::default()
+            },
+            HostInput {
+                name: "x".into(),
+                kind: "sim".into(),
+                max_vcpus: 0,
+                max_memory_mb: 1,
+                ..Default::default()
+            },
+            HostInput {
+                name: "x".into(),
+                kind: "docker".into(),
+                endpoint: Some("tcp://10.0.0.1:2375".into()),
+                max_vcpus: 1,
+                max_memory_mb: 1,
+                ..Default::default()
+            },
+            HostInput {
+                name: "x".into(),
+                kind: "docker".into(),
+                endpoint: Some("http://x".into()),
+                max_vcpus: 1,
+                max_memory_mb: 1,
+                ..Default::default()
+            },
+            HostInput {
+                name: "x".into(),
+                kind: "sim".into(),
+                options: Some(json!({"faults": {"x": "explode"}})),
+                max_vcpus: 1,
+                max_memory_mb: 1,
+                ..Default::default()
+            },
+            HostInput {
+                name: "x".into(),
+                kind: "agent".into(),
+                endpoint: Some("https://x".into()),
+                max_vcpus: 1,
+                max_memory_mb: 1,
+                ..Default::default()
+            },
         ];
         for input in bad {
             let err = w.app.add_host(&w.admin, input.clone()).await.unwrap_err();
-            assert!(matches!(err, crate::AppError::Invalid(_)), "{input:?}: {err:?}");
+            assert!(
+                matches!(err, crate::AppError::Invalid(_)),
+                "{input:?}: {err:?}"
+            );
         }
-        assert_eq!(w.app.store.count_hosts().await.unwrap(), 0, "nothing was written");
+        assert_eq!(
+            w.app.store.count_hosts().await.unwrap(),
+            0,
+            "nothing was written"
+        );
     })
     .await;
 }
@@ -505,7 +854,10 @@ async fn destroy_needs_no_quota_and_no_room() {
         let w = world(url).await;
         let host = w.host("full", json!({})).await;
         let id = w.app.store.user(&w.user.id).await.unwrap().id;
-        let one = hearth_store::QuotaOverrides { max_concurrent_environments: Some(1), ..Default::default() };
+        let one = hearth_store::QuotaOverrides {
+            max_concurrent_environments: Some(1),
+            ..Default::default()
+        };
         w.app.store.set_quota_overrides(&id, &one).await.unwrap();
         let stopped = w.create("full").await;
         w.settle().await;
@@ -516,14 +868,20 @@ async fn destroy_needs_no_quota_and_no_room() {
         assert_eq!(w.env(&running.id).await.state, EnvState::Running);
         // At full quota, the stopped one cannot start, but it can be destroyed.
         let env = w.env(&stopped.id).await;
-        assert!(matches!(w.app.request(&w.user.id, &env, JobKind::Start).await, Err(crate::AppError::Quota(_))));
+        assert!(matches!(
+            w.app.request(&w.user.id, &env, JobKind::Start).await,
+            Err(crate::AppError::Quota(_))
+        ));
         w.request(&stopped.id, JobKind::Destroy).await;
         w.settle().await;
         assert_eq!(w.env(&stopped.id).await.state, EnvState::Destroyed);
         // On a draining host, too.
         w.request(&running.id, JobKind::Stop).await;
         w.settle().await;
-        w.app.set_host_status(&w.admin, &host.id, hearth_core::HostStatus::Draining).await.unwrap();
+        w.app
+            .set_host_status(&w.admin, &host.id, hearth_core::HostStatus::Draining)
+            .await
+            .unwrap();
         w.request(&running.id, JobKind::Destroy).await;
         w.settle().await;
         assert_eq!(w.env(&running.id).await.state, EnvState::Destroyed);
@@ -537,25 +895,50 @@ async fn destroy_needs_no_quota_and_no_room() {
 async fn kills_during_a_start_that_provisions_settle_it() {
     each_backend_url(|url| async move {
         let w = world(url).await;
-        let host = w.host("rp", json!({ "faults": { "provision.create_vm": "fail" } })).await;
+        let host = w
+            .host("rp", json!({ "faults": { "provision.create_vm": "fail" } }))
+            .await;
         let env = w.create("rp").await;
         w.settle().await;
         let failed = w.env(&env.id).await;
-        assert_eq!((failed.state, failed.vm_id.is_none()), (EnvState::Error, true));
+        assert_eq!(
+            (failed.state, failed.vm_id.is_none()),
+            (EnvState::Error, true)
+        );
         // A start of an environment that never had a VM provisions it; its node dies there,
         // and the next one dies there too.
-        w.faults(&host, json!({ "faults": { "provision.wait_ssh": "hang" } })).await;
+        w.faults(&host, json!({ "faults": { "provision.wait_ssh": "hang" } }))
+            .await;
         w.request(&env.id, JobKind::Start).await;
         let handler = Arc::new(JobHandler { app: w.app.clone() });
         assert_eq!(w.crash_at_the_hang(&handler).await, 1);
         assert_eq!(w.env(&env.id).await.state, EnvState::Provisioning);
-        assert_eq!(w.crash_at_the_hang(&handler).await, 1, "the second kill, in the same job");
+        assert_eq!(
+            w.crash_at_the_hang(&handler).await,
+            1,
+            "the second kill, in the same job"
+        );
         w.faults(&host, json!({})).await;
         w.settle().await;
         let now = w.env(&env.id).await;
         assert_eq!(now.state, EnvState::Running, "{:?}", now.state_message);
-        let start = w.app.store.jobs_for_environment(&env.id).await.unwrap().pop().unwrap();
-        assert_eq!((start.kind.as_str(), start.state, start.crashes, start.attempts), ("start", JobState::Succeeded, 2, 1));
+        let start = w
+            .app
+            .store
+            .jobs_for_environment(&env.id)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        assert_eq!(
+            (
+                start.kind.as_str(),
+                start.state,
+                start.crashes,
+                start.attempts
+            ),
+            ("start", JobState::Succeeded, 2, 1)
+        );
         assert_eq!(w.live_vms(&env.id).await.len(), 1);
         w.check_invariants("re-provisioning start").await;
     })
@@ -577,7 +960,12 @@ async fn a_host_outage_is_ridden_out_within_the_budget() {
         }
         let job = &w.app.store.jobs_for_environment(&env.id).await.unwrap()[0];
         assert_eq!((job.state, job.attempts), (JobState::Queued, 0), "{job:?}");
-        assert!(job.last_error.as_deref().unwrap().contains("waiting for the host"));
+        assert!(
+            job.last_error
+                .as_deref()
+                .unwrap()
+                .contains("waiting for the host")
+        );
         assert_eq!(w.env(&env.id).await.state, EnvState::Provisioning);
         w.faults(&host, json!({})).await;
         w.settle().await;
@@ -588,7 +976,11 @@ async fn a_host_outage_is_ridden_out_within_the_budget() {
         w.app.queue.run_ready(&handler).await;
         w.clock.advance_ms(60_000);
         w.app.queue.run_ready(&handler).await;
-        assert_eq!(w.env(&env.id).await.state, EnvState::Stopping, "not `error` after a short outage");
+        assert_eq!(
+            w.env(&env.id).await.state,
+            EnvState::Stopping,
+            "not `error` after a short outage"
+        );
         w.faults(&host, json!({})).await;
         w.settle().await;
         assert_eq!(w.env(&env.id).await.state, EnvState::Stopped);
@@ -601,7 +993,12 @@ async fn a_host_outage_is_ridden_out_within_the_budget() {
         }
         let now = w.env(&env.id).await;
         assert_eq!(now.state, EnvState::Error, "{:?}", now.state_message);
-        assert!(now.state_message.as_deref().unwrap().contains("simulated host sim-out is down"));
+        assert!(
+            now.state_message
+                .as_deref()
+                .unwrap()
+                .contains("simulated host sim-out is down")
+        );
         w.faults(&host, json!({})).await;
         w.settle().await;
         w.reconcile().await;

@@ -20,7 +20,12 @@ pub enum HostKind {
 }
 
 impl HostKind {
-    pub const ALL: [HostKind; 4] = [HostKind::Docker, HostKind::Agent, HostKind::Ovh, HostKind::Sim];
+    pub const ALL: [HostKind; 4] = [
+        HostKind::Docker,
+        HostKind::Agent,
+        HostKind::Ovh,
+        HostKind::Sim,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -62,7 +67,9 @@ impl HostStatus {
     }
 
     pub fn parse(s: &str) -> Option<HostStatus> {
-        [HostStatus::Ready, HostStatus::Draining].into_iter().find(|h| h.as_str() == s)
+        [HostStatus::Ready, HostStatus::Draining]
+            .into_iter()
+            .find(|h| h.as_str() == s)
     }
 }
 
@@ -86,21 +93,40 @@ impl HostHealth {
     }
 
     pub fn parse(s: &str) -> Option<HostHealth> {
-        [HostHealth::Healthy, HostHealth::Unhealthy].into_iter().find(|h| h.as_str() == s)
+        [HostHealth::Healthy, HostHealth::Unhealthy]
+            .into_iter()
+            .find(|h| h.as_str() == s)
     }
 }
 
 /// A host name: 1 to 100 of `[A-Za-z0-9._@:/-]`, so it reads well in logs and URLs.
 pub fn check_name(name: &str) -> Result<(), String> {
     let ok = (1..=100).contains(&name.len())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._@:/-".contains(c));
-    if ok { Ok(()) } else { Err(format!("host name {name:?} must be 1 to 100 of A-Z a-z 0-9 . _ @ : / -")) }
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._@:/-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "host name {name:?} must be 1 to 100 of A-Z a-z 0-9 . _ @ : / -"
+        ))
+    }
 }
 
 /// A region or GPU model: 1 to 64 of `[A-Za-z0-9._-]` (OVH's `GRA9`, `nvidia-a100`).
 pub fn check_label(what: &str, value: &str) -> Result<(), String> {
-    let ok = (1..=64).contains(&value.len()) && value.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    if ok { Ok(()) } else { Err(format!("{what} {value:?} must be 1 to 64 of A-Z a-z 0-9 . _ -")) }
+    let ok = (1..=64).contains(&value.len())
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {value:?} must be 1 to 64 of A-Z a-z 0-9 . _ -"
+        ))
+    }
 }
 
 /// GPUs one environment may ask for.

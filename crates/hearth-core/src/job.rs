@@ -12,7 +12,12 @@ pub enum JobKind {
 }
 
 impl JobKind {
-    pub const ALL: [JobKind; 4] = [JobKind::Provision, JobKind::Start, JobKind::Stop, JobKind::Destroy];
+    pub const ALL: [JobKind; 4] = [
+        JobKind::Provision,
+        JobKind::Start,
+        JobKind::Stop,
+        JobKind::Destroy,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {

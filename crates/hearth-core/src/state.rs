@@ -129,7 +129,10 @@ impl EnvState {
 
     /// A job is under way and will move the state on by itself.
     pub fn is_transitional(self) -> bool {
-        matches!(self, Requested | Provisioning | Starting | Stopping | Destroying)
+        matches!(
+            self,
+            Requested | Provisioning | Starting | Stopping | Destroying
+        )
     }
 }
 
@@ -188,7 +191,10 @@ mod tests {
     fn refuses_skips() {
         assert_eq!(
             Stopped.check(Running),
-            Err(TransitionError { from: Stopped, to: Running })
+            Err(TransitionError {
+                from: Stopped,
+                to: Running
+            })
         );
         assert!(Running.check(Stopping).is_ok());
         assert!(!Running.can_become(Running));
@@ -209,7 +215,11 @@ mod tests {
         assert_eq!(Destroying.reservation(Destroyed, false), Keep);
         // Every state but `destroyed` can reach `destroying` in one step.
         for from in EnvState::ALL {
-            assert_eq!(from.can_become(Destroying), !matches!(from, Destroying | Destroyed), "{from}");
+            assert_eq!(
+                from.can_become(Destroying),
+                !matches!(from, Destroying | Destroyed),
+                "{from}"
+            );
         }
     }
 }

@@ -64,9 +64,21 @@ impl Tier {
     /// The personal VM's size when the caller names none (the seed's table).
     pub fn default_resources(self) -> Resources {
         match self {
-            Tier::Free => Resources { vcpus: 2, memory_mb: 4096, disk_gb: 10 },
-            Tier::Pro => Resources { vcpus: 4, memory_mb: 8192, disk_gb: 50 },
-            Tier::Unlimited => Resources { vcpus: 8, memory_mb: 16384, disk_gb: 100 },
+            Tier::Free => Resources {
+                vcpus: 2,
+                memory_mb: 4096,
+                disk_gb: 10,
+            },
+            Tier::Pro => Resources {
+                vcpus: 4,
+                memory_mb: 8192,
+                disk_gb: 50,
+            },
+            Tier::Unlimited => Resources {
+                vcpus: 8,
+                memory_mb: 16384,
+                disk_gb: 100,
+            },
         }
     }
 
@@ -162,7 +174,12 @@ impl Quota {
     /// Checks a new active environment of size `r` against this quota and `usage`.
     pub fn admit(&self, usage: &Usage, r: &Resources) -> Result<(), QuotaExceeded> {
         let checks: [(&'static str, i64, i64, i64); 5] = [
-            ("maxEnvironments", self.max_environments, usage.environments, 1),
+            (
+                "maxEnvironments",
+                self.max_environments,
+                usage.environments,
+                1,
+            ),
             (
                 "maxConcurrentEnvironments",
                 self.max_concurrent_environments,
@@ -170,12 +187,22 @@ impl Quota {
                 1,
             ),
             ("maxVcpus", self.max_vcpus, usage.vcpus, r.vcpus),
-            ("maxMemoryMb", self.max_memory_mb, usage.memory_mb, r.memory_mb),
+            (
+                "maxMemoryMb",
+                self.max_memory_mb,
+                usage.memory_mb,
+                r.memory_mb,
+            ),
             ("maxDiskGb", self.max_disk_gb, usage.disk_gb, r.disk_gb),
         ];
         for (limit, max, used, requested) in checks {
             if used + requested > max {
-                return Err(QuotaExceeded { limit, max, used, requested });
+                return Err(QuotaExceeded {
+                    limit,
+                    max,
+                    used,
+                    requested,
+                });
             }
         }
         Ok(())
@@ -184,7 +211,10 @@ impl Quota {
     /// Checks bringing back an existing environment (start, retry): it already counts
     /// toward `maxEnvironments`, so only the active limits apply.
     pub fn admit_existing(&self, usage: &Usage, r: &Resources) -> Result<(), QuotaExceeded> {
-        let relaxed = Quota { max_environments: i64::MAX, ..*self };
+        let relaxed = Quota {
+            max_environments: i64::MAX,
+            ..*self
+        };
         relaxed.admit(usage, r)
     }
 }
@@ -195,11 +225,29 @@ mod tests {
 
     #[test]
     fn seed_tiers() {
-        assert_eq!(Tier::Free.default_resources(), Resources { vcpus: 2, memory_mb: 4096, disk_gb: 10 });
-        assert_eq!(Tier::Pro.default_resources(), Resources { vcpus: 4, memory_mb: 8192, disk_gb: 50 });
+        assert_eq!(
+            Tier::Free.default_resources(),
+            Resources {
+                vcpus: 2,
+                memory_mb: 4096,
+                disk_gb: 10
+            }
+        );
+        assert_eq!(
+            Tier::Pro.default_resources(),
+            Resources {
+                vcpus: 4,
+                memory_mb: 8192,
+                disk_gb: 50
+            }
+        );
         assert_eq!(
             Tier::Unlimited.default_resources(),
-            Resources { vcpus: 8, memory_mb: 16384, disk_gb: 100 }
+            Resources {
+                vcpus: 8,
+                memory_mb: 16384,
+                disk_gb: 100
+            }
         );
         assert_eq!(Tier::Free.auto_stop_minutes(), Some(60));
         assert_eq!(Tier::Pro.auto_stop_minutes(), None);
@@ -210,14 +258,24 @@ mod tests {
     fn every_tier_fits_its_own_personal_vm() {
         for t in [Tier::Free, Tier::Pro, Tier::Unlimited] {
             let q = t.default_quota();
-            assert!(q.admit(&Usage::default(), &t.default_resources()).is_ok(), "{t:?}");
+            assert!(
+                q.admit(&Usage::default(), &t.default_resources()).is_ok(),
+                "{t:?}"
+            );
         }
     }
 
     #[test]
     fn free_quota_is_the_seeds() {
         let q = Tier::Free.default_quota();
-        assert_eq!((q.max_environments, q.max_concurrent_environments, q.max_duration_hours), (1, 1, 24));
+        assert_eq!(
+            (
+                q.max_environments,
+                q.max_concurrent_environments,
+                q.max_duration_hours
+            ),
+            (1, 1, 24)
+        );
         assert_eq!((q.max_vcpus, q.max_memory_mb, q.max_disk_gb), (2, 4096, 10));
     }
 
@@ -225,11 +283,17 @@ mod tests {
     fn admit_names_the_broken_limit() {
         let q = Tier::Free.default_quota();
         let r = Tier::Free.default_resources();
-        let used = Usage { environments: 1, ..Usage::default() };
+        let used = Usage {
+            environments: 1,
+            ..Usage::default()
+        };
         let e = q.admit(&used, &r).unwrap_err();
         assert_eq!(e.limit, "maxEnvironments");
         let big = Resources { vcpus: 3, ..r };
-        assert_eq!(q.admit(&Usage::default(), &big).unwrap_err().limit, "maxVcpus");
+        assert_eq!(
+            q.admit(&Usage::default(), &big).unwrap_err().limit,
+            "maxVcpus"
+        );
         assert!(e.to_string().contains("1 in use"));
     }
 }

@@ -47,7 +47,9 @@ pub fn command(code: &str) -> Result<(), String> {
     }
     let chars = code.chars().count();
     if chars > MAX_COMMAND_CHARS {
-        return Err(format!("code is {chars} characters; the limit is {MAX_COMMAND_CHARS}"));
+        return Err(format!(
+            "code is {chars} characters; the limit is {MAX_COMMAND_CHARS}"
+        ));
     }
     if code.contains('\0') {
         return Err("code must not contain NUL characters".into());
@@ -57,33 +59,47 @@ pub fn command(code: &str) -> Result<(), String> {
 
 pub fn working_dir(dir: &str) -> Result<(), String> {
     if !dir.starts_with('/') || dir.chars().count() > MAX_WORKING_DIR_CHARS || dir.contains('\0') {
-        return Err(format!("workingDir must be an absolute path without NUL characters, at most {MAX_WORKING_DIR_CHARS} characters"));
+        return Err(format!(
+            "workingDir must be an absolute path without NUL characters, at most {MAX_WORKING_DIR_CHARS} characters"
+        ));
     }
     Ok(())
 }
 
 /// A display name: 1 to 100 characters, not only spaces, no control characters.
 pub fn name(name: &str) -> Result<(), String> {
-    if name.trim().is_empty() || name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
-        return Err(format!("name must be 1 to {MAX_NAME_CHARS} characters without control characters"));
+    if name.trim().is_empty()
+        || name.chars().count() > MAX_NAME_CHARS
+        || name.chars().any(char::is_control)
+    {
+        return Err(format!(
+            "name must be 1 to {MAX_NAME_CHARS} characters without control characters"
+        ));
     }
     Ok(())
 }
 
 pub fn env_vars(vars: &BTreeMap<String, String>) -> Result<(), String> {
     if vars.len() > MAX_ENV_VARS {
-        return Err(format!("at most {MAX_ENV_VARS} environment variables, got {}", vars.len()));
+        return Err(format!(
+            "at most {MAX_ENV_VARS} environment variables, got {}",
+            vars.len()
+        ));
     }
     for (name, value) in vars {
         let mut chars = name.chars();
-        let first_ok = chars.next().is_some_and(|c| c == '_' || c.is_ascii_alphabetic());
+        let first_ok = chars
+            .next()
+            .is_some_and(|c| c == '_' || c.is_ascii_alphabetic());
         if !first_ok || !chars.all(|c| c == '_' || c.is_ascii_alphanumeric()) || name.len() > 128 {
             return Err(format!(
                 "environment variable name {name:?} must match [A-Za-z_][A-Za-z0-9_]* (at most 128 characters)"
             ));
         }
         if name.starts_with(RESERVED_ENV_PREFIX) {
-            return Err(format!("environment variable names starting with {RESERVED_ENV_PREFIX} are reserved"));
+            return Err(format!(
+                "environment variable names starting with {RESERVED_ENV_PREFIX} are reserved"
+            ));
         }
         if value.chars().count() > MAX_ENV_VALUE_CHARS || value.contains('\0') {
             return Err(format!(
@@ -111,9 +127,20 @@ mod tests {
     #[test]
     fn hostile_values_pass_verbatim_but_bad_names_do_not() {
         let mut v = BTreeMap::new();
-        v.insert("X".to_string(), "$(rm -rf /); `id` 'quoted' \"dq\"\nline".to_string());
+        v.insert(
+            "X".to_string(),
+            "$(rm -rf /); `id` 'quoted' \"dq\"\nline".to_string(),
+        );
         assert!(env_vars(&v).is_ok());
-        for bad in ["1X", "A-B", "A B", "", "A=B", "HEARTH_AUTHORIZED_KEYS", "$(id)"] {
+        for bad in [
+            "1X",
+            "A-B",
+            "A B",
+            "",
+            "A=B",
+            "HEARTH_AUTHORIZED_KEYS",
+            "$(id)",
+        ] {
             let mut v = BTreeMap::new();
             v.insert(bad.to_string(), "x".to_string());
             assert!(env_vars(&v).is_err(), "{bad:?}");

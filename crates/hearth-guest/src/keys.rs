@@ -17,11 +17,18 @@ pub struct KeyPair {
 
 impl KeyPair {
     pub fn generate() -> KeyPair {
-        let mut key = PrivateKey::random(&mut rand_core_compat::Rng, Algorithm::Ed25519).expect("ed25519 key generation");
+        let mut key = PrivateKey::random(&mut rand_core_compat::Rng, Algorithm::Ed25519)
+            .expect("ed25519 key generation");
         key.set_comment("hearth");
-        let private_openssh = key.to_openssh(LineEnding::LF).expect("encode private key").to_string();
+        let private_openssh = key
+            .to_openssh(LineEnding::LF)
+            .expect("encode private key")
+            .to_string();
         let public_openssh = key.public_key().to_openssh().expect("encode public key");
-        KeyPair { private_openssh, public_openssh }
+        KeyPair {
+            private_openssh,
+            public_openssh,
+        }
     }
 }
 
@@ -67,7 +74,9 @@ impl MasterKey {
     pub fn parse(text: &str) -> Result<MasterKey, SealError> {
         let text = text.trim();
         let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
-            (0..32).map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).unwrap()).collect()
+            (0..32)
+                .map(|i| u8::from_str_radix(&text[2 * i..2 * i + 2], 16).unwrap())
+                .collect()
         } else {
             B64.decode(text).map_err(|_| SealError::BadKey)?
         };
@@ -95,7 +104,9 @@ impl MasterKey {
         let cipher = Aes256Gcm::new_from_slice(&self.0).expect("32-byte key");
         let mut nonce = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let ct = cipher.encrypt(Nonce::from_slice(&nonce), plaintext.as_bytes()).expect("AES-GCM encryption");
+        let ct = cipher
+            .encrypt(Nonce::from_slice(&nonce), plaintext.as_bytes())
+            .expect("AES-GCM encryption");
         let mut out = nonce.to_vec();
         out.extend_from_slice(&ct);
         format!("v1:{}", B64.encode(out))
@@ -108,7 +119,9 @@ impl MasterKey {
             return Err(SealError::Open);
         }
         let cipher = Aes256Gcm::new_from_slice(&self.0).expect("32-byte key");
-        let pt = cipher.decrypt(Nonce::from_slice(&data[..12]), &data[12..]).map_err(|_| SealError::Open)?;
+        let pt = cipher
+            .decrypt(Nonce::from_slice(&data[..12]), &data[12..])
+            .map_err(|_| SealError::Open)?;
         String::from_utf8(pt).map_err(|_| SealError::Open)
     }
 }

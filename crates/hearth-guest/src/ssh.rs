@@ -69,7 +69,9 @@ pub enum GuestError {
     Session(String),
     /// The VM's SSH server took the connection but did not start the command in time:
     /// usually a VM out of processes or memory.
-    #[error("the VM did not start the command within {0} s; it may be out of processes or memory (stop and start it)")]
+    #[error(
+        "the VM did not start the command within {0} s; it may be out of processes or memory (stop and start it)"
+    )]
     Unresponsive(u64),
 }
 
@@ -77,8 +79,13 @@ pub enum GuestError {
 const SHELL_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Starts `req` within its own timeout: a VM that cannot fork never holds a request.
-async fn start_within(handle: &Handle<AcceptHost>, req: &ExecRequest) -> Result<russh::Channel<client::Msg>, GuestError> {
-    tokio::time::timeout(req.timeout, start(handle, req)).await.map_err(|_| GuestError::Unresponsive(req.timeout.as_secs()))?
+async fn start_within(
+    handle: &Handle<AcceptHost>,
+    req: &ExecRequest,
+) -> Result<russh::Channel<client::Msg>, GuestError> {
+    tokio::time::timeout(req.timeout, start(handle, req))
+        .await
+        .map_err(|_| GuestError::Unresponsive(req.timeout.as_secs()))?
 }
 
 struct AcceptHost;
@@ -86,7 +93,10 @@ struct AcceptHost;
 impl client::Handler for AcceptHost {
     type Error = russh::Error;
 
-    async fn check_server_key(&mut self, _key: &russh::keys::PublicKeyOrCertificate) -> Result<bool, Self::Error> {
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
         Ok(true)
     }
 }
@@ -123,7 +133,8 @@ impl SshPool {
     }
 
     async fn connect(target: &Target, timeout: Duration) -> Result<Handle<AcceptHost>, GuestError> {
-        let key = decode_secret_key(&target.private_key_openssh, None).map_err(|e| GuestError::Key(e.to_string()))?;
+        let key = decode_secret_key(&target.private_key_openssh, None)
+            .map_err(|e| GuestError::Key(e.to_string()))?;
         let config = Arc::new(client::Config {
             inactivity_timeout: None,
             keepalive_interval: Some(Duration::from_secs(15)),
@@ -139,7 +150,10 @@ impl SshPool {
             .map_err(|e| GuestError::Connect(addr.clone(), e.to_string()))?;
         let auth = tokio::time::timeout(
             timeout,
-            handle.authenticate_publickey(&target.user, PrivateKeyWithHashAlg::new(Arc::new(key), None)),
+            handle.authenticate_publickey(
+                &target.user,
+                PrivateKeyWithHashAlg::new(Arc::new(key), None),
+            ),
         )
         .await
         .map_err(|_| GuestError::Connect(addr.clone(), "authentication timed out".into()))?
@@ -163,14 +177,23 @@ impl SshPool {
         }
         let handle = Arc::new(Self::connect(target, Duration::from_secs(10)).await?);
         let mut conns = self.conns.lock().await;
-        conns.insert(target.environment_id.clone(), Cached { addr, handle: handle.clone() });
+        conns.insert(
+            target.environment_id.clone(),
+            Cached {
+                addr,
+                handle: handle.clone(),
+            },
+        );
         Ok(handle)
     }
 
     /// Drops the environment's connection (after stop or destroy).
     pub async fn forget(&self, environment_id: &str) {
         if let Some(c) = self.conns.lock().await.remove(environment_id) {
-            let _ = c.handle.disconnect(Disconnect::ByApplication, "", "en").await;
+            let _ = c
+                .handle
+                .disconnect(Disconnect::ByApplication, "", "en")
+                .await;
         }
     }
 
@@ -178,22 +201,31 @@ impl SshPool {
     pub async fn probe(&self, target: &Target) -> Result<(), GuestError> {
         let handle = Self::connect(target, Duration::from_secs(5)).await?;
         let handle = Arc::new(handle);
-        let out = run_on(&handle, &ExecRequest {
-            code: "true".into(),
-            code_on_stdin: false,
-            working_dir: None,
-            env: BTreeMap::new(),
-            stdin: Vec::new(),
-            timeout: Duration::from_secs(5),
-            max_output: 1024,
-        })
+        let out = run_on(
+            &handle,
+            &ExecRequest {
+                code: "true".into(),
+                code_on_stdin: false,
+                working_dir: None,
+                env: BTreeMap::new(),
+                stdin: Vec::new(),
+                timeout: Duration::from_secs(5),
+                max_output: 1024,
+            },
+        )
         .await?;
         if out.exit_code != Some(0) {
-            return Err(GuestError::Session(format!("probe exited with {:?}", out.exit_code)));
+            return Err(GuestError::Session(format!(
+                "probe exited with {:?}",
+                out.exit_code
+            )));
         }
         self.conns.lock().await.insert(
             target.environment_id.clone(),
-            Cached { addr: (target.host.clone(), target.port), handle },
+            Cached {
+                addr: (target.host.clone(), target.port),
+                handle,
+            },
         );
         Ok(())
     }
@@ -230,13 +262,21 @@ impl SshPool {
 pub enum StreamChunk {
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
-    Exit { code: Option<i64>, timed_out: bool, duration: Duration },
+    Exit {
+        code: Option<i64>,
+        timed_out: bool,
+        duration: Duration,
+    },
 }
 
 impl SshPool {
     /// Starts a command and streams its output as it comes. Dropping the receiver kills
     /// the remote process (SIGKILL, then the channel is closed).
-    pub async fn exec_stream(&self, target: &Target, req: &ExecRequest) -> Result<tokio::sync::mpsc::Receiver<StreamChunk>, GuestError> {
+    pub async fn exec_stream(
+        &self,
+        target: &Target,
+        req: &ExecRequest,
+    ) -> Result<tokio::sync::mpsc::Receiver<StreamChunk>, GuestError> {
         let handle = self.handle(target).await?;
         let channel = match start_within(&handle, req).await {
             Ok(c) => c,
@@ -307,31 +347,56 @@ impl SshPool {
                 Ok(c) => c,
                 Err(_) => {
                     self.conns.lock().await.remove(&target.environment_id);
-                    self.handle(target).await?.channel_open_session().await.map_err(session)?
+                    self.handle(target)
+                        .await?
+                        .channel_open_session()
+                        .await
+                        .map_err(session)?
                 }
             };
             for (k, v) in env {
-                channel.set_env(false, k.as_str(), v.as_str()).await.map_err(session)?;
+                channel
+                    .set_env(false, k.as_str(), v.as_str())
+                    .await
+                    .map_err(session)?;
             }
-            channel.request_pty(false, "xterm-256color", cols, rows, 0, 0, &[]).await.map_err(session)?;
+            channel
+                .request_pty(false, "xterm-256color", cols, rows, 0, 0, &[])
+                .await
+                .map_err(session)?;
             channel.request_shell(false).await.map_err(session)?;
             Ok(channel)
         };
-        tokio::time::timeout(SHELL_OPEN_TIMEOUT, open).await.map_err(|_| GuestError::Unresponsive(SHELL_OPEN_TIMEOUT.as_secs()))?
+        tokio::time::timeout(SHELL_OPEN_TIMEOUT, open)
+            .await
+            .map_err(|_| GuestError::Unresponsive(SHELL_OPEN_TIMEOUT.as_secs()))?
     }
 }
 
 /// Opens a channel and starts `req` on it (environment, working directory, command).
-async fn start(handle: &Handle<AcceptHost>, req: &ExecRequest) -> Result<russh::Channel<client::Msg>, GuestError> {
+async fn start(
+    handle: &Handle<AcceptHost>,
+    req: &ExecRequest,
+) -> Result<russh::Channel<client::Msg>, GuestError> {
     let session = |e: russh::Error| GuestError::Session(e.to_string());
     let channel = handle.channel_open_session().await.map_err(session)?;
     for (k, v) in &req.env {
-        channel.set_env(false, k.as_str(), v.as_str()).await.map_err(session)?;
+        channel
+            .set_env(false, k.as_str(), v.as_str())
+            .await
+            .map_err(session)?;
     }
     if let Some(dir) = &req.working_dir {
-        channel.set_env(false, WORKDIR_ENV, dir.as_str()).await.map_err(session)?;
+        channel
+            .set_env(false, WORKDIR_ENV, dir.as_str())
+            .await
+            .map_err(session)?;
     }
-    let (code, stdin) = if req.code_on_stdin { (WRAPPER, req.code.as_bytes()) } else { (req.code.as_str(), &req.stdin[..]) };
+    let (code, stdin) = if req.code_on_stdin {
+        (WRAPPER, req.code.as_bytes())
+    } else {
+        (req.code.as_str(), &req.stdin[..])
+    };
     channel.exec(true, code.as_bytes()).await.map_err(session)?;
     if !stdin.is_empty() {
         channel.data(stdin).await.map_err(session)?;

@@ -109,20 +109,29 @@ impl Default for AgentProvider {
 
 impl AgentProvider {
     pub fn new() -> AgentProvider {
-        AgentProvider { clients: Mutex::new(HashMap::new()) }
+        AgentProvider {
+            clients: Mutex::new(HashMap::new()),
+        }
     }
 
     fn client(&self, host: &HostRef) -> Result<(reqwest::Client, String), ProviderError> {
         let Some(access) = &host.agent else {
-            return Err(ProviderError::Failed(format!("host {} has no agent credential; join the agent again", host.name)));
+            return Err(ProviderError::Failed(format!(
+                "host {} has no agent credential; join the agent again",
+                host.name
+            )));
         };
         if let Some((pem, client)) = self.clients.lock().unwrap().get(&host.id) {
             if *pem == access.ca_pem {
                 return Ok((client.clone(), access.credential.clone()));
             }
         }
-        let ca = reqwest::Certificate::from_pem(access.ca_pem.as_bytes())
-            .map_err(|e| ProviderError::Failed(format!("host {}: its pinned certificate is unreadable: {e}", host.name)))?;
+        let ca = reqwest::Certificate::from_pem(access.ca_pem.as_bytes()).map_err(|e| {
+            ProviderError::Failed(format!(
+                "host {}: its pinned certificate is unreadable: {e}",
+                host.name
+            ))
+        })?;
         let client = reqwest::Client::builder()
             .tls_built_in_root_certs(false)
             .add_root_certificate(ca)
@@ -131,7 +140,10 @@ impl AgentProvider {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| ProviderError::Failed(format!("host {}: {e}", host.name)))?;
-        self.clients.lock().unwrap().insert(host.id.clone(), (access.ca_pem.clone(), client.clone()));
+        self.clients
+            .lock()
+            .unwrap()
+            .insert(host.id.clone(), (access.ca_pem.clone(), client.clone()));
         Ok((client, access.credential.clone()))
     }
 
@@ -144,12 +156,20 @@ impl AgentProvider {
         body: Option<serde_json::Value>,
     ) -> Result<Option<T>, ProviderError> {
         let (client, credential) = self.client(host)?;
-        let mut request = client.request(method, format!("{}{path}", host.endpoint.trim_end_matches('/'))).bearer_auth(credential);
+        let mut request = client
+            .request(
+                method,
+                format!("{}{path}", host.endpoint.trim_end_matches('/')),
+            )
+            .bearer_auth(credential);
         if let Some(body) = body {
             request = request.json(&body);
         }
         let response = request.send().await.map_err(|e| {
-            ProviderError::Unavailable(format!("cannot reach the agent of host {} at {}: {e}", host.name, host.endpoint))
+            ProviderError::Unavailable(format!(
+                "cannot reach the agent of host {} at {}: {e}",
+                host.name, host.endpoint
+            ))
         })?;
         let status = response.status();
         if status == reqwest::StatusCode::NOT_FOUND {
@@ -161,29 +181,37 @@ impl AgentProvider {
                 .ok()
                 .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
                 .unwrap_or(text);
-            return Err(ProviderError::Failed(format!("the agent of host {} refused ({status}): {message}", host.name)));
+            return Err(ProviderError::Failed(format!(
+                "the agent of host {} refused ({status}): {message}",
+                host.name
+            )));
         }
         if status == reqwest::StatusCode::NO_CONTENT {
             return Ok(serde_json::from_value(serde_json::Value::Null).ok());
         }
-        let value = response
-            .json::<T>()
-            .await
-            .map_err(|e| ProviderError::Failed(format!("the agent of host {} answered something unreadable: {e}", host.name)))?;
+        let value = response.json::<T>().await.map_err(|e| {
+            ProviderError::Failed(format!(
+                "the agent of host {} answered something unreadable: {e}",
+                host.name
+            ))
+        })?;
         Ok(Some(value))
     }
 
     pub async fn status(&self, host: &HostRef) -> Result<wire::Status, ProviderError> {
         self.call(host, reqwest::Method::GET, "/v1/status", None)
             .await?
-            .ok_or_else(|| ProviderError::Failed(format!("host {}: the agent has no status", host.name)))
+            .ok_or_else(|| {
+                ProviderError::Failed(format!("host {}: the agent has no status", host.name))
+            })
     }
 }
 
 /// Whether an agent answers `GET /healthz` at `endpoint` over TLS with a certificate from
 /// `ca_pem` (and nothing else): what an agent that asks to join must show.
 pub async fn healthz(endpoint: &str, ca_pem: &str) -> Result<(), String> {
-    let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes()).map_err(|e| format!("the certificate is unreadable: {e}"))?;
+    let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes())
+        .map_err(|e| format!("the certificate is unreadable: {e}"))?;
     let client = reqwest::Client::builder()
         .tls_built_in_root_certs(false)
         .add_root_certificate(ca)
@@ -191,16 +219,24 @@ pub async fn healthz(endpoint: &str, ca_pem: &str) -> Result<(), String> {
         .timeout(Duration::from_secs(10))
         .build()
         .map_err(|e| e.to_string())?;
-    let response = client.get(format!("{}/healthz", endpoint.trim_end_matches('/'))).send().await.map_err(|e| {
-        let mut text = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            text.push_str(&format!(": {s}"));
-            source = s.source();
-        }
-        text
-    })?;
-    if response.status().is_success() { Ok(()) } else { Err(format!("it answered {}", response.status())) }
+    let response = client
+        .get(format!("{}/healthz", endpoint.trim_end_matches('/')))
+        .send()
+        .await
+        .map_err(|e| {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            text
+        })?;
+    if response.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("it answered {}", response.status()))
+    }
 }
 
 fn info(vm: wire::Vm) -> VmInfo {
@@ -210,7 +246,10 @@ fn info(vm: wire::Vm) -> VmInfo {
         _ => VmState::Other,
     };
     VmInfo {
-        vm: VmRef { name: vm.name, id: None },
+        vm: VmRef {
+            name: vm.name,
+            id: None,
+        },
         environment_id: vm.environment_id,
         state,
         ssh_host: Some(vm.ssh_host),
@@ -234,9 +273,15 @@ impl Provider for AgentProvider {
     }
 
     async fn check(&self, host: &HostRef) -> Result<HostFacts, ProviderError> {
-        self.status(host).await?;
-        let identity = host.agent.as_ref().map(|a| format!("agent:{}", fingerprint(&a.ca_pem)));
-        Ok(HostFacts { identity })
+        let status = self.status(host).await?;
+        let identity = host
+            .agent
+            .as_ref()
+            .map(|a| format!("agent:{}", fingerprint(&a.ca_pem)));
+        Ok(HostFacts {
+            identity,
+            report: Some(serde_json::to_value(status).expect("serializable")),
+        })
     }
 
     async fn ensure_created(&self, host: &HostRef, spec: &VmSpec) -> Result<VmRef, ProviderError> {
@@ -251,29 +296,69 @@ impl Provider for AgentProvider {
             labels: spec.labels.clone(),
         };
         let vm: wire::Vm = self
-            .call(host, reqwest::Method::POST, "/v1/vms", Some(serde_json::to_value(body).expect("serializable")))
+            .call(
+                host,
+                reqwest::Method::POST,
+                "/v1/vms",
+                Some(serde_json::to_value(body).expect("serializable")),
+            )
             .await?
-            .ok_or_else(|| ProviderError::Failed(format!("host {}: the agent made no VM", host.name)))?;
-        Ok(VmRef { name: vm.name, id: None })
+            .ok_or_else(|| {
+                ProviderError::Failed(format!("host {}: the agent made no VM", host.name))
+            })?;
+        Ok(VmRef {
+            name: vm.name,
+            id: None,
+        })
     }
 
     async fn start(&self, host: &HostRef, vm: &VmRef) -> Result<(), ProviderError> {
-        let done: Option<wire::Vm> = self.call(host, reqwest::Method::POST, &format!("/v1/vms/{}/start", vm.name), None).await?;
-        done.map(|_| ()).ok_or_else(|| ProviderError::NotFound(vm.name.clone()))
+        let done: Option<wire::Vm> = self
+            .call(
+                host,
+                reqwest::Method::POST,
+                &format!("/v1/vms/{}/start", vm.name),
+                None,
+            )
+            .await?;
+        done.map(|_| ())
+            .ok_or_else(|| ProviderError::NotFound(vm.name.clone()))
     }
 
     async fn stop(&self, host: &HostRef, vm: &VmRef) -> Result<(), ProviderError> {
-        let done: Option<wire::Vm> = self.call(host, reqwest::Method::POST, &format!("/v1/vms/{}/stop", vm.name), None).await?;
-        done.map(|_| ()).ok_or_else(|| ProviderError::NotFound(vm.name.clone()))
+        let done: Option<wire::Vm> = self
+            .call(
+                host,
+                reqwest::Method::POST,
+                &format!("/v1/vms/{}/stop", vm.name),
+                None,
+            )
+            .await?;
+        done.map(|_| ())
+            .ok_or_else(|| ProviderError::NotFound(vm.name.clone()))
     }
 
     async fn destroy(&self, host: &HostRef, vm: &VmRef) -> Result<(), ProviderError> {
-        let _: Option<serde_json::Value> = self.call(host, reqwest::Method::DELETE, &format!("/v1/vms/{}", vm.name), None).await?;
+        let _: Option<serde_json::Value> = self
+            .call(
+                host,
+                reqwest::Method::DELETE,
+                &format!("/v1/vms/{}", vm.name),
+                None,
+            )
+            .await?;
         Ok(())
     }
 
     async fn inspect(&self, host: &HostRef, vm: &VmRef) -> Result<Option<VmInfo>, ProviderError> {
-        let found: Option<wire::Vm> = self.call(host, reqwest::Method::GET, &format!("/v1/vms/{}", vm.name), None).await?;
+        let found: Option<wire::Vm> = self
+            .call(
+                host,
+                reqwest::Method::GET,
+                &format!("/v1/vms/{}", vm.name),
+                None,
+            )
+            .await?;
         Ok(found.map(info))
     }
 
@@ -281,7 +366,9 @@ impl Provider for AgentProvider {
         let vms: wire::Vms = self
             .call(host, reqwest::Method::GET, "/v1/vms", None)
             .await?
-            .ok_or_else(|| ProviderError::Failed(format!("host {}: the agent lists no VMs", host.name)))?;
+            .ok_or_else(|| {
+                ProviderError::Failed(format!("host {}: the agent lists no VMs", host.name))
+            })?;
         Ok(vms.items.into_iter().map(info).collect())
     }
 }

@@ -69,10 +69,15 @@ pub fn run(cmd: &mut Command, what: &str) -> Result<String, ImageError> {
                 "mmdebstrap" => "apt-get install mmdebstrap",
                 "docker" => "apt-get install docker.io",
                 "mkfs.ext4" => "apt-get install e2fsprogs",
-                "qemu-img" | "qemu-system-x86_64" => "apt-get install qemu-system-x86 qemu-utils (in one command)",
+                "qemu-img" | "qemu-system-x86_64" => {
+                    "apt-get install qemu-system-x86 qemu-utils (in one command)"
+                }
                 _ => "install it with apt-get",
             };
-            ImageError::Missing { program, hint: hint.into() }
+            ImageError::Missing {
+                program,
+                hint: hint.into(),
+            }
         } else {
             ImageError::Failed(format!("{what}: could not run {program}: {e}"))
         }
@@ -81,7 +86,11 @@ pub fn run(cmd: &mut Command, what: &str) -> Result<String, ImageError> {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        return Err(ImageError::Failed(format!("{what} failed ({}):\n{}", out.status, tail.join("\n"))));
+        return Err(ImageError::Failed(format!(
+            "{what} failed ({}):\n{}",
+            out.status,
+            tail.join("\n")
+        )));
     }
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
@@ -89,10 +98,18 @@ pub fn run(cmd: &mut Command, what: &str) -> Result<String, ImageError> {
 /// The recipe label of `tag` in the local engine, if the image exists.
 pub fn existing_recipe(tag: &str) -> Option<String> {
     let out = Command::new("docker")
-        .args(["image", "inspect", "--format", "{{index .Config.Labels \"hearth.recipe\"}}", tag])
+        .args([
+            "image",
+            "inspect",
+            "--format",
+            "{{index .Config.Labels \"hearth.recipe\"}}",
+            tag,
+        ])
         .output()
         .ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 pub fn is_current(tag: &str) -> bool {
@@ -103,9 +120,11 @@ fn write(root: &Path, rel: &str, contents: &str, mode: u32) -> Result<(), ImageE
     use std::os::unix::fs::PermissionsExt;
     let path = root.join(rel);
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| ImageError::Failed(format!("mkdir {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ImageError::Failed(format!("mkdir {}: {e}", dir.display())))?;
     }
-    std::fs::write(&path, contents).map_err(|e| ImageError::Failed(format!("write {}: {e}", path.display())))?;
+    std::fs::write(&path, contents)
+        .map_err(|e| ImageError::Failed(format!("write {}: {e}", path.display())))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| ImageError::Failed(format!("chmod {}: {e}", path.display())))
 }
@@ -116,7 +135,8 @@ pub fn build(tag: &str, work: &Path, step: &mut dyn FnMut(&str)) -> Result<(), I
     let root = work.join("rootfs");
     let tar = work.join("rootfs.tar");
     if root.exists() {
-        std::fs::remove_dir_all(&root).map_err(|e| ImageError::Failed(format!("clean {}: {e}", root.display())))?;
+        std::fs::remove_dir_all(&root)
+            .map_err(|e| ImageError::Failed(format!("clean {}: {e}", root.display())))?;
     }
     step("debootstrapping Debian with mmdebstrap (about 20 s)");
     run(
@@ -128,27 +148,61 @@ pub fn build(tag: &str, work: &Path, step: &mut dyn FnMut(&str)) -> Result<(), I
         "mmdebstrap",
     )?;
     step("adding the dev user, sshd configuration and start-up script");
-    run(Command::new("chroot").arg(&root).args(["useradd", "--create-home", "--shell", "/bin/bash", "dev"]), "useradd")?;
+    run(
+        Command::new("chroot").arg(&root).args([
+            "useradd",
+            "--create-home",
+            "--shell",
+            "/bin/bash",
+            "dev",
+        ]),
+        "useradd",
+    )?;
     // '*' means "no password" without marking the account locked, which sshd would refuse.
-    run(Command::new("chroot").arg(&root).args(["usermod", "--password", "*", "dev"]), "usermod")?;
-    for entry in std::fs::read_dir(root.join("etc/ssh")).map_err(|e| ImageError::Failed(format!("read etc/ssh: {e}")))? {
+    run(
+        Command::new("chroot")
+            .arg(&root)
+            .args(["usermod", "--password", "*", "dev"]),
+        "usermod",
+    )?;
+    for entry in std::fs::read_dir(root.join("etc/ssh"))
+        .map_err(|e| ImageError::Failed(format!("read etc/ssh: {e}")))?
+    {
         let entry = entry.map_err(|e| ImageError::Failed(e.to_string()))?;
         if entry.file_name().to_string_lossy().starts_with("ssh_host_") {
-            std::fs::remove_file(entry.path()).map_err(|e| ImageError::Failed(format!("remove host key: {e}")))?;
+            std::fs::remove_file(entry.path())
+                .map_err(|e| ImageError::Failed(format!("remove host key: {e}")))?;
         }
     }
     write(&root, "usr/local/sbin/hearth-init", INIT_SCRIPT, 0o755)?;
-    write(&root, "etc/ssh/sshd_config.d/hearth.conf", SSHD_CONFIG, 0o644)?;
+    write(
+        &root,
+        "etc/ssh/sshd_config.d/hearth.conf",
+        SSHD_CONFIG,
+        0o644,
+    )?;
     write(&root, "etc/sudoers.d/dev", SUDOERS, 0o440)?;
     step("packing the root filesystem");
-    run(Command::new("tar").arg("--numeric-owner").arg("-C").arg(&root).arg("-cf").arg(&tar).arg("."), "tar")?;
+    run(
+        Command::new("tar")
+            .arg("--numeric-owner")
+            .arg("-C")
+            .arg(&root)
+            .arg("-cf")
+            .arg(&tar)
+            .arg("."),
+        "tar",
+    )?;
     step("importing into Docker");
     run(
         Command::new("docker")
             .arg("import")
             .args(["--change", "CMD [\"/usr/local/sbin/hearth-init\"]"])
             .args(["--change", "EXPOSE 22"])
-            .args(["--change", &format!("LABEL hearth.recipe={}", recipe_hash())])
+            .args([
+                "--change",
+                &format!("LABEL hearth.recipe={}", recipe_hash()),
+            ])
             .arg(&tar)
             .arg(tag),
         "docker import",

@@ -75,7 +75,10 @@ pub struct VmRef {
 impl VmRef {
     /// The reference of an environment's VM before it exists: its name only.
     pub fn named(environment_id: &str) -> VmRef {
-        VmRef { name: vm_name(environment_id), id: None }
+        VmRef {
+            name: vm_name(environment_id),
+            id: None,
+        }
     }
 
     /// What to ask the provider for: its id when known, else the name.
@@ -139,6 +142,9 @@ pub struct HostFacts {
     /// A stable id of the machine (a Docker engine's ID), so one machine is never
     /// registered as two hosts; `None` for kinds that cannot say.
     pub identity: Option<String>,
+    /// What the host says of itself, to be shown to admins (an agent: its version,
+    /// accelerator, capacity and VMs); `None` for kinds that say nothing more.
+    pub report: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -203,7 +209,9 @@ impl Providers {
 
     pub fn get(&self, kind: HostKind) -> Result<Arc<dyn Provider>, ProviderError> {
         self.by_kind.get(&kind).cloned().ok_or_else(|| {
-            ProviderError::Unsupported(format!("hosts of kind {kind} are not supported by this version of Hearth yet"))
+            ProviderError::Unsupported(format!(
+                "hosts of kind {kind} are not supported by this version of Hearth yet"
+            ))
         })
     }
 

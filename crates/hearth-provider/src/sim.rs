@@ -41,7 +41,13 @@ pub struct SimVm {
 #[async_trait]
 pub trait SimLedger: Send + Sync + 'static {
     /// The live VM named `name` on the host, made (running) if there is none.
-    async fn ensure(&self, host_id: &str, name: &str, installation_id: &str, environment_id: &str) -> Result<SimVm, String>;
+    async fn ensure(
+        &self,
+        host_id: &str,
+        name: &str,
+        installation_id: &str,
+        environment_id: &str,
+    ) -> Result<SimVm, String>;
     async fn find(&self, host_id: &str, id_or_name: &str) -> Result<Option<SimVm>, String>;
     /// `running`, `stopped` or `destroyed`; false when there is no live VM.
     async fn set_state(&self, vm_id: &str, state: &str) -> Result<bool, String>;
@@ -87,8 +93,8 @@ impl SimOptions {
         if options.is_null() {
             return Ok(SimOptions::default());
         }
-        let parsed: SimOptions =
-            serde_json::from_value(options.clone()).map_err(|e| format!("options of a sim host are invalid: {e}"))?;
+        let parsed: SimOptions = serde_json::from_value(options.clone())
+            .map_err(|e| format!("options of a sim host are invalid: {e}"))?;
         if parsed.latency_ms > 600_000 {
             return Err("options.latencyMs must be at most 600000".into());
         }
@@ -110,7 +116,11 @@ fn ledger_error(e: String) -> ProviderError {
 
 impl SimProvider {
     pub fn new(ledger: Arc<dyn SimLedger>) -> SimProvider {
-        SimProvider { ledger, fired: Mutex::new(HashMap::new()), hanging: tokio::sync::watch::channel(0).0 }
+        SimProvider {
+            ledger,
+            fired: Mutex::new(HashMap::new()),
+            hanging: tokio::sync::watch::channel(0).0,
+        }
     }
 
     /// Watches how many calls ever reached a `hang` fault in this process.
@@ -125,13 +135,19 @@ impl SimProvider {
             tokio::time::sleep(Duration::from_millis(options.latency_ms)).await;
         }
         if options.down {
-            return Err(ProviderError::Unavailable(format!("simulated host {} is down", host.name)));
+            return Err(ProviderError::Unavailable(format!(
+                "simulated host {} is down",
+                host.name
+            )));
         }
         Ok(options)
     }
 
     async fn live(&self, host: &HostRef, vm: &VmRef) -> Result<Option<SimVm>, ProviderError> {
-        self.ledger.find(&host.id, vm.key()).await.map_err(ledger_error)
+        self.ledger
+            .find(&host.id, vm.key())
+            .await
+            .map_err(ledger_error)
     }
 
     fn info(host: &HostRef, vm: SimVm) -> VmInfo {
@@ -142,7 +158,10 @@ impl SimProvider {
         };
         let running = state == VmState::Running;
         VmInfo {
-            vm: VmRef { name: vm.name, id: Some(vm.vm_id) },
+            vm: VmRef {
+                name: vm.name,
+                id: Some(vm.vm_id),
+            },
             environment_id: vm.environment_id,
             state,
             ssh_host: running.then(|| host.guest_address.clone()),
@@ -156,7 +175,10 @@ impl SimProvider {
         self.enter(host).await?;
         match self.live(host, vm).await? {
             Some(v) if v.state == "running" => Ok(()),
-            Some(_) => Err(ProviderError::Failed(format!("simulated VM {} is not running", vm.name))),
+            Some(_) => Err(ProviderError::Failed(format!(
+                "simulated VM {} is not running",
+                vm.name
+            ))),
             None => Err(ProviderError::NotFound(vm.name.clone())),
         }
     }
@@ -164,15 +186,32 @@ impl SimProvider {
     /// Starts the VM's init script unless it ever started; simulated scripts end at once.
     pub async fn start_init(&self, host: &HostRef, vm: &VmRef) -> Result<(), ProviderError> {
         let options = self.enter(host).await?;
-        let live = self.live(host, vm).await?.ok_or_else(|| ProviderError::NotFound(vm.name.clone()))?;
-        self.ledger.run_init(&live.vm_id, options.init_exit_code).await.map_err(ledger_error)
+        let live = self
+            .live(host, vm)
+            .await?
+            .ok_or_else(|| ProviderError::NotFound(vm.name.clone()))?;
+        self.ledger
+            .run_init(&live.vm_id, options.init_exit_code)
+            .await
+            .map_err(ledger_error)
     }
 
     /// The init script's exit code once it ended; `None` while it runs or never started.
-    pub async fn init_outcome(&self, host: &HostRef, vm: &VmRef) -> Result<Option<i64>, ProviderError> {
+    pub async fn init_outcome(
+        &self,
+        host: &HostRef,
+        vm: &VmRef,
+    ) -> Result<Option<i64>, ProviderError> {
         self.enter(host).await?;
-        let live = self.live(host, vm).await?.ok_or_else(|| ProviderError::NotFound(vm.name.clone()))?;
-        Ok(live.init_state.as_deref().and_then(|s| s.strip_prefix("exit:")).and_then(|c| c.parse().ok()))
+        let live = self
+            .live(host, vm)
+            .await?
+            .ok_or_else(|| ProviderError::NotFound(vm.name.clone()))?;
+        Ok(live
+            .init_state
+            .as_deref()
+            .and_then(|s| s.strip_prefix("exit:"))
+            .and_then(|c| c.parse().ok()))
     }
 }
 
@@ -190,10 +229,18 @@ impl Provider for SimProvider {
         self.enter(host).await?;
         let vm = self
             .ledger
-            .ensure(&host.id, &spec.name, &host.installation_id, &spec.environment_id)
+            .ensure(
+                &host.id,
+                &spec.name,
+                &host.installation_id,
+                &spec.environment_id,
+            )
             .await
             .map_err(ledger_error)?;
-        Ok(VmRef { name: vm.name, id: Some(vm.vm_id) })
+        Ok(VmRef {
+            name: vm.name,
+            id: Some(vm.vm_id),
+        })
     }
 
     async fn start(&self, host: &HostRef, vm: &VmRef) -> Result<(), ProviderError> {
@@ -218,20 +265,28 @@ impl Provider for SimProvider {
 
     async fn list(&self, host: &HostRef) -> Result<Vec<VmInfo>, ProviderError> {
         self.enter(host).await?;
-        let vms = self.ledger.list(&host.id, &host.installation_id).await.map_err(ledger_error)?;
+        let vms = self
+            .ledger
+            .list(&host.id, &host.installation_id)
+            .await
+            .map_err(ledger_error)?;
         Ok(vms.into_iter().map(|v| Self::info(host, v)).collect())
     }
 
     async fn fault_point(&self, host: &HostRef, step: &str) -> Result<(), ProviderError> {
         let options = SimOptions::parse(&host.options).map_err(ProviderError::Failed)?;
-        let Some(fault) = options.faults.get(step) else { return Ok(()) };
+        let Some(fault) = options.faults.get(step) else {
+            return Ok(());
+        };
         let (mode, times) = match fault {
             Fault::Always(mode) => (*mode, None),
             Fault::Counted { mode, times } => (*mode, Some(*times)),
         };
         let fired = {
             let mut fired = self.fired.lock().unwrap();
-            let n = fired.entry((host.id.clone(), step.to_string())).or_insert(0);
+            let n = fired
+                .entry((host.id.clone(), step.to_string()))
+                .or_insert(0);
             *n += 1;
             *n
         };
@@ -239,10 +294,14 @@ impl Provider for SimProvider {
             return Ok(());
         }
         match mode {
-            FaultMode::Fail => Err(ProviderError::Failed(format!("simulated failure at {step} on host {}", host.name))),
-            FaultMode::Unavailable => {
-                Err(ProviderError::Unavailable(format!("simulated host {} unreachable at {step}", host.name)))
-            }
+            FaultMode::Fail => Err(ProviderError::Failed(format!(
+                "simulated failure at {step} on host {}",
+                host.name
+            ))),
+            FaultMode::Unavailable => Err(ProviderError::Unavailable(format!(
+                "simulated host {} unreachable at {step}",
+                host.name
+            ))),
             FaultMode::Hang => {
                 tracing::warn!(host = %host.name, step, "simulated host hangs here until this process dies");
                 self.hanging.send_modify(|n| *n += 1);
@@ -255,8 +314,16 @@ impl Provider for SimProvider {
 impl SimProvider {
     async fn set(&self, host: &HostRef, vm: &VmRef, state: &str) -> Result<(), ProviderError> {
         self.enter(host).await?;
-        let live = self.live(host, vm).await?.ok_or_else(|| ProviderError::NotFound(vm.name.clone()))?;
-        if self.ledger.set_state(&live.vm_id, state).await.map_err(ledger_error)? {
+        let live = self
+            .live(host, vm)
+            .await?
+            .ok_or_else(|| ProviderError::NotFound(vm.name.clone()))?;
+        if self
+            .ledger
+            .set_state(&live.vm_id, state)
+            .await
+            .map_err(ledger_error)?
+        {
             Ok(())
         } else {
             Err(ProviderError::NotFound(vm.name.clone()))
@@ -274,22 +341,45 @@ mod tests {
 
     #[async_trait]
     impl SimLedger for Memory {
-        async fn ensure(&self, host_id: &str, name: &str, _inst: &str, env: &str) -> Result<SimVm, String> {
+        async fn ensure(
+            &self,
+            host_id: &str,
+            name: &str,
+            _inst: &str,
+            env: &str,
+        ) -> Result<SimVm, String> {
             let mut all = self.0.lock().unwrap();
-            if let Some((_, _, v)) = all.iter().find(|(h, _, v)| h == host_id && v.name == name && v.state != "destroyed") {
+            if let Some((_, _, v)) = all
+                .iter()
+                .find(|(h, _, v)| h == host_id && v.name == name && v.state != "destroyed")
+            {
                 return Ok(v.clone());
             }
-            let vm = SimVm { vm_id: format!("vm{}", all.len()), name: name.into(), environment_id: env.into(), state: "running".into(), init_state: None };
+            let vm = SimVm {
+                vm_id: format!("vm{}", all.len()),
+                name: name.into(),
+                environment_id: env.into(),
+                state: "running".into(),
+                init_state: None,
+            };
             all.push((host_id.into(), "i".into(), vm.clone()));
             Ok(vm)
         }
         async fn find(&self, host_id: &str, key: &str) -> Result<Option<SimVm>, String> {
             let all = self.0.lock().unwrap();
-            Ok(all.iter().find(|(h, _, v)| h == host_id && (v.vm_id == key || v.name == key) && v.state != "destroyed").map(|t| t.2.clone()))
+            Ok(all
+                .iter()
+                .find(|(h, _, v)| {
+                    h == host_id && (v.vm_id == key || v.name == key) && v.state != "destroyed"
+                })
+                .map(|t| t.2.clone()))
         }
         async fn set_state(&self, vm_id: &str, state: &str) -> Result<bool, String> {
             let mut all = self.0.lock().unwrap();
-            match all.iter_mut().find(|(_, _, v)| v.vm_id == vm_id && v.state != "destroyed") {
+            match all
+                .iter_mut()
+                .find(|(_, _, v)| v.vm_id == vm_id && v.state != "destroyed")
+            {
                 Some((_, _, v)) => {
                     v.state = state.into();
                     Ok(true)
@@ -298,11 +388,21 @@ mod tests {
             }
         }
         async fn list(&self, host_id: &str, _inst: &str) -> Result<Vec<SimVm>, String> {
-            Ok(self.0.lock().unwrap().iter().filter(|(h, _, v)| h == host_id && v.state != "destroyed").map(|t| t.2.clone()).collect())
+            Ok(self
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(h, _, v)| h == host_id && v.state != "destroyed")
+                .map(|t| t.2.clone())
+                .collect())
         }
         async fn run_init(&self, vm_id: &str, code: i64) -> Result<(), String> {
             let mut all = self.0.lock().unwrap();
-            if let Some((_, _, v)) = all.iter_mut().find(|(_, _, v)| v.vm_id == vm_id && v.init_state.is_none()) {
+            if let Some((_, _, v)) = all
+                .iter_mut()
+                .find(|(_, _, v)| v.vm_id == vm_id && v.init_state.is_none())
+            {
                 v.init_state = Some(format!("exit:{code}"));
             }
             Ok(())
@@ -347,29 +447,52 @@ mod tests {
         let b = sim.ensure_created(&h, &spec()).await.unwrap();
         assert_eq!(a, b);
         let info = sim.inspect(&h, &VmRef::named("e1")).await.unwrap().unwrap();
-        assert_eq!((info.state, info.ssh_host.as_deref()), (VmState::Running, Some("10.0.0.1")));
+        assert_eq!(
+            (info.state, info.ssh_host.as_deref()),
+            (VmState::Running, Some("10.0.0.1"))
+        );
         sim.stop(&h, &a).await.unwrap();
-        assert_eq!(sim.inspect(&h, &a).await.unwrap().unwrap().state, VmState::Stopped);
+        assert_eq!(
+            sim.inspect(&h, &a).await.unwrap().unwrap().state,
+            VmState::Stopped
+        );
         sim.start_init(&h, &a).await.unwrap();
         sim.start_init(&h, &a).await.unwrap();
         assert_eq!(sim.init_outcome(&h, &a).await.unwrap(), Some(0));
         sim.destroy(&h, &a).await.unwrap();
         sim.destroy(&h, &a).await.unwrap();
         assert!(sim.inspect(&h, &a).await.unwrap().is_none());
-        assert!(matches!(sim.start(&h, &a).await, Err(ProviderError::NotFound(_))));
+        assert!(matches!(
+            sim.start(&h, &a).await,
+            Err(ProviderError::NotFound(_))
+        ));
     }
 
     #[tokio::test]
     async fn faults_fire_as_configured() {
         let sim = SimProvider::new(Arc::new(Memory::default()));
-        let h = host(serde_json::json!({"faults": {"provision.create_vm": "fail", "stop.stop_vm": {"mode": "unavailable", "times": 1}}}));
-        assert!(matches!(sim.fault_point(&h, "provision.create_vm").await, Err(ProviderError::Failed(_))));
-        assert!(matches!(sim.fault_point(&h, "provision.create_vm").await, Err(ProviderError::Failed(_))));
-        assert!(matches!(sim.fault_point(&h, "stop.stop_vm").await, Err(ProviderError::Unavailable(_))));
+        let h = host(
+            serde_json::json!({"faults": {"provision.create_vm": "fail", "stop.stop_vm": {"mode": "unavailable", "times": 1}}}),
+        );
+        assert!(matches!(
+            sim.fault_point(&h, "provision.create_vm").await,
+            Err(ProviderError::Failed(_))
+        ));
+        assert!(matches!(
+            sim.fault_point(&h, "provision.create_vm").await,
+            Err(ProviderError::Failed(_))
+        ));
+        assert!(matches!(
+            sim.fault_point(&h, "stop.stop_vm").await,
+            Err(ProviderError::Unavailable(_))
+        ));
         sim.fault_point(&h, "stop.stop_vm").await.unwrap();
         sim.fault_point(&h, "destroy.destroy_vm").await.unwrap();
         let down = host(serde_json::json!({"down": true}));
-        assert!(matches!(sim.check(&down).await, Err(ProviderError::Unavailable(_))));
+        assert!(matches!(
+            sim.check(&down).await,
+            Err(ProviderError::Unavailable(_))
+        ));
         assert!(SimOptions::parse(&serde_json::json!({"latencyMs": 1, "bogus": 1})).is_err());
         assert!(SimOptions::parse(&serde_json::json!({"faults": {"x": "explode"}})).is_err());
     }

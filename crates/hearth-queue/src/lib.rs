@@ -33,8 +33,18 @@ impl QueueConfig {
     /// `control` (5, 2 attempts, 2 s doubling).
     pub fn defaults() -> Vec<QueueConfig> {
         vec![
-            QueueConfig { name: "provision".into(), concurrency: 2, max_attempts: 3, backoff: Duration::from_secs(5) },
-            QueueConfig { name: "control".into(), concurrency: 5, max_attempts: 2, backoff: Duration::from_secs(2) },
+            QueueConfig {
+                name: "provision".into(),
+                concurrency: 2,
+                max_attempts: 3,
+                backoff: Duration::from_secs(5),
+            },
+            QueueConfig {
+                name: "control".into(),
+                concurrency: 5,
+                max_attempts: 2,
+                backoff: Duration::from_secs(2),
+            },
         ]
     }
 
@@ -88,7 +98,10 @@ pub struct Timing {
 
 impl Default for Timing {
     fn default() -> Self {
-        Timing { lease: Duration::from_secs(30), poll: Duration::from_secs(1) }
+        Timing {
+            lease: Duration::from_secs(30),
+            poll: Duration::from_secs(1),
+        }
     }
 }
 
@@ -107,9 +120,20 @@ struct Inner {
 
 impl Queue {
     pub fn new(store: Store, configs: Vec<QueueConfig>, timing: Timing) -> Queue {
-        let wakers = configs.iter().map(|c| (c.name.clone(), Arc::new(Notify::new()))).collect();
+        let wakers = configs
+            .iter()
+            .map(|c| (c.name.clone(), Arc::new(Notify::new())))
+            .collect();
         let owner = format!("{}:{}", hostname(), uuid::Uuid::new_v4().simple());
-        Queue { inner: Arc::new(Inner { store, configs, wakers, owner, timing }) }
+        Queue {
+            inner: Arc::new(Inner {
+                store,
+                configs,
+                wakers,
+                owner,
+                timing,
+            }),
+        }
     }
 
     pub fn config(&self, queue: &str) -> Option<&QueueConfig> {
@@ -143,7 +167,12 @@ impl Queue {
         while set.join_next().await.is_some() {}
     }
 
-    async fn run_queue(&self, config: QueueConfig, handler: Arc<dyn Handler>, shutdown: watch::Receiver<bool>) {
+    async fn run_queue(
+        &self,
+        config: QueueConfig,
+        handler: Arc<dyn Handler>,
+        shutdown: watch::Receiver<bool>,
+    ) {
         let permits = Arc::new(Semaphore::new(config.concurrency));
         let wake = self.inner.wakers[&config.name].clone();
         let mut running = JoinSet::new();
@@ -151,8 +180,16 @@ impl Queue {
             if *shutdown.borrow() {
                 break;
             }
-            let permit = permits.clone().acquire_owned().await.expect("semaphore never closes");
-            let claimed = self.inner.store.claim(&config.name, &self.inner.owner, self.lease_ms()).await;
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closes");
+            let claimed = self
+                .inner
+                .store
+                .claim(&config.name, &self.inner.owner, self.lease_ms())
+                .await;
             match claimed {
                 Ok(Some(job)) => {
                     // Another job may be ready too: let the next loop look without waiting.
@@ -164,7 +201,9 @@ impl Queue {
                     continue;
                 }
                 Ok(None) => {}
-                Err(e) => tracing::warn!(queue = %config.name, error = %e, "could not claim a job; retrying"),
+                Err(e) => {
+                    tracing::warn!(queue = %config.name, error = %e, "could not claim a job; retrying")
+                }
             }
             drop(permit);
             let sleep = self.idle_sleep(&config.name).await;
@@ -183,7 +222,9 @@ impl Queue {
     async fn idle_sleep(&self, queue: &str) -> Duration {
         let poll = self.inner.timing.poll;
         match self.inner.store.next_run_after(queue).await {
-            Ok(Some(at)) => Duration::from_millis((at - self.inner.store.now()).clamp(10, poll.as_millis() as i64) as u64),
+            Ok(Some(at)) => Duration::from_millis(
+                (at - self.inner.store.now()).clamp(10, poll.as_millis() as i64) as u64,
+            ),
             _ => poll,
         }
     }
@@ -196,7 +237,12 @@ impl Queue {
         loop {
             let mut any = false;
             for config in &self.inner.configs {
-                if let Ok(Some(job)) = self.inner.store.claim(&config.name, &self.inner.owner, self.lease_ms()).await {
+                if let Ok(Some(job)) = self
+                    .inner
+                    .store
+                    .claim(&config.name, &self.inner.owner, self.lease_ms())
+                    .await
+                {
                     self.execute(config, handler, job).await;
                     ran += 1;
                     any = true;
@@ -216,19 +262,31 @@ impl Queue {
         let store = &self.inner.store;
         let owner = &self.inner.owner;
         tracing::info!(job = job.id, kind = %job.kind, environment = %job.environment_id, attempt = job.attempts, crashes = job.crashes, "job started");
-        let lease = Lease { owner: owner.clone(), lost: CancellationToken::new() };
+        let lease = Lease {
+            owner: owner.clone(),
+            lost: CancellationToken::new(),
+        };
         let _heartbeat = {
-            let (store, owner, lease_ms, lost) = (store.clone(), owner.clone(), self.lease_ms(), lease.lost.clone());
+            let (store, owner, lease_ms, lost) = (
+                store.clone(),
+                owner.clone(),
+                self.lease_ms(),
+                lease.lost.clone(),
+            );
             let id = job.id;
             AbortOnDrop(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_millis((lease_ms / 3).max(1) as u64));
+                let mut tick =
+                    tokio::time::interval(Duration::from_millis((lease_ms / 3).max(1) as u64));
                 tick.tick().await;
                 loop {
                     tick.tick().await;
                     match store.renew_lease(id, &owner, lease_ms).await {
                         Ok(true) => {}
                         Ok(false) => {
-                            tracing::warn!(job = id, "lost the lease on a running job; stopping it here");
+                            tracing::warn!(
+                                job = id,
+                                "lost the lease on a running job; stopping it here"
+                            );
                             lost.cancel();
                             break;
                         }
@@ -254,11 +312,20 @@ impl Queue {
             Err(JobError::Retry(msg)) if !job.is_last_attempt() => {
                 let delay = config.backoff_for(job.attempts);
                 tracing::warn!(job = job.id, kind = %job.kind, error = %msg, retry_in_ms = delay.as_millis() as u64, "job failed; will retry");
-                store.fail(job.id, owner, &msg, Some(store.now() + delay.as_millis() as i64)).await
+                store
+                    .fail(
+                        job.id,
+                        owner,
+                        &msg,
+                        Some(store.now() + delay.as_millis() as i64),
+                    )
+                    .await
             }
             Err(JobError::Later(msg, delay)) => {
                 tracing::info!(job = job.id, kind = %job.kind, note = %msg, again_in_ms = delay.as_millis() as u64, "job waits");
-                store.postpone(job.id, owner, &msg, store.now() + delay.as_millis() as i64).await
+                store
+                    .postpone(job.id, owner, &msg, store.now() + delay.as_millis() as i64)
+                    .await
             }
             Err(e) => {
                 tracing::error!(job = job.id, kind = %job.kind, error = %e, "job failed for good; dead-lettered");
@@ -277,7 +344,10 @@ impl Queue {
             match self.inner.store.requeue_expired().await {
                 Ok(0) => {}
                 Ok(n) => {
-                    tracing::warn!(jobs = n, "handed back jobs whose worker stopped renewing its lease");
+                    tracing::warn!(
+                        jobs = n,
+                        "handed back jobs whose worker stopped renewing its lease"
+                    );
                     for c in &self.inner.configs {
                         self.wake(&c.name);
                     }

@@ -4,15 +4,29 @@ use hearth_store::{JobState, NewJob};
 use std::sync::atomic::{AtomicI64, Ordering};
 
 fn fast(concurrency: usize, max_attempts: i64) -> Vec<QueueConfig> {
-    vec![QueueConfig { name: "q".into(), concurrency, max_attempts, backoff: Duration::from_millis(50) }]
+    vec![QueueConfig {
+        name: "q".into(),
+        concurrency,
+        max_attempts,
+        backoff: Duration::from_millis(50),
+    }]
 }
 
 fn timing() -> Timing {
-    Timing { lease: Duration::from_millis(600), poll: Duration::from_millis(50) }
+    Timing {
+        lease: Duration::from_millis(600),
+        poll: Duration::from_millis(50),
+    }
 }
 
 fn job(env: &str) -> NewJob {
-    NewJob { queue: "q".into(), kind: "k".into(), environment_id: env.into(), max_attempts: 2, actor: "system:test".into() }
+    NewJob {
+        queue: "q".into(),
+        kind: "k".into(),
+        environment_id: env.into(),
+        max_attempts: 2,
+        actor: "system:test".into(),
+    }
 }
 
 async fn wait_until<F: Fn() -> bool>(what: &str, f: F) {
@@ -40,12 +54,21 @@ impl Handler for Counting {
         self.peak.fetch_max(n, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(40)).await;
         self.now.fetch_sub(1, Ordering::SeqCst);
-        if self.fail { Err(JobError::Retry("always fails".into())) } else { Ok(()) }
+        if self.fail {
+            Err(JobError::Retry("always fails".into()))
+        } else {
+            Ok(())
+        }
     }
 }
 
 fn counting(fail: bool) -> Arc<Counting> {
-    Arc::new(Counting { runs: AtomicI64::new(0), now: AtomicI64::new(0), peak: AtomicI64::new(0), fail })
+    Arc::new(Counting {
+        runs: AtomicI64::new(0),
+        now: AtomicI64::new(0),
+        peak: AtomicI64::new(0),
+        fail,
+    })
 }
 
 #[tokio::test]
@@ -66,7 +89,11 @@ async fn runs_each_job_once_within_the_concurrency_limit() {
         stop.send(true).unwrap();
         task.await.unwrap();
         assert_eq!(h.runs.load(Ordering::SeqCst), 8);
-        assert!(h.peak.load(Ordering::SeqCst) <= 3, "peak {}", h.peak.load(Ordering::SeqCst));
+        assert!(
+            h.peak.load(Ordering::SeqCst) <= 3,
+            "peak {}",
+            h.peak.load(Ordering::SeqCst)
+        );
         for id in ids {
             assert_eq!(store.job(id).await.unwrap().state, JobState::Succeeded);
         }
@@ -128,7 +155,10 @@ async fn a_dead_workers_job_runs_again_elsewhere() {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(store.job(id).await.unwrap().lease_owner.as_deref(), Some(first.owner()));
+        assert_eq!(
+            store.job(id).await.unwrap().lease_owner.as_deref(),
+            Some(first.owner())
+        );
         dying.abort();
         // Second process picks it up once the lease runs out.
         let second = Queue::new(store.clone(), fast(1, 2), timing());
@@ -143,7 +173,10 @@ async fn a_dead_workers_job_runs_again_elsewhere() {
         task.await.unwrap();
         let j = store.job(id).await.unwrap();
         // The dead worker's claim is a crash, not an attempt.
-        assert_eq!((j.state, j.attempts, j.crashes), (JobState::Succeeded, 1, 1));
+        assert_eq!(
+            (j.state, j.attempts, j.crashes),
+            (JobState::Succeeded, 1, 1)
+        );
     })
     .await;
 }
@@ -185,12 +218,22 @@ async fn a_handler_learns_that_its_lease_is_lost() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // Someone else takes the job (as the sweeper would after a stall).
-        store.exec_sql_for_tests("UPDATE jobs SET lease_owner = 'other' WHERE id = $1 AND $2 = $2", id, "").await.unwrap();
+        store
+            .exec_sql_for_tests(
+                "UPDATE jobs SET lease_owner = 'other' WHERE id = $1 AND $2 = $2",
+                id,
+                "",
+            )
+            .await
+            .unwrap();
         wait_until("the handler to see the loss", || saw.load(Ordering::SeqCst)).await;
         stop.send(true).unwrap();
         task.await.unwrap();
         // The old worker recorded nothing: the job is the other owner's.
-        assert_eq!(store.job(id).await.unwrap().lease_owner.as_deref(), Some("other"));
+        assert_eq!(
+            store.job(id).await.unwrap().lease_owner.as_deref(),
+            Some("other")
+        );
     })
     .await;
 }
@@ -200,7 +243,10 @@ struct Waits;
 #[async_trait]
 impl Handler for Waits {
     async fn run(&self, _job: &Job, _lease: &Lease) -> Result<(), JobError> {
-        Err(JobError::Later("waiting for the host".into(), Duration::from_secs(60)))
+        Err(JobError::Later(
+            "waiting for the host".into(),
+            Duration::from_secs(60),
+        ))
     }
 }
 
@@ -211,7 +257,10 @@ async fn waiting_spends_no_attempt() {
         let queue = Queue::new(store.clone(), fast(1, 1), timing());
         assert_eq!(queue.run_ready(&Waits).await, 1);
         let j = store.job(id).await.unwrap();
-        assert_eq!((j.state, j.attempts, j.last_error.as_deref()), (JobState::Queued, 0, Some("waiting for the host")));
+        assert_eq!(
+            (j.state, j.attempts, j.last_error.as_deref()),
+            (JobState::Queued, 0, Some("waiting for the host"))
+        );
         assert!(j.run_after >= store.now() + 59_000);
         assert_eq!(queue.run_ready(&Waits).await, 0, "not due yet");
     })

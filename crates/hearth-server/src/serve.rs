@@ -25,7 +25,8 @@ const RESERVED_DESCRIPTORS: u64 = 512;
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -34,14 +35,20 @@ async fn shutdown_signal() {
 
 /// Raises the soft limit on open files to the hard one; returns the limit now in force.
 fn raise_descriptor_limit() -> u64 {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
             return 1024;
         }
         if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
                 limit = raised;
             }
@@ -64,15 +71,24 @@ pub async fn run(config: Config) -> Result<()> {
     let app = hearth_app::start::open_app(config).await?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
-        .with_context(|| format!("cannot listen on {listen}; set HEARTH_LISTEN to a free address"))?;
+        .with_context(|| {
+            format!("cannot listen on {listen}; set HEARTH_LISTEN to a free address")
+        })?;
     tracing::info!(address = %listener.local_addr()?, data_dir = %app.config.data_dir.display(), max_connections, "Hearth is serving");
 
     let (stop, stopped) = watch::channel(false);
     let background = hearth_app::start::spawn_background(&app, stopped);
     let router = crate::api::router(app.clone());
     let mut builder = Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
-    builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(30)));
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(Duration::from_secs(30)));
     let builder = Arc::new(builder);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(max_connections));
@@ -105,7 +121,9 @@ pub async fn run(config: Config) -> Result<()> {
         // No Nagle delay: terminal keystrokes and event lines are small writes.
         let _ = tcp.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone());
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service).into_owned();
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+            .into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             let _ = connection.await;
@@ -116,7 +134,10 @@ pub async fn run(config: Config) -> Result<()> {
     drop(listener);
     let _ = stop.send(true);
     // Event streams and terminals never end by themselves: give them a moment, then go.
-    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::info!("closing the remaining long-lived connections");
     }
     for task in background {

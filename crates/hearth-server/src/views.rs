@@ -3,7 +3,9 @@
 
 use hearth_app::service::ExecResult;
 use hearth_core::{EnvState, HostHealth, HostKind, HostStatus, Quota, Role, Tier, Usage};
-use hearth_store::{AuditEntry, Environment, Execution, ExecutionSummary, Host, Job, LogEntry, QuotaOverrides, User};
+use hearth_store::{
+    AuditEntry, Environment, Execution, ExecutionSummary, Host, Job, LogEntry, QuotaOverrides, User,
+};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -43,7 +45,9 @@ pub struct UserVm {
 impl From<&Environment> for UserVm {
     fn from(e: &Environment) -> UserVm {
         let running_now = match (e.state, e.started_at) {
-            (hearth_core::EnvState::Running, Some(s)) => ((hearth_core::Clock::now_ms(&hearth_core::clock::SystemClock) - s) / 1000).max(0),
+            (hearth_core::EnvState::Running, Some(s)) => {
+                ((hearth_core::Clock::now_ms(&hearth_core::clock::SystemClock) - s) / 1000).max(0)
+            }
             _ => 0,
         };
         UserVm {
@@ -104,7 +108,11 @@ pub struct LogView {
 
 impl From<&LogEntry> for LogView {
     fn from(l: &LogEntry) -> LogView {
-        LogView { timestamp: time(l.at), level: l.level.clone(), message: l.message.clone() }
+        LogView {
+            timestamp: time(l.at),
+            level: l.level.clone(),
+            message: l.message.clone(),
+        }
     }
 }
 
@@ -341,6 +349,12 @@ pub struct HostView {
     pub tls: bool,
     #[schema(value_type = Object)]
     pub options: serde_json::Value,
+    /// What the host said of itself at its last check: for an agent `version`,
+    /// `accel` (`kvm` or `tcg`), `capacity`, `vms` and `running`; for a Docker engine its
+    /// `version`, `containers` and `running` (all of the engine's, not only Hearth's); null
+    /// for kinds that say nothing.
+    #[schema(value_type = Option<Object>)]
+    pub report: Option<serde_json::Value>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -369,6 +383,7 @@ impl From<&Host> for HostView {
             used_gpus: h.used_gpus,
             tls: h.tls_key_sealed.is_some(),
             options: h.options.clone(),
+            report: h.report.clone(),
             created_at: time(h.created_at),
             updated_at: time(h.updated_at),
         }
@@ -449,7 +464,11 @@ pub struct TokenView {
 
 impl From<&hearth_store::ApiToken> for TokenView {
     fn from(t: &hearth_store::ApiToken) -> TokenView {
-        TokenView { id: t.id.clone(), name: t.name.clone(), created_at: time(t.created_at) }
+        TokenView {
+            id: t.id.clone(),
+            name: t.name.clone(),
+            created_at: time(t.created_at),
+        }
     }
 }
 
@@ -531,7 +550,10 @@ pub struct ActivityView {
 
 impl From<&Environment> for ActivityView {
     fn from(env: &Environment) -> ActivityView {
-        let last = env.last_activity_at.or(env.started_at).unwrap_or(env.created_at);
+        let last = env
+            .last_activity_at
+            .or(env.started_at)
+            .unwrap_or(env.created_at);
         let next_stop = match (env.state, env.auto_stop_minutes) {
             (EnvState::Running, Some(m)) if m > 0 => Some(time(last + m * 60_000)),
             _ => None,
@@ -542,7 +564,9 @@ impl From<&Environment> for ActivityView {
                 env.last_activity_source.as_deref().unwrap_or("start"),
                 env.auto_stop_minutes.unwrap_or(0)
             ),
-            None if env.state == EnvState::Running => "auto-stop is off for this environment".to_string(),
+            None if env.state == EnvState::Running => {
+                "auto-stop is off for this environment".to_string()
+            }
             None => format!("the environment is {}", env.state),
         };
         ActivityView {

@@ -59,7 +59,11 @@ pub struct Environment {
 
 impl Environment {
     pub fn resources(&self) -> Resources {
-        Resources { vcpus: self.vcpus, memory_mb: self.memory_mb, disk_gb: self.disk_gb }
+        Resources {
+            vcpus: self.vcpus,
+            memory_mb: self.memory_mb,
+            disk_gb: self.disk_gb,
+        }
     }
 
     /// What it needs from a host. A region asked for at creation stays asked for; the
@@ -77,7 +81,9 @@ impl Environment {
     /// A copy moved to `to`, with the timestamps that transition implies. Refuses
     /// transitions the state machine does not allow.
     pub fn moved_to(&self, to: EnvState, message: Option<String>, now: i64) -> Result<Environment> {
-        self.state.check(to).map_err(|e| StoreError::Conflict(e.to_string()))?;
+        self.state
+            .check(to)
+            .map_err(|e| StoreError::Conflict(e.to_string()))?;
         let mut next = self.clone();
         next.state = to;
         next.state_message = message;
@@ -145,7 +151,8 @@ macro_rules! select_env {
 impl Store {
     /// Environment variables as kept at rest: sealed JSON when the store has a key.
     fn seal_vars(&self, vars: &BTreeMap<String, String>) -> Result<String> {
-        let json = serde_json::to_string(vars).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+        let json =
+            serde_json::to_string(vars).map_err(|err| StoreError::Corrupt(err.to_string()))?;
         Ok(match &self.secrets {
             Some(s) => s.seal(&json),
             None => json,
@@ -155,10 +162,17 @@ impl Store {
     fn open_vars(&self, kept: &str) -> Result<BTreeMap<String, String>> {
         let json = match (&self.secrets, kept.starts_with('{')) {
             (_, true) => kept.to_string(),
-            (Some(s), false) => s.open(kept).map_err(|e| StoreError::Corrupt(format!("environment_vars: {e}")))?,
-            (None, false) => return Err(StoreError::Corrupt("environment_vars are sealed and this store has no key".into())),
+            (Some(s), false) => s
+                .open(kept)
+                .map_err(|e| StoreError::Corrupt(format!("environment_vars: {e}")))?,
+            (None, false) => {
+                return Err(StoreError::Corrupt(
+                    "environment_vars are sealed and this store has no key".into(),
+                ));
+            }
         };
-        serde_json::from_str(&json).map_err(|e| StoreError::Corrupt(format!("environment_vars: {e}")))
+        serde_json::from_str(&json)
+            .map_err(|e| StoreError::Corrupt(format!("environment_vars: {e}")))
     }
 
     fn env_from_row(&self, row: &AnyRow) -> Result<Environment> {
@@ -180,10 +194,12 @@ fn env_from_row(row: &AnyRow) -> Result<Environment> {
         name: row.try_get("name")?,
         user_id: row.try_get("user_id")?,
         personal: row.try_get::<i64, _>("personal")? != 0,
-        state: EnvState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("state {state}")))?,
+        state: EnvState::parse(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("state {state}")))?,
         state_message: row.try_get("state_message")?,
         generation: row.try_get("generation")?,
-        provider: HostKind::parse(&provider).ok_or_else(|| StoreError::Corrupt(format!("provider {provider}")))?,
+        provider: HostKind::parse(&provider)
+            .ok_or_else(|| StoreError::Corrupt(format!("provider {provider}")))?,
         host_id: row.try_get("host_id")?,
         vm_id: row.try_get("vm_id")?,
         region: row.try_get("region")?,
@@ -219,7 +235,9 @@ fn env_from_row(row: &AnyRow) -> Result<Environment> {
 pub fn new_slug() -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rngs::OsRng;
-    let s: String = (0..8).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect();
+    let s: String = (0..8)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect();
     format!("env_{s}")
 }
 
@@ -242,7 +260,10 @@ impl Store {
                 None => Err(StoreError::Quota(q)),
             },
             Err(StoreError::Db(e)) if crate::is_unique_violation(&e) => {
-                let existing = self.personal_environment(&user.id).await?.ok_or(StoreError::NotFound)?;
+                let existing = self
+                    .personal_environment(&user.id)
+                    .await?
+                    .ok_or(StoreError::NotFound)?;
                 Ok(PersonalOutcome::Existing(existing))
             }
             Err(e) => Err(e),
@@ -253,7 +274,12 @@ impl Store {
     /// Inserts an environment in `requested` on the host placement chose, its first job
     /// and the audit line, in one transaction, after checking the quota against current
     /// usage.
-    pub async fn create_environment(&self, user: &User, new: NewEnvironment, first_job: NewJob) -> Result<Environment> {
+    pub async fn create_environment(
+        &self,
+        user: &User,
+        new: NewEnvironment,
+        first_job: NewJob,
+    ) -> Result<Environment> {
         let now = self.now();
         let mut env = Environment {
             id: uuid::Uuid::now_v7().to_string(),
@@ -297,17 +323,33 @@ impl Store {
         let mut tx = self.begin().await?;
         // Lock the user row so concurrent creates by one user queue up on PostgreSQL.
         let lock = format!("SELECT id FROM users WHERE id = $1{}", self.for_update());
-        sqlx::query(sqlx::AssertSqlSafe(lock)).bind(&user.id).fetch_one(&mut *tx).await?;
+        sqlx::query(sqlx::AssertSqlSafe(lock))
+            .bind(&user.id)
+            .fetch_one(&mut *tx)
+            .await?;
         let (quota, usage) = quota_and_usage(&mut tx, user).await?;
-        quota.admit(&usage, &env.resources()).map_err(StoreError::Quota)?;
+        quota
+            .admit(&usage, &env.resources())
+            .map_err(StoreError::Quota)?;
         let host_id = self.place_in(&mut tx, &new.placement, None).await?;
         env.region = host_region(&mut tx, &host_id).await?;
         env.host_id = Some(host_id);
         let vars = self.seal_vars(&env.environment_vars)?;
         insert_env(&mut tx, &env, &vars).await?;
         insert_job(&mut tx, &first_job.for_environment(&env.id), now).await?;
-        insert_audit(&mut tx, now, &first_job.actor, "create", Some(&env.id), None, Some(EnvState::Requested), "success", None, None)
-            .await?;
+        insert_audit(
+            &mut tx,
+            now,
+            &first_job.actor,
+            "create",
+            Some(&env.id),
+            None,
+            Some(EnvState::Requested),
+            "success",
+            None,
+            None,
+        )
+        .await?;
         tx.commit().await?;
         Ok(env)
     }
@@ -323,15 +365,21 @@ impl Store {
 
     /// The user's live (not destroyed) personal environment.
     pub async fn personal_environment(&self, user_id: &str) -> Result<Option<Environment>> {
-        let row = sqlx::query(select_env!("WHERE user_id = $1 AND personal = 1 AND state <> 'destroyed'"))
-            .bind(user_id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(select_env!(
+            "WHERE user_id = $1 AND personal = 1 AND state <> 'destroyed'"
+        ))
+        .bind(user_id)
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(|r| self.env_from_row(r)).transpose()
     }
 
     /// The caller's environment by id or slug. Someone else's is `NotFound`, never shown.
-    pub async fn environment_for_user(&self, user_id: &str, id_or_slug: &str) -> Result<Environment> {
+    pub async fn environment_for_user(
+        &self,
+        user_id: &str,
+        id_or_slug: &str,
+    ) -> Result<Environment> {
         let row = sqlx::query(select_env!("WHERE user_id = $1 AND (id = $2 OR slug = $2)"))
             .bind(user_id)
             .bind(id_or_slug)
@@ -382,7 +430,10 @@ impl Store {
             .bind(limit + 1)
             .fetch_all(&self.pool)
             .await?;
-        let mut items = rows.iter().map(|r| self.env_from_row(r)).collect::<Result<Vec<_>>>()?;
+        let mut items = rows
+            .iter()
+            .map(|r| self.env_from_row(r))
+            .collect::<Result<Vec<_>>>()?;
         let next = crate::finish_page(&mut items, limit, |e| e.id.clone());
         Ok((items, next))
     }
@@ -432,23 +483,35 @@ impl Store {
 
     /// Every environment that is not destroyed, for the admin view.
     pub async fn live_environments(&self) -> Result<Vec<Environment>> {
-        let rows = sqlx::query(select_env!("WHERE state <> 'destroyed' ORDER BY created_at, id"))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(select_env!(
+            "WHERE state <> 'destroyed' ORDER BY created_at, id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(|r| self.env_from_row(r)).collect()
     }
 
     /// Writes `next` if the row still has `prev`'s state and generation; bumps the
     /// generation, reserves or releases quota and host room as the transition says, and
     /// records it in the audit log, in one transaction.
-    pub async fn save_transition(&self, prev: &Environment, next: Environment, actor: &str) -> Result<Environment> {
+    pub async fn save_transition(
+        &self,
+        prev: &Environment,
+        next: Environment,
+        actor: &str,
+    ) -> Result<Environment> {
         self.write_transition(prev, next, actor, false).await
     }
 
     /// As `save_transition`, into a state at rest (`error`), but holding on to the quota
     /// and host room: its VM may still exist and must stay counted until an undo removes
     /// it (then `release_held`).
-    pub async fn save_transition_holding(&self, prev: &Environment, next: Environment, actor: &str) -> Result<Environment> {
+    pub async fn save_transition_holding(
+        &self,
+        prev: &Environment,
+        next: Environment,
+        actor: &str,
+    ) -> Result<Environment> {
         self.write_transition(prev, next, actor, true).await
     }
 
@@ -481,7 +544,13 @@ impl Store {
         Ok(next)
     }
 
-    async fn write_transition(&self, prev: &Environment, mut next: Environment, actor: &str, holding: bool) -> Result<Environment> {
+    async fn write_transition(
+        &self,
+        prev: &Environment,
+        mut next: Environment,
+        actor: &str,
+        holding: bool,
+    ) -> Result<Environment> {
         let now = self.now();
         next.generation = prev.generation + 1;
         next.updated_at = now;
@@ -494,9 +563,15 @@ impl Store {
             Reservation::Reserve => {
                 let user = crate::users::user_in(&mut tx, &prev.user_id, self.for_update()).await?;
                 let (quota, usage) = quota_and_usage(&mut tx, &user).await?;
-                quota.admit_existing(&usage, &next.resources()).map_err(StoreError::Quota)?;
+                quota
+                    .admit_existing(&usage, &next.resources())
+                    .map_err(StoreError::Quota)?;
                 // A VM that exists lives on its host; one never made may go anywhere.
-                let pinned = if prev.vm_id.is_some() { prev.host_id.as_deref() } else { None };
+                let pinned = if prev.vm_id.is_some() {
+                    prev.host_id.as_deref()
+                } else {
+                    None
+                };
                 let host_id = self.place_in(&mut tx, &next.placement(), pinned).await?;
                 next.region = host_region(&mut tx, &host_id).await?;
                 next.host_id = Some(host_id);
@@ -541,13 +616,32 @@ impl Store {
             return Err(StoreError::Stale);
         }
         if prev.state != next.state {
-            let outcome = if next.state == EnvState::Error { "failed" } else { "success" };
-            let error = if next.state == EnvState::Error { next.state_message.as_deref() } else { None };
+            let outcome = if next.state == EnvState::Error {
+                "failed"
+            } else {
+                "success"
+            };
+            let error = if next.state == EnvState::Error {
+                next.state_message.as_deref()
+            } else {
+                None
+            };
             let action = format!("state_{}", next.state);
             // How long the environment spent in the state it leaves.
             let in_previous = (now - prev.updated_at).max(0);
-            insert_audit(&mut tx, now, actor, &action, Some(&prev.id), Some(prev.state), Some(next.state), outcome, error, Some(in_previous))
-                .await?;
+            insert_audit(
+                &mut tx,
+                now,
+                actor,
+                &action,
+                Some(&prev.id),
+                Some(prev.state),
+                Some(next.state),
+                outcome,
+                error,
+                Some(in_previous),
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(next)
@@ -594,7 +688,10 @@ impl Store {
 }
 
 async fn host_region(tx: &mut Tx, host_id: &str) -> Result<Option<String>> {
-    let row = sqlx::query("SELECT region FROM hosts WHERE id = $1").bind(host_id).fetch_one(&mut **tx).await?;
+    let row = sqlx::query("SELECT region FROM hosts WHERE id = $1")
+        .bind(host_id)
+        .fetch_one(&mut **tx)
+        .await?;
     Ok(row.try_get("region")?)
 }
 
@@ -678,23 +775,42 @@ pub(crate) mod tests {
 
     /// A Docker host with room for anything the tests ask.
     pub(crate) async fn roomy_host(store: &Store) -> crate::Host {
-        store.add_host(&crate::hosts::tests::host("roomy", HostKind::Docker, 100_000, 100_000_000)).await.unwrap()
+        store
+            .add_host(&crate::hosts::tests::host(
+                "roomy",
+                HostKind::Docker,
+                100_000,
+                100_000_000,
+            ))
+            .await
+            .unwrap()
     }
 
     pub(crate) fn provision_job(actor: &str) -> NewJob {
-        NewJob { queue: "provision".into(), kind: "provision".into(), environment_id: String::new(), max_attempts: 3, actor: actor.into() }
+        NewJob {
+            queue: "provision".into(),
+            kind: "provision".into(),
+            environment_id: String::new(),
+            max_attempts: 3,
+            actor: actor.into(),
+        }
     }
 
     #[tokio::test]
     async fn personal_vm_is_created_once_even_concurrently() {
         each_backend(|store| async move {
             roomy_host(&store).await;
-            let (user, _) = store.create_user("p@example.com", Role::User, Tier::Free).await.unwrap();
+            let (user, _) = store
+                .create_user("p@example.com", Role::User, Tier::Free)
+                .await
+                .unwrap();
             let mut tasks = Vec::new();
             for _ in 0..8 {
                 let (store, user) = (store.clone(), user.clone());
                 tasks.push(tokio::spawn(async move {
-                    store.create_personal_environment(&user, sample(true), provision_job(&user.id)).await
+                    store
+                        .create_personal_environment(&user, sample(true), provision_job(&user.id))
+                        .await
                 }));
             }
             let mut created = 0;
@@ -723,14 +839,32 @@ pub(crate) mod tests {
     async fn quota_is_enforced_in_the_transaction() {
         each_backend(|store| async move {
             roomy_host(&store).await;
-            let (user, _) = store.create_user("q@example.com", Role::User, Tier::Free).await.unwrap();
+            let (user, _) = store
+                .create_user("q@example.com", Role::User, Tier::Free)
+                .await
+                .unwrap();
             let mut big = sample(false);
             big.placement.resources.vcpus = 3;
-            let err = store.create_environment(&user, big, provision_job(&user.id)).await.unwrap_err();
-            assert!(matches!(err, StoreError::Quota(ref q) if q.limit == "maxVcpus"), "{err}");
-            store.create_environment(&user, sample(false), provision_job(&user.id)).await.unwrap();
-            let err = store.create_environment(&user, sample(false), provision_job(&user.id)).await.unwrap_err();
-            assert!(matches!(err, StoreError::Quota(ref q) if q.limit == "maxEnvironments"), "{err}");
+            let err = store
+                .create_environment(&user, big, provision_job(&user.id))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, StoreError::Quota(ref q) if q.limit == "maxVcpus"),
+                "{err}"
+            );
+            store
+                .create_environment(&user, sample(false), provision_job(&user.id))
+                .await
+                .unwrap();
+            let err = store
+                .create_environment(&user, sample(false), provision_job(&user.id))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, StoreError::Quota(ref q) if q.limit == "maxEnvironments"),
+                "{err}"
+            );
         })
         .await;
     }
@@ -739,19 +873,42 @@ pub(crate) mod tests {
     async fn stale_writers_lose() {
         each_backend(|store| async move {
             roomy_host(&store).await;
-            let (user, _) = store.create_user("s@example.com", Role::User, Tier::Free).await.unwrap();
-            let env = store.create_environment(&user, sample(true), provision_job(&user.id)).await.unwrap();
-            let a = env.moved_to(EnvState::Provisioning, None, store.now()).unwrap();
-            let b = env.moved_to(EnvState::Error, Some("x".into()), store.now()).unwrap();
+            let (user, _) = store
+                .create_user("s@example.com", Role::User, Tier::Free)
+                .await
+                .unwrap();
+            let env = store
+                .create_environment(&user, sample(true), provision_job(&user.id))
+                .await
+                .unwrap();
+            let a = env
+                .moved_to(EnvState::Provisioning, None, store.now())
+                .unwrap();
+            let b = env
+                .moved_to(EnvState::Error, Some("x".into()), store.now())
+                .unwrap();
             let saved = store.save_transition(&env, a, "system:test").await.unwrap();
             assert_eq!(saved.generation, env.generation + 1);
-            assert!(matches!(store.save_transition(&env, b, "system:test").await, Err(StoreError::Stale)));
-            assert_eq!(store.environment(&env.id).await.unwrap().state, EnvState::Provisioning);
+            assert!(matches!(
+                store.save_transition(&env, b, "system:test").await,
+                Err(StoreError::Stale)
+            ));
+            assert_eq!(
+                store.environment(&env.id).await.unwrap().state,
+                EnvState::Provisioning
+            );
             // Not in the table: refused before any write.
-            assert!(saved.moved_to(EnvState::Stopped, None, store.now()).is_err());
+            assert!(
+                saved
+                    .moved_to(EnvState::Stopped, None, store.now())
+                    .is_err()
+            );
             let audit = store.audit_for_environment(&env.id).await.unwrap();
             let last = audit.last().unwrap();
-            assert_eq!((last.previous_state.as_deref(), last.new_state.as_deref()), (Some("requested"), Some("provisioning")));
+            assert_eq!(
+                (last.previous_state.as_deref(), last.new_state.as_deref()),
+                (Some("requested"), Some("provisioning"))
+            );
             assert!(last.duration_ms.is_some_and(|d| d >= 0));
         })
         .await;

@@ -58,6 +58,9 @@ pub struct Host {
     /// Which machine it is, as it says itself; `None` until first checked, or for kinds
     /// that cannot say.
     pub identity: Option<String>,
+    /// What the host said of itself at its last check (an agent: version, accelerator,
+    /// VMs), kept only to be shown.
+    pub report: Option<serde_json::Value>,
     pub created_at: i64,
     pub updated_at: i64,
 }
@@ -102,7 +105,7 @@ pub struct Placement {
 
 const SELECT_HOST: &str = "SELECT id, name, kind, endpoint, guest_address, region, gpu_model, gpu_count, status, health, \
     health_message, last_seen_at, max_vcpus, max_memory_mb, max_environments, used_vcpus, used_memory_mb, \
-    used_environments, used_gpus, tls_ca, tls_cert, tls_key_sealed, credential_sealed, options, identity, created_at, updated_at FROM hosts";
+    used_environments, used_gpus, tls_ca, tls_cert, tls_key_sealed, credential_sealed, options, identity, report, created_at, updated_at FROM hosts";
 
 fn host_from_row(r: &AnyRow) -> Result<Host> {
     let corrupt = |what: &str, v: &str| StoreError::Corrupt(format!("host {what} {v:?}"));
@@ -138,6 +141,9 @@ fn host_from_row(r: &AnyRow) -> Result<Host> {
         credential_sealed: r.try_get("credential_sealed")?,
         options: serde_json::from_str(&options).map_err(|_| corrupt("options", &options))?,
         identity: r.try_get("identity")?,
+        report: r
+            .try_get::<Option<String>, _>("report")?
+            .and_then(|t| serde_json::from_str(&t).ok()),
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
     })
@@ -153,7 +159,14 @@ pub struct JoinToken {
 
 impl Store {
     /// Records a join token (by its hash) for a host to be called `host_name`.
-    pub async fn create_join_token(&self, token_hash: &str, host_name: &str, region: Option<&str>, created_by: &str, expires_at: i64) -> Result<()> {
+    pub async fn create_join_token(
+        &self,
+        token_hash: &str,
+        host_name: &str,
+        region: Option<&str>,
+        created_by: &str,
+        expires_at: i64,
+    ) -> Result<()> {
         sqlx::query(
             "INSERT INTO join_tokens (token_hash, host_name, region, created_by, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
         )
@@ -175,8 +188,14 @@ impl Store {
             .bind(self.now())
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|r| Ok(JoinToken { host_name: r.try_get("host_name")?, region: r.try_get("region")?, expires_at: r.try_get("expires_at")? }))
-            .transpose()
+        row.map(|r| {
+            Ok(JoinToken {
+                host_name: r.try_get("host_name")?,
+                region: r.try_get("region")?,
+                expires_at: r.try_get("expires_at")?,
+            })
+        })
+        .transpose()
     }
 
     /// Spends the token and registers the host in one transaction: a token makes one host,
@@ -195,7 +214,10 @@ impl Store {
             Ok(host) => Ok(host),
             Err(e) => {
                 // Nothing was made: the token may be used again.
-                let _ = sqlx::query("UPDATE join_tokens SET used_at = NULL WHERE token_hash = $1").bind(token_hash).execute(&self.pool).await;
+                let _ = sqlx::query("UPDATE join_tokens SET used_at = NULL WHERE token_hash = $1")
+                    .bind(token_hash)
+                    .execute(&self.pool)
+                    .await;
                 Err(e)
             }
         }
@@ -242,7 +264,10 @@ impl Store {
                         new.endpoint, twin.name
                     )));
                 }
-                return Err(StoreError::Conflict(format!("a host named {:?} exists", new.name)));
+                return Err(StoreError::Conflict(format!(
+                    "a host named {:?} exists",
+                    new.name
+                )));
             }
             return Err(e.into());
         }
@@ -251,16 +276,30 @@ impl Store {
     }
 
     async fn host_with_identity(&self, identity: Option<&str>) -> Result<Option<Host>> {
-        let Some(identity) = identity else { return Ok(None) };
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_HOST} WHERE identity = $1")))
-            .bind(identity)
-            .fetch_optional(&self.pool)
-            .await?;
+        let Some(identity) = identity else {
+            return Ok(None);
+        };
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{SELECT_HOST} WHERE identity = $1"
+        )))
+        .bind(identity)
+        .fetch_optional(&self.pool)
+        .await?;
         row.as_ref().map(host_from_row).transpose()
     }
 
     /// Records which machine a host is, once known. `Err(Conflict)` names the other host
     /// when it is the same host.
+    /// Keeps what a host said of itself (only shown, never acted on).
+    pub async fn record_report(&self, id: &str, report: &serde_json::Value) -> Result<()> {
+        sqlx::query("UPDATE hosts SET report = $1 WHERE id = $2")
+            .bind(report.to_string())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn record_identity(&self, id: &str, identity: &str) -> Result<()> {
         let done = sqlx::query("UPDATE hosts SET identity = $1 WHERE id = $2 AND identity IS NULL")
             .bind(identity)
@@ -270,20 +309,31 @@ impl Store {
         match done {
             Ok(_) => Ok(()),
             Err(e) if crate::is_unique_violation(&e) => {
-                let twin = self.host_with_identity(Some(identity)).await?.map(|h| h.name).unwrap_or_default();
-                Err(StoreError::Conflict(format!("it reaches the same host as {twin}; remove one of the two")))
+                let twin = self
+                    .host_with_identity(Some(identity))
+                    .await?
+                    .map(|h| h.name)
+                    .unwrap_or_default();
+                Err(StoreError::Conflict(format!(
+                    "it reaches the same host as {twin}; remove one of the two"
+                )))
             }
             Err(e) => Err(e.into()),
         }
     }
 
     pub async fn hosts(&self) -> Result<Vec<Host>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_HOST} ORDER BY name"))).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_HOST} ORDER BY name")))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(host_from_row).collect()
     }
 
     pub async fn count_hosts(&self) -> Result<i64> {
-        Ok(sqlx::query("SELECT COUNT(*) AS n FROM hosts").fetch_one(&self.pool).await?.try_get("n")?)
+        Ok(sqlx::query("SELECT COUNT(*) AS n FROM hosts")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?)
     }
 
     pub async fn host(&self, id: &str) -> Result<Host> {
@@ -297,11 +347,13 @@ impl Store {
 
     /// A host by id or by name.
     pub async fn find_host(&self, id_or_name: &str) -> Result<Host> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_HOST} WHERE id = $1 OR name = $1")))
-            .bind(id_or_name)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or(StoreError::NotFound)?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{SELECT_HOST} WHERE id = $1 OR name = $1"
+        )))
+        .bind(id_or_name)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::NotFound)?;
         host_from_row(&row)
     }
 
@@ -343,18 +395,23 @@ impl Store {
     pub async fn remove_host(&self, id: &str) -> Result<Host> {
         let host = self.host(id).await?;
         let mut tx = self.begin().await?;
-        let live: i64 = sqlx::query("SELECT COUNT(*) AS n FROM environments WHERE host_id = $1 AND state <> 'destroyed'")
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get("n")?;
+        let live: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM environments WHERE host_id = $1 AND state <> 'destroyed'",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("n")?;
         if live > 0 {
             return Err(StoreError::Conflict(format!(
                 "host {} has {live} environments that are not destroyed; drain it, then destroy or wait for them",
                 host.name
             )));
         }
-        sqlx::query("DELETE FROM hosts WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM hosts WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(host)
     }
@@ -362,13 +419,23 @@ impl Store {
     /// Records a round of health checks: `answered` hosts were seen now; `failed` ones
     /// (with why) turn `unhealthy` once they have not been seen for `unhealthy_after_ms`.
     /// Returns the hosts whose health changed, as they are now.
-    pub async fn record_health(&self, answered: &[String], failed: &[(String, String)], unhealthy_after_ms: i64) -> Result<Vec<Host>> {
+    pub async fn record_health(
+        &self,
+        answered: &[String],
+        failed: &[(String, String)],
+        unhealthy_after_ms: i64,
+    ) -> Result<Vec<Host>> {
         let now = self.now();
         let mut changed = Vec::new();
         let mut tx = self.begin().await?;
         for chunk in answered.chunks(500) {
-            let marks = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect::<Vec<_>>().join(", ");
-            let turned = format!("SELECT id FROM hosts WHERE health <> 'healthy' AND id IN ({marks}) AND $1 = $1");
+            let marks = (0..chunk.len())
+                .map(|i| format!("${}", i + 2))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let turned = format!(
+                "SELECT id FROM hosts WHERE health <> 'healthy' AND id IN ({marks}) AND $1 = $1"
+            );
             let mut q = sqlx::query(sqlx::AssertSqlSafe(turned)).bind(now);
             for id in chunk {
                 q = q.bind(id);
@@ -398,7 +465,11 @@ impl Store {
             if turned.rows_affected() == 1 {
                 changed.push(id.clone());
             } else {
-                sqlx::query("UPDATE hosts SET health_message = $1 WHERE id = $2").bind(why).bind(id).execute(&mut *tx).await?;
+                sqlx::query("UPDATE hosts SET health_message = $1 WHERE id = $2")
+                    .bind(why)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
             }
         }
         tx.commit().await?;
@@ -417,12 +488,19 @@ impl Store {
         )
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(|r| Ok((r.try_get("region")?, r.try_get("n")?))).collect()
+        rows.iter()
+            .map(|r| Ok((r.try_get("region")?, r.try_get("n")?)))
+            .collect()
     }
 
     /// Picks a host for `need` inside the caller's transaction and reserves its room, or
     /// (with `pinned`, for an environment coming back to life) reserves room on that host.
-    pub(crate) async fn place_in(&self, tx: &mut Tx, need: &Placement, pinned: Option<&str>) -> Result<String> {
+    pub(crate) async fn place_in(
+        &self,
+        tx: &mut Tx,
+        need: &Placement,
+        pinned: Option<&str>,
+    ) -> Result<String> {
         let wanted = describe(need);
         if let Some(id) = pinned {
             if reserve(tx, id, need).await? {
@@ -433,14 +511,18 @@ impl Store {
                 .fetch_optional(&mut **tx)
                 .await?;
             let Some(host) = host.as_ref().map(host_from_row).transpose()? else {
-                return Err(StoreError::NoCapacity(format!("its host {id} is no longer registered")));
+                return Err(StoreError::NoCapacity(format!(
+                    "its host {id} is no longer registered"
+                )));
             };
             let why = match (host.status, host.health) {
                 (HostStatus::Draining, _) => "is draining".to_string(),
                 (_, HostHealth::Unhealthy) => "is not answering".to_string(),
                 _ => format!("has no room for {wanted} now"),
             };
-            return Err(StoreError::NoCapacity(format!("its host {why}; try again later")));
+            return Err(StoreError::NoCapacity(format!(
+                "its host {why}; try again later"
+            )));
         }
         // A few rounds: on PostgreSQL a concurrent create may take the chosen host's last
         // room between the choice and the conditional reservation.
@@ -489,7 +571,11 @@ impl Store {
         .bind(need.resources.memory_mb)
         .fetch_one(&mut **tx)
         .await?;
-        let (n, draining, unhealthy): (i64, i64, i64) = (row.try_get("n")?, row.try_get("draining")?, row.try_get("unhealthy")?);
+        let (n, draining, unhealthy): (i64, i64, i64) = (
+            row.try_get("n")?,
+            row.try_get("draining")?,
+            row.try_get("unhealthy")?,
+        );
         let wanted = describe(need);
         Ok(if n == 0 {
             StoreError::NoSuchHost(format!(
@@ -506,9 +592,16 @@ impl Store {
 }
 
 fn describe(need: &Placement) -> String {
-    let mut s = format!("{} vCPUs and {} MB", need.resources.vcpus, need.resources.memory_mb);
+    let mut s = format!(
+        "{} vCPUs and {} MB",
+        need.resources.vcpus, need.resources.memory_mb
+    );
     if need.gpus > 0 {
-        s.push_str(&format!(" with {} GPU{}", need.gpus, if need.gpus == 1 { "" } else { "s" }));
+        s.push_str(&format!(
+            " with {} GPU{}",
+            need.gpus,
+            if need.gpus == 1 { "" } else { "s" }
+        ));
         if let Some(m) = &need.gpu_model {
             s.push_str(&format!(" ({m})"));
         }
@@ -570,8 +663,18 @@ impl Store {
         .await?;
         let mut drifted = Vec::new();
         for r in &sums {
-            let used: (i64, i64, i64, i64) = (r.try_get("uv")?, r.try_get("um")?, r.try_get("ue")?, r.try_get("ug")?);
-            let sum: (i64, i64, i64, i64) = (r.try_get("v")?, r.try_get("m")?, r.try_get("n")?, r.try_get("g")?);
+            let used: (i64, i64, i64, i64) = (
+                r.try_get("uv")?,
+                r.try_get("um")?,
+                r.try_get("ue")?,
+                r.try_get("ug")?,
+            );
+            let sum: (i64, i64, i64, i64) = (
+                r.try_get("v")?,
+                r.try_get("m")?,
+                r.try_get("n")?,
+                r.try_get("g")?,
+            );
             if used != sum {
                 // Re-summed under the lock, in case a transaction committed since the read.
                 let id: String = r.try_get("id")?;
@@ -611,7 +714,11 @@ pub(crate) mod tests {
             region: None,
             gpu_model: None,
             gpu_count: 0,
-            capacity: HostCapacity { max_vcpus: vcpus, max_memory_mb: memory_mb, max_environments: 10 },
+            capacity: HostCapacity {
+                max_vcpus: vcpus,
+                max_memory_mb: memory_mb,
+                max_environments: 10,
+            },
             tls_ca: None,
             tls_cert: None,
             tls_key_sealed: None,
@@ -691,15 +798,44 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn counters_match_the_environments_and_drift_is_repaired() {
         each_backend(|store| async move {
-            let host = store.add_host(&host("h", HostKind::Docker, 64, 65536)).await.unwrap();
-            let (user, _) = store.create_user("d@example.com", Role::User, Tier::Unlimited).await.unwrap();
-            let a = store.create_environment(&user, sample(false), provision_job(&user.id)).await.unwrap();
-            store.create_environment(&user, sample(false), provision_job(&user.id)).await.unwrap();
-            store.save_transition(&a, a.moved_to(EnvState::Error, None, store.now()).unwrap(), "t").await.unwrap();
-            assert!(store.resum_hosts().await.unwrap().is_empty(), "counters kept in step");
+            let host = store
+                .add_host(&host("h", HostKind::Docker, 64, 65536))
+                .await
+                .unwrap();
+            let (user, _) = store
+                .create_user("d@example.com", Role::User, Tier::Unlimited)
+                .await
+                .unwrap();
+            let a = store
+                .create_environment(&user, sample(false), provision_job(&user.id))
+                .await
+                .unwrap();
+            store
+                .create_environment(&user, sample(false), provision_job(&user.id))
+                .await
+                .unwrap();
+            store
+                .save_transition(
+                    &a,
+                    a.moved_to(EnvState::Error, None, store.now()).unwrap(),
+                    "t",
+                )
+                .await
+                .unwrap();
+            assert!(
+                store.resum_hosts().await.unwrap().is_empty(),
+                "counters kept in step"
+            );
             let h = store.host(&host.id).await.unwrap();
             assert_eq!((h.used_vcpus, h.used_environments), (2, 1));
-            store.exec_sql_for_tests("UPDATE hosts SET used_vcpus = $1 WHERE id = $2", 99, &host.id).await.unwrap();
+            store
+                .exec_sql_for_tests(
+                    "UPDATE hosts SET used_vcpus = $1 WHERE id = $2",
+                    99,
+                    &host.id,
+                )
+                .await
+                .unwrap();
             assert_eq!(store.resum_hosts().await.unwrap(), vec!["h".to_string()]);
             assert_eq!(store.host(&host.id).await.unwrap().used_vcpus, 2);
         })
@@ -717,8 +853,14 @@ pub(crate) mod tests {
             gpu.gpu_model = Some("nvidia-a100".into());
             gpu.gpu_count = 2;
             let gpu = store.add_host(&gpu).await.unwrap();
-            let plain = store.add_host(&host("plain", HostKind::Sim, 64, 65536)).await.unwrap();
-            let (user, _) = store.create_user("g@example.com", Role::User, Tier::Unlimited).await.unwrap();
+            let plain = store
+                .add_host(&host("plain", HostKind::Sim, 64, 65536))
+                .await
+                .unwrap();
+            let (user, _) = store
+                .create_user("g@example.com", Role::User, Tier::Unlimited)
+                .await
+                .unwrap();
             let mk = |region: Option<&str>, gpus: i64, model: Option<&str>| {
                 let mut n = sample(false);
                 n.placement.kind = HostKind::Sim;
@@ -727,26 +869,59 @@ pub(crate) mod tests {
                 n.placement.gpu_model = model.map(str::to_string);
                 n
             };
-            let e = store.create_environment(&user, mk(Some("gra"), 0, None), provision_job(&user.id)).await.unwrap();
+            let e = store
+                .create_environment(&user, mk(Some("gra"), 0, None), provision_job(&user.id))
+                .await
+                .unwrap();
             assert_eq!(e.host_id.as_deref(), Some(gra.id.as_str()));
             // Without a GPU, the GPU host is the last choice even with the most room.
             for _ in 0..3 {
-                let e = store.create_environment(&user, mk(None, 0, None), provision_job(&user.id)).await.unwrap();
+                let e = store
+                    .create_environment(&user, mk(None, 0, None), provision_job(&user.id))
+                    .await
+                    .unwrap();
                 assert_ne!(e.host_id.as_deref(), Some(gpu.id.as_str()));
             }
-            let e = store.create_environment(&user, mk(None, 1, None), provision_job(&user.id)).await.unwrap();
+            let e = store
+                .create_environment(&user, mk(None, 1, None), provision_job(&user.id))
+                .await
+                .unwrap();
             assert_eq!(e.host_id.as_deref(), Some(gpu.id.as_str()));
-            let e = store.create_environment(&user, mk(Some("sbg"), 1, Some("nvidia-a100")), provision_job(&user.id)).await.unwrap();
+            let e = store
+                .create_environment(
+                    &user,
+                    mk(Some("sbg"), 1, Some("nvidia-a100")),
+                    provision_job(&user.id),
+                )
+                .await
+                .unwrap();
             assert_eq!((e.host_id.as_deref(), e.gpus), (Some(gpu.id.as_str()), 1));
             // Both GPUs taken: room may come back (503); nobody has 3, or an H100, or Tokyo (400).
-            let err = store.create_environment(&user, mk(None, 1, None), provision_job(&user.id)).await.unwrap_err();
+            let err = store
+                .create_environment(&user, mk(None, 1, None), provision_job(&user.id))
+                .await
+                .unwrap_err();
             assert!(matches!(err, StoreError::NoCapacity(_)), "{err}");
-            for (region, gpus, model) in [(None, 3, None), (None, 1, Some("nvidia-h100")), (Some("tyo"), 0, None), (Some("gra"), 1, None)] {
-                let err = store.create_environment(&user, mk(region, gpus, model), provision_job(&user.id)).await.unwrap_err();
-                assert!(matches!(err, StoreError::NoSuchHost(_)), "{region:?} {gpus} {model:?}: {err}");
+            for (region, gpus, model) in [
+                (None, 3, None),
+                (None, 1, Some("nvidia-h100")),
+                (Some("tyo"), 0, None),
+                (Some("gra"), 1, None),
+            ] {
+                let err = store
+                    .create_environment(&user, mk(region, gpus, model), provision_job(&user.id))
+                    .await
+                    .unwrap_err();
+                assert!(
+                    matches!(err, StoreError::NoSuchHost(_)),
+                    "{region:?} {gpus} {model:?}: {err}"
+                );
             }
             assert_eq!(store.host(&gpu.id).await.unwrap().used_gpus, 2);
-            assert_eq!(store.regions().await.unwrap(), vec![("gra".to_string(), 1), ("sbg".to_string(), 1)]);
+            assert_eq!(
+                store.regions().await.unwrap(),
+                vec![("gra".to_string(), 1), ("sbg".to_string(), 1)]
+            );
             let _ = plain;
             assert!(store.resum_hosts().await.unwrap().is_empty());
         })
@@ -762,13 +937,22 @@ pub(crate) mod tests {
             let mut b = host("b", HostKind::Docker, 8, 8192);
             b.identity = Some("engine-1".into());
             let err = store.add_host(&b).await.unwrap_err();
-            assert!(matches!(err, StoreError::Conflict(ref m) if m.contains("same host as a")), "{err}");
+            assert!(
+                matches!(err, StoreError::Conflict(ref m) if m.contains("same host as a")),
+                "{err}"
+            );
             b.identity = None;
             let b = store.add_host(&b).await.unwrap();
             let err = store.record_identity(&b.id, "engine-1").await.unwrap_err();
-            assert!(matches!(err, StoreError::Conflict(ref m) if m.contains("host a")), "{err}");
+            assert!(
+                matches!(err, StoreError::Conflict(ref m) if m.contains("host a")),
+                "{err}"
+            );
             store.record_identity(&b.id, "engine-2").await.unwrap();
-            assert_eq!(store.host(&b.id).await.unwrap().identity.as_deref(), Some("engine-2"));
+            assert_eq!(
+                store.host(&b.id).await.unwrap().identity.as_deref(),
+                Some("engine-2")
+            );
         })
         .await;
     }
@@ -776,16 +960,41 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_host_with_live_environments_cannot_be_removed() {
         each_backend(|store| async move {
-            let h = store.add_host(&host("busy", HostKind::Docker, 8, 8192)).await.unwrap();
-            let dup = store.add_host(&host("busy", HostKind::Docker, 8, 8192)).await.unwrap_err();
+            let h = store
+                .add_host(&host("busy", HostKind::Docker, 8, 8192))
+                .await
+                .unwrap();
+            let dup = store
+                .add_host(&host("busy", HostKind::Docker, 8, 8192))
+                .await
+                .unwrap_err();
             assert!(matches!(dup, StoreError::Conflict(_)));
-            let (user, _) = store.create_user("h@example.com", Role::User, Tier::Unlimited).await.unwrap();
-            let e = store.create_environment(&user, sample(false), provision_job(&user.id)).await.unwrap();
+            let (user, _) = store
+                .create_user("h@example.com", Role::User, Tier::Unlimited)
+                .await
+                .unwrap();
+            let e = store
+                .create_environment(&user, sample(false), provision_job(&user.id))
+                .await
+                .unwrap();
             let err = store.remove_host(&h.id).await.unwrap_err();
-            assert!(matches!(err, StoreError::Conflict(ref m) if m.contains("1 environments")), "{err}");
+            assert!(
+                matches!(err, StoreError::Conflict(ref m) if m.contains("1 environments")),
+                "{err}"
+            );
             let now = store.now();
-            let d = store.save_transition(&e, e.moved_to(EnvState::Destroying, None, now).unwrap(), "t").await.unwrap();
-            store.save_transition(&d, d.moved_to(EnvState::Destroyed, None, now).unwrap(), "t").await.unwrap();
+            let d = store
+                .save_transition(
+                    &e,
+                    e.moved_to(EnvState::Destroying, None, now).unwrap(),
+                    "t",
+                )
+                .await
+                .unwrap();
+            store
+                .save_transition(&d, d.moved_to(EnvState::Destroyed, None, now).unwrap(), "t")
+                .await
+                .unwrap();
             store.remove_host(&h.id).await.unwrap();
             assert!(matches!(store.host(&h.id).await, Err(StoreError::NotFound)));
         })
@@ -795,18 +1004,43 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn hosts_turn_unhealthy_only_after_the_stated_time() {
         each_backend(|store| async move {
-            let h = store.add_host(&host("flaky", HostKind::Sim, 8, 8192)).await.unwrap();
+            let h = store
+                .add_host(&host("flaky", HostKind::Sim, 8, 8192))
+                .await
+                .unwrap();
             let failed = vec![(h.id.clone(), "connection refused".to_string())];
             // Seen just now: one failed check is not enough.
-            assert!(store.record_health(&[], &failed, 15_000).await.unwrap().is_empty());
+            assert!(
+                store
+                    .record_health(&[], &failed, 15_000)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
             let now = store.host(&h.id).await.unwrap();
-            assert_eq!((now.health, now.health_message.as_deref()), (HostHealth::Healthy, Some("connection refused")));
-            store.exec_sql_for_tests("UPDATE hosts SET last_seen_at = $1 WHERE id = $2", store.now() - 16_000, &h.id).await.unwrap();
+            assert_eq!(
+                (now.health, now.health_message.as_deref()),
+                (HostHealth::Healthy, Some("connection refused"))
+            );
+            store
+                .exec_sql_for_tests(
+                    "UPDATE hosts SET last_seen_at = $1 WHERE id = $2",
+                    store.now() - 16_000,
+                    &h.id,
+                )
+                .await
+                .unwrap();
             let changed = store.record_health(&[], &failed, 15_000).await.unwrap();
             assert_eq!(changed.len(), 1);
             assert_eq!(changed[0].health, HostHealth::Unhealthy);
-            let changed = store.record_health(&[h.id.clone()], &[], 15_000).await.unwrap();
-            assert_eq!((changed[0].health, changed[0].health_message.clone()), (HostHealth::Healthy, None));
+            let changed = store
+                .record_health(&[h.id.clone()], &[], 15_000)
+                .await
+                .unwrap();
+            assert_eq!(
+                (changed[0].health, changed[0].health_message.clone()),
+                (HostHealth::Healthy, None)
+            );
         })
         .await;
     }

@@ -43,11 +43,18 @@ impl Store {
     }
 
     async fn read_installation(&self) -> Result<Option<Installation>> {
-        let row = sqlx::query("SELECT id, key_check, created_at FROM installation WHERE singleton = 1")
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| Ok(Installation { id: r.try_get("id")?, key_check: r.try_get("key_check")?, created_at: r.try_get("created_at")? }))
-            .transpose()
+        let row =
+            sqlx::query("SELECT id, key_check, created_at FROM installation WHERE singleton = 1")
+                .fetch_optional(&self.pool)
+                .await?;
+        row.map(|r| {
+            Ok(Installation {
+                id: r.try_get("id")?,
+                key_check: r.try_get("key_check")?,
+                created_at: r.try_get("created_at")?,
+            })
+        })
+        .transpose()
     }
 
     /// Records `check` as the installation's key check if none is recorded yet, then says
@@ -56,13 +63,19 @@ impl Store {
     pub async fn adopt_key_check(&self, check: &str) -> Result<KeyCheck> {
         self.installation().await?;
         let mut tx = self.begin().await?;
-        sqlx::query("UPDATE installation SET key_check = $1 WHERE singleton = 1 AND key_check IS NULL")
-            .bind(check)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE installation SET key_check = $1 WHERE singleton = 1 AND key_check IS NULL",
+        )
+        .bind(check)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         let recorded = self.installation().await?.key_check;
-        Ok(if recorded.as_deref() == Some(check) { KeyCheck::Matches } else { KeyCheck::Differs })
+        Ok(if recorded.as_deref() == Some(check) {
+            KeyCheck::Matches
+        } else {
+            KeyCheck::Differs
+        })
     }
 }
 
@@ -78,10 +91,22 @@ mod tests {
             let b = store.installation().await.unwrap();
             assert_eq!(a.id, b.id);
             assert_eq!(a.key_check, None);
-            assert_eq!(store.adopt_key_check("k1").await.unwrap(), KeyCheck::Matches);
-            assert_eq!(store.adopt_key_check("k1").await.unwrap(), KeyCheck::Matches);
-            assert_eq!(store.adopt_key_check("k2").await.unwrap(), KeyCheck::Differs);
-            assert_eq!(store.installation().await.unwrap().key_check.as_deref(), Some("k1"));
+            assert_eq!(
+                store.adopt_key_check("k1").await.unwrap(),
+                KeyCheck::Matches
+            );
+            assert_eq!(
+                store.adopt_key_check("k1").await.unwrap(),
+                KeyCheck::Matches
+            );
+            assert_eq!(
+                store.adopt_key_check("k2").await.unwrap(),
+                KeyCheck::Differs
+            );
+            assert_eq!(
+                store.installation().await.unwrap().key_check.as_deref(),
+                Some("k1")
+            );
         })
         .await;
     }

@@ -34,9 +34,14 @@ impl JobState {
     }
 
     pub fn parse(s: &str) -> Option<JobState> {
-        [JobState::Queued, JobState::Running, JobState::Succeeded, JobState::Dead]
-            .into_iter()
-            .find(|j| j.as_str() == s)
+        [
+            JobState::Queued,
+            JobState::Running,
+            JobState::Succeeded,
+            JobState::Dead,
+        ]
+        .into_iter()
+        .find(|j| j.as_str() == s)
     }
 }
 
@@ -52,7 +57,10 @@ pub struct NewJob {
 
 impl NewJob {
     pub fn for_environment(&self, id: &str) -> NewJob {
-        NewJob { environment_id: id.to_string(), ..self.clone() }
+        NewJob {
+            environment_id: id.to_string(),
+            ..self.clone()
+        }
     }
 }
 
@@ -105,7 +113,8 @@ fn job_from_row(row: &AnyRow) -> Result<Job> {
         queue: row.try_get("queue")?,
         kind: row.try_get("kind")?,
         environment_id: row.try_get("environment_id")?,
-        state: JobState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("job state {state}")))?,
+        state: JobState::parse(&state)
+            .ok_or_else(|| StoreError::Corrupt(format!("job state {state}")))?,
         attempts: row.try_get("attempts")?,
         max_attempts: row.try_get("max_attempts")?,
         run_after: row.try_get("run_after")?,
@@ -113,7 +122,8 @@ fn job_from_row(row: &AnyRow) -> Result<Job> {
         lease_expires_at: row.try_get("lease_expires_at")?,
         last_error: row.try_get("last_error")?,
         actor: row.try_get("actor")?,
-        progress: serde_json::from_str(&progress).map_err(|_| StoreError::Corrupt(format!("job progress {progress:?}")))?,
+        progress: serde_json::from_str(&progress)
+            .map_err(|_| StoreError::Corrupt(format!("job progress {progress:?}")))?,
         crashes: row.try_get("crashes")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
@@ -143,7 +153,19 @@ impl Store {
         let now = self.now();
         let mut tx = self.begin().await?;
         let id = insert_job(&mut tx, job, now).await?;
-        insert_audit(&mut tx, now, &job.actor, action, Some(&job.environment_id), None, None, "queued", None, None).await?;
+        insert_audit(
+            &mut tx,
+            now,
+            &job.actor,
+            action,
+            Some(&job.environment_id),
+            None,
+            None,
+            "queued",
+            None,
+            None,
+        )
+        .await?;
         tx.commit().await?;
         Ok(id)
     }
@@ -157,8 +179,14 @@ impl Store {
         let now = self.now();
         let mut tx = self.begin().await?;
         // One request per environment at a time on PostgreSQL (SQLite has one writer).
-        let lock = format!("SELECT id FROM environments WHERE id = $1{}", self.for_update());
-        sqlx::query(sqlx::AssertSqlSafe(lock)).bind(&job.environment_id).fetch_optional(&mut *tx).await?;
+        let lock = format!(
+            "SELECT id FROM environments WHERE id = $1{}",
+            self.for_update()
+        );
+        sqlx::query(sqlx::AssertSqlSafe(lock))
+            .bind(&job.environment_id)
+            .fetch_optional(&mut *tx)
+            .await?;
         if job.kind != "destroy" {
             let destroying: i64 = sqlx::query(
                 "SELECT COUNT(*) AS n FROM jobs WHERE environment_id = $1 AND kind = 'destroy' AND state IN ('queued', 'running')",
@@ -168,10 +196,16 @@ impl Store {
             .await?
             .try_get("n")?;
             if destroying > 0 {
-                return Err(StoreError::Conflict("a destroy of this environment is queued".into()));
+                return Err(StoreError::Conflict(
+                    "a destroy of this environment is queued".into(),
+                ));
             }
         }
-        let superseded = if job.kind == "destroy" { "('provision', 'start', 'stop', 'destroy')" } else { "('start', 'stop')" };
+        let superseded = if job.kind == "destroy" {
+            "('provision', 'start', 'stop', 'destroy')"
+        } else {
+            "('start', 'stop')"
+        };
         let dropped = sqlx::query(sqlx::AssertSqlSafe(format!(
             "DELETE FROM jobs WHERE environment_id = $1 AND state = 'queued' AND attempts = 0 AND crashes = 0 \
              AND progress = '{{}}' AND kind IN {superseded}"
@@ -181,8 +215,21 @@ impl Store {
         .await?
         .rows_affected();
         let id = insert_job(&mut tx, job, now).await?;
-        let note = (dropped > 0).then(|| format!("replaced {dropped} request(s) that had not begun"));
-        insert_audit(&mut tx, now, &job.actor, action, Some(&job.environment_id), None, None, "queued", note.as_deref(), None).await?;
+        let note =
+            (dropped > 0).then(|| format!("replaced {dropped} request(s) that had not begun"));
+        insert_audit(
+            &mut tx,
+            now,
+            &job.actor,
+            action,
+            Some(&job.environment_id),
+            None,
+            None,
+            "queued",
+            note.as_deref(),
+            None,
+        )
+        .await?;
         tx.commit().await?;
         Ok(id)
     }
@@ -217,7 +264,9 @@ impl Store {
             .bind(now)
             .fetch_optional(&mut *tx)
             .await?;
-            let Some(candidate) = candidate else { return Ok(None) };
+            let Some(candidate) = candidate else {
+                return Ok(None);
+            };
             let id: i64 = candidate.try_get("id")?;
             let claimed = sqlx::query(
                 "UPDATE jobs SET state = 'running', lease_owner = $1, lease_expires_at = $2, \
@@ -244,7 +293,12 @@ impl Store {
 
     /// Saves what the job's steps produced so far; false when the job is no longer ours
     /// (its lease ran out and it was handed to another worker).
-    pub async fn save_progress(&self, id: i64, owner: &str, progress: &serde_json::Value) -> Result<bool> {
+    pub async fn save_progress(
+        &self,
+        id: i64,
+        owner: &str,
+        progress: &serde_json::Value,
+    ) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE jobs SET progress = $1, updated_at = $2 WHERE id = $3 AND lease_owner = $4 AND state = 'running'",
         )
@@ -286,7 +340,13 @@ impl Store {
     }
 
     /// Records a failed attempt: back to `queued` at `retry_at`, or `dead` when `None`.
-    pub async fn fail(&self, id: i64, owner: &str, error: &str, retry_at: Option<i64>) -> Result<()> {
+    pub async fn fail(
+        &self,
+        id: i64,
+        owner: &str,
+        error: &str,
+        retry_at: Option<i64>,
+    ) -> Result<()> {
         let now = self.now();
         let state = if retry_at.is_some() { "queued" } else { "dead" };
         sqlx::query(
@@ -347,10 +407,12 @@ impl Store {
     }
 
     pub async fn jobs_for_environment(&self, environment_id: &str) -> Result<Vec<Job>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_JOB} WHERE environment_id = $1 ORDER BY id")))
-            .bind(environment_id)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{SELECT_JOB} WHERE environment_id = $1 ORDER BY id"
+        )))
+        .bind(environment_id)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(job_from_row).collect()
     }
 
@@ -378,14 +440,20 @@ impl Store {
     pub async fn list_jobs(&self, state: Option<JobState>) -> Result<Vec<Job>> {
         let rows = match state {
             Some(s) => {
-                sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_JOB} WHERE state = $1 ORDER BY id DESC LIMIT 500")))
-                    .bind(s.as_str())
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-            None => sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_JOB} ORDER BY id DESC LIMIT 500")))
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "{SELECT_JOB} WHERE state = $1 ORDER BY id DESC LIMIT 500"
+                )))
+                .bind(s.as_str())
                 .fetch_all(&self.pool)
-                .await?,
+                .await?
+            }
+            None => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "{SELECT_JOB} ORDER BY id DESC LIMIT 500"
+                )))
+                .fetch_all(&self.pool)
+                .await?
+            }
         };
         rows.iter().map(job_from_row).collect()
     }
@@ -407,23 +475,43 @@ impl Store {
         if done.rows_affected() != 1 {
             tx.rollback().await?;
             return match self.job(id).await {
-                Ok(j) => Err(StoreError::Conflict(format!("job {id} is {}, not dead", j.state.as_str()))),
+                Ok(j) => Err(StoreError::Conflict(format!(
+                    "job {id} is {}, not dead",
+                    j.state.as_str()
+                ))),
                 Err(e) => Err(e),
             };
         }
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_JOB} WHERE id = $1"))).bind(id).fetch_one(&mut *tx).await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_JOB} WHERE id = $1")))
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
         let job = job_from_row(&row)?;
-        insert_audit(&mut tx, now, actor, "job_retry", Some(&job.environment_id), None, None, "queued", None, None).await?;
+        insert_audit(
+            &mut tx,
+            now,
+            actor,
+            "job_retry",
+            Some(&job.environment_id),
+            None,
+            None,
+            "queued",
+            None,
+            None,
+        )
+        .await?;
         tx.commit().await?;
         Ok(job)
     }
 
     /// Earliest `run_after` of a queued job, so a worker knows how long it may sleep.
     pub async fn next_run_after(&self, queue: &str) -> Result<Option<i64>> {
-        let row = sqlx::query("SELECT MIN(run_after) AS t FROM jobs WHERE queue = $1 AND state = 'queued'")
-            .bind(queue)
-            .fetch_one(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT MIN(run_after) AS t FROM jobs WHERE queue = $1 AND state = 'queued'",
+        )
+        .bind(queue)
+        .fetch_one(&self.pool)
+        .await?;
         Ok(row.try_get("t")?)
     }
 }
@@ -434,21 +522,39 @@ mod tests {
     use crate::testdb::each_backend;
 
     fn job(env: &str, kind: &str) -> NewJob {
-        NewJob { queue: "control".into(), kind: kind.into(), environment_id: env.into(), max_attempts: 2, actor: "system:test".into() }
+        NewJob {
+            queue: "control".into(),
+            kind: kind.into(),
+            environment_id: env.into(),
+            max_attempts: 2,
+            actor: "system:test".into(),
+        }
     }
 
     #[tokio::test]
     async fn one_job_at_a_time_per_environment_in_order() {
         each_backend(|store| async move {
-            let a = store.enqueue(&job("env-a", "start"), "start").await.unwrap();
+            let a = store
+                .enqueue(&job("env-a", "start"), "start")
+                .await
+                .unwrap();
             let b = store.enqueue(&job("env-a", "stop"), "stop").await.unwrap();
-            let c = store.enqueue(&job("env-b", "start"), "start").await.unwrap();
+            let c = store
+                .enqueue(&job("env-b", "start"), "start")
+                .await
+                .unwrap();
             let first = store.claim("control", "w1", 10_000).await.unwrap().unwrap();
             assert_eq!(first.id, a);
             // env-a's second job waits for the first; env-b's is free.
             let second = store.claim("control", "w2", 10_000).await.unwrap().unwrap();
             assert_eq!(second.id, c);
-            assert!(store.claim("control", "w3", 10_000).await.unwrap().is_none());
+            assert!(
+                store
+                    .claim("control", "w3", 10_000)
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
             store.succeed(a, "w1").await.unwrap();
             let third = store.claim("control", "w3", 10_000).await.unwrap().unwrap();
             assert_eq!(third.id, b);
@@ -495,8 +601,15 @@ mod tests {
     #[tokio::test]
     async fn expired_leases_are_handed_back_and_stale_owners_lose() {
         each_backend(|store| async move {
-            let id = store.enqueue(&job("env-c", "start"), "start").await.unwrap();
-            let j = store.claim("control", "dead-worker", 1).await.unwrap().unwrap();
+            let id = store
+                .enqueue(&job("env-c", "start"), "start")
+                .await
+                .unwrap();
+            let j = store
+                .claim("control", "dead-worker", 1)
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(j.id, id);
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             assert_eq!(store.requeue_expired().await.unwrap(), 1);
@@ -504,8 +617,18 @@ mod tests {
             // The dead worker's attempt was refunded and counted as a crash.
             assert_eq!((again.id, again.attempts, again.crashes), (id, 1, 1));
             // Progress is the lease owner's alone to write.
-            assert!(!store.save_progress(id, "dead-worker", &serde_json::json!({"done": ["a"]})).await.unwrap());
-            assert!(store.save_progress(id, "w2", &serde_json::json!({"done": ["a"]})).await.unwrap());
+            assert!(
+                !store
+                    .save_progress(id, "dead-worker", &serde_json::json!({"done": ["a"]}))
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                store
+                    .save_progress(id, "w2", &serde_json::json!({"done": ["a"]}))
+                    .await
+                    .unwrap()
+            );
             assert_eq!(store.job(id).await.unwrap().progress["done"][0], "a");
             assert!(!store.renew_lease(id, "dead-worker", 10_000).await.unwrap());
             assert!(store.renew_lease(id, "w2", 10_000).await.unwrap());
@@ -514,7 +637,10 @@ mod tests {
             assert_eq!(store.job(id).await.unwrap().state, JobState::Running);
             store.fail(id, "w2", "boom", None).await.unwrap();
             let dead = store.job(id).await.unwrap();
-            assert_eq!((dead.state, dead.last_error.as_deref()), (JobState::Dead, Some("boom")));
+            assert_eq!(
+                (dead.state, dead.last_error.as_deref()),
+                (JobState::Dead, Some("boom"))
+            );
         })
         .await;
     }
@@ -522,14 +648,37 @@ mod tests {
     #[tokio::test]
     async fn dead_jobs_can_be_retried_once_dead() {
         each_backend(|store| async move {
-            let id = store.enqueue(&job("env-r", "start"), "start").await.unwrap();
+            let id = store
+                .enqueue(&job("env-r", "start"), "start")
+                .await
+                .unwrap();
             store.claim("control", "w", 10_000).await.unwrap().unwrap();
-            assert!(matches!(store.retry_dead(id, "admin").await, Err(StoreError::Conflict(_))), "a running job is not dead");
+            assert!(
+                matches!(
+                    store.retry_dead(id, "admin").await,
+                    Err(StoreError::Conflict(_))
+                ),
+                "a running job is not dead"
+            );
             store.fail(id, "w", "gave up", None).await.unwrap();
             let again = store.retry_dead(id, "admin").await.unwrap();
-            assert_eq!((again.state, again.attempts, again.actor.as_str()), (JobState::Queued, 0, "admin"));
-            assert_eq!(store.claim("control", "w2", 10_000).await.unwrap().unwrap().id, id);
-            assert!(matches!(store.retry_dead(999_999, "admin").await, Err(StoreError::NotFound)));
+            assert_eq!(
+                (again.state, again.attempts, again.actor.as_str()),
+                (JobState::Queued, 0, "admin")
+            );
+            assert_eq!(
+                store
+                    .claim("control", "w2", 10_000)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .id,
+                id
+            );
+            assert!(matches!(
+                store.retry_dead(999_999, "admin").await,
+                Err(StoreError::NotFound)
+            ));
         })
         .await;
     }
@@ -538,22 +687,60 @@ mod tests {
     async fn control_requests_coalesce_and_destroy_supersedes() {
         each_backend(|store| async move {
             let env = "env-co";
-            let job = |kind: &str| NewJob { queue: "control".into(), kind: kind.into(), environment_id: env.into(), max_attempts: 2, actor: "u".into() };
-            let first = store.enqueue_control(&job("start"), "start_requested").await.unwrap();
+            let job = |kind: &str| NewJob {
+                queue: "control".into(),
+                kind: kind.into(),
+                environment_id: env.into(),
+                max_attempts: 2,
+                actor: "u".into(),
+            };
+            let first = store
+                .enqueue_control(&job("start"), "start_requested")
+                .await
+                .unwrap();
             // It begins; later requests queue behind it, one at a time.
-            assert_eq!(store.claim("control", "w", 60_000).await.unwrap().unwrap().id, first);
+            assert_eq!(
+                store
+                    .claim("control", "w", 60_000)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .id,
+                first
+            );
             for i in 0..50 {
                 let kind = if i % 2 == 0 { "stop" } else { "start" };
                 store.enqueue_control(&job(kind), "x").await.unwrap();
             }
-            let pending: Vec<Job> = store.jobs_for_environment(env).await.unwrap().into_iter().filter(|j| j.state == JobState::Queued).collect();
+            let pending: Vec<Job> = store
+                .jobs_for_environment(env)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|j| j.state == JobState::Queued)
+                .collect();
             assert_eq!(pending.len(), 1, "one request waits, the last one");
             assert_eq!(pending[0].kind, "start");
             // A destroy replaces it; nothing else may queue behind a destroy.
-            store.enqueue_control(&job("destroy"), "destroy_requested").await.unwrap();
-            let pending: Vec<Job> = store.jobs_for_environment(env).await.unwrap().into_iter().filter(|j| j.state == JobState::Queued).collect();
-            assert_eq!(pending.iter().map(|j| j.kind.as_str()).collect::<Vec<_>>(), vec!["destroy"]);
-            assert!(matches!(store.enqueue_control(&job("start"), "x").await, Err(StoreError::Conflict(_))));
+            store
+                .enqueue_control(&job("destroy"), "destroy_requested")
+                .await
+                .unwrap();
+            let pending: Vec<Job> = store
+                .jobs_for_environment(env)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|j| j.state == JobState::Queued)
+                .collect();
+            assert_eq!(
+                pending.iter().map(|j| j.kind.as_str()).collect::<Vec<_>>(),
+                vec!["destroy"]
+            );
+            assert!(matches!(
+                store.enqueue_control(&job("start"), "x").await,
+                Err(StoreError::Conflict(_))
+            ));
             // The running job was never dropped.
             assert_eq!(store.job(first).await.unwrap().state, JobState::Running);
         })
@@ -563,9 +750,15 @@ mod tests {
     #[tokio::test]
     async fn backoff_delays_the_retry() {
         each_backend(|store| async move {
-            let id = store.enqueue(&job("env-d", "start"), "start").await.unwrap();
+            let id = store
+                .enqueue(&job("env-d", "start"), "start")
+                .await
+                .unwrap();
             store.claim("control", "w", 10_000).await.unwrap().unwrap();
-            store.fail(id, "w", "try later", Some(store.now() + 60_000)).await.unwrap();
+            store
+                .fail(id, "w", "try later", Some(store.now() + 60_000))
+                .await
+                .unwrap();
             assert!(store.claim("control", "w", 10_000).await.unwrap().is_none());
             assert!(store.next_run_after("control").await.unwrap().unwrap() > store.now());
         })

@@ -160,7 +160,13 @@ impl Store {
             }
             Backend::Postgres => options.connect(url).await?,
         };
-        let store = Store { pool, backend, clock, secrets: None, writer: Default::default() };
+        let store = Store {
+            pool,
+            backend,
+            clock,
+            secrets: None,
+            writer: Default::default(),
+        };
         match backend {
             Backend::Sqlite => {
                 store.pool.execute("PRAGMA journal_mode = WAL").await?;
@@ -200,33 +206,51 @@ impl Store {
         Ok(match self.backend {
             Backend::Sqlite => {
                 let writer = self.writer.clone().lock_owned().await;
-                Tx { tx: self.pool.begin_with("BEGIN IMMEDIATE").await?, _writer: Some(writer) }
+                Tx {
+                    tx: self.pool.begin_with("BEGIN IMMEDIATE").await?,
+                    _writer: Some(writer),
+                }
             }
-            Backend::Postgres => Tx { tx: self.pool.begin().await?, _writer: None },
+            Backend::Postgres => Tx {
+                tx: self.pool.begin().await?,
+                _writer: None,
+            },
         })
     }
 
     /// Runs a `SELECT COUNT(*) AS n ...` written by the caller (tests and diagnostics).
     pub async fn count(&self, sql: &str) -> Result<i64> {
         use sqlx::Row;
-        Ok(sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).fetch_one(&self.pool).await?.try_get("n")?)
+        Ok(sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?)
     }
 
     /// Runs one statement with an integer `$1` and a text `$2` (tests set up states that
     /// are otherwise hours away, such as idleness or expiry).
     pub async fn exec_sql_for_tests(&self, sql: &str, a: i64, b: &str) -> Result<u64> {
-        Ok(sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).bind(a).bind(b).execute(&self.pool).await?.rows_affected())
+        Ok(sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+            .bind(a)
+            .bind(b)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
     }
 
     /// `(state, count)` of a table's `state` column (environments or jobs), for metrics.
     pub async fn counts_by_state(&self, table: Counted) -> Result<Vec<(String, i64)>> {
         use sqlx::Row;
         let sql = match table {
-            Counted::Environments => "SELECT state, CAST(COUNT(*) AS BIGINT) AS n FROM environments GROUP BY state",
+            Counted::Environments => {
+                "SELECT state, CAST(COUNT(*) AS BIGINT) AS n FROM environments GROUP BY state"
+            }
             Counted::Jobs => "SELECT state, CAST(COUNT(*) AS BIGINT) AS n FROM jobs GROUP BY state",
         };
         let rows = sqlx::query(sql).fetch_all(&self.pool).await?;
-        rows.iter().map(|r| Ok((r.try_get("state")?, r.try_get("n")?))).collect()
+        rows.iter()
+            .map(|r| Ok((r.try_get("state")?, r.try_get("n")?)))
+            .collect()
     }
 
     pub async fn ping(&self) -> Result<()> {
@@ -259,7 +283,8 @@ fn finish_page<T, C>(items: &mut Vec<T>, limit: i64, cursor: impl Fn(&T) -> C) -
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(d) => {
-            d.code().is_some_and(|c| c == "23505" || c == "2067" || c == "1555")
+            d.code()
+                .is_some_and(|c| c == "23505" || c == "2067" || c == "1555")
                 || d.message().contains("UNIQUE constraint failed")
         }
         _ => false,

@@ -105,7 +105,12 @@ fn execution_from_row(r: &sqlx::any::AnyRow) -> Result<Execution> {
 }
 
 fn log_from_row(r: &sqlx::any::AnyRow) -> Result<LogEntry> {
-    Ok(LogEntry { id: r.try_get("id")?, at: r.try_get("at")?, level: r.try_get("level")?, message: r.try_get("message")? })
+    Ok(LogEntry {
+        id: r.try_get("id")?,
+        at: r.try_get("at")?,
+        level: r.try_get("level")?,
+        message: r.try_get("message")?,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -151,13 +156,36 @@ impl Store {
     ) -> Result<()> {
         let now = self.now();
         let mut tx = self.begin().await?;
-        insert_audit(&mut tx, now, actor, action, environment_id, None, None, outcome, error, duration_ms).await?;
+        insert_audit(
+            &mut tx,
+            now,
+            actor,
+            action,
+            environment_id,
+            None,
+            None,
+            outcome,
+            error,
+            duration_ms,
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
 
     pub async fn audit_for_environment(&self, environment_id: &str) -> Result<Vec<AuditEntry>> {
-        Ok(self.audit_page(&AuditFilter { environment_id: Some(environment_id.into()), ..Default::default() }, None, 100_000, true).await?.0)
+        Ok(self
+            .audit_page(
+                &AuditFilter {
+                    environment_id: Some(environment_id.into()),
+                    ..Default::default()
+                },
+                None,
+                100_000,
+                true,
+            )
+            .await?
+            .0)
     }
 
     /// A page of audit entries matching `filter`; newest first unless `oldest_first`.
@@ -233,21 +261,25 @@ impl Store {
 
     /// Every execution of an environment with its output (tests and diagnostics).
     pub async fn executions_for_environment(&self, environment_id: &str) -> Result<Vec<Execution>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_EXECUTION} WHERE environment_id = $1 ORDER BY id")))
-            .bind(environment_id)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{SELECT_EXECUTION} WHERE environment_id = $1 ORDER BY id"
+        )))
+        .bind(environment_id)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(execution_from_row).collect()
     }
 
     /// One execution of an environment, with its output.
     pub async fn execution(&self, environment_id: &str, id: &str) -> Result<Execution> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{SELECT_EXECUTION} WHERE environment_id = $1 AND id = $2")))
-            .bind(environment_id)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or(crate::StoreError::NotFound)?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{SELECT_EXECUTION} WHERE environment_id = $1 AND id = $2"
+        )))
+        .bind(environment_id)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(crate::StoreError::NotFound)?;
         execution_from_row(&row)
     }
 
@@ -267,11 +299,11 @@ impl Store {
              FROM executions WHERE environment_id = $1 AND id > $2 ORDER BY id LIMIT $3"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(environment_id)
-        .bind(cursor.unwrap_or(""))
-        .bind(limit + 1)
-        .fetch_all(&self.pool)
-        .await?;
+            .bind(environment_id)
+            .bind(cursor.unwrap_or(""))
+            .bind(limit + 1)
+            .fetch_all(&self.pool)
+            .await?;
         let mut items = rows
             .iter()
             .map(|r| {
@@ -340,7 +372,8 @@ impl Store {
         .bind(environment_id)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| Ok((r.try_get("generation")?, r.try_get("log_id")?))).transpose()
+        row.map(|r| Ok((r.try_get("generation")?, r.try_get("log_id")?)))
+            .transpose()
     }
 
     /// Lines written after `after_id` (for live streams), oldest first.
@@ -365,12 +398,12 @@ impl Store {
         .bind(LOG_KEEP)
         .fetch_all(&self.pool)
         .await?;
-        let mut entries = rows
-            .iter()
-            .map(log_from_row)
-            .collect::<Result<Vec<_>>>()?;
+        let mut entries = rows.iter().map(log_from_row).collect::<Result<Vec<_>>>()?;
         entries.reverse();
-        if entries.last().is_some_and(|newest| self.now() - newest.at > LOG_WINDOW_MS) {
+        if entries
+            .last()
+            .is_some_and(|newest| self.now() - newest.at > LOG_WINDOW_MS)
+        {
             entries.clear();
         }
         Ok(entries)
@@ -385,9 +418,15 @@ mod tests {
     async fn log_keeps_the_last_hundred_per_environment() {
         each_backend(|store| async move {
             for i in 0..120 {
-                store.append_log("env-1", "info", &format!("line {i}")).await.unwrap();
+                store
+                    .append_log("env-1", "info", &format!("line {i}"))
+                    .await
+                    .unwrap();
             }
-            store.append_log("env-2", "error", "other environment").await.unwrap();
+            store
+                .append_log("env-2", "error", "other environment")
+                .await
+                .unwrap();
             let logs = store.logs("env-1").await.unwrap();
             assert_eq!(logs.len(), 100);
             assert_eq!(logs.first().unwrap().message, "line 20");

@@ -23,8 +23,14 @@ impl Store {
     pub async fn prune(&self, r: &Retention) -> Result<u64> {
         let now = self.now();
         let statements: [(&str, i64); 5] = [
-            ("DELETE FROM executions WHERE id IN (SELECT id FROM executions WHERE started_at < $1 ORDER BY started_at LIMIT $2)", now - r.executions_ms),
-            ("DELETE FROM audit_log WHERE id IN (SELECT id FROM audit_log WHERE at < $1 ORDER BY at LIMIT $2)", now - r.audit_ms),
+            (
+                "DELETE FROM executions WHERE id IN (SELECT id FROM executions WHERE started_at < $1 ORDER BY started_at LIMIT $2)",
+                now - r.executions_ms,
+            ),
+            (
+                "DELETE FROM audit_log WHERE id IN (SELECT id FROM audit_log WHERE at < $1 ORDER BY at LIMIT $2)",
+                now - r.audit_ms,
+            ),
             (
                 "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state IN ('succeeded', 'dead') AND updated_at < $1 \
                  ORDER BY updated_at LIMIT $2)",
@@ -40,9 +46,18 @@ impl Store {
                 now - r.destroyed_ms,
             ),
         ];
-        let mut removed = sqlx::query("DELETE FROM used_tickets WHERE expires_at < $1").bind(now).execute(&self.pool).await?.rows_affected();
+        let mut removed = sqlx::query("DELETE FROM used_tickets WHERE expires_at < $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
         for (sql, before) in statements {
-            removed += sqlx::query(sql).bind(before).bind(PRUNE_BATCH).execute(&self.pool).await?.rows_affected();
+            removed += sqlx::query(sql)
+                .bind(before)
+                .bind(PRUNE_BATCH)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
         }
         Ok(removed)
     }
@@ -75,14 +90,41 @@ mod tests {
                 };
                 store.insert_execution(&e).await.unwrap();
             }
-            store.audit("u", "old", None, "success", None, None).await.unwrap();
-            store.exec_sql_for_tests("UPDATE audit_log SET at = $1 WHERE action = $2", store.now() - 400 * day, "old").await.unwrap();
-            store.audit("u", "new", None, "success", None, None).await.unwrap();
-            let r = Retention { executions_ms: 30 * day, audit_ms: 365 * day, jobs_ms: 30 * day, destroyed_ms: 30 * day };
+            store
+                .audit("u", "old", None, "success", None, None)
+                .await
+                .unwrap();
+            store
+                .exec_sql_for_tests(
+                    "UPDATE audit_log SET at = $1 WHERE action = $2",
+                    store.now() - 400 * day,
+                    "old",
+                )
+                .await
+                .unwrap();
+            store
+                .audit("u", "new", None, "success", None, None)
+                .await
+                .unwrap();
+            let r = Retention {
+                executions_ms: 30 * day,
+                audit_ms: 365 * day,
+                jobs_ms: 30 * day,
+                destroyed_ms: 30 * day,
+            };
             assert_eq!(store.prune(&r).await.unwrap(), 2);
-            assert!(matches!(store.execution("e", "old").await, Err(crate::StoreError::NotFound)));
+            assert!(matches!(
+                store.execution("e", "old").await,
+                Err(crate::StoreError::NotFound)
+            ));
             assert!(store.execution("e", "new").await.is_ok());
-            assert_eq!(store.count("SELECT COUNT(*) AS n FROM audit_log").await.unwrap(), 1);
+            assert_eq!(
+                store
+                    .count("SELECT COUNT(*) AS n FROM audit_log")
+                    .await
+                    .unwrap(),
+                1
+            );
             assert_eq!(store.prune(&r).await.unwrap(), 0);
         })
         .await;

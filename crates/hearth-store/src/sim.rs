@@ -22,8 +22,7 @@ pub struct SimVmRow {
     pub created_at: i64,
 }
 
-const SELECT: &str =
-    "SELECT vm_id, host_id, name, installation_id, environment_id, state, init_state, init_runs, created_at FROM sim_vms";
+const SELECT: &str = "SELECT vm_id, host_id, name, installation_id, environment_id, state, init_state, init_runs, created_at FROM sim_vms";
 
 fn from_row(r: &AnyRow) -> Result<SimVmRow> {
     Ok(SimVmRow {
@@ -41,10 +40,21 @@ fn from_row(r: &AnyRow) -> Result<SimVmRow> {
 
 impl Store {
     /// The live VM named `name` on the host, made (running) if there is none.
-    pub async fn sim_ensure(&self, host_id: &str, name: &str, installation_id: &str, environment_id: &str) -> Result<SimVmRow> {
+    pub async fn sim_ensure(
+        &self,
+        host_id: &str,
+        name: &str,
+        installation_id: &str,
+        environment_id: &str,
+    ) -> Result<SimVmRow> {
         let mut tx = self.begin().await?;
         let sql = format!("{SELECT} WHERE host_id = $1 AND name = $2 AND state <> 'destroyed'");
-        if let Some(r) = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(host_id).bind(name).fetch_optional(&mut *tx).await? {
+        if let Some(r) = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(host_id)
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await?
+        {
             return from_row(&r);
         }
         let row = SimVmRow {
@@ -77,25 +87,42 @@ impl Store {
 
     /// The live VM with this id or name on the host.
     pub async fn sim_vm(&self, host_id: &str, id_or_name: &str) -> Result<Option<SimVmRow>> {
-        let sql = format!("{SELECT} WHERE host_id = $1 AND (vm_id = $2 OR name = $2) AND state <> 'destroyed'");
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(host_id).bind(id_or_name).fetch_optional(&self.pool).await?;
+        let sql = format!(
+            "{SELECT} WHERE host_id = $1 AND (vm_id = $2 OR name = $2) AND state <> 'destroyed'"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(host_id)
+            .bind(id_or_name)
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(from_row).transpose()
     }
 
     /// Moves a live VM to `state`; `NotFound` when there is none.
     pub async fn sim_set_state(&self, vm_id: &str, state: &str) -> Result<()> {
-        let done = sqlx::query("UPDATE sim_vms SET state = $1 WHERE vm_id = $2 AND state <> 'destroyed'")
-            .bind(state)
-            .bind(vm_id)
-            .execute(&self.pool)
-            .await?;
-        if done.rows_affected() == 0 { Err(StoreError::NotFound) } else { Ok(()) }
+        let done =
+            sqlx::query("UPDATE sim_vms SET state = $1 WHERE vm_id = $2 AND state <> 'destroyed'")
+                .bind(state)
+                .bind(vm_id)
+                .execute(&self.pool)
+                .await?;
+        if done.rows_affected() == 0 {
+            Err(StoreError::NotFound)
+        } else {
+            Ok(())
+        }
     }
 
     /// The host's live VMs of one installation.
     pub async fn sim_list(&self, host_id: &str, installation_id: &str) -> Result<Vec<SimVmRow>> {
-        let sql = format!("{SELECT} WHERE host_id = $1 AND installation_id = $2 AND state <> 'destroyed'");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(host_id).bind(installation_id).fetch_all(&self.pool).await?;
+        let sql = format!(
+            "{SELECT} WHERE host_id = $1 AND installation_id = $2 AND state <> 'destroyed'"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(host_id)
+            .bind(installation_id)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(from_row).collect()
     }
 
@@ -115,7 +142,10 @@ impl Store {
     /// Every VM ever made for an environment, destroyed ones included (tests count them).
     pub async fn sim_vms_of(&self, environment_id: &str) -> Result<Vec<SimVmRow>> {
         let sql = format!("{SELECT} WHERE environment_id = $1 ORDER BY created_at, vm_id");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(environment_id).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(environment_id)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(from_row).collect()
     }
 }

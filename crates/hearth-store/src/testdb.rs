@@ -17,8 +17,12 @@ pub async fn fresh_postgres_url() -> String {
     sqlx::any::install_default_drivers();
     let admin = postgres_admin_url();
     let name = format!("hearth_t_{}", uuid::Uuid::new_v4().simple());
-    let pool = sqlx::AnyPool::connect(&admin).await.expect("connect to test PostgreSQL");
-    pool.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).await.unwrap();
+    let pool = sqlx::AnyPool::connect(&admin)
+        .await
+        .expect("connect to test PostgreSQL");
+    pool.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .await
+        .unwrap();
     pool.close().await;
     let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
     format!("{base}/{name}")
@@ -35,7 +39,11 @@ where
     Fut: Future<Output = ()>,
 {
     let dir = tempfile::tempdir().unwrap();
-    body(format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display())).await;
+    body(format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("t.db").display()
+    ))
+    .await;
     body(fresh_postgres_url().await).await;
 }
 
@@ -54,7 +62,11 @@ impl Store {
     /// Test setup at scale: `count` running environments of `user_id` on each listed host,
     /// written in large batches, then the host counters re-summed. Bypasses quota and
     /// placement on purpose: it builds a fleet, it does not exercise creation.
-    pub async fn insert_running_for_tests(&self, user_id: &str, hosts: &[(String, i64)]) -> crate::Result<()> {
+    pub async fn insert_running_for_tests(
+        &self,
+        user_id: &str,
+        hosts: &[(String, i64)],
+    ) -> crate::Result<()> {
         const PER_BATCH: usize = 200;
         let now = self.now();
         let rows: Vec<(&str, String)> = hosts
@@ -80,7 +92,12 @@ impl Store {
             }
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (host, id) in batch {
-                q = q.bind(id.clone()).bind(format!("env_{}", &id[id.len() - 12..])).bind(user_id).bind(*host).bind(now);
+                q = q
+                    .bind(id.clone())
+                    .bind(format!("env_{}", &id[id.len() - 12..]))
+                    .bind(user_id)
+                    .bind(*host)
+                    .bind(now);
             }
             q.execute(&mut *tx).await?;
         }
@@ -93,7 +110,10 @@ impl Store {
 impl Store {
     /// Benchmarks: how long placing `need` takes (the placement query and the conditional
     /// reservation, in a transaction that is then rolled back, so the fleet stays as it is).
-    pub async fn time_placement(&self, need: &crate::Placement) -> crate::Result<std::time::Duration> {
+    pub async fn time_placement(
+        &self,
+        need: &crate::Placement,
+    ) -> crate::Result<std::time::Duration> {
         let mut tx = self.begin().await?;
         let started = std::time::Instant::now();
         let placed = self.place_in(&mut tx, need, None).await;
@@ -106,12 +126,18 @@ impl Store {
 impl Store {
     /// Tests: runs a statement as is (to age a token, say).
     pub async fn execute_for_tests(&self, sql: &str) {
-        sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).execute(&self.pool).await.expect("test statement");
+        sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+            .execute(&self.pool)
+            .await
+            .expect("test statement");
     }
 
     /// Tests: the text column `v` of the first row of `sql`.
     pub async fn count_text(&self, sql: &str) -> String {
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).fetch_one(&self.pool).await.expect("test query");
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_one(&self.pool)
+            .await
+            .expect("test query");
         sqlx::Row::try_get(&row, "v").expect("a text column v")
     }
 }

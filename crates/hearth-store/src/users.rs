@@ -100,7 +100,9 @@ impl Store {
         .await;
         if let Err(e) = inserted {
             if crate::is_unique_violation(&e) {
-                return Err(StoreError::Conflict(format!("a user with email {email:?} exists")));
+                return Err(StoreError::Conflict(format!(
+                    "a user with email {email:?} exists"
+                )));
             }
             return Err(e.into());
         }
@@ -138,7 +140,14 @@ impl Store {
             .bind(created_at)
             .execute(&self.pool)
             .await?;
-        Ok((ApiToken { id: token_id(&hash), name: name.to_string(), created_at }, token))
+        Ok((
+            ApiToken {
+                id: token_id(&hash),
+                name: name.to_string(),
+                created_at,
+            },
+            token,
+        ))
     }
 
     /// The user's tokens (never the tokens themselves: only their ids and names).
@@ -150,7 +159,11 @@ impl Store {
         rows.iter()
             .map(|r| {
                 let hash: String = r.try_get("token_hash")?;
-                Ok(ApiToken { id: token_id(&hash), name: r.try_get("name")?, created_at: r.try_get("created_at")? })
+                Ok(ApiToken {
+                    id: token_id(&hash),
+                    name: r.try_get("name")?,
+                    created_at: r.try_get("created_at")?,
+                })
             })
             .collect()
     }
@@ -165,7 +178,11 @@ impl Store {
             .bind(format!("{}%", id.to_ascii_lowercase()))
             .execute(&self.pool)
             .await?;
-        if done.rows_affected() == 0 { Err(StoreError::NotFound) } else { Ok(()) }
+        if done.rows_affected() == 0 {
+            Err(StoreError::NotFound)
+        } else {
+            Ok(())
+        }
     }
 
     /// Removes a user who holds nothing: Conflict while any of their environments is not
@@ -174,11 +191,13 @@ impl Store {
     pub async fn delete_user(&self, id: &str) -> Result<()> {
         let mut tx = self.begin().await?;
         user_in(&mut tx, id, self.for_update()).await?;
-        let live: i64 = sqlx::query("SELECT COUNT(*) AS n FROM environments WHERE user_id = $1 AND state <> 'destroyed'")
-            .bind(id)
-            .fetch_one(&mut *tx)
-            .await?
-            .try_get("n")?;
+        let live: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM environments WHERE user_id = $1 AND state <> 'destroyed'",
+        )
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("n")?;
         if live > 0 {
             return Err(StoreError::Conflict(format!(
                 "the user still has {live} environment(s) that are not destroyed; destroy them first"
@@ -220,17 +239,27 @@ impl Store {
     }
 
     pub async fn list_users(&self) -> Result<Vec<User>> {
-        let rows = sqlx::query("SELECT id, email, role, tier, created_at FROM users ORDER BY created_at, id")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT id, email, role, tier, created_at FROM users ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(user_from_row).collect()
     }
 
     pub async fn count_users(&self) -> Result<i64> {
-        Ok(sqlx::query("SELECT COUNT(*) AS n FROM users").fetch_one(&self.pool).await?.try_get("n")?)
+        Ok(sqlx::query("SELECT COUNT(*) AS n FROM users")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("n")?)
     }
 
-    pub async fn set_user_tier_role(&self, id: &str, tier: Option<Tier>, role: Option<Role>) -> Result<User> {
+    pub async fn set_user_tier_role(
+        &self,
+        id: &str,
+        tier: Option<Tier>,
+        role: Option<Role>,
+    ) -> Result<User> {
         let user = self.user(id).await?;
         sqlx::query("UPDATE users SET tier = $1, role = $2 WHERE id = $3")
             .bind(tier.unwrap_or(user.tier).as_str())
@@ -244,7 +273,10 @@ impl Store {
     /// Sets per-user overrides; `None` in a field means "the tier's default".
     pub async fn set_quota_overrides(&self, id: &str, o: &QuotaOverrides) -> Result<()> {
         let mut tx = self.begin().await?;
-        sqlx::query("DELETE FROM quotas WHERE user_id = $1").bind(id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM quotas WHERE user_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(
             "INSERT INTO quotas (user_id, max_environments, max_concurrent_environments, max_vcpus, max_memory_mb, \
              max_disk_gb, max_duration_hours) VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -270,7 +302,9 @@ impl Store {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        let Some(r) = row else { return Ok(QuotaOverrides::default()) };
+        let Some(r) = row else {
+            return Ok(QuotaOverrides::default());
+        };
         Ok(QuotaOverrides {
             max_environments: r.try_get("max_environments")?,
             max_concurrent_environments: r.try_get("max_concurrent_environments")?,
@@ -309,7 +343,10 @@ pub(crate) async fn quota_in(conn: &mut sqlx::AnyConnection, user: &User) -> Res
         };
         q = Quota {
             max_environments: pick("max_environments", q.max_environments)?,
-            max_concurrent_environments: pick("max_concurrent_environments", q.max_concurrent_environments)?,
+            max_concurrent_environments: pick(
+                "max_concurrent_environments",
+                q.max_concurrent_environments,
+            )?,
             max_vcpus: pick("max_vcpus", q.max_vcpus)?,
             max_memory_mb: pick("max_memory_mb", q.max_memory_mb)?,
             max_disk_gb: pick("max_disk_gb", q.max_disk_gb)?,
@@ -332,7 +369,10 @@ pub(crate) async fn usage_in(conn: &mut sqlx::AnyConnection, user_id: &str) -> R
          CAST(COALESCE(SUM(CASE WHEN {ACTIVE} THEN disk_gb ELSE 0 END), 0) AS BIGINT) AS disk_gb \
          FROM environments WHERE user_id = $1 AND state <> 'destroyed'"
     );
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(user_id).fetch_one(&mut *conn).await?;
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(user_id)
+        .fetch_one(&mut *conn)
+        .await?;
     Ok(Usage {
         environments: row.try_get("environments")?,
         concurrent_environments: row.try_get("concurrent")?,
@@ -345,7 +385,11 @@ pub(crate) async fn usage_in(conn: &mut sqlx::AnyConnection, user_id: &str) -> R
 /// Reads (and on PostgreSQL locks, with `lock` = " FOR UPDATE") a user inside a transaction.
 pub(crate) async fn user_in(tx: &mut Tx, id: &str, lock: &str) -> Result<User> {
     let sql = format!("SELECT id, email, role, tier, created_at FROM users WHERE id = $1{lock}");
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&mut **tx).await?.ok_or(StoreError::NotFound)?;
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or(StoreError::NotFound)?;
     user_from_row(&row)
 }
 
@@ -364,7 +408,10 @@ mod tests {
     #[tokio::test]
     async fn tokens_are_hashed_and_resolve() {
         each_backend(|store| async move {
-            let (user, token) = store.create_user("a@example.com", Role::User, Tier::Free).await.unwrap();
+            let (user, token) = store
+                .create_user("a@example.com", Role::User, Tier::Free)
+                .await
+                .unwrap();
             assert!(token.starts_with("hearth_"));
             let found = store.user_by_token(&token).await.unwrap().unwrap();
             assert_eq!(found, user);
@@ -380,7 +427,9 @@ mod tests {
             )
             .unwrap();
             assert_eq!(n, 0);
-            let dup = store.create_user("a@example.com", Role::User, Tier::Free).await;
+            let dup = store
+                .create_user("a@example.com", Role::User, Tier::Free)
+                .await;
             assert!(matches!(dup, Err(crate::StoreError::Conflict(_))));
         })
         .await;
@@ -389,19 +438,44 @@ mod tests {
     #[tokio::test]
     async fn tokens_are_listed_by_id_and_revoked_one_by_one() {
         each_backend(|store| async move {
-            let (user, first) = store.create_user("t@example.com", Role::User, Tier::Free).await.unwrap();
-            let (other, _) = store.create_user("o@example.com", Role::User, Tier::Free).await.unwrap();
+            let (user, first) = store
+                .create_user("t@example.com", Role::User, Tier::Free)
+                .await
+                .unwrap();
+            let (other, _) = store
+                .create_user("o@example.com", Role::User, Tier::Free)
+                .await
+                .unwrap();
             let (made, second) = store.create_token(&user.id, "laptop").await.unwrap();
             let listed = store.list_tokens(&user.id).await.unwrap();
-            assert_eq!(listed.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["default", "laptop"]);
-            assert!(listed.iter().all(|t| !first.contains(&t.id) && !second.contains(&t.id)));
+            assert_eq!(
+                listed.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+                ["default", "laptop"]
+            );
+            assert!(
+                listed
+                    .iter()
+                    .all(|t| !first.contains(&t.id) && !second.contains(&t.id))
+            );
             // Another user cannot revoke it, nor can a malformed id match several.
-            assert!(matches!(store.revoke_token(&other.id, &made.id).await, Err(crate::StoreError::NotFound)));
-            assert!(matches!(store.revoke_token(&user.id, "").await, Err(crate::StoreError::NotFound)));
-            assert!(matches!(store.revoke_token(&user.id, "%%%%%%%%%%%%%%%%").await, Err(crate::StoreError::NotFound)));
+            assert!(matches!(
+                store.revoke_token(&other.id, &made.id).await,
+                Err(crate::StoreError::NotFound)
+            ));
+            assert!(matches!(
+                store.revoke_token(&user.id, "").await,
+                Err(crate::StoreError::NotFound)
+            ));
+            assert!(matches!(
+                store.revoke_token(&user.id, "%%%%%%%%%%%%%%%%").await,
+                Err(crate::StoreError::NotFound)
+            ));
             store.revoke_token(&user.id, &made.id).await.unwrap();
             assert!(store.user_by_token(&second).await.unwrap().is_none());
-            assert_eq!(store.user_by_token(&first).await.unwrap().unwrap().id, user.id);
+            assert_eq!(
+                store.user_by_token(&first).await.unwrap().unwrap().id,
+                user.id
+            );
         })
         .await;
     }
@@ -418,7 +492,10 @@ mod tests {
     #[tokio::test]
     async fn quota_defaults_to_tier_without_a_row() {
         each_backend(|store| async move {
-            let (user, _) = store.create_user("q@example.com", Role::User, Tier::Pro).await.unwrap();
+            let (user, _) = store
+                .create_user("q@example.com", Role::User, Tier::Pro)
+                .await
+                .unwrap();
             assert_eq!(store.quota(&user).await.unwrap(), Tier::Pro.default_quota());
             sqlx::query("INSERT INTO quotas (user_id, max_vcpus) VALUES ($1, $2)")
                 .bind(&user.id)

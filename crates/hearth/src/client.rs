@@ -11,13 +11,25 @@ pub struct Failure {
 
 impl Failure {
     pub fn failed(message: impl Into<String>) -> Failure {
-        Failure { message: message.into(), exit_code: 1, status: None }
+        Failure {
+            message: message.into(),
+            exit_code: 1,
+            status: None,
+        }
     }
     pub fn usage(message: impl Into<String>) -> Failure {
-        Failure { message: message.into(), exit_code: 2, status: None }
+        Failure {
+            message: message.into(),
+            exit_code: 2,
+            status: None,
+        }
     }
     pub fn unreachable(message: impl Into<String>) -> Failure {
-        Failure { message: message.into(), exit_code: 3, status: None }
+        Failure {
+            message: message.into(),
+            exit_code: 3,
+            status: None,
+        }
     }
 }
 
@@ -31,28 +43,38 @@ impl Client {
     /// `HEARTH_URL` (default from `HEARTH_LISTEN`, else 127.0.0.1:8080) and `HEARTH_TOKEN`
     /// (default: `<data dir>/admin.token`, written by `serve` on this machine).
     pub fn from_env() -> Result<Client, Failure> {
-        let base = std::env::var("HEARTH_URL").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| {
-            let listen = std::env::var("HEARTH_LISTEN").unwrap_or_else(|_| "127.0.0.1:8080".into());
-            format!("http://{listen}")
-        });
-        let token = match std::env::var("HEARTH_TOKEN").ok().filter(|s| !s.is_empty()) {
-            Some(t) => t,
-            None => {
-                let dir = std::env::var("HEARTH_DATA_DIR").unwrap_or_else(|_| hearth_app::config::default_data_dir());
-                let path = std::path::Path::new(&dir).join("admin.token");
-                std::fs::read_to_string(&path).map(|t| t.trim().to_string()).map_err(|_| {
+        let base = std::env::var("HEARTH_URL")
+            .ok()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| {
+                let listen =
+                    std::env::var("HEARTH_LISTEN").unwrap_or_else(|_| "127.0.0.1:8080".into());
+                format!("http://{listen}")
+            });
+        let token =
+            match std::env::var("HEARTH_TOKEN").ok().filter(|s| !s.is_empty()) {
+                Some(t) => t,
+                None => {
+                    let dir = std::env::var("HEARTH_DATA_DIR")
+                        .unwrap_or_else(|_| hearth_app::config::default_data_dir());
+                    let path = std::path::Path::new(&dir).join("admin.token");
+                    std::fs::read_to_string(&path).map(|t| t.trim().to_string()).map_err(|_| {
                     Failure::unreachable(format!(
                         "no token: set HEARTH_TOKEN, or run this where `hearth serve` wrote {}",
                         path.display()
                     ))
                 })?
-            }
-        };
+                }
+            };
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(3700))
             .build()
             .map_err(|e| Failure::failed(e.to_string()))?;
-        Ok(Client { http, base: base.trim_end_matches('/').to_string(), token })
+        Ok(Client {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            token,
+        })
     }
 
     pub fn base(&self) -> &str {
@@ -65,32 +87,46 @@ impl Client {
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value, Failure> {
         let resp = req.bearer_auth(&self.token).send().await.map_err(|e| {
-            Failure::unreachable(format!("cannot reach Hearth at {} ({e}); is `hearth serve` running?", self.base))
+            Failure::unreachable(format!(
+                "cannot reach Hearth at {} ({e}); is `hearth serve` running?",
+                self.base
+            ))
         })?;
         let status = resp.status().as_u16();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if (200..300).contains(&status) {
             return Ok(body);
         }
-        let message = body["error"]["message"].as_str().unwrap_or("no message").to_string();
+        let message = body["error"]["message"]
+            .as_str()
+            .unwrap_or("no message")
+            .to_string();
         let code = body["error"]["code"].as_str().unwrap_or("error");
         let exit_code = if status == 401 { 3 } else { 1 };
-        Err(Failure { message: format!("{code}: {message}"), exit_code, status: Some(status) })
+        Err(Failure {
+            message: format!("{code}: {message}"),
+            exit_code,
+            status: Some(status),
+        })
     }
 
     pub async fn get(&self, path: &str) -> Result<Value, Failure> {
-        self.send(self.http.get(format!("{}{path}", self.base))).await
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Result<Value, Failure> {
-        self.send(self.http.post(format!("{}{path}", self.base)).json(&body)).await
+        self.send(self.http.post(format!("{}{path}", self.base)).json(&body))
+            .await
     }
 
     pub async fn patch(&self, path: &str, body: Value) -> Result<Value, Failure> {
-        self.send(self.http.patch(format!("{}{path}", self.base)).json(&body)).await
+        self.send(self.http.patch(format!("{}{path}", self.base)).json(&body))
+            .await
     }
 
     pub async fn delete(&self, path: &str) -> Result<Value, Failure> {
-        self.send(self.http.delete(format!("{}{path}", self.base))).await
+        self.send(self.http.delete(format!("{}{path}", self.base)))
+            .await
     }
 }

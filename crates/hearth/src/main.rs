@@ -17,7 +17,11 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
-#[command(name = "hearth", version, about = "Development VMs and sandboxes, self-hosted")]
+#[command(
+    name = "hearth",
+    version,
+    about = "Development VMs and sandboxes, self-hosted"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -45,9 +49,7 @@ enum Command {
         command: EnvCommand,
     },
     /// An interactive shell in an environment (your personal VM if no id is given).
-    Ssh {
-        id: Option<String>,
-    },
+    Ssh { id: Option<String> },
     /// Administration (admin role).
     Admin {
         #[command(subcommand)]
@@ -160,7 +162,11 @@ enum AdminCommand {
 #[derive(Args)]
 struct AgentArgs {
     /// Where the agent keeps its identity and VM records (0700).
-    #[arg(long, env = "HEARTH_AGENT_STATE_DIR", default_value = "/var/lib/hearth/agent")]
+    #[arg(
+        long,
+        env = "HEARTH_AGENT_STATE_DIR",
+        default_value = "/var/lib/hearth/agent"
+    )]
     state_dir: std::path::PathBuf,
     /// The VM image (`hearth image build --vm`).
     #[arg(long, env = "HEARTH_VM_IMAGE_DIR", default_value = hearth_agent::DEFAULT_VM_IMAGE_DIR)]
@@ -350,8 +356,18 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     match cli.command {
         Command::Serve => serve().await,
         Command::Agent(args) => agent(args).await,
-        Command::Image { command: ImageCommand::Build { vm: true, force, dir, .. } } => build_vm_image(&dir, force),
-        Command::Image { command: ImageCommand::Build { tag, force, .. } } => build_image(&tag, force),
+        Command::Image {
+            command:
+                ImageCommand::Build {
+                    vm: true,
+                    force,
+                    dir,
+                    ..
+                },
+        } => build_vm_image(&dir, force),
+        Command::Image {
+            command: ImageCommand::Build { tag, force, .. },
+        } => build_image(&tag, force),
         Command::Vm { command } => vm(command).await,
         Command::Env { command } => env(command).await,
         Command::Admin { command } => admin(command).await,
@@ -368,11 +384,14 @@ async fn serve() -> Result<ExitCode, Failure> {
     }
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,sqlx=warn,russh=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,sqlx=warn,russh=warn".into()),
         )
         .init();
     let config = hearth_server::Config::from_env().map_err(|m| Failure::usage(m))?;
-    hearth_server::serve::run(config).await.map_err(|e| Failure::failed(format!("{e:#}")))?;
+    hearth_server::serve::run(config)
+        .await
+        .map_err(|e| Failure::failed(format!("{e:#}")))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -384,13 +403,19 @@ async fn agent(args: AgentArgs) -> Result<ExitCode, Failure> {
         libc::umask(0o077);
     }
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     let accel = match args.accel.as_str() {
         "auto" => None,
         "kvm" => Some(Accel::Kvm),
         "tcg" => Some(Accel::Tcg),
-        other => return Err(Failure::usage(format!("--accel must be auto, kvm or tcg, got {other:?}"))),
+        other => {
+            return Err(Failure::usage(format!(
+                "--accel must be auto, kvm or tcg, got {other:?}"
+            )));
+        }
     };
     let config = hearth_agent::run::AgentConfig {
         state_dir: args.state_dir,
@@ -409,13 +434,16 @@ async fn agent(args: AgentArgs) -> Result<ExitCode, Failure> {
         join_token: args.join_token,
     };
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
     };
-    hearth_agent::run::run(config, shutdown).await.map_err(|e| Failure::failed(format!("{e:#}")))?;
+    hearth_agent::run::run(config, shutdown)
+        .await
+        .map_err(|e| Failure::failed(format!("{e:#}")))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -431,26 +459,43 @@ fn spinner(message: &str) -> ProgressBar {
 /// already exists: the root filesystem of every guest is built in it.
 fn image_work_dir() -> std::io::Result<tempfile::TempDir> {
     use std::os::unix::fs::PermissionsExt;
-    tempfile::Builder::new().prefix("hearth-image-").permissions(std::fs::Permissions::from_mode(0o700)).tempdir()
+    tempfile::Builder::new()
+        .prefix("hearth-image-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
 }
 
 fn build_vm_image(dir: &std::path::Path, force: bool) -> Result<ExitCode, Failure> {
     use hearth_agent::image::{VmImage, build, recipe_hash};
     if !force && VmImage::is_current(dir) {
-        println!("the VM image in {} is up to date (recipe {})", dir.display(), recipe_hash());
+        println!(
+            "the VM image in {} is up to date (recipe {})",
+            dir.display(),
+            recipe_hash()
+        );
         return Ok(ExitCode::SUCCESS);
     }
-    let work = image_work_dir().map_err(|e| Failure::failed(format!("cannot create a private temporary directory: {e}")))?;
+    let work = image_work_dir().map_err(|e| {
+        Failure::failed(format!("cannot create a private temporary directory: {e}"))
+    })?;
     let bar = spinner("starting");
     let started = Instant::now();
     let result = build(dir, work.path(), &mut |step| {
-        bar.println(format!("[{:>5.1}s] {step}", started.elapsed().as_secs_f64()));
+        bar.println(format!(
+            "[{:>5.1}s] {step}",
+            started.elapsed().as_secs_f64()
+        ));
         bar.set_message(step.to_string());
     });
     bar.finish_and_clear();
     drop(work);
     let image = result.map_err(|e| Failure::failed(e.to_string()))?;
-    println!("built the VM image (kernel {}) into {} in {:.1}s", image.kernel_version, dir.display(), started.elapsed().as_secs_f64());
+    println!(
+        "built the VM image (kernel {}) into {} in {:.1}s",
+        image.kernel_version,
+        dir.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -460,11 +505,16 @@ fn build_image(tag: &str, force: bool) -> Result<ExitCode, Failure> {
         println!("{tag} is up to date (recipe {})", image::recipe_hash());
         return Ok(ExitCode::SUCCESS);
     }
-    let work = image_work_dir().map_err(|e| Failure::failed(format!("cannot create a private temporary directory: {e}")))?;
+    let work = image_work_dir().map_err(|e| {
+        Failure::failed(format!("cannot create a private temporary directory: {e}"))
+    })?;
     let bar = spinner("starting");
     let started = Instant::now();
     let result = image::build(tag, work.path(), &mut |step| {
-        bar.println(format!("[{:>5.1}s] {step}", started.elapsed().as_secs_f64()));
+        bar.println(format!(
+            "[{:>5.1}s] {step}",
+            started.elapsed().as_secs_f64()
+        ));
         bar.set_message(step.to_string());
     });
     bar.finish_and_clear();
@@ -476,11 +526,31 @@ fn build_image(tag: &str, force: bool) -> Result<ExitCode, Failure> {
 
 fn print_vm(vm: &Value) {
     let s = |k: &str| vm.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
-    let n = |k: &str| vm.get(k).and_then(Value::as_i64).map(|v| v.to_string()).unwrap_or("-".into());
+    let n = |k: &str| {
+        vm.get(k)
+            .and_then(Value::as_i64)
+            .map(|v| v.to_string())
+            .unwrap_or("-".into())
+    };
     println!("id:      {}", s("id"));
-    println!("status:  {}{}", s("status"), vm.get("stateMessage").and_then(Value::as_str).map(|m| format!(" ({m})")).unwrap_or_default());
-    println!("size:    {} vCPUs, {} MB memory, {} GB disk", n("vcpus"), n("memoryMb"), n("diskGb"));
-    if let (Some(host), Some(port)) = (vm.get("sshHost").and_then(Value::as_str), vm.get("sshPort").and_then(Value::as_i64)) {
+    println!(
+        "status:  {}{}",
+        s("status"),
+        vm.get("stateMessage")
+            .and_then(Value::as_str)
+            .map(|m| format!(" ({m})"))
+            .unwrap_or_default()
+    );
+    println!(
+        "size:    {} vCPUs, {} MB memory, {} GB disk",
+        n("vcpus"),
+        n("memoryMb"),
+        n("diskGb")
+    );
+    if let (Some(host), Some(port)) = (
+        vm.get("sshHost").and_then(Value::as_str),
+        vm.get("sshPort").and_then(Value::as_i64),
+    ) {
         println!("ssh:     {}@{host} -p {port}", s("sshUser"));
     }
     println!("runtime: {} min", n("totalRuntimeMinutes"));
@@ -530,7 +600,13 @@ impl Watch {
 /// unexpected `destroyed`) ends it with exit code 1. `requested` is the answer to the
 /// request being waited for: a state it already had (say, the `error` a destroy was asked
 /// to clear) is not the outcome, only a later generation is.
-async fn wait_until(client: &Client, w: Watch, want: &str, timeout: u64, requested: &Value) -> Result<ExitCode, Failure> {
+async fn wait_until(
+    client: &Client,
+    w: Watch,
+    want: &str,
+    timeout: u64,
+    requested: &Value,
+) -> Result<ExitCode, Failure> {
     let since = requested["generation"].as_i64().unwrap_or(i64::MIN);
     let bar = spinner("waiting");
     let started = Instant::now();
@@ -540,7 +616,11 @@ async fn wait_until(client: &Client, w: Watch, want: &str, timeout: u64, request
             let items = logs["items"].as_array().cloned().unwrap_or_default();
             // The log keeps the last 100 lines; print only what is new.
             for line in items.iter().skip(seen.min(items.len())) {
-                bar.println(format!("  {:<7} {}", line["level"].as_str().unwrap_or(""), line["message"].as_str().unwrap_or("")));
+                bar.println(format!(
+                    "  {:<7} {}",
+                    line["level"].as_str().unwrap_or(""),
+                    line["message"].as_str().unwrap_or("")
+                ));
             }
             seen = items.len();
         }
@@ -567,12 +647,20 @@ async fn wait_until(client: &Client, w: Watch, want: &str, timeout: u64, request
         if (state == "error" || state == "destroyed") && newer {
             bar.finish_and_clear();
             (w.print)(&current);
-            let reason = current["stateMessage"].as_str().unwrap_or("no reason given");
-            return Err(Failure::failed(format!("the {} is {state}: {reason}", w.noun)));
+            let reason = current["stateMessage"]
+                .as_str()
+                .unwrap_or("no reason given");
+            return Err(Failure::failed(format!(
+                "the {} is {state}: {reason}",
+                w.noun
+            )));
         }
         if started.elapsed() > Duration::from_secs(timeout) {
             bar.finish_and_clear();
-            return Err(Failure::failed(format!("still {state} after {timeout}s; `{}` to check again", w.check)));
+            return Err(Failure::failed(format!(
+                "still {state} after {timeout}s; `{}` to check again",
+                w.check
+            )));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -581,9 +669,18 @@ async fn wait_until(client: &Client, w: Watch, want: &str, timeout: u64, request
 async fn vm(command: VmCommand) -> Result<ExitCode, Failure> {
     let client = Client::from_env()?;
     match command {
-        VmCommand::Provision { vcpus, memory_mb, disk_gb, wait } => {
+        VmCommand::Provision {
+            vcpus,
+            memory_mb,
+            disk_gb,
+            wait,
+        } => {
             let mut body = serde_json::Map::new();
-            for (k, v) in [("vcpus", vcpus), ("memoryMb", memory_mb), ("diskGb", disk_gb)] {
+            for (k, v) in [
+                ("vcpus", vcpus),
+                ("memoryMb", memory_mb),
+                ("diskGb", disk_gb),
+            ] {
                 if let Some(v) = v {
                     body.insert(k.into(), json!(v));
                 }
@@ -606,17 +703,33 @@ async fn vm(command: VmCommand) -> Result<ExitCode, Failure> {
         }
         VmCommand::Start { wait } => {
             let requested = client.post("/v1/me/vm/start", json!({})).await?;
-            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::vm(), "running", wait.timeout, &requested).await }
+            if wait.no_wait {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                wait_until(&client, Watch::vm(), "running", wait.timeout, &requested).await
+            }
         }
         VmCommand::Stop { wait } => {
             let requested = client.post("/v1/me/vm/stop", json!({})).await?;
-            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::vm(), "stopped", wait.timeout, &requested).await }
+            if wait.no_wait {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                wait_until(&client, Watch::vm(), "stopped", wait.timeout, &requested).await
+            }
         }
         VmCommand::Destroy { wait } => {
             let requested = client.delete("/v1/me/vm").await?;
-            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::vm(), "destroyed", wait.timeout, &requested).await }
+            if wait.no_wait {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                wait_until(&client, Watch::vm(), "destroyed", wait.timeout, &requested).await
+            }
         }
-        VmCommand::Exec { timeout, workdir, command } => {
+        VmCommand::Exec {
+            timeout,
+            workdir,
+            command,
+        } => {
             let mut body = json!({ "code": command.join(" "), "timeoutSeconds": timeout });
             if let Some(dir) = workdir {
                 body["workingDir"] = json!(dir);
@@ -650,8 +763,20 @@ fn s(v: &Value, k: &str) -> String {
 fn print_env(e: &Value) {
     println!("id:      {}  ({})", s(e, "id"), s(e, "slug"));
     println!("name:    {}", s(e, "name"));
-    println!("state:   {}{}", s(e, "state"), e["stateMessage"].as_str().map(|m| format!(" ({m})")).unwrap_or_default());
-    println!("size:    {} vCPUs, {} MB memory, {} GB disk", s(e, "vcpus"), s(e, "memoryMb"), s(e, "diskGb"));
+    println!(
+        "state:   {}{}",
+        s(e, "state"),
+        e["stateMessage"]
+            .as_str()
+            .map(|m| format!(" ({m})"))
+            .unwrap_or_default()
+    );
+    println!(
+        "size:    {} vCPUs, {} MB memory, {} GB disk",
+        s(e, "vcpus"),
+        s(e, "memoryMb"),
+        s(e, "diskGb")
+    );
     if let (Some(host), Some(port)) = (e["sshHost"].as_str(), e["sshPort"].as_i64()) {
         println!("ssh:     {}@{host} -p {port}", s(e, "sshUser"));
     }
@@ -659,22 +784,40 @@ fn print_env(e: &Value) {
 }
 
 fn read_file(path: &std::path::Path, what: &str) -> Result<String, Failure> {
-    std::fs::read_to_string(path).map_err(|e| Failure::usage(format!("cannot read {what} {}: {e}", path.display())))
+    std::fs::read_to_string(path)
+        .map_err(|e| Failure::usage(format!("cannot read {what} {}: {e}", path.display())))
 }
 
 async fn env(command: EnvCommand) -> Result<ExitCode, Failure> {
     let client = Client::from_env()?;
     match command {
-        EnvCommand::Create { name, vcpus, memory_mb, disk_gb, duration_hours, vars, init_script, ssh_key, wait } => {
+        EnvCommand::Create {
+            name,
+            vcpus,
+            memory_mb,
+            disk_gb,
+            duration_hours,
+            vars,
+            init_script,
+            ssh_key,
+            wait,
+        } => {
             let mut body = json!({ "name": name });
-            for (k, v) in [("vcpus", vcpus), ("memoryMb", memory_mb), ("diskGb", disk_gb), ("durationHours", duration_hours)] {
+            for (k, v) in [
+                ("vcpus", vcpus),
+                ("memoryMb", memory_mb),
+                ("diskGb", disk_gb),
+                ("durationHours", duration_hours),
+            ] {
                 if let Some(v) = v {
                     body[k] = json!(v);
                 }
             }
             let mut env_vars = serde_json::Map::new();
             for pair in vars {
-                let (k, v) = pair.split_once('=').ok_or_else(|| Failure::usage(format!("--env takes NAME=VALUE, got {pair:?}")))?;
+                let (k, v) = pair.split_once('=').ok_or_else(|| {
+                    Failure::usage(format!("--env takes NAME=VALUE, got {pair:?}"))
+                })?;
                 env_vars.insert(k.to_string(), json!(v));
             }
             body["environmentVars"] = Value::Object(env_vars);
@@ -689,55 +832,146 @@ async fn env(command: EnvCommand) -> Result<ExitCode, Failure> {
             if wait.no_wait {
                 return Ok(ExitCode::SUCCESS);
             }
-            wait_until(&client, Watch::env(&s(&e, "id")), "running", wait.timeout, &Value::Null).await
+            wait_until(
+                &client,
+                Watch::env(&s(&e, "id")),
+                "running",
+                wait.timeout,
+                &Value::Null,
+            )
+            .await
         }
         EnvCommand::List { all } => {
-            let list = client.get(&format!("/v1/environments?includeDestroyed={all}")).await?;
-            println!("{:<12} {:<12} {:>5} {:>7}  {:<25} NAME", "SLUG", "STATE", "VCPUS", "MEM MB", "EXPIRES");
+            let list = client
+                .get(&format!("/v1/environments?includeDestroyed={all}"))
+                .await?;
+            println!(
+                "{:<12} {:<12} {:>5} {:>7}  {:<25} NAME",
+                "SLUG", "STATE", "VCPUS", "MEM MB", "EXPIRES"
+            );
             for e in list["items"].as_array().cloned().unwrap_or_default() {
-                println!("{:<12} {:<12} {:>5} {:>7}  {:<25} {}", s(&e, "slug"), s(&e, "state"), s(&e, "vcpus"), s(&e, "memoryMb"), s(&e, "expiresAt"), s(&e, "name"));
+                println!(
+                    "{:<12} {:<12} {:>5} {:>7}  {:<25} {}",
+                    s(&e, "slug"),
+                    s(&e, "state"),
+                    s(&e, "vcpus"),
+                    s(&e, "memoryMb"),
+                    s(&e, "expiresAt"),
+                    s(&e, "name")
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
         EnvCommand::Show { id } => {
             print_env(&client.get(&format!("/v1/environments/{id}")).await?);
-            let a = client.get(&format!("/v1/environments/{id}/activity")).await?;
+            let a = client
+                .get(&format!("/v1/environments/{id}/activity"))
+                .await?;
             println!("activity: {}", s(&a, "reason"));
             Ok(ExitCode::SUCCESS)
         }
         EnvCommand::Start { id, wait } => {
-            let requested = client.post(&format!("/v1/environments/{id}/start"), json!({})).await?;
-            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::env(&id), "running", wait.timeout, &requested).await }
+            let requested = client
+                .post(&format!("/v1/environments/{id}/start"), json!({}))
+                .await?;
+            if wait.no_wait {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                wait_until(
+                    &client,
+                    Watch::env(&id),
+                    "running",
+                    wait.timeout,
+                    &requested,
+                )
+                .await
+            }
         }
         EnvCommand::Stop { id, wait } => {
-            let requested = client.post(&format!("/v1/environments/{id}/stop"), json!({})).await?;
-            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::env(&id), "stopped", wait.timeout, &requested).await }
+            let requested = client
+                .post(&format!("/v1/environments/{id}/stop"), json!({}))
+                .await?;
+            if wait.no_wait {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                wait_until(
+                    &client,
+                    Watch::env(&id),
+                    "stopped",
+                    wait.timeout,
+                    &requested,
+                )
+                .await
+            }
         }
         EnvCommand::Destroy { id, wait } => {
             let requested = client.delete(&format!("/v1/environments/{id}")).await?;
-            if wait.no_wait { Ok(ExitCode::SUCCESS) } else { wait_until(&client, Watch::env(&id), "destroyed", wait.timeout, &requested).await }
+            if wait.no_wait {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                wait_until(
+                    &client,
+                    Watch::env(&id),
+                    "destroyed",
+                    wait.timeout,
+                    &requested,
+                )
+                .await
+            }
         }
-        EnvCommand::Exec { id, timeout, workdir, command } => {
+        EnvCommand::Exec {
+            id,
+            timeout,
+            workdir,
+            command,
+        } => {
             let mut body = json!({ "code": command.join(" "), "timeoutSeconds": timeout });
             if let Some(dir) = workdir {
                 body["workingDir"] = json!(dir);
             }
-            let out = client.post(&format!("/v1/environments/{id}/exec"), body).await?;
+            let out = client
+                .post(&format!("/v1/environments/{id}/exec"), body)
+                .await?;
             print_exec(&out, timeout)
         }
-        EnvCommand::Wait { id, state, timeout } => wait_until(&client, Watch::env(&id), &state, timeout, &Value::Null).await,
+        EnvCommand::Wait { id, state, timeout } => {
+            wait_until(&client, Watch::env(&id), &state, timeout, &Value::Null).await
+        }
         EnvCommand::Audit { id } => {
-            let list = client.get(&format!("/v1/environments/{id}/audit?limit=1000")).await?;
+            let list = client
+                .get(&format!("/v1/environments/{id}/audit?limit=1000"))
+                .await?;
             for a in list["items"].as_array().cloned().unwrap_or_default() {
-                let change = if a["newState"].is_string() { format!("{} -> {}", s(&a, "previousState"), s(&a, "newState")) } else { String::new() };
-                println!("{} {:<18} {:<22} {:<8} {} {}", s(&a, "at"), s(&a, "actor"), s(&a, "action"), s(&a, "outcome"), change, a["error"].as_str().unwrap_or(""));
+                let change = if a["newState"].is_string() {
+                    format!("{} -> {}", s(&a, "previousState"), s(&a, "newState"))
+                } else {
+                    String::new()
+                };
+                println!(
+                    "{} {:<18} {:<22} {:<8} {} {}",
+                    s(&a, "at"),
+                    s(&a, "actor"),
+                    s(&a, "action"),
+                    s(&a, "outcome"),
+                    change,
+                    a["error"].as_str().unwrap_or("")
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
         EnvCommand::History { id } => {
-            let list = client.get(&format!("/v1/environments/{id}/executions?limit=1000")).await?;
+            let list = client
+                .get(&format!("/v1/environments/{id}/executions?limit=1000"))
+                .await?;
             for e in list["items"].as_array().cloned().unwrap_or_default() {
-                println!("{} exit={:<4} {:>6}ms {:<9} {}", s(&e, "startedAt"), s(&e, "exitCode"), s(&e, "durationMs"), s(&e, "status"), s(&e, "command").replace('\n', "; "));
+                println!(
+                    "{} exit={:<4} {:>6}ms {:<9} {}",
+                    s(&e, "startedAt"),
+                    s(&e, "exitCode"),
+                    s(&e, "durationMs"),
+                    s(&e, "status"),
+                    s(&e, "command").replace('\n', "; ")
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -749,7 +983,9 @@ fn print_exec(out: &Value, timeout: i64) -> Result<ExitCode, Failure> {
     let _ = std::io::stdout().write_all(out["stdout"].as_str().unwrap_or("").as_bytes());
     let _ = std::io::stderr().write_all(out["stderr"].as_str().unwrap_or("").as_bytes());
     if out["timedOut"].as_bool() == Some(true) {
-        return Err(Failure::failed(format!("the command timed out after {timeout}s")));
+        return Err(Failure::failed(format!(
+            "the command timed out after {timeout}s"
+        )));
     }
     let code = out["exitCode"].as_i64().unwrap_or(255);
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(255)))
@@ -758,15 +994,35 @@ fn print_exec(out: &Value, timeout: i64) -> Result<ExitCode, Failure> {
 async fn admin(command: AdminCommand) -> Result<ExitCode, Failure> {
     let client = Client::from_env()?;
     match command {
-        AdminCommand::Users { create: Some(email), tier, role } => {
-            let r = client.post("/v1/admin/users", json!({ "email": email, "tier": tier, "role": role })).await?;
-            println!("created {} ({}); token: {}", s(&r["user"], "email"), s(&r["user"], "id"), s(&r, "token"));
+        AdminCommand::Users {
+            create: Some(email),
+            tier,
+            role,
+        } => {
+            let r = client
+                .post(
+                    "/v1/admin/users",
+                    json!({ "email": email, "tier": tier, "role": role }),
+                )
+                .await?;
+            println!(
+                "created {} ({}); token: {}",
+                s(&r["user"], "email"),
+                s(&r["user"], "id"),
+                s(&r, "token")
+            );
         }
         AdminCommand::Users { create: None, .. } => {
             let list = client.get("/v1/admin/users").await?;
             println!("{:<38} {:<6} {:<10} EMAIL", "ID", "ROLE", "TIER");
             for u in list["items"].as_array().cloned().unwrap_or_default() {
-                println!("{:<38} {:<6} {:<10} {}", s(&u, "id"), s(&u, "role"), s(&u, "tier"), s(&u, "email"));
+                println!(
+                    "{:<38} {:<6} {:<10} {}",
+                    s(&u, "id"),
+                    s(&u, "role"),
+                    s(&u, "tier"),
+                    s(&u, "email")
+                );
             }
         }
         AdminCommand::Vms => {
@@ -774,21 +1030,56 @@ async fn admin(command: AdminCommand) -> Result<ExitCode, Failure> {
             let st = &r["stats"];
             println!(
                 "total {}  running {}  stopped {}  provisioning {}  error {}  vCPUs {}/{}  memory {}/{} MB",
-                s(st, "total"), s(st, "running"), s(st, "stopped"), s(st, "provisioning"), s(st, "error"),
-                s(st, "vcpusRunning"), s(st, "vcpusTotal"), s(st, "memoryMbRunning"), s(st, "memoryMbTotal")
+                s(st, "total"),
+                s(st, "running"),
+                s(st, "stopped"),
+                s(st, "provisioning"),
+                s(st, "error"),
+                s(st, "vcpusRunning"),
+                s(st, "vcpusTotal"),
+                s(st, "memoryMbRunning"),
+                s(st, "memoryMbTotal")
             );
             for v in r["vms"].as_array().cloned().unwrap_or_default() {
-                println!("{:<38} {:<12} {:>3} vCPU {:>6} MB  user {}", s(&v, "id"), s(&v, "status"), s(&v, "vcpus"), s(&v, "memoryMb"), s(&v, "userId"));
+                println!(
+                    "{:<38} {:<12} {:>3} vCPU {:>6} MB  user {}",
+                    s(&v, "id"),
+                    s(&v, "status"),
+                    s(&v, "vcpus"),
+                    s(&v, "memoryMb"),
+                    s(&v, "userId")
+                );
             }
         }
-        AdminCommand::Jobs { retry: Some(id), .. } => {
-            let j = client.post(&format!("/v1/admin/jobs/{id}/retry"), json!({})).await?;
+        AdminCommand::Jobs {
+            retry: Some(id), ..
+        } => {
+            let j = client
+                .post(&format!("/v1/admin/jobs/{id}/retry"), json!({}))
+                .await?;
             println!("job {} is {} again", s(&j, "id"), s(&j, "state"));
         }
         AdminCommand::Jobs { state, retry: None } => {
-            let path = match state { Some(st) => format!("/v1/admin/jobs?state={st}"), None => "/v1/admin/jobs".into() };
-            for j in client.get(&path).await?["items"].as_array().cloned().unwrap_or_default() {
-                println!("{:>6} {:<9} {:<9} {:<9} {}/{} {} {}", s(&j, "id"), s(&j, "queue"), s(&j, "kind"), s(&j, "state"), s(&j, "attempts"), s(&j, "maxAttempts"), s(&j, "environmentId"), j["lastError"].as_str().unwrap_or(""));
+            let path = match state {
+                Some(st) => format!("/v1/admin/jobs?state={st}"),
+                None => "/v1/admin/jobs".into(),
+            };
+            for j in client.get(&path).await?["items"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+            {
+                println!(
+                    "{:>6} {:<9} {:<9} {:<9} {}/{} {} {}",
+                    s(&j, "id"),
+                    s(&j, "queue"),
+                    s(&j, "kind"),
+                    s(&j, "state"),
+                    s(&j, "attempts"),
+                    s(&j, "maxAttempts"),
+                    s(&j, "environmentId"),
+                    j["lastError"].as_str().unwrap_or("")
+                );
             }
         }
         AdminCommand::Hosts { command } => return hosts(&client, command).await,
@@ -798,40 +1089,109 @@ async fn admin(command: AdminCommand) -> Result<ExitCode, Failure> {
 
 fn print_host(h: &Value) {
     println!(
-        "{} {:<24} {:<6} {:<9} {:<9} vCPUs {}/{}  memory {}/{} MB  environments {}/{}  {}{}",
-        s(h, "id"), s(h, "name"), s(h, "kind"), s(h, "status"), s(h, "health"), s(h, "usedVcpus"), s(h, "maxVcpus"),
-        s(h, "usedMemoryMb"), s(h, "maxMemoryMb"), s(h, "usedEnvironments"), s(h, "maxEnvironments"), s(h, "endpoint"),
-        h["healthMessage"].as_str().map(|m| format!("  ({m})")).unwrap_or_default()
+        "{} {:<24} {:<6} {:<9} {:<9} vCPUs {}/{}  memory {}/{} MB  environments {}/{}  {}{}{}",
+        s(h, "id"),
+        s(h, "name"),
+        s(h, "kind"),
+        s(h, "status"),
+        s(h, "health"),
+        s(h, "usedVcpus"),
+        s(h, "maxVcpus"),
+        s(h, "usedMemoryMb"),
+        s(h, "maxMemoryMb"),
+        s(h, "usedEnvironments"),
+        s(h, "maxEnvironments"),
+        s(h, "endpoint"),
+        reported(&h["report"]),
+        h["healthMessage"]
+            .as_str()
+            .map(|m| format!("  ({m})"))
+            .unwrap_or_default()
     );
 }
 
+/// What a host said of itself, as `  [version 0.1.0, accel tcg, vms 2 (running 1)]`.
+fn reported(report: &Value) -> String {
+    let Some(fields) = report.as_object() else {
+        return String::new();
+    };
+    let mut parts: Vec<String> = Vec::new();
+    for key in ["version", "accel", "vms", "containers"] {
+        if let Some(v) = fields.get(key).filter(|v| !v.is_null()) {
+            let v = v
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string());
+            let running = fields
+                .get("running")
+                .filter(|_| key == "vms" || key == "containers");
+            parts.push(match running {
+                Some(r) => format!("{key} {v} (running {r})"),
+                None => format!("{key} {v}"),
+            });
+        }
+    }
+    format!("  [{}]", parts.join(", "))
+}
+
 fn json_arg(text: Option<String>, what: &str) -> Result<Option<Value>, Failure> {
-    text.map(|t| serde_json::from_str(&t).map_err(|e| Failure::usage(format!("{what} must be JSON: {e}")))).transpose()
+    text.map(|t| {
+        serde_json::from_str(&t).map_err(|e| Failure::usage(format!("{what} must be JSON: {e}")))
+    })
+    .transpose()
 }
 
 async fn hosts(client: &Client, command: HostsCommand) -> Result<ExitCode, Failure> {
     match command {
         HostsCommand::List => {
-            for h in client.get("/v1/admin/hosts").await?["items"].as_array().cloned().unwrap_or_default() {
+            for h in client.get("/v1/admin/hosts").await?["items"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+            {
                 print_host(&h);
             }
         }
         HostsCommand::Add {
-            name, kind, endpoint, guest_address, region, gpu_model, gpu_count, max_vcpus, max_memory_mb,
-            max_environments, tls_ca, tls_cert, tls_key, options,
+            name,
+            kind,
+            endpoint,
+            guest_address,
+            region,
+            gpu_model,
+            gpu_count,
+            max_vcpus,
+            max_memory_mb,
+            max_environments,
+            tls_ca,
+            tls_cert,
+            tls_key,
+            options,
         } => {
             let mut body = json!({ "name": name, "kind": kind, "maxVcpus": max_vcpus, "maxMemoryMb": max_memory_mb });
-            for (k, v) in [("endpoint", endpoint), ("guestAddress", guest_address), ("region", region), ("gpuModel", gpu_model)] {
+            for (k, v) in [
+                ("endpoint", endpoint),
+                ("guestAddress", guest_address),
+                ("region", region),
+                ("gpuModel", gpu_model),
+            ] {
                 if let Some(v) = v {
                     body[k] = json!(v);
                 }
             }
-            for (k, v) in [("gpuCount", gpu_count), ("maxEnvironments", max_environments)] {
+            for (k, v) in [
+                ("gpuCount", gpu_count),
+                ("maxEnvironments", max_environments),
+            ] {
                 if let Some(v) = v {
                     body[k] = json!(v);
                 }
             }
-            for (k, path) in [("tlsCa", tls_ca), ("tlsCert", tls_cert), ("tlsKey", tls_key)] {
+            for (k, path) in [
+                ("tlsCa", tls_ca),
+                ("tlsCert", tls_cert),
+                ("tlsKey", tls_key),
+            ] {
                 if let Some(p) = path {
                     body[k] = json!(read_file(&p, k)?);
                 }
@@ -842,9 +1202,19 @@ async fn hosts(client: &Client, command: HostsCommand) -> Result<ExitCode, Failu
             let h = client.post("/v1/admin/hosts", body).await?;
             print_host(&h);
         }
-        HostsCommand::Update { id, max_vcpus, max_memory_mb, max_environments, options } => {
+        HostsCommand::Update {
+            id,
+            max_vcpus,
+            max_memory_mb,
+            max_environments,
+            options,
+        } => {
             let mut body = json!({});
-            for (k, v) in [("maxVcpus", max_vcpus), ("maxMemoryMb", max_memory_mb), ("maxEnvironments", max_environments)] {
+            for (k, v) in [
+                ("maxVcpus", max_vcpus),
+                ("maxMemoryMb", max_memory_mb),
+                ("maxEnvironments", max_environments),
+            ] {
                 if let Some(v) = v {
                     body[k] = json!(v);
                 }
@@ -854,14 +1224,37 @@ async fn hosts(client: &Client, command: HostsCommand) -> Result<ExitCode, Failu
             }
             print_host(&client.patch(&format!("/v1/admin/hosts/{id}"), body).await?);
         }
-        HostsCommand::JoinToken { name, region, ttl_seconds } => {
-            let t = client.post("/v1/admin/hosts/join-tokens", json!({"name": name, "region": region, "ttlSeconds": ttl_seconds})).await?;
-            println!("join token for host {} (good for one join, until {}):", s(&t, "hostName"), s(&t, "expiresAt"));
+        HostsCommand::JoinToken {
+            name,
+            region,
+            ttl_seconds,
+        } => {
+            let t = client
+                .post(
+                    "/v1/admin/hosts/join-tokens",
+                    json!({"name": name, "region": region, "ttlSeconds": ttl_seconds}),
+                )
+                .await?;
+            println!(
+                "join token for host {} (good for one join, until {}):",
+                s(&t, "hostName"),
+                s(&t, "expiresAt")
+            );
             println!("{}", s(&t, "token"));
-            println!("on the VM host: hearth agent --control-plane URL --join-token TOKEN --advertise HOST:PORT --guest-address HOST");
+            println!(
+                "on the VM host: hearth agent --control-plane URL --join-token TOKEN --advertise HOST:PORT --guest-address HOST"
+            );
         }
-        HostsCommand::Drain { id } => print_host(&client.post(&format!("/v1/admin/hosts/{id}/drain"), json!({})).await?),
-        HostsCommand::Ready { id } => print_host(&client.post(&format!("/v1/admin/hosts/{id}/ready"), json!({})).await?),
+        HostsCommand::Drain { id } => print_host(
+            &client
+                .post(&format!("/v1/admin/hosts/{id}/drain"), json!({}))
+                .await?,
+        ),
+        HostsCommand::Ready { id } => print_host(
+            &client
+                .post(&format!("/v1/admin/hosts/{id}/ready"), json!({}))
+                .await?,
+        ),
         HostsCommand::Remove { id } => {
             let h = client.delete(&format!("/v1/admin/hosts/{id}")).await?;
             println!("removed {} ({})", s(&h, "name"), s(&h, "id"));
@@ -879,10 +1272,16 @@ mod tests {
         // Someone else's directory where a predictable name would be: never used.
         let planted = std::env::temp_dir().join(format!("hearth-image-{}", std::process::id()));
         std::fs::create_dir_all(&planted).unwrap();
-        let (a, b) = (super::image_work_dir().unwrap(), super::image_work_dir().unwrap());
+        let (a, b) = (
+            super::image_work_dir().unwrap(),
+            super::image_work_dir().unwrap(),
+        );
         for dir in [&a, &b] {
             assert_ne!(dir.path(), planted);
-            assert_eq!(std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777, 0o700);
+            assert_eq!(
+                std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777,
+                0o700
+            );
         }
         assert_ne!(a.path(), b.path());
         std::fs::remove_dir(&planted).unwrap();

@@ -14,11 +14,17 @@ use std::time::{Duration, Instant};
 const UP: Duration = Duration::from_secs(240);
 
 fn image_dir() -> PathBuf {
-    PathBuf::from(std::env::var("HEARTH_VM_IMAGE_DIR").unwrap_or_else(|_| "/var/lib/hearth/vm-image".into()))
+    PathBuf::from(
+        std::env::var("HEARTH_VM_IMAGE_DIR").unwrap_or_else(|_| "/var/lib/hearth/vm-image".into()),
+    )
 }
 
 fn kernel_version() -> String {
-    let manifest: Value = serde_json::from_str(&std::fs::read_to_string(image_dir().join("manifest.json")).expect("the VM image (make test builds it)")).unwrap();
+    let manifest: Value = serde_json::from_str(
+        &std::fs::read_to_string(image_dir().join("manifest.json"))
+            .expect("the VM image (make test builds it)"),
+    )
+    .unwrap();
     manifest["kernelVersion"].as_str().unwrap().to_string()
 }
 
@@ -39,14 +45,31 @@ impl Drop for Agent {
 
 impl Agent {
     fn spawn(&mut self, server: &Server, token: Option<&str>) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("agent.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
         cmd.arg("agent")
             .arg("--state-dir")
             .arg(self.dir.path().join("state"))
             .arg("--image-dir")
             .arg(image_dir())
-            .args(["--listen", &self.listen, "--guest-address", "127.0.0.1", "--accel", "tcg", "--max-vms", "4", "--max-vcpus", "8", "--max-memory-mb", "4096"])
+            .args([
+                "--listen",
+                &self.listen,
+                "--guest-address",
+                "127.0.0.1",
+                "--accel",
+                "tcg",
+                "--max-vms",
+                "4",
+                "--max-vcpus",
+                "8",
+                "--max-memory-mb",
+                "4096",
+            ])
             .args(["--control-plane", &server.base])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -59,7 +82,11 @@ impl Agent {
     }
 
     fn start(server: &Server, token: &str) -> Agent {
-        let mut agent = Agent { child: None, dir: tempfile::tempdir().unwrap(), listen: format!("127.0.0.1:{}", free_port()) };
+        let mut agent = Agent {
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            listen: format!("127.0.0.1:{}", free_port()),
+        };
         agent.spawn(server, Some(token));
         agent
     }
@@ -85,7 +112,9 @@ impl Agent {
     }
 
     async fn status(&self, credential: Option<&str>) -> StatusCode {
-        let mut r = self.client().get(format!("https://{}/v1/status", self.listen));
+        let mut r = self
+            .client()
+            .get(format!("https://{}/v1/status", self.listen));
         if let Some(c) = credential {
             r = r.bearer_auth(c);
         }
@@ -94,14 +123,29 @@ impl Agent {
 }
 
 async fn join_token(server: &Server, name: &str) -> String {
-    let r = server.call("POST", "/v1/admin/hosts/join-tokens", Some(&server.admin_token), Some(json!({"name": name}))).await;
+    let r = server
+        .call(
+            "POST",
+            "/v1/admin/hosts/join-tokens",
+            Some(&server.admin_token),
+            Some(json!({"name": name})),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     r.body["token"].as_str().unwrap().to_string()
 }
 
 async fn host(server: &Server, name: &str) -> Option<Value> {
-    let hosts = server.call("GET", "/v1/admin/hosts", Some(&server.admin_token), None).await.body;
-    hosts["items"].as_array().unwrap().iter().find(|h| h["name"] == name).cloned()
+    let hosts = server
+        .call("GET", "/v1/admin/hosts", Some(&server.admin_token), None)
+        .await
+        .body;
+    hosts["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == name)
+        .cloned()
 }
 
 async fn wait_health(server: &Server, name: &str, want: &str, agent: &Agent) -> Value {
@@ -112,14 +156,30 @@ async fn wait_health(server: &Server, name: &str, want: &str, agent: &Agent) -> 
                 return h;
             }
         }
-        assert!(Instant::now() < deadline, "host {name} never became {want}; agent log:\n{}", agent.log());
+        assert!(
+            Instant::now() < deadline,
+            "host {name} never became {want}; agent log:\n{}",
+            agent.log()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 async fn exec(server: &Server, token: &str, id: &str, code: &str) -> String {
-    let r = server.call("POST", &format!("/v1/environments/{id}/exec"), Some(token), Some(json!({"code": code, "timeoutSeconds": 60}))).await;
-    assert_eq!((r.status, r.body["exitCode"].as_i64()), (StatusCode::OK, Some(0)), "{code}: {:?}", r.body);
+    let r = server
+        .call(
+            "POST",
+            &format!("/v1/environments/{id}/exec"),
+            Some(token),
+            Some(json!({"code": code, "timeoutSeconds": 60})),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["exitCode"].as_i64()),
+        (StatusCode::OK, Some(0)),
+        "{code}: {:?}",
+        r.body
+    );
     r.body["stdout"].as_str().unwrap().trim().to_string()
 }
 
@@ -129,15 +189,28 @@ fn qemu_of(environment_id: &str) -> usize {
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).split('\0').any(|a| a == format!("{name},process={name}"))))
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c)
+                    .split('\0')
+                    .any(|a| a == format!("{name},process={name}"))
+            })
+        })
         .count()
 }
 
 /// The credential the control plane holds for `host_id`, unsealed with the site's key.
 async fn credential(site: &Site, host_id: &str) -> String {
     let store = site.store().await;
-    let sealed: String = store.count_text(&format!("SELECT credential_sealed AS v FROM hosts WHERE id = '{host_id}'")).await;
-    let key = hearth_guest::MasterKey::parse(&std::fs::read_to_string(site.data_dir().join("master.key")).unwrap()).unwrap();
+    let sealed: String = store
+        .count_text(&format!(
+            "SELECT credential_sealed AS v FROM hosts WHERE id = '{host_id}'"
+        ))
+        .await;
+    let key = hearth_guest::MasterKey::parse(
+        &std::fs::read_to_string(site.data_dir().join("master.key")).unwrap(),
+    )
+    .unwrap();
     key.open(&sealed).unwrap()
 }
 
@@ -152,24 +225,40 @@ fn agent_site(site: Site) -> Site {
 async fn two_agents_run_real_vms_and_only_their_control_plane_may_call_them() {
     let site = agent_site(Site::new(Db::Sqlite).await);
     let server = site.start().await;
-    let (ta, tb) = (join_token(&server, "vm-a").await, join_token(&server, "vm-b").await);
+    let (ta, tb) = (
+        join_token(&server, "vm-a").await,
+        join_token(&server, "vm-b").await,
+    );
     let a = Agent::start(&server, &ta);
     let b = Agent::start(&server, &tb);
     let host_a = wait_health(&server, "vm-a", "healthy", &a).await;
     let host_b = wait_health(&server, "vm-b", "healthy", &b).await;
-    assert_eq!((host_a["kind"].as_str(), host_a["maxEnvironments"].as_i64()), (Some("agent"), Some(4)));
+    assert_eq!(
+        (host_a["kind"].as_str(), host_a["maxEnvironments"].as_i64()),
+        (Some("agent"), Some(4))
+    );
 
     // A used token, an unknown one and an expired one are refused.
-    let join = |token: &str| json!({"token": token, "endpoint": "https://127.0.0.1:1", "certificate": "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n",
-        "guestAddress": "127.0.0.1", "capacity": {"maxVms": 1, "maxVcpus": 1, "maxMemoryMb": 512, "maxDiskGb": 1}, "version": "test"});
+    let join = |token: &str| {
+        json!({"token": token, "endpoint": "https://127.0.0.1:1", "certificate": "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n",
+        "guestAddress": "127.0.0.1", "capacity": {"maxVms": 1, "maxVcpus": 1, "maxMemoryMb": 512, "maxDiskGb": 1}, "version": "test"})
+    };
     let expired = join_token(&server, "vm-late").await;
-    site.store().await.execute_for_tests("UPDATE join_tokens SET expires_at = 0 WHERE host_name = 'vm-late'").await;
+    site.store()
+        .await
+        .execute_for_tests("UPDATE join_tokens SET expires_at = 0 WHERE host_name = 'vm-late'")
+        .await;
     for token in [ta.as_str(), "hearth_join_nonsense", expired.as_str()] {
-        let r = server.call("POST", "/v1/agents/join", None, Some(join(token))).await;
+        let r = server
+            .call("POST", "/v1/agents/join", None, Some(join(token)))
+            .await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{token}: {:?}", r.body);
     }
     // The agents answer their own credential only.
-    let (cred_a, cred_b) = (credential(&site, host_a["id"].as_str().unwrap()).await, credential(&site, host_b["id"].as_str().unwrap()).await);
+    let (cred_a, cred_b) = (
+        credential(&site, host_a["id"].as_str().unwrap()).await,
+        credential(&site, host_b["id"].as_str().unwrap()).await,
+    );
     assert_eq!(a.status(Some(&cred_a)).await, StatusCode::OK);
     assert_eq!(a.status(None).await, StatusCode::UNAUTHORIZED);
     assert_eq!(a.status(Some(&cred_b)).await, StatusCode::UNAUTHORIZED);
@@ -178,7 +267,14 @@ async fn two_agents_run_real_vms_and_only_their_control_plane_may_call_them() {
     let token = server.user("vms@example.com", "pro").await;
     let mut ids = Vec::new();
     for name in ["one", "two"] {
-        let r = server.call("POST", "/v1/environments", Some(&token), Some(json!({"name": name, "memoryMb": 512, "vcpus": 1, "diskGb": 3}))).await;
+        let r = server
+            .call(
+                "POST",
+                "/v1/environments",
+                Some(&token),
+                Some(json!({"name": name, "memoryMb": 512, "vcpus": 1, "diskGb": 3})),
+            )
+            .await;
         assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
         ids.push(r.body["id"].as_str().unwrap().to_string());
     }
@@ -188,37 +284,138 @@ async fn two_agents_run_real_vms_and_only_their_control_plane_may_call_them() {
         hosts.push(env["hostId"].as_str().unwrap().to_string());
     }
     assert_ne!(hosts[0], hosts[1], "the two environments share a host");
+    // The admin API and CLI show what each agent reports: version, accelerator, VMs.
+    for name in ["vm-a", "vm-b"] {
+        let started = std::time::Instant::now();
+        let report = loop {
+            let report = host(&server, name).await.unwrap()["report"].clone();
+            if report["vms"] == 1 {
+                break report;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{name} never reported its VM: {report}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(report["version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(report["accel"], "tcg", "{report}");
+        assert_eq!(report["capacity"]["maxVms"], 4, "{report}");
+    }
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["admin", "hosts", "list"])
+        .env("HEARTH_URL", &server.base)
+        .env("HEARTH_TOKEN", &server.admin_token)
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    let line = listed
+        .lines()
+        .find(|l| l.contains("vm-a"))
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert!(
+        line.contains(&format!("version {}", env!("CARGO_PKG_VERSION")))
+            && line.contains("vms 1 (running 1)"),
+        "{line}"
+    );
     let (one, two) = (&ids[0], &ids[1]);
-    assert_eq!(exec(&server, &token, one, "uname -r").await, kernel_version());
-    assert_eq!(exec(&server, &token, one, "df -BG --output=size / | tail -1").await, "3G");
+    assert_eq!(
+        exec(&server, &token, one, "uname -r").await,
+        kernel_version()
+    );
+    assert_eq!(
+        exec(&server, &token, one, "df -BG --output=size / | tail -1").await,
+        "3G"
+    );
 
     // Isolation: the probe reaches the VM's own sshd; through its gateway (this host) it
     // reaches neither an agent's API, nor the other VM's SSH port, nor the control plane.
-    let reach = |port: u16, ip: &str| format!("if timeout 3 bash -c 'exec 3<>/dev/tcp/{ip}/{port}' 2>/dev/null; then echo open; else echo closed; fi");
-    assert_eq!(exec(&server, &token, one, &reach(22, "10.0.2.15")).await, "open");
-    let two_port = server.call("GET", &format!("/v1/environments/{two}"), Some(&token), None).await.body["sshPort"].as_u64().unwrap() as u16;
-    let api_port = |agent: &Agent| agent.listen.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    let reach = |port: u16, ip: &str| {
+        format!(
+            "if timeout 3 bash -c 'exec 3<>/dev/tcp/{ip}/{port}' 2>/dev/null; then echo open; else echo closed; fi"
+        )
+    };
+    assert_eq!(
+        exec(&server, &token, one, &reach(22, "10.0.2.15")).await,
+        "open"
+    );
+    let two_port = server
+        .call(
+            "GET",
+            &format!("/v1/environments/{two}"),
+            Some(&token),
+            None,
+        )
+        .await
+        .body["sshPort"]
+        .as_u64()
+        .unwrap() as u16;
+    let api_port = |agent: &Agent| {
+        agent
+            .listen
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse::<u16>()
+            .unwrap()
+    };
     let cp_port: u16 = server.base.rsplit(':').next().unwrap().parse().unwrap();
     for port in [api_port(&a), api_port(&b), two_port, cp_port] {
-        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "nothing listens on {port}");
-        assert_eq!(exec(&server, &token, one, &reach(port, "10.0.2.2")).await, "closed", "a VM reached port {port} of its host");
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            "nothing listens on {port}"
+        );
+        assert_eq!(
+            exec(&server, &token, one, &reach(port, "10.0.2.2")).await,
+            "closed",
+            "a VM reached port {port} of its host"
+        );
     }
 
-    server.call("POST", &format!("/v1/environments/{one}/stop"), Some(&token), None).await;
+    server
+        .call(
+            "POST",
+            &format!("/v1/environments/{one}/stop"),
+            Some(&token),
+            None,
+        )
+        .await;
     server.wait_env(&token, one, "stopped", UP).await;
     assert_eq!(qemu_of(one), 0);
-    server.call("POST", &format!("/v1/environments/{one}/start"), Some(&token), None).await;
+    server
+        .call(
+            "POST",
+            &format!("/v1/environments/{one}/start"),
+            Some(&token),
+            None,
+        )
+        .await;
     server.wait_env(&token, one, "running", UP).await;
     assert_eq!(exec(&server, &token, one, "echo back").await, "back");
 
     for id in &ids {
-        server.call("DELETE", &format!("/v1/environments/{id}"), Some(&token), None).await;
+        server
+            .call(
+                "DELETE",
+                &format!("/v1/environments/{id}"),
+                Some(&token),
+                None,
+            )
+            .await;
     }
     for id in &ids {
         server.wait_env(&token, id, "destroyed", UP).await;
         assert_eq!(qemu_of(id), 0, "a QEMU outlived {id}");
         for agent in [&a, &b] {
-            assert!(!agent.dir.path().join("state/vms").join(format!("hearth-{id}")).exists(), "a disk outlived {id}");
+            assert!(
+                !agent
+                    .dir
+                    .path()
+                    .join("state/vms")
+                    .join(format!("hearth-{id}"))
+                    .exists(),
+                "a disk outlived {id}"
+            );
         }
     }
 }
@@ -231,7 +428,14 @@ async fn a_killed_agent_is_noticed_and_its_vm_adopted() {
     let mut agent = Agent::start(&server, &t);
     wait_health(&server, "vm-k", "healthy", &agent).await;
     let token = server.user("adopt@example.com", "pro").await;
-    let r = server.call("POST", "/v1/environments", Some(&token), Some(json!({"name": "adopted", "memoryMb": 512, "vcpus": 1, "diskGb": 2}))).await;
+    let r = server
+        .call(
+            "POST",
+            "/v1/environments",
+            Some(&token),
+            Some(json!({"name": "adopted", "memoryMb": 512, "vcpus": 1, "diskGb": 2})),
+        )
+        .await;
     let id = r.body["id"].as_str().unwrap().to_string();
     server.wait_env(&token, &id, "running", UP).await;
     let boot_id = exec(&server, &token, &id, "cat /proc/sys/kernel/random/boot_id").await;
@@ -240,27 +444,64 @@ async fn a_killed_agent_is_noticed_and_its_vm_adopted() {
     agent.kill();
     let killed = Instant::now();
     wait_health(&server, "vm-k", "unhealthy", &agent).await;
-    println!("unhealthy {} ms after kill -9", killed.elapsed().as_millis());
+    println!(
+        "unhealthy {} ms after kill -9",
+        killed.elapsed().as_millis()
+    );
     // Back: the same VM, never restarted, never doubled.
     agent.spawn(&server, None);
     wait_health(&server, "vm-k", "healthy", &agent).await;
     assert_eq!(qemu_of(&id), 1);
-    assert_eq!(exec(&server, &token, &id, "cat /proc/sys/kernel/random/boot_id").await, boot_id, "the VM was restarted");
-    assert!(agent.log().contains("opened the VM records"), "{}", agent.log());
+    assert_eq!(
+        exec(&server, &token, &id, "cat /proc/sys/kernel/random/boot_id").await,
+        boot_id,
+        "the VM was restarted"
+    );
+    assert!(
+        agent.log().contains("opened the VM records"),
+        "{}",
+        agent.log()
+    );
 
     // The VM dies while its agent is down: reported, and the environment recovers on start.
     agent.kill();
-    let pid: i32 = std::fs::read_to_string(agent.dir.path().join(format!("state/vms/hearth-{id}/qemu.pid"))).unwrap().trim().parse().unwrap();
+    let pid: i32 = std::fs::read_to_string(
+        agent
+            .dir
+            .path()
+            .join(format!("state/vms/hearth-{id}/qemu.pid")),
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap();
     // SAFETY: kill(2) on the QEMU of this test's VM.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     agent.spawn(&server, None);
     wait_health(&server, "vm-k", "healthy", &agent).await;
     let env = server.wait_env(&token, &id, "stopped", UP).await;
     assert!(env["stateMessage"].to_string().len() > 2, "{env}");
-    server.call("POST", &format!("/v1/environments/{id}/start"), Some(&token), None).await;
+    server
+        .call(
+            "POST",
+            &format!("/v1/environments/{id}/start"),
+            Some(&token),
+            None,
+        )
+        .await;
     server.wait_env(&token, &id, "running", UP).await;
-    assert_ne!(exec(&server, &token, &id, "cat /proc/sys/kernel/random/boot_id").await, boot_id);
-    server.call("DELETE", &format!("/v1/environments/{id}"), Some(&token), None).await;
+    assert_ne!(
+        exec(&server, &token, &id, "cat /proc/sys/kernel/random/boot_id").await,
+        boot_id
+    );
+    server
+        .call(
+            "DELETE",
+            &format!("/v1/environments/{id}"),
+            Some(&token),
+            None,
+        )
+        .await;
     server.wait_env(&token, &id, "destroyed", UP).await;
     assert_eq!(qemu_of(&id), 0);
 }

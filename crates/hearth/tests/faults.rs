@@ -14,12 +14,26 @@ use std::time::{Duration, Instant};
 const UP: Duration = Duration::from_secs(120);
 
 async fn wait_state(server: &Server, token: &str, id: &str, state: &str) {
-    let r = server.call("GET", &format!("/v1/environments/{id}/wait?state={state}&timeoutSeconds=60"), Some(token), None).await;
-    assert_eq!(r.status, StatusCode::OK, "{id} never became {state}: {:?}", r.body);
+    let r = server
+        .call(
+            "GET",
+            &format!("/v1/environments/{id}/wait?state={state}&timeoutSeconds=60"),
+            Some(token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{id} never became {state}: {:?}",
+        r.body
+    );
 }
 
 async fn create(server: &Server, token: &str, body: serde_json::Value) -> String {
-    let r = server.call("POST", "/v1/environments", Some(token), Some(body)).await;
+    let r = server
+        .call("POST", "/v1/environments", Some(token), Some(body))
+        .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
     r.body["id"].as_str().unwrap().to_string()
 }
@@ -33,29 +47,64 @@ async fn churn<F: Fn(&str)>(site: Site, cycles: usize, body: serde_json::Value, 
     let token = server.user("churn@example.com", "unlimited").await;
     let id = server.user_id("churn@example.com").await;
     let quota = json!({"maxEnvironments": 100, "maxConcurrentEnvironments": 100, "maxVcpus": 1000, "maxMemoryMb": 1000000});
-    server.patch(&format!("/v1/admin/users/{id}"), &server.admin_token, json!({"quota": quota})).await;
+    server
+        .patch(
+            &format!("/v1/admin/users/{id}"),
+            &server.admin_token,
+            json!({"quota": quota}),
+        )
+        .await;
     let done = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for i in 0..6 {
-        let (server, token, done, body) = (server.clone(), token.clone(), done.clone(), body.clone());
+        let (server, token, done, body) =
+            (server.clone(), token.clone(), done.clone(), body.clone());
         tasks.push(tokio::spawn(async move {
             let mut id = create(&server, &token, body.clone()).await;
             wait_state(&server, &token, &id, "running").await;
             while done.load(Ordering::SeqCst) < cycles {
                 if i % 2 == 0 {
-                    server.call("POST", &format!("/v1/environments/{id}/stop"), Some(&token), None).await;
+                    server
+                        .call(
+                            "POST",
+                            &format!("/v1/environments/{id}/stop"),
+                            Some(&token),
+                            None,
+                        )
+                        .await;
                     wait_state(&server, &token, &id, "stopped").await;
-                    server.call("POST", &format!("/v1/environments/{id}/start"), Some(&token), None).await;
+                    server
+                        .call(
+                            "POST",
+                            &format!("/v1/environments/{id}/start"),
+                            Some(&token),
+                            None,
+                        )
+                        .await;
                     wait_state(&server, &token, &id, "running").await;
                 } else {
-                    server.call("DELETE", &format!("/v1/environments/{id}"), Some(&token), None).await;
+                    server
+                        .call(
+                            "DELETE",
+                            &format!("/v1/environments/{id}"),
+                            Some(&token),
+                            None,
+                        )
+                        .await;
                     wait_state(&server, &token, &id, "destroyed").await;
                     id = create(&server, &token, body.clone()).await;
                     wait_state(&server, &token, &id, "running").await;
                 }
                 done.fetch_add(1, Ordering::SeqCst);
             }
-            server.call("DELETE", &format!("/v1/environments/{id}"), Some(&token), None).await;
+            server
+                .call(
+                    "DELETE",
+                    &format!("/v1/environments/{id}"),
+                    Some(&token),
+                    None,
+                )
+                .await;
             wait_state(&server, &token, &id, "destroyed").await;
         }));
     }
@@ -65,21 +114,62 @@ async fn churn<F: Fn(&str)>(site: Site, cycles: usize, body: serde_json::Value, 
     }
     let n = done.load(Ordering::SeqCst);
     eprintln!("{n} cycles in {:?}", started.elapsed());
-    let audit = server.call("GET", "/v1/admin/audit?actor=system:reconciler&limit=1000", Some(&server.admin_token), None).await;
+    let audit = server
+        .call(
+            "GET",
+            "/v1/admin/audit?actor=system:reconciler&limit=1000",
+            Some(&server.admin_token),
+            None,
+        )
+        .await;
     let actions = audit.body["items"].as_array().unwrap();
-    assert!(actions.is_empty(), "false actions by the reconciler in {n} cycles: {actions:?}");
-    let orphans = server.call("GET", "/v1/admin/audit?action=orphan_removed", Some(&server.admin_token), None).await;
+    assert!(
+        actions.is_empty(),
+        "false actions by the reconciler in {n} cycles: {actions:?}"
+    );
+    let orphans = server
+        .call(
+            "GET",
+            "/v1/admin/audit?action=orphan_removed",
+            Some(&server.admin_token),
+            None,
+        )
+        .await;
     assert!(orphans.body["items"].as_array().unwrap().is_empty());
 
     let control = create(&server, &token, body.clone()).await;
     wait_state(&server, &token, &control, "running").await;
     remove(&control);
-    let env = server.wait_env(&token, &control, "error", Duration::from_secs(30)).await;
-    assert!(env["stateMessage"].as_str().unwrap().contains("vanished"), "{env:?}");
-    let audit = server.call("GET", "/v1/admin/audit?actor=system:reconciler&limit=1000", Some(&server.admin_token), None).await;
+    let env = server
+        .wait_env(&token, &control, "error", Duration::from_secs(30))
+        .await;
+    assert!(
+        env["stateMessage"].as_str().unwrap().contains("vanished"),
+        "{env:?}"
+    );
+    let audit = server
+        .call(
+            "GET",
+            "/v1/admin/audit?actor=system:reconciler&limit=1000",
+            Some(&server.admin_token),
+            None,
+        )
+        .await;
     let actions = audit.body["items"].as_array().unwrap();
-    assert!(actions.iter().all(|a| a["environmentId"] == control.as_str()), "{actions:?}");
-    server.call("DELETE", &format!("/v1/environments/{control}"), Some(&token), None).await;
+    assert!(
+        actions
+            .iter()
+            .all(|a| a["environmentId"] == control.as_str()),
+        "{actions:?}"
+    );
+    server
+        .call(
+            "DELETE",
+            &format!("/v1/environments/{control}"),
+            Some(&token),
+            None,
+        )
+        .await;
     wait_state(&server, &token, &control, "destroyed").await;
 }
 
@@ -109,17 +199,38 @@ async fn the_reconciler_takes_no_false_action_in_a_thousand_cycles() {
         .join()
         .unwrap();
     };
-    churn(site, 1000, json!({"name": "churn", "vcpus": 1, "memoryMb": 256}), remove).await;
+    churn(
+        site,
+        1000,
+        json!({"name": "churn", "vcpus": 1, "memoryMb": 256}),
+        remove,
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn the_reconciler_leaves_busy_docker_environments_alone() {
-    let site = Site::new(Db::Postgres).await.with_env("HEARTH_REAPER_INTERVAL_MS", "100");
+    let site = Site::new(Db::Postgres)
+        .await
+        .with_env("HEARTH_REAPER_INTERVAL_MS", "100");
     let remove = |id: &str| {
-        let out = std::process::Command::new("docker").args(["rm", "-f", &format!("hearth-{id}")]).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new("docker")
+            .args(["rm", "-f", &format!("hearth-{id}")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    churn(site, 36, json!({"name": "churn", "vcpus": 1, "memoryMb": 256}), remove).await;
+    churn(
+        site,
+        36,
+        json!({"name": "churn", "vcpus": 1, "memoryMb": 256}),
+        remove,
+    )
+    .await;
 }
 
 /// A 45 s outage of a Docker engine during a provision and during a stop: both jobs wait for
@@ -140,37 +251,82 @@ async fn a_docker_outage_is_ridden_out() {
     }))).await;
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     let token = server.user("outage@example.com", "pro").await;
-    let stopping = create(&server, &token, json!({"name": "to stop", "memoryMb": 256, "region": "out"})).await;
+    let stopping = create(
+        &server,
+        &token,
+        json!({"name": "to stop", "memoryMb": 256, "region": "out"}),
+    )
+    .await;
     wait_state(&server, &token, &stopping, "running").await;
 
     engine.stop();
     let outage = Instant::now();
-    let provisioning = create(&server, &token, json!({"name": "to make", "memoryMb": 256, "region": "out"})).await;
-    server.call("POST", &format!("/v1/environments/{stopping}/stop"), Some(&token), None).await;
+    let provisioning = create(
+        &server,
+        &token,
+        json!({"name": "to make", "memoryMb": 256, "region": "out"}),
+    )
+    .await;
+    server
+        .call(
+            "POST",
+            &format!("/v1/environments/{stopping}/stop"),
+            Some(&token),
+            None,
+        )
+        .await;
     wait_state(&server, &token, &stopping, "stopping").await;
     while outage.elapsed() < Duration::from_secs(45) {
         for (id, want) in [(&provisioning, "provisioning"), (&stopping, "stopping")] {
-            let env = server.call("GET", &format!("/v1/environments/{id}"), Some(&token), None).await.body;
+            let env = server
+                .call("GET", &format!("/v1/environments/{id}"), Some(&token), None)
+                .await
+                .body;
             assert!(
                 env["state"] == want || (want == "provisioning" && env["state"] == "requested"),
                 "{id} gave up during the outage: {env:?}"
             );
         }
         let me = server.call("GET", "/v1/me", Some(&token), None).await.body;
-        assert_eq!(me["usage"]["concurrentEnvironments"], 2, "both still count: {me:?}");
+        assert_eq!(
+            me["usage"]["concurrentEnvironments"], 2,
+            "both still count: {me:?}"
+        );
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
     let jobs = site.store().await.list_jobs(None).await.unwrap();
-    assert!(jobs.iter().filter(|j| j.state == hearth_store::JobState::Queued).all(|j| j.attempts == 0), "attempts spent: {jobs:?}");
-    assert!(site.log().contains("waiting up to 300 s for the host"), "the log says what it waits for");
+    assert!(
+        jobs.iter()
+            .filter(|j| j.state == hearth_store::JobState::Queued)
+            .all(|j| j.attempts == 0),
+        "attempts spent: {jobs:?}"
+    );
+    assert!(
+        site.log().contains("waiting up to 300 s for the host"),
+        "the log says what it waits for"
+    );
     engine.restart();
     wait_state(&server, &token, &provisioning, "running").await;
     wait_state(&server, &token, &stopping, "stopped").await;
     assert!(engine.running(&provisioning) && !engine.running(&stopping));
-    let r = server.call("POST", &format!("/v1/environments/{provisioning}/exec"), Some(&token), Some(json!({"code": "echo made"}))).await;
+    let r = server
+        .call(
+            "POST",
+            &format!("/v1/environments/{provisioning}/exec"),
+            Some(&token),
+            Some(json!({"code": "echo made"})),
+        )
+        .await;
     assert_eq!(r.body["stdout"], "made\n", "{:?}", r.body);
     for id in [&provisioning, &stopping] {
-        server.call("DELETE", &format!("/v1/environments/{id}"), Some(&token), None).await;
+        server
+            .call(
+                "DELETE",
+                &format!("/v1/environments/{id}"),
+                Some(&token),
+                None,
+            )
+            .await;
     }
     for id in [&provisioning, &stopping] {
         server.wait_env(&token, id, "destroyed", UP).await;
@@ -194,7 +350,9 @@ impl Proxy {
         let inner = tasks.clone();
         let accept = tokio::spawn(async move {
             loop {
-                let Ok((mut client, _)) = listener.accept().await else { return };
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
                 let target = target.clone();
                 let conn = tokio::spawn(async move {
                     if let Ok(mut upstream) = tokio::net::TcpStream::connect(&target).await {
@@ -225,20 +383,43 @@ async fn postgres_unreachable_fails_fast_and_says_so() {
     site.database_url = proxied;
     let server = site.start().await;
     let token = server.user("pg@example.com", "free").await;
-    assert_eq!(server.call("GET", "/readyz", None, None).await.status, StatusCode::OK);
+    assert_eq!(
+        server.call("GET", "/readyz", None, None).await.status,
+        StatusCode::OK
+    );
 
     proxy.cut();
     let started = Instant::now();
     let ready = server.call("GET", "/readyz", None, None).await;
     let readiness = started.elapsed();
-    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", ready.body);
+    assert_eq!(
+        ready.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{:?}",
+        ready.body
+    );
     let started = Instant::now();
-    let r = server.call("GET", "/v1/environments", Some(&token), None).await;
+    let r = server
+        .call("GET", "/v1/environments", Some(&token), None)
+        .await;
     let request = started.elapsed();
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
-    assert!(r.body["error"]["message"].as_str().unwrap().contains("database"), "{:?}", r.body);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("database"),
+        "{:?}",
+        r.body
+    );
     eprintln!("PostgreSQL cut: /readyz answered in {readiness:?}, a request failed in {request:?}");
     // Stated bounds: readiness within 1 s, requests within 5 s (a little room for a busy machine).
-    assert!(readiness < Duration::from_millis(1800), "/readyz took {readiness:?}");
-    assert!(request < Duration::from_millis(6500), "the request took {request:?}");
+    assert!(
+        readiness < Duration::from_millis(1800),
+        "/readyz took {readiness:?}"
+    );
+    assert!(
+        request < Duration::from_millis(6500),
+        "the request took {request:?}"
+    );
 }

@@ -19,18 +19,31 @@ struct Sweep(String);
 impl Drop for Sweep {
     fn drop(&mut self) {
         let out = std::process::Command::new("docker")
-            .args(["ps", "-aq", "--filter", &format!("label=hearth.installation={}", self.0)])
+            .args([
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=hearth.installation={}", self.0),
+            ])
             .output()
             .unwrap();
-        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
         if !ids.is_empty() {
-            let _ = std::process::Command::new("docker").args(["rm", "-f"]).args(&ids).output();
+            let _ = std::process::Command::new("docker")
+                .args(["rm", "-f"])
+                .args(&ids)
+                .output();
         }
     }
 }
 
 async fn create(server: &Server, token: &str, body: Value) -> String {
-    let r = server.call("POST", "/v1/environments", Some(token), Some(body)).await;
+    let r = server
+        .call("POST", "/v1/environments", Some(token), Some(body))
+        .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
     r.body["id"].as_str().unwrap().to_string()
 }
@@ -38,8 +51,14 @@ async fn create(server: &Server, token: &str, body: Value) -> String {
 #[tokio::test]
 async fn two_installations_with_default_settings_share_an_engine() {
     let sites = [
-        Site::new(Db::Sqlite).await.default_settings().with_env("HEARTH_REAPER_INTERVAL_MS", "300"),
-        Site::new(Db::Sqlite).await.default_settings().with_env("HEARTH_REAPER_INTERVAL_MS", "300"),
+        Site::new(Db::Sqlite)
+            .await
+            .default_settings()
+            .with_env("HEARTH_REAPER_INTERVAL_MS", "300"),
+        Site::new(Db::Sqlite)
+            .await
+            .default_settings()
+            .with_env("HEARTH_REAPER_INTERVAL_MS", "300"),
     ];
     let mut servers = Vec::new();
     let mut sweeps = Vec::new();
@@ -60,27 +79,67 @@ async fn two_installations_with_default_settings_share_an_engine() {
     }
     let ids: Vec<String> = envs.iter().map(|(_, _, id)| id.clone()).collect();
     let installations: Vec<String> = sweeps.iter().map(|s| s.0.clone()).collect();
-    assert_ne!(installations[0], installations[1], "each installation has its own identity");
+    assert_ne!(
+        installations[0], installations[1],
+        "each installation has its own identity"
+    );
     // Three reaper intervals and then some: both reconcilers have looked at the engine.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for (s, token, id) in &envs {
-        let env = servers[*s].call("GET", &format!("/v1/environments/{id}"), Some(token), None).await.body;
+        let env = servers[*s]
+            .call("GET", &format!("/v1/environments/{id}"), Some(token), None)
+            .await
+            .body;
         assert_eq!(env["state"], "running", "{id} was disturbed: {env:?}");
-        assert_eq!(docker_inspect(&format!("hearth-{id}"), "{{.State.Running}}"), "true", "{id} was stopped or removed");
-        let r = servers[*s].call("POST", &format!("/v1/environments/{id}/exec"), Some(token), Some(json!({"code": "echo alive"}))).await;
+        assert_eq!(
+            docker_inspect(&format!("hearth-{id}"), "{{.State.Running}}"),
+            "true",
+            "{id} was stopped or removed"
+        );
+        let r = servers[*s]
+            .call(
+                "POST",
+                &format!("/v1/environments/{id}/exec"),
+                Some(token),
+                Some(json!({"code": "echo alive"})),
+            )
+            .await;
         assert_eq!(r.body["stdout"], "alive\n", "{:?}", r.body);
     }
     for (i, site) in sites.iter().enumerate() {
-        assert!(!site.log().contains("belongs to no live environment"), "installation {i} removed another's VM");
-        let audit = servers[i].call("GET", "/v1/admin/audit?action=orphan_removed", Some(&servers[i].admin_token), None).await;
+        assert!(
+            !site.log().contains("belongs to no live environment"),
+            "installation {i} removed another's VM"
+        );
+        let audit = servers[i]
+            .call(
+                "GET",
+                "/v1/admin/audit?action=orphan_removed",
+                Some(&servers[i].admin_token),
+                None,
+            )
+            .await;
         assert_eq!(audit.body["items"].as_array().unwrap().len(), 0);
     }
     // Each container carries its own installation's id.
     for (s, _, id) in &envs {
-        assert_eq!(docker_inspect(&format!("hearth-{id}"), "{{index .Config.Labels \"hearth.installation\"}}"), installations[*s]);
+        assert_eq!(
+            docker_inspect(
+                &format!("hearth-{id}"),
+                "{{index .Config.Labels \"hearth.installation\"}}"
+            ),
+            installations[*s]
+        );
     }
     for (s, token, id) in &envs {
-        servers[*s].call("DELETE", &format!("/v1/environments/{id}"), Some(token), None).await;
+        servers[*s]
+            .call(
+                "DELETE",
+                &format!("/v1/environments/{id}"),
+                Some(token),
+                None,
+            )
+            .await;
     }
     for (s, token, id) in &envs {
         servers[*s].wait_env(token, id, "destroyed", UP).await;
@@ -99,13 +158,24 @@ async fn a_node_without_the_installations_key_refuses_to_start() {
     let keyless = site.node();
     let (code, log) = keyless.start_refused();
     assert_ne!(code, 0);
-    assert!(log.contains("no master key") && log.contains("master.key") && log.contains("HEARTH_MASTER_KEY"), "{log}");
-    assert!(!keyless.data_dir().join("master.key").exists(), "it made a key of its own");
+    assert!(
+        log.contains("no master key")
+            && log.contains("master.key")
+            && log.contains("HEARTH_MASTER_KEY"),
+        "{log}"
+    );
+    assert!(
+        !keyless.data_dir().join("master.key").exists(),
+        "it made a key of its own"
+    );
     // A wrong key: refused too, naming the fix.
     let wrong = site.node().with_env("HEARTH_MASTER_KEY", &"ab".repeat(32));
     let (code, log) = wrong.start_refused();
     assert_ne!(code, 0);
-    assert!(log.contains("is not the key of installation") && log.contains("copy master.key"), "{log}");
+    assert!(
+        log.contains("is not the key of installation") && log.contains("copy master.key"),
+        "{log}"
+    );
 
     // Given the key, it serves and runs jobs (the first node is gone).
     first.kill();
@@ -113,14 +183,36 @@ async fn a_node_without_the_installations_key_refuses_to_start() {
     let second = node.start().await;
     let id = create(&second, &token, json!({"name": "keyed", "memoryMb": 256})).await;
     second.wait_env(&token, &id, "running", UP).await;
-    let r = second.call("POST", &format!("/v1/environments/{id}/exec"), Some(&token), Some(json!({"code": "echo sealed"}))).await;
+    let r = second
+        .call(
+            "POST",
+            &format!("/v1/environments/{id}/exec"),
+            Some(&token),
+            Some(json!({"code": "echo sealed"})),
+        )
+        .await;
     assert_eq!(r.body["stdout"], "sealed\n", "{:?}", r.body);
-    second.call("DELETE", &format!("/v1/environments/{id}"), Some(&token), None).await;
+    second
+        .call(
+            "DELETE",
+            &format!("/v1/environments/{id}"),
+            Some(&token),
+            None,
+        )
+        .await;
     second.wait_env(&token, &id, "destroyed", UP).await;
 }
 
 async fn host_health(server: &Server, id: &str) -> Value {
-    server.call("GET", &format!("/v1/admin/hosts/{id}"), Some(&server.admin_token), None).await.body
+    server
+        .call(
+            "GET",
+            &format!("/v1/admin/hosts/{id}"),
+            Some(&server.admin_token),
+            None,
+        )
+        .await
+        .body
 }
 
 /// Two engines, two nodes, one PostgreSQL: environments land on their host's engine
@@ -132,12 +224,18 @@ async fn two_engines_two_nodes() {
     engine.load_image("hearth/base:latest");
     let site = Site::new(Db::Postgres)
         .await
-        .with_env("HEARTH_MASTER_KEY", "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f")
+        .with_env(
+            "HEARTH_MASTER_KEY",
+            "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+        )
         .with_env("HEARTH_HOST_CHECK_INTERVAL_MS", "200")
         .with_env("HEARTH_HOST_UNHEALTHY_AFTER_MS", "1500");
     let a = site.start().await;
     let admin = a.admin_token.clone();
-    let hosts = a.call("GET", "/v1/admin/hosts", Some(&admin), None).await.body;
+    let hosts = a
+        .call("GET", "/v1/admin/hosts", Some(&admin), None)
+        .await
+        .body;
     let local = hosts["items"][0]["id"].as_str().unwrap().to_string();
 
     // A host that does not answer is not added.
@@ -145,7 +243,12 @@ async fn two_engines_two_nodes() {
         "name": "nowhere", "kind": "docker", "endpoint": "unix:///nonexistent.sock", "maxVcpus": 8, "maxMemoryMb": 8192,
     }))).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
-    assert!(r.body["error"]["message"].as_str().unwrap().contains("nothing was added"));
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nothing was added")
+    );
     let r = a.call("POST", "/v1/admin/hosts", Some(&admin), Some(json!({
         "name": "engine-2", "kind": "docker", "endpoint": engine.socket, "region": "two", "maxVcpus": 32, "maxMemoryMb": 32768,
         "options": engine.options(),
@@ -159,40 +262,86 @@ async fn two_engines_two_nodes() {
         "name": "engine-2-tls", "kind": "docker", "endpoint": tls.endpoint, "region": "two", "maxVcpus": 32, "maxMemoryMb": 32768,
         "tlsCa": tls.ca, "tlsCert": tls.cert, "tlsKey": tls.key,
     });
-    let r = a.call("POST", "/v1/admin/hosts", Some(&admin), Some(twin.clone())).await;
+    let r = a
+        .call("POST", "/v1/admin/hosts", Some(&admin), Some(twin.clone()))
+        .await;
     assert_eq!(r.status, StatusCode::CONFLICT, "{:?}", r.body);
-    assert!(r.body["error"]["message"].as_str().unwrap().contains("same host as engine-2"), "{:?}", r.body);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("same host as engine-2"),
+        "{:?}",
+        r.body
+    );
     let regions = a.call("GET", "/v1/regions", None, None).await.body;
     assert_eq!(regions["items"], json!([{"id": "two", "hosts": 1}]));
 
     // Only node A exists: it runs the job, on engine 2.
     let token = a.user("hosts@example.com", "unlimited").await;
-    let on_two = create(&a, &token, json!({"name": "on two", "memoryMb": 256, "region": "two"})).await;
+    let on_two = create(
+        &a,
+        &token,
+        json!({"name": "on two", "memoryMb": 256, "region": "two"}),
+    )
+    .await;
     a.wait_env(&token, &on_two, "running", UP).await;
     // Node B joins; A goes: B runs the next jobs, on both engines.
     let b = site.node().start().await;
     a.kill();
-    let drained = b.call("POST", &format!("/v1/admin/hosts/{second}/drain"), Some(&admin), None).await;
+    let drained = b
+        .call(
+            "POST",
+            &format!("/v1/admin/hosts/{second}/drain"),
+            Some(&admin),
+            None,
+        )
+        .await;
     assert_eq!(drained.body["status"], "draining");
     let on_one = create(&b, &token, json!({"name": "on one", "memoryMb": 256})).await;
-    b.call("POST", &format!("/v1/admin/hosts/{second}/ready"), Some(&admin), None).await;
-    let also_two = create(&b, &token, json!({"name": "also two", "memoryMb": 256, "region": "two"})).await;
+    b.call(
+        "POST",
+        &format!("/v1/admin/hosts/{second}/ready"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    let also_two = create(
+        &b,
+        &token,
+        json!({"name": "also two", "memoryMb": 256, "region": "two"}),
+    )
+    .await;
     for id in [&on_one, &also_two] {
         b.wait_env(&token, id, "running", UP).await;
     }
     let host_of = |env: &Value| env["hostId"].as_str().unwrap().to_string();
     for (id, host) in [(&on_two, &second), (&also_two, &second), (&on_one, &local)] {
-        let env = b.call("GET", &format!("/v1/environments/{id}"), Some(&token), None).await.body;
+        let env = b
+            .call("GET", &format!("/v1/environments/{id}"), Some(&token), None)
+            .await
+            .body;
         assert_eq!(&host_of(&env), host, "{env:?}");
         let on_engine_two = !engine.containers_of(id).is_empty();
         let on_shared = !containers_of(id).is_empty();
-        assert_eq!((on_engine_two, on_shared), (host == &second, host == &local), "{id} is on the wrong engine");
+        assert_eq!(
+            (on_engine_two, on_shared),
+            (host == &second, host == &local),
+            "{id} is on the wrong engine"
+        );
     }
     // Exec works from either node (A is back).
     let a = site.start().await;
     for server in [&a, &b] {
         for id in [&on_two, &on_one] {
-            let r = server.call("POST", &format!("/v1/environments/{id}/exec"), Some(&token), Some(json!({"code": "hostname"}))).await;
+            let r = server
+                .call(
+                    "POST",
+                    &format!("/v1/environments/{id}/exec"),
+                    Some(&token),
+                    Some(json!({"code": "hostname"})),
+                )
+                .await;
             assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
         }
     }
@@ -204,55 +353,130 @@ async fn two_engines_two_nodes() {
         if host_health(&b, &second).await["health"] == "unhealthy" {
             break;
         }
-        assert!(stopped.elapsed() < Duration::from_secs(10), "engine 2's host never turned unhealthy");
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "engine 2's host never turned unhealthy"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    eprintln!("engine 2 stopped; its host unhealthy after {:?}", stopped.elapsed());
-    let fresh = create(&b, &token, json!({"name": "while two is down", "memoryMb": 256})).await;
+    eprintln!(
+        "engine 2 stopped; its host unhealthy after {:?}",
+        stopped.elapsed()
+    );
+    let fresh = create(
+        &b,
+        &token,
+        json!({"name": "while two is down", "memoryMb": 256}),
+    )
+    .await;
     let env = b.wait_env(&token, &fresh, "running", UP).await;
-    assert_eq!(host_of(&env), local, "new environments go to the first host");
-    let r = b.call("POST", "/v1/environments", Some(&token), Some(json!({"name": "wants two", "region": "two"}))).await;
+    assert_eq!(
+        host_of(&env),
+        local,
+        "new environments go to the first host"
+    );
+    let r = b
+        .call(
+            "POST",
+            "/v1/environments",
+            Some(&token),
+            Some(json!({"name": "wants two", "region": "two"})),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
     tokio::time::sleep(Duration::from_secs(2)).await; // several reconciler passes
     for id in [&on_two, &also_two] {
-        let env = b.call("GET", &format!("/v1/environments/{id}"), Some(&token), None).await.body;
-        assert_eq!(env["state"], "running", "declared {:?} while its host could not be asked", env["stateMessage"]);
+        let env = b
+            .call("GET", &format!("/v1/environments/{id}"), Some(&token), None)
+            .await
+            .body;
+        assert_eq!(
+            env["state"], "running",
+            "declared {:?} while its host could not be asked",
+            env["stateMessage"]
+        );
     }
 
     // Engine 2 returns: healthy again, its environments still running.
     engine.restart();
     let back = Instant::now();
     while host_health(&b, &second).await["health"] != "healthy" {
-        assert!(back.elapsed() < Duration::from_secs(10), "engine 2's host never turned healthy again");
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "engine 2's host never turned healthy again"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for id in [&on_two, &also_two] {
         assert!(engine.running(id), "{id} stopped while its engine was away");
-        let r = a.call("POST", &format!("/v1/environments/{id}/exec"), Some(&token), Some(json!({"code": "echo back"}))).await;
+        let r = a
+            .call(
+                "POST",
+                &format!("/v1/environments/{id}/exec"),
+                Some(&token),
+                Some(json!({"code": "echo back"})),
+            )
+            .await;
         assert_eq!(r.body["stdout"], "back\n", "{:?}", r.body);
     }
 
     // The same engine over TCP with TLS, as a host replacing the unix socket one.
     for id in [&on_two, &also_two] {
-        b.call("DELETE", &format!("/v1/environments/{id}"), Some(&token), None).await;
+        b.call(
+            "DELETE",
+            &format!("/v1/environments/{id}"),
+            Some(&token),
+            None,
+        )
+        .await;
     }
     for id in [&on_two, &also_two] {
         b.wait_env(&token, id, "destroyed", UP).await;
         assert!(engine.containers_of(id).is_empty());
     }
-    let removed = b.call("DELETE", &format!("/v1/admin/hosts/{second}"), Some(&admin), None).await;
+    let removed = b
+        .call(
+            "DELETE",
+            &format!("/v1/admin/hosts/{second}"),
+            Some(&admin),
+            None,
+        )
+        .await;
     assert_eq!(removed.status, StatusCode::OK, "{:?}", removed.body);
-    let r = b.call("POST", "/v1/admin/hosts", Some(&admin), Some(twin)).await;
+    let r = b
+        .call("POST", "/v1/admin/hosts", Some(&admin), Some(twin))
+        .await;
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     assert_eq!(r.body["tls"], true);
-    assert!(!r.body.to_string().contains("PRIVATE KEY"), "the key never leaves the server");
-    let over_tls = create(&b, &token, json!({"name": "over tls", "memoryMb": 256, "region": "two"})).await;
+    assert!(
+        !r.body.to_string().contains("PRIVATE KEY"),
+        "the key never leaves the server"
+    );
+    let over_tls = create(
+        &b,
+        &token,
+        json!({"name": "over tls", "memoryMb": 256, "region": "two"}),
+    )
+    .await;
     b.wait_env(&token, &over_tls, "running", UP).await;
     assert_eq!(engine.containers_of(&over_tls).len(), 1);
-    let r = a.call("POST", &format!("/v1/environments/{over_tls}/exec"), Some(&token), Some(json!({"code": "echo tls"}))).await;
+    let r = a
+        .call(
+            "POST",
+            &format!("/v1/environments/{over_tls}/exec"),
+            Some(&token),
+            Some(json!({"code": "echo tls"})),
+        )
+        .await;
     assert_eq!(r.body["stdout"], "tls\n", "{:?}", r.body);
     for id in [&over_tls, &on_one, &fresh] {
-        b.call("DELETE", &format!("/v1/environments/{id}"), Some(&token), None).await;
+        b.call(
+            "DELETE",
+            &format!("/v1/environments/{id}"),
+            Some(&token),
+            None,
+        )
+        .await;
     }
     for id in [&over_tls, &on_one, &fresh] {
         b.wait_env(&token, id, "destroyed", UP).await;

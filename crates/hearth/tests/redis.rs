@@ -14,7 +14,16 @@ const MASTER_KEY: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a
 
 fn redis(port: u16) -> Child {
     let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .stdout(Stdio::null())
         .spawn()
         .expect("redis-server (apt-get install redis-server; `make test` does)");
@@ -29,9 +38,17 @@ fn redis(port: u16) -> Child {
 
 async fn create_and_wait(api: &Server, token: &str, name: &str) -> (String, Duration) {
     let started = Instant::now();
-    let r = api.call("POST", "/v1/environments", Some(token), Some(json!({"name": name, "memoryMb": 256}))).await;
+    let r = api
+        .call(
+            "POST",
+            "/v1/environments",
+            Some(token),
+            Some(json!({"name": name, "memoryMb": 256})),
+        )
+        .await;
     let id = r.body["id"].as_str().unwrap().to_string();
-    api.wait_env(token, &id, "running", Duration::from_secs(120)).await;
+    api.wait_env(token, &id, "running", Duration::from_secs(120))
+        .await;
     (id, started.elapsed())
 }
 
@@ -54,36 +71,75 @@ async fn redis_wakes_other_nodes_and_its_loss_loses_nothing() {
 
     let (first, with_redis) = create_and_wait(&api, &token, "with redis").await;
     // The seed's log tail is in Redis too.
-    let out = Command::new("redis-cli").args(["-p", &port.to_string(), "LRANGE", &format!("provision-logs:{first}"), "0", "-1"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("provisioning complete"), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = Command::new("redis-cli")
+        .args([
+            "-p",
+            &port.to_string(),
+            "LRANGE",
+            &format!("provision-logs:{first}"),
+            "0",
+            "-1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("provisioning complete"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     redis_server.kill().unwrap();
     redis_server.wait().unwrap();
     let ready = api.call("GET", "/readyz", None, None).await;
-    assert_eq!(ready.status, reqwest::StatusCode::OK, "Redis is optional: {:?}", ready.body);
-    assert!(ready.body["redis"].as_str().unwrap().contains("unreachable"));
+    assert_eq!(
+        ready.status,
+        reqwest::StatusCode::OK,
+        "Redis is optional: {:?}",
+        ready.body
+    );
+    assert!(
+        ready.body["redis"]
+            .as_str()
+            .unwrap()
+            .contains("unreachable")
+    );
     let (second, without_redis) = create_and_wait(&api, &token, "redis down").await;
 
     let mut redis_server = redis(port);
     // Give the nodes a moment to resubscribe (they retry every second).
     for _ in 0..100 {
-        if api.call("GET", "/readyz", None, None).await.body["redis"] == "ok" && site.log().matches("listening on Redis").count() >= 2 {
+        if api.call("GET", "/readyz", None, None).await.body["redis"] == "ok"
+            && site.log().matches("listening on Redis").count() >= 2
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (third, back) = create_and_wait(&api, &token, "redis back").await;
-    eprintln!("create to running: with Redis {with_redis:?}, Redis down {without_redis:?}, Redis back {back:?}");
+    eprintln!(
+        "create to running: with Redis {with_redis:?}, Redis down {without_redis:?}, Redis back {back:?}"
+    );
 
     let store = site.store().await;
     for id in [&first, &second, &third] {
         let jobs = store.jobs_for_environment(id).await.unwrap();
-        assert!(jobs.iter().all(|j| j.state == hearth_store::JobState::Succeeded), "{jobs:?}");
+        assert!(
+            jobs.iter()
+                .all(|j| j.state == hearth_store::JobState::Succeeded),
+            "{jobs:?}"
+        );
         assert_eq!(containers_of(id).len(), 1);
-        api.call("DELETE", &format!("/v1/environments/{id}"), Some(&token), None).await;
+        api.call(
+            "DELETE",
+            &format!("/v1/environments/{id}"),
+            Some(&token),
+            None,
+        )
+        .await;
     }
     for id in [&first, &second, &third] {
-        api.wait_env(&token, id, "destroyed", Duration::from_secs(120)).await;
+        api.wait_env(&token, id, "destroyed", Duration::from_secs(120))
+            .await;
         assert!(containers_of(id).is_empty());
     }
     drop(worker);

@@ -25,14 +25,47 @@ fn rules() -> Vec<Vec<String>> {
     let bridges = format!("{BRIDGE_PREFIX}+");
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<String>>();
     vec![
-        s(&["-A", CHAIN, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "RETURN"]),
+        s(&[
+            "-A",
+            CHAIN,
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "ESTABLISHED,RELATED",
+            "-j",
+            "RETURN",
+        ]),
         s(&["-A", CHAIN, "-p", "udp", "--dport", "53", "-j", "RETURN"]),
         s(&["-A", CHAIN, "-p", "tcp", "--dport", "53", "-j", "RETURN"]),
         s(&["-A", CHAIN, "-p", "icmp", "-j", "RETURN"]),
-        s(&["-A", CHAIN, "-p", "tcp", "-j", "REJECT", "--reject-with", "tcp-reset"]),
-        s(&["-A", CHAIN, "-j", "REJECT", "--reject-with", "icmp-port-unreachable"]),
+        s(&[
+            "-A",
+            CHAIN,
+            "-p",
+            "tcp",
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+        ]),
+        s(&[
+            "-A",
+            CHAIN,
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "icmp-port-unreachable",
+        ]),
         s(&["INPUT", "-i", &bridges, "-j", CHAIN]),
-        s(&["DOCKER-USER", "-i", &bridges, "-d", "169.254.0.0/16", "-j", "REJECT"]),
+        s(&[
+            "DOCKER-USER",
+            "-i",
+            &bridges,
+            "-d",
+            "169.254.0.0/16",
+            "-j",
+            "REJECT",
+        ]),
         s(&["DOCKER-USER", "-i", &bridges, "-o", &bridges, "-j", "DROP"]),
     ]
 }
@@ -40,12 +73,17 @@ fn rules() -> Vec<Vec<String>> {
 /// The shell commands an operator runs on a remote engine's machine (for documentation
 /// and error messages; Hearth itself never runs a shell).
 pub fn guard_commands() -> Vec<String> {
-    let mut out = vec![format!("iptables -w -N {CHAIN} 2>/dev/null; iptables -w -F {CHAIN}")];
+    let mut out = vec![format!(
+        "iptables -w -N {CHAIN} 2>/dev/null; iptables -w -F {CHAIN}"
+    )];
     for rule in rules() {
         if rule[0] == "-A" {
             out.push(format!("iptables -w {}", rule.join(" ")));
         } else {
-            out.push(format!("iptables -w -C {0} || iptables -w -I {0}", rule.join(" ")));
+            out.push(format!(
+                "iptables -w -C {0} || iptables -w -I {0}",
+                rule.join(" ")
+            ));
         }
     }
     out
@@ -64,7 +102,11 @@ fn must(args: &[&str]) -> Result<(), String> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("iptables {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        Err(format!(
+            "iptables {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -96,9 +138,14 @@ pub fn guard_local_host() -> Result<(), String> {
         .expect("piped")
         .write_all(chain_restore().as_bytes())
         .map_err(|e| format!("cannot feed iptables-restore: {e}"))?;
-    let out = restore.wait_with_output().map_err(|e| format!("iptables-restore: {e}"))?;
+    let out = restore
+        .wait_with_output()
+        .map_err(|e| format!("iptables-restore: {e}"))?;
     if !out.status.success() {
-        return Err(format!("iptables-restore failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(format!(
+            "iptables-restore failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     // Docker makes DOCKER-USER when it starts; make it first if Docker has not yet.
     let _ = iptables(&["-N", "DOCKER-USER"]);
@@ -120,9 +167,20 @@ mod tests {
     #[test]
     fn the_chain_is_replaced_in_one_transaction() {
         let text = super::chain_restore();
-        assert!(text.starts_with("*filter\n:HEARTH-GUESTS - [0:0]\n"), "{text}");
+        assert!(
+            text.starts_with("*filter\n:HEARTH-GUESTS - [0:0]\n"),
+            "{text}"
+        );
         assert!(text.ends_with("COMMIT\n"));
-        assert_eq!(text.lines().filter(|l| l.starts_with("-A HEARTH-GUESTS")).count(), 6);
-        assert!(!text.contains("INPUT"), "jumps are added one by one, after the chain exists");
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("-A HEARTH-GUESTS"))
+                .count(),
+            6
+        );
+        assert!(
+            !text.contains("INPUT"),
+            "jumps are added one by one, after the chain exists"
+        );
     }
 }

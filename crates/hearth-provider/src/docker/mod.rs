@@ -23,7 +23,8 @@ pub mod network;
 pub mod options;
 
 use crate::{
-    HostFacts, HostRef, LABEL_ENVIRONMENT, LABEL_INSTALLATION, LABEL_MANAGED, Provider, ProviderError, VmInfo, VmRef, VmSpec, VmState,
+    HostFacts, HostRef, LABEL_ENVIRONMENT, LABEL_INSTALLATION, LABEL_MANAGED, Provider,
+    ProviderError, VmInfo, VmRef, VmSpec, VmState,
 };
 use async_trait::async_trait;
 use bollard::errors::Error as DockerError;
@@ -75,21 +76,36 @@ pub struct DockerProvider {
 impl DockerProvider {
     /// No I/O: engines are reached on first use. `scratch` is a private directory.
     pub fn new(scratch: PathBuf) -> DockerProvider {
-        DockerProvider { clients: Mutex::new(HashMap::new()), scratch, stop_timeout: 5, no_disk_limit: Mutex::new(HashSet::new()) }
+        DockerProvider {
+            clients: Mutex::new(HashMap::new()),
+            scratch,
+            stop_timeout: 5,
+            no_disk_limit: Mutex::new(HashSet::new()),
+        }
     }
 
     /// The engine client for `host`, connecting (and negotiating the API version, so
     /// Debian's Docker 20.10 works) if this is the first use.
     async fn client(&self, host: &HostRef) -> Result<Docker, ProviderError> {
-        let fingerprint = format!("{}|{}", host.endpoint, host.tls.as_ref().map(|t| t.cert_pem.len()).unwrap_or(0));
+        let fingerprint = format!(
+            "{}|{}",
+            host.endpoint,
+            host.tls.as_ref().map(|t| t.cert_pem.len()).unwrap_or(0)
+        );
         if let Some((f, d)) = self.clients.lock().unwrap().get(&host.id) {
             if *f == fingerprint {
                 return Ok(d.clone());
             }
         }
         let docker = self.connect(host)?;
-        let docker = docker.negotiate_version().await.map_err(|e| unavailable(host, e))?;
-        self.clients.lock().unwrap().insert(host.id.clone(), (fingerprint, docker.clone()));
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|e| unavailable(host, e))?;
+        self.clients
+            .lock()
+            .unwrap()
+            .insert(host.id.clone(), (fingerprint, docker.clone()));
         Ok(docker)
     }
 
@@ -97,10 +113,14 @@ impl DockerProvider {
         let endpoint = host.endpoint.as_str();
         let refused = |e: DockerError| match e {
             DockerError::SocketNotFoundError(_) => unavailable(host, e),
-            e => ProviderError::Failed(format!("host {}: endpoint {endpoint} is unusable: {e}", host.name)),
+            e => ProviderError::Failed(format!(
+                "host {}: endpoint {endpoint} is unusable: {e}",
+                host.name
+            )),
         };
         if let Some(path) = endpoint.strip_prefix("unix://") {
-            return Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECONDS, API_DEFAULT_VERSION).map_err(refused);
+            return Docker::connect_with_unix(path, REQUEST_TIMEOUT_SECONDS, API_DEFAULT_VERSION)
+                .map_err(refused);
         }
         if endpoint.starts_with("tcp://") {
             let Some(tls) = &host.tls else {
@@ -124,7 +144,13 @@ impl DockerProvider {
             .map_err(refused);
         }
         if endpoint.starts_with("ssh://") {
-            return Docker::connect_with_ssh(endpoint, REQUEST_TIMEOUT_SECONDS, API_DEFAULT_VERSION, None).map_err(refused);
+            return Docker::connect_with_ssh(
+                endpoint,
+                REQUEST_TIMEOUT_SECONDS,
+                API_DEFAULT_VERSION,
+                None,
+            )
+            .map_err(refused);
         }
         Err(ProviderError::Failed(format!(
             "host {}: endpoint {endpoint:?} must start with unix://, tcp:// or ssh://",
@@ -132,17 +158,31 @@ impl DockerProvider {
         )))
     }
 
-    async fn inspect_key(&self, host: &HostRef, key: &str) -> Result<Option<VmInfo>, ProviderError> {
-        match self.client(host).await?.inspect_container(key, None::<InspectContainerOptions>).await {
+    async fn inspect_key(
+        &self,
+        host: &HostRef,
+        key: &str,
+    ) -> Result<Option<VmInfo>, ProviderError> {
+        match self
+            .client(host)
+            .await?
+            .inspect_container(key, None::<InspectContainerOptions>)
+            .await
+        {
             Ok(c) => {
-                let labels = c.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default();
+                let labels = c
+                    .config
+                    .as_ref()
+                    .and_then(|c| c.labels.clone())
+                    .unwrap_or_default();
                 if labels.get(LABEL_INSTALLATION) != Some(&host.installation_id) {
                     // Not ours: another installation's container of that name is no VM of ours.
                     return Ok(None);
                 }
                 let state = match c.state.as_ref().and_then(|s| s.status) {
                     Some(ContainerStateStatusEnum::RUNNING) => VmState::Running,
-                    Some(ContainerStateStatusEnum::EXITED) | Some(ContainerStateStatusEnum::CREATED) => VmState::Stopped,
+                    Some(ContainerStateStatusEnum::EXITED)
+                    | Some(ContainerStateStatusEnum::CREATED) => VmState::Stopped,
                     _ => VmState::Other,
                 };
                 let ports = c.network_settings.as_ref().and_then(|n| n.ports.as_ref());
@@ -158,7 +198,12 @@ impl DockerProvider {
                     .and_then(|n| n.networks.as_ref())
                     .and_then(|n| n.values().find_map(|net| net.ip_address.clone()))
                     .filter(|ip| !ip.is_empty());
-                let name = c.name.as_deref().unwrap_or(key).trim_start_matches('/').to_string();
+                let name = c
+                    .name
+                    .as_deref()
+                    .unwrap_or(key)
+                    .trim_start_matches('/')
+                    .to_string();
                 Ok(Some(VmInfo {
                     vm: VmRef { name, id: c.id },
                     environment_id: labels.get(LABEL_ENVIRONMENT).cloned().unwrap_or_default(),
@@ -183,9 +228,24 @@ impl DockerProvider {
 fn write_private(dir: &std::path::Path, name: &str, contents: &str) -> Result<(), ProviderError> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    let fail = |e: std::io::Error| ProviderError::Failed(format!("cannot write TLS material into {}: {e}", dir.display()));
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(fail)?;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(dir.join(name)).map_err(fail)?;
+    let fail = |e: std::io::Error| {
+        ProviderError::Failed(format!(
+            "cannot write TLS material into {}: {e}",
+            dir.display()
+        ))
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(fail)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(dir.join(name))
+        .map_err(fail)?;
     f.write_all(contents.as_bytes()).map_err(fail)
 }
 
@@ -200,9 +260,13 @@ pub(crate) fn unavailable(host: &HostRef, e: DockerError) -> ProviderError {
 /// Connection failures mean the engine is down; anything else is a refusal worth showing.
 pub(crate) fn classify(host: &HostRef, e: DockerError) -> ProviderError {
     match e {
-        DockerError::DockerResponseServerError { status_code, message } => {
-            ProviderError::Failed(format!("the Docker engine of host {} refused ({status_code}): {message}", host.name))
-        }
+        DockerError::DockerResponseServerError {
+            status_code,
+            message,
+        } => ProviderError::Failed(format!(
+            "the Docker engine of host {} refused ({status_code}): {message}",
+            host.name
+        )),
         DockerError::HyperResponseError { .. }
         | DockerError::IOError { .. }
         | DockerError::RequestTimeoutError
@@ -227,7 +291,11 @@ impl Provider for DockerProvider {
         let docker = self.client(host).await?;
         let info = docker.info().await.map_err(|e| unavailable(host, e))?;
         if let Some(runtime) = &options.runtime {
-            if !info.runtimes.as_ref().is_some_and(|r| r.contains_key(runtime)) {
+            if !info
+                .runtimes
+                .as_ref()
+                .is_some_and(|r| r.contains_key(runtime))
+            {
                 return Err(ProviderError::Failed(format!(
                     "host {}: its engine has no runtime {runtime:?}; register it (for gVisor: install runsc and add \
                      {{\"runtimes\": {{\"runsc\": {{\"path\": \"/usr/bin/runsc\"}}}}}} to /etc/docker/daemon.json, then \
@@ -239,11 +307,22 @@ impl Provider for DockerProvider {
         // The engine ID alone is not enough: daemons of one machine share it (it comes
         // from /etc/docker), and cloned machines may too. With the machine's name and the
         // daemon's data root, two rows name one engine only when they really do.
+        let report = serde_json::json!({
+            "version": info.server_version,
+            "containers": info.containers,
+            "running": info.containers_running,
+        });
         let identity = match (info.id.filter(|id| !id.is_empty()), info.docker_root_dir) {
-            (Some(id), Some(root)) => Some(format!("docker:{id}:{}:{root}", info.name.unwrap_or_default())),
+            (Some(id), Some(root)) => Some(format!(
+                "docker:{id}:{}:{root}",
+                info.name.unwrap_or_default()
+            )),
             _ => None,
         };
-        Ok(HostFacts { identity })
+        Ok(HostFacts {
+            identity,
+            report: Some(report),
+        })
     }
 
     async fn ensure_created(&self, host: &HostRef, spec: &VmSpec) -> Result<VmRef, ProviderError> {
@@ -251,7 +330,15 @@ impl Provider for DockerProvider {
         let docker = self.client(host).await?;
         if self.inspect_key(host, &spec.name).await?.is_none() {
             let pool = options.pool().map_err(ProviderError::Failed)?;
-            network::ensure(&docker, host, &spec.name, &spec.environment_id, &spec.labels, pool).await?;
+            network::ensure(
+                &docker,
+                host,
+                &spec.name,
+                &spec.environment_id,
+                &spec.labels,
+                pool,
+            )
+            .await?;
             let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
             env.push(format!("{AUTHORIZED_KEYS_ENV}={}", spec.authorized_key));
             let mut labels: HashMap<String, String> = spec.labels.clone().into_iter().collect();
@@ -260,7 +347,10 @@ impl Provider for DockerProvider {
             labels.insert(LABEL_ENVIRONMENT.into(), spec.environment_id.clone());
             let port_bindings = HashMap::from([(
                 "22/tcp".to_string(),
-                Some(vec![PortBinding { host_ip: Some(host.guest_address.clone()), host_port: Some(String::new()) }]),
+                Some(vec![PortBinding {
+                    host_ip: Some(host.guest_address.clone()),
+                    host_port: Some(String::new()),
+                }]),
             )]);
             let limit_disk = !self.no_disk_limit.lock().unwrap().contains(&host.id);
             let body = |limit_disk: bool| ContainerCreateBody {
@@ -279,9 +369,13 @@ impl Provider for DockerProvider {
                     pids_limit: Some(options.pids_limit),
                     cap_drop: Some(vec!["ALL".into()]),
                     cap_add: Some(CAPABILITIES.iter().map(|c| c.to_string()).collect()),
-                    security_opt: options.no_new_privileges.then(|| vec!["no-new-privileges".to_string()]),
+                    security_opt: options
+                        .no_new_privileges
+                        .then(|| vec!["no-new-privileges".to_string()]),
                     runtime: options.runtime.clone(),
-                    storage_opt: limit_disk.then(|| HashMap::from([("size".to_string(), format!("{}G", spec.disk_gb))])),
+                    storage_opt: limit_disk.then(|| {
+                        HashMap::from([("size".to_string(), format!("{}G", spec.disk_gb))])
+                    }),
                     network_mode: Some(spec.name.clone()),
                     port_bindings: Some(port_bindings.clone()),
                     init: Some(true),
@@ -290,7 +384,10 @@ impl Provider for DockerProvider {
                 ..Default::default()
             };
             let create = |limit_disk: bool| {
-                let options = CreateContainerOptions { name: Some(spec.name.clone()), ..Default::default() };
+                let options = CreateContainerOptions {
+                    name: Some(spec.name.clone()),
+                    ..Default::default()
+                };
                 docker.create_container(Some(options), body(limit_disk))
             };
             let mut created = create(limit_disk).await;
@@ -335,7 +432,12 @@ impl Provider for DockerProvider {
         if self.ours(host, vm).await?.is_none() {
             return Err(ProviderError::NotFound(vm.name.clone()));
         }
-        match self.client(host).await?.start_container(vm.key(), None::<StartContainerOptions>).await {
+        match self
+            .client(host)
+            .await?
+            .start_container(vm.key(), None::<StartContainerOptions>)
+            .await
+        {
             Ok(()) => Ok(()),
             Err(e) if is_status(&e, 304) => Ok(()), // already running
             Err(e) if is_status(&e, 404) => Err(ProviderError::NotFound(vm.name.clone())),
@@ -347,8 +449,16 @@ impl Provider for DockerProvider {
         if self.ours(host, vm).await?.is_none() {
             return Err(ProviderError::NotFound(vm.name.clone()));
         }
-        let options = StopContainerOptions { t: Some(self.stop_timeout), ..Default::default() };
-        match self.client(host).await?.stop_container(vm.key(), Some(options)).await {
+        let options = StopContainerOptions {
+            t: Some(self.stop_timeout),
+            ..Default::default()
+        };
+        match self
+            .client(host)
+            .await?
+            .stop_container(vm.key(), Some(options))
+            .await
+        {
             Ok(()) => Ok(()),
             Err(e) if is_status(&e, 304) => Ok(()), // already stopped
             Err(e) if is_status(&e, 404) => Err(ProviderError::NotFound(vm.name.clone())),
@@ -359,7 +469,11 @@ impl Provider for DockerProvider {
     async fn destroy(&self, host: &HostRef, vm: &VmRef) -> Result<(), ProviderError> {
         let docker = self.client(host).await?;
         if self.ours(host, vm).await?.is_some() {
-            let options = RemoveContainerOptions { force: true, v: true, ..Default::default() };
+            let options = RemoveContainerOptions {
+                force: true,
+                v: true,
+                ..Default::default()
+            };
             match docker.remove_container(vm.key(), Some(options)).await {
                 Ok(()) => {}
                 Err(e) if is_status(&e, 404) => {}
@@ -379,10 +493,22 @@ impl Provider for DockerProvider {
     async fn list(&self, host: &HostRef) -> Result<Vec<VmInfo>, ProviderError> {
         let filters = HashMap::from([(
             "label".to_string(),
-            vec![format!("{LABEL_MANAGED}=true"), format!("{LABEL_INSTALLATION}={}", host.installation_id)],
+            vec![
+                format!("{LABEL_MANAGED}=true"),
+                format!("{LABEL_INSTALLATION}={}", host.installation_id),
+            ],
         )]);
-        let options = ListContainersOptions { all: true, filters: Some(filters), ..Default::default() };
-        let containers = self.client(host).await?.list_containers(Some(options)).await.map_err(|e| classify(host, e))?;
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        };
+        let containers = self
+            .client(host)
+            .await?
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| classify(host, e))?;
         Ok(containers
             .into_iter()
             .filter_map(|c| {
@@ -400,7 +526,11 @@ impl Provider for DockerProvider {
                     .find(|p| p.private_port == 22)
                     .and_then(|p| p.public_port)
                     .map(i64::from);
-                let name = c.names.unwrap_or_default().first().map(|n| n.trim_start_matches('/').to_string())?;
+                let name = c
+                    .names
+                    .unwrap_or_default()
+                    .first()
+                    .map(|n| n.trim_start_matches('/').to_string())?;
                 Some(VmInfo {
                     vm: VmRef { name, id: c.id },
                     environment_id,

@@ -4,9 +4,9 @@
 //! about 30 networks); its bridge device is `hz` and 12 characters of the environment id,
 //! so a host firewall can match every VM's traffic with `-i hz+` (see `guard`).
 
+use super::options::Ipv4Range;
 use super::{classify, is_status};
 use crate::{HostRef, LABEL_ENVIRONMENT, LABEL_INSTALLATION, LABEL_MANAGED, ProviderError};
-use super::options::Ipv4Range;
 use bollard::Docker;
 use bollard::models::{Ipam, IpamConfig, NetworkCreateRequest};
 use bollard::query_parameters::{InspectNetworkOptions, ListNetworksOptions};
@@ -20,7 +20,10 @@ pub const BRIDGE_PREFIX: &str = "hz";
 /// The bridge device of an environment's network: `hz` and the last 12 letters or digits
 /// of its id (the random part of a UUIDv7), within Linux's 15-character limit.
 pub fn bridge_name(environment_id: &str) -> String {
-    let tail: Vec<char> = environment_id.chars().filter(char::is_ascii_alphanumeric).collect();
+    let tail: Vec<char> = environment_id
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect();
     let tail: String = tail[tail.len().saturating_sub(12)..].iter().collect();
     format!("{BRIDGE_PREFIX}{tail}")
 }
@@ -28,11 +31,18 @@ pub fn bridge_name(environment_id: &str) -> String {
 /// FNV-1a: where an environment starts looking for a free block, so concurrent creates
 /// rarely try the same one.
 fn spread(environment_id: &str) -> u64 {
-    environment_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    environment_id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
 }
 
 async fn used_ranges(docker: &Docker, host: &HostRef) -> Result<Vec<Ipv4Range>, ProviderError> {
-    let networks = docker.list_networks(None::<ListNetworksOptions>).await.map_err(|e| classify(host, e))?;
+    let networks = docker
+        .list_networks(None::<ListNetworksOptions>)
+        .await
+        .map_err(|e| classify(host, e))?;
     Ok(networks
         .iter()
         .filter_map(|n| n.ipam.as_ref()?.config.as_ref())
@@ -50,7 +60,10 @@ pub async fn ensure(
     extra_labels: &std::collections::BTreeMap<String, String>,
     pool: Ipv4Range,
 ) -> Result<(), ProviderError> {
-    match docker.inspect_network(name, None::<InspectNetworkOptions>).await {
+    match docker
+        .inspect_network(name, None::<InspectNetworkOptions>)
+        .await
+    {
         Ok(n) => {
             let labels = n.labels.unwrap_or_default();
             if labels.get(LABEL_INSTALLATION) == Some(&host.installation_id) {
@@ -93,13 +106,18 @@ pub async fn ensure(
                 }]),
                 options: None,
             }),
-            options: Some(HashMap::from([("com.docker.network.bridge.name".to_string(), bridge_name(environment_id))])),
+            options: Some(HashMap::from([(
+                "com.docker.network.bridge.name".to_string(),
+                bridge_name(environment_id),
+            )])),
             ..Default::default()
         };
         match docker.create_network(request).await {
             Ok(_) => return Ok(()),
             // Another create took this block between the listing and ours: look again.
-            Err(e) if e.to_string().contains("overlaps") => used = used_ranges(docker, host).await?,
+            Err(e) if e.to_string().contains("overlaps") => {
+                used = used_ranges(docker, host).await?
+            }
             Err(e) => return Err(classify(host, e)),
         }
     }
@@ -111,8 +129,13 @@ pub async fn ensure(
 
 /// Removes the environment's network if it is this installation's; gone counts as removed.
 pub async fn remove(docker: &Docker, host: &HostRef, name: &str) -> Result<(), ProviderError> {
-    match docker.inspect_network(name, None::<InspectNetworkOptions>).await {
-        Ok(n) if n.labels.as_ref().and_then(|l| l.get(LABEL_INSTALLATION)) == Some(&host.installation_id) => {}
+    match docker
+        .inspect_network(name, None::<InspectNetworkOptions>)
+        .await
+    {
+        Ok(n)
+            if n.labels.as_ref().and_then(|l| l.get(LABEL_INSTALLATION))
+                == Some(&host.installation_id) => {}
         Ok(_) => return Ok(()),
         Err(e) if is_status(&e, 404) => return Ok(()),
         Err(e) => return Err(classify(host, e)),

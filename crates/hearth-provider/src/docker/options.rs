@@ -62,7 +62,11 @@ impl Ipv4Range {
     }
 
     fn mask(prefix: u8) -> u32 {
-        if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) }
+        if prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - prefix)
+        }
     }
 
     pub fn size(&self) -> u64 {
@@ -79,7 +83,10 @@ impl Ipv4Range {
 
     /// The `index`-th block of `prefix` inside this range.
     pub fn block(&self, prefix: u8, index: u64) -> Ipv4Range {
-        Ipv4Range { base: self.base + (index << (32 - prefix)) as u32, prefix }
+        Ipv4Range {
+            base: self.base + (index << (32 - prefix)) as u32,
+            prefix,
+        }
     }
 
     /// The address `offset` into the range.
@@ -99,12 +106,14 @@ impl DockerOptions {
         if options.is_null() {
             return Ok(DockerOptions::default());
         }
-        let o: DockerOptions =
-            serde_json::from_value(options.clone()).map_err(|e| format!("options of a docker host are invalid: {e}"))?;
+        let o: DockerOptions = serde_json::from_value(options.clone())
+            .map_err(|e| format!("options of a docker host are invalid: {e}"))?;
         if let Some(runtime) = &o.runtime {
             let well_formed = !runtime.is_empty()
                 && runtime.len() <= 64
-                && runtime.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+                && runtime
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
             if !well_formed {
                 return Err("options.runtime must be 1 to 64 letters, digits, '.', '_' or '-' (the name the engine knows it by)".into());
             }
@@ -114,14 +123,21 @@ impl DockerOptions {
         }
         let pool = o.pool()?;
         if pool.prefix > 26 {
-            return Err(format!("options.subnetPool {} is too small: it must hold several /29 networks (at most a /26)", o.subnet_pool));
+            return Err(format!(
+                "options.subnetPool {} is too small: it must hold several /29 networks (at most a /26)",
+                o.subnet_pool
+            ));
         }
         Ok(o)
     }
 
     pub fn pool(&self) -> Result<Ipv4Range, String> {
-        Ipv4Range::parse(&self.subnet_pool)
-            .ok_or_else(|| format!("options.subnetPool must be an IPv4 range like 10.213.0.0/16, got {:?}", self.subnet_pool))
+        Ipv4Range::parse(&self.subnet_pool).ok_or_else(|| {
+            format!(
+                "options.subnetPool must be an IPv4 range like 10.213.0.0/16, got {:?}",
+                self.subnet_pool
+            )
+        })
     }
 }
 
@@ -132,9 +148,18 @@ mod tests {
 
     #[test]
     fn options_default_and_refuse_nonsense() {
-        assert_eq!(DockerOptions::parse(&json!({})).unwrap(), DockerOptions::default());
-        let o = DockerOptions::parse(&json!({"runtime": "runsc", "pidsLimit": 64, "noNewPrivileges": true})).unwrap();
-        assert_eq!((o.runtime.as_deref(), o.pids_limit, o.no_new_privileges), (Some("runsc"), 64, true));
+        assert_eq!(
+            DockerOptions::parse(&json!({})).unwrap(),
+            DockerOptions::default()
+        );
+        let o = DockerOptions::parse(
+            &json!({"runtime": "runsc", "pidsLimit": 64, "noNewPrivileges": true}),
+        )
+        .unwrap();
+        assert_eq!(
+            (o.runtime.as_deref(), o.pids_limit, o.no_new_privileges),
+            (Some("runsc"), 64, true)
+        );
         for bad in [
             json!({"runtime": "runsc; rm -rf /"}),
             json!({"runtime": ""}),
@@ -156,7 +181,10 @@ mod tests {
         assert_eq!(docker0.to_string(), "172.17.0.0/16");
         assert!(!pool.overlaps(&docker0));
         assert!(pool.overlaps(&Ipv4Range::parse("10.0.0.0/8").unwrap()));
-        assert!(pool.block(29, 3).overlaps(&Ipv4Range::parse("10.213.0.24/30").unwrap()));
+        assert!(
+            pool.block(29, 3)
+                .overlaps(&Ipv4Range::parse("10.213.0.24/30").unwrap())
+        );
         assert!(!pool.block(29, 3).overlaps(&pool.block(29, 4)));
     }
 }

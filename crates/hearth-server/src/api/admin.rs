@@ -5,7 +5,10 @@ use super::environments::page_limit;
 use super::{Admin, Body, Params};
 use crate::App;
 use crate::error::ApiResult;
-use crate::views::{AuditView, EnvironmentView, HostView, Items, JobView, NewUserView, Page, UserQuotaView, UserView, UserVm, VmStatsView, VmsView};
+use crate::views::{
+    AuditView, EnvironmentView, HostView, Items, JobView, NewUserView, Page, UserQuotaView,
+    UserView, UserVm, VmStatsView, VmsView,
+};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -18,7 +21,11 @@ use utoipa::{IntoParams, ToSchema};
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NewUserBody {
     /// `name@domain`: one `@`, at most 254 characters, no spaces or control characters.
-    #[schema(min_length = 3, max_length = 254, pattern = "^[^@\\s\\u0000-\\u001F\\u007F-\\u009F]+@[^@\\s\\u0000-\\u001F\\u007F-\\u009F]+$")]
+    #[schema(
+        min_length = 3,
+        max_length = 254,
+        pattern = "^[^@\\s\\u0000-\\u001F\\u007F-\\u009F]+@[^@\\s\\u0000-\\u001F\\u007F-\\u009F]+$"
+    )]
     email: String,
     role: Option<Role>,
     tier: Option<Tier>,
@@ -28,24 +35,49 @@ pub struct NewUserBody {
 #[utoipa::path(post, path = "/v1/admin/users", tag = "admin", request_body = NewUserBody,
     responses((status = 201, description = "the user and their token, shown this once", body = NewUserView),
         Invalid, Refused, AdminOnly, Authed))]
-pub async fn create_user(State(app): State<App>, Admin(_admin): Admin, Body(body): Body<NewUserBody>) -> ApiResult<(StatusCode, Json<NewUserView>)> {
+pub async fn create_user(
+    State(app): State<App>,
+    Admin(_admin): Admin,
+    Body(body): Body<NewUserBody>,
+) -> ApiResult<(StatusCode, Json<NewUserView>)> {
     let role = body.role.map(|r| r.as_str());
     let tier = body.tier.map(|t| t.as_str());
     let (user, token) = app.create_user(&body.email, role, tier).await?;
-    Ok((StatusCode::CREATED, Json(NewUserView { user: UserView::from(&user), token })))
+    Ok((
+        StatusCode::CREATED,
+        Json(NewUserView {
+            user: UserView::from(&user),
+            token,
+        }),
+    ))
 }
 
 /// Every user.
 #[utoipa::path(get, path = "/v1/admin/users", tag = "admin", responses((status = 200, description = "the users", body = Items<UserView>), AdminOnly, Authed))]
-pub async fn list_users(State(app): State<App>, Admin(_admin): Admin) -> ApiResult<Json<Items<UserView>>> {
-    Ok(Json(Items { items: app.store.list_users().await?.iter().map(UserView::from).collect() }))
+pub async fn list_users(
+    State(app): State<App>,
+    Admin(_admin): Admin,
+) -> ApiResult<Json<Items<UserView>>> {
+    Ok(Json(Items {
+        items: app
+            .store
+            .list_users()
+            .await?
+            .iter()
+            .map(UserView::from)
+            .collect(),
+    }))
 }
 
 /// Removes a user and what their destroyed environments left; refused (409) while any of
 /// their environments is not destroyed, and for the caller themselves.
 #[utoipa::path(delete, path = "/v1/admin/users/{id}", tag = "admin", params(("id" = String, Path, description = "user id")),
     responses((status = 204, description = "removed"), Missing, Refused, AdminOnly, Authed))]
-pub async fn delete_user(State(app): State<App>, Admin(admin): Admin, Path(id): Path<String>) -> ApiResult<StatusCode> {
+pub async fn delete_user(
+    State(app): State<App>,
+    Admin(admin): Admin,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
     app.delete_user(&admin, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -77,19 +109,36 @@ pub struct EnvQuery {
 /// Every user's environments, newest first.
 #[utoipa::path(get, path = "/v1/admin/environments", tag = "admin", params(EnvQuery),
     responses((status = 200, description = "a page", body = Page<EnvironmentView>), Invalid, AdminOnly, Authed))]
-pub async fn environments(State(app): State<App>, Admin(_admin): Admin, Params(q): Params<EnvQuery>) -> ApiResult<Json<Page<EnvironmentView>>> {
+pub async fn environments(
+    State(app): State<App>,
+    Admin(_admin): Admin,
+    Params(q): Params<EnvQuery>,
+) -> ApiResult<Json<Page<EnvironmentView>>> {
     let cursor = q.cursor.as_deref().filter(|c| !c.is_empty());
     let (items, next_cursor) = app
         .store
-        .list_environments(q.user_id.as_deref(), q.state, q.include_destroyed, cursor, page_limit(q.limit)?)
+        .list_environments(
+            q.user_id.as_deref(),
+            q.state,
+            q.include_destroyed,
+            cursor,
+            page_limit(q.limit)?,
+        )
         .await?;
-    Ok(Json(Page { items: items.iter().map(EnvironmentView::from).collect(), next_cursor }))
+    Ok(Json(Page {
+        items: items.iter().map(EnvironmentView::from).collect(),
+        next_cursor,
+    }))
 }
 
 /// Destroys anyone's environment.
 #[utoipa::path(delete, path = "/v1/admin/environments/{id}", tag = "admin", params(("id" = String, Path, description = "environment id")),
     responses((status = 202, description = "a destroy is queued", body = EnvironmentView), Missing, Refused, AdminOnly, Authed))]
-pub async fn destroy_environment(State(app): State<App>, Admin(admin): Admin, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
+pub async fn destroy_environment(
+    State(app): State<App>,
+    Admin(admin): Admin,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
     let env = app.admin_destroy(&admin, &id).await?;
     Ok((StatusCode::ACCEPTED, Json(EnvironmentView::from(&env))))
 }
@@ -107,11 +156,20 @@ pub struct PatchUserBody {
 #[utoipa::path(patch, path = "/v1/admin/users/{id}", tag = "admin", params(("id" = String, Path, description = "user id")),
     request_body(content = Option<PatchUserBody>, description = "what to change; an empty body changes nothing"),
     responses((status = 200, description = "the user, the quota in force, the overrides", body = UserQuotaView), Invalid, Missing, Refused, AdminOnly, Authed))]
-pub async fn patch_user(State(app): State<App>, Admin(admin): Admin, Path(id): Path<String>, Body(b): Body<PatchUserBody>) -> ApiResult<Json<UserQuotaView>> {
+pub async fn patch_user(
+    State(app): State<App>,
+    Admin(admin): Admin,
+    Path(id): Path<String>,
+    Body(b): Body<PatchUserBody>,
+) -> ApiResult<Json<UserQuotaView>> {
     let tier = b.tier.map(|t| t.as_str());
     let role = b.role.map(|r| r.as_str());
     let (user, quota, quota_overrides) = app.update_user(&admin, &id, tier, role, b.quota).await?;
-    Ok(Json(UserQuotaView { user: UserView::from(&user), quota, quota_overrides }))
+    Ok(Json(UserQuotaView {
+        user: UserView::from(&user),
+        quota,
+        quota_overrides,
+    }))
 }
 
 #[derive(Deserialize, Default, IntoParams)]
@@ -125,14 +183,29 @@ pub struct JobQuery {
 /// The newest 500 jobs, optionally by state.
 #[utoipa::path(get, path = "/v1/admin/jobs", tag = "admin", params(JobQuery),
     responses((status = 200, description = "newest first", body = Items<JobView>), Invalid, AdminOnly, Authed))]
-pub async fn jobs(State(app): State<App>, Admin(_admin): Admin, Params(q): Params<JobQuery>) -> ApiResult<Json<Items<JobView>>> {
-    Ok(Json(Items { items: app.jobs(q.state.as_deref()).await?.iter().map(JobView::from).collect() }))
+pub async fn jobs(
+    State(app): State<App>,
+    Admin(_admin): Admin,
+    Params(q): Params<JobQuery>,
+) -> ApiResult<Json<Items<JobView>>> {
+    Ok(Json(Items {
+        items: app
+            .jobs(q.state.as_deref())
+            .await?
+            .iter()
+            .map(JobView::from)
+            .collect(),
+    }))
 }
 
 /// Puts a dead job back in its queue.
 #[utoipa::path(post, path = "/v1/admin/jobs/{id}/retry", tag = "admin", params(("id" = String, Path, description = "job id")),
     responses((status = 202, description = "queued again", body = JobView), Missing, Refused, AdminOnly, Authed))]
-pub async fn retry_job(State(app): State<App>, Admin(admin): Admin, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<JobView>)> {
+pub async fn retry_job(
+    State(app): State<App>,
+    Admin(admin): Admin,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<JobView>)> {
     let job = app.retry_job(&admin, &id).await?;
     Ok((StatusCode::ACCEPTED, Json(JobView::from(&job))))
 }
@@ -155,9 +228,24 @@ pub struct AuditQuery {
 /// All of the audit log, newest first, filtered by actor, action, environment or outcome.
 #[utoipa::path(get, path = "/v1/admin/audit", tag = "admin", params(AuditQuery),
     responses((status = 200, description = "a page", body = Page<AuditView>), Invalid, AdminOnly, Authed))]
-pub async fn audit(State(app): State<App>, Admin(_admin): Admin, Params(q): Params<AuditQuery>) -> ApiResult<Json<Page<AuditView>>> {
+pub async fn audit(
+    State(app): State<App>,
+    Admin(_admin): Admin,
+    Params(q): Params<AuditQuery>,
+) -> ApiResult<Json<Page<AuditView>>> {
     let cursor = super::number_cursor(q.cursor.as_deref())?;
-    let filter = AuditFilter { environment_id: q.environment_id, actor: q.actor, action: q.action, outcome: q.outcome };
-    let (items, next) = app.store.audit_page(&filter, cursor, page_limit(q.limit)?, false).await?;
-    Ok(Json(Page { items: items.iter().map(AuditView::from).collect(), next_cursor: next.map(|n| n.to_string()) }))
+    let filter = AuditFilter {
+        environment_id: q.environment_id,
+        actor: q.actor,
+        action: q.action,
+        outcome: q.outcome,
+    };
+    let (items, next) = app
+        .store
+        .audit_page(&filter, cursor, page_limit(q.limit)?, false)
+        .await?;
+    Ok(Json(Page {
+        items: items.iter().map(AuditView::from).collect(),
+        next_cursor: next.map(|n| n.to_string()),
+    }))
 }

@@ -5,7 +5,10 @@ use super::docs::{Authed, Invalid, Missing, OverQuota, Refused};
 use super::{Body, Caller, Params};
 use crate::App;
 use crate::error::{ApiError, ApiResult, ErrorBody};
-use crate::views::{ActivityView, AuditView, EnvironmentView, ExecView, ExecutionSummaryView, ExecutionView, Items, LogView, Page};
+use crate::views::{
+    ActivityView, AuditView, EnvironmentView, ExecView, ExecutionSummaryView, ExecutionView, Items,
+    LogView, Page,
+};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -22,7 +25,11 @@ use utoipa::{IntoParams, ToSchema};
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateBody {
     /// 1 to 100 characters, not blank, no control characters.
-    #[schema(min_length = 1, max_length = 100, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$")]
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     name: String,
     #[schema(minimum = 1, maximum = 64)]
     vcpus: Option<i64>,
@@ -36,7 +43,11 @@ pub struct CreateBody {
     /// One of the images this server offers.
     base_image: Option<String>,
     /// Runs once, as the guest user, after SSH answers; a non-zero exit fails the environment.
-    #[schema(min_length = 1, max_length = 65536, pattern = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$")]
+    #[schema(
+        min_length = 1,
+        max_length = 65536,
+        pattern = "^[^\\u0000]*[^\\s\\u0000][^\\u0000]*$"
+    )]
     init_script: Option<String>,
     /// Handed to the VM as data: at most 64, names of `[A-Za-z_][A-Za-z0-9_]*` (at most 128
     /// characters; those starting with `HEARTH_` are reserved).
@@ -61,10 +72,18 @@ pub struct CreateBody {
 #[utoipa::path(post, path = "/v1/environments", tag = "environments", request_body = CreateBody,
     responses((status = 202, description = "queued for provisioning", body = EnvironmentView),
         Invalid, OverQuota, Authed))]
-pub async fn create(State(app): State<App>, Caller(user): Caller, Body(b): Body<CreateBody>) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
+pub async fn create(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Body(b): Body<CreateBody>,
+) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
     let input = CreateInput {
         name: b.name,
-        size: SizeRequest { vcpus: b.vcpus, memory_mb: b.memory_mb, disk_gb: b.disk_gb },
+        size: SizeRequest {
+            vcpus: b.vcpus,
+            memory_mb: b.memory_mb,
+            disk_gb: b.disk_gb,
+        },
         duration_hours: b.duration_hours,
         base_image: b.base_image,
         init_script: b.init_script,
@@ -97,27 +116,48 @@ pub fn page_limit(limit: Option<i64>) -> ApiResult<i64> {
     match limit {
         None => Ok(100),
         Some(n) if (1..=1000).contains(&n) => Ok(n),
-        Some(n) => Err(ApiError::invalid(format!("limit must be between 1 and 1000, got {n}"))),
+        Some(n) => Err(ApiError::invalid(format!(
+            "limit must be between 1 and 1000, got {n}"
+        ))),
     }
 }
 
 /// The caller's environments, newest first.
 #[utoipa::path(get, path = "/v1/environments", tag = "environments", params(ListQuery),
     responses((status = 200, description = "a page", body = Page<EnvironmentView>), Invalid, Authed))]
-pub async fn list(State(app): State<App>, Caller(user): Caller, Params(q): Params<ListQuery>) -> ApiResult<Json<Page<EnvironmentView>>> {
+pub async fn list(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Params(q): Params<ListQuery>,
+) -> ApiResult<Json<Page<EnvironmentView>>> {
     let cursor = q.cursor.as_deref().filter(|c| !c.is_empty());
     let (items, next_cursor) = app
         .store
-        .list_environments(Some(&user.id), q.state, q.include_destroyed, cursor, page_limit(q.limit)?)
+        .list_environments(
+            Some(&user.id),
+            q.state,
+            q.include_destroyed,
+            cursor,
+            page_limit(q.limit)?,
+        )
         .await?;
-    Ok(Json(Page { items: items.iter().map(EnvironmentView::from).collect(), next_cursor }))
+    Ok(Json(Page {
+        items: items.iter().map(EnvironmentView::from).collect(),
+        next_cursor,
+    }))
 }
 
 /// One of the caller's environments.
 #[utoipa::path(get, path = "/v1/environments/{id}", tag = "environments", params(("id" = String, Path, description = "id or slug")),
     responses((status = 200, description = "the environment", body = EnvironmentView), Missing, Authed))]
-pub async fn get(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<EnvironmentView>> {
-    Ok(Json(EnvironmentView::from(&app.owned_environment(&user, &id).await?)))
+pub async fn get(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<EnvironmentView>> {
+    Ok(Json(EnvironmentView::from(
+        &app.owned_environment(&user, &id).await?,
+    )))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -137,17 +177,31 @@ pub struct WaitQuery {
         (status = 408, description = "not yet, after `timeoutSeconds`", body = ErrorBody),
         (status = 409, description = "it settled in `error` or `destroyed` instead", body = ErrorBody),
         Invalid, Missing, Authed))]
-pub async fn wait(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>, Params(q): Params<WaitQuery>) -> ApiResult<Json<EnvironmentView>> {
+pub async fn wait(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    Params(q): Params<WaitQuery>,
+) -> ApiResult<Json<EnvironmentView>> {
     let timeout = q.timeout_seconds.unwrap_or(60);
     if !(1..=600).contains(&timeout) {
-        return Err(ApiError::invalid("timeoutSeconds must be between 1 and 600"));
+        return Err(ApiError::invalid(
+            "timeoutSeconds must be between 1 and 600",
+        ));
     }
     let env = app.owned_environment(&user, &id).await?;
-    let env = app.wait_for_state(env, q.state, Duration::from_secs(timeout)).await?;
+    let env = app
+        .wait_for_state(env, q.state, Duration::from_secs(timeout))
+        .await?;
     Ok(Json(EnvironmentView::from(&env)))
 }
 
-async fn control(app: App, user: &hearth_store::User, id: &str, kind: JobKind) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
+async fn control(
+    app: App,
+    user: &hearth_store::User,
+    id: &str,
+    kind: JobKind,
+) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
     let env = app.owned_environment(user, id).await?;
     app.request(&user.id, &env, kind).await?;
     Ok((StatusCode::ACCEPTED, Json(EnvironmentView::from(&env))))
@@ -156,21 +210,33 @@ async fn control(app: App, user: &hearth_store::User, id: &str, kind: JobKind) -
 /// Starts an environment (provisions it anew if its VM is gone).
 #[utoipa::path(post, path = "/v1/environments/{id}/start", tag = "environments", params(("id" = String, Path, description = "id or slug")),
     responses((status = 202, description = "a start is queued", body = EnvironmentView), Missing, Refused, OverQuota, Authed))]
-pub async fn start(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
+pub async fn start(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
     control(app, &user, &id, JobKind::Start).await
 }
 
 /// Stops an environment.
 #[utoipa::path(post, path = "/v1/environments/{id}/stop", tag = "environments", params(("id" = String, Path, description = "id or slug")),
     responses((status = 202, description = "a stop is queued", body = EnvironmentView), Missing, Refused, Authed))]
-pub async fn stop(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
+pub async fn stop(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
     control(app, &user, &id, JobKind::Stop).await
 }
 
 /// Destroys an environment; always possible, whatever its quota or host.
 #[utoipa::path(delete, path = "/v1/environments/{id}", tag = "environments", params(("id" = String, Path, description = "id or slug")),
     responses((status = 202, description = "a destroy is queued", body = EnvironmentView), Missing, Refused, Authed))]
-pub async fn destroy(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
+pub async fn destroy(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
     control(app, &user, &id, JobKind::Destroy).await
 }
 
@@ -178,7 +244,12 @@ pub async fn destroy(State(app): State<App>, Caller(user): Caller, Path(id): Pat
 #[utoipa::path(post, path = "/v1/environments/{id}/exec", tag = "environments", params(("id" = String, Path, description = "id or slug")),
     request_body = super::me::ExecBody,
     responses((status = 200, description = "the command ran", body = ExecView), Invalid, Missing, Refused, Authed))]
-pub async fn exec(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>, Body(body): Body<super::me::ExecBody>) -> ApiResult<Json<ExecView>> {
+pub async fn exec(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    Body(body): Body<super::me::ExecBody>,
+) -> ApiResult<Json<ExecView>> {
     let input: ExecInput = body.into();
     input.validate()?;
     let env = app.owned_environment(&user, &id).await?;
@@ -199,10 +270,18 @@ pub struct PageQuery {
 #[utoipa::path(get, path = "/v1/environments/{id}/executions", tag = "environments",
     params(("id" = String, Path, description = "id or slug"), PageQuery),
     responses((status = 200, description = "a page of at most `limit` executions and 1 MiB", body = Page<ExecutionSummaryView>), Invalid, Missing, Authed))]
-pub async fn executions(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>, Params(q): Params<PageQuery>) -> ApiResult<Json<Page<ExecutionSummaryView>>> {
+pub async fn executions(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    Params(q): Params<PageQuery>,
+) -> ApiResult<Json<Page<ExecutionSummaryView>>> {
     let env = app.owned_environment(&user, &id).await?;
     let cursor = q.cursor.as_deref().filter(|c| !c.is_empty());
-    let (items, next_cursor) = app.store.executions_page(&env.id, cursor, page_limit(q.limit)?).await?;
+    let (items, next_cursor) = app
+        .store
+        .executions_page(&env.id, cursor, page_limit(q.limit)?)
+        .await?;
     let views: Vec<ExecutionSummaryView> = items.iter().map(ExecutionSummaryView::from).collect();
     Ok(Json(within_bytes(views, next_cursor, |e| e.id.clone())))
 }
@@ -212,7 +291,11 @@ pub const PAGE_BYTES: usize = 1024 * 1024;
 
 /// Cuts a page to `PAGE_BYTES` of JSON (always keeping one item); the next page starts
 /// after the last item kept.
-fn within_bytes<T: serde::Serialize + utoipa::ToSchema>(items: Vec<T>, next_cursor: Option<String>, cursor_of: impl Fn(&T) -> String) -> Page<T> {
+fn within_bytes<T: serde::Serialize + utoipa::ToSchema>(
+    items: Vec<T>,
+    next_cursor: Option<String>,
+    cursor_of: impl Fn(&T) -> String,
+) -> Page<T> {
     let mut used = 0;
     let mut kept = Vec::with_capacity(items.len());
     let total = items.len();
@@ -224,16 +307,29 @@ fn within_bytes<T: serde::Serialize + utoipa::ToSchema>(items: Vec<T>, next_curs
         used += size;
         kept.push(item);
     }
-    let next_cursor = if kept.len() < total { kept.last().map(&cursor_of) } else { next_cursor };
-    Page { items: kept, next_cursor }
+    let next_cursor = if kept.len() < total {
+        kept.last().map(&cursor_of)
+    } else {
+        next_cursor
+    };
+    Page {
+        items: kept,
+        next_cursor,
+    }
 }
 
 /// One command run in an environment, with its stored output (64 KiB per stream).
 #[utoipa::path(get, path = "/v1/environments/{id}/executions/{execution}", tag = "environments",
     params(("id" = String, Path, description = "id or slug"), ("execution" = String, Path, description = "execution id")),
     responses((status = 200, description = "the execution", body = ExecutionView), Missing, Authed))]
-pub async fn execution(State(app): State<App>, Caller(user): Caller, Path((id, execution)): Path<(String, String)>) -> ApiResult<Json<ExecutionView>> {
-    Ok(Json(ExecutionView::from(&app.execution(&user, &id, &execution).await?)))
+pub async fn execution(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path((id, execution)): Path<(String, String)>,
+) -> ApiResult<Json<ExecutionView>> {
+    Ok(Json(ExecutionView::from(
+        &app.execution(&user, &id, &execution).await?,
+    )))
 }
 
 #[derive(Deserialize, Default, IntoParams)]
@@ -251,34 +347,70 @@ pub struct AuditPageQuery {
 #[utoipa::path(get, path = "/v1/environments/{id}/audit", tag = "environments",
     params(("id" = String, Path, description = "id or slug"), AuditPageQuery),
     responses((status = 200, description = "a page; the cursor is a number", body = Page<AuditView>), Invalid, Missing, Authed))]
-pub async fn audit(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>, Params(q): Params<AuditPageQuery>) -> ApiResult<Json<Page<AuditView>>> {
+pub async fn audit(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    Params(q): Params<AuditPageQuery>,
+) -> ApiResult<Json<Page<AuditView>>> {
     let env = app.owned_environment(&user, &id).await?;
     let cursor = super::number_cursor(q.cursor.as_deref())?;
-    let filter = AuditFilter { environment_id: Some(env.id.clone()), ..Default::default() };
-    let (items, next) = app.store.audit_page(&filter, cursor, page_limit(q.limit)?, true).await?;
-    Ok(Json(Page { items: items.iter().map(AuditView::from).collect(), next_cursor: next.map(|n| n.to_string()) }))
+    let filter = AuditFilter {
+        environment_id: Some(env.id.clone()),
+        ..Default::default()
+    };
+    let (items, next) = app
+        .store
+        .audit_page(&filter, cursor, page_limit(q.limit)?, true)
+        .await?;
+    Ok(Json(Page {
+        items: items.iter().map(AuditView::from).collect(),
+        next_cursor: next.map(|n| n.to_string()),
+    }))
 }
 
 /// An environment's provisioning log: the last 100 lines of the last hour.
 #[utoipa::path(get, path = "/v1/environments/{id}/logs", tag = "environments", params(("id" = String, Path, description = "id or slug")),
     responses((status = 200, description = "oldest first", body = Items<LogView>), Missing, Authed))]
-pub async fn logs(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<Items<LogView>>> {
+pub async fn logs(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Items<LogView>>> {
     let env = app.owned_environment(&user, &id).await?;
-    Ok(Json(Items { items: app.store.logs(&env.id).await?.iter().map(LogView::from).collect() }))
+    Ok(Json(Items {
+        items: app
+            .store
+            .logs(&env.id)
+            .await?
+            .iter()
+            .map(LogView::from)
+            .collect(),
+    }))
 }
 
 /// Why the environment is (or is not) kept alive: last activity, its source, and when the
 /// reaper will stop or destroy it.
 #[utoipa::path(get, path = "/v1/environments/{id}/activity", tag = "environments", params(("id" = String, Path, description = "id or slug")),
     responses((status = 200, description = "its activity", body = ActivityView), Missing, Authed))]
-pub async fn activity(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<ActivityView>> {
-    Ok(Json(ActivityView::from(&app.owned_environment(&user, &id).await?)))
+pub async fn activity(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ActivityView>> {
+    Ok(Json(ActivityView::from(
+        &app.owned_environment(&user, &id).await?,
+    )))
 }
 
 /// An explicit keep-alive: counts as activity for auto-stop.
 #[utoipa::path(post, path = "/v1/environments/{id}/keepalive", tag = "environments", params(("id" = String, Path, description = "id or slug")),
     responses((status = 200, description = "its activity now", body = ActivityView), Missing, Refused, Authed))]
-pub async fn keepalive(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<ActivityView>> {
+pub async fn keepalive(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ActivityView>> {
     Ok(Json(ActivityView::from(&app.keep_alive(&user, &id).await?)))
 }
 
@@ -286,7 +418,12 @@ pub async fn keepalive(State(app): State<App>, Caller(user): Caller, Path(id): P
 #[utoipa::path(get, path = "/v1/environments/{id}/events", tag = "environments",
     params(("id" = String, Path, description = "id or slug"), ("Last-Event-ID" = Option<String>, Header, description = "resume after this event")),
     responses((status = 200, description = "a stream of `state` and `log` events", content_type = "text/event-stream", body = String), Missing, Authed))]
-pub async fn events(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>, headers: axum::http::HeaderMap) -> ApiResult<axum::response::Response> {
+pub async fn events(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<axum::response::Response> {
     let env = app.owned_environment(&user, &id).await?;
     Ok(event_stream(app, env.id, &headers))
 }
@@ -297,7 +434,12 @@ pub async fn events(State(app): State<App>, Caller(user): Caller, Path(id): Path
     params(("id" = String, Path, description = "id or slug")), request_body = super::me::ExecBody,
     responses((status = 200, description = "`stdout`, `stderr`, then `exit` events", content_type = "text/event-stream", body = String),
         Invalid, Missing, Refused, Authed))]
-pub async fn exec_stream(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>, Body(body): Body<super::me::ExecBody>) -> ApiResult<axum::response::Response> {
+pub async fn exec_stream(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    Body(body): Body<super::me::ExecBody>,
+) -> ApiResult<axum::response::Response> {
     let input: ExecInput = body.into();
     input.validate()?;
     let env = app.owned_environment(&user, &id).await?;
@@ -306,14 +448,32 @@ pub async fn exec_stream(State(app): State<App>, Caller(user): Caller, Path(id):
 }
 
 /// The environment's live events as server-sent events, resuming after `Last-Event-ID`.
-pub fn event_stream(app: App, environment_id: String, headers: &axum::http::HeaderMap) -> axum::response::Response {
+pub fn event_stream(
+    app: App,
+    environment_id: String,
+    headers: &axum::http::HeaderMap,
+) -> axum::response::Response {
     use axum::response::IntoResponse;
     use axum::response::sse::{Event, KeepAlive, Sse};
     use futures::StreamExt;
-    let resume = hearth_app::events::parse_cursor(headers.get("last-event-id").and_then(|v| v.to_str().ok()));
-    let events = hearth_app::events::stream(app, environment_id, resume)
-        .map(|e| Ok::<_, std::convert::Infallible>(Event::default().event(e.kind).id(e.id).data(e.data.to_string())));
-    Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("ping")).into_response()
+    let resume = hearth_app::events::parse_cursor(
+        headers.get("last-event-id").and_then(|v| v.to_str().ok()),
+    );
+    let events = hearth_app::events::stream(app, environment_id, resume).map(|e| {
+        Ok::<_, std::convert::Infallible>(
+            Event::default()
+                .event(e.kind)
+                .id(e.id)
+                .data(e.data.to_string()),
+        )
+    });
+    Sse::new(events)
+        .keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(15))
+                .text("ping"),
+        )
+        .into_response()
 }
 
 pub fn stream_response(rx: tokio::sync::mpsc::Receiver<StreamEvent>) -> axum::response::Response {
@@ -321,7 +481,14 @@ pub fn stream_response(rx: tokio::sync::mpsc::Receiver<StreamEvent>) -> axum::re
     use axum::response::sse::{Event, KeepAlive, Sse};
     let events = futures::stream::unfold(rx, |mut rx| async move {
         let e = rx.recv().await?;
-        Some((Ok::<_, std::convert::Infallible>(Event::default().event(e.kind).data(e.data.to_string())), rx))
+        Some((
+            Ok::<_, std::convert::Infallible>(
+                Event::default().event(e.kind).data(e.data.to_string()),
+            ),
+            rx,
+        ))
     });
-    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }

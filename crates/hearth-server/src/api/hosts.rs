@@ -52,7 +52,11 @@ pub struct AddBody {
 /// Adds a host after checking it answers; nothing is added when it does not.
 #[utoipa::path(post, path = "/v1/admin/hosts", tag = "hosts", request_body = AddBody,
     responses((status = 201, description = "the host", body = HostView), Invalid, Refused, AdminOnly, Authed))]
-pub async fn add(State(app): State<App>, Admin(admin): Admin, Body(b): Body<AddBody>) -> ApiResult<(StatusCode, Json<HostView>)> {
+pub async fn add(
+    State(app): State<App>,
+    Admin(admin): Admin,
+    Body(b): Body<AddBody>,
+) -> ApiResult<(StatusCode, Json<HostView>)> {
     let input = HostInput {
         name: b.name,
         kind: b.kind.unwrap_or(HostKind::Docker).to_string(),
@@ -75,14 +79,29 @@ pub async fn add(State(app): State<App>, Admin(admin): Admin, Body(b): Body<AddB
 
 /// Every host, with its health and use.
 #[utoipa::path(get, path = "/v1/admin/hosts", tag = "hosts", responses((status = 200, description = "the hosts", body = Items<HostView>), AdminOnly, Authed))]
-pub async fn list(State(app): State<App>, Admin(_admin): Admin) -> ApiResult<Json<Items<HostView>>> {
-    Ok(Json(Items { items: app.store.hosts().await?.iter().map(HostView::from).collect() }))
+pub async fn list(
+    State(app): State<App>,
+    Admin(_admin): Admin,
+) -> ApiResult<Json<Items<HostView>>> {
+    Ok(Json(Items {
+        items: app
+            .store
+            .hosts()
+            .await?
+            .iter()
+            .map(HostView::from)
+            .collect(),
+    }))
 }
 
 /// One host.
 #[utoipa::path(get, path = "/v1/admin/hosts/{id}", tag = "hosts", params(("id" = String, Path, description = "host id or name")),
     responses((status = 200, description = "the host", body = HostView), Missing, AdminOnly, Authed))]
-pub async fn get(State(app): State<App>, Admin(_admin): Admin, Path(id): Path<String>) -> ApiResult<Json<HostView>> {
+pub async fn get(
+    State(app): State<App>,
+    Admin(_admin): Admin,
+    Path(id): Path<String>,
+) -> ApiResult<Json<HostView>> {
     Ok(Json(HostView::from(&app.find_host(&id).await?)))
 }
 
@@ -103,29 +122,58 @@ pub struct UpdateBody {
 /// Changes a host's capacity or options.
 #[utoipa::path(patch, path = "/v1/admin/hosts/{id}", tag = "hosts", params(("id" = String, Path, description = "host id or name")), request_body(content = Option<UpdateBody>, description = "what to change; what is left out stays"),
     responses((status = 200, description = "the host", body = HostView), Invalid, Missing, AdminOnly, Authed))]
-pub async fn update(State(app): State<App>, Admin(admin): Admin, Path(id): Path<String>, Body(b): Body<UpdateBody>) -> ApiResult<Json<HostView>> {
-    let host = app.update_host(&admin, &id, (b.max_vcpus, b.max_memory_mb, b.max_environments), b.options).await?;
+pub async fn update(
+    State(app): State<App>,
+    Admin(admin): Admin,
+    Path(id): Path<String>,
+    Body(b): Body<UpdateBody>,
+) -> ApiResult<Json<HostView>> {
+    let host = app
+        .update_host(
+            &admin,
+            &id,
+            (b.max_vcpus, b.max_memory_mb, b.max_environments),
+            b.options,
+        )
+        .await?;
     Ok(Json(HostView::from(&host)))
 }
 
 /// Takes no new environments on the host; what it runs stays.
 #[utoipa::path(post, path = "/v1/admin/hosts/{id}/drain", tag = "hosts", params(("id" = String, Path, description = "host id or name")),
     responses((status = 200, description = "the host", body = HostView), Missing, AdminOnly, Authed))]
-pub async fn drain(State(app): State<App>, Admin(admin): Admin, Path(id): Path<String>) -> ApiResult<Json<HostView>> {
-    Ok(Json(HostView::from(&app.set_host_status(&admin, &id, HostStatus::Draining).await?)))
+pub async fn drain(
+    State(app): State<App>,
+    Admin(admin): Admin,
+    Path(id): Path<String>,
+) -> ApiResult<Json<HostView>> {
+    Ok(Json(HostView::from(
+        &app.set_host_status(&admin, &id, HostStatus::Draining)
+            .await?,
+    )))
 }
 
 /// Takes new environments on the host again.
 #[utoipa::path(post, path = "/v1/admin/hosts/{id}/ready", tag = "hosts", params(("id" = String, Path, description = "host id or name")),
     responses((status = 200, description = "the host", body = HostView), Missing, AdminOnly, Authed))]
-pub async fn ready(State(app): State<App>, Admin(admin): Admin, Path(id): Path<String>) -> ApiResult<Json<HostView>> {
-    Ok(Json(HostView::from(&app.set_host_status(&admin, &id, HostStatus::Ready).await?)))
+pub async fn ready(
+    State(app): State<App>,
+    Admin(admin): Admin,
+    Path(id): Path<String>,
+) -> ApiResult<Json<HostView>> {
+    Ok(Json(HostView::from(
+        &app.set_host_status(&admin, &id, HostStatus::Ready).await?,
+    )))
 }
 
 /// Removes a host that holds no environment.
 #[utoipa::path(delete, path = "/v1/admin/hosts/{id}", tag = "hosts", params(("id" = String, Path, description = "host id or name")),
     responses((status = 200, description = "the removed host", body = HostView), Missing, Refused, AdminOnly, Authed))]
-pub async fn remove(State(app): State<App>, Admin(admin): Admin, Path(id): Path<String>) -> ApiResult<Json<HostView>> {
+pub async fn remove(
+    State(app): State<App>,
+    Admin(admin): Admin,
+    Path(id): Path<String>,
+) -> ApiResult<Json<HostView>> {
     Ok(Json(HostView::from(&app.remove_host(&admin, &id).await?)))
 }
 
@@ -154,9 +202,22 @@ pub struct JoinTokenView {
 /// A one-time token with which a `hearth agent` joins as a new host.
 #[utoipa::path(post, path = "/v1/admin/hosts/join-tokens", tag = "hosts", request_body = JoinTokenBody,
     responses((status = 201, description = "the token", body = JoinTokenView), Invalid, Refused, AdminOnly, Authed))]
-pub async fn join_token(State(app): State<App>, Admin(admin): Admin, Body(b): Body<JoinTokenBody>) -> ApiResult<(StatusCode, Json<JoinTokenView>)> {
-    let (token, expires_at) = app.create_join_token(&admin, &b.name, b.region.as_deref(), b.ttl_seconds).await?;
-    Ok((StatusCode::CREATED, Json(JoinTokenView { token, host_name: b.name, expires_at: crate::views::time(expires_at) })))
+pub async fn join_token(
+    State(app): State<App>,
+    Admin(admin): Admin,
+    Body(b): Body<JoinTokenBody>,
+) -> ApiResult<(StatusCode, Json<JoinTokenView>)> {
+    let (token, expires_at) = app
+        .create_join_token(&admin, &b.name, b.region.as_deref(), b.ttl_seconds)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(JoinTokenView {
+            token,
+            host_name: b.name,
+            expires_at: crate::views::time(expires_at),
+        }),
+    ))
 }
 
 #[derive(Deserialize, Default, ToSchema)]
@@ -206,7 +267,10 @@ pub struct JoinedView {
         (status = 401, description = "the join token is unknown, used or expired", body = crate::error::ErrorBody),
         (status = 409, description = "a host of that name or machine exists", body = crate::error::ErrorBody),
         (status = 503, description = "the database does not answer", body = crate::error::ErrorBody)))]
-pub async fn join(State(app): State<App>, Body(b): Body<JoinBody>) -> ApiResult<(StatusCode, Json<JoinedView>)> {
+pub async fn join(
+    State(app): State<App>,
+    Body(b): Body<JoinBody>,
+) -> ApiResult<(StatusCode, Json<JoinedView>)> {
     use hearth_app::agent_wire as wire;
     let request = wire::JoinRequest {
         token: b.token,
@@ -222,5 +286,12 @@ pub async fn join(State(app): State<App>, Body(b): Body<JoinBody>) -> ApiResult<
         version: b.version,
     };
     let (host, credential) = app.join_agent(request).await?;
-    Ok((StatusCode::CREATED, Json(JoinedView { host_id: host.id, host_name: host.name, credential })))
+    Ok((
+        StatusCode::CREATED,
+        Json(JoinedView {
+            host_id: host.id,
+            host_name: host.name,
+            credential,
+        }),
+    ))
 }

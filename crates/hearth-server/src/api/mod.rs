@@ -89,7 +89,8 @@ pub fn document(app: &App) -> String {
         image["enum"] = serde_json::json!([app.config.image, null]);
     }
     // What the schema attributes cannot say about a map (`validate::env_vars` has the rule).
-    if let Some(vars) = doc.pointer_mut("/components/schemas/CreateBody/properties/environmentVars") {
+    if let Some(vars) = doc.pointer_mut("/components/schemas/CreateBody/properties/environmentVars")
+    {
         vars["maxProperties"] = serde_json::json!(hearth_core::validate::MAX_ENV_VARS);
         vars["propertyNames"] = serde_json::json!({ "pattern": "^[A-Za-z_][A-Za-z0-9_]{0,127}$" });
         vars["additionalProperties"] = serde_json::json!({
@@ -120,14 +121,18 @@ impl FromRequestParts<App> for Caller {
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| ApiError::unauthenticated("missing Authorization: Bearer <token> header"))?;
+            .ok_or_else(|| {
+                ApiError::unauthenticated("missing Authorization: Bearer <token> header")
+            })?;
         let token = header
             .to_str()
             .ok()
             .and_then(|h| h.strip_prefix("Bearer "))
             .map(str::trim)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| ApiError::unauthenticated("the Authorization header must be `Bearer <token>`"))?;
+            .ok_or_else(|| {
+                ApiError::unauthenticated("the Authorization header must be `Bearer <token>`")
+            })?;
         Ok(Caller(app.authenticate(token).await?))
     }
 }
@@ -141,7 +146,11 @@ impl FromRequestParts<App> for Admin {
     async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Admin, ApiError> {
         let Caller(user) = Caller::from_request_parts(parts, app).await?;
         if user.role != Role::Admin {
-            return Err(ApiError::new(axum::http::StatusCode::FORBIDDEN, "forbidden", "this needs the admin role"));
+            return Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "forbidden",
+                "this needs the admin role",
+            ));
         }
         Ok(Admin(user))
     }
@@ -166,7 +175,10 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Params<
 pub fn number_cursor(cursor: Option<&str>) -> Result<Option<i64>, ApiError> {
     cursor
         .filter(|c| !c.is_empty())
-        .map(|c| c.parse::<i64>().map_err(|_| ApiError::invalid("cursor must be a number")))
+        .map(|c| {
+            c.parse::<i64>()
+                .map_err(|_| ApiError::invalid("cursor must be a number"))
+        })
         .transpose()
 }
 
@@ -180,7 +192,9 @@ fn integral(value: serde_json::Value) -> serde_json::Value {
             _ => Value::Number(n),
         },
         Value::Array(items) => Value::Array(items.into_iter().map(integral).collect()),
-        Value::Object(map) => Value::Object(map.into_iter().map(|(k, v)| (k, integral(v))).collect()),
+        Value::Object(map) => {
+            Value::Object(map.into_iter().map(|(k, v)| (k, integral(v))).collect())
+        }
         other => other,
     }
 }
@@ -193,27 +207,38 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Body<T>, ApiError> {
-        let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::Bytes::from_request(req, state)).await {
-            Ok(read) => read.map_err(|e| {
-                ApiError::invalid(format!("could not read the request body (the limit is {} KiB): {e}", BODY_LIMIT / 1024))
-            })?,
-            Err(_) => {
-                return Err(ApiError::new(
-                    axum::http::StatusCode::REQUEST_TIMEOUT,
-                    "timeout",
-                    format!("the request body did not arrive within {} s", BODY_TIMEOUT.as_secs()),
-                ));
-            }
-        };
+        let bytes =
+            match tokio::time::timeout(BODY_TIMEOUT, axum::body::Bytes::from_request(req, state))
+                .await
+            {
+                Ok(read) => read.map_err(|e| {
+                    ApiError::invalid(format!(
+                        "could not read the request body (the limit is {} KiB): {e}",
+                        BODY_LIMIT / 1024
+                    ))
+                })?,
+                Err(_) => {
+                    return Err(ApiError::new(
+                        axum::http::StatusCode::REQUEST_TIMEOUT,
+                        "timeout",
+                        format!(
+                            "the request body did not arrive within {} s",
+                            BODY_TIMEOUT.as_secs()
+                        ),
+                    ));
+                }
+            };
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(Body(T::default()));
         }
-        let value: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))?;
+        let value: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))?;
         if value.is_null() {
             // `null` is no body, for the routes whose body is optional.
             return Ok(Body(T::default()));
         }
-        serde_json::from_value(integral(value)).map(Body).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+        serde_json::from_value(integral(value))
+            .map(Body)
+            .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
     }
 }

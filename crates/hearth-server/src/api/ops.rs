@@ -32,7 +32,10 @@ pub async fn readyz(State(app): State<App>) -> (StatusCode, Json<ReadyView>) {
     let hosts = match (database == "ok").then(|| app.store.hosts()) {
         Some(hosts) => match tokio::time::timeout(Duration::from_secs(1), hosts).await {
             Ok(Ok(hosts)) => {
-                let healthy = hosts.iter().filter(|h| h.health == hearth_core::HostHealth::Healthy).count();
+                let healthy = hosts
+                    .iter()
+                    .filter(|h| h.health == hearth_core::HostHealth::Healthy)
+                    .count();
                 json!({ "healthy": healthy, "unhealthy": hosts.len() - healthy })
             }
             _ => Value::Null,
@@ -40,10 +43,23 @@ pub async fn readyz(State(app): State<App>) -> (StatusCode, Json<ReadyView>) {
         None => Value::Null,
     };
     let ready = database == "ok";
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     // Redis is optional: reported, never a reason to be unready.
     let redis = app.bus.status().await;
-    (status, Json(ReadyView { ready, database, hosts, redis, node: app.queue.owner().to_string() }))
+    (
+        status,
+        Json(ReadyView {
+            ready,
+            database,
+            hosts,
+            redis,
+            node: app.queue.owner().to_string(),
+        }),
+    )
 }
 
 /// Prometheus text: environments and jobs by state (cluster-wide, from the database) and
@@ -51,7 +67,10 @@ pub async fn readyz(State(app): State<App>) -> (StatusCode, Json<ReadyView>) {
 #[utoipa::path(get, path = "/metrics", tag = "operations", security(("bearer" = []), ()),
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String),
         super::docs::Authed, super::docs::AdminOnly))]
-pub async fn metrics(State(app): State<App>, mut parts: axum::http::request::Parts) -> Result<impl IntoResponse, ApiError> {
+pub async fn metrics(
+    State(app): State<App>,
+    mut parts: axum::http::request::Parts,
+) -> Result<impl IntoResponse, ApiError> {
     use axum::extract::FromRequestParts;
     if !app.config.metrics_public {
         super::Admin::from_request_parts(&mut parts, &app).await?;
@@ -60,19 +79,41 @@ pub async fn metrics(State(app): State<App>, mut parts: axum::http::request::Par
     use std::fmt::Write;
     let mut out = String::new();
     let envs = app.store.counts_by_state(Counted::Environments).await?;
-    let _ = writeln!(out, "# HELP hearth_environments Environments by state.\n# TYPE hearth_environments gauge");
+    let _ = writeln!(
+        out,
+        "# HELP hearth_environments Environments by state.\n# TYPE hearth_environments gauge"
+    );
     for state in hearth_core::EnvState::ALL {
-        let n = envs.iter().find(|(s, _)| s == state.as_str()).map(|(_, n)| *n).unwrap_or(0);
+        let n = envs
+            .iter()
+            .find(|(s, _)| s == state.as_str())
+            .map(|(_, n)| *n)
+            .unwrap_or(0);
         let _ = writeln!(out, "hearth_environments{{state=\"{state}\"}} {n}");
     }
     let jobs = app.store.counts_by_state(Counted::Jobs).await?;
-    let _ = writeln!(out, "# HELP hearth_jobs Jobs by state.\n# TYPE hearth_jobs gauge");
+    let _ = writeln!(
+        out,
+        "# HELP hearth_jobs Jobs by state.\n# TYPE hearth_jobs gauge"
+    );
     for state in ["queued", "running", "succeeded", "dead"] {
-        let n = jobs.iter().find(|(s, _)| s == state).map(|(_, n)| *n).unwrap_or(0);
+        let n = jobs
+            .iter()
+            .find(|(s, _)| s == state)
+            .map(|(_, n)| *n)
+            .unwrap_or(0);
         let _ = writeln!(out, "hearth_jobs{{state=\"{state}\"}} {n}");
     }
-    let _ = writeln!(out, "# HELP hearth_node_info This node.\n# TYPE hearth_node_info gauge");
-    let _ = writeln!(out, "hearth_node_info{{owner=\"{}\",workers=\"{}\"}} 1", app.queue.owner(), app.config.workers);
+    let _ = writeln!(
+        out,
+        "# HELP hearth_node_info This node.\n# TYPE hearth_node_info gauge"
+    );
+    let _ = writeln!(
+        out,
+        "hearth_node_info{{owner=\"{}\",workers=\"{}\"}} 1",
+        app.queue.owner(),
+        app.config.workers
+    );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
 }
 
@@ -80,7 +121,10 @@ pub async fn metrics(State(app): State<App>, mut parts: axum::http::request::Par
 #[utoipa::path(get, path = "/openapi.json", tag = "operations", security(()),
     responses((status = 200, description = "the OpenAPI document", content_type = "application/json", body = Object)))]
 pub async fn openapi(axum::Extension(document): axum::Extension<Arc<String>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], document.as_str().to_string())
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        document.as_str().to_string(),
+    )
 }
 
 /// The sizes offered: any size within quota works, so these are the tiers'.
@@ -90,7 +134,14 @@ pub async fn flavors(State(app): State<App>) -> Json<Items<FlavorView>> {
         .into_iter()
         .map(|t| {
             let r = t.default_resources();
-            FlavorView { id: t, name: t, provider: app.config.default_kind, vcpus: r.vcpus, memory_mb: r.memory_mb, disk_gb: r.disk_gb }
+            FlavorView {
+                id: t,
+                name: t,
+                provider: app.config.default_kind,
+                vcpus: r.vcpus,
+                memory_mb: r.memory_mb,
+                disk_gb: r.disk_gb,
+            }
         })
         .collect();
     Json(Items { items })
@@ -100,7 +151,13 @@ pub async fn flavors(State(app): State<App>) -> Json<Items<FlavorView>> {
 #[utoipa::path(get, path = "/v1/regions", tag = "operations", security(()),
     responses((status = 200, description = "regions and how many hosts each has", body = Items<RegionView>), (status = 503, description = "the database does not answer", body = crate::error::ErrorBody)))]
 pub async fn regions(State(app): State<App>) -> Result<Json<Items<RegionView>>, ApiError> {
-    let items = app.store.regions().await?.into_iter().map(|(id, hosts)| RegionView { id, hosts }).collect();
+    let items = app
+        .store
+        .regions()
+        .await?
+        .into_iter()
+        .map(|(id, hosts)| RegionView { id, hosts })
+        .collect();
     Ok(Json(Items { items }))
 }
 
@@ -109,7 +166,11 @@ pub async fn not_found() -> ApiError {
 }
 
 pub async fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this path does not take that method; see /openapi.json")
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this path does not take that method; see /openapi.json",
+    )
 }
 
 #[cfg(test)]
@@ -127,18 +188,36 @@ mod tests {
                     continue;
                 }
                 operations += 1;
-                let responses = op["responses"].as_object().unwrap_or_else(|| panic!("{method} {path} has no responses"));
-                assert!(responses.keys().any(|k| k.starts_with('2') || k == "101"), "{method} {path} documents no success");
+                let responses = op["responses"]
+                    .as_object()
+                    .unwrap_or_else(|| panic!("{method} {path} has no responses"));
+                assert!(
+                    responses.keys().any(|k| k.starts_with('2') || k == "101"),
+                    "{method} {path} documents no success"
+                );
                 for (code, r) in responses {
-                    assert!(r["description"].as_str().is_some_and(|d| !d.is_empty()), "{method} {path} {code} has no description");
+                    assert!(
+                        r["description"].as_str().is_some_and(|d| !d.is_empty()),
+                        "{method} {path} {code} has no description"
+                    );
                 }
-                let public = op.get("security").is_some_and(|s| s == &serde_json::json!([{}]));
+                let public = op
+                    .get("security")
+                    .is_some_and(|s| s == &serde_json::json!([{}]));
                 if !public {
-                    assert!(responses.contains_key("401"), "{method} {path} needs a token but documents no 401");
+                    assert!(
+                        responses.contains_key("401"),
+                        "{method} {path} needs a token but documents no 401"
+                    );
                 }
                 if path.contains('{') {
-                    let params = op["parameters"].as_array().unwrap_or_else(|| panic!("{method} {path} declares no parameters"));
-                    assert!(params.iter().any(|p| p["in"] == "path"), "{method} {path} does not declare its path parameter");
+                    let params = op["parameters"]
+                        .as_array()
+                        .unwrap_or_else(|| panic!("{method} {path} declares no parameters"));
+                    assert!(
+                        params.iter().any(|p| p["in"] == "path"),
+                        "{method} {path} does not declare its path parameter"
+                    );
                 }
             }
         }

@@ -9,12 +9,12 @@
 use super::{Caller, Params};
 use crate::App;
 use crate::error::{ApiError, ApiResult};
-use hearth_app::AppError;
 use axum::Json;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::request::Parts;
 use axum::response::Response;
+use hearth_app::AppError;
 use hearth_core::EnvState;
 use hearth_store::Environment;
 use russh::ChannelMsg;
@@ -26,7 +26,10 @@ const TICKET_TTL_MS: i64 = 60_000;
 fn seal_ticket(app: &App, env_id: &str, user_id: &str) -> String {
     // The nonce makes every ticket distinct, so using one never spends another.
     let nonce = &hearth_store::generate_token()[7..39];
-    let sealed = app.master_key.seal(&format!("terminal|{env_id}|{user_id}|{}|{nonce}", app.now() + TICKET_TTL_MS));
+    let sealed = app.master_key.seal(&format!(
+        "terminal|{env_id}|{user_id}|{}|{nonce}",
+        app.now() + TICKET_TTL_MS
+    ));
     hex::encode(sealed)
 }
 
@@ -43,17 +46,32 @@ fn open_ticket(app: &App, ticket: &str) -> Option<Ticket> {
     let sealed = String::from_utf8(hex::decode(ticket).ok()?).ok()?;
     let text = app.master_key.open(&sealed).ok()?;
     let mut parts = text.split('|');
-    let (kind, env, user, expiry) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?.parse::<i64>().ok()?);
-    (kind == "terminal" && expiry >= app.now())
-        .then(|| Ticket { environment_id: env.to_string(), user_id: user.to_string(), expires_at: expiry })
+    let (kind, env, user, expiry) = (
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?.parse::<i64>().ok()?,
+    );
+    (kind == "terminal" && expiry >= app.now()).then(|| Ticket {
+        environment_id: env.to_string(),
+        user_id: user.to_string(),
+        expires_at: expiry,
+    })
 }
 
 /// A ticket for the terminal WebSocket (browsers cannot send headers there): valid 60 s.
 #[utoipa::path(post, path = "/v1/environments/{id}/terminal/ticket", tag = "environments", params(("id" = String, Path, description = "id or slug")),
     responses((status = 200, description = "the ticket", body = crate::views::TicketView), super::docs::Missing, super::docs::Authed))]
-pub async fn ticket(State(app): State<App>, Caller(user): Caller, Path(id): Path<String>) -> ApiResult<Json<crate::views::TicketView>> {
+pub async fn ticket(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<crate::views::TicketView>> {
     let env = app.owned_environment(&user, &id).await?;
-    Ok(Json(crate::views::TicketView { ticket: seal_ticket(&app, &env.id, &user.id), expires_in_seconds: TICKET_TTL_MS / 1000 }))
+    Ok(Json(crate::views::TicketView {
+        ticket: seal_ticket(&app, &env.id, &user.id),
+        expires_in_seconds: TICKET_TTL_MS / 1000,
+    }))
 }
 
 #[derive(Deserialize, Default, utoipa::IntoParams)]
@@ -84,51 +102,102 @@ pub async fn terminal(
     Params(q): Params<TerminalQuery>,
     mut parts: Parts,
 ) -> ApiResult<Response> {
-    let (user_id, ticket) = if parts.headers.contains_key(axum::http::header::AUTHORIZATION) {
-        (Caller::from_request_parts(&mut parts, &app).await?.0.id, None)
+    let (user_id, ticket) = if parts
+        .headers
+        .contains_key(axum::http::header::AUTHORIZATION)
+    {
+        (
+            Caller::from_request_parts(&mut parts, &app).await?.0.id,
+            None,
+        )
     } else {
         let raw = q.ticket.as_deref().ok_or_else(|| {
-            ApiError::unauthenticated("send a bearer token or ?ticket= from POST .../terminal/ticket")
+            ApiError::unauthenticated(
+                "send a bearer token or ?ticket= from POST .../terminal/ticket",
+            )
         })?;
-        let ticket = open_ticket(&app, raw).ok_or_else(|| ApiError::unauthenticated("the ticket is invalid or expired"))?;
-        (ticket.user_id.clone(), Some((ticket, hearth_store::hash_token(raw))))
+        let ticket = open_ticket(&app, raw)
+            .ok_or_else(|| ApiError::unauthenticated("the ticket is invalid or expired"))?;
+        (
+            ticket.user_id.clone(),
+            Some((ticket, hearth_store::hash_token(raw))),
+        )
     };
-    let env = app.store.environment_for_user(&user_id, &id).await.map_err(|_| AppError::NotFound("environment"))?;
+    let env = app
+        .store
+        .environment_for_user(&user_id, &id)
+        .await
+        .map_err(|_| AppError::NotFound("environment"))?;
     if let Some((ticket, _)) = &ticket
         && ticket.environment_id != env.id
     {
-        return Err(ApiError::unauthenticated("the ticket is for another environment"));
+        return Err(ApiError::unauthenticated(
+            "the ticket is for another environment",
+        ));
     }
     if env.state != EnvState::Running {
-        return Err(AppError::InvalidState(format!("the environment is {}; a terminal needs it running", env.state)).into());
+        return Err(AppError::InvalidState(format!(
+            "the environment is {}; a terminal needs it running",
+            env.state
+        ))
+        .into());
     }
     let ws = WebSocketUpgrade::from_request_parts(&mut parts, &app)
         .await
         .map_err(|e| ApiError::invalid(format!("this endpoint needs a WebSocket upgrade: {e}")))?;
     // Spent only once everything else held, so a refused attempt does not burn it.
     if let Some((ticket, hash)) = &ticket
-        && !app.store.use_ticket(hash, ticket.expires_at).await.map_err(AppError::from)?
+        && !app
+            .store
+            .use_ticket(hash, ticket.expires_at)
+            .await
+            .map_err(AppError::from)?
     {
-        return Err(ApiError::unauthenticated("the ticket was used already; ask for a new one"));
+        return Err(ApiError::unauthenticated(
+            "the ticket was used already; ask for a new one",
+        ));
     }
-    let (cols, rows) = (q.cols.unwrap_or(80).clamp(1, 1000), q.rows.unwrap_or(24).clamp(1, 1000));
+    let (cols, rows) = (
+        q.cols.unwrap_or(80).clamp(1, 1000),
+        q.rows.unwrap_or(24).clamp(1, 1000),
+    );
     let target = app.target(&env)?;
     // The shell opens only once the upgrade is done: a plain GET leaves nothing behind.
     Ok(ws.on_upgrade(move |mut socket| async move {
-        match app.ssh.open_shell(&target, &env.environment_vars, cols, rows).await {
+        match app
+            .ssh
+            .open_shell(&target, &env.environment_vars, cols, rows)
+            .await
+        {
             Ok(channel) => bridge(app, env, socket, channel).await,
             Err(e) => {
                 tracing::warn!(environment = %env.id, error = %e, "cannot open a terminal");
-                let reason = format!("cannot reach the environment: {e}").chars().take(120).collect::<String>();
-                let _ = socket.send(Message::Close(Some(axum::extract::ws::CloseFrame { code: 1011, reason: reason.into() }))).await;
+                let reason = format!("cannot reach the environment: {e}")
+                    .chars()
+                    .take(120)
+                    .collect::<String>();
+                let _ = socket
+                    .send(Message::Close(Some(axum::extract::ws::CloseFrame {
+                        code: 1011,
+                        reason: reason.into(),
+                    })))
+                    .await;
             }
         }
     }))
 }
 
-async fn bridge(app: App, env: Environment, mut socket: WebSocket, channel: russh::Channel<russh::client::Msg>) {
+async fn bridge(
+    app: App,
+    env: Environment,
+    mut socket: WebSocket,
+    channel: russh::Channel<russh::client::Msg>,
+) {
     let (mut from_guest, to_guest) = channel.split();
-    let _ = app.store.touch_activity(&env.id, app.now(), "terminal").await;
+    let _ = app
+        .store
+        .touch_activity(&env.id, app.now(), "terminal")
+        .await;
     let mut last_touch = app.now();
     loop {
         tokio::select! {
@@ -162,5 +231,8 @@ async fn bridge(app: App, env: Environment, mut socket: WebSocket, channel: russ
     }
     let _ = to_guest.close().await;
     let _ = socket.send(Message::Close(None)).await;
-    let _ = app.store.touch_activity(&env.id, app.now(), "terminal").await;
+    let _ = app
+        .store
+        .touch_activity(&env.id, app.now(), "terminal")
+        .await;
 }

@@ -26,21 +26,70 @@ pub struct Tls {
 
 fn run(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
 fn certificates(dir: &Path) {
     let ossl = |args: &[&str]| run(Command::new("openssl").current_dir(dir).args(args));
-    ossl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "ca.pem", "-days", "2", "-subj", "/CN=hearth-test-ca"]);
-    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n").unwrap();
+    ossl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca-key.pem",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=hearth-test-ca",
+    ]);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
     std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    for (who, cn, ext) in [("server", "/CN=127.0.0.1", "server.ext"), ("client", "/CN=hearth-node", "client.ext")] {
-        ossl(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &format!("{who}-key.pem"), "-out", &format!("{who}.csr"), "-subj", cn]);
+    for (who, cn, ext) in [
+        ("server", "/CN=127.0.0.1", "server.ext"),
+        ("client", "/CN=hearth-node", "client.ext"),
+    ] {
         ossl(&[
-            "x509", "-req", "-in", &format!("{who}.csr"), "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
-            "-out", &format!("{who}-cert.pem"), "-days", "2", "-extfile", ext,
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{who}-key.pem"),
+            "-out",
+            &format!("{who}.csr"),
+            "-subj",
+            cn,
+        ]);
+        ossl(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{who}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-out",
+            &format!("{who}-cert.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            ext,
         ]);
     }
 }
@@ -55,7 +104,13 @@ impl Engine {
         let bridge = format!("hbr{subnet}");
         let _ = Command::new("ip").args(["link", "del", &bridge]).output();
         run(Command::new("ip").args(["link", "add", &bridge, "type", "bridge"]));
-        run(Command::new("ip").args(["addr", "add", &format!("172.30.{subnet}.1/24"), "dev", &bridge]));
+        run(Command::new("ip").args([
+            "addr",
+            "add",
+            &format!("172.30.{subnet}.1/24"),
+            "dev",
+            &bridge,
+        ]));
         run(Command::new("ip").args(["link", "set", &bridge, "up"]));
         let tls = with_tls.then(|| {
             certificates(&dir);
@@ -68,7 +123,14 @@ impl Engine {
             }
         });
         let socket = format!("unix://{}/docker.sock", dir.display());
-        let mut engine = Engine { dir, socket, bridge, subnet, child: None, tls };
+        let mut engine = Engine {
+            dir,
+            socket,
+            bridge,
+            subnet,
+            child: None,
+            tls,
+        };
         engine.launch();
         engine
     }
@@ -88,11 +150,25 @@ impl Engine {
                 .arg(format!("--tlscert={}", d.join("server-cert.pem").display()))
                 .arg(format!("--tlskey={}", d.join("server-key.pem").display()));
         }
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(d.join("dockerd.log")).unwrap();
-        self.child = Some(cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).spawn().expect("dockerd"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("dockerd.log"))
+            .unwrap();
+        self.child = Some(
+            cmd.stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("dockerd"),
+        );
         let started = Instant::now();
         while !self.docker(&["info"]).status.success() {
-            assert!(started.elapsed() < Duration::from_secs(30), "the second dockerd did not start: {}", self.log());
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the second dockerd did not start: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -108,28 +184,53 @@ impl Engine {
     }
 
     pub fn docker(&self, args: &[&str]) -> Output {
-        Command::new("docker").args(["-H", &self.socket]).args(args).output().unwrap()
+        Command::new("docker")
+            .args(["-H", &self.socket])
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     /// Copies the guest image from the shared engine.
     pub fn load_image(&self, image: &str) {
-        let mut save = Command::new("docker").args(["save", image]).stdout(Stdio::piped()).spawn().unwrap();
+        let mut save = Command::new("docker")
+            .args(["save", image])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
         let load = Command::new("docker")
             .args(["-H", &self.socket, "load"])
             .stdin(save.stdout.take().unwrap())
             .output()
             .unwrap();
-        assert!(save.wait().unwrap().success() && load.status.success(), "loading {image}: {}", String::from_utf8_lossy(&load.stderr));
+        assert!(
+            save.wait().unwrap().success() && load.status.success(),
+            "loading {image}: {}",
+            String::from_utf8_lossy(&load.stderr)
+        );
     }
 
     /// Containers (running or not) of an environment on this engine.
     pub fn containers_of(&self, environment_id: &str) -> Vec<String> {
-        let out = self.docker(&["ps", "-aq", "--filter", &format!("label=hearth.environment={environment_id}")]);
-        String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+        let out = self.docker(&[
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=hearth.environment={environment_id}"),
+        ]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 
     pub fn running(&self, environment_id: &str) -> bool {
-        let out = self.docker(&["ps", "-q", "--filter", &format!("label=hearth.environment={environment_id}")]);
+        let out = self.docker(&[
+            "ps",
+            "-q",
+            "--filter",
+            &format!("label=hearth.environment={environment_id}"),
+        ]);
         !String::from_utf8_lossy(&out.stdout).trim().is_empty()
     }
 
@@ -153,7 +254,10 @@ impl Drop for Engine {
             self.launch();
         }
         let out = self.docker(&["ps", "-aq"]);
-        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
         if !ids.is_empty() {
             let mut args = vec!["rm", "-f"];
             args.extend(ids.iter().map(String::as_str));
@@ -162,8 +266,13 @@ impl Drop for Engine {
         self.stop();
         let exec_root = self.dir.join("exec").display().to_string();
         let _ = Command::new("pkill").args(["-f", &exec_root]).output();
-        let _ = Command::new("umount").arg("-R").arg(self.dir.join("data")).output();
-        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+        let _ = Command::new("umount")
+            .arg("-R")
+            .arg(self.dir.join("data"))
+            .output();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
         let _ = std::fs::remove_dir_all(&self.dir);
         let _ = self.subnet;
     }

@@ -30,11 +30,19 @@ impl Site {
     pub async fn new(db: Db) -> Site {
         let dir = tempfile::tempdir().unwrap();
         let database_url = match db {
-            Db::Sqlite => format!("sqlite://{}?mode=rwc", dir.path().join("hearth.db").display()),
+            Db::Sqlite => format!(
+                "sqlite://{}?mode=rwc",
+                dir.path().join("hearth.db").display()
+            ),
             Db::Postgres => hearth_store::testdb::fresh_postgres_url().await,
         };
         let instance = Some(format!("test-{}", &uuid_like()[..12]));
-        Site { instance, dir, database_url, extra_env: Vec::new() }
+        Site {
+            instance,
+            dir,
+            database_url,
+            extra_env: Vec::new(),
+        }
     }
 
     /// No `HEARTH_INSTANCE`: the settings a new user would run with.
@@ -101,7 +109,10 @@ impl Site {
 
     /// Starts `hearth serve` and expects it to refuse: returns its exit code and log.
     pub fn start_refused(&self) -> (i32, String) {
-        let mut child = self.command(free_port()).spawn().expect("spawn hearth serve");
+        let mut child = self
+            .command(free_port())
+            .spawn()
+            .expect("spawn hearth serve");
         let started = Instant::now();
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -125,7 +136,11 @@ impl Site {
             if http.get(format!("{base}/healthz")).send().await.is_ok() {
                 break;
             }
-            assert!(started.elapsed() < Duration::from_secs(60), "server did not start; log:\n{}", self.log());
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "server did not start; log:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let token = loop {
@@ -134,7 +149,12 @@ impl Site {
                 _ => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         };
-        Server { child, base, http, admin_token: token }
+        Server {
+            child,
+            base,
+            http,
+            admin_token: token,
+        }
     }
 
     pub fn log(&self) -> String {
@@ -143,9 +163,14 @@ impl Site {
 
     /// The site's database, opening sealed columns with its master key once it has one.
     pub async fn store(&self) -> hearth_store::Store {
-        let store = hearth_store::Store::connect(&self.database_url).await.unwrap();
+        let store = hearth_store::Store::connect(&self.database_url)
+            .await
+            .unwrap();
         match std::fs::read_to_string(self.data_dir().join("master.key")) {
-            Ok(text) => hearth_app::start::sealed_with(store, hearth_guest::MasterKey::parse(&text).unwrap()),
+            Ok(text) => hearth_app::start::sealed_with(
+                store,
+                hearth_guest::MasterKey::parse(&text).unwrap(),
+            ),
             Err(_) => store,
         }
     }
@@ -154,7 +179,15 @@ impl Site {
     pub async fn counts(&self) -> Vec<(String, i64)> {
         let store = self.store().await;
         let mut out = Vec::new();
-        for table in ["users", "api_tokens", "environments", "jobs", "executions", "audit_log", "provision_logs"] {
+        for table in [
+            "users",
+            "api_tokens",
+            "environments",
+            "jobs",
+            "executions",
+            "audit_log",
+            "provision_logs",
+        ] {
             let sql = format!("SELECT COUNT(*) AS n FROM {table}");
             let row = sqlx_count(&store, &sql).await;
             out.push((table.to_string(), row));
@@ -170,7 +203,12 @@ async fn sqlx_count(store: &hearth_store::Store, sql: &str) -> i64 {
 fn uuid_like() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos());
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
     format!("{:016x}{:016x}", h.finish(), std::process::id())
 }
 
@@ -180,7 +218,11 @@ pub fn now_ms() -> i64 {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Server {
@@ -210,7 +252,13 @@ impl Server {
         self.child.wait().unwrap();
     }
 
-    pub async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> Resp {
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Resp {
         let url = format!("{}{path}", self.base);
         let mut req = match method {
             "GET" => self.http.get(url),
@@ -243,13 +291,21 @@ impl Server {
             .await
             .unwrap();
         let status = resp.status();
-        Resp { status, body: resp.json().await.unwrap_or(Value::Null) }
+        Resp {
+            status,
+            body: resp.json().await.unwrap_or(Value::Null),
+        }
     }
 
     /// A new user of `tier`; returns its token.
     pub async fn user(&self, email: &str, tier: &str) -> String {
         let r = self
-            .call("POST", "/v1/admin/users", Some(&self.admin_token), Some(json!({"email": email, "tier": tier})))
+            .call(
+                "POST",
+                "/v1/admin/users",
+                Some(&self.admin_token),
+                Some(json!({"email": email, "tier": tier})),
+            )
             .await;
         assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
         r.body["token"].as_str().unwrap().to_string()
@@ -260,27 +316,52 @@ impl Server {
     pub async fn wait_env(&self, token: &str, id: &str, want: &str, timeout: Duration) -> Value {
         let started = Instant::now();
         loop {
-            let r = self.call("GET", &format!("/v1/environments/{id}"), Some(token), None).await;
+            let r = self
+                .call("GET", &format!("/v1/environments/{id}"), Some(token), None)
+                .await;
             if r.status == StatusCode::OK && r.body["state"] == want {
                 return r.body;
             }
             if started.elapsed() > timeout {
-                panic!("environment did not become {want}: last {} {:?}", r.status, r.body);
+                panic!(
+                    "environment did not become {want}: last {} {:?}",
+                    r.status, r.body
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     pub async fn patch(&self, path: &str, token: &str, body: Value) -> Resp {
-        let resp = self.http.patch(format!("{}{path}", self.base)).bearer_auth(token).json(&body).send().await.unwrap();
+        let resp = self
+            .http
+            .patch(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         let status = resp.status();
-        Resp { status, body: resp.json().await.unwrap_or(Value::Null) }
+        Resp {
+            status,
+            body: resp.json().await.unwrap_or(Value::Null),
+        }
     }
 
     /// Looks a user up by email through the admin API.
     pub async fn user_id(&self, email: &str) -> String {
-        let r = self.call("GET", "/v1/admin/users", Some(&self.admin_token), None).await;
-        r.body["items"].as_array().unwrap().iter().find(|u| u["email"] == email).unwrap()["id"].as_str().unwrap().to_string()
+        let r = self
+            .call("GET", "/v1/admin/users", Some(&self.admin_token), None)
+            .await;
+        r.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["email"] == email)
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     pub async fn wait_vm(&self, token: &str, want: &str, timeout: Duration) -> Value {
@@ -304,15 +385,34 @@ impl Server {
 /// Containers (running or not) labelled for this environment.
 pub fn containers_of(environment_id: &str) -> Vec<String> {
     let out = Command::new("docker")
-        .args(["ps", "-aq", "--filter", &format!("label=hearth.environment={environment_id}")])
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            &format!("label=hearth.environment={environment_id}"),
+        ])
         .output()
         .expect("docker ps");
-    assert!(out.status.success(), "docker ps failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+    assert!(
+        out.status.success(),
+        "docker ps failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 pub fn docker_inspect(name: &str, format: &str) -> String {
-    let out = Command::new("docker").args(["inspect", "--format", format, name]).output().unwrap();
-    assert!(out.status.success(), "docker inspect {name}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("docker")
+        .args(["inspect", "--format", format, name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "docker inspect {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
