@@ -20,10 +20,12 @@ use std::process::Command;
 
 pub const VM_PACKAGES: &str = "linux-image-cloud-amd64,openssh-server,sudo,git,curl,ca-certificates,iproute2,procps,bash,less,kmod,e2fsprogs,tini";
 
-/// The cloud kernel's virtio drivers are modules; these, in load order, give a disk and a NIC.
-pub const MODULES: [&str; 9] = [
+/// The cloud kernel's virtio drivers are modules; these, in load order, give a disk and a NIC
+/// on PCI (`pc`) or memory-mapped (`microvm`, Firecracker) transports.
+pub const MODULES: [&str; 10] = [
     "virtio_ring",
     "virtio",
+    "virtio_mmio",
     "virtio_pci_legacy_dev",
     "virtio_pci_modern_dev",
     "virtio_pci",
@@ -39,7 +41,7 @@ pub const INITRAMFS_INIT: &str = r#"#!/bin/busybox sh
 b=/bin/busybox
 fail() { $b echo "hearth initramfs: $*" > /dev/console; $b poweroff -f; }
 $b mount -t devtmpfs dev /dev || fail "no devtmpfs"
-for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk failover net_failover virtio_net; do
+for m in virtio_ring virtio virtio_mmio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk failover net_failover virtio_net; do
   $b insmod /modules/$m.ko || fail "cannot load $m"
 done
 n=0
@@ -95,6 +97,7 @@ pub fn recipe_hash() -> String {
         SUITE,
         VM_PACKAGES,
         INITRAMFS_INIT,
+        &MODULES.join(","),
         PROBE,
         VM_INIT,
         SSHD_CONFIG,
@@ -116,6 +119,10 @@ pub struct VmImage {
     pub dir: PathBuf,
     pub kernel_version: String,
     pub recipe: String,
+    /// Whether its initramfs loads `virtio_mmio`, so it boots on QEMU's `microvm` machine
+    /// (images built before that boot on `pc` only).
+    #[serde(default)]
+    pub mmio: bool,
 }
 
 impl VmImage {
@@ -314,6 +321,7 @@ pub fn build(out: &Path, work: &Path, step: &mut dyn FnMut(&str)) -> Result<VmIm
         dir: out.to_path_buf(),
         kernel_version,
         recipe: recipe_hash(),
+        mmio: MODULES.contains(&"virtio_mmio"),
     };
     write(
         &staging.join("manifest.json"),

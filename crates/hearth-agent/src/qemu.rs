@@ -1,5 +1,7 @@
 //! The `qemu` backend: one `qemu-system-x86_64` per VM, started detached (`-daemonize`)
-//! so it outlives the agent, and driven over QMP (`qmp.rs`).
+//! so it outlives the agent, and driven over QMP (`qmp.rs`). The machine is `microvm`
+//! (virtio over MMIO: no PCI bus or BIOS tables to enumerate, about 0.4 s less to SSH under
+//! TCG here) when the image's initramfs loads `virtio_mmio`, `pc` for older images.
 //!
 //! Each VM has a directory under the agent's state directory:
 //! - `record.json`: what was asked (sizes, SSH port, the accelerator) — the durable record
@@ -111,6 +113,27 @@ pub struct QemuHost {
     runas: Option<String>,
     /// Serializes changes to one VM at a time on this host (creates race on ports and names).
     lock: tokio::sync::Mutex<()>,
+    /// The host's TSC rate, for guests that cannot calibrate theirs (see `kernel_args`).
+    tsc_khz: Option<u64>,
+}
+
+/// The host's TSC rate in kHz, counted over 100 ms of wall time; `None` off x86_64.
+fn host_tsc_khz() -> Option<u64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[allow(unused_unsafe)]
+        // SAFETY: RDTSC reads a counter; it has no memory effects.
+        let read = || unsafe { core::arch::x86_64::_rdtsc() };
+        let (started, first) = (Instant::now(), read());
+        std::thread::sleep(Duration::from_millis(100));
+        let (ticks, elapsed) = (read().wrapping_sub(first), started.elapsed());
+        let khz = ticks as f64 / elapsed.as_secs_f64() / 1000.0;
+        (khz > 100_000.0).then_some(khz as u64)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
 }
 
 fn now_ms() -> i64 {
@@ -156,6 +179,7 @@ impl QemuHost {
         guest_address: &str,
     ) -> Result<QemuHost, VmmError> {
         std::fs::create_dir_all(dir.join("vms")).map_err(fail("create the state directory"))?;
+        let mmio = image.mmio;
         Ok(QemuHost {
             dir,
             image,
@@ -163,6 +187,7 @@ impl QemuHost {
             guest_address: guest_address.to_string(),
             runas: None,
             lock: tokio::sync::Mutex::new(()),
+            tsc_khz: mmio.then(host_tsc_khz).flatten(),
         })
     }
 
@@ -319,7 +344,7 @@ impl QemuHost {
             "-name".into(),
             format!("{},process={}", s.name, s.name),
             "-machine".into(),
-            "pc".into(),
+            self.machine().into(),
             "-accel".into(),
             record.accel.as_str().into(),
             "-m".into(),
@@ -337,21 +362,25 @@ impl QemuHost {
             "-initrd".into(),
             self.image.initrd().display().to_string(),
             "-append".into(),
-            "console=ttyS0 quiet panic=-1".into(),
+            self.kernel_args(),
             "-drive".into(),
-            format!("file={},if=virtio,format=qcow2", path("disk.qcow2")),
+            format!("id=disk,file={},if=none,format=qcow2", path("disk.qcow2")),
+            "-device".into(),
+            format!("{},drive=disk", self.virtio("blk")),
             "-drive".into(),
             format!(
-                "file={},if=virtio,format=raw,readonly=on",
+                "id=config,file={},if=none,format=raw,readonly=on",
                 path("config.ext4")
             ),
+            "-device".into(),
+            format!("{},drive=config", self.virtio("blk")),
             "-netdev".into(),
             format!(
                 "user,id=n0,hostfwd=tcp:{}:{}-:22",
                 self.guest_address, record.ssh_port
             ),
             "-device".into(),
-            "virtio-net-pci,netdev=n0".into(),
+            format!("{},netdev=n0", self.virtio("net")),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", path("qmp.sock")),
             "-pidfile".into(),
@@ -362,6 +391,40 @@ impl QemuHost {
             args.extend(["-runas".to_string(), user.clone()]);
         }
         args
+    }
+
+    /// `microvm` (no PCI, no firmware tables to walk: it boots faster) when the image's
+    /// initramfs has the MMIO transport, else `pc`.
+    fn machine(&self) -> &'static str {
+        if self.image.mmio {
+            "microvm,acpi=on"
+        } else {
+            "pc"
+        }
+    }
+
+    /// On `microvm` the guest has no HPET or ACPI PM timer to calibrate its TSC against,
+    /// and under TCG on a busy host the PIT calibration fails: the kernel then marks the
+    /// TSC unstable and can hang in early boot (seen with three VMs booting at once on two
+    /// cores). So the guest is told the TSC's rate, measured here, and to trust it. Under
+    /// TCG the guest's TSC is the host's, so its clock keeps time (checked: 10.77 s in the
+    /// guest over 10.77 s on the host).
+    fn kernel_args(&self) -> String {
+        match (self.image.mmio, self.tsc_khz) {
+            (true, Some(khz)) => {
+                format!("console=ttyS0 quiet panic=-1 tsc_early_khz={khz} tsc=reliable")
+            }
+            _ => "console=ttyS0 quiet panic=-1".into(),
+        }
+    }
+
+    /// The virtio device of `kind` (`blk`, `net`) on the machine's transport.
+    fn virtio(&self, kind: &str) -> String {
+        if self.image.mmio {
+            format!("virtio-{kind}-device")
+        } else {
+            format!("virtio-{kind}-pci")
+        }
     }
 
     async fn qmp(&self, name: &str) -> Result<Qmp, VmmError> {

@@ -36,20 +36,26 @@ async fn run(pool: &SshPool, target: &Target, code: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// QEMU processes running VM `name`.
-fn processes(name: &str) -> usize {
-    let mut n = 0;
+/// The command lines of the QEMU processes running VM `name`.
+fn command_lines(name: &str) -> Vec<Vec<String>> {
+    let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            if String::from_utf8_lossy(&cmdline)
+            let args: Vec<String> = String::from_utf8_lossy(&cmdline)
                 .split('\0')
-                .any(|a| a == format!("{name},process={name}"))
-            {
-                n += 1;
+                .map(str::to_string)
+                .collect();
+            if args.iter().any(|a| *a == format!("{name},process={name}")) {
+                found.push(args);
             }
         }
     }
-    n
+    found
+}
+
+/// QEMU processes running VM `name`.
+fn processes(name: &str) -> usize {
+    command_lines(name).len()
 }
 
 #[tokio::test]
@@ -76,6 +82,16 @@ async fn a_vm_boots_its_own_kernel_and_lives_its_whole_life() {
         labels: BTreeMap::new(),
     };
     let record = host.create(&spec).await.unwrap();
+    // An image with the MMIO transport boots on the microvm machine.
+    let machine = command_lines(&name)[0]
+        .iter()
+        .skip_while(|a| *a != "-machine")
+        .nth(1)
+        .cloned();
+    assert_eq!(
+        machine.as_deref(),
+        Some(if image.mmio { "microvm,acpi=on" } else { "pc" })
+    );
     let pool = SshPool::new();
     let target = Target {
         environment_id: name.clone(),
@@ -102,6 +118,16 @@ async fn a_vm_boots_its_own_kernel_and_lives_its_whole_life() {
         .trim()
     );
     assert_eq!(run(&pool, &target, "hostname").await, "vm-one");
+    // On microvm the guest keeps time by the TSC whose rate the agent gave it.
+    if image.mmio {
+        let clock = run(
+            &pool,
+            &target,
+            "cat /sys/devices/system/clocksource/clocksource0/current_clocksource",
+        )
+        .await;
+        assert_eq!(clock, "tsc");
+    }
     assert_eq!(
         run(&pool, &target, "df -BG --output=size / | tail -1").await,
         "3G"
