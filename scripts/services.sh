@@ -94,17 +94,19 @@ install_fuzzer() {
 # QEMU for VM hosts. Debian 12's qemu-system-x86 needs its own qemu-utils: a machine that
 # has a newer one (from backports) would lose it to a plain install, so both are pinned to
 # the version qemu-system-x86 comes in, in one command. busybox-static: the VM initramfs.
+# lz4, xz-utils, zstd: unpacking the kernel for Firecracker (an ELF vmlinux).
 install_qemu() {
-  if ! command -v qemu-system-x86_64 >/dev/null || ! command -v qemu-img >/dev/null || [ ! -x /bin/busybox ]; then
+  if ! command -v qemu-system-x86_64 >/dev/null || ! command -v qemu-img >/dev/null || [ ! -x /bin/busybox ] \
+    || ! command -v lz4 >/dev/null || ! command -v zstd >/dev/null || ! command -v xz >/dev/null; then
     if [ ! -f /var/lib/apt/periodic/hearth-updated ]; then
       apt-get update -qq
       mkdir -p /var/lib/apt/periodic && touch /var/lib/apt/periodic/hearth-updated
     fi
     local v
     v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
-    echo "installing qemu-system-x86 and qemu-utils $v, busybox-static" >&2
+    echo "installing qemu-system-x86 and qemu-utils $v, busybox-static, lz4, xz-utils, zstd" >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades \
-      "qemu-system-x86=$v" "qemu-utils=$v" busybox-static e2fsprogs mmdebstrap >/dev/null
+      "qemu-system-x86=$v" "qemu-utils=$v" busybox-static e2fsprogs mmdebstrap lz4 xz-utils zstd >/dev/null
   fi
 }
 

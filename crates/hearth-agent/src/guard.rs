@@ -70,6 +70,33 @@ pub fn confine() -> Result<String> {
         }
     }
     let uid = uid_of(VM_USER).context("the VM user has no uid")?;
+    restore(&rules(uid))?;
+    jump("filter", "OUTPUT", CHAIN)?;
+    Ok(VM_USER.to_string())
+}
+
+/// The network of the `firecracker` backend's tap devices (`hzfc<slot>`, a /30 each).
+pub const TAP_PREFIX: &str = "hzfc";
+pub const TAP_NETWORK: &str = "10.234.0.0/16";
+
+/// Rules for VMs on tap devices: no new connection from a tap to any address of this host
+/// or to link-local addresses, nothing between two taps, and NAT to the outside.
+fn tap_rules() -> String {
+    let tap = format!("{TAP_PREFIX}+");
+    format!(
+        "*filter\n:HEARTH-TAPS-IN - [0:0]\n:HEARTH-TAPS-FWD - [0:0]\n\
+         -A HEARTH-TAPS-IN -i {tap} -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN\n\
+         -A HEARTH-TAPS-IN -i {tap} -j DROP\n\
+         -A HEARTH-TAPS-FWD -i {tap} -o {tap} -j DROP\n\
+         -A HEARTH-TAPS-FWD -i {tap} -d 169.254.0.0/16 -j DROP\n\
+         COMMIT\n\
+         *nat\n:HEARTH-TAPS-NAT - [0:0]\n\
+         -A HEARTH-TAPS-NAT -s {TAP_NETWORK} ! -d {TAP_NETWORK} -j MASQUERADE\n\
+         COMMIT\n"
+    )
+}
+
+fn restore(rules: &str) -> Result<()> {
     let mut restore = Command::new("iptables-restore")
         .args(["-w", "--noflush"])
         .stdin(Stdio::piped())
@@ -80,7 +107,7 @@ pub fn confine() -> Result<String> {
         .stdin
         .take()
         .expect("piped")
-        .write_all(rules(uid).as_bytes())?;
+        .write_all(rules.as_bytes())?;
     let out = restore.wait_with_output()?;
     if !out.status.success() {
         bail!(
@@ -88,30 +115,58 @@ pub fn confine() -> Result<String> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    let jump = ["OUTPUT", "-j", CHAIN];
+    Ok(())
+}
+
+/// `iptables [-t table] -I chain 1 -j target` unless that jump is there.
+fn jump(table: &str, chain: &str, target: &str) -> Result<()> {
     let present = Command::new("iptables")
-        .arg("-w")
-        .arg("-C")
-        .args(jump)
+        .args(["-w", "-t", table, "-C", chain, "-j", target])
         .status()
         .context("cannot run iptables")?
         .success();
     if !present {
         let out = Command::new("iptables")
-            .args(["-w", "-I", "OUTPUT", "1", "-j", CHAIN])
+            .args(["-w", "-t", table, "-I", chain, "1", "-j", target])
             .output()?;
         if !out.status.success() {
             bail!(
-                "iptables -I OUTPUT failed: {}",
+                "iptables -I {chain} failed: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
     }
-    Ok(VM_USER.to_string())
+    Ok(())
+}
+
+/// Confines VMs on tap devices (the `firecracker` backend) and lets them out through NAT
+/// (turns on IPv4 forwarding, as Docker does).
+pub fn confine_taps() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the agent does not run as root: tap devices need it");
+    }
+    restore(&tap_rules())?;
+    jump("filter", "INPUT", "HEARTH-TAPS-IN")?;
+    jump("filter", "FORWARD", "HEARTH-TAPS-FWD")?;
+    jump("nat", "POSTROUTING", "HEARTH-TAPS-NAT")?;
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").context("turn on IPv4 forwarding")?;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tap_rules_drop_what_comes_from_taps_unasked() {
+        let r = super::tap_rules();
+        assert!(
+            r.contains("-A HEARTH-TAPS-IN -i hzfc+ -j DROP")
+                && r.contains("-A HEARTH-TAPS-FWD -i hzfc+ -o hzfc+ -j DROP"),
+            "{r}"
+        );
+        assert_eq!(r.matches("COMMIT").count(), 2);
+    }
+
     #[test]
     fn the_rules_name_the_vm_user_and_only_new_connections() {
         let r = super::rules(997);

@@ -8,13 +8,16 @@
 //! - `image.rs`: the VM guest (kernel, minimal initramfs, ext4 root) from Debian packages.
 //! - `initramfs.rs`: the cpio writer for that initramfs.
 //! - `qmp.rs`: a client of QEMU's machine protocol.
+//! - `vmm.rs`: the trait every VMM backend implements, and the VM records they share.
 //! - `qemu.rs`: the `qemu` backend.
-//! - `firecracker.rs`: the Firecracker API driver (tested against a spec-checking fake).
+//! - `firecracker.rs`: the Firecracker API driver (tested against a spec-checking fake);
+//!   `firecracker_host.rs`: the `firecracker` backend (processes, tap devices, SSH forwarding).
 //! - `guard.rs`: QEMU as a user of its own, and a firewall that keeps VMs off this host.
 //! - `identity.rs`: the agent's certificate authority and the credential it accepts.
 //! - `server.rs`: its HTTPS API; `run.rs`: start-up, joining, serving.
 
 pub mod firecracker;
+pub mod firecracker_host;
 pub mod guard;
 pub mod identity;
 pub mod image;
@@ -23,6 +26,7 @@ pub mod qemu;
 pub mod qmp;
 pub mod run;
 pub mod server;
+pub mod vmm;
 
 /// Where `hearth image build --vm` puts the VM image, and where the agent looks for it.
 pub const DEFAULT_VM_IMAGE_DIR: &str = "/var/lib/hearth/vm-image";

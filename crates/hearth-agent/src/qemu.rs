@@ -24,8 +24,9 @@
 
 use crate::image::VmImage;
 use crate::qmp::Qmp;
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+pub use crate::vmm::{Accel, VmRecord, VmSpec, VmStatus, VmmError};
+use crate::vmm::{VmDirs, Vmm, check_sizes, free_port, now_ms, process_has_argument, run};
+use async_trait::async_trait;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -38,73 +39,14 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Printed by the initramfs's `/probe`.
 pub const PROBE_MARKER: &str = "hearth-probe-ok";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Accel {
-    Kvm,
-    Tcg,
-}
-
-impl Accel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum VmmError {
-    #[error("no VM {0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Failed(String),
-}
-
 impl From<crate::qmp::QmpError> for VmmError {
     fn from(e: crate::qmp::QmpError) -> VmmError {
         VmmError::Failed(e.to_string())
     }
 }
 
-/// What to make.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct VmSpec {
-    /// The VM's name (`hearth-<environment id>`): one VM per name, ever.
-    pub name: String,
-    pub environment_id: String,
-    pub hostname: String,
-    pub vcpus: i64,
-    pub memory_mb: i64,
-    pub disk_gb: i64,
-    /// OpenSSH public keys, one per line, for the guest's `dev` user.
-    pub authorized_keys: String,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-}
-
-/// What the agent keeps of a VM, on disk.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct VmRecord {
-    pub spec: VmSpec,
-    pub ssh_port: u16,
-    pub accel: Accel,
-    pub created_at_ms: i64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VmStatus {
-    Running,
-    Paused,
-    Stopped,
-}
-
 pub struct QemuHost {
-    dir: PathBuf,
+    dirs: VmDirs,
     image: VmImage,
     accel: Accel,
     /// Where guests' SSH ports are forwarded from (127.0.0.1, or an address the nodes reach).
@@ -118,6 +60,11 @@ pub struct QemuHost {
 }
 
 /// The host's TSC rate in kHz, counted over 100 ms of wall time; `None` off x86_64.
+/// Whether `pid` is a live QEMU process of VM `name` (not a recycled pid).
+fn is_our_process(pid: u32, name: &str) -> bool {
+    process_has_argument(pid, &format!("{name},process={name}"))
+}
+
 fn host_tsc_khz() -> Option<u64> {
     #[cfg(target_arch = "x86_64")]
     {
@@ -136,40 +83,6 @@ fn host_tsc_khz() -> Option<u64> {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-fn fail(what: &str) -> impl Fn(std::io::Error) -> VmmError + '_ {
-    move |e| VmmError::Failed(format!("{what}: {e}"))
-}
-
-fn run(cmd: &mut Command, what: &str) -> Result<(), VmmError> {
-    hearth_provider::image::run(cmd, what)
-        .map(|_| ())
-        .map_err(|e| VmmError::Failed(e.to_string()))
-}
-
-fn free_port(address: &str) -> Result<u16, VmmError> {
-    let l = std::net::TcpListener::bind((address, 0)).map_err(fail("pick a port"))?;
-    Ok(l.local_addr().map_err(fail("pick a port"))?.port())
-}
-
-/// Whether `pid` is a live QEMU process of VM `name` (not a recycled pid).
-fn is_our_process(pid: u32, name: &str) -> bool {
-    match std::fs::read(format!("/proc/{pid}/cmdline")) {
-        Ok(cmdline) => {
-            let text = String::from_utf8_lossy(&cmdline);
-            text.split('\0')
-                .any(|arg| arg == format!("{name},process={name}"))
-        }
-        Err(_) => false,
-    }
-}
-
 impl QemuHost {
     /// A host keeping its VMs under `dir`, booting `image`.
     pub fn new(
@@ -178,10 +91,9 @@ impl QemuHost {
         accel: Accel,
         guest_address: &str,
     ) -> Result<QemuHost, VmmError> {
-        std::fs::create_dir_all(dir.join("vms")).map_err(fail("create the state directory"))?;
         let mmio = image.mmio;
         Ok(QemuHost {
-            dir,
+            dirs: VmDirs::new(&dir)?,
             image,
             accel,
             guest_address: guest_address.to_string(),
@@ -197,30 +109,8 @@ impl QemuHost {
         self
     }
 
-    pub fn accel(&self) -> Accel {
-        self.accel
-    }
-
     fn vm_dir(&self, name: &str) -> Result<PathBuf, VmmError> {
-        let well_formed = !name.is_empty()
-            && name.len() <= 64
-            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-        if !well_formed {
-            return Err(VmmError::Failed(format!(
-                "VM name {name:?} must be letters, digits and '-' (at most 64)"
-            )));
-        }
-        Ok(self.dir.join("vms").join(name))
-    }
-
-    pub fn record(&self, name: &str) -> Result<Option<VmRecord>, VmmError> {
-        match std::fs::read_to_string(self.vm_dir(name)?.join("record.json")) {
-            Ok(text) => serde_json::from_str(&text)
-                .map(Some)
-                .map_err(|e| VmmError::Failed(format!("the record of {name} is unreadable: {e}"))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(VmmError::Failed(format!("read the record of {name}: {e}"))),
-        }
+        self.dirs.dir(name)
     }
 
     fn pid(&self, name: &str) -> Option<u32> {
@@ -233,72 +123,37 @@ impl QemuHost {
         is_our_process(pid, name).then_some(pid)
     }
 
-    /// Makes the VM and starts it, or finds the one made before under that name (which is
-    /// started if it is not running): never a second VM for one name.
-    pub async fn create(&self, spec: &VmSpec) -> Result<VmRecord, VmmError> {
+    async fn create_vm(&self, spec: &VmSpec) -> Result<VmRecord, VmmError> {
         let _guard = self.lock.lock().await;
-        let dir = self.vm_dir(&spec.name)?;
-        let record = match self.record(&spec.name)? {
+        let record = match self.dirs.record(&spec.name)? {
             Some(record) => record,
             None => {
-                if !(1..=2048).contains(&spec.disk_gb)
-                    || !(1..=64).contains(&spec.vcpus)
-                    || !(128..=262_144).contains(&spec.memory_mb)
-                {
-                    return Err(VmmError::Failed(
-                        "sizes out of range: 1-64 vCPUs, 128-262144 MB, 1-2048 GB".into(),
-                    ));
-                }
-                let building = self.dir.join("vms").join(format!(".{}.new", spec.name));
-                let _ = std::fs::remove_dir_all(&building);
-                std::fs::create_dir_all(building.join("config"))
-                    .map_err(fail("create the VM's directory"))?;
-                run(
-                    Command::new("qemu-img")
-                        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-                        .arg(self.image.rootfs())
-                        .arg(building.join("disk.qcow2"))
-                        .arg(format!("{}G", spec.disk_gb)),
-                    "qemu-img create",
-                )?;
-                std::fs::write(
-                    building.join("config/authorized_keys"),
-                    format!("{}\n", spec.authorized_keys.trim()),
-                )
-                .map_err(fail("write the config drive"))?;
-                std::fs::write(
-                    building.join("config/hostname"),
-                    format!("{}\n", spec.hostname),
-                )
-                .map_err(fail("write the config drive"))?;
-                run(
-                    Command::new("mkfs.ext4")
-                        .args(["-q", "-F", "-L", "hearth-config", "-d"])
-                        .arg(building.join("config"))
-                        .arg(building.join("config.ext4"))
-                        .arg("4M"),
-                    "mkfs.ext4 (config drive)",
-                )?;
+                check_sizes(spec)?;
                 let record = VmRecord {
                     spec: spec.clone(),
                     ssh_port: free_port(&self.guest_address)?,
                     accel: self.accel,
                     created_at_ms: now_ms(),
+                    net_slot: None,
                 };
-                std::fs::write(
-                    building.join("record.json"),
-                    serde_json::to_vec_pretty(&record).expect("serializable"),
-                )
-                .map_err(fail("write the VM's record"))?;
-                // The record appears whole or not at all.
-                std::fs::rename(&building, &dir).map_err(fail("commit the VM's directory"))?;
+                self.dirs.build(&record, &[], |dir| {
+                    run(
+                        Command::new("qemu-img")
+                            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                            .arg(self.image.rootfs())
+                            .arg(dir.join("disk.qcow2"))
+                            .arg(format!("{}G", spec.disk_gb)),
+                        "qemu-img create",
+                    )
+                })?;
                 record
             }
         };
         if self.pid(&spec.name).is_none() {
             self.launch(&record).await?;
         }
-        self.record(&spec.name)?
+        self.dirs
+            .record(&spec.name)?
             .ok_or_else(|| VmmError::NotFound(spec.name.clone()))
     }
 
@@ -320,11 +175,7 @@ impl QemuHost {
             let stderr = String::from_utf8_lossy(&out.stderr).to_string();
             if stderr.contains("hostfwd") && attempt < 4 {
                 record.ssh_port = free_port(&self.guest_address)?;
-                std::fs::write(
-                    dir.join("record.json"),
-                    serde_json::to_vec_pretty(&record).expect("serializable"),
-                )
-                .map_err(fail("write the VM's record"))?;
+                self.dirs.write_record(&dir, &record)?;
                 continue;
             }
             return Err(VmmError::Failed(format!(
@@ -431,8 +282,8 @@ impl QemuHost {
         Ok(Qmp::connect(&self.vm_dir(name)?.join("qmp.sock")).await?)
     }
 
-    pub async fn status(&self, name: &str) -> Result<Option<VmStatus>, VmmError> {
-        if self.record(name)?.is_none() {
+    async fn qmp_status(&self, name: &str) -> Result<Option<VmStatus>, VmmError> {
+        if self.dirs.record(name)?.is_none() {
             return Ok(None);
         }
         if self.pid(name).is_none() {
@@ -444,25 +295,6 @@ impl QemuHost {
             // Shutting down, crashed, or still starting: not usable.
             _ => Ok(Some(VmStatus::Stopped)),
         }
-    }
-
-    pub async fn start(&self, name: &str) -> Result<(), VmmError> {
-        let _guard = self.lock.lock().await;
-        let record = self
-            .record(name)?
-            .ok_or_else(|| VmmError::NotFound(name.into()))?;
-        if self.pid(name).is_some() {
-            return Ok(());
-        }
-        self.launch(&record).await
-    }
-
-    /// Powers the VM off; waits for QEMU to exit (kills it after a grace period).
-    pub async fn stop(&self, name: &str) -> Result<(), VmmError> {
-        let _guard = self.lock.lock().await;
-        self.record(name)?
-            .ok_or_else(|| VmmError::NotFound(name.into()))?;
-        self.power_off(name).await
     }
 
     async fn power_off(&self, name: &str) -> Result<(), VmmError> {
@@ -484,16 +316,9 @@ impl QemuHost {
         Ok(())
     }
 
-    pub async fn pause(&self, name: &str) -> Result<(), VmmError> {
-        self.qmp_running(name, "stop").await
-    }
-
-    pub async fn resume(&self, name: &str) -> Result<(), VmmError> {
-        self.qmp_running(name, "cont").await
-    }
-
     async fn qmp_running(&self, name: &str, command: &str) -> Result<(), VmmError> {
-        self.record(name)?
+        self.dirs
+            .record(name)?
             .ok_or_else(|| VmmError::NotFound(name.into()))?;
         if self.pid(name).is_none() {
             return Err(VmmError::Failed(format!("{name} is not running")));
@@ -501,35 +326,72 @@ impl QemuHost {
         self.qmp(name).await?.execute(command, None).await?;
         Ok(())
     }
+}
 
-    /// Stops the VM and removes everything it had; a VM that does not exist counts as removed.
-    pub async fn destroy(&self, name: &str) -> Result<(), VmmError> {
-        let _guard = self.lock.lock().await;
-        let dir = self.vm_dir(name)?;
-        self.power_off(name).await?;
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(VmmError::Failed(format!("remove {}: {e}", dir.display()))),
-        }
+#[async_trait]
+impl Vmm for QemuHost {
+    fn backend(&self) -> &'static str {
+        "qemu"
     }
 
-    /// Every VM this host keeps, with its status: after an agent restart, the ones whose
-    /// QEMU still runs are simply adopted (nothing is started twice), the ones that died
-    /// while it was down report `stopped`.
-    pub async fn list(&self) -> Result<Vec<(VmRecord, VmStatus)>, VmmError> {
+    fn accel(&self) -> Accel {
+        self.accel
+    }
+
+    fn record(&self, name: &str) -> Result<Option<VmRecord>, VmmError> {
+        self.dirs.record(name)
+    }
+
+    async fn create(&self, spec: &VmSpec) -> Result<VmRecord, VmmError> {
+        self.create_vm(spec).await
+    }
+
+    async fn status(&self, name: &str) -> Result<Option<VmStatus>, VmmError> {
+        self.qmp_status(name).await
+    }
+
+    async fn start(&self, name: &str) -> Result<(), VmmError> {
+        let _guard = self.lock.lock().await;
+        let record = self
+            .dirs
+            .record(name)?
+            .ok_or_else(|| VmmError::NotFound(name.into()))?;
+        if self.pid(name).is_some() {
+            return Ok(());
+        }
+        self.launch(&record).await
+    }
+
+    /// A power-off: QMP `quit`, and a kill after a grace period.
+    async fn stop(&self, name: &str) -> Result<(), VmmError> {
+        let _guard = self.lock.lock().await;
+        self.dirs
+            .record(name)?
+            .ok_or_else(|| VmmError::NotFound(name.into()))?;
+        self.power_off(name).await
+    }
+
+    async fn pause(&self, name: &str) -> Result<(), VmmError> {
+        self.qmp_running(name, "stop").await
+    }
+
+    async fn resume(&self, name: &str) -> Result<(), VmmError> {
+        self.qmp_running(name, "cont").await
+    }
+
+    async fn destroy(&self, name: &str) -> Result<(), VmmError> {
+        let _guard = self.lock.lock().await;
+        self.vm_dir(name)?;
+        self.power_off(name).await?;
+        self.dirs.remove(name)
+    }
+
+    async fn list(&self) -> Result<Vec<(VmRecord, VmStatus)>, VmmError> {
         let mut out = Vec::new();
-        for entry in
-            std::fs::read_dir(self.dir.join("vms")).map_err(fail("read the state directory"))?
-        {
-            let entry = entry.map_err(fail("read the state directory"))?;
-            let name = entry.file_name().to_string_lossy().to_string();
-            if name.starts_with('.') {
-                // A create that died half-way: nothing was started from it.
-                let _ = std::fs::remove_dir_all(entry.path());
-                continue;
-            }
-            if let (Some(record), Some(status)) = (self.record(&name)?, self.status(&name).await?) {
+        for name in self.dirs.names()? {
+            if let (Some(record), Some(status)) =
+                (self.dirs.record(&name)?, self.qmp_status(&name).await?)
+            {
                 out.push((record, status));
             }
         }

@@ -3,17 +3,27 @@
 //! plane if it has not yet, then serves until SIGTERM. VMs keep running when the agent
 //! stops: they are separate processes, and the next start adopts them.
 
+use crate::firecracker_host::{FirecrackerConfig, FirecrackerHost};
 use crate::identity::{self, Joined};
 use crate::image::VmImage;
-use crate::qemu::{Accel, QemuHost, probe_kvm};
+use crate::qemu::{QemuHost, probe_kvm};
 use crate::server::{Agent, VERSION, router, serve, tls_config};
+use crate::vmm::{Accel, Vmm};
 use anyhow::{Context, Result, bail};
 use hearth_provider::agent::wire;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+/// The VMM backend.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Qemu,
+    Firecracker(FirecrackerConfig),
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    pub backend: Backend,
     pub state_dir: PathBuf,
     pub image_dir: PathBuf,
     /// Where the API listens (`host:port`).
@@ -110,28 +120,48 @@ pub async fn run(
         .with_context(|| format!("create {}", config.state_dir.display()))?;
     let image = VmImage::open(&config.image_dir)?;
     let tls = identity::tls(&config.state_dir, &config.advertise)?;
-    let accel = accelerator(&config, &image);
-    let runas = match crate::guard::confine() {
-        Ok(user) => {
-            tracing::info!(user = %user, "VMs may not open connections to this host (iptables chain HEARTH-VMS)");
-            Some(user)
+    let vms: Box<dyn Vmm> = match &config.backend {
+        Backend::Qemu => {
+            let accel = accelerator(&config, &image);
+            let runas = match crate::guard::confine() {
+                Ok(user) => {
+                    tracing::info!(user = %user, "VMs may not open connections to this host (iptables chain HEARTH-VMS)");
+                    Some(user)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "VMs run unconfined: they can reach services on this host; run the agent as root");
+                    None
+                }
+            };
+            Box::new(
+                QemuHost::new(
+                    config.state_dir.clone(),
+                    image,
+                    accel,
+                    &config.guest_address,
+                )?
+                .run_as(runas),
+            )
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "VMs run unconfined: they can reach services on this host; run the agent as root");
-            None
+        Backend::Firecracker(fc) => {
+            crate::guard::confine_taps()
+                .context("the firecracker backend puts each VM on a tap device")?;
+            tracing::info!(
+                "VMs on tap devices may not open connections to this host or each other (chains HEARTH-TAPS-*)"
+            );
+            Box::new(FirecrackerHost::new(
+                config.state_dir.clone(),
+                image,
+                fc.clone(),
+                &config.guest_address,
+            )?)
         }
     };
-    let vms = QemuHost::new(
-        config.state_dir.clone(),
-        image,
-        accel,
-        &config.guest_address,
-    )?
-    .run_as(runas);
+    let accel = vms.accel();
     let adopted = vms.list().await?;
     let running = adopted
         .iter()
-        .filter(|(_, s)| *s == crate::qemu::VmStatus::Running)
+        .filter(|(_, s)| *s == crate::vmm::VmStatus::Running)
         .count();
     tracing::info!(
         vms = adopted.len(),
@@ -180,7 +210,7 @@ fn router_for_join() -> axum::Router {
 
 async fn finish(
     config: AgentConfig,
-    vms: QemuHost,
+    vms: Box<dyn Vmm>,
     joined: Joined,
     listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,

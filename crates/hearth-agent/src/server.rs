@@ -10,7 +10,7 @@
 //! - `GET /metrics`: Prometheus text.
 
 use crate::identity::{self, Joined};
-use crate::qemu::{QemuHost, VmSpec, VmStatus, VmmError};
+use crate::vmm::{VmSpec, VmStatus, Vmm, VmmError};
 use anyhow::{Context, Result};
 use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
@@ -29,7 +29,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 const MAX_CONNECTIONS: usize = 256;
 
 pub struct Agent {
-    pub vms: QemuHost,
+    pub vms: Box<dyn Vmm>,
     pub capacity: wire::Capacity,
     pub guest_address: String,
     pub joined: Joined,
@@ -75,7 +75,7 @@ async fn authorize(State(agent): State<Shared>, request: Request, next: Next) ->
     next.run(request).await
 }
 
-fn view(agent: &Agent, record: &crate::qemu::VmRecord, status: VmStatus) -> wire::Vm {
+fn view(agent: &Agent, record: &crate::vmm::VmRecord, status: VmStatus) -> wire::Vm {
     wire::Vm {
         name: record.spec.name.clone(),
         environment_id: record.spec.environment_id.clone(),
@@ -103,6 +103,7 @@ async fn status(State(agent): State<Shared>) -> Result<Json<wire::Status>, ApiEr
     let vms = agent.vms.list().await?;
     Ok(Json(wire::Status {
         version: VERSION.into(),
+        backend: agent.vms.backend().into(),
         accel: agent.vms.accel().as_str().into(),
         capacity: agent.capacity.clone(),
         vms: vms.len() as i64,

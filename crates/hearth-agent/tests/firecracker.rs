@@ -1,4 +1,4 @@
-//! The Firecracker driver against a fake Firecracker that checks every request against
+//! The `firecracker` backend against a fake Firecracker that checks every request against
 //! `spec/firecracker-api.yaml`: the path and method exist; the body's required fields are
 //! there, with the declared types and enum values, and no undeclared field; and the order
 //! holds: an operation the spec marks "Pre-boot only" never follows `InstanceStart` (and
@@ -6,8 +6,13 @@
 //! `PATCH /vm` needs a started VM, and `PUT /snapshot/create` a paused one. A request that
 //! breaks any of that is answered 400 with a `fault_message` and recorded as a violation.
 //!
-//! What the fake cannot prove: that a real Firecracker boots the guest, and everything
-//! around the process (the jailer, tap devices). There is no Firecracker binary or working
+//! This binary is its own fake Firecracker process: run with `--api-sock PATH` (as the
+//! backend runs `firecracker`), it serves the fake API on PATH, appends every request and
+//! every violation to `PATH.log` and `PATH.violations`, and exits on `SendCtrlAltDel` as
+//! Firecracker does when its guest reboots. Hence `harness = false` (libtest-mimic).
+//!
+//! What the fake cannot prove: that a real Firecracker boots the guest, that the guest's
+//! network comes up on its tap, and the jailer. There is no Firecracker binary or working
 //! KVM here.
 
 use hearth_agent::firecracker::{self, BootSpec, FcClient};
@@ -16,6 +21,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// The spec, as JSON.
@@ -34,6 +40,8 @@ struct Fake {
     paused: bool,
     /// Every request, as `METHOD path`.
     log: Vec<String>,
+    /// `SendCtrlAltDel` came: a real Firecracker exits when its guest reboots.
+    ended: bool,
     violations: Vec<String>,
 }
 
@@ -162,7 +170,10 @@ fn judge(
     }
     match (t, action) {
         ("/actions", Some("InstanceStart")) => fake.started = true,
-        ("/actions", Some("SendCtrlAltDel")) => fake.started = false,
+        ("/actions", Some("SendCtrlAltDel")) => {
+            fake.started = false;
+            fake.ended = true;
+        }
         ("/vm", _) => fake.paused = body["state"] == "Paused",
         ("/snapshot/load", _) => {
             fake.started = true;
@@ -186,7 +197,7 @@ fn judge(
 }
 
 /// Serves the fake on `socket`; returns its record.
-fn serve(socket: &std::path::Path) -> Arc<Mutex<Fake>> {
+fn serve(socket: &Path) -> Arc<Mutex<Fake>> {
     let fake = Arc::new(Mutex::new(Fake::default()));
     let spec = Arc::new(spec());
     let listener = tokio::net::UnixListener::bind(socket).unwrap();
@@ -242,7 +253,6 @@ fn boot_spec() -> BootSpec {
     }
 }
 
-#[tokio::test]
 async fn the_whole_life_of_a_vm_follows_the_spec() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("fc.sock");
@@ -291,7 +301,6 @@ async fn the_whole_life_of_a_vm_follows_the_spec() {
     assert!(fresh.lock().unwrap().violations.is_empty());
 }
 
-#[tokio::test]
 async fn a_request_that_breaks_the_spec_fails() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("fc.sock");
@@ -348,4 +357,241 @@ async fn a_request_that_breaks_the_spec_fails() {
     // Booting again on a started process breaks the order too: the driver reports it.
     let again = firecracker::boot(&client, &boot_spec()).await.unwrap_err();
     assert!(again.to_string().contains("pre-boot only"), "{again}");
+}
+
+/// The fake as a process: serves `socket` and writes down what it was asked.
+fn fake_process(socket: PathBuf) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let fake = serve(&socket);
+        let (log, violations) = (
+            socket.with_extension("log"),
+            socket.with_extension("violations"),
+        );
+        let (mut logged, mut reported) = (0, 0);
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let (lines, faults, ended) = {
+                let f = fake.lock().unwrap();
+                (
+                    f.log[logged..].to_vec(),
+                    f.violations[reported..].to_vec(),
+                    f.ended,
+                )
+            };
+            (logged, reported) = (logged + lines.len(), reported + faults.len());
+            for (file, new) in [(&log, lines), (&violations, faults)] {
+                let mut text: String = new.iter().map(|l| format!("{l}\n")).collect();
+                if !text.is_empty() {
+                    text.insert_str(0, &std::fs::read_to_string(file).unwrap_or_default());
+                    std::fs::write(file, text).unwrap();
+                }
+            }
+            if ended {
+                std::process::exit(0);
+            }
+        }
+    });
+}
+
+fn image() -> hearth_agent::image::VmImage {
+    let dir = std::env::var("HEARTH_VM_IMAGE_DIR")
+        .unwrap_or_else(|_| hearth_agent::DEFAULT_VM_IMAGE_DIR.into());
+    hearth_agent::image::VmImage::open(Path::new(&dir))
+        .expect("the VM image: run `hearth image build --vm` (make test does)")
+}
+
+fn tap_exists(slot: u16) -> bool {
+    std::process::Command::new("ip")
+        .args(["link", "show", &format!("hzfc{slot}")])
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+fn alive(pid: &str) -> bool {
+    Path::new(&format!("/proc/{}", pid.trim())).exists()
+        && !std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+/// The backend runs each VM as a Firecracker process of its own (this binary, as the fake),
+/// on a tap device, with its SSH forwarded; a new agent adopts it; stop, start, a VM killed
+/// behind its back, destroy; and every request every process got followed the spec.
+async fn the_backend_runs_vm_processes_through_their_life() {
+    use hearth_agent::firecracker_host::{FirecrackerConfig, FirecrackerHost};
+    use hearth_agent::vmm::{VmSpec, VmStatus, Vmm};
+    // The firewall the agent sets up for tap devices applies (iptables-restore accepts it).
+    hearth_agent::guard::confine_taps().unwrap();
+    for (table, chain, target) in [
+        ("filter", "INPUT", "HEARTH-TAPS-IN"),
+        ("filter", "FORWARD", "HEARTH-TAPS-FWD"),
+        ("nat", "POSTROUTING", "HEARTH-TAPS-NAT"),
+    ] {
+        let jumps = std::process::Command::new("iptables")
+            .args(["-w", "-t", table, "-C", chain, "-j", target])
+            .status()
+            .unwrap();
+        assert!(jumps.success(), "no jump from {chain} to {target}");
+    }
+    let state = tempfile::tempdir().unwrap();
+    let config = FirecrackerConfig {
+        firecracker: std::env::current_exe().unwrap(),
+        jailer: None,
+        chroot_base: state.path().join("jail"),
+    };
+    let make = || {
+        FirecrackerHost::new(
+            state.path().to_path_buf(),
+            image(),
+            config.clone(),
+            "127.0.0.1",
+        )
+        .unwrap()
+    };
+    let host = make();
+    let name = format!("hearth-fc-{}", std::process::id());
+    let spec = VmSpec {
+        name: name.clone(),
+        environment_id: "fc".into(),
+        hostname: "fc-one".into(),
+        vcpus: 1,
+        memory_mb: 256,
+        disk_gb: 2,
+        authorized_keys:
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKeyKeyKeyKeyKeyKeyKeyKeyKeyKeyKeyKeyKeyKeyK test"
+                .into(),
+        labels: Default::default(),
+    };
+    let record = host.create(&spec).await.unwrap();
+    let slot = record.net_slot.expect("a tap slot");
+    let dir = state.path().join("vms").join(&name);
+    let pid = std::fs::read_to_string(dir.join("fc.pid")).unwrap();
+    assert!(alive(&pid) && tap_exists(slot));
+    let kernel = std::fs::read(
+        state
+            .path()
+            .join(format!("vmlinux-{}", image().kernel_version)),
+    )
+    .unwrap();
+    assert_eq!(&kernel[..4], b"\x7fELF", "Firecracker boots an ELF kernel");
+    assert_eq!(
+        std::fs::metadata(dir.join("disk.ext4")).unwrap().len(),
+        2 << 30,
+        "the raw disk has the VM's size"
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", record.ssh_port)).is_ok(),
+        "nothing forwards the VM's SSH"
+    );
+    assert_eq!(host.status(&name).await.unwrap(), Some(VmStatus::Running));
+    host.pause(&name).await.unwrap();
+    assert_eq!(host.status(&name).await.unwrap(), Some(VmStatus::Paused));
+    host.resume(&name).await.unwrap();
+
+    // A new agent adopts the running VM: the same process, its SSH forwarded again.
+    drop(host);
+    let host = make();
+    let listed = host.list().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].1, VmStatus::Running);
+    assert_eq!(
+        host.create(&spec).await.unwrap(),
+        record,
+        "a second create finds the first VM"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("fc.pid")).unwrap(),
+        pid,
+        "a second process was started"
+    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", record.ssh_port)).is_ok());
+
+    host.stop(&name).await.unwrap();
+    assert!(
+        !alive(&pid) && !tap_exists(slot),
+        "stop left the process or the tap"
+    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", record.ssh_port)).is_err());
+    assert_eq!(host.status(&name).await.unwrap(), Some(VmStatus::Stopped));
+    host.start(&name).await.unwrap();
+    let second = std::fs::read_to_string(dir.join("fc.pid")).unwrap();
+    assert!(second != pid && alive(&second) && tap_exists(slot));
+
+    // The fake writes down its requests every 20 ms: wait for the second boot's.
+    let waited = std::time::Instant::now();
+    while std::fs::read_to_string(dir.join("fc.log"))
+        .unwrap_or_default()
+        .matches("PUT /actions")
+        .count()
+        < 3
+    {
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(10),
+            "the second process never recorded its boot"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Killed behind the agent's back: reported stopped.
+    std::process::Command::new("kill")
+        .args(["-9", second.trim()])
+        .status()
+        .unwrap();
+    let waited = std::time::Instant::now();
+    while host.status(&name).await.unwrap() != Some(VmStatus::Stopped) {
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(10),
+            "a killed VM is still reported"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Both processes were driven as the spec says: two boots, pause and resume, one stop.
+    let violations = std::fs::read_to_string(dir.join("fc.violations")).unwrap_or_default();
+    assert!(violations.is_empty(), "{violations}");
+    let log = std::fs::read_to_string(dir.join("fc.log")).unwrap();
+    assert_eq!(log.matches("PUT /logger").count(), 2, "{log}");
+    assert_eq!(log.matches("PUT /actions").count(), 3, "{log}");
+    assert_eq!(log.matches("PATCH /vm").count(), 2, "{log}");
+
+    host.destroy(&name).await.unwrap();
+    assert!(!dir.exists() && !tap_exists(slot));
+    assert_eq!(host.list().await.unwrap().len(), 0);
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--api-sock") {
+        return fake_process(PathBuf::from(&args[at + 1]));
+    }
+    let run = |test: fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>| {
+        move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(test());
+            Ok(())
+        }
+    };
+    let tests = vec![
+        libtest_mimic::Trial::test(
+            "the_whole_life_of_a_vm_follows_the_spec",
+            run(|| Box::pin(the_whole_life_of_a_vm_follows_the_spec())),
+        ),
+        libtest_mimic::Trial::test(
+            "a_request_that_breaks_the_spec_fails",
+            run(|| Box::pin(a_request_that_breaks_the_spec_fails())),
+        ),
+        libtest_mimic::Trial::test(
+            "the_backend_runs_vm_processes_through_their_life",
+            run(|| Box::pin(the_backend_runs_vm_processes_through_their_life())),
+        ),
+    ];
+    libtest_mimic::run(&libtest_mimic::Arguments::from_args(), tests).exit();
 }

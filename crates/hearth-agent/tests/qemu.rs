@@ -4,7 +4,8 @@
 //! it dies, and leaves nothing behind.
 
 use hearth_agent::image::VmImage;
-use hearth_agent::qemu::{Accel, QemuHost, VmSpec, VmStatus};
+use hearth_agent::qemu::QemuHost;
+use hearth_agent::vmm::{Accel, VmSpec, VmStatus, Vmm};
 use hearth_guest::{ExecRequest, KeyPair, SshPool, Target};
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -30,6 +30,9 @@ pub mod wire {
     #[serde(rename_all = "camelCase")]
     pub struct Status {
         pub version: String,
+        /// The VMM: `qemu` or `firecracker`.
+        #[serde(default)]
+        pub backend: String,
         /// `kvm` or `tcg`, as the agent found by booting a probe.
         pub accel: String,
         pub capacity: Capacity,

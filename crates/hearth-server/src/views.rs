@@ -350,7 +350,7 @@ pub struct HostView {
     #[schema(value_type = Object)]
     pub options: serde_json::Value,
     /// What the host said of itself at its last check: for an agent `version`,
-    /// `accel` (`kvm` or `tcg`), `capacity`, `vms` and `running`; for a Docker engine its
+    /// `backend` (`qemu` or `firecracker`), `accel` (`kvm` or `tcg`), `capacity`, `vms` and `running`; for a Docker engine its
     /// `version`, `containers` and `running` (all of the engine's, not only Hearth's); null
     /// for kinds that say nothing.
     #[schema(value_type = Option<Object>)]

@@ -186,9 +186,25 @@ struct AgentArgs {
     /// First start only: from `hearth admin hosts join-token NAME`.
     #[arg(long, env = "HEARTH_JOIN_TOKEN")]
     join_token: Option<String>,
-    /// auto (boot a probe under KVM and use it only if it works), kvm or tcg.
+    /// auto (boot a probe under KVM and use it only if it works), kvm or tcg (qemu only).
     #[arg(long, env = "HEARTH_AGENT_ACCEL", default_value = "auto")]
     accel: String,
+    /// The VMM: qemu, or firecracker (needs working KVM, root for tap devices, and the
+    /// firecracker binary).
+    #[arg(long, env = "HEARTH_AGENT_VMM", default_value = "qemu")]
+    vmm: String,
+    #[arg(
+        long,
+        env = "HEARTH_FIRECRACKER",
+        default_value = "/usr/local/bin/firecracker"
+    )]
+    firecracker: std::path::PathBuf,
+    /// Run each Firecracker VM under this jailer, chrooted and as the VM user.
+    #[arg(long, env = "HEARTH_JAILER")]
+    jailer: Option<std::path::PathBuf>,
+    /// The jailer's chroot base (on the same file system as the state directory).
+    #[arg(long, env = "HEARTH_JAILER_CHROOT", default_value = "/srv/jailer")]
+    jailer_chroot: std::path::PathBuf,
     #[arg(long, env = "HEARTH_AGENT_MAX_VMS", default_value_t = 50)]
     max_vms: i64,
     #[arg(long, env = "HEARTH_AGENT_MAX_VCPUS", default_value_t = 16)]
@@ -396,7 +412,7 @@ async fn serve() -> Result<ExitCode, Failure> {
 }
 
 async fn agent(args: AgentArgs) -> Result<ExitCode, Failure> {
-    use hearth_agent::qemu::Accel;
+    use hearth_agent::vmm::Accel;
     // The agent's identity and the VMs' disks are for its own user only.
     // SAFETY: umask has no preconditions; it only sets this process's file mode mask.
     unsafe {
@@ -417,7 +433,23 @@ async fn agent(args: AgentArgs) -> Result<ExitCode, Failure> {
             )));
         }
     };
+    let backend = match args.vmm.as_str() {
+        "qemu" => hearth_agent::run::Backend::Qemu,
+        "firecracker" => hearth_agent::run::Backend::Firecracker(
+            hearth_agent::firecracker_host::FirecrackerConfig {
+                firecracker: args.firecracker,
+                jailer: args.jailer,
+                chroot_base: args.jailer_chroot,
+            },
+        ),
+        other => {
+            return Err(Failure::usage(format!(
+                "--vmm must be qemu or firecracker, got {other:?}"
+            )));
+        }
+    };
     let config = hearth_agent::run::AgentConfig {
+        backend,
         state_dir: args.state_dir,
         image_dir: args.image_dir,
         advertise: args.advertise.unwrap_or_else(|| args.listen.clone()),
@@ -1116,7 +1148,7 @@ fn reported(report: &Value) -> String {
         return String::new();
     };
     let mut parts: Vec<String> = Vec::new();
-    for key in ["version", "accel", "vms", "containers"] {
+    for key in ["version", "backend", "accel", "vms", "containers"] {
         if let Some(v) = fields.get(key).filter(|v| !v.is_null()) {
             let v = v
                 .as_str()

@@ -1,0 +1,701 @@
+//! The `firecracker` backend: one Firecracker process per VM (or the jailer running it,
+//! when configured), configured and started through its API (`firecracker.rs`).
+//!
+//! - Kernel: Firecracker on x86_64 boots an uncompressed ELF kernel, so the image's
+//!   `vmlinuz` is unpacked once into `<state>/vmlinux-<kernel version>` (`vmlinux`).
+//! - Disk: Firecracker takes raw disks only: a copy of the image's `rootfs.ext4` (a reflink
+//!   where the file system has them, else a sparse copy) grown to the VM's size; the guest
+//!   grows its file system to it at boot and cannot exceed it.
+//! - Network: a tap device per VM (`hzfc<slot>`, a /30 out of 10.234.0.0/16: the host is
+//!   `.1`, the guest `.2`, told to it by the config drive), confined by `guard::confine_taps`
+//!   (no new connection to this host or between VMs, NAT to the outside). The guest's SSH is
+//!   reached through a TCP forwarder in the agent on `<guest address>:<ssh port>` (at most
+//!   `MAX_FORWARDED` connections per VM), started with the VM and again when an agent adopts
+//!   it; while the agent is down, running VMs keep running but their SSH port does not answer.
+//! - Stop is `SendCtrlAltDel` (the guest reboots, Firecracker exits), and a kill after
+//!   `STOP_GRACE`. Pause and resume are `PATCH /vm`.
+//!
+//! What is not proven here: there is no Firecracker binary and no working KVM on these
+//! machines, so this backend is tested with a fake Firecracker process that serves the API
+//! and checks every request against the published spec (`tests/firecracker.rs`). That tests
+//! the process handling, the records, adoption, the tap devices and the forwarder, but not
+//! that a real Firecracker boots this kernel and image, that the guest's network comes up on
+//! the tap, or the jailer's chroot handling (its command line is unit-tested).
+
+use crate::firecracker::{self, BootSpec, FcClient};
+use crate::guard::{TAP_PREFIX, VM_USER};
+use crate::image::VmImage;
+use crate::vmm::{
+    Accel, VmDirs, VmRecord, VmSpec, VmStatus, Vmm, VmmError, check_sizes, fail, free_port, now_ms,
+    process_has_argument, run,
+};
+use async_trait::async_trait;
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a guest may take to reboot (and Firecracker to exit) after `SendCtrlAltDel`.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long a new Firecracker process may take to open its API socket.
+const SOCKET_WAIT: Duration = Duration::from_secs(5);
+/// Connections forwarded to one VM's SSH at once.
+const MAX_FORWARDED: usize = 64;
+/// Tap slots: a /30 each in 10.234.0.0/16.
+const SLOTS: u16 = 16384;
+
+/// How Firecracker is run.
+#[derive(Debug, Clone)]
+pub struct FirecrackerConfig {
+    /// The `firecracker` binary.
+    pub firecracker: PathBuf,
+    /// The `jailer` binary: when set, each VM runs in its chroot as `VM_USER`.
+    pub jailer: Option<PathBuf>,
+    /// The jailer's `--chroot-base-dir`.
+    pub chroot_base: PathBuf,
+}
+
+pub struct FirecrackerHost {
+    dirs: VmDirs,
+    state: PathBuf,
+    image: VmImage,
+    config: FirecrackerConfig,
+    guest_address: String,
+    lock: tokio::sync::Mutex<()>,
+    /// The SSH forwarder of each VM this agent serves.
+    forwarders: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+}
+
+/// The host's and the guest's address on the tap of `slot`.
+fn tap_addresses(slot: u16) -> (Ipv4Addr, Ipv4Addr) {
+    let base = u32::from(Ipv4Addr::new(10, 234, 0, 0)) + u32::from(slot) * 4;
+    (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2))
+}
+
+fn tap_name(slot: u16) -> String {
+    format!("{TAP_PREFIX}{slot}")
+}
+
+/// The uncompressed kernel inside a bzImage: the setup header says where the payload is,
+/// its first bytes which compressor made it.
+pub fn vmlinux(bzimage: &Path, out: &Path) -> Result<(), VmmError> {
+    let data = std::fs::read(bzimage).map_err(fail("read the kernel"))?;
+    let header = |at: usize| {
+        data.get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    let setup_sectors = match data.get(0x1f1) {
+        Some(0) => 4,
+        Some(n) => *n as usize,
+        None => return Err(VmmError::Failed("the kernel is not a bzImage".into())),
+    };
+    let (Some(offset), Some(length)) = (header(0x248), header(0x24c)) else {
+        return Err(VmmError::Failed("the kernel is not a bzImage".into()));
+    };
+    let start = (setup_sectors + 1) * 512 + offset;
+    let payload = data
+        .get(start..start + length)
+        .ok_or_else(|| VmmError::Failed("the kernel's payload is out of bounds".into()))?;
+    let tool: &[&str] = match payload {
+        [0x1f, 0x8b, ..] => &["gzip", "-dc"],
+        [0xfd, b'7', b'z', b'X', b'Z', ..] => &["xz", "-dc"],
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => &["zstd", "-dc"],
+        [0x02, 0x21, 0x4c, 0x18, ..] => &["lz4", "-dc"],
+        _ => {
+            return Err(VmmError::Failed(
+                "the kernel's compression is not one of gzip, xz, zstd, lz4".into(),
+            ));
+        }
+    };
+    let tmp = out.with_extension("tmp");
+    let mut child = Command::new(tool[0])
+        .args(&tool[1..])
+        .stdin(Stdio::piped())
+        .stdout(std::fs::File::create(&tmp).map_err(fail("write vmlinux"))?)
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            VmmError::Failed(format!(
+                "cannot run {} ({e}): apt-get install {}",
+                tool[0], tool[0]
+            ))
+        })?;
+    // The decompressor stops at the end of its stream; trailing bytes are the size field.
+    let _ = std::io::Write::write_all(&mut child.stdin.take().expect("piped"), payload);
+    let _ = child.wait();
+    let head = std::fs::read(&tmp)
+        .ok()
+        .and_then(|b| b.get(..4).map(<[u8]>::to_vec));
+    if head.as_deref() != Some(b"\x7fELF") {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(VmmError::Failed(format!(
+            "unpacking the kernel with {} gave no ELF file",
+            tool[0]
+        )));
+    }
+    std::fs::rename(&tmp, out).map_err(fail("write vmlinux"))
+}
+
+/// The command that runs Firecracker for VM `name` in `dir`: Firecracker itself, or the
+/// jailer (which chroots into `<chroot base>/firecracker/<name>/root` and drops to `uid`).
+pub fn command_line(
+    config: &FirecrackerConfig,
+    name: &str,
+    dir: &Path,
+    ids: Option<(u32, u32)>,
+) -> Vec<String> {
+    let firecracker = config.firecracker.display().to_string();
+    match (&config.jailer, ids) {
+        (Some(jailer), Some((uid, gid))) => vec![
+            jailer.display().to_string(),
+            "--id".into(),
+            name.into(),
+            "--exec-file".into(),
+            firecracker,
+            "--uid".into(),
+            uid.to_string(),
+            "--gid".into(),
+            gid.to_string(),
+            "--chroot-base-dir".into(),
+            config.chroot_base.display().to_string(),
+            "--".into(),
+            "--api-sock".into(),
+            "/fc.sock".into(),
+        ],
+        _ => vec![
+            firecracker,
+            "--api-sock".into(),
+            dir.join("fc.sock").display().to_string(),
+            "--id".into(),
+            name.into(),
+        ],
+    }
+}
+
+fn ids_of(user: &str) -> Option<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.first() == Some(&user) && f.len() > 3)
+            .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+            .flatten()
+    })
+}
+
+/// A nameserver a guest on a tap can use: the host's first one that is not on loopback.
+fn nameserver() -> String {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .filter_map(|l| l.strip_prefix("nameserver "))
+                .map(str::trim)
+                .find(|a| a.parse::<Ipv4Addr>().is_ok_and(|ip| !ip.is_loopback()))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "1.1.1.1".into())
+}
+
+fn ip(args: &[&str]) -> Result<(), VmmError> {
+    run(
+        Command::new("ip").args(args),
+        &format!("ip {}", args.join(" ")),
+    )
+}
+
+impl FirecrackerHost {
+    pub fn new(
+        state: PathBuf,
+        image: VmImage,
+        config: FirecrackerConfig,
+        guest_address: &str,
+    ) -> Result<FirecrackerHost, VmmError> {
+        Ok(FirecrackerHost {
+            dirs: VmDirs::new(&state)?,
+            state,
+            image,
+            config,
+            guest_address: guest_address.to_string(),
+            lock: tokio::sync::Mutex::new(()),
+            forwarders: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The ELF kernel, unpacked once per kernel version.
+    fn kernel(&self) -> Result<PathBuf, VmmError> {
+        let path = self
+            .state
+            .join(format!("vmlinux-{}", self.image.kernel_version));
+        if !path.is_file() {
+            vmlinux(&self.image.kernel(), &path)?;
+        }
+        Ok(path)
+    }
+
+    fn pid(&self, name: &str) -> Option<u32> {
+        let pid: u32 = std::fs::read_to_string(self.dirs.dir(name).ok()?.join("fc.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        process_has_argument(pid, name).then_some(pid)
+    }
+
+    fn client(&self, name: &str) -> Result<FcClient, VmmError> {
+        let dir = self.dirs.dir(name)?;
+        let socket = match &self.config.jailer {
+            Some(_) => self
+                .config
+                .chroot_base
+                .join("firecracker")
+                .join(name)
+                .join("root/fc.sock"),
+            None => dir.join("fc.sock"),
+        };
+        Ok(FcClient::new(&socket))
+    }
+
+    /// The lowest tap slot no VM here holds.
+    fn free_slot(&self) -> Result<u16, VmmError> {
+        let mut taken = std::collections::HashSet::new();
+        for name in self.dirs.names()? {
+            if let Some(slot) = self.dirs.record(&name)?.and_then(|r| r.net_slot) {
+                taken.insert(slot);
+            }
+        }
+        (0..SLOTS)
+            .find(|s| !taken.contains(s))
+            .ok_or_else(|| VmmError::Failed("every tap slot is taken".into()))
+    }
+
+    fn tap_up(&self, slot: u16) -> Result<(), VmmError> {
+        let tap = tap_name(slot);
+        let _ = Command::new("ip")
+            .args(["link", "del", &tap])
+            .stderr(Stdio::null())
+            .status();
+        let mut add = vec!["tuntap", "add", "dev", tap.as_str(), "mode", "tap"];
+        let uid = ids_of(VM_USER).map(|(u, _)| u.to_string());
+        if let (Some(_), Some(uid)) = (&self.config.jailer, &uid) {
+            add.extend(["user", uid.as_str()]);
+        }
+        ip(&add)?;
+        let (host, _) = tap_addresses(slot);
+        ip(&["addr", "add", &format!("{host}/30"), "dev", &tap])?;
+        ip(&["link", "set", &tap, "up"])
+    }
+
+    fn tap_down(slot: Option<u16>) {
+        if let Some(slot) = slot {
+            let _ = Command::new("ip")
+                .args(["link", "del", &tap_name(slot)])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+
+    /// Serves `<guest address>:<ssh port>` by connecting each client to the guest's sshd.
+    async fn forward(&self, record: &VmRecord) -> Result<(), VmmError> {
+        let Some(slot) = record.net_slot else {
+            return Ok(());
+        };
+        let name = record.spec.name.clone();
+        if self
+            .forwarders
+            .lock()
+            .expect("not poisoned")
+            .get(&name)
+            .is_some_and(|f| !f.is_finished())
+        {
+            return Ok(());
+        }
+        // A forwarder just aborted (by a host dropped in this process) lets go of its port
+        // when the runtime next polls it.
+        let address = (self.guest_address.as_str(), record.ssh_port);
+        let mut tries = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(address).await {
+                Ok(listener) => break listener,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 20 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => {
+                    return Err(VmmError::Failed(format!(
+                        "listen for the SSH of {name} on port {}: {e}",
+                        record.ssh_port
+                    )));
+                }
+            }
+        };
+        let guest = (tap_addresses(slot).1, 22u16);
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_FORWARDED));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    if let Ok(Ok(mut vm)) = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        tokio::net::TcpStream::connect(guest),
+                    )
+                    .await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut vm).await;
+                    }
+                });
+            }
+        });
+        self.forwarders
+            .lock()
+            .expect("not poisoned")
+            .insert(name, task);
+        Ok(())
+    }
+
+    fn stop_forwarding(&self, name: &str) {
+        if let Some(task) = self.forwarders.lock().expect("not poisoned").remove(name) {
+            task.abort();
+        }
+    }
+
+    /// `path` as Firecracker sees it: as it is, or under the jailer hard-linked into the VM's
+    /// chroot (the VM's own files given to the VM user, who must write the disk and log).
+    fn path_for_firecracker(&self, name: &str, path: &Path) -> Result<String, VmmError> {
+        if self.config.jailer.is_none() {
+            return Ok(path.display().to_string());
+        }
+        let root = self
+            .config
+            .chroot_base
+            .join("firecracker")
+            .join(name)
+            .join("root");
+        std::fs::create_dir_all(&root).map_err(fail("make the VM's chroot"))?;
+        let file = path
+            .file_name()
+            .ok_or_else(|| VmmError::Failed(format!("{} has no file name", path.display())))?;
+        let inside = root.join(file);
+        if !inside.exists() {
+            if !path.exists() {
+                std::fs::write(path, b"").map_err(fail("make the VM's log"))?;
+            }
+            std::fs::hard_link(path, &inside).map_err(fail("link a file into the VM's chroot (it must be on the state directory's file system)"))?;
+        }
+        // The VM's own files only: the kernel and initrd are shared, and read-only to it.
+        if let (Some((uid, gid)), true) = (ids_of(VM_USER), path.starts_with(self.dirs.dir(name)?))
+        {
+            std::os::unix::fs::chown(&inside, Some(uid), Some(gid))
+                .map_err(fail("give a file to the VM user"))?;
+        }
+        Ok(format!("/{}", file.to_string_lossy()))
+    }
+
+    /// Starts a Firecracker process for `record`, configures it and starts the guest.
+    async fn launch(&self, record: &VmRecord) -> Result<(), VmmError> {
+        let name = &record.spec.name;
+        let dir = self.dirs.dir(name)?;
+        let slot = record
+            .net_slot
+            .ok_or_else(|| VmmError::Failed(format!("{name} has no network slot")))?;
+        let kernel = self.kernel()?;
+        self.tap_up(slot)?;
+        let ids = ids_of(VM_USER);
+        let argv = command_line(&self.config, name, &dir, ids);
+        let client = self.client(name)?;
+        let _ = std::fs::remove_file(dir.join("fc.sock"));
+        let log = std::fs::File::create(dir.join("firecracker.out"))
+            .map_err(fail("open the VM's log"))?;
+        let mut command = Command::new(&argv[0]);
+        command
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(fail("open the VM's log"))?)
+            .stderr(log);
+        // Its own session: it outlives the agent, like QEMU's -daemonize.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let child = command
+            .spawn()
+            .map_err(|e| VmmError::Failed(format!("cannot run {} ({e})", argv[0])))?;
+        std::fs::write(dir.join("fc.pid"), child.id().to_string())
+            .map_err(fail("write the VM's pid"))?;
+        // The agent never waits on it: reap it in the background so it leaves no zombie.
+        std::thread::spawn(move || {
+            let mut child = child;
+            let _ = child.wait();
+        });
+        let started = Instant::now();
+        while firecracker::state(&client).await.is_err() {
+            if started.elapsed() > SOCKET_WAIT {
+                self.kill(name).await;
+                return Err(VmmError::Failed(format!(
+                    "{} did not open its API socket within {} s",
+                    argv[0],
+                    SOCKET_WAIT.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let in_vm = |p: PathBuf| self.path_for_firecracker(name, &p);
+        let spec = BootSpec {
+            kernel: in_vm(kernel)?,
+            initrd: Some(in_vm(self.image.initrd())?),
+            boot_args: "console=ttyS0 reboot=k panic=1 quiet".into(),
+            vcpus: record.spec.vcpus,
+            memory_mb: record.spec.memory_mb,
+            root_disk: in_vm(dir.join("disk.ext4"))?,
+            config_drive: in_vm(dir.join("config.ext4"))?,
+            tap: tap_name(slot),
+            guest_mac: firecracker::guest_mac(name),
+            log_path: in_vm(dir.join("firecracker.log"))?,
+        };
+        if let Err(e) = firecracker::boot(&client, &spec).await {
+            self.kill(name).await;
+            return Err(VmmError::Failed(e.to_string()));
+        }
+        self.forward(record).await?;
+        tracing::info!(vm = %name, port = record.ssh_port, tap = %tap_name(slot), "VM started");
+        Ok(())
+    }
+
+    /// Ends the VM's process: a reboot request first when it runs, then a kill.
+    async fn kill(&self, name: &str) {
+        let Some(pid) = self.pid(name) else { return };
+        if let Ok(client) = self.client(name) {
+            let _ = firecracker::stop(&client).await;
+        }
+        let started = Instant::now();
+        while process_has_argument(pid, name) {
+            if started.elapsed() > STOP_GRACE {
+                // SAFETY: kill(2) with a pid checked to be this VM's process a moment ago.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn power_off(&self, record: &VmRecord) {
+        self.stop_forwarding(&record.spec.name);
+        self.kill(&record.spec.name).await;
+        Self::tap_down(record.net_slot);
+    }
+
+    async fn api_status(&self, name: &str) -> Result<Option<VmStatus>, VmmError> {
+        if self.dirs.record(name)?.is_none() {
+            return Ok(None);
+        }
+        if self.pid(name).is_none() {
+            return Ok(Some(VmStatus::Stopped));
+        }
+        match firecracker::state(&self.client(name)?).await {
+            Ok(s) if s == "running" => Ok(Some(VmStatus::Running)),
+            Ok(s) if s == "paused" => Ok(Some(VmStatus::Paused)),
+            _ => Ok(Some(VmStatus::Stopped)),
+        }
+    }
+
+    async fn running_record(&self, name: &str) -> Result<FcClient, VmmError> {
+        self.dirs
+            .record(name)?
+            .ok_or_else(|| VmmError::NotFound(name.into()))?;
+        if self.pid(name).is_none() {
+            return Err(VmmError::Failed(format!("{name} is not running")));
+        }
+        self.client(name)
+    }
+}
+
+/// The forwarders end with the host (its VMs do not).
+impl Drop for FirecrackerHost {
+    fn drop(&mut self) {
+        for (_, task) in self.forwarders.lock().expect("not poisoned").drain() {
+            task.abort();
+        }
+    }
+}
+
+#[async_trait]
+impl Vmm for FirecrackerHost {
+    fn backend(&self) -> &'static str {
+        "firecracker"
+    }
+
+    /// Firecracker runs on KVM only.
+    fn accel(&self) -> Accel {
+        Accel::Kvm
+    }
+
+    fn record(&self, name: &str) -> Result<Option<VmRecord>, VmmError> {
+        self.dirs.record(name)
+    }
+
+    async fn create(&self, spec: &VmSpec) -> Result<VmRecord, VmmError> {
+        let _guard = self.lock.lock().await;
+        let record = match self.dirs.record(&spec.name)? {
+            Some(record) => record,
+            None => {
+                check_sizes(spec)?;
+                let slot = self.free_slot()?;
+                let (host, guest) = tap_addresses(slot);
+                let record = VmRecord {
+                    spec: spec.clone(),
+                    ssh_port: free_port(&self.guest_address)?,
+                    accel: Accel::Kvm,
+                    created_at_ms: now_ms(),
+                    net_slot: Some(slot),
+                };
+                let network = [
+                    ("address", format!("{guest}/30")),
+                    ("gateway", host.to_string()),
+                    ("dns", nameserver()),
+                ];
+                self.dirs.build(&record, &network, |dir| {
+                    let disk = dir.join("disk.ext4");
+                    run(
+                        Command::new("cp")
+                            .arg("--reflink=auto")
+                            .arg("--sparse=always")
+                            .arg(self.image.rootfs())
+                            .arg(&disk),
+                        "copy the root disk",
+                    )?;
+                    let file = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&disk)
+                        .map_err(fail("size the root disk"))?;
+                    file.set_len(spec.disk_gb as u64 * 1024 * 1024 * 1024)
+                        .map_err(fail("size the root disk"))
+                })?;
+                record
+            }
+        };
+        if self.pid(&spec.name).is_none() {
+            self.launch(&record).await?;
+        } else {
+            self.forward(&record).await?;
+        }
+        Ok(record)
+    }
+
+    async fn status(&self, name: &str) -> Result<Option<VmStatus>, VmmError> {
+        self.api_status(name).await
+    }
+
+    async fn start(&self, name: &str) -> Result<(), VmmError> {
+        let _guard = self.lock.lock().await;
+        let record = self
+            .dirs
+            .record(name)?
+            .ok_or_else(|| VmmError::NotFound(name.into()))?;
+        if self.pid(name).is_some() {
+            return self.forward(&record).await;
+        }
+        self.launch(&record).await
+    }
+
+    async fn stop(&self, name: &str) -> Result<(), VmmError> {
+        let _guard = self.lock.lock().await;
+        let record = self
+            .dirs
+            .record(name)?
+            .ok_or_else(|| VmmError::NotFound(name.into()))?;
+        self.power_off(&record).await;
+        Ok(())
+    }
+
+    async fn pause(&self, name: &str) -> Result<(), VmmError> {
+        firecracker::pause(&self.running_record(name).await?)
+            .await
+            .map_err(|e| VmmError::Failed(e.to_string()))
+    }
+
+    async fn resume(&self, name: &str) -> Result<(), VmmError> {
+        firecracker::resume(&self.running_record(name).await?)
+            .await
+            .map_err(|e| VmmError::Failed(e.to_string()))
+    }
+
+    async fn destroy(&self, name: &str) -> Result<(), VmmError> {
+        let _guard = self.lock.lock().await;
+        if let Some(record) = self.dirs.record(name)? {
+            self.power_off(&record).await;
+        }
+        if self.config.jailer.is_some() {
+            let _ = std::fs::remove_dir_all(self.config.chroot_base.join("firecracker").join(name));
+        }
+        self.dirs.remove(name)
+    }
+
+    /// Adopts what still runs: its SSH forwarder starts again here.
+    async fn list(&self) -> Result<Vec<(VmRecord, VmStatus)>, VmmError> {
+        let mut out = Vec::new();
+        for name in self.dirs.names()? {
+            if let (Some(record), Some(status)) =
+                (self.dirs.record(&name)?, self.api_status(&name).await?)
+            {
+                if status != VmStatus::Stopped {
+                    self.forward(&record).await?;
+                }
+                out.push((record, status));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_disjoint_slash_30s() {
+        assert_eq!(
+            tap_addresses(0),
+            (Ipv4Addr::new(10, 234, 0, 1), Ipv4Addr::new(10, 234, 0, 2))
+        );
+        assert_eq!(
+            tap_addresses(64),
+            (Ipv4Addr::new(10, 234, 1, 1), Ipv4Addr::new(10, 234, 1, 2))
+        );
+        assert_eq!(tap_addresses(SLOTS - 1).1, Ipv4Addr::new(10, 234, 255, 254));
+        assert!(
+            tap_name(SLOTS - 1).len() <= 15,
+            "a Linux interface name has at most 15 bytes"
+        );
+    }
+
+    #[test]
+    fn the_jailer_runs_firecracker_in_its_chroot_as_the_vm_user() {
+        let config = FirecrackerConfig {
+            firecracker: "/usr/bin/firecracker".into(),
+            jailer: Some("/usr/bin/jailer".into()),
+            chroot_base: "/srv/jailer".into(),
+        };
+        let argv = command_line(
+            &config,
+            "hearth-x",
+            Path::new("/state/vms/hearth-x"),
+            Some((997, 996)),
+        );
+        assert_eq!(
+            argv.join(" "),
+            "/usr/bin/jailer --id hearth-x --exec-file /usr/bin/firecracker --uid 997 --gid 996 --chroot-base-dir /srv/jailer -- --api-sock /fc.sock"
+        );
+        let plain = FirecrackerConfig {
+            jailer: None,
+            ..config
+        };
+        assert_eq!(
+            command_line(&plain, "hearth-x", Path::new("/d"), None).join(" "),
+            "/usr/bin/firecracker --api-sock /d/fc.sock --id hearth-x"
+        );
+    }
+}

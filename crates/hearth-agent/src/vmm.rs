@@ -1,0 +1,268 @@
+//! What every VMM backend of the agent offers (`Vmm`), and what they share: the durable
+//! record of a VM and its directory.
+//!
+//! Each VM has a directory `<state>/vms/<name>/`, made whole under a hidden name and renamed
+//! into place, so a record never appears half-written and a create that died half-way
+//! leaves only a hidden directory that the next listing removes. It holds `record.json`
+//! (what was asked, and what the backend chose: the SSH port, the network slot), the
+//! config drive `config.ext4` (authorized keys, hostname, and for tap networking the
+//! guest's address), the VM's disk and the backend's own files.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("no VM {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// What to make.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VmSpec {
+    /// The VM's name (`hearth-<environment id>`): one VM per name, ever.
+    pub name: String,
+    pub environment_id: String,
+    pub hostname: String,
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub disk_gb: i64,
+    /// OpenSSH public keys, one per line, for the guest's `dev` user.
+    pub authorized_keys: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What the agent keeps of a VM, on disk.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VmRecord {
+    pub spec: VmSpec,
+    pub ssh_port: u16,
+    pub accel: Accel,
+    pub created_at_ms: i64,
+    /// The VM's network slot on this host (tap networking only): its tap device and /30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net_slot: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmStatus {
+    Running,
+    Paused,
+    Stopped,
+}
+
+/// A VMM backend: the agent's API calls these and nothing else.
+#[async_trait]
+pub trait Vmm: Send + Sync {
+    /// `qemu` or `firecracker`.
+    fn backend(&self) -> &'static str;
+    fn accel(&self) -> Accel;
+    fn record(&self, name: &str) -> Result<Option<VmRecord>, VmmError>;
+    /// Makes the VM and starts it, or finds the one made before under that name (started
+    /// if it is not running): never a second VM for one name.
+    async fn create(&self, spec: &VmSpec) -> Result<VmRecord, VmmError>;
+    /// `None` when there is no such VM.
+    async fn status(&self, name: &str) -> Result<Option<VmStatus>, VmmError>;
+    async fn start(&self, name: &str) -> Result<(), VmmError>;
+    /// Powers the VM off (its disk stays).
+    async fn stop(&self, name: &str) -> Result<(), VmmError>;
+    async fn pause(&self, name: &str) -> Result<(), VmmError>;
+    async fn resume(&self, name: &str) -> Result<(), VmmError>;
+    /// Stops the VM and removes everything it had; a VM that does not exist counts as removed.
+    async fn destroy(&self, name: &str) -> Result<(), VmmError>;
+    /// Every VM kept here, with its status: after an agent restart the ones still running
+    /// are adopted as they are, the ones that died while it was down report `stopped`.
+    async fn list(&self) -> Result<Vec<(VmRecord, VmStatus)>, VmmError>;
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn fail(what: &str) -> impl Fn(std::io::Error) -> VmmError + '_ {
+    move |e| VmmError::Failed(format!("{what}: {e}"))
+}
+
+pub(crate) fn run(cmd: &mut Command, what: &str) -> Result<(), VmmError> {
+    hearth_provider::image::run(cmd, what)
+        .map(|_| ())
+        .map_err(|e| VmmError::Failed(e.to_string()))
+}
+
+pub(crate) fn free_port(address: &str) -> Result<u16, VmmError> {
+    let l = std::net::TcpListener::bind((address, 0)).map_err(fail("pick a port"))?;
+    Ok(l.local_addr().map_err(fail("pick a port"))?.port())
+}
+
+/// Whether `pid` is alive and its command line has `marker` as one argument (so a recycled
+/// pid is never taken for a VM's process).
+pub(crate) fn process_has_argument(pid: u32, marker: &str) -> bool {
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(cmdline) => String::from_utf8_lossy(&cmdline)
+            .split('\0')
+            .any(|arg| arg == marker),
+        Err(_) => false,
+    }
+}
+
+/// Sizes a backend accepts.
+pub(crate) fn check_sizes(spec: &VmSpec) -> Result<(), VmmError> {
+    if !(1..=2048).contains(&spec.disk_gb)
+        || !(1..=64).contains(&spec.vcpus)
+        || !(128..=262_144).contains(&spec.memory_mb)
+    {
+        return Err(VmmError::Failed(
+            "sizes out of range: 1-64 vCPUs, 128-262144 MB, 1-2048 GB".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The VM directories under `<state>/vms`.
+pub(crate) struct VmDirs {
+    root: PathBuf,
+}
+
+impl VmDirs {
+    pub fn new(state: &Path) -> Result<VmDirs, VmmError> {
+        let root = state.join("vms");
+        std::fs::create_dir_all(&root).map_err(fail("create the state directory"))?;
+        // Creates that died half-way (with an agent before this one): nothing was started
+        // from them.
+        for entry in std::fs::read_dir(&root)
+            .map_err(fail("read the state directory"))?
+            .flatten()
+        {
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        Ok(VmDirs { root })
+    }
+
+    pub fn dir(&self, name: &str) -> Result<PathBuf, VmmError> {
+        let well_formed = !name.is_empty()
+            && name.len() <= 64
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !well_formed {
+            return Err(VmmError::Failed(format!(
+                "VM name {name:?} must be letters, digits and '-' (at most 64)"
+            )));
+        }
+        Ok(self.root.join(name))
+    }
+
+    pub fn record(&self, name: &str) -> Result<Option<VmRecord>, VmmError> {
+        match std::fs::read_to_string(self.dir(name)?.join("record.json")) {
+            Ok(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| VmmError::Failed(format!("the record of {name} is unreadable: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(VmmError::Failed(format!("read the record of {name}: {e}"))),
+        }
+    }
+
+    pub fn write_record(&self, dir: &Path, record: &VmRecord) -> Result<(), VmmError> {
+        let tmp = dir.join("record.json.tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(record).expect("serializable"),
+        )
+        .map_err(fail("write the VM's record"))?;
+        std::fs::rename(&tmp, dir.join("record.json")).map_err(fail("write the VM's record"))
+    }
+
+    /// Makes the VM's directory whole: `make_disk` writes the disk into the directory it is
+    /// given, the config drive gets the spec's keys and hostname plus `extra_config` files,
+    /// then the record, then the rename that commits it all.
+    pub fn build(
+        &self,
+        record: &VmRecord,
+        extra_config: &[(&str, String)],
+        make_disk: impl FnOnce(&Path) -> Result<(), VmmError>,
+    ) -> Result<(), VmmError> {
+        let spec = &record.spec;
+        let dir = self.dir(&spec.name)?;
+        let building = self.root.join(format!(".{}.new", spec.name));
+        let _ = std::fs::remove_dir_all(&building);
+        std::fs::create_dir_all(building.join("config"))
+            .map_err(fail("create the VM's directory"))?;
+        make_disk(&building)?;
+        let mut files = vec![
+            (
+                "authorized_keys",
+                format!("{}\n", spec.authorized_keys.trim()),
+            ),
+            ("hostname", format!("{}\n", spec.hostname)),
+        ];
+        files.extend(extra_config.iter().map(|(k, v)| (*k, format!("{v}\n"))));
+        for (file, text) in files {
+            std::fs::write(building.join("config").join(file), text)
+                .map_err(fail("write the config drive"))?;
+        }
+        run(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-L", "hearth-config", "-d"])
+                .arg(building.join("config"))
+                .arg(building.join("config.ext4"))
+                .arg("4M"),
+            "mkfs.ext4 (config drive)",
+        )?;
+        self.write_record(&building, record)?;
+        // The record appears whole or not at all.
+        std::fs::rename(&building, &dir).map_err(fail("commit the VM's directory"))
+    }
+
+    /// The names of the VMs kept here (not the hidden directories of creates under way).
+    pub fn names(&self) -> Result<Vec<String>, VmmError> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&self.root).map_err(fail("read the state directory"))? {
+            let name = entry
+                .map_err(fail("read the state directory"))?
+                .file_name()
+                .to_string_lossy()
+                .to_string();
+            if !name.starts_with('.') {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+
+    pub fn remove(&self, name: &str) -> Result<(), VmmError> {
+        let dir = self.dir(name)?;
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(VmmError::Failed(format!("remove {}: {e}", dir.display()))),
+        }
+    }
+}
