@@ -94,10 +94,11 @@ fn request(code: &str, env: &BTreeMap<String, String>, stdin: Vec<u8>) -> ExecRe
 }
 
 impl Guest {
-    /// One try: does the guest accept Hearth's key and run a command?
-    pub async fn probe(&self) -> Result<(), String> {
+    /// One try: does the guest accept Hearth's key and run a command? A try whose SSH
+    /// banner has not come within `banner_wait` ends then.
+    pub async fn probe(&self, banner_wait: Duration) -> Result<(), String> {
         match self {
-            Guest::Ssh { pool, target } => pool.probe(target).await.map_err(|e| e.to_string()),
+            Guest::Ssh { pool, target } => pool.probe(target, banner_wait).await.map_err(|e| e.to_string()),
             Guest::Sim { sim, host, vm } => sim.probe(host, vm).await.map_err(|e| e.to_string()),
         }
     }

@@ -254,10 +254,17 @@ impl Run<'_> {
             .log(
                 &env,
                 "info",
-                &format!(
-                    "creating a VM on host {} from {} with {} vCPUs and {} MB of memory",
-                    on.host.name, env.base_image, env.vcpus, env.memory_mb
-                ),
+                &match on.host.kind {
+                    // Other kinds boot their own image (an agent's VM image, a cloud's).
+                    hearth_core::HostKind::Docker => format!(
+                        "creating a VM on host {} from {} with {} vCPUs and {} MB of memory",
+                        on.host.name, env.base_image, env.vcpus, env.memory_mb
+                    ),
+                    kind => format!(
+                        "creating a VM on host {} ({kind}) with {} vCPUs, {} MB of memory and {} GB of disk",
+                        on.host.name, env.vcpus, env.memory_mb, env.disk_gb
+                    ),
+                },
             )
             .await;
         let vm = on
@@ -359,7 +366,12 @@ impl Run<'_> {
         let started = Instant::now();
         let mut last_look = Instant::now();
         loop {
-            let error = match guest.probe().await {
+            // A guest whose sshd is up sends its banner at once; a try that waits longer
+            // was most likely made before the guest's network came up, and would hang until
+            // its timeout while sshd starts. After 20 s (a slow or very busy guest) tries
+            // wait the full 5 s.
+            let banner_wait = if started.elapsed() < Duration::from_secs(20) { Duration::from_millis(750) } else { Duration::from_secs(5) };
+            let error = match guest.probe(banner_wait).await {
                 Ok(()) => return Ok(Next::Continue),
                 Err(e) => e,
             };

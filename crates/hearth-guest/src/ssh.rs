@@ -132,7 +132,31 @@ impl SshPool {
         SshPool::default()
     }
 
+    /// Connects and authenticates within `timeout`; gives up sooner when the server's
+    /// banner has not come within `banner_wait` (a connection accepted by QEMU's user
+    /// network before the guest's network is up hangs: its SYN to the guest was lost).
+    async fn connect_waiting(target: &Target, timeout: Duration, banner_wait: Duration) -> Result<Handle<AcceptHost>, GuestError> {
+        let addr = format!("{}:{}", target.host, target.port);
+        let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect((target.host.as_str(), target.port)))
+            .await
+            .map_err(|_| GuestError::Connect(addr.clone(), "timed out".into()))?
+            .map_err(|e| GuestError::Connect(addr.clone(), e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let mut first = [0u8; 4];
+        match tokio::time::timeout(banner_wait.min(timeout), stream.peek(&mut first)).await {
+            Err(_) => return Err(GuestError::Connect(addr, format!("no SSH banner within {} ms", banner_wait.as_millis()))),
+            Ok(Ok(0)) => return Err(GuestError::Connect(addr, "closed before its banner".into())),
+            Ok(Err(e)) => return Err(GuestError::Connect(addr, e.to_string())),
+            Ok(Ok(_)) => {}
+        }
+        Self::handshake(target, timeout, stream).await
+    }
+
     async fn connect(target: &Target, timeout: Duration) -> Result<Handle<AcceptHost>, GuestError> {
+        Self::connect_waiting(target, timeout, timeout).await
+    }
+
+    async fn handshake(target: &Target, timeout: Duration, stream: tokio::net::TcpStream) -> Result<Handle<AcceptHost>, GuestError> {
         let key = decode_secret_key(&target.private_key_openssh, None)
             .map_err(|e| GuestError::Key(e.to_string()))?;
         let config = Arc::new(client::Config {
@@ -143,7 +167,7 @@ impl SshPool {
             ..Default::default()
         });
         let addr = format!("{}:{}", target.host, target.port);
-        let connecting = client::connect(config, (target.host.as_str(), target.port), AcceptHost);
+        let connecting = client::connect_stream(config, stream, AcceptHost);
         let mut handle = tokio::time::timeout(timeout, connecting)
             .await
             .map_err(|_| GuestError::Connect(addr.clone(), "timed out".into()))?
@@ -198,8 +222,10 @@ impl SshPool {
     }
 
     /// Succeeds once the guest accepts Hearth's key and runs `true`: the VM is usable.
-    pub async fn probe(&self, target: &Target) -> Result<(), GuestError> {
-        let handle = Self::connect(target, Duration::from_secs(5)).await?;
+    /// A try whose banner has not come within `banner_wait` fails then, so the next try
+    /// can start (see `connect_waiting`).
+    pub async fn probe(&self, target: &Target, banner_wait: Duration) -> Result<(), GuestError> {
+        let handle = Self::connect_waiting(target, Duration::from_secs(5), banner_wait).await?;
         let handle = Arc::new(handle);
         let out = run_on(
             &handle,
@@ -234,7 +260,7 @@ impl SshPool {
     pub async fn wait_ready(&self, target: &Target, deadline: Duration) -> Result<(), GuestError> {
         let until = Instant::now() + deadline;
         loop {
-            match self.probe(target).await {
+            match self.probe(target, Duration::from_secs(5)).await {
                 Ok(()) => return Ok(()),
                 Err(e) if Instant::now() >= until => return Err(e),
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
