@@ -16,6 +16,10 @@ pub struct Config {
     /// `/metrics` answers without a token (`HEARTH_METRICS_PUBLIC=1`); otherwise it needs
     /// an admin's, since it tells how many environments and jobs there are.
     pub metrics_public: bool,
+    /// Session cookies carry `Secure` (`HEARTH_SECURE_COOKIES=1`): set it when browsers
+    /// reach Hearth over TLS (through a proxy that terminates it), never on plain HTTP,
+    /// where browsers would then drop the cookie.
+    pub secure_cookies: bool,
     /// Close the host to its VMs (`HEARTH_GUEST_FIREWALL`, on by default): on a machine
     /// whose Docker engine is a host of this installation, VMs may not open connections
     /// to the host or to link-local addresses (see `hearth_provider::docker::guard`).
@@ -83,6 +87,7 @@ impl Config {
             max_connections: 16_384,
             header_timeout: Duration::from_secs(10),
             metrics_public: false,
+            secure_cookies: false,
             guest_firewall: true,
             data_dir,
             database_url,
@@ -178,6 +183,7 @@ impl Config {
         c.host_max_environments = number("HEARTH_HOST_MAX_ENVIRONMENTS", c.host_max_environments)?;
         c.workers = number("HEARTH_WORKERS", 1u8)? != 0;
         c.metrics_public = number("HEARTH_METRICS_PUBLIC", 0u8)? != 0;
+        c.secure_cookies = number("HEARTH_SECURE_COOKIES", 0u8)? != 0;
         c.guest_firewall = number("HEARTH_GUEST_FIREWALL", 1u8)? != 0;
         let days = |name: &str, ms: i64| number(name, ms / DAY_MS).map(|d: i64| d.max(1) * DAY_MS);
         c.retention = hearth_store::Retention {

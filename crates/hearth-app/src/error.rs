@@ -27,6 +27,9 @@ pub enum AppError {
     /// No host has room now; later may work.
     #[error("{0}")]
     NoCapacity(String),
+    /// Too many tries in a short time (signing in); later works.
+    #[error("{0}")]
+    TooMany(String),
     /// Waited as long as allowed.
     #[error("{0}")]
     Timeout(String),

@@ -98,7 +98,10 @@ impl Guest {
     /// banner has not come within `banner_wait` ends then.
     pub async fn probe(&self, banner_wait: Duration) -> Result<(), String> {
         match self {
-            Guest::Ssh { pool, target } => pool.probe(target, banner_wait).await.map_err(|e| e.to_string()),
+            Guest::Ssh { pool, target } => pool
+                .probe(target, banner_wait)
+                .await
+                .map_err(|e| e.to_string()),
             Guest::Sim { sim, host, vm } => sim.probe(host, vm).await.map_err(|e| e.to_string()),
         }
     }

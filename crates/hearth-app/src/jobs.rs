@@ -370,7 +370,11 @@ impl Run<'_> {
             // was most likely made before the guest's network came up, and would hang until
             // its timeout while sshd starts. After 20 s (a slow or very busy guest) tries
             // wait the full 5 s.
-            let banner_wait = if started.elapsed() < Duration::from_secs(20) { Duration::from_millis(750) } else { Duration::from_secs(5) };
+            let banner_wait = if started.elapsed() < Duration::from_secs(20) {
+                Duration::from_millis(750)
+            } else {
+                Duration::from_secs(5)
+            };
             let error = match guest.probe(banner_wait).await {
                 Ok(()) => return Ok(Next::Continue),
                 Err(e) => e,

@@ -20,6 +20,7 @@ pub mod reaper;
 pub mod reconcile;
 mod saga;
 pub mod service;
+pub mod sign_in;
 mod sim_ledger;
 pub mod start;
 

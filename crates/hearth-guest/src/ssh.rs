@@ -135,16 +135,28 @@ impl SshPool {
     /// Connects and authenticates within `timeout`; gives up sooner when the server's
     /// banner has not come within `banner_wait` (a connection accepted by QEMU's user
     /// network before the guest's network is up hangs: its SYN to the guest was lost).
-    async fn connect_waiting(target: &Target, timeout: Duration, banner_wait: Duration) -> Result<Handle<AcceptHost>, GuestError> {
+    async fn connect_waiting(
+        target: &Target,
+        timeout: Duration,
+        banner_wait: Duration,
+    ) -> Result<Handle<AcceptHost>, GuestError> {
         let addr = format!("{}:{}", target.host, target.port);
-        let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect((target.host.as_str(), target.port)))
-            .await
-            .map_err(|_| GuestError::Connect(addr.clone(), "timed out".into()))?
-            .map_err(|e| GuestError::Connect(addr.clone(), e.to_string()))?;
+        let stream = tokio::time::timeout(
+            timeout,
+            tokio::net::TcpStream::connect((target.host.as_str(), target.port)),
+        )
+        .await
+        .map_err(|_| GuestError::Connect(addr.clone(), "timed out".into()))?
+        .map_err(|e| GuestError::Connect(addr.clone(), e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let mut first = [0u8; 4];
         match tokio::time::timeout(banner_wait.min(timeout), stream.peek(&mut first)).await {
-            Err(_) => return Err(GuestError::Connect(addr, format!("no SSH banner within {} ms", banner_wait.as_millis()))),
+            Err(_) => {
+                return Err(GuestError::Connect(
+                    addr,
+                    format!("no SSH banner within {} ms", banner_wait.as_millis()),
+                ));
+            }
             Ok(Ok(0)) => return Err(GuestError::Connect(addr, "closed before its banner".into())),
             Ok(Err(e)) => return Err(GuestError::Connect(addr, e.to_string())),
             Ok(Ok(_)) => {}
@@ -156,7 +168,11 @@ impl SshPool {
         Self::connect_waiting(target, timeout, timeout).await
     }
 
-    async fn handshake(target: &Target, timeout: Duration, stream: tokio::net::TcpStream) -> Result<Handle<AcceptHost>, GuestError> {
+    async fn handshake(
+        target: &Target,
+        timeout: Duration,
+        stream: tokio::net::TcpStream,
+    ) -> Result<Handle<AcceptHost>, GuestError> {
         let key = decode_secret_key(&target.private_key_openssh, None)
             .map_err(|e| GuestError::Key(e.to_string()))?;
         let config = Arc::new(client::Config {

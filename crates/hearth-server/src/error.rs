@@ -59,6 +59,7 @@ impl From<AppError> for ApiError {
             AppError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             AppError::Quota(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
             AppError::NoCapacity(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_capacity"),
+            AppError::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_attempts"),
             AppError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             AppError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),

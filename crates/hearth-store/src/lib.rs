@@ -11,6 +11,7 @@ mod installation;
 mod jobs;
 mod records;
 mod retention;
+mod sign_in;
 mod sim;
 mod users;
 
@@ -20,6 +21,7 @@ pub use installation::{Installation, KeyCheck};
 pub use jobs::{Job, JobState, MAX_CRASHES, NewJob};
 pub use records::{AuditEntry, AuditFilter, Execution, ExecutionSummary, LogEntry};
 pub use retention::Retention;
+pub use sign_in::{MAX_SESSIONS_PER_USER, NewSession};
 pub use sim::SimVmRow;
 pub use users::{ApiToken, QuotaOverrides, User, generate_token, hash_token};
 

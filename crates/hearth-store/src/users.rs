@@ -64,7 +64,7 @@ pub fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-fn user_from_row(row: &AnyRow) -> Result<User> {
+pub(crate) fn user_from_row(row: &AnyRow) -> Result<User> {
     let role: String = row.try_get("role")?;
     let tier: String = row.try_get("tier")?;
     Ok(User {
@@ -209,6 +209,8 @@ impl Store {
             "DELETE FROM jobs WHERE environment_id IN (SELECT id FROM environments WHERE user_id = $1)",
             "DELETE FROM environments WHERE user_id = $1",
             "DELETE FROM api_tokens WHERE user_id = $1",
+            "DELETE FROM sessions WHERE user_id = $1",
+            "DELETE FROM password_links WHERE user_id = $1",
             "DELETE FROM quotas WHERE user_id = $1",
             "DELETE FROM users WHERE id = $1",
         ] {

@@ -19,6 +19,7 @@ use utoipa::{IntoResponses, Modify, OpenApi};
     modifiers(&Bearer),
     security(("bearer" = [])),
     tags(
+        (name = "auth", description = "Signing in from a browser: sessions, passwords"),
         (name = "me", description = "The caller and their personal VM"),
         (name = "environments", description = "Environments: several per user, under quota"),
         (name = "admin", description = "Administration (role `admin`)"),
@@ -44,7 +45,7 @@ impl Modify for Bearer {
 #[derive(IntoResponses)]
 #[allow(dead_code)]
 pub enum Authed {
-    /// No `Authorization: Bearer <token>`, or an unknown token.
+    /// No `Authorization: Bearer <token>` (or session cookie), or an unknown one.
     #[response(status = 401)]
     Unauthenticated(ErrorBody),
     /// The database (or another service Hearth depends on) does not answer.

@@ -2,6 +2,7 @@
 //! authorize, call one service function, map the result.
 
 mod admin;
+mod auth;
 pub mod docs;
 mod environments;
 mod hosts;
@@ -37,6 +38,11 @@ pub fn routes() -> (axum::Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(ops::metrics))
         .routes(routes!(ops::flavors))
         .routes(routes!(ops::regions))
+        .routes(routes!(auth::sign_in))
+        .routes(routes!(auth::sign_out))
+        .routes(routes!(auth::session))
+        .routes(routes!(auth::set_password))
+        .routes(routes!(auth::password_link))
         .routes(routes!(me::me))
         .routes(routes!(me::tokens, me::create_token))
         .routes(routes!(me::revoke_token))
@@ -111,19 +117,28 @@ pub fn router(app: App) -> Router {
         .with_state(app)
 }
 
-/// The caller, from `Authorization: Bearer <token>`.
+/// The caller, from `Authorization: Bearer <token>` or, for browsers, the session cookie.
+/// A call that changes something (any method but GET, HEAD and OPTIONS) with the cookie
+/// must also carry the session's CSRF token in `X-CSRF-Token`: a page on another site can
+/// make a browser send the cookie, but cannot read the token.
 pub struct Caller(pub User);
 
 impl FromRequestParts<App> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Caller, ApiError> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| {
-                ApiError::unauthenticated("missing Authorization: Bearer <token> header")
-            })?;
+        let Some(header) = parts.headers.get(axum::http::header::AUTHORIZATION) else {
+            return match auth::session_cookie(&parts.headers) {
+                Some(session) => {
+                    let (user, csrf) = app.session(&session).await?;
+                    auth::check_csrf(&parts.method, &parts.headers, &csrf)?;
+                    Ok(Caller(user))
+                }
+                None => Err(ApiError::unauthenticated(
+                    "missing Authorization: Bearer <token> header (or a session: POST /v1/auth/sign-in)",
+                )),
+            };
+        };
         let token = header
             .to_str()
             .ok()

@@ -1,0 +1,197 @@
+//! Signing in from a browser: a password for a session cookie, and one-time links to set
+//! a password (`hearth_app::sign_in` has the rules and bounds).
+//!
+//! The cookie `hearth_session` is HTTP-only and `SameSite=Lax` (and `Secure` with
+//! `HEARTH_SECURE_COOKIES=1`). Calls that change something with it need `X-CSRF-Token`
+//! (from the sign-in answer or `GET /v1/auth/session`). The terminal WebSocket never takes
+//! the cookie: it takes a ticket from a POST, which needs that token.
+
+use super::docs::{AdminOnly, Authed, Invalid, Missing};
+use super::{Admin, Body};
+use crate::App;
+use crate::error::{ApiError, ApiResult};
+use crate::views::UserView;
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+pub const COOKIE: &str = "hearth_session";
+
+/// The session id from the request's `Cookie` headers, if any.
+pub fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == COOKIE)
+        .map(|(_, value)| value.to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// Refuses a changing call whose `X-CSRF-Token` is not the session's.
+pub fn check_csrf(method: &Method, headers: &HeaderMap, csrf: &str) -> Result<(), ApiError> {
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return Ok(());
+    }
+    let sent = headers
+        .get("x-csrf-token")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    // Compared in constant time: the token is a secret.
+    let same = sent.len() == csrf.len()
+        && sent
+            .bytes()
+            .zip(csrf.bytes())
+            .fold(0u8, |d, (a, b)| d | (a ^ b))
+            == 0;
+    if !same {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "csrf",
+            "a call with the session cookie must send its CSRF token in X-CSRF-Token (GET /v1/auth/session has it)",
+        ));
+    }
+    Ok(())
+}
+
+fn cookie(app: &App, value: &str, max_age_seconds: u64) -> HeaderValue {
+    let secure = if app.config.secure_cookies {
+        "; Secure"
+    } else {
+        ""
+    };
+    HeaderValue::from_str(&format!(
+        "{COOKIE}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age_seconds}{secure}"
+    ))
+    .expect("a token is a valid header value")
+}
+
+#[derive(Deserialize, Default, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SignInBody {
+    #[schema(max_length = 254)]
+    email: String,
+    #[schema(max_length = 256)]
+    password: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionView {
+    user: UserView,
+    /// Send it back in `X-CSRF-Token` on every call that changes something.
+    csrf_token: String,
+}
+
+/// Signs in with an email and password: sets the session cookie.
+#[utoipa::path(post, path = "/v1/auth/sign-in", tag = "auth", security(()), request_body = SignInBody,
+    responses((status = 200, description = "signed in; the cookie is set", body = SessionView), Invalid,
+        (status = 401, description = "wrong email or password", body = crate::error::ErrorBody),
+        (status = 429, description = "too many failed sign-ins for this email lately", body = crate::error::ErrorBody)))]
+pub async fn sign_in(State(app): State<App>, Body(b): Body<SignInBody>) -> ApiResult<Response> {
+    let (user, session) = app.sign_in(&b.email, &b.password).await?;
+    let mut response = Json(SessionView {
+        user: UserView::from(&user),
+        csrf_token: session.csrf,
+    })
+    .into_response();
+    let max_age = hearth_app::sign_in::SESSION_LIFETIME.as_secs();
+    response
+        .headers_mut()
+        .insert(header::SET_COOKIE, cookie(&app, &session.id, max_age));
+    Ok(response)
+}
+
+/// Ends the session of the cookie and clears it.
+#[utoipa::path(post, path = "/v1/auth/sign-out", tag = "auth", security(()), responses((status = 204, description = "signed out")))]
+pub async fn sign_out(State(app): State<App>, headers: HeaderMap) -> ApiResult<Response> {
+    if let Some(session) = session_cookie(&headers) {
+        // Only a page holding the CSRF token may end a session (no cross-site sign-outs).
+        if let Ok((_, csrf)) = app.session(&session).await {
+            check_csrf(&Method::POST, &headers, &csrf)?;
+            app.sign_out(&session).await?;
+        }
+    }
+    let mut response = StatusCode::NO_CONTENT.into_response();
+    response
+        .headers_mut()
+        .insert(header::SET_COOKIE, cookie(&app, "", 0));
+    Ok(response)
+}
+
+/// The signed-in user and the session's CSRF token (for a page that was reloaded).
+#[utoipa::path(get, path = "/v1/auth/session", tag = "auth", security(()),
+    responses((status = 200, description = "the session", body = SessionView),
+        (status = 401, description = "no session, or it ended", body = crate::error::ErrorBody)))]
+pub async fn session(State(app): State<App>, headers: HeaderMap) -> ApiResult<Json<SessionView>> {
+    let id = session_cookie(&headers).ok_or_else(|| ApiError::unauthenticated("not signed in"))?;
+    let (user, csrf_token) = app.session(&id).await?;
+    Ok(Json(SessionView {
+        user: UserView::from(&user),
+        csrf_token,
+    }))
+}
+
+#[derive(Deserialize, Default, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SetPasswordBody {
+    /// The token of the link an admin made (`POST /v1/admin/users/{id}/password-link`).
+    #[schema(max_length = 200)]
+    token: String,
+    /// 12 to 256 characters.
+    #[schema(min_length = 12, max_length = 256)]
+    password: String,
+}
+
+/// Sets a password with a one-time link (an invitation or a reset); ends the user's sessions.
+#[utoipa::path(post, path = "/v1/auth/password", tag = "auth", security(()), request_body = SetPasswordBody,
+    responses((status = 200, description = "the password is set; sign in with it", body = UserView), Invalid,
+        (status = 401, description = "the link is unknown, used or expired", body = crate::error::ErrorBody)))]
+pub async fn set_password(
+    State(app): State<App>,
+    Body(b): Body<SetPasswordBody>,
+) -> ApiResult<Json<UserView>> {
+    let user = app.set_password(&b.token, &b.password).await?;
+    Ok(Json(UserView::from(&user)))
+}
+
+#[derive(Deserialize, Default, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PasswordLinkBody {
+    /// `invite` (valid 7 days) or `reset` (1 hour).
+    #[schema(pattern = "^(invite|reset)$")]
+    purpose: String,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PasswordLinkView {
+    /// For `POST /v1/auth/password`; shown this once. An earlier link of the user stops working.
+    token: String,
+    expires_at: String,
+}
+
+/// A one-time link with which a user sets their password.
+#[utoipa::path(post, path = "/v1/admin/users/{id}/password-link", tag = "admin", params(("id" = String, Path, description = "the user's id")),
+    request_body = PasswordLinkBody,
+    responses((status = 201, description = "the link's token", body = PasswordLinkView), Invalid, Missing, AdminOnly, Authed))]
+pub async fn password_link(
+    State(app): State<App>,
+    Admin(admin): Admin,
+    Path(id): Path<String>,
+    Body(b): Body<PasswordLinkBody>,
+) -> ApiResult<(StatusCode, Json<PasswordLinkView>)> {
+    let (token, expires_at) = app.password_link(&admin, &id, &b.purpose).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(PasswordLinkView {
+            token,
+            expires_at: crate::views::time(expires_at),
+        }),
+    ))
+}
