@@ -7,7 +7,7 @@ HEARTH_DEBUG := $(CARGO_TARGET_DIR)/debug/hearth
 HEARTH_RELEASE := $(CARGO_TARGET_DIR)/release/hearth
 PG_URL := postgres://hearth:hearth@127.0.0.1:5432/hearth
 
-.PHONY: run setup test fuzz build image bench clean-containers
+.PHONY: run setup test fuzz build image bench clean-containers ui
 
 ## Install Docker and mmdebstrap, start dockerd, build Hearth and the guest image, then serve.
 run: setup
@@ -15,19 +15,28 @@ run: setup
 
 setup:
 	scripts/services.sh docker
+	$(MAKE) ui
 	$(CARGO) build --release --bin hearth
 	$(HEARTH_RELEASE) image build
 
 ## Every test, on SQLite and PostgreSQL, against the real Docker engine; then the fuzzer.
 test:
-	scripts/services.sh docker postgres redis fuzz qemu
-	$(CARGO) build --bin hearth
+	scripts/services.sh docker postgres redis fuzz qemu ui
+	$(MAKE) ui
 	$(HEARTH_DEBUG) image build
 	$(HEARTH_DEBUG) image build --vm
 	$(MAKE) clean-containers
 	HEARTH_TEST_POSTGRES_URL=$(PG_URL) $(CARGO) nextest run --workspace --no-fail-fast; \
 	  status=$$?; python3 scripts/fuzz.py $(HEARTH_DEBUG) --examples 10 || status=1; \
 	  $(MAKE) clean-containers; exit $$status
+
+## The web UI into ui/dist (embedded by the next cargo build): its API types are generated
+## from the OpenAPI document of `hearth openapi`; npm ci runs only when package-lock.json changed.
+ui:
+	scripts/services.sh ui
+	$(CARGO) build --bin hearth
+	$(HEARTH_DEBUG) openapi > ui/openapi.json
+	cd ui && { [ node_modules/.hearth-installed -nt package-lock.json ] || { npm ci --no-audit --no-fund && touch node_modules/.hearth-installed; }; } && npm run build
 
 ## Schemathesis against /openapi.json with a user's and an admin's token.
 fuzz:

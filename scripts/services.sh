@@ -5,6 +5,7 @@
 #   scripts/services.sh redis       redis-server installed (tests start their own)
 #   scripts/services.sh fuzz        schemathesis (pinned) from PyPI
 #   scripts/services.sh qemu        QEMU, qemu-img and busybox for VM hosts (hearth agent)
+#   scripts/services.sh ui          Node.js and npm (building the web UI), Chromium (its tests)
 # Prints the variables to export on its last lines.
 set -euo pipefail
 
@@ -110,6 +111,15 @@ install_qemu() {
   fi
 }
 
+# Node.js 18 or newer with npm builds the web UI; Debian's chromium runs its browser tests.
+# A newer Node already installed (nodesource) is kept.
+install_ui_tools() {
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    apt_install nodejs npm
+  fi
+  apt_install chromium
+}
+
 need_root
 for what in "$@"; do
   case "$what" in
@@ -118,6 +128,7 @@ for what in "$@"; do
     redis) install_redis ;;
     fuzz) install_fuzzer ;;
     qemu) install_qemu ;;
-    *) echo "scripts/services.sh: unknown service $what (docker, postgres, redis, fuzz, qemu)" >&2; exit 2 ;;
+    ui) install_ui_tools ;;
+    *) echo "scripts/services.sh: unknown service $what (docker, postgres, redis, fuzz, qemu, ui)" >&2; exit 2 ;;
   esac
 done

@@ -6,6 +6,7 @@
 //! and store calls that hold business rules live in `hearth-app`.
 
 pub mod api;
+mod ui;
 pub mod error;
 pub mod serve;
 pub mod views;

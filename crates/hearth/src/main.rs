@@ -31,6 +31,8 @@ struct Cli {
 enum Command {
     /// Run the control plane: API, workers and reconciler.
     Serve,
+    /// Print the API's OpenAPI document (the web UI's types are generated from it).
+    Openapi,
     /// Run the agent of a VM host (QEMU): joins an installation once, then serves it.
     Agent(AgentArgs),
     /// Guest images.
@@ -142,6 +144,14 @@ enum AdminCommand {
         tier: String,
         #[arg(long, default_value = "user")]
         role: String,
+    },
+    /// A one-time link with which a user sets their web UI password (an invitation, valid
+    /// 7 days, or with --reset a reset, valid 1 hour). Prints the link.
+    PasswordLink {
+        /// The user's id (`hearth admin users` lists them).
+        user: String,
+        #[arg(long)]
+        reset: bool,
     },
     /// Every personal VM with stats.
     Vms,
@@ -371,6 +381,10 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     match cli.command {
         Command::Serve => serve().await,
+        Command::Openapi => {
+            println!("{}", hearth_server::api::openapi_json());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Agent(args) => agent(args).await,
         Command::Image {
             command:
@@ -1056,6 +1070,12 @@ async fn admin(command: AdminCommand) -> Result<ExitCode, Failure> {
                     s(&u, "email")
                 );
             }
+        }
+        AdminCommand::PasswordLink { user, reset } => {
+            let purpose = if reset { "reset" } else { "invite" };
+            let r = client.post(&format!("/v1/admin/users/{user}/password-link"), json!({ "purpose": purpose })).await?;
+            println!("{}/ui/password?token={}", client.base().trim_end_matches('/'), s(&r, "token"));
+            println!("valid until {}, once", s(&r, "expiresAt"));
         }
         AdminCommand::Vms => {
             let r = client.get("/v1/admin/vms").await?;

@@ -86,6 +86,12 @@ pub fn routes() -> (axum::Router<App>, utoipa::openapi::OpenApi) {
         .split_for_parts()
 }
 
+/// The generated OpenAPI document, without what only a running server knows.
+pub fn openapi_json() -> String {
+    let (_, doc) = routes();
+    serde_json::to_string_pretty(&doc).expect("the document serializes")
+}
+
 /// The OpenAPI document as served: the generated one, with what only this server knows
 /// (the images it offers) filled in.
 pub fn document(app: &App) -> String {
@@ -110,6 +116,7 @@ pub fn router(app: App) -> Router {
     let document = Arc::new(document(&app));
     let (routes, _) = routes();
     routes
+        .merge(crate::ui::router())
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(axum::Extension(document))

@@ -1,0 +1,65 @@
+//! The web UI in headless Chromium (`ui/test/e2e.mjs`, playwright-core with Debian's
+//! `chromium`): a user invited by an admin sets a password from the link, signs in, provisions the
+//! personal VM on the real Docker engine, sees the log and the state change live, runs a
+//! command in the terminal, stops and destroys it. `make test` builds the UI first
+//! (`make ui`); screenshots land in `$CARGO_TARGET_TMPDIR/ui-screenshots`.
+
+mod common;
+
+use common::*;
+use reqwest::StatusCode;
+use std::path::Path;
+
+fn ui_dir() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../ui"))
+}
+
+#[tokio::test]
+async fn a_user_signs_in_provisions_uses_the_terminal_and_destroys() {
+    let ui = ui_dir();
+    assert!(
+        ui.join("dist/index.html").is_file() && ui.join("node_modules/playwright-core").is_dir(),
+        "the UI is not built: run `make ui` (make test does)"
+    );
+    let site = Site::new(Db::Sqlite).await;
+    let server = site.start().await;
+    let page = reqwest::get(format!("{}/", server.base)).await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(page.text().await.unwrap().contains("<div id=\"app\">"), "/ does not serve the built page");
+
+    let password = "a long enough password";
+    server.user("ui@example.com", "free").await;
+    let id = server.user_id("ui@example.com").await;
+    // The invitation link, as `hearth admin password-link` prints it; the browser sets the password.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["admin", "password-link", &id])
+        .env("HEARTH_URL", &server.base)
+        .env("HEARTH_TOKEN", &server.admin_token)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let link = String::from_utf8_lossy(&out.stdout).lines().next().unwrap().to_string();
+    assert!(link.starts_with(&format!("{}/ui/password?token=", server.base)), "{link}");
+
+    let screenshots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots");
+    let out = tokio::process::Command::new("node")
+        .arg("test/e2e.mjs")
+        .current_dir(ui)
+        .env("HEARTH_URL", &server.base)
+        .env("LINK", &link)
+        .env("EMAIL", "ui@example.com")
+        .env("PASSWORD", password)
+        .env("SCREENSHOTS", &screenshots)
+        .output()
+        .await
+        .expect("node (make ui installs it)");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the browser test failed:\n{said}");
+    assert!(said.contains("e2e: done"), "{said}");
+    for page in ["set-password", "sign-in", "size-picker", "my-vm", "terminal"] {
+        for width in ["desktop", "phone"] {
+            assert!(screenshots.join(format!("{page}-{width}.png")).is_file(), "no screenshot of {page} at {width} width");
+        }
+    }
+    println!("screenshots: {}", screenshots.display());
+}
