@@ -5,7 +5,7 @@ import { Terminal as XTerm } from "@xterm/xterm";
 import { FitAddon } from "@xterm/addon-fit";
 import "@xterm/xterm/css/xterm.css";
 import "./style.css";
-import { ApiError, call, setCsrf, type Flavor, type Me, type Session, type User, type UserVm } from "./api";
+import { ApiError, call, setCsrf, type Flavor, type Me, type Schemas, type Session, type User, type UserVm } from "./api";
 
 function message(e: unknown): string {
   return e instanceof ApiError || e instanceof Error ? e.message : String(e);
@@ -290,9 +290,164 @@ function MyVm() {
   return <VmCard vm={vm} onChanged={load} />;
 }
 
+type Token = Schemas["TokenView"];
+
+function when(t: string | null | undefined): string {
+  return t ? new Date(t).toLocaleString() : "never";
+}
+
+/** API tokens: make, name, see when last used, revoke. */
+function Settings() {
+  const [tokens, setTokens] = useState<Token[]>([]);
+  const [name, setName] = useState("");
+  const [made, setMade] = useState("");
+  const [error, setError] = useState("");
+  const load = () => call<{ items: Token[] }>("GET", "/v1/me/tokens").then((t) => setTokens(t.items)).catch((e) => setError(message(e)));
+  useEffect(() => {
+    load();
+  }, []);
+  async function create(e: Event) {
+    e.preventDefault();
+    setError("");
+    try {
+      const t = await call<{ token: string }>("POST", "/v1/me/tokens", { name });
+      setMade(t.token);
+      setName("");
+      load();
+    } catch (err) {
+      setError(message(err));
+    }
+  }
+  async function revoke(t: Token) {
+    if (!window.confirm(`Revoke the token "${t.name}"? Whatever uses it stops working.`)) return;
+    setError("");
+    try {
+      await call("DELETE", `/v1/me/tokens/${t.id}`);
+      load();
+    } catch (err) {
+      setError(message(err));
+    }
+  }
+  return (
+    <section class="card" aria-labelledby="tokens">
+      <h2 id="tokens">API tokens</h2>
+      <table>
+        <thead>
+          <tr><th scope="col">Name</th><th scope="col">Made</th><th scope="col">Last used</th><th scope="col"><span class="sr">Actions</span></th></tr>
+        </thead>
+        <tbody>
+          {tokens.map((t) => (
+            <tr key={t.id}>
+              <td>{t.name}</td>
+              <td>{when(t.createdAt)}</td>
+              <td>{when(t.lastUsedAt)}</td>
+              <td><button class="small danger" onClick={() => revoke(t)} aria-label={`Revoke ${t.name}`}>Revoke</button></td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+      <form onSubmit={create} class="inline">
+        <label>
+          New token's name
+          <input name="token-name" required maxLength={64} value={name} onInput={(e) => setName(e.currentTarget.value)} />
+        </label>
+        <button type="submit">Make a token</button>
+      </form>
+      {made ? (
+        <p>
+          Your new token (shown this once): <code data-testid="new-token">{made}</code>
+        </p>
+      ) : null}
+      <Alert error={error} />
+    </section>
+  );
+}
+
+type Vms = Schemas["VmsView"];
+
+/** The seed's admin view: counts, then every personal VM with its owner. */
+function Admin() {
+  const [vms, setVms] = useState<Vms | null>(null);
+  const [emails, setEmails] = useState<Record<string, string>>({});
+  const [error, setError] = useState("");
+  const load = () =>
+    Promise.all([call<Vms>("GET", "/v1/admin/vms"), call<{ items: User[] }>("GET", "/v1/admin/users")])
+      .then(([v, u]) => {
+        setVms(v);
+        setEmails(Object.fromEntries(u.items.map((x) => [x.id, x.email])));
+      })
+      .catch((e) => setError(message(e)));
+  useEffect(() => {
+    load();
+    const every = setInterval(load, 3000);
+    return () => clearInterval(every);
+  }, []);
+  async function destroy(vm: UserVm) {
+    if (!window.confirm(`Destroy the VM of ${emails[vm.userId] ?? vm.userId}? Its disk is deleted.`)) return;
+    try {
+      await call("DELETE", `/v1/admin/environments/${vm.environmentId}`);
+      load();
+    } catch (e) {
+      setError(message(e));
+    }
+  }
+  if (error) return <Alert error={error} />;
+  if (!vms) return <p aria-busy="true">Loading…</p>;
+  const s = vms.stats;
+  const cards: [string, string][] = [
+    ["Total", `${s.total}`],
+    ["Running", `${s.running}`],
+    ["Stopped", `${s.stopped}`],
+    ["vCPUs running", `${s.vcpusRunning} of ${s.vcpusTotal}`],
+    ["Memory running", `${Math.round(s.memoryMbRunning / 1024)} of ${Math.round(s.memoryMbTotal / 1024)} GB`],
+  ];
+  return (
+    <>
+      <section class="stats" aria-label="Counts">
+        {cards.map(([k, v]) => (
+          <div class="stat" key={k}><span>{k}</span><strong>{v}</strong></div>
+        ))}
+      </section>
+      <section class="card" aria-labelledby="all">
+        <h2 id="all">All VMs</h2>
+        <table>
+          <thead>
+            <tr><th scope="col">Owner</th><th scope="col">State</th><th scope="col">Size</th><th scope="col">Runtime</th><th scope="col"><span class="sr">Actions</span></th></tr>
+          </thead>
+          <tbody>
+            {vms.vms.map((vm) => (
+              <tr key={vm.id} data-owner={emails[vm.userId] ?? vm.userId}>
+                <td>{emails[vm.userId] ?? vm.userId}</td>
+                <td><span class={`state state-${vm.status}`}>{vm.status}</span></td>
+                <td>{vm.vcpus} vCPU · {vm.memoryMb} MB · {vm.diskGb} GB</td>
+                <td>{vm.totalRuntimeMinutes} min</td>
+                <td>
+                  {vm.status !== "destroyed" && vm.status !== "destroying" ? (
+                    <button class="small danger" onClick={() => destroy(vm)} aria-label={`Destroy the VM of ${emails[vm.userId] ?? vm.userId}`}>Destroy</button>
+                  ) : null}
+                </td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      </section>
+    </>
+  );
+}
+
+type Page = "vm" | "settings" | "admin";
+const paths: Record<Page, string> = { vm: "/", settings: "/ui/settings", admin: "/ui/admin" };
+const pageOf = (path: string): Page => (path === "/ui/settings" ? "settings" : path === "/ui/admin" ? "admin" : "vm");
+
 function App() {
   const [user, setUser] = useState<User | null | undefined>(undefined);
   const [link, setLink] = useState(location.pathname === "/ui/password" ? new URLSearchParams(location.search).get("token") : null);
+  const [page, setPage] = useState<Page>(pageOf(location.pathname));
+  useEffect(() => {
+    const back = () => setPage(pageOf(location.pathname));
+    window.addEventListener("popstate", back);
+    return () => window.removeEventListener("popstate", back);
+  }, []);
   useEffect(() => {
     call<Session>("GET", "/v1/auth/session")
       .then((s) => {
@@ -316,19 +471,26 @@ function App() {
     await call("POST", "/v1/auth/sign-out").catch(() => undefined);
     setUser(null);
   }
+  function go(e: Event, to: Page) {
+    e.preventDefault();
+    history.pushState(null, "", paths[to]);
+    setPage(to);
+  }
+  const links: [Page, string][] = [["vm", "My VM"], ["settings", "Settings"]];
+  if (user.role === "admin") links.push(["admin", "Admin"]);
   return (
     <>
       <header>
         <strong class="brand">Hearth</strong>
         <nav aria-label="Main">
-          <a href="/" aria-current="page">My VM</a>
+          {links.map(([p, label]) => (
+            <a key={p} href={paths[p]} aria-current={page === p ? "page" : undefined} onClick={(e) => go(e, p)}>{label}</a>
+          ))}
         </nav>
         <span class="who">{user.email}</span>
         <button class="small" onClick={signOut}>Sign out</button>
       </header>
-      <main>
-        <MyVm />
-      </main>
+      <main>{page === "settings" ? <Settings /> : page === "admin" ? <Admin /> : <MyVm />}</main>
     </>
   );
 }

@@ -1,12 +1,20 @@
 // The UI end to end in headless Chromium (Debian's `chromium`, driven by playwright-core):
 // set a password from an invitation link, sign in with it, provision the personal VM, watch log lines arrive and the state
-// turn `running` without a reload, run `echo ok` in the terminal, stop, destroy. Saves a
+// turn `running` without a reload, run `echo ok` in the terminal; make an API token on the settings page, use it with curl,
+// revoke it; be refused the admin page; stop, destroy; then an admin destroys the user's next
+// VM from the admin page and the user's page follows. Saves a
 // screenshot of each page at desktop and phone width into $SCREENSHOTS.
 //
-// Run by crates/hearth/tests/ui.rs with HEARTH_URL, LINK (an invitation), EMAIL, PASSWORD and
-// SCREENSHOTS set.
+// Run by crates/hearth/tests/ui.rs with HEARTH_URL, LINK and ADMIN_LINK (invitations), EMAIL,
+// ADMIN_EMAIL, PASSWORD and SCREENSHOTS set.
 import { chromium } from "playwright-core";
 import { mkdirSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+
+/** What real curl gets from `path` with `token`: the HTTP status. */
+function curl(path, token) {
+  return execFileSync("curl", ["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", `Authorization: Bearer ${token}`, `${base}${path}`]).toString();
+}
 
 const base = process.env.HEARTH_URL;
 const shots = process.env.SCREENSHOTS ?? "screenshots";
@@ -70,11 +78,52 @@ try {
   );
   await shoot("terminal");
 
+  step("settings: an API token, used with curl, then revoked");
+  await page.getByRole("link", { name: "Settings" }).click();
+  await page.getByLabel("New token's name").fill("laptop");
+  await page.getByRole("button", { name: "Make a token" }).click();
+  const token = (await page.getByTestId("new-token").textContent()).trim();
+  if (curl("/v1/me", token) !== "200") throw new Error("the new token did not work with curl");
+  await page.getByRole("cell", { name: "laptop", exact: true }).waitFor();
+  await shoot("settings");
+  await page.getByRole("button", { name: "Revoke laptop" }).click();
+  await page.getByRole("cell", { name: "laptop", exact: true }).waitFor({ state: "detached" });
+  if (curl("/v1/me", token) !== "401") throw new Error("a revoked token still worked");
+
+  step("a user on the admin page");
+  await page.goto(`${base}/ui/admin`);
+  await page.getByRole("alert").filter({ hasText: "admin role" }).waitFor();
+  await shoot("admin-refused");
+  await page.getByRole("link", { name: "My VM" }).click();
+
   step("stop");
   await page.getByRole("button", { name: "Stop" }).click();
   await page.waitForFunction(() => document.querySelector("[data-testid=state]")?.textContent === "stopped", null, { timeout: up });
   step("destroy");
   await page.getByRole("button", { name: "Destroy" }).click();
+  await provision.waitFor({ timeout: up });
+
+  step("an admin destroys the user's new VM from the admin page");
+  await provision.click();
+  await page.waitForFunction(() => document.querySelector("[data-testid=state]")?.textContent === "running", null, { timeout: up });
+  const admin = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+  admin.on("dialog", (d) => d.accept());
+  await admin.goto(process.env.ADMIN_LINK);
+  await admin.getByLabel("New password").fill(process.env.PASSWORD);
+  await admin.getByLabel("Again").fill(process.env.PASSWORD);
+  await admin.getByRole("button", { name: "Set password" }).click();
+  await admin.getByLabel("Email").fill(process.env.ADMIN_EMAIL);
+  await admin.getByLabel("Password").fill(process.env.PASSWORD);
+  await admin.getByRole("button", { name: "Sign in" }).click();
+  await admin.getByRole("link", { name: "Admin" }).click();
+  const row = admin.locator(`tr[data-owner="${process.env.EMAIL}"]`).filter({ hasText: "running" });
+  await row.waitFor({ timeout: 30_000 });
+  await admin.screenshot({ path: `${shots}/admin-desktop.png`, fullPage: true });
+  await admin.setViewportSize({ width: 390, height: 844 });
+  await admin.screenshot({ path: `${shots}/admin-phone.png`, fullPage: true });
+  await admin.setViewportSize({ width: 1280, height: 900 });
+  await row.getByRole("button", { name: `Destroy the VM of ${process.env.EMAIL}` }).click();
+  // The user's page follows without a reload.
   await provision.waitFor({ timeout: up });
   if (errors.length) throw new Error(`errors in the page: ${errors.join("; ")}`);
   step("done");

@@ -6,9 +6,9 @@
 //! and store calls that hold business rules live in `hearth-app`.
 
 pub mod api;
-mod ui;
 pub mod error;
 pub mod serve;
+mod ui;
 pub mod views;
 
 pub use hearth_app::{App, Config};

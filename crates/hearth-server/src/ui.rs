@@ -21,8 +21,21 @@ fn asset(path: &str) -> Option<Response> {
     let file = Assets::get(path)?;
     let mime = file.metadata.mimetype().to_string();
     // Hashed names never change; the page itself is always revalidated.
-    let cache = if path == "index.html" { "no-cache" } else { "public, max-age=31536000, immutable" };
-    Some(([(header::CONTENT_TYPE, mime), (header::CACHE_CONTROL, cache.to_string())], file.data.into_owned()).into_response())
+    let cache = if path == "index.html" {
+        "no-cache"
+    } else {
+        "public, max-age=31536000, immutable"
+    };
+    Some(
+        (
+            [
+                (header::CONTENT_TYPE, mime),
+                (header::CACHE_CONTROL, cache.to_string()),
+            ],
+            file.data.into_owned(),
+        )
+            .into_response(),
+    )
 }
 
 async fn page() -> Response {

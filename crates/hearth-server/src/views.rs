@@ -460,6 +460,8 @@ pub struct TokenView {
     pub id: String,
     pub name: String,
     pub created_at: String,
+    /// To the minute; null when never used.
+    pub last_used_at: Option<String>,
 }
 
 impl From<&hearth_store::ApiToken> for TokenView {
@@ -468,6 +470,7 @@ impl From<&hearth_store::ApiToken> for TokenView {
             id: t.id.clone(),
             name: t.name.clone(),
             created_at: time(t.created_at),
+            last_used_at: t.last_used_at.map(time),
         }
     }
 }

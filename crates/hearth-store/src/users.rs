@@ -49,6 +49,8 @@ pub struct ApiToken {
     pub id: String,
     pub name: String,
     pub created_at: i64,
+    /// To the minute; `None` when never used.
+    pub last_used_at: Option<i64>,
 }
 
 /// A new bearer token: 32 random bytes from the OS CSPRNG, hex, with a prefix that makes
@@ -117,15 +119,27 @@ impl Store {
         Ok((user, token))
     }
 
+    /// The token's user; notes the use (at most once a minute per token, so reads stay reads).
     pub async fn user_by_token(&self, token: &str) -> Result<Option<User>> {
+        let hash = hash_token(token);
         let row = sqlx::query(
-            "SELECT u.id, u.email, u.role, u.tier, u.created_at FROM users u \
+            "SELECT u.id, u.email, u.role, u.tier, u.created_at, t.last_used_at FROM users u \
              JOIN api_tokens t ON t.user_id = u.id WHERE t.token_hash = $1",
         )
-        .bind(hash_token(token))
+        .bind(&hash)
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(user_from_row).transpose()
+        let Some(row) = row else { return Ok(None) };
+        let now = self.now();
+        let last: Option<i64> = row.try_get("last_used_at")?;
+        if last.is_none_or(|at| at < now - 60_000) {
+            sqlx::query("UPDATE api_tokens SET last_used_at = $1 WHERE token_hash = $2")
+                .bind(now)
+                .bind(&hash)
+                .execute(&self.pool)
+                .await?;
+        }
+        user_from_row(&row).map(Some)
     }
 
     /// Makes another token for the user; returns it in plaintext (shown once) with its id.
@@ -145,6 +159,7 @@ impl Store {
                 id: token_id(&hash),
                 name: name.to_string(),
                 created_at,
+                last_used_at: None,
             },
             token,
         ))
@@ -152,7 +167,7 @@ impl Store {
 
     /// The user's tokens (never the tokens themselves: only their ids and names).
     pub async fn list_tokens(&self, user_id: &str) -> Result<Vec<ApiToken>> {
-        let rows = sqlx::query("SELECT token_hash, name, created_at FROM api_tokens WHERE user_id = $1 ORDER BY created_at, token_hash")
+        let rows = sqlx::query("SELECT token_hash, name, created_at, last_used_at FROM api_tokens WHERE user_id = $1 ORDER BY created_at, token_hash")
             .bind(user_id)
             .fetch_all(&self.pool)
             .await?;
@@ -163,6 +178,7 @@ impl Store {
                     id: token_id(&hash),
                     name: r.try_get("name")?,
                     created_at: r.try_get("created_at")?,
+                    last_used_at: r.try_get("last_used_at")?,
                 })
             })
             .collect()

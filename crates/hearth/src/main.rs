@@ -1073,8 +1073,17 @@ async fn admin(command: AdminCommand) -> Result<ExitCode, Failure> {
         }
         AdminCommand::PasswordLink { user, reset } => {
             let purpose = if reset { "reset" } else { "invite" };
-            let r = client.post(&format!("/v1/admin/users/{user}/password-link"), json!({ "purpose": purpose })).await?;
-            println!("{}/ui/password?token={}", client.base().trim_end_matches('/'), s(&r, "token"));
+            let r = client
+                .post(
+                    &format!("/v1/admin/users/{user}/password-link"),
+                    json!({ "purpose": purpose }),
+                )
+                .await?;
+            println!(
+                "{}/ui/password?token={}",
+                client.base().trim_end_matches('/'),
+                s(&r, "token")
+            );
             println!("valid until {}, once", s(&r, "expiresAt"));
         }
         AdminCommand::Vms => {

@@ -255,6 +255,30 @@ async fn a_user_is_invited_signs_in_and_is_held_to_csrf(db: Db) {
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{made}");
+    // A token's last use is kept (to the minute) and shown; a new one was never used.
+    let listed = |body: Value, name: &str| {
+        body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    let (_, tokens, _) = browser.send("GET", "/v1/me/tokens", &[], None).await;
+    assert!(listed(tokens, "laptop")["lastUsedAt"].is_null());
+    assert_eq!(
+        server
+            .call("GET", "/v1/me", made["token"].as_str(), None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let (_, tokens, _) = browser.send("GET", "/v1/me/tokens", &[], None).await;
+    assert!(
+        listed(tokens, "laptop")["lastUsedAt"].is_string(),
+        "the use was not kept"
+    );
     // The cookie gives a user's rights, no more.
     let (status, _, _) = browser.send("GET", "/v1/admin/users", &[], None).await;
     assert_eq!(status, StatusCode::FORBIDDEN);

@@ -1,7 +1,9 @@
 //! The web UI in headless Chromium (`ui/test/e2e.mjs`, playwright-core with Debian's
 //! `chromium`): a user invited by an admin sets a password from the link, signs in, provisions the
 //! personal VM on the real Docker engine, sees the log and the state change live, runs a
-//! command in the terminal, stops and destroys it. `make test` builds the UI first
+//! command in the terminal, makes an API token and uses it with curl, revokes it, is refused
+//! the admin page, stops and destroys the VM; an admin destroys the user's next VM from the
+//! admin page. `make test` builds the UI first
 //! (`make ui`); screenshots land in `$CARGO_TARGET_TMPDIR/ui-screenshots`.
 
 mod common;
@@ -25,21 +27,41 @@ async fn a_user_signs_in_provisions_uses_the_terminal_and_destroys() {
     let server = site.start().await;
     let page = reqwest::get(format!("{}/", server.base)).await.unwrap();
     assert_eq!(page.status(), StatusCode::OK);
-    assert!(page.text().await.unwrap().contains("<div id=\"app\">"), "/ does not serve the built page");
+    assert!(
+        page.text().await.unwrap().contains("<div id=\"app\">"),
+        "/ does not serve the built page"
+    );
 
     let password = "a long enough password";
     server.user("ui@example.com", "free").await;
     let id = server.user_id("ui@example.com").await;
-    // The invitation link, as `hearth admin password-link` prints it; the browser sets the password.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args(["admin", "password-link", &id])
-        .env("HEARTH_URL", &server.base)
-        .env("HEARTH_TOKEN", &server.admin_token)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let link = String::from_utf8_lossy(&out.stdout).lines().next().unwrap().to_string();
-    assert!(link.starts_with(&format!("{}/ui/password?token=", server.base)), "{link}");
+    // Invitation links, as `hearth admin password-link` prints them; the browser sets the passwords.
+    let link_for = |user: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .args(["admin", "password-link", user])
+            .env("HEARTH_URL", &server.base)
+            .env("HEARTH_TOKEN", &server.admin_token)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let link = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap()
+            .to_string();
+        assert!(
+            link.starts_with(&format!("{}/ui/password?token=", server.base)),
+            "{link}"
+        );
+        link
+    };
+    let link = link_for(&id);
+    let admin = server
+        .call("GET", "/v1/me", Some(&server.admin_token), None)
+        .await
+        .body["user"]
+        .clone();
+    let admin_link = link_for(admin["id"].as_str().unwrap());
 
     let screenshots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots");
     let out = tokio::process::Command::new("node")
@@ -47,18 +69,36 @@ async fn a_user_signs_in_provisions_uses_the_terminal_and_destroys() {
         .current_dir(ui)
         .env("HEARTH_URL", &server.base)
         .env("LINK", &link)
+        .env("ADMIN_LINK", &admin_link)
+        .env("ADMIN_EMAIL", admin["email"].as_str().unwrap())
         .env("EMAIL", "ui@example.com")
         .env("PASSWORD", password)
         .env("SCREENSHOTS", &screenshots)
         .output()
         .await
         .expect("node (make ui installs it)");
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "the browser test failed:\n{said}");
     assert!(said.contains("e2e: done"), "{said}");
-    for page in ["set-password", "sign-in", "size-picker", "my-vm", "terminal"] {
+    for page in [
+        "set-password",
+        "sign-in",
+        "size-picker",
+        "my-vm",
+        "terminal",
+        "settings",
+        "admin-refused",
+        "admin",
+    ] {
         for width in ["desktop", "phone"] {
-            assert!(screenshots.join(format!("{page}-{width}.png")).is_file(), "no screenshot of {page} at {width} width");
+            assert!(
+                screenshots.join(format!("{page}-{width}.png")).is_file(),
+                "no screenshot of {page} at {width} width"
+            );
         }
     }
     println!("screenshots: {}", screenshots.display());

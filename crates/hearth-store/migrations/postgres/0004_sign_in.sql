@@ -21,3 +21,6 @@ CREATE TABLE password_links (
     created_at BIGINT NOT NULL,
     expires_at BIGINT NOT NULL
 );
+
+-- When a token was last used (kept to the minute: written at most once a minute per token).
+ALTER TABLE api_tokens ADD COLUMN last_used_at BIGINT;
