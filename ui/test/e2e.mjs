@@ -3,12 +3,13 @@
 // turn `running` without a reload, run `echo ok` in the terminal; make an API token on the settings page, use it with curl,
 // revoke it; be refused the admin page; stop, destroy; then an admin destroys the user's next
 // VM from the admin page and the user's page follows. Saves a
-// screenshot of each page at desktop and phone width into $SCREENSHOTS.
+// screenshot of each page at desktop and phone width into $SCREENSHOTS, each page checked by
+// axe-core first (no serious or critical violation).
 //
 // Run by crates/hearth/tests/ui.rs with HEARTH_URL, LINK and ADMIN_LINK (invitations), EMAIL,
 // ADMIN_EMAIL, PASSWORD and SCREENSHOTS set.
 import { chromium } from "playwright-core";
-import { mkdirSync } from "node:fs";
+import { mkdirSync, readFileSync } from "node:fs";
 import { execFileSync } from "node:child_process";
 
 /** What real curl gets from `path` with `token`: the HTTP status. */
@@ -29,7 +30,19 @@ try {
   const errors = [];
   page.on("pageerror", (e) => errors.push(e.message));
 
+  // axe-core in the page: no serious or critical accessibility violation on any page shot.
+  const axe = readFileSync(new URL("../node_modules/axe-core/axe.min.js", import.meta.url), "utf8");
+  async function accessible(target, name) {
+    await target.addScriptTag({ content: axe });
+    const found = await target.evaluate(async () => {
+      const r = await window.axe.run(document, { resultTypes: ["violations"] });
+      return r.violations.filter((v) => v.impact === "serious" || v.impact === "critical").map((v) => `${v.id}: ${v.help} (${v.nodes.map((n) => n.target.join(" ")).join(", ")})`);
+    });
+    if (found.length) throw new Error(`accessibility of ${name}: ${found.join("; ")}`);
+  }
+
   async function shoot(name) {
+    await accessible(page, name);
     await page.screenshot({ path: `${shots}/${name}-desktop.png`, fullPage: true });
     await page.setViewportSize({ width: 390, height: 844 });
     await page.screenshot({ path: `${shots}/${name}-phone.png`, fullPage: true });
@@ -118,6 +131,7 @@ try {
   await admin.getByRole("link", { name: "Admin" }).click();
   const row = admin.locator(`tr[data-owner="${process.env.EMAIL}"]`).filter({ hasText: "running" });
   await row.waitFor({ timeout: 30_000 });
+  await accessible(admin, "admin");
   await admin.screenshot({ path: `${shots}/admin-desktop.png`, fullPage: true });
   await admin.setViewportSize({ width: 390, height: 844 });
   await admin.screenshot({ path: `${shots}/admin-phone.png`, fullPage: true });
