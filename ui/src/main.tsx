@@ -198,21 +198,39 @@ function TerminalView({ environmentId }: { environmentId: string }) {
   );
 }
 
-function VmCard({ vm, onChanged }: { vm: UserVm; onChanged: () => void }) {
+/** What the status card shows of a personal VM or an environment, and where to act on it. */
+type Machine = {
+  environmentId: string;
+  title: string;
+  state: string;
+  stateMessage?: string | null;
+  generation: number;
+  vcpus: number;
+  memoryMb: number;
+  diskGb: number;
+  sshHost?: string | null;
+  sshPort?: number | null;
+  sshUser: string;
+  facts: [string, string][];
+  /** The path start, stop and destroy act on (`/v1/me/vm`, `/v1/environments/{id}`). */
+  base: string;
+};
+
+function MachineCard({ m, onChanged }: { m: Machine; onChanged: () => void }) {
   const [log, setLog] = useState<LogLine[]>([]);
-  const [state, setState] = useState(vm.status);
+  const [state, setState] = useState(m.state);
   const [error, setError] = useState("");
   const [terminal, setTerminal] = useState(false);
-  useEffect(() => setState(vm.status), [vm.status, vm.generation]);
+  useEffect(() => setState(m.state), [m.state, m.generation]);
   useEffect(() => {
-    const events = new EventSource(`/v1/environments/${vm.environmentId}/events`);
+    const events = new EventSource(`/v1/environments/${m.environmentId}/events`);
     events.addEventListener("log", (e) => setLog((l) => [...l.slice(-499), JSON.parse((e as MessageEvent).data)]));
     events.addEventListener("state", (e) => {
       setState(JSON.parse((e as MessageEvent).data).state);
       onChanged();
     });
     return () => events.close();
-  }, [vm.environmentId]);
+  }, [m.environmentId]);
   async function act(method: string, path: string, confirmText?: string) {
     if (confirmText && !window.confirm(confirmText)) return;
     setError("");
@@ -224,20 +242,24 @@ function VmCard({ vm, onChanged }: { vm: UserVm; onChanged: () => void }) {
     }
   }
   const running = state === "running";
-  const ssh = vm.sshPort ? `ssh -p ${vm.sshPort} ${vm.sshUser}@${vm.sshHost}` : "";
+  const ssh = m.sshPort ? `ssh -p ${m.sshPort} ${m.sshUser}@${m.sshHost}` : "";
   return (
     <>
-      <section class="card" aria-labelledby="vm">
-        <h2 id="vm">Your VM</h2>
+      <section class="card" aria-labelledby="machine">
+        <h2 id="machine">{m.title}</h2>
         <p>
           <span class={`state state-${state}`} data-testid="state">{state}</span>
-          {vm.stateMessage ? <span class="muted"> {vm.stateMessage}</span> : null}
+          {m.stateMessage ? <span class="muted"> {m.stateMessage}</span> : null}
         </p>
         <dl class="facts">
           <dt>Size</dt>
-          <dd>{vm.vcpus} vCPU · {vm.memoryMb} MB · {vm.diskGb} GB</dd>
-          <dt>Runtime</dt>
-          <dd>{vm.totalRuntimeMinutes} min</dd>
+          <dd>{m.vcpus} vCPU · {m.memoryMb} MB · {m.diskGb} GB</dd>
+          {m.facts.map(([k, v]) => (
+            <>
+              <dt>{k}</dt>
+              <dd>{v}</dd>
+            </>
+          ))}
           {ssh ? (
             <>
               <dt>SSH</dt>
@@ -248,14 +270,14 @@ function VmCard({ vm, onChanged }: { vm: UserVm; onChanged: () => void }) {
           ) : null}
         </dl>
         <div class="actions">
-          <button onClick={() => act("POST", "/v1/me/vm/start")} disabled={state !== "stopped"}>Start</button>
-          <button onClick={() => act("POST", "/v1/me/vm/stop")} disabled={!running}>Stop</button>
-          <button class="danger" onClick={() => act("DELETE", "/v1/me/vm", "Destroy your VM? Its disk is deleted.")}>Destroy</button>
+          <button onClick={() => act("POST", `${m.base}/start`)} disabled={state !== "stopped"}>Start</button>
+          <button onClick={() => act("POST", `${m.base}/stop`)} disabled={!running}>Stop</button>
+          <button class="danger" onClick={() => act("DELETE", m.base, `Destroy ${m.title.toLowerCase()}? Its disk is deleted.`)}>Destroy</button>
           <button onClick={() => setTerminal((t) => !t)} disabled={!running} aria-pressed={terminal}>Terminal</button>
         </div>
         <Alert error={error} />
       </section>
-      {terminal && running ? <TerminalView environmentId={vm.environmentId} /> : null}
+      {terminal && running ? <TerminalView environmentId={m.environmentId} /> : null}
       <section class="card" aria-labelledby="log">
         <h2 id="log">Log</h2>
         <ol class="log" data-testid="log" aria-live="polite">
@@ -268,6 +290,164 @@ function VmCard({ vm, onChanged }: { vm: UserVm; onChanged: () => void }) {
       </section>
     </>
   );
+}
+
+function VmCard({ vm, onChanged }: { vm: UserVm; onChanged: () => void }) {
+  const m: Machine = {
+    environmentId: vm.environmentId,
+    title: "Your VM",
+    state: vm.status,
+    stateMessage: vm.stateMessage,
+    generation: vm.generation,
+    vcpus: vm.vcpus,
+    memoryMb: vm.memoryMb,
+    diskGb: vm.diskGb,
+    sshHost: vm.sshHost,
+    sshPort: vm.sshPort,
+    sshUser: vm.sshUser,
+    facts: [["Runtime", `${vm.totalRuntimeMinutes} min`]],
+    base: "/v1/me/vm",
+  };
+  return <MachineCard m={m} onChanged={onChanged} />;
+}
+
+type Env = Schemas["EnvironmentView"];
+
+/** `KEY=VALUE` lines into a map; says which line is wrong. */
+function parseVars(text: string): Record<string, string> {
+  const vars: Record<string, string> = {};
+  text.split("\n").forEach((line, i) => {
+    if (!line.trim()) return;
+    const at = line.indexOf("=");
+    if (at < 1) throw new Error(`line ${i + 1} of the variables is not KEY=VALUE`);
+    vars[line.slice(0, at).trim()] = line.slice(at + 1);
+  });
+  return vars;
+}
+
+function CreateEnvironment({ onCreated }: { onCreated: (e: Env) => void }) {
+  const [f, setF] = useState({ name: "", vcpus: "", memoryMb: "", diskGb: "", durationHours: "", initScript: "", vars: "", sshPublicKey: "" });
+  const [error, setError] = useState("");
+  const [busy, setBusy] = useState(false);
+  const set = (k: keyof typeof f) => (e: Event) => setF({ ...f, [k]: (e.currentTarget as HTMLInputElement).value });
+  const num = (v: string) => (v.trim() ? Number(v) : undefined);
+  async function submit(e: Event) {
+    e.preventDefault();
+    setError("");
+    setBusy(true);
+    try {
+      const made = await call<Env>("POST", "/v1/environments", {
+        name: f.name,
+        vcpus: num(f.vcpus),
+        memoryMb: num(f.memoryMb),
+        diskGb: num(f.diskGb),
+        durationHours: num(f.durationHours),
+        initScript: f.initScript.trim() ? f.initScript : undefined,
+        environmentVars: parseVars(f.vars),
+        sshPublicKey: f.sshPublicKey.trim() ? f.sshPublicKey.trim() : undefined,
+      });
+      onCreated(made);
+    } catch (err) {
+      setError(message(err));
+    } finally {
+      setBusy(false);
+    }
+  }
+  return (
+    <form class="card create" onSubmit={submit} aria-labelledby="new-env">
+      <h2 id="new-env">New environment</h2>
+      <label>Name<input name="name" required maxLength={64} value={f.name} onInput={set("name")} /></label>
+      <div class="row">
+        <label>vCPUs<input name="vcpus" type="number" min={1} placeholder="tier default" value={f.vcpus} onInput={set("vcpus")} /></label>
+        <label>Memory (MB)<input name="memoryMb" type="number" min={256} placeholder="tier default" value={f.memoryMb} onInput={set("memoryMb")} /></label>
+        <label>Disk (GB)<input name="diskGb" type="number" min={1} placeholder="tier default" value={f.diskGb} onInput={set("diskGb")} /></label>
+        <label>Duration (hours)<input name="durationHours" type="number" min={1} placeholder="tier default" value={f.durationHours} onInput={set("durationHours")} /></label>
+      </div>
+      <label>Init script (runs once, as dev, when SSH answers)<textarea name="initScript" rows={3} value={f.initScript} onInput={set("initScript")} /></label>
+      <label>Environment variables (KEY=VALUE, one per line)<textarea name="vars" rows={3} value={f.vars} onInput={set("vars")} /></label>
+      <label>Your SSH public key (optional)<textarea name="sshPublicKey" rows={2} value={f.sshPublicKey} onInput={set("sshPublicKey")} /></label>
+      <Alert error={error} />
+      <button type="submit" disabled={busy}>{busy ? "Creating…" : "Create"}</button>
+    </form>
+  );
+}
+
+/** The caller's environments, refreshed every 3 s; each opens to its own page. */
+function Environments({ open }: { open: (id: string) => void }) {
+  const [items, setItems] = useState<Env[] | null>(null);
+  const [error, setError] = useState("");
+  const load = () => call<{ items: Env[] }>("GET", "/v1/environments?limit=100").then((p) => setItems(p.items)).catch((e) => setError(message(e)));
+  useEffect(() => {
+    load();
+    const every = setInterval(load, 3000);
+    return () => clearInterval(every);
+  }, []);
+  return (
+    <>
+      <section class="card" aria-labelledby="envs">
+        <h2 id="envs">Environments</h2>
+        <Alert error={error} />
+        {items === null ? <p aria-busy="true">Loading…</p> : items.filter((e) => !e.personal && e.state !== "destroyed").length === 0 ? <p>None yet.</p> : (
+          <table>
+            <thead>
+              <tr><th scope="col">Name</th><th scope="col">State</th><th scope="col">Size</th><th scope="col">Host</th><th scope="col">Expires</th></tr>
+            </thead>
+            <tbody>
+              {items.filter((e) => !e.personal && e.state !== "destroyed").map((e) => (
+                <tr key={e.id} data-name={e.name}>
+                  <td><a href={`/ui/environments/${e.id}`} onClick={(ev) => { ev.preventDefault(); open(e.id); }}>{e.name}</a> <span class="muted">{e.slug}</span></td>
+                  <td><span class={`state state-${e.state}`}>{e.state}</span></td>
+                  <td>{e.vcpus} vCPU · {e.memoryMb} MB · {e.diskGb} GB</td>
+                  <td>{e.provider}</td>
+                  <td>{e.expiresAt ? new Date(e.expiresAt).toLocaleString() : "never"}</td>
+                </tr>
+              ))}
+            </tbody>
+          </table>
+        )}
+      </section>
+      <CreateEnvironment onCreated={(e) => open(e.id)} />
+    </>
+  );
+}
+
+function EnvironmentPage({ id, back }: { id: string; back: () => void }) {
+  const [env, setEnv] = useState<Env | null>(null);
+  const [error, setError] = useState("");
+  const load = () => call<Env>("GET", `/v1/environments/${id}`).then(setEnv).catch((e) => setError(message(e)));
+  useEffect(() => {
+    load();
+  }, [id]);
+  if (error) return <Alert error={error} />;
+  if (!env) return <p aria-busy="true">Loading…</p>;
+  if (env.state === "destroyed") {
+    return (
+      <section class="card">
+        <h2>{env.name}</h2>
+        <p>This environment is destroyed.</p>
+        <button onClick={back}>Back to environments</button>
+      </section>
+    );
+  }
+  const m: Machine = {
+    environmentId: env.id,
+    title: env.name,
+    state: env.state,
+    stateMessage: env.stateMessage,
+    generation: env.generation,
+    vcpus: env.vcpus,
+    memoryMb: env.memoryMb,
+    diskGb: env.diskGb,
+    sshHost: env.sshHost,
+    sshPort: env.sshPort,
+    sshUser: env.sshUser,
+    facts: [
+      ["Id", env.slug],
+      ["Expires", env.expiresAt ? new Date(env.expiresAt).toLocaleString() : "never"],
+    ],
+    base: `/v1/environments/${env.id}`,
+  };
+  return <MachineCard m={m} onChanged={load} />;
 }
 
 function MyVm() {
@@ -435,16 +615,23 @@ function Admin() {
   );
 }
 
-type Page = "vm" | "settings" | "admin";
-const paths: Record<Page, string> = { vm: "/", settings: "/ui/settings", admin: "/ui/admin" };
-const pageOf = (path: string): Page => (path === "/ui/settings" ? "settings" : path === "/ui/admin" ? "admin" : "vm");
+type Page = "vm" | "environments" | "settings" | "admin";
+const paths: Record<Page, string> = { vm: "/", environments: "/ui/environments", settings: "/ui/settings", admin: "/ui/admin" };
+const pageOf = (path: string): Page =>
+  path === "/ui/settings" ? "settings" : path === "/ui/admin" ? "admin" : path.startsWith("/ui/environments") ? "environments" : "vm";
+/** The environment a path names (`/ui/environments/{id}`). */
+const environmentOf = (path: string): string | null => path.match(/^\/ui\/environments\/([^/]+)$/)?.[1] ?? null;
 
 function App() {
   const [user, setUser] = useState<User | null | undefined>(undefined);
   const [link, setLink] = useState(location.pathname === "/ui/password" ? new URLSearchParams(location.search).get("token") : null);
   const [page, setPage] = useState<Page>(pageOf(location.pathname));
+  const [environment, setEnvironment] = useState<string | null>(environmentOf(location.pathname));
   useEffect(() => {
-    const back = () => setPage(pageOf(location.pathname));
+    const back = () => {
+      setPage(pageOf(location.pathname));
+      setEnvironment(environmentOf(location.pathname));
+    };
     window.addEventListener("popstate", back);
     return () => window.removeEventListener("popstate", back);
   }, []);
@@ -475,8 +662,14 @@ function App() {
     e.preventDefault();
     history.pushState(null, "", paths[to]);
     setPage(to);
+    setEnvironment(null);
   }
-  const links: [Page, string][] = [["vm", "My VM"], ["settings", "Settings"]];
+  function openEnvironment(id: string | null) {
+    history.pushState(null, "", id ? `/ui/environments/${id}` : "/ui/environments");
+    setPage("environments");
+    setEnvironment(id);
+  }
+  const links: [Page, string][] = [["vm", "My VM"], ["environments", "Environments"], ["settings", "Settings"]];
   if (user.role === "admin") links.push(["admin", "Admin"]);
   return (
     <>
@@ -490,7 +683,17 @@ function App() {
         <span class="who">{user.email}</span>
         <button class="small" onClick={signOut}>Sign out</button>
       </header>
-      <main>{page === "settings" ? <Settings /> : page === "admin" ? <Admin /> : <MyVm />}</main>
+      <main>
+        {page === "settings" ? (
+          <Settings />
+        ) : page === "admin" ? (
+          <Admin />
+        ) : page === "environments" ? (
+          environment ? <EnvironmentPage id={environment} back={() => openEnvironment(null)} /> : <Environments open={openEnvironment} />
+        ) : (
+          <MyVm />
+        )}
+      </main>
     </>
   );
 }

@@ -103,6 +103,33 @@ try {
   await page.getByRole("cell", { name: "laptop", exact: true }).waitFor({ state: "detached" });
   if (curl("/v1/me", token) !== "401") throw new Error("a revoked token still worked");
 
+  step("an environment with variables and an init script");
+  await page.getByRole("link", { name: "Environments" }).click();
+  await page.getByLabel("Name").fill("demo");
+  await page.getByLabel("Init script (runs once, as dev, when SSH answers)").fill("echo ready > ~/ready");
+  await page.getByLabel("Environment variables (KEY=VALUE, one per line)").fill("GREETING=hi");
+  await shoot("environments");
+  await page.getByRole("button", { name: "Create" }).click();
+  await page.waitForFunction(() => document.querySelector("[data-testid=state]")?.textContent === "running", null, { timeout: up });
+  await page.getByRole("button", { name: "Terminal" }).click();
+  await page.locator(".xterm-rows").waitFor();
+  await page.waitForTimeout(1000);
+  await page.locator(".xterm-helper-textarea").focus();
+  await page.keyboard.type("printenv GREETING; cat ~/ready\n");
+  await page.waitForFunction(
+    () => {
+      const rows = [...document.querySelectorAll(".xterm-rows > div")].map((r) => r.textContent.trim());
+      return rows.includes("hi") && rows.includes("ready");
+    },
+    null,
+    { timeout: 30_000 },
+  );
+  await shoot("environment");
+  await page.getByRole("button", { name: "Destroy" }).click();
+  await page.getByText("This environment is destroyed.").waitFor({ timeout: up });
+  await page.getByRole("button", { name: "Back to environments" }).click();
+  await page.getByText("None yet.").waitFor();
+
   step("a user on the admin page");
   await page.goto(`${base}/ui/admin`);
   await page.getByRole("alert").filter({ hasText: "admin role" }).waitFor();
@@ -141,6 +168,14 @@ try {
   await provision.waitFor({ timeout: up });
   if (errors.length) throw new Error(`errors in the page: ${errors.join("; ")}`);
   step("done");
+} catch (e) {
+  // What the pages showed when it failed: their alerts and a screenshot of each.
+  for (const [i, p] of browser.contexts().flatMap((c) => c.pages()).entries()) {
+    const alerts = await p.getByRole("alert").allTextContents().catch(() => []);
+    console.log(`page ${i} (${p.url()}) alerts: ${JSON.stringify(alerts)}`);
+    await p.screenshot({ path: `${shots}/failure-${i}.png`, fullPage: true }).catch(() => undefined);
+  }
+  throw e;
 } finally {
   await browser.close();
 }

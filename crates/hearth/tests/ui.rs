@@ -33,7 +33,7 @@ async fn a_user_signs_in_provisions_uses_the_terminal_and_destroys() {
     );
 
     let password = "a long enough password";
-    server.user("ui@example.com", "free").await;
+    server.user("ui@example.com", "pro").await;
     let id = server.user_id("ui@example.com").await;
     // Invitation links, as `hearth admin password-link` prints them; the browser sets the passwords.
     let link_for = |user: &str| {
