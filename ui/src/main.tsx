@@ -546,7 +546,7 @@ function Settings() {
 type Vms = Schemas["VmsView"];
 
 /** The seed's admin view: counts, then every personal VM with its owner. */
-function Admin() {
+function AdminVms() {
   const [vms, setVms] = useState<Vms | null>(null);
   const [emails, setEmails] = useState<Record<string, string>>({});
   const [error, setError] = useState("");
@@ -611,6 +611,251 @@ function Admin() {
           </tbody>
         </table>
       </section>
+    </>
+  );
+}
+
+type Host = Schemas["HostView"];
+type Job = Schemas["JobView"];
+type Audit = Schemas["AuditView"];
+
+/** A labelled bar of `used` out of `max`. */
+function Bar({ label, used, max, unit }: { label: string; used: number; max: number; unit: string }) {
+  return (
+    <div class="bar">
+      <span>{label}: {used} of {max} {unit}</span>
+      <meter min={0} max={Math.max(max, 1)} value={used} aria-label={`${label} used`} />
+    </div>
+  );
+}
+
+function AdminHosts() {
+  const [hosts, setHosts] = useState<Host[] | null>(null);
+  const [error, setError] = useState("");
+  const load = () => call<{ items: Host[] }>("GET", "/v1/admin/hosts").then((h) => setHosts(h.items)).catch((e) => setError(message(e)));
+  useEffect(() => {
+    load();
+    const every = setInterval(load, 5000);
+    return () => clearInterval(every);
+  }, []);
+  async function set(h: Host, to: "drain" | "ready") {
+    try {
+      await call("POST", `/v1/admin/hosts/${h.id}/${to}`);
+      load();
+    } catch (e) {
+      setError(message(e));
+    }
+  }
+  return (
+    <section class="card" aria-labelledby="hosts">
+      <h2 id="hosts">Hosts</h2>
+      <Alert error={error} />
+      {(hosts ?? []).map((h) => {
+        const r = (h.report ?? {}) as Record<string, unknown>;
+        const said = ["version", "backend", "accel", "vms", "containers"].filter((k) => r[k] != null).map((k) => `${k} ${r[k]}`).join(" · ");
+        return (
+          <article class="host" key={h.id} aria-label={`Host ${h.name}`}>
+            <h3>
+              {h.name} <span class="muted">{h.kind} · {h.endpoint}</span>
+            </h3>
+            <p>
+              <span class={`state state-${h.health === "healthy" ? "running" : "error"}`}>{h.health}</span> <span class="state">{h.status}</span>
+              {h.healthMessage ? <span class="muted"> {h.healthMessage}</span> : null}
+              {said ? <span class="muted"> · {said}</span> : null}
+            </p>
+            <Bar label="vCPUs" used={h.usedVcpus} max={h.maxVcpus} unit="" />
+            <Bar label="Memory" used={h.usedMemoryMb} max={h.maxMemoryMb} unit="MB" />
+            <Bar label="Environments" used={h.usedEnvironments} max={h.maxEnvironments} unit="" />
+            <div class="actions">
+              {h.status === "ready" ? <button onClick={() => set(h, "drain")}>Drain {h.name}</button> : <button onClick={() => set(h, "ready")}>Make {h.name} ready</button>}
+            </div>
+          </article>
+        );
+      })}
+    </section>
+  );
+}
+
+function AdminUsers() {
+  const [users, setUsers] = useState<User[]>([]);
+  const [email, setEmail] = useState("");
+  const [tier, setTier] = useState("free");
+  const [link, setLink] = useState("");
+  const [error, setError] = useState("");
+  const load = () => call<{ items: User[] }>("GET", "/v1/admin/users").then((u) => setUsers(u.items)).catch((e) => setError(message(e)));
+  useEffect(() => {
+    load();
+  }, []);
+  async function invite(userId: string, purpose: "invite" | "reset") {
+    setError("");
+    try {
+      const l = await call<Schemas["PasswordLinkView"]>("POST", `/v1/admin/users/${userId}/password-link`, { purpose });
+      setLink(`${location.origin}/ui/password?token=${l.token}`);
+    } catch (e) {
+      setError(message(e));
+    }
+  }
+  async function create(e: Event) {
+    e.preventDefault();
+    setError("");
+    try {
+      const made = await call<Schemas["NewUserView"]>("POST", "/v1/admin/users", { email, tier });
+      setEmail("");
+      await invite(made.user.id, "invite");
+      load();
+    } catch (err) {
+      setError(message(err));
+    }
+  }
+  async function patch(u: User, body: Schemas["PatchUserBody"]) {
+    setError("");
+    try {
+      await call("PATCH", `/v1/admin/users/${u.id}`, body);
+      load();
+    } catch (e) {
+      setError(message(e));
+    }
+  }
+  return (
+    <section class="card" aria-labelledby="users">
+      <h2 id="users">Users</h2>
+      <table>
+        <thead>
+          <tr><th scope="col">Email</th><th scope="col">Tier</th><th scope="col">Role</th><th scope="col"><span class="sr">Actions</span></th></tr>
+        </thead>
+        <tbody>
+          {users.map((u) => (
+            <tr key={u.id}>
+              <td>{u.email}</td>
+              <td>
+                <select aria-label={`Tier of ${u.email}`} value={u.tier} onChange={(e) => patch(u, { tier: e.currentTarget.value as User["tier"] })}>
+                  {["free", "pro", "unlimited"].map((t) => <option key={t} value={t}>{t}</option>)}
+                </select>
+              </td>
+              <td>
+                <select aria-label={`Role of ${u.email}`} value={u.role} onChange={(e) => patch(u, { role: e.currentTarget.value as User["role"] })}>
+                  {["user", "admin"].map((r) => <option key={r} value={r}>{r}</option>)}
+                </select>
+              </td>
+              <td><button class="small" onClick={() => invite(u.id, "reset")} aria-label={`Password link for ${u.email}`}>Password link</button></td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+      <form class="inline" onSubmit={create}>
+        <label>Invite by email<input type="email" name="invite-email" required value={email} onInput={(e) => setEmail(e.currentTarget.value)} /></label>
+        <label>Tier
+          <select name="invite-tier" value={tier} onChange={(e) => setTier(e.currentTarget.value)}>
+            {["free", "pro", "unlimited"].map((t) => <option key={t} value={t}>{t}</option>)}
+          </select>
+        </label>
+        <button type="submit">Invite</button>
+      </form>
+      {link ? <p>Send this link (it works once): <code data-testid="password-link">{link}</code></p> : null}
+      <Alert error={error} />
+    </section>
+  );
+}
+
+function AdminJobs() {
+  const [state, setState] = useState("dead");
+  const [jobs, setJobs] = useState<Job[]>([]);
+  const [error, setError] = useState("");
+  const load = () => call<{ items: Job[] }>("GET", `/v1/admin/jobs?state=${state}`).then((j) => setJobs(j.items)).catch((e) => setError(message(e)));
+  useEffect(() => {
+    load();
+  }, [state]);
+  async function retry(j: Job) {
+    try {
+      await call("POST", `/v1/admin/jobs/${j.id}/retry`);
+      load();
+    } catch (e) {
+      setError(message(e));
+    }
+  }
+  return (
+    <section class="card" aria-labelledby="jobs">
+      <h2 id="jobs">Jobs</h2>
+      <label>State
+        <select value={state} onChange={(e) => setState(e.currentTarget.value)}>
+          {["queued", "running", "succeeded", "dead"].map((s) => <option key={s} value={s}>{s}</option>)}
+        </select>
+      </label>
+      <Alert error={error} />
+      <table>
+        <thead>
+          <tr><th scope="col">Id</th><th scope="col">Kind</th><th scope="col">Environment</th><th scope="col">Attempts</th><th scope="col">Last error</th><th scope="col"><span class="sr">Actions</span></th></tr>
+        </thead>
+        <tbody>
+          {jobs.map((j) => (
+            <tr key={j.id}>
+              <td>{j.id}</td>
+              <td>{j.kind}</td>
+              <td>{j.environmentId}</td>
+              <td>{j.attempts} of {j.maxAttempts}</td>
+              <td>{j.lastError ?? ""}</td>
+              <td>{j.state === "dead" ? <button class="small" onClick={() => retry(j)} aria-label={`Retry job ${j.id}`}>Retry</button> : null}</td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+    </section>
+  );
+}
+
+function AdminAudit() {
+  const [filter, setFilter] = useState({ actor: "", action: "", outcome: "" });
+  const [items, setItems] = useState<Audit[]>([]);
+  const [error, setError] = useState("");
+  useEffect(() => {
+    const q = new URLSearchParams(Object.entries(filter).filter(([, v]) => v.trim()));
+    q.set("limit", "100");
+    call<{ items: Audit[] }>("GET", `/v1/admin/audit?${q}`).then((a) => setItems(a.items)).catch((e) => setError(message(e)));
+  }, [filter]);
+  const field = (k: keyof typeof filter, label: string) => (
+    <label>{label}<input name={`audit-${k}`} value={filter[k]} onChange={(e) => setFilter({ ...filter, [k]: e.currentTarget.value })} /></label>
+  );
+  return (
+    <section class="card" aria-labelledby="audit">
+      <h2 id="audit">Audit</h2>
+      <div class="inline">{field("actor", "Actor")}{field("action", "Action")}{field("outcome", "Outcome")}</div>
+      <Alert error={error} />
+      <table>
+        <thead>
+          <tr><th scope="col">When</th><th scope="col">Actor</th><th scope="col">Action</th><th scope="col">Environment</th><th scope="col">States</th><th scope="col">Outcome</th></tr>
+        </thead>
+        <tbody>
+          {items.map((a) => (
+            <tr key={a.id}>
+              <td>{new Date(a.at).toLocaleString()}</td>
+              <td>{a.actor}</td>
+              <td>{a.action}</td>
+              <td>{a.environmentId ?? ""}</td>
+              <td>{a.previousState ?? ""}{a.newState ? ` → ${a.newState}` : ""}</td>
+              <td>{a.outcome}{a.error ? `: ${a.error}` : ""}</td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
+    </section>
+  );
+}
+
+type AdminTab = "vms" | "hosts" | "users" | "jobs" | "audit";
+
+function Admin() {
+  const [tab, setTab] = useState<AdminTab>("vms");
+  const tabs: [AdminTab, string][] = [["vms", "VMs"], ["hosts", "Hosts"], ["users", "Users"], ["jobs", "Jobs"], ["audit", "Audit"]];
+  return (
+    <>
+      <div class="tabs" role="tablist" aria-label="Administration">
+        {tabs.map(([t, label]) => (
+          <button key={t} role="tab" aria-selected={tab === t} onClick={() => setTab(t)}>{label}</button>
+        ))}
+      </div>
+      <div role="tabpanel">
+        {tab === "vms" ? <AdminVms /> : tab === "hosts" ? <AdminHosts /> : tab === "users" ? <AdminUsers /> : tab === "jobs" ? <AdminJobs /> : <AdminAudit />}
+      </div>
     </>
   );
 }

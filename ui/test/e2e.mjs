@@ -41,12 +41,12 @@ try {
     if (found.length) throw new Error(`accessibility of ${name}: ${found.join("; ")}`);
   }
 
-  async function shoot(name) {
-    await accessible(page, name);
-    await page.screenshot({ path: `${shots}/${name}-desktop.png`, fullPage: true });
-    await page.setViewportSize({ width: 390, height: 844 });
-    await page.screenshot({ path: `${shots}/${name}-phone.png`, fullPage: true });
-    await page.setViewportSize({ width: 1280, height: 900 });
+  async function shoot(name, target = page) {
+    await accessible(target, name);
+    await target.screenshot({ path: `${shots}/${name}-desktop.png`, fullPage: true });
+    await target.setViewportSize({ width: 390, height: 844 });
+    await target.screenshot({ path: `${shots}/${name}-phone.png`, fullPage: true });
+    await target.setViewportSize({ width: 1280, height: 900 });
   }
 
   step("set the password from the invitation link");
@@ -158,14 +158,30 @@ try {
   await admin.getByRole("link", { name: "Admin" }).click();
   const row = admin.locator(`tr[data-owner="${process.env.EMAIL}"]`).filter({ hasText: "running" });
   await row.waitFor({ timeout: 30_000 });
-  await accessible(admin, "admin");
-  await admin.screenshot({ path: `${shots}/admin-desktop.png`, fullPage: true });
-  await admin.setViewportSize({ width: 390, height: 844 });
-  await admin.screenshot({ path: `${shots}/admin-phone.png`, fullPage: true });
-  await admin.setViewportSize({ width: 1280, height: 900 });
+  await shoot("admin", admin);
   await row.getByRole("button", { name: `Destroy the VM of ${process.env.EMAIL}` }).click();
   // The user's page follows without a reload.
   await provision.waitFor({ timeout: up });
+
+  step("the admin's other tabs: hosts, users (an invitation), jobs, audit");
+  await admin.getByRole("tab", { name: "Hosts" }).click();
+  await admin.getByRole("article", { name: /^Host / }).first().waitFor();
+  await shoot("admin-hosts", admin);
+  await admin.getByRole("tab", { name: "Users" }).click();
+  await admin.getByLabel("Invite by email").fill("new@example.com");
+  await admin.getByRole("button", { name: "Invite" }).click();
+  const invitation = (await admin.getByTestId("password-link").textContent()).trim();
+  if (!invitation.startsWith(`${base}/ui/password?token=`)) throw new Error(`a strange invitation: ${invitation}`);
+  await admin.getByRole("cell", { name: "new@example.com", exact: true }).waitFor();
+  await shoot("admin-users", admin);
+  await admin.getByRole("tab", { name: "Jobs" }).click();
+  await admin.getByRole("heading", { name: "Jobs" }).waitFor();
+  await shoot("admin-jobs", admin);
+  await admin.getByRole("tab", { name: "Audit" }).click();
+  await admin.getByLabel("Action").fill("sign_in");
+  await admin.getByLabel("Action").press("Tab");
+  await admin.getByRole("cell", { name: "sign_in", exact: true }).first().waitFor();
+  await shoot("admin-audit", admin);
   if (errors.length) throw new Error(`errors in the page: ${errors.join("; ")}`);
   step("done");
 } catch (e) {
