@@ -198,6 +198,84 @@ function TerminalView({ environmentId }: { environmentId: string }) {
   );
 }
 
+type Activity = Schemas["ActivityView"];
+type ExecutionSummary = Schemas["ExecutionSummaryView"];
+type Exec = Schemas["ExecView"];
+
+const sources: Record<string, string> = { exec: "a command", terminal: "your terminal", keepalive: "a keepalive", start: "a start" };
+
+/** "stops in 23 min: last activity was your terminal at 14:02" */
+function activityLine(a: Activity): string {
+  const last = a.lastActivityAt ? `last activity was ${sources[a.lastActivitySource ?? ""] ?? a.lastActivitySource ?? "something"} at ${new Date(a.lastActivityAt).toLocaleTimeString()}` : "no activity yet";
+  if (a.nextAutoStopAt) {
+    const minutes = Math.max(0, Math.round((new Date(a.nextAutoStopAt).getTime() - Date.now()) / 60000));
+    return `stops in ${minutes} min: ${last}`;
+  }
+  return `${a.reason}; ${last}`;
+}
+
+/** Runs a command and shows its output; lists the latest runs. */
+function Commands({ environmentId, running }: { environmentId: string; running: boolean }) {
+  const [code, setCode] = useState("");
+  const [result, setResult] = useState<Exec | null>(null);
+  const [history, setHistory] = useState<ExecutionSummary[]>([]);
+  const [error, setError] = useState("");
+  const [busy, setBusy] = useState(false);
+  const load = () =>
+    call<{ items: ExecutionSummary[] }>("GET", `/v1/environments/${environmentId}/executions?limit=20`).then((h) => setHistory(h.items)).catch((e) => setError(message(e)));
+  useEffect(() => {
+    load();
+  }, [environmentId]);
+  async function run(e: Event) {
+    e.preventDefault();
+    setBusy(true);
+    setError("");
+    try {
+      setResult(await call<Exec>("POST", `/v1/environments/${environmentId}/exec`, { code }));
+      load();
+    } catch (err) {
+      setError(message(err));
+    } finally {
+      setBusy(false);
+    }
+  }
+  return (
+    <section class="card" aria-labelledby="commands">
+      <h2 id="commands">Commands</h2>
+      <form class="inline" onSubmit={run}>
+        <label>Command<input name="command" required value={code} onInput={(e) => setCode(e.currentTarget.value)} /></label>
+        <button type="submit" disabled={busy || !running}>{busy ? "Running…" : "Run"}</button>
+      </form>
+      <Alert error={error} />
+      {result ? (
+        <div data-testid="exec-result">
+          <p>exit code {result.exitCode ?? "none"}{result.timedOut ? " (timed out)" : ""} in {result.durationMs} ms</p>
+          {result.stdout ? <pre class="out">{result.stdout}</pre> : null}
+          {result.stderr ? <pre class="out err">{result.stderr}</pre> : null}
+        </div>
+      ) : null}
+      {history.length ? (
+        <table>
+          <caption class="sr">Latest commands</caption>
+          <thead>
+            <tr><th scope="col">When</th><th scope="col">Command</th><th scope="col">Exit</th><th scope="col">Took</th></tr>
+          </thead>
+          <tbody>
+            {history.map((x) => (
+              <tr key={x.id}>
+                <td>{new Date(x.startedAt).toLocaleTimeString()}</td>
+                <td><code>{x.command}</code></td>
+                <td>{x.exitCode ?? x.status}</td>
+                <td>{x.durationMs ?? ""} ms</td>
+              </tr>
+            ))}
+          </tbody>
+        </table>
+      ) : null}
+    </section>
+  );
+}
+
 /** What the status card shows of a personal VM or an environment, and where to act on it. */
 type Machine = {
   environmentId: string;
@@ -221,7 +299,11 @@ function MachineCard({ m, onChanged }: { m: Machine; onChanged: () => void }) {
   const [state, setState] = useState(m.state);
   const [error, setError] = useState("");
   const [terminal, setTerminal] = useState(false);
+  const [activity, setActivity] = useState<Activity | null>(null);
   useEffect(() => setState(m.state), [m.state, m.generation]);
+  useEffect(() => {
+    call<Activity>("GET", `/v1/environments/${m.environmentId}/activity`).then(setActivity).catch(() => setActivity(null));
+  }, [m.environmentId, m.generation]);
   useEffect(() => {
     const events = new EventSource(`/v1/environments/${m.environmentId}/events`);
     events.addEventListener("log", (e) => setLog((l) => [...l.slice(-499), JSON.parse((e as MessageEvent).data)]));
@@ -251,6 +333,7 @@ function MachineCard({ m, onChanged }: { m: Machine; onChanged: () => void }) {
           <span class={`state state-${state}`} data-testid="state">{state}</span>
           {m.stateMessage ? <span class="muted"> {m.stateMessage}</span> : null}
         </p>
+        {activity ? <p class="muted" data-testid="activity">{activityLine(activity)}</p> : null}
         <dl class="facts">
           <dt>Size</dt>
           <dd>{m.vcpus} vCPU · {m.memoryMb} MB · {m.diskGb} GB</dd>
@@ -278,6 +361,7 @@ function MachineCard({ m, onChanged }: { m: Machine; onChanged: () => void }) {
         <Alert error={error} />
       </section>
       {terminal && running ? <TerminalView environmentId={m.environmentId} /> : null}
+      <Commands environmentId={m.environmentId} running={running} />
       <section class="card" aria-labelledby="log">
         <h2 id="log">Log</h2>
         <ol class="log" data-testid="log" aria-live="polite">
@@ -804,7 +888,7 @@ function AdminJobs() {
 }
 
 function AdminAudit() {
-  const [filter, setFilter] = useState({ actor: "", action: "", outcome: "" });
+  const [filter, setFilter] = useState<Record<string, string>>({});
   const [items, setItems] = useState<Audit[]>([]);
   const [error, setError] = useState("");
   useEffect(() => {
@@ -812,13 +896,20 @@ function AdminAudit() {
     q.set("limit", "100");
     call<{ items: Audit[] }>("GET", `/v1/admin/audit?${q}`).then((a) => setItems(a.items)).catch((e) => setError(message(e)));
   }, [filter]);
-  const field = (k: keyof typeof filter, label: string) => (
-    <label>{label}<input name={`audit-${k}`} value={filter[k]} onChange={(e) => setFilter({ ...filter, [k]: e.currentTarget.value })} /></label>
-  );
+  function apply(e: Event) {
+    e.preventDefault();
+    const form = new FormData(e.currentTarget as HTMLFormElement);
+    setFilter(Object.fromEntries([...form.entries()].map(([k, v]) => [k, String(v)])));
+  }
   return (
     <section class="card" aria-labelledby="audit">
       <h2 id="audit">Audit</h2>
-      <div class="inline">{field("actor", "Actor")}{field("action", "Action")}{field("outcome", "Outcome")}</div>
+      <form class="inline" onSubmit={apply} aria-label="Filter the audit log">
+        <label>Actor<input name="actor" /></label>
+        <label>Action<input name="action" /></label>
+        <label>Outcome<input name="outcome" /></label>
+        <button type="submit">Filter</button>
+      </form>
       <Alert error={error} />
       <table>
         <thead>

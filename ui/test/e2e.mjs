@@ -45,6 +45,9 @@ try {
     await accessible(target, name);
     await target.screenshot({ path: `${shots}/${name}-desktop.png`, fullPage: true });
     await target.setViewportSize({ width: 390, height: 844 });
+    await target.waitForTimeout(100); // the terminal refits on resize
+    const wide = await target.evaluate(() => document.documentElement.scrollWidth);
+    if (wide > 390) throw new Error(`${name} is ${wide} px wide at phone width (390 px)`);
     await target.screenshot({ path: `${shots}/${name}-phone.png`, fullPage: true });
     await target.setViewportSize({ width: 1280, height: 900 });
   }
@@ -124,6 +127,12 @@ try {
     null,
     { timeout: 30_000 },
   );
+  await page.getByRole("textbox", { name: "Command", exact: true }).fill("echo from-exec; exit 3");
+  await page.getByRole("button", { name: "Run" }).click();
+  await page.getByTestId("exec-result").filter({ hasText: "exit code 3" }).waitFor();
+  await page.locator("pre.out").filter({ hasText: "from-exec" }).waitFor();
+  await page.getByRole("cell", { name: "echo from-exec; exit 3" }).waitFor();
+  await page.getByTestId("activity").filter({ hasText: "last activity was" }).waitFor();
   await shoot("environment");
   await page.getByRole("button", { name: "Destroy" }).click();
   await page.getByText("This environment is destroyed.").waitFor({ timeout: up });
@@ -179,8 +188,9 @@ try {
   await shoot("admin-jobs", admin);
   await admin.getByRole("tab", { name: "Audit" }).click();
   await admin.getByLabel("Action").fill("sign_in");
-  await admin.getByLabel("Action").press("Tab");
+  await admin.getByRole("button", { name: "Filter" }).click();
   await admin.getByRole("cell", { name: "sign_in", exact: true }).first().waitFor();
+  await admin.getByRole("cell", { name: "password_invite", exact: true }).first().waitFor({ state: "detached" });
   await shoot("admin-audit", admin);
   if (errors.length) throw new Error(`errors in the page: ${errors.join("; ")}`);
   step("done");
