@@ -18,8 +18,13 @@ function Alert({ error }: { error: string }) {
 function SignIn({ onSignedIn }: { onSignedIn: (s: Session) => void }) {
   const [email, setEmail] = useState("");
   const [password, setPassword] = useState("");
-  const [error, setError] = useState("");
+  // A refused OpenID sign-in comes back as /?error=...
+  const [error, setError] = useState(new URLSearchParams(location.search).get("error") ?? "");
   const [busy, setBusy] = useState(false);
+  const [oidc, setOidc] = useState<Schemas["OidcView"] | null>(null);
+  useEffect(() => {
+    call<Schemas["OidcView"]>("GET", "/v1/auth/oidc").then(setOidc).catch(() => setOidc(null));
+  }, []);
   async function submit(e: Event) {
     e.preventDefault();
     setBusy(true);
@@ -47,6 +52,11 @@ function SignIn({ onSignedIn }: { onSignedIn: (s: Session) => void }) {
         <Alert error={error} />
         <button type="submit" disabled={busy}>{busy ? "Signing in…" : "Sign in"}</button>
       </form>
+      {oidc?.enabled ? (
+        <p class="or">
+          <a class="button" href="/v1/auth/oidc/start">Sign in with {oidc.name}</a>
+        </p>
+      ) : null}
     </main>
   );
 }

@@ -20,6 +20,8 @@ pub struct Config {
     /// reach Hearth over TLS (through a proxy that terminates it), never on plain HTTP,
     /// where browsers would then drop the cookie.
     pub secure_cookies: bool,
+    /// OpenID Connect sign-in, when `HEARTH_OIDC_ISSUER` is set (see `oidc.rs`).
+    pub oidc: Option<crate::oidc::OidcConfig>,
     /// Close the host to its VMs (`HEARTH_GUEST_FIREWALL`, on by default): on a machine
     /// whose Docker engine is a host of this installation, VMs may not open connections
     /// to the host or to link-local addresses (see `hearth_provider::docker::guard`).
@@ -88,6 +90,7 @@ impl Config {
             header_timeout: Duration::from_secs(10),
             metrics_public: false,
             secure_cookies: false,
+            oidc: None,
             guest_firewall: true,
             data_dir,
             database_url,
@@ -184,6 +187,7 @@ impl Config {
         c.workers = number("HEARTH_WORKERS", 1u8)? != 0;
         c.metrics_public = number("HEARTH_METRICS_PUBLIC", 0u8)? != 0;
         c.secure_cookies = number("HEARTH_SECURE_COOKIES", 0u8)? != 0;
+        c.oidc = crate::oidc::OidcConfig::from_env()?;
         c.guest_firewall = number("HEARTH_GUEST_FIREWALL", 1u8)? != 0;
         let days = |name: &str, ms: i64| number(name, ms / DAY_MS).map(|d: i64| d.max(1) * DAY_MS);
         c.retention = hearth_store::Retention {

@@ -16,6 +16,7 @@ mod guest;
 pub mod health;
 pub mod hosts;
 pub mod jobs;
+pub mod oidc;
 pub mod reaper;
 pub mod reconcile;
 mod saga;

@@ -103,3 +103,78 @@ async fn a_user_signs_in_provisions_uses_the_terminal_and_destroys() {
     }
     println!("screenshots: {}", screenshots.display());
 }
+
+/// OpenID Connect sign-in against a real provider (the npm package oidc-provider, run here):
+/// a callback with another state and an unverified email are refused; a verified email
+/// signs in and makes the user with the configured tier.
+#[tokio::test]
+async fn openid_connect_sign_in_against_a_real_provider() {
+    let ui = ui_dir();
+    assert!(
+        ui.join("node_modules/oidc-provider").is_dir(),
+        "the UI's test tools are not installed: run `make ui` (make test does)"
+    );
+    let (op_port, port) = (free_port(), free_port());
+    let callback = format!("http://127.0.0.1:{port}/v1/auth/oidc/callback");
+    let mut provider = std::process::Command::new("node")
+        .args(["test/oidc-provider.mjs", &op_port.to_string(), &callback])
+        .current_dir(ui)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("node (make ui installs it)");
+    let mut said = std::io::BufReader::new(provider.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut said, &mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "the OpenID provider did not start");
+
+    let site = Site::new(Db::Sqlite)
+        .await
+        .with_env("HEARTH_OIDC_ISSUER", &format!("http://127.0.0.1:{op_port}"))
+        .with_env("HEARTH_OIDC_CLIENT_ID", "hearth")
+        .with_env("HEARTH_OIDC_CLIENT_SECRET", "hearth-test-secret")
+        .with_env("HEARTH_OIDC_REDIRECT_URL", &callback)
+        .with_env("HEARTH_OIDC_TIER", "pro")
+        .with_env("HEARTH_OIDC_NAME", "Test provider");
+    let server = site.start_on(port).await;
+    let screenshots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots");
+    let out = tokio::process::Command::new("node")
+        .arg("test/oidc.mjs")
+        .current_dir(ui)
+        .env("HEARTH_URL", &server.base)
+        .env("SCREENSHOTS", &screenshots)
+        .output()
+        .await
+        .unwrap();
+    let _ = provider.kill();
+    let _ = provider.wait();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.contains("oidc: done"),
+        "the OpenID test failed:\n{said}\nserver log:\n{}",
+        site.log()
+    );
+    let users = server
+        .call("GET", "/v1/admin/users", Some(&server.admin_token), None)
+        .await
+        .body;
+    let made: Vec<_> = users["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|u| u["email"].as_str().unwrap().ends_with("@example.com"))
+        .collect();
+    assert_eq!(
+        made.len(),
+        1,
+        "only the verified email becomes a user: {users}"
+    );
+    assert_eq!(
+        (made[0]["email"].as_str(), made[0]["tier"].as_str()),
+        (Some("oidc@example.com"), Some("pro"))
+    );
+}

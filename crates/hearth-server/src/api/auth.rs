@@ -195,3 +195,127 @@ pub async fn password_link(
         }),
     ))
 }
+
+const FLOW_COOKIE: &str = "hearth_oidc";
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OidcView {
+    /// Whether this installation signs people in with an OpenID provider.
+    enabled: bool,
+    /// The provider's name for the button, when enabled.
+    name: Option<String>,
+}
+
+/// Whether OpenID Connect sign-in is configured (for the sign-in page).
+#[utoipa::path(get, path = "/v1/auth/oidc", tag = "auth", security(()), responses((status = 200, description = "whether it is on", body = OidcView)))]
+pub async fn oidc(State(app): State<App>) -> Json<OidcView> {
+    Json(OidcView {
+        enabled: app.config.oidc.is_some(),
+        name: app.config.oidc.as_ref().map(|c| c.name.clone()),
+    })
+}
+
+fn redirect(to: &str, cookies: &[HeaderValue]) -> Response {
+    let mut response =
+        (StatusCode::SEE_OTHER, [(header::LOCATION, to.to_string())]).into_response();
+    for c in cookies {
+        response.headers_mut().append(header::SET_COOKIE, c.clone());
+    }
+    response
+}
+
+fn flow_cookie(app: &App, value: &str, max_age_seconds: u64) -> HeaderValue {
+    let secure = if app.config.secure_cookies {
+        "; Secure"
+    } else {
+        ""
+    };
+    HeaderValue::from_str(&format!("{FLOW_COOKIE}={value}; Path=/v1/auth/oidc; HttpOnly; SameSite=Lax; Max-Age={max_age_seconds}{secure}"))
+        .expect("hex is a valid header value")
+}
+
+/// Sends the browser to the OpenID provider (authorization code flow with PKCE).
+#[utoipa::path(get, path = "/v1/auth/oidc/start", tag = "auth", security(()),
+    responses((status = 303, description = "to the provider; the flow cookie is set"),
+        (status = 404, description = "OpenID Connect is not configured", body = crate::error::ErrorBody),
+        (status = 503, description = "the provider's discovery failed", body = crate::error::ErrorBody)))]
+pub async fn oidc_start(State(app): State<App>) -> ApiResult<Response> {
+    let (url, sealed) = app.oidc_start().await?;
+    Ok(redirect(
+        &url,
+        &[flow_cookie(
+            &app,
+            &sealed,
+            hearth_app::oidc::FLOW_LIFETIME.as_secs(),
+        )],
+    ))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct CallbackQuery {
+    code: Option<String>,
+    state: Option<String>,
+    /// Set by the provider when the user or the provider refused.
+    error: Option<String>,
+}
+
+/// Where the provider sends the browser back: signs in and goes to `/`, or goes to
+/// `/?error=...` with the reason (the flow cookie is cleared either way).
+#[utoipa::path(get, path = "/v1/auth/oidc/callback", tag = "auth", security(()), params(CallbackQuery),
+    responses((status = 303, description = "to `/` signed in, or to `/?error=...`")))]
+pub async fn oidc_callback(
+    State(app): State<App>,
+    headers: HeaderMap,
+    super::Params(q): super::Params<CallbackQuery>,
+) -> Response {
+    let flow = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == FLOW_COOKIE)
+        .map(|(_, v)| v.to_string());
+    let clear = flow_cookie(&app, "", 0);
+    let outcome = match (q.error, q.code, q.state) {
+        (Some(e), _, _) => Err(hearth_app::AppError::Unauthenticated(format!(
+            "the provider said: {}",
+            e.chars().take(200).collect::<String>()
+        ))),
+        (None, Some(code), Some(state)) => app.oidc_finish(flow.as_deref(), &state, &code).await,
+        _ => Err(hearth_app::AppError::Invalid(
+            "the provider's answer has no code or state".into(),
+        )),
+    };
+    match outcome {
+        Ok((_, session)) => redirect(
+            "/",
+            &[
+                clear,
+                cookie(
+                    &app,
+                    &session.id,
+                    hearth_app::sign_in::SESSION_LIFETIME.as_secs(),
+                ),
+            ],
+        ),
+        Err(e) => {
+            tracing::info!(error = %e, "an OpenID sign-in was refused");
+            let message: String = percent_encode(&e.to_string());
+            redirect(&format!("/?error={message}"), &[clear])
+        }
+    }
+}
+
+/// Percent-encodes all but unreserved characters, for a query value.
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

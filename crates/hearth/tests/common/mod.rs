@@ -127,7 +127,11 @@ impl Site {
     }
 
     pub async fn start(&self) -> Server {
-        let port = free_port();
+        self.start_on(free_port()).await
+    }
+
+    /// Starts on a port chosen beforehand (for settings that name the server's own URL).
+    pub async fn start_on(&self, port: u16) -> Server {
         let child = self.command(port).spawn().expect("spawn hearth serve");
         let base = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::new();
