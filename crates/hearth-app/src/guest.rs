@@ -55,10 +55,6 @@ if [ "$seen" = lost ]; then sleep 1; seen=$(look); fi
 printf '%s\n' "$seen"
 "#;
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 pub(crate) enum InitStatus {
     Running,
     Exited {
@@ -114,7 +110,7 @@ impl Guest {
     ) -> Result<(), String> {
         match self {
             Guest::Ssh { pool, target } => {
-                let digest = hex(&Sha256::digest(script.as_bytes()));
+                let digest = hex::encode(Sha256::digest(script.as_bytes()));
                 let code = START_INIT.replace("@SHA256@", &digest);
                 let out = pool
                     .exec(target, &request(&code, env, script.as_bytes().to_vec()))
@@ -185,7 +181,7 @@ mod tests {
 
     /// Runs START_INIT with `sh` here, as sshd would in a guest, on `sent` as its input.
     fn start_with(home: &std::path::Path, script: &str, sent: &[u8]) -> std::process::Output {
-        let code = START_INIT.replace("@SHA256@", &hex(&Sha256::digest(script.as_bytes())));
+        let code = START_INIT.replace("@SHA256@", &hex::encode(Sha256::digest(script.as_bytes())));
         let mut child = Command::new("sh")
             .args(["-c", &code])
             .env("HOME", home)

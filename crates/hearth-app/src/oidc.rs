@@ -87,21 +87,6 @@ fn http() -> AppResult<openidconnect::reqwest::Client> {
         .map_err(|e| AppError::Internal(e.to_string()))
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    (text.len() % 2 == 0)
-        .then(|| {
-            (0..text.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-                .collect()
-        })
-        .flatten()
-}
-
 impl App {
     fn oidc_config(&self) -> AppResult<&OidcConfig> {
         self.config.oidc.as_ref().ok_or(AppError::NotFound(
@@ -155,7 +140,7 @@ impl App {
         let sealed = self
             .master_key
             .seal(&serde_json::to_string(&flow).expect("serializable"));
-        Ok((url.to_string(), hex(sealed.as_bytes())))
+        Ok((url.to_string(), hex::encode(sealed)))
     }
 
     /// Finishes a flow: the state must be the cookie's, the ID token must carry its nonce
@@ -170,7 +155,7 @@ impl App {
             AppError::Unauthenticated(format!("OpenID sign-in refused: {why}; try again"))
         };
         let flow: Flow = cookie
-            .and_then(unhex)
+            .and_then(|c| hex::decode(c).ok())
             .and_then(|b| String::from_utf8(b).ok())
             .and_then(|s| self.master_key.open(&s).ok())
             .and_then(|s| serde_json::from_str(&s).ok())
@@ -178,14 +163,7 @@ impl App {
         if flow.expires_at < self.now() {
             return Err(refused("the sign-in took longer than 10 minutes"));
         }
-        let same = flow.state.len() == state.len()
-            && flow
-                .state
-                .bytes()
-                .zip(state.bytes())
-                .fold(0u8, |d, (a, b)| d | (a ^ b))
-                == 0;
-        if !same {
+        if !crate::sign_in::same_secret(&flow.state, state) {
             return Err(refused("the state does not match"));
         }
         let http = http()?;

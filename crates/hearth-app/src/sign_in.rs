@@ -71,6 +71,12 @@ async fn hashing<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -
         .map_err(|e| AppError::Internal(e.to_string()))
 }
 
+/// Whether two secrets (a CSRF token, an OpenID state) are equal, in time that does not
+/// depend on where they differ.
+pub fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
 fn check_password(password: &str) -> AppResult<()> {
     let chars = password.chars().count();
     if !(MIN_PASSWORD_CHARS..=MAX_PASSWORD_CHARS).contains(&chars) {

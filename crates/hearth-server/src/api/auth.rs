@@ -20,17 +20,22 @@ use utoipa::ToSchema;
 
 pub const COOKIE: &str = "hearth_session";
 
-/// The session id from the request's `Cookie` headers, if any.
-pub fn session_cookie(headers: &HeaderMap) -> Option<String> {
+/// The value of cookie `name` in the request's `Cookie` headers, if any.
+fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .find(|(n, _)| *n == name)
         .map(|(_, value)| value.to_string())
         .filter(|v| !v.is_empty())
+}
+
+/// The session id from the request's `Cookie` headers, if any.
+pub fn session_cookie(headers: &HeaderMap) -> Option<String> {
+    cookie_value(headers, COOKIE)
 }
 
 /// Refuses a changing call whose `X-CSRF-Token` is not the session's.
@@ -42,14 +47,7 @@ pub fn check_csrf(method: &Method, headers: &HeaderMap, csrf: &str) -> Result<()
         .get("x-csrf-token")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    // Compared in constant time: the token is a secret.
-    let same = sent.len() == csrf.len()
-        && sent
-            .bytes()
-            .zip(csrf.bytes())
-            .fold(0u8, |d, (a, b)| d | (a ^ b))
-            == 0;
-    if !same {
+    if !hearth_app::sign_in::same_secret(sent, csrf) {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "csrf",
@@ -269,14 +267,7 @@ pub async fn oidc_callback(
     headers: HeaderMap,
     super::Params(q): super::Params<CallbackQuery>,
 ) -> Response {
-    let flow = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == FLOW_COOKIE)
-        .map(|(_, v)| v.to_string());
+    let flow = cookie_value(&headers, FLOW_COOKIE);
     let clear = flow_cookie(&app, "", 0);
     let outcome = match (q.error, q.code, q.state) {
         (Some(e), _, _) => Err(hearth_app::AppError::Unauthenticated(format!(

@@ -193,7 +193,9 @@ mod tests {
                     .unwrap_or_else(|| panic!("{method} {path} has no responses"));
                 // A WebSocket succeeds with 101, a browser's sign-in redirect with 303.
                 assert!(
-                    responses.keys().any(|k| k.starts_with('2') || k == "101" || k == "303"),
+                    responses
+                        .keys()
+                        .any(|k| k.starts_with('2') || k == "101" || k == "303"),
                     "{method} {path} documents no success"
                 );
                 for (code, r) in responses {
