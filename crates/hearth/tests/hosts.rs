@@ -409,6 +409,23 @@ async fn two_engines_two_nodes() {
     }
     for id in [&on_two, &also_two] {
         assert!(engine.running(id), "{id} stopped while its engine was away");
+        // The daemon's port proxy died with it (Docker gives it PDEATHSIG) and is restored
+        // as the daemon starts again; wait for it rather than assume when it is back.
+        let env = b
+            .call("GET", &format!("/v1/environments/{id}"), Some(&token), None)
+            .await
+            .body;
+        let port = env["sshPort"].as_u64().expect("an SSH port") as u16;
+        let waited = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                waited.elapsed() < Duration::from_secs(30),
+                "{id}'s SSH port {port} never came back after its engine restarted: {}\n{}",
+                String::from_utf8_lossy(&engine.docker(&["port", &format!("hearth-{id}")]).stdout),
+                engine.log().lines().rev().take(40).collect::<Vec<_>>().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let r = a
             .call(
                 "POST",
