@@ -114,6 +114,7 @@ function SizePicker({ onProvisioned }: { onProvisioned: () => void }) {
   const [flavors, setFlavors] = useState<Flavor[]>([]);
   const [me, setMe] = useState<Me | null>(null);
   const [chosen, setChosen] = useState<string>("");
+  const [sshKey, setSshKey] = useState("");
   const [error, setError] = useState("");
   const [busy, setBusy] = useState(false);
   useEffect(() => {
@@ -132,7 +133,7 @@ function SizePicker({ onProvisioned }: { onProvisioned: () => void }) {
     setBusy(true);
     setError("");
     try {
-      await call("POST", "/v1/me/vm", { vcpus: f.vcpus, memoryMb: f.memoryMb, diskGb: f.diskGb });
+      await call("POST", "/v1/me/vm", { vcpus: f.vcpus, memoryMb: f.memoryMb, diskGb: f.diskGb, sshPublicKey: sshKey.trim() || undefined });
       onProvisioned();
     } catch (e) {
       setError(message(e));
@@ -157,6 +158,10 @@ function SizePicker({ onProvisioned }: { onProvisioned: () => void }) {
           );
         })}
       </fieldset>
+      <label>
+        Your SSH public key (optional: to SSH in from your machine; the terminal here works without it)
+        <textarea name="sshPublicKey" rows={2} value={sshKey} onInput={(e) => setSshKey(e.currentTarget.value)} />
+      </label>
       <Alert error={error} />
       <button onClick={provision} disabled={busy || !chosen}>{busy ? "Provisioning…" : "Provision my VM"}</button>
     </section>
@@ -299,6 +304,8 @@ type Machine = {
   sshHost?: string | null;
   sshPort?: number | null;
   sshUser: string;
+  /** The owner gave a key of their own, so `ssh` works from their machine. */
+  hasUserSshKey: boolean;
   facts: [string, string][];
   /** The path start, stop and destroy act on (`/v1/me/vm`, `/v1/environments/{id}`). */
   base: string;
@@ -356,8 +363,14 @@ function MachineCard({ m, onChanged }: { m: Machine; onChanged: () => void }) {
           {ssh ? (
             <>
               <dt>SSH</dt>
-              <dd>
-                <code>{ssh}</code> <button class="small" onClick={() => navigator.clipboard?.writeText(ssh)}>Copy</button>
+              <dd data-testid="ssh">
+                {m.hasUserSshKey ? (
+                  <>
+                    <code>{ssh}</code> <button class="small" onClick={() => navigator.clipboard?.writeText(ssh)}>Copy</button>
+                  </>
+                ) : (
+                  <span class="muted">give your public key when you create it to SSH in from your machine; the terminal works without one</span>
+                )}
               </dd>
             </>
           ) : null}
@@ -399,7 +412,11 @@ function VmCard({ vm, onChanged }: { vm: UserVm; onChanged: () => void }) {
     sshHost: vm.sshHost,
     sshPort: vm.sshPort,
     sshUser: vm.sshUser,
-    facts: [["Runtime", `${vm.totalRuntimeMinutes} min`]],
+    hasUserSshKey: vm.hasUserSshKey,
+    facts: [
+      ["Runtime", `${vm.totalRuntimeMinutes} min`],
+      ["Host", vm.hostName ?? "not placed"],
+    ],
     base: "/v1/me/vm",
   };
   return <MachineCard m={m} onChanged={onChanged} />;
@@ -466,16 +483,23 @@ function CreateEnvironment({ onCreated }: { onCreated: (e: Env) => void }) {
   );
 }
 
-/** The caller's environments, refreshed every 3 s; each opens to its own page. */
+/** Calls `load` now and whenever the list stream at `path` says something changed. */
+function useListChanges(path: string, load: () => void) {
+  useEffect(() => {
+    load();
+    const events = new EventSource(path);
+    events.addEventListener("changed", () => load());
+    return () => events.close();
+  }, [path]);
+}
+
+/** The caller's environments, re-read when their list stream says something changed; each
+ * opens to its own page. */
 function Environments({ open }: { open: (id: string) => void }) {
   const [items, setItems] = useState<Env[] | null>(null);
   const [error, setError] = useState("");
   const load = () => call<{ items: Env[] }>("GET", "/v1/environments?limit=100").then((p) => setItems(p.items)).catch((e) => setError(message(e)));
-  useEffect(() => {
-    load();
-    const every = setInterval(load, 3000);
-    return () => clearInterval(every);
-  }, []);
+  useListChanges("/v1/environments/events", load);
   return (
     <>
       <section class="card" aria-labelledby="envs">
@@ -492,7 +516,7 @@ function Environments({ open }: { open: (id: string) => void }) {
                   <td><a href={`/ui/environments/${e.id}`} onClick={(ev) => { ev.preventDefault(); open(e.id); }}>{e.name}</a> <span class="muted">{e.slug}</span></td>
                   <td><span class={`state state-${e.state}`}>{e.state}</span></td>
                   <td>{e.vcpus} vCPU · {e.memoryMb} MB · {e.diskGb} GB</td>
-                  <td>{e.provider}</td>
+                  <td>{e.hostName ?? e.provider}</td>
                   <td>{e.expiresAt ? new Date(e.expiresAt).toLocaleString() : "never"}</td>
                 </tr>
               ))}
@@ -535,8 +559,10 @@ function EnvironmentPage({ id, back }: { id: string; back: () => void }) {
     sshHost: env.sshHost,
     sshPort: env.sshPort,
     sshUser: env.sshUser,
+    hasUserSshKey: env.hasUserSshKey,
     facts: [
       ["Id", env.slug],
+      ["Host", env.hostName ?? "not placed"],
       ["Expires", env.expiresAt ? new Date(env.expiresAt).toLocaleString() : "never"],
     ],
     base: `/v1/environments/${env.id}`,
@@ -651,11 +677,7 @@ function AdminVms() {
         setEmails(Object.fromEntries(u.items.map((x) => [x.id, x.email])));
       })
       .catch((e) => setError(message(e)));
-  useEffect(() => {
-    load();
-    const every = setInterval(load, 3000);
-    return () => clearInterval(every);
-  }, []);
+  useListChanges("/v1/admin/events", load);
   async function destroy(vm: UserVm) {
     if (!window.confirm(`Destroy the VM of ${emails[vm.userId] ?? vm.userId}? Its disk is deleted.`)) return;
     try {
@@ -682,17 +704,19 @@ function AdminVms() {
           <div class="stat" key={k}><span>{k}</span><strong>{v}</strong></div>
         ))}
       </section>
+      <CapacityChart />
       <section class="card" aria-labelledby="all">
         <h2 id="all">All VMs</h2>
         <table>
           <thead>
-            <tr><th scope="col">Owner</th><th scope="col">State</th><th scope="col">Size</th><th scope="col">Runtime</th><th scope="col"><span class="sr">Actions</span></th></tr>
+            <tr><th scope="col">Owner</th><th scope="col">State</th><th scope="col">Host</th><th scope="col">Size</th><th scope="col">Runtime</th><th scope="col"><span class="sr">Actions</span></th></tr>
           </thead>
           <tbody>
             {vms.vms.map((vm) => (
               <tr key={vm.id} data-owner={emails[vm.userId] ?? vm.userId}>
                 <td>{emails[vm.userId] ?? vm.userId}</td>
                 <td><span class={`state state-${vm.status}`}>{vm.status}</span></td>
+                <td>{vm.hostName ?? ""}</td>
                 <td>{vm.vcpus} vCPU · {vm.memoryMb} MB · {vm.diskGb} GB</td>
                 <td>{vm.totalRuntimeMinutes} min</td>
                 <td>
@@ -706,6 +730,76 @@ function AdminVms() {
         </table>
       </section>
     </>
+  );
+}
+
+type Capacity = Schemas["CapacityView"];
+type Sample = Schemas["CapacitySampleView"];
+
+/** One chart: each series a line over the last `hours`, y from 0 to `top`. */
+function Chart({ title, samples, series, top, unit, hours }: {
+  title: string;
+  samples: Sample[];
+  series: [string, string, (s: Sample) => number][];
+  top: number;
+  unit: string;
+  hours: number;
+}) {
+  const w = 600, h = 140, pad = 4;
+  const end = Date.now(), start = end - hours * 3600_000;
+  const x = (s: Sample) => pad + ((new Date(s.at).getTime() - start) / (end - start)) * (w - 2 * pad);
+  const y = (v: number) => h - pad - (Math.min(v, top) / Math.max(top, 1)) * (h - 2 * pad);
+  const last = samples[samples.length - 1];
+  const summary = last
+    ? series.map(([name, , f]) => `${name} ${Math.round(f(last))}${unit} now, at most ${Math.round(Math.max(...samples.map(f)))}${unit}`).join("; ")
+    : "no samples yet";
+  return (
+    <figure class="chart">
+      <figcaption>
+        <strong>{title}</strong> <span class="muted" data-testid={`chart-${title}`}>{summary}</span>
+      </figcaption>
+      <svg viewBox={`0 0 ${w} ${h}`} role="img" aria-label={`${title} over the last ${hours} hours: ${summary}`} preserveAspectRatio="none">
+        <line x1={pad} x2={w - pad} y1={h - pad} y2={h - pad} class="axis" />
+        {series.map(([name, colour, f]) => (
+          <g key={name}>
+            <polyline fill="none" stroke={colour} stroke-width="2" vector-effect="non-scaling-stroke" points={samples.map((s) => `${x(s)},${y(f(s))}`).join(" ")} />
+            {last ? <circle cx={x(last)} cy={y(f(last))} r="3" fill={colour} /> : null}
+          </g>
+        ))}
+      </svg>
+      <p class="legend">
+        {series.map(([name, colour]) => <span key={name}><i style={{ background: colour }} /> {name}</span>)}
+        <span class="muted">{hours} h ago → now</span>
+      </p>
+    </figure>
+  );
+}
+
+/** Running VMs and capacity held over the last day, from the server's 5-minute samples. */
+function CapacityChart() {
+  const [c, setC] = useState<Capacity | null>(null);
+  const [error, setError] = useState("");
+  useEffect(() => {
+    const load = () => call<Capacity>("GET", "/v1/admin/capacity?hours=24").then(setC).catch((e) => setError(message(e)));
+    load();
+    const every = setInterval(load, 60_000);
+    return () => clearInterval(every);
+  }, []);
+  if (error) return <Alert error={error} />;
+  if (!c) return null;
+  const pct = (used: number, max: number) => (max > 0 ? (100 * used) / max : 0);
+  const peak = Math.max(1, ...c.samples.map((s) => s.runningVms));
+  return (
+    <section class="card" aria-labelledby="last-day">
+      <h2 id="last-day">The last day</h2>
+      <div class="charts">
+        <Chart title="Running VMs" samples={c.samples} top={peak} unit="" hours={24} series={[["running", "#c2410c", (s) => s.runningVms]]} />
+        <Chart title="Capacity held" samples={c.samples} top={100} unit="%" hours={24} series={[
+          ["vCPUs", "#2563eb", (s) => pct(s.usedVcpus, s.maxVcpus)],
+          ["memory", "#15803d", (s) => pct(s.usedMemoryMb, s.maxMemoryMb)],
+        ]} />
+      </div>
+    </section>
   );
 }
 
@@ -770,11 +864,70 @@ function AdminHosts() {
   );
 }
 
+type Overrides = Schemas["QuotaOverrides"];
+const quotaFields: [keyof Overrides, string][] = [
+  ["maxEnvironments", "Environments"],
+  ["maxConcurrentEnvironments", "Running at once"],
+  ["maxVcpus", "vCPUs"],
+  ["maxMemoryMb", "Memory (MB)"],
+  ["maxDiskGb", "Disk (GB)"],
+  ["maxDurationHours", "Duration (hours)"],
+];
+
+/** One user's quota: each field blank for the tier's value, or a number of the admin's. */
+function QuotaEditor({ user, onDone }: { user: User; onDone: () => void }) {
+  const [view, setView] = useState<Schemas["UserQuotaView"] | null>(null);
+  const [values, setValues] = useState<Record<string, string>>({});
+  const [error, setError] = useState("");
+  const [saved, setSaved] = useState(false);
+  const show = (v: Schemas["UserQuotaView"]) => {
+    setView(v);
+    setValues(Object.fromEntries(quotaFields.map(([k]) => [k, v.quotaOverrides[k] == null ? "" : String(v.quotaOverrides[k])])));
+  };
+  useEffect(() => {
+    call<Schemas["UserQuotaView"]>("GET", `/v1/admin/users/${user.id}`).then(show).catch((e) => setError(message(e)));
+  }, [user.id]);
+  async function save(e: Event) {
+    e.preventDefault();
+    setError("");
+    setSaved(false);
+    const quota = Object.fromEntries(quotaFields.map(([k]) => [k, values[k]?.trim() ? Number(values[k]) : null])) as Overrides;
+    try {
+      show(await call<Schemas["UserQuotaView"]>("PATCH", `/v1/admin/users/${user.id}`, { quota }));
+      setSaved(true);
+    } catch (err) {
+      setError(message(err));
+    }
+  }
+  if (!view) return error ? <Alert error={error} /> : <p aria-busy="true">Loading…</p>;
+  return (
+    <form onSubmit={save} aria-label={`Quota of ${user.email}`} class="quota-form">
+      <p class="muted">Blank means the {view.user.tier} tier's value, shown greyed.</p>
+      <div class="quota">
+        {quotaFields.map(([k, label]) => (
+          <label key={k}>
+            {label}
+            <input name={k} type="number" min={0} max={10000000} placeholder={String(view.quota[k as keyof typeof view.quota] ?? "")} value={values[k] ?? ""}
+              onInput={(e) => setValues({ ...values, [k]: e.currentTarget.value })} />
+          </label>
+        ))}
+      </div>
+      <div class="actions">
+        <button type="submit">Save quota</button>
+        <button type="button" onClick={onDone}>Close</button>
+        {saved ? <span role="status">Saved.</span> : null}
+      </div>
+      <Alert error={error} />
+    </form>
+  );
+}
+
 function AdminUsers() {
   const [users, setUsers] = useState<User[]>([]);
   const [email, setEmail] = useState("");
   const [tier, setTier] = useState("free");
   const [link, setLink] = useState("");
+  const [editing, setEditing] = useState<string | null>(null);
   const [error, setError] = useState("");
   const load = () => call<{ items: User[] }>("GET", "/v1/admin/users").then((u) => setUsers(u.items)).catch((e) => setError(message(e)));
   useEffect(() => {
@@ -818,7 +971,7 @@ function AdminUsers() {
           <tr><th scope="col">Email</th><th scope="col">Tier</th><th scope="col">Role</th><th scope="col"><span class="sr">Actions</span></th></tr>
         </thead>
         <tbody>
-          {users.map((u) => (
+          {users.map((u) => [
             <tr key={u.id}>
               <td>{u.email}</td>
               <td>
@@ -831,9 +984,17 @@ function AdminUsers() {
                   {["user", "admin"].map((r) => <option key={r} value={r}>{r}</option>)}
                 </select>
               </td>
-              <td><button class="small" onClick={() => invite(u.id, "reset")} aria-label={`Password link for ${u.email}`}>Password link</button></td>
-            </tr>
-          ))}
+              <td class="actions">
+                <button class="small" onClick={() => invite(u.id, "reset")} aria-label={`Password link for ${u.email}`}>Password link</button>
+                <button class="small" onClick={() => setEditing(editing === u.id ? null : u.id)} aria-expanded={editing === u.id} aria-label={`Quota of ${u.email}`}>Quota</button>
+              </td>
+            </tr>,
+            editing === u.id ? (
+              <tr key={`${u.id}-quota`}>
+                <td colSpan={4}><QuotaEditor user={u} onDone={() => setEditing(null)} /></td>
+              </tr>
+            ) : null,
+          ])}
         </tbody>
       </table>
       <form class="inline" onSubmit={create}>

@@ -6,15 +6,19 @@
 // screenshot of each page at desktop and phone width into $SCREENSHOTS, each page checked by
 // axe-core first (no serious or critical violation).
 //
+// The personal VM gets the user's SSH key (SSH_PUBLIC_KEY), and real OpenSSH logs in with
+// SSH_KEY_FILE using the line the page shows. The environment list follows a stop made with
+// curl without a reload; the admin sees the last day's chart and sets a user's quota.
+//
 // Run by crates/hearth/tests/ui.rs with HEARTH_URL, LINK and ADMIN_LINK (invitations), EMAIL,
-// ADMIN_EMAIL, PASSWORD and SCREENSHOTS set.
+// ADMIN_EMAIL, PASSWORD, SSH_PUBLIC_KEY, SSH_KEY_FILE, HOST_NAME and SCREENSHOTS set.
 import { chromium } from "playwright-core";
 import { mkdirSync, readFileSync } from "node:fs";
 import { execFileSync } from "node:child_process";
 
-/** What real curl gets from `path` with `token`: the HTTP status. */
-function curl(path, token) {
-  return execFileSync("curl", ["-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", `Authorization: Bearer ${token}`, `${base}${path}`]).toString();
+/** What real curl gets from `path` with `token` (a GET, or a POST with no body): the HTTP status. */
+function curl(path, token, method = "GET") {
+  return execFileSync("curl", ["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method, "-H", `Authorization: Bearer ${token}`, `${base}${path}`]).toString();
 }
 
 const base = process.env.HEARTH_URL;
@@ -47,7 +51,18 @@ try {
     await target.setViewportSize({ width: 390, height: 844 });
     await target.waitForTimeout(100); // the terminal refits on resize
     const wide = await target.evaluate(() => document.documentElement.scrollWidth);
-    if (wide > 390) throw new Error(`${name} is ${wide} px wide at phone width (390 px)`);
+    if (wide > 390) {
+      // Name the widest elements that stick out, so the culprit is plain.
+      const out = await target.evaluate(() =>
+        [...document.querySelectorAll("body *")]
+          .map((e) => [e, e.getBoundingClientRect().right])
+          .filter(([, r]) => r > 390)
+          .sort((a, b) => b[1] - a[1])
+          .slice(0, 5)
+          .map(([e, r]) => `${e.tagName.toLowerCase()}.${e.className} (${Math.round(r)} px)`),
+      );
+      throw new Error(`${name} is ${wide} px wide at phone width (390 px): ${out.join(", ")}`);
+    }
     await target.screenshot({ path: `${shots}/${name}-phone.png`, fullPage: true });
     await target.setViewportSize({ width: 1280, height: 900 });
   }
@@ -72,6 +87,7 @@ try {
   step("provision");
   const provision = page.getByRole("button", { name: "Provision my VM" });
   await provision.waitFor();
+  await page.getByLabel(/^Your SSH public key/).fill(process.env.SSH_PUBLIC_KEY);
   await shoot("size-picker");
   await provision.click();
   await page.getByTestId("log").locator("li").first().waitFor({ timeout: up });
@@ -79,7 +95,16 @@ try {
   const lines = await page.getByTestId("log").locator("li").count();
   if (lines < 3) throw new Error(`only ${lines} log lines arrived`);
   step(`running, ${lines} log lines`);
+  await page.locator(".facts").getByText(process.env.HOST_NAME, { exact: true }).waitFor();
   await shoot("my-vm");
+
+  step("ssh with the user's own key, as the page says");
+  const line = (await page.getByTestId("ssh").locator("code").textContent()).trim();
+  const [, port, login] = line.match(/^ssh -p (\d+) (\S+)$/) ?? [];
+  if (!port) throw new Error(`a strange ssh line: ${line}`);
+  const said = execFileSync("ssh", ["-i", process.env.SSH_KEY_FILE, "-p", port, "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+    "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", login, "echo via-ssh"]).toString();
+  if (said.trim() !== "via-ssh") throw new Error(`ssh said ${JSON.stringify(said)}`);
 
   step("terminal");
   await page.getByRole("button", { name: "Terminal" }).click();
@@ -101,6 +126,10 @@ try {
   const token = (await page.getByTestId("new-token").textContent()).trim();
   if (curl("/v1/me", token) !== "200") throw new Error("the new token did not work with curl");
   await page.getByRole("cell", { name: "laptop", exact: true }).waitFor();
+  await page.getByLabel("New token's name").fill("script");
+  await page.getByRole("button", { name: "Make a token" }).click();
+  await page.getByRole("cell", { name: "script", exact: true }).waitFor();
+  const script = (await page.getByTestId("new-token").textContent()).trim();
   await shoot("settings");
   await page.getByRole("button", { name: "Revoke laptop" }).click();
   await page.getByRole("cell", { name: "laptop", exact: true }).waitFor({ state: "detached" });
@@ -134,6 +163,16 @@ try {
   await page.getByRole("cell", { name: "echo from-exec; exit 3" }).waitFor();
   await page.getByTestId("activity").filter({ hasText: "last activity was" }).waitFor();
   await shoot("environment");
+  const demoId = new URL(page.url()).pathname.split("/").pop();
+
+  step("the list follows a stop made elsewhere, without a reload");
+  await page.getByRole("link", { name: "Environments" }).click();
+  const demo = page.locator('tr[data-name="demo"]');
+  await demo.filter({ hasText: "running" }).filter({ hasText: process.env.HOST_NAME }).waitFor();
+  if (curl(`/v1/environments/${demoId}/stop`, script, "POST") !== "202") throw new Error("the stop with curl was refused");
+  await demo.filter({ hasText: "stopped" }).waitFor({ timeout: up });
+  await demo.getByRole("link", { name: "demo" }).click();
+  await page.waitForFunction(() => document.querySelector("[data-testid=state]")?.textContent === "stopped");
   await page.getByRole("button", { name: "Destroy" }).click();
   await page.getByText("This environment is destroyed.").waitFor({ timeout: up });
   await page.getByRole("button", { name: "Back to environments" }).click();
@@ -167,6 +206,7 @@ try {
   await admin.getByRole("link", { name: "Admin" }).click();
   const row = admin.locator(`tr[data-owner="${process.env.EMAIL}"]`).filter({ hasText: "running" });
   await row.waitFor({ timeout: 30_000 });
+  await admin.getByTestId("chart-Running VMs").filter({ hasText: "running 1 now" }).waitFor();
   await shoot("admin", admin);
   await row.getByRole("button", { name: `Destroy the VM of ${process.env.EMAIL}` }).click();
   // The user's page follows without a reload.
@@ -182,6 +222,11 @@ try {
   const invitation = (await admin.getByTestId("password-link").textContent()).trim();
   if (!invitation.startsWith(`${base}/ui/password?token=`)) throw new Error(`a strange invitation: ${invitation}`);
   await admin.getByRole("cell", { name: "new@example.com", exact: true }).waitFor();
+  await admin.getByRole("button", { name: `Quota of ${process.env.EMAIL}` }).click();
+  const quota = admin.getByRole("form", { name: `Quota of ${process.env.EMAIL}` });
+  await quota.getByLabel("Environments", { exact: true }).fill("7");
+  await quota.getByRole("button", { name: "Save quota" }).click();
+  await quota.getByRole("status").filter({ hasText: "Saved." }).waitFor();
   await shoot("admin-users", admin);
   await admin.getByRole("tab", { name: "Jobs" }).click();
   await admin.getByRole("heading", { name: "Jobs" }).waitFor();

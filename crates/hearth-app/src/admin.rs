@@ -3,7 +3,9 @@
 use crate::App;
 use crate::error::{AppError, AppResult};
 use hearth_core::{EnvState, JobKind, Quota, Role, Tier};
-use hearth_store::{ApiToken, Environment, Host, Job, JobState, QuotaOverrides, User};
+use hearth_store::{
+    ApiToken, CapacitySample, Environment, Host, Job, JobState, QuotaOverrides, User,
+};
 
 /// Tokens one user may hold at once.
 pub const MAX_TOKENS_PER_USER: usize = 100;
@@ -65,6 +67,18 @@ impl App {
         Ok(self.store.create_user(email, role, tier).await?)
     }
 
+    /// One user with the quota in force and the overrides.
+    pub async fn user_quota(&self, id: &str) -> AppResult<(User, Quota, QuotaOverrides)> {
+        let user = self
+            .store
+            .user(id)
+            .await
+            .map_err(AppError::not_found("user"))?;
+        let quota = self.store.quota(&user).await?;
+        let overrides = self.store.quota_overrides(&user.id).await?;
+        Ok((user, quota, overrides))
+    }
+
     /// Changes a user's tier, role or quota overrides; returns the user with the quota
     /// now in force and the overrides.
     pub async fn update_user(
@@ -113,9 +127,7 @@ impl App {
             .store
             .audit(&admin.id, "user_update", None, "success", None, None)
             .await;
-        let quota = self.store.quota(&user).await?;
-        let overrides = self.store.quota_overrides(&user.id).await?;
-        Ok((user, quota, overrides))
+        self.user_quota(&user.id).await
     }
 
     /// Removes a user who holds nothing: refused while any of their environments is not
@@ -213,6 +225,20 @@ impl App {
             hosts: self.store.hosts().await?,
             stats,
         })
+    }
+
+    /// The fleet's samples over the last `hours` (1 to 168), oldest first, ending with the
+    /// fleet now.
+    pub async fn capacity(&self, hours: i64) -> AppResult<Vec<CapacitySample>> {
+        if !(1..=168).contains(&hours) {
+            return Err(AppError::Invalid(format!(
+                "hours must be 1 to 168 (samples are kept 7 days), not {hours}"
+            )));
+        }
+        let now = self.store.capacity_now().await?;
+        let mut samples = self.store.capacity_samples(now.at - hours * 3_600_000).await?;
+        samples.push(now);
+        Ok(samples)
     }
 
     /// Destroys anyone's environment.

@@ -5,6 +5,10 @@
 //! once by writes in this process, so events written on one node reach clients of
 //! another through the database, only a little later. Each event's id is the cursor
 //! `<generation>-<log id>`; a client reconnecting with `Last-Event-ID` resumes after it.
+//!
+//! A list (one user's environments, or everyone's for an admin) has a stream too:
+//! `changed` whenever an environment of the list is created, changes state or goes, so a
+//! page re-reads the list only when there is something new.
 
 use crate::App;
 use futures::Stream;
@@ -164,4 +168,33 @@ impl Cursor {
             self.done = true;
         }
     }
+}
+
+/// How often a list stream looks when nothing in this process woke it.
+pub const LIST_POLL: Duration = Duration::from_secs(1);
+
+/// `changed` events for the environments of `user_id` (everyone's with `None`): one at
+/// once, then one each time the list's fingerprint (`Store::environments_fingerprint`)
+/// moves. The data says how many environments there are and the sum of their generations.
+pub fn list_stream(app: App, user_id: Option<String>) -> impl Stream<Item = LiveEvent> {
+    futures::stream::unfold((app, user_id, None), |(app, user_id, mut seen)| async move {
+        loop {
+            if let Ok(now) = app.store.environments_fingerprint(user_id.as_deref()).await {
+                if seen != Some(now) {
+                    seen = Some(now);
+                    let event = LiveEvent {
+                        kind: "changed",
+                        id: format!("{}-{}", now.0, now.1),
+                        data: serde_json::json!({ "environments": now.0, "generations": now.1 }),
+                    };
+                    return Some((event, (app, user_id, seen)));
+                }
+            }
+            let changed = app.changed.notified();
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep(LIST_POLL) => {}
+            }
+        }
+    })
 }

@@ -234,10 +234,7 @@ impl App {
             }));
         }
         let keys = KeyPair::generate();
-        let mut authorized = keys.public_openssh.clone();
-        if let Some(k) = user_key {
-            authorized = format!("{authorized}\n{k}");
-        }
+        let authorized = authorized_keys(&keys, user_key);
         let new = NewEnvironment {
             name: input.name,
             personal: false,
@@ -263,12 +260,17 @@ impl App {
     }
 
     /// Creates the caller's personal VM (queued for provisioning) or returns the live one.
+    /// `ssh_public_key`, when given, is authorized next to Hearth's own key.
     pub async fn provision_personal(
         &self,
         user: &User,
         size: SizeRequest,
+        ssh_public_key: Option<&str>,
     ) -> AppResult<(bool, Environment)> {
         let resources = self.resources(user, &size)?;
+        let user_key = ssh_public_key
+            .map(|k| hearth_guest::keys::check_public_key(k).map_err(AppError::Invalid))
+            .transpose()?;
         if let Some(existing) = self.store.personal_environment(&user.id).await? {
             return Ok((false, existing));
         }
@@ -280,7 +282,7 @@ impl App {
             base_image: self.config.image.clone(),
             ssh_user: "dev".into(),
             environment_vars: BTreeMap::new(),
-            ssh_public_key: keys.public_openssh,
+            ssh_public_key: authorized_keys(&keys, user_key),
             ssh_private_key_enc: self.master_key.seal(&keys.private_openssh),
             auto_stop_minutes: user.tier.auto_stop_minutes(),
             expires_at: None,
@@ -664,5 +666,13 @@ mod tests {
         assert_eq!((s.as_str(), t), ("h", true));
         let (s, t) = super::cut(b"abc", 10);
         assert_eq!((s.as_str(), t), ("abc", false));
+    }
+}
+
+/// The guest's `authorized_keys`: Hearth's own key first, then the user's, if any.
+fn authorized_keys(hearth: &KeyPair, user_key: Option<String>) -> String {
+    match user_key {
+        Some(k) => format!("{}\n{k}", hearth.public_openssh),
+        None => hearth.public_openssh.clone(),
     }
 }

@@ -28,9 +28,12 @@ pub struct UserVm {
     pub vcpus: i64,
     pub memory_mb: i64,
     pub disk_gb: i64,
+    pub host_name: Option<String>,
     pub ssh_host: Option<String>,
     pub ssh_port: Option<i64>,
     pub ssh_user: String,
+    /// Whether the owner gave their own SSH key (so `ssh` works from their machine).
+    pub has_user_ssh_key: bool,
     pub internal_ip: Option<String>,
     pub auto_stop: bool,
     pub auto_stop_minutes: i64,
@@ -60,9 +63,11 @@ impl From<&Environment> for UserVm {
             vcpus: e.vcpus,
             memory_mb: e.memory_mb,
             disk_gb: e.disk_gb,
+            host_name: e.host_name.clone(),
             ssh_host: e.ssh_host.clone(),
             ssh_port: e.ssh_port,
             ssh_user: e.ssh_user.clone(),
+            has_user_ssh_key: e.has_user_ssh_key(),
             internal_ip: e.ip_address.clone(),
             auto_stop: e.auto_stop_minutes.is_some(),
             auto_stop_minutes: e.auto_stop_minutes.unwrap_or(0),
@@ -154,12 +159,16 @@ pub struct EnvironmentView {
     pub state_message: Option<String>,
     pub provider: HostKind,
     pub host_id: Option<String>,
+    /// The host's name, as the admin's host list shows it.
+    pub host_name: Option<String>,
     pub vm_id: Option<String>,
     pub region: Option<String>,
     pub ip_address: Option<String>,
     pub ssh_host: Option<String>,
     pub ssh_port: Option<i64>,
     pub ssh_user: String,
+    /// Whether the owner gave their own SSH key (so `ssh` works from their machine).
+    pub has_user_ssh_key: bool,
     pub vcpus: i64,
     pub memory_mb: i64,
     pub disk_gb: i64,
@@ -189,12 +198,14 @@ impl From<&Environment> for EnvironmentView {
             state_message: e.state_message.clone(),
             provider: e.provider,
             host_id: e.host_id.clone(),
+            host_name: e.host_name.clone(),
             vm_id: e.vm_id.clone(),
             region: e.region.clone(),
             ip_address: e.ip_address.clone(),
             ssh_host: e.ssh_host.clone(),
             ssh_port: e.ssh_port,
             ssh_user: e.ssh_user.clone(),
+            has_user_ssh_key: e.has_user_ssh_key(),
             vcpus: e.vcpus,
             memory_mb: e.memory_mb,
             disk_gb: e.disk_gb,
@@ -528,6 +539,44 @@ impl From<&hearth_app::admin::VmStats> for VmStatsView {
             memory_mb_total: s.memory_mb_total,
         }
     }
+}
+
+/// The fleet at one moment: running VMs (personal VMs and environments) and their size,
+/// and what hosts hold of what they have.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CapacitySampleView {
+    pub at: String,
+    pub running_vms: i64,
+    pub running_vcpus: i64,
+    pub running_memory_mb: i64,
+    pub used_vcpus: i64,
+    pub max_vcpus: i64,
+    pub used_memory_mb: i64,
+    pub max_memory_mb: i64,
+}
+
+impl From<&hearth_store::CapacitySample> for CapacitySampleView {
+    fn from(s: &hearth_store::CapacitySample) -> CapacitySampleView {
+        CapacitySampleView {
+            at: time(s.at),
+            running_vms: s.running_vms,
+            running_vcpus: s.running_vcpus,
+            running_memory_mb: s.running_memory_mb,
+            used_vcpus: s.used_vcpus,
+            max_vcpus: s.max_vcpus,
+            used_memory_mb: s.used_memory_mb,
+            max_memory_mb: s.max_memory_mb,
+        }
+    }
+}
+
+/// Samples a bucket apart, oldest first; the last is the fleet now.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CapacityView {
+    pub interval_seconds: i64,
+    pub samples: Vec<CapacitySampleView>,
 }
 
 /// The seed's `getAllVms`: every personal VM, the hosts, and counts.

@@ -26,6 +26,8 @@ pub struct Environment {
     /// The kind of host it runs on (and so its provider).
     pub provider: HostKind,
     pub host_id: Option<String>,
+    /// The name of that host, read with the row (not a column of it).
+    pub host_name: Option<String>,
     /// The provider's id of its VM, saved as soon as the VM exists.
     pub vm_id: Option<String>,
     pub region: Option<String>,
@@ -58,6 +60,12 @@ pub struct Environment {
 }
 
 impl Environment {
+    /// Whether its owner gave an SSH key of their own (authorized after Hearth's key), so
+    /// `ssh` works from their machine.
+    pub fn has_user_ssh_key(&self) -> bool {
+        self.ssh_public_key.lines().filter(|l| !l.trim().is_empty()).count() > 1
+    }
+
     pub fn resources(&self) -> Resources {
         Resources {
             vcpus: self.vcpus,
@@ -141,7 +149,8 @@ macro_rules! select_env {
              host_id, vm_id, region, ip_address, ssh_host, ssh_port, ssh_user, vcpus, memory_mb, disk_gb, \
              base_image, environment_vars, ssh_public_key, ssh_private_key_enc, auto_stop_minutes, \
              total_runtime_seconds, created_at, updated_at, started_at, stopped_at, expires_at, last_activity_at, \
-             last_activity_source, init_script, repository_url, gpus, gpu_model, reserved \
+             last_activity_source, init_script, repository_url, gpus, gpu_model, reserved, \
+             (SELECT h.name FROM hosts h WHERE h.id = environments.host_id) AS host_name \
              FROM environments ",
             $where
         )
@@ -201,6 +210,7 @@ fn env_from_row(row: &AnyRow) -> Result<Environment> {
         provider: HostKind::parse(&provider)
             .ok_or_else(|| StoreError::Corrupt(format!("provider {provider}")))?,
         host_id: row.try_get("host_id")?,
+        host_name: row.try_get("host_name")?,
         vm_id: row.try_get("vm_id")?,
         region: row.try_get("region")?,
         ip_address: row.try_get("ip_address")?,
@@ -292,6 +302,7 @@ impl Store {
             generation: 1,
             provider: new.placement.kind,
             host_id: None,
+            host_name: None,
             vm_id: None,
             region: new.placement.region.clone(),
             ip_address: None,
@@ -332,7 +343,7 @@ impl Store {
             .admit(&usage, &env.resources())
             .map_err(StoreError::Quota)?;
         let host_id = self.place_in(&mut tx, &new.placement, None).await?;
-        env.region = host_region(&mut tx, &host_id).await?;
+        (env.region, env.host_name) = host_region_and_name(&mut tx, &host_id).await?;
         env.host_id = Some(host_id);
         let vars = self.seal_vars(&env.environment_vars)?;
         insert_env(&mut tx, &env, &vars).await?;
@@ -573,7 +584,7 @@ impl Store {
                     None
                 };
                 let host_id = self.place_in(&mut tx, &next.placement(), pinned).await?;
-                next.region = host_region(&mut tx, &host_id).await?;
+                (next.region, next.host_name) = host_region_and_name(&mut tx, &host_id).await?;
                 next.host_id = Some(host_id);
                 next.reserved = true;
             }
@@ -687,12 +698,15 @@ impl Store {
     }
 }
 
-async fn host_region(tx: &mut Tx, host_id: &str) -> Result<Option<String>> {
-    let row = sqlx::query("SELECT region FROM hosts WHERE id = $1")
+async fn host_region_and_name(
+    tx: &mut Tx,
+    host_id: &str,
+) -> Result<(Option<String>, Option<String>)> {
+    let row = sqlx::query("SELECT region, name FROM hosts WHERE id = $1")
         .bind(host_id)
         .fetch_one(&mut **tx)
         .await?;
-    Ok(row.try_get("region")?)
+    Ok((row.try_get("region")?, row.try_get("name")?))
 }
 
 /// Writes a new environment row; `vars` are its variables as kept at rest.

@@ -5,6 +5,7 @@
 //! backends agree on what "now" is. Write transactions on SQLite start `IMMEDIATE` so the
 //! single writer serialises them (DESIGN decision 6); PostgreSQL takes row locks.
 
+mod capacity;
 mod environments;
 mod hosts;
 mod installation;
@@ -15,6 +16,7 @@ mod sign_in;
 mod sim;
 mod users;
 
+pub use capacity::{CapacitySample, SAMPLE_MS};
 pub use environments::{Environment, NewEnvironment, PersonalOutcome};
 pub use hosts::{Host, HostCapacity, HostUpdate, JoinToken, NewHost, Placement};
 pub use installation::{Installation, KeyCheck};

@@ -376,6 +376,20 @@ impl Store {
             .transpose()
     }
 
+    /// (environments, sum of their generations) of one user, or of everyone with `None`,
+    /// destroyed ones included: any state change raises the sum, any create the count, so
+    /// a list stream knows when to say "changed" with one small query.
+    pub async fn environments_fingerprint(&self, user_id: Option<&str>) -> Result<(i64, i64)> {
+        let row = sqlx::query(
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n, CAST(COALESCE(SUM(generation), 0) AS BIGINT) AS g \
+             FROM environments WHERE ($1 = '' OR user_id = $1)",
+        )
+        .bind(user_id.unwrap_or(""))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((row.try_get("n")?, row.try_get("g")?))
+    }
+
     /// Lines written after `after_id` (for live streams), oldest first.
     pub async fn logs_after(&self, environment_id: &str, after_id: i64) -> Result<Vec<LogEntry>> {
         let rows = sqlx::query(

@@ -108,23 +108,26 @@ async fn ownership_matrix(db: Db) {
         assert_eq!(r.status, StatusCode::NOT_FOUND, "bob {method} {path}");
     }
 
-    let admin_calls: Vec<(&str, String)> = vec![
-        ("GET", "/v1/admin/vms".into()),
-        ("GET", "/v1/admin/users".into()),
-        ("POST", "/v1/admin/users".into()),
-        ("PATCH", "/v1/admin/users/x".into()),
-        ("DELETE", "/v1/admin/users/x".into()),
-        ("GET", "/v1/admin/environments".into()),
-        ("DELETE", format!("/v1/admin/environments/{id}")),
-        ("GET", "/v1/admin/jobs".into()),
-        ("POST", "/v1/admin/jobs/1/retry".into()),
-        ("GET", "/v1/admin/hosts".into()),
-        ("POST", "/v1/admin/hosts/x/drain".into()),
-        ("POST", "/v1/admin/hosts/x/ready".into()),
-        ("GET", "/v1/admin/audit".into()),
-    ];
+    // Every admin operation the document lists, so a new one cannot be left out.
+    let document = server.call("GET", "/openapi.json", None, None).await.body;
+    let mut admin_calls: Vec<(String, String)> = Vec::new();
+    for (path, operations) in document["paths"].as_object().unwrap() {
+        if !path.starts_with("/v1/admin/") {
+            continue;
+        }
+        for method in operations.as_object().unwrap().keys() {
+            let path = if path.starts_with("/v1/admin/environments/") {
+                path.replace("{id}", &id)
+            } else {
+                path.replace("{id}", "x")
+            };
+            admin_calls.push((method.to_uppercase(), path));
+        }
+    }
+    assert!(admin_calls.len() >= 20, "{admin_calls:?}");
     for (method, path) in &admin_calls {
-        let r = if *method == "PATCH" {
+        let (method, path) = (method.as_str(), path.as_str());
+        let r = if method == "PATCH" {
             server.patch(path, &bob, json!({"tier": "unlimited"})).await
         } else {
             server

@@ -1,10 +1,12 @@
 //! The web UI in headless Chromium (`ui/test/e2e.mjs`, playwright-core with Debian's
 //! `chromium`): a user invited by an admin sets a password from the link, signs in, provisions the
-//! personal VM on the real Docker engine, sees the log and the state change live, runs a
-//! command in the terminal, makes an API token and uses it with curl, revokes it, is refused
-//! the admin page, stops and destroys the VM; an admin destroys the user's next VM from the
-//! admin page. `make test` builds the UI first
-//! (`make ui`); screenshots land in `$CARGO_TARGET_TMPDIR/ui-screenshots`.
+//! personal VM on the real Docker engine with their own SSH key (real OpenSSH then logs in
+//! with the line the page shows), sees the log and the state change live, runs a command in
+//! the terminal, makes API tokens and uses them with curl, revokes one, watches the
+//! environment list follow a stop made with curl, is refused the admin page, stops and
+//! destroys the VM; an admin sees the last day's chart, destroys the user's next VM from the
+//! admin page and sets the user's quota, checked here through the API. `make test` builds
+//! the UI first (`make ui`); screenshots land in `$CARGO_TARGET_TMPDIR/ui-screenshots`.
 
 mod common;
 
@@ -63,6 +65,22 @@ async fn a_user_signs_in_provisions_uses_the_terminal_and_destroys() {
         .clone();
     let admin_link = link_for(admin["id"].as_str().unwrap());
 
+    // The user's own SSH key, given on the size picker; real OpenSSH uses it.
+    let keys = tempfile::tempdir().unwrap();
+    let key_file = keys.path().join("id_ed25519");
+    let made = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "ui-test", "-f"])
+        .arg(&key_file)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let public_key = std::fs::read_to_string(key_file.with_extension("pub")).unwrap();
+    let hosts = server
+        .call("GET", "/v1/admin/hosts", Some(&server.admin_token), None)
+        .await
+        .body;
+    let host_name = hosts["items"][0]["name"].as_str().unwrap().to_string();
+
     let screenshots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots");
     let out = tokio::process::Command::new("node")
         .arg("test/e2e.mjs")
@@ -73,6 +91,9 @@ async fn a_user_signs_in_provisions_uses_the_terminal_and_destroys() {
         .env("ADMIN_EMAIL", admin["email"].as_str().unwrap())
         .env("EMAIL", "ui@example.com")
         .env("PASSWORD", password)
+        .env("SSH_PUBLIC_KEY", public_key.trim())
+        .env("SSH_KEY_FILE", &key_file)
+        .env("HOST_NAME", &host_name)
         .env("SCREENSHOTS", &screenshots)
         .output()
         .await
@@ -84,6 +105,13 @@ async fn a_user_signs_in_provisions_uses_the_terminal_and_destroys() {
     );
     assert!(out.status.success(), "the browser test failed:\n{said}");
     assert!(said.contains("e2e: done"), "{said}");
+    // The quota the admin set on the users tab is the one in force.
+    let quota = server
+        .call("GET", &format!("/v1/admin/users/{id}"), Some(&server.admin_token), None)
+        .await
+        .body;
+    assert_eq!(quota["quotaOverrides"]["maxEnvironments"], 7, "{quota}");
+    assert_eq!(quota["quota"]["maxEnvironments"], 7, "{quota}");
     for page in [
         "set-password",
         "sign-in",
@@ -93,6 +121,8 @@ async fn a_user_signs_in_provisions_uses_the_terminal_and_destroys() {
         "settings",
         "admin-refused",
         "admin",
+        "admin-users",
+        "environment",
     ] {
         for width in ["desktop", "phone"] {
             assert!(

@@ -6,7 +6,7 @@ use super::{Admin, Body, Params};
 use crate::App;
 use crate::error::ApiResult;
 use crate::views::{
-    AuditView, EnvironmentView, HostView, Items, JobView, NewUserView, Page, UserQuotaView,
+    AuditView, CapacitySampleView, CapacityView, EnvironmentView, HostView, Items, JobView, NewUserView, Page, UserQuotaView,
     UserView, UserVm, VmStatsView, VmsView,
 };
 use axum::Json;
@@ -106,6 +106,39 @@ pub struct EnvQuery {
     include_destroyed: bool,
 }
 
+#[derive(Deserialize, Default, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct CapacityQuery {
+    /// How far back, in hours (default 24).
+    #[param(minimum = 1, maximum = 168)]
+    hours: Option<i64>,
+}
+
+/// What the fleet ran and held over the last hours: a sample per 5 minutes (kept 7 days),
+/// then the fleet now. For the admin's chart.
+#[utoipa::path(get, path = "/v1/admin/capacity", tag = "admin", params(CapacityQuery),
+    responses((status = 200, description = "oldest first", body = CapacityView), Invalid, AdminOnly, Authed))]
+pub async fn capacity(
+    State(app): State<App>,
+    Admin(_admin): Admin,
+    Params(q): Params<CapacityQuery>,
+) -> ApiResult<Json<CapacityView>> {
+    let samples = app.capacity(q.hours.unwrap_or(24)).await?;
+    Ok(Json(CapacityView {
+        interval_seconds: hearth_store::SAMPLE_MS / 1000,
+        samples: samples.iter().map(CapacitySampleView::from).collect(),
+    }))
+}
+
+/// Live changes to everyone's environments (server-sent events): `changed` at once, then
+/// whenever an environment is created, changes state or goes.
+#[utoipa::path(get, path = "/v1/admin/events", tag = "admin",
+    responses((status = 200, description = "a stream of `changed` events", content_type = "text/event-stream", body = String), AdminOnly, Authed))]
+pub async fn events(State(app): State<App>, Admin(_admin): Admin) -> axum::response::Response {
+    super::environments::live_response(hearth_app::events::list_stream(app, None))
+}
+
 /// Every user's environments, newest first.
 #[utoipa::path(get, path = "/v1/admin/environments", tag = "admin", params(EnvQuery),
     responses((status = 200, description = "a page", body = Page<EnvironmentView>), Invalid, AdminOnly, Authed))]
@@ -150,6 +183,22 @@ pub struct PatchUserBody {
     role: Option<Role>,
     /// Replaces the overrides; a field left out (or null) means the tier's default.
     quota: Option<QuotaOverrides>,
+}
+
+/// One user, the quota in force and the overrides an admin set.
+#[utoipa::path(get, path = "/v1/admin/users/{id}", tag = "admin", params(("id" = String, Path, description = "user id")),
+    responses((status = 200, description = "the user, the quota in force, the overrides", body = UserQuotaView), Missing, AdminOnly, Authed))]
+pub async fn get_user(
+    State(app): State<App>,
+    Admin(_admin): Admin,
+    Path(id): Path<String>,
+) -> ApiResult<Json<UserQuotaView>> {
+    let (user, quota, quota_overrides) = app.user_quota(&id).await?;
+    Ok(Json(UserQuotaView {
+        user: UserView::from(&user),
+        quota,
+        quota_overrides,
+    }))
 }
 
 /// Changes a user's tier, role or quota overrides.

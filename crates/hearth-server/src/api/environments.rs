@@ -453,13 +453,20 @@ pub fn event_stream(
     environment_id: String,
     headers: &axum::http::HeaderMap,
 ) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    use axum::response::sse::{Event, KeepAlive, Sse};
-    use futures::StreamExt;
     let resume = hearth_app::events::parse_cursor(
         headers.get("last-event-id").and_then(|v| v.to_str().ok()),
     );
-    let events = hearth_app::events::stream(app, environment_id, resume).map(|e| {
+    live_response(hearth_app::events::stream(app, environment_id, resume))
+}
+
+/// Live events as server-sent events, with a `ping` comment every 15 s.
+pub fn live_response(
+    events: impl futures::Stream<Item = hearth_app::events::LiveEvent> + Send + 'static,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures::StreamExt;
+    let events = events.map(|e| {
         Ok::<_, std::convert::Infallible>(
             Event::default()
                 .event(e.kind)
@@ -474,6 +481,15 @@ pub fn event_stream(
                 .text("ping"),
         )
         .into_response()
+}
+
+/// Live changes to the caller's list of environments (server-sent events): `changed` at
+/// once, then whenever one of them is created, changes state or goes. Re-read the list
+/// then.
+#[utoipa::path(get, path = "/v1/environments/events", tag = "environments",
+    responses((status = 200, description = "a stream of `changed` events", content_type = "text/event-stream", body = String), Authed))]
+pub async fn list_events(State(app): State<App>, Caller(user): Caller) -> axum::response::Response {
+    live_response(hearth_app::events::list_stream(app, Some(user.id)))
 }
 
 pub fn stream_response(rx: tokio::sync::mpsc::Receiver<StreamEvent>) -> axum::response::Response {

@@ -103,6 +103,8 @@ pub struct ProvisionBody {
     memory_mb: Option<i64>,
     #[schema(minimum = 1, maximum = 2048)]
     disk_gb: Option<i64>,
+    /// An OpenSSH public key line, so the caller can SSH in from their own machine.
+    ssh_public_key: Option<String>,
 }
 
 /// Provisions the caller's personal VM, or returns the one they have.
@@ -121,7 +123,9 @@ pub async fn provision(
         memory_mb: body.memory_mb,
         disk_gb: body.disk_gb,
     };
-    let (created, env) = app.provision_personal(&user, size).await?;
+    let (created, env) = app
+        .provision_personal(&user, size, body.ssh_public_key.as_deref())
+        .await?;
     let status = if created {
         StatusCode::ACCEPTED
     } else {
