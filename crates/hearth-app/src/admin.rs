@@ -236,7 +236,10 @@ impl App {
             )));
         }
         let now = self.store.capacity_now().await?;
-        let mut samples = self.store.capacity_samples(now.at - hours * 3_600_000).await?;
+        let mut samples = self
+            .store
+            .capacity_samples(now.at - hours * 3_600_000)
+            .await?;
         samples.push(now);
         Ok(samples)
     }

@@ -54,6 +54,9 @@ pub struct Config {
     pub host_outage_budget: Duration,
     /// Register the local Docker engine as a host on the installation's first start.
     pub local_docker_host: bool,
+    /// With `VM_PROVIDER=ovh`, the seed's `OVH_*` variables: the OVH project and region
+    /// that become the installation's first host.
+    pub ovh: Option<OvhSeed>,
     /// Capacity the local Docker host announces (defaults from the machine).
     pub host_max_vcpus: Option<i64>,
     pub host_max_memory_mb: Option<i64>,
@@ -107,6 +110,7 @@ impl Config {
             host_unhealthy_after: Duration::from_secs(15),
             host_outage_budget: Duration::from_secs(300),
             local_docker_host: true,
+            ovh: None,
             host_max_vcpus: None,
             host_max_memory_mb: None,
             host_max_environments: 200,
@@ -129,18 +133,16 @@ impl Config {
         let mut c = Config::new(data_dir, database_url);
         let provider = var("VM_PROVIDER").unwrap_or_else(|| "docker".into());
         c.default_kind = match HostKind::parse(&provider) {
-            Some(k @ (HostKind::Docker | HostKind::Sim | HostKind::Agent)) => k,
-            Some(other) => {
-                return Err(format!(
-                    "VM_PROVIDER={other} is not implemented yet; `docker`, `agent` and `sim` work in this version"
-                ));
-            }
+            Some(k) => k,
             None => {
                 return Err(format!(
                     "VM_PROVIDER must be docker, agent, ovh or sim, got {provider:?}"
                 ));
             }
         };
+        if c.default_kind == HostKind::Ovh {
+            c.ovh = Some(OvhSeed::from_env()?);
+        }
         for q in &mut c.queues {
             let up = q.name.to_uppercase();
             q.concurrency = number(&format!("HEARTH_{up}_CONCURRENCY"), q.concurrency)?;
@@ -204,5 +206,44 @@ pub fn default_data_dir() -> String {
     match std::env::var("HOME") {
         Ok(home) if !home.is_empty() => format!("{home}/.local/share/hearth"),
         _ => "/var/lib/hearth".into(),
+    }
+}
+
+/// The OVH project and region an installation started with `VM_PROVIDER=ovh` runs on, from
+/// the seed's variables: `OVH_ENDPOINT` (default `ovh-eu`), `OVH_APPLICATION_KEY`,
+/// `OVH_APPLICATION_SECRET`, `OVH_CONSUMER_KEY`, `OVH_PROJECT_ID`, `OVH_REGION` (default
+/// `GRA9`, as the seed's); `HEARTH_OVH_POLL_MS` how often instances are listed (5000).
+#[derive(Debug, Clone)]
+pub struct OvhSeed {
+    pub endpoint: String,
+    pub credentials: hearth_provider::ovh::client::Credentials,
+    pub project_id: String,
+    pub region: String,
+    pub poll_ms: u64,
+}
+
+impl OvhSeed {
+    fn from_env() -> Result<OvhSeed, String> {
+        let need = |name: &str| {
+            var(name).ok_or_else(|| {
+                format!("VM_PROVIDER=ovh needs {name} (see README.md: OVH Public Cloud)")
+            })
+        };
+        let credentials = hearth_provider::ovh::client::Credentials {
+            application_key: need("OVH_APPLICATION_KEY")?,
+            application_secret: need("OVH_APPLICATION_SECRET")?,
+            consumer_key: need("OVH_CONSUMER_KEY")?,
+        };
+        credentials.check()?;
+        let endpoint = hearth_provider::ovh::client::base_url(
+            &var("OVH_ENDPOINT").unwrap_or_else(|| "ovh-eu".into()),
+        )?;
+        Ok(OvhSeed {
+            endpoint,
+            credentials,
+            project_id: need("OVH_PROJECT_ID")?,
+            region: var("OVH_REGION").unwrap_or_else(|| "GRA9".into()),
+            poll_ms: number("HEARTH_OVH_POLL_MS", 5_000)?,
+        })
     }
 }

@@ -177,24 +177,27 @@ pub const LIST_POLL: Duration = Duration::from_secs(1);
 /// once, then one each time the list's fingerprint (`Store::environments_fingerprint`)
 /// moves. The data says how many environments there are and the sum of their generations.
 pub fn list_stream(app: App, user_id: Option<String>) -> impl Stream<Item = LiveEvent> {
-    futures::stream::unfold((app, user_id, None), |(app, user_id, mut seen)| async move {
-        loop {
-            if let Ok(now) = app.store.environments_fingerprint(user_id.as_deref()).await {
-                if seen != Some(now) {
-                    seen = Some(now);
-                    let event = LiveEvent {
-                        kind: "changed",
-                        id: format!("{}-{}", now.0, now.1),
-                        data: serde_json::json!({ "environments": now.0, "generations": now.1 }),
-                    };
-                    return Some((event, (app, user_id, seen)));
+    futures::stream::unfold(
+        (app, user_id, None),
+        |(app, user_id, mut seen)| async move {
+            loop {
+                if let Ok(now) = app.store.environments_fingerprint(user_id.as_deref()).await {
+                    if seen != Some(now) {
+                        seen = Some(now);
+                        let event = LiveEvent {
+                            kind: "changed",
+                            id: format!("{}-{}", now.0, now.1),
+                            data: serde_json::json!({ "environments": now.0, "generations": now.1 }),
+                        };
+                        return Some((event, (app, user_id, seen)));
+                    }
+                }
+                let changed = app.changed.notified();
+                tokio::select! {
+                    _ = changed => {}
+                    _ = tokio::time::sleep(LIST_POLL) => {}
                 }
             }
-            let changed = app.changed.notified();
-            tokio::select! {
-                _ = changed => {}
-                _ = tokio::time::sleep(LIST_POLL) => {}
-            }
-        }
-    })
+        },
+    )
 }

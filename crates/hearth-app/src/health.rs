@@ -52,6 +52,30 @@ async fn check_one(app: &App, host: &Host) -> Result<(), String> {
             tracing::warn!(host = %host.name, error = %e, "could not keep what the host reported");
         }
     }
+    if let Some(c) = facts.capacity {
+        // A host that states its capacity (an OVH project's quota) is taken at its word,
+        // within the bounds any host has.
+        let stated = hearth_store::HostCapacity {
+            max_vcpus: c.vcpus.clamp(1, crate::hosts::MAX_HOST_VCPUS),
+            max_memory_mb: c.memory_mb.clamp(1, crate::hosts::MAX_HOST_MEMORY_MB),
+            max_environments: c.environments.clamp(1, crate::hosts::MAX_HOST_ENVIRONMENTS),
+        };
+        if stated != host.capacity {
+            let update = hearth_store::HostUpdate {
+                capacity: Some(stated),
+                options: None,
+            };
+            match app.store.update_host(&host.id, &update).await {
+                Ok(_) => {
+                    tracing::info!(host = %host.name, vcpus = stated.max_vcpus, memory_mb = stated.max_memory_mb,
+                    environments = stated.max_environments, "the host stated a new capacity")
+                }
+                Err(e) => {
+                    tracing::warn!(host = %host.name, error = %e, "could not keep the capacity the host stated")
+                }
+            }
+        }
+    }
     if let (None, Some(identity)) = (&host.identity, &facts.identity) {
         if let Err(e) = app.store.record_identity(&host.id, identity).await {
             tracing::error!(host = %host.name, error = %e, "a host is registered twice; the reconciler leaves it alone");

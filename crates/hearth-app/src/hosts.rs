@@ -33,6 +33,8 @@ pub struct HostInput {
     pub tls_cert: Option<String>,
     pub tls_key: Option<String>,
     pub options: Option<serde_json::Value>,
+    /// For `ovh` hosts: the API credentials (sealed with the master key, never shown).
+    pub ovh_credentials: Option<hearth_provider::ovh::client::Credentials>,
 }
 
 fn capacity(vcpus: i64, memory_mb: i64, environments: i64) -> AppResult<HostCapacity> {
@@ -64,6 +66,9 @@ fn options(kind: HostKind, options: Option<serde_json::Value>) -> AppResult<serd
         HostKind::Docker => {
             hearth_provider::docker::options::DockerOptions::parse(&options)
                 .map_err(AppError::Invalid)?;
+        }
+        HostKind::Ovh => {
+            hearth_provider::ovh::OvhOptions::parse(&options).map_err(AppError::Invalid)?;
         }
         _ if options.as_object().is_some_and(|o| o.is_empty()) => {}
         _ => {
@@ -104,6 +109,10 @@ impl App {
             .map_err(|e| AppError::Invalid(e.to_string()))?;
         let endpoint = match (kind, input.endpoint) {
             (HostKind::Sim, None) => format!("sim://{}", input.name),
+            (HostKind::Ovh, e) => {
+                hearth_provider::ovh::client::base_url(e.as_deref().unwrap_or("ovh-eu"))
+                    .map_err(AppError::Invalid)?
+            }
             (_, Some(e)) => e,
             (_, None) => {
                 return Err(AppError::Invalid(format!(
@@ -114,6 +123,8 @@ impl App {
         let schemes: &[&str] = match kind {
             HostKind::Docker => &["unix://", "tcp://", "ssh://"],
             HostKind::Sim => &["sim://"],
+            // Checked above (`base_url`): https://, or http:// to this machine.
+            HostKind::Ovh => &["https://", "http://"],
             _ => &["https://"],
         };
         if !schemes.iter().any(|s| endpoint.starts_with(s))
@@ -145,11 +156,33 @@ impl App {
                 "gpuModel and gpuCount go together".into(),
             ));
         }
-        let capacity = capacity(
-            input.max_vcpus,
-            input.max_memory_mb,
-            input.max_environments.unwrap_or(200),
-        )?;
+        if kind == HostKind::Ovh && input.region.is_none() {
+            return Err(AppError::Invalid(
+                "an ovh host is one project and region: give its region (GRA9, SBG5, ...)".into(),
+            ));
+        }
+        if (kind == HostKind::Ovh) != input.ovh_credentials.is_some() {
+            return Err(AppError::Invalid(
+                "ovhCredentials (applicationKey, applicationSecret, consumerKey) go with ovh hosts, and only with them".into(),
+            ));
+        }
+        if let Some(c) = &input.ovh_credentials {
+            c.check().map_err(AppError::Invalid)?;
+        }
+        // An OVH host's capacity is its project's quota, read when it is checked below.
+        let capacity = if kind == HostKind::Ovh {
+            HostCapacity {
+                max_vcpus: 1,
+                max_memory_mb: 1,
+                max_environments: 1,
+            }
+        } else {
+            capacity(
+                input.max_vcpus,
+                input.max_memory_mb,
+                input.max_environments.unwrap_or(200),
+            )?
+        };
         let tls = match (input.tls_ca, input.tls_cert, input.tls_key) {
             (None, None, None) => None,
             (Some(ca), Some(cert), Some(key)) => Some((ca, cert, key)),
@@ -183,7 +216,10 @@ impl App {
             tls_ca: tls.as_ref().map(|t| t.0.clone()),
             tls_cert: tls.as_ref().map(|t| t.1.clone()),
             tls_key_sealed: tls.as_ref().map(|t| self.master_key.seal(&t.2)),
-            credential_sealed: None,
+            credential_sealed: input.ovh_credentials.as_ref().map(|c| {
+                self.master_key
+                    .seal(&serde_json::to_string(c).expect("serializable"))
+            }),
             options,
             identity: None,
         };
@@ -209,7 +245,7 @@ impl App {
             kind: new.kind,
             endpoint: new.endpoint.clone(),
             guest_address: new.guest_address.clone(),
-            region: None,
+            region: new.region.clone(),
             gpu_model: None,
             gpu_count: 0,
             status: HostStatus::Ready,
@@ -233,7 +269,17 @@ impl App {
         };
         let host_ref = self.host_ref(&probe)?;
         match tokio::time::timeout(ADD_CHECK_TIMEOUT, provider.check(&host_ref)).await {
-            Ok(Ok(facts)) => new.identity = facts.identity,
+            Ok(Ok(facts)) => {
+                new.identity = facts.identity;
+                if let Some(c) = facts.capacity {
+                    new.capacity = capacity(c.vcpus, c.memory_mb, c.environments).map_err(|e| {
+                        AppError::Invalid(format!(
+                            "host {} states a capacity out of bounds: {e}",
+                            new.name
+                        ))
+                    })?;
+                }
+            }
             Ok(Err(e)) => {
                 return Err(AppError::Invalid(format!(
                     "host {} does not answer: {e}; nothing was added",
@@ -249,6 +295,42 @@ impl App {
             }
         }
         Ok(())
+    }
+
+    /// The sizes healthy, ready hosts offer beyond the tiers' (OVH flavors), each host
+    /// asked for at most 5 s; a host that does not answer offers nothing this time.
+    pub async fn offered_flavors(&self) -> Vec<(HostKind, hearth_provider::OfferedFlavor)> {
+        let Ok(hosts) = self.store.hosts().await else {
+            return Vec::new();
+        };
+        let mut offered = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for host in hosts.iter().filter(|h| {
+            h.kind == HostKind::Ovh
+                && h.status == HostStatus::Ready
+                && h.health == hearth_core::HostHealth::Healthy
+        }) {
+            let (Ok(provider), Ok(host_ref)) = (self.providers.get(host.kind), self.host_ref(host))
+            else {
+                continue;
+            };
+            match tokio::time::timeout(Duration::from_secs(5), provider.flavors(&host_ref)).await {
+                Ok(Ok(flavors)) => {
+                    for f in flavors {
+                        if seen.insert(f.id.clone()) {
+                            offered.push((host.kind, f));
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(host = %host.name, error = %e, "could not list the host's flavors")
+                }
+                Err(_) => {
+                    tracing::warn!(host = %host.name, "the host's flavors did not come within 5 s")
+                }
+            }
+        }
+        offered
     }
 
     /// A one-time token with which an agent joins as host `name` (valid `ttl_seconds`,

@@ -111,7 +111,26 @@ impl App {
             }
             _ => None,
         };
+        let ovh = match (host.kind, &host.credential_sealed) {
+            (hearth_core::HostKind::Ovh, Some(sealed)) => {
+                let json = self.master_key.open(sealed).map_err(|e| {
+                    AppError::Internal(format!(
+                        "the OVH credentials of host {} cannot be opened: {e}",
+                        host.name
+                    ))
+                })?;
+                Some(serde_json::from_str(&json).map_err(|e| {
+                    AppError::Internal(format!(
+                        "the OVH credentials of host {} are unreadable: {e}",
+                        host.name
+                    ))
+                })?)
+            }
+            _ => None,
+        };
         Ok(HostRef {
+            ovh,
+            region: host.region.clone(),
             id: host.id.clone(),
             name: host.name.clone(),
             kind: host.kind,
@@ -125,3 +144,4 @@ impl App {
     }
 }
 pub use hearth_provider::agent::wire as agent_wire;
+pub use hearth_provider::ovh::client::Credentials as OvhCredentials;

@@ -185,6 +185,50 @@ async fn first_host(store: &Store, config: &Config) -> Result<()> {
     }
 }
 
+/// With `VM_PROVIDER=ovh` (the seed's configuration), the OVH project and region of the
+/// `OVH_*` variables become the installation's first host, and no local Docker host is
+/// registered. Its capacity is the project's quota, read at its first health check (within
+/// `HEARTH_HOST_CHECK_INTERVAL_MS`); until then it takes nothing.
+async fn first_ovh_host(store: &Store, config: &Config, master_key: &MasterKey) -> Result<()> {
+    let Some(seed) = &config.ovh else {
+        return Ok(());
+    };
+    if store.count_hosts().await? > 0 {
+        return Ok(());
+    }
+    let new = NewHost {
+        id: uuid::Uuid::now_v7().to_string(),
+        name: format!("ovh-{}-{}", seed.project_id, seed.region),
+        kind: HostKind::Ovh,
+        endpoint: seed.endpoint.clone(),
+        guest_address: "0.0.0.0".into(),
+        region: Some(seed.region.clone()),
+        gpu_model: None,
+        gpu_count: 0,
+        capacity: HostCapacity {
+            max_vcpus: 1,
+            max_memory_mb: 1,
+            max_environments: 1,
+        },
+        tls_ca: None,
+        tls_cert: None,
+        tls_key_sealed: None,
+        credential_sealed: Some(master_key.seal(&serde_json::to_string(&seed.credentials)?)),
+        options: serde_json::json!({ "projectId": seed.project_id, "pollMs": seed.poll_ms }),
+        identity: None,
+    };
+    hearth_provider::ovh::OvhOptions::parse(&new.options)
+        .map_err(|e| anyhow::anyhow!("OVH_PROJECT_ID or HEARTH_OVH_POLL_MS: {e}"))?;
+    match store.add_host(&new).await {
+        Ok(host) => {
+            tracing::info!(host = %host.name, endpoint = %host.endpoint, "registered the OVH project and region of OVH_* as the first host");
+            Ok(())
+        }
+        Err(StoreError::Conflict(_)) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// When an engine of this machine (a `unix://` endpoint) runs this installation's VMs,
 /// closes the host to them (`HEARTH_GUEST_FIREWALL=0` leaves the firewall alone). Without
 /// root or iptables it says what to run instead; it never stops the node from starting.
@@ -250,6 +294,7 @@ pub async fn open_app_with_clock(config: Config, clock: Arc<dyn Clock>) -> Resul
     let store = sealed_with(store, master_key.clone());
     ensure_admin(&store, &config.data_dir).await?;
     first_host(&store, &config).await?;
+    first_ovh_host(&store, &config, &master_key).await?;
     guard_local_engine(&store, &config).await?;
     let sim = Arc::new(SimProvider::new(Arc::new(crate::sim_ledger::StoreLedger(
         store.clone(),
@@ -258,7 +303,8 @@ pub async fn open_app_with_clock(config: Config, clock: Arc<dyn Clock>) -> Resul
     let providers = Providers::default()
         .with(docker)
         .with(sim.clone())
-        .with(Arc::new(hearth_provider::agent::AgentProvider::new()));
+        .with(Arc::new(hearth_provider::agent::AgentProvider::new()))
+        .with(Arc::new(hearth_provider::ovh::OvhProvider::new()));
     let queue = Queue::new(store.clone(), config.queues.clone(), config.timing.clone());
     let bus = crate::bus::Bus::new(crate::bus::url_from_env().as_deref())
         .map_err(|e| anyhow::anyhow!(e))?;

@@ -749,16 +749,21 @@ async fn regions_and_gpus_are_asked_for_and_refused_clearly() {
                 Err(crate::AppError::Invalid(_))
             ));
         }
-        let unsupported = CreateInput {
+        // A kind with no host at all: refused, saying how to add one.
+        let hostless = CreateInput {
             provider: Some("ovh".into()),
             ..ask(None, None)
         };
         let err = w
             .app
-            .create_environment(&w.user, unsupported)
+            .create_environment(&w.user, hostless)
             .await
             .unwrap_err();
-        assert!(err.to_string().contains("not supported"), "{err}");
+        assert!(
+            matches!(err, crate::AppError::Invalid(_))
+                && err.to_string().contains("hearth admin hosts add"),
+            "{err}"
+        );
     })
     .await;
 }

@@ -284,6 +284,7 @@ impl Provider for AgentProvider {
         Ok(HostFacts {
             identity,
             report: Some(serde_json::to_value(status).expect("serializable")),
+            capacity: None,
         })
     }
 

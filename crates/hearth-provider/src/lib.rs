@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod docker;
 pub mod image;
+pub mod ovh;
 pub mod sim;
 
 use async_trait::async_trait;
@@ -32,6 +33,10 @@ pub struct HostRef {
     pub tls: Option<TlsMaterial>,
     /// For `agent` hosts: the certificate authority pinned at join and the credential.
     pub agent: Option<AgentAccess>,
+    /// For `ovh` hosts: the API credentials, unsealed.
+    pub ovh: Option<ovh::client::Credentials>,
+    /// The host's region (an OVH host's region is where its instances go).
+    pub region: Option<String>,
     /// Kind-specific settings (a simulated host's latency and faults).
     pub options: serde_json::Value,
     /// The installation whose VMs a call may see and touch; no other's.
@@ -145,6 +150,32 @@ pub struct HostFacts {
     /// What the host says of itself, to be shown to admins (an agent: its version,
     /// accelerator, capacity and VMs); `None` for kinds that say nothing more.
     pub report: Option<serde_json::Value>,
+    /// What the host may hold, for kinds that say (an OVH project's quota in its region);
+    /// `None` keeps what the admin set.
+    pub capacity: Option<HostCapacityFacts>,
+}
+
+/// A host's capacity as the host states it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostCapacityFacts {
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub environments: i64,
+}
+
+/// A size a host offers (an OVH flavor), for `/v1/flavors`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OfferedFlavor {
+    pub id: String,
+    pub name: String,
+    /// What kind of size it is ("General Purpose", "GPU", ...).
+    pub type_label: String,
+    pub region: String,
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub disk_gb: i64,
+    pub gpus: i64,
+    pub gpu_model: Option<String>,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -187,6 +218,12 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Every VM of this installation on the host, for the reconciler.
     async fn list(&self, host: &HostRef) -> Result<Vec<VmInfo>, ProviderError>;
+
+    /// The sizes this host offers beyond the tiers' (an OVH region's flavors); none by
+    /// default.
+    async fn flavors(&self, _host: &HostRef) -> Result<Vec<OfferedFlavor>, ProviderError> {
+        Ok(Vec::new())
+    }
 
     /// A named point in a job (`provision.create_vm`, ...) where a simulated host injects
     /// latency or a failure. Real hosts pass straight through.

@@ -412,6 +412,8 @@ mod tests {
     fn host(options: serde_json::Value) -> HostRef {
         HostRef {
             agent: None,
+            ovh: None,
+            region: None,
             id: "h1".into(),
             name: "sim-1".into(),
             kind: HostKind::Sim,

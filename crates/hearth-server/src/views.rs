@@ -637,12 +637,18 @@ impl From<&Environment> for ActivityView {
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FlavorView {
-    pub id: Tier,
-    pub name: Tier,
+    /// A tier's name for the tiers' sizes; `ovh:<region>:<flavor>` for an OVH flavor.
+    pub id: String,
+    pub name: String,
     pub provider: HostKind,
+    /// "Tier", or OVH's kind of flavor ("General Purpose", "GPU", ...).
+    pub type_label: String,
+    pub region: Option<String>,
     pub vcpus: i64,
     pub memory_mb: i64,
     pub disk_gb: i64,
+    pub gpus: i64,
+    pub gpu_model: Option<String>,
 }
 
 /// A region of healthy hosts that take new environments.

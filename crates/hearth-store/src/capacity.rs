@@ -118,12 +118,28 @@ mod tests {
     #[tokio::test]
     async fn one_sample_per_bucket_and_none_past_retention() {
         each_backend(|store| async move {
-            let h = store.add_host(&host("h", HostKind::Sim, 8, 8192)).await.unwrap();
-            let (user, _) = store.create_user("c@example.com", Role::User, Tier::Unlimited).await.unwrap();
-            store.insert_running_for_tests(&user.id, &[(h.id.clone(), 3)]).await.unwrap();
+            let h = store
+                .add_host(&host("h", HostKind::Sim, 8, 8192))
+                .await
+                .unwrap();
+            let (user, _) = store
+                .create_user("c@example.com", Role::User, Tier::Unlimited)
+                .await
+                .unwrap();
+            store
+                .insert_running_for_tests(&user.id, &[(h.id.clone(), 3)])
+                .await
+                .unwrap();
             let now = store.capacity_now().await.unwrap();
             assert_eq!(
-                (now.running_vms, now.running_vcpus, now.running_memory_mb, now.used_vcpus, now.max_vcpus, now.max_memory_mb),
+                (
+                    now.running_vms,
+                    now.running_vcpus,
+                    now.running_memory_mb,
+                    now.used_vcpus,
+                    now.max_vcpus,
+                    now.max_memory_mb
+                ),
                 (3, 3, 768, 3, 8, 8192)
             );
 
@@ -134,8 +150,14 @@ mod tests {
                     "INSERT INTO capacity_samples VALUES ({old}, 1, 1, 1, 1, 1, 1, 1)"
                 ))
                 .await;
-            assert!(store.sample_capacity().await.unwrap(), "the bucket's first sample is written");
-            assert!(!store.sample_capacity().await.unwrap(), "a second one in the bucket is not");
+            assert!(
+                store.sample_capacity().await.unwrap(),
+                "the bucket's first sample is written"
+            );
+            assert!(
+                !store.sample_capacity().await.unwrap(),
+                "a second one in the bucket is not"
+            );
             let kept = store.capacity_samples(0).await.unwrap();
             assert_eq!(kept.len(), 1, "{kept:?}");
             assert_eq!(kept[0].at % SAMPLE_MS, 0);

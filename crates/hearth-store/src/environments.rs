@@ -63,7 +63,11 @@ impl Environment {
     /// Whether its owner gave an SSH key of their own (authorized after Hearth's key), so
     /// `ssh` works from their machine.
     pub fn has_user_ssh_key(&self) -> bool {
-        self.ssh_public_key.lines().filter(|l| !l.trim().is_empty()).count() > 1
+        self.ssh_public_key
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count()
+            > 1
     }
 
     pub fn resources(&self) -> Resources {

@@ -241,12 +241,17 @@ enum HostsCommand {
     /// Add a host; it must answer first (nothing is added when it does not).
     Add {
         name: String,
-        /// docker or sim (agents join by themselves: see join-token; ovh is coming).
+        /// docker, ovh or sim (agents join by themselves: see join-token).
         #[arg(long, default_value = "docker")]
         kind: String,
-        /// unix:///path/docker.sock, tcp://host:2376 (with --tls-*), ssh://user@host; sim://... for sim.
+        /// unix:///path/docker.sock, tcp://host:2376 (with --tls-*), ssh://user@host; sim://... for sim;
+        /// ovh-eu, ovh-ca, ovh-us or a base URL for ovh (the credentials come from
+        /// OVH_APPLICATION_KEY, OVH_APPLICATION_SECRET and OVH_CONSUMER_KEY).
         #[arg(long)]
         endpoint: Option<String>,
+        /// The OVH project (an ovh host is one project and --region).
+        #[arg(long)]
+        ovh_project: Option<String>,
         /// Where the nodes reach the host's guests (Docker publishes SSH ports on it).
         #[arg(long)]
         guest_address: Option<String>,
@@ -256,10 +261,11 @@ enum HostsCommand {
         gpu_model: Option<String>,
         #[arg(long)]
         gpu_count: Option<i64>,
+        /// Required but for ovh hosts (whose capacity is their project's quota).
         #[arg(long)]
-        max_vcpus: i64,
+        max_vcpus: Option<i64>,
         #[arg(long)]
-        max_memory_mb: i64,
+        max_memory_mb: Option<i64>,
         #[arg(long)]
         max_environments: Option<i64>,
         /// PEM files for a tcp:// Docker endpoint; the key is sealed in the database.
@@ -1217,6 +1223,7 @@ async fn hosts(client: &Client, command: HostsCommand) -> Result<ExitCode, Failu
             name,
             kind,
             endpoint,
+            ovh_project,
             guest_address,
             region,
             gpu_model,
@@ -1229,7 +1236,24 @@ async fn hosts(client: &Client, command: HostsCommand) -> Result<ExitCode, Failu
             tls_key,
             options,
         } => {
-            let mut body = json!({ "name": name, "kind": kind, "maxVcpus": max_vcpus, "maxMemoryMb": max_memory_mb });
+            let mut body = json!({ "name": name, "kind": kind });
+            if kind == "ovh" {
+                let var = |name: &str| {
+                    std::env::var(name).map_err(|_| {
+                        Failure::usage(format!("an ovh host needs {name} in the environment (its credentials are never taken on the command line)"))
+                    })
+                };
+                body["ovhCredentials"] = json!({
+                    "applicationKey": var("OVH_APPLICATION_KEY")?,
+                    "applicationSecret": var("OVH_APPLICATION_SECRET")?,
+                    "consumerKey": var("OVH_CONSUMER_KEY")?,
+                });
+                let project =
+                    ovh_project.ok_or_else(|| Failure::usage("an ovh host needs --ovh-project"))?;
+                let mut o = json_arg(options.clone(), "--options")?.unwrap_or_else(|| json!({}));
+                o["projectId"] = json!(project);
+                body["options"] = o;
+            }
             for (k, v) in [
                 ("endpoint", endpoint),
                 ("guestAddress", guest_address),
@@ -1242,6 +1266,8 @@ async fn hosts(client: &Client, command: HostsCommand) -> Result<ExitCode, Failu
             }
             for (k, v) in [
                 ("gpuCount", gpu_count),
+                ("maxVcpus", max_vcpus),
+                ("maxMemoryMb", max_memory_mb),
                 ("maxEnvironments", max_environments),
             ] {
                 if let Some(v) = v {
@@ -1257,7 +1283,9 @@ async fn hosts(client: &Client, command: HostsCommand) -> Result<ExitCode, Failu
                     body[k] = json!(read_file(&p, k)?);
                 }
             }
-            if let Some(o) = json_arg(options, "--options")? {
+            if body.get("options").is_none()
+                && let Some(o) = json_arg(options, "--options")?
+            {
                 body["options"] = o;
             }
             let h = client.post("/v1/admin/hosts", body).await?;

@@ -422,7 +422,13 @@ async fn two_engines_two_nodes() {
                 waited.elapsed() < Duration::from_secs(30),
                 "{id}'s SSH port {port} never came back after its engine restarted: {}\n{}",
                 String::from_utf8_lossy(&engine.docker(&["port", &format!("hearth-{id}")]).stdout),
-                engine.log().lines().rev().take(40).collect::<Vec<_>>().join("\n")
+                engine
+                    .log()
+                    .lines()
+                    .rev()
+                    .take(40)
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

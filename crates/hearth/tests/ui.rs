@@ -107,7 +107,12 @@ async fn a_user_signs_in_provisions_uses_the_terminal_and_destroys() {
     assert!(said.contains("e2e: done"), "{said}");
     // The quota the admin set on the users tab is the one in force.
     let quota = server
-        .call("GET", &format!("/v1/admin/users/{id}"), Some(&server.admin_token), None)
+        .call(
+            "GET",
+            &format!("/v1/admin/users/{id}"),
+            Some(&server.admin_token),
+            None,
+        )
         .await
         .body;
     assert_eq!(quota["quotaOverrides"]["maxEnvironments"], 7, "{quota}");

@@ -322,6 +322,7 @@ impl Provider for DockerProvider {
         Ok(HostFacts {
             identity,
             report: Some(report),
+            capacity: None,
         })
     }
 

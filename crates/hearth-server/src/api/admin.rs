@@ -6,8 +6,8 @@ use super::{Admin, Body, Params};
 use crate::App;
 use crate::error::ApiResult;
 use crate::views::{
-    AuditView, CapacitySampleView, CapacityView, EnvironmentView, HostView, Items, JobView, NewUserView, Page, UserQuotaView,
-    UserView, UserVm, VmStatsView, VmsView,
+    AuditView, CapacitySampleView, CapacityView, EnvironmentView, HostView, Items, JobView,
+    NewUserView, Page, UserQuotaView, UserView, UserVm, VmStatsView, VmsView,
 };
 use axum::Json;
 use axum::extract::{Path, State};

@@ -34,19 +34,38 @@ pub struct AddBody {
     gpu_model: Option<String>,
     #[schema(minimum = 0, maximum = 128)]
     gpu_count: Option<i64>,
+    /// Required but for `ovh` hosts, whose capacity is their project's quota.
     #[schema(minimum = 1, maximum = 100000)]
-    max_vcpus: i64,
+    max_vcpus: Option<i64>,
+    /// Required but for `ovh` hosts.
     #[schema(minimum = 1, maximum = 100000000)]
-    max_memory_mb: i64,
+    max_memory_mb: Option<i64>,
     #[schema(minimum = 1, maximum = 100000)]
     max_environments: Option<i64>,
     tls_ca: Option<String>,
     tls_cert: Option<String>,
     /// Sealed with the master key at once; never shown again.
     tls_key: Option<String>,
-    /// A simulated host's latency and faults (see the simulated provider).
+    /// A kind's options: a simulated host's latency and faults; a Docker host's
+    /// `runtime`, `pidsLimit`, `subnetPool`; an OVH host's `projectId` (required),
+    /// `imageName`, `flavorTypes`, `stop` (`shelve` or `shutoff`), `pollMs`.
     #[schema(value_type = Option<Object>)]
     options: Option<Value>,
+    /// For `ovh` hosts (whose endpoint is `ovh-eu`, `ovh-ca`, `ovh-us` or a base URL):
+    /// sealed with the master key at once, never shown again.
+    ovh_credentials: Option<OvhCredentialsBody>,
+}
+
+/// An OVH application's key and secret and the consumer key granted to it.
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OvhCredentialsBody {
+    #[schema(min_length = 1, max_length = 256)]
+    application_key: String,
+    #[schema(min_length = 1, max_length = 256)]
+    application_secret: String,
+    #[schema(min_length = 1, max_length = 256)]
+    consumer_key: String,
 }
 
 /// Adds a host after checking it answers; nothing is added when it does not.
@@ -65,13 +84,18 @@ pub async fn add(
         region: b.region,
         gpu_model: b.gpu_model,
         gpu_count: b.gpu_count,
-        max_vcpus: b.max_vcpus,
-        max_memory_mb: b.max_memory_mb,
+        max_vcpus: b.max_vcpus.unwrap_or(0),
+        max_memory_mb: b.max_memory_mb.unwrap_or(0),
         max_environments: b.max_environments,
         tls_ca: b.tls_ca,
         tls_cert: b.tls_cert,
         tls_key: b.tls_key,
         options: b.options,
+        ovh_credentials: b.ovh_credentials.map(|c| hearth_app::OvhCredentials {
+            application_key: c.application_key,
+            application_secret: c.application_secret,
+            consumer_key: c.consumer_key,
+        }),
     };
     let host = app.add_host(&admin, input).await?;
     Ok((StatusCode::CREATED, Json(HostView::from(&host))))

@@ -74,7 +74,11 @@ pub fn routes() -> (axum::Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(terminal::terminal))
         .routes(routes!(terminal::ticket))
         .routes(routes!(admin::create_user, admin::list_users))
-        .routes(routes!(admin::get_user, admin::patch_user, admin::delete_user))
+        .routes(routes!(
+            admin::get_user,
+            admin::patch_user,
+            admin::delete_user
+        ))
         .routes(routes!(admin::capacity))
         .routes(routes!(admin::events))
         .routes(routes!(admin::vms))

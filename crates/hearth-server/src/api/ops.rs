@@ -128,22 +128,43 @@ pub async fn openapi(axum::Extension(document): axum::Extension<Arc<String>>) ->
 }
 
 /// The sizes offered: any size within quota works, so these are the tiers'.
-#[utoipa::path(get, path = "/v1/flavors", tag = "operations", security(()), responses((status = 200, description = "the tiers' sizes", body = Items<FlavorView>)))]
+#[utoipa::path(get, path = "/v1/flavors", tag = "operations", security(()), responses((status = 200, description = "the tiers' sizes, then the flavors of OVH hosts (kept 5 minutes)", body = Items<FlavorView>)))]
 pub async fn flavors(State(app): State<App>) -> Json<Items<FlavorView>> {
-    let items = [Tier::Free, Tier::Pro, Tier::Unlimited]
+    let mut items: Vec<FlavorView> = [Tier::Free, Tier::Pro, Tier::Unlimited]
         .into_iter()
         .map(|t| {
             let r = t.default_resources();
             FlavorView {
-                id: t,
-                name: t,
+                id: t.as_str().to_string(),
+                name: t.as_str().to_string(),
                 provider: app.config.default_kind,
+                type_label: "Tier".into(),
+                region: None,
                 vcpus: r.vcpus,
                 memory_mb: r.memory_mb,
                 disk_gb: r.disk_gb,
+                gpus: 0,
+                gpu_model: None,
             }
         })
         .collect();
+    items.extend(
+        app.offered_flavors()
+            .await
+            .into_iter()
+            .map(|(kind, f)| FlavorView {
+                id: f.id,
+                name: f.name,
+                provider: kind,
+                type_label: f.type_label,
+                region: Some(f.region),
+                vcpus: f.vcpus,
+                memory_mb: f.memory_mb,
+                disk_gb: f.disk_gb,
+                gpus: f.gpus,
+                gpu_model: f.gpu_model,
+            }),
+    );
     Json(Items { items })
 }
 
