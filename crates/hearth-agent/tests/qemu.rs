@@ -100,6 +100,7 @@ async fn a_vm_boots_its_own_kernel_and_lives_its_whole_life() {
         port: record.ssh_port,
         user: "dev".into(),
         private_key_openssh: keys.private_openssh.clone(),
+        host_key: None,
     };
     pool.wait_ready(&target, Duration::from_secs(120))
         .await

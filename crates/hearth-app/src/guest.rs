@@ -91,14 +91,21 @@ fn request(code: &str, env: &BTreeMap<String, String>, stdin: Vec<u8>) -> ExecRe
 
 impl Guest {
     /// One try: does the guest accept Hearth's key and run a command? A try whose SSH
-    /// banner has not come within `banner_wait` ends then.
-    pub async fn probe(&self, banner_wait: Duration) -> Result<(), String> {
+    /// banner has not come within `banner_wait` ends then. Returns the guest's SSH host key
+    /// (`None` for a simulated guest); a host key other than the recorded one is `Err`
+    /// with `true`: it will not get better by trying again.
+    pub async fn probe(&self, banner_wait: Duration) -> Result<Option<String>, (bool, String)> {
         match self {
-            Guest::Ssh { pool, target } => pool
-                .probe(target, banner_wait)
+            Guest::Ssh { pool, target } => match pool.probe(target, banner_wait).await {
+                Ok(key) => Ok(Some(key)),
+                Err(e @ hearth_guest::GuestError::HostKey(..)) => Err((true, e.to_string())),
+                Err(e) => Err((false, e.to_string())),
+            },
+            Guest::Sim { sim, host, vm } => sim
+                .probe(host, vm)
                 .await
-                .map_err(|e| e.to_string()),
-            Guest::Sim { sim, host, vm } => sim.probe(host, vm).await.map_err(|e| e.to_string()),
+                .map(|()| None)
+                .map_err(|e| (false, e.to_string())),
         }
     }
 

@@ -303,6 +303,7 @@ impl Run<'_> {
                             ssh_host: host,
                             ssh_port: port,
                             ip_address: info.ip_address,
+                            host_key: None,
                         });
                         return Ok(Next::Continue);
                     }
@@ -361,7 +362,13 @@ impl Run<'_> {
                 ),
             )
             .await;
-        let guest = self.app.guest(&on.host_ref, &env, &vm, &at)?;
+        // A new VM's host key is learnt at this first contact; a VM that was made before
+        // must offer the key recorded then.
+        let mut known = env.clone();
+        if self.plan == Plan::Provision {
+            known.ssh_host_key = None;
+        }
+        let guest = self.app.guest(&on.host_ref, &known, &vm, &at)?;
         let budget = self.app.config.ssh_wait;
         let started = Instant::now();
         let mut last_look = Instant::now();
@@ -376,8 +383,14 @@ impl Run<'_> {
                 Duration::from_secs(5)
             };
             let error = match guest.probe(banner_wait).await {
-                Ok(()) => return Ok(Next::Continue),
-                Err(e) => e,
+                Ok(host_key) => {
+                    if let Some(a) = self.progress.address.as_mut() {
+                        a.host_key = host_key;
+                    }
+                    return Ok(Next::Continue);
+                }
+                Err((true, refused)) => return Err(StepError::Final(refused)),
+                Err((false, e)) => e,
             };
             if last_look.elapsed() > Duration::from_secs(2) {
                 last_look = Instant::now();
@@ -507,6 +520,9 @@ impl Run<'_> {
                 next.ssh_host = Some(at.ssh_host);
                 next.ssh_port = Some(at.ssh_port);
                 next.ip_address = at.ip_address;
+                if at.host_key.is_some() {
+                    next.ssh_host_key = at.host_key;
+                }
                 let saved = self
                     .app
                     .store
@@ -541,6 +557,7 @@ impl Run<'_> {
                     .moved_to(Destroyed, None, self.app.now())
                     .map_err(|e| StepError::Final(e.to_string()))?;
                 next.ssh_port = None;
+                next.ssh_host_key = None;
                 self.remember(
                     &self
                         .app

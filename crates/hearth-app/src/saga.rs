@@ -59,6 +59,9 @@ pub(crate) struct Address {
     pub ssh_host: String,
     pub ssh_port: i64,
     pub ip_address: Option<String>,
+    /// The guest's SSH host key, as its first contact offered it.
+    #[serde(default)]
+    pub host_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

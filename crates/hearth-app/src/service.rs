@@ -452,6 +452,7 @@ impl App {
                 .map_err(|_| AppError::Internal("stored SSH port out of range".into()))?,
             user: env.ssh_user.clone(),
             private_key_openssh,
+            host_key: env.ssh_host_key.clone(),
         })
     }
 

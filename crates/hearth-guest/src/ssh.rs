@@ -4,9 +4,10 @@
 //! channel on it, so only the first command pays for TCP, key exchange and auth. A
 //! connection that broke (VM restarted, port changed) is dropped and made again once.
 //!
-//! Host keys are not pinned yet: the guest is reached on a loopback port Docker published
-//! for a container Hearth created, so there is no network hop to intercept. Remote hosts
-//! (agents, OVH) will need the host key recorded at provision time.
+//! Host keys are pinned on first use: the first contact after a VM is made (the
+//! provisioning probe) accepts and returns the guest's host key, which the control plane
+//! records; every later connection must be offered that same key, or it is refused as a
+//! possible interception (a VM on OVH is reached across the internet).
 
 use russh::client::{self, Handle};
 use russh::keys::{PrivateKeyWithHashAlg, decode_secret_key};
@@ -25,6 +26,9 @@ pub struct Target {
     pub port: u16,
     pub user: String,
     pub private_key_openssh: String,
+    /// The host key recorded at the first contact (`type base64`); `None` accepts any key
+    /// (the first contact, which reports it).
+    pub host_key: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +71,11 @@ pub enum GuestError {
     Key(String),
     #[error("SSH session failed: {0}")]
     Session(String),
+    /// The guest offered another host key than the one recorded when it was made.
+    #[error(
+        "the VM at {0} offered SSH host key {1}, not {2} recorded when it was made: refused (someone may be in between; if the VM was rebuilt by hand, destroy and recreate it)"
+    )]
+    HostKey(String, String, String),
     /// The VM's SSH server took the connection but did not start the command in time:
     /// usually a VM out of processes or memory.
     #[error(
@@ -80,7 +89,7 @@ const SHELL_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Starts `req` within its own timeout: a VM that cannot fork never holds a request.
 async fn start_within(
-    handle: &Handle<AcceptHost>,
+    handle: &Handle<HostKeyCheck>,
     req: &ExecRequest,
 ) -> Result<russh::Channel<client::Msg>, GuestError> {
     tokio::time::timeout(req.timeout, start(handle, req))
@@ -88,22 +97,43 @@ async fn start_within(
         .map_err(|_| GuestError::Unresponsive(req.timeout.as_secs()))?
 }
 
-struct AcceptHost;
+/// Accepts the recorded host key only (any key when none is recorded) and keeps the one
+/// offered.
+struct HostKeyCheck {
+    expected: Option<String>,
+    offered: Arc<std::sync::Mutex<Option<String>>>,
+}
 
-impl client::Handler for AcceptHost {
+/// `type base64` of a key, as `authorized_keys` and `known_hosts` write it, without comment.
+fn openssh_line(key: &russh::keys::PublicKeyOrCertificate) -> String {
+    let text = match key {
+        russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } => key.to_openssh().ok(),
+        russh::keys::PublicKeyOrCertificate::Certificate(c) => c.to_openssh().ok(),
+    }
+    .unwrap_or_default();
+    text.split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl client::Handler for HostKeyCheck {
     type Error = russh::Error;
 
     async fn check_server_key(
         &mut self,
-        _key: &russh::keys::PublicKeyOrCertificate,
+        key: &russh::keys::PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        Ok(true)
+        let offered = openssh_line(key);
+        let ok = self.expected.as_ref().is_none_or(|e| *e == offered);
+        *self.offered.lock().unwrap() = Some(offered);
+        Ok(ok)
     }
 }
 
 struct Cached {
     addr: (String, u16),
-    handle: Arc<Handle<AcceptHost>>,
+    handle: Arc<Handle<HostKeyCheck>>,
 }
 
 /// Kept SSH connections, one per environment.
@@ -139,7 +169,7 @@ impl SshPool {
         target: &Target,
         timeout: Duration,
         banner_wait: Duration,
-    ) -> Result<Handle<AcceptHost>, GuestError> {
+    ) -> Result<(Handle<HostKeyCheck>, String), GuestError> {
         let addr = format!("{}:{}", target.host, target.port);
         let stream = tokio::time::timeout(
             timeout,
@@ -164,15 +194,18 @@ impl SshPool {
         Self::handshake(target, timeout, stream).await
     }
 
-    async fn connect(target: &Target, timeout: Duration) -> Result<Handle<AcceptHost>, GuestError> {
-        Self::connect_waiting(target, timeout, timeout).await
+    async fn connect(
+        target: &Target,
+        timeout: Duration,
+    ) -> Result<Handle<HostKeyCheck>, GuestError> {
+        Ok(Self::connect_waiting(target, timeout, timeout).await?.0)
     }
 
     async fn handshake(
         target: &Target,
         timeout: Duration,
         stream: tokio::net::TcpStream,
-    ) -> Result<Handle<AcceptHost>, GuestError> {
+    ) -> Result<(Handle<HostKeyCheck>, String), GuestError> {
         let key = decode_secret_key(&target.private_key_openssh, None)
             .map_err(|e| GuestError::Key(e.to_string()))?;
         let config = Arc::new(client::Config {
@@ -183,11 +216,24 @@ impl SshPool {
             ..Default::default()
         });
         let addr = format!("{}:{}", target.host, target.port);
-        let connecting = client::connect_stream(config, stream, AcceptHost);
-        let mut handle = tokio::time::timeout(timeout, connecting)
+        let offered = Arc::new(std::sync::Mutex::new(None));
+        let check = HostKeyCheck {
+            expected: target.host_key.clone(),
+            offered: offered.clone(),
+        };
+        let connecting = client::connect_stream(config, stream, check);
+        let connected = tokio::time::timeout(timeout, connecting)
             .await
-            .map_err(|_| GuestError::Connect(addr.clone(), "timed out".into()))?
-            .map_err(|e| GuestError::Connect(addr.clone(), e.to_string()))?;
+            .map_err(|_| GuestError::Connect(addr.clone(), "timed out".into()))?;
+        let offered = offered.lock().unwrap().clone();
+        let host_key = offered.clone().unwrap_or_default();
+        let mut handle = match (connected, &target.host_key, offered) {
+            (Ok(h), _, _) => h,
+            (Err(_), Some(expected), Some(offered)) if *expected != offered => {
+                return Err(GuestError::HostKey(addr, offered, expected.clone()));
+            }
+            (Err(e), _, _) => return Err(GuestError::Connect(addr.clone(), e.to_string())),
+        };
         let auth = tokio::time::timeout(
             timeout,
             handle.authenticate_publickey(
@@ -201,11 +247,11 @@ impl SshPool {
         if !auth.success() {
             return Err(GuestError::Auth(target.user.clone()));
         }
-        Ok(handle)
+        Ok((handle, host_key))
     }
 
     /// The cached connection for this target, or a new one.
-    async fn handle(&self, target: &Target) -> Result<Arc<Handle<AcceptHost>>, GuestError> {
+    async fn handle(&self, target: &Target) -> Result<Arc<Handle<HostKeyCheck>>, GuestError> {
         let addr = (target.host.clone(), target.port);
         {
             let conns = self.conns.lock().await;
@@ -240,8 +286,14 @@ impl SshPool {
     /// Succeeds once the guest accepts Hearth's key and runs `true`: the VM is usable.
     /// A try whose banner has not come within `banner_wait` fails then, so the next try
     /// can start (see `connect_waiting`).
-    pub async fn probe(&self, target: &Target, banner_wait: Duration) -> Result<(), GuestError> {
-        let handle = Self::connect_waiting(target, Duration::from_secs(5), banner_wait).await?;
+    /// Returns the host key the guest offered (`type base64`), to be recorded.
+    pub async fn probe(
+        &self,
+        target: &Target,
+        banner_wait: Duration,
+    ) -> Result<String, GuestError> {
+        let (handle, host_key) =
+            Self::connect_waiting(target, Duration::from_secs(5), banner_wait).await?;
         let handle = Arc::new(handle);
         let out = run_on(
             &handle,
@@ -269,7 +321,7 @@ impl SshPool {
                 handle,
             },
         );
-        Ok(())
+        Ok(host_key)
     }
 
     /// Polls `probe` until it succeeds or `deadline` passes; returns the last error.
@@ -277,7 +329,7 @@ impl SshPool {
         let until = Instant::now() + deadline;
         loop {
             match self.probe(target, Duration::from_secs(5)).await {
-                Ok(()) => return Ok(()),
+                Ok(_) => return Ok(()),
                 Err(e) if Instant::now() >= until => return Err(e),
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
@@ -417,7 +469,7 @@ impl SshPool {
 
 /// Opens a channel and starts `req` on it (environment, working directory, command).
 async fn start(
-    handle: &Handle<AcceptHost>,
+    handle: &Handle<HostKeyCheck>,
     req: &ExecRequest,
 ) -> Result<russh::Channel<client::Msg>, GuestError> {
     let session = |e: russh::Error| GuestError::Session(e.to_string());
@@ -447,7 +499,10 @@ async fn start(
     Ok(channel)
 }
 
-async fn run_on(handle: &Handle<AcceptHost>, req: &ExecRequest) -> Result<ExecOutput, GuestError> {
+async fn run_on(
+    handle: &Handle<HostKeyCheck>,
+    req: &ExecRequest,
+) -> Result<ExecOutput, GuestError> {
     let started = Instant::now();
     let mut channel = start_within(handle, req).await?;
 

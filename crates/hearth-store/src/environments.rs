@@ -35,6 +35,8 @@ pub struct Environment {
     pub ssh_host: Option<String>,
     pub ssh_port: Option<i64>,
     pub ssh_user: String,
+    /// The guest's SSH host key, recorded at the first contact after the VM was made.
+    pub ssh_host_key: Option<String>,
     pub vcpus: i64,
     pub memory_mb: i64,
     pub disk_gb: i64,
@@ -144,7 +146,7 @@ const COLUMNS: &str = "id, slug, name, user_id, personal, state, state_message, 
     host_id, vm_id, region, ip_address, ssh_host, ssh_port, ssh_user, vcpus, memory_mb, disk_gb, \
     base_image, environment_vars, ssh_public_key, ssh_private_key_enc, auto_stop_minutes, \
     total_runtime_seconds, created_at, updated_at, started_at, stopped_at, expires_at, last_activity_at, \
-    last_activity_source, init_script, repository_url, gpus, gpu_model, reserved";
+    last_activity_source, init_script, repository_url, gpus, gpu_model, reserved, ssh_host_key";
 
 macro_rules! select_env {
     ($where:literal) => {
@@ -153,7 +155,7 @@ macro_rules! select_env {
              host_id, vm_id, region, ip_address, ssh_host, ssh_port, ssh_user, vcpus, memory_mb, disk_gb, \
              base_image, environment_vars, ssh_public_key, ssh_private_key_enc, auto_stop_minutes, \
              total_runtime_seconds, created_at, updated_at, started_at, stopped_at, expires_at, last_activity_at, \
-             last_activity_source, init_script, repository_url, gpus, gpu_model, reserved, \
+             last_activity_source, init_script, repository_url, gpus, gpu_model, reserved, ssh_host_key, \
              (SELECT h.name FROM hosts h WHERE h.id = environments.host_id) AS host_name \
              FROM environments ",
             $where
@@ -221,6 +223,7 @@ fn env_from_row(row: &AnyRow) -> Result<Environment> {
         ssh_host: row.try_get("ssh_host")?,
         ssh_port: row.try_get("ssh_port")?,
         ssh_user: row.try_get("ssh_user")?,
+        ssh_host_key: row.try_get("ssh_host_key")?,
         vcpus: row.try_get("vcpus")?,
         memory_mb: row.try_get("memory_mb")?,
         disk_gb: row.try_get("disk_gb")?,
@@ -313,6 +316,7 @@ impl Store {
             ssh_host: None,
             ssh_port: None,
             ssh_user: new.ssh_user,
+            ssh_host_key: None,
             vcpus: new.placement.resources.vcpus,
             memory_mb: new.placement.resources.memory_mb,
             disk_gb: new.placement.resources.disk_gb,
@@ -604,7 +608,7 @@ impl Store {
             "UPDATE environments SET state = $1, state_message = $2, generation = $3, host_id = $4, vm_id = $5, \
              ip_address = $6, ssh_host = $7, ssh_port = $8, total_runtime_seconds = $9, updated_at = $10, \
              started_at = $11, stopped_at = $12, last_activity_at = $13, last_activity_source = $17, reserved = $18, \
-             region = $19 WHERE id = $14 AND state = $15 AND generation = $16",
+             region = $19, ssh_host_key = $20 WHERE id = $14 AND state = $15 AND generation = $16",
         )
         .bind(next.state.as_str())
         .bind(&next.state_message)
@@ -625,6 +629,7 @@ impl Store {
         .bind(&next.last_activity_source)
         .bind(next.reserved as i64)
         .bind(&next.region)
+        .bind(&next.ssh_host_key)
         .execute(&mut *tx)
         .await?;
         if done.rows_affected() != 1 {
@@ -717,7 +722,7 @@ async fn host_region_and_name(
 async fn insert_env(tx: &mut Tx, e: &Environment, vars: &str) -> Result<()> {
     let sql = format!(
         "INSERT INTO environments ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
-         $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37)"
+         $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38)"
     );
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(&e.id)
@@ -757,6 +762,7 @@ async fn insert_env(tx: &mut Tx, e: &Environment, vars: &str) -> Result<()> {
         .bind(e.gpus)
         .bind(&e.gpu_model)
         .bind(e.reserved as i64)
+        .bind(&e.ssh_host_key)
         .execute(&mut **tx)
         .await?;
     Ok(())

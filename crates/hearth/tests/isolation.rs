@@ -288,3 +288,86 @@ async fn gvisor_runs_a_vm_when_the_host_asks_for_it() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+/// The guest's SSH host key is recorded at the first contact and checked afterwards: a
+/// VM that comes back from a stop with another host key is refused (the environment ends
+/// in `error`, saying so), not logged into.
+#[tokio::test]
+async fn a_changed_host_key_is_refused() {
+    let site = Site::new(Db::Sqlite).await;
+    let server = site.start().await;
+    let token = server.user("keys@example.com", "pro").await;
+    let id = running_env(&server, &token, "pinned").await;
+    let container = containers_of(&id).pop().expect("its container");
+    let key_in_guest = |container: &str| {
+        let out = std::process::Command::new("docker")
+            .args([
+                "exec",
+                "-u",
+                "0",
+                container,
+                "cat",
+                "/etc/ssh/ssh_host_ed25519_key.pub",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let recorded = site
+        .store()
+        .await
+        .environment(&id)
+        .await
+        .unwrap()
+        .ssh_host_key;
+    assert_eq!(
+        recorded.as_deref(),
+        Some(key_in_guest(&container).as_str()),
+        "the key recorded is the guest's"
+    );
+
+    // Someone gives the VM another host key while it runs; after a stop and start it offers it.
+    let replaced = std::process::Command::new("docker")
+        .args([
+            "exec", "-u", "0", &container, "sh", "-c",
+            "rm -f /etc/ssh/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key.pub && ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key",
+        ])
+        .output()
+        .unwrap();
+    assert!(replaced.status.success(), "{replaced:?}");
+    assert_ne!(Some(key_in_guest(&container)), recorded);
+    server
+        .call(
+            "POST",
+            &format!("/v1/environments/{id}/stop"),
+            Some(&token),
+            None,
+        )
+        .await;
+    server.wait_env(&token, &id, "stopped", UP).await;
+    server
+        .call(
+            "POST",
+            &format!("/v1/environments/{id}/start"),
+            Some(&token),
+            None,
+        )
+        .await;
+    let env = server.wait_env(&token, &id, "error", UP).await;
+    let message = env["stateMessage"].as_str().unwrap_or_default();
+    assert!(message.contains("offered SSH host key"), "{message}");
+    assert_eq!(
+        site.store()
+            .await
+            .environment(&id)
+            .await
+            .unwrap()
+            .ssh_host_key,
+        recorded,
+        "the recorded key stays"
+    );
+}
