@@ -9,6 +9,7 @@ mod hosts;
 mod me;
 mod ops;
 mod terminal;
+mod trpc;
 
 use crate::App;
 use crate::error::ApiError;
@@ -126,6 +127,11 @@ pub fn router(app: App) -> Router {
     let document = Arc::new(document(&app));
     let (routes, _) = routes();
     routes
+        // The seed's tRPC procedures, outside the REST document (see `trpc`).
+        .route(
+            "/api/trpc/{*paths}",
+            axum::routing::get(trpc::handle).post(trpc::handle),
+        )
         .merge(crate::ui::router())
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
