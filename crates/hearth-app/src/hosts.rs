@@ -333,11 +333,176 @@ impl App {
         offered
     }
 
+    /// Buys an agent host on OVH: a join token for `name`, then an instance in the project
+    /// and region of the `ovh` host `via` (or the only `ovh` host in `region`) whose
+    /// cloud-init fetches `hearth` from `control_plane` and joins with the token. The host
+    /// appears when its agent reports in.
+    pub async fn buy_agent_host(
+        &self,
+        admin: &User,
+        name: &str,
+        via: Option<&str>,
+        region: Option<&str>,
+        flavor: &str,
+        control_plane: &str,
+    ) -> AppResult<hearth_store::BoughtHost> {
+        self.buy_host(&admin.id, name, via, region, flavor, control_plane, false)
+            .await
+    }
+
+    /// `buy_agent_host` for `actor` (an admin, or the demand policy).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn buy_host(
+        &self,
+        actor: &str,
+        name: &str,
+        via: Option<&str>,
+        region: Option<&str>,
+        flavor: &str,
+        control_plane: &str,
+        by_demand: bool,
+    ) -> AppResult<hearth_store::BoughtHost> {
+        check_name(name).map_err(AppError::Invalid)?;
+        check_label("flavor", flavor).map_err(AppError::Invalid)?;
+        let reachable = (control_plane.starts_with("https://")
+            || control_plane.starts_with("http://"))
+            && control_plane.len() <= 500
+            && !control_plane
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control());
+        if !reachable {
+            return Err(AppError::Invalid(
+                "controlPlane must be the http(s):// URL the new host reaches this control plane at".into(),
+            ));
+        }
+        let via = match via {
+            Some(v) => self.find_host(v).await?,
+            None => {
+                let candidates: Vec<Host> = self
+                    .store
+                    .hosts()
+                    .await?
+                    .into_iter()
+                    .filter(|h| {
+                        h.kind == HostKind::Ovh
+                            && (region.is_none() || h.region.as_deref() == region)
+                    })
+                    .collect();
+                match <[Host; 1]>::try_from(candidates) {
+                    Ok([h]) => h,
+                    Err(found) => {
+                        return Err(AppError::Invalid(format!(
+                            "name the OVH project and region to buy through with `via` (an ovh host): {} ovh hosts match",
+                            found.len()
+                        )));
+                    }
+                }
+            }
+        };
+        if via.kind != HostKind::Ovh {
+            return Err(AppError::Invalid(format!(
+                "host {} is not an ovh host: agent hosts are bought through an OVH project and region",
+                via.name
+            )));
+        }
+        if self.store.bought_host(name).await.is_ok() {
+            return Err(AppError::Conflict(format!(
+                "an agent host named {name:?} was bought already"
+            )));
+        }
+        let (token, _) = self
+            .issue_join_token(actor, name, via.region.as_deref(), Some(6 * 3600))
+            .await?;
+        let user_data =
+            hearth_provider::ovh::agent_user_data(control_plane.trim_end_matches('/'), &token);
+        let host_ref = self.host_ref(&via)?;
+        let instance_id = self
+            .ovh
+            .create_agent_instance(&host_ref, name, flavor, &user_data)
+            .await
+            .map_err(|e| AppError::Unavailable(format!("could not buy the host on OVH: {e}")))?;
+        let bought = hearth_store::BoughtHost {
+            host_name: name.to_string(),
+            via_host_id: via.id.clone(),
+            instance_id,
+            flavor: flavor.to_string(),
+            created_by: actor.to_string(),
+            created_at: self.now(),
+            empty_since: None,
+            by_demand,
+        };
+        self.store.add_bought_host(&bought).await?;
+        let _ = self
+            .store
+            .audit(actor, "host_buy", None, "success", None, None)
+            .await;
+        Ok(bought)
+    }
+
+    /// Sells a bought agent host: refused (409, with the host drained) while it holds
+    /// environments; otherwise its instance is deleted (waiting until it is gone) and the
+    /// host removed.
+    pub async fn sell_agent_host(&self, admin: &User, name: &str) -> AppResult<()> {
+        self.sell_host(&admin.id, name).await
+    }
+
+    /// `sell_agent_host` for `actor` (an admin, or the demand policy).
+    pub(crate) async fn sell_host(&self, actor: &str, name: &str) -> AppResult<()> {
+        let bought = self
+            .store
+            .bought_host(name)
+            .await
+            .map_err(AppError::not_found("bought host"))?;
+        if let Ok(host) = self.store.find_host(name).await {
+            let held = self.store.count_host_environments(&host.id).await?;
+            if held > 0 {
+                if host.status != HostStatus::Draining {
+                    self.store
+                        .set_host_status(&host.id, HostStatus::Draining)
+                        .await?;
+                }
+                return Err(AppError::Conflict(format!(
+                    "host {name} is draining and still holds {held} environments: destroy them (or wait for them to go), then sell it"
+                )));
+            }
+        }
+        let via = self.store.host(&bought.via_host_id).await?;
+        let host_ref = self.host_ref(&via)?;
+        self.ovh
+            .delete_agent_instance(&host_ref, &bought.instance_id)
+            .await
+            .map_err(|e| {
+                AppError::Unavailable(format!("could not delete the instance on OVH: {e}"))
+            })?;
+        if let Ok(host) = self.store.find_host(name).await {
+            self.store.remove_host(&host.id).await?;
+        }
+        self.store.remove_bought_host(name).await?;
+        let _ = self
+            .store
+            .audit(actor, "host_sell", None, "success", None, None)
+            .await;
+        tracing::info!(host = name, instance = %bought.instance_id, "sold an agent host: its OVH instance is deleted");
+        Ok(())
+    }
+
     /// A one-time token with which an agent joins as host `name` (valid `ttl_seconds`,
     /// 3600 unless given; at most a week). Returns the token (shown once) and its expiry.
     pub async fn create_join_token(
         &self,
         admin: &User,
+        name: &str,
+        region: Option<&str>,
+        ttl_seconds: Option<i64>,
+    ) -> AppResult<(String, i64)> {
+        self.issue_join_token(&admin.id, name, region, ttl_seconds)
+            .await
+    }
+
+    /// `create_join_token` for `actor` (an admin, or the demand policy).
+    async fn issue_join_token(
+        &self,
+        actor: &str,
         name: &str,
         region: Option<&str>,
         ttl_seconds: Option<i64>,
@@ -362,13 +527,13 @@ impl App {
                 &hearth_store::hash_token(&token),
                 name,
                 region,
-                &admin.id,
+                actor,
                 expires_at,
             )
             .await?;
         let _ = self
             .store
-            .audit(&admin.id, "join_token_create", None, "success", None, None)
+            .audit(actor, "join_token_create", None, "success", None, None)
             .await;
         Ok((token, expires_at))
     }

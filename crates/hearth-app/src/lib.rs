@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod bus;
 pub mod config;
+pub mod demand;
 pub mod error;
 pub mod events;
 mod guest;
@@ -46,6 +47,8 @@ pub struct App {
     pub providers: Providers,
     /// Also in `providers`; kept apart because its guests are reached through it, not SSH.
     pub sim: Arc<SimProvider>,
+    /// Also in `providers`; kept apart because agent hosts are bought through it.
+    pub ovh: Arc<hearth_provider::ovh::OvhProvider>,
     pub ssh: SshPool,
     pub master_key: MasterKey,
     /// This installation's id: every VM carries it, and nothing else is ever touched.

@@ -1,7 +1,7 @@
 //! Background upkeep on every node (state writes are conditional, so two nodes doing it at
 //! once is harmless): the reaper stops idle environments and destroys expired ones (actor
-//! `system:reaper`), then the reconciler runs (`reconcile`), the fleet's capacity is sampled for the
-//! admin's chart (`Store::sample_capacity`), then old history goes
+//! `system:reaper`), then the reconciler runs (`reconcile`), the demand policy buys or sells agent hosts
+//! (`demand`), the fleet's capacity is sampled for the admin's chart (`Store::sample_capacity`), then old history goes
 //! (`Store::prune`, by `HEARTH_RETAIN_*_DAYS`).
 
 use crate::App;
@@ -18,6 +18,9 @@ pub async fn run(app: App, mut shutdown: watch::Receiver<bool>) {
         }
         if let Err(e) = crate::reconcile::reconcile(&app).await {
             tracing::warn!(error = %e, "reconciler pass failed");
+        }
+        if let Err(e) = app.demand_pass().await {
+            tracing::warn!(error = %e, "demand policy pass failed");
         }
         if let Err(e) = app.store.sample_capacity().await {
             tracing::warn!(error = %e, "capacity sample failed");

@@ -303,8 +303,9 @@ pub async fn open_app_with_clock(config: Config, clock: Arc<dyn Clock>) -> Resul
     let providers = Providers::default()
         .with(docker)
         .with(sim.clone())
-        .with(Arc::new(hearth_provider::agent::AgentProvider::new()))
-        .with(Arc::new(hearth_provider::ovh::OvhProvider::new()));
+        .with(Arc::new(hearth_provider::agent::AgentProvider::new()));
+    let ovh = Arc::new(hearth_provider::ovh::OvhProvider::new());
+    let providers = providers.with(ovh.clone());
     let queue = Queue::new(store.clone(), config.queues.clone(), config.timing.clone());
     let bus = crate::bus::Bus::new(crate::bus::url_from_env().as_deref())
         .map_err(|e| anyhow::anyhow!(e))?;
@@ -321,6 +322,7 @@ pub async fn open_app_with_clock(config: Config, clock: Arc<dyn Clock>) -> Resul
         queue,
         providers,
         sim,
+        ovh,
         ssh: SshPool::new(),
         master_key,
         installation_id: installation.id,

@@ -416,6 +416,17 @@ impl Store {
         Ok(host)
     }
 
+    /// Environments on the host that are not destroyed.
+    pub async fn count_host_environments(&self, id: &str) -> Result<i64> {
+        Ok(sqlx::query(
+            "SELECT COUNT(*) AS n FROM environments WHERE host_id = $1 AND state <> 'destroyed'",
+        )
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("n")?)
+    }
+
     /// Records a round of health checks: `answered` hosts were seen now; `failed` ones
     /// (with why) turn `unhealthy` once they have not been seen for `unhealthy_after_ms`.
     /// Returns the hosts whose health changed, as they are now.

@@ -5,6 +5,7 @@
 //! backends agree on what "now" is. Write transactions on SQLite start `IMMEDIATE` so the
 //! single writer serialises them (DESIGN decision 6); PostgreSQL takes row locks.
 
+mod bought;
 mod capacity;
 mod environments;
 mod hosts;
@@ -16,6 +17,7 @@ mod sign_in;
 mod sim;
 mod users;
 
+pub use bought::BoughtHost;
 pub use capacity::{CapacitySample, SAMPLE_MS};
 pub use environments::{Environment, NewEnvironment, PersonalOutcome};
 pub use hosts::{Host, HostCapacity, HostUpdate, JoinToken, NewHost, Placement};

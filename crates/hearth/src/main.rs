@@ -184,10 +184,13 @@ struct AgentArgs {
     /// Where the agent's HTTPS API listens.
     #[arg(long, env = "HEARTH_AGENT_LISTEN", default_value = "127.0.0.1:9443")]
     listen: String,
-    /// host:port the control plane reaches the API at (default: --listen).
+    /// host:port the control plane reaches the API at (default: --listen). `auto`: the
+    /// address this machine sends from towards the control plane, with --listen's port (a
+    /// cloud instance that does not know its address beforehand).
     #[arg(long, env = "HEARTH_AGENT_ADVERTISE")]
     advertise: Option<String>,
-    /// Where guests' SSH ports are forwarded from (an address the nodes and users reach).
+    /// Where guests' SSH ports are forwarded from (an address the nodes and users reach);
+    /// `auto` as for --advertise.
     #[arg(long, env = "HEARTH_AGENT_GUEST_ADDRESS", default_value = "127.0.0.1")]
     guest_address: String,
     /// First start only: the control plane's URL.
@@ -297,6 +300,33 @@ enum HostsCommand {
     Ready { id: String },
     /// Remove a host that holds no environment.
     Remove { id: String },
+    /// Buy an agent host on OVH: an instance that installs `hearth agent` and joins as NAME.
+    Provision {
+        name: String,
+        /// Where to buy it (only `ovh`).
+        #[arg(long, default_value = "ovh")]
+        provider: String,
+        /// An OVH flavor of the region (b2-15, ...).
+        #[arg(long)]
+        flavor: String,
+        /// The region (picks the ovh host there).
+        #[arg(long)]
+        region: Option<String>,
+        /// The ovh host (project and region) to buy through, when several match.
+        #[arg(long)]
+        via: Option<String>,
+        /// The URL the new host reaches this control plane at (default: HEARTH_URL).
+        #[arg(long)]
+        control_plane: Option<String>,
+    },
+    /// Sell a bought agent host: drain it, wait until its environments are gone, then
+    /// delete its instance.
+    Destroy {
+        name: String,
+        /// How long to wait for its environments to go.
+        #[arg(long, default_value_t = 60)]
+        wait_minutes: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -468,13 +498,37 @@ async fn agent(args: AgentArgs) -> Result<ExitCode, Failure> {
             )));
         }
     };
+    let own_address = || {
+        let url = args.control_plane.clone().ok_or_else(|| {
+            Failure::usage(
+                "`auto` addresses need --control-plane (the address is the one used to reach it)",
+            )
+        })?;
+        address_towards(&url).map_err(Failure::usage)
+    };
+    let advertise = match args.advertise.as_deref() {
+        Some("auto") => {
+            let port = args
+                .listen
+                .rsplit_once(':')
+                .map(|(_, p)| p)
+                .unwrap_or("9443");
+            format!("{}:{port}", own_address()?)
+        }
+        Some(a) => a.to_string(),
+        None => args.listen.clone(),
+    };
+    let guest_address = match args.guest_address.as_str() {
+        "auto" => own_address()?,
+        a => a.to_string(),
+    };
     let config = hearth_agent::run::AgentConfig {
         backend,
         state_dir: args.state_dir,
         image_dir: args.image_dir,
-        advertise: args.advertise.unwrap_or_else(|| args.listen.clone()),
+        advertise,
         listen: args.listen,
-        guest_address: args.guest_address,
+        guest_address,
         capacity: hearth_provider::agent::wire::Capacity {
             max_vms: args.max_vms,
             max_vcpus: args.max_vcpus,
@@ -1348,6 +1402,60 @@ async fn hosts(client: &Client, command: HostsCommand) -> Result<ExitCode, Failu
             let h = client.delete(&format!("/v1/admin/hosts/{id}")).await?;
             println!("removed {} ({})", s(&h, "name"), s(&h, "id"));
         }
+        HostsCommand::Provision {
+            name,
+            provider,
+            flavor,
+            region,
+            via,
+            control_plane,
+        } => {
+            if provider != "ovh" {
+                return Err(Failure::usage(format!(
+                    "--provider must be ovh (the only place hosts can be bought), got {provider:?}"
+                )));
+            }
+            let mut body = json!({
+                "name": name,
+                "flavor": flavor,
+                "controlPlane": control_plane.unwrap_or_else(|| client.base().to_string()),
+            });
+            if let Some(r) = region {
+                body["region"] = json!(r);
+            }
+            if let Some(v) = via {
+                body["via"] = json!(v);
+            }
+            let b = client.post("/v1/admin/hosts/bought", body).await?;
+            println!(
+                "bought {} as OVH instance {} ({}); it appears in `hearth admin hosts list` when its agent joins",
+                s(&b, "name"),
+                s(&b, "instanceId"),
+                s(&b, "flavor")
+            );
+        }
+        HostsCommand::Destroy { name, wait_minutes } => {
+            let bar = spinner(&format!("selling {name}"));
+            let until = std::time::Instant::now() + Duration::from_secs(wait_minutes * 60);
+            loop {
+                match client
+                    .delete(&format!("/v1/admin/hosts/bought/{name}"))
+                    .await
+                {
+                    Ok(_) => break,
+                    Err(f) if f.status == Some(409) && std::time::Instant::now() < until => {
+                        bar.set_message(f.message.clone());
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                    Err(f) => {
+                        bar.finish_and_clear();
+                        return Err(f);
+                    }
+                }
+            }
+            bar.finish_and_clear();
+            println!("sold {name}: its instance is deleted and the host removed");
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1375,4 +1483,28 @@ mod tests {
         assert_ne!(a.path(), b.path());
         std::fs::remove_dir(&planted).unwrap();
     }
+}
+
+/// The local address this machine sends from towards `url`'s host (no packet is sent: a
+/// connected UDP socket only asks the kernel for the route).
+fn address_towards(url: &str) -> Result<String, String> {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let target = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        authority.to_string()
+    } else {
+        format!("{authority}:443")
+    };
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    socket
+        .connect(&target)
+        .map_err(|e| format!("cannot find a route to the control plane {target}: {e}"))?;
+    Ok(socket
+        .local_addr()
+        .map_err(|e| e.to_string())?
+        .ip()
+        .to_string())
 }

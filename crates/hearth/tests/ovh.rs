@@ -433,3 +433,286 @@ async fn twenty_provisioning_at_once_stay_within_the_rate_limit() {
     }
     assert!(fake.instances().is_empty());
 }
+
+/// An agent host bought on OVH: the instance's cloud-init fetches `hearth` from the control
+/// plane with the join token and runs the agent, which joins; the host then runs a real
+/// VM (QEMU). Selling it is refused while it holds the environment (and drains it), then
+/// deletes the instance and removes the host.
+#[tokio::test]
+async fn an_agent_host_bought_on_ovh_joins_runs_a_vm_and_is_sold() {
+    let fake = FakeOvh::start(hearth_provider_image(), 0).await;
+    let site = Site::new(Db::Sqlite)
+        .await
+        .with_env("HEARTH_HOST_CHECK_INTERVAL_MS", "500")
+        .with_env("HEARTH_SSH_WAIT_SECONDS", "180");
+    let server = site.start().await;
+    add_host(&server, &fake).await;
+    let r = server
+        .call(
+            "POST",
+            "/v1/admin/hosts/bought",
+            Some(&server.admin_token),
+            Some(json!({"name": "bought-1", "flavor": "b2-15", "region": fake.region, "controlPlane": server.base})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let instance = r.body["instanceId"].as_str().unwrap().to_string();
+    let started = std::time::Instant::now();
+    let host = loop {
+        let hosts = server
+            .call("GET", "/v1/admin/hosts", Some(&server.admin_token), None)
+            .await
+            .body;
+        if let Some(h) = hosts["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == "bought-1")
+        {
+            if h["health"] == "healthy" {
+                break h.clone();
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the bought host never joined: {hosts}\nagent log:\n{}",
+            fake_ovh::agent_log_of(&fake, &instance)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(host["kind"], "agent");
+    assert_eq!(fake.instances().len(), 1, "the agent host is an instance");
+
+    let token = server.user("buyer@example.com", "pro").await;
+    let r = server
+        .call(
+            "POST",
+            "/v1/environments",
+            Some(&token),
+            Some(json!({"name": "on a bought host", "provider": "agent", "vcpus": 1, "memoryMb": 512, "diskGb": 3})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let started = std::time::Instant::now();
+    let env = loop {
+        let env = server
+            .call("GET", &format!("/v1/environments/{id}"), Some(&token), None)
+            .await
+            .body;
+        if env["state"] == "running" {
+            break env;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(240) && env["state"] != "error",
+            "the VM on the bought host is {}: {}\nagent log:\n{}\nserver log (end):\n{}",
+            env["state"],
+            env["stateMessage"],
+            fake_ovh::agent_log_of(&fake, &instance),
+            site.log()
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(env["hostName"], "bought-1");
+    assert_eq!(
+        exec(&server, &token, &id, "echo usable").await["stdout"],
+        "usable\n"
+    );
+
+    assert_eq!(
+        fake.instances().len(),
+        1,
+        "after many reconciler passes the agent host's instance is still there: it is no VM"
+    );
+
+    // Selling waits for the host to be empty, draining it meanwhile.
+    let r = server
+        .call(
+            "DELETE",
+            "/v1/admin/hosts/bought/bought-1",
+            Some(&server.admin_token),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{:?}", r.body);
+    let hosts = server
+        .call("GET", "/v1/admin/hosts", Some(&server.admin_token), None)
+        .await
+        .body;
+    assert!(hosts.to_string().contains("draining"), "{hosts}");
+    server
+        .call(
+            "DELETE",
+            &format!("/v1/environments/{id}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    server
+        .wait_env(&token, &id, "destroyed", Duration::from_secs(120))
+        .await;
+    // Asynchronously: the fake OVH API answers on this test's runtime meanwhile.
+    let sold = tokio::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args([
+            "admin",
+            "hosts",
+            "destroy",
+            "bought-1",
+            "--wait-minutes",
+            "2",
+        ])
+        .env("HEARTH_URL", &server.base)
+        .env("HEARTH_TOKEN", &server.admin_token)
+        .output()
+        .await
+        .unwrap();
+    assert!(sold.status.success(), "{sold:?}");
+    assert!(
+        fake.instances().is_empty(),
+        "the instance is deleted: {:?}",
+        fake.instances()
+    );
+    let hosts = server
+        .call("GET", "/v1/admin/hosts", Some(&server.admin_token), None)
+        .await
+        .body;
+    assert!(!hosts.to_string().contains("bought-1"), "{hosts}");
+}
+
+/// The demand policy against the fake: with the agent hosts short of free vCPUs it buys
+/// one host at a time (waiting for each to join) up to the maximum and never past it;
+/// a purchase that would pass the budget is refused and audited; hosts it bought are sold
+/// once empty for the idle time, down to the minimum.
+#[tokio::test]
+async fn hosts_by_demand_buy_up_to_the_maximum_within_the_budget_and_sell_when_idle() {
+    let fake = FakeOvh::start(hearth_provider_image(), 0).await;
+    let site = Site::new(Db::Sqlite)
+        .await
+        .with_env("HEARTH_HOST_CHECK_INTERVAL_MS", "500");
+    let server = site.start().await;
+    add_host(&server, &fake).await;
+    let admin = Some(server.admin_token.as_str());
+    let policy = |free_below: i64, min: i64, max: i64, idle: i64, budget: f64| {
+        json!({
+            "enabled": true, "via": "ovh-gra9", "flavor": "b2-15", "controlPlane": server.base,
+            "freeVcpusBelow": free_below, "minHosts": min, "maxHosts": max,
+            "idleSeconds": idle, "maxHourlyCost": budget,
+        })
+    };
+    let r = server
+        .call(
+            "PUT",
+            "/v1/admin/demand-policy",
+            admin,
+            Some(json!({"enabled": true})),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::BAD_REQUEST,
+        "an incomplete policy: {:?}",
+        r.body
+    );
+    let set = |body: Value| {
+        let server = &server;
+        async move {
+            let r = server
+                .call("PUT", "/v1/admin/demand-policy", admin, Some(body))
+                .await;
+            assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        }
+    };
+    let audit = || async {
+        server
+            .call(
+                "GET",
+                "/v1/admin/audit?actor=system:demand&limit=100",
+                admin,
+                None,
+            )
+            .await
+            .body
+            .to_string()
+    };
+    let agents = || async {
+        let hosts = server
+            .call("GET", "/v1/admin/hosts", admin, None)
+            .await
+            .body;
+        hosts["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["kind"] == "agent" && h["health"] == "healthy")
+            .count()
+    };
+    let wait = |what: &'static str| {
+        let started = std::time::Instant::now();
+        move || {
+            assert!(
+                started.elapsed() < Duration::from_secs(180),
+                "{what} did not happen within 180 s"
+            );
+        }
+    };
+
+    // Always short of vCPUs: two hosts, one after the other, and never a third.
+    set(policy(1000, 0, 2, 3600, 10.0)).await;
+    let check = wait("two bought hosts joining");
+    while agents().await < 2 {
+        check();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let check = wait("the refusal at the maximum");
+    while !audit().await.contains("the maximum is 2") {
+        check();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await; // several more passes
+    assert_eq!(fake.instances().len(), 2, "never more than the maximum");
+
+    // A third would cost 3 x 0.10 an hour: over a budget of 0.25, refused and audited.
+    set(policy(1000, 0, 3, 3600, 0.25)).await;
+    let check = wait("the refusal over the budget");
+    while !audit().await.contains("over the budget of 0.2500/h") {
+        check();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(fake.instances().len(), 2, "nothing bought past the budget");
+
+    // Nothing needed any more: the empty hosts go after the idle time, down to the minimum.
+    set(policy(0, 1, 3, 1, 10.0)).await;
+    let check = wait("selling down to the minimum");
+    while fake.instances().len() > 1 {
+        check();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(fake.instances().len(), 1, "never below the minimum");
+    set(policy(0, 0, 3, 1, 10.0)).await;
+    let check = wait("selling the last");
+    while !fake.instances().is_empty() {
+        check();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The sale is audited once OVH says the instance is gone.
+    let check = wait("the second sale's audit");
+    let said = loop {
+        let said = audit().await;
+        if said.matches("\"action\":\"demand_sell\"").count() == 2 {
+            break said;
+        }
+        check();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(said.matches("bought demand-").count(), 2, "{said}");
+    assert!(
+        said.contains("free vCPUs"),
+        "each purchase says why: {said}"
+    );
+}

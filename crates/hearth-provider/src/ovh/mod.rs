@@ -51,6 +51,8 @@ pub struct OvhOptions {
     pub flavor_types: Vec<String>,
     pub stop: StopMode,
     pub poll: Duration,
+    /// The OVH subsidiary whose catalogue gives prices (`FR` by default).
+    pub subsidiary: String,
 }
 
 impl OvhOptions {
@@ -63,9 +65,10 @@ impl OvhOptions {
             flavor_types: Option<Vec<String>>,
             stop: Option<String>,
             poll_ms: Option<u64>,
+            subsidiary: Option<String>,
         }
         let raw: Raw = serde_json::from_value(v.clone()).map_err(|e| {
-            format!("options of an ovh host: {e} (projectId, imageName, flavorTypes, stop, pollMs)")
+            format!("options of an ovh host: {e} (projectId, imageName, flavorTypes, stop, pollMs, subsidiary)")
         })?;
         let label = |what: &str, s: &str| {
             if s.is_empty() || s.len() > 128 || s.chars().any(|c| c.is_control()) {
@@ -103,7 +106,16 @@ impl OvhOptions {
         if !(200..=60_000).contains(&poll_ms) {
             return Err("pollMs must be between 200 and 60000".into());
         }
+        let subsidiary = raw.subsidiary.unwrap_or_else(|| "FR".into());
+        if !(2..=4).contains(&subsidiary.len())
+            || !subsidiary.chars().all(|c| c.is_ascii_uppercase())
+        {
+            return Err(
+                "subsidiary must be OVH's code of 2 to 4 capitals (FR, GB, CA, ...)".into(),
+            );
+        }
         Ok(OvhOptions {
+            subsidiary,
             project_id: raw.project_id,
             image_name: raw.image_name,
             flavor_types,
@@ -199,6 +211,13 @@ struct Flavor {
     os_type: String,
     #[serde(default)]
     available: bool,
+    #[serde(default)]
+    plan_codes: Option<PlanCodes>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct PlanCodes {
+    hourly: Option<String>,
 }
 
 /// GPUs and their model of OVH's GPU flavors, from OVH's public catalogue (the API's
@@ -351,6 +370,44 @@ pub fn user_data(spec: &VmSpec) -> Result<String, String> {
     Ok(format!("#cloud-config\n{config}\n"))
 }
 
+/// Instances that are agent hosts (bought with `buy_agent_host`), not VMs: the reconciler
+/// never sees them.
+pub const AGENT_PREFIX: &str = "hearth-agent--";
+/// The port a bought agent host's API listens on.
+pub const AGENT_PORT: u16 = 9443;
+
+/// Cloud-init for an agent host bought on OVH: QEMU from the distribution, `hearth` from
+/// the control plane (fetched with the join token), the VM image built on the machine, and
+/// `hearth agent` as a service that joins with the token, advertising the address it
+/// reaches the control plane from. Every command is an argument list (cloud-init runs those
+/// without a shell); the variables sit in a root-only file.
+pub fn agent_user_data(control_plane: &str, join_token: &str) -> String {
+    let env = format!(
+        "HEARTH_CONTROL_PLANE={control_plane}\nHEARTH_JOIN_TOKEN={join_token}\nHEARTH_AGENT_LISTEN=0.0.0.0:{AGENT_PORT}\n\
+         HEARTH_AGENT_ADVERTISE=auto\nHEARTH_AGENT_GUEST_ADDRESS=auto\n"
+    );
+    let unit = "[Unit]\nDescription=Hearth agent\nWants=network-online.target\nAfter=network-online.target\n\n\
+                [Service]\nEnvironmentFile=/etc/hearth/agent.env\nExecStart=/usr/local/bin/hearth agent\nRestart=always\n\n\
+                [Install]\nWantedBy=multi-user.target\n";
+    let config = serde_json::json!({
+        "package_update": true,
+        "packages": ["qemu-system-x86", "qemu-utils", "curl"],
+        "write_files": [
+            { "path": "/etc/hearth/agent.env", "permissions": "0600", "content": env },
+            { "path": "/etc/systemd/system/hearth-agent.service", "permissions": "0644", "content": unit },
+        ],
+        "runcmd": [
+            ["curl", "-fsS", "--retry", "5", "-o", "/usr/local/bin/hearth", "-H",
+             format!("Authorization: Bearer {join_token}"), format!("{control_plane}/v1/agents/binary")],
+            ["chmod", "0755", "/usr/local/bin/hearth"],
+            ["/usr/local/bin/hearth", "image", "build", "--vm"],
+            ["systemctl", "daemon-reload"],
+            ["systemctl", "enable", "--now", "hearth-agent"],
+        ],
+    });
+    format!("#cloud-config\n{config}\n")
+}
+
 /// Cached answers per host.
 #[derive(Default)]
 struct HostCache {
@@ -358,6 +415,8 @@ struct HostCache {
     flavors: Option<(Instant, Arc<Vec<Flavor>>)>,
     images: Option<(Instant, Arc<Vec<Image>>)>,
     quota: Option<(Instant, HostCapacityFacts, serde_json::Value)>,
+    /// Hourly prices by plan code, from OVH's public catalogue.
+    prices: Option<(Instant, Arc<HashMap<String, f64>>)>,
 }
 
 #[derive(Default)]
@@ -636,6 +695,133 @@ impl OvhProvider {
     }
 }
 
+impl OvhProvider {
+    /// Buys an agent host: an instance of flavor `flavor` (by name) in the host's project
+    /// and region, named for `name`, booting `user_data`. Returns the instance's id.
+    pub async fn create_agent_instance(
+        &self,
+        host: &HostRef,
+        name: &str,
+        flavor: &str,
+        user_data: &str,
+    ) -> Result<String, ProviderError> {
+        let on = self.on(host)?;
+        let flavors = self.flavors(host, &on).await?;
+        let chosen = flavors
+            .iter()
+            .find(|f| f.name == flavor && f.available && f.os_type == "linux")
+            .ok_or_else(|| {
+                let names: Vec<&str> = flavors
+                    .iter()
+                    .filter(|f| f.available && f.os_type == "linux")
+                    .map(|f| f.name.as_str())
+                    .collect();
+                ProviderError::Failed(format!(
+                    "region {} offers no available Linux flavor {flavor:?} (it offers {})",
+                    on.region,
+                    names.join(", ")
+                ))
+            })?;
+        let images = self.images(host, &on).await?;
+        let image =
+            pick_image(&images, on.options.image_name.as_deref()).map_err(ProviderError::Failed)?;
+        let body = serde_json::json!({
+            "name": format!("{AGENT_PREFIX}{name}--{}", host.installation_id),
+            "flavorId": chosen.id,
+            "imageId": image.id,
+            "region": on.region,
+            "monthlyBilling": false,
+            "userData": base64::engine::general_purpose::STANDARD.encode(user_data),
+        });
+        let path = format!("/cloud/project/{}/instance", on.project);
+        let made: Instance = on
+            .client
+            .call(Method::POST, &path, Some(&body))
+            .await
+            .map_err(failed)?;
+        self.forget_instances(host);
+        tracing::info!(host = %host.name, agent = name, flavor, instance = %made.id, "bought an agent host on OVH");
+        Ok(made.id)
+    }
+
+    /// What a flavor costs an hour, from OVH's public catalogue (`/order/catalog/public/cloud`,
+    /// kept an hour): the flavor's hourly plan code among the catalogue's add-ons, whose
+    /// prices OVH gives in hundred-millionths of the currency.
+    pub async fn hourly_price(&self, host: &HostRef, flavor: &str) -> Result<f64, ProviderError> {
+        let on = self.on(host)?;
+        let flavors = self.flavors(host, &on).await?;
+        let plan = flavors
+            .iter()
+            .find(|f| f.name == flavor)
+            .and_then(|f| f.plan_codes.as_ref()?.hourly.clone())
+            .ok_or_else(|| {
+                ProviderError::Failed(format!(
+                    "flavor {flavor} has no hourly plan in region {}",
+                    on.region
+                ))
+            })?;
+        let cached = self
+            .caches
+            .lock()
+            .unwrap()
+            .get(&host.id)
+            .and_then(|c| c.prices.clone());
+        let prices = match cached {
+            Some((at, p)) if at.elapsed() < Duration::from_secs(3600) => p,
+            _ => {
+                let path = format!(
+                    "/order/catalog/public/cloud?ovhSubsidiary={}",
+                    on.options.subsidiary
+                );
+                let catalogue: serde_json::Value = on
+                    .client
+                    .call(Method::GET, &path, None)
+                    .await
+                    .map_err(failed)?;
+                let mut prices = HashMap::new();
+                for addon in catalogue["addons"].as_array().into_iter().flatten() {
+                    let (Some(code), Some(pricings)) =
+                        (addon["planCode"].as_str(), addon["pricings"].as_array())
+                    else {
+                        continue;
+                    };
+                    if let Some(p) = pricings
+                        .iter()
+                        .find(|p| p["intervalUnit"] == "hour")
+                        .and_then(|p| p["price"].as_f64())
+                    {
+                        prices.insert(code.to_string(), p / 1e8);
+                    }
+                }
+                let prices = Arc::new(prices);
+                self.caches
+                    .lock()
+                    .unwrap()
+                    .entry(host.id.clone())
+                    .or_default()
+                    .prices = Some((Instant::now(), prices.clone()));
+                prices
+            }
+        };
+        prices.get(&plan).copied().ok_or_else(|| {
+            ProviderError::Failed(format!("OVH's catalogue has no hourly price for {plan}"))
+        })
+    }
+
+    /// Deletes a bought agent host's instance and waits until it is gone.
+    pub async fn delete_agent_instance(
+        &self,
+        host: &HostRef,
+        instance_id: &str,
+    ) -> Result<(), ProviderError> {
+        let vm = VmRef {
+            name: instance_id.to_string(),
+            id: Some(instance_id.to_string()),
+        };
+        self.destroy(host, &vm).await
+    }
+}
+
 #[async_trait]
 impl Provider for OvhProvider {
     fn kind(&self) -> HostKind {
@@ -869,7 +1055,11 @@ impl Provider for OvhProvider {
             .instances(host, &on, recent(on.options.poll))
             .await?
             .iter()
-            .filter(|i| i.name.starts_with("hearth-") && i.name.ends_with(&suffix))
+            .filter(|i| {
+                i.name.starts_with("hearth-")
+                    && !i.name.starts_with(AGENT_PREFIX)
+                    && i.name.ends_with(&suffix)
+            })
             .map(|i| Self::info(host, i))
             .collect())
     }

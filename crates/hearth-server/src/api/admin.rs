@@ -14,7 +14,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use hearth_core::{EnvState, Role, Tier};
 use hearth_store::{AuditFilter, QuotaOverrides};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 #[derive(Deserialize, Default, ToSchema)]
@@ -297,4 +297,89 @@ pub async fn audit(
         items: items.iter().map(AuditView::from).collect(),
         next_cursor: next.map(|n| n.to_string()),
     }))
+}
+
+/// Hosts by demand: buy agent hosts on OVH when the agent hosts' free vCPUs fall below
+/// `freeVcpusBelow` (or fewer than `minHosts` were bought), up to `maxHosts` and within
+/// `maxHourlyCost` for all of them (OVH's catalogue price); sell those it bought once empty
+/// for `idleSeconds`, never below `minHosts`. Decisions are audited as `system:demand`.
+#[derive(Deserialize, Serialize, Default, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DemandPolicyBody {
+    enabled: bool,
+    /// The ovh host (project and region) to buy through, by name or id.
+    #[schema(min_length = 1, max_length = 100)]
+    via: String,
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
+    flavor: String,
+    /// The URL bought hosts reach this control plane at.
+    #[schema(min_length = 8, max_length = 500)]
+    control_plane: String,
+    #[schema(minimum = 0, maximum = 100000)]
+    free_vcpus_below: i64,
+    #[schema(minimum = 0, maximum = 100)]
+    min_hosts: i64,
+    #[schema(minimum = 0, maximum = 100)]
+    max_hosts: i64,
+    #[schema(minimum = 0, maximum = 2592000)]
+    idle_seconds: i64,
+    #[schema(minimum = 0)]
+    max_hourly_cost: f64,
+}
+
+impl From<DemandPolicyBody> for hearth_app::demand::DemandPolicy {
+    fn from(b: DemandPolicyBody) -> Self {
+        hearth_app::demand::DemandPolicy {
+            enabled: b.enabled,
+            via: b.via,
+            flavor: b.flavor,
+            control_plane: b.control_plane,
+            free_vcpus_below: b.free_vcpus_below,
+            min_hosts: b.min_hosts,
+            max_hosts: b.max_hosts,
+            idle_seconds: b.idle_seconds,
+            max_hourly_cost: b.max_hourly_cost,
+        }
+    }
+}
+
+impl From<hearth_app::demand::DemandPolicy> for DemandPolicyBody {
+    fn from(p: hearth_app::demand::DemandPolicy) -> Self {
+        DemandPolicyBody {
+            enabled: p.enabled,
+            via: p.via,
+            flavor: p.flavor,
+            control_plane: p.control_plane,
+            free_vcpus_below: p.free_vcpus_below,
+            min_hosts: p.min_hosts,
+            max_hosts: p.max_hosts,
+            idle_seconds: p.idle_seconds,
+            max_hourly_cost: p.max_hourly_cost,
+        }
+    }
+}
+
+/// The demand policy (404 when none is set).
+#[utoipa::path(get, path = "/v1/admin/demand-policy", tag = "hosts",
+    responses((status = 200, description = "the policy", body = DemandPolicyBody), Missing, AdminOnly, Authed))]
+pub async fn demand_policy(
+    State(app): State<App>,
+    Admin(_admin): Admin,
+) -> ApiResult<Json<DemandPolicyBody>> {
+    let p = app
+        .demand_policy()
+        .await?
+        .ok_or(hearth_app::AppError::NotFound("demand policy"))?;
+    Ok(Json(p.into()))
+}
+
+/// Sets the demand policy; it acts from the next upkeep pass (`HEARTH_REAPER_INTERVAL_MS`).
+#[utoipa::path(put, path = "/v1/admin/demand-policy", tag = "hosts", request_body = DemandPolicyBody,
+    responses((status = 200, description = "the policy", body = DemandPolicyBody), Invalid, Missing, AdminOnly, Authed))]
+pub async fn set_demand_policy(
+    State(app): State<App>,
+    Admin(admin): Admin,
+    Body(b): Body<DemandPolicyBody>,
+) -> ApiResult<Json<DemandPolicyBody>> {
+    Ok(Json(app.set_demand_policy(&admin, b.into()).await?.into()))
 }

@@ -319,3 +319,134 @@ pub async fn join(
         }),
     ))
 }
+
+/// An agent host to buy on OVH.
+#[derive(Deserialize, Default, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BuyBody {
+    /// The name the agent joins as.
+    #[schema(min_length = 1, max_length = 100, pattern = "^[A-Za-z0-9._@:/-]+$")]
+    name: String,
+    /// The ovh host (project and region) to buy through; optional when one ovh host
+    /// matches `region`.
+    #[schema(max_length = 100)]
+    via: Option<String>,
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
+    region: Option<String>,
+    /// An OVH flavor name of that region (`b2-15`, ...).
+    #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
+    flavor: String,
+    /// The URL the new host reaches this control plane at.
+    #[schema(min_length = 8, max_length = 500)]
+    control_plane: String,
+}
+
+/// An agent host bought on OVH.
+#[derive(serde::Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BoughtView {
+    name: String,
+    via_host_id: String,
+    instance_id: String,
+    flavor: String,
+    created_at: String,
+}
+
+/// Buys an agent host on OVH: an instance whose cloud-init installs `hearth agent` and
+/// joins it with a join token; the host appears when the agent reports in.
+#[utoipa::path(post, path = "/v1/admin/hosts/bought", tag = "hosts", request_body = BuyBody,
+    responses((status = 202, description = "the instance is being made", body = BoughtView), Invalid, Refused, AdminOnly, Authed,
+        (status = 503, description = "OVH did not make the instance", body = crate::error::ErrorBody)))]
+pub async fn buy(
+    State(app): State<App>,
+    Admin(admin): Admin,
+    Body(b): Body<BuyBody>,
+) -> ApiResult<(StatusCode, Json<BoughtView>)> {
+    let bought = app
+        .buy_agent_host(
+            &admin,
+            &b.name,
+            b.via.as_deref(),
+            b.region.as_deref(),
+            &b.flavor,
+            &b.control_plane,
+        )
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(BoughtView {
+            name: bought.host_name,
+            via_host_id: bought.via_host_id,
+            instance_id: bought.instance_id,
+            flavor: bought.flavor,
+            created_at: crate::views::time(bought.created_at),
+        }),
+    ))
+}
+
+/// Sells a bought agent host: while it holds environments it is drained and 409 says how
+/// many; once empty its instance is deleted (this waits until OVH says it is gone) and
+/// the host removed.
+#[utoipa::path(delete, path = "/v1/admin/hosts/bought/{name}", tag = "hosts", params(("name" = String, Path, description = "the host's name")),
+    responses((status = 204, description = "sold"), Missing, Refused, AdminOnly, Authed,
+        (status = 503, description = "OVH did not delete the instance", body = crate::error::ErrorBody)))]
+pub async fn sell(
+    State(app): State<App>,
+    Admin(admin): Admin,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    app.sell_agent_host(&admin, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// This server's own `hearth` executable, for a host being bought: the join token is the
+/// credential (`Authorization: Bearer <join token>`), valid until the agent joins with it.
+#[utoipa::path(get, path = "/v1/agents/binary", tag = "hosts", security(()),
+    responses((status = 200, description = "the executable", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 401, description = "no valid join token", body = crate::error::ErrorBody)))]
+pub async fn binary(
+    State(app): State<App>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let valid = !token.is_empty()
+        && app
+            .store
+            .join_token(&hearth_store::hash_token(token))
+            .await?
+            .is_some();
+    if !valid {
+        return Err(crate::error::ApiError::unauthenticated(
+            "the binary is given for a valid, unused join token only",
+        ));
+    }
+    let path = std::env::current_exe()
+        .map_err(|e| hearth_app::AppError::Internal(format!("cannot find this executable: {e}")))?;
+    let file = tokio::fs::File::open(&path).await.map_err(|e| {
+        hearth_app::AppError::Internal(format!("cannot read {}: {e}", path.display()))
+    })?;
+    // Streamed in 64 KiB pieces: the executable is tens of megabytes.
+    let chunks = futures::stream::unfold(file, |mut file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 64 * 1024];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(axum::body::Bytes::from(buf)), file))
+            }
+            Err(e) => Some((Err(e), file)),
+        }
+    });
+    let body = axum::body::Body::from_stream(chunks);
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        body,
+    )
+        .into_response())
+}

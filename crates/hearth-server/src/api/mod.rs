@@ -82,6 +82,7 @@ pub fn routes() -> (axum::Router<App>, utoipa::openapi::OpenApi) {
         ))
         .routes(routes!(admin::capacity))
         .routes(routes!(admin::events))
+        .routes(routes!(admin::demand_policy, admin::set_demand_policy))
         .routes(routes!(admin::vms))
         .routes(routes!(admin::environments))
         .routes(routes!(admin::destroy_environment))
@@ -93,6 +94,9 @@ pub fn routes() -> (axum::Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(hosts::drain))
         .routes(routes!(hosts::join_token))
         .routes(routes!(hosts::join))
+        .routes(routes!(hosts::buy))
+        .routes(routes!(hosts::sell))
+        .routes(routes!(hosts::binary))
         .routes(routes!(hosts::ready))
         .split_for_parts()
 }

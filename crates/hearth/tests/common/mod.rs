@@ -269,7 +269,7 @@ impl Server {
             "POST" => self.http.post(url),
             "DELETE" => self.http.delete(url),
             "PATCH" => self.http.patch(url),
-            "PUT_IS_NOT_ALLOWED" => self.http.put(url),
+            "PUT" | "PUT_IS_NOT_ALLOWED" => self.http.put(url),
             other => panic!("method {other}"),
         };
         if let Some(t) = token {

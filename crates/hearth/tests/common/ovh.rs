@@ -24,6 +24,16 @@
 //! - the real flavor and image catalogues (names, sizes, ids, which GPUs): made up here;
 //! - real billing, real timings and real rate limits (429 only through [`FakeOvh::fail_next`]).
 
+//!
+//! An instance whose cloud-init writes `/etc/hearth/agent.env` (an agent host bought with
+//! `POST /v1/admin/hosts/bought`) is played by a process, not a container: the fake fetches
+//! `hearth` the way the cloud-init's `curl` says (URL and header), and runs the fetched
+//! binary as `hearth agent` with the file's variables. On this one machine it overrides the
+//! listen address (a free loopback port, since every agent would want 9443), the state
+//! directory, and `HEARTH_AGENT_ACCEL=tcg` (KVM does not run guests here); it skips the
+//! cloud-init's package installation and image build, using this machine's QEMU and VM
+//! image (`HEARTH_VM_IMAGE_DIR`).
+
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
@@ -128,8 +138,26 @@ struct Inst {
     /// `fakeovh-<short id>`, known before the container exists.
     container_name: String,
     authorized_keys: Vec<String>,
+    /// For an agent host: what its cloud-init says to run.
+    agent: Option<AgentPlay>,
     /// Instances created before this one, plus one: gives the IPv6 address.
     n: u64,
+}
+
+/// What an agent host's cloud-init asks for.
+#[derive(Clone)]
+struct AgentPlay {
+    /// The variables of `/etc/hearth/agent.env`.
+    env: Vec<(String, String)>,
+    /// The `curl` that fetches `hearth`: its URL and headers.
+    url: String,
+    headers: Vec<String>,
+}
+
+/// A running agent host: its process and directory.
+struct AgentRun {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
 }
 
 struct Inner {
@@ -153,6 +181,8 @@ struct Inner {
     containers: Vec<String>,
     /// Set on drop: a build that finishes later removes its own container.
     closed: bool,
+    /// Agent hosts' processes, by instance id.
+    agents: std::collections::HashMap<String, AgentRun>,
 }
 
 /// Never poisoned for our purposes: a panicking test must still clean up on drop.
@@ -191,6 +221,7 @@ impl FakeOvh {
             created: 0,
             containers: Vec::new(),
             closed: false,
+            agents: Default::default(),
         }));
         let app = axum::Router::new()
             .fallback(handle)
@@ -276,6 +307,10 @@ impl Drop for FakeOvh {
         let mut names = {
             let mut g = lock(&self.state);
             g.closed = true;
+            for (_, mut run) in g.agents.drain() {
+                let _ = run.child.kill();
+                let _ = run.child.wait();
+            }
             g.containers.clone()
         };
         if let Ok(out) = std::process::Command::new("docker")
@@ -414,6 +449,9 @@ fn injected(st: &Shared, method: &str, path: &str) -> Option<Reply> {
 }
 
 fn route(st: &Shared, method: &str, uri: &Uri, body: &[u8]) -> Reply {
+    if method == "GET" && uri.path() == "/1.0/order/catalog/public/cloud" {
+        return catalogue(st, uri.query());
+    }
     let Some(rest) = uri.path().strip_prefix("/1.0/cloud/project/") else {
         return not_found("Got an invalid (or empty) URL");
     };
@@ -485,6 +523,36 @@ fn route(st: &Shared, method: &str, uri: &Uri, body: &[u8]) -> Reply {
         ("POST", ["instance", id, action]) => act(st, id, action, body),
         _ => not_found("Got an invalid (or empty) URL"),
     }
+}
+
+/// OVH's public catalogue, reduced to what prices a flavor: one add-on per hourly plan
+/// code, priced at 0.025 an hour per vCPU, in hundred-millionths of the currency as OVH's
+/// catalogue gives prices (the shape follows OVH's public catalogue; the figures are made up).
+fn catalogue(st: &Shared, query: Option<&str>) -> Reply {
+    if query_param(query, "ovhSubsidiary").is_none() {
+        return bad_request("[ovhSubsidiary] Property is mandatory");
+    }
+    let g = lock(st);
+    let mut seen = std::collections::HashSet::new();
+    let addons: Vec<Value> = g
+        .flavors
+        .iter()
+        .filter_map(|f| {
+            let code = f["planCodes"]["hourly"].as_str()?.to_string();
+            seen.insert(code.clone()).then(|| {
+                let price = f["vcpus"].as_i64().unwrap_or(1) * 2_500_000;
+                json!({
+                    "planCode": code,
+                    "invoiceName": f["name"],
+                    "pricings": [{ "intervalUnit": "hour", "interval": 1, "price": price }],
+                })
+            })
+        })
+        .collect();
+    (
+        200,
+        json!({ "catalogId": 1, "locale": { "currencyCode": "EUR" }, "addons": addons }),
+    )
 }
 
 fn quota(st: &Shared) -> Reply {
@@ -562,9 +630,13 @@ fn create(st: &Shared, body: &[u8]) -> Reply {
         Some(Value::Bool(b)) => *b,
         Some(_) => return bad_request("[monthlyBilling] Property must be a boolean"),
     };
-    let authorized_keys = match req.get("userData") {
-        Some(Value::String(data)) => match check_user_data(data) {
-            Ok(keys) => keys,
+    let (authorized_keys, agent) = match req.get("userData") {
+        Some(Value::String(data)) => match agent_user_data(data) {
+            Ok(Some(play)) => (Vec::new(), Some(play)),
+            Ok(None) => match check_user_data(data) {
+                Ok(keys) => (keys, None),
+                Err(message) => return bad_request(message),
+            },
             Err(message) => return bad_request(message),
         },
         None | Some(Value::Null) => {
@@ -660,6 +732,7 @@ fn create(st: &Shared, body: &[u8]) -> Reply {
         ip_addresses: Vec::new(),
         container: None,
         authorized_keys,
+        agent,
         n,
     };
     let detail = inst.detail_json();
@@ -707,6 +780,143 @@ fn check_user_data(data: &str) -> Result<Vec<String>, String> {
         return Err("[userData] ssh_authorized_keys of user dev is empty".into());
     }
     Ok(keys)
+}
+
+/// An agent host's cloud-init (it writes `/etc/hearth/agent.env`), or `None` for a VM's.
+fn agent_user_data(data: &str) -> Result<Option<AgentPlay>, String> {
+    use serde_yaml::Value as Yaml;
+    let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(data) else {
+        return Ok(None);
+    };
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let Ok(doc) = serde_yaml::from_str::<Yaml>(&text) else {
+        return Ok(None);
+    };
+    let Some(env_file) = doc
+        .get("write_files")
+        .and_then(Yaml::as_sequence)
+        .and_then(|files| {
+            files
+                .iter()
+                .find(|f| f.get("path").and_then(Yaml::as_str) == Some("/etc/hearth/agent.env"))
+        })
+    else {
+        return Ok(None);
+    };
+    if env_file.get("permissions").and_then(Yaml::as_str) != Some("0600") {
+        return Err("[userData] /etc/hearth/agent.env holds a join token: it must be 0600".into());
+    }
+    let env: Vec<(String, String)> = env_file
+        .get("content")
+        .and_then(Yaml::as_str)
+        .unwrap_or("")
+        .lines()
+        .filter_map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect();
+    for needed in ["HEARTH_CONTROL_PLANE", "HEARTH_JOIN_TOKEN"] {
+        if !env.iter().any(|(k, _)| k == needed) {
+            return Err(format!("[userData] agent.env has no {needed}"));
+        }
+    }
+    let runcmd = doc
+        .get("runcmd")
+        .and_then(Yaml::as_sequence)
+        .ok_or("[userData] an agent host needs runcmd")?;
+    // Each command must be an argument list: cloud-init runs those without a shell.
+    let commands: Vec<Vec<String>> = runcmd
+        .iter()
+        .map(|c| {
+            c.as_sequence()
+                .map(|args| {
+                    args.iter()
+                        .filter_map(|a| a.as_str().map(str::to_string))
+                        .collect()
+                })
+                .ok_or(
+                    "[userData] every runcmd entry must be an argument list, not shell text"
+                        .to_string(),
+                )
+        })
+        .collect::<Result<_, _>>()?;
+    let curl = commands
+        .iter()
+        .find(|c| c.first().map(String::as_str) == Some("curl"))
+        .ok_or("[userData] no curl fetches hearth")?;
+    let headers = curl
+        .windows(2)
+        .filter(|w| w[0] == "-H")
+        .map(|w| w[1].clone())
+        .collect();
+    let url = curl.last().cloned().unwrap_or_default();
+    if !commands
+        .iter()
+        .any(|c| c == &["systemctl", "enable", "--now", "hearth-agent"])
+    {
+        return Err("[userData] nothing starts the hearth-agent service".into());
+    }
+    Ok(Some(AgentPlay { env, url, headers }))
+}
+
+/// Runs an agent host: fetches `hearth` as its cloud-init says, then starts it as
+/// `hearth agent` with the cloud-init's variables (and this machine's overrides).
+async fn play_agent(st: &Shared, id: &str, play: &AgentPlay) -> Result<(), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut request = reqwest::Client::new().get(&play.url);
+    for h in &play.headers {
+        if let Some((k, v)) = h.split_once(": ") {
+            request = request.header(k, v);
+        }
+    }
+    let answer = request
+        .send()
+        .await
+        .map_err(|e| format!("fetching hearth: {e}"))?;
+    if !answer.status().is_success() {
+        return Err(format!("fetching hearth: {}", answer.status()));
+    }
+    let binary = dir.path().join("hearth");
+    std::fs::write(&binary, answer.bytes().await.map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| e.to_string())?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let log = std::fs::File::create(dir.path().join("agent.log")).map_err(|e| e.to_string())?;
+    let mut cmd = std::process::Command::new(&binary);
+    cmd.arg("agent")
+        .envs(play.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("HEARTH_AGENT_LISTEN", format!("127.0.0.1:{port}"))
+        .env("HEARTH_AGENT_STATE_DIR", dir.path().join("state"))
+        .env("HEARTH_AGENT_ACCEL", "tcg")
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log);
+    if let Ok(image) = std::env::var("HEARTH_VM_IMAGE_DIR") {
+        cmd.env("HEARTH_VM_IMAGE_DIR", image);
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| format!("starting the agent: {e}"))?;
+    lock(st)
+        .agents
+        .insert(id.to_string(), AgentRun { child, _dir: dir });
+    Ok(())
+}
+
+/// The log of an agent host the fake runs, for a test's failure message.
+pub fn agent_log_of(fake: &FakeOvh, instance_id: &str) -> String {
+    lock(&fake.state)
+        .agents
+        .get(instance_id)
+        .map(|r| std::fs::read_to_string(r._dir.path().join("agent.log")).unwrap_or_default())
+        .unwrap_or_default()
 }
 
 fn act(st: &Shared, id: &str, action: &str, body: &[u8]) -> Reply {
@@ -817,6 +1027,11 @@ async fn run_op(st: Shared, id: String, op: Op) {
     match op {
         Op::Build => build(&st, &id).await,
         Op::Delete => {
+            let run = lock(&st).agents.remove(&id);
+            if let Some(mut run) = run {
+                let _ = run.child.kill();
+                let _ = tokio::task::spawn_blocking(move || run.child.wait()).await;
+            }
             // A build still running sees DELETING and removes its container itself.
             let _ = docker(&["rm", "-f", target.as_str()]).await;
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -846,6 +1061,17 @@ async fn run_op(st: Shared, id: String, op: Op) {
 }
 
 async fn build(st: &Shared, id: &str) {
+    let play = lock(st)
+        .instances
+        .iter()
+        .find(|i| i.id == id)
+        .and_then(|i| i.agent.clone());
+    if let Some(play) = play {
+        let r = play_agent(st, id, &play)
+            .await
+            .map(|()| Ips::Set("127.0.0.1".into(), "127.0.0.1".into()));
+        return settle(st, id, "BUILD", "ACTIVE", r);
+    }
     let args: Vec<String> = {
         let g = lock(st);
         let Some(i) = g.instances.iter().find(|i| i.id == id) else {
