@@ -376,7 +376,10 @@ impl App {
             ));
         }
         let via = match via {
-            Some(v) => self.find_host(v).await?,
+            Some(v) => self
+                .find_host(v)
+                .await
+                .map_err(|_| AppError::Invalid(format!("via: there is no host {v:?}")))?,
             None => {
                 let candidates: Vec<Host> = self
                     .store
