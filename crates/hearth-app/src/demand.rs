@@ -46,6 +46,12 @@ pub struct DemandPolicy {
     pub max_hourly_cost: f64,
 }
 
+/// The hosts this process is selling now.
+fn selling() -> &'static std::sync::Mutex<std::collections::HashSet<String>> {
+    static SELLING: OnceLock<std::sync::Mutex<std::collections::HashSet<String>>> = OnceLock::new();
+    SELLING.get_or_init(Default::default)
+}
+
 /// This process, as a lease holder.
 fn node() -> &'static str {
     static NODE: OnceLock<String> = OnceLock::new();
@@ -79,16 +85,7 @@ impl App {
             )));
         }
         hearth_core::host::check_label("flavor", &p.flavor).map_err(AppError::Invalid)?;
-        if !(p.control_plane.starts_with("https://") || p.control_plane.starts_with("http://"))
-            || p.control_plane.len() > 500
-            || p.control_plane
-                .chars()
-                .any(|c| c.is_whitespace() || c.is_control())
-        {
-            return Err(AppError::Invalid(
-                "controlPlane must be an http(s):// URL".into(),
-            ));
-        }
+        crate::hosts::check_control_plane(&p.control_plane)?;
         for (name, v, max) in [
             ("freeVcpusBelow", p.free_vcpus_below, 100_000),
             ("minHosts", p.min_hosts, 100),
@@ -150,11 +147,10 @@ impl App {
                 b.empty_since = since;
             }
         }
+        let joined = |b: &hearth_store::BoughtHost| hosts.iter().any(|h| h.name == b.host_name);
         let pending = bought
             .iter()
-            .filter(|b| {
-                !hosts.iter().any(|h| h.name == b.host_name) && now - b.created_at < JOIN_GRACE_MS
-            })
+            .filter(|b| !joined(b) && now - b.created_at < JOIN_GRACE_MS)
             .count();
         let free: i64 = hosts
             .iter()
@@ -180,44 +176,92 @@ impl App {
             None
         };
         if let (Some(why), 0) = (short, pending) {
-            self.demand_buy(&p, count, &why).await?;
+            self.demand_buy(&p, &bought, &why).await?;
         }
-        // Sell what the policy bought and has been empty long enough, down to the minimum.
-        let mut left = count;
-        for b in bought.iter().filter(|b| b.by_demand) {
-            let Some(since) = b.empty_since else { continue };
-            if left <= p.min_hosts || now - since < p.idle_seconds * 1000 {
+        // What it bought and never joined (a wrong controlPlane, a failed boot) is sold: it
+        // is billed and runs nothing.
+        for b in bought
+            .iter()
+            .filter(|b| b.by_demand && !joined(b) && now - b.created_at >= JOIN_GRACE_MS)
+        {
+            self.sell_in_background(
+                &b.host_name,
+                format!("it never joined within {} min", JOIN_GRACE_MS / 60_000),
+            );
+        }
+        // What it bought and has been empty long enough goes, down to the minimum, and only
+        // while the free vCPUs left stay at the threshold (or a sale would call for a buy).
+        // Hosts this node is selling are gone already, as far as the minimum goes.
+        let selling = selling().lock().unwrap().clone();
+        let mut left = bought
+            .iter()
+            .filter(|b| !selling.contains(&b.host_name))
+            .count() as i64;
+        let mut free_left = free;
+        for b in bought
+            .iter()
+            .filter(|b| b.by_demand && !selling.contains(&b.host_name))
+        {
+            let (Some(since), Some(h)) =
+                (b.empty_since, hosts.iter().find(|h| h.name == b.host_name))
+            else {
+                continue;
+            };
+            let its = (h.capacity.max_vcpus - h.used_vcpus).max(0);
+            if left <= p.min_hosts
+                || now - since < p.idle_seconds * 1000
+                || free_left - its < p.free_vcpus_below
+            {
                 continue;
             }
-            let why = format!(
-                "empty for {} s (idle time {} s)",
-                (now - since) / 1000,
-                p.idle_seconds
+            left -= 1;
+            free_left -= its;
+            self.sell_in_background(
+                &b.host_name,
+                format!(
+                    "empty for {} s (idle time {} s)",
+                    (now - since) / 1000,
+                    p.idle_seconds
+                ),
             );
-            match self.sell_host(DEMAND, &b.host_name).await {
-                Ok(()) => {
-                    left -= 1;
-                    self.demand_audit(
-                        "demand_sell",
-                        "success",
-                        &format!("sold {}: {why}", b.host_name),
-                    )
-                    .await;
-                }
-                Err(e) => {
-                    self.demand_audit(
-                        "demand_sell",
-                        "failure",
-                        &format!("could not sell {}: {e}", b.host_name),
-                    )
-                    .await;
-                }
-            }
         }
         Ok(())
     }
 
-    async fn demand_buy(&self, p: &DemandPolicy, count: i64, why: &str) -> anyhow::Result<()> {
+    /// Sells a host without holding up the upkeep pass (OVH takes its time to delete an
+    /// instance); a host already being sold by this node is left to that sale.
+    fn sell_in_background(&self, name: &str, why: String) {
+        let selling = selling();
+        if !selling.lock().unwrap().insert(name.to_string()) {
+            return;
+        }
+        let (app, name) = (self.clone(), name.to_string());
+        tokio::spawn(async move {
+            match app.sell_host(DEMAND, &name).await {
+                Ok(()) => {
+                    app.demand_audit("demand_sell", "success", &format!("sold {name}: {why}"))
+                        .await
+                }
+                Err(e) => {
+                    app.demand_audit(
+                        "demand_sell",
+                        "failure",
+                        &format!("could not sell {name} ({why}): {e}"),
+                    )
+                    .await
+                }
+            }
+            selling.lock().unwrap().remove(&name);
+        });
+    }
+
+    async fn demand_buy(
+        &self,
+        p: &DemandPolicy,
+        bought: &[hearth_store::BoughtHost],
+        why: &str,
+    ) -> anyhow::Result<()> {
+        let count = bought.len() as i64;
         if count >= p.max_hosts {
             return self
                 .demand_refuse(&format!(
@@ -231,11 +275,19 @@ impl App {
             .ovh
             .hourly_price(&self.host_ref(&via)?, &p.flavor)
             .await?;
-        let total = price * (count + 1) as f64;
+        // What every bought host costs, each at its own flavor's price.
+        let mut total = price;
+        for b in bought {
+            let their_via = self.store.host(&b.via_host_id).await?;
+            total += self
+                .ovh
+                .hourly_price(&self.host_ref(&their_via)?, &b.flavor)
+                .await?;
+        }
         if total > p.max_hourly_cost {
             return self
                 .demand_refuse(&format!(
-                    "{why}, but one more {} ({price:.4}/h) would make {total:.4}/h, over the budget of {:.4}/h",
+                    "{why}, but one more {} ({price:.4}/h) would make {total:.4}/h for all bought hosts, over the budget of {:.4}/h",
                     p.flavor, p.max_hourly_cost
                 ))
                 .await;

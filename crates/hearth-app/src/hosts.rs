@@ -80,6 +80,23 @@ fn options(kind: HostKind, options: Option<serde_json::Value>) -> AppResult<serd
     Ok(options)
 }
 
+/// The URL a bought host reaches this control plane at. Its join token and the binary it
+/// runs as root travel over it, so `https://`, or `http://` to this machine only (a test,
+/// or a TLS proxy on the same machine).
+pub(crate) fn check_control_plane(url: &str) -> AppResult<()> {
+    let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"];
+    let ok = (url.starts_with("https://") || loopback.iter().any(|p| url.starts_with(p)))
+        && url.len() <= 500
+        && !url.chars().any(|c| c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(AppError::Invalid(
+            "controlPlane must be the https:// URL a new host reaches this control plane at (its join token and hearth's binary travel over it); http:// is accepted for 127.0.0.1 only".into(),
+        ))
+    }
+}
+
 /// An address the nodes can reach guests at: an IP address or a DNS name.
 fn check_address(a: &str) -> AppResult<()> {
     let ok = (1..=253).contains(&a.len())
@@ -364,17 +381,7 @@ impl App {
     ) -> AppResult<hearth_store::BoughtHost> {
         check_name(name).map_err(AppError::Invalid)?;
         check_label("flavor", flavor).map_err(AppError::Invalid)?;
-        let reachable = (control_plane.starts_with("https://")
-            || control_plane.starts_with("http://"))
-            && control_plane.len() <= 500
-            && !control_plane
-                .chars()
-                .any(|c| c.is_whitespace() || c.is_control());
-        if !reachable {
-            return Err(AppError::Invalid(
-                "controlPlane must be the http(s):// URL the new host reaches this control plane at".into(),
-            ));
-        }
+        check_control_plane(control_plane)?;
         let via = match via {
             Some(v) => self
                 .find_host(v)
@@ -408,33 +415,50 @@ impl App {
                 via.name
             )));
         }
-        if self.store.bought_host(name).await.is_ok() {
-            return Err(AppError::Conflict(format!(
-                "an agent host named {name:?} was bought already"
-            )));
-        }
-        let (token, _) = self
-            .issue_join_token(actor, name, via.region.as_deref(), Some(6 * 3600))
-            .await?;
-        let user_data =
-            hearth_provider::ovh::agent_user_data(control_plane.trim_end_matches('/'), &token);
-        let host_ref = self.host_ref(&via)?;
-        let instance_id = self
-            .ovh
-            .create_agent_instance(&host_ref, name, flavor, &user_data)
-            .await
-            .map_err(|e| AppError::Unavailable(format!("could not buy the host on OVH: {e}")))?;
-        let bought = hearth_store::BoughtHost {
+        // The row first, as a reservation: the name's primary key stops a second buy of
+        // it, and no instance is paid for that nothing records.
+        let mut bought = hearth_store::BoughtHost {
             host_name: name.to_string(),
             via_host_id: via.id.clone(),
-            instance_id,
+            instance_id: String::new(),
             flavor: flavor.to_string(),
             created_by: actor.to_string(),
             created_at: self.now(),
             empty_since: None,
             by_demand,
         };
-        self.store.add_bought_host(&bought).await?;
+        if self.store.find_host(name).await.is_ok()
+            || self.store.add_bought_host(&bought).await.is_err()
+        {
+            return Err(AppError::Conflict(format!(
+                "a host named {name:?} exists or is being bought"
+            )));
+        }
+        let made = async {
+            let (token, _) = self
+                .issue_join_token(actor, name, via.region.as_deref(), Some(6 * 3600))
+                .await?;
+            let user_data =
+                hearth_provider::ovh::agent_user_data(control_plane.trim_end_matches('/'), &token);
+            let host_ref = self.host_ref(&via)?;
+            self.ovh
+                .create_agent_instance(&host_ref, name, flavor, &user_data)
+                .await
+                .map_err(|e| AppError::Unavailable(format!("could not buy the host on OVH: {e}")))
+        }
+        .await;
+        match made {
+            Ok(id) => {
+                self.store.set_bought_instance(name, &id).await?;
+                bought.instance_id = id;
+            }
+            Err(e) => {
+                // Nothing was bought: the reservation and the token go.
+                let _ = self.store.remove_bought_host(name).await;
+                let _ = self.store.revoke_join_tokens(name).await;
+                return Err(e);
+            }
+        }
         let _ = self
             .store
             .audit(actor, "host_buy", None, "success", None, None)
@@ -442,9 +466,8 @@ impl App {
         Ok(bought)
     }
 
-    /// Sells a bought agent host: refused (409, with the host drained) while it holds
-    /// environments; otherwise its instance is deleted (waiting until it is gone) and the
-    /// host removed.
+    /// Sells a bought agent host: it is drained, refused (409) while it holds environments;
+    /// otherwise the host is removed and its instance deleted (waiting until it is gone).
     pub async fn sell_agent_host(&self, admin: &User, name: &str) -> AppResult<()> {
         self.sell_host(&admin.id, name).await
     }
@@ -456,30 +479,37 @@ impl App {
             .bought_host(name)
             .await
             .map_err(AppError::not_found("bought host"))?;
+        // Drained first, then the row removed in a transaction that refuses while any
+        // environment is on it: once it is gone nothing can be placed there, and only then
+        // is the instance deleted (a failed delete leaves the bought row, to sell again).
         if let Ok(host) = self.store.find_host(name).await {
+            if host.kind != HostKind::Agent {
+                return Err(AppError::Conflict(format!(
+                    "host {name} is a {} host, not the agent host that was bought under that name; remove or rename it first",
+                    host.kind
+                )));
+            }
+            if host.status != HostStatus::Draining {
+                self.store
+                    .set_host_status(&host.id, HostStatus::Draining)
+                    .await?;
+            }
             let held = self.store.count_host_environments(&host.id).await?;
             if held > 0 {
-                if host.status != HostStatus::Draining {
-                    self.store
-                        .set_host_status(&host.id, HostStatus::Draining)
-                        .await?;
-                }
                 return Err(AppError::Conflict(format!(
                     "host {name} is draining and still holds {held} environments: destroy them (or wait for them to go), then sell it"
                 )));
             }
+            self.store.remove_host(&host.id).await?;
         }
         let via = self.store.host(&bought.via_host_id).await?;
         let host_ref = self.host_ref(&via)?;
         self.ovh
-            .delete_agent_instance(&host_ref, &bought.instance_id)
+            .delete_agent_instance(&host_ref, name, &bought.instance_id)
             .await
             .map_err(|e| {
                 AppError::Unavailable(format!("could not delete the instance on OVH: {e}"))
             })?;
-        if let Ok(host) = self.store.find_host(name).await {
-            self.store.remove_host(&host.id).await?;
-        }
         self.store.remove_bought_host(name).await?;
         let _ = self
             .store
@@ -695,6 +725,13 @@ impl App {
     /// Removes a host that holds no environment.
     pub async fn remove_host(&self, actor: &User, id_or_name: &str) -> AppResult<Host> {
         let host = self.find_host(id_or_name).await?;
+        let bought = self.store.count_bought_via(&host.id).await?;
+        if bought > 0 {
+            return Err(AppError::Conflict(format!(
+                "{bought} agent hosts were bought through host {}; sell them first (`hearth admin hosts destroy NAME`), or their instances could no longer be deleted",
+                host.name
+            )));
+        }
         let host = self.store.remove_host(&host.id).await?;
         let _ = self
             .store

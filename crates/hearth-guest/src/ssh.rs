@@ -125,7 +125,8 @@ impl client::Handler for HostKeyCheck {
         key: &russh::keys::PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
         let offered = openssh_line(key);
-        let ok = self.expected.as_ref().is_none_or(|e| *e == offered);
+        // A key that cannot be written down cannot be pinned: refused.
+        let ok = !offered.is_empty() && self.expected.as_ref().is_none_or(|e| *e == offered);
         *self.offered.lock().unwrap() = Some(offered);
         Ok(ok)
     }

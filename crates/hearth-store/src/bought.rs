@@ -77,6 +77,35 @@ impl Store {
         rows.iter().map(bought_from_row).collect()
     }
 
+    pub async fn set_bought_instance(&self, host_name: &str, instance_id: &str) -> Result<()> {
+        sqlx::query("UPDATE bought_hosts SET instance_id = $1 WHERE host_name = $2")
+            .bind(instance_id)
+            .bind(host_name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Voids the unused join tokens for `host_name` (a purchase that failed).
+    pub async fn revoke_join_tokens(&self, host_name: &str) -> Result<()> {
+        sqlx::query("DELETE FROM join_tokens WHERE host_name = $1 AND used_at IS NULL")
+            .bind(host_name)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Bought hosts made through host `via_host_id`.
+    pub async fn count_bought_via(&self, via_host_id: &str) -> Result<i64> {
+        Ok(
+            sqlx::query("SELECT COUNT(*) AS n FROM bought_hosts WHERE via_host_id = $1")
+                .bind(via_host_id)
+                .fetch_one(&self.pool)
+                .await?
+                .try_get("n")?,
+        )
+    }
+
     pub async fn set_empty_since(&self, host_name: &str, since: Option<i64>) -> Result<()> {
         sqlx::query("UPDATE bought_hosts SET empty_since = $1 WHERE host_name = $2")
             .bind(since)

@@ -134,8 +134,24 @@ async fn the_seeds_front_end_calls_work_through_trpc_client() {
         text.contains("serialized-error") && text.contains("FORBIDDEN"),
         "a cross-site command with the cookie: {text}"
     );
+    // A browser that does not say where a command comes from is not trusted with it.
+    let r = reqwest::Client::new()
+        .get(format!(
+            "{}/api/trpc/vm.executeCodeStream?input=%7B%22command%22%3A%22id%22%7D",
+            server.base
+        ))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("serialized-error") && text.contains("FORBIDDEN"),
+        "a command with the cookie and no Sec-Fetch-Site: {text}"
+    );
     let r = reqwest::Client::new()
         .post(format!("{}/api/trpc/vm.provisionMyVm", server.base))
+        .header("sec-fetch-site", "same-origin")
         .header("cookie", &cookie)
         // What a cross-site form can send: text/plain, with a body that happens to be JSON.
         .header("content-type", "text/plain")

@@ -397,7 +397,7 @@ pub fn agent_user_data(control_plane: &str, join_token: &str) -> String {
             { "path": "/etc/systemd/system/hearth-agent.service", "permissions": "0644", "content": unit },
         ],
         "runcmd": [
-            ["curl", "-fsS", "--retry", "5", "-o", "/usr/local/bin/hearth", "-H",
+            ["curl", "-fsS", "--retry", "10", "--retry-connrefused", "--retry-delay", "5", "-o", "/usr/local/bin/hearth", "-H",
              format!("Authorization: Bearer {join_token}"), format!("{control_plane}/v1/agents/binary")],
             ["chmod", "0755", "/usr/local/bin/hearth"],
             ["/usr/local/bin/hearth", "image", "build", "--vm"],
@@ -465,7 +465,13 @@ impl OvhProvider {
             ProviderError::Failed(format!("host {} has no OVH credentials", host.name))
         })?;
         let base = client::base_url(&host.endpoint).map_err(ProviderError::Failed)?;
-        let fingerprint = format!("{base} {}", credentials.application_key);
+        // Any change of the credentials makes a new client (and so a new clock and caches).
+        let fingerprint = {
+            use sha2::Digest;
+            let digest =
+                sha2::Sha256::digest(serde_json::to_vec(&credentials).expect("serializable"));
+            format!("{base} {}", hex::encode(digest))
+        };
         let client = {
             let mut clients = self.clients.lock().unwrap();
             match clients.get(&host.id) {
@@ -808,15 +814,33 @@ impl OvhProvider {
         })
     }
 
-    /// Deletes a bought agent host's instance and waits until it is gone.
+    /// Deletes a bought agent host's instance and waits until it is gone; an instance whose
+    /// id was never recorded (the buyer stopped between the create and the record) is
+    /// found by its name.
     pub async fn delete_agent_instance(
         &self,
         host: &HostRef,
+        name: &str,
         instance_id: &str,
     ) -> Result<(), ProviderError> {
+        let id = if instance_id.is_empty() {
+            let on = self.on(host)?;
+            let full = format!("{AGENT_PREFIX}{name}--{}", host.installation_id);
+            match self
+                .instances(host, &on, Instant::now())
+                .await?
+                .iter()
+                .find(|i| i.name == full)
+            {
+                Some(i) => i.id.clone(),
+                None => return Ok(()),
+            }
+        } else {
+            instance_id.to_string()
+        };
         let vm = VmRef {
-            name: instance_id.to_string(),
-            id: Some(instance_id.to_string()),
+            name: id.clone(),
+            id: Some(id),
         };
         self.destroy(host, &vm).await
     }
@@ -1115,6 +1139,7 @@ mod tests {
             kind: kind.into(),
             os_type: "linux".into(),
             available: true,
+            plan_codes: None,
         }
     }
 

@@ -14,9 +14,11 @@
 //!   event per value, then `return`, or `serialized-error` with the error's shape.
 //!
 //! Authentication is the REST API's: a bearer token, or the session cookie. A cookie
-//! rides along with any request a browser makes, so a cookie call must come from this
-//! site (`Sec-Fetch-Site` and `Origin` say so) and a mutation must be JSON, which no
-//! cross-site form can send; the seed's front end does both by itself.
+//! rides along with any request a browser makes, so with a cookie a mutation or the
+//! command-running subscription must carry `Sec-Fetch-Site: same-origin` (every current
+//! browser sends it; one that does not is refused) and a mutation must be JSON, which no
+//! cross-site form can send; a read is refused when the browser says it comes from
+//! elsewhere. The seed's front end, in a current browser, meets all of it by itself.
 
 use super::auth;
 use crate::App;
@@ -142,7 +144,16 @@ impl From<hearth_app::AppError> for TrpcError {
 }
 
 /// The caller, as the REST API finds it; a cookie must come from this site (see above).
-async fn caller(app: &App, method: &Method, headers: &HeaderMap) -> Result<User, TrpcError> {
+/// A call that acts (a mutation, or the subscription that runs a command) with a cookie
+/// must say it comes from this site (`Sec-Fetch-Site: same-origin`); a browser that does
+/// not say where a request comes from is refused then, never trusted. A read is refused
+/// only when the browser says it comes from elsewhere: another site cannot read the answer.
+async fn caller(
+    app: &App,
+    method: &Method,
+    headers: &HeaderMap,
+    acts: bool,
+) -> Result<User, TrpcError> {
     if let Some(h) = headers.get(header::AUTHORIZATION) {
         let token = h
             .to_str()
@@ -164,17 +175,18 @@ async fn caller(app: &App, method: &Method, headers: &HeaderMap) -> Result<User,
             "missing Authorization: Bearer <token> header (or a session: POST /v1/auth/sign-in)",
         ));
     };
-    let site = headers
-        .get("sec-fetch-site")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("same-origin");
+    let site = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok());
     let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
     let origin_host = headers
         .get(header::ORIGIN)
         .and_then(|v| v.to_str().ok())
         .map(|o| o.split_once("://").map(|(_, h)| h).unwrap_or(o));
-    let from_elsewhere = !matches!(site, "same-origin" | "none")
-        || matches!((origin_host, host), (Some(o), Some(h)) if o != h);
+    let from_here = if acts {
+        site == Some("same-origin")
+    } else {
+        matches!(site, None | Some("same-origin" | "none"))
+    };
+    let from_elsewhere = !from_here || matches!((origin_host, host), (Some(o), Some(h)) if o != h);
     if from_elsewhere {
         return Err(TrpcError::new(
             "FORBIDDEN",
@@ -460,7 +472,7 @@ pub async fn handle(
         }
         return subscription(app, &method, &headers, inputs.into_iter().next().flatten()).await;
     }
-    let user = caller(&app, &method, &headers).await;
+    let user = caller(&app, &method, &headers, method == Method::POST).await;
     let mut results = Vec::with_capacity(names.len());
     for ((path, kind), input) in names.iter().zip(kinds).zip(inputs) {
         let outcome = match (kind, &user) {
@@ -511,7 +523,7 @@ async fn subscription(
 ) -> Response {
     let path = "vm.executeCodeStream";
     let started = async {
-        let user = caller(&app, method, headers).await?;
+        let user = caller(&app, method, headers, true).await?;
         let o = object(&input)?;
         let exec = ExecInput {
             code: text(&o, "command")?,
