@@ -411,8 +411,7 @@ pub async fn binary(
     use axum::response::IntoResponse;
     let token = headers
         .get(axum::http::header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
+        .and_then(super::bearer)
         .unwrap_or_default();
     let valid = !token.is_empty()
         && app

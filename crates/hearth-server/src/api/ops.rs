@@ -130,6 +130,14 @@ pub async fn openapi(axum::Extension(document): axum::Extension<Arc<String>>) ->
 /// The sizes offered: any size within quota works, so these are the tiers'.
 #[utoipa::path(get, path = "/v1/flavors", tag = "operations", security(()), responses((status = 200, description = "the tiers' sizes, then the flavors of OVH hosts (kept 5 minutes)", body = Items<FlavorView>)))]
 pub async fn flavors(State(app): State<App>) -> Json<Items<FlavorView>> {
+    Json(Items {
+        items: all_flavors(&app).await,
+    })
+}
+
+/// The tiers' sizes, then what OVH hosts offer: `/v1/flavors`, and the seed's
+/// `vm.listFlavors` in its own shape.
+pub async fn all_flavors(app: &App) -> Vec<FlavorView> {
     let mut items: Vec<FlavorView> = [Tier::Free, Tier::Pro, Tier::Unlimited]
         .into_iter()
         .map(|t| {
@@ -165,7 +173,7 @@ pub async fn flavors(State(app): State<App>) -> Json<Items<FlavorView>> {
                 gpu_model: f.gpu_model,
             }),
     );
-    Json(Items { items })
+    items
 }
 
 /// The regions of healthy, ready hosts: where an environment may ask to be placed.

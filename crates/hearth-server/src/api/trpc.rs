@@ -155,18 +155,12 @@ async fn caller(
     acts: bool,
 ) -> Result<User, TrpcError> {
     if let Some(h) = headers.get(header::AUTHORIZATION) {
-        let token = h
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| {
-                TrpcError::new(
-                    "UNAUTHORIZED",
-                    "the Authorization header must be `Bearer <token>`",
-                )
-            })?;
+        let token = super::bearer(h).ok_or_else(|| {
+            TrpcError::new(
+                "UNAUTHORIZED",
+                "the Authorization header must be `Bearer <token>`",
+            )
+        })?;
         return Ok(app.authenticate(token).await?);
     }
     let Some(session) = auth::session_cookie(headers) else {
@@ -272,21 +266,16 @@ async fn call(
                 .map(|(id, _)| id)
                 .collect::<Vec<_>>(),
         ),
-        "vm.listFlavors" => {
-            let mut flavors: Vec<Value> = [hearth_core::Tier::Free, hearth_core::Tier::Pro, hearth_core::Tier::Unlimited]
+        "vm.listFlavors" => Value::Array(
+            super::ops::all_flavors(app)
+                .await
                 .into_iter()
-                .map(|t| {
-                    let r = t.default_resources();
-                    json!({"id": t.as_str(), "name": t.as_str(), "type": "Tier", "region": null,
-                        "vcpus": r.vcpus, "ram": r.memory_mb as f64 / 1024.0, "disk": r.disk_gb, "gpus": 0})
+                .map(|f| {
+                    json!({"id": f.id, "name": f.name, "type": f.type_label, "region": f.region,
+                        "vcpus": f.vcpus, "ram": f.memory_mb as f64 / 1024.0, "disk": f.disk_gb, "gpus": f.gpus})
                 })
-                .collect();
-            flavors.extend(app.offered_flavors().await.into_iter().map(|(_, f)| {
-                json!({"id": f.id, "name": f.name, "type": f.type_label, "region": f.region,
-                    "vcpus": f.vcpus, "ram": f.memory_mb as f64 / 1024.0, "disk": f.disk_gb, "gpus": f.gpus})
-            }));
-            Value::Array(flavors)
-        }
+                .collect(),
+        ),
         "vm.getMyVm" => match app.personal_vm(user).await {
             Ok(env) => to_json(UserVm::from(&env)),
             Err(hearth_app::AppError::NotFound(_)) => Value::Null,
