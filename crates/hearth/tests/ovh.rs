@@ -18,17 +18,24 @@ const UP: Duration = Duration::from_secs(120);
 
 /// Adds the fake's project and region as an `ovh` host, listing instances every 300 ms.
 async fn add_host(server: &Server, fake: &FakeOvh) -> Value {
+    add_host_with(server, fake, "ovh-gra9", json!({"pollMs": 300})).await
+}
+
+/// Adds the fake's project and region as `ovh` host `name` with these options besides the
+/// project.
+async fn add_host_with(server: &Server, fake: &FakeOvh, name: &str, mut options: Value) -> Value {
+    options["projectId"] = json!(fake.project);
     let r = server
         .call(
             "POST",
             "/v1/admin/hosts",
             Some(&server.admin_token),
             Some(json!({
-                "name": "ovh-gra9",
+                "name": name,
                 "kind": "ovh",
                 "endpoint": fake.base,
                 "region": fake.region,
-                "options": {"projectId": fake.project, "pollMs": 300},
+                "options": options,
                 "ovhCredentials": {
                     "applicationKey": fake.application_key,
                     "applicationSecret": fake.application_secret,
@@ -363,26 +370,14 @@ async fn twenty_provisioning_at_once_stay_within_the_rate_limit() {
         .await
         .with_env("HEARTH_PROVISION_CONCURRENCY", "20");
     let server = site.start().await;
-    let r = server
-        .call(
-            "POST",
-            "/v1/admin/hosts",
-            Some(&server.admin_token),
-            Some(json!({
-                "name": "ovh-default-polling",
-                "kind": "ovh",
-                "endpoint": fake.base,
-                "region": fake.region,
-                "options": {"projectId": fake.project, "flavorTypes": ["ovh.d2"]},
-                "ovhCredentials": {
-                    "applicationKey": fake.application_key,
-                    "applicationSecret": fake.application_secret,
-                    "consumerKey": fake.consumer_key,
-                },
-            })),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    // The default polling: no pollMs.
+    add_host_with(
+        &server,
+        &fake,
+        "ovh-default-polling",
+        json!({"flavorTypes": ["ovh.d2"]}),
+    )
+    .await;
     let token = server.user("twenty@example.com", "unlimited").await;
     let before = fake.calls().len();
     let started = std::time::Instant::now();

@@ -551,61 +551,51 @@ impl OvhProvider {
     }
 
     async fn flavors(&self, host: &HostRef, on: &On) -> Result<Arc<Vec<Flavor>>, ProviderError> {
-        if let Some((at, f)) = self
-            .caches
-            .lock()
-            .unwrap()
-            .get(&host.id)
-            .and_then(|c| c.flavors.clone())
-        {
-            if at.elapsed() < CATALOGUE_TTL {
-                return Ok(f);
-            }
-        }
         let path = format!("/cloud/project/{}/flavor?region={}", on.project, on.region);
-        let list: Vec<Flavor> = on
-            .client
-            .call(Method::GET, &path, None)
-            .await
-            .map_err(failed)?;
-        let list = Arc::new(list);
-        self.caches
-            .lock()
-            .unwrap()
-            .entry(host.id.clone())
-            .or_default()
-            .flavors = Some((Instant::now(), list.clone()));
-        Ok(list)
+        self.catalogue(host, on, path, |c| &mut c.flavors).await
     }
 
     async fn images(&self, host: &HostRef, on: &On) -> Result<Arc<Vec<Image>>, ProviderError> {
-        if let Some((at, i)) = self
-            .caches
-            .lock()
-            .unwrap()
-            .get(&host.id)
-            .and_then(|c| c.images.clone())
-        {
-            if at.elapsed() < CATALOGUE_TTL {
-                return Ok(i);
-            }
-        }
         let path = format!(
             "/cloud/project/{}/image?osType=linux&region={}",
             on.project, on.region
         );
-        let list: Vec<Image> = on
+        self.catalogue(host, on, path, |c| &mut c.images).await
+    }
+
+    /// A list OVH changes rarely (flavors, images), kept `CATALOGUE_TTL` in `slot` of the
+    /// host's cache.
+    async fn catalogue<T: serde::de::DeserializeOwned>(
+        &self,
+        host: &HostRef,
+        on: &On,
+        path: String,
+        slot: fn(&mut HostCache) -> &mut Option<(Instant, Arc<Vec<T>>)>,
+    ) -> Result<Arc<Vec<T>>, ProviderError> {
+        let kept = self
+            .caches
+            .lock()
+            .unwrap()
+            .get_mut(&host.id)
+            .and_then(|c| slot(c).clone());
+        if let Some((at, list)) = kept {
+            if at.elapsed() < CATALOGUE_TTL {
+                return Ok(list);
+            }
+        }
+        let list: Vec<T> = on
             .client
             .call(Method::GET, &path, None)
             .await
             .map_err(failed)?;
         let list = Arc::new(list);
-        self.caches
-            .lock()
-            .unwrap()
-            .entry(host.id.clone())
-            .or_default()
-            .images = Some((Instant::now(), list.clone()));
+        *slot(
+            self.caches
+                .lock()
+                .unwrap()
+                .entry(host.id.clone())
+                .or_default(),
+        ) = Some((Instant::now(), list.clone()));
         Ok(list)
     }
 
