@@ -215,6 +215,13 @@ async fn host_health(server: &Server, id: &str) -> Value {
         .body
 }
 
+/// Engine 2 publishes its guests' ports on its own loopback address. Both engines share
+/// this machine's ephemeral port range, so while engine 2 is down the main engine may hand
+/// one of its ports to another container; on 127.0.0.1 that port would then answer for an
+/// engine 2 guest (the pinned host key refuses it, as it should), on its own address it
+/// cannot, as on two real machines.
+const ENGINE_2_ADDRESS: &str = "127.0.0.2";
+
 /// Two engines, two nodes, one PostgreSQL: environments land on their host's engine
 /// whichever node runs the job; exec works from either node; an engine that stops turns
 /// its host unhealthy without its VMs being judged; it comes back with them running.
@@ -251,7 +258,7 @@ async fn two_engines_two_nodes() {
     );
     let r = a.call("POST", "/v1/admin/hosts", Some(&admin), Some(json!({
         "name": "engine-2", "kind": "docker", "endpoint": engine.socket, "region": "two", "maxVcpus": 32, "maxMemoryMb": 32768,
-        "options": engine.options(),
+        "options": engine.options(), "guestAddress": ENGINE_2_ADDRESS,
     }))).await;
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     let second = r.body["id"].as_str().unwrap().to_string();
@@ -260,7 +267,7 @@ async fn two_engines_two_nodes() {
     let tls = engine.tls.as_ref().unwrap();
     let twin = json!({
         "name": "engine-2-tls", "kind": "docker", "endpoint": tls.endpoint, "region": "two", "maxVcpus": 32, "maxMemoryMb": 32768,
-        "tlsCa": tls.ca, "tlsCert": tls.cert, "tlsKey": tls.key,
+        "tlsCa": tls.ca, "tlsCert": tls.cert, "tlsKey": tls.key, "guestAddress": ENGINE_2_ADDRESS,
     });
     let r = a
         .call("POST", "/v1/admin/hosts", Some(&admin), Some(twin.clone()))
@@ -416,8 +423,9 @@ async fn two_engines_two_nodes() {
             .await
             .body;
         let port = env["sshPort"].as_u64().expect("an SSH port") as u16;
+        assert_eq!(env["sshHost"], ENGINE_2_ADDRESS);
         let waited = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect((ENGINE_2_ADDRESS, port)).is_err() {
             assert!(
                 waited.elapsed() < Duration::from_secs(30),
                 "{id}'s SSH port {port} never came back after its engine restarted: {}\n{}",
