@@ -7,7 +7,7 @@ HEARTH_DEBUG := $(CARGO_TARGET_DIR)/debug/hearth
 HEARTH_RELEASE := $(CARGO_TARGET_DIR)/release/hearth
 PG_URL := postgres://hearth:hearth@127.0.0.1:5432/hearth
 
-.PHONY: run setup test fuzz build image bench clean-containers ui
+.PHONY: run setup test fuzz fuzz-mail build image bench clean-containers ui
 
 ## Install Docker and mmdebstrap, start dockerd, build Hearth and the guest image, then serve.
 run: setup
@@ -21,13 +21,14 @@ setup:
 
 ## Every test, on SQLite and PostgreSQL, against the real Docker engine; then the fuzzer.
 test:
-	scripts/services.sh docker postgres redis fuzz qemu ui
+	scripts/services.sh docker postgres redis fuzz qemu ui mail
 	$(MAKE) ui
 	$(HEARTH_DEBUG) image build
 	$(HEARTH_DEBUG) image build --vm
 	$(MAKE) clean-containers
 	HEARTH_TEST_POSTGRES_URL=$(PG_URL) $(CARGO) nextest run --workspace --no-fail-fast; \
 	  status=$$?; python3 scripts/fuzz.py $(HEARTH_DEBUG) --examples 10 || status=1; \
+	  $(MAKE) fuzz-mail FUZZ_SECONDS=45 || status=1; \
 	  $(MAKE) clean-containers; exit $$status
 
 ## The web UI into ui/dist (embedded by the next cargo build): its API types are generated
@@ -43,6 +44,16 @@ fuzz:
 	scripts/services.sh fuzz
 	$(CARGO) build --bin hearth
 	python3 scripts/fuzz.py $(HEARTH_DEBUG) --examples 25
+
+## cargo fuzz on everything the mail parser reads (stable Rust: no sanitizer, so it finds
+## panics and hangs, not memory errors, which safe Rust rules out). New inputs it finds are
+## kept in /var/cache/hearth/fuzz-corpus; a crash lands in fuzz/artifacts and fails.
+FUZZ_SECONDS ?= 300
+fuzz-mail:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked --version 0.13.2
+	mkdir -p /var/cache/hearth/fuzz-corpus/mail
+	cd fuzz && $(CARGO) fuzz run mail --sanitizer none --target-dir /var/cache/hearth/fuzz-target \
+	  /var/cache/hearth/fuzz-corpus/mail seeds/mail -- -max_total_time=$(FUZZ_SECONDS) -timeout=5 -print_final_stats=1
 
 ## Benchmarks of BENCHMARKS.md (needs the same setup as the tests).
 bench:

@@ -6,6 +6,7 @@
 #   scripts/services.sh fuzz        schemathesis (pinned) from PyPI
 #   scripts/services.sh qemu        QEMU, qemu-img and busybox for VM hosts (hearth agent)
 #   scripts/services.sh ui          Node.js and npm (building the web UI), Chromium (its tests)
+#   scripts/services.sh mail        swaks, aiosmtpd, dkimpy and dnsmasq (commands by mail tests)
 # Prints the variables to export on its last lines.
 set -euo pipefail
 
@@ -120,6 +121,12 @@ install_ui_tools() {
   apt_install chromium
 }
 
+# Real mail tools for the tests of commands by mail: swaks sends, aiosmtpd (Python) is the
+# relay replies go to, dkimpy signs, dnsmasq serves the DKIM keys on loopback.
+install_mail_tools() {
+  apt_install swaks python3-aiosmtpd python3-dkim dnsmasq-base
+}
+
 need_root
 for what in "$@"; do
   case "$what" in
@@ -129,6 +136,7 @@ for what in "$@"; do
     fuzz) install_fuzzer ;;
     qemu) install_qemu ;;
     ui) install_ui_tools ;;
-    *) echo "scripts/services.sh: unknown service $what (docker, postgres, redis, fuzz, qemu, ui)" >&2; exit 2 ;;
+    mail) install_mail_tools ;;
+    *) echo "scripts/services.sh: unknown service $what (docker, postgres, redis, fuzz, qemu, ui, mail)" >&2; exit 2 ;;
   esac
 done

@@ -65,6 +65,8 @@ pub struct Config {
     pub workers: bool,
     /// How long history is kept.
     pub retention: hearth_store::Retention,
+    /// Commands by mail (`HEARTH_MAIL_ADDRESS` and the rest, see `mail.rs`).
+    pub mail: Option<crate::mail::MailConfig>,
 }
 
 const DAY_MS: i64 = 86_400_000;
@@ -121,6 +123,7 @@ impl Config {
                 jobs_ms: 30 * DAY_MS,
                 destroyed_ms: 30 * DAY_MS,
             },
+            mail: None,
         }
     }
 
@@ -190,6 +193,7 @@ impl Config {
         c.metrics_public = number("HEARTH_METRICS_PUBLIC", 0u8)? != 0;
         c.secure_cookies = number("HEARTH_SECURE_COOKIES", 0u8)? != 0;
         c.oidc = crate::oidc::OidcConfig::from_env()?;
+        c.mail = crate::mail::MailConfig::from_env()?;
         c.guest_firewall = number("HEARTH_GUEST_FIREWALL", 1u8)? != 0;
         let days = |name: &str, ms: i64| number(name, ms / DAY_MS).map(|d: i64| d.max(1) * DAY_MS);
         c.retention = hearth_store::Retention {

@@ -27,6 +27,9 @@ pub struct JobHandler {
 #[async_trait]
 impl Handler for JobHandler {
     async fn run(&self, job: &Job, lease: &Lease) -> Result<(), JobError> {
+        if job.queue == crate::mail::MAIL_QUEUE {
+            return crate::mail::run_job(&self.app, job).await;
+        }
         let env = match self.app.store.environment(&job.environment_id).await {
             Ok(env) => env,
             Err(StoreError::NotFound) => {

@@ -17,6 +17,7 @@ mod guest;
 pub mod health;
 pub mod hosts;
 pub mod jobs;
+pub mod mail;
 pub mod oidc;
 pub mod reaper;
 pub mod reconcile;
@@ -60,6 +61,8 @@ pub struct App {
     pub hub: Arc<events::Hub>,
     /// What the reconciler found on its last pass, to act on when found again.
     pub suspects: Arc<reconcile::Suspects>,
+    /// Commands by mail, when `HEARTH_MAIL_ADDRESS` is set.
+    pub mail: Option<Arc<mail::MailService>>,
 }
 
 impl App {

@@ -189,6 +189,18 @@ impl App {
         user: &User,
         input: CreateInput,
     ) -> AppResult<Environment> {
+        let actor = user.id.clone();
+        self.create_environment_as(user, input, &actor).await
+    }
+
+    /// `create_environment` on the user's behalf by `actor` (the audit names it: a mail's
+    /// sender, say).
+    pub async fn create_environment_as(
+        &self,
+        user: &User,
+        input: CreateInput,
+        actor: &str,
+    ) -> AppResult<Environment> {
         validate::name(&input.name).map_err(AppError::Invalid)?;
         let resources = self.resources(user, &input.size)?;
         let placement = self.placement(resources, &input)?;
@@ -249,7 +261,7 @@ impl App {
             init_script: input.init_script,
             repository_url: None,
         };
-        let job = self.new_job(JobKind::Provision, "", &user.id);
+        let job = self.new_job(JobKind::Provision, "", actor);
         let env = self.store.create_environment(user, new, job).await?;
         let _ = self
             .store

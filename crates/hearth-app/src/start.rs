@@ -313,8 +313,15 @@ pub async fn open_app_with_clock(config: Config, clock: Arc<dyn Clock>) -> Resul
         let status = bus.status().await;
         tracing::info!(redis = %status, "Redis configured as the bus");
     }
+    let mail = match config.mail.clone() {
+        Some(c) => Some(Arc::new(
+            crate::mail::MailService::new(c).map_err(|e| anyhow::anyhow!(e))?,
+        )),
+        None => None,
+    };
     tracing::info!(installation = %installation.id, "opened the installation");
     Ok(App {
+        mail,
         bus,
         hub: Default::default(),
         suspects: Default::default(),

@@ -30,7 +30,8 @@ pub struct QueueConfig {
 
 impl QueueConfig {
     /// The seed's queues: `provision` (2 at a time, 3 attempts, 5 s doubling) and
-    /// `control` (5, 2 attempts, 2 s doubling).
+    /// `control` (5, 2 attempts, 2 s doubling); and `mail` for commands by mail (4 at a
+    /// time; 8 attempts 10 s doubling, so a reply outlasts a relay outage of about 40 min).
     pub fn defaults() -> Vec<QueueConfig> {
         vec![
             QueueConfig {
@@ -44,6 +45,12 @@ impl QueueConfig {
                 concurrency: 5,
                 max_attempts: 2,
                 backoff: Duration::from_secs(2),
+            },
+            QueueConfig {
+                name: "mail".into(),
+                concurrency: 4,
+                max_attempts: 8,
+                backoff: Duration::from_secs(10),
             },
         ]
     }

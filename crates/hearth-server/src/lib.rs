@@ -8,6 +8,7 @@
 pub mod api;
 pub mod error;
 pub mod serve;
+mod smtp;
 mod ui;
 pub mod views;
 

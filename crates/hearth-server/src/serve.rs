@@ -77,7 +77,18 @@ pub async fn run(config: Config) -> Result<()> {
     tracing::info!(address = %listener.local_addr()?, data_dir = %app.config.data_dir.display(), max_connections, "Hearth is serving");
 
     let (stop, stopped) = watch::channel(false);
-    let background = hearth_app::start::spawn_background(&app, stopped);
+    let mut background = hearth_app::start::spawn_background(&app, stopped.clone());
+    if let Some(listen) = app.mail.as_ref().and_then(|m| m.config.smtp_listen.clone()) {
+        let smtp = tokio::net::TcpListener::bind(&listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen for SMTP on {listen}; set HEARTH_SMTP_LISTEN to a free address"
+                )
+            })?;
+        tracing::info!(address = %smtp.local_addr()?, "taking commands by mail over SMTP");
+        background.push(tokio::spawn(crate::smtp::serve(app.clone(), smtp, stopped)));
+    }
     let router = crate::api::router(app.clone());
     let mut builder = Builder::new(TokioExecutor::new());
     builder

@@ -46,7 +46,28 @@ impl Store {
                 now - r.destroyed_ms,
             ),
         ];
-        let mut removed = sqlx::query("DELETE FROM used_tickets WHERE expires_at < $1")
+        // Mail that was acted on is history like the audit; rejected mail is kept a week,
+        // and never more than `MAX_REJECTED` rows of it, however much arrives.
+        let mut removed = sqlx::query(
+            "DELETE FROM inbound_mail WHERE id IN (SELECT id FROM inbound_mail WHERE status = 'rejected' \
+             AND (received_at < $1 OR id <= (SELECT id FROM inbound_mail WHERE status = 'rejected' ORDER BY id DESC LIMIT 1 OFFSET $2)) \
+             ORDER BY id LIMIT $3)",
+        )
+        .bind(now - crate::REJECTED_KEEP_MS)
+        .bind(crate::MAX_REJECTED)
+        .bind(PRUNE_BATCH)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        removed += sqlx::query(
+            "DELETE FROM inbound_mail WHERE id IN (SELECT id FROM inbound_mail WHERE received_at < $1 ORDER BY id LIMIT $2)",
+        )
+        .bind(now - r.audit_ms)
+        .bind(PRUNE_BATCH)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        removed += sqlx::query("DELETE FROM used_tickets WHERE expires_at < $1")
             .bind(now)
             .execute(&self.pool)
             .await?

@@ -6,6 +6,7 @@ mod auth;
 pub mod docs;
 mod environments;
 mod hosts;
+mod mail;
 mod me;
 mod ops;
 mod terminal;
@@ -57,6 +58,10 @@ pub fn routes() -> (axum::Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(me::logs))
         .routes(routes!(me::events))
         .routes(routes!(me::exec_stream))
+        .routes(routes!(mail::mail_address))
+        .routes(routes!(mail::my_mail))
+        .routes(routes!(mail::inbound))
+        .routes(routes!(mail::all_mail))
         .routes(routes!(environments::create, environments::list))
         .routes(routes!(environments::get, environments::destroy))
         .routes(routes!(environments::wait))

@@ -1,0 +1,439 @@
+//! Mail received for commands, and users' sub-address secrets. A message accepted for work
+//! is written with its job in one transaction, so a crash after the sender was told "250
+//! accepted" loses nothing; a second delivery of the same message by the same user finds
+//! the first and does nothing.
+
+use crate::jobs::insert_job;
+use crate::records::insert_audit;
+use crate::users::user_from_row;
+use crate::{NewJob, Result, Store, StoreError, User};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+/// Rejected mail is kept this long, and at most `MAX_REJECTED` rows of it, whatever arrives.
+pub const REJECTED_KEEP_MS: i64 = 7 * 86_400_000;
+pub const MAX_REJECTED: i64 = 10_000;
+
+/// A message as received, before it is stored.
+#[derive(Debug, Clone)]
+pub struct NewMail {
+    pub message_id: String,
+    /// `smtp` or `webhook`.
+    pub via: String,
+    pub sender: String,
+    pub recipient: String,
+    pub subject: String,
+    pub body: String,
+    /// The user it proved to come from; `None` for rejected mail.
+    pub user_id: Option<String>,
+    /// `sub-address` or `dkim`; `None` for rejected mail.
+    pub proof: Option<String>,
+    pub command: Option<String>,
+    /// `queued` (with a job) or `rejected`.
+    pub status: String,
+    pub outcome: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mail {
+    pub id: i64,
+    pub message_id: String,
+    pub via: String,
+    pub sender: String,
+    pub recipient: String,
+    pub subject: String,
+    pub body: String,
+    pub user_id: Option<String>,
+    pub proof: Option<String>,
+    pub command: Option<String>,
+    /// `rejected`, `queued`, `done` or `failed`.
+    pub status: String,
+    pub outcome: Option<String>,
+    pub environment_id: Option<String>,
+    /// When `execute` began running its command (so a retry after a crash never runs it twice).
+    pub exec_started_at: Option<i64>,
+    /// The answer's subject, stored with the answer (in `outcome`) before it is sent.
+    pub reply_subject: Option<String>,
+    pub reply_message_id: Option<String>,
+    pub replied_at: Option<i64>,
+    pub received_at: i64,
+    pub updated_at: i64,
+}
+
+/// What storing a message did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    New(i64),
+    /// The same sender's message with this Message-ID was stored before (its id).
+    Duplicate(i64),
+}
+
+const COLUMNS: &str = "id, message_id, via, sender, recipient, subject, body, user_id, proof, command, status, \
+     outcome, environment_id, exec_started_at, reply_subject, reply_message_id, replied_at, received_at, updated_at";
+
+fn mail_from_row(row: &AnyRow) -> Result<Mail> {
+    Ok(Mail {
+        id: row.try_get("id")?,
+        message_id: row.try_get("message_id")?,
+        via: row.try_get("via")?,
+        sender: row.try_get("sender")?,
+        recipient: row.try_get("recipient")?,
+        subject: row.try_get("subject")?,
+        body: row.try_get("body")?,
+        user_id: row.try_get("user_id")?,
+        proof: row.try_get("proof")?,
+        command: row.try_get("command")?,
+        status: row.try_get("status")?,
+        outcome: row.try_get("outcome")?,
+        environment_id: row.try_get("environment_id")?,
+        exec_started_at: row.try_get("exec_started_at")?,
+        reply_subject: row.try_get("reply_subject")?,
+        reply_message_id: row.try_get("reply_message_id")?,
+        replied_at: row.try_get("replied_at")?,
+        received_at: row.try_get("received_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+/// The job key of a mail's job (jobs name what they work on; a mail is not an environment).
+pub fn mail_job_key(id: i64) -> String {
+    format!("mail:{id}")
+}
+
+impl Store {
+    /// Stores a message; with `job`, queues it for work in the same transaction and audits
+    /// its acceptance, else audits its rejection (`actor` names the sender either way).
+    pub async fn insert_mail(
+        &self,
+        mail: &NewMail,
+        job: Option<NewJob>,
+        actor: &str,
+    ) -> Result<Stored> {
+        let now = self.now();
+        if let Some(user_id) = &mail.user_id {
+            let existing =
+                sqlx::query("SELECT id FROM inbound_mail WHERE user_id = $1 AND message_id = $2")
+                    .bind(user_id)
+                    .bind(&mail.message_id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            if let Some(row) = existing {
+                return Ok(Stored::Duplicate(row.try_get("id")?));
+            }
+        }
+        let mut tx = self.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO inbound_mail (message_id, via, sender, recipient, subject, body, user_id, proof, command, status, \
+             outcome, received_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12) RETURNING id",
+        )
+        .bind(&mail.message_id)
+        .bind(&mail.via)
+        .bind(&mail.sender)
+        .bind(&mail.recipient)
+        .bind(&mail.subject)
+        .bind(&mail.body)
+        .bind(&mail.user_id)
+        .bind(&mail.proof)
+        .bind(&mail.command)
+        .bind(&mail.status)
+        .bind(&mail.outcome)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await;
+        let id: i64 = match inserted {
+            Ok(row) => row.try_get("id")?,
+            Err(e) if crate::is_unique_violation(&e) => {
+                // Delivered twice at the same moment: the other delivery won.
+                drop(tx);
+                let row = sqlx::query(
+                    "SELECT id FROM inbound_mail WHERE user_id = $1 AND message_id = $2",
+                )
+                .bind(&mail.user_id)
+                .bind(&mail.message_id)
+                .fetch_one(&self.pool)
+                .await?;
+                return Ok(Stored::Duplicate(row.try_get("id")?));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let (action, outcome) = match &job {
+            Some(_) => ("mail.accept", "queued"),
+            None => ("mail.reject", "refused"),
+        };
+        if let Some(mut job) = job {
+            job.environment_id = mail_job_key(id);
+            insert_job(&mut tx, &job, now).await?;
+        }
+        insert_audit(
+            &mut tx,
+            now,
+            actor,
+            action,
+            None,
+            None,
+            None,
+            outcome,
+            mail.outcome.as_deref(),
+            None,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Stored::New(id))
+    }
+
+    pub async fn mail(&self, id: i64) -> Result<Mail> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM inbound_mail WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+        mail_from_row(&row)
+    }
+
+    /// The newest mail first, `limit` of it, before `before_id` when given; one user's or all.
+    pub async fn mail_page(
+        &self,
+        user_id: Option<&str>,
+        before_id: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<Mail>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM inbound_mail WHERE ($1 IS NULL OR user_id = $1) AND id < $2 ORDER BY id DESC LIMIT $3"
+        )))
+        .bind(user_id)
+        .bind(before_id.unwrap_or(i64::MAX))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(mail_from_row).collect()
+    }
+
+    /// How much mail a user sent for work since `since` (their rate limit counts it).
+    pub async fn mail_count_since(&self, user_id: &str, since: i64) -> Result<i64> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM inbound_mail WHERE user_id = $1 AND received_at >= $2",
+        )
+        .bind(user_id)
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("n")?)
+    }
+
+    /// Notes the environment a mail made or acted on.
+    pub async fn set_mail_environment(&self, id: i64, environment_id: &str) -> Result<()> {
+        sqlx::query("UPDATE inbound_mail SET environment_id = $1, updated_at = $2 WHERE id = $3")
+            .bind(environment_id)
+            .bind(self.now())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Marks `execute` as begun; false when it had begun already (a retry after a crash).
+    pub async fn begin_mail_exec(&self, id: i64) -> Result<bool> {
+        let now = self.now();
+        let done = sqlx::query(
+            "UPDATE inbound_mail SET exec_started_at = $1, updated_at = $1 WHERE id = $2 AND exec_started_at IS NULL",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records what came of a mail (`done` or `failed`): the answer's text and subject,
+    /// kept so a retry sends the same answer.
+    pub async fn answer_mail(
+        &self,
+        id: i64,
+        status: &str,
+        outcome: &str,
+        reply_subject: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE inbound_mail SET status = $1, outcome = $2, reply_subject = $3, updated_at = $4 WHERE id = $5",
+        )
+        .bind(status)
+        .bind(outcome)
+        .bind(reply_subject)
+        .bind(self.now())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Notes that the answer went out, under this Message-ID.
+    pub async fn mark_mail_replied(&self, id: i64, reply_message_id: &str) -> Result<()> {
+        let now = self.now();
+        sqlx::query("UPDATE inbound_mail SET reply_message_id = $1, replied_at = $2, updated_at = $2 WHERE id = $3")
+            .bind(reply_message_id)
+            .bind(now)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The environment whose creation was audited with this actor (a mail's own actor).
+    pub async fn environment_created_by(&self, actor: &str) -> Result<Option<String>> {
+        let row = sqlx::query(
+            "SELECT environment_id FROM audit_log WHERE actor = $1 AND action = 'create' ORDER BY id LIMIT 1",
+        )
+        .bind(actor)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row
+            .map(|r| r.try_get("environment_id"))
+            .transpose()?
+            .flatten())
+    }
+
+    /// The user with this address (compared without case).
+    pub async fn user_by_email(&self, email: &str) -> Result<Option<User>> {
+        let row = sqlx::query(
+            "SELECT id, email, role, tier, created_at FROM users WHERE LOWER(email) = $1",
+        )
+        .bind(email.to_lowercase())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    /// The hash of the user's sub-address secret, if they made one.
+    pub async fn mail_token_hash(&self, user_id: &str) -> Result<Option<String>> {
+        let row = sqlx::query("SELECT mail_token_hash FROM users WHERE id = $1")
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        Ok(row.try_get("mail_token_hash")?)
+    }
+
+    /// Replaces the user's sub-address secret (the old one stops working at once).
+    pub async fn set_mail_token_hash(&self, user_id: &str, hash: &str) -> Result<()> {
+        let done = sqlx::query("UPDATE users SET mail_token_hash = $1 WHERE id = $2")
+            .bind(hash)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testdb::each_backend;
+    use hearth_core::{Role, Tier};
+
+    fn new_mail(user: Option<&str>, message_id: &str) -> NewMail {
+        NewMail {
+            message_id: message_id.into(),
+            via: "smtp".into(),
+            sender: "a@example.com".into(),
+            recipient: "agent@hearth.test".into(),
+            subject: "list".into(),
+            body: String::new(),
+            user_id: user.map(String::from),
+            proof: user.map(|_| "dkim".into()),
+            command: Some("list".into()),
+            status: if user.is_some() { "queued" } else { "rejected" }.into(),
+            outcome: None,
+        }
+    }
+
+    fn job() -> NewJob {
+        NewJob {
+            queue: "mail".into(),
+            kind: "mail".into(),
+            environment_id: String::new(),
+            max_attempts: 3,
+            actor: "mail:a@example.com".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_is_stored_once_per_sender_with_its_job() {
+        each_backend(|store| async move {
+            let (user, _) = store
+                .create_user("A@Example.com", Role::User, Tier::Free)
+                .await
+                .unwrap();
+            assert_eq!(
+                store.user_by_email("a@example.COM").await.unwrap(),
+                Some(user.clone())
+            );
+            let Stored::New(id) = store
+                .insert_mail(&new_mail(Some(&user.id), "m1"), Some(job()), "mail:a")
+                .await
+                .unwrap()
+            else {
+                panic!("not new")
+            };
+            assert_eq!(
+                store
+                    .insert_mail(&new_mail(Some(&user.id), "m1"), Some(job()), "mail:a")
+                    .await
+                    .unwrap(),
+                Stored::Duplicate(id)
+            );
+            let jobs = store.list_jobs(None).await.unwrap();
+            assert_eq!(jobs.len(), 1, "one job: {jobs:?}");
+            assert_eq!(jobs[0].environment_id, mail_job_key(id));
+            // Rejected mail with the same id from nobody is only a record, and has no job.
+            assert!(matches!(
+                store
+                    .insert_mail(&new_mail(None, "m1"), None, "mail:x")
+                    .await
+                    .unwrap(),
+                Stored::New(_)
+            ));
+            assert_eq!(store.list_jobs(None).await.unwrap().len(), 1);
+            assert!(store.begin_mail_exec(id).await.unwrap());
+            assert!(
+                !store.begin_mail_exec(id).await.unwrap(),
+                "an exec begins once"
+            );
+            store
+                .answer_mail(id, "done", "listed", "Re: list")
+                .await
+                .unwrap();
+            let m = store.mail(id).await.unwrap();
+            assert_eq!(
+                (m.status.as_str(), m.outcome.as_deref(), m.replied_at),
+                ("done", Some("listed"), None)
+            );
+            store.mark_mail_replied(id, "r@hearth").await.unwrap();
+            let m = store.mail(id).await.unwrap();
+            assert_eq!(m.reply_message_id.as_deref(), Some("r@hearth"));
+            assert!(m.replied_at.is_some());
+            assert_eq!(store.environment_created_by("nobody").await.unwrap(), None);
+            assert_eq!(store.mail_count_since(&user.id, 0).await.unwrap(), 1);
+            assert_eq!(
+                store
+                    .mail_page(Some(&user.id), None, 10)
+                    .await
+                    .unwrap()
+                    .len(),
+                1
+            );
+            assert_eq!(store.mail_page(None, None, 10).await.unwrap().len(), 2);
+            assert_eq!(store.mail_token_hash(&user.id).await.unwrap(), None);
+            store.set_mail_token_hash(&user.id, "h").await.unwrap();
+            assert_eq!(
+                store.mail_token_hash(&user.id).await.unwrap().as_deref(),
+                Some("h")
+            );
+        })
+        .await;
+    }
+}
