@@ -596,8 +596,22 @@ function when(t: string | null | undefined): string {
   return t ? new Date(t).toLocaleString() : "never";
 }
 
-/** API tokens: make, name, see when last used, revoke. */
+/** The settings page: API tokens, and commands by mail when the server takes them. */
 function Settings() {
+  const [agent, setAgent] = useState<string | null>(null);
+  useEffect(() => {
+    call<Me>("GET", "/v1/me").then((me) => setAgent(me.mailAgent ?? null)).catch(() => setAgent(null));
+  }, []);
+  return (
+    <>
+      <Tokens />
+      {agent ? <MailCard agent={agent} /> : null}
+    </>
+  );
+}
+
+/** API tokens: make, name, see when last used, revoke. */
+function Tokens() {
   const [tokens, setTokens] = useState<Token[]>([]);
   const [name, setName] = useState("");
   const [made, setMade] = useState("");
@@ -658,6 +672,67 @@ function Settings() {
           Your new token (shown this once): <code data-testid="new-token">{made}</code>
         </p>
       ) : null}
+      <Alert error={error} />
+    </section>
+  );
+}
+
+type Mail = Schemas["MailView"];
+
+/** Commands by mail: the secret address that proves a message is the user's, and what arrived. */
+function MailCard({ agent }: { agent: string }) {
+  const [mail, setMail] = useState<Mail[]>([]);
+  const [address, setAddress] = useState("");
+  const [error, setError] = useState("");
+  const load = () =>
+    call<{ items: Mail[] }>("GET", "/v1/me/mail?limit=20")
+      .then((m) => setMail(m.items))
+      .catch((e) => setError(message(e)));
+  useEffect(() => {
+    load();
+  }, []);
+  async function make() {
+    if (address && !window.confirm("Make a new address? The one you have stops working.")) return;
+    setError("");
+    try {
+      setAddress((await call<{ address: string }>("POST", "/v1/me/mail-address")).address);
+    } catch (err) {
+      setError(message(err));
+    }
+  }
+  return (
+    <section class="card" aria-labelledby="mail">
+      <h2 id="mail">Commands by mail</h2>
+      <p>
+        Mail <code>create</code>, <code>list</code>, <code>status env_…</code>, <code>execute env_…</code> (with a fenced
+        block) or <code>destroy env_…</code> to {agent} from your account's address; <code>help</code> answers with the rest.
+        Send it to your secret address, or from a domain that signs its mail (DKIM): anything else is ignored.
+      </p>
+      <div class="actions">
+        <button onClick={make}>Make my secret address</button>
+        <button class="small" onClick={load}>Refresh</button>
+      </div>
+      {address ? (
+        <p>
+          Your address (shown this once; making another voids it): <code data-testid="mail-address">{address}</code>
+        </p>
+      ) : null}
+      <table>
+        <thead>
+          <tr><th scope="col">Received</th><th scope="col">Subject</th><th scope="col">Command</th><th scope="col">Status</th><th scope="col">Answered</th></tr>
+        </thead>
+        <tbody>
+          {mail.map((m) => (
+            <tr key={m.id}>
+              <td>{when(m.receivedAt)}</td>
+              <td>{m.subject}</td>
+              <td>{m.command ?? ""}</td>
+              <td>{m.status}</td>
+              <td>{when(m.repliedAt)}</td>
+            </tr>
+          ))}
+        </tbody>
+      </table>
       <Alert error={error} />
     </section>
   );

@@ -135,6 +135,21 @@ try {
   await page.getByRole("cell", { name: "laptop", exact: true }).waitFor({ state: "detached" });
   if (curl("/v1/me", token) !== "401") throw new Error("a revoked token still worked");
 
+  step("settings: a secret mail address, a command posted to it through the webhook, listed");
+  await page.getByRole("button", { name: "Make my secret address" }).click();
+  const address = (await page.getByTestId("mail-address").textContent()).trim();
+  if (!/^agent\+[a-z2-7]{26}@hearth\.test$/.test(address)) throw new Error(`not a secret address: ${address}`);
+  const posted = execFileSync("curl", [
+    "-s", "-u", `sendgrid:${process.env.MAIL_SECRET}`,
+    "-F", `headers=From: ${process.env.EMAIL}\nSubject: list please\nMessage-ID: <ui-1@example.com>`,
+    "-F", `envelope={"to":["${address}"]}`, "-F", "subject=list please", "-F", "text=thanks",
+    `${base}/v1/mail/inbound`,
+  ]).toString();
+  if (!posted.includes("queued")) throw new Error(`the webhook did not queue it: ${posted}`);
+  await page.getByRole("button", { name: "Refresh" }).click();
+  await page.getByRole("cell", { name: "list", exact: true }).waitFor();
+  await shoot("mail");
+
   step("an environment with variables and an init script");
   await page.getByRole("link", { name: "Environments" }).click();
   await page.getByLabel("Name").fill("demo");

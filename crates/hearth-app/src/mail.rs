@@ -30,12 +30,20 @@ use std::time::Duration;
 
 /// The queue mail jobs run on.
 pub const MAIL_QUEUE: &str = "mail";
-/// How long `create` waits for the environment to run before it answers.
+/// How long after the mail arrived `create` waits for the environment to run before it
+/// answers (the job looks every `POLL`, holding no worker in between).
 pub const CREATE_WAIT: Duration = Duration::from_secs(600);
-/// How long `destroy` waits for the VM to be gone before it answers.
+/// The same for `destroy` and the VM being gone.
 pub const DESTROY_WAIT: Duration = Duration::from_secs(120);
+const POLL: Duration = Duration::from_secs(2);
+/// How long a stored answer is offered to a relay that does not take it (every
+/// `HEARTH_MAIL_BACKOFF_MS`, 10 s).
+pub const RELAY_PATIENCE: Duration = Duration::from_secs(86_400);
 /// The longest answer sent; command output beyond it is cut (the API has all of it).
 pub const MAX_ANSWER_CHARS: usize = 64 * 1024;
+/// Rejected messages recorded (and audited) per hour at most; more are only counted in
+/// the log.
+pub const REJECTED_PER_HOUR: i64 = 1_000;
 /// The most environments a `list` answer names.
 pub const LIST_LIMIT: i64 = 50;
 
@@ -185,9 +193,24 @@ impl MailService {
         outputs.iter().any(|o| {
             *o.result() == mail_auth::DkimResult::Pass
                 && o.signature()
-                    .is_some_and(|s| s.d.eq_ignore_ascii_case(domain))
+                    .is_some_and(|s| signature_counts(&s.d, &s.h, s.l, domain))
         })
     }
+}
+
+/// Headers a signature must cover to prove a command: who, what, and which message (so a
+/// copy of a signed message cannot be sent again under another Message-ID).
+const SIGNED_HEADERS: [&str; 3] = ["from", "subject", "message-id"];
+
+/// Whether a verified DKIM signature proves a command from `domain`: it is the domain's own
+/// (`d=` exactly), covers `SIGNED_HEADERS`, and signs the whole body (no `l=`, under which
+/// text could be appended, a code block say).
+fn signature_counts(d: &str, signed: &[String], body_length: u64, domain: &str) -> bool {
+    d.eq_ignore_ascii_case(domain)
+        && body_length == 0
+        && SIGNED_HEADERS
+            .iter()
+            .all(|h| signed.iter().any(|s| s.trim().eq_ignore_ascii_case(h)))
 }
 
 /// How a message arrived.
@@ -195,6 +218,8 @@ pub enum Arrival<'a> {
     /// By our SMTP listener: the raw message and the envelope's recipients.
     Smtp {
         raw: &'a [u8],
+        /// `MAIL FROM`: empty for a bounce.
+        envelope_sender: &'a str,
         recipients: &'a [String],
     },
     /// By the webhook: the message as SendGrid read it, its envelope recipients, and its
@@ -267,7 +292,9 @@ impl App {
     pub async fn receive(&self, arrival: Arrival<'_>) -> AppResult<Receipt> {
         let mail = self.mail_service()?;
         let (via, inbound, recipients) = match &arrival {
-            Arrival::Smtp { raw, recipients } => match hearth_mail::parse_message(raw) {
+            Arrival::Smtp {
+                raw, recipients, ..
+            } => match hearth_mail::parse_message(raw) {
                 Ok(m) => ("smtp", m, *recipients),
                 Err(e) => return self.reject_unread("smtp", recipients, &e).await,
             },
@@ -278,7 +305,17 @@ impl App {
             } => ("webhook", inbound.clone(), *recipients),
         };
         let sender = inbound.from.clone().unwrap_or_default();
-        let recipient = recipients.first().cloned().unwrap_or_default();
+        // The recipient as stored: a sub-address's secret is never written down.
+        let recipient = recipients
+            .first()
+            .map(|r| match hearth_mail::recipient(r, &mail.config.address) {
+                Recipient::SubAddress(_) => {
+                    let (local, domain) = mail.config.address.split_once('@').unwrap_or_default();
+                    format!("{local}+…@{domain}")
+                }
+                _ => hearth_mail::address(r).unwrap_or_default(),
+            })
+            .unwrap_or_default();
         let mut record = NewMail {
             message_id: inbound.message_id.clone(),
             via: via.into(),
@@ -296,10 +333,24 @@ impl App {
             Ok(verdict) => verdict,
             Err(why) => {
                 tracing::info!(via, sender = %sender, message_id = %inbound.message_id, "mail rejected: {why}");
+                // Kept as a record of who tried what, without its text; at most
+                // `REJECTED_PER_HOUR` an hour, so a flood of forgeries fills nothing.
+                record.body = String::new();
                 record.outcome = Some(why.clone());
-                self.store
-                    .insert_mail(&record, None, &format!("mail:{sender}"))
-                    .await?;
+                if self
+                    .store
+                    .rejected_mail_since(self.now() - 3_600_000)
+                    .await?
+                    < REJECTED_PER_HOUR
+                {
+                    self.store
+                        .insert_mail(&record, None, &format!("mail:{sender}"))
+                        .await?;
+                } else {
+                    tracing::warn!(
+                        "over {REJECTED_PER_HOUR} rejected messages this hour: not recording this one"
+                    );
+                }
                 return Ok(Receipt::Rejected(why));
             }
         };
@@ -346,6 +397,13 @@ impl App {
             .collect();
         if ours.is_empty() {
             return Ok(Err("not addressed to the agent".into()));
+        }
+        if let Arrival::Smtp {
+            envelope_sender: "",
+            ..
+        } = arrival
+        {
+            return Ok(Err("a bounce (null envelope sender): never answered".into()));
         }
         if inbound.automatic {
             return Ok(Err(
@@ -482,14 +540,24 @@ pub async fn run_job(app: &App, job: &Job) -> Result<(), JobError> {
             .user(&user_id)
             .await
             .map_err(|e| JobError::Retry(e.to_string()))?;
-        let answer = match answer(app, &mail, &user).await {
+        let outcome = if job.exhausted() {
+            Err(JobError::Retry(format!(
+                "the server stopped {} times while working on it",
+                job.crashes
+            )))
+        } else {
+            answer(app, &mail, &user).await
+        };
+        let answer = match outcome {
             Ok(a) => a,
-            Err(JobError::Retry(why)) if job.is_last_attempt() => Answer::failed(
-                format!(
-                    "Hearth could not do this: {why}. Nothing more will be tried; send it again later."
-                ),
-                None,
-            ),
+            Err(JobError::Retry(why)) if job.is_last_attempt() || job.exhausted() => {
+                Answer::failed(
+                    format!(
+                        "Hearth could not do this: {why}. Nothing more will be tried; send it again later."
+                    ),
+                    None,
+                )
+            }
             Err(e) => return Err(e),
         };
         let text = cut(&answer.text, MAX_ANSWER_CHARS);
@@ -511,7 +579,21 @@ pub async fn run_job(app: &App, job: &Job) -> Result<(), JobError> {
         app.installation_id,
         service.config.domain()
     );
-    send_reply(service, &mail, &reply_id, &text).await?;
+    if let Err(why) = send_reply(service, &mail, &reply_id, &text).await {
+        // The answer is stored: keep offering it to the relay, without spending attempts,
+        // for a day after it was made.
+        if app.now() - mail.updated_at < RELAY_PATIENCE.as_millis() as i64 {
+            let again = app
+                .queue
+                .config(MAIL_QUEUE)
+                .map_or(Duration::from_secs(10), |c| c.backoff);
+            tracing::warn!(mail = id, "{why}; trying again in {} ms", again.as_millis());
+            return Err(JobError::Later(why, again));
+        }
+        return Err(JobError::Fatal(format!(
+            "{why}; given up after a day (the answer stays stored)"
+        )));
+    }
     app.store
         .mark_mail_replied(id, &reply_id)
         .await
@@ -549,24 +631,34 @@ async fn answer(app: &App, mail: &Mail, user: &User) -> Result<Answer, JobError>
                     Some(&env),
                 ));
             }
-            match app
-                .wait_for_state(env.clone(), EnvState::Destroyed, DESTROY_WAIT)
+            let env = app
+                .store
+                .environment(&env.id)
                 .await
-            {
-                Ok(env) => Answer::ok(
+                .map_err(|e| JobError::Retry(e.to_string()))?;
+            if env.state == EnvState::Destroyed {
+                Answer::ok(
                     format!("{} is destroyed: its VM is gone.\n", env.slug),
                     Some(&env),
-                ),
-                Err(e) => Answer::failed(
+                )
+            } else if waited(app, mail) < DESTROY_WAIT {
+                return Err(JobError::Later(
+                    format!("{} is {}", env.slug, env.state),
+                    POLL,
+                ));
+            } else {
+                Answer::failed(
                     format!(
-                        "{} is being destroyed, not gone yet: {e}. Reply \"status\" to follow it.\n",
-                        env.slug
+                        "{} is being destroyed, not gone after {} s ({}). Reply \"status\" to follow it.\n",
+                        env.slug,
+                        DESTROY_WAIT.as_secs(),
+                        env.state
                     ),
                     Some(&env),
-                ),
+                )
             }
         }
-        (Command::Status { .. }, Some(env)) => Answer::ok(describe(app, &env), Some(&env)),
+        (Command::Status { .. }, Some(env)) => Answer::ok(describe(&env), Some(&env)),
         (Command::Connect { .. }, Some(env)) => Answer::ok(connect_text(&env), Some(&env)),
         (
             Command::Execute {
@@ -659,37 +751,43 @@ async fn create(
         }
     };
     let _ = app.store.set_mail_environment(mail.id, &env.id).await;
-    Ok(
-        match app
-            .wait_for_state(env.clone(), EnvState::Running, CREATE_WAIT)
+    let settled = matches!(env.state, EnvState::Error | EnvState::Destroyed)
+        && !app
+            .store
+            .has_outstanding_job(&env.id)
             .await
-        {
-            Ok(env) => Answer::ok(
-                format!("{} is running.\n\n{}", env.slug, describe(app, &env)),
-                Some(&env),
+            .map_err(|e| JobError::Retry(e.to_string()))?;
+    Ok(if env.state == EnvState::Running {
+        Answer::ok(
+            format!("{} is running.\n\n{}", env.slug, describe(&env)),
+            Some(&env),
+        )
+    } else if settled {
+        Answer::failed(
+            format!("{} did not come up.\n\n{}", env.slug, describe(&env)),
+            Some(&env),
+        )
+    } else if waited(app, mail) < CREATE_WAIT {
+        return Err(JobError::Later(
+            format!("{} is {}", env.slug, env.state),
+            POLL,
+        ));
+    } else {
+        Answer::ok(
+            format!(
+                "{} is still coming up after {} minutes. Reply \"status\" to see when it runs.\n\n{}",
+                env.slug,
+                CREATE_WAIT.as_secs() / 60,
+                describe(&env)
             ),
-            Err(AppError::Timeout(_)) => Answer::ok(
-                format!(
-                    "{} is still coming up after {} minutes. Reply \"status\" to see when it runs.\n\n{}",
-                    env.slug,
-                    CREATE_WAIT.as_secs() / 60,
-                    describe(app, &env)
-                ),
-                Some(&env),
-            ),
-            Err(e) => {
-                let env = app.store.environment(&env.id).await.unwrap_or(env);
-                Answer::failed(
-                    format!(
-                        "{} did not come up: {e}.\n\n{}",
-                        env.slug,
-                        describe(app, &env)
-                    ),
-                    Some(&env),
-                )
-            }
-        },
-    )
+            Some(&env),
+        )
+    })
+}
+
+/// How long ago the mail arrived.
+fn waited(app: &App, mail: &Mail) -> Duration {
+    Duration::from_millis((app.now() - mail.received_at).max(0) as u64)
 }
 
 async fn execute(
@@ -761,7 +859,7 @@ async fn execute(
     })
 }
 
-fn describe(app: &App, env: &Environment) -> String {
+fn describe(env: &Environment) -> String {
     let mut text = format!(
         "  Environment: {} ({})\n  State:       {}{}\n  Size:        {} vCPU, {} MB memory, {} GB disk\n",
         env.slug,
@@ -781,7 +879,6 @@ fn describe(app: &App, env: &Environment) -> String {
     if env.state == EnvState::Running {
         text.push_str(&connect_text(env));
     }
-    let _ = app;
     text
 }
 
@@ -801,7 +898,7 @@ fn connect_text(env: &Environment) -> String {
 fn help_text(address: &str) -> String {
     format!(
         "Hearth takes commands by mail at {address}.\n\n\
-The subject's first command word is the command; in a reply, the first word of your first line.\n\n\
+The subject's first word is the command; in a reply, the first word of your first line.\n\n\
   create [2 vcpus] [4 gb ram] [20 gb disk] [8 hours]   make an environment\n\
   status env_xxxxxxxx                                   its state and size\n\
   connect env_xxxxxxxx                                  how to SSH in\n\
@@ -853,22 +950,31 @@ fn html_of(text: &str) -> String {
     )
 }
 
+/// The relay's URL without its user and password, for messages.
+fn relay_shown(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
 async fn send_reply(
     service: &MailService,
     mail: &Mail,
     reply_id: &str,
     text: &str,
-) -> Result<(), JobError> {
-    let fatal = |what: &str, e: String| JobError::Fatal(format!("{what}: {e}"));
+) -> Result<(), String> {
     let from: Mailbox = service
         .config
         .address
         .parse()
-        .map_err(|e: lettre::address::AddressError| fatal("the agent address", e.to_string()))?;
+        .map_err(|e| format!("the agent address cannot be used: {e}"))?;
     let to: Mailbox = mail
         .sender
         .parse()
-        .map_err(|e: lettre::address::AddressError| fatal("the sender's address", e.to_string()))?;
+        .map_err(|e| format!("the sender's address cannot be used: {e}"))?;
     let original = format!("<{}>", mail.message_id);
     let subject = mail
         .reply_subject
@@ -889,12 +995,12 @@ async fn send_reply(
             text.to_string(),
             html_of(text),
         ))
-        .map_err(|e| fatal("the reply cannot be built", e.to_string()))?;
+        .map_err(|e| format!("the reply cannot be built: {e}"))?;
     service.relay.send(message).await.map_err(|e| {
-        JobError::Retry(format!(
+        format!(
             "the relay {} did not take the reply: {e}",
-            service.config.relay
-        ))
+            relay_shown(&service.config.relay)
+        )
     })?;
     Ok(())
 }
@@ -928,6 +1034,38 @@ mod tests {
             "Re: create [env_ab12cd34]"
         );
         assert_eq!(reply_subject("", None), "Re: your message");
+    }
+
+    #[test]
+    fn a_signature_proves_only_what_it_covers() {
+        let all: Vec<String> = ["From", "To", "Subject", "Message-ID", "Date"]
+            .map(String::from)
+            .into();
+        assert!(signature_counts("Example.com", &all, 0, "example.com"));
+        assert!(
+            !signature_counts("example.com", &all, 120, "example.com"),
+            "l= lets text be added"
+        );
+        assert!(!signature_counts(
+            "mail.example.com",
+            &all,
+            0,
+            "example.com"
+        ));
+        let no_id: Vec<String> = ["from", "subject"].map(String::from).into();
+        assert!(
+            !signature_counts("example.com", &no_id, 0, "example.com"),
+            "could be sent again under a new id"
+        );
+    }
+
+    #[test]
+    fn relay_credentials_are_never_shown() {
+        assert_eq!(
+            relay_shown("smtps://user:pa@ss@mail.example.com:465"),
+            "smtps://…@mail.example.com:465"
+        );
+        assert_eq!(relay_shown("smtp://127.0.0.1:25"), "smtp://127.0.0.1:25");
     }
 
     #[test]

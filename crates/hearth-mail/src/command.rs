@@ -1,14 +1,16 @@
 //! Which command a message asks for.
 //!
 //! A body that is a JSON object with an `action` is a JSON command. Otherwise the command is
-//! the first command word of the subject (`Re:`/`Fwd:` prefixes aside), or, for a reply
-//! (a subject starting with `Re:`), the first word of the body's first line: replying to
-//! Hearth's own answer must never repeat the command of the thread's first message.
-//! Words are whole words, so "restart" is not "start" and nothing is ever created by
+//! the first word of the subject (reply and forward prefixes such as `Re:`, `AW:`, `SV:`,
+//! `Fwd:` aside), or, for a reply (such a prefix, or Hearth's own `[env_...]` tag in the
+//! subject), the first word of the body's first line: replying to Hearth's answer must never
+//! repeat the command of the thread's first message. Only the first word counts, so
+//! "Happy new year" is not "new", "restart" is not "start", and nothing is ever created by
 //! default: a message without a command word gets the help.
 //!
 //! Quoted lines (`>`), and everything after an "On ... wrote:" line or a `-- ` signature
-//! line, are not read: they are someone's earlier words.
+//! line, are not read: they are someone's earlier words. Fenced code blocks are read as
+//! they are: a `>` or `--` line inside one is code.
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -85,7 +87,6 @@ fn help(problem: impl Into<String>) -> Command {
 /// The words that name a command, and the command each names.
 const WORDS: &[(&str, &str)] = &[
     ("create", "create"),
-    ("new", "create"),
     ("destroy", "destroy"),
     ("delete", "destroy"),
     ("status", "status"),
@@ -118,7 +119,7 @@ pub fn parse(subject: &str, body: &str) -> Command {
     } else {
         (subject, format!("{subject}\n{}", outside_fences(&body)))
     };
-    let Some(verb) = words(line).find_map(|w| {
+    let Some(verb) = words(line).next().and_then(|w| {
         WORDS
             .iter()
             .find(|(word, _)| *word == w.as_str())
@@ -141,7 +142,10 @@ pub fn parse(subject: &str, body: &str) -> Command {
         )),
     };
     match verb {
-        "create" => Command::Create(sizes(&details)),
+        "create" => match sizes(&details) {
+            Ok(request) => Command::Create(request),
+            Err(problem) => help(problem),
+        },
         "destroy" => needs_target(|target| Command::Destroy { target }),
         "status" => needs_target(|target| Command::Status { target }),
         "connect" => needs_target(|target| Command::Connect { target }),
@@ -167,19 +171,25 @@ pub fn parse(subject: &str, body: &str) -> Command {
     }
 }
 
-/// The body without quoted lines, and cut at an attribution or signature line.
+/// The body without quoted lines, and cut at an attribution or signature line; inside a
+/// fenced block every line is kept as it is.
 fn own_words(body: &str) -> String {
     let mut out = String::new();
+    let mut fenced = false;
     for line in body.lines() {
         let t = line.trim();
-        if line.trim_end() == "--"
-            || t.starts_with("-----Original Message-----")
-            || (t.starts_with("On ") && t.ends_with("wrote:"))
-        {
-            break;
-        }
-        if t.starts_with('>') {
-            continue;
+        if t.starts_with("```") {
+            fenced = !fenced;
+        } else if !fenced {
+            if line.trim_end() == "--"
+                || t.starts_with("-----Original Message-----")
+                || (t.starts_with("On ") && t.ends_with("wrote:"))
+            {
+                break;
+            }
+            if t.starts_with('>') {
+                continue;
+            }
         }
         out.push_str(line);
         out.push('\n');
@@ -189,18 +199,25 @@ fn own_words(body: &str) -> String {
 
 /// `Re:`, `Fwd:` and similar prefixes removed; whether one of them was a reply's.
 fn strip_prefixes(subject: &str) -> (bool, &str) {
+    const REPLY: [&str; 7] = ["re", "aw", "sv", "vs", "antw", "r", "rif"];
+    const FORWARD: [&str; 6] = ["fw", "fwd", "wg", "tr", "rv", "enc"];
     let mut rest = subject.trim();
-    let mut reply = false;
+    // Hearth tags its answers' subjects with the environment: a subject with the tag is a
+    // reply, whatever the mail program did to the prefixes.
+    let mut reply = words(rest).any(|w| is_slug(&w)) && rest.contains("[env_");
     loop {
-        let lower = rest.get(..4).map(str::to_ascii_lowercase);
-        let (is_reply, len) = match lower.as_deref() {
-            Some(p) if p.starts_with("re:") || p.starts_with("aw:") => (true, 3),
-            Some(p) if p.starts_with("fw:") => (false, 3),
-            Some("fwd:") => (false, 4),
-            _ => return (reply, rest),
+        let Some((head, tail)) = rest.split_once(':') else {
+            return (reply, rest);
         };
-        reply |= is_reply;
-        rest = rest[len..].trim_start();
+        let head = head.trim().to_ascii_lowercase();
+        // "Re[2]:" and "Re(2):" count as "Re:".
+        let head = head.split(['[', '(']).next().unwrap_or("");
+        if REPLY.contains(&head) {
+            reply = true;
+        } else if !FORWARD.contains(&head) {
+            return (reply, rest);
+        }
+        rest = tail.trim_start();
     }
 }
 
@@ -258,17 +275,24 @@ fn first_fence(body: &str) -> Option<String> {
 }
 
 /// Sizes, duration and repository written as words: "2 vcpus", "4gb ram", "8192 mb memory",
-/// "20 gb disk", "3 hours", "2d", "https://github.com/o/r". A memory or disk size needs its
-/// qualifier ("ram"/"memory", "disk"): a bare "4gb" names neither.
-fn sizes(text: &str) -> CreateRequest {
+/// "20 gb disk", "3 hours", "2d", "repo https://github.com/o/r". A memory or disk size needs
+/// its qualifier ("ram"/"memory", "disk"): a bare "4gb" names neither, and is refused rather
+/// than ignored. A URL counts only after "repo" or "repository" (a link in a signature is
+/// not a repository).
+fn sizes(text: &str) -> Result<CreateRequest, String> {
     // Each word split where digits meet letters: "4gb" → "4", "gb".
     let mut parts: Vec<String> = Vec::new();
     let mut repository = None;
+    let mut previous = String::new();
     for w in words(text).take(2000) {
         if w.starts_with("https://") || w.starts_with("http://") {
-            repository.get_or_insert(w);
+            if matches!(previous.as_str(), "repo" | "repository") {
+                repository.get_or_insert(w.clone());
+            }
+            previous = w;
             continue;
         }
+        previous = w.clone();
         let mut current = String::new();
         for c in w.chars() {
             if !current.is_empty()
@@ -303,6 +327,11 @@ fn sizes(text: &str) -> CreateRequest {
             "gb" | "gib" | "g" if disk => {
                 req.disk_gb.get_or_insert(n);
             }
+            "gb" | "gib" | "mb" | "mib" => {
+                return Err(format!(
+                    "\"{n} {unit}\" names neither memory nor disk: write \"{n} {unit} ram\" or \"{n} {unit} disk\""
+                ));
+            }
             "h" | "hr" | "hrs" | "hour" | "hours" => {
                 req.duration_hours.get_or_insert(n);
             }
@@ -312,7 +341,7 @@ fn sizes(text: &str) -> CreateRequest {
             _ => {}
         }
     }
-    req
+    Ok(req)
 }
 
 /// The JSON form: `{"action": "create", "vcpus": 2, "memoryMb": 4096, "duration": "2h", ...}`.
@@ -448,7 +477,9 @@ mod tests {
             parse("create", ""),
             Command::Create(CreateRequest::default())
         );
-        assert_eq!(parse("New environment please", "").name(), "create");
+        assert_eq!(parse("Fwd: FW: create", "").name(), "create");
+        // "new" starts too many subjects to mean create.
+        assert_eq!(parse("New environment please", "").name(), "help");
         assert_eq!(
             parse("Destroy env_ab12cd34", ""),
             Command::Destroy {
@@ -482,6 +513,15 @@ mod tests {
         }
         // "showcase" is not "show"/"list", "remover" not "remove".
         assert_eq!(parse("showcase", "").name(), "help");
+        // Only the first word is the command.
+        for subject in [
+            "Happy new year",
+            "Fwd: New pricing",
+            "please don't delete env_ab12cd34",
+            "What's new?",
+        ] {
+            assert_eq!(parse(subject, "").name(), "help", "{subject:?}");
+        }
     }
 
     #[test]
@@ -494,15 +534,23 @@ mod tests {
         assert_eq!(r.memory_mb, Some(4096));
         assert_eq!(r.disk_gb, Some(20));
         assert_eq!(r.duration_hours, Some(3));
+        assert_eq!(r.repository, None, "a bare link is not a repository");
+        let r = create(
+            "create",
+            "repo https://github.com/o/r\n-- \nhttps://example.com/me",
+        );
         assert_eq!(r.repository.as_deref(), Some("https://github.com/o/r"));
         let r = create("create 1cpu 512 mb memory 2d", "");
         assert_eq!(
             (r.vcpus, r.memory_mb, r.duration_hours),
             (Some(1), Some(512), Some(48))
         );
-        // A bare size names neither memory nor disk.
-        let r = create("create 4gb", "");
-        assert_eq!((r.memory_mb, r.disk_gb), (None, None));
+        // A bare size names neither memory nor disk: refused, not ignored.
+        let c = parse("create 4gb", "");
+        assert!(
+            matches!(&c, Command::Help { problem: Some(p) } if p.contains("neither memory nor disk")),
+            "{c:?}"
+        );
     }
 
     #[test]
@@ -518,6 +566,15 @@ mod tests {
             }
         );
         assert_eq!(parse("execute env_ab12cd34", "echo hi").name(), "help");
+        // Inside the block, quote and signature markers are code.
+        let c = parse(
+            "execute env_ab12cd34",
+            "```\necho a > /tmp/x\n> /tmp/y\n--\nOn it wrote:\n```\n",
+        );
+        assert!(
+            matches!(&c, Command::Execute { code, .. } if code == "echo a > /tmp/x\n> /tmp/y\n--\nOn it wrote:\n"),
+            "{c:?}"
+        );
         assert_eq!(
             parse("execute env_ab12cd34", "```\necho open").name(),
             "help"
@@ -539,6 +596,14 @@ mod tests {
         );
         assert_eq!(parse("RE: Re: create", "thanks!\n> create").name(), "help");
         assert_eq!(parse("Fwd: create", "").name(), "create");
+        // A mail program that lost the prefix: Hearth's tag still makes it a reply.
+        assert_eq!(
+            parse("create [env_ab12cd34]", "status"),
+            Command::Status {
+                target: "env_ab12cd34".into()
+            }
+        );
+        assert_eq!(parse("SV: Re[2]: create", "thanks").name(), "help");
     }
 
     #[test]

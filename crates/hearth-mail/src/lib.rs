@@ -115,7 +115,11 @@ pub fn parse_webhook(
         in_reply_to: None,
         automatic: false,
     });
-    if !headers.to_ascii_lowercase().contains("message-id:") {
+    let has_id = headers.lines().any(|l| {
+        l.get(..11)
+            .is_some_and(|h| h.eq_ignore_ascii_case("message-id:"))
+    });
+    if !has_id {
         // No id of its own: one from everything posted, so two different messages differ.
         let all = [
             headers,

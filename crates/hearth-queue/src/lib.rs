@@ -31,7 +31,7 @@ pub struct QueueConfig {
 impl QueueConfig {
     /// The seed's queues: `provision` (2 at a time, 3 attempts, 5 s doubling) and
     /// `control` (5, 2 attempts, 2 s doubling); and `mail` for commands by mail (4 at a
-    /// time; 8 attempts 10 s doubling, so a reply outlasts a relay outage of about 40 min).
+    /// time; 8 attempts 10 s doubling; waiting for a VM or a relay spends none).
     pub fn defaults() -> Vec<QueueConfig> {
         vec![
             QueueConfig {

@@ -7,11 +7,14 @@
 //! `hearth_app::mail`); a rejected message still gets 250, so a forger learns nothing and no
 //! bounce goes to the forged address.
 //!
-//! What one client can hold is bounded: `HEARTH_SMTP_MAX_CONNECTIONS` sessions (64; one
-//! more is told 421 and closed), a command line of 512 bytes and a text line of 1000
-//! (RFC 5321's limits; longer gets 500 and the session ends), a message of
-//! `MAX_MESSAGE_BYTES` (announced as SIZE; larger gets 552 and is not kept), 16
-//! recipients, 60 s to send each line, and 10 minutes per session.
+//! What one client can hold is bounded: `HEARTH_SMTP_MAX_CONNECTIONS` sessions (64), 8 of
+//! them from one address (one more is told 421 and closed), a command line of 512 bytes
+//! and a text line of 1000 with their CRLF (RFC 5321's limits; longer gets 500 and the
+//! session ends), a message of `MAX_MESSAGE_BYTES` (announced as SIZE; larger gets 552 and
+//! is not kept), 16 recipients, 60 s to send each line, and 10 minutes per session.
+//!
+//! The message ends only at CRLF "." CRLF: a bare LF "." is text, so a message cannot
+//! smuggle a second one past a server in front that reads line ends differently.
 //!
 //! STARTTLS is not offered: put the listener on loopback or a private network behind the
 //! domain's MX (Postfix, a cloud relay), which speaks TLS to the world.
@@ -19,14 +22,18 @@
 use hearth_app::App;
 use hearth_app::mail::{Arrival, Receipt};
 use hearth_mail::{MAX_MESSAGE_BYTES, Recipient};
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
-const COMMAND_LINE: usize = 512;
-const TEXT_LINE: usize = 1000;
+const COMMAND_LINE: usize = 510;
+const TEXT_LINE: usize = 998;
+/// Sessions one client address may hold at once.
+const PER_PEER: usize = 8;
 const MAX_RECIPIENTS: usize = 16;
 const LINE_TIMEOUT: Duration = Duration::from_secs(60);
 const SESSION_LIMIT: Duration = Duration::from_secs(600);
@@ -35,6 +42,7 @@ const SESSION_LIMIT: Duration = Duration::from_secs(600);
 pub async fn serve(app: App, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
     let Some(mail) = app.mail.clone() else { return };
     let slots = Arc::new(Semaphore::new(mail.config.max_connections));
+    let peers: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Default::default();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -44,7 +52,31 @@ pub async fn serve(app: App, listener: TcpListener, mut shutdown: watch::Receive
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        let ip = peer.ip();
+        let mine = {
+            let mut peers = peers.lock().unwrap();
+            let n = peers.entry(ip).or_default();
+            *n += 1;
+            *n
+        };
+        let slot = slots.clone().try_acquire_owned();
+        let release = {
+            let peers = peers.clone();
+            move || {
+                let mut peers = peers.lock().unwrap();
+                if let Some(n) = peers.get_mut(&ip) {
+                    *n -= 1;
+                    if *n == 0 {
+                        peers.remove(&ip);
+                    }
+                }
+            }
+        };
+        let Ok(slot) = slot
+            .map_err(|_| ())
+            .and_then(|s| if mine > PER_PEER { Err(()) } else { Ok(s) })
+        else {
+            release();
             let _ = tcp
                 .write_all(b"421 4.7.0 too many connections, try again later\r\n")
                 .await;
@@ -61,14 +93,16 @@ pub async fn serve(app: App, listener: TcpListener, mut shutdown: watch::Receive
                 }
                 Ok(Ok(())) => {}
             }
+            release();
             drop(slot);
         });
     }
 }
 
-/// Why a line could not be read.
+/// What reading a line gave.
 enum Read {
-    Line(Vec<u8>),
+    /// The line without its ending, and whether that ending was CRLF.
+    Line(Vec<u8>, bool),
     TooLong,
     Closed,
 }
@@ -100,7 +134,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<BufReader<R>, W> {
         self.writer.flush().await
     }
 
-    /// One line, without its line ending, of at most `limit` bytes.
+    /// One line of at most `limit` bytes before its line ending.
     async fn line(&mut self, limit: usize) -> std::io::Result<Read> {
         let mut buf = Vec::new();
         let read = tokio::time::timeout(
@@ -122,13 +156,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<BufReader<R>, W> {
             });
         }
         buf.pop();
-        if buf.last() == Some(&b'\r') {
+        let crlf = buf.last() == Some(&b'\r');
+        if crlf {
             buf.pop();
         }
         Ok(if buf.len() > limit {
             Read::TooLong
         } else {
-            Read::Line(buf)
+            Read::Line(buf, crlf)
         })
     }
 
@@ -143,7 +178,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<BufReader<R>, W> {
         self.reply("220 hearth ESMTP ready").await?;
         loop {
             let line = match self.line(COMMAND_LINE).await? {
-                Read::Line(l) => l,
+                Read::Line(l, _) => l,
                 Read::TooLong => return self.reply("500 5.5.2 line too long").await,
                 Read::Closed => return Ok(()),
             };
@@ -234,29 +269,34 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<BufReader<R>, W> {
         self.reply("354 end with <CRLF>.<CRLF>").await?;
         let mut message = Vec::new();
         let mut too_big = false;
+        // The end is "." on a line of its own, with CRLF before and after it.
+        let mut after_crlf = true;
         loop {
-            let line = match self.line(TEXT_LINE).await? {
-                Read::Line(l) => l,
-                Read::TooLong => return self.reply("500 5.5.2 line too long").await,
+            let (line, crlf) = match self.line(TEXT_LINE).await? {
+                Read::Line(l, crlf) => (l, crlf),
+                // The rest of the message would be read as commands: end the session.
+                Read::TooLong => {
+                    self.reply("500 5.5.2 line too long; closing").await?;
+                    return Err(std::io::Error::other("a text line over 998 bytes"));
+                }
                 Read::Closed => return Ok(()),
             };
-            if line == b"." {
+            if line == b"." && crlf && after_crlf {
                 break;
             }
+            after_crlf = crlf;
             // Dot-stuffing: a line that starts with '.' was sent with one more.
             let line = line.strip_prefix(b".").unwrap_or(&line);
-            if message.len() + line.len() + 2 > MAX_MESSAGE_BYTES {
+            if too_big || message.len() + line.len() + 2 > MAX_MESSAGE_BYTES {
                 too_big = true;
-                message.clear();
+                message = Vec::new();
                 continue;
             }
-            if !too_big {
-                message.extend_from_slice(line);
-                message.extend_from_slice(b"\r\n");
-            }
+            message.extend_from_slice(line);
+            message.extend_from_slice(if crlf { b"\r\n" } else { b"\n" });
         }
         let recipients = std::mem::take(&mut self.recipients);
-        self.sender = None;
+        let sender = self.sender.take().unwrap_or_default();
         if too_big {
             return self
                 .reply(&format!(
@@ -268,6 +308,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<BufReader<R>, W> {
             .app
             .receive(Arrival::Smtp {
                 raw: &message,
+                envelope_sender: &sender,
                 recipients: &recipients,
             })
             .await

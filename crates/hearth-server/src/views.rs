@@ -457,10 +457,13 @@ pub struct Items<T: ToSchema> {
 
 /// `GET /v1/me`: the caller, their quota and what of it they use.
 #[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct MeView {
     pub user: UserView,
     pub quota: Quota,
     pub usage: Usage,
+    /// Where commands by mail go (`HEARTH_MAIL_ADDRESS`); none when they are off.
+    pub mail_agent: Option<String>,
 }
 
 /// One of the caller's API tokens: its id and name, never the token.

@@ -294,15 +294,30 @@ impl Store {
             .flatten())
     }
 
-    /// The user with this address (compared without case).
+    /// The user with this address, compared without (ASCII) case as mail does; `None`
+    /// when no user, or several users whose addresses differ only in case, have it.
     pub async fn user_by_email(&self, email: &str) -> Result<Option<User>> {
-        let row = sqlx::query(
-            "SELECT id, email, role, tier, created_at FROM users WHERE LOWER(email) = $1",
+        let rows = sqlx::query(
+            "SELECT id, email, role, tier, created_at FROM users WHERE LOWER(email) = $1 LIMIT 2",
         )
-        .bind(email.to_lowercase())
-        .fetch_optional(&self.pool)
+        .bind(email.to_ascii_lowercase())
+        .fetch_all(&self.pool)
         .await?;
-        row.as_ref().map(user_from_row).transpose()
+        match rows.as_slice() {
+            [one] => Ok(Some(user_from_row(one)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Rejected messages recorded since `since` (the recording is capped per hour).
+    pub async fn rejected_mail_since(&self, since: i64) -> Result<i64> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n FROM inbound_mail WHERE status = 'rejected' AND received_at >= $1",
+        )
+        .bind(since)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("n")?)
     }
 
     /// The hash of the user's sub-address secret, if they made one.
@@ -428,11 +443,55 @@ mod tests {
             );
             assert_eq!(store.mail_page(None, None, 10).await.unwrap().len(), 2);
             assert_eq!(store.mail_token_hash(&user.id).await.unwrap(), None);
+            assert_eq!(store.rejected_mail_since(0).await.unwrap(), 1);
+            // Two users whose addresses differ only in case: mail names neither.
+            store
+                .create_user("a@example.com", Role::User, Tier::Free)
+                .await
+                .unwrap();
+            assert_eq!(store.user_by_email("a@example.com").await.unwrap(), None);
             store.set_mail_token_hash(&user.id, "h").await.unwrap();
             assert_eq!(
                 store.mail_token_hash(&user.id).await.unwrap().as_deref(),
                 Some("h")
             );
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn rejected_mail_is_pruned_by_age_and_count() {
+        each_backend(|store| async move {
+            let day = 86_400_000;
+            for i in 0..5 {
+                store
+                    .insert_mail(&new_mail(None, &format!("r{i}")), None, "mail:x")
+                    .await
+                    .unwrap();
+            }
+            store
+                .exec_sql_for_tests(
+                    "UPDATE inbound_mail SET received_at = $1 WHERE message_id = $2",
+                    store.now() - 8 * day,
+                    "r0",
+                )
+                .await
+                .unwrap();
+            let r = crate::Retention {
+                executions_ms: 30 * day,
+                audit_ms: 365 * day,
+                jobs_ms: 30 * day,
+                destroyed_ms: 30 * day,
+            };
+            store.prune(&r).await.unwrap();
+            let left: Vec<String> = store
+                .mail_page(None, None, 10)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|m| m.message_id)
+                .collect();
+            assert_eq!(left, ["r4", "r3", "r2", "r1"], "a week-old rejection goes");
         })
         .await;
     }

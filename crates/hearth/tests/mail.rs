@@ -315,8 +315,10 @@ async fn all_mail(server: &Server) -> Vec<Value> {
 }
 
 fn slug_in(text: &str) -> String {
-    let start = text.find("env_").expect("a slug in the reply");
-    text[start..start + 12].to_string()
+    let start = text
+        .find("env_")
+        .unwrap_or_else(|| panic!("no slug in the reply: {text}"));
+    text[start..].chars().take(12).collect()
 }
 
 /// Create, execute and destroy by mail on the real Docker engine, each answered in the same
@@ -326,7 +328,8 @@ fn slug_in(text: &str) -> String {
 async fn create_execute_destroy_by_mail() {
     let sink = Sink::start().await;
     let smtp = free_port();
-    let site = mail_site(Site::new(Db::Sqlite).await, smtp, sink.port, None);
+    let site = mail_site(Site::new(Db::Sqlite).await, smtp, sink.port, None)
+        .with_env("HEARTH_MAIL_PER_HOUR", "5");
     let server = site.start().await;
     wait_port(smtp).await;
     let token = server.user("Alice@Example.com", "pro").await;
@@ -499,6 +502,34 @@ async fn create_execute_destroy_by_mail() {
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(sink.messages().len(), 5, "no reply twice");
+    // A sixth command within the hour is over HEARTH_MAIL_PER_HOUR: refused, unanswered.
+    let (taken, _) = swaks(
+        smtp,
+        "alice@example.com",
+        &secret,
+        "list",
+        "l2@example.com",
+        "",
+    )
+    .await;
+    assert!(taken);
+    let started = Instant::now();
+    while all_mail(&server).await.len() < 6 {
+        assert!(started.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let newest = &all_mail(&server).await[0];
+    assert_eq!(newest["status"], "rejected");
+    assert!(
+        newest["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("the limit is 5"),
+        "{newest:?}"
+    );
+    assert!(newest["sender"] == "alice@example.com");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(sink.messages().len(), 5);
     // The audit names the sender.
     let audit = server
         .call(
@@ -635,17 +666,26 @@ async fn unproven_mail_is_refused_unanswered() {
         "From: alice@example.com\r\nTo: {secret}\r\nSubject: Out of office: create\r\nMessage-ID: <r6@example.com>\r\nAuto-Submitted: auto-replied\r\n\r\nI am away.\r\n"
     );
     smtplib(smtp, "alice@example.com", &secret, &auto, None).await;
+    // A bounce (null envelope sender) to the secret address, as a forged return path makes.
+    let bounce = message(
+        "alice@example.com",
+        &secret,
+        "create",
+        "r7@example.com",
+        "1 vcpu",
+    );
+    smtplib(smtp, "", &secret, &bounce, None).await;
 
     let started = Instant::now();
     let rejected = loop {
         let mail = all_mail(&server).await;
-        if mail.len() >= 6 {
+        if mail.len() >= 7 {
             break mail;
         }
         assert!(started.elapsed() < Duration::from_secs(30), "{mail:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(rejected.len(), 6, "{rejected:?}");
+    assert_eq!(rejected.len(), 7, "{rejected:?}");
     let why: Vec<&str> = rejected
         .iter()
         .map(|m| m["outcome"].as_str().unwrap())
@@ -657,12 +697,13 @@ async fn unproven_mail_is_refused_unanswered() {
         "{rejected:?}"
     );
     for (i, expected) in [
-        (5, "unproven"),             // r1: the plain address, no signature
-        (4, "unproven"),             // r2: a wrong secret
-        (3, "is no user's address"), // r3: bob
-        (2, "unproven"),             // r4: signed by evil.test
-        (1, "unproven"),             // r5: tampered
-        (0, "sent by a machine"),    // r6: automatic
+        (6, "unproven"),             // r1: the plain address, no signature
+        (5, "unproven"),             // r2: a wrong secret
+        (4, "is no user's address"), // r3: bob
+        (3, "unproven"),             // r4: signed by evil.test
+        (2, "unproven"),             // r5: tampered
+        (1, "sent by a machine"),    // r6: automatic
+        (0, "a bounce"),             // r7: null sender
     ] {
         assert!(why[i].contains(expected), "{i}: {:?}", why[i]);
     }
@@ -681,7 +722,13 @@ async fn unproven_mail_is_refused_unanswered() {
         .iter()
         .filter(|a| a["action"] == "mail.reject")
         .count();
-    assert_eq!(rejections, 6, "{audit:?}");
+    assert_eq!(rejections, 7, "{audit:?}");
+    // The secret is never written down, not even in the record of who wrote to it.
+    let all = serde_json::to_string(&rejected).unwrap();
+    assert!(
+        !all.contains(secret.split('+').nth(1).unwrap().split('@').next().unwrap()),
+        "{all}"
+    );
 
     // A signature of the sender's own domain is proof.
     let listed = message("alice@example.com", AGENT, "list", "ok1@example.com", "");
@@ -706,7 +753,7 @@ async fn unproven_mail_is_refused_unanswered() {
 
     // The webhook: no secret, nothing stored; SendGrid's verdict for another domain is no
     // proof; for the sender's own domain it is.
-    let post = |secret: Option<&str>, dkim: &str, id: &str| {
+    let post_to = |to: &str, secret: Option<&str>, dkim: &str, id: &str| {
         let mut args = vec![
             "-s".to_string(),
             "-o".into(),
@@ -722,9 +769,9 @@ async fn unproven_mail_is_refused_unanswered() {
             "-F".into(),
             "text=".into(),
             "-F".into(),
-            format!("to={AGENT}"),
+            format!("to={to}"),
             "-F".into(),
-            format!("envelope={{\"to\":[\"{AGENT}\"],\"from\":\"alice@example.com\"}}"),
+            format!("envelope={{\"to\":[\"{to}\"],\"from\":\"alice@example.com\"}}"),
             "-F".into(),
             format!("dkim={dkim}"),
             "-F".into(),
@@ -742,9 +789,25 @@ async fn unproven_mail_is_refused_unanswered() {
             (code.to_string(), body.to_string())
         }
     };
+    let post = |secret: Option<&str>, dkim: &str, id: &str| post_to(AGENT, secret, dkim, id);
     let before = all_mail(&server).await.len();
     let (code, body) = post(None, "{@example.com : pass}", "w0@example.com").await;
     assert_eq!(code, "401", "{body}");
+    let challenge = server
+        .http
+        .post(format!("{}/v1/mail/inbound", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(challenge.status(), StatusCode::UNAUTHORIZED);
+    assert!(
+        challenge
+            .headers()
+            .get("www-authenticate")
+            .is_some_and(|v| v.to_str().unwrap().starts_with("Basic")),
+        "{:?}",
+        challenge.headers()
+    );
     let (code, _) = post(
         Some("not-the-secret-at-all"),
         "{@example.com : pass}",
@@ -777,11 +840,21 @@ async fn unproven_mail_is_refused_unanswered() {
     );
     let reply = sink.reply(2, &site).await;
     assert_eq!(reply.in_reply_to, "<w2@example.com>");
+    // The secret address proves it on the webhook too, with no DKIM verdict at all.
+    let (code, body) = post_to(&secret, Some(SECRET), "none", "w3@example.com").await;
+    assert_eq!(
+        (code.as_str(), body.contains("queued")),
+        ("200", true),
+        "{body}"
+    );
+    let reply = sink.reply(3, &site).await;
+    assert_eq!(reply.in_reply_to, "<w3@example.com>");
+    assert_eq!(all_mail(&server).await[0]["proof"], "sub-address");
 
-    // Through all of it: no environment, and exactly the two answered messages answered.
+    // Through all of it: no environment, and exactly the three proven messages answered.
     assert!(environments(&server, &token).await.is_empty());
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(sink.messages().len(), 2);
+    assert_eq!(sink.messages().len(), 3);
 }
 
 /// A node killed after it accepted a message loses nothing: another node answers it. A
@@ -908,4 +981,159 @@ async fn nothing_is_lost_when_a_node_dies() {
     server
         .wait_env(&token, &slug, "destroyed", Duration::from_secs(60))
         .await;
+}
+
+/// One SMTP session over a raw socket, to push the listener's limits.
+struct Smtp {
+    reader: tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl Smtp {
+    async fn open(port: u16) -> (Smtp, String) {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let (r, w) = tcp.into_split();
+        let mut s = Smtp {
+            reader: tokio::io::BufReader::new(r),
+            writer: w,
+        };
+        let greeting = s.answer().await;
+        (s, greeting)
+    }
+
+    /// The server's answer (all lines of a multi-line one).
+    async fn answer(&mut self) -> String {
+        use tokio::io::AsyncBufReadExt;
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout(Duration::from_secs(30), self.reader.read_line(&mut line))
+                .await
+                .unwrap()
+                .unwrap();
+            all.push_str(&line);
+            if n == 0 || line.as_bytes().get(3) != Some(&b'-') {
+                return all;
+            }
+        }
+    }
+
+    async fn say(&mut self, line: &str) -> String {
+        use tokio::io::AsyncWriteExt;
+        self.writer
+            .write_all(format!("{line}\r\n").as_bytes())
+            .await
+            .unwrap();
+        self.answer().await
+    }
+}
+
+/// The listener's bounds hold: sessions, line lengths, recipients, message size, order.
+#[tokio::test]
+async fn the_smtp_listener_is_bounded() {
+    let sink = Sink::start().await;
+    let smtp = free_port();
+    let site = mail_site(Site::new(Db::Sqlite).await, smtp, sink.port, None)
+        .with_env("VM_PROVIDER", "sim")
+        .with_env("HEARTH_SMTP_MAX_CONNECTIONS", "3");
+    let server = site.start().await;
+    wait_port(smtp).await;
+
+    let (mut a, greeting) = Smtp::open(smtp).await;
+    assert!(greeting.starts_with("220"), "{greeting}");
+    let (b, _) = Smtp::open(smtp).await;
+    let (c, _) = Smtp::open(smtp).await;
+    let (_, refused) = Smtp::open(smtp).await;
+    assert!(refused.starts_with("421"), "a fourth session: {refused}");
+
+    assert!(a.say("DATA").await.starts_with("503"), "DATA before MAIL");
+    assert!(
+        a.say("MAIL FROM:<alice@example.com>")
+            .await
+            .starts_with("503"),
+        "MAIL before EHLO"
+    );
+    let ehlo = a.say("EHLO tests.example").await;
+    assert!(ehlo.contains("SIZE 1048576"), "{ehlo}");
+    assert!(
+        a.say("MAIL FROM:<alice@example.com> SIZE=2000000")
+            .await
+            .starts_with("552")
+    );
+    assert!(
+        a.say("MAIL FROM:<alice@example.com>")
+            .await
+            .starts_with("250")
+    );
+    assert!(
+        a.say("RCPT TO:<root@elsewhere.test>")
+            .await
+            .starts_with("550"),
+        "not a relay"
+    );
+    for _ in 0..16 {
+        assert!(
+            a.say(&format!("RCPT TO:<{AGENT}>"))
+                .await
+                .starts_with("250")
+        );
+    }
+    assert!(
+        a.say(&format!("RCPT TO:<{AGENT}>"))
+            .await
+            .starts_with("452"),
+        "a 17th recipient"
+    );
+    assert!(a.say("DATA").await.starts_with("354"));
+    // Over 1 MiB of lines: refused, and nothing kept.
+    use tokio::io::AsyncWriteExt;
+    let line = format!("{}\r\n", "x".repeat(998));
+    a.writer
+        .write_all(b"From: alice@example.com\r\nSubject: list\r\n\r\n")
+        .await
+        .unwrap();
+    for _ in 0..1100 {
+        a.writer.write_all(line.as_bytes()).await.unwrap();
+    }
+    assert!(a.say(".").await.starts_with("552"));
+    // A command line over 512 bytes ends the session.
+    let long = a.say(&format!("NOOP {}", "y".repeat(600))).await;
+    assert!(long.starts_with("500"), "{long}");
+    assert!(all_mail(&server).await.is_empty(), "nothing was stored");
+    drop((b, c));
+
+    // A bare LF "." is text, not the end: what follows it is not a second message.
+    let (mut d, _) = Smtp::open(smtp).await;
+    d.say("EHLO tests.example").await;
+    d.say("MAIL FROM:<alice@example.com>").await;
+    d.say(&format!("RCPT TO:<{AGENT}>")).await;
+    d.say("DATA").await;
+    let smuggled = format!(
+        "From: alice@example.com\r\nSubject: one\r\nMessage-ID: <s1@example.com>\r\n\r\n..dot\r\nbody\n.\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<{AGENT}>\r\nDATA\r\nFrom: alice@example.com\r\nSubject: two\r\n\r\nx"
+    );
+    let end = d.say(&format!("{smuggled}\r\n.")).await;
+    assert!(end.starts_with("250"), "{end}");
+    assert!(
+        d.say("QUIT").await.starts_with("221"),
+        "one answer per message, so none is left over"
+    );
+    let stored = all_mail(&server).await;
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0]["subject"], "one");
+
+    // A text line over 998 bytes ends the session: the rest is never read as commands.
+    let (mut e, _) = Smtp::open(smtp).await;
+    e.say("EHLO tests.example").await;
+    e.say("MAIL FROM:<alice@example.com>").await;
+    e.say(&format!("RCPT TO:<{AGENT}>")).await;
+    e.say("DATA").await;
+    let refused = e
+        .say(&format!("Subject: x\r\n\r\n{}\r\nQUIT", "z".repeat(1200)))
+        .await;
+    assert!(refused.starts_with("500"), "{refused}");
+    assert_eq!(e.answer().await, "", "the session is closed");
+    assert_eq!(all_mail(&server).await.len(), 1);
+    assert!(sink.messages().is_empty());
 }

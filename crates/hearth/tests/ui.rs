@@ -2,7 +2,8 @@
 //! `chromium`): a user invited by an admin sets a password from the link, signs in, provisions the
 //! personal VM on the real Docker engine with their own SSH key (real OpenSSH then logs in
 //! with the line the page shows), sees the log and the state change live, runs a command in
-//! the terminal, makes API tokens and uses them with curl, revokes one, watches the
+//! the terminal, makes API tokens and uses them with curl, revokes one, makes a secret mail
+//! address and sees a command posted to the webhook for it listed, watches the
 //! environment list follow a stop made with curl, is refused the admin page, stops and
 //! destroys the VM; an admin sees the last day's chart, destroys the user's next VM from the
 //! admin page and sets the user's quota, checked here through the API. `make test` builds
@@ -25,7 +26,15 @@ async fn a_user_signs_in_provisions_uses_the_terminal_and_destroys() {
         ui.join("dist/index.html").is_file() && ui.join("node_modules/playwright-core").is_dir(),
         "the UI is not built: run `make ui` (make test does)"
     );
-    let site = Site::new(Db::Sqlite).await;
+    // Commands by mail on, through the webhook (the relay is never reached in this test).
+    let site = Site::new(Db::Sqlite)
+        .await
+        .with_env("HEARTH_MAIL_ADDRESS", "agent@hearth.test")
+        .with_env(
+            "HEARTH_MAIL_RELAY",
+            &format!("smtp://127.0.0.1:{}", free_port()),
+        )
+        .with_env("HEARTH_MAIL_WEBHOOK_SECRET", "ui-webhook-secret-123456");
     let server = site.start().await;
     let page = reqwest::get(format!("{}/", server.base)).await.unwrap();
     assert_eq!(page.status(), StatusCode::OK);
@@ -90,6 +99,7 @@ async fn a_user_signs_in_provisions_uses_the_terminal_and_destroys() {
         .env("ADMIN_LINK", &admin_link)
         .env("ADMIN_EMAIL", admin["email"].as_str().unwrap())
         .env("EMAIL", "ui@example.com")
+        .env("MAIL_SECRET", "ui-webhook-secret-123456")
         .env("PASSWORD", password)
         .env("SSH_PUBLIC_KEY", public_key.trim())
         .env("SSH_KEY_FILE", &key_file)

@@ -65,6 +65,30 @@ pub struct InboundView {
         (status = 503, description = "the message could not be stored; post it again", body = crate::error::ErrorBody),
         Invalid, Missing))]
 pub async fn inbound(
+    state: State<App>,
+    query: Params<SecretQuery>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match take_in(state, query, headers, body).await {
+        Ok(view) => view.into_response(),
+        Err(e) => {
+            // Say how to authenticate, so clients that wait for the challenge send the secret.
+            let challenge = e.status == StatusCode::UNAUTHORIZED;
+            let mut response = e.into_response();
+            if challenge {
+                response.headers_mut().insert(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    axum::http::HeaderValue::from_static("Basic realm=\"hearth mail webhook\""),
+                );
+            }
+            response
+        }
+    }
+}
+
+async fn take_in(
     State(app): State<App>,
     Params(query): Params<SecretQuery>,
     headers: HeaderMap,

@@ -24,6 +24,7 @@ pub async fn me(State(app): State<App>, Caller(user): Caller) -> ApiResult<Json<
         user: UserView::from(&user),
         quota,
         usage,
+        mail_agent: app.mail.as_ref().map(|m| m.config.address.clone()),
     }))
 }
 
