@@ -52,8 +52,11 @@ FUZZ_SECONDS ?= 300
 fuzz-mail:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked --version 0.13.2
 	mkdir -p /var/cache/hearth/fuzz-corpus/mail
-	cd fuzz && $(CARGO) fuzz run mail --sanitizer none --target-dir /var/cache/hearth/fuzz-target \
-	  /var/cache/hearth/fuzz-corpus/mail seeds/mail -- -max_total_time=$(FUZZ_SECONDS) -timeout=5 -print_final_stats=1
+	@echo "cargo fuzz: the mail parser for $(FUZZ_SECONDS) s (its log: /tmp/hearth-fuzz-mail.log)"
+	@cd fuzz && $(CARGO) fuzz run mail --sanitizer none --target-dir /var/cache/hearth/fuzz-target \
+	  /var/cache/hearth/fuzz-corpus/mail seeds/mail -- -max_total_time=$(FUZZ_SECONDS) -timeout=5 -print_final_stats=1 \
+	  >/tmp/hearth-fuzz-mail.log 2>&1 || { tail -60 /tmp/hearth-fuzz-mail.log; exit 1; }
+	@grep -E '^(Done|stat::number_of_executed_units|stat::new_units_added)' /tmp/hearth-fuzz-mail.log
 
 ## Benchmarks of BENCHMARKS.md (needs the same setup as the tests).
 bench:

@@ -275,8 +275,8 @@ impl From<&Mail> for MailView {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[into_params(parameter_in = Query, rename_all = "camelCase")]
 pub struct MailQuery {
-    /// `nextCursor` of the page before.
-    #[param(max_length = 20)]
+    /// `nextCursor` of the page before (a number; empty means the first page).
+    #[param(pattern = "^[0-9]{0,18}$")]
     cursor: Option<String>,
     #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,

@@ -228,7 +228,9 @@ pub fn number_cursor(cursor: Option<&str>) -> Result<Option<i64>, ApiError> {
         .filter(|c| !c.is_empty())
         .map(|c| {
             c.parse::<i64>()
-                .map_err(|_| ApiError::invalid("cursor must be a number"))
+                .ok()
+                .filter(|_| c.len() <= 18 && c.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| ApiError::invalid("cursor must be a number of at most 18 digits"))
         })
         .transpose()
 }
