@@ -82,6 +82,8 @@ pub async fn serve(app: App, listener: TcpListener, mut shutdown: watch::Receive
                 .await;
             continue;
         };
+        // Answers are small and each waits for the next command: no Nagle delay.
+        let _ = tcp.set_nodelay(true);
         let app = app.clone();
         tokio::spawn(async move {
             let (read, write) = tcp.into_split();
@@ -128,9 +130,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<BufReader<R>, W> {
         }
     }
 
+    /// One answer, in one write (two small writes would wait on the peer's delayed ACK).
     async fn reply(&mut self, text: &str) -> std::io::Result<()> {
-        self.writer.write_all(text.as_bytes()).await?;
-        self.writer.write_all(b"\r\n").await?;
+        self.writer.write_all(format!("{text}\r\n").as_bytes()).await?;
         self.writer.flush().await
     }
 
