@@ -28,7 +28,7 @@ pub struct JobHandler {
 impl Handler for JobHandler {
     async fn run(&self, job: &Job, lease: &Lease) -> Result<(), JobError> {
         if job.queue == crate::mail::MAIL_QUEUE {
-            return crate::mail::run_job(&self.app, job).await;
+            return crate::mail::run_job(&self.app, job, lease).await;
         }
         let env = match self.app.store.environment(&job.environment_id).await {
             Ok(env) => env,

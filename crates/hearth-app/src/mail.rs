@@ -19,7 +19,7 @@ use crate::error::{AppError, AppResult};
 use crate::service::{CreateInput, ExecInput, SizeRequest};
 use hearth_core::{EnvState, JobKind};
 use hearth_mail::{Command, CreateRequest, Inbound, Recipient};
-use hearth_queue::JobError;
+use hearth_queue::{JobError, Lease};
 use hearth_store::{Environment, Job, Mail, NewJob, NewMail, Stored, User};
 use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart};
@@ -184,17 +184,30 @@ impl MailService {
         })
     }
 
-    /// Whether a DKIM signature of `domain` itself verifies on `raw`.
-    async fn dkim_passes(&self, raw: &[u8], domain: &str) -> bool {
+    /// Whether a DKIM signature of `domain` itself verifies on `raw`; an error when the
+    /// domain's key could not be looked up for now (so the sender is told to try again,
+    /// not silently refused).
+    async fn dkim_passes(&self, raw: &[u8], domain: &str) -> AppResult<bool> {
         let Some(message) = mail_auth::AuthenticatedMessage::parse(raw) else {
-            return false;
+            return Ok(false);
         };
         let outputs = self.dkim.verify_dkim(&message).await;
-        outputs.iter().any(|o| {
+        let temporary = outputs.iter().any(|o| {
+            matches!(o.result(), mail_auth::DkimResult::TempError(_))
+                && o.signature()
+                    .is_some_and(|s| s.d.eq_ignore_ascii_case(domain))
+        });
+        let passed = outputs.iter().any(|o| {
             *o.result() == mail_auth::DkimResult::Pass
                 && o.signature()
                     .is_some_and(|s| signature_counts(&s.d, &s.h, s.l, domain))
-        })
+        });
+        if !passed && temporary {
+            return Err(AppError::Unavailable(format!(
+                "the DKIM key of {domain} cannot be looked up now"
+            )));
+        }
+        Ok(passed)
     }
 }
 
@@ -424,7 +437,7 @@ impl App {
             "sub-address"
         } else {
             let dkim_ok = match arrival {
-                Arrival::Smtp { raw, .. } => mail.dkim_passes(raw, domain).await,
+                Arrival::Smtp { raw, .. } => mail.dkim_passes(raw, domain).await?,
                 Arrival::Webhook { dkim, .. } => hearth_mail::sendgrid_dkim_passes(dkim, domain),
             };
             if !dkim_ok {
@@ -507,15 +520,19 @@ fn retry_or(e: AppError) -> Result<AppError, JobError> {
 }
 
 /// Runs a mail job (`environment_id` is `mail:<id>`).
-pub async fn run_job(app: &App, job: &Job) -> Result<(), JobError> {
+pub async fn run_job(app: &App, job: &Job, lease: &Lease) -> Result<(), JobError> {
     let id: i64 = job
         .environment_id
         .strip_prefix("mail:")
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| JobError::Fatal(format!("{:?} names no mail", job.environment_id)))?;
-    let service = app.mail.as_deref().ok_or_else(|| {
-        JobError::Retry("this node has no HEARTH_MAIL_ADDRESS; another must answer".into())
-    })?;
+    let Some(service) = app.mail.as_deref() else {
+        // Not an attempt of its own: a node with mail set up will take it.
+        return Err(JobError::Later(
+            "this node has no HEARTH_MAIL_ADDRESS; a node with it must answer".into(),
+            Duration::from_secs(30),
+        ));
+    };
     let mail = app
         .store
         .mail(id)
@@ -546,15 +563,30 @@ pub async fn run_job(app: &App, job: &Job) -> Result<(), JobError> {
                 job.crashes
             )))
         } else {
-            answer(app, &mail, &user).await
+            answer(app, &mail, &user, job, lease).await
         };
         let answer = match outcome {
             Ok(a) => a,
             Err(JobError::Retry(why)) if job.is_last_attempt() || job.exhausted() => {
+                // Say what was made already, so sending it again does not make it twice.
+                let made = app
+                    .store
+                    .environment_created_by(&mail_actor(&mail))
+                    .await
+                    .ok()
+                    .flatten();
+                let made = match made {
+                    Some(id) => match app.store.environment(&id).await {
+                        Ok(env) => format!(
+                            " {} was made for it already ({}): do not send it again, reply \"status\".",
+                            env.slug, env.state
+                        ),
+                        Err(_) => String::new(),
+                    },
+                    None => " Send it again later.".into(),
+                };
                 Answer::failed(
-                    format!(
-                        "Hearth could not do this: {why}. Nothing more will be tried; send it again later."
-                    ),
+                    format!("Hearth could not do this: {why}. Nothing more will be tried.{made}\n"),
                     None,
                 )
             }
@@ -563,11 +595,25 @@ pub async fn run_job(app: &App, job: &Job) -> Result<(), JobError> {
         let text = cut(&answer.text, MAX_ANSWER_CHARS);
         let subject = reply_subject(&mail.subject, answer.slug.as_deref());
         let status = if answer.ok { "done" } else { "failed" };
-        app.store
-            .answer_mail(id, status, &text, &subject)
+        let kept = app
+            .store
+            .answer_mail(id, status, &text, &subject, job.id, &lease.owner)
             .await
             .map_err(|e| JobError::Retry(e.to_string()))?;
-        (answer.ok, text)
+        if kept {
+            (answer.ok, text)
+        } else {
+            // Another worker answered first (this one's lease lapsed): send what it stored.
+            let stored = app
+                .store
+                .mail(id)
+                .await
+                .map_err(|e| JobError::Retry(e.to_string()))?;
+            if !matches!(stored.status.as_str(), "done" | "failed") {
+                return Err(JobError::Retry("the job's lease was lost".into()));
+            }
+            (stored.status == "done", stored.outcome.unwrap_or_default())
+        }
     };
     let mail = app
         .store
@@ -579,7 +625,10 @@ pub async fn run_job(app: &App, job: &Job) -> Result<(), JobError> {
         app.installation_id,
         service.config.domain()
     );
-    if let Err(why) = send_reply(service, &mail, &reply_id, &text).await {
+    if let Err((permanent, why)) = send_reply(service, &mail, &reply_id, &text).await {
+        if permanent {
+            return Err(JobError::Fatal(format!("{why} (the answer stays stored)")));
+        }
         // The answer is stored: keep offering it to the relay, without spending attempts,
         // for a day after it was made.
         if app.now() - mail.updated_at < RELAY_PATIENCE.as_millis() as i64 {
@@ -602,9 +651,20 @@ pub async fn run_job(app: &App, job: &Job) -> Result<(), JobError> {
     Ok(())
 }
 
-async fn answer(app: &App, mail: &Mail, user: &User) -> Result<Answer, JobError> {
+/// Who a mail's actions are audited as: its sender, and which mail.
+fn mail_actor(mail: &Mail) -> String {
+    format!("mail:{} #{}", mail.sender, mail.id)
+}
+
+async fn answer(
+    app: &App,
+    mail: &Mail,
+    user: &User,
+    job: &Job,
+    lease: &Lease,
+) -> Result<Answer, JobError> {
     let command = hearth_mail::command::parse(&mail.subject, &mail.body);
-    let actor = format!("mail:{} #{}", mail.sender, mail.id);
+    let actor = mail_actor(mail);
     let target = match command.target() {
         Some(t) => match app.owned_environment(user, t).await {
             Ok(env) => Some(env),
@@ -622,7 +682,13 @@ async fn answer(app: &App, mail: &Mail, user: &User) -> Result<Answer, JobError>
         (Command::Create(req), _) => create(app, mail, user, req, &actor).await?,
         (Command::Destroy { .. }, Some(env)) => {
             // Asked once: a retry finds it destroying and only waits.
-            if !matches!(env.state, EnvState::Destroyed | EnvState::Destroying)
+            let pending = app
+                .store
+                .has_pending_job(&env.id, JobKind::Destroy.as_str())
+                .await
+                .map_err(|e| JobError::Retry(e.to_string()))?;
+            if !pending
+                && !matches!(env.state, EnvState::Destroyed | EnvState::Destroying)
                 && let Err(e) = app.request(&actor, &env, JobKind::Destroy).await
             {
                 let e = retry_or(e)?;
@@ -665,7 +731,7 @@ async fn answer(app: &App, mail: &Mail, user: &User) -> Result<Answer, JobError>
                 code, working_dir, ..
             },
             Some(env),
-        ) => execute(app, mail, user, &env, code, working_dir).await?,
+        ) => execute(app, mail, user, &env, code, working_dir, job, lease).await?,
         (Command::List, _) => {
             let (envs, _) = app
                 .store
@@ -739,10 +805,15 @@ async fn create(
                 init_script: req.init_script,
                 environment_vars: req.environment_vars,
                 repository_url: req.repository,
+                for_mail: Some(mail.id),
                 ..Default::default()
             };
             match app.create_environment_as(user, input, actor).await {
                 Ok(env) => env,
+                // Another worker holding this job made it first (this one's lease lapsed).
+                Err(AppError::Conflict(m)) if m.contains("made an environment already") => {
+                    return Err(JobError::Retry(m));
+                }
                 Err(e) => {
                     let e = retry_or(e)?;
                     return Ok(Answer::failed(format!("Nothing was created: {e}.\n"), None));
@@ -790,6 +861,7 @@ fn waited(app: &App, mail: &Mail) -> Duration {
     Duration::from_millis((app.now() - mail.received_at).max(0) as u64)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn execute(
     app: &App,
     mail: &Mail,
@@ -797,6 +869,8 @@ async fn execute(
     env: &Environment,
     code: String,
     working_dir: Option<String>,
+    job: &Job,
+    lease: &Lease,
 ) -> Result<Answer, JobError> {
     let input = ExecInput {
         code,
@@ -812,7 +886,7 @@ async fn execute(
     let _ = app.store.set_mail_environment(mail.id, &env.id).await;
     if !app
         .store
-        .begin_mail_exec(mail.id)
+        .begin_mail_exec(mail.id, job.id, &lease.owner)
         .await
         .map_err(|e| JobError::Retry(e.to_string()))?
     {
@@ -852,8 +926,17 @@ async fn execute(
                 slug: Some(env.slug.clone()),
             }
         }
-        Err(e) => Answer::failed(
+        // Refused before it ran (the VM not running, say), or lost on the way: which one is
+        // not always knowable, so the answer does not claim nothing ran.
+        Err(AppError::InvalidState(e)) => Answer::failed(
             format!("Nothing was run in {}: {e}.\n", env.slug),
+            Some(env),
+        ),
+        Err(e) => Answer::failed(
+            format!(
+                "The command may or may not have run in {}: {e}. Check before sending it again.\n",
+                env.slug
+            ),
             Some(env),
         ),
     })
@@ -960,21 +1043,23 @@ fn relay_shown(url: &str) -> String {
     }
 }
 
+/// Sends the answer; an error says whether trying again could help (`true`: it cannot).
 async fn send_reply(
     service: &MailService,
     mail: &Mail,
     reply_id: &str,
     text: &str,
-) -> Result<(), String> {
+) -> Result<(), (bool, String)> {
+    let permanent = |m: String| (true, m);
     let from: Mailbox = service
         .config
         .address
         .parse()
-        .map_err(|e| format!("the agent address cannot be used: {e}"))?;
+        .map_err(|e| permanent(format!("the agent address cannot be used: {e}")))?;
     let to: Mailbox = mail
         .sender
         .parse()
-        .map_err(|e| format!("the sender's address cannot be used: {e}"))?;
+        .map_err(|e| permanent(format!("the sender's address cannot be used: {e}")))?;
     let original = format!("<{}>", mail.message_id);
     let subject = mail
         .reply_subject
@@ -995,11 +1080,15 @@ async fn send_reply(
             text.to_string(),
             html_of(text),
         ))
-        .map_err(|e| format!("the reply cannot be built: {e}"))?;
+        .map_err(|e| permanent(format!("the reply cannot be built: {e}")))?;
     service.relay.send(message).await.map_err(|e| {
-        format!(
-            "the relay {} did not take the reply: {e}",
-            relay_shown(&service.config.relay)
+        (
+            // A 5xx: the relay will never take it.
+            e.is_permanent(),
+            format!(
+                "the relay {} did not take the reply: {e}",
+                relay_shown(&service.config.relay)
+            ),
         )
     })?;
     Ok(())

@@ -39,6 +39,8 @@ pub struct CreateInput {
     pub region: Option<String>,
     pub gpus: Option<i64>,
     pub gpu_model: Option<String>,
+    /// Made for this received mail (see `NewEnvironment::for_mail`).
+    pub for_mail: Option<i64>,
 }
 
 #[derive(Debug, Clone)]
@@ -260,6 +262,7 @@ impl App {
             expires_at: Some(self.now() + hours * 3_600_000),
             init_script: input.init_script,
             repository_url: None,
+            for_mail: input.for_mail,
         };
         let job = self.new_job(JobKind::Provision, "", actor);
         let env = self.store.create_environment(user, new, job).await?;
@@ -300,6 +303,7 @@ impl App {
             expires_at: None,
             init_script: None,
             repository_url: None,
+            for_mail: None,
         };
         let job = self.new_job(JobKind::Provision, "", &user.id);
         let outcome = self

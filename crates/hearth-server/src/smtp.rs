@@ -53,30 +53,17 @@ pub async fn serve(app: App, listener: TcpListener, mut shutdown: watch::Receive
             continue;
         };
         let ip = peer.ip();
-        let mine = {
-            let mut peers = peers.lock().unwrap();
-            let n = peers.entry(ip).or_default();
-            *n += 1;
-            *n
-        };
+        // Counted for as long as the session lives, whatever way it ends.
+        let counted = PeerCount::new(peers.clone(), ip);
         let slot = slots.clone().try_acquire_owned();
-        let release = {
-            let peers = peers.clone();
-            move || {
-                let mut peers = peers.lock().unwrap();
-                if let Some(n) = peers.get_mut(&ip) {
-                    *n -= 1;
-                    if *n == 0 {
-                        peers.remove(&ip);
-                    }
-                }
+        let Ok(slot) = slot.map_err(|_| ()).and_then(|s| {
+            if counted.sessions > PER_PEER {
+                Err(())
+            } else {
+                Ok(s)
             }
-        };
-        let Ok(slot) = slot
-            .map_err(|_| ())
-            .and_then(|s| if mine > PER_PEER { Err(()) } else { Ok(s) })
-        else {
-            release();
+        }) else {
+            drop(counted);
             let _ = tcp
                 .write_all(b"421 4.7.0 too many connections, try again later\r\n")
                 .await;
@@ -95,9 +82,45 @@ pub async fn serve(app: App, listener: TcpListener, mut shutdown: watch::Receive
                 }
                 Ok(Ok(())) => {}
             }
-            release();
+            drop(counted);
             drop(slot);
         });
+    }
+}
+
+/// One session counted against its client's address; uncounted when dropped.
+struct PeerCount {
+    peers: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+    /// Sessions of this address, this one included, when it was counted.
+    sessions: usize,
+}
+
+impl PeerCount {
+    fn new(peers: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> PeerCount {
+        let sessions = {
+            let mut map = peers.lock().unwrap_or_else(|e| e.into_inner());
+            let n = map.entry(ip).or_default();
+            *n += 1;
+            *n
+        };
+        PeerCount {
+            peers,
+            ip,
+            sessions,
+        }
+    }
+}
+
+impl Drop for PeerCount {
+    fn drop(&mut self) {
+        let mut map = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -132,7 +155,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<BufReader<R>, W> {
 
     /// One answer, in one write (two small writes would wait on the peer's delayed ACK).
     async fn reply(&mut self, text: &str) -> std::io::Result<()> {
-        self.writer.write_all(format!("{text}\r\n").as_bytes()).await?;
+        self.writer
+            .write_all(format!("{text}\r\n").as_bytes())
+            .await?;
         self.writer.flush().await
     }
 

@@ -134,6 +134,10 @@ pub struct NewEnvironment {
     pub expires_at: Option<i64>,
     pub init_script: Option<String>,
     pub repository_url: Option<String>,
+    /// The received mail this environment is made for: noted on the mail in the same
+    /// transaction, which fails (`Conflict`) if the mail already made one, so two workers
+    /// holding one mail job never make two environments.
+    pub for_mail: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -355,6 +359,21 @@ impl Store {
         env.host_id = Some(host_id);
         let vars = self.seal_vars(&env.environment_vars)?;
         insert_env(&mut tx, &env, &vars).await?;
+        if let Some(mail) = new.for_mail {
+            let noted = sqlx::query(
+                "UPDATE inbound_mail SET environment_id = $1, updated_at = $2 WHERE id = $3 AND environment_id IS NULL",
+            )
+            .bind(&env.id)
+            .bind(now)
+            .bind(mail)
+            .execute(&mut *tx)
+            .await?;
+            if noted.rows_affected() != 1 {
+                return Err(StoreError::Conflict(format!(
+                    "mail {mail} made an environment already"
+                )));
+            }
+        }
         insert_job(&mut tx, &first_job.for_environment(&env.id), now).await?;
         insert_audit(
             &mut tx,
@@ -776,6 +795,7 @@ pub(crate) mod tests {
 
     pub(crate) fn sample(personal: bool) -> NewEnvironment {
         NewEnvironment {
+            for_mail: None,
             name: "Personal VM".into(),
             personal,
             placement: Placement {

@@ -233,39 +233,51 @@ impl Store {
         Ok(())
     }
 
-    /// Marks `execute` as begun; false when it had begun already (a retry after a crash).
-    pub async fn begin_mail_exec(&self, id: i64) -> Result<bool> {
+    /// Marks `execute` as begun, while the job `(job_id, owner)` still holds its lease;
+    /// false when it had begun already (a retry after a crash) or the lease is gone.
+    pub async fn begin_mail_exec(&self, id: i64, job_id: i64, owner: &str) -> Result<bool> {
         let now = self.now();
         let done = sqlx::query(
-            "UPDATE inbound_mail SET exec_started_at = $1, updated_at = $1 WHERE id = $2 AND exec_started_at IS NULL",
+            "UPDATE inbound_mail SET exec_started_at = $1, updated_at = $1 WHERE id = $2 AND exec_started_at IS NULL \
+             AND EXISTS (SELECT 1 FROM jobs WHERE id = $3 AND lease_owner = $4 AND state = 'running')",
         )
         .bind(now)
         .bind(id)
+        .bind(job_id)
+        .bind(owner)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
     }
 
     /// Records what came of a mail (`done` or `failed`): the answer's text and subject,
-    /// kept so a retry sends the same answer.
+    /// kept so a retry sends the same answer. Only the first answer is kept, and only from
+    /// the job `(job_id, owner)` while it holds its lease: false otherwise (send the stored
+    /// one).
     pub async fn answer_mail(
         &self,
         id: i64,
         status: &str,
         outcome: &str,
         reply_subject: &str,
-    ) -> Result<()> {
-        sqlx::query(
-            "UPDATE inbound_mail SET status = $1, outcome = $2, reply_subject = $3, updated_at = $4 WHERE id = $5",
+        job_id: i64,
+        owner: &str,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE inbound_mail SET status = $1, outcome = $2, reply_subject = $3, updated_at = $4 \
+             WHERE id = $5 AND status = 'queued' \
+             AND EXISTS (SELECT 1 FROM jobs WHERE id = $6 AND lease_owner = $7 AND state = 'running')",
         )
         .bind(status)
         .bind(outcome)
         .bind(reply_subject)
         .bind(self.now())
         .bind(id)
+        .bind(job_id)
+        .bind(owner)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     /// Notes that the answer went out, under this Message-ID.
@@ -413,15 +425,41 @@ mod tests {
                 Stored::New(_)
             ));
             assert_eq!(store.list_jobs(None).await.unwrap().len(), 1);
-            assert!(store.begin_mail_exec(id).await.unwrap());
+            let job = store.list_jobs(None).await.unwrap()[0].id;
             assert!(
-                !store.begin_mail_exec(id).await.unwrap(),
+                !store.begin_mail_exec(id, job, "w1").await.unwrap(),
+                "no lease, no exec"
+            );
+            let claimed = store.claim("mail", "w1", 60_000).await.unwrap().unwrap();
+            assert_eq!(claimed.id, job);
+            assert!(
+                !store.begin_mail_exec(id, job, "w2").await.unwrap(),
+                "another's lease"
+            );
+            assert!(store.begin_mail_exec(id, job, "w1").await.unwrap());
+            assert!(
+                !store.begin_mail_exec(id, job, "w1").await.unwrap(),
                 "an exec begins once"
             );
-            store
-                .answer_mail(id, "done", "listed", "Re: list")
-                .await
-                .unwrap();
+            assert!(
+                !store
+                    .answer_mail(id, "done", "other", "Re: list", job, "w2")
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                store
+                    .answer_mail(id, "done", "listed", "Re: list", job, "w1")
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !store
+                    .answer_mail(id, "failed", "again", "Re: list", job, "w1")
+                    .await
+                    .unwrap(),
+                "the first answer stays"
+            );
             let m = store.mail(id).await.unwrap();
             assert_eq!(
                 (m.status.as_str(), m.outcome.as_deref(), m.replied_at),

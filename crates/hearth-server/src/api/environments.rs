@@ -94,6 +94,7 @@ pub async fn create(
         region: b.region,
         gpus: b.gpus,
         gpu_model: b.gpu_model,
+        for_mail: None,
     };
     let env = app.create_environment(&user, input).await?;
     Ok((StatusCode::ACCEPTED, Json(EnvironmentView::from(&env))))
