@@ -24,7 +24,6 @@ use hearth_store::{Environment, Job, Mail, NewJob, NewMail, Stored, User};
 use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
-use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -266,17 +265,10 @@ pub fn new_mail_token() -> String {
         .collect()
 }
 
+/// The stored form of a sub-address secret: the store's token hash, of the secret as
+/// lower-cased on the way (local parts may be).
 fn token_hash(token: &str) -> String {
-    hex::encode(Sha256::digest(token.to_lowercase().as_bytes()))
-}
-
-/// Compares two hashes in time that does not depend on where they differ.
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+    hearth_store::hash_token(&token.to_lowercase())
 }
 
 impl App {
@@ -429,7 +421,9 @@ impl App {
         };
         let stored_hash = self.store.mail_token_hash(&user.id).await?;
         let token_ok = ours.iter().any(|r| match (r, &stored_hash) {
-            (Recipient::SubAddress(token), Some(hash)) => same(&token_hash(token), hash),
+            (Recipient::SubAddress(token), Some(hash)) => {
+                crate::sign_in::same_secret(&token_hash(token), hash)
+            }
             _ => false,
         });
         let domain = hearth_mail::domain_of(&sender);
@@ -510,6 +504,11 @@ impl Answer {
     }
 }
 
+/// A failure worth another attempt (the database did not answer, say).
+fn retry(e: impl std::fmt::Display) -> JobError {
+    JobError::Retry(e.to_string())
+}
+
 /// Store errors and unavailable dependencies are worth another attempt; the rest is the
 /// answer.
 fn retry_or(e: AppError) -> Result<AppError, JobError> {
@@ -533,11 +532,7 @@ pub async fn run_job(app: &App, job: &Job, lease: &Lease) -> Result<(), JobError
             Duration::from_secs(30),
         ));
     };
-    let mail = app
-        .store
-        .mail(id)
-        .await
-        .map_err(|e| JobError::Retry(e.to_string()))?;
+    let mail = app.store.mail(id).await.map_err(retry)?;
     if mail.replied_at.is_some() {
         return Ok(());
     }
@@ -545,18 +540,9 @@ pub async fn run_job(app: &App, job: &Job, lease: &Lease) -> Result<(), JobError
         .user_id
         .clone()
         .ok_or_else(|| JobError::Fatal("a rejected mail has no work".into()))?;
-    let (ok, text) = if matches!(mail.status.as_str(), "done" | "failed") {
-        // Answered before a crash or a relay failure: send the same answer again.
-        (
-            mail.status == "done",
-            mail.outcome.clone().unwrap_or_default(),
-        )
-    } else {
-        let user = app
-            .store
-            .user(&user_id)
-            .await
-            .map_err(|e| JobError::Retry(e.to_string()))?;
+    // Answered before (a crash, a relay failure): the stored answer is sent again below.
+    if !matches!(mail.status.as_str(), "done" | "failed") {
+        let user = app.store.user(&user_id).await.map_err(retry)?;
         let outcome = if job.exhausted() {
             Err(JobError::Retry(format!(
                 "the server stopped {} times while working on it",
@@ -595,31 +581,19 @@ pub async fn run_job(app: &App, job: &Job, lease: &Lease) -> Result<(), JobError
         let text = cut(&answer.text, MAX_ANSWER_CHARS);
         let subject = reply_subject(&mail.subject, answer.slug.as_deref());
         let status = if answer.ok { "done" } else { "failed" };
-        let kept = app
-            .store
+        // Kept only if it is the first answer and this job still holds its lease; if another
+        // worker answered first (this one's lease lapsed), its answer is the one sent.
+        app.store
             .answer_mail(id, status, &text, &subject, job.id, &lease.owner)
             .await
-            .map_err(|e| JobError::Retry(e.to_string()))?;
-        if kept {
-            (answer.ok, text)
-        } else {
-            // Another worker answered first (this one's lease lapsed): send what it stored.
-            let stored = app
-                .store
-                .mail(id)
-                .await
-                .map_err(|e| JobError::Retry(e.to_string()))?;
-            if !matches!(stored.status.as_str(), "done" | "failed") {
-                return Err(JobError::Retry("the job's lease was lost".into()));
-            }
-            (stored.status == "done", stored.outcome.unwrap_or_default())
-        }
-    };
-    let mail = app
-        .store
-        .mail(id)
-        .await
-        .map_err(|e| JobError::Retry(e.to_string()))?;
+            .map_err(retry)?;
+    }
+    let mail = app.store.mail(id).await.map_err(retry)?;
+    if !matches!(mail.status.as_str(), "done" | "failed") {
+        return Err(JobError::Retry("the job's lease was lost".into()));
+    }
+    let ok = mail.status == "done";
+    let text = mail.outcome.clone().unwrap_or_default();
     let reply_id = format!(
         "hearth-reply-{id}-{}@{}",
         app.installation_id,
@@ -646,7 +620,7 @@ pub async fn run_job(app: &App, job: &Job, lease: &Lease) -> Result<(), JobError
     app.store
         .mark_mail_replied(id, &reply_id)
         .await
-        .map_err(|e| JobError::Retry(e.to_string()))?;
+        .map_err(retry)?;
     tracing::info!(mail = id, ok, to = %mail.sender, "mail answered");
     Ok(())
 }
@@ -686,7 +660,7 @@ async fn answer(
                 .store
                 .has_pending_job(&env.id, JobKind::Destroy.as_str())
                 .await
-                .map_err(|e| JobError::Retry(e.to_string()))?;
+                .map_err(retry)?;
             if !pending
                 && !matches!(env.state, EnvState::Destroyed | EnvState::Destroying)
                 && let Err(e) = app.request(&actor, &env, JobKind::Destroy).await
@@ -697,11 +671,7 @@ async fn answer(
                     Some(&env),
                 ));
             }
-            let env = app
-                .store
-                .environment(&env.id)
-                .await
-                .map_err(|e| JobError::Retry(e.to_string()))?;
+            let env = app.store.environment(&env.id).await.map_err(retry)?;
             if env.state == EnvState::Destroyed {
                 Answer::ok(
                     format!("{} is destroyed: its VM is gone.\n", env.slug),
@@ -737,7 +707,7 @@ async fn answer(
                 .store
                 .list_environments(Some(&user.id), None, false, None, LIST_LIMIT)
                 .await
-                .map_err(|e| JobError::Retry(e.to_string()))?;
+                .map_err(retry)?;
             let mut text = if envs.is_empty() {
                 "You have no environments. Send \"create\" to make one.\n".to_string()
             } else {
@@ -786,13 +756,9 @@ async fn create(
         .store
         .environment_created_by(actor)
         .await
-        .map_err(|e| JobError::Retry(e.to_string()))?;
+        .map_err(retry)?;
     let env = match made {
-        Some(id) => app
-            .store
-            .environment(&id)
-            .await
-            .map_err(|e| JobError::Retry(e.to_string()))?,
+        Some(id) => app.store.environment(&id).await.map_err(retry)?,
         None => {
             let input = CreateInput {
                 name: req.name.unwrap_or_else(|| "By mail".into()),
@@ -827,7 +793,7 @@ async fn create(
             .store
             .has_outstanding_job(&env.id)
             .await
-            .map_err(|e| JobError::Retry(e.to_string()))?;
+            .map_err(retry)?;
     Ok(if env.state == EnvState::Running {
         Answer::ok(
             format!("{} is running.\n\n{}", env.slug, describe(&env)),
@@ -888,7 +854,7 @@ async fn execute(
         .store
         .begin_mail_exec(mail.id, job.id, &lease.owner)
         .await
-        .map_err(|e| JobError::Retry(e.to_string()))?
+        .map_err(retry)?
     {
         return Ok(Answer::failed(
             format!(
@@ -1108,8 +1074,7 @@ mod tests {
         );
         assert_ne!(a, new_mail_token());
         assert_eq!(token_hash(&a), token_hash(&a.to_uppercase()));
-        assert!(same(&token_hash(&a), &token_hash(&a)));
-        assert!(!same(&token_hash(&a), &token_hash("x")));
+        assert_ne!(token_hash(&a), token_hash("x"));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! line, are not read: they are someone's earlier words. Fenced code blocks are read as
 //! they are: a `>` or `--` line inside one is code.
 
+use crate::cap;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
@@ -129,7 +130,7 @@ pub fn parse(subject: &str, body: &str) -> Command {
             problem: (!line.trim().is_empty()).then(|| {
                 format!(
                     "no command in {:?}; the commands are create, destroy, status, connect, execute, list and help",
-                    cut(line, 80)
+                    cap(line, 80)
                 )
             }),
         };
@@ -387,7 +388,7 @@ fn json_command(text: &str) -> Command {
         .find(|(word, _)| *word == action)
         .map(|(_, v)| *v)
     else {
-        return help(format!("unknown action {:?}", cut(&c.action, 40)));
+        return help(format!("unknown action {:?}", cap(&c.action, 40)));
     };
     let target = c.slug.clone().filter(|s| !s.trim().is_empty());
     let needs = |make: fn(String) -> Command| match &target {
@@ -410,7 +411,7 @@ fn json_command(text: &str) -> Command {
                     None => {
                         return help(format!(
                             "duration {:?} is not a number of hours or days (\"2h\", \"7d\")",
-                            cut(d, 40)
+                            cap(d, 40)
                         ));
                     }
                 },
@@ -454,10 +455,6 @@ fn duration(text: &str) -> Option<i64> {
         "d" | "day" | "days" => n.checked_mul(24),
         _ => None,
     }
-}
-
-fn cut(text: &str, chars: usize) -> String {
-    text.chars().take(chars).collect()
 }
 
 #[cfg(test)]

@@ -131,10 +131,7 @@ pub fn parse_webhook(
         inbound.message_id = derived_message_id(all.join("\0").as_bytes());
     }
     if inbound.from.is_none() {
-        inbound.from = from.and_then(|f| {
-            let start = f.rfind('<').map_or(0, |i| i + 1);
-            address(f[start..].trim_end_matches('>'))
-        });
+        inbound.from = from.and_then(address_in);
     }
     if inbound.subject.is_empty() {
         inbound.subject = subject.map(cap_subject).unwrap_or_default();
@@ -183,12 +180,19 @@ pub fn address(raw: &str) -> Option<String> {
     (a.len() <= 254 && plain(local) && plain(domain)).then_some(a)
 }
 
+/// The address in a header-style field: `Name <a@b.c>` or `a@b.c`, cleaned by `address`.
+pub fn address_in(field: &str) -> Option<String> {
+    let start = field.rfind('<').map_or(0, |i| i + 1);
+    address(field[start..].trim_end_matches('>'))
+}
+
 /// The domain of an address (already cleaned by `address`).
 pub fn domain_of(address: &str) -> &str {
     address.rsplit_once('@').map(|(_, d)| d).unwrap_or("")
 }
 
-fn cap(text: &str, chars: usize) -> String {
+/// The first `chars` characters of `text`.
+pub(crate) fn cap(text: &str, chars: usize) -> String {
     text.chars().take(chars).collect()
 }
 
@@ -353,6 +357,16 @@ Content-Type: multipart/alternative; boundary=\"x\"";
         ));
         assert!(!sendgrid_dkim_passes("none", "example.com"));
         assert!(!sendgrid_dkim_passes("{@ : pass}", ""));
+    }
+
+    #[test]
+    fn addresses_are_found_in_fields() {
+        assert_eq!(
+            address_in("Alice <Alice@Example.com>").as_deref(),
+            Some("alice@example.com")
+        );
+        assert_eq!(address_in(" bob@x.org ").as_deref(), Some("bob@x.org"));
+        assert_eq!(address_in("Nobody <>"), None);
     }
 
     #[test]

@@ -31,8 +31,11 @@ struct Sink {
 
 impl Sink {
     async fn start() -> Sink {
+        Sink::start_on(free_port()).await
+    }
+
+    async fn start_on(port: u16) -> Sink {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         let child = Command::new(PYTHON)
             .arg(helper("smtp_sink.py"))
             .arg(port.to_string())
@@ -940,23 +943,7 @@ async fn nothing_is_lost_when_a_node_dies() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let sink = {
-        let dir = tempfile::tempdir().unwrap();
-        let child = Command::new(PYTHON)
-            .arg(helper("smtp_sink.py"))
-            .arg(sink_port.to_string())
-            .arg(dir.path())
-            .kill_on_drop(true)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_port(sink_port).await;
-        Sink {
-            child,
-            dir,
-            port: sink_port,
-        }
-    };
+    let sink = Sink::start_on(sink_port).await;
     let reply = sink.reply(1, &site).await;
     assert_eq!(reply.in_reply_to, "<k1@example.com>");
     assert!(

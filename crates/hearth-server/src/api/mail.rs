@@ -107,7 +107,7 @@ async fn take_in(
             "the mail webhook (HEARTH_MAIL_WEBHOOK_SECRET is not set)",
         ))?;
     let given = query.secret.or_else(|| basic_password(&headers));
-    if !given.is_some_and(|g| same(g.as_bytes(), secret.as_bytes())) {
+    if !given.is_some_and(|g| hearth_app::sign_in::same_secret(&g, &secret)) {
         return Err(ApiError::unauthenticated(
             "the webhook needs its secret: HTTP Basic authentication's password, or ?secret=",
         ));
@@ -161,13 +161,7 @@ async fn take_in(
     if recipients.is_empty()
         && let Some(to) = get("to")
     {
-        recipients = to
-            .split(',')
-            .map(|t| {
-                let start = t.rfind('<').map_or(0, |i| i + 1);
-                t[start..].trim().trim_end_matches('>').to_string()
-            })
-            .collect();
+        recipients = to.split(',').filter_map(hearth_mail::address_in).collect();
     }
     recipients.truncate(16);
     let inbound = hearth_mail::parse_webhook(
@@ -206,10 +200,6 @@ fn basic_password(headers: &HeaderMap) -> Option<String> {
         .ok()?;
     let text = String::from_utf8(decoded).ok()?;
     Some(text.split_once(':')?.1.to_string())
-}
-
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[derive(Serialize, ToSchema)]
