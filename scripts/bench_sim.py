@@ -15,14 +15,16 @@ import re
 import subprocess
 import threading
 import time
-import uuid
 
 from benchlib import Node, request
 
 
 def fresh_postgres(admin_url):
-    name = "hearth_bench_" + uuid.uuid4().hex[:12]
-    subprocess.run(["psql", admin_url, "-qc", f"CREATE DATABASE {name}"], check=True, stdout=subprocess.DEVNULL)
+    """One database for the benchmark, emptied on each use (a name per run would leave one
+    behind every time)."""
+    name = "hearth_bench_sim"
+    for sql in (f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", f"CREATE DATABASE {name}"):
+        subprocess.run(["psql", admin_url, "-qc", sql], check=True, stdout=subprocess.DEVNULL)
     return admin_url.rsplit("/", 1)[0] + "/" + name
 
 

@@ -69,14 +69,33 @@ start_postgres() {
   ver=$(ls /etc/postgresql | sort -n | tail -1)
   if ! pg_lsclusters -h | grep -q "^$ver main .* online"; then
     echo "starting PostgreSQL $ver" >&2
-    pg_ctlcluster "$ver" main start
+    # A server that was not shut down cleanly fsyncs its whole data directory first,
+    # which can outlast pg_ctl's default 60 s wait.
+    pg_ctlcluster "$ver" main start -- -t 600
   fi
   for _ in $(seq 1 30); do runuser -u postgres -- psql -qAtc 'select 1' >/dev/null 2>&1 && break; sleep 0.5; done
   runuser -u postgres -- psql -qAtc "SELECT 1 FROM pg_roles WHERE rolname='hearth'" | grep -q 1 ||
     runuser -u postgres -- psql -qc "CREATE ROLE hearth LOGIN SUPERUSER PASSWORD 'hearth'"
   runuser -u postgres -- psql -qAtc "SELECT 1 FROM pg_database WHERE datname='hearth'" | grep -q 1 ||
     runuser -u postgres -- psql -qc "CREATE DATABASE hearth OWNER hearth"
+  drop_orphaned_test_databases
   echo "HEARTH_TEST_POSTGRES_URL=postgres://hearth:hearth@127.0.0.1:5432/hearth"
+}
+
+# Test databases are named hearth_t_<pid>_<uuid> by the test process that made them
+# (crates/hearth-store/src/testdb.rs, which drops them the same way as tests start); those
+# whose process is gone, and older unnamed ones, are dropped here so a run never begins on
+# the last one's leftovers.
+drop_orphaned_test_databases() {
+  local db pid dropped=0
+  while read -r db; do
+    [ -n "$db" ] || continue
+    pid=${db#hearth_t_}
+    pid=${pid%%_*}
+    if [[ $pid =~ ^[0-9]+$ && ${#pid} -lt 12 && -d /proc/$pid ]]; then continue; fi
+    runuser -u postgres -- psql -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null && dropped=$((dropped + 1))
+  done < <(runuser -u postgres -- psql -qAtc "SELECT datname FROM pg_database WHERE datname LIKE 'hearth\_t\_%'")
+  [ "$dropped" = 0 ] || echo "dropped $dropped test databases left by finished test processes" >&2
 }
 
 # Tests start their own redis-server on a free port; this only installs it.

@@ -12,20 +12,149 @@ pub fn postgres_admin_url() -> String {
 }
 
 /// A new, empty PostgreSQL database; returns its URL.
+///
+/// Its name carries the test process's pid (`hearth_t_<pid>_<uuid>`). A test cannot be
+/// trusted to drop its own database (it may panic or be killed), so each call first drops
+/// the test databases whose process is gone: the server never holds more than the live
+/// tests' databases plus one run's leftovers. (Left alone, 2,389 of them, 21 GB, made a
+/// crashed server's restart outlast `pg_ctl`'s 60 s.)
 pub async fn fresh_postgres_url() -> String {
     use sqlx::Executor;
     sqlx::any::install_default_drivers();
     let admin = postgres_admin_url();
-    let name = format!("hearth_t_{}", uuid::Uuid::new_v4().simple());
+    let name = format!(
+        "{TEST_DATABASE_PREFIX}{}_{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    );
     let pool = sqlx::AnyPool::connect(&admin)
         .await
         .expect("connect to test PostgreSQL");
+    drop_orphaned_databases(&pool).await;
     pool.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .await
         .unwrap();
     pool.close().await;
     let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
     format!("{base}/{name}")
+}
+
+const TEST_DATABASE_PREFIX: &str = "hearth_t_";
+
+/// Drops the test databases whose test process no longer runs on this machine. One process
+/// sweeps at a time (an advisory lock; the others go on at once); a database another
+/// sweeper dropped first is not an error.
+async fn drop_orphaned_databases(pool: &sqlx::AnyPool) {
+    use sqlx::Row;
+    const SWEEP_LOCK: i64 = 0x6865_6172_7468; // "hearth"
+    let mut conn = pool.acquire().await.expect("a test PostgreSQL connection");
+    let locked: bool = sqlx::query("SELECT pg_try_advisory_lock($1) AS v")
+        .bind(SWEEP_LOCK)
+        .fetch_one(&mut *conn)
+        .await
+        .and_then(|row| row.try_get("v"))
+        .expect("take the test-database sweep lock");
+    if !locked {
+        return;
+    }
+    let names: Vec<String> = sqlx::query(
+        "SELECT datname::text AS v FROM pg_database WHERE datname LIKE 'hearth\\_t\\_%'",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .and_then(|rows| rows.iter().map(|r| r.try_get("v")).collect())
+    .expect("list the test databases");
+    for name in names.iter().filter(|n| is_orphan(n)) {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&mut *conn)
+        .await;
+    }
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(SWEEP_LOCK)
+        .execute(&mut *conn)
+        .await;
+}
+
+/// A test database is orphaned when the process named in it is gone (or, for names from
+/// before the pid was part of them, always).
+fn is_orphan(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(TEST_DATABASE_PREFIX) else {
+        return false;
+    };
+    match rest
+        .split_once('_')
+        .and_then(|(pid, _)| pid.parse::<u32>().ok())
+    {
+        Some(pid) => {
+            pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        }
+        None => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_test_database_is_orphaned_when_its_process_is_gone() {
+        let mine = format!("hearth_t_{}_0123abcd", std::process::id());
+        assert!(!is_orphan(&mine));
+        assert!(!is_orphan("hearth_t_1_0123abcd"), "pid 1 runs");
+        assert!(is_orphan("hearth_t_999999999_0123abcd"), "past any pid_max");
+        assert!(
+            is_orphan("hearth_t_0123456789abcdef0123456789abcdef"),
+            "from before pids"
+        );
+        assert!(!is_orphan("hearth"));
+        assert!(!is_orphan("hearth_bench_sim"));
+    }
+
+    #[tokio::test]
+    async fn a_new_test_database_sweeps_the_orphaned_ones() {
+        use sqlx::Executor;
+        sqlx::any::install_default_drivers();
+        let admin = sqlx::AnyPool::connect(&postgres_admin_url()).await.unwrap();
+        let orphan = "hearth_t_999999999_sweepme";
+        admin
+            .execute(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {orphan}"
+            )))
+            .await
+            .unwrap();
+        admin
+            .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {orphan}")))
+            .await
+            .unwrap();
+        let exists = |name: String| {
+            let admin = admin.clone();
+            async move {
+                sqlx::query("SELECT count(*) AS v FROM pg_database WHERE datname = $1")
+                    .bind(name)
+                    .fetch_one(&admin)
+                    .await
+                    .and_then(|row| sqlx::Row::try_get::<i64, _>(&row, "v"))
+                    .unwrap()
+                    == 1
+            }
+        };
+        assert!(exists(orphan.to_string()).await);
+        // Another sweeper may hold the lock right now; one of the next few sweeps is ours.
+        let mut swept = false;
+        for _ in 0..50 {
+            let url = fresh_postgres_url().await;
+            let mine = url.rsplit_once('/').unwrap().1.to_string();
+            assert!(exists(mine).await, "the new database is kept");
+            if !exists(orphan.to_string()).await {
+                swept = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(swept, "{orphan} outlived 50 sweeps");
+    }
 }
 
 pub async fn fresh_postgres() -> Store {
