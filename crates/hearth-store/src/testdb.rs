@@ -94,69 +94,6 @@ fn is_orphan(name: &str) -> bool {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_test_database_is_orphaned_when_its_process_is_gone() {
-        let mine = format!("hearth_t_{}_0123abcd", std::process::id());
-        assert!(!is_orphan(&mine));
-        assert!(!is_orphan("hearth_t_1_0123abcd"), "pid 1 runs");
-        assert!(is_orphan("hearth_t_999999999_0123abcd"), "past any pid_max");
-        assert!(
-            is_orphan("hearth_t_0123456789abcdef0123456789abcdef"),
-            "from before pids"
-        );
-        assert!(!is_orphan("hearth"));
-        assert!(!is_orphan("hearth_bench_sim"));
-    }
-
-    #[tokio::test]
-    async fn a_new_test_database_sweeps_the_orphaned_ones() {
-        use sqlx::Executor;
-        sqlx::any::install_default_drivers();
-        let admin = sqlx::AnyPool::connect(&postgres_admin_url()).await.unwrap();
-        let orphan = "hearth_t_999999999_sweepme";
-        admin
-            .execute(sqlx::AssertSqlSafe(format!(
-                "DROP DATABASE IF EXISTS {orphan}"
-            )))
-            .await
-            .unwrap();
-        admin
-            .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {orphan}")))
-            .await
-            .unwrap();
-        let exists = |name: String| {
-            let admin = admin.clone();
-            async move {
-                sqlx::query("SELECT count(*) AS v FROM pg_database WHERE datname = $1")
-                    .bind(name)
-                    .fetch_one(&admin)
-                    .await
-                    .and_then(|row| sqlx::Row::try_get::<i64, _>(&row, "v"))
-                    .unwrap()
-                    == 1
-            }
-        };
-        assert!(exists(orphan.to_string()).await);
-        // Another sweeper may hold the lock right now; one of the next few sweeps is ours.
-        let mut swept = false;
-        for _ in 0..50 {
-            let url = fresh_postgres_url().await;
-            let mine = url.rsplit_once('/').unwrap().1.to_string();
-            assert!(exists(mine).await, "the new database is kept");
-            if !exists(orphan.to_string()).await {
-                swept = true;
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        assert!(swept, "{orphan} outlived 50 sweeps");
-    }
-}
-
 pub async fn fresh_postgres() -> Store {
     Store::connect(&fresh_postgres_url().await).await.unwrap()
 }
@@ -268,5 +205,68 @@ impl Store {
             .await
             .expect("test query");
         sqlx::Row::try_get(&row, "v").expect("a text column v")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_test_database_is_orphaned_when_its_process_is_gone() {
+        let mine = format!("hearth_t_{}_0123abcd", std::process::id());
+        assert!(!is_orphan(&mine));
+        assert!(!is_orphan("hearth_t_1_0123abcd"), "pid 1 runs");
+        assert!(is_orphan("hearth_t_999999999_0123abcd"), "past any pid_max");
+        assert!(
+            is_orphan("hearth_t_0123456789abcdef0123456789abcdef"),
+            "from before pids"
+        );
+        assert!(!is_orphan("hearth"));
+        assert!(!is_orphan("hearth_bench_sim"));
+    }
+
+    #[tokio::test]
+    async fn a_new_test_database_sweeps_the_orphaned_ones() {
+        use sqlx::Executor;
+        sqlx::any::install_default_drivers();
+        let admin = sqlx::AnyPool::connect(&postgres_admin_url()).await.unwrap();
+        let orphan = "hearth_t_999999999_sweepme";
+        admin
+            .execute(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {orphan}"
+            )))
+            .await
+            .unwrap();
+        admin
+            .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {orphan}")))
+            .await
+            .unwrap();
+        let exists = |name: String| {
+            let admin = admin.clone();
+            async move {
+                sqlx::query("SELECT count(*) AS v FROM pg_database WHERE datname = $1")
+                    .bind(name)
+                    .fetch_one(&admin)
+                    .await
+                    .and_then(|row| sqlx::Row::try_get::<i64, _>(&row, "v"))
+                    .unwrap()
+                    == 1
+            }
+        };
+        assert!(exists(orphan.to_string()).await);
+        // Another sweeper may hold the lock right now; one of the next few sweeps is ours.
+        let mut swept = false;
+        for _ in 0..50 {
+            let url = fresh_postgres_url().await;
+            let mine = url.rsplit_once('/').unwrap().1.to_string();
+            assert!(exists(mine).await, "the new database is kept");
+            if !exists(orphan.to_string()).await {
+                swept = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert!(swept, "{orphan} outlived 50 sweeps");
     }
 }
