@@ -101,11 +101,10 @@ impl Environment {
         let mut next = self.clone();
         next.state = to;
         next.state_message = message;
-        if self.state == EnvState::Running {
-            if let Some(started) = self.started_at {
+        if self.state == EnvState::Running
+            && let Some(started) = self.started_at {
                 next.total_runtime_seconds += ((now - started) / 1000).max(0);
             }
-        }
         match to {
             EnvState::Running => {
                 next.started_at = Some(now);
