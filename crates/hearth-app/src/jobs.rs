@@ -15,6 +15,13 @@ use hearth_store::{Environment, Job, StoreError};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+/// Replaces the guest user's authorized keys with standard input, whole or not at all: a
+/// copy cut short (the node died mid-send, which `cat` sees as an ordinary end of input)
+/// must match the SHA-256 that `@SHA256@` is replaced with (our own hex digits) first.
+const ADOPT_KEYS: &str = "umask 077 && mkdir -p \"$HOME/.ssh\" && cat > \"$HOME/.ssh/authorized_keys.new\" \
+     && printf '%s  %s\\n' @SHA256@ \"$HOME/.ssh/authorized_keys.new\" | sha256sum -c --status \
+     && mv -f \"$HOME/.ssh/authorized_keys.new\" \"$HOME/.ssh/authorized_keys\"";
+
 /// How long an init script may run before provisioning gives up on it.
 pub const INIT_SCRIPT_LIMIT: Duration = Duration::from_secs(1800);
 /// How often a job looks in on a running init script (the worker is free in between).
@@ -152,6 +159,7 @@ impl Run<'_> {
             Step::Begin => self.begin(env).await,
             Step::CreateVm => self.create_vm(env).await,
             Step::WaitRunning => self.wait_running(env).await,
+            Step::Adopt => self.adopt(env).await,
             Step::WaitSsh => self.wait_ssh(env).await,
             Step::InitScript => self.init_script(env).await,
             Step::StartVm => self.start_vm(env).await,
@@ -170,6 +178,8 @@ impl Run<'_> {
                         .destroy(&on.host_ref, &vm_of(self, &env))
                         .await?;
                 }
+                // A warm VM claimed but never taken over (a destroy overtook it).
+                self.app.store.finish_claim(&env.id).await?;
                 Ok(Next::Continue)
             }
             Step::Finish => self.finish(env).await,
@@ -344,6 +354,77 @@ impl Run<'_> {
         StepError::Final(format!("{msg}; start it again to provision a new one"))
     }
 
+    /// A VM claimed from a warm pool: its pool key makes way for the environment's keys
+    /// (written whole, then renamed into place; the command is fixed, the keys travel on
+    /// standard input). Its host key, learnt when it was filled, is pinned from here on.
+    /// Run again after it acted, the pool key is refused: the work is done, and `wait_ssh`
+    /// proves it with the environment's key.
+    async fn adopt(&mut self, env: Environment) -> Result<Next, StepError> {
+        let Some(pooled) = self.app.store.claimed_pooled(&env.id).await? else {
+            return Ok(Next::Continue);
+        };
+        let on = Self::need_host(self.on_host(&env).await?)?;
+        let Some(at) = self.progress.address.clone() else {
+            return Err(StepError::Vanished(
+                "the VM's address was not recorded".into(),
+            ));
+        };
+        self.app
+            .log(
+                &env,
+                "info",
+                &format!(
+                    "took a warm VM from the pool of host {}; giving it the environment's keys",
+                    on.host.name
+                ),
+            )
+            .await;
+        if on.host.kind != hearth_core::HostKind::Sim {
+            let target = crate::pools::pool_target(
+                self.app,
+                &pooled,
+                &at.ssh_host,
+                at.ssh_port,
+                pooled.ssh_host_key.clone(),
+            )
+            .map_err(|e| StepError::Final(e.to_string()))?;
+            let keys = format!("{}\n", env.ssh_public_key.trim_end()).into_bytes();
+            let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&keys));
+            let request = hearth_guest::ExecRequest {
+                code: ADOPT_KEYS.replace("@SHA256@", &digest),
+                code_on_stdin: false,
+                working_dir: None,
+                env: BTreeMap::new(),
+                stdin: keys,
+                timeout: Duration::from_secs(30),
+                max_output: 4096,
+            };
+            let outcome = self.app.ssh.exec(&target, &request).await;
+            self.app.ssh.forget(&target.environment_id).await;
+            match outcome {
+                Ok(out) if out.exit_code == Some(0) => {}
+                Ok(out) => {
+                    return Err(StepError::Retryable(format!(
+                        "could not give the warm VM the environment's keys (exit {:?}): {}",
+                        out.exit_code,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )));
+                }
+                Err(hearth_guest::GuestError::Auth(_)) => {}
+                Err(e @ hearth_guest::GuestError::HostKey(..)) => {
+                    return Err(StepError::Final(e.to_string()));
+                }
+                Err(e) => return Err(StepError::Retryable(e.to_string())),
+            }
+        }
+        if let Some(a) = self.progress.address.as_mut() {
+            a.host_key = pooled.ssh_host_key.clone();
+        }
+        self.app.store.finish_claim(&env.id).await?;
+        self.app.pools_wake.notify_one();
+        Ok(Next::Continue)
+    }
+
     /// Until the guest accepts Hearth's key, noticing if the VM disappears meanwhile.
     async fn wait_ssh(&mut self, env: Environment) -> Result<Next, StepError> {
         let on = Self::need_host(self.on_host(&env).await?)?;
@@ -367,9 +448,10 @@ impl Run<'_> {
             .await;
         // A new VM's host key is learnt at this first contact; a VM that was made before
         // must offer the key recorded then.
+        // (A warm VM's key was learnt when it was filled, and `adopt` recorded it.)
         let mut known = env.clone();
         if self.plan == Plan::Provision {
-            known.ssh_host_key = None;
+            known.ssh_host_key = at.host_key.clone();
         }
         let guest = self.app.guest(&on.host_ref, &known, &vm, &at)?;
         let budget = self.app.config.ssh_wait;
@@ -586,6 +668,11 @@ impl Run<'_> {
                     on.provider.destroy(&on.host_ref, &vm_of(self, env)).await?;
                     self.app.log(env, "info", "removed the half-made VM").await;
                 }
+                self.app.store.finish_claim(&env.id).await?;
+                Ok(())
+            }
+            (Plan::Provision, Step::Adopt) => {
+                self.app.store.finish_claim(&env.id).await?;
                 Ok(())
             }
             (Plan::Start, Step::StartVm) => {

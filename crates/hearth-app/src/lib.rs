@@ -19,6 +19,7 @@ pub mod hosts;
 pub mod jobs;
 pub mod mail;
 pub mod oidc;
+pub mod pools;
 pub mod reaper;
 pub mod reconcile;
 mod saga;
@@ -63,6 +64,8 @@ pub struct App {
     pub suspects: Arc<reconcile::Suspects>,
     /// Commands by mail, when `HEARTH_MAIL_ADDRESS` is set.
     pub mail: Option<Arc<mail::MailService>>,
+    /// Woken when a pool changed or a warm VM was claimed, so it refills at once.
+    pub pools_wake: Arc<tokio::sync::Notify>,
 }
 
 impl App {

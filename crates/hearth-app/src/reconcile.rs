@@ -7,7 +7,8 @@
 //!   vanished; one Hearth thinks running whose VM stopped is marked stopped; a VM that
 //!   runs for an environment at rest (stopped, failed) is stopped, since only what holds
 //!   quota may run; a VM that belongs to no live environment (or is a leftover of one that
-//!   lives elsewhere) is removed.
+//!   lives elsewhere) is removed. A warm pool's VMs are left to the pools; a ready one
+//!   that vanished is drained so its pool refills.
 //!
 //! It judges only on facts observed after the state they are compared with: the
 //! environments are read before the host is listed, every suspect is read again and its
@@ -125,6 +126,7 @@ async fn reconcile_host(app: &App, host: &Host, pass: &mut Pass<'_>) -> anyhow::
     let host_ref = app.host_ref(host)?;
     // Read before listing: a change after this read is newer than the listing can show.
     let envs = app.store.environments_on_host(&host.id).await?;
+    let pooled = app.store.pooled_on_host(&host.id).await?;
     let vms = provider.list(&host_ref).await?;
     let by_env: HashMap<&str, &VmInfo> =
         vms.iter().map(|v| (v.environment_id.as_str(), v)).collect();
@@ -156,7 +158,32 @@ async fn reconcile_host(app: &App, host: &Host, pass: &mut Pass<'_>) -> anyhow::
         }
     }
 
+    // A warm VM that vanished is drained (its row goes, its room returns, the pool
+    // refills); the filler and claims own the rest of a pooled VM's life.
+    for vm in pooled.iter().filter(|p| p.state == "ready") {
+        if by_env.contains_key(vm.id.as_str()) {
+            continue;
+        }
+        let made = VmRef {
+            name: hearth_provider::vm_name(&vm.id),
+            id: vm.vm_id.clone(),
+        };
+        if provider.inspect(&host_ref, &made).await?.is_some() {
+            continue;
+        }
+        if pass.confirmed(format!("pooled:{}", vm.id), "vanished".into())
+            && app.store.drain_pooled(&vm.id).await?
+        {
+            tracing::warn!(host = %host.name, pooled = %vm.id, "a warm VM vanished outside Hearth; its pool refills");
+        }
+    }
+
     for vm in &vms {
+        if pooled.iter().any(|p| p.id == vm.environment_id)
+            || app.store.pooled_vm(&vm.environment_id).await?.is_some()
+        {
+            continue; // a warm VM: the pools' business
+        }
         let owner = match app.store.environment(&vm.environment_id).await {
             Ok(env) => Some(env),
             Err(StoreError::NotFound) => None,

@@ -81,6 +81,9 @@ pub(crate) enum Step {
     CreateVm,
     /// The provider reports it running, with an SSH address.
     WaitRunning,
+    /// A VM claimed from a warm pool takes the environment's keys in place of its pool
+    /// key (nothing to do for a VM made for the environment). Undo: forget the claim.
+    Adopt,
     /// The guest accepts Hearth's key.
     WaitSsh,
     /// The user's init script ran once and exited 0.
@@ -99,6 +102,7 @@ impl Step {
             Step::Begin => "begin",
             Step::CreateVm => "create_vm",
             Step::WaitRunning => "wait_running",
+            Step::Adopt => "adopt",
             Step::WaitSsh => "wait_ssh",
             Step::InitScript => "init_script",
             Step::StartVm => "start_vm",
@@ -152,9 +156,17 @@ impl Plan {
         use Step::*;
         match self {
             Plan::Provision if with_init_script => {
-                vec![Begin, CreateVm, WaitRunning, WaitSsh, InitScript, Finish]
+                vec![
+                    Begin,
+                    CreateVm,
+                    WaitRunning,
+                    Adopt,
+                    WaitSsh,
+                    InitScript,
+                    Finish,
+                ]
             }
-            Plan::Provision => vec![Begin, CreateVm, WaitRunning, WaitSsh, Finish],
+            Plan::Provision => vec![Begin, CreateVm, WaitRunning, Adopt, WaitSsh, Finish],
             Plan::Start => vec![Begin, StartVm, WaitRunning, WaitSsh, Finish],
             Plan::Stop => vec![Begin, StopVm, Finish],
             Plan::Destroy => vec![Begin, DestroyVm, Finish],

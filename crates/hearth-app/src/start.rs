@@ -335,6 +335,7 @@ pub async fn open_app_with_clock(config: Config, clock: Arc<dyn Clock>) -> Resul
         installation_id: installation.id,
         config: Arc::new(config),
         changed: Arc::new(tokio::sync::Notify::new()),
+        pools_wake: Arc::new(tokio::sync::Notify::new()),
     })
 }
 
@@ -353,6 +354,10 @@ pub fn spawn_background(
         tasks.push(tokio::spawn(
             async move { queue.run(handler, stopped).await },
         ));
+        tasks.push(tokio::spawn(crate::pools::run(
+            app.clone(),
+            shutdown.clone(),
+        )));
     } else {
         tracing::info!("HEARTH_WORKERS=0: this node serves the API only");
     }

@@ -334,6 +334,53 @@ impl From<&ExecutionSummary> for ExecutionSummaryView {
     }
 }
 
+/// A warm pool as admins see it: what it keeps on which host, and what it has now.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolView {
+    pub id: String,
+    pub host_id: String,
+    pub host_name: String,
+    pub base_image: String,
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub disk_gb: i64,
+    /// How many VMs it keeps ready.
+    pub size: i64,
+    /// Booting now.
+    pub filling: i64,
+    /// Ready to be claimed now.
+    pub ready: i64,
+    /// Being removed (surplus, or failed).
+    pub draining: i64,
+    /// Why the last fill failed, if it did.
+    pub last_error: Option<String>,
+    /// The pool fills again from then on (after a failed fill).
+    pub paused_until: Option<String>,
+    pub updated_at: String,
+}
+
+impl From<&hearth_store::WarmPool> for PoolView {
+    fn from(p: &hearth_store::WarmPool) -> PoolView {
+        PoolView {
+            id: p.id.clone(),
+            host_id: p.host_id.clone(),
+            host_name: p.host_name.clone(),
+            base_image: p.base_image.clone(),
+            vcpus: p.vcpus,
+            memory_mb: p.memory_mb,
+            disk_gb: p.disk_gb,
+            size: p.size,
+            filling: p.filling,
+            ready: p.ready,
+            draining: p.draining,
+            last_error: p.last_error.clone(),
+            paused_until: opt_time(p.paused_until),
+            updated_at: time(p.updated_at),
+        }
+    }
+}
+
 /// A host as admins see it. TLS material never leaves the server.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

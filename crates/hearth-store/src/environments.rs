@@ -102,9 +102,10 @@ impl Environment {
         next.state = to;
         next.state_message = message;
         if self.state == EnvState::Running
-            && let Some(started) = self.started_at {
-                next.total_runtime_seconds += ((now - started) / 1000).max(0);
-            }
+            && let Some(started) = self.started_at
+        {
+            next.total_runtime_seconds += ((now - started) / 1000).max(0);
+        }
         match to {
             EnvState::Running => {
                 next.started_at = Some(now);
@@ -353,7 +354,20 @@ impl Store {
         quota
             .admit(&usage, &env.resources())
             .map_err(StoreError::Quota)?;
-        let host_id = self.place_in(&mut tx, &new.placement, None).await?;
+        // A warm VM of this exact shape, if a pool has one: the environment takes its id,
+        // slug and VM, and its room (see `pools`); otherwise a host is chosen as usual.
+        let host_id = match self
+            .claim_pooled(&mut tx, &new.placement, &env.base_image)
+            .await?
+        {
+            Some(pooled) => {
+                env.id = pooled.id;
+                env.slug = pooled.slug;
+                env.vm_id = pooled.vm_id;
+                pooled.host_id
+            }
+            None => self.place_in(&mut tx, &new.placement, None).await?,
+        };
         (env.region, env.host_name) = host_region_and_name(&mut tx, &host_id).await?;
         env.host_id = Some(host_id);
         let vars = self.seal_vars(&env.environment_vars)?;

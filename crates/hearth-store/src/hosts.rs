@@ -408,6 +408,19 @@ impl Store {
                 host.name
             )));
         }
+        let pooled = self.count_pooled_on_host(&mut tx, id).await?;
+        if pooled > 0 {
+            return Err(StoreError::Conflict(format!(
+                "host {} keeps {pooled} warm VMs; set its pools to 0 and wait for them to drain",
+                host.name
+            )));
+        }
+        for sql in [
+            "DELETE FROM pooled_vms WHERE host_id = $1",
+            "DELETE FROM warm_pools WHERE host_id = $1",
+        ] {
+            sqlx::query(sql).bind(id).execute(&mut *tx).await?;
+        }
         sqlx::query("DELETE FROM hosts WHERE id = $1")
             .bind(id)
             .execute(&mut *tx)
@@ -625,7 +638,7 @@ fn describe(need: &Placement) -> String {
 
 /// Takes room for one environment on a host if it still fits there (and the host is
 /// ready and healthy); true when taken.
-async fn reserve(tx: &mut Tx, host_id: &str, need: &Placement) -> Result<bool> {
+pub(crate) async fn reserve(tx: &mut Tx, host_id: &str, need: &Placement) -> Result<bool> {
     let done = sqlx::query(
         "UPDATE hosts SET used_vcpus = used_vcpus + $1, used_memory_mb = used_memory_mb + $2, \
          used_environments = used_environments + 1, used_gpus = used_gpus + $3 \
@@ -657,19 +670,24 @@ pub(crate) async fn release(tx: &mut Tx, host_id: &str, r: &Resources, gpus: i64
     Ok(())
 }
 
+/// What holds room on hosts: reserved environments, and pooled VMs that no environment
+/// has claimed yet (a claimed one's room is its environment's).
+const HOLDERS: &str = "SELECT id, host_id, vcpus, memory_mb, gpus FROM environments WHERE reserved = 1 \
+     UNION ALL SELECT id, host_id, vcpus, memory_mb, 0 AS gpus FROM pooled_vms WHERE state <> 'claimed'";
+
 impl Store {
-    /// Recomputes every host's counters from the environments that hold room on it;
+    /// Recomputes every host's counters from what holds room on it (`HOLDERS`);
     /// returns the names of hosts whose counters had drifted (a bug worth a log line).
     pub async fn resum_hosts(&self) -> Result<Vec<String>> {
         let mut tx = self.begin().await?;
-        let sums = sqlx::query(
+        let sums = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT h.id AS id, h.name AS name, h.used_vcpus AS uv, h.used_memory_mb AS um, h.used_environments AS ue, \
              h.used_gpus AS ug, \
              CAST(COALESCE(SUM(e.vcpus), 0) AS BIGINT) AS v, CAST(COALESCE(SUM(e.memory_mb), 0) AS BIGINT) AS m, \
              CAST(COUNT(e.id) AS BIGINT) AS n, CAST(COALESCE(SUM(e.gpus), 0) AS BIGINT) AS g \
-             FROM hosts h LEFT JOIN environments e ON e.host_id = h.id AND e.reserved = 1 \
-             GROUP BY h.id, h.name, h.used_vcpus, h.used_memory_mb, h.used_environments, h.used_gpus",
-        )
+             FROM hosts h LEFT JOIN ({HOLDERS}) e ON e.host_id = h.id \
+             GROUP BY h.id, h.name, h.used_vcpus, h.used_memory_mb, h.used_environments, h.used_gpus"
+        )))
         .fetch_all(&mut *tx)
         .await?;
         let mut drifted = Vec::new();
@@ -689,14 +707,14 @@ impl Store {
             if used != sum {
                 // Re-summed under the lock, in case a transaction committed since the read.
                 let id: String = r.try_get("id")?;
-                sqlx::query(
+                sqlx::query(sqlx::AssertSqlSafe(format!(
                     "UPDATE hosts SET \
-                     used_vcpus = (SELECT CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) FROM environments WHERE host_id = $1 AND reserved = 1), \
-                     used_memory_mb = (SELECT CAST(COALESCE(SUM(memory_mb), 0) AS BIGINT) FROM environments WHERE host_id = $1 AND reserved = 1), \
-                     used_environments = (SELECT CAST(COUNT(*) AS BIGINT) FROM environments WHERE host_id = $1 AND reserved = 1), \
-                     used_gpus = (SELECT CAST(COALESCE(SUM(gpus), 0) AS BIGINT) FROM environments WHERE host_id = $1 AND reserved = 1) \
-                     WHERE id = $1",
-                )
+                     used_vcpus = (SELECT CAST(COALESCE(SUM(vcpus), 0) AS BIGINT) FROM ({HOLDERS}) e WHERE host_id = $1), \
+                     used_memory_mb = (SELECT CAST(COALESCE(SUM(memory_mb), 0) AS BIGINT) FROM ({HOLDERS}) e WHERE host_id = $1), \
+                     used_environments = (SELECT CAST(COUNT(*) AS BIGINT) FROM ({HOLDERS}) e WHERE host_id = $1), \
+                     used_gpus = (SELECT CAST(COALESCE(SUM(gpus), 0) AS BIGINT) FROM ({HOLDERS}) e WHERE host_id = $1) \
+                     WHERE id = $1"
+                )))
                 .bind(&id)
                 .execute(&mut *tx)
                 .await?;

@@ -12,6 +12,7 @@ mod hosts;
 mod installation;
 mod jobs;
 mod mail;
+mod pools;
 mod records;
 mod retention;
 mod sign_in;
@@ -20,11 +21,12 @@ mod users;
 
 pub use bought::BoughtHost;
 pub use capacity::{CapacitySample, SAMPLE_MS};
-pub use environments::{Environment, NewEnvironment, PersonalOutcome};
+pub use environments::{Environment, NewEnvironment, PersonalOutcome, new_slug};
 pub use hosts::{Host, HostCapacity, HostUpdate, JoinToken, NewHost, Placement};
 pub use installation::{Installation, KeyCheck};
 pub use jobs::{Job, JobState, MAX_CRASHES, NewJob};
 pub use mail::{MAX_REJECTED, Mail, NewMail, REJECTED_KEEP_MS, Stored, mail_job_key};
+pub use pools::{MAX_POOL_SIZE, NewPooledVm, PooledAddress, PooledVm, WarmPool};
 pub use records::{AuditEntry, AuditFilter, Execution, ExecutionSummary, LogEntry};
 pub use retention::Retention;
 pub use sign_in::{MAX_SESSIONS_PER_USER, NewSession};
@@ -272,6 +274,23 @@ impl Store {
         match self.backend {
             Backend::Sqlite => "",
             Backend::Postgres => " FOR UPDATE",
+        }
+    }
+
+    /// `FOR UPDATE OF alias` on PostgreSQL (a join's one table), nothing on SQLite.
+    pub(crate) fn for_update_of(&self, alias: &str) -> String {
+        match self.backend {
+            Backend::Sqlite => String::new(),
+            Backend::Postgres => format!(" FOR UPDATE OF {alias}"),
+        }
+    }
+
+    /// `FOR UPDATE OF alias SKIP LOCKED` on PostgreSQL: concurrent claims pass each other's
+    /// rows by instead of queueing on them. Nothing on SQLite.
+    pub(crate) fn skip_locked_of(&self, alias: &str) -> String {
+        match self.backend {
+            Backend::Sqlite => String::new(),
+            Backend::Postgres => format!(" FOR UPDATE OF {alias} SKIP LOCKED"),
         }
     }
 }

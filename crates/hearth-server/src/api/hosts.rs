@@ -4,7 +4,7 @@ use super::docs::{AdminOnly, Authed, Invalid, Missing, Refused};
 use super::{Admin, Body};
 use crate::App;
 use crate::error::ApiResult;
-use crate::views::{HostView, Items};
+use crate::views::{HostView, Items, PoolView};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -188,6 +188,60 @@ pub async fn ready(
     Ok(Json(HostView::from(
         &app.set_host_status(&admin, &id, HostStatus::Ready).await?,
     )))
+}
+
+/// How many VMs of one size the host keeps booted, ready for a create of exactly that size
+/// (on this server's image) to claim. 0 empties the pool.
+#[derive(Deserialize, Default, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PoolBody {
+    #[schema(minimum = 1, maximum = 1024)]
+    vcpus: i64,
+    #[schema(minimum = 64, maximum = 4194304)]
+    memory_mb: i64,
+    #[schema(minimum = 1, maximum = 65536)]
+    disk_gb: i64,
+    #[schema(minimum = 0, maximum = 64)]
+    size: i64,
+}
+
+/// Sets a warm pool of the host: that many VMs of that size kept booted with no user's
+/// key or data, each counting against the host's capacity. A create of exactly that size
+/// takes one (still under the user's quota) and the pool refills.
+#[utoipa::path(put, path = "/v1/admin/hosts/{id}/pools", tag = "hosts", params(("id" = String, Path, description = "host id or name")),
+    request_body = PoolBody,
+    responses((status = 200, description = "the pool", body = PoolView), Invalid, Missing, AdminOnly, Authed))]
+pub async fn set_pool(
+    State(app): State<App>,
+    Admin(admin): Admin,
+    Path(id): Path<String>,
+    Body(b): Body<PoolBody>,
+) -> ApiResult<Json<PoolView>> {
+    let resources = hearth_core::Resources {
+        vcpus: b.vcpus,
+        memory_mb: b.memory_mb,
+        disk_gb: b.disk_gb,
+    };
+    let pool = app.set_pool(&admin, &id, resources, b.size).await?;
+    Ok(Json(PoolView::from(&pool)))
+}
+
+/// Every warm pool, with how many VMs it has filling, ready and draining.
+#[utoipa::path(get, path = "/v1/admin/pools", tag = "hosts",
+    responses((status = 200, description = "the pools", body = Items<PoolView>), AdminOnly, Authed))]
+pub async fn pools(
+    State(app): State<App>,
+    Admin(_admin): Admin,
+) -> ApiResult<Json<Items<PoolView>>> {
+    Ok(Json(Items {
+        items: app
+            .store
+            .pools()
+            .await?
+            .iter()
+            .map(PoolView::from)
+            .collect(),
+    }))
 }
 
 /// Removes a host that holds no environment.

@@ -103,6 +103,8 @@ pub fn routes() -> (axum::Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(hosts::sell))
         .routes(routes!(hosts::binary))
         .routes(routes!(hosts::ready))
+        .routes(routes!(hosts::set_pool))
+        .routes(routes!(hosts::pools))
         .split_for_parts()
 }
 
