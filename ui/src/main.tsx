@@ -879,6 +879,7 @@ function CapacityChart() {
 }
 
 type Host = Schemas["HostView"];
+type Pool = Schemas["PoolView"];
 type Job = Schemas["JobView"];
 type Audit = Schemas["AuditView"];
 
@@ -894,8 +895,15 @@ function Bar({ label, used, max, unit }: { label: string; used: number; max: num
 
 function AdminHosts() {
   const [hosts, setHosts] = useState<Host[] | null>(null);
+  const [pools, setPools] = useState<Pool[]>([]);
   const [error, setError] = useState("");
-  const load = () => call<{ items: Host[] }>("GET", "/v1/admin/hosts").then((h) => setHosts(h.items)).catch((e) => setError(message(e)));
+  const load = () =>
+    Promise.all([call<{ items: Host[] }>("GET", "/v1/admin/hosts"), call<{ items: Pool[] }>("GET", "/v1/admin/pools")])
+      .then(([h, p]) => {
+        setHosts(h.items);
+        setPools(p.items);
+      })
+      .catch((e) => setError(message(e)));
   useEffect(() => {
     load();
     const every = setInterval(load, 5000);
@@ -929,6 +937,14 @@ function AdminHosts() {
             <Bar label="vCPUs" used={h.usedVcpus} max={h.maxVcpus} unit="" />
             <Bar label="Memory" used={h.usedMemoryMb} max={h.maxMemoryMb} unit="MB" />
             <Bar label="Environments" used={h.usedEnvironments} max={h.maxEnvironments} unit="" />
+            {pools.filter((p) => p.hostId === h.id && (p.size > 0 || p.ready + p.filling + p.draining > 0)).map((p) => (
+              <p key={p.id} class="pool" aria-label={`Warm pool of ${h.name}, ${p.vcpus} vCPUs, ${p.memoryMb} MB`}>
+                Warm pool of {p.vcpus} vCPU · {p.memoryMb} MB · {p.diskGb} GB: {p.ready} ready of {p.size}
+                {p.filling ? `, ${p.filling} booting` : ""}
+                {p.draining ? `, ${p.draining} draining` : ""}
+                {p.lastError ? <span class="muted"> · last fill failed: {p.lastError}</span> : null}
+              </p>
+            ))}
             <div class="actions">
               {h.status === "ready" ? <button onClick={() => set(h, "drain")}>Drain {h.name}</button> : <button onClick={() => set(h, "ready")}>Make {h.name} ready</button>}
             </div>

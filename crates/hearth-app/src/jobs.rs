@@ -262,6 +262,12 @@ impl Run<'_> {
     }
 
     async fn create_vm(&mut self, env: Environment) -> Result<Next, StepError> {
+        if env.vm_id.is_some() && self.app.store.claimed_pooled(&env.id).await?.is_some() {
+            // A warm VM, running already: `wait_running` finds it (or finds it gone, and
+            // the next attempt makes one).
+            self.progress.vm = Some(vm_of(self, &env));
+            return Ok(Next::Continue);
+        }
         let on = Self::need_host(self.on_host(&env).await?)?;
         self.app
             .log(
@@ -342,6 +348,10 @@ impl Run<'_> {
             hearth_provider::vm_name(&env.id)
         );
         if self.plan == Plan::Provision {
+            // A warm VM that vanished is not waited for again: the next attempt makes one.
+            if let Err(e) = self.app.store.finish_claim(&env.id).await {
+                return StepError::Retryable(e.to_string());
+            }
             return StepError::Vanished(msg);
         }
         let mut forgotten = env.clone();

@@ -22,8 +22,10 @@ use tokio::sync::watch;
 
 /// How often a node looks at the pools when nothing wakes it sooner.
 const PASS_EVERY: Duration = Duration::from_secs(1);
-/// How long a fill or drain is one node's: longer than a VM's boot and SSH wait.
-const LEASE: Duration = Duration::from_secs(300);
+/// How long a fill or drain is one node's without renewal: a node that dies mid-fill leaves
+/// its VM to another within this. A live filler renews it every `RENEW_EVERY`.
+const LEASE: Duration = Duration::from_secs(30);
+const RENEW_EVERY: Duration = Duration::from_secs(10);
 /// Pooled VMs worked on at once by one node.
 const AT_ONCE: i64 = 8;
 /// How long a pool waits after a failed fill before filling again.
@@ -161,7 +163,25 @@ async fn fill(app: &App, vm: &PooledVm, owner: &str) -> anyhow::Result<()> {
     let made = provider.ensure_created(&host_ref, &spec).await?;
     let budget = app.config.ssh_wait;
     let started = Instant::now();
+    let mut renewed = Instant::now();
+    let mut keep_lease = async || -> anyhow::Result<()> {
+        if renewed.elapsed() > RENEW_EVERY {
+            renewed = Instant::now();
+            if !app
+                .store
+                .renew_pooled_lease(&vm.id, owner, LEASE.as_millis() as i64)
+                .await?
+            {
+                anyhow::bail!(
+                    "lost the lease on warm VM {}; another node took it over",
+                    vm.id
+                );
+            }
+        }
+        Ok(())
+    };
     let info = loop {
+        keep_lease().await?;
         match provider.inspect(&host_ref, &made).await? {
             Some(info) if info.state == VmState::Running && info.ssh_port.is_some() => break info,
             Some(_) => {}
@@ -185,6 +205,7 @@ async fn fill(app: &App, vm: &PooledVm, owner: &str) -> anyhow::Result<()> {
     } else {
         let target = pool_target(app, vm, &ssh_host, ssh_port, None)?;
         let key = loop {
+            keep_lease().await?;
             match app.ssh.probe(&target, Duration::from_millis(750)).await {
                 Ok(key) => break key,
                 Err(e @ hearth_guest::GuestError::HostKey(..)) => return Err(e.into()),

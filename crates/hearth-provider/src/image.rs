@@ -13,14 +13,18 @@ pub const PACKAGES: &str = "openssh-server,sudo,git,curl,ca-certificates,iproute
 
 /// The guest's PID 1 child (under docker-init): host key, the authorized key, then sshd.
 pub const INIT_SCRIPT: &str = r#"#!/bin/sh
-# Hearth guest start-up: a host key, the dev user's authorized key, then sshd.
+# Hearth guest start-up: a host key, the dev user's authorized keys (on first boot only:
+# a warm VM's keys are replaced when an environment claims it, and a restart must keep
+# those), then sshd.
 set -eu
 mkdir -p /run/sshd
 [ -f /etc/ssh/ssh_host_ed25519_key ] || ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key
 install -d -m 700 -o dev -g dev /home/dev/.ssh
-printf '%s\n' "${HEARTH_AUTHORIZED_KEYS:-}" > /home/dev/.ssh/authorized_keys
-chown dev:dev /home/dev/.ssh/authorized_keys
-chmod 600 /home/dev/.ssh/authorized_keys
+if [ ! -s /home/dev/.ssh/authorized_keys ]; then
+  printf '%s\n' "${HEARTH_AUTHORIZED_KEYS:-}" > /home/dev/.ssh/authorized_keys
+  chown dev:dev /home/dev/.ssh/authorized_keys
+  chmod 600 /home/dev/.ssh/authorized_keys
+fi
 unset HEARTH_AUTHORIZED_KEYS
 exec /usr/sbin/sshd -D -e
 "#;

@@ -155,10 +155,20 @@ impl Store {
             )));
         }
         let host = self.host(host_id).await?;
-        if host.kind == HostKind::Ovh {
-            return Err(StoreError::Conflict(
-                "OVH hosts have no warm pools: an idle cloud instance is billed by the hour".into(),
-            ));
+        match host.kind {
+            HostKind::Docker | HostKind::Sim => {}
+            HostKind::Ovh => {
+                return Err(StoreError::Conflict(
+                    "OVH hosts have no warm pools: an idle cloud instance is billed by the hour"
+                        .into(),
+                ));
+            }
+            kind => {
+                return Err(StoreError::Conflict(format!(
+                    "{kind} hosts have no warm pools yet: their VMs take their keys at every boot, so a claimed VM would \
+                     get its pool key back when restarted (snapshots for VM hosts are not built yet)"
+                )));
+            }
         }
         if resources.vcpus > host.capacity.max_vcpus
             || resources.memory_mb > host.capacity.max_memory_mb
@@ -374,6 +384,20 @@ impl Store {
             }
         }
         Ok(leased)
+    }
+
+    /// Extends `owner`'s lease on a pooled VM it is still working on; false when the lease
+    /// was lost (it lapsed and another node took the VM over).
+    pub async fn renew_pooled_lease(&self, id: &str, owner: &str, lease_ms: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE pooled_vms SET lease_until = $1 WHERE id = $2 AND lease_owner = $3",
+        )
+        .bind(self.now() + lease_ms)
+        .bind(id)
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     pub async fn pooled_vm(&self, id: &str) -> Result<Option<PooledVm>> {

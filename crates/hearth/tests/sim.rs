@@ -58,6 +58,7 @@ const POINTS: &[(&str, &[&str])] = &[
             "begin",
             "create_vm",
             "wait_running",
+            "adopt",
             "wait_ssh",
             "init_script",
             "finish",
