@@ -26,6 +26,7 @@ mod saga;
 pub mod service;
 pub mod sign_in;
 mod sim_ledger;
+pub mod snapshots;
 pub mod start;
 
 #[cfg(test)]

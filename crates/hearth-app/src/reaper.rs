@@ -19,6 +19,9 @@ pub async fn run(app: App, mut shutdown: watch::Receiver<bool>) {
         if let Err(e) = crate::reconcile::reconcile(&app).await {
             tracing::warn!(error = %e, "reconciler pass failed");
         }
+        if let Err(e) = app.settle_snapshots().await {
+            tracing::warn!(error = %e, "snapshot upkeep failed");
+        }
         if let Err(e) = app.demand_pass().await {
             tracing::warn!(error = %e, "demand policy pass failed");
         }

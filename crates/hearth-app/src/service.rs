@@ -41,6 +41,8 @@ pub struct CreateInput {
     pub gpu_model: Option<String>,
     /// Made for this received mail (see `NewEnvironment::for_mail`).
     pub for_mail: Option<i64>,
+    /// Made from this snapshot of the caller's (id or name), on the snapshot's host.
+    pub snapshot: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -223,6 +225,13 @@ impl App {
                 self.config.image
             )));
         }
+        let (image, on_host) = match &input.snapshot {
+            Some(name) => {
+                let snapshot = self.ready_snapshot(user, name).await?;
+                (snapshot.image.unwrap_or(image), Some(snapshot.host_id))
+            }
+            None => (image, None),
+        };
         if let Some(script) = &input.init_script {
             validate::command(script).map_err(|e| AppError::Invalid(format!("initScript: {e}")))?;
         }
@@ -263,6 +272,7 @@ impl App {
             init_script: input.init_script,
             repository_url: None,
             for_mail: input.for_mail,
+            on_host,
         };
         let job = self.new_job(JobKind::Provision, "", actor);
         let env = self.store.create_environment(user, new, job).await?;
@@ -304,6 +314,7 @@ impl App {
             init_script: None,
             repository_url: None,
             for_mail: None,
+            on_host: None,
         };
         let job = self.new_job(JobKind::Provision, "", &user.id);
         let outcome = self

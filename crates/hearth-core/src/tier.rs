@@ -62,6 +62,15 @@ impl Tier {
     }
 
     /// The personal VM's size when the caller names none (the seed's table).
+    /// How many snapshots a user of the tier may keep (each is a copy of a disk on its host).
+    pub fn max_snapshots(self) -> i64 {
+        match self {
+            Tier::Free => 2,
+            Tier::Pro => 10,
+            Tier::Unlimited => 100,
+        }
+    }
+
     pub fn default_resources(self) -> Resources {
         match self {
             Tier::Free => Resources {

@@ -13,11 +13,18 @@ pub const PACKAGES: &str = "openssh-server,sudo,git,curl,ca-certificates,iproute
 
 /// The guest's PID 1 child (under docker-init): host key, the authorized key, then sshd.
 pub const INIT_SCRIPT: &str = r#"#!/bin/sh
-# Hearth guest start-up: a host key, the dev user's authorized keys (on first boot only:
-# a warm VM's keys are replaced when an environment claims it, and a restart must keep
-# those), then sshd.
+# Hearth guest start-up: a host key, the dev user's authorized keys, then sshd.
+# A new machine (its hostname, which Hearth sets per environment, is not the one recorded)
+# gets a host key and authorized keys of its own and forgets a copied init script: a VM
+# made from a snapshot of another must not share its identity. The same machine restarted
+# keeps them (a warm VM's keys were replaced when an environment claimed it).
 set -eu
-mkdir -p /run/sshd
+mkdir -p /run/sshd /etc/hearth
+if [ "$(cat /etc/hearth/identity 2>/dev/null || true)" != "$(hostname)" ]; then
+  rm -f /etc/ssh/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key.pub /home/dev/.ssh/authorized_keys
+  rm -rf /home/dev/.hearth/init
+  hostname > /etc/hearth/identity
+fi
 [ -f /etc/ssh/ssh_host_ed25519_key ] || ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key
 install -d -m 700 -o dev -g dev /home/dev/.ssh
 if [ ! -s /home/dev/.ssh/authorized_keys ]; then

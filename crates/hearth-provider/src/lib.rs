@@ -141,6 +141,14 @@ pub struct VmInfo {
     pub ip_address: Option<String>,
 }
 
+/// A snapshot of a VM's disk as its host keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotMade {
+    /// What a new VM is created from (on Docker, the committed image's name).
+    pub image: String,
+    pub size_bytes: i64,
+}
+
 /// What a host says of itself when checked.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostFacts {
@@ -218,6 +226,39 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Every VM of this installation on the host, for the reconciler.
     async fn list(&self, host: &HostRef) -> Result<Vec<VmInfo>, ProviderError>;
+
+    /// Saves the VM's disk as snapshot `snapshot_id` (or finds the one an earlier try
+    /// made). Memory is not kept. Kinds that cannot say so.
+    async fn snapshot(
+        &self,
+        host: &HostRef,
+        _vm: &VmRef,
+        _snapshot_id: &str,
+    ) -> Result<SnapshotMade, ProviderError> {
+        Err(ProviderError::Unsupported(format!(
+            "hosts of kind {} take no snapshots yet",
+            host.kind
+        )))
+    }
+
+    /// The snapshot if the host has it (a taker that died may have finished it).
+    async fn find_snapshot(
+        &self,
+        _host: &HostRef,
+        _snapshot_id: &str,
+    ) -> Result<Option<SnapshotMade>, ProviderError> {
+        Ok(None)
+    }
+
+    /// Removes the snapshot; one already gone counts as removed. VMs made from it keep
+    /// running (their host keeps what they use until they go).
+    async fn remove_snapshot(
+        &self,
+        _host: &HostRef,
+        _snapshot_id: &str,
+    ) -> Result<(), ProviderError> {
+        Ok(())
+    }
 
     /// The sizes this host offers beyond the tiers' (an OVH region's flavors); none by
     /// default.

@@ -334,6 +334,43 @@ impl From<&ExecutionSummary> for ExecutionSummaryView {
     }
 }
 
+/// A snapshot of an environment's disk, as its owner sees it.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SnapshotView {
+    pub id: String,
+    pub name: String,
+    /// `taking`, `ready` or `deleting`.
+    pub state: String,
+    /// The environment it was taken of (which may be gone since).
+    pub environment_id: String,
+    pub host_id: String,
+    /// What the host keeps for it, once taken.
+    pub size_bytes: Option<i64>,
+    /// The size of the environment it was taken of.
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub disk_gb: i64,
+    pub created_at: String,
+}
+
+impl From<&hearth_store::Snapshot> for SnapshotView {
+    fn from(s: &hearth_store::Snapshot) -> SnapshotView {
+        SnapshotView {
+            id: s.id.clone(),
+            name: s.name.clone(),
+            state: s.state.clone(),
+            environment_id: s.environment_id.clone(),
+            host_id: s.host_id.clone(),
+            size_bytes: s.size_bytes,
+            vcpus: s.vcpus,
+            memory_mb: s.memory_mb,
+            disk_gb: s.disk_gb,
+            created_at: time(s.created_at),
+        }
+    }
+}
+
 /// A warm pool as admins see it: what it keeps on which host, and what it has now.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

@@ -138,6 +138,9 @@ pub struct NewEnvironment {
     /// transaction, which fails (`Conflict`) if the mail already made one, so two workers
     /// holding one mail job never make two environments.
     pub for_mail: Option<i64>,
+    /// The host it must go on (a snapshot's, whose image only that host has); `None`:
+    /// wherever placement finds room (or a warm VM).
+    pub on_host: Option<String>,
 }
 
 #[derive(Debug)]
@@ -356,17 +359,24 @@ impl Store {
             .map_err(StoreError::Quota)?;
         // A warm VM of this exact shape, if a pool has one: the environment takes its id,
         // slug and VM, and its room (see `pools`); otherwise a host is chosen as usual.
-        let host_id = match self
-            .claim_pooled(&mut tx, &new.placement, &env.base_image)
-            .await?
-        {
+        let claimed = match &new.on_host {
+            Some(_) => None,
+            None => {
+                self.claim_pooled(&mut tx, &new.placement, &env.base_image)
+                    .await?
+            }
+        };
+        let host_id = match claimed {
             Some(pooled) => {
                 env.id = pooled.id;
                 env.slug = pooled.slug;
                 env.vm_id = pooled.vm_id;
                 pooled.host_id
             }
-            None => self.place_in(&mut tx, &new.placement, None).await?,
+            None => {
+                self.place_in(&mut tx, &new.placement, new.on_host.as_deref())
+                    .await?
+            }
         };
         (env.region, env.host_name) = host_region_and_name(&mut tx, &host_id).await?;
         env.host_id = Some(host_id);
@@ -809,6 +819,7 @@ pub(crate) mod tests {
     pub(crate) fn sample(personal: bool) -> NewEnvironment {
         NewEnvironment {
             for_mail: None,
+            on_host: None,
             name: "Personal VM".into(),
             personal,
             placement: Placement {

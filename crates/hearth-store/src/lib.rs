@@ -17,6 +17,7 @@ mod records;
 mod retention;
 mod sign_in;
 mod sim;
+mod snapshots;
 mod users;
 
 pub use bought::BoughtHost;
@@ -31,6 +32,7 @@ pub use records::{AuditEntry, AuditFilter, Execution, ExecutionSummary, LogEntry
 pub use retention::Retention;
 pub use sign_in::{MAX_SESSIONS_PER_USER, NewSession};
 pub use sim::SimVmRow;
+pub use snapshots::Snapshot;
 pub use users::{ApiToken, QuotaOverrides, User, generate_token, hash_token};
 
 use hearth_core::Clock;

@@ -24,7 +24,7 @@ pub mod options;
 
 use crate::{
     HostFacts, HostRef, LABEL_ENVIRONMENT, LABEL_INSTALLATION, LABEL_MANAGED, Provider,
-    ProviderError, VmInfo, VmRef, VmSpec, VmState,
+    ProviderError, SnapshotMade, VmInfo, VmRef, VmSpec, VmState,
 };
 use async_trait::async_trait;
 use bollard::errors::Error as DockerError;
@@ -59,6 +59,15 @@ pub const CAPABILITIES: [&str; 11] = [
 
 /// The guest's start-up script reads the authorized keys from here.
 pub const AUTHORIZED_KEYS_ENV: &str = "HEARTH_AUTHORIZED_KEYS";
+/// Snapshots are images of this repository, tagged with the snapshot's id.
+pub const SNAPSHOT_REPOSITORY: &str = "hearth-snapshot";
+/// The label that says which snapshot an image is.
+pub const LABEL_SNAPSHOT: &str = "hearth.snapshot";
+/// The path a committed image is given. The engine adds the container's other variables
+/// to whatever a commit sets, so each of them is set empty instead: nothing of the source's
+/// values (which may be secrets) is kept; a VM made from it gets its own.
+const SNAPSHOT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// Seconds a request to an engine may take before it counts as unanswered.
 const REQUEST_TIMEOUT_SECONDS: u64 = 60;
 
@@ -489,6 +498,116 @@ impl Provider for DockerProvider {
 
     async fn inspect(&self, host: &HostRef, vm: &VmRef) -> Result<Option<VmInfo>, ProviderError> {
         self.ours(host, vm).await
+    }
+
+    /// `docker commit` (the container paused meanwhile) into `hearth-snapshot:<id>`,
+    /// labelled with the installation and snapshot, without the source's variables.
+    async fn snapshot(
+        &self,
+        host: &HostRef,
+        vm: &VmRef,
+        snapshot_id: &str,
+    ) -> Result<SnapshotMade, ProviderError> {
+        if let Some(made) = self.find_snapshot(host, snapshot_id).await? {
+            return Ok(made);
+        }
+        if self.ours(host, vm).await?.is_none() {
+            return Err(ProviderError::NotFound(vm.name.clone()));
+        }
+        let docker = self.client(host).await?;
+        let source_env = docker
+            .inspect_container(vm.key(), None::<InspectContainerOptions>)
+            .await
+            .map_err(|e| classify(host, e))?
+            .config
+            .and_then(|c| c.env)
+            .unwrap_or_default();
+        let mut env = vec![SNAPSHOT_PATH.to_string()];
+        env.extend(
+            source_env
+                .iter()
+                .filter_map(|kv| kv.split_once('=').map(|(k, _)| k))
+                .filter(|k| *k != "PATH")
+                .map(|k| format!("{k}=")),
+        );
+        let options = bollard::query_parameters::CommitContainerOptions {
+            container: Some(vm.key().to_string()),
+            repo: Some(SNAPSHOT_REPOSITORY.into()),
+            tag: Some(snapshot_id.into()),
+            pause: true,
+            ..Default::default()
+        };
+        let labels = HashMap::from([
+            (LABEL_MANAGED.to_string(), "true".to_string()),
+            (LABEL_INSTALLATION.to_string(), host.installation_id.clone()),
+            (LABEL_SNAPSHOT.to_string(), snapshot_id.to_string()),
+        ]);
+        let config = bollard::models::ContainerConfig {
+            env: Some(env),
+            labels: Some(labels),
+            ..Default::default()
+        };
+        docker
+            .commit_container(options, config)
+            .await
+            .map_err(|e| classify(host, e))?;
+        self.find_snapshot(host, snapshot_id).await?.ok_or_else(|| {
+            ProviderError::Failed(format!(
+                "the Docker engine of host {} committed snapshot {snapshot_id} but does not show it",
+                host.name
+            ))
+        })
+    }
+
+    async fn find_snapshot(
+        &self,
+        host: &HostRef,
+        snapshot_id: &str,
+    ) -> Result<Option<SnapshotMade>, ProviderError> {
+        let image = format!("{SNAPSHOT_REPOSITORY}:{snapshot_id}");
+        match self.client(host).await?.inspect_image(&image).await {
+            Ok(i) => {
+                let labels = i.config.and_then(|c| c.labels).unwrap_or_default();
+                if labels.get(LABEL_INSTALLATION) != Some(&host.installation_id) {
+                    return Ok(None);
+                }
+                Ok(Some(SnapshotMade {
+                    image,
+                    size_bytes: i.size.unwrap_or(0),
+                }))
+            }
+            Err(e) if is_status(&e, 404) => Ok(None),
+            Err(e) => Err(classify(host, e)),
+        }
+    }
+
+    /// Untags the image (forced: VMs made from it keep its layers until they go).
+    async fn remove_snapshot(
+        &self,
+        host: &HostRef,
+        snapshot_id: &str,
+    ) -> Result<(), ProviderError> {
+        if self.find_snapshot(host, snapshot_id).await?.is_none() {
+            return Ok(());
+        }
+        let options = bollard::query_parameters::RemoveImageOptions {
+            force: true,
+            ..Default::default()
+        };
+        match self
+            .client(host)
+            .await?
+            .remove_image(
+                &format!("{SNAPSHOT_REPOSITORY}:{snapshot_id}"),
+                Some(options),
+                None,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_status(&e, 404) => Ok(()),
+            Err(e) => Err(classify(host, e)),
+        }
     }
 
     async fn list(&self, host: &HostRef) -> Result<Vec<VmInfo>, ProviderError> {

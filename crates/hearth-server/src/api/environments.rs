@@ -66,6 +66,35 @@ pub struct CreateBody {
     gpus: Option<i64>,
     #[schema(min_length = 1, max_length = 64, pattern = "^[A-Za-z0-9._-]+$")]
     gpu_model: Option<String>,
+    /// One of the caller's snapshots (id or name): the environment starts with its disk,
+    /// on the host that keeps it.
+    #[schema(min_length = 1, max_length = 100)]
+    snapshot: Option<String>,
+}
+
+impl From<CreateBody> for CreateInput {
+    fn from(b: CreateBody) -> CreateInput {
+        CreateInput {
+            name: b.name,
+            size: SizeRequest {
+                vcpus: b.vcpus,
+                memory_mb: b.memory_mb,
+                disk_gb: b.disk_gb,
+            },
+            duration_hours: b.duration_hours,
+            base_image: b.base_image,
+            init_script: b.init_script,
+            environment_vars: b.environment_vars,
+            repository_url: b.repository_url,
+            ssh_public_key: b.ssh_public_key,
+            provider: b.provider.map(|k| k.to_string()),
+            region: b.region,
+            gpus: b.gpus,
+            gpu_model: b.gpu_model,
+            for_mail: None,
+            snapshot: b.snapshot,
+        }
+    }
 }
 
 /// Creates an environment, placed on a host and queued for provisioning.
@@ -77,26 +106,32 @@ pub async fn create(
     Caller(user): Caller,
     Body(b): Body<CreateBody>,
 ) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
-    let input = CreateInput {
-        name: b.name,
-        size: SizeRequest {
-            vcpus: b.vcpus,
-            memory_mb: b.memory_mb,
-            disk_gb: b.disk_gb,
-        },
-        duration_hours: b.duration_hours,
-        base_image: b.base_image,
-        init_script: b.init_script,
-        environment_vars: b.environment_vars,
-        repository_url: b.repository_url,
-        ssh_public_key: b.ssh_public_key,
-        provider: b.provider.map(|k| k.to_string()),
-        region: b.region,
-        gpus: b.gpus,
-        gpu_model: b.gpu_model,
-        for_mail: None,
-    };
+    let input = CreateInput::from(b);
     let env = app.create_environment(&user, input).await?;
+    Ok((StatusCode::ACCEPTED, Json(EnvironmentView::from(&env))))
+}
+
+/// A new environment with the disk of this one as it is now: a snapshot of it (kept and
+/// listed like any, named `fork-<slug>-<time>`) and an environment made from that, on the
+/// same host, of the same size unless the body asks for another.
+#[utoipa::path(post, path = "/v1/environments/{id}/fork", tag = "environments", params(("id" = String, Path, description = "id or slug")),
+    request_body = CreateBody,
+    responses((status = 202, description = "the new environment, queued for provisioning", body = EnvironmentView),
+        Invalid, Missing, Refused, OverQuota, Authed))]
+pub async fn fork(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+    Body(b): Body<CreateBody>,
+) -> ApiResult<(StatusCode, Json<EnvironmentView>)> {
+    if b.snapshot.is_some() {
+        return Err(ApiError::invalid(
+            "a fork makes its own snapshot; leave `snapshot` out",
+        ));
+    }
+    let (_, env) = app
+        .fork_environment(&user, &id, CreateInput::from(b))
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(EnvironmentView::from(&env))))
 }
 

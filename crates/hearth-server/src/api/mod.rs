@@ -9,6 +9,7 @@ mod hosts;
 mod mail;
 mod me;
 mod ops;
+mod snapshots;
 mod terminal;
 mod trpc;
 
@@ -63,6 +64,10 @@ pub fn routes() -> (axum::Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(mail::inbound))
         .routes(routes!(mail::all_mail))
         .routes(routes!(environments::create, environments::list))
+        .routes(routes!(environments::fork))
+        .routes(routes!(snapshots::take))
+        .routes(routes!(snapshots::list))
+        .routes(routes!(snapshots::delete))
         .routes(routes!(environments::get, environments::destroy))
         .routes(routes!(environments::wait))
         .routes(routes!(environments::start))

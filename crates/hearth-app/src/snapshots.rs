@@ -1,0 +1,246 @@
+//! Users' snapshots of their environments' disks, new environments made from them, and
+//! forks (a snapshot and a new environment from it, in one call).
+//!
+//! A snapshot is taken while the caller waits (a Docker commit: seconds per GB), recorded
+//! first as `taking` under the tier's count, so the quota never misses one. A node that
+//! dies mid-take leaves the row to the reaper (`settle_snapshots`): the host has the image
+//! (the commit finished) and it becomes ready, or it has none and the row goes. Deleting
+//! marks the row first, removes the image, then the row; a failure in between is finished
+//! by the reaper too. Memory is not kept: an environment made from a snapshot boots anew,
+//! with an identity of its own (host key, authorized keys; see the guest's start-up).
+
+use crate::App;
+use crate::error::{AppError, AppResult};
+use hearth_core::{EnvState, validate};
+use hearth_provider::{ProviderError, VmRef};
+use hearth_store::{Environment, Snapshot, StoreError, User};
+use std::time::Duration;
+
+/// How long taking one snapshot may take (a commit of a large disk).
+const TAKE_LIMIT: Duration = Duration::from_secs(600);
+/// A `taking` row older than this has lost its taker.
+const TAKER_LOST_MS: i64 = 15 * 60_000;
+
+impl App {
+    /// Saves the disk of the caller's environment (running or stopped) as snapshot `name`.
+    pub async fn take_snapshot(
+        &self,
+        user: &User,
+        id_or_slug: &str,
+        name: &str,
+    ) -> AppResult<Snapshot> {
+        validate::name(name).map_err(AppError::Invalid)?;
+        let env = self.owned_environment(user, id_or_slug).await?;
+        if !matches!(env.state, EnvState::Running | EnvState::Stopped) {
+            return Err(AppError::InvalidState(format!(
+                "a snapshot is taken of a running or stopped environment; this one is {}",
+                env.state
+            )));
+        }
+        let host = self
+            .store
+            .host(env.host_id.as_deref().unwrap_or_default())
+            .await?;
+        let host_ref = self.host_ref(&host)?;
+        let provider = self
+            .providers
+            .get(host.kind)
+            .map_err(|e| AppError::Invalid(e.to_string()))?;
+        let snapshot = self
+            .store
+            .begin_snapshot(user, &env, name)
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(m) => AppError::Conflict(m),
+                e => e.into(),
+            })?;
+        let vm = VmRef {
+            name: hearth_provider::vm_name(&env.id),
+            id: env.vm_id.clone(),
+        };
+        let taken =
+            tokio::time::timeout(TAKE_LIMIT, provider.snapshot(&host_ref, &vm, &snapshot.id))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ProviderError::Unavailable(format!(
+                        "the snapshot took longer than {} s",
+                        TAKE_LIMIT.as_secs()
+                    )))
+                });
+        let made = match taken {
+            Ok(made) => made,
+            Err(e) => {
+                // Nothing was made (a commit is whole or absent); a commit that finishes
+                // after a timeout is found and removed by the reaper.
+                match &e {
+                    ProviderError::Unavailable(_) => {}
+                    _ => self.store.forget_snapshot(&snapshot.id).await?,
+                }
+                return Err(match e {
+                    ProviderError::Unsupported(m) => AppError::Invalid(m),
+                    ProviderError::NotFound(_) => {
+                        AppError::InvalidState("the environment's VM is gone".into())
+                    }
+                    e => AppError::Unavailable(format!("taking the snapshot failed: {e}")),
+                });
+            }
+        };
+        let snapshot = self
+            .store
+            .snapshot_taken(&snapshot.id, &made.image, made.size_bytes)
+            .await?;
+        self.log(
+            &env,
+            "info",
+            &format!("snapshot {name} taken ({} MB)", made.size_bytes / 1_000_000),
+        )
+        .await;
+        let _ = self
+            .store
+            .audit(
+                &user.id,
+                "snapshot",
+                Some(&env.id),
+                "success",
+                Some(name),
+                None,
+            )
+            .await;
+        Ok(snapshot)
+    }
+
+    /// The caller's snapshots, newest first.
+    pub async fn snapshots(&self, user: &User) -> AppResult<Vec<Snapshot>> {
+        Ok(self.store.snapshots_of(&user.id).await?)
+    }
+
+    /// The caller's ready snapshot by id or name (a create from it names it so).
+    pub(crate) async fn ready_snapshot(
+        &self,
+        user: &User,
+        id_or_name: &str,
+    ) -> AppResult<Snapshot> {
+        let snapshot = self
+            .store
+            .snapshot_for_user(&user.id, id_or_name)
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound => {
+                    AppError::Invalid(format!("you have no snapshot {id_or_name:?}"))
+                }
+                e => e.into(),
+            })?;
+        if snapshot.state != "ready" || snapshot.image.is_none() {
+            return Err(AppError::InvalidState(format!(
+                "snapshot {} is {}, not ready",
+                snapshot.name, snapshot.state
+            )));
+        }
+        Ok(snapshot)
+    }
+
+    /// Removes the caller's snapshot: its place in the quota is free at once.
+    /// Environments made from it keep running.
+    pub async fn delete_snapshot(&self, user: &User, id_or_name: &str) -> AppResult<Snapshot> {
+        let snapshot = self.store.snapshot_for_user(&user.id, id_or_name).await?;
+        if snapshot.state == "taking" {
+            return Err(AppError::InvalidState(
+                "the snapshot is still being taken; delete it once it is ready".into(),
+            ));
+        }
+        self.store.snapshot_deleting(&snapshot.id).await?;
+        self.remove_snapshot(&snapshot).await?;
+        let _ = self
+            .store
+            .audit(
+                &user.id,
+                "snapshot_delete",
+                Some(&snapshot.environment_id),
+                "success",
+                Some(&snapshot.name),
+                None,
+            )
+            .await;
+        Ok(snapshot)
+    }
+
+    async fn remove_snapshot(&self, snapshot: &Snapshot) -> AppResult<()> {
+        match self.store.host(&snapshot.host_id).await {
+            Ok(host) => {
+                let host_ref = self.host_ref(&host)?;
+                self.providers
+                    .get(host.kind)
+                    .map_err(|e| AppError::Invalid(e.to_string()))?
+                    .remove_snapshot(&host_ref, &snapshot.id)
+                    .await
+                    .map_err(|e| {
+                        AppError::Unavailable(format!("removing the snapshot failed: {e}"))
+                    })?;
+            }
+            // Its host was removed, and its images with it.
+            Err(StoreError::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.store.forget_snapshot(&snapshot.id).await?;
+        Ok(())
+    }
+
+    /// A new environment with the disk of the caller's environment as it is now: a
+    /// snapshot (named `fork-<its slug>-<time>`, kept and listed like any) and an
+    /// environment from it, on the same host, of the same size unless asked otherwise.
+    pub async fn fork_environment(
+        &self,
+        user: &User,
+        id_or_slug: &str,
+        mut input: crate::service::CreateInput,
+    ) -> AppResult<(Snapshot, Environment)> {
+        let env = self.owned_environment(user, id_or_slug).await?;
+        let name = format!("fork-{}-{}", env.slug, self.now());
+        let snapshot = self.take_snapshot(user, &env.id, &name).await?;
+        input.snapshot = Some(snapshot.id.clone());
+        let size = &mut input.size;
+        if size.vcpus.is_none() && size.memory_mb.is_none() && size.disk_gb.is_none() {
+            size.vcpus = Some(env.vcpus);
+            size.memory_mb = Some(env.memory_mb);
+            size.disk_gb = Some(env.disk_gb);
+        }
+        let created = self.create_environment(user, input).await?;
+        Ok((snapshot, created))
+    }
+
+    /// The reaper's part: snapshots whose taker died become ready (the host finished
+    /// them) or go; deletions cut short are finished.
+    pub async fn settle_snapshots(&self) -> anyhow::Result<()> {
+        for snapshot in self.store.stale_snapshots(TAKER_LOST_MS).await? {
+            if snapshot.state == "deleting" {
+                if let Err(e) = self.remove_snapshot(&snapshot).await {
+                    tracing::warn!(snapshot = %snapshot.id, error = %e, "could not finish removing a snapshot");
+                }
+                continue;
+            }
+            let host = match self.store.host(&snapshot.host_id).await {
+                Ok(host) => host,
+                Err(StoreError::NotFound) => {
+                    self.store.forget_snapshot(&snapshot.id).await?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let host_ref = self.host_ref(&host)?;
+            let provider = self.providers.get(host.kind)?;
+            match provider.find_snapshot(&host_ref, &snapshot.id).await? {
+                Some(made) => {
+                    self.store
+                        .snapshot_taken(&snapshot.id, &made.image, made.size_bytes)
+                        .await?;
+                    tracing::info!(snapshot = %snapshot.id, "a snapshot whose taker died was finished on its host");
+                }
+                None => {
+                    self.store.forget_snapshot(&snapshot.id).await?;
+                    tracing::info!(snapshot = %snapshot.id, "a snapshot whose taker died was never made; dropped");
+                }
+            }
+        }
+        Ok(())
+    }
+}

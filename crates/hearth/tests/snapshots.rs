@@ -1,0 +1,221 @@
+//! Snapshots and forks through the real `hearth serve` and the real Docker engine: a file
+//! written in an environment is in one made from its snapshot and in a fork, which each
+//! have an identity of their own; the tier's count holds and deleting frees it.
+
+mod common;
+
+use common::*;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const UP: Duration = Duration::from_secs(120);
+
+async fn exec(server: &Server, token: &str, id: &str, code: &str) -> String {
+    let r = server
+        .call(
+            "POST",
+            &format!("/v1/environments/{id}/exec"),
+            Some(token),
+            Some(json!({ "code": code })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["exitCode"], 0, "{:?}", r.body);
+    r.body["stdout"].as_str().unwrap().to_string()
+}
+
+async fn create(server: &Server, token: &str, body: Value) -> String {
+    let r = server
+        .call("POST", "/v1/environments", Some(token), Some(body))
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    r.body["id"].as_str().unwrap().to_string()
+}
+
+async fn take(server: &Server, token: &str, env: &str, name: &str) -> (StatusCode, Value) {
+    let r = server
+        .call(
+            "POST",
+            &format!("/v1/environments/{env}/snapshots"),
+            Some(token),
+            Some(json!({ "name": name })),
+        )
+        .await;
+    (r.status, r.body)
+}
+
+/// What the guest says of itself: its files, hostname, host key and authorized keys.
+async fn identity(server: &Server, token: &str, id: &str) -> (String, String, String) {
+    let out = exec(
+        server,
+        token,
+        id,
+        "hostname; cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub; cat ~/.ssh/authorized_keys",
+    )
+    .await;
+    let mut lines = out.lines();
+    let hostname = lines.next().unwrap().to_string();
+    let host_key = lines.next().unwrap().to_string();
+    let keys: Vec<&str> = lines.collect();
+    (hostname, host_key, keys.join("\n"))
+}
+
+#[tokio::test]
+async fn snapshots_and_forks_on_docker() {
+    let site = Site::new(Db::Sqlite).await;
+    let server = site.start().await;
+    let token = server.user("snap@example.com", "free").await;
+    let uid = server.user_id("snap@example.com").await;
+    let quota = json!({"maxEnvironments": 6, "maxConcurrentEnvironments": 6, "maxVcpus": 12, "maxMemoryMb": 8192, "maxDiskGb": 60});
+    let r = server
+        .patch(
+            &format!("/v1/admin/users/{uid}"),
+            &server.admin_token,
+            json!({ "quota": quota }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let shape = json!({"vcpus": 1, "memoryMb": 512, "diskGb": 2});
+    let mut body = shape.clone();
+    body["name"] = json!("source");
+    body["environmentVars"] = json!({"SECRET": "s3cr3t-value"});
+    let a = create(&server, &token, body).await;
+    server.wait_env(&token, &a, "running", UP).await;
+    exec(&server, &token, &a, "echo kept > ~/made-before").await;
+    let (a_name, a_host_key, a_keys) = identity(&server, &token, &a).await;
+
+    // A snapshot: ready when the call answers, sized, listed.
+    let (status, first) = take(&server, &token, &a, "first").await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    assert_eq!(first["state"], "ready");
+    assert!(first["sizeBytes"].as_i64().unwrap() > 0, "{first}");
+    let listed = server
+        .call("GET", "/v1/snapshots", Some(&token), None)
+        .await
+        .body;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1, "{listed}");
+    // The image keeps nothing of the source's variables.
+    let image = format!("hearth-snapshot:{}", first["id"].as_str().unwrap());
+    let env_of_image = docker_inspect(&image, "{{json .Config.Env}}");
+    assert!(!env_of_image.contains("s3cr3t"), "{env_of_image}");
+    // Bad input changes nothing: a taken name, someone else's environment, no snapshot.
+    let (status, body) = take(&server, &token, &a, "first").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let other = server.user("other@example.com", "free").await;
+    let (status, _) = take(&server, &other, &a, "theirs").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let r = server
+        .call(
+            "POST",
+            "/v1/environments",
+            Some(&token),
+            Some(json!({"name": "x", "snapshot": "nope"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+
+    // A new environment from it has the file, and an identity of its own.
+    let mut body = shape.clone();
+    body["name"] = json!("from snapshot");
+    body["snapshot"] = json!("first");
+    let b = create(&server, &token, body).await;
+    let b_view = server.wait_env(&token, &b, "running", UP).await;
+    assert_eq!(
+        exec(&server, &token, &b, "cat ~/made-before").await,
+        "kept\n"
+    );
+    let (b_name, b_host_key, b_keys) = identity(&server, &token, &b).await;
+    assert_eq!(b_name, b_view["slug"].as_str().unwrap().replace('_', "-"));
+    assert_ne!(b_name, a_name);
+    assert_ne!(b_host_key, a_host_key, "a new host key");
+    assert_ne!(b_keys, a_keys, "its own authorized keys");
+    assert!(
+        !b_keys.contains(a_keys.lines().next().unwrap()),
+        "none of the source's keys"
+    );
+    assert_eq!(
+        exec(&server, &token, &b, "printenv SECRET || echo unset").await,
+        "unset\n"
+    );
+
+    // A fork of the running source has what it has now.
+    exec(&server, &token, &a, "echo later > ~/made-later").await;
+    let r = server
+        .call(
+            "POST",
+            &format!("/v1/environments/{a}/fork"),
+            Some(&token),
+            Some(json!({"name": "fork"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let fork = r.body["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        (r.body["vcpus"].as_i64(), r.body["memoryMb"].as_i64()),
+        (Some(1), Some(512)),
+        "the source's size"
+    );
+    server.wait_env(&token, &fork, "running", UP).await;
+    assert_eq!(
+        exec(&server, &token, &fork, "cat ~/made-before ~/made-later").await,
+        "kept\nlater\n"
+    );
+
+    // The free tier keeps two snapshots (the fork made the second); deleting one frees it.
+    let (status, body) = take(&server, &token, &a, "third").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(body.to_string().contains("maxSnapshots"), "{body}");
+    let r = server
+        .call("DELETE", "/v1/snapshots/first", Some(&token), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let gone = std::process::Command::new("docker")
+        .args(["image", "inspect", &image])
+        .output()
+        .unwrap();
+    assert!(!gone.status.success(), "the image is removed");
+    let (status, third) = take(&server, &token, &a, "third").await;
+    assert_eq!(status, StatusCode::CREATED, "{third}");
+    // The environment made from the deleted snapshot runs on.
+    assert_eq!(
+        exec(&server, &token, &b, "cat ~/made-before").await,
+        "kept\n"
+    );
+
+    // Clean up: environments, then every snapshot (their images go).
+    for id in [&a, &b, &fork] {
+        let r = server
+            .call(
+                "DELETE",
+                &format!("/v1/environments/{id}"),
+                Some(&token),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    }
+    let listed = server
+        .call("GET", "/v1/snapshots", Some(&token), None)
+        .await
+        .body;
+    for s in listed["items"].as_array().unwrap() {
+        let r = server
+            .call(
+                "DELETE",
+                &format!("/v1/snapshots/{}", s["id"].as_str().unwrap()),
+                Some(&token),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    }
+    let listed = server
+        .call("GET", "/v1/snapshots", Some(&token), None)
+        .await
+        .body;
+    assert_eq!(listed["items"], json!([]));
+    for id in [&a, &b, &fork] {
+        server.wait_env(&token, id, "destroyed", UP).await;
+    }
+}
