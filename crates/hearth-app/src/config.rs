@@ -44,6 +44,9 @@ pub struct Config {
     pub reaper_interval: Duration,
     /// A transition older than this with no job behind it is rolled back.
     pub transition_deadline: Duration,
+    /// A snapshot still being taken after this long lost its taker (a node that died): the
+    /// reaper keeps what the host finished or drops the row.
+    pub snapshot_taker_lost: Duration,
     /// How often every host is asked whether it answers.
     pub host_check_interval: Duration,
     /// A host not seen for this long is unhealthy: placement skips it, and the reconciler
@@ -108,6 +111,7 @@ impl Config {
             ssh_wait: Duration::from_secs(120),
             reaper_interval: Duration::from_secs(30),
             transition_deadline: Duration::from_secs(900),
+            snapshot_taker_lost: Duration::from_secs(900),
             host_check_interval: Duration::from_secs(5),
             host_unhealthy_after: Duration::from_secs(15),
             host_outage_budget: Duration::from_secs(300),
@@ -178,6 +182,7 @@ impl Config {
         c.ssh_wait = secs("HEARTH_SSH_WAIT_SECONDS", c.ssh_wait)?;
         c.reaper_interval = ms("HEARTH_REAPER_INTERVAL_MS", c.reaper_interval)?;
         c.transition_deadline = secs("HEARTH_TRANSITION_DEADLINE_SECONDS", c.transition_deadline)?;
+        c.snapshot_taker_lost = ms("HEARTH_SNAPSHOT_TAKER_LOST_MS", c.snapshot_taker_lost)?;
         c.host_check_interval = ms("HEARTH_HOST_CHECK_INTERVAL_MS", c.host_check_interval)?;
         c.host_unhealthy_after = ms("HEARTH_HOST_UNHEALTHY_AFTER_MS", c.host_unhealthy_after)?;
         c.host_outage_budget = secs("HEARTH_HOST_OUTAGE_BUDGET_SECONDS", c.host_outage_budget)?;

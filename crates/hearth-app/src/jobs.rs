@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 /// Replaces the guest user's authorized keys with standard input, whole or not at all: a
 /// copy cut short (the node died mid-send, which `cat` sees as an ordinary end of input)
 /// must match the SHA-256 that `@SHA256@` is replaced with (our own hex digits) first.
+/// `ssh-keygen -l` proves every line a key sshd can read before it replaces the old file.
 const ADOPT_KEYS: &str = "umask 077 && mkdir -p \"$HOME/.ssh\" && cat > \"$HOME/.ssh/authorized_keys.new\" \
      && printf '%s  %s\\n' @SHA256@ \"$HOME/.ssh/authorized_keys.new\" | sha256sum -c --status \
+     && ssh-keygen -lf \"$HOME/.ssh/authorized_keys.new\" > /dev/null \
      && mv -f \"$HOME/.ssh/authorized_keys.new\" \"$HOME/.ssh/authorized_keys\"";
 
 /// How long an init script may run before provisioning gives up on it.
@@ -409,10 +411,16 @@ impl Run<'_> {
                 timeout: Duration::from_secs(30),
                 max_output: 4096,
             };
+            // On the connection the filler kept, when this node filled it: no new login.
             let outcome = self.app.ssh.exec(&target, &request).await;
-            self.app.ssh.forget(&target.environment_id).await;
             match outcome {
-                Ok(out) if out.exit_code == Some(0) => {}
+                Ok(out) if out.exit_code == Some(0) => {
+                    // That connection is the environment's now, and its first command runs
+                    // on it; the keys file was checked line by line before it went in.
+                    self.app.ssh.forget(&env.id).await;
+                    self.progress.adopted =
+                        self.app.ssh.rename(&target.environment_id, &env.id).await;
+                }
                 Ok(out) => {
                     return Err(StepError::Retryable(format!(
                         "could not give the warm VM the environment's keys (exit {:?}): {}",
@@ -420,7 +428,9 @@ impl Run<'_> {
                         String::from_utf8_lossy(&out.stderr).trim()
                     )));
                 }
-                Err(hearth_guest::GuestError::Auth(_)) => {}
+                Err(hearth_guest::GuestError::Auth(_)) => {
+                    self.app.ssh.forget(&target.environment_id).await;
+                }
                 Err(e @ hearth_guest::GuestError::HostKey(..)) => {
                     return Err(StepError::Final(e.to_string()));
                 }
@@ -437,6 +447,11 @@ impl Run<'_> {
 
     /// Until the guest accepts Hearth's key, noticing if the VM disappears meanwhile.
     async fn wait_ssh(&mut self, env: Environment) -> Result<Next, StepError> {
+        if self.progress.adopted {
+            // A warm VM whose keys this run swapped on a live connection, kept as the
+            // environment's: SSH answers, with the host key pinned when it was filled.
+            return Ok(Next::Continue);
+        }
         let on = Self::need_host(self.on_host(&env).await?)?;
         let vm = vm_of(self, &env);
         let Some(at) = self.progress.address.clone() else {

@@ -218,7 +218,8 @@ async fn fill(app: &App, vm: &PooledVm, owner: &str) -> anyhow::Result<()> {
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         };
-        app.ssh.forget(&target.environment_id).await;
+        // The connection stays open: the claim that takes this VM runs its first
+        // command on it instead of logging in again (see `jobs::adopt`).
         Some(key)
     };
     let at = PooledAddress {
@@ -242,13 +243,14 @@ async fn drain(app: &App, vm: &PooledVm, owner: &str) -> anyhow::Result<()> {
         name: hearth_provider::vm_name(&vm.id),
         id: vm.vm_id.clone(),
     };
+    app.ssh.forget(&format!("pool:{}", vm.id)).await;
     provider.destroy(&host_ref, &made).await?;
     app.store.remove_pooled(vm, owner).await?;
     Ok(())
 }
 
-/// The way into a pooled VM with its pool key. Its SSH connection is cached apart from
-/// any environment's (`pool:<id>`), and forgotten once used.
+/// The way into a pooled VM with its pool key. Its SSH connection is kept apart from any
+/// environment's (`pool:<id>`) until a claim makes it the environment's.
 pub(crate) fn pool_target(
     app: &App,
     vm: &PooledVm,

@@ -41,6 +41,11 @@ pub(crate) struct Progress {
     pub vm: Option<VmRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<Address>,
+    /// A warm VM's keys were swapped on a connection this node keeps as the environment's
+    /// (so `wait_ssh` has nothing left to prove). A resumed job on another node has no
+    /// such connection: it is false there, and `wait_ssh` logs in with the new keys.
+    #[serde(default, skip)]
+    pub adopted: bool,
     /// When the init script was started (store clock), to bound how long it may run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_started_at: Option<i64>,

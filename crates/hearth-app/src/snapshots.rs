@@ -16,10 +16,9 @@ use hearth_provider::{ProviderError, VmRef};
 use hearth_store::{Environment, Snapshot, StoreError, User};
 use std::time::Duration;
 
-/// How long taking one snapshot may take (a commit of a large disk).
+/// How long taking one snapshot may take (a commit of a large disk). The taker-lost time
+/// (`HEARTH_SNAPSHOT_TAKER_LOST_MS`, 15 minutes) must be longer.
 const TAKE_LIMIT: Duration = Duration::from_secs(600);
-/// A `taking` row older than this has lost its taker.
-const TAKER_LOST_MS: i64 = 15 * 60_000;
 
 impl App {
     /// Saves the disk of the caller's environment (running or stopped) as snapshot `name`.
@@ -209,9 +208,36 @@ impl App {
     }
 
     /// The reaper's part: snapshots whose taker died become ready (the host finished
-    /// them) or go; deletions cut short are finished.
+    /// them) or go; deletions cut short are finished; a snapshot a host keeps with no
+    /// record (its commit finished after its record was dropped) is removed.
     pub async fn settle_snapshots(&self) -> anyhow::Result<()> {
-        for snapshot in self.store.stale_snapshots(TAKER_LOST_MS).await? {
+        for host in self.store.hosts().await? {
+            if host.health != hearth_core::HostHealth::Healthy {
+                continue;
+            }
+            let (Ok(host_ref), Ok(provider)) =
+                (self.host_ref(&host), self.providers.get(host.kind))
+            else {
+                continue;
+            };
+            let Ok(kept) = provider.list_snapshots(&host_ref).await else {
+                continue;
+            };
+            for id in kept {
+                match self.store.snapshot(&id).await {
+                    Err(StoreError::NotFound) => {
+                        tracing::warn!(host = %host.name, snapshot = %id, "removing a snapshot image with no record");
+                        if let Err(e) = provider.remove_snapshot(&host_ref, &id).await {
+                            tracing::warn!(snapshot = %id, error = %e, "could not remove a snapshot image with no record");
+                        }
+                    }
+                    Err(e) => return Err(e.into()),
+                    Ok(_) => {}
+                }
+            }
+        }
+        let lost = self.config.snapshot_taker_lost.as_millis() as i64;
+        for snapshot in self.store.stale_snapshots(lost).await? {
             if snapshot.state == "deleting" {
                 if let Err(e) = self.remove_snapshot(&snapshot).await {
                     tracing::warn!(snapshot = %snapshot.id, error = %e, "could not finish removing a snapshot");

@@ -274,6 +274,20 @@ impl SshPool {
         Ok(handle)
     }
 
+    /// Files the connection kept under `from` under `to` (a warm VM's connection, made with
+    /// its pool key, becomes its environment's once the keys are swapped: sshd does not ask
+    /// a live connection to authenticate again). True when there was one.
+    pub async fn rename(&self, from: &str, to: &str) -> bool {
+        let mut conns = self.conns.lock().await;
+        match conns.remove(from) {
+            Some(c) if !c.handle.is_closed() => {
+                conns.insert(to.to_string(), c);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Drops the environment's connection (after stop or destroy).
     pub async fn forget(&self, environment_id: &str) {
         if let Some(c) = self.conns.lock().await.remove(environment_id) {

@@ -250,6 +250,12 @@ pub trait Provider: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// The ids of every snapshot of this installation on the host (to find ones whose
+    /// record is gone).
+    async fn list_snapshots(&self, _host: &HostRef) -> Result<Vec<String>, ProviderError> {
+        Ok(Vec::new())
+    }
+
     /// Removes the snapshot; one already gone counts as removed. VMs made from it keep
     /// running (their host keeps what they use until they go).
     async fn remove_snapshot(

@@ -219,3 +219,115 @@ async fn snapshots_and_forks_on_docker() {
         server.wait_env(&token, id, "destroyed", UP).await;
     }
 }
+
+/// Whether the engine has the snapshot's image.
+fn image_exists(snapshot_id: &str) -> bool {
+    std::process::Command::new("docker")
+        .args([
+            "image",
+            "inspect",
+            &format!("hearth-snapshot:{snapshot_id}"),
+        ])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+#[tokio::test]
+async fn a_snapshot_cut_short_by_a_kill_is_kept_or_dropped_whole() {
+    let site = Site::new(Db::Sqlite)
+        .await
+        .with_env("HEARTH_REAPER_INTERVAL_MS", "300")
+        .with_env("HEARTH_SNAPSHOT_TAKER_LOST_MS", "500");
+    let server = site.start().await;
+    let token = server.user("cut@example.com", "pro").await;
+    let env = create(
+        &server,
+        &token,
+        json!({"name": "big", "vcpus": 1, "memoryMb": 512, "diskGb": 4}),
+    )
+    .await;
+    server.wait_env(&token, &env, "running", UP).await;
+    // Enough on the disk that the commit takes a while.
+    exec(
+        &server,
+        &token,
+        &env,
+        "head -c 400000000 /dev/urandom > ~/big && sync",
+    )
+    .await;
+    let (http, base) = (server.http.clone(), server.base.clone());
+    let (t, e) = (token.clone(), env.clone());
+    let taking = tokio::spawn(async move {
+        http.post(format!("{base}/v1/environments/{e}/snapshots"))
+            .bearer_auth(t)
+            .json(&json!({"name": "cut"}))
+            .send()
+            .await
+    });
+    let store = site.store().await;
+    let uid = server.user_id("cut@example.com").await;
+    let id = loop {
+        if let Some(s) = store.snapshots_of(&uid).await.unwrap().first() {
+            break s.id.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    server.kill();
+    let _ = taking.await;
+    let row = store.snapshot(&id).await.unwrap();
+    assert_eq!(row.state, "taking", "killed mid-take");
+
+    // Another life: the snapshot ends whole (recorded, with its image) or not at all.
+    let server = site.start().await;
+    let started = std::time::Instant::now();
+    let kept = loop {
+        let row = store.snapshot(&id).await;
+        match (&row, image_exists(&id)) {
+            (Ok(s), true) if s.state == "ready" => break true,
+            (Err(hearth_store::StoreError::NotFound), false) => {
+                // Gone for good only if the engine is not still committing it: look again
+                // after the reaper's next passes.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                if !image_exists(&id) && store.snapshot(&id).await.is_err() {
+                    break false;
+                }
+            }
+            _ => {}
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "not settled: {row:?}, image {}",
+            image_exists(&id)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let listed = server
+        .call("GET", "/v1/snapshots", Some(&token), None)
+        .await
+        .body;
+    assert_eq!(
+        listed["items"].as_array().unwrap().len(),
+        usize::from(kept),
+        "{listed}"
+    );
+    if kept {
+        let r = server
+            .call("DELETE", &format!("/v1/snapshots/{id}"), Some(&token), None)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        assert!(!image_exists(&id));
+    }
+    let r = server
+        .call(
+            "DELETE",
+            &format!("/v1/environments/{env}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    server.wait_env(&token, &env, "destroyed", UP).await;
+}

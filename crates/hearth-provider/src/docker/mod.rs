@@ -581,6 +581,30 @@ impl Provider for DockerProvider {
         }
     }
 
+    async fn list_snapshots(&self, host: &HostRef) -> Result<Vec<String>, ProviderError> {
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![
+                format!("{LABEL_INSTALLATION}={}", host.installation_id),
+                LABEL_SNAPSHOT.to_string(),
+            ],
+        )]);
+        let options = bollard::query_parameters::ListImagesOptions {
+            filters: Some(filters),
+            ..Default::default()
+        };
+        let images = self
+            .client(host)
+            .await?
+            .list_images(Some(options))
+            .await
+            .map_err(|e| classify(host, e))?;
+        Ok(images
+            .into_iter()
+            .filter_map(|i| i.labels.get(LABEL_SNAPSHOT).cloned())
+            .collect())
+    }
+
     /// Untags the image (forced: VMs made from it keep its layers until they go).
     async fn remove_snapshot(
         &self,
