@@ -16,6 +16,7 @@ pub mod events;
 mod guest;
 pub mod health;
 pub mod hosts;
+pub mod images;
 pub mod jobs;
 pub mod mail;
 pub mod oidc;

@@ -22,6 +22,9 @@ pub async fn run(app: App, mut shutdown: watch::Receiver<bool>) {
         if let Err(e) = app.settle_snapshots().await {
             tracing::warn!(error = %e, "snapshot upkeep failed");
         }
+        if let Err(e) = app.settle_images().await {
+            tracing::warn!(error = %e, "image upkeep failed");
+        }
         if let Err(e) = app.demand_pass().await {
             tracing::warn!(error = %e, "demand policy pass failed");
         }

@@ -215,22 +215,27 @@ impl App {
                     .into(),
             ));
         }
-        let image = input
+        // The server's image, a custom one (made on the host that built it), or a
+        // snapshot's (on the host that keeps it).
+        let requested = input
             .base_image
             .clone()
             .unwrap_or_else(|| self.config.image.clone());
-        if image != self.config.image {
-            return Err(AppError::Invalid(format!(
-                "baseImage must be {:?} (the images this server offers)",
-                self.config.image
-            )));
-        }
         let (image, on_host) = match &input.snapshot {
+            Some(_) if input.base_image.is_some() => {
+                return Err(AppError::Invalid(
+                    "a snapshot brings its own image: give snapshot or baseImage, not both".into(),
+                ));
+            }
             Some(name) => {
                 let snapshot = self.ready_snapshot(user, name).await?;
-                (snapshot.image.unwrap_or(image), Some(snapshot.host_id))
+                (snapshot.image.unwrap_or(requested), Some(snapshot.host_id))
             }
-            None => (image, None),
+            None if requested == self.config.image => (requested, None),
+            None => {
+                let custom = self.usable_image(user, &requested).await?;
+                (custom.reference, Some(custom.host_id))
+            }
         };
         if let Some(script) = &input.init_script {
             validate::command(script).map_err(|e| AppError::Invalid(format!("initScript: {e}")))?;

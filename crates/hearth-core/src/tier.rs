@@ -71,6 +71,15 @@ impl Tier {
         }
     }
 
+    /// How many custom images a user of the tier may register.
+    pub fn max_images(self) -> i64 {
+        match self {
+            Tier::Free => 1,
+            Tier::Pro => 5,
+            Tier::Unlimited => 50,
+        }
+    }
+
     pub fn default_resources(self) -> Resources {
         match self {
             Tier::Free => Resources {

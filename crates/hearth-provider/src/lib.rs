@@ -266,6 +266,26 @@ pub trait Provider: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Builds image `reference` from a Dockerfile alone (no other files), labelled as
+    /// this installation's; returns its size in bytes. The error carries the build's last
+    /// lines. Kinds that cannot say so.
+    async fn build_image(
+        &self,
+        host: &HostRef,
+        _reference: &str,
+        _dockerfile: &str,
+    ) -> Result<i64, ProviderError> {
+        Err(ProviderError::Unsupported(format!(
+            "hosts of kind {} build no images yet",
+            host.kind
+        )))
+    }
+
+    /// Removes an image this installation built; one already gone counts as removed.
+    async fn remove_image(&self, _host: &HostRef, _reference: &str) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
     /// The sizes this host offers beyond the tiers' (an OVH region's flavors); none by
     /// default.
     async fn flavors(&self, _host: &HostRef) -> Result<Vec<OfferedFlavor>, ProviderError> {

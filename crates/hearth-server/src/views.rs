@@ -334,6 +334,38 @@ impl From<&ExecutionSummary> for ExecutionSummaryView {
     }
 }
 
+/// A custom image: what creates name in `baseImage`.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageView {
+    pub id: String,
+    pub name: String,
+    pub owner_id: String,
+    /// `private` (its owner's) or `everyone`.
+    pub visibility: String,
+    /// The host that built it; environments of it go there.
+    pub host_id: String,
+    pub size_bytes: Option<i64>,
+    /// `building` or `ready`.
+    pub state: String,
+    pub created_at: String,
+}
+
+impl From<&hearth_store::Image> for ImageView {
+    fn from(i: &hearth_store::Image) -> ImageView {
+        ImageView {
+            id: i.id.clone(),
+            name: i.name.clone(),
+            owner_id: i.owner_id.clone(),
+            visibility: i.visibility.clone(),
+            host_id: i.host_id.clone(),
+            size_bytes: i.size_bytes,
+            state: i.state.clone(),
+            created_at: time(i.created_at),
+        }
+    }
+}
+
 /// A snapshot of an environment's disk, as its owner sees it.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

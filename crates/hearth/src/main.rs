@@ -346,6 +346,16 @@ enum ImageCommand {
         #[arg(long, env = "HEARTH_VM_IMAGE_DIR", default_value = hearth_agent::DEFAULT_VM_IMAGE_DIR)]
         dir: std::path::PathBuf,
     },
+    /// Say whether a Docker image of the local engine honours the guest contract: a VM of
+    /// it must let user `dev` in over SSH with the key Hearth hands it (what `POST
+    /// /v1/images` checks before it offers an image). Exits 1 with the reason when not.
+    Check {
+        /// The image, as the engine names it (`hearth/base:latest`).
+        name: String,
+        /// The engine.
+        #[arg(long, default_value = "unix:///var/run/docker.sock")]
+        endpoint: String,
+    },
 }
 
 #[derive(Args)]
@@ -434,10 +444,48 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Image {
             command: ImageCommand::Build { tag, force, .. },
         } => build_image(&tag, force),
+        Command::Image {
+            command: ImageCommand::Check { name, endpoint },
+        } => check_image(&name, &endpoint).await,
         Command::Vm { command } => vm(command).await,
         Command::Env { command } => env(command).await,
         Command::Admin { command } => admin(command).await,
         Command::Ssh { id } => ssh::run(&Client::from_env()?, id).await,
+    }
+}
+
+/// `hearth image check`: the guest contract, tested on the local engine with a VM of the
+/// image that is removed afterwards.
+async fn check_image(name: &str, endpoint: &str) -> Result<ExitCode, Failure> {
+    let scratch = tempfile::tempdir().map_err(|e| Failure::failed(e.to_string()))?;
+    let provider = hearth_provider::docker::DockerProvider::new(scratch.path().to_path_buf());
+    let host = hearth_provider::HostRef {
+        id: "image-check".into(),
+        name: "the local engine".into(),
+        kind: hearth_core::HostKind::Docker,
+        endpoint: endpoint.to_string(),
+        guest_address: "127.0.0.1".into(),
+        tls: None,
+        agent: None,
+        ovh: None,
+        region: None,
+        options: serde_json::json!({}),
+        installation_id: format!("image-check-{}", std::process::id()),
+    };
+    eprintln!("checking {name}: starting a VM of it and logging in as dev (up to 60 s)");
+    match hearth_app::images::check_image(&provider, &host, &hearth_guest::SshPool::new(), name)
+        .await
+    {
+        Ok(()) => {
+            println!(
+                "{name} honours the guest contract: user dev logs in over SSH with the key Hearth hands it"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(reason) => {
+            println!("{name} breaks the guest contract: {reason}");
+            Ok(ExitCode::FAILURE)
+        }
     }
 }
 

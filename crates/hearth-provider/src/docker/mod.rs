@@ -634,6 +634,96 @@ impl Provider for DockerProvider {
         }
     }
 
+    /// `docker build` of a context holding only the Dockerfile (so nothing of the node's
+    /// files can be copied in), with the classic builder; the last 20 lines of its output
+    /// are the error when it fails.
+    async fn build_image(
+        &self,
+        host: &HostRef,
+        reference: &str,
+        dockerfile: &str,
+    ) -> Result<i64, ProviderError> {
+        use futures::StreamExt;
+        let mut context = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_gnu();
+        header.set_size(dockerfile.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        context
+            .append_data(&mut header, "Dockerfile", dockerfile.as_bytes())
+            .and_then(|()| context.finish())
+            .map_err(|e| ProviderError::Failed(format!("could not pack the Dockerfile: {e}")))?;
+        let context = context
+            .into_inner()
+            .map_err(|e| ProviderError::Failed(format!("could not pack the Dockerfile: {e}")))?;
+        let options = bollard::query_parameters::BuildImageOptions {
+            dockerfile: "Dockerfile".into(),
+            t: Some(reference.into()),
+            rm: true,
+            forcerm: true,
+            labels: Some(HashMap::from([
+                (LABEL_MANAGED.to_string(), "true".to_string()),
+                (LABEL_INSTALLATION.to_string(), host.installation_id.clone()),
+            ])),
+            ..Default::default()
+        };
+        let docker = self.client(host).await?;
+        let mut stream = docker.build_image(
+            options,
+            None,
+            Some(bollard::body_full(bytes::Bytes::from(context))),
+        );
+        let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+        while let Some(item) = stream.next().await {
+            let said = match item {
+                Ok(info) => {
+                    if let Some(detail) = info.error_detail.and_then(|d| d.message) {
+                        tail.push_back(detail);
+                        return Err(ProviderError::Failed(
+                            tail.into_iter().collect::<Vec<_>>().join("\n"),
+                        ));
+                    }
+                    info.stream.or(info.status).unwrap_or_default()
+                }
+                Err(DockerError::DockerStreamError { error }) => {
+                    tail.push_back(error);
+                    return Err(ProviderError::Failed(
+                        tail.into_iter().collect::<Vec<_>>().join("\n"),
+                    ));
+                }
+                Err(e) => return Err(classify(host, e)),
+            };
+            for line in said.lines().filter(|l| !l.trim().is_empty()) {
+                tail.push_back(line.trim_end().to_string());
+                if tail.len() > 20 {
+                    tail.pop_front();
+                }
+            }
+        }
+        let image = docker
+            .inspect_image(reference)
+            .await
+            .map_err(|e| classify(host, e))?;
+        Ok(image.size.unwrap_or(0))
+    }
+
+    async fn remove_image(&self, host: &HostRef, reference: &str) -> Result<(), ProviderError> {
+        let options = bollard::query_parameters::RemoveImageOptions {
+            force: true,
+            ..Default::default()
+        };
+        match self
+            .client(host)
+            .await?
+            .remove_image(reference, Some(options), None)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_status(&e, 404) => Ok(()),
+            Err(e) => Err(classify(host, e)),
+        }
+    }
+
     async fn list(&self, host: &HostRef) -> Result<Vec<VmInfo>, ProviderError> {
         let filters = HashMap::from([(
             "label".to_string(),

@@ -22,6 +22,7 @@ use utoipa::{IntoResponses, Modify, OpenApi};
         (name = "auth", description = "Signing in from a browser: sessions, passwords"),
         (name = "me", description = "The caller and their personal VM"),
         (name = "environments", description = "Environments: several per user, under quota"),
+        (name = "images", description = "Custom images: built from a Dockerfile, checked against the guest contract, private or for everyone"),
         (name = "snapshots", description = "Saved disks of environments: taken, listed, made into new environments, deleted"),
         (name = "mail", description = "Commands by mail: the SendGrid webhook, secret sub-addresses, what arrived"),
         (name = "admin", description = "Administration (role `admin`)"),

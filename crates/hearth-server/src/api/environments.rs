@@ -40,7 +40,9 @@ pub struct CreateBody {
     /// How long it may live; at most the caller's `maxDurationHours` (else 429).
     #[schema(minimum = 1, maximum = 8760)]
     duration_hours: Option<i64>,
-    /// One of the images this server offers.
+    /// The server's image (the default), or the name of an image of `GET /v1/images`
+    /// (the environment goes on the host that built it).
+    #[schema(min_length = 1, max_length = 200)]
     base_image: Option<String>,
     /// Runs once, as the guest user, after SSH answers; a non-zero exit fails the environment.
     #[schema(

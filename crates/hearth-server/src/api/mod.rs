@@ -6,6 +6,7 @@ mod auth;
 pub mod docs;
 mod environments;
 mod hosts;
+mod images;
 mod mail;
 mod me;
 mod ops;
@@ -68,6 +69,8 @@ pub fn routes() -> (axum::Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(snapshots::take))
         .routes(routes!(snapshots::list))
         .routes(routes!(snapshots::delete))
+        .routes(routes!(images::register, images::list))
+        .routes(routes!(images::delete))
         .routes(routes!(environments::get, environments::destroy))
         .routes(routes!(environments::wait))
         .routes(routes!(environments::start))
@@ -119,14 +122,11 @@ pub fn openapi_json() -> String {
     serde_json::to_string_pretty(&doc).expect("the document serializes")
 }
 
-/// The OpenAPI document as served: the generated one, with what only this server knows
-/// (the images it offers) filled in.
-pub fn document(app: &App) -> String {
+/// The OpenAPI document as served: the generated one, with what the schema attributes
+/// cannot say filled in.
+pub fn document() -> String {
     let (_, doc) = routes();
     let mut doc = serde_json::to_value(doc).expect("the document serializes");
-    if let Some(image) = doc.pointer_mut("/components/schemas/CreateBody/properties/baseImage") {
-        image["enum"] = serde_json::json!([app.config.image, null]);
-    }
     // What the schema attributes cannot say about a map (`validate::env_vars` has the rule).
     if let Some(vars) = doc.pointer_mut("/components/schemas/CreateBody/properties/environmentVars")
     {
@@ -140,7 +140,7 @@ pub fn document(app: &App) -> String {
 }
 
 pub fn router(app: App) -> Router {
-    let document = Arc::new(document(&app));
+    let document = Arc::new(document());
     let (routes, _) = routes();
     routes
         // The seed's tRPC procedures, outside the REST document (see `trpc`).

@@ -1,0 +1,378 @@
+//! Custom images: admins (for everyone or themselves) and users (for themselves, within
+//! their tier's count) register an image built from a Dockerfile on a Docker host; it is
+//! offered only once it honours the guest contract, which `check_image` tests the way a
+//! VM is used: booted like an environment's, it must let user `dev` in over SSH with the
+//! key Hearth hands it, and run a command. Environments of an image go on the host that
+//! built it.
+//!
+//! The build runs while the caller waits (bounded by `BUILD_LIMIT`); a node that dies
+//! mid-build leaves a `building` row, which the reaper removes with whatever the engine
+//! finished (`settle_images`).
+
+use crate::App;
+use crate::error::{AppError, AppResult};
+use hearth_core::{HostHealth, HostKind, HostStatus, Role};
+use hearth_guest::keys::KeyPair;
+use hearth_guest::{SshPool, Target};
+use hearth_provider::{HostRef, Provider, ProviderError, VmRef, VmSpec, VmState};
+use hearth_store::{Image, StoreError, User};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// How long a build may run.
+const BUILD_LIMIT: Duration = Duration::from_secs(900);
+/// A `building` row older than this lost its builder.
+const BUILDER_LOST_MS: i64 = 30 * 60_000;
+/// How long a checked image's VM may take to run and let `dev` in.
+const CHECK_LIMIT: Duration = Duration::from_secs(60);
+/// A Dockerfile's size.
+pub const MAX_DOCKERFILE_BYTES: usize = 65_536;
+
+/// Checks that `reference` on `host` honours the guest contract: a VM of it (made as an
+/// environment's is, with a fresh key) runs, lets `dev` in over SSH with that key, and runs
+/// `id -un`, which must say `dev`. The VM is removed whatever happened. The error says
+/// what broke and what the image must do.
+pub async fn check_image(
+    provider: &dyn Provider,
+    host: &HostRef,
+    ssh: &SshPool,
+    reference: &str,
+) -> Result<(), String> {
+    let keys = KeyPair::generate();
+    let check_id = format!("check-{}", uuid::Uuid::new_v4().simple());
+    let spec = VmSpec {
+        environment_id: check_id.clone(),
+        name: hearth_provider::vm_name(&check_id),
+        hostname: "image-check".into(),
+        image: reference.to_string(),
+        vcpus: 1,
+        memory_mb: 512,
+        disk_gb: 2,
+        gpus: 0,
+        env: BTreeMap::new(),
+        authorized_key: keys.public_openssh.clone(),
+        labels: BTreeMap::new(),
+    };
+    let outcome = boot_and_log_in(provider, host, ssh, &spec, &keys).await;
+    ssh.forget(&check_id).await;
+    let vm = VmRef {
+        name: spec.name.clone(),
+        id: None,
+    };
+    if let Err(e) = provider.destroy(host, &vm).await {
+        tracing::warn!(vm = %spec.name, error = %e, "could not remove an image check's VM (the reconciler will)");
+    }
+    outcome
+}
+
+async fn boot_and_log_in(
+    provider: &dyn Provider,
+    host: &HostRef,
+    ssh: &SshPool,
+    spec: &VmSpec,
+    keys: &KeyPair,
+) -> Result<(), String> {
+    let vm = provider
+        .ensure_created(host, spec)
+        .await
+        .map_err(|e| format!("a VM of it could not start: {e}"))?;
+    let started = Instant::now();
+    let (ssh_host, ssh_port) = loop {
+        match provider
+            .inspect(host, &vm)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Some(info) if info.state == VmState::Running => {
+                if let (Some(h), Some(p)) = (info.ssh_host, info.ssh_port) {
+                    break (h, p);
+                }
+            }
+            Some(info)
+                if info.state == VmState::Stopped && started.elapsed() > Duration::from_secs(2) =>
+            {
+                return Err("its VM stopped as soon as it started: its command must keep sshd running (the base \
+                            image's is /usr/local/sbin/hearth-init)"
+                    .into());
+            }
+            Some(_) => {}
+            None => return Err("its VM disappeared while starting".into()),
+        }
+        if started.elapsed() > CHECK_LIMIT {
+            return Err(format!(
+                "its VM did not run within {} s",
+                CHECK_LIMIT.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let target = Target {
+        environment_id: spec.environment_id.clone(),
+        host: ssh_host,
+        port: u16::try_from(ssh_port).map_err(|e| e.to_string())?,
+        user: "dev".into(),
+        private_key_openssh: keys.private_openssh.clone(),
+        host_key: None,
+    };
+    let mut last = String::new();
+    while started.elapsed() < CHECK_LIMIT {
+        match ssh.probe(&target, Duration::from_millis(750)).await {
+            Ok(_) => {
+                let out = ssh
+                    .exec(
+                        &target,
+                        &hearth_guest::ExecRequest {
+                            code: "id -un".into(),
+                            code_on_stdin: false,
+                            working_dir: None,
+                            env: BTreeMap::new(),
+                            stdin: Vec::new(),
+                            timeout: Duration::from_secs(10),
+                            max_output: 1024,
+                        },
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let who = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                return if who == "dev" {
+                    Ok(())
+                } else {
+                    Err(format!("a login as dev runs commands as {who:?}"))
+                };
+            }
+            Err(hearth_guest::GuestError::Auth(_)) => {
+                return Err("sshd refused the key Hearth handed it for user dev: the image must have a user dev \
+                            and its start-up must write HEARTH_AUTHORIZED_KEYS into /home/dev/.ssh/authorized_keys"
+                    .into());
+            }
+            Err(e) => last = e.to_string(),
+        }
+        if let Some(info) = provider
+            .inspect(host, &vm)
+            .await
+            .map_err(|e| e.to_string())?
+            && info.state != VmState::Running
+        {
+            return Err("its VM stopped soon after it started: its start-up failed (the base image's, \
+                        /usr/local/sbin/hearth-init, needs user dev with a home and sshd, and keeps sshd running)"
+                .into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(format!(
+        "sshd did not let dev in within {} s ({last}): the image must run sshd on port 22",
+        CHECK_LIMIT.as_secs()
+    ))
+}
+
+/// An image name: what creates name in `baseImage`; never a Docker reference, so it can
+/// never name an engine's own image.
+fn valid_name(name: &str) -> Result<(), String> {
+    let ok = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.' || b == b'_'
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(
+            "an image name is 1 to 63 of a-z, 0-9, '-', '.', '_', starting with a letter or digit"
+                .into(),
+        )
+    }
+}
+
+impl App {
+    /// Builds and checks an image from `dockerfile` on a Docker host, then offers it under
+    /// `name`. `everyone` needs the admin role.
+    pub async fn register_image(
+        &self,
+        user: &User,
+        name: &str,
+        dockerfile: &str,
+        everyone: bool,
+    ) -> AppResult<Image> {
+        valid_name(name).map_err(AppError::Invalid)?;
+        if dockerfile.trim().is_empty()
+            || dockerfile.len() > MAX_DOCKERFILE_BYTES
+            || dockerfile.contains('\0')
+        {
+            return Err(AppError::Invalid(format!(
+                "dockerfile must be 1 to {MAX_DOCKERFILE_BYTES} bytes of text"
+            )));
+        }
+        if everyone && user.role != Role::Admin {
+            return Err(AppError::Forbidden(
+                "only admins offer images to everyone; leave visibility private".into(),
+            ));
+        }
+        let host = self
+            .store
+            .hosts()
+            .await?
+            .into_iter()
+            .find(|h| {
+                h.kind == HostKind::Docker
+                    && h.status == HostStatus::Ready
+                    && h.health == HostHealth::Healthy
+            })
+            .ok_or_else(|| {
+                AppError::NoCapacity(
+                    "no Docker host answers now to build the image; try again later".into(),
+                )
+            })?;
+        let host_ref = self.host_ref(&host)?;
+        let provider = self
+            .providers
+            .get(HostKind::Docker)
+            .map_err(|e| AppError::Invalid(e.to_string()))?;
+        let max = if user.role == Role::Admin {
+            1000
+        } else {
+            user.tier.max_images()
+        };
+        let visibility = if everyone { "everyone" } else { "private" };
+        let image = self
+            .store
+            .begin_image(user, name, visibility, &host.id, max)
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(m) => AppError::Conflict(m),
+                e => e.into(),
+            })?;
+        let built = tokio::time::timeout(
+            BUILD_LIMIT,
+            provider.build_image(&host_ref, &image.reference, dockerfile),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(ProviderError::Failed(format!(
+                "the build took longer than {} s",
+                BUILD_LIMIT.as_secs()
+            )))
+        });
+        let refuse = async |reason: String| -> AppResult<Image> {
+            let _ = provider.remove_image(&host_ref, &image.reference).await;
+            self.store.forget_image(&image.id).await?;
+            Err(AppError::Invalid(reason))
+        };
+        let size = match built {
+            Ok(size) => size,
+            Err(ProviderError::Unavailable(m)) => {
+                return refuse(format!("the Docker host stopped answering: {m}")).await;
+            }
+            Err(e) => return refuse(format!("the Dockerfile did not build:\n{e}")).await,
+        };
+        if let Err(reason) =
+            check_image(provider.as_ref(), &host_ref, &self.ssh, &image.reference).await
+        {
+            return refuse(format!("image {name} breaks the guest contract: {reason}")).await;
+        }
+        let image = self.store.image_ready(&image.id, size).await?;
+        let _ = self
+            .store
+            .audit(
+                &user.id,
+                "image_register",
+                None,
+                "success",
+                Some(name),
+                None,
+            )
+            .await;
+        Ok(image)
+    }
+
+    /// The images the caller may use.
+    pub async fn images(&self, user: &User) -> AppResult<Vec<Image>> {
+        Ok(self.store.images_for(&user.id).await?)
+    }
+
+    /// The image a create names, if the caller may use it; someone else's private image is
+    /// as unknown as one that does not exist.
+    pub(crate) async fn usable_image(&self, user: &User, name: &str) -> AppResult<Image> {
+        let unknown = || {
+            AppError::Invalid(format!(
+                "there is no image {name:?}: baseImage is {:?} or an image of GET /v1/images",
+                self.config.image
+            ))
+        };
+        let image = match self.store.image_named(name).await {
+            Ok(image) => image,
+            Err(StoreError::NotFound) => return Err(unknown()),
+            Err(e) => return Err(e.into()),
+        };
+        if image.owner_id != user.id && image.visibility != "everyone" {
+            return Err(unknown());
+        }
+        if image.state != "ready" {
+            return Err(AppError::InvalidState(format!(
+                "image {name} is still being built"
+            )));
+        }
+        Ok(image)
+    }
+
+    /// Removes an image (its owner's, or any for an admin). Environments made from it keep
+    /// running.
+    pub async fn delete_image(&self, user: &User, id_or_name: &str) -> AppResult<Image> {
+        let image = match self.store.image_named(id_or_name).await {
+            Ok(i) if i.owner_id == user.id || user.role == Role::Admin => i,
+            Ok(_) | Err(StoreError::NotFound) => return Err(AppError::NotFound("image")),
+            Err(e) => return Err(e.into()),
+        };
+        if image.state == "building" {
+            return Err(AppError::InvalidState(
+                "the image is still being built".into(),
+            ));
+        }
+        self.remove_image_everywhere(&image).await?;
+        let _ = self
+            .store
+            .audit(
+                &user.id,
+                "image_delete",
+                None,
+                "success",
+                Some(&image.name),
+                None,
+            )
+            .await;
+        Ok(image)
+    }
+
+    async fn remove_image_everywhere(&self, image: &Image) -> AppResult<()> {
+        match self.store.host(&image.host_id).await {
+            Ok(host) => {
+                let host_ref = self.host_ref(&host)?;
+                self.providers
+                    .get(host.kind)
+                    .map_err(|e| AppError::Invalid(e.to_string()))?
+                    .remove_image(&host_ref, &image.reference)
+                    .await
+                    .map_err(|e| {
+                        AppError::Unavailable(format!("removing the image failed: {e}"))
+                    })?;
+            }
+            Err(StoreError::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.store.forget_image(&image.id).await?;
+        Ok(())
+    }
+
+    /// The reaper's part: a build whose builder died is removed, with what it made.
+    pub async fn settle_images(&self) -> anyhow::Result<()> {
+        for image in self.store.stale_images(BUILDER_LOST_MS).await? {
+            tracing::info!(image = %image.name, "removing an image whose build never finished");
+            if let Err(e) = self.remove_image_everywhere(&image).await {
+                tracing::warn!(image = %image.name, error = %e, "could not remove an unfinished image");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,80 @@
+//! Custom images: built from a Dockerfile, checked against the guest contract, offered to
+//! their owner (private) or to everyone (admins only).
+
+use super::docs::{AdminOnly, Authed, Invalid, Missing, OverQuota, Refused};
+use super::{Body, Caller};
+use crate::App;
+use crate::error::ApiResult;
+use crate::views::{ImageView, Items};
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use utoipa::ToSchema;
+
+#[derive(Deserialize, Default, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegisterBody {
+    /// What creates will name in `baseImage`: 1 to 63 of a-z, 0-9, '-', '.', '_'.
+    #[schema(min_length = 1, max_length = 63, pattern = "^[a-z0-9][a-z0-9._-]*$")]
+    name: String,
+    /// Built with nothing else in its context (no `COPY` of local files). Start from the
+    /// server's image (`FROM hearth/base:latest`) to keep the guest contract.
+    #[schema(min_length = 1, max_length = 65536)]
+    dockerfile: String,
+    /// `private` (the default) or `everyone` (admins only).
+    visibility: Option<Visibility>,
+}
+
+#[derive(Deserialize, ToSchema, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Visibility {
+    Private,
+    Everyone,
+}
+
+/// Builds an image on a Docker host and checks it against the guest contract (a VM of it
+/// must let user `dev` in over SSH with the key Hearth hands it); answers once it is
+/// offered, or with a 400 that says what broke. Counts against the tier's images.
+#[utoipa::path(post, path = "/v1/images", tag = "images", request_body = RegisterBody,
+    responses((status = 201, description = "the image, ready", body = ImageView), Invalid, Refused, OverQuota, AdminOnly, Authed))]
+pub async fn register(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Body(b): Body<RegisterBody>,
+) -> ApiResult<(StatusCode, Json<ImageView>)> {
+    let everyone = b.visibility == Some(Visibility::Everyone);
+    let image = app
+        .register_image(&user, &b.name, &b.dockerfile, everyone)
+        .await?;
+    Ok((StatusCode::CREATED, Json(ImageView::from(&image))))
+}
+
+/// The images the caller may create environments of: their own and everyone's.
+#[utoipa::path(get, path = "/v1/images", tag = "images",
+    responses((status = 200, description = "the images", body = Items<ImageView>), Authed))]
+pub async fn list(
+    State(app): State<App>,
+    Caller(user): Caller,
+) -> ApiResult<Json<Items<ImageView>>> {
+    Ok(Json(Items {
+        items: app
+            .images(&user)
+            .await?
+            .iter()
+            .map(ImageView::from)
+            .collect(),
+    }))
+}
+
+/// Removes an image (the caller's, or any for an admin). Environments made from it keep
+/// running.
+#[utoipa::path(delete, path = "/v1/images/{id}", tag = "images", params(("id" = String, Path, description = "id or name")),
+    responses((status = 200, description = "the removed image", body = ImageView), Missing, Refused, Authed))]
+pub async fn delete(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ImageView>> {
+    Ok(Json(ImageView::from(&app.delete_image(&user, &id).await?)))
+}

@@ -1,0 +1,223 @@
+//! Custom images through the real `hearth serve` and the real Docker engine: built from a
+//! Dockerfile (one installs a Debian package), checked against the guest contract (one
+//! that breaks it is refused with the reason), private or for everyone, counted, removed;
+//! and `hearth image check` from the command line.
+
+mod common;
+
+use common::*;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+const UP: Duration = Duration::from_secs(120);
+
+async fn register(server: &Server, token: &str, body: Value) -> (StatusCode, Value) {
+    let r = server
+        .call("POST", "/v1/images", Some(token), Some(body))
+        .await;
+    (r.status, r.body)
+}
+
+fn images_in_engine(reference_prefix: &str) -> Vec<String> {
+    let out = std::process::Command::new("docker")
+        .args(["images", "--format", "{{.Repository}}:{{.Tag}}"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(reference_prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+async fn names(server: &Server, token: &str) -> Vec<String> {
+    let listed = server
+        .call("GET", "/v1/images", Some(token), None)
+        .await
+        .body;
+    listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn custom_images_on_docker() {
+    let site = Site::new(Db::Sqlite).await;
+    let server = site.start().await;
+    let admin = server.admin_token.clone();
+    let before = images_in_engine("hearth-image:");
+
+    // For everyone: a package from Debian on top of the base image.
+    let (status, jq) = register(&server, &admin, json!({
+        "name": "with-jq", "visibility": "everyone",
+        "dockerfile": "FROM hearth/base:latest\nRUN apt-get update && apt-get install -y --no-install-recommends jq && rm -rf /var/lib/apt/lists/*\n",
+    }))
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{jq}");
+    assert_eq!(
+        (jq["state"].as_str(), jq["visibility"].as_str()),
+        (Some("ready"), Some("everyone"))
+    );
+    assert!(jq["sizeBytes"].as_i64().unwrap() > 0);
+
+    let user = server.user("images@example.com", "free").await;
+    let r = server
+        .call(
+            "POST",
+            "/v1/environments",
+            Some(&user),
+            Some(json!({"name": "jq", "baseImage": "with-jq", "vcpus": 1, "memoryMb": 512})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let env = r.body["id"].as_str().unwrap().to_string();
+    server.wait_env(&user, &env, "running", UP).await;
+    let out = server
+        .call(
+            "POST",
+            &format!("/v1/environments/{env}/exec"),
+            Some(&user),
+            Some(json!({"code": "jq --version; whoami"})),
+        )
+        .await;
+    assert_eq!(out.status, StatusCode::OK, "{:?}", out.body);
+    let said = out.body["stdout"].as_str().unwrap();
+    assert!(said.starts_with("jq-") && said.ends_with("dev\n"), "{said}");
+
+    // One that breaks the guest contract is refused with the reason, and leaves nothing.
+    let (status, body) = register(
+        &server,
+        &user,
+        json!({
+            "name": "no-dev", "dockerfile": "FROM hearth/base:latest\nRUN userdel -r dev\n",
+        }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("breaks the guest contract") && message.contains("user dev"),
+        "{message}"
+    );
+    // A Dockerfile that does not build says why.
+    let (status, body) = register(
+        &server,
+        &user,
+        json!({
+            "name": "broken", "dockerfile": "FROM hearth/base:latest\nRUN exit 7\n",
+        }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.to_string().contains("did not build"), "{body}");
+    assert_eq!(names(&server, &user).await, vec!["with-jq".to_string()]);
+
+    // Private: its owner's only; someone else's is as unknown as none.
+    let (status, mine) = register(
+        &server,
+        &user,
+        json!({
+            "name": "mine", "dockerfile": "FROM hearth/base:latest\nRUN touch /etc/mine\n",
+        }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{mine}");
+    assert_eq!(mine["visibility"], "private");
+    assert_eq!(
+        names(&server, &user).await,
+        vec!["mine".to_string(), "with-jq".to_string()]
+    );
+    let other = server.user("other@example.com", "free").await;
+    assert_eq!(names(&server, &other).await, vec!["with-jq".to_string()]);
+    for image in ["mine", "nope"] {
+        let r = server
+            .call(
+                "POST",
+                "/v1/environments",
+                Some(&other),
+                Some(json!({"name": "x", "baseImage": image})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+        assert!(
+            r.body.to_string().contains("there is no image"),
+            "{:?}",
+            r.body
+        );
+    }
+    // The free tier registers one; only admins offer images to everyone.
+    let (status, body) = register(
+        &server,
+        &user,
+        json!({
+            "name": "second", "dockerfile": "FROM hearth/base:latest\n",
+        }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    let (status, body) = register(
+        &server,
+        &other,
+        json!({
+            "name": "for-all", "visibility": "everyone", "dockerfile": "FROM hearth/base:latest\n",
+        }),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let r = server
+        .call("DELETE", "/v1/images/mine", Some(&other), None)
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::NOT_FOUND,
+        "someone else's image is not theirs to delete"
+    );
+
+    // `hearth image check` says the same from the command line.
+    let binary = env!("CARGO_BIN_EXE_hearth");
+    let out = tokio::process::Command::new(binary)
+        .args(["image", "check", "hearth/base:latest"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("honours the guest contract"));
+
+    // Removing: the environment of it runs on; the engine's images go.
+    let r = server
+        .call("DELETE", "/v1/images/mine", Some(&user), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let r = server
+        .call("DELETE", "/v1/images/with-jq", Some(&admin), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let out = server
+        .call(
+            "POST",
+            &format!("/v1/environments/{env}/exec"),
+            Some(&user),
+            Some(json!({"code": "jq --version"})),
+        )
+        .await;
+    assert_eq!(out.body["exitCode"], 0, "{:?}", out.body);
+    assert_eq!(
+        images_in_engine("hearth-image:"),
+        before,
+        "every image built here is gone"
+    );
+    let r = server
+        .call(
+            "DELETE",
+            &format!("/v1/environments/{env}"),
+            Some(&user),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    server.wait_env(&user, &env, "destroyed", UP).await;
+}
