@@ -38,6 +38,12 @@ def main():
             config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "schemathesis.toml")
             cmd = ["schemathesis", "--config-file", config, "run", f"http://127.0.0.1:{node.port}/openapi.json",
                    "--checks", "all", "--max-examples", str(args.examples),
+                   # DELETE /v1/environments/{id} is asynchronous (202), and a destroyed
+                   # environment stays readable, with state `destroyed`, for its history and
+                   # audit (HEARTH_RETAIN_DESTROYED_DAYS). Schemathesis 4.32.5's stateful phase
+                   # ignores an operation's own check settings (a stop, a delete, then GET
+                   # .../activity answering 200 failed CI once), so the check is off run-wide.
+                   "--exclude-checks", "use_after_free",
                    "--exclude-path-regex", STREAMS,
                    "--header", f"Authorization: Bearer {token}",
                    "--request-timeout", "30", "--no-color", "--suppress-health-check", "all"]

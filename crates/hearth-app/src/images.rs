@@ -210,16 +210,21 @@ impl App {
                 "only admins offer images to everyone; leave visibility private".into(),
             ));
         }
-        let host = self
+        let docker_hosts: Vec<_> = self
             .store
             .hosts()
             .await?
             .into_iter()
-            .find(|h| {
-                h.kind == HostKind::Docker
-                    && h.status == HostStatus::Ready
-                    && h.health == HostHealth::Healthy
-            })
+            .filter(|h| h.kind == HostKind::Docker)
+            .collect();
+        if docker_hosts.is_empty() {
+            return Err(AppError::Invalid(
+                "images are built on a Docker host, and this installation has none".into(),
+            ));
+        }
+        let host = docker_hosts
+            .into_iter()
+            .find(|h| h.status == HostStatus::Ready && h.health == HostHealth::Healthy)
             .ok_or_else(|| {
                 AppError::NoCapacity(
                     "no Docker host answers now to build the image; try again later".into(),

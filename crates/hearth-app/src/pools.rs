@@ -111,9 +111,12 @@ impl App {
         size: i64,
     ) -> AppResult<WarmPool> {
         let host = self.find_host(host).await?;
-        if resources.vcpus < 1 || resources.memory_mb < 64 || resources.disk_gb < 1 {
+        if !(1..=1024).contains(&resources.vcpus)
+            || !(64..=4_194_304).contains(&resources.memory_mb)
+            || !(1..=65_536).contains(&resources.disk_gb)
+        {
             return Err(AppError::Invalid(
-                "a pool's VMs need at least 1 vCPU, 64 MB of memory and 1 GB of disk".into(),
+                "a pool's VMs have 1 to 1024 vCPUs, 64 to 4194304 MB of memory and 1 to 65536 GB of disk".into(),
             ));
         }
         let pool = self
