@@ -77,6 +77,10 @@ async fn boot_and_log_in(
         .await
         .map_err(|e| format!("a VM of it could not start: {e}"))?;
     let started = Instant::now();
+    // The engine started it before `ensure_created` returned: anything but running (or
+    // on its way) now means its start-up already ended.
+    const ENDED: &str = "its VM stopped as soon as it started: its start-up failed (the base image's, \
+                         /usr/local/sbin/hearth-init, needs user dev with a home and sshd, and keeps sshd running)";
     let (ssh_host, ssh_port) = loop {
         match provider
             .inspect(host, &vm)
@@ -88,15 +92,10 @@ async fn boot_and_log_in(
                     break (h, p);
                 }
             }
-            Some(info)
-                if info.state == VmState::Stopped && started.elapsed() > Duration::from_secs(2) =>
-            {
-                return Err("its VM stopped as soon as it started: its command must keep sshd running (the base \
-                            image's is /usr/local/sbin/hearth-init)"
-                    .into());
-            }
+            Some(info) if info.state == VmState::Stopped => return Err(ENDED.into()),
             Some(_) => {}
-            None => return Err("its VM disappeared while starting".into()),
+            // Gone at once: its engine removed it when its start-up ended.
+            None => return Err(ENDED.into()),
         }
         if started.elapsed() > CHECK_LIMIT {
             return Err(format!(
@@ -147,15 +146,13 @@ async fn boot_and_log_in(
             }
             Err(e) => last = e.to_string(),
         }
-        if let Some(info) = provider
+        match provider
             .inspect(host, &vm)
             .await
             .map_err(|e| e.to_string())?
-            && info.state != VmState::Running
         {
-            return Err("its VM stopped soon after it started: its start-up failed (the base image's, \
-                        /usr/local/sbin/hearth-init, needs user dev with a home and sshd, and keeps sshd running)"
-                .into());
+            Some(info) if info.state == VmState::Running => {}
+            _ => return Err(ENDED.into()),
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

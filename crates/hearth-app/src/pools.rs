@@ -48,6 +48,7 @@ pub async fn run(app: App, mut shutdown: watch::Receiver<bool>) {
 
 /// One pass: shrink, grow, then fill and drain what this node leased.
 pub async fn pass(app: &App) -> anyhow::Result<()> {
+    app.ssh.forget_closed().await;
     app.store.shrink_pools().await?;
     for pool in app.store.pools().await? {
         let missing = pool.size - pool.filling - pool.ready;

@@ -288,6 +288,12 @@ impl SshPool {
         }
     }
 
+    /// Drops the kept connections whose peer has gone (a warm VM drained or claimed by
+    /// another node): they would otherwise stay in the map for the life of the process.
+    pub async fn forget_closed(&self) {
+        self.conns.lock().await.retain(|_, c| !c.handle.is_closed());
+    }
+
     /// Drops the environment's connection (after stop or destroy).
     pub async fn forget(&self, environment_id: &str) {
         if let Some(c) = self.conns.lock().await.remove(environment_id) {
