@@ -27,6 +27,20 @@ const BUILDER_LOST_MS: i64 = 30 * 60_000;
 const CHECK_LIMIT: Duration = Duration::from_secs(60);
 /// A Dockerfile's size.
 pub const MAX_DOCKERFILE_BYTES: usize = 65_536;
+/// The largest image a build may make (it is removed, and refused, past this).
+pub const MAX_IMAGE_BYTES: i64 = 20_000_000_000;
+/// How long a check's VM is the check's own: the reconciler leaves it alone this long.
+pub const CHECK_VM_GRACE_MS: i64 = 5 * 60_000;
+
+/// Whether `environment_id` is a check's VM made less than `CHECK_VM_GRACE_MS` ago
+/// (`check-<epoch ms>-<random>`): older ones were left by a node that died mid-check.
+pub fn is_fresh_check(environment_id: &str, now_ms: i64) -> bool {
+    environment_id
+        .strip_prefix("check-")
+        .and_then(|rest| rest.split_once('-'))
+        .and_then(|(ms, _)| ms.parse::<i64>().ok())
+        .is_some_and(|made| now_ms - made < CHECK_VM_GRACE_MS)
+}
 
 /// Checks that `reference` on `host` honours the guest contract: a VM of it (made as an
 /// environment's is, with a fresh key) runs, lets `dev` in over SSH with that key, and runs
@@ -39,7 +53,14 @@ pub async fn check_image(
     reference: &str,
 ) -> Result<(), String> {
     let keys = KeyPair::generate();
-    let check_id = format!("check-{}", uuid::Uuid::new_v4().simple());
+    let made_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let check_id = format!(
+        "check-{made_ms}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
     let spec = VmSpec {
         environment_id: check_id.clone(),
         name: hearth_provider::vm_name(&check_id),
@@ -162,9 +183,114 @@ async fn boot_and_log_in(
     ))
 }
 
+/// A Dockerfile's logical lines: a trailing backslash joins the next line, comments and
+/// blank lines are dropped (as the classic builder reads them).
+fn logical_lines(dockerfile: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut current = String::new();
+    for raw in dockerfile.lines() {
+        let trimmed = raw.trim();
+        if current.is_empty() && (trimmed.is_empty() || trimmed.starts_with('#')) {
+            continue;
+        }
+        match raw.trim_end().strip_suffix('\\') {
+            Some(head) => {
+                current.push_str(head);
+                current.push(' ');
+            }
+            None => {
+                current.push_str(raw);
+                lines.push(std::mem::take(&mut current));
+            }
+        }
+    }
+    if !current.trim().is_empty() {
+        lines.push(current);
+    }
+    lines
+}
+
+/// The Dockerfile with every stage's base checked and named as the engine knows it: the
+/// server's image, or an image the caller may use (by its name). Anything else is refused,
+/// whatever the engine holds (other users' snapshots and private images are local images
+/// too), as is a `COPY --from` that names anything but an earlier stage.
+async fn confine_bases(app: &App, user: &User, dockerfile: &str) -> AppResult<String> {
+    let mut stages: Vec<String> = Vec::new();
+    let mut stage_count = 0usize;
+    let mut out = Vec::new();
+    for line in logical_lines(dockerfile) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let instruction = words
+            .first()
+            .map(|w| w.to_ascii_uppercase())
+            .unwrap_or_default();
+        if instruction == "FROM" {
+            let (base, rest) = match words.get(1) {
+                Some(b) if !b.starts_with("--") && !b.contains('$') => (*b, &words[2..]),
+                _ => {
+                    return Err(AppError::Invalid(format!(
+                        "FROM names an image plainly (no flags, no variables): {}",
+                        line.trim()
+                    )));
+                }
+            };
+            stage_count += 1;
+            let engine_name = if base == app.config.image {
+                base.to_string()
+            } else {
+                app.usable_image(user, base).await?.reference
+            };
+            match rest {
+                [] => {}
+                [as_word, name] if as_word.eq_ignore_ascii_case("as") => {
+                    stages.push(name.to_ascii_lowercase())
+                }
+                _ => {
+                    return Err(AppError::Invalid(format!(
+                        "FROM takes an image and AS <name>: {}",
+                        line.trim()
+                    )));
+                }
+            }
+            let mut rewritten = format!("FROM {engine_name}");
+            if let [_, name] = rest {
+                rewritten.push_str(&format!(" AS {name}"));
+            }
+            out.push(rewritten);
+            continue;
+        }
+        for word in &words[1.min(words.len())..] {
+            if let Some(from) = word.strip_prefix("--from=") {
+                let earlier = stages.contains(&from.to_ascii_lowercase())
+                    || from.parse::<usize>().is_ok_and(|i| i < stage_count);
+                if !earlier {
+                    return Err(AppError::Invalid(format!(
+                        "--from names an earlier stage of this Dockerfile only: {}",
+                        line.trim()
+                    )));
+                }
+            }
+            if word.starts_with("--mount") {
+                return Err(AppError::Invalid(format!(
+                    "RUN --mount is not offered: {}",
+                    line.trim()
+                )));
+            }
+        }
+        out.push(line);
+    }
+    if !out.iter().any(|l| l.starts_with("FROM ")) {
+        return Err(AppError::Invalid("the Dockerfile has no FROM".into()));
+    }
+    Ok(out.join("\n") + "\n")
+}
+
 /// An image name: what creates name in `baseImage`; never a Docker reference, so it can
 /// never name an engine's own image.
 fn valid_name(name: &str) -> Result<(), String> {
+    if uuid::Uuid::parse_str(name).is_ok() {
+        return Err("an image name must not look like an image's id".into());
+    }
     let ok = (1..=63).contains(&name.len())
         && name
             .bytes()
@@ -202,6 +328,7 @@ impl App {
                 "dockerfile must be 1 to {MAX_DOCKERFILE_BYTES} bytes of text"
             )));
         }
+        let dockerfile = &confine_bases(self, user, dockerfile).await?;
         if everyone && user.role != Role::Admin {
             return Err(AppError::Forbidden(
                 "only admins offer images to everyone; leave visibility private".into(),
@@ -263,6 +390,14 @@ impl App {
             Err(AppError::Invalid(reason))
         };
         let size = match built {
+            Ok(size) if size > MAX_IMAGE_BYTES => {
+                return refuse(format!(
+                    "the image is {} GB, past the {} GB an image may have",
+                    size / 1_000_000_000,
+                    MAX_IMAGE_BYTES / 1_000_000_000
+                ))
+                .await;
+            }
             Ok(size) => size,
             Err(ProviderError::Unavailable(m)) => {
                 return refuse(format!("the Docker host stopped answering: {m}")).await;
@@ -367,8 +502,11 @@ impl App {
         Ok(())
     }
 
-    /// The reaper's part: a build whose builder died is removed, with what it made.
+    /// The reaper's part: a build whose builder died is removed, with what it made, and
+    /// images no record names (untagged at a delete while a VM used them) once unused.
     pub async fn settle_images(&self) -> anyhow::Result<()> {
+        self.remove_unrecorded_images(hearth_provider::docker::LABEL_IMAGE)
+            .await?;
         for image in self.store.stale_images(BUILDER_LOST_MS).await? {
             tracing::info!(image = %image.name, "removing an image whose build never finished");
             if let Err(e) = self.remove_image_everywhere(&image).await {

@@ -265,9 +265,18 @@ impl Run<'_> {
 
     async fn create_vm(&mut self, env: Environment) -> Result<Next, StepError> {
         if env.vm_id.is_some() && self.app.store.claimed_pooled(&env.id).await?.is_some() {
-            // A warm VM, running already: `wait_running` finds it (or finds it gone, and
-            // the next attempt makes one).
-            self.progress.vm = Some(vm_of(self, &env));
+            // A warm VM: started in case its engine restarted since it was filled (running
+            // already is fine); gone, and the next attempt makes one.
+            let vm = vm_of(self, &env);
+            let on = Self::need_host(self.on_host(&env).await?)?;
+            match on.provider.start(&on.host_ref, &vm).await {
+                Ok(()) => {}
+                Err(hearth_provider::ProviderError::NotFound(_)) => {
+                    return Err(self.vanished(&env).await);
+                }
+                Err(e) => return Err(e.into()),
+            }
+            self.progress.vm = Some(vm);
             return Ok(Next::Continue);
         }
         let on = Self::need_host(self.on_host(&env).await?)?;

@@ -48,7 +48,16 @@ pub async fn run(app: App, mut shutdown: watch::Receiver<bool>) {
 
 /// One pass: shrink, grow, then fill and drain what this node leased.
 pub async fn pass(app: &App) -> anyhow::Result<()> {
-    app.ssh.forget_closed().await;
+    // A warm VM's connection (`pool:<id>`) lives while its row does: once a claim finished
+    // (on another node; the claiming node made it the environment's) or a drain removed
+    // it, the pool key's session must not outlive it.
+    let live = app.store.pooled_ids().await?;
+    app.ssh
+        .forget_where(|key| {
+            key.strip_prefix("pool:")
+                .is_some_and(|id| !live.contains(id))
+        })
+        .await;
     app.store.shrink_pools().await?;
     for pool in app.store.pools().await? {
         let missing = pool.size - pool.filling - pool.ready;

@@ -158,23 +158,31 @@ async fn reconcile_host(app: &App, host: &Host, pass: &mut Pass<'_>) -> anyhow::
         }
     }
 
-    // A warm VM that vanished is drained (its row goes, its room returns, the pool
-    // refills); the filler and claims own the rest of a pooled VM's life.
+    // A warm VM that stopped or vanished (an engine restart, a reboot) is drained: its row
+    // goes, its room returns, the pool refills. The filler and claims own the rest of a
+    // pooled VM's life.
     for vm in pooled.iter().filter(|p| p.state == "ready") {
-        if by_env.contains_key(vm.id.as_str()) {
+        if by_env
+            .get(vm.id.as_str())
+            .is_some_and(|v| v.state == VmState::Running)
+        {
             continue;
         }
         let made = VmRef {
             name: hearth_provider::vm_name(&vm.id),
             id: vm.vm_id.clone(),
         };
-        if provider.inspect(&host_ref, &made).await?.is_some() {
+        if provider
+            .inspect(&host_ref, &made)
+            .await?
+            .is_some_and(|v| v.state == VmState::Running)
+        {
             continue;
         }
-        if pass.confirmed(format!("pooled:{}", vm.id), "vanished".into())
+        if pass.confirmed(format!("pooled:{}", vm.id), "not running".into())
             && app.store.drain_pooled(&vm.id).await?
         {
-            tracing::warn!(host = %host.name, pooled = %vm.id, "a warm VM vanished outside Hearth; its pool refills");
+            tracing::warn!(host = %host.name, pooled = %vm.id, "a warm VM stopped or vanished outside Hearth; drained, its pool refills");
         }
     }
 
@@ -183,6 +191,9 @@ async fn reconcile_host(app: &App, host: &Host, pass: &mut Pass<'_>) -> anyhow::
             || app.store.pooled_vm(&vm.environment_id).await?.is_some()
         {
             continue; // a warm VM: the pools' business
+        }
+        if crate::images::is_fresh_check(&vm.environment_id, app.now()) {
+            continue; // an image check under way: it removes its VM itself
         }
         let owner = match app.store.environment(&vm.environment_id).await {
             Ok(env) => Some(env),

@@ -203,14 +203,69 @@ impl App {
             size.memory_mb = Some(env.memory_mb);
             size.disk_gb = Some(env.disk_gb);
         }
-        let created = self.create_environment(user, input).await?;
-        Ok((snapshot, created))
+        match self.create_environment(user, input).await {
+            Ok(created) => Ok((snapshot, created)),
+            Err(e) => {
+                // The fork did not happen: its snapshot does not stay to hold the quota.
+                self.store.snapshot_deleting(&snapshot.id).await?;
+                if let Err(removing) = self.remove_snapshot(&snapshot).await {
+                    tracing::warn!(snapshot = %snapshot.id, error = %removing, "a failed fork's snapshot is left to the reaper");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// The reaper's part: snapshots whose taker died become ready (the host finished
     /// them) or go; deletions cut short are finished; a snapshot a host keeps with no
     /// record (its commit finished after its record was dropped) is removed.
     pub async fn settle_snapshots(&self) -> anyhow::Result<()> {
+        self.remove_unrecorded_images(hearth_provider::docker::LABEL_SNAPSHOT)
+            .await?;
+        let lost = self.config.snapshot_taker_lost.as_millis() as i64;
+        for snapshot in self.store.stale_snapshots(lost).await? {
+            if let Err(e) = self.settle_snapshot(&snapshot).await {
+                tracing::warn!(snapshot = %snapshot.id, error = %e, "could not settle a snapshot; trying again next pass");
+            }
+        }
+        Ok(())
+    }
+
+    async fn settle_snapshot(&self, snapshot: &Snapshot) -> anyhow::Result<()> {
+        if snapshot.state == "deleting" {
+            self.remove_snapshot(snapshot).await?;
+            return Ok(());
+        }
+        let host = match self.store.host(&snapshot.host_id).await {
+            Ok(host) => host,
+            Err(StoreError::NotFound) => {
+                self.store.forget_snapshot(&snapshot.id).await?;
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let host_ref = self.host_ref(&host)?;
+        let provider = self.providers.get(host.kind)?;
+        match provider.find_snapshot(&host_ref, &snapshot.id).await? {
+            Some(made) => {
+                self.store
+                    .snapshot_taken(&snapshot.id, &made.image, made.size_bytes)
+                    .await?;
+                tracing::info!(snapshot = %snapshot.id, "a snapshot whose taker died was finished on its host");
+            }
+            None => {
+                self.store.forget_snapshot(&snapshot.id).await?;
+                tracing::info!(snapshot = %snapshot.id, "a snapshot whose taker died was never made; dropped");
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes this installation's images labelled `label` (snapshots, custom images)
+    /// that no record names any more: one finished after its record was dropped, or one
+    /// untagged at a delete while a VM still used it (removed once no VM does). Hosts that
+    /// do not answer are left for a later pass.
+    pub(crate) async fn remove_unrecorded_images(&self, label: &str) -> anyhow::Result<()> {
         for host in self.store.hosts().await? {
             if host.health != hearth_core::HostHealth::Healthy {
                 continue;
@@ -220,50 +275,31 @@ impl App {
             else {
                 continue;
             };
-            let Ok(kept) = provider.list_snapshots(&host_ref).await else {
+            let Ok(kept) = provider.labelled_images(&host_ref, label).await else {
                 continue;
             };
-            for id in kept {
-                match self.store.snapshot(&id).await {
+            for (id, image_id) in kept {
+                let recorded = if label == hearth_provider::docker::LABEL_SNAPSHOT {
+                    self.store.snapshot(&id).await.map(|_| ())
+                } else {
+                    self.store.image_named(&id).await.map(|_| ())
+                };
+                match recorded {
                     Err(StoreError::NotFound) => {
-                        tracing::warn!(host = %host.name, snapshot = %id, "removing a snapshot image with no record");
-                        if let Err(e) = provider.remove_snapshot(&host_ref, &id).await {
-                            tracing::warn!(snapshot = %id, error = %e, "could not remove a snapshot image with no record");
+                        match provider.remove_unused_image(&host_ref, &image_id).await {
+                            Ok(true) => {
+                                tracing::info!(host = %host.name, %label, id = %id, "removed an image no record names")
+                            }
+                            Ok(false) => {
+                                tracing::debug!(host = %host.name, %label, id = %id, "an image no record names is still in use")
+                            }
+                            Err(e) => {
+                                tracing::warn!(host = %host.name, %label, id = %id, error = %e, "could not remove an image no record names")
+                            }
                         }
                     }
                     Err(e) => return Err(e.into()),
-                    Ok(_) => {}
-                }
-            }
-        }
-        let lost = self.config.snapshot_taker_lost.as_millis() as i64;
-        for snapshot in self.store.stale_snapshots(lost).await? {
-            if snapshot.state == "deleting" {
-                if let Err(e) = self.remove_snapshot(&snapshot).await {
-                    tracing::warn!(snapshot = %snapshot.id, error = %e, "could not finish removing a snapshot");
-                }
-                continue;
-            }
-            let host = match self.store.host(&snapshot.host_id).await {
-                Ok(host) => host,
-                Err(StoreError::NotFound) => {
-                    self.store.forget_snapshot(&snapshot.id).await?;
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let host_ref = self.host_ref(&host)?;
-            let provider = self.providers.get(host.kind)?;
-            match provider.find_snapshot(&host_ref, &snapshot.id).await? {
-                Some(made) => {
-                    self.store
-                        .snapshot_taken(&snapshot.id, &made.image, made.size_bytes)
-                        .await?;
-                    tracing::info!(snapshot = %snapshot.id, "a snapshot whose taker died was finished on its host");
-                }
-                None => {
-                    self.store.forget_snapshot(&snapshot.id).await?;
-                    tracing::info!(snapshot = %snapshot.id, "a snapshot whose taker died was never made; dropped");
+                    Ok(()) => {}
                 }
             }
         }

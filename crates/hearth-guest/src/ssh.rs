@@ -288,10 +288,25 @@ impl SshPool {
         }
     }
 
-    /// Drops the kept connections whose peer has gone (a warm VM drained or claimed by
-    /// another node): they would otherwise stay in the map for the life of the process.
-    pub async fn forget_closed(&self) {
-        self.conns.lock().await.retain(|_, c| !c.handle.is_closed());
+    /// Drops the kept connections whose peer has gone, and those `stale` says of their
+    /// key (a warm VM's connection after another node claimed or drained it): they would
+    /// otherwise stay open for the life of the process.
+    pub async fn forget_where(&self, stale: impl Fn(&str) -> bool) {
+        let dropped: Vec<Cached> = {
+            let mut conns = self.conns.lock().await;
+            let keys: Vec<String> = conns
+                .iter()
+                .filter(|(k, c)| c.handle.is_closed() || stale(k))
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.iter().filter_map(|k| conns.remove(k)).collect()
+        };
+        for c in dropped {
+            let _ = c
+                .handle
+                .disconnect(Disconnect::ByApplication, "", "en")
+                .await;
+        }
     }
 
     /// Drops the environment's connection (after stop or destroy).

@@ -250,10 +250,24 @@ pub trait Provider: Send + Sync + 'static {
         Ok(None)
     }
 
-    /// The ids of every snapshot of this installation on the host (to find ones whose
-    /// record is gone).
-    async fn list_snapshots(&self, _host: &HostRef) -> Result<Vec<String>, ProviderError> {
+    /// This installation's images on the host that carry `label` (`hearth.snapshot`,
+    /// `hearth.image`), as (the label's value, the engine's image id), untagged ones too: to
+    /// find those whose record is gone.
+    async fn labelled_images(
+        &self,
+        _host: &HostRef,
+        _label: &str,
+    ) -> Result<Vec<(String, String)>, ProviderError> {
         Ok(Vec::new())
+    }
+
+    /// Removes an image by the engine's id unless a VM still uses it; true when it is gone.
+    async fn remove_unused_image(
+        &self,
+        _host: &HostRef,
+        _image_id: &str,
+    ) -> Result<bool, ProviderError> {
+        Ok(true)
     }
 
     /// Removes the snapshot; one already gone counts as removed. VMs made from it keep

@@ -124,15 +124,20 @@ impl Store {
     }
 
     /// An image by id or name, whoever owns it (callers check who may see it).
+    /// By id first, then by name (names never look like ids).
     pub async fn image_named(&self, id_or_name: &str) -> Result<Image> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM images WHERE id = $1 OR name = $1"
-        )))
-        .bind(id_or_name)
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or(StoreError::NotFound)?;
-        from_row(&row)
+        for column in ["id", "name"] {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {COLUMNS} FROM images WHERE {column} = $1"
+            )))
+            .bind(id_or_name)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(row) = row {
+                return from_row(&row);
+            }
+        }
+        Err(StoreError::NotFound)
     }
 
     /// The images `user` may use: their own and everyone's (bounded by the owners' counts).

@@ -400,6 +400,16 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// The ids of every pooled VM (a claimed one's row lasts until its claim finishes).
+    pub async fn pooled_ids(&self) -> Result<std::collections::HashSet<String>> {
+        let rows = sqlx::query("SELECT id FROM pooled_vms")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| r.try_get("id").map_err(Into::into))
+            .collect()
+    }
+
     pub async fn pooled_vm(&self, id: &str) -> Result<Option<PooledVm>> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {POOLED_COLUMNS} FROM pooled_vms v JOIN warm_pools p ON p.id = v.pool_id WHERE v.id = $1"

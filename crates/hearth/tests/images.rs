@@ -19,16 +19,26 @@ async fn register(server: &Server, token: &str, body: Value) -> (StatusCode, Val
     (r.status, r.body)
 }
 
-fn images_in_engine(reference_prefix: &str) -> Vec<String> {
+/// Every custom image in the engine, tagged or not, by the record id on its label.
+fn images_in_engine() -> Vec<String> {
     let out = std::process::Command::new("docker")
-        .args(["images", "--format", "{{.Repository}}:{{.Tag}}"])
+        .args([
+            "images",
+            "-a",
+            "--filter",
+            "label=hearth.image",
+            "--format",
+            "{{.Label \"hearth.image\"}}",
+        ])
         .output()
         .unwrap();
-    String::from_utf8_lossy(&out.stdout)
+    let mut ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| l.starts_with(reference_prefix))
         .map(str::to_string)
-        .collect()
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
 }
 
 async fn names(server: &Server, token: &str) -> Vec<String> {
@@ -46,10 +56,12 @@ async fn names(server: &Server, token: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn custom_images_on_docker() {
-    let site = Site::new(Db::Sqlite).await;
+    let site = Site::new(Db::Sqlite)
+        .await
+        .with_env("HEARTH_REAPER_INTERVAL_MS", "500");
     let server = site.start().await;
     let admin = server.admin_token.clone();
-    let before = images_in_engine("hearth-image:");
+    let before = images_in_engine();
 
     // For everyone: a package from Debian on top of the base image.
     let (status, jq) = register(&server, &admin, json!({
@@ -176,6 +188,42 @@ async fn custom_images_on_docker() {
         StatusCode::NOT_FOUND,
         "someone else's image is not theirs to delete"
     );
+    // A Dockerfile builds on the server's image or on images its author may use, by name:
+    // never on what else the engine holds (another user's image, a snapshot), by any name.
+    for base in [
+        "mine".to_string(),
+        format!("hearth-image:{}", mine["id"].as_str().unwrap()),
+        "hearth-snapshot:anything".to_string(),
+    ] {
+        let (status, body) = register(
+            &server,
+            &other,
+            json!({
+                "name": "stolen", "dockerfile": format!("FROM {base}\n"),
+            }),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{base}: {body}");
+        assert!(body.to_string().contains("there is no image"), "{body}");
+    }
+    let (status, body) = register(&server, &other, json!({
+        "name": "x", "dockerfile": "FROM hearth/base:latest AS one\nFROM hearth/base:latest\nCOPY --from=hearth-image:x /etc /x\n",
+    }))
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, on_jq) = register(
+        &server,
+        &other,
+        json!({
+            "name": "on-jq", "dockerfile": "FROM with-jq\nRUN jq --version\n",
+        }),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "an image for everyone is a base by its name: {on_jq}"
+    );
 
     // `hearth image check` says the same from the command line.
     let binary = env!("CARGO_BIN_EXE_hearth");
@@ -193,6 +241,10 @@ async fn custom_images_on_docker() {
         .await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     let r = server
+        .call("DELETE", "/v1/images/on-jq", Some(&other), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let r = server
         .call("DELETE", "/v1/images/with-jq", Some(&admin), None)
         .await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
@@ -205,11 +257,6 @@ async fn custom_images_on_docker() {
         )
         .await;
     assert_eq!(out.body["exitCode"], 0, "{:?}", out.body);
-    assert_eq!(
-        images_in_engine("hearth-image:"),
-        before,
-        "every image built here is gone"
-    );
     let r = server
         .call(
             "DELETE",
@@ -220,4 +267,14 @@ async fn custom_images_on_docker() {
         .await;
     assert_eq!(r.status, StatusCode::ACCEPTED);
     server.wait_env(&user, &env, "destroyed", UP).await;
+    // Deleting an image a VM used only untagged it; once the VM is gone the reaper removes it.
+    let started = std::time::Instant::now();
+    while images_in_engine() != before {
+        assert!(
+            started.elapsed() < UP,
+            "images left: {:?} (before: {before:?})",
+            images_in_engine()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

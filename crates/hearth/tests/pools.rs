@@ -275,16 +275,22 @@ async fn a_warm_pool_on_docker() {
         "{log}"
     );
 
-    // The pool refilled; then a kill -9 right after a claim, and a restart.
+    // The pool refilled; then a claim whose job no worker has run yet (the create goes to
+    // an API-only node), a kill -9 of that node, and a node with workers taking over: its
+    // `adopt` logs in with the pool key itself, as any node but the filler would.
     wait_pool(&server, 3, Duration::from_secs(120)).await;
+    server.kill();
+    let mut site = site;
+    site.extra_env.push(("HEARTH_WORKERS".into(), "0".into()));
+    let api = site.start().await;
     let mut body = shape.clone();
     body["name"] = json!("killed");
-    let r = server
+    let r = api
         .call("POST", "/v1/environments", Some(&token), Some(body))
         .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
     let killed = r.body["id"].as_str().unwrap().to_string();
-    server.kill();
+    api.kill();
     assert!(
         store
             .pooled_vm(&killed)
@@ -293,6 +299,7 @@ async fn a_warm_pool_on_docker() {
             .is_some_and(|v| v.state == "claimed"),
         "the create claimed a warm VM before the kill"
     );
+    site.extra_env.retain(|(k, _)| k != "HEARTH_WORKERS");
     let server = site.start().await;
     server
         .wait_env(&token, &killed, "running", Duration::from_secs(240))
@@ -322,6 +329,31 @@ async fn a_warm_pool_on_docker() {
         "exactly the environments' and the pool's VMs exist"
     );
     assert_eq!(store.resum_hosts().await.unwrap(), Vec::<String>::new());
+
+    // An engine restart stops warm VMs (no restart policy): a claim starts the one it takes.
+    for vm in &pooled_now {
+        let out = std::process::Command::new("docker")
+            .args(["stop", "-t", "0", &format!("hearth-{}", vm.id)])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let mut body = shape.clone();
+    body["name"] = json!("after a restart");
+    let r = server
+        .call("POST", "/v1/environments", Some(&token), Some(body))
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let restarted = r.body["id"].as_str().unwrap().to_string();
+    assert!(
+        pooled_now.iter().any(|v| v.id == restarted),
+        "a stopped warm VM was claimed"
+    );
+    server
+        .wait_env(&token, &restarted, "running", Duration::from_secs(120))
+        .await;
+    assert_eq!(exec(&server, &token, &restarted, "echo up").await, "up\n");
+    ids.push(restarted);
 
     // Emptying the pool drains its VMs; destroying the environments removes the rest.
     set_pool(&server, &host, shape.clone(), 0).await;

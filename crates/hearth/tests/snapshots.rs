@@ -61,9 +61,33 @@ async fn identity(server: &Server, token: &str, id: &str) -> (String, String, St
     (hostname, host_key, keys.join("\n"))
 }
 
+/// Every snapshot image in the engine, tagged or not, by the snapshot id on its label.
+fn snapshot_images() -> Vec<String> {
+    let out = std::process::Command::new("docker")
+        .args([
+            "images",
+            "-a",
+            "--filter",
+            "label=hearth.snapshot",
+            "--format",
+            "{{.Label \"hearth.snapshot\"}}",
+        ])
+        .output()
+        .unwrap();
+    let mut ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
 #[tokio::test]
 async fn snapshots_and_forks_on_docker() {
-    let site = Site::new(Db::Sqlite).await;
+    let site = Site::new(Db::Sqlite)
+        .await
+        .with_env("HEARTH_REAPER_INTERVAL_MS", "500");
     let server = site.start().await;
     let token = server.user("snap@example.com", "free").await;
     let uid = server.user_id("snap@example.com").await;
@@ -199,6 +223,14 @@ async fn snapshots_and_forks_on_docker() {
         .call("GET", "/v1/snapshots", Some(&token), None)
         .await
         .body;
+    let mut taken: Vec<String> = vec![first["id"].as_str().unwrap().to_string()];
+    taken.extend(
+        listed["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["id"].as_str().unwrap().to_string()),
+    );
     for s in listed["items"].as_array().unwrap() {
         let r = server
             .call(
@@ -217,6 +249,20 @@ async fn snapshots_and_forks_on_docker() {
     assert_eq!(listed["items"], json!([]));
     for id in [&a, &b, &fork] {
         server.wait_env(&token, id, "destroyed", UP).await;
+    }
+    // Images a VM still used when their snapshot was deleted were only untagged; with the
+    // VMs gone, the reaper removes them.
+    let ours = |ids: Vec<String>| -> Vec<String> {
+        ids.into_iter().filter(|id| taken.contains(id)).collect()
+    };
+    let started = std::time::Instant::now();
+    while !ours(snapshot_images()).is_empty() {
+        assert!(
+            started.elapsed() < UP,
+            "snapshot images left: {:?}",
+            ours(snapshot_images())
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

@@ -63,6 +63,10 @@ pub const AUTHORIZED_KEYS_ENV: &str = "HEARTH_AUTHORIZED_KEYS";
 pub const SNAPSHOT_REPOSITORY: &str = "hearth-snapshot";
 /// The label that says which snapshot an image is.
 pub const LABEL_SNAPSHOT: &str = "hearth.snapshot";
+/// The memory of a build step's container.
+pub const BUILD_MEMORY_BYTES: i32 = 2_000_000_000;
+/// The label that says which custom image (its record's id) an image is.
+pub const LABEL_IMAGE: &str = "hearth.image";
 /// The path a committed image is given. The engine adds the container's other variables
 /// to whatever a commit sets, so each of them is set empty instead: nothing of the source's
 /// values (which may be secrets) is kept; a VM made from it gets its own.
@@ -581,15 +585,20 @@ impl Provider for DockerProvider {
         }
     }
 
-    async fn list_snapshots(&self, host: &HostRef) -> Result<Vec<String>, ProviderError> {
+    async fn labelled_images(
+        &self,
+        host: &HostRef,
+        label: &str,
+    ) -> Result<Vec<(String, String)>, ProviderError> {
         let filters = HashMap::from([(
             "label".to_string(),
             vec![
                 format!("{LABEL_INSTALLATION}={}", host.installation_id),
-                LABEL_SNAPSHOT.to_string(),
+                label.to_string(),
             ],
         )]);
         let options = bollard::query_parameters::ListImagesOptions {
+            all: true,
             filters: Some(filters),
             ..Default::default()
         };
@@ -601,8 +610,31 @@ impl Provider for DockerProvider {
             .map_err(|e| classify(host, e))?;
         Ok(images
             .into_iter()
-            .filter_map(|i| i.labels.get(LABEL_SNAPSHOT).cloned())
+            .filter_map(|i| i.labels.get(label).cloned().map(|v| (v, i.id)))
             .collect())
+    }
+
+    async fn remove_unused_image(
+        &self,
+        host: &HostRef,
+        image_id: &str,
+    ) -> Result<bool, ProviderError> {
+        match self
+            .client(host)
+            .await?
+            .remove_image(
+                image_id,
+                None::<bollard::query_parameters::RemoveImageOptions>,
+                None,
+            )
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if is_status(&e, 404) => Ok(true),
+            // A VM made from it still runs.
+            Err(e) if is_status(&e, 409) => Ok(false),
+            Err(e) => Err(classify(host, e)),
+        }
     }
 
     /// Untags the image (forced: VMs made from it keep its layers until they go).
@@ -661,9 +693,24 @@ impl Provider for DockerProvider {
             t: Some(reference.into()),
             rm: true,
             forcerm: true,
+            // Each step's container: 2 GB of memory and no swap beyond it, one CPU, 64 MiB
+            // of /dev/shm (the image's size is checked once it is built).
+            memory: Some(BUILD_MEMORY_BYTES),
+            memswap: Some(BUILD_MEMORY_BYTES),
+            cpuperiod: Some(100_000),
+            cpuquota: Some(100_000),
+            shmsize: Some(64 * 1024 * 1024),
             labels: Some(HashMap::from([
                 (LABEL_MANAGED.to_string(), "true".to_string()),
                 (LABEL_INSTALLATION.to_string(), host.installation_id.clone()),
+                (
+                    LABEL_IMAGE.to_string(),
+                    reference
+                        .rsplit_once(':')
+                        .map(|(_, id)| id)
+                        .unwrap_or(reference)
+                        .to_string(),
+                ),
             ])),
             ..Default::default()
         };
