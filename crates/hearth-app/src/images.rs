@@ -504,9 +504,11 @@ impl App {
 
     /// The reaper's part: a build whose builder died is removed, with what it made, and
     /// images no record names (untagged at a delete while a VM used them) once unused.
-    pub async fn settle_images(&self) -> anyhow::Result<()> {
-        self.remove_unrecorded_images(hearth_provider::docker::LABEL_IMAGE)
-            .await?;
+    pub async fn settle_images(&self, sweep: bool) -> anyhow::Result<()> {
+        if sweep {
+            self.remove_unrecorded_images(hearth_provider::docker::LABEL_IMAGE)
+                .await?;
+        }
         for image in self.store.stale_images(BUILDER_LOST_MS).await? {
             tracing::info!(image = %image.name, "removing an image whose build never finished");
             if let Err(e) = self.remove_image_everywhere(&image).await {

@@ -12,17 +12,22 @@ pub const REAPER: &str = "system:reaper";
 
 pub async fn run(app: App, mut shutdown: watch::Receiver<bool>) {
     let every = app.config.reaper_interval;
+    let mut passes: u64 = 0;
     loop {
+        // Listing a Docker engine's images is heavy for the engine: images no record
+        // names are looked for on one pass in ten only.
+        let sweep = passes % 10 == 0;
+        passes += 1;
         if let Err(e) = reap(&app).await {
             tracing::warn!(error = %e, "reaper pass failed");
         }
         if let Err(e) = crate::reconcile::reconcile(&app).await {
             tracing::warn!(error = %e, "reconciler pass failed");
         }
-        if let Err(e) = app.settle_snapshots().await {
+        if let Err(e) = app.settle_snapshots(sweep).await {
             tracing::warn!(error = %e, "snapshot upkeep failed");
         }
-        if let Err(e) = app.settle_images().await {
+        if let Err(e) = app.settle_images(sweep).await {
             tracing::warn!(error = %e, "image upkeep failed");
         }
         if let Err(e) = app.demand_pass().await {

@@ -219,9 +219,11 @@ impl App {
     /// The reaper's part: snapshots whose taker died become ready (the host finished
     /// them) or go; deletions cut short are finished; a snapshot a host keeps with no
     /// record (its commit finished after its record was dropped) is removed.
-    pub async fn settle_snapshots(&self) -> anyhow::Result<()> {
-        self.remove_unrecorded_images(hearth_provider::docker::LABEL_SNAPSHOT)
-            .await?;
+    pub async fn settle_snapshots(&self, sweep: bool) -> anyhow::Result<()> {
+        if sweep {
+            self.remove_unrecorded_images(hearth_provider::docker::LABEL_SNAPSHOT)
+                .await?;
+        }
         let lost = self.config.snapshot_taker_lost.as_millis() as i64;
         for snapshot in self.store.stale_snapshots(lost).await? {
             if let Err(e) = self.settle_snapshot(&snapshot).await {

@@ -597,8 +597,9 @@ impl Provider for DockerProvider {
                 label.to_string(),
             ],
         )]);
+        // Untagged images are top-level ones: no need for every intermediate layer.
         let options = bollard::query_parameters::ListImagesOptions {
-            all: true,
+            all: false,
             filters: Some(filters),
             ..Default::default()
         };
