@@ -184,6 +184,38 @@ impl Store {
                 host.capacity.max_environments
             )));
         }
+        // Warm VMs may hold at most half of a host: the rest stays for environments made
+        // cold (a host filled with warm VMs of one size would refuse every other create).
+        let others: Vec<WarmPool> = self
+            .pools()
+            .await?
+            .into_iter()
+            .filter(|p| {
+                p.host_id == host_id
+                    && !(p.base_image == base_image
+                        && (p.vcpus, p.memory_mb, p.disk_gb)
+                            == (resources.vcpus, resources.memory_mb, resources.disk_gb))
+            })
+            .collect();
+        let held = |f: &dyn Fn(&WarmPool) -> i64| others.iter().map(|p| p.size * f(p)).sum::<i64>();
+        let (vcpus, memory, count) = (
+            held(&|p| p.vcpus) + size * resources.vcpus,
+            held(&|p| p.memory_mb) + size * resources.memory_mb,
+            held(&|_| 1) + size,
+        );
+        if 2 * vcpus > host.capacity.max_vcpus
+            || 2 * memory > host.capacity.max_memory_mb
+            || 2 * count > host.capacity.max_environments
+        {
+            return Err(StoreError::Conflict(format!(
+                "host {}'s warm pools would hold {vcpus} vCPUs, {memory} MB and {count} VMs: at most half of the host \
+                 ({} vCPUs, {} MB, {} VMs) may be kept warm",
+                host.name,
+                host.capacity.max_vcpus,
+                host.capacity.max_memory_mb,
+                host.capacity.max_environments
+            )));
+        }
         let now = self.now();
         let mut tx = self.begin().await?;
         let updated = sqlx::query(
@@ -648,7 +680,7 @@ mod tests {
     async fn a_pool_grows_to_its_size_and_never_past_it() {
         each_backend(|store| async move {
             let h = store
-                .add_host(&host("warm", HostKind::Docker, 8, 16384))
+                .add_host(&host("warm", HostKind::Docker, 16, 32768))
                 .await
                 .unwrap();
             let shape = Tier::Free.default_resources();
@@ -710,12 +742,20 @@ mod tests {
                 matches!(err, StoreError::Conflict(ref m) if m.contains("warm VMs")),
                 "{err}"
             );
-            // Pools past their bound, or on kinds billed while idle, are refused.
+            // Pools past their bound, or past half of the host, are refused.
             assert!(
                 store
                     .set_pool(&h.id, "hearth/base:latest", &shape, MAX_POOL_SIZE + 1)
                     .await
                     .is_err()
+            );
+            let err = store
+                .set_pool(&h.id, "hearth/base:latest", &shape, 5)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, StoreError::Conflict(ref m) if m.contains("at most half")),
+                "{err}"
             );
         })
         .await;
@@ -726,22 +766,24 @@ mod tests {
         each_backend(|store| async move {
             let shape = Tier::Free.default_resources();
             let h = store
-                .add_host(&host("tight", HostKind::Docker, 2 * shape.vcpus, 65536))
+                .add_host(&host("tight", HostKind::Docker, 4 * shape.vcpus, 65536))
                 .await
                 .unwrap();
             let pool = store
                 .set_pool(&h.id, "hearth/base:latest", &shape, 2)
                 .await
                 .unwrap();
-            // One environment takes a third of the room first.
+            // Environments take three quarters of the room first.
             let (user, _) = store
                 .create_user("u@example.com", Role::User, Tier::Unlimited)
                 .await
                 .unwrap();
-            store
-                .create_environment(&user, sample(false), provision_job(&user.id))
-                .await
-                .unwrap();
+            for _ in 0..3 {
+                store
+                    .create_environment(&user, sample(false), provision_job(&user.id))
+                    .await
+                    .unwrap();
+            }
             assert_eq!(store.grow_pool(&pool.id, &candidates(2)).await.unwrap(), 1);
             assert_eq!(store.resum_hosts().await.unwrap(), Vec::<String>::new());
         })
