@@ -213,7 +213,9 @@ impl FirecrackerHost {
         guest_address: &str,
     ) -> Result<FirecrackerHost, VmmError> {
         Ok(FirecrackerHost {
-            dirs: VmDirs::new(&state)?,
+            // A create that died half-way started nothing: Firecracker is started from a
+            // committed directory only.
+            dirs: VmDirs::new(&state, |_| {})?,
             state,
             image,
             config,
@@ -551,6 +553,9 @@ impl Vmm for FirecrackerHost {
                     accel: Accel::Kvm,
                     created_at_ms: now_ms(),
                     net_slot: Some(slot),
+                    // Firecracker's is derived from the name (`firecracker::guest_mac`).
+                    mac: None,
+                    restored_from: None,
                 };
                 let network = [
                     ("address", format!("{guest}/30")),

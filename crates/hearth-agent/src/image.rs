@@ -54,8 +54,13 @@ exec $b switch_root /newroot /sbin/hearth-init
 /// `rdinit=/probe`: proves the accelerator runs a guest (see `qemu::probe_kvm`).
 pub const PROBE: &str = "#!/bin/busybox sh\n/bin/busybox echo hearth-probe-ok > /dev/console\n/bin/busybox poweroff -f\n";
 
-/// The guest's init: file systems, the disk grown to its size, the config drive, network,
-/// the authorized key, then sshd under tini (PID 1 must reap orphans).
+/// The guest's init: file systems, the disk grown to its size, the config drive, the VM's
+/// identity, network, then sshd under tini (PID 1 must reap orphans).
+///
+/// The identity (hostname, MAC, machine id, SSH host key, a seed for the kernel's random
+/// generator, the authorized keys) comes from the config drive, written by the agent. A
+/// base VM (its drive holds `base`) is booted once to be snapshotted (`base_snapshot.rs`):
+/// it also starts `AWAIT_RESTORE`, which every VM restored from the snapshot wakes up in.
 pub const VM_INIT: &str = r#"#!/bin/sh
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
@@ -72,22 +77,133 @@ mkdir -p /run/sshd /run/hearth
 resize2fs /dev/vda >/dev/null 2>&1
 mount -o ro /dev/vdb /run/hearth
 cfg() { cat "/run/hearth/$1" 2>/dev/null || echo "$2"; }
-hostname "$(cfg hostname hearth)"
-ip link set lo up
+nic=
 for n in /sys/class/net/*; do
   i=${n##*/}
-  [ "$i" = lo ] && continue
-  ip addr add "$(cfg address 10.0.2.15/24)" dev "$i"
-  ip link set "$i" up
-  ip route add default via "$(cfg gateway 10.0.2.2)"
-  break
+  [ "$i" = lo ] || { nic=$i; break; }
 done
-echo "nameserver $(cfg dns 10.0.2.3)" > /etc/resolv.conf
+name=$(cfg hostname hearth)
+hostname "$name"
+printf '127.0.0.1 localhost\n127.0.1.1 %s\n' "$name" > /etc/hosts
+[ -n "$nic" ] && [ -s /run/hearth/mac ] && ip link set dev "$nic" address "$(cfg mac)"
+[ -s /run/hearth/machine-id ] && cfg machine-id > /etc/machine-id
+[ -s /run/hearth/seed ] && cat /run/hearth/seed > /dev/urandom
 install -d -o dev -g dev -m 700 /home/dev/.ssh
 install -o dev -g dev -m 600 /run/hearth/authorized_keys /home/dev/.ssh/authorized_keys
+if [ -s /run/hearth/ssh_host_ed25519_key ]; then
+  install -m 600 /run/hearth/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key
+  install -m 644 /run/hearth/ssh_host_ed25519_key.pub /etc/ssh/ssh_host_ed25519_key.pub
+fi
 [ -f /etc/ssh/ssh_host_ed25519_key ] || ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key
+ip link set lo up
+if [ -n "$nic" ]; then
+  ip addr add "$(cfg address 10.0.2.15/24)" dev "$nic"
+  ip link set "$nic" up
+  ip route add default via "$(cfg gateway 10.0.2.2)"
+fi
+echo "nameserver $(cfg dns 10.0.2.3)" > /etc/resolv.conf
+if [ -e /run/hearth/base ]; then
+  modprobe virtio_console
+  perl /usr/sbin/hearth-await-restore &
+fi
 echo "hearth: sshd starting" > /dev/ttyS0
 exec /usr/bin/tini -- /usr/sbin/sshd -D -e
+"#;
+
+/// `/usr/sbin/hearth-await-restore`, started in a base VM: it waits on the virtio port
+/// `hearth.identity`, and every VM restored from the snapshot wakes up in it. The agent
+/// then sends the VM's identity (`name hex-value` lines, `clock <s> <ns>`, `end`), the same
+/// files its config drive holds for later boots, and this process applies it with system
+/// calls (under software emulation each program started costs about 0.1 s): the clock
+/// (the guest slept since the snapshot), the seed mixed into the kernel's generator and a
+/// reseed forced (`RNDRESEEDCRNG`: restores must not share random streams), hostname,
+/// machine id, MAC (`SIOCSIFHWADDR`), authorized keys, SSH host key (sshd loads it for
+/// each connection), and the config drive remounted so it shows this VM's. It answers
+/// `identified`.
+pub const AWAIT_RESTORE: &str = r#"#!/usr/bin/perl
+use strict;
+use warnings;
+
+sub find_port {
+    for (1 .. 500) {
+        for my $name (glob "/sys/class/virtio-ports/*/name") {
+            open(my $f, "<", $name) or next;
+            my $n = <$f> // "";
+            chomp $n;
+            return "/dev/$1" if $n eq "hearth.identity" && $name =~ m{/([^/]+)/name$} && -c "/dev/$1";
+        }
+        select(undef, undef, undef, 0.01);
+    }
+    die "hearth-await-restore: no port hearth.identity\n";
+}
+
+sub put {
+    my ($path, $text, $mode, $uid, $gid) = @_;
+    open(my $f, ">", "$path.new") or die "hearth-await-restore: $path: $!\n";
+    chmod $mode, "$path.new";
+    chown $uid, $gid, "$path.new" if defined $uid;
+    print $f $text;
+    close $f or die "hearth-await-restore: $path: $!\n";
+    rename "$path.new", $path or die "hearth-await-restore: $path: $!\n";
+}
+
+my $port = find_port();
+open(my $io, "+<", $port) or die "hearth-await-restore: $port: $!\n";
+select(undef, undef, undef, 0.05) until -s "/run/sshd.pid";
+syswrite($io, "ready\n");
+my $buffer = "";
+my (%id, @clock);
+LINE: while (1) {
+    while ($buffer !~ /\n/) {
+        my $n = sysread($io, $buffer, 65536, length $buffer);
+        # Nothing connected on the host's side: wait for the agent.
+        sleep 1 unless $n;
+    }
+    $buffer =~ s/^([^\n]*)\n//;
+    my ($key, @values) = split / /, $1;
+    next unless defined $key;
+    if ($key eq "end") { last LINE }
+    elsif ($key eq "clock") { @clock = @values }
+    elsif ($key ne "identify") { $id{$key} = pack("H*", $values[0] // "") }
+}
+syscall(227, 0, pack("q q", @clock)) if @clock == 2;
+if (open(my $r, ">", "/dev/urandom")) {
+    print $r $id{seed} // "";
+    close $r;
+    open($r, "<", "/dev/urandom") and ioctl($r, 0x5207, 0);
+}
+(my $name = $id{hostname} // "hearth") =~ s/\s+$//;
+if (open(my $h, ">", "/proc/sys/kernel/hostname")) {
+    print $h $name;
+    close $h;
+}
+put("/etc/hosts", "127.0.0.1 localhost\n127.0.1.1 $name\n", 0644);
+put("/etc/machine-id", $id{"machine-id"}, 0444) if $id{"machine-id"};
+if (my $mac = $id{mac}) {
+    $mac =~ s/\s+$//;
+    my ($nic) = grep { $_ ne "lo" } map { m{([^/]+)$} } glob "/sys/class/net/*";
+    # Announce the new address (a gratuitous ARP), or the host's side keeps sending to the
+    # snapshot's until the guest next asks for its gateway.
+    if ($nic && open(my $n, ">", "/proc/sys/net/ipv4/conf/$nic/arp_notify")) {
+        print $n "1";
+        close $n;
+    }
+    socket(my $s, 2, 2, 0);
+    ioctl($s, 0x8924, pack("a16 S a14 x8", $nic, 1, pack("H12", join "", split /:/, $mac))) if $nic;
+}
+my (undef, undef, $uid, $gid) = getpwnam("dev");
+put("/home/dev/.ssh/authorized_keys", $id{authorized_keys} // "", 0600, $uid, $gid);
+if ($id{ssh_host_ed25519_key}) {
+    put("/etc/ssh/ssh_host_ed25519_key.pub", $id{"ssh_host_ed25519_key.pub"} // "", 0644);
+    put("/etc/ssh/ssh_host_ed25519_key", $id{ssh_host_ed25519_key}, 0600);
+}
+# The config drive is now this VM's: show it, not the snapshot's.
+# (syscall wants writable strings, not literals.)
+my ($drive, $mountpoint, $type) = ("/dev/vdb", "/run/hearth", "ext4");
+syscall(166, $mountpoint, 0);
+if (open(my $d, "<", $drive)) { ioctl($d, 0x1261, 0); close $d }
+syscall(165, $drive, $mountpoint, $type, 1, 0);
+syswrite($io, "identified\n");
 "#;
 
 /// Identifies this recipe; an image directory with the same one needs no rebuild.
@@ -100,6 +216,7 @@ pub fn recipe_hash() -> String {
         &MODULES.join(","),
         PROBE,
         VM_INIT,
+        AWAIT_RESTORE,
         SSHD_CONFIG,
         SUDOERS,
     ] {
@@ -274,6 +391,22 @@ pub fn build(out: &Path, work: &Path, step: &mut dyn FnMut(&str)) -> Result<VmIm
         }
     }
     write(&root.join("sbin/hearth-init"), VM_INIT.as_bytes(), 0o755)?;
+    write(
+        &root.join("usr/sbin/hearth-await-restore"),
+        AWAIT_RESTORE.as_bytes(),
+        0o755,
+    )?;
+    // pam_motd runs programs at every SSH session: about 0.3 s of each first command
+    // under software emulation, for a banner nobody reads (sshd prints no motd here).
+    let pam_sshd = root.join("etc/pam.d/sshd");
+    let pam = std::fs::read_to_string(&pam_sshd)
+        .map_err(|e| ImageError::Failed(format!("read etc/pam.d/sshd: {e}")))?;
+    let pam: String = pam
+        .lines()
+        .filter(|l| !l.contains("pam_motd.so"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    write(&pam_sshd, pam.as_bytes(), 0o644)?;
     write(
         &root.join("etc/ssh/sshd_config.d/hearth.conf"),
         SSHD_CONFIG.as_bytes(),

@@ -9,13 +9,14 @@
 //! - `initramfs.rs`: the cpio writer for that initramfs.
 //! - `qmp.rs`: a client of QEMU's machine protocol.
 //! - `vmm.rs`: the trait every VMM backend implements, and the VM records they share.
-//! - `qemu.rs`: the `qemu` backend.
+//! - `qemu.rs`: the `qemu` backend; `base_snapshot.rs`: the snapshots its new VMs restore.
 //! - `firecracker.rs`: the Firecracker API driver (tested against a spec-checking fake);
 //!   `firecracker_host.rs`: the `firecracker` backend (processes, tap devices, SSH forwarding).
 //! - `guard.rs`: QEMU as a user of its own, and a firewall that keeps VMs off this host.
 //! - `identity.rs`: the agent's certificate authority and the credential it accepts.
 //! - `server.rs`: its HTTPS API; `run.rs`: start-up, joining, serving.
 
+pub mod base_snapshot;
 pub mod firecracker;
 pub mod firecracker_host;
 pub mod guard;

@@ -5,6 +5,7 @@
 //! exists for this; it is small.
 
 use serde_json::{Value, json};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -79,6 +80,11 @@ impl Qmp {
             .write_all(text.as_bytes())
             .await
             .map_err(|e| QmpError::Io(e.to_string()))?;
+        self.answer(command).await
+    }
+
+    /// The answer to the command just sent, skipping events.
+    async fn answer(&mut self, command: &str) -> Result<Value, QmpError> {
         loop {
             let answer = self.line().await?;
             if answer.get("event").is_some() {
@@ -96,6 +102,47 @@ impl Qmp {
             }
             return Ok(answer.get("return").cloned().unwrap_or(Value::Null));
         }
+    }
+
+    /// Hands QEMU an open file under `name` (`getfd`), for a later `fd:<name>` migration:
+    /// the file is opened here, so QEMU needs no access to its path (it runs as a user of
+    /// its own, see `guard.rs`). The descriptor travels as `SCM_RIGHTS` with the command.
+    pub async fn send_fd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), QmpError> {
+        use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+        let mut text = json!({ "execute": "getfd", "arguments": { "fdname": name } }).to_string();
+        text.push('\n');
+        let socket = self.writer.as_ref();
+        let fds = [fd.as_raw_fd()];
+        loop {
+            socket
+                .writable()
+                .await
+                .map_err(|e| QmpError::Io(e.to_string()))?;
+            let sent = socket.try_io(tokio::io::Interest::WRITABLE, || {
+                sendmsg::<()>(
+                    socket.as_raw_fd(),
+                    &[std::io::IoSlice::new(text.as_bytes())],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::empty(),
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match sent {
+                // A command this short goes whole; anything less would split the command
+                // from its descriptor.
+                Ok(n) if n == text.len() => break,
+                Ok(n) => {
+                    return Err(QmpError::Io(format!(
+                        "getfd: sent {n} of {} bytes",
+                        text.len()
+                    )));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(QmpError::Io(e.to_string())),
+            }
+        }
+        self.answer("getfd").await.map(|_| ())
     }
 
     /// `running`, `paused`, `shutdown`, ... as QEMU says.

@@ -35,6 +35,8 @@ pub struct AgentConfig {
     pub capacity: wire::Capacity,
     /// `None`: decide by booting a probe under KVM.
     pub accel: Option<Accel>,
+    /// `qemu` backend: new VMs restore a base snapshot of their size (`base_snapshot.rs`).
+    pub base_snapshots: bool,
     /// For the first start: the control plane's URL and a join token.
     pub control_plane: Option<String>,
     pub join_token: Option<String>,
@@ -133,15 +135,18 @@ pub async fn run(
                     None
                 }
             };
-            Box::new(
-                QemuHost::new(
-                    config.state_dir.clone(),
-                    image,
-                    accel,
-                    &config.guest_address,
-                )?
-                .run_as(runas),
-            )
+            let host = QemuHost::new(
+                config.state_dir.clone(),
+                image,
+                accel,
+                &config.guest_address,
+            )?
+            .run_as(runas);
+            Box::new(if config.base_snapshots {
+                host.with_base_snapshots(&config.state_dir)?
+            } else {
+                host
+            })
         }
         Backend::Firecracker(fc) => {
             crate::guard::confine_taps()
@@ -223,7 +228,8 @@ async fn finish(
         guest_address: config.guest_address.clone(),
         joined,
     });
-    serve(listener, tls, router(agent), shutdown).await?;
+    serve(listener, tls, router(agent.clone()), shutdown).await?;
+    agent.vms.shutdown();
     tracing::info!("stopped; the VMs keep running");
     Ok(())
 }

@@ -66,6 +66,13 @@ pub struct VmRecord {
     /// The VM's network slot on this host (tap networking only): its tap device and /30.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub net_slot: Option<u16>,
+    /// The MAC address of its network card, chosen here (when the backend does not choose).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    /// The base snapshot it was restored from (`base_snapshot.rs`), whose disk its own is
+    /// layered on; `None` for a VM that booted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +105,8 @@ pub trait Vmm: Send + Sync {
     /// Every VM kept here, with its status: after an agent restart the ones still running
     /// are adopted as they are, the ones that died while it was down report `stopped`.
     async fn list(&self) -> Result<Vec<(VmRecord, VmStatus)>, VmmError>;
+    /// The agent is stopping: end background work that would outlive it (VMs keep running).
+    fn shutdown(&self) {}
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -115,6 +124,23 @@ pub(crate) fn run(cmd: &mut Command, what: &str) -> Result<(), VmmError> {
     hearth_provider::image::run(cmd, what)
         .map(|_| ())
         .map_err(|e| VmmError::Failed(e.to_string()))
+}
+
+/// `n` bytes from the kernel's generator, as hex.
+pub(crate) fn random_hex(n: usize) -> Result<String, VmmError> {
+    use std::io::Read;
+    let mut bytes = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(fail("read /dev/urandom"))?;
+    Ok(hex::encode(bytes))
+}
+
+/// A random MAC address, locally administered and unicast (`02:…`).
+pub(crate) fn random_mac() -> Result<String, VmmError> {
+    let hex = random_hex(5)?;
+    let octets: Vec<&str> = (0..5).map(|i| &hex[i * 2..i * 2 + 2]).collect();
+    Ok(format!("02:{}", octets.join(":")))
 }
 
 pub(crate) fn free_port(address: &str) -> Result<u16, VmmError> {
@@ -146,22 +172,94 @@ pub(crate) fn check_sizes(spec: &VmSpec) -> Result<(), VmmError> {
     Ok(())
 }
 
+pub(crate) fn write_record(dir: &Path, record: &VmRecord) -> Result<(), VmmError> {
+    let tmp = dir.join("record.json.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(record).expect("serializable"),
+    )
+    .map_err(fail("write the VM's record"))?;
+    std::fs::rename(&tmp, dir.join("record.json")).map_err(fail("write the VM's record"))
+}
+
+/// What the config drive tells a guest about who it is: its keys and hostname, a machine id,
+/// an SSH host key and a seed for its random generator (fresh for every VM, made here where
+/// it is quick, not in the guest), and its MAC address if chosen here.
+pub(crate) fn identity_files(
+    spec: &VmSpec,
+    mac: Option<&str>,
+) -> Result<Vec<(&'static str, String)>, VmmError> {
+    let mut files = vec![
+        (
+            "authorized_keys",
+            format!("{}\n", spec.authorized_keys.trim()),
+        ),
+        ("hostname", format!("{}\n", spec.hostname)),
+        ("machine-id", format!("{}\n", random_hex(16)?)),
+        ("seed", format!("{}\n", random_hex(64)?)),
+    ];
+    let host_key = hearth_guest::KeyPair::generate();
+    files.push(("ssh_host_ed25519_key", host_key.private_openssh));
+    files.push((
+        "ssh_host_ed25519_key.pub",
+        format!("{}\n", host_key.public_openssh),
+    ));
+    if let Some(mac) = mac {
+        files.push(("mac", format!("{mac}\n")));
+    }
+    Ok(files)
+}
+
+/// Writes `files` onto `<dir>/config.ext4`, the read-only second disk the guest's init reads.
+pub(crate) fn config_drive(dir: &Path, files: &[(&str, String)]) -> Result<(), VmmError> {
+    let config = dir.join("config");
+    std::fs::create_dir_all(&config).map_err(fail("create the config drive"))?;
+    for (file, text) in files {
+        use std::os::unix::fs::OpenOptionsExt;
+        // The drive's files keep these modes: secrets are for the guest's root only.
+        let mode = if matches!(*file, "seed" | "ssh_host_ed25519_key") {
+            0o600
+        } else {
+            0o644
+        };
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(config.join(file))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+            .map_err(fail("write the config drive"))?;
+    }
+    run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "hearth-config", "-d"])
+            .arg(&config)
+            .arg(dir.join("config.ext4"))
+            .arg("4M"),
+        "mkfs.ext4 (config drive)",
+    )?;
+    // The drive holds all of it; the seed should not also lie around in the clear.
+    std::fs::remove_dir_all(&config).map_err(fail("remove the config drive's files"))
+}
+
 /// The VM directories under `<state>/vms`.
 pub(crate) struct VmDirs {
     root: PathBuf,
 }
 
 impl VmDirs {
-    pub fn new(state: &Path) -> Result<VmDirs, VmmError> {
+    /// Opens `<state>/vms`. Creates that died half-way (with an agent before this one) left
+    /// a hidden directory: `leftover` is given each (to stop what the backend started from
+    /// it, such as a restore that never finished) before it is removed.
+    pub fn new(state: &Path, leftover: impl Fn(&Path)) -> Result<VmDirs, VmmError> {
         let root = state.join("vms");
         std::fs::create_dir_all(&root).map_err(fail("create the state directory"))?;
-        // Creates that died half-way (with an agent before this one): nothing was started
-        // from them.
         for entry in std::fs::read_dir(&root)
             .map_err(fail("read the state directory"))?
             .flatten()
         {
             if entry.file_name().to_string_lossy().starts_with('.') {
+                leftover(&entry.path());
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
@@ -190,55 +288,45 @@ impl VmDirs {
         }
     }
 
-    pub fn write_record(&self, dir: &Path, record: &VmRecord) -> Result<(), VmmError> {
-        let tmp = dir.join("record.json.tmp");
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec_pretty(record).expect("serializable"),
-        )
-        .map_err(fail("write the VM's record"))?;
-        std::fs::rename(&tmp, dir.join("record.json")).map_err(fail("write the VM's record"))
-    }
-
     /// Makes the VM's directory whole: `make_disk` writes the disk into the directory it is
-    /// given, the config drive gets the spec's keys and hostname plus `extra_config` files,
-    /// then the record, then the rename that commits it all.
+    /// given, the config drive gets the VM's identity plus `extra_config` files, then the
+    /// record, then the rename that commits it all.
     pub fn build(
         &self,
         record: &VmRecord,
         extra_config: &[(&str, String)],
         make_disk: impl FnOnce(&Path) -> Result<(), VmmError>,
     ) -> Result<(), VmmError> {
+        let mut files = identity_files(&record.spec, record.mac.as_deref())?;
+        files.extend(extra_config.iter().map(|(k, v)| (*k, format!("{v}\n"))));
+        let building = self.prepare(record, &files, make_disk)?;
+        self.commit(&building, &record.spec.name)
+    }
+
+    /// `build` without the commit, with the config drive's `files` given: the directory
+    /// stays hidden (a restore starts its VM there, and commits only once the VM has taken
+    /// its identity).
+    pub fn prepare(
+        &self,
+        record: &VmRecord,
+        files: &[(&str, String)],
+        make_disk: impl FnOnce(&Path) -> Result<(), VmmError>,
+    ) -> Result<PathBuf, VmmError> {
         let spec = &record.spec;
-        let dir = self.dir(&spec.name)?;
+        self.dir(&spec.name)?;
         let building = self.root.join(format!(".{}.new", spec.name));
         let _ = std::fs::remove_dir_all(&building);
-        std::fs::create_dir_all(building.join("config"))
-            .map_err(fail("create the VM's directory"))?;
+        std::fs::create_dir_all(&building).map_err(fail("create the VM's directory"))?;
         make_disk(&building)?;
-        let mut files = vec![
-            (
-                "authorized_keys",
-                format!("{}\n", spec.authorized_keys.trim()),
-            ),
-            ("hostname", format!("{}\n", spec.hostname)),
-        ];
-        files.extend(extra_config.iter().map(|(k, v)| (*k, format!("{v}\n"))));
-        for (file, text) in files {
-            std::fs::write(building.join("config").join(file), text)
-                .map_err(fail("write the config drive"))?;
-        }
-        run(
-            Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-L", "hearth-config", "-d"])
-                .arg(building.join("config"))
-                .arg(building.join("config.ext4"))
-                .arg("4M"),
-            "mkfs.ext4 (config drive)",
-        )?;
-        self.write_record(&building, record)?;
-        // The record appears whole or not at all.
-        std::fs::rename(&building, &dir).map_err(fail("commit the VM's directory"))
+        config_drive(&building, files)?;
+        write_record(&building, record)?;
+        Ok(building)
+    }
+
+    /// The rename that makes a prepared directory the VM's: its record appears whole or
+    /// not at all.
+    pub fn commit(&self, building: &Path, name: &str) -> Result<(), VmmError> {
+        std::fs::rename(building, self.dir(name)?).map_err(fail("commit the VM's directory"))
     }
 
     /// The names of the VMs kept here (not the hidden directories of creates under way).

@@ -197,6 +197,275 @@ async fn a_vm_boots_its_own_kernel_and_lives_its_whole_life() {
     host.destroy(&name).await.unwrap();
 }
 
+fn spec(name: &str, hostname: &str, keys: &KeyPair) -> VmSpec {
+    VmSpec {
+        name: name.into(),
+        environment_id: "test".into(),
+        hostname: hostname.into(),
+        vcpus: 1,
+        memory_mb: 512,
+        disk_gb: 3,
+        authorized_keys: keys.public_openssh.clone(),
+        labels: BTreeMap::new(),
+    }
+}
+
+fn target(name: &str, port: u16, keys: &KeyPair) -> Target {
+    Target {
+        environment_id: name.into(),
+        host: "127.0.0.1".into(),
+        port,
+        user: "dev".into(),
+        private_key_openssh: keys.private_openssh.clone(),
+        host_key: None,
+    }
+}
+
+/// What makes a guest itself: its hostname, MAC, machine id, SSH host key, and the first
+/// bytes its random generator gives.
+async fn identity(pool: &SshPool, target: &Target) -> [String; 5] {
+    let read = |code: &'static str| run(pool, target, code);
+    [
+        read("hostname").await,
+        read("cat /sys/class/net/eth0/address").await,
+        read("cat /etc/machine-id").await,
+        read("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub").await,
+        read("od -An -N16 -tx1 /dev/urandom | tr -d ' '").await,
+    ]
+}
+
+/// The `qemu` backend with base snapshots: the first VM of a size boots while the snapshot
+/// is built; the next ones restore it. Side by side, a cold-booted and two restored guests
+/// of one image: each has its own hostname, MAC, machine id, host key and random stream,
+/// the clock is right, only its own key logs in; a restored VM stopped and started boots
+/// from its own disk and keeps what it wrote; a restore killed half-way (the agent died)
+/// leaves no QEMU behind once an agent opens the state again, nor does a build.
+#[tokio::test]
+async fn restored_vms_take_their_own_identity() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("hearth_agent=info")
+        .with_test_writer()
+        .try_init();
+    let image = image();
+    assert!(image.mmio, "base snapshots need the microvm image");
+    let state = tempfile::tempdir().unwrap();
+    let open = || {
+        QemuHost::new(
+            state.path().to_path_buf(),
+            image.clone(),
+            Accel::Tcg,
+            "127.0.0.1",
+        )
+        .unwrap()
+        .with_base_snapshots(state.path())
+        .unwrap()
+    };
+    let host = open();
+    let base = host.base_snapshots().unwrap().clone();
+    let pool = SshPool::new();
+    let pid = std::process::id();
+
+    // The first VM of its size boots, and starts the base snapshot's build.
+    let cold_keys = KeyPair::generate();
+    let cold_name = format!("hearth-cold-{pid}");
+    let cold_spec = spec(&cold_name, "vm-cold", &cold_keys);
+    assert!(base.ready(&cold_spec).is_none());
+    let cold = host.create(&cold_spec).await.unwrap();
+    assert_eq!(cold.restored_from, None);
+    assert!(base.is_building());
+    let cold_target = target(&cold_name, cold.ssh_port, &cold_keys);
+    pool.wait_ready(&cold_target, Duration::from_secs(240))
+        .await
+        .expect("the cold VM's SSH answers");
+    let started = std::time::Instant::now();
+    while base.is_building() {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "the base snapshot took over 5 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let snapshot = base.ready(&cold_spec).expect("the base snapshot was built");
+    assert!(snapshot.memory().is_file() && snapshot.disk().is_file());
+    assert!(
+        !std::fs::read_dir(state.path().join("base-snapshots"))
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with('.')),
+        "the build left its working directory"
+    );
+    assert_eq!(
+        processes(&format!(
+            "hearth-base-{}",
+            snapshot.id.rsplit_once('-').unwrap().0
+        )),
+        0,
+        "the base VM still runs"
+    );
+
+    // Two VMs restore it, each taking the identity its config drive gives.
+    let mut restored = Vec::new();
+    for n in 0..2 {
+        let keys = KeyPair::generate();
+        let name = format!("hearth-restored-{n}-{pid}");
+        let record = host
+            .create(&spec(&name, &format!("vm-restored-{n}"), &keys))
+            .await
+            .unwrap();
+        assert_eq!(record.restored_from.as_deref(), Some(snapshot.id.as_str()));
+        let target = target(&name, record.ssh_port, &keys);
+        pool.wait_ready(&target, Duration::from_secs(60))
+            .await
+            .expect("the restored VM's SSH answers");
+        restored.push((name, record, keys, target));
+    }
+    let cold_identity = identity(&pool, &cold_target).await;
+    let identities = [
+        identity(&pool, &restored[0].3).await,
+        identity(&pool, &restored[1].3).await,
+    ];
+    assert_eq!(cold_identity[0], "vm-cold");
+    for (n, id) in identities.iter().enumerate() {
+        assert_eq!(id[0], format!("vm-restored-{n}"));
+        assert_eq!(
+            Some(&id[1]),
+            restored[n].1.mac.as_ref(),
+            "the MAC is the record's"
+        );
+        assert_eq!(id[2].len(), 32, "machine id {:?}", id[2]);
+        for field in 1..5 {
+            assert_ne!(
+                id[field], cold_identity[field],
+                "field {field} equals the cold VM's"
+            );
+        }
+    }
+    for field in 1..5 {
+        assert_ne!(
+            identities[0][field], identities[1][field],
+            "field {field} is shared by two restores of one snapshot"
+        );
+    }
+    // The restored guest's clock was set when it woke (it slept since the snapshot).
+    let guest_now: i64 = run(&pool, &restored[0].3, "date +%s")
+        .await
+        .parse()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(
+        (guest_now - now).abs() <= 5,
+        "guest {guest_now}, host {now}"
+    );
+    // Only its own key logs in: not the cold VM's, not another restore's.
+    let foreign = Target {
+        private_key_openssh: cold_keys.private_openssh.clone(),
+        environment_id: format!("{}-foreign", restored[0].0),
+        ..restored[0].3.clone()
+    };
+    assert!(pool.probe(&foreign, Duration::from_secs(10)).await.is_err());
+
+    // Stopped and started, a restored VM boots from its own disk: what it wrote and its
+    // host key stay.
+    let (name, _, _, target) = &restored[0];
+    run(&pool, target, "echo kept > ~/note && sync").await;
+    host.stop(name).await.unwrap();
+    host.start(name).await.unwrap();
+    pool.forget(name).await;
+    pool.wait_ready(target, Duration::from_secs(240))
+        .await
+        .expect("SSH answers after a start");
+    assert_eq!(run(&pool, target, "cat ~/note").await, "kept");
+    assert_eq!(identity(&pool, target).await[3], identities[0][3]);
+
+    // A restore killed half-way: its QEMU runs from a hidden directory when the agent dies.
+    let killed_name = format!("hearth-killed-{pid}");
+    let killed_spec = spec(&killed_name, "vm-killed", &KeyPair::generate());
+    let creating = {
+        let host = std::sync::Arc::new(open());
+        let spec = killed_spec.clone();
+        tokio::spawn(async move { host.create(&spec).await })
+    };
+    let started = std::time::Instant::now();
+    while processes(&killed_name) == 0 {
+        assert!(started.elapsed() < Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    creating.abort();
+    let _ = creating.await;
+    assert_eq!(processes(&killed_name), 1);
+    let reopened = open();
+    assert_eq!(
+        processes(&killed_name),
+        0,
+        "the half-made VM's QEMU outlived its agent"
+    );
+    assert!(
+        !state
+            .path()
+            .join("vms")
+            .join(format!(".{killed_name}.new"))
+            .exists()
+    );
+    assert_eq!(reopened.status(&killed_name).await.unwrap(), None);
+
+    // A build under way when the agent stops is abandoned with its QEMU.
+    let other_keys = KeyPair::generate();
+    let other = VmSpec {
+        memory_mb: 384,
+        ..spec(&format!("hearth-other-{pid}"), "vm-other", &other_keys)
+    };
+    reopened.create(&other).await.unwrap();
+    assert!(reopened.base_snapshots().unwrap().is_building());
+    let fingerprint = snapshot.id.split('-').nth(1).unwrap();
+    let base_vm = format!("hearth-base-1c384m3g-{fingerprint}");
+    let started = std::time::Instant::now();
+    while processes(&base_vm) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no build started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    reopened.shutdown();
+    assert_eq!(
+        processes(&base_vm),
+        0,
+        "the build's QEMU outlived the agent"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let leftovers: Vec<String> = std::fs::read_dir(state.path().join("base-snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // Destroying leaves no process; the snapshot stays for the next VMs.
+    for name in [
+        cold_name.as_str(),
+        restored[0].0.as_str(),
+        restored[1].0.as_str(),
+        other.name.as_str(),
+    ] {
+        pool.forget(name).await;
+        reopened.destroy(name).await.unwrap();
+        assert_eq!(processes(name), 0);
+    }
+    let again = open();
+    assert_eq!(
+        again
+            .base_snapshots()
+            .unwrap()
+            .ready(&cold_spec)
+            .map(|s| s.id),
+        Some(snapshot.id)
+    );
+}
+
 /// The accelerator is decided by a boot, not by `/dev/kvm`: the probe sees a guest that
 /// boots (TCG always works), so a `false` for KVM means KVM's guest did not come up.
 #[test]
@@ -208,4 +477,88 @@ fn the_probe_sees_a_guest_that_boots() {
     );
     let log = std::fs::read_to_string(work.path().join("tcg-probe.log")).unwrap();
     assert!(log.contains("Linux version"), "{log}");
+}
+
+/// BENCHMARKS.md "QEMU restore against cold boot": from `create` to the first command run
+/// over SSH, five VMs each way, interleaved, on one host whose base snapshot is built first.
+/// `cargo test -p hearth-agent --test qemu -- --ignored --nocapture benchmark`
+#[tokio::test]
+#[ignore = "a benchmark: about 2 minutes of software-emulated boots"]
+async fn benchmark_restore_against_cold_boot() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("hearth_agent=info")
+        .try_init();
+    let image = image();
+    let restoring_state = tempfile::tempdir().unwrap();
+    let booting_state = tempfile::tempdir().unwrap();
+    let restoring = QemuHost::new(
+        restoring_state.path().to_path_buf(),
+        image.clone(),
+        Accel::Tcg,
+        "127.0.0.1",
+    )
+    .unwrap()
+    .with_base_snapshots(restoring_state.path())
+    .unwrap();
+    let booting = QemuHost::new(
+        booting_state.path().to_path_buf(),
+        image.clone(),
+        Accel::Tcg,
+        "127.0.0.1",
+    )
+    .unwrap();
+    let pool = SshPool::new();
+    let pid = std::process::id();
+    let first = spec(
+        &format!("hearth-bench-first-{pid}"),
+        "first",
+        &KeyPair::generate(),
+    );
+    let started = std::time::Instant::now();
+    restoring.create(&first).await.unwrap();
+    while restoring.base_snapshots().unwrap().is_building() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let snapshot = restoring.base_snapshots().unwrap().ready(&first).unwrap();
+    println!(
+        "base snapshot: built in {:.1} s after the first create (its VM booted in {:.1} s), memory {} MB",
+        started.elapsed().as_secs_f64(),
+        snapshot.info.boot_ms as f64 / 1000.0,
+        snapshot.info.memory_bytes / 1_000_000
+    );
+    restoring.destroy(&first.name).await.unwrap();
+    let (mut cold, mut restored) = (Vec::new(), Vec::new());
+    for n in 0..5 {
+        for (host, times, kind) in [
+            (&booting, &mut cold, "cold"),
+            (&restoring, &mut restored, "restored"),
+        ] {
+            let keys = KeyPair::generate();
+            let name = format!("hearth-bench-{kind}-{n}-{pid}");
+            let started = std::time::Instant::now();
+            let record = host.create(&spec(&name, kind, &keys)).await.unwrap();
+            let created = started.elapsed().as_secs_f64();
+            assert_eq!(record.restored_from.is_some(), kind == "restored");
+            let target = target(&name, record.ssh_port, &keys);
+            // Ready means the guest ran `true` for the key just given.
+            pool.wait_ready(&target, Duration::from_secs(240))
+                .await
+                .unwrap();
+            times.push(started.elapsed().as_secs_f64());
+            println!(
+                "{kind}: created in {created:.2} s, first exec at {:.2} s",
+                started.elapsed().as_secs_f64()
+            );
+            pool.forget(&name).await;
+            host.destroy(&name).await.unwrap();
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (c, r) = (median(&mut cold), median(&mut restored));
+    println!("cold boot to first exec:   p50 {c:.2} s  all {cold:.2?}");
+    println!("restore to first exec:     p50 {r:.2} s  all {restored:.2?}");
+    println!("restore is {:.1} times faster", c / r);
 }
