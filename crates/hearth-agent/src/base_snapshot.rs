@@ -2,12 +2,14 @@
 //! it is, so that new VMs of that size restore it instead of booting (`qemu` backend, on
 //! the `microvm` machine).
 //!
-//! Under software emulation a boot to SSH takes about 8 s; a restore loads the saved memory
-//! (about 110 MB for a 512 MB guest) and resumes a guest whose sshd already runs. The
-//! restored guest then takes a fresh identity (`image::VM_INIT`): the agent gives it its own
-//! config drive (keys, hostname, MAC, machine id, a seed for its random generator) and says
-//! `identify <time>` on the virtio port `hearth.identity`; the guest sets its clock, applies
-//! the drive, makes a new SSH host key and restarts sshd before answering.
+//! Under software emulation a boot to the first command takes about 6 s; a restore loads
+//! the saved memory (about 100 MB for a 512 MB guest) and resumes a guest whose sshd
+//! already runs: about 1 s. The restored guest wakes up in `image::AWAIT_RESTORE`, started
+//! before the save, blocked on the virtio port `hearth.identity`; the agent sends it the
+//! VM's identity (the files of its config drive: keys, hostname, MAC, machine id, a seed
+//! for its random generator, an SSH host key made here) and the time, and waits for
+//! `identified`. The state and the disk are handed to QEMU as open descriptors, so a QEMU
+//! confined to its own user (`guard.rs`) needs no access to their paths.
 //!
 //! On disk, `<state>/base-snapshots/<key>-<made at ms>/` holds `disk.qcow2` (the base VM's
 //! disk when it was saved: never written again, the backing file of every VM restored from
@@ -354,7 +356,12 @@ impl BaseSnapshots {
         if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(VmmError::Failed("the agent is stopping".into()));
         }
-        self.launcher.launch(&record, dir, Boot::Cold).await?;
+        // Unconfined: when the state is saved QEMU reopens the disk read-only by its path,
+        // which its own user (`guard.rs`) cannot reach. The base VM runs only the image's
+        // init, with no key anyone holds, for the minute of the build.
+        let mut unconfined = (*self.launcher).clone();
+        unconfined.runas = None;
+        unconfined.launch(&record, dir, Boot::Cold).await?;
         let mut port = connect_identity_port(dir).await?;
         let said = read_line(&mut port, BOOT_TIMEOUT, "the base VM to boot").await?;
         if said != "ready" {

@@ -8,8 +8,11 @@
 //!   an agent reads back after a restart to adopt the VMs still running;
 //! - `disk.qcow2`: copy-on-write over the image's `rootfs.ext4`, with the VM's disk size as
 //!   its virtual size (the guest grows its file system to it at boot, and cannot exceed it);
-//! - `config.ext4`: the config drive (authorized key, hostname), read-only in the guest;
-//! - `qmp.sock`, `qemu.pid`, `console.log` (the serial console, for diagnosis).
+//! - `config.ext4`: the config drive (the VM's identity: keys, hostname, MAC, machine id,
+//!   host key, a random seed), read-only in the guest;
+//! - `qmp.sock`, `qemu.pid`, `console.log` (the serial console, for diagnosis), and
+//!   `identity.sock`, the host's end of the virtio port a restored guest is told its
+//!   identity on (`base_snapshot.rs`; every VM has the port, so every VM matches a snapshot).
 //!
 //! Network: QEMU user-mode networking with SSH forwarded from a port on the agent's guest
 //! address (127.0.0.1 unless configured). Each VM
@@ -27,8 +30,8 @@ use crate::image::VmImage;
 use crate::qmp::Qmp;
 pub use crate::vmm::{Accel, VmRecord, VmSpec, VmStatus, VmmError};
 use crate::vmm::{
-    VmDirs, Vmm, check_sizes, free_port, identity_files, now_ms, process_has_argument, random_mac,
-    run,
+    VmDirs, Vmm, check_sizes, fail, free_port, identity_files, now_ms, process_has_argument,
+    random_mac, run,
 };
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
@@ -67,7 +70,7 @@ pub struct Launcher {
     /// Where guests' SSH ports are forwarded from (127.0.0.1, or an address the nodes reach).
     guest_address: String,
     /// The user QEMU drops to once it has opened its files (`guard.rs`), if confined.
-    runas: Option<String>,
+    pub(crate) runas: Option<String>,
     /// The host's TSC rate, for guests that cannot calibrate theirs (see `kernel_args`).
     tsc_khz: Option<u64>,
 }
@@ -79,6 +82,52 @@ pub(crate) enum Boot<'a> {
     /// QEMU waits, paused, for a base snapshot's state (`-incoming defer`); the kernel
     /// arguments are the ones the snapshot booted with.
     Restore { kernel_args: &'a str },
+}
+
+/// The descriptors a restore's QEMU inherits for its disk (read-write, read-only), and the
+/// QEMU fd set they form.
+const DISK_FDS: [i32; 2] = [3, 4];
+const DISK_FDSET: u32 = 1;
+
+/// Opens `disk` read-write and read-only and has `command`'s process inherit the two as
+/// `DISK_FDS`: QEMU takes from the set whichever mode it needs, now or when it reopens.
+fn disk_descriptors(command: &mut Command, disk: &Path) -> Result<(), VmmError> {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    let open = |write: bool| -> Result<OwnedFd, VmmError> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(disk)
+            .map(OwnedFd::from)
+            .map_err(fail("open the VM's disk"))
+    };
+    let (read_write, read_only) = (open(true)?, open(false)?);
+    let sources = [read_write.as_raw_fd(), read_only.as_raw_fd()];
+    // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2) run; the
+    // descriptors stay open until the closure is dropped with the command.
+    unsafe {
+        command.pre_exec(move || {
+            let _keep = (&read_write, &read_only);
+            // Copied above the targets first, so a source that is itself 3 or 4 is not
+            // overwritten before it is moved; dup2 leaves the targets open across exec.
+            let mut high = [0; 2];
+            for (i, fd) in sources.iter().enumerate() {
+                high[i] = libc::fcntl(*fd, libc::F_DUPFD, 10);
+                if high[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, target) in DISK_FDS.iter().enumerate() {
+                if libc::dup2(high[i], *target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(high[i]);
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 /// Whether `pid` is a live QEMU process of VM `name` (not a recycled pid).
@@ -414,8 +463,12 @@ impl Launcher {
             for socket in ["qmp.sock", "identity.sock"] {
                 let _ = std::fs::remove_file(dir.join(socket));
             }
-            let out = Command::new(QEMU)
-                .args(self.arguments(&record, dir, &boot))
+            let mut command = Command::new(QEMU);
+            command.args(self.arguments(&record, dir, &boot));
+            if let Boot::Restore { .. } = boot {
+                disk_descriptors(&mut command, &dir.join("disk.qcow2"))?;
+            }
+            let out = command
                 .output()
                 .map_err(|e| VmmError::Failed(format!("cannot run {QEMU} ({e}); apt-get install qemu-system-x86 qemu-utils (in one command)")))?;
             if out.status.success() {
@@ -452,6 +505,12 @@ impl Launcher {
             .as_ref()
             .map(|m| format!(",mac={m}"))
             .unwrap_or_default();
+        // A restore's disk is handed over open (`disk_descriptors`): when the loaded VM
+        // resumes, QEMU reopens it for writing, and a confined QEMU could not by its path.
+        let disk = match boot {
+            Boot::Cold => path("disk.qcow2"),
+            Boot::Restore { .. } => format!("/dev/fdset/{DISK_FDSET}"),
+        };
         let mut args: Vec<String> = vec![
             "-name".into(),
             format!("{},process={}", s.name, s.name),
@@ -476,7 +535,7 @@ impl Launcher {
             "-append".into(),
             kernel_args,
             "-drive".into(),
-            format!("id=disk,file={},if=none,format=qcow2", path("disk.qcow2")),
+            format!("id=disk,file={disk},if=none,format=qcow2"),
             "-device".into(),
             format!("{},drive=disk", self.virtio("blk")),
             "-drive".into(),
@@ -518,6 +577,9 @@ impl Launcher {
         ]);
         if let Boot::Restore { .. } = boot {
             args.extend(["-incoming".to_string(), "defer".to_string()]);
+            for fd in DISK_FDS {
+                args.extend(["-add-fd".to_string(), format!("fd={fd},set={DISK_FDSET}")]);
+            }
         }
         if let Some(user) = &self.runas {
             args.extend(["-runas".to_string(), user.clone()]);

@@ -32,6 +32,9 @@ struct Agent {
     child: Option<Child>,
     dir: tempfile::TempDir,
     listen: String,
+    /// Off but in the test of base snapshots: a base VM's build is one more TCG guest
+    /// competing for the two cores with the VMs the other tests wait for.
+    base_snapshots: bool,
 }
 
 impl Drop for Agent {
@@ -82,6 +85,8 @@ impl Agent {
                 "8",
                 "--max-memory-mb",
                 "4096",
+                "--base-snapshots",
+                if self.base_snapshots { "on" } else { "off" },
             ])
             .args(["--control-plane", &server.base])
             .env("RUST_LOG", "info")
@@ -95,10 +100,15 @@ impl Agent {
     }
 
     fn start(server: &Server, token: &str) -> Agent {
+        Agent::start_with(server, token, false)
+    }
+
+    fn start_with(server: &Server, token: &str, base_snapshots: bool) -> Agent {
         let mut agent = Agent {
             child: None,
             dir: tempfile::tempdir().unwrap(),
             listen: format!("127.0.0.1:{}", free_port()),
+            base_snapshots,
         };
         agent.spawn(server, Some(token));
         agent
@@ -517,4 +527,90 @@ async fn a_killed_agent_is_noticed_and_its_vm_adopted() {
         .await;
     server.wait_env(&token, &id, "destroyed", UP).await;
     assert_eq!(qemu_of(&id), 0);
+}
+
+/// Through the control plane: the first environment of a size boots while the agent builds
+/// that size's base snapshot; the next one restores it (the agent says so), comes up
+/// running with its own hostname, machine id and host key, and runs commands; destroying
+/// both leaves no QEMU.
+#[tokio::test]
+async fn the_second_vm_of_a_size_restores_the_base_snapshot() {
+    let site = agent_site(Site::new(Db::Sqlite).await);
+    let server = site.start().await;
+    let t = join_token(&server, "vm-s").await;
+    let agent = Agent::start_with(&server, &t, true);
+    wait_health(&server, "vm-s", "healthy", &agent).await;
+    let token = server.user("restore@example.com", "pro").await;
+    let create = |name: &'static str| {
+        let (server, token) = (&server, &token);
+        async move {
+            let r = server
+                .call(
+                    "POST",
+                    "/v1/environments",
+                    Some(token),
+                    Some(json!({"name": name, "memoryMb": 512, "vcpus": 1, "diskGb": 2})),
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+            let id = r.body["id"].as_str().unwrap().to_string();
+            server.wait_env(token, &id, "running", UP).await;
+            id
+        }
+    };
+    let first = create("booted").await;
+    let started = Instant::now();
+    while !agent.log().contains("base snapshot ready") {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no base snapshot: {}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let second = create("restored").await;
+    let restored_line = agent
+        .log()
+        .lines()
+        .find(|l| l.contains("VM restored from its base snapshot") && l.contains(&second))
+        .map(str::to_string);
+    assert!(restored_line.is_some(), "{}", agent.log());
+    assert!(
+        !agent.log().contains(&format!("vm=hearth-{first} snapshot")),
+        "the first VM booted"
+    );
+    let identity = "hostname; cat /etc/machine-id; sudo -n cat /etc/ssh/ssh_host_ed25519_key.pub";
+    let (a, b) = (
+        exec(&server, &token, &first, identity).await,
+        exec(&server, &token, &second, identity).await,
+    );
+    let (a, b): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
+    let slug = server
+        .call(
+            "GET",
+            &format!("/v1/environments/{second}"),
+            Some(&token),
+            None,
+        )
+        .await
+        .body["slug"]
+        .as_str()
+        .unwrap()
+        .replace('_', "-");
+    assert_eq!(b[0], slug, "the restored VM's hostname");
+    for field in 0..3 {
+        assert_ne!(a[field], b[field], "line {field} of {a:?} and {b:?}");
+    }
+    for id in [&first, &second] {
+        server
+            .call(
+                "DELETE",
+                &format!("/v1/environments/{id}"),
+                Some(&token),
+                None,
+            )
+            .await;
+        server.wait_env(&token, id, "destroyed", UP).await;
+        assert_eq!(qemu_of(id), 0);
+    }
 }
