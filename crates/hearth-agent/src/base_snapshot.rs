@@ -23,7 +23,7 @@
 //! used again; an agent start removes builds that died half-way (stopping their QEMU) and
 //! snapshots that are refused, outdated or replaced once no VM's disk is layered on them.
 
-use crate::qemu::{Boot, Launcher, stop_qemu};
+use crate::qemu::{Launcher, stop_qemu};
 use crate::qmp::Qmp;
 use crate::vmm::{VmRecord, VmSpec, VmmError, config_drive, fail, free_port, now_ms};
 use serde::{Deserialize, Serialize};
@@ -85,17 +85,33 @@ pub struct BaseSnapshots {
     building: Mutex<Option<String>>,
     /// Keys whose build failed since this agent started: not tried again until a restart.
     failed: Mutex<HashSet<String>>,
-    /// The QEMU of the build under way, stopped when the agent stops.
+    /// The directory of the build under way, removed when the agent stops.
     build_dir: Mutex<Option<PathBuf>>,
+    /// The pid of the build's QEMU, this process's child (not reaped before the build
+    /// ends, so the pid cannot be another process's): killed when the agent stops.
+    build_pid: Mutex<Option<u32>>,
     /// Set when the agent stops: a build under way starts no QEMU after it.
     stopped: std::sync::atomic::AtomicBool,
 }
 
-/// A hash of what a snapshot depends on: the image (its recipe covers the guest's init), the
-/// kernel, the QEMU binary's version, the accelerator and the machine.
+/// A hash of what a snapshot depends on: the image (its recipe covers the guest's init, and
+/// its files as built), the kernel, the QEMU binary's version, the accelerator and the machine.
 pub fn fingerprint(launcher: &Launcher, qemu_version: &str) -> String {
     let image = &launcher.image;
     let mut hash = sha2::Sha256::new();
+    // The image's files as built (a rebuild with the same recipe has other blocks under
+    // the snapshot's disk): their size and modification time.
+    for file in [image.kernel(), image.initrd(), image.rootfs()] {
+        if let Ok(meta) = std::fs::metadata(&file) {
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            hash.update(format!("{}:{}:{modified}", file.display(), meta.len()).as_bytes());
+        }
+    }
     for part in [
         image.recipe.as_str(),
         image.kernel_version.as_str(),
@@ -140,6 +156,7 @@ impl BaseSnapshots {
             building: Mutex::new(None),
             failed: Mutex::new(HashSet::new()),
             build_dir: Mutex::new(None),
+            build_pid: Mutex::new(None),
             stopped: Default::default(),
         };
         let mut newest: std::collections::HashMap<String, String> = Default::default();
@@ -215,6 +232,14 @@ impl BaseSnapshots {
     /// next agent start once no VM is layered on it.
     pub fn refuse(&self, snapshot: &BaseSnapshot, reason: &str) {
         let _ = std::fs::write(snapshot.dir.join("refused"), reason);
+        // Not rebuilt until the agent restarts: a restore that fails once would likely fail
+        // again, and each build costs a VM's boot.
+        if let Some((key, _)) = snapshot.id.rsplit_once('-') {
+            self.failed
+                .lock()
+                .expect("not poisoned")
+                .insert(key.to_string());
+        }
     }
 
     fn usable_count(&self) -> usize {
@@ -276,11 +301,11 @@ impl BaseSnapshots {
     pub fn stop_build(&self) {
         self.stopped
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        if let (Some(dir), Some(key)) = (
-            self.build_dir.lock().expect("not poisoned").take(),
-            self.building.lock().expect("not poisoned").clone(),
-        ) {
-            crate::qemu::kill_qemu(&dir, &process_name(&key));
+        if let Some(pid) = *self.build_pid.lock().expect("not poisoned") {
+            // SAFETY: kill(2) on this process's unreaped child.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        if let Some(dir) = self.build_dir.lock().expect("not poisoned").take() {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
@@ -361,7 +386,24 @@ impl BaseSnapshots {
         // init, with no key anyone holds, for the minute of the build.
         let mut unconfined = (*self.launcher).clone();
         unconfined.runas = None;
-        unconfined.launch(&record, dir, Boot::Cold).await?;
+        let mut child = unconfined
+            .launch_attached(&record, dir, &self.build_pid)
+            .await?;
+        let saved = self.save(dir, name, started).await;
+        // Its QEMU is this process's child: reaped here, whatever happened.
+        let _ = child.kill();
+        let _ = child.wait();
+        *self.build_pid.lock().expect("not poisoned") = None;
+        saved
+    }
+
+    /// Waits for the base VM in `dir` to be ready, then saves it and stops it.
+    async fn save(
+        &self,
+        dir: &Path,
+        name: &str,
+        started: Instant,
+    ) -> Result<SnapshotInfo, VmmError> {
         let mut port = connect_identity_port(dir).await?;
         let said = read_line(&mut port, BOOT_TIMEOUT, "the base VM to boot").await?;
         if said != "ready" {
@@ -384,6 +426,8 @@ impl BaseSnapshots {
             .sync_all()
             .map_err(fail("write the snapshot's memory file"))?;
         drop(port);
+        // QEMU takes one QMP client at a time: this one goes before `quit` is sent.
+        drop(qmp);
         stop_qemu(dir, name).await;
         let info = SnapshotInfo {
             kernel_args: self.launcher.kernel_args(),
@@ -391,7 +435,7 @@ impl BaseSnapshots {
             made_at_ms: now_ms(),
             boot_ms,
         };
-        for leftover in ["qmp.sock", "identity.sock", "qemu.pid"] {
+        for leftover in ["qmp.sock", "identity.sock", "qemu.pid", "qemu.err"] {
             let _ = std::fs::remove_file(dir.join(leftover));
         }
         std::fs::write(

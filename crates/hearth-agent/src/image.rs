@@ -58,7 +58,10 @@ pub const PROBE: &str = "#!/bin/busybox sh\n/bin/busybox echo hearth-probe-ok > 
 /// identity, network, then sshd under tini (PID 1 must reap orphans).
 ///
 /// The identity (hostname, MAC, machine id, SSH host key, a seed for the kernel's random
-/// generator, the authorized keys) comes from the config drive, written by the agent. A
+/// generator, the authorized keys) comes from the config drive, written by the agent. The
+/// keys, host key and machine id are applied on the VM's first boot only (`/etc/hearth-machine`
+/// remembers whose they are): later boots keep what is on the disk, such as the keys a warm
+/// VM's claim put in place of its pool key. A
 /// base VM (its drive holds `base`) is booted once to be snapshotted (`base_snapshot.rs`):
 /// it also starts `AWAIT_RESTORE`, which every VM restored from the snapshot wakes up in.
 pub const VM_INIT: &str = r#"#!/bin/sh
@@ -86,13 +89,19 @@ name=$(cfg hostname hearth)
 hostname "$name"
 printf '127.0.0.1 localhost\n127.0.1.1 %s\n' "$name" > /etc/hosts
 [ -n "$nic" ] && [ -s /run/hearth/mac ] && ip link set dev "$nic" address "$(cfg mac)"
-[ -s /run/hearth/machine-id ] && cfg machine-id > /etc/machine-id
 [ -s /run/hearth/seed ] && cat /run/hearth/seed > /dev/urandom
 install -d -o dev -g dev -m 700 /home/dev/.ssh
-install -o dev -g dev -m 600 /run/hearth/authorized_keys /home/dev/.ssh/authorized_keys
-if [ -s /run/hearth/ssh_host_ed25519_key ]; then
-  install -m 600 /run/hearth/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key
-  install -m 644 /run/hearth/ssh_host_ed25519_key.pub /etc/ssh/ssh_host_ed25519_key.pub
+machine=$(cfg machine-id "")
+if [ -z "$machine" ] || [ "$(cat /etc/hearth-machine 2>/dev/null)" != "$machine" ]; then
+  install -o dev -g dev -m 600 /run/hearth/authorized_keys /home/dev/.ssh/authorized_keys
+  if [ -s /run/hearth/ssh_host_ed25519_key ]; then
+    install -m 600 /run/hearth/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key
+    install -m 644 /run/hearth/ssh_host_ed25519_key.pub /etc/ssh/ssh_host_ed25519_key.pub
+  fi
+  if [ -n "$machine" ]; then
+    echo "$machine" > /etc/machine-id
+    echo "$machine" > /etc/hearth-machine
+  fi
 fi
 [ -f /etc/ssh/ssh_host_ed25519_key ] || ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key
 ip link set lo up
@@ -178,7 +187,10 @@ if (open(my $h, ">", "/proc/sys/kernel/hostname")) {
     close $h;
 }
 put("/etc/hosts", "127.0.0.1 localhost\n127.0.1.1 $name\n", 0644);
-put("/etc/machine-id", $id{"machine-id"}, 0444) if $id{"machine-id"};
+if ($id{"machine-id"}) {
+    put("/etc/machine-id", $id{"machine-id"}, 0444);
+    put("/etc/hearth-machine", $id{"machine-id"}, 0644);
+}
 if (my $mac = $id{mac}) {
     $mac =~ s/\s+$//;
     my ($nic) = grep { $_ ne "lo" } map { m{([^/]+)$} } glob "/sys/class/net/*";

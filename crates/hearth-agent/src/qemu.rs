@@ -84,14 +84,13 @@ pub(crate) enum Boot<'a> {
     Restore { kernel_args: &'a str },
 }
 
-/// The descriptors a restore's QEMU inherits for its disk (read-write, read-only), and the
-/// QEMU fd set they form.
-const DISK_FDS: [i32; 2] = [3, 4];
+/// The QEMU fd set a restore's disk is handed over in.
 const DISK_FDSET: u32 = 1;
 
-/// Opens `disk` read-write and read-only and has `command`'s process inherit the two as
-/// `DISK_FDS`: QEMU takes from the set whichever mode it needs, now or when it reopens.
-fn disk_descriptors(command: &mut Command, disk: &Path) -> Result<(), VmmError> {
+/// Opens `disk` read-write and read-only and has `command`'s process inherit the two (their
+/// close-on-exec flag cleared in the child only); returns their numbers for `-add-fd`.
+/// QEMU takes from the set whichever mode it needs, now or when it reopens.
+fn disk_descriptors(command: &mut Command, disk: &Path) -> Result<[i32; 2], VmmError> {
     use std::os::fd::{AsRawFd, OwnedFd};
     use std::os::unix::process::CommandExt;
     let open = |write: bool| -> Result<OwnedFd, VmmError> {
@@ -103,31 +102,21 @@ fn disk_descriptors(command: &mut Command, disk: &Path) -> Result<(), VmmError> 
             .map_err(fail("open the VM's disk"))
     };
     let (read_write, read_only) = (open(true)?, open(false)?);
-    let sources = [read_write.as_raw_fd(), read_only.as_raw_fd()];
-    // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2) run; the
-    // descriptors stay open until the closure is dropped with the command.
+    let fds = [read_write.as_raw_fd(), read_only.as_raw_fd()];
+    // SAFETY: between fork and exec only fcntl runs (async-signal-safe); the descriptors
+    // stay open in the parent until the closure is dropped with the command.
     unsafe {
         command.pre_exec(move || {
             let _keep = (&read_write, &read_only);
-            // Copied above the targets first, so a source that is itself 3 or 4 is not
-            // overwritten before it is moved; dup2 leaves the targets open across exec.
-            let mut high = [0; 2];
-            for (i, fd) in sources.iter().enumerate() {
-                high[i] = libc::fcntl(*fd, libc::F_DUPFD, 10);
-                if high[i] < 0 {
+            for fd in fds {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-            }
-            for (i, target) in DISK_FDS.iter().enumerate() {
-                if libc::dup2(high[i], *target) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::close(high[i]);
             }
             Ok(())
         });
     }
-    Ok(())
+    Ok(fds)
 }
 
 /// Whether `pid` is a live QEMU process of VM `name` (not a recycled pid).
@@ -143,6 +132,22 @@ fn pid_in(dir: &Path, name: &str) -> Option<u32> {
         .parse()
         .ok()?;
     is_our_process(pid, name).then_some(pid)
+}
+
+/// A VM directory not committed yet: dropped armed, its QEMU is killed and it is removed.
+struct HalfMade {
+    dir: PathBuf,
+    name: String,
+    armed: bool,
+}
+
+impl Drop for HalfMade {
+    fn drop(&mut self) {
+        if self.armed {
+            kill_qemu(&self.dir, &self.name);
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
 }
 
 /// Kills the QEMU of `name` started from `dir`, if it runs (for half-made VMs: nothing in
@@ -360,6 +365,8 @@ impl QemuHost {
         let name = &record.spec.name;
         let started = Instant::now();
         let identity = identity_files(&record.spec, record.mac.as_deref())?;
+        // A restore of this name cut short before (its caller gave up) may have left a QEMU.
+        kill_qemu(&self.dirs.building_dir(name)?, name);
         let building = self.dirs.prepare(&record, &identity, |dir| {
             run(
                 Command::new("qemu-img")
@@ -370,6 +377,13 @@ impl QemuHost {
                 "qemu-img create",
             )
         })?;
+        // Whatever ends this restore early, an error or the caller giving up (a dropped
+        // future), stops its QEMU and removes its directory.
+        let mut guard = HalfMade {
+            dir: building.clone(),
+            name: name.clone(),
+            armed: true,
+        };
         let restored = async {
             let record = self
                 .launcher
@@ -395,17 +409,10 @@ impl QemuHost {
             Ok::<_, VmmError>(record)
         }
         .await;
-        match restored {
-            Ok(record) => {
-                self.dirs.commit(&building, name)?;
-                Ok(record)
-            }
-            Err(e) => {
-                kill_qemu(&building, name);
-                let _ = std::fs::remove_dir_all(&building);
-                Err(e)
-            }
-        }
+        let record = restored?;
+        self.dirs.commit(&building, name)?;
+        guard.armed = false;
+        Ok(record)
     }
 
     async fn qmp(&self, name: &str) -> Result<Qmp, VmmError> {
@@ -466,7 +473,9 @@ impl Launcher {
             let mut command = Command::new(QEMU);
             command.args(self.arguments(&record, dir, &boot));
             if let Boot::Restore { .. } = boot {
-                disk_descriptors(&mut command, &dir.join("disk.qcow2"))?;
+                for fd in disk_descriptors(&mut command, &dir.join("disk.qcow2"))? {
+                    command.args(["-add-fd", &format!("fd={fd},set={DISK_FDSET}")]);
+                }
             }
             let out = command
                 .output()
@@ -490,6 +499,81 @@ impl Launcher {
         }
         Err(VmmError::Failed(format!(
             "no free port for the SSH of {name}"
+        )))
+    }
+
+    /// Starts QEMU for `record` from `dir` as a child of the agent that dies with it
+    /// (`PR_SET_PDEATHSIG`), not detached: for a base snapshot's build, which must not
+    /// outlive the agent that would save it. Returns once QMP answers.
+    /// `spawned` gets each QEMU's pid as soon as it exists, so it can be killed while it
+    /// starts.
+    pub(crate) async fn launch_attached(
+        &self,
+        record: &VmRecord,
+        dir: &Path,
+        spawned: &std::sync::Mutex<Option<u32>>,
+    ) -> Result<std::process::Child, VmmError> {
+        use std::os::unix::process::CommandExt;
+        let mut record = record.clone();
+        for attempt in 0..5 {
+            let _ = std::fs::remove_file(dir.join("qmp.sock"));
+            let _ = std::fs::remove_file(dir.join("identity.sock"));
+            let errors =
+                std::fs::File::create(dir.join("qemu.err")).map_err(fail("create qemu.err"))?;
+            let mut args = self.arguments(&record, dir, &Boot::Cold);
+            args.retain(|a| a != "-daemonize");
+            let mut command = Command::new(QEMU);
+            command
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(errors);
+            // SAFETY: prctl is async-signal-safe; it only sets this process's parent-death
+            // signal. The thread that spawns is a runtime worker, alive as long as the agent.
+            unsafe {
+                command.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let mut child = command.spawn().map_err(|e| VmmError::Failed(format!("cannot run {QEMU} ({e}); apt-get install qemu-system-x86 qemu-utils (in one command)")))?;
+            *spawned.lock().expect("not poisoned") = Some(child.id());
+            let started = Instant::now();
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    // Reaped: its pid may be anyone's now.
+                    *spawned.lock().expect("not poisoned") = None;
+                    break;
+                }
+                if dir.join("qmp.sock").exists() {
+                    return Ok(child);
+                }
+                if started.elapsed() > Duration::from_secs(30) {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    *spawned.lock().expect("not poisoned") = None;
+                    return Err(VmmError::Failed(format!(
+                        "{QEMU} did not open its QMP socket within 30 s"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let stderr = std::fs::read_to_string(dir.join("qemu.err")).unwrap_or_default();
+            if stderr.contains("hostfwd") && attempt < 4 {
+                record.ssh_port = free_port(&self.guest_address)?;
+                continue;
+            }
+            return Err(VmmError::Failed(format!(
+                "{QEMU} failed to start {}: {}",
+                record.spec.name,
+                stderr.trim()
+            )));
+        }
+        Err(VmmError::Failed(format!(
+            "no free port for the SSH of {}",
+            record.spec.name
         )))
     }
 
@@ -577,9 +661,6 @@ impl Launcher {
         ]);
         if let Boot::Restore { .. } = boot {
             args.extend(["-incoming".to_string(), "defer".to_string()]);
-            for fd in DISK_FDS {
-                args.extend(["-add-fd".to_string(), format!("fd={fd},set={DISK_FDSET}")]);
-            }
         }
         if let Some(user) = &self.runas {
             args.extend(["-runas".to_string(), user.clone()]);

@@ -306,15 +306,19 @@ impl VmDirs {
     /// `build` without the commit, with the config drive's `files` given: the directory
     /// stays hidden (a restore starts its VM there, and commits only once the VM has taken
     /// its identity).
+    /// Where `prepare` builds the VM `name`.
+    pub fn building_dir(&self, name: &str) -> Result<PathBuf, VmmError> {
+        self.dir(name)?;
+        Ok(self.root.join(format!(".{name}.new")))
+    }
+
     pub fn prepare(
         &self,
         record: &VmRecord,
         files: &[(&str, String)],
         make_disk: impl FnOnce(&Path) -> Result<(), VmmError>,
     ) -> Result<PathBuf, VmmError> {
-        let spec = &record.spec;
-        self.dir(&spec.name)?;
-        let building = self.root.join(format!(".{}.new", spec.name));
+        let building = self.building_dir(&record.spec.name)?;
         let _ = std::fs::remove_dir_all(&building);
         std::fs::create_dir_all(&building).map_err(fail("create the VM's directory"))?;
         make_disk(&building)?;

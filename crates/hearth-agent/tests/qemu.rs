@@ -54,15 +54,48 @@ fn command_lines(name: &str) -> Vec<Vec<String>> {
     found
 }
 
+/// Kills, when dropped, every QEMU whose files are under its directory (the test's state):
+/// VMs outlive their host by design, and a failed test must leave none running.
+struct KillVmsUnder(std::path::PathBuf);
+
+impl Drop for KillVmsUnder {
+    fn drop(&mut self) {
+        let dir = self.0.display().to_string();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.starts_with(hearth_agent::qemu::QEMU) && cmdline.contains(&dir) {
+                if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
+                    // SAFETY: kill(2) on a QEMU running this test's files.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
+
 /// QEMU processes running VM `name`.
 fn processes(name: &str) -> usize {
     command_lines(name).len()
+}
+
+/// QEMU processes running VM `name` from files under `dir` (another test's agent may use
+/// the same base snapshot name).
+fn processes_under(name: &str, dir: &std::path::Path) -> usize {
+    let dir = dir.display().to_string();
+    command_lines(name)
+        .iter()
+        .filter(|args| args.iter().any(|a| a.contains(&dir)))
+        .count()
 }
 
 #[tokio::test]
 async fn a_vm_boots_its_own_kernel_and_lives_its_whole_life() {
     let image = image();
     let state = tempfile::tempdir().unwrap();
+    let _cleanup = KillVmsUnder(state.path().to_path_buf());
     let host = QemuHost::new(
         state.path().to_path_buf(),
         image.clone(),
@@ -249,6 +282,7 @@ async fn restored_vms_take_their_own_identity() {
     let image = image();
     assert!(image.mmio, "base snapshots need the microvm image");
     let state = tempfile::tempdir().unwrap();
+    let _cleanup = KillVmsUnder(state.path().to_path_buf());
     let open = || {
         QemuHost::new(
             state.path().to_path_buf(),
@@ -295,10 +329,10 @@ async fn restored_vms_take_their_own_identity() {
         "the build left its working directory"
     );
     assert_eq!(
-        processes(&format!(
-            "hearth-base-{}",
-            snapshot.id.rsplit_once('-').unwrap().0
-        )),
+        processes_under(
+            &format!("hearth-base-{}", snapshot.id.rsplit_once('-').unwrap().0),
+            state.path()
+        ),
         0,
         "the base VM still runs"
     );
@@ -380,22 +414,37 @@ async fn restored_vms_take_their_own_identity() {
     assert_eq!(run(&pool, target, "cat ~/note").await, "kept");
     assert_eq!(identity(&pool, target).await[3], identities[0][3]);
 
-    // A restore killed half-way: its QEMU runs from a hidden directory when the agent dies.
+    // Restores cut short once their QEMU runs. A caller that gives up (the create's future
+    // dropped) takes the QEMU and the directory with it; an agent that dies (no destructor
+    // runs: the future is forgotten) leaves both, and the next agent removes them.
     let killed_name = format!("hearth-killed-{pid}");
     let killed_spec = spec(&killed_name, "vm-killed", &KeyPair::generate());
-    let creating = {
-        let host = std::sync::Arc::new(open());
-        let spec = killed_spec.clone();
-        tokio::spawn(async move { host.create(&spec).await })
-    };
-    let started = std::time::Instant::now();
-    while processes(&killed_name) == 0 {
-        assert!(started.elapsed() < Duration::from_secs(30));
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    let hidden = state.path().join("vms").join(format!(".{killed_name}.new"));
+    for dies in [false, true] {
+        let host = open();
+        let mut creating = Box::pin(host.create(&killed_spec));
+        let started = std::time::Instant::now();
+        while processes(&killed_name) == 0 {
+            assert!(started.elapsed() < Duration::from_secs(30));
+            if let Ok(done) = tokio::time::timeout(Duration::from_millis(5), &mut creating).await {
+                panic!("the restore ended before it could be cut short: {done:?}");
+            }
+        }
+        if dies {
+            std::mem::forget(creating);
+            std::mem::forget(host);
+            assert_eq!(processes(&killed_name), 1);
+            assert!(hidden.exists());
+        } else {
+            drop(creating);
+            assert_eq!(
+                processes(&killed_name),
+                0,
+                "a dropped restore kept its QEMU"
+            );
+            assert!(!hidden.exists());
+        }
     }
-    creating.abort();
-    let _ = creating.await;
-    assert_eq!(processes(&killed_name), 1);
     let reopened = open();
     assert_eq!(
         processes(&killed_name),
@@ -422,7 +471,7 @@ async fn restored_vms_take_their_own_identity() {
     let fingerprint = snapshot.id.split('-').nth(1).unwrap();
     let base_vm = format!("hearth-base-1c384m3g-{fingerprint}");
     let started = std::time::Instant::now();
-    while processes(&base_vm) == 0 {
+    while processes_under(&base_vm, state.path()) == 0 {
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "no build started"
@@ -431,7 +480,7 @@ async fn restored_vms_take_their_own_identity() {
     }
     reopened.shutdown();
     assert_eq!(
-        processes(&base_vm),
+        processes_under(&base_vm, state.path()),
         0,
         "the build's QEMU outlived the agent"
     );
@@ -491,6 +540,10 @@ async fn benchmark_restore_against_cold_boot() {
     let image = image();
     let restoring_state = tempfile::tempdir().unwrap();
     let booting_state = tempfile::tempdir().unwrap();
+    let _cleanup = (
+        KillVmsUnder(restoring_state.path().to_path_buf()),
+        KillVmsUnder(booting_state.path().to_path_buf()),
+    );
     let restoring = QemuHost::new(
         restoring_state.path().to_path_buf(),
         image.clone(),

@@ -156,18 +156,12 @@ impl Store {
         }
         let host = self.host(host_id).await?;
         match host.kind {
-            HostKind::Docker | HostKind::Sim => {}
+            HostKind::Docker | HostKind::Sim | HostKind::Agent => {}
             HostKind::Ovh => {
                 return Err(StoreError::Conflict(
                     "OVH hosts have no warm pools: an idle cloud instance is billed by the hour"
                         .into(),
                 ));
-            }
-            kind => {
-                return Err(StoreError::Conflict(format!(
-                    "{kind} hosts have no warm pools yet: their VMs take their keys at every boot, so a claimed VM would \
-                     get its pool key back when restarted (snapshots for VM hosts are not built yet)"
-                )));
             }
         }
         if resources.vcpus > host.capacity.max_vcpus

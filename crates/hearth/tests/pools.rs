@@ -54,46 +54,6 @@ async fn wait_pool(server: &Server, ready: i64, timeout: Duration) -> Value {
     }
 }
 
-/// Real OpenSSH into an environment's guest with `key`; its output, or its error.
-async fn openssh(key: &Path, port: i64, command: &str) -> Result<String, String> {
-    let out = tokio::process::Command::new("ssh")
-        .arg("-i")
-        .arg(key)
-        .args(["-p", &port.to_string()])
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "ConnectTimeout=10",
-            "-o",
-            "LogLevel=ERROR",
-        ])
-        .arg("dev@127.0.0.1")
-        .arg(command)
-        .output()
-        .await
-        .expect("ssh (openssh-client)");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).to_string())
-    }
-}
-
-fn write_key(dir: &Path, name: &str, private_openssh: &str) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join(name);
-    std::fs::write(&path, private_openssh).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    path
-}
-
 /// Containers of this site's installation (labelled with its `HEARTH_INSTANCE`), by the
 /// environment id on their label.
 fn site_vms(site: &Site) -> Vec<String> {
