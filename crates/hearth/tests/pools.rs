@@ -8,7 +8,6 @@ use common::*;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::collections::{BTreeSet, HashSet};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 async fn first_host(server: &Server) -> String {
