@@ -236,7 +236,10 @@ async fn two_engines_two_nodes() {
             "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
         )
         .with_env("HEARTH_HOST_CHECK_INTERVAL_MS", "200")
-        .with_env("HEARTH_HOST_UNHEALTHY_AFTER_MS", "1500");
+        .with_env("HEARTH_HOST_UNHEALTHY_AFTER_MS", "1500")
+        // The second engine's containers share the 2 cores with the QEMU tests' guests: its
+        // sshd has taken over 30 s to answer in CI. This test is about placement, not speed.
+        .with_env("HEARTH_SSH_WAIT_SECONDS", "120");
     let a = site.start().await;
     let admin = a.admin_token.clone();
     let hosts = a
