@@ -159,7 +159,7 @@ impl BaseSnapshots {
             build_pid: Mutex::new(None),
             stopped: Default::default(),
         };
-        let mut newest: std::collections::HashMap<String, String> = Default::default();
+        let mut newest: std::collections::HashMap<String, (String, i64)> = Default::default();
         let mut kept = Vec::new();
         for entry in std::fs::read_dir(&snapshots.root)
             .map_err(fail("read the base snapshot directory"))?
@@ -175,19 +175,18 @@ impl BaseSnapshots {
             let usable = current
                 && entry.path().join("snapshot.json").is_file()
                 && !entry.path().join("refused").exists();
-            if usable {
-                let key = name.rsplit_once('-').map(|(k, _)| k.to_string());
-                if let Some(key) = key {
-                    let slot = newest.entry(key).or_insert_with(|| name.clone());
-                    if made_at(&name) > made_at(slot) {
-                        *slot = name.clone();
-                    }
+            if let (true, Some((key, made))) = (usable, split_id(&name)) {
+                let slot = newest
+                    .entry(key.to_string())
+                    .or_insert_with(|| (name.clone(), made));
+                if made > slot.1 {
+                    *slot = (name.clone(), made);
                 }
             }
             kept.push((name, usable));
         }
         for (name, usable) in kept {
-            let newest_of_key = newest.values().any(|n| *n == name);
+            let newest_of_key = newest.values().any(|(n, _)| *n == name);
             if !(usable && newest_of_key) && !in_use.contains(&name) {
                 tracing::info!(snapshot = %name, "removed a base snapshot no VM uses");
                 let _ = std::fs::remove_dir_all(snapshots.root.join(&name));
@@ -198,14 +197,13 @@ impl BaseSnapshots {
 
     /// The newest usable snapshot for `spec`'s sizes.
     pub fn ready(&self, spec: &VmSpec) -> Option<BaseSnapshot> {
-        let prefix = format!("{}-", key(&self.fingerprint, spec));
+        let wanted = key(&self.fingerprint, spec);
         let mut best: Option<BaseSnapshot> = None;
         for entry in std::fs::read_dir(&self.root).ok()?.flatten() {
             let id = entry.file_name().to_string_lossy().to_string();
-            let Some(made) = id.strip_prefix(&prefix) else {
-                continue;
-            };
-            if made.contains('-') || entry.path().join("refused").exists() {
+            if split_id(&id).is_none_or(|(key, _)| key != wanted)
+                || entry.path().join("refused").exists()
+            {
                 continue;
             }
             let Ok(text) = std::fs::read_to_string(entry.path().join("snapshot.json")) else {
@@ -234,7 +232,7 @@ impl BaseSnapshots {
         let _ = std::fs::write(snapshot.dir.join("refused"), reason);
         // Not rebuilt until the agent restarts: a restore that fails once would likely fail
         // again, and each build costs a VM's boot.
-        if let Some((key, _)) = snapshot.id.rsplit_once('-') {
+        if let Some((key, _)) = split_id(&snapshot.id) {
             self.failed
                 .lock()
                 .expect("not poisoned")
@@ -594,8 +592,8 @@ async fn read_line(
     }
 }
 
-fn made_at(id: &str) -> i64 {
-    id.rsplit_once('-')
-        .and_then(|(_, ms)| ms.parse().ok())
-        .unwrap_or(0)
+/// A snapshot's id, `<key>-<made at ms>`, split into its key and time.
+fn split_id(id: &str) -> Option<(&str, i64)> {
+    let (key, made) = id.rsplit_once('-')?;
+    Some((key, made.parse().ok()?))
 }
