@@ -367,6 +367,7 @@ impl BaseSnapshots {
                 hostname: "hearth-base".into(),
                 authorized_keys: String::new(),
                 labels: Default::default(),
+                snapshot: None,
                 ..spec.clone()
             },
             ssh_port: free_port(self.launcher.guest_address())?,

@@ -5,7 +5,8 @@
 //!   `vmlinuz` is unpacked once into `<state>/vmlinux-<kernel version>` (`vmlinux`).
 //! - Disk: Firecracker takes raw disks only: a copy of the image's `rootfs.ext4` (a reflink
 //!   where the file system has them, else a sparse copy) grown to the VM's size; the guest
-//!   grows its file system to it at boot and cannot exceed it.
+//!   grows its file system to it at boot and cannot exceed it. A user's snapshot is a
+//!   sparse copy of it, paused meanwhile (`snapshots.rs`); a VM made from one copies it.
 //! - Network: a tap device per VM (`hzfc<slot>`, a /30 out of 10.234.0.0/16: the host is
 //!   `.1`, the guest `.2`, told to it by the config drive), confined by `guard::confine_taps`
 //!   (no new connection to this host or between VMs, NAT to the outside). The guest's SSH is
@@ -25,6 +26,7 @@
 use crate::firecracker::{self, BootSpec, FcClient};
 use crate::guard::{TAP_PREFIX, VM_USER};
 use crate::image::VmImage;
+use crate::snapshots::{PAUSED_FOR_SNAPSHOT, Pausable, Snapshot, Snapshots};
 use crate::vmm::{
     Accel, VmDirs, VmRecord, VmSpec, VmStatus, Vmm, VmmError, check_sizes, fail, free_port, now_ms,
     process_has_argument, run,
@@ -63,7 +65,11 @@ pub struct FirecrackerHost {
     image: VmImage,
     config: FirecrackerConfig,
     guest_address: String,
-    lock: tokio::sync::Mutex<()>,
+    /// One change to a VM at a time; a snapshot holds it while it copies.
+    lock: Arc<tokio::sync::Mutex<()>>,
+    /// Users' snapshots of VM disks: whole sparse copies, so a VM made from one does not
+    /// depend on it.
+    snapshots: Arc<Snapshots>,
     /// The SSH forwarder of each VM this agent serves.
     forwarders: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
 }
@@ -216,11 +222,12 @@ impl FirecrackerHost {
             // A create that died half-way started nothing: Firecracker is started from a
             // committed directory only.
             dirs: VmDirs::new(&state, |_| {})?,
+            snapshots: Arc::new(Snapshots::open(&state, "disk.ext4")?),
             state,
             image,
             config,
             guest_address: guest_address.to_string(),
-            lock: tokio::sync::Mutex::new(()),
+            lock: Arc::new(tokio::sync::Mutex::new(())),
             forwarders: Mutex::new(HashMap::new()),
         })
     }
@@ -515,6 +522,39 @@ impl FirecrackerHost {
     }
 }
 
+/// A Firecracker VM as a snapshot pauses it (`PATCH /vm`); `None` when it does not run.
+struct FcPause {
+    client: Option<FcClient>,
+}
+
+#[async_trait]
+impl Pausable for FcPause {
+    async fn pause_if_running(&mut self) -> Result<bool, VmmError> {
+        let Some(client) = &self.client else {
+            return Ok(false);
+        };
+        let state = firecracker::state(client)
+            .await
+            .map_err(|e| VmmError::Failed(e.to_string()))?;
+        if state != "running" {
+            return Ok(false);
+        }
+        firecracker::pause(client)
+            .await
+            .map_err(|e| VmmError::Failed(e.to_string()))?;
+        Ok(true)
+    }
+
+    async fn resume(&mut self) -> Result<(), VmmError> {
+        match &self.client {
+            Some(client) => firecracker::resume(client)
+                .await
+                .map_err(|e| VmmError::Failed(e.to_string())),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The forwarders end with the host (its VMs do not).
 impl Drop for FirecrackerHost {
     fn drop(&mut self) {
@@ -545,6 +585,10 @@ impl Vmm for FirecrackerHost {
             Some(record) => record,
             None => {
                 check_sizes(spec)?;
+                let source = match &spec.snapshot {
+                    Some(id) => self.snapshots.disk(id, spec.disk_gb)?,
+                    None => self.image.rootfs(),
+                };
                 let slot = self.free_slot()?;
                 let (host, guest) = tap_addresses(slot);
                 let record = VmRecord {
@@ -568,7 +612,7 @@ impl Vmm for FirecrackerHost {
                         Command::new("cp")
                             .arg("--reflink=auto")
                             .arg("--sparse=always")
-                            .arg(self.image.rootfs())
+                            .arg(&source)
                             .arg(&disk),
                         "copy the root disk",
                     )?;
@@ -637,6 +681,76 @@ impl Vmm for FirecrackerHost {
             let _ = std::fs::remove_dir_all(self.config.chroot_base.join("firecracker").join(name));
         }
         self.dirs.remove(name)
+    }
+
+    async fn recover(&self) {
+        let Ok(names) = self.dirs.names() else {
+            return;
+        };
+        for name in names {
+            let Ok(marker) = self.dirs.dir(&name).map(|d| d.join(PAUSED_FOR_SNAPSHOT)) else {
+                continue;
+            };
+            if !marker.exists() {
+                continue;
+            }
+            if let Ok(client) = self.running_record(&name).await {
+                if let Err(e) = firecracker::resume(&client).await {
+                    tracing::warn!(vm = %name, error = %e, "could not resume a VM left paused by a snapshot");
+                    continue;
+                }
+                tracing::info!(vm = %name, "resumed a VM an agent killed mid-snapshot left paused");
+            }
+            let _ = std::fs::remove_file(marker);
+        }
+    }
+
+    async fn snapshot(&self, name: &str, id: &str) -> Result<Snapshot, VmmError> {
+        if let Some(found) = self.snapshots.find(id)? {
+            return Ok(found);
+        }
+        let record = self
+            .dirs
+            .record(name)?
+            .ok_or_else(|| VmmError::NotFound(name.into()))?;
+        let lock = self.lock.clone().lock_owned().await;
+        let dir = self.dirs.dir(name)?;
+        let disk = dir.join("disk.ext4");
+        let vm = FcPause {
+            client: self.pid(name).map(|_| self.client(name)).transpose()?,
+        };
+        let taking = crate::snapshots::take(
+            self.snapshots.clone(),
+            id.to_string(),
+            dir,
+            record.spec.disk_gb,
+            vm,
+            move |to| {
+                run(
+                    Command::new("cp")
+                        .arg("--reflink=auto")
+                        .arg("--sparse=always")
+                        .arg(&disk)
+                        .arg(to),
+                    "copy the disk",
+                )
+            },
+        );
+        tokio::spawn(async move {
+            let _lock = lock;
+            taking.await
+        })
+        .await
+        .map_err(|e| VmmError::Failed(format!("the snapshot failed: {e}")))?
+    }
+
+    fn snapshots(&self) -> Option<&Snapshots> {
+        Some(&self.snapshots)
+    }
+
+    /// A VM made from a snapshot has a copy of its disk: nothing holds a snapshot back.
+    async fn remove_snapshot(&self, id: &str) -> Result<bool, VmmError> {
+        self.snapshots.remove(id, &Default::default())
     }
 
     /// Adopts what still runs: its SSH forwarder starts again here.

@@ -10,6 +10,7 @@
 //! - `qmp.rs`: a client of QEMU's machine protocol.
 //! - `vmm.rs`: the trait every VMM backend implements, and the VM records they share.
 //! - `qemu.rs`: the `qemu` backend; `base_snapshot.rs`: the snapshots its new VMs restore.
+//! - `snapshots.rs`: users' snapshots of VM disks, and new VMs' disks made from them.
 //! - `firecracker.rs`: the Firecracker API driver (tested against a spec-checking fake);
 //!   `firecracker_host.rs`: the `firecracker` backend (processes, tap devices, SSH forwarding).
 //! - `guard.rs`: QEMU as a user of its own, and a firewall that keeps VMs off this host.
@@ -27,6 +28,7 @@ pub mod qemu;
 pub mod qmp;
 pub mod run;
 pub mod server;
+pub mod snapshots;
 pub mod vmm;
 
 /// Where `hearth image build --vm` puts the VM image, and where the agent looks for it.

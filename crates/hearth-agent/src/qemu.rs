@@ -6,8 +6,9 @@
 //! Each VM has a directory under the agent's state directory:
 //! - `record.json`: what was asked (sizes, SSH port, the accelerator) — the durable record
 //!   an agent reads back after a restart to adopt the VMs still running;
-//! - `disk.qcow2`: copy-on-write over the image's `rootfs.ext4`, with the VM's disk size as
-//!   its virtual size (the guest grows its file system to it at boot, and cannot exceed it);
+//! - `disk.qcow2`: copy-on-write over the image's `rootfs.ext4` (or a user snapshot's disk,
+//!   `snapshots.rs`), with the VM's disk size as its virtual size (the guest grows its file
+//!   system to it at boot, and cannot exceed it);
 //! - `config.ext4`: the config drive (the VM's identity: keys, hostname, MAC, machine id,
 //!   host key, a random seed), read-only in the guest;
 //! - `qmp.sock`, `qemu.pid`, `console.log` (the serial console, for diagnosis), and
@@ -28,6 +29,7 @@
 use crate::base_snapshot::{BaseSnapshot, BaseSnapshots, connect_identity_port, restore_into};
 use crate::image::VmImage;
 use crate::qmp::Qmp;
+use crate::snapshots::{PAUSED_FOR_SNAPSHOT, Pausable, Snapshot, Snapshots};
 pub use crate::vmm::{Accel, VmRecord, VmSpec, VmStatus, VmmError};
 use crate::vmm::{
     VmDirs, Vmm, check_sizes, fail, free_port, identity_files, now_ms, process_has_argument,
@@ -57,7 +59,10 @@ pub struct QemuHost {
     dirs: VmDirs,
     launcher: Arc<Launcher>,
     /// Serializes changes to one VM at a time on this host (creates race on ports and names).
-    lock: tokio::sync::Mutex<()>,
+    /// A snapshot holds it while it copies, so no VM starts or stops under a copy.
+    lock: Arc<tokio::sync::Mutex<()>>,
+    /// Users' snapshots of VM disks.
+    snapshots: Arc<Snapshots>,
     /// Base snapshots new VMs restore, when enabled (`with_base_snapshots`).
     base: Option<Arc<BaseSnapshots>>,
 }
@@ -82,6 +87,36 @@ pub(crate) enum Boot<'a> {
     /// QEMU waits, paused, for a base snapshot's state (`-incoming defer`); the kernel
     /// arguments are the ones the snapshot booted with.
     Restore { kernel_args: &'a str },
+}
+
+/// A QEMU VM as a snapshot pauses it: QMP `stop` (QEMU flushes its caches to the disk
+/// file when it pauses) and `cont`.
+struct QmpPause {
+    dir: PathBuf,
+    name: String,
+}
+
+#[async_trait]
+impl Pausable for QmpPause {
+    async fn pause_if_running(&mut self) -> Result<bool, VmmError> {
+        if pid_in(&self.dir, &self.name).is_none() {
+            return Ok(false);
+        }
+        let mut qmp = Qmp::connect(&self.dir.join("qmp.sock")).await?;
+        if qmp.status().await? != "running" {
+            return Ok(false);
+        }
+        qmp.execute("stop", None).await?;
+        Ok(true)
+    }
+
+    async fn resume(&mut self) -> Result<(), VmmError> {
+        Qmp::connect(&self.dir.join("qmp.sock"))
+            .await?
+            .execute("cont", None)
+            .await?;
+        Ok(())
+    }
 }
 
 /// The QEMU fd set a restore's disk is handed over in.
@@ -237,8 +272,11 @@ impl QemuHost {
                 kill_qemu(leftover, name);
             }
         })?;
+        let snapshots = Snapshots::open(&dir, "disk.qcow2")?;
+        snapshots.sweep(&dirs.snapshots_in_use()?);
         Ok(QemuHost {
             dirs,
+            snapshots: Arc::new(snapshots),
             launcher: Arc::new(Launcher {
                 image,
                 accel,
@@ -246,7 +284,7 @@ impl QemuHost {
                 runas: None,
                 tsc_khz: mmio.then(host_tsc_khz).flatten(),
             }),
-            lock: tokio::sync::Mutex::new(()),
+            lock: Arc::new(tokio::sync::Mutex::new(())),
             base: None,
         })
     }
@@ -308,6 +346,10 @@ impl QemuHost {
                 .await;
         }
         check_sizes(spec)?;
+        let from_snapshot = match &spec.snapshot {
+            Some(id) => Some(self.snapshots.disk(id, spec.disk_gb)?),
+            None => None,
+        };
         let record = VmRecord {
             spec: spec.clone(),
             ssh_port: free_port(&self.launcher.guest_address)?,
@@ -317,7 +359,7 @@ impl QemuHost {
             mac: Some(random_mac()?),
             restored_from: None,
         };
-        if let Some(base) = &self.base {
+        if let Some(base) = self.base.as_ref().filter(|_| from_snapshot.is_none()) {
             match base.ready(spec) {
                 Some(snapshot) => match self.restore(&record, &snapshot).await {
                     Ok(record) => return Ok(record),
@@ -330,10 +372,16 @@ impl QemuHost {
             }
         }
         self.dirs.build(&record, &[], |dir| {
+            let mut create = Command::new("qemu-img");
+            create.args(["create", "-q", "-f", "qcow2"]);
+            match &from_snapshot {
+                Some(disk) => create.args(["-F", "qcow2", "-b"]).arg(disk),
+                None => create
+                    .args(["-F", "raw", "-b"])
+                    .arg(self.launcher.image.rootfs()),
+            };
             run(
-                Command::new("qemu-img")
-                    .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-                    .arg(self.launcher.image.rootfs())
+                create
                     .arg(dir.join("disk.qcow2"))
                     .arg(format!("{}G", spec.disk_gb)),
                 "qemu-img create",
@@ -760,7 +808,9 @@ impl Vmm for QemuHost {
         let _guard = self.lock.lock().await;
         self.vm_dir(name)?;
         self.power_off(name).await?;
-        self.dirs.remove(name)
+        self.dirs.remove(name)?;
+        self.snapshots.sweep(&self.dirs.snapshots_in_use()?);
+        Ok(())
     }
 
     async fn list(&self) -> Result<Vec<(VmRecord, VmStatus)>, VmmError> {
@@ -773,6 +823,84 @@ impl Vmm for QemuHost {
             }
         }
         Ok(out)
+    }
+
+    async fn recover(&self) {
+        let Ok(names) = self.dirs.names() else {
+            return;
+        };
+        for name in names {
+            let Ok(dir) = self.vm_dir(&name) else {
+                continue;
+            };
+            if !dir.join(PAUSED_FOR_SNAPSHOT).exists() {
+                continue;
+            }
+            if self.pid(&name).is_some() {
+                match self.qmp_running(&name, "cont").await {
+                    Ok(()) => {
+                        tracing::info!(vm = %name, "resumed a VM an agent killed mid-snapshot left paused")
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %name, error = %e, "could not resume a VM left paused by a snapshot");
+                        continue;
+                    }
+                }
+            }
+            let _ = std::fs::remove_file(dir.join(PAUSED_FOR_SNAPSHOT));
+        }
+    }
+
+    async fn snapshot(&self, name: &str, id: &str) -> Result<Snapshot, VmmError> {
+        if let Some(found) = self.snapshots.find(id)? {
+            return Ok(found);
+        }
+        let record = self
+            .dirs
+            .record(name)?
+            .ok_or_else(|| VmmError::NotFound(name.into()))?;
+        // No VM starts or stops under the copy; the task holds the lock to its end.
+        let lock = self.lock.clone().lock_owned().await;
+        let dir = self.vm_dir(name)?;
+        let disk = dir.join("disk.qcow2");
+        let vm = QmpPause {
+            dir: dir.clone(),
+            name: name.to_string(),
+        };
+        let taking = crate::snapshots::take(
+            self.snapshots.clone(),
+            id.to_string(),
+            dir,
+            record.spec.disk_gb,
+            vm,
+            move |to| {
+                // The VM's QEMU holds the disk's lock (paused or not): `-U` reads beside it.
+                // The copy folds the backing chain in: it depends on nothing else here.
+                run(
+                    Command::new("qemu-img")
+                        .args(["convert", "-U", "-O", "qcow2"])
+                        .arg(&disk)
+                        .arg(to),
+                    "qemu-img convert",
+                )
+            },
+        );
+        tokio::spawn(async move {
+            let _lock = lock;
+            taking.await
+        })
+        .await
+        .map_err(|e| VmmError::Failed(format!("the snapshot failed: {e}")))?
+    }
+
+    fn snapshots(&self) -> Option<&Snapshots> {
+        Some(&self.snapshots)
+    }
+
+    async fn remove_snapshot(&self, id: &str) -> Result<bool, VmmError> {
+        // Not under a create that is layering a disk on it.
+        let _guard = self.lock.lock().await;
+        self.snapshots.remove(id, &self.dirs.snapshots_in_use()?)
     }
 
     /// A base snapshot being built is abandoned with its QEMU (the next create that needs

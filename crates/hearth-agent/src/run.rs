@@ -163,6 +163,7 @@ pub async fn run(
         }
     };
     let accel = vms.accel();
+    vms.recover().await;
     let adopted = vms.list().await?;
     let running = adopted
         .iter()

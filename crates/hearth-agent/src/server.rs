@@ -7,6 +7,9 @@
 //! - `GET /v1/vms`, `POST /v1/vms` (create and start, or find: never two VMs for a name),
 //!   `GET /v1/vms/{name}`, `POST /v1/vms/{name}/{start|stop|pause|resume}`,
 //!   `DELETE /v1/vms/{name}`.
+//! - `GET /v1/snapshots`, `POST /v1/snapshots` (save a VM's disk under the control plane's
+//!   id, or find the one saved before under it), `GET /v1/snapshots/{id}`,
+//!   `DELETE /v1/snapshots/{id}`.
 //! - `GET /metrics`: Prometheus text.
 
 use crate::identity::{self, Joined};
@@ -153,6 +156,7 @@ async fn create(
         disk_gb: body.disk_gb,
         authorized_keys: body.authorized_keys,
         labels: body.labels,
+        snapshot: body.snapshot,
     };
     let record = agent.vms.create(&spec).await?;
     Ok(Json(view(&agent, &record, VmStatus::Running)))
@@ -190,6 +194,43 @@ async fn destroy(
 ) -> Result<StatusCode, ApiError> {
     agent.vms.destroy(&name).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn take_snapshot(
+    State(agent): State<Shared>,
+    Json(body): Json<wire::TakeSnapshot>,
+) -> Result<Json<wire::Snapshot>, ApiError> {
+    Ok(Json(agent.vms.snapshot(&body.vm, &body.id).await?))
+}
+
+async fn list_snapshots(State(agent): State<Shared>) -> Result<Json<wire::Snapshots>, ApiError> {
+    let items = match agent.vms.snapshots() {
+        Some(snapshots) => snapshots.list()?,
+        None => Vec::new(),
+    };
+    Ok(Json(wire::Snapshots { items }))
+}
+
+async fn get_snapshot(
+    State(agent): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<wire::Snapshot>, ApiError> {
+    agent
+        .vms
+        .snapshots()
+        .map(|s| s.find(&id))
+        .transpose()?
+        .flatten()
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no snapshot {id}")))
+}
+
+async fn remove_snapshot(
+    State(agent): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<wire::SnapshotRemoved>, ApiError> {
+    let removed = agent.vms.remove_snapshot(&id).await?;
+    Ok(Json(wire::SnapshotRemoved { removed }))
 }
 
 async fn metrics(State(agent): State<Shared>) -> Result<impl IntoResponse, ApiError> {
@@ -251,6 +292,11 @@ pub fn router(agent: Shared) -> Router {
         .route("/v1/vms", get(list).post(create))
         .route("/v1/vms/{name}", get(get_vm).delete(destroy))
         .route("/v1/vms/{name}/{action}", post(act))
+        .route("/v1/snapshots", get(list_snapshots).post(take_snapshot))
+        .route(
+            "/v1/snapshots/{id}",
+            get(get_snapshot).delete(remove_snapshot),
+        )
         .route("/metrics", get(metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             agent.clone(),

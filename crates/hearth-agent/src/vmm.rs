@@ -8,9 +8,10 @@
 //! config drive `config.ext4` (authorized keys, hostname, and for tap networking the
 //! guest's address), the VM's disk and the backend's own files.
 
+use crate::snapshots::{Snapshot, Snapshots};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -53,6 +54,9 @@ pub struct VmSpec {
     pub authorized_keys: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The user snapshot (`snapshots.rs`) its disk is made from; `None`: the image's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
 }
 
 /// What the agent keeps of a VM, on disk.
@@ -107,6 +111,32 @@ pub trait Vmm: Send + Sync {
     async fn list(&self) -> Result<Vec<(VmRecord, VmStatus)>, VmmError>;
     /// The agent is stopping: end background work that would outlive it (VMs keep running).
     fn shutdown(&self) {}
+
+    /// At start, before anything else: undo what an agent killed mid-way left (a VM it
+    /// paused to copy its disk is resumed).
+    async fn recover(&self) {}
+
+    /// Saves VM `name`'s disk as snapshot `id` (a running VM is paused while it is copied),
+    /// or returns the one made before under that id.
+    async fn snapshot(&self, name: &str, id: &str) -> Result<Snapshot, VmmError> {
+        let _ = (name, id);
+        Err(VmmError::Failed(format!(
+            "the {} backend takes no snapshots yet",
+            self.backend()
+        )))
+    }
+
+    /// The snapshots kept here (none for a backend that takes none).
+    fn snapshots(&self) -> Option<&Snapshots> {
+        None
+    }
+
+    /// Deletes snapshot `id` (one that is absent counts as deleted); its file stays while
+    /// VMs layered on it do. Whether it is gone now.
+    async fn remove_snapshot(&self, id: &str) -> Result<bool, VmmError> {
+        let _ = id;
+        Ok(true)
+    }
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -347,6 +377,17 @@ impl VmDirs {
             }
         }
         Ok(names)
+    }
+
+    /// The user snapshots the VMs kept here were made from.
+    pub fn snapshots_in_use(&self) -> Result<HashSet<String>, VmmError> {
+        let mut in_use = HashSet::new();
+        for name in self.names()? {
+            if let Some(from) = self.record(&name)?.and_then(|r| r.spec.snapshot) {
+                in_use.insert(from);
+            }
+        }
+        Ok(in_use)
     }
 
     pub fn remove(&self, name: &str) -> Result<(), VmmError> {

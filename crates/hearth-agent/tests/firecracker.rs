@@ -468,6 +468,7 @@ async fn the_backend_runs_vm_processes_through_their_life() {
             "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKeyKeyKeyKeyKeyKeyKeyKeyKeyKeyKeyKeyKeyKeyK test"
                 .into(),
         labels: Default::default(),
+        snapshot: None,
     };
     let record = host.create(&spec).await.unwrap();
     let slot = record.net_slot.expect("a tap slot");
@@ -494,6 +495,50 @@ async fn the_backend_runs_vm_processes_through_their_life() {
     host.pause(&name).await.unwrap();
     assert_eq!(host.status(&name).await.unwrap(), Some(VmStatus::Paused));
     host.resume(&name).await.unwrap();
+
+    // A user's snapshot of the running VM: paused for the copy, running after; a VM made
+    // from it starts with what the disk held, and may not have a smaller disk.
+    let mark = b"hearth snapshot mark";
+    {
+        use std::os::unix::fs::FileExt;
+        let disk = std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("disk.ext4"))
+            .unwrap();
+        disk.write_all_at(mark, (2 << 30) - 4096).unwrap();
+    }
+    let snapshot = host.snapshot(&name, "snap-fc").await.unwrap();
+    assert_eq!(snapshot.disk_gb, 2);
+    assert!(snapshot.size_bytes > 0, "{snapshot:?}");
+    assert_eq!(host.status(&name).await.unwrap(), Some(VmStatus::Running));
+    assert!(!dir.join("paused-for-snapshot").exists());
+    let made = VmSpec {
+        name: format!("{name}-s"),
+        environment_id: "fc-s".into(),
+        snapshot: Some("snap-fc".into()),
+        ..spec.clone()
+    };
+    let smaller = host
+        .create(&VmSpec {
+            disk_gb: 1,
+            ..made.clone()
+        })
+        .await
+        .unwrap_err();
+    assert!(smaller.to_string().contains("at least"), "{smaller}");
+    host.create(&made).await.unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let copied =
+            std::fs::File::open(state.path().join("vms").join(&made.name).join("disk.ext4"))
+                .unwrap();
+        let mut read = vec![0u8; mark.len()];
+        copied.read_exact_at(&mut read, (2 << 30) - 4096).unwrap();
+        assert_eq!(read, mark);
+    }
+    host.destroy(&made.name).await.unwrap();
+    assert!(host.remove_snapshot("snap-fc").await.unwrap());
+    assert_eq!(host.snapshots().unwrap().find("snap-fc").unwrap(), None);
 
     // A new agent adopts the running VM: the same process, its SSH forwarded again.
     drop(host);
@@ -551,13 +596,14 @@ async fn the_backend_runs_vm_processes_through_their_life() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    // Both processes were driven as the spec says: two boots, pause and resume, one stop.
+    // Both processes were driven as the spec says: two boots, pause and resume (twice: the
+    // second for the snapshot), one stop.
     let violations = std::fs::read_to_string(dir.join("fc.violations")).unwrap_or_default();
     assert!(violations.is_empty(), "{violations}");
     let log = std::fs::read_to_string(dir.join("fc.log")).unwrap();
     assert_eq!(log.matches("PUT /logger").count(), 2, "{log}");
     assert_eq!(log.matches("PUT /actions").count(), 3, "{log}");
-    assert_eq!(log.matches("PATCH /vm").count(), 2, "{log}");
+    assert_eq!(log.matches("PATCH /vm").count(), 4, "{log}");
 
     host.destroy(&name).await.unwrap();
     assert!(!dir.exists() && !tap_exists(slot));

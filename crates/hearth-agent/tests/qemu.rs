@@ -114,6 +114,7 @@ async fn a_vm_boots_its_own_kernel_and_lives_its_whole_life() {
         disk_gb: 3,
         authorized_keys: keys.public_openssh.clone(),
         labels: BTreeMap::new(),
+        snapshot: None,
     };
     let record = host.create(&spec).await.unwrap();
     // An image with the MMIO transport boots on the microvm machine.
@@ -178,6 +179,16 @@ async fn a_vm_boots_its_own_kernel_and_lives_its_whole_life() {
     host.resume(&name).await.unwrap();
     assert_eq!(host.status(&name).await.unwrap(), Some(VmStatus::Running));
 
+    // An agent killed while a snapshot had the VM paused (its marker left behind): the
+    // next one resumes it.
+    host.pause(&name).await.unwrap();
+    let marker = state
+        .path()
+        .join("vms")
+        .join(&name)
+        .join("paused-for-snapshot");
+    std::fs::write(&marker, b"").unwrap();
+
     // A new agent on the same state adopts the running VM instead of starting another.
     let again = QemuHost::new(
         state.path().to_path_buf(),
@@ -186,6 +197,8 @@ async fn a_vm_boots_its_own_kernel_and_lives_its_whole_life() {
         "127.0.0.1",
     )
     .unwrap();
+    again.recover().await;
+    assert!(!marker.exists());
     let listed = again.list().await.unwrap();
     assert_eq!(listed, vec![(record.clone(), VmStatus::Running)]);
     assert_eq!(processes(&name), 1);
@@ -240,6 +253,7 @@ fn spec(name: &str, hostname: &str, keys: &KeyPair) -> VmSpec {
         disk_gb: 3,
         authorized_keys: keys.public_openssh.clone(),
         labels: BTreeMap::new(),
+        snapshot: None,
     }
 }
 
@@ -614,4 +628,116 @@ async fn benchmark_restore_against_cold_boot() {
     println!("cold boot to first exec:   p50 {c:.2} s  all {cold:.2?}");
     println!("restore to first exec:     p50 {r:.2} s  all {restored:.2?}");
     println!("restore is {:.1} times faster", c / r);
+}
+
+/// BENCHMARKS.md "QEMU: users' snapshots": a running VM whose disk holds 1 GB of random
+/// bytes beyond the image; the snapshot (pause, `qemu-img convert` of the whole chain,
+/// resume) against the same done by hand (QMP, `qemu-img`, fsync) in the same run; then a VM
+/// made from the snapshot, create to first command, against a cold boot from the image.
+/// `cargo test -p hearth-agent --test qemu -- --ignored --nocapture benchmark_snapshot`
+#[tokio::test]
+#[ignore = "a benchmark: writes 1 GB in a software-emulated guest"]
+async fn benchmark_snapshot_of_a_1gb_disk() {
+    let image = image();
+    let state = tempfile::tempdir().unwrap();
+    let _cleanup = KillVmsUnder(state.path().to_path_buf());
+    let host = QemuHost::new(
+        state.path().to_path_buf(),
+        image.clone(),
+        Accel::Tcg,
+        "127.0.0.1",
+    )
+    .unwrap();
+    let pool = SshPool::new();
+    let pid = std::process::id();
+    let keys = KeyPair::generate();
+    let name = format!("hearth-bench-source-{pid}");
+    let record = host.create(&spec(&name, "source", &keys)).await.unwrap();
+    let source = target(&name, record.ssh_port, &keys);
+    pool.wait_ready(&source, Duration::from_secs(240))
+        .await
+        .unwrap();
+    // Random bytes: nothing for qcow2 to leave out.
+    run(
+        &pool,
+        &source,
+        "head -c 1000000000 /dev/urandom > ~/blob && sync && echo written",
+    )
+    .await;
+    let disk = state.path().join("vms").join(&name).join("disk.qcow2");
+    let mut snapshot_ms = Vec::new();
+    let mut raw_ms = Vec::new();
+    // Interleaved, the raw copy first: each reads the disk as the other left the page cache.
+    // The raw copy pauses the VM too (a running TCG guest takes a core from the copy).
+    for n in 0..3 {
+        let out = state.path().join(format!("raw-{n}.qcow2"));
+        let started = std::time::Instant::now();
+        host.pause(&name).await.unwrap();
+        let status = std::process::Command::new("qemu-img")
+            .args(["convert", "-U", "-O", "qcow2"])
+            .arg(&disk)
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::File::open(&out).unwrap().sync_all().unwrap();
+        host.resume(&name).await.unwrap();
+        raw_ms.push(started.elapsed().as_millis() as u64);
+        println!(
+            "raw: pause, qemu-img convert, fsync, resume {n}: {} ms",
+            raw_ms[n]
+        );
+        std::fs::remove_file(&out).unwrap();
+        let started = std::time::Instant::now();
+        let made = host.snapshot(&name, &format!("bench-{n}")).await.unwrap();
+        snapshot_ms.push(started.elapsed().as_millis() as u64);
+        println!(
+            "snapshot {n}: {} ms, {} MB kept",
+            snapshot_ms[n],
+            made.size_bytes / 1_000_000
+        );
+    }
+    assert_eq!(run(&pool, &source, "echo alive").await, "alive");
+    let mut from_snapshot = Vec::new();
+    let mut cold = Vec::new();
+    for n in 0..3 {
+        for (kind, snapshot) in [("made", Some("bench-0".to_string())), ("cold", None)] {
+            let keys = KeyPair::generate();
+            let vm = format!("hearth-bench-{kind}-{n}-{pid}");
+            let started = std::time::Instant::now();
+            let spec = VmSpec {
+                snapshot,
+                ..spec(&vm, kind, &keys)
+            };
+            let record = host.create(&spec).await.unwrap();
+            let target = target(&vm, record.ssh_port, &keys);
+            pool.wait_ready(&target, Duration::from_secs(240))
+                .await
+                .unwrap();
+            let ms = started.elapsed().as_millis() as u64;
+            if kind == "made" {
+                assert_eq!(run(&pool, &target, "stat -c %s ~/blob").await, "1000000000");
+                from_snapshot.push(ms);
+            } else {
+                cold.push(ms);
+            }
+            println!("{kind} {n}: first exec at {ms} ms");
+            pool.forget(&vm).await;
+            host.destroy(&vm).await.unwrap();
+        }
+    }
+    let median = |v: &mut Vec<u64>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let (s, r) = (median(&mut snapshot_ms), median(&mut raw_ms));
+    let (m, c) = (median(&mut from_snapshot), median(&mut cold));
+    println!(
+        "snapshot p50 {s} ms, raw convert p50 {r} ms, ratio {:.2}",
+        s as f64 / r as f64
+    );
+    println!(
+        "from snapshot to first exec p50 {m} ms, cold boot p50 {c} ms, ratio {:.2}",
+        m as f64 / c as f64
+    );
 }

@@ -1,17 +1,21 @@
 //! Users' snapshots of their environments' disks, new environments made from them, and
 //! forks (a snapshot and a new environment from it, in one call).
 //!
-//! A snapshot is taken while the caller waits (a Docker commit: seconds per GB), recorded
+//! A snapshot is taken while the caller waits (a Docker commit, or on an agent host a copy
+//! of the VM's disk: seconds per GB), recorded
 //! first as `taking` under the tier's count, so the quota never misses one. A node that
 //! dies mid-take leaves the row to the reaper (`settle_snapshots`): the host has the image
 //! (the commit finished) and it becomes ready, or it has none and the row goes. Deleting
 //! marks the row first, removes the image, then the row; a failure in between is finished
 //! by the reaper too. Memory is not kept: an environment made from a snapshot boots anew,
 //! with an identity of its own (host key, authorized keys; see the guest's start-up).
+//!
+//! A running VM's guest keeps written data in its memory for a while: before its disk is
+//! copied, the guest is asked to `sync` (a container's writes are the host's already).
 
 use crate::App;
 use crate::error::{AppError, AppResult};
-use hearth_core::{EnvState, validate};
+use hearth_core::{EnvState, HostKind, validate};
 use hearth_provider::{ProviderError, VmRef};
 use hearth_store::{Environment, Snapshot, StoreError, User};
 use std::time::Duration;
@@ -19,6 +23,8 @@ use std::time::Duration;
 /// How long taking one snapshot may take (a commit of a large disk). The taker-lost time
 /// (`HEARTH_SNAPSHOT_TAKER_LOST_MS`, 15 minutes) must be longer.
 const TAKE_LIMIT: Duration = Duration::from_secs(600);
+/// How long a guest's `sync` before a snapshot may take.
+const SYNC_LIMIT: Duration = Duration::from_secs(60);
 
 impl App {
     /// Saves the disk of the caller's environment (running or stopped) as snapshot `name`.
@@ -57,6 +63,9 @@ impl App {
             name: hearth_provider::vm_name(&env.id),
             id: env.vm_id.clone(),
         };
+        if env.state == EnvState::Running && host.kind != HostKind::Docker {
+            self.sync_guest(&env).await;
+        }
         let taken =
             tokio::time::timeout(TAKE_LIMIT, provider.snapshot(&host_ref, &vm, &snapshot.id))
                 .await
@@ -106,6 +115,37 @@ impl App {
             )
             .await;
         Ok(snapshot)
+    }
+
+    /// Has the guest write what it holds in memory to its disk, so a copy of the disk has
+    /// it. A guest that does not answer is logged; its snapshot has what reached the disk.
+    async fn sync_guest(&self, env: &Environment) {
+        let request = hearth_guest::ExecRequest {
+            code: "sync".into(),
+            code_on_stdin: false,
+            working_dir: None,
+            env: Default::default(),
+            stdin: Vec::new(),
+            timeout: SYNC_LIMIT,
+            max_output: 4096,
+        };
+        let outcome = match self.target(env) {
+            Ok(target) => self
+                .ssh
+                .exec(&target, &request)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(out) if out.exit_code == Some(0) => {}
+            Ok(out) => {
+                tracing::warn!(environment = %env.id, exit = ?out.exit_code, timed_out = out.timed_out, "sync in the guest before its snapshot failed")
+            }
+            Err(e) => {
+                tracing::warn!(environment = %env.id, error = %e, "could not sync the guest before its snapshot")
+            }
+        }
     }
 
     /// The caller's snapshots, newest first.

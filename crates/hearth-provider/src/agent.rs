@@ -5,7 +5,9 @@
 //!
 //! `wire` holds the JSON both sides speak; the agent's server (`hearth-agent`) uses it too.
 
-use crate::{HostFacts, HostRef, Provider, ProviderError, VmInfo, VmRef, VmSpec, VmState};
+use crate::{
+    HostFacts, HostRef, Provider, ProviderError, SnapshotMade, VmInfo, VmRef, VmSpec, VmState,
+};
 use async_trait::async_trait;
 use hearth_core::HostKind;
 use std::collections::HashMap;
@@ -52,6 +54,42 @@ pub mod wire {
         pub authorized_keys: String,
         #[serde(default)]
         pub labels: BTreeMap<String, String>,
+        /// The snapshot (taken on this host) the VM's disk is made from; the image's if none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub snapshot: Option<String>,
+    }
+
+    /// `POST /v1/snapshots`: save VM `vm`'s disk as snapshot `id`.
+    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    pub struct TakeSnapshot {
+        pub vm: String,
+        pub id: String,
+    }
+
+    /// A snapshot an agent keeps.
+    #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Snapshot {
+        pub id: String,
+        /// The bytes its file takes on the host's disk.
+        pub size_bytes: i64,
+        /// The size of the disk it was taken of: a VM made from it needs at least this.
+        pub disk_gb: i64,
+    }
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Snapshots {
+        pub items: Vec<Snapshot>,
+    }
+
+    /// `DELETE /v1/snapshots/{id}`: whether its file is gone now (it stays while VMs made
+    /// from it do, and the agent no longer lists it).
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct SnapshotRemoved {
+        pub removed: bool,
     }
 
     #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -242,6 +280,26 @@ pub async fn healthz(endpoint: &str, ca_pem: &str) -> Result<(), String> {
     }
 }
 
+/// What a VM made from snapshot `id` is created from: the name the control plane records
+/// as the snapshot's image, the form a Docker snapshot's image has.
+fn snapshot_image(id: &str) -> String {
+    format!("{}:{id}", crate::docker::SNAPSHOT_REPOSITORY)
+}
+
+/// The snapshot an image name (`snapshot_image`) stands for; `None` for the host's image.
+fn snapshot_id(image: &str) -> Option<&str> {
+    image
+        .strip_prefix(crate::docker::SNAPSHOT_REPOSITORY)
+        .and_then(|rest| rest.strip_prefix(':'))
+}
+
+fn made(snapshot: wire::Snapshot) -> SnapshotMade {
+    SnapshotMade {
+        image: snapshot_image(&snapshot.id),
+        size_bytes: snapshot.size_bytes,
+    }
+}
+
 fn info(vm: wire::Vm) -> VmInfo {
     let state = match vm.state.as_str() {
         "running" => VmState::Running,
@@ -298,6 +356,7 @@ impl Provider for AgentProvider {
             disk_gb: spec.disk_gb,
             authorized_keys: spec.authorized_key.clone(),
             labels: spec.labels.clone(),
+            snapshot: snapshot_id(&spec.image).map(str::to_string),
         };
         let vm: wire::Vm = self
             .call(
@@ -374,5 +433,95 @@ impl Provider for AgentProvider {
                 ProviderError::Failed(format!("host {}: the agent lists no VMs", host.name))
             })?;
         Ok(vms.items.into_iter().map(info).collect())
+    }
+
+    /// The agent copies the VM's disk whole (a running VM paused meanwhile); memory is
+    /// not kept.
+    async fn snapshot(
+        &self,
+        host: &HostRef,
+        vm: &VmRef,
+        snapshot_id: &str,
+    ) -> Result<SnapshotMade, ProviderError> {
+        let body = wire::TakeSnapshot {
+            vm: vm.name.clone(),
+            id: snapshot_id.to_string(),
+        };
+        let taken: wire::Snapshot = self
+            .call(
+                host,
+                reqwest::Method::POST,
+                "/v1/snapshots",
+                Some(serde_json::to_value(body).expect("serializable")),
+            )
+            .await?
+            .ok_or_else(|| ProviderError::NotFound(vm.name.clone()))?;
+        Ok(made(taken))
+    }
+
+    async fn find_snapshot(
+        &self,
+        host: &HostRef,
+        snapshot_id: &str,
+    ) -> Result<Option<SnapshotMade>, ProviderError> {
+        let found: Option<wire::Snapshot> = self
+            .call(
+                host,
+                reqwest::Method::GET,
+                &format!("/v1/snapshots/{snapshot_id}"),
+                None,
+            )
+            .await?;
+        Ok(found.map(made))
+    }
+
+    /// An agent's snapshots are its only labelled images (`hearth.snapshot`), named by id.
+    async fn labelled_images(
+        &self,
+        host: &HostRef,
+        label: &str,
+    ) -> Result<Vec<(String, String)>, ProviderError> {
+        if label != crate::docker::LABEL_SNAPSHOT {
+            return Ok(Vec::new());
+        }
+        let kept: wire::Snapshots = self
+            .call(host, reqwest::Method::GET, "/v1/snapshots", None)
+            .await?
+            .ok_or_else(|| {
+                ProviderError::Failed(format!("host {}: the agent lists no snapshots", host.name))
+            })?;
+        Ok(kept
+            .items
+            .into_iter()
+            .map(|s| (s.id.clone(), s.id))
+            .collect())
+    }
+
+    /// Deletes the snapshot: the agent no longer offers it, and removes its file once no
+    /// VM is made from it (true when that happened now).
+    async fn remove_unused_image(
+        &self,
+        host: &HostRef,
+        image_id: &str,
+    ) -> Result<bool, ProviderError> {
+        let removed: Option<wire::SnapshotRemoved> = self
+            .call(
+                host,
+                reqwest::Method::DELETE,
+                &format!("/v1/snapshots/{image_id}"),
+                None,
+            )
+            .await?;
+        Ok(removed.is_none_or(|r| r.removed))
+    }
+
+    async fn remove_snapshot(
+        &self,
+        host: &HostRef,
+        snapshot_id: &str,
+    ) -> Result<(), ProviderError> {
+        self.remove_unused_image(host, snapshot_id)
+            .await
+            .map(|_| ())
     }
 }

@@ -636,3 +636,118 @@ async fn the_second_vm_of_a_size_restores_the_base_snapshot() {
         assert_eq!(qemu_of(id), 0);
     }
 }
+
+/// Users' snapshots on an agent host: the VM's disk copied whole while it runs (paused for
+/// the copy, resumed after), an environment made from it and a fork of the running source
+/// both have what was written (the guest synced first), each with an identity of its own;
+/// deleting the snapshot frees its place at once while the file stays for the VM made from
+/// it, and goes with that VM.
+#[tokio::test]
+async fn snapshots_and_forks_on_an_agent_host() {
+    let site = agent_site(Site::new(Db::Sqlite).await);
+    let server = site.start().await;
+    let t = join_token(&server, "vm-snap").await;
+    let agent = Agent::start(&server, &t);
+    wait_health(&server, "vm-snap", "healthy", &agent).await;
+    let token = server.user("vm-snap@example.com", "pro").await;
+    let shape = json!({"vcpus": 1, "memoryMb": 512, "diskGb": 2});
+    let create = |body: Value| {
+        let (server, token, agent) = (&server, &token, &agent);
+        async move {
+            let r = server
+                .call("POST", "/v1/environments", Some(token), Some(body))
+                .await;
+            assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+            let id = r.body["id"].as_str().unwrap().to_string();
+            wait_running_or_log(server, token, &id, agent).await;
+            id
+        }
+    };
+    let identity = "hostname; cut -d' ' -f2 /etc/ssh/ssh_host_ed25519_key.pub; cat /etc/machine-id; cat ~/.ssh/authorized_keys";
+    let mut body = shape.clone();
+    body["name"] = json!("source");
+    let a = create(body).await;
+    // Written just before: still in the guest's page cache when the snapshot is asked for.
+    exec(&server, &token, &a, "echo kept > ~/made-before").await;
+    let a_identity = exec(&server, &token, &a, identity).await;
+
+    let r = server
+        .call(
+            "POST",
+            &format!("/v1/environments/{a}/snapshots"),
+            Some(&token),
+            Some(json!({"name": "first"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(r.body["state"], "ready");
+    assert!(r.body["sizeBytes"].as_i64().unwrap() > 0, "{:?}", r.body);
+    let snapshot_id = r.body["id"].as_str().unwrap().to_string();
+    assert!(agent.log().contains("snapshot taken"), "{}", agent.log());
+    // The source was paused for the copy and runs again.
+    assert_eq!(exec(&server, &token, &a, "cat ~/made-before").await, "kept");
+
+    let mut body = shape.clone();
+    body["name"] = json!("from snapshot");
+    body["snapshot"] = json!("first");
+    let b = create(body).await;
+    assert_eq!(exec(&server, &token, &b, "cat ~/made-before").await, "kept");
+    let b_identity = exec(&server, &token, &b, identity).await;
+    for (field, (x, y)) in a_identity.lines().zip(b_identity.lines()).enumerate() {
+        assert_ne!(
+            x, y,
+            "line {field} of the identities:\n{a_identity}\n{b_identity}"
+        );
+    }
+
+    // A fork of the running source has what it has now.
+    exec(&server, &token, &a, "echo later > ~/made-later").await;
+    let r = server
+        .call(
+            "POST",
+            &format!("/v1/environments/{a}/fork"),
+            Some(&token),
+            Some(json!({"name": "fork"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let fork = r.body["id"].as_str().unwrap().to_string();
+    wait_running_or_log(&server, &token, &fork, &agent).await;
+    assert_eq!(
+        exec(&server, &token, &fork, "cat ~/made-before ~/made-later").await,
+        "kept\nlater"
+    );
+
+    // Deleted while `b` is made from it: gone from the lists at once, its file kept for
+    // `b` (which still runs), and removed with `b`.
+    let r = server
+        .call("DELETE", "/v1/snapshots/first", Some(&token), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let listed = server
+        .call("GET", "/v1/snapshots", Some(&token), None)
+        .await
+        .body;
+    assert!(!listed.to_string().contains(&snapshot_id), "{listed}");
+    let file = agent
+        .dir
+        .path()
+        .join("state/snapshots")
+        .join(&snapshot_id)
+        .join("disk.qcow2");
+    assert!(file.is_file(), "kept while a VM uses it");
+    exec(&server, &token, &b, "sync").await;
+    for id in [&b, &fork, &a] {
+        server
+            .call(
+                "DELETE",
+                &format!("/v1/environments/{id}"),
+                Some(&token),
+                None,
+            )
+            .await;
+        server.wait_env(&token, id, "destroyed", UP).await;
+        assert_eq!(qemu_of(id), 0);
+    }
+    assert!(!file.exists(), "removed with the last VM made from it");
+}

@@ -1,0 +1,330 @@
+//! Users' snapshots of their VMs' disks (the control plane's
+//! `POST /v1/environments/{id}/snapshots`), kept under `<state>/snapshots/<id>/`, and the
+//! disks of new VMs made from them.
+//!
+//! A snapshot is the VM's disk copied whole into one file of the backend's format (QEMU:
+//! qcow2 with the whole backing chain folded in; Firecracker: a sparse raw copy), so it
+//! depends on nothing else here: not the image a later `hearth image build --vm` replaces,
+//! nor a base snapshot that gets outdated. It is written in a hidden directory and renamed
+//! into place, so it exists whole or not at all: a control plane whose call was cut short
+//! asks again (`find`), and an agent killed mid-copy leaves a hidden directory the next
+//! start removes.
+//!
+//! Memory is not kept: a VM made from a snapshot boots, and takes an identity of its own
+//! on that first boot (the image's init applies the config drive's keys, host key and
+//! machine id when the machine id differs from the one the disk remembers).
+//!
+//! A QEMU VM made from a snapshot has its disk layered on the snapshot's file. Deleting a
+//! snapshot such a VM still uses marks it `removed` (the control plane no longer sees it)
+//! and the file goes with the last VM that uses it (`sweep`).
+
+use crate::vmm::{VmmError, fail};
+use async_trait::async_trait;
+pub use hearth_provider::agent::wire::Snapshot;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// In a VM's directory while a snapshot has it paused: an agent killed meanwhile leaves it,
+/// and the next start resumes the VM (`Vmm::recover`).
+pub(crate) const PAUSED_FOR_SNAPSHOT: &str = "paused-for-snapshot";
+
+/// A VM as a snapshot sees it: paused for the copy when it runs, resumed after.
+#[async_trait]
+pub(crate) trait Pausable: Send + 'static {
+    /// Pauses the VM if it runs (the backend's caches written to the disk file); whether
+    /// it did.
+    async fn pause_if_running(&mut self) -> Result<bool, VmmError>;
+    async fn resume(&mut self) -> Result<(), VmmError>;
+}
+
+/// Copies the disk of the VM in `vm_dir` into snapshot `id` with `copy`, the VM paused
+/// meanwhile if it runs (a marker in its directory says so until it is resumed). Call it in
+/// a task of its own: a caller that gives up must not leave the VM paused.
+pub(crate) async fn take(
+    snapshots: Arc<Snapshots>,
+    id: String,
+    vm_dir: PathBuf,
+    disk_gb: i64,
+    mut vm: impl Pausable,
+    copy: impl FnOnce(&Path) -> Result<(), VmmError> + Send + 'static,
+) -> Result<Snapshot, VmmError> {
+    let started = Instant::now();
+    let marker = vm_dir.join(PAUSED_FOR_SNAPSHOT);
+    std::fs::write(&marker, b"").map_err(fail("mark the VM paused for a snapshot"))?;
+    let paused = match vm.pause_if_running().await {
+        Ok(paused) => paused,
+        Err(e) => {
+            let _ = std::fs::remove_file(&marker);
+            return Err(e);
+        }
+    };
+    let snapshot_id = id.clone();
+    let made = tokio::task::spawn_blocking(move || snapshots.make(&snapshot_id, disk_gb, copy))
+        .await
+        .map_err(|e| VmmError::Failed(format!("the snapshot's copy failed: {e}")))
+        .and_then(|made| made);
+    let resumed = if paused { vm.resume().await } else { Ok(()) };
+    match resumed {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&marker);
+        }
+        Err(e) => {
+            tracing::error!(dir = %vm_dir.display(), error = %e, "could not resume the VM after its snapshot; the next agent start tries again")
+        }
+    }
+    if let Ok(made) = &made {
+        tracing::info!(dir = %vm_dir.display(), snapshot = %id, bytes = made.size_bytes, paused, ms = started.elapsed().as_millis() as u64, "snapshot taken");
+    }
+    made
+}
+
+/// The snapshots under `<state>/snapshots`, each one disk file named `disk_file`.
+pub struct Snapshots {
+    root: PathBuf,
+    disk_file: &'static str,
+}
+
+/// The marker of a snapshot deleted while a VM still uses it.
+const REMOVED: &str = "removed";
+/// The file holding the size of the disk a snapshot was taken of.
+const DISK_GB: &str = "disk-gb";
+
+impl Snapshots {
+    /// Opens `<state>/snapshots`, removing the hidden directories of copies that an agent
+    /// before this one did not finish.
+    pub fn open(state: &Path, disk_file: &'static str) -> Result<Snapshots, VmmError> {
+        let root = state.join("snapshots");
+        std::fs::create_dir_all(&root).map_err(fail("create the snapshots' directory"))?;
+        for entry in std::fs::read_dir(&root)
+            .map_err(fail("read the snapshots' directory"))?
+            .flatten()
+        {
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                tracing::info!(dir = %entry.path().display(), "removing a snapshot whose copy was cut short");
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        Ok(Snapshots { root, disk_file })
+    }
+
+    /// The directory of snapshot `id`; ids are the control plane's (letters, digits, `_`, `-`).
+    fn dir(&self, id: &str) -> Result<PathBuf, VmmError> {
+        let well_formed = !id.is_empty()
+            && id.len() <= 64
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !well_formed {
+            return Err(VmmError::Failed(format!(
+                "snapshot id {id:?} must be letters, digits, '_' and '-' (at most 64)"
+            )));
+        }
+        Ok(self.root.join(id))
+    }
+
+    /// The disk file of snapshot `id`, for a new VM's disk of `disk_gb` to be made from;
+    /// an error that says why when there is no such snapshot (or it was deleted) or the
+    /// disk would be smaller than the one it was taken of.
+    pub fn disk(&self, id: &str, disk_gb: i64) -> Result<PathBuf, VmmError> {
+        match self.find(id)? {
+            Some(found) if found.disk_gb > disk_gb => Err(VmmError::Failed(format!(
+                "snapshot {id} is of a {} GB disk; a VM made from it needs at least that, not {disk_gb} GB",
+                found.disk_gb
+            ))),
+            Some(_) => Ok(self.dir(id)?.join(self.disk_file)),
+            None => Err(VmmError::Failed(format!(
+                "this host has no snapshot {id}; it was deleted or never finished"
+            ))),
+        }
+    }
+
+    /// Snapshot `id`, unless it is absent or deleted.
+    pub fn find(&self, id: &str) -> Result<Option<Snapshot>, VmmError> {
+        let dir = self.dir(id)?;
+        if dir.join(REMOVED).exists() {
+            return Ok(None);
+        }
+        let disk_gb = match std::fs::read_to_string(dir.join(DISK_GB)) {
+            Ok(text) => text.trim().parse::<i64>().map_err(|e| {
+                VmmError::Failed(format!("snapshot {id}: its {DISK_GB} is unreadable: {e}"))
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(VmmError::Failed(format!("read snapshot {id}: {e}"))),
+        };
+        let meta = std::fs::metadata(dir.join(self.disk_file))
+            .map_err(|e| VmmError::Failed(format!("read snapshot {id}: {e}")))?;
+        use std::os::unix::fs::MetadataExt;
+        Ok(Some(Snapshot {
+            id: id.to_string(),
+            size_bytes: (meta.blocks() * 512) as i64,
+            disk_gb,
+        }))
+    }
+
+    /// Every snapshot kept here and not deleted.
+    pub fn list(&self) -> Result<Vec<Snapshot>, VmmError> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.root).map_err(fail("read the snapshots' directory"))? {
+            let name = entry
+                .map_err(fail("read the snapshots' directory"))?
+                .file_name()
+                .to_string_lossy()
+                .to_string();
+            if name.starts_with('.') {
+                continue;
+            }
+            if let Some(found) = self.find(&name)? {
+                out.push(found);
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    /// Makes snapshot `id`: `copy` writes the disk file at the path it is given (in a
+    /// hidden directory), which is then renamed into place; `disk_gb` is the size of the
+    /// disk it copies. One that exists is returned as
+    /// it is: a second call with an id is the same snapshot.
+    pub fn make(
+        &self,
+        id: &str,
+        disk_gb: i64,
+        copy: impl FnOnce(&Path) -> Result<(), VmmError>,
+    ) -> Result<Snapshot, VmmError> {
+        if let Some(found) = self.find(id)? {
+            return Ok(found);
+        }
+        let dir = self.dir(id)?;
+        if dir.exists() {
+            return Err(VmmError::Failed(format!(
+                "snapshot {id} was deleted; a new one needs a new id"
+            )));
+        }
+        let building = self.root.join(format!(".{id}.new"));
+        let _ = std::fs::remove_dir_all(&building);
+        std::fs::create_dir_all(&building).map_err(fail("create the snapshot's directory"))?;
+        let disk = building.join(self.disk_file);
+        let made = copy(&disk).and_then(|()| {
+            // Durable before it is said to exist: the control plane records it as ready.
+            std::fs::File::open(&disk)
+                .and_then(|f| f.sync_all())
+                .map_err(fail("write the snapshot to disk"))?;
+            std::fs::write(building.join(DISK_GB), format!("{disk_gb}\n"))
+                .map_err(fail("write the snapshot's size"))?;
+            std::fs::rename(&building, &dir).map_err(fail("commit the snapshot"))
+        });
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&building);
+            return Err(e);
+        }
+        self.find(id)?
+            .ok_or_else(|| VmmError::Failed(format!("snapshot {id} vanished after its copy")))
+    }
+
+    /// Deletes snapshot `id` (one that is absent counts as deleted). While a VM in `in_use`
+    /// is layered on it, it is only marked, and `sweep` removes it later. Returns whether
+    /// its file is gone now.
+    pub fn remove(&self, id: &str, in_use: &HashSet<String>) -> Result<bool, VmmError> {
+        let dir = self.dir(id)?;
+        if !dir.exists() {
+            return Ok(true);
+        }
+        if in_use.contains(id) {
+            std::fs::write(dir.join(REMOVED), b"").map_err(fail("mark the snapshot deleted"))?;
+            tracing::info!(snapshot = %id, "snapshot deleted; its file stays until the VMs made from it go");
+            return Ok(false);
+        }
+        std::fs::remove_dir_all(&dir).map_err(fail("remove the snapshot"))?;
+        tracing::info!(snapshot = %id, "snapshot removed");
+        Ok(true)
+    }
+
+    /// Removes the deleted snapshots that no VM in `in_use` is layered on any more.
+    pub fn sweep(&self, in_use: &HashSet<String>) {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let id = entry.file_name().to_string_lossy().to_string();
+            if entry.path().join(REMOVED).exists() && !in_use.contains(&id) {
+                match std::fs::remove_dir_all(entry.path()) {
+                    Ok(()) => {
+                        tracing::info!(snapshot = %id, "removed a deleted snapshot its last VM no longer uses")
+                    }
+                    Err(e) => {
+                        tracing::warn!(snapshot = %id, error = %e, "could not remove a deleted snapshot")
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path) -> Result<(), VmmError> {
+        std::fs::write(path, vec![7u8; 10_000]).map_err(fail("write"))
+    }
+
+    #[test]
+    fn a_snapshot_exists_whole_once_and_goes_after_its_last_user() {
+        let state = tempfile::tempdir().unwrap();
+        let snapshots = Snapshots::open(state.path(), "disk.qcow2").unwrap();
+        assert_eq!(snapshots.find("snap_1").unwrap(), None);
+        assert!(snapshots.disk("snap_1", 1).is_err());
+        // A copy that fails leaves nothing.
+        let failed = snapshots.make("snap_1", 1, |path| {
+            write(path)?;
+            Err(VmmError::Failed("disk full".into()))
+        });
+        assert!(failed.is_err());
+        assert_eq!(snapshots.list().unwrap(), vec![]);
+        let made = snapshots.make("snap_1", 1, write).unwrap();
+        assert!(made.size_bytes >= 10_000, "{made:?}");
+        // A second make is the same snapshot, not another copy.
+        let again = snapshots
+            .make("snap_1", 1, |_| panic!("copied twice"))
+            .unwrap();
+        assert_eq!(again, made);
+        assert!(snapshots.disk("snap_1", 2).unwrap().is_file());
+        assert!(
+            snapshots.disk("snap_1", 0).is_err(),
+            "a smaller disk is refused"
+        );
+        // Deleted while a VM uses it: marked, hidden, kept until swept unused.
+        let users: HashSet<String> = ["snap_1".to_string()].into();
+        assert!(!snapshots.remove("snap_1", &users).unwrap());
+        assert_eq!(snapshots.find("snap_1").unwrap(), None);
+        assert_eq!(snapshots.list().unwrap(), vec![]);
+        let file = state.path().join("snapshots/snap_1/disk.qcow2");
+        assert!(file.is_file());
+        assert!(
+            snapshots.make("snap_1", 1, write).is_err(),
+            "a deleted id is not reused"
+        );
+        snapshots.sweep(&users);
+        assert!(file.is_file());
+        snapshots.sweep(&HashSet::new());
+        assert!(!file.exists());
+        // Unused: gone at once.
+        snapshots.make("snap_2", 1, write).unwrap();
+        assert!(snapshots.remove("snap_2", &HashSet::new()).unwrap());
+        assert!(snapshots.remove("snap_2", &HashSet::new()).unwrap());
+        assert!(snapshots.make("../x", 1, write).is_err());
+    }
+
+    #[test]
+    fn a_copy_cut_short_is_removed_at_the_next_open() {
+        let state = tempfile::tempdir().unwrap();
+        let half = state.path().join("snapshots/.snap_3.new");
+        std::fs::create_dir_all(&half).unwrap();
+        std::fs::write(half.join("disk.qcow2"), b"half").unwrap();
+        let snapshots = Snapshots::open(state.path(), "disk.qcow2").unwrap();
+        assert!(!half.exists());
+        assert_eq!(snapshots.find("snap_3").unwrap(), None);
+    }
+}
