@@ -506,6 +506,10 @@ impl FirecrackerHost {
         }
         match firecracker::state(&self.client(name)?).await {
             Ok(s) if s == "running" => Ok(Some(VmStatus::Running)),
+            // A snapshot's pause is seconds long and undone after: still running.
+            Ok(s) if s == "paused" && self.dirs.dir(name)?.join(PAUSED_FOR_SNAPSHOT).exists() => {
+                Ok(Some(VmStatus::Running))
+            }
             Ok(s) if s == "paused" => Ok(Some(VmStatus::Paused)),
             _ => Ok(Some(VmStatus::Stopped)),
         }

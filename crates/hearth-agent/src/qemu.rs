@@ -474,6 +474,10 @@ impl QemuHost {
             return Ok(Some(VmStatus::Stopped));
         }
         match self.qmp(name).await?.status().await?.as_str() {
+            // A snapshot's pause is seconds long and undone after: still running.
+            "paused" if self.vm_dir(name)?.join(PAUSED_FOR_SNAPSHOT).exists() => {
+                Ok(Some(VmStatus::Running))
+            }
             "paused" => Ok(Some(VmStatus::Paused)),
             "running" => Ok(Some(VmStatus::Running)),
             // Shutting down, crashed, or still starting: not usable.

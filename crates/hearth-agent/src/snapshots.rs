@@ -27,7 +27,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// In a VM's directory while a snapshot has it paused: an agent killed meanwhile leaves it,
-/// and the next start resumes the VM (`Vmm::recover`).
+/// and the next start resumes the VM (`Vmm::recover`). Meanwhile the VM is reported
+/// running: the pause is the snapshot's, not a state the control plane should act on.
 pub(crate) const PAUSED_FOR_SNAPSHOT: &str = "paused-for-snapshot";
 
 /// A VM as a snapshot sees it: paused for the copy when it runs, resumed after.

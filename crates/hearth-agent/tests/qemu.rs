@@ -188,6 +188,11 @@ async fn a_vm_boots_its_own_kernel_and_lives_its_whole_life() {
         .join(&name)
         .join("paused-for-snapshot");
     std::fs::write(&marker, b"").unwrap();
+    assert_eq!(
+        host.status(&name).await.unwrap(),
+        Some(VmStatus::Running),
+        "a snapshot's pause is not a state of the VM's"
+    );
 
     // A new agent on the same state adopts the running VM instead of starting another.
     let again = QemuHost::new(

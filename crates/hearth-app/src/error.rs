@@ -30,6 +30,9 @@ pub enum AppError {
     /// Too many tries in a short time (signing in); later works.
     #[error("{0}")]
     TooMany(String),
+    /// The request's body is larger than allowed.
+    #[error("{0}")]
+    TooLarge(String),
     /// Waited as long as allowed.
     #[error("{0}")]
     Timeout(String),

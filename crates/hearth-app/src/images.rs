@@ -5,9 +5,13 @@
 //! key Hearth hands it, and run a command. Environments of an image go on the host that
 //! built it.
 //!
-//! The build runs while the caller waits (bounded by `BUILD_LIMIT`); a node that dies
-//! mid-build leaves a `building` row, which the reaper removes with whatever the engine
-//! finished (`settle_images`).
+//! An image may also come as a tarball (`docker save`), uploaded to this node's disk
+//! (`<data dir>/imports`, at most `HEARTH_IMAGE_UPLOAD_MAX_BYTES`), loaded by the engine
+//! under a name Hearth gives (never the names the tarball carries), then checked the same way.
+//!
+//! The build or import runs while the caller waits (bounded by `BUILD_LIMIT`); a node that
+//! dies mid-way leaves a `building` row, which the reaper removes with whatever the engine
+//! finished, and an upload file, which that node's reaper removes (`settle_images`).
 
 use crate::App;
 use crate::error::{AppError, AppResult};
@@ -21,6 +25,10 @@ use std::time::{Duration, Instant};
 
 /// How long a build may run.
 const BUILD_LIMIT: Duration = Duration::from_secs(900);
+/// Where uploaded tarballs wait, under the data directory.
+const IMPORTS: &str = "imports";
+/// How long an upload may send nothing before it is given up.
+const UPLOAD_STALL: Duration = Duration::from_secs(60);
 /// A `building` row older than this lost its builder.
 const BUILDER_LOST_MS: i64 = 30 * 60_000;
 /// How long a checked image's VM may take to run and let `dev` in.
@@ -329,6 +337,131 @@ impl App {
             )));
         }
         let dockerfile = &confine_bases(self, user, dockerfile).await?;
+        let (image, host_ref, provider) = self.begin_image(user, name, everyone).await?;
+        let built = tokio::time::timeout(
+            BUILD_LIMIT,
+            provider.build_image(&host_ref, &image.reference, dockerfile),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(ProviderError::Failed(format!(
+                "the build took longer than {} s",
+                BUILD_LIMIT.as_secs()
+            )))
+        });
+        self.offer_image(
+            user,
+            image,
+            &host_ref,
+            provider.as_ref(),
+            built,
+            "the Dockerfile did not build",
+        )
+        .await
+    }
+
+    /// Loads the image in an uploaded `docker save` tarball (`upload`, streamed to this
+    /// node's disk, at most `image_upload_max_bytes`) on a Docker host, checks it as a
+    /// built one is, and offers it under `name`. The names the tarball carries are ignored.
+    pub async fn import_image<E: std::fmt::Display>(
+        &self,
+        user: &User,
+        name: &str,
+        everyone: bool,
+        upload: impl futures::Stream<Item = Result<bytes::Bytes, E>>,
+    ) -> AppResult<Image> {
+        valid_name(name).map_err(AppError::Invalid)?;
+        let (image, host_ref, provider) = self.begin_image(user, name, everyone).await?;
+        let dir = self.config.data_dir.join(IMPORTS);
+        let path = dir.join(format!("{}.tar", image.id));
+        let received = self.receive_upload(&dir, &path, upload).await;
+        let loaded = match received {
+            Ok(()) => tokio::time::timeout(
+                BUILD_LIMIT,
+                provider.import_image(&host_ref, &image.reference, &path),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(ProviderError::Failed(format!(
+                    "the load took longer than {} s",
+                    BUILD_LIMIT.as_secs()
+                )))
+            }),
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&path).await;
+                self.store.forget_image(&image.id).await?;
+                return Err(e);
+            }
+        };
+        let _ = tokio::fs::remove_file(&path).await;
+        self.offer_image(
+            user,
+            image,
+            &host_ref,
+            provider.as_ref(),
+            loaded,
+            "the tarball did not load",
+        )
+        .await
+    }
+
+    /// Writes `upload` to `path`, refusing it past `image_upload_max_bytes`.
+    async fn receive_upload<E: std::fmt::Display>(
+        &self,
+        dir: &std::path::Path,
+        path: &std::path::Path,
+        upload: impl futures::Stream<Item = Result<bytes::Bytes, E>>,
+    ) -> AppResult<()> {
+        use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let failed =
+            |e: std::io::Error| AppError::Internal(format!("keeping the upload failed: {e}"));
+        tokio::fs::create_dir_all(dir).await.map_err(failed)?;
+        let mut file = tokio::fs::File::create(path).await.map_err(failed)?;
+        let max = self.config.image_upload_max_bytes;
+        let mut written = 0u64;
+        let mut upload = std::pin::pin!(upload);
+        loop {
+            let Ok(next) = tokio::time::timeout(UPLOAD_STALL, upload.next()).await else {
+                return Err(AppError::Timeout(format!(
+                    "the upload stalled: nothing arrived for {} s",
+                    UPLOAD_STALL.as_secs()
+                )));
+            };
+            let Some(chunk) = next else {
+                break;
+            };
+            let chunk =
+                chunk.map_err(|e| AppError::Invalid(format!("the upload broke off: {e}")))?;
+            written += chunk.len() as u64;
+            if written > max {
+                return Err(AppError::TooLarge(format!(
+                    "an image tarball may have at most {max} bytes (HEARTH_IMAGE_UPLOAD_MAX_BYTES)"
+                )));
+            }
+            file.write_all(&chunk).await.map_err(failed)?;
+        }
+        file.flush().await.map_err(failed)?;
+        if written == 0 {
+            return Err(AppError::Invalid(
+                "the body is empty: send the tarball `docker save IMAGE` writes".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The record of a new image (`building`, under the caller's count) and the Docker host
+    /// that will make it.
+    async fn begin_image(
+        &self,
+        user: &User,
+        name: &str,
+        everyone: bool,
+    ) -> AppResult<(
+        Image,
+        hearth_provider::HostRef,
+        std::sync::Arc<dyn Provider>,
+    )> {
         if everyone && user.role != Role::Admin {
             return Err(AppError::Forbidden(
                 "only admins offer images to everyone; leave visibility private".into(),
@@ -373,23 +506,28 @@ impl App {
                 StoreError::Conflict(m) => AppError::Conflict(m),
                 e => e.into(),
             })?;
-        let built = tokio::time::timeout(
-            BUILD_LIMIT,
-            provider.build_image(&host_ref, &image.reference, dockerfile),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(ProviderError::Failed(format!(
-                "the build took longer than {} s",
-                BUILD_LIMIT.as_secs()
-            )))
-        });
+        Ok((image, host_ref, provider))
+    }
+
+    /// Ends what `begin_image` started: an image that was made, within the size allowed and
+    /// honouring the guest contract, is offered; otherwise it is removed with its record
+    /// and the error says why (`failed` introduces the engine's reason).
+    async fn offer_image(
+        &self,
+        user: &User,
+        image: Image,
+        host_ref: &hearth_provider::HostRef,
+        provider: &dyn Provider,
+        made: Result<i64, ProviderError>,
+        failed: &str,
+    ) -> AppResult<Image> {
+        let name = image.name.clone();
         let refuse = async |reason: String| -> AppResult<Image> {
-            let _ = provider.remove_image(&host_ref, &image.reference).await;
+            let _ = provider.remove_image(host_ref, &image.reference).await;
             self.store.forget_image(&image.id).await?;
             Err(AppError::Invalid(reason))
         };
-        let size = match built {
+        let size = match made {
             Ok(size) if size > MAX_IMAGE_BYTES => {
                 return refuse(format!(
                     "the image is {} GB, past the {} GB an image may have",
@@ -402,11 +540,9 @@ impl App {
             Err(ProviderError::Unavailable(m)) => {
                 return refuse(format!("the Docker host stopped answering: {m}")).await;
             }
-            Err(e) => return refuse(format!("the Dockerfile did not build:\n{e}")).await,
+            Err(e) => return refuse(format!("{failed}:\n{e}")).await,
         };
-        if let Err(reason) =
-            check_image(provider.as_ref(), &host_ref, &self.ssh, &image.reference).await
-        {
+        if let Err(reason) = check_image(provider, host_ref, &self.ssh, &image.reference).await {
             return refuse(format!("image {name} breaks the guest contract: {reason}")).await;
         }
         let image = self.store.image_ready(&image.id, size).await?;
@@ -417,7 +553,7 @@ impl App {
                 "image_register",
                 None,
                 "success",
-                Some(name),
+                Some(&name),
                 None,
             )
             .await;
@@ -515,6 +651,32 @@ impl App {
                 tracing::warn!(image = %image.name, error = %e, "could not remove an unfinished image");
             }
         }
+        self.remove_lost_uploads();
         Ok(())
+    }
+
+    /// Removes this node's uploaded tarballs older than a build may last: their import
+    /// ended with a node that died.
+    fn remove_lost_uploads(&self) {
+        let Ok(entries) = std::fs::read_dir(self.config.data_dir.join(IMPORTS)) else {
+            return;
+        };
+        let lost = Duration::from_millis(BUILDER_LOST_MS as u64);
+        for entry in entries.flatten() {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > lost));
+            if old {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => {
+                        tracing::info!(file = %entry.path().display(), "removed an upload whose import never finished")
+                    }
+                    Err(e) => {
+                        tracing::warn!(file = %entry.path().display(), error = %e, "could not remove a lost upload")
+                    }
+                }
+            }
+        }
     }
 }

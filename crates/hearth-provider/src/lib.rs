@@ -295,6 +295,22 @@ pub trait Provider: Send + Sync + 'static {
         )))
     }
 
+    /// Loads the image in the `docker save` tarball at `tarball` as image `reference`,
+    /// labelled as this installation's as `build_image` does; returns its size in bytes.
+    /// It never takes the names the tarball gives. The error says what is wrong with the
+    /// tarball. Kinds that cannot say so.
+    async fn import_image(
+        &self,
+        host: &HostRef,
+        _reference: &str,
+        _tarball: &std::path::Path,
+    ) -> Result<i64, ProviderError> {
+        Err(ProviderError::Unsupported(format!(
+            "hosts of kind {} import no images yet",
+            host.kind
+        )))
+    }
+
     /// Removes an image this installation built; one already gone counts as removed.
     async fn remove_image(&self, _host: &HostRef, _reference: &str) -> Result<(), ProviderError> {
         Ok(())

@@ -61,6 +61,7 @@ impl From<AppError> for ApiError {
             AppError::NoCapacity(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_capacity"),
             AppError::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many_attempts"),
             AppError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
+            AppError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             AppError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             AppError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };

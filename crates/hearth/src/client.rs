@@ -125,6 +125,46 @@ impl Client {
             .await
     }
 
+    /// Sends `file` as the body of a POST to `path`, `bar` counting its bytes as they go;
+    /// once all is sent it spins while the server works on it.
+    pub async fn upload(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        file: &std::path::Path,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<Value, Failure> {
+        use tokio::io::AsyncReadExt;
+        let opened = tokio::fs::File::open(file)
+            .await
+            .map_err(|e| Failure::usage(format!("cannot read {}: {e}", file.display())))?;
+        let (bar, size) = (bar.clone(), bar.length().unwrap_or(0));
+        let chunks = futures::stream::try_unfold(opened, move |mut file| {
+            let bar = bar.clone();
+            async move {
+                let mut buffer = vec![0u8; 1 << 20];
+                let n = file.read(&mut buffer).await?;
+                if n == 0 {
+                    return Ok::<_, std::io::Error>(None);
+                }
+                buffer.truncate(n);
+                bar.inc(n as u64);
+                if bar.position() >= size {
+                    bar.set_message("sent; the server is loading and checking it");
+                }
+                Ok(Some((buffer, file)))
+            }
+        });
+        self.send(
+            self.http
+                .post(format!("{}{path}", self.base))
+                .query(query)
+                .header("content-type", "application/x-tar")
+                .body(reqwest::Body::wrap_stream(chunks)),
+        )
+        .await
+    }
+
     pub async fn delete(&self, path: &str) -> Result<Value, Failure> {
         self.send(self.http.delete(format!("{}{path}", self.base)))
             .await

@@ -361,6 +361,18 @@ enum ImageCommand {
         #[arg(long, default_value = "unix:///var/run/docker.sock")]
         endpoint: String,
     },
+    /// Upload an image as `docker save IMAGE > FILE` wrote it; the server loads it under
+    /// NAME (never the names the file carries), checks the guest contract and offers it
+    /// (`POST /v1/images/import`).
+    Import {
+        /// What creates will name in `baseImage`.
+        name: String,
+        /// The tarball.
+        file: std::path::PathBuf,
+        /// Offer it to everyone (admins only).
+        #[arg(long)]
+        everyone: bool,
+    },
 }
 
 #[derive(Args)]
@@ -452,11 +464,58 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Image {
             command: ImageCommand::Check { name, endpoint },
         } => check_image(&name, &endpoint).await,
+        Command::Image {
+            command:
+                ImageCommand::Import {
+                    name,
+                    file,
+                    everyone,
+                },
+        } => import_image(&name, &file, everyone).await,
         Command::Vm { command } => vm(command).await,
         Command::Env { command } => env(command).await,
         Command::Admin { command } => admin(command).await,
         Command::Ssh { id } => ssh::run(&Client::from_env()?, id).await,
     }
+}
+
+/// `hearth image import`: the upload with a progress bar, then a spinner while the server
+/// loads and checks the image.
+async fn import_image(
+    name: &str,
+    file: &std::path::Path,
+    everyone: bool,
+) -> Result<ExitCode, Failure> {
+    let client = Client::from_env()?;
+    let size = std::fs::metadata(file)
+        .map_err(|e| Failure::usage(format!("cannot read {}: {e}", file.display())))?
+        .len();
+    let bar = ProgressBar::new(size);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}",
+        )
+        .expect("template"),
+    );
+    bar.set_message("uploading");
+    let visibility = if everyone { "everyone" } else { "private" };
+    let image = client
+        .upload(
+            "/v1/images/import",
+            &[("name", name), ("visibility", visibility)],
+            file,
+            &bar,
+        )
+        .await;
+    bar.finish_and_clear();
+    let image = image?;
+    println!(
+        "image {} is ready ({} MB); create environments of it with baseImage {:?}",
+        image["name"].as_str().unwrap_or(name),
+        image["sizeBytes"].as_i64().unwrap_or(0) / 1_000_000,
+        image["name"].as_str().unwrap_or(name)
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `hearth image check`: the guest contract, tested on the local engine with a VM of the

@@ -638,13 +638,14 @@ async fn the_second_vm_of_a_size_restores_the_base_snapshot() {
 }
 
 /// Users' snapshots on an agent host: the VM's disk copied whole while it runs (paused for
-/// the copy, resumed after), an environment made from it and a fork of the running source
+/// the copy, resumed after, and running all along for the control plane), an environment made from it and a fork of the running source
 /// both have what was written (the guest synced first), each with an identity of its own;
 /// deleting the snapshot frees its place at once while the file stays for the VM made from
 /// it, and goes with that VM.
 #[tokio::test]
 async fn snapshots_and_forks_on_an_agent_host() {
-    let site = agent_site(Site::new(Db::Sqlite).await);
+    // The reconciler looks often: a snapshot's pause must not read as a stop.
+    let site = agent_site(Site::new(Db::Sqlite).await).with_env("HEARTH_REAPER_INTERVAL_MS", "100");
     let server = site.start().await;
     let t = join_token(&server, "vm-snap").await;
     let agent = Agent::start(&server, &t);
@@ -679,7 +680,13 @@ async fn snapshots_and_forks_on_an_agent_host() {
             Some(json!({"name": "first"})),
         )
         .await;
-    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(
+        r.status,
+        StatusCode::CREATED,
+        "{:?}\nagent log:\n{}",
+        r.body,
+        agent.log()
+    );
     assert_eq!(r.body["state"], "ready");
     assert!(r.body["sizeBytes"].as_i64().unwrap() > 0, "{:?}", r.body);
     let snapshot_id = r.body["id"].as_str().unwrap().to_string();

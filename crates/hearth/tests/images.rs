@@ -1,7 +1,8 @@
 //! Custom images through the real `hearth serve` and the real Docker engine: built from a
-//! Dockerfile (one installs a Debian package), checked against the guest contract (one
-//! that breaks it is refused with the reason), private or for everyone, counted, removed;
-//! and `hearth image check` from the command line.
+//! Dockerfile (one installs a Debian package) or loaded from a `docker save` tarball,
+//! checked against the guest contract (one that breaks it is refused with the reason),
+//! private or for everyone, counted, removed; and `hearth image check` and `hearth image
+//! import` from the command line.
 
 mod common;
 
@@ -268,6 +269,217 @@ async fn custom_images_on_docker() {
     assert_eq!(r.status, StatusCode::ACCEPTED);
     server.wait_env(&user, &env, "destroyed", UP).await;
     // Deleting an image a VM used only untagged it; once the VM is gone the reaper removes it.
+    let started = std::time::Instant::now();
+    while images_in_engine() != before {
+        assert!(
+            started.elapsed() < UP,
+            "images left: {:?} (before: {before:?})",
+            images_in_engine()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `docker build` of `dockerfile` (no context) as `tags[0]` with the other tags too, then
+/// `docker save` of all of them into one tarball, then the tags removed from the engine:
+/// what a user brings from another machine.
+fn saved_tarball(dir: &std::path::Path, tags: &[&str], dockerfile: &str) -> std::path::PathBuf {
+    use std::io::Write;
+    let mut build = std::process::Command::new("docker")
+        .args(["build", "-q", "-t", tags[0], "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    build
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(dockerfile.as_bytes())
+        .unwrap();
+    assert!(build.wait().unwrap().success(), "docker build");
+    for tag in &tags[1..] {
+        let tagged = std::process::Command::new("docker")
+            .args(["tag", tags[0], tag])
+            .status()
+            .unwrap();
+        assert!(tagged.success());
+    }
+    let path = dir.join(format!("{}.tar", tags[0].replace([':', '/'], "-")));
+    let saved = std::process::Command::new("docker")
+        .args(["save", "-o"])
+        .arg(&path)
+        .args(tags)
+        .status()
+        .unwrap();
+    assert!(saved.success(), "docker save");
+    let removed = std::process::Command::new("docker")
+        .arg("rmi")
+        .args(tags)
+        .output()
+        .unwrap();
+    assert!(removed.status.success(), "{removed:?}");
+    path
+}
+
+fn engine_has(reference: &str) -> bool {
+    std::process::Command::new("docker")
+        .args(["image", "inspect", reference])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+/// Images from tarballs (`POST /v1/images/import`, `hearth image import`): one saved
+/// elsewhere loads under the name Hearth gives it (never the names it carries), is checked
+/// and offered, and an environment of it has what it was built with; one that breaks the
+/// guest contract, one that is not a tarball and one over the size allowed are refused with
+/// the reason and leave nothing: no record, no image, no upload on the server's disk.
+#[tokio::test]
+async fn images_from_tarballs_on_docker() {
+    let work = tempfile::tempdir().unwrap();
+    let pid = std::process::id();
+    let (own_tag, other_tag) = (
+        format!("hearth-test-upload:{pid}"),
+        format!("hearth-test-victim:{pid}"),
+    );
+    let good = saved_tarball(
+        work.path(),
+        &[&own_tag, &other_tag],
+        "FROM hearth/base:latest\nRUN echo imported > /etc/imported-marker\n",
+    );
+    let bad = saved_tarball(
+        work.path(),
+        &[&format!("hearth-test-no-dev:{pid}")],
+        "FROM hearth/base:latest\nRUN userdel -r dev\n",
+    );
+    let good_bytes = std::fs::read(&good).unwrap();
+    let limit = good_bytes.len() + 1_000_000;
+    let site = Site::new(Db::Sqlite)
+        .await
+        .with_env("HEARTH_IMAGE_UPLOAD_MAX_BYTES", &limit.to_string())
+        .with_env("HEARTH_REAPER_INTERVAL_MS", "500");
+    let server = site.start().await;
+    let user = server.user("tarball@example.com", "pro").await;
+    let before = images_in_engine();
+    let http = reqwest::Client::new();
+    let upload = |name: &str, body: Vec<u8>| {
+        http.post(format!("{}/v1/images/import?name={name}", server.base))
+            .bearer_auth(&user)
+            .header("content-type", "application/x-tar")
+            .body(body)
+            .send()
+    };
+    let nothing_left = |what: &str| {
+        let uploads: Vec<_> = std::fs::read_dir(site.data_dir().join("imports"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(uploads.is_empty(), "{what}: uploads left {uploads:?}");
+    };
+
+    // Through the command line, as a user would.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["image", "import", "imported"])
+        .arg(&good)
+        .env("HEARTH_URL", &server.base)
+        .env("HEARTH_TOKEN", &user)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("image imported is ready"),
+        "{out:?}"
+    );
+    let listed = server
+        .call("GET", "/v1/images", Some(&user), None)
+        .await
+        .body;
+    assert_eq!(listed["items"][0]["state"], "ready", "{listed}");
+    assert!(
+        listed["items"][0]["sizeBytes"].as_i64().unwrap() > 0,
+        "{listed}"
+    );
+    nothing_left("after the import");
+    assert!(
+        !engine_has(&own_tag) && !engine_has(&other_tag),
+        "the tarball's own names were given to the engine"
+    );
+    let imports = std::process::Command::new("docker")
+        .args(["images", "-q", "hearth-import"])
+        .output()
+        .unwrap();
+    assert!(imports.stdout.is_empty(), "an import's tag is left");
+    let r = server
+        .call(
+            "POST",
+            "/v1/environments",
+            Some(&user),
+            Some(json!({"name": "from-tarball", "baseImage": "imported"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let env = r.body["id"].as_str().unwrap().to_string();
+    server.wait_env(&user, &env, "running", UP).await;
+    let out = server
+        .call(
+            "POST",
+            &format!("/v1/environments/{env}/exec"),
+            Some(&user),
+            Some(json!({"code": "cat /etc/imported-marker; id -un"})),
+        )
+        .await;
+    assert_eq!(out.body["stdout"], "imported\ndev\n", "{:?}", out.body);
+
+    // Refused with the reason, leaving nothing.
+    let r = upload("no-dev", std::fs::read(&bad).unwrap())
+        .await
+        .unwrap();
+    let status = r.status();
+    let body = r.text().await.unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("guest contract"), "{body}");
+    let r = upload("garbage", b"this is not a tarball\n".repeat(200))
+        .await
+        .unwrap();
+    let status = r.status();
+    let body = r.text().await.unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body.contains("not a tar archive") || body.contains("no manifest.json"),
+        "{body}"
+    );
+    let mut padded = good_bytes;
+    padded.resize(limit + 1, 0);
+    let r = upload("too-big", padded).await.unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        r.text()
+            .await
+            .unwrap()
+            .contains("HEARTH_IMAGE_UPLOAD_MAX_BYTES"),
+    );
+    let r = upload("Bad Name", b"x".to_vec()).await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    nothing_left("after the refusals");
+    assert_eq!(names(&server, &user).await, vec!["imported".to_string()]);
+
+    // Removed with its environment gone: the engine is as it was.
+    let r = server
+        .call(
+            "DELETE",
+            &format!("/v1/environments/{env}"),
+            Some(&user),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    server.wait_env(&user, &env, "destroyed", UP).await;
+    let r = server
+        .call("DELETE", "/v1/images/imported", Some(&user), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     let started = std::time::Instant::now();
     while images_in_engine() != before {
         assert!(

@@ -21,6 +21,7 @@
 pub mod guard;
 pub mod network;
 pub mod options;
+pub mod tarball;
 
 use crate::{
     HostFacts, HostRef, LABEL_ENVIRONMENT, LABEL_INSTALLATION, LABEL_MANAGED, Provider,
@@ -67,6 +68,19 @@ pub const LABEL_SNAPSHOT: &str = "hearth.snapshot";
 pub const BUILD_MEMORY_BYTES: i32 = 2_000_000_000;
 /// The label that says which custom image (its record's id) an image is.
 pub const LABEL_IMAGE: &str = "hearth.image";
+/// An uploaded tarball is loaded under this repository, tagged as the custom image it
+/// becomes, then built on (`import_image`); the tag is removed with the image.
+pub const IMPORT_REPOSITORY: &str = "hearth-import";
+
+/// The tag an image tarball loads under, for custom image `reference`
+/// (`hearth-image:<id>` loads as `hearth-import:<id>`).
+fn import_tag(reference: &str) -> String {
+    let id = reference
+        .rsplit_once(':')
+        .map(|(_, id)| id)
+        .unwrap_or(reference);
+    format!("{IMPORT_REPOSITORY}:{id}")
+}
 /// The path a committed image is given. The engine adds the container's other variables
 /// to whatever a commit sets, so each of them is set empty instead: nothing of the source's
 /// values (which may be secrets) is kept; a VM made from it gets its own.
@@ -755,20 +769,105 @@ impl Provider for DockerProvider {
         Ok(image.size.unwrap_or(0))
     }
 
+    /// Also removes the tag an import loaded it under, if an import made it.
     async fn remove_image(&self, host: &HostRef, reference: &str) -> Result<(), ProviderError> {
-        let options = bollard::query_parameters::RemoveImageOptions {
-            force: true,
+        let docker = self.client(host).await?;
+        for name in [reference.to_string(), import_tag(reference)] {
+            let options = bollard::query_parameters::RemoveImageOptions {
+                force: true,
+                ..Default::default()
+            };
+            match docker.remove_image(&name, Some(options), None).await {
+                Ok(_) => {}
+                Err(e) if is_status(&e, 404) => {}
+                Err(e) => return Err(classify(host, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// `docker load` of a copy of the tarball whose only name is `hearth-import:<id>`
+    /// (`tarball.rs`), then a build `FROM` it that adds this installation's labels under
+    /// `reference`; the import tag is removed once the build has it.
+    async fn import_image(
+        &self,
+        host: &HostRef,
+        reference: &str,
+        tarball: &std::path::Path,
+    ) -> Result<i64, ProviderError> {
+        use futures::StreamExt;
+        use tokio::io::AsyncReadExt;
+        let loaded_as = import_tag(reference);
+        let clean = tarball.with_extension("clean.tar");
+        let (from, to, tag) = (tarball.to_path_buf(), clean.clone(), loaded_as.clone());
+        let sanitized = tokio::task::spawn_blocking(move || tarball::sanitize(&from, &to, &tag))
+            .await
+            .map_err(|e| ProviderError::Failed(format!("reading the tarball failed: {e}")))?;
+        if let Err(reason) = sanitized {
+            let _ = std::fs::remove_file(&clean);
+            return Err(ProviderError::Failed(format!("the tarball: {reason}")));
+        }
+        let docker = self.client(host).await?;
+        let file = tokio::fs::File::open(&clean)
+            .await
+            .map_err(|e| ProviderError::Failed(format!("reading the tarball failed: {e}")))?;
+        let chunks = futures::stream::try_unfold(file, |mut file| async move {
+            let mut buffer = vec![0u8; 1 << 20];
+            let n = file.read(&mut buffer).await?;
+            if n == 0 {
+                return Ok::<_, std::io::Error>(None);
+            }
+            buffer.truncate(n);
+            Ok(Some((bytes::Bytes::from(buffer), file)))
+        });
+        let options = bollard::query_parameters::ImportImageOptionsBuilder::default()
+            .quiet(true)
+            .build();
+        let mut loading = docker.import_image_stream(options, chunks, None);
+        let mut refused = None;
+        while let Some(item) = loading.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(message) = info.error_detail.and_then(|d| d.message) {
+                        refused = Some(ProviderError::Failed(format!("the tarball: {message}")));
+                        break;
+                    }
+                }
+                Err(DockerError::DockerStreamError { error }) => {
+                    refused = Some(ProviderError::Failed(format!("the tarball: {error}")));
+                    break;
+                }
+                Err(e) => {
+                    refused = Some(classify(host, e));
+                    break;
+                }
+            }
+        }
+        drop(loading);
+        let _ = tokio::fs::remove_file(&clean).await;
+        if let Some(e) = refused {
+            let _ = self.remove_image(host, reference).await;
+            return Err(e);
+        }
+        let built = self
+            .build_image(host, reference, &format!("FROM {loaded_as}\n"))
+            .await;
+        // The built image keeps the loaded one as its parent: untagging frees nothing yet.
+        let untag = bollard::query_parameters::RemoveImageOptions {
+            noprune: true,
             ..Default::default()
         };
-        match self
-            .client(host)
-            .await?
-            .remove_image(reference, Some(options), None)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if is_status(&e, 404) => Ok(()),
-            Err(e) => Err(classify(host, e)),
+        match built {
+            Ok(size) => {
+                if let Err(e) = docker.remove_image(&loaded_as, Some(untag), None).await {
+                    tracing::warn!(tag = %loaded_as, error = %e, "could not remove an import's tag (removed with its image)");
+                }
+                Ok(size)
+            }
+            Err(e) => {
+                let _ = self.remove_image(host, reference).await;
+                Err(e)
+            }
         }
     }
 

@@ -92,6 +92,15 @@ pub enum Refused {
     Conflict(ErrorBody),
 }
 
+/// Routes that take a large body.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum TooLarge {
+    /// The body is larger than allowed (the message says the limit).
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+}
+
 /// Routes that take quota.
 #[derive(IntoResponses)]
 #[allow(dead_code)]

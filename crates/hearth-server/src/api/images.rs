@@ -1,8 +1,9 @@
-//! Custom images: built from a Dockerfile, checked against the guest contract, offered to
-//! their owner (private) or to everyone (admins only).
+//! Custom images: built from a Dockerfile or loaded from a `docker save` tarball, checked
+//! against the guest contract, offered to their owner (private) or to everyone (admins
+//! only).
 
-use super::docs::{AdminOnly, Authed, Invalid, Missing, OverQuota, Refused};
-use super::{Body, Caller};
+use super::docs::{AdminOnly, Authed, Invalid, Missing, OverQuota, Refused, TooLarge};
+use super::{Body, Caller, Params};
 use crate::App;
 use crate::error::ApiResult;
 use crate::views::{ImageView, Items};
@@ -10,7 +11,7 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 #[derive(Deserialize, Default, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -46,6 +47,37 @@ pub async fn register(
     let everyone = b.visibility == Some(Visibility::Everyone);
     let image = app
         .register_image(&user, &b.name, &b.dockerfile, everyone)
+        .await?;
+    Ok((StatusCode::CREATED, Json(ImageView::from(&image))))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
+pub struct ImportQuery {
+    /// What creates will name in `baseImage`: 1 to 63 of a-z, 0-9, '-', '.', '_'.
+    #[param(min_length = 1, max_length = 63, pattern = "^[a-z0-9][a-z0-9._-]*$")]
+    name: String,
+    /// `private` (the default) or `everyone` (admins only).
+    visibility: Option<Visibility>,
+}
+
+/// Loads an image from a tarball as `docker save IMAGE` writes it (the request's body,
+/// streamed to the server's disk; at most `HEARTH_IMAGE_UPLOAD_MAX_BYTES`, 10 GB by
+/// default), checks it against the guest contract as a built image is, and offers it under
+/// `name`. The names the tarball carries are ignored. Counts against the tier's images.
+#[utoipa::path(post, path = "/v1/images/import", tag = "images", params(ImportQuery),
+    request_body(content = Vec<u8>, content_type = "application/x-tar", description = "what `docker save IMAGE` writes: one image"),
+    responses((status = 201, description = "the image, ready", body = ImageView), Invalid, Refused, OverQuota, TooLarge, AdminOnly, Authed))]
+pub async fn import(
+    State(app): State<App>,
+    Caller(user): Caller,
+    Params(q): Params<ImportQuery>,
+    body: axum::body::Body,
+) -> ApiResult<(StatusCode, Json<ImageView>)> {
+    let everyone = q.visibility == Some(Visibility::Everyone);
+    let image = app
+        .import_image(&user, &q.name, everyone, body.into_data_stream())
         .await?;
     Ok((StatusCode::CREATED, Json(ImageView::from(&image))))
 }

@@ -70,6 +70,7 @@ pub fn routes() -> (axum::Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(snapshots::list))
         .routes(routes!(snapshots::delete))
         .routes(routes!(images::register, images::list))
+        .routes(routes!(images::import))
         .routes(routes!(images::delete))
         .routes(routes!(environments::get, environments::destroy))
         .routes(routes!(environments::wait))
