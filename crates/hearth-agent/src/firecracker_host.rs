@@ -26,7 +26,7 @@
 use crate::firecracker::{self, BootSpec, FcClient};
 use crate::guard::{TAP_PREFIX, VM_USER};
 use crate::image::VmImage;
-use crate::snapshots::{PAUSED_FOR_SNAPSHOT, Pausable, Snapshot, Snapshots};
+use crate::snapshots::{Pausable, Snapshot, Snapshots, VmLocks, paused_by_snapshot};
 use crate::vmm::{
     Accel, VmDirs, VmRecord, VmSpec, VmStatus, Vmm, VmmError, check_sizes, fail, free_port, now_ms,
     process_has_argument, run,
@@ -65,8 +65,10 @@ pub struct FirecrackerHost {
     image: VmImage,
     config: FirecrackerConfig,
     guest_address: String,
-    /// One change to a VM at a time; a snapshot holds it while it copies.
-    lock: Arc<tokio::sync::Mutex<()>>,
+    /// Serializes creates and removals on this host (they race on slots and names).
+    lock: tokio::sync::Mutex<()>,
+    /// One change to a VM at a time: a snapshot holds its VM's while it copies.
+    vm_locks: VmLocks,
     /// Users' snapshots of VM disks: whole sparse copies, so a VM made from one does not
     /// depend on it.
     snapshots: Arc<Snapshots>,
@@ -227,7 +229,8 @@ impl FirecrackerHost {
             image,
             config,
             guest_address: guest_address.to_string(),
-            lock: Arc::new(tokio::sync::Mutex::new(())),
+            lock: tokio::sync::Mutex::new(()),
+            vm_locks: VmLocks::default(),
             forwarders: Mutex::new(HashMap::new()),
         })
     }
@@ -507,7 +510,7 @@ impl FirecrackerHost {
         match firecracker::state(&self.client(name)?).await {
             Ok(s) if s == "running" => Ok(Some(VmStatus::Running)),
             // A snapshot's pause is seconds long and undone after: still running.
-            Ok(s) if s == "paused" && self.dirs.dir(name)?.join(PAUSED_FOR_SNAPSHOT).exists() => {
+            Ok(s) if s == "paused" && paused_by_snapshot(&self.dirs.dir(name)?) => {
                 Ok(Some(VmStatus::Running))
             }
             Ok(s) if s == "paused" => Ok(Some(VmStatus::Paused)),
@@ -533,20 +536,23 @@ struct FcPause {
 
 #[async_trait]
 impl Pausable for FcPause {
-    async fn pause_if_running(&mut self) -> Result<bool, VmmError> {
+    async fn is_running(&mut self) -> Result<bool, VmmError> {
         let Some(client) = &self.client else {
             return Ok(false);
         };
         let state = firecracker::state(client)
             .await
             .map_err(|e| VmmError::Failed(e.to_string()))?;
-        if state != "running" {
-            return Ok(false);
+        Ok(state == "running")
+    }
+
+    async fn pause(&mut self) -> Result<(), VmmError> {
+        match &self.client {
+            Some(client) => firecracker::pause(client)
+                .await
+                .map_err(|e| VmmError::Failed(e.to_string())),
+            None => Ok(()),
         }
-        firecracker::pause(client)
-            .await
-            .map_err(|e| VmmError::Failed(e.to_string()))?;
-        Ok(true)
     }
 
     async fn resume(&mut self) -> Result<(), VmmError> {
@@ -642,19 +648,28 @@ impl Vmm for FirecrackerHost {
         self.api_status(name).await
     }
 
+    /// Boots a stopped VM; resumes one that runs paused (a snapshot that could not
+    /// resume it says to start it).
     async fn start(&self, name: &str) -> Result<(), VmmError> {
+        let _vm = self.vm_locks.lock(name).await;
         let _guard = self.lock.lock().await;
         let record = self
             .dirs
             .record(name)?
             .ok_or_else(|| VmmError::NotFound(name.into()))?;
         if self.pid(name).is_some() {
+            if self.api_status(name).await? == Some(VmStatus::Paused) {
+                firecracker::resume(&self.client(name)?)
+                    .await
+                    .map_err(|e| VmmError::Failed(e.to_string()))?;
+            }
             return self.forward(&record).await;
         }
         self.launch(&record).await
     }
 
     async fn stop(&self, name: &str) -> Result<(), VmmError> {
+        let _vm = self.vm_locks.lock(name).await;
         let _guard = self.lock.lock().await;
         let record = self
             .dirs
@@ -665,18 +680,21 @@ impl Vmm for FirecrackerHost {
     }
 
     async fn pause(&self, name: &str) -> Result<(), VmmError> {
+        let _vm = self.vm_locks.lock(name).await;
         firecracker::pause(&self.running_record(name).await?)
             .await
             .map_err(|e| VmmError::Failed(e.to_string()))
     }
 
     async fn resume(&self, name: &str) -> Result<(), VmmError> {
+        let _vm = self.vm_locks.lock(name).await;
         firecracker::resume(&self.running_record(name).await?)
             .await
             .map_err(|e| VmmError::Failed(e.to_string()))
     }
 
     async fn destroy(&self, name: &str) -> Result<(), VmmError> {
+        let _vm = self.vm_locks.lock(name).await;
         let _guard = self.lock.lock().await;
         if let Some(record) = self.dirs.record(name)? {
             self.power_off(&record).await;
@@ -684,7 +702,9 @@ impl Vmm for FirecrackerHost {
         if self.config.jailer.is_some() {
             let _ = std::fs::remove_dir_all(self.config.chroot_base.join("firecracker").join(name));
         }
-        self.dirs.remove(name)
+        self.dirs.remove(name)?;
+        self.vm_locks.forget(name);
+        Ok(())
     }
 
     async fn recover(&self) {
@@ -692,13 +712,24 @@ impl Vmm for FirecrackerHost {
             return;
         };
         for name in names {
-            let Ok(marker) = self.dirs.dir(&name).map(|d| d.join(PAUSED_FOR_SNAPSHOT)) else {
+            let Ok(marker) = self
+                .dirs
+                .dir(&name)
+                .map(|d| d.join(crate::snapshots::PAUSED_FOR_SNAPSHOT))
+            else {
                 continue;
             };
             if !marker.exists() {
                 continue;
             }
-            if let Ok(client) = self.running_record(&name).await {
+            let paused = match self.running_record(&name).await {
+                Ok(client) => firecracker::state(&client)
+                    .await
+                    .is_ok_and(|s| s == "paused")
+                    .then_some(client),
+                Err(_) => None,
+            };
+            if let Some(client) = paused {
                 if let Err(e) = firecracker::resume(&client).await {
                     tracing::warn!(vm = %name, error = %e, "could not resume a VM left paused by a snapshot");
                     continue;
@@ -717,17 +748,18 @@ impl Vmm for FirecrackerHost {
             .dirs
             .record(name)?
             .ok_or_else(|| VmmError::NotFound(name.into()))?;
-        let lock = self.lock.clone().lock_owned().await;
+        let lock = self.vm_locks.lock(name).await;
         let dir = self.dirs.dir(name)?;
         let disk = dir.join("disk.ext4");
         let vm = FcPause {
             client: self.pid(name).map(|_| self.client(name)).transpose()?,
         };
-        let taking = crate::snapshots::take(
+        crate::snapshots::take(
             self.snapshots.clone(),
-            id.to_string(),
+            id,
             dir,
             record.spec.disk_gb,
+            lock,
             vm,
             move |to| {
                 run(
@@ -739,13 +771,8 @@ impl Vmm for FirecrackerHost {
                     "copy the disk",
                 )
             },
-        );
-        tokio::spawn(async move {
-            let _lock = lock;
-            taking.await
-        })
+        )
         .await
-        .map_err(|e| VmmError::Failed(format!("the snapshot failed: {e}")))?
     }
 
     fn snapshots(&self) -> Option<&Snapshots> {
@@ -754,6 +781,8 @@ impl Vmm for FirecrackerHost {
 
     /// A VM made from a snapshot has a copy of its disk: nothing holds a snapshot back.
     async fn remove_snapshot(&self, id: &str) -> Result<bool, VmmError> {
+        // Not under a create that is copying it.
+        let _guard = self.lock.lock().await;
         self.snapshots.remove(id, &Default::default())
     }
 

@@ -29,7 +29,7 @@
 use crate::base_snapshot::{BaseSnapshot, BaseSnapshots, connect_identity_port, restore_into};
 use crate::image::VmImage;
 use crate::qmp::Qmp;
-use crate::snapshots::{PAUSED_FOR_SNAPSHOT, Pausable, Snapshot, Snapshots};
+use crate::snapshots::{Pausable, Snapshot, Snapshots, VmLocks, paused_by_snapshot};
 pub use crate::vmm::{Accel, VmRecord, VmSpec, VmStatus, VmmError};
 use crate::vmm::{
     VmDirs, Vmm, check_sizes, fail, free_port, identity_files, now_ms, process_has_argument,
@@ -59,8 +59,9 @@ pub struct QemuHost {
     dirs: VmDirs,
     launcher: Arc<Launcher>,
     /// Serializes changes to one VM at a time on this host (creates race on ports and names).
-    /// A snapshot holds it while it copies, so no VM starts or stops under a copy.
-    lock: Arc<tokio::sync::Mutex<()>>,
+    lock: tokio::sync::Mutex<()>,
+    /// One change to a VM at a time: a snapshot holds its VM's while it copies.
+    vm_locks: VmLocks,
     /// Users' snapshots of VM disks.
     snapshots: Arc<Snapshots>,
     /// Base snapshots new VMs restore, when enabled (`with_base_snapshots`).
@@ -98,16 +99,20 @@ struct QmpPause {
 
 #[async_trait]
 impl Pausable for QmpPause {
-    async fn pause_if_running(&mut self) -> Result<bool, VmmError> {
+    async fn is_running(&mut self) -> Result<bool, VmmError> {
         if pid_in(&self.dir, &self.name).is_none() {
             return Ok(false);
         }
         let mut qmp = Qmp::connect(&self.dir.join("qmp.sock")).await?;
-        if qmp.status().await? != "running" {
-            return Ok(false);
-        }
-        qmp.execute("stop", None).await?;
-        Ok(true)
+        Ok(qmp.status().await? == "running")
+    }
+
+    async fn pause(&mut self) -> Result<(), VmmError> {
+        Qmp::connect(&self.dir.join("qmp.sock"))
+            .await?
+            .execute("stop", None)
+            .await?;
+        Ok(())
     }
 
     async fn resume(&mut self) -> Result<(), VmmError> {
@@ -277,6 +282,7 @@ impl QemuHost {
         Ok(QemuHost {
             dirs,
             snapshots: Arc::new(snapshots),
+            vm_locks: VmLocks::default(),
             launcher: Arc::new(Launcher {
                 image,
                 accel,
@@ -284,7 +290,7 @@ impl QemuHost {
                 runas: None,
                 tsc_khz: mmio.then(host_tsc_khz).flatten(),
             }),
-            lock: Arc::new(tokio::sync::Mutex::new(())),
+            lock: tokio::sync::Mutex::new(()),
             base: None,
         })
     }
@@ -475,9 +481,7 @@ impl QemuHost {
         }
         match self.qmp(name).await?.status().await?.as_str() {
             // A snapshot's pause is seconds long and undone after: still running.
-            "paused" if self.vm_dir(name)?.join(PAUSED_FOR_SNAPSHOT).exists() => {
-                Ok(Some(VmStatus::Running))
-            }
+            "paused" if paused_by_snapshot(&self.vm_dir(name)?) => Ok(Some(VmStatus::Running)),
             "paused" => Ok(Some(VmStatus::Paused)),
             "running" => Ok(Some(VmStatus::Running)),
             // Shutting down, crashed, or still starting: not usable.
@@ -776,13 +780,19 @@ impl Vmm for QemuHost {
         self.qmp_status(name).await
     }
 
+    /// Boots a stopped VM; resumes one that runs paused (a snapshot that could not
+    /// resume it says to start it).
     async fn start(&self, name: &str) -> Result<(), VmmError> {
+        let _vm = self.vm_locks.lock(name).await;
         let _guard = self.lock.lock().await;
         let record = self
             .dirs
             .record(name)?
             .ok_or_else(|| VmmError::NotFound(name.into()))?;
         if self.pid(name).is_some() {
+            if self.qmp_status(name).await? == Some(VmStatus::Paused) {
+                self.qmp_running(name, "cont").await?;
+            }
             return Ok(());
         }
         self.launcher
@@ -793,6 +803,7 @@ impl Vmm for QemuHost {
 
     /// A power-off: QMP `quit`, and a kill after a grace period.
     async fn stop(&self, name: &str) -> Result<(), VmmError> {
+        let _vm = self.vm_locks.lock(name).await;
         let _guard = self.lock.lock().await;
         self.dirs
             .record(name)?
@@ -801,18 +812,22 @@ impl Vmm for QemuHost {
     }
 
     async fn pause(&self, name: &str) -> Result<(), VmmError> {
+        let _vm = self.vm_locks.lock(name).await;
         self.qmp_running(name, "stop").await
     }
 
     async fn resume(&self, name: &str) -> Result<(), VmmError> {
+        let _vm = self.vm_locks.lock(name).await;
         self.qmp_running(name, "cont").await
     }
 
     async fn destroy(&self, name: &str) -> Result<(), VmmError> {
+        let _vm = self.vm_locks.lock(name).await;
         let _guard = self.lock.lock().await;
         self.vm_dir(name)?;
         self.power_off(name).await?;
         self.dirs.remove(name)?;
+        self.vm_locks.forget(name);
         self.snapshots.sweep(&self.dirs.snapshots_in_use()?);
         Ok(())
     }
@@ -837,10 +852,18 @@ impl Vmm for QemuHost {
             let Ok(dir) = self.vm_dir(&name) else {
                 continue;
             };
-            if !dir.join(PAUSED_FOR_SNAPSHOT).exists() {
+            if !paused_by_snapshot(&dir) {
                 continue;
             }
-            if self.pid(&name).is_some() {
+            // QEMU's own word: `qmp_status` reads a VM with the marker as running.
+            let paused = match self.pid(&name).map(|_| self.qmp(&name)) {
+                Some(connecting) => match connecting.await {
+                    Ok(mut qmp) => qmp.status().await.is_ok_and(|s| s == "paused"),
+                    Err(_) => false,
+                },
+                None => false,
+            };
+            if paused {
                 match self.qmp_running(&name, "cont").await {
                     Ok(()) => {
                         tracing::info!(vm = %name, "resumed a VM an agent killed mid-snapshot left paused")
@@ -851,7 +874,7 @@ impl Vmm for QemuHost {
                     }
                 }
             }
-            let _ = std::fs::remove_file(dir.join(PAUSED_FOR_SNAPSHOT));
+            let _ = std::fs::remove_file(dir.join(crate::snapshots::PAUSED_FOR_SNAPSHOT));
         }
     }
 
@@ -863,19 +886,19 @@ impl Vmm for QemuHost {
             .dirs
             .record(name)?
             .ok_or_else(|| VmmError::NotFound(name.into()))?;
-        // No VM starts or stops under the copy; the task holds the lock to its end.
-        let lock = self.lock.clone().lock_owned().await;
+        let lock = self.vm_locks.lock(name).await;
         let dir = self.vm_dir(name)?;
         let disk = dir.join("disk.qcow2");
         let vm = QmpPause {
             dir: dir.clone(),
             name: name.to_string(),
         };
-        let taking = crate::snapshots::take(
+        crate::snapshots::take(
             self.snapshots.clone(),
-            id.to_string(),
+            id,
             dir,
             record.spec.disk_gb,
+            lock,
             vm,
             move |to| {
                 // The VM's QEMU holds the disk's lock (paused or not): `-U` reads beside it.
@@ -888,13 +911,8 @@ impl Vmm for QemuHost {
                     "qemu-img convert",
                 )
             },
-        );
-        tokio::spawn(async move {
-            let _lock = lock;
-            taking.await
-        })
+        )
         .await
-        .map_err(|e| VmmError::Failed(format!("the snapshot failed: {e}")))?
     }
 
     fn snapshots(&self) -> Option<&Snapshots> {

@@ -21,7 +21,7 @@
 use crate::vmm::{VmmError, fail};
 use async_trait::async_trait;
 pub use hearth_provider::agent::wire::Snapshot;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,19 +31,69 @@ use std::time::Instant;
 /// running: the pause is the snapshot's, not a state the control plane should act on.
 pub(crate) const PAUSED_FOR_SNAPSHOT: &str = "paused-for-snapshot";
 
+/// How often a snapshot tries to resume the VM it paused before it gives up.
+const RESUME_TRIES: u32 = 3;
+
 /// A VM as a snapshot sees it: paused for the copy when it runs, resumed after.
 #[async_trait]
 pub(crate) trait Pausable: Send + 'static {
-    /// Pauses the VM if it runs (the backend's caches written to the disk file); whether
-    /// it did.
-    async fn pause_if_running(&mut self) -> Result<bool, VmmError>;
+    async fn is_running(&mut self) -> Result<bool, VmmError>;
+    /// Pauses it (the backend's caches written to the disk file).
+    async fn pause(&mut self) -> Result<(), VmmError>;
     async fn resume(&mut self) -> Result<(), VmmError>;
 }
 
+/// One change to a VM at a time (a snapshot's copy, a start, a stop, a pause, a destroy),
+/// without holding up the host's other VMs.
+#[derive(Default)]
+pub(crate) struct VmLocks(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl VmLocks {
+    pub async fn lock(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .0
+            .lock()
+            .expect("not poisoned")
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
+    /// Forgets a destroyed VM's lock (a new VM of the name gets a new one).
+    pub fn forget(&self, name: &str) {
+        self.0.lock().expect("not poisoned").remove(name);
+    }
+}
+
+/// Whether the VM in `vm_dir`, which its backend says is paused, was paused by a snapshot.
+pub(crate) fn paused_by_snapshot(vm_dir: &Path) -> bool {
+    vm_dir.join(PAUSED_FOR_SNAPSHOT).exists()
+}
+
 /// Copies the disk of the VM in `vm_dir` into snapshot `id` with `copy`, the VM paused
-/// meanwhile if it runs (a marker in its directory says so until it is resumed). Call it in
-/// a task of its own: a caller that gives up must not leave the VM paused.
+/// meanwhile if it runs (a marker in its directory says so until it is resumed). It runs
+/// as a task of its own holding `lock` (the VM's): a caller that gives up cannot leave the
+/// VM paused, and nothing starts, stops or pauses the VM under the copy.
 pub(crate) async fn take(
+    snapshots: Arc<Snapshots>,
+    id: &str,
+    vm_dir: PathBuf,
+    disk_gb: i64,
+    lock: tokio::sync::OwnedMutexGuard<()>,
+    vm: impl Pausable,
+    copy: impl FnOnce(&Path) -> Result<(), VmmError> + Send + 'static,
+) -> Result<Snapshot, VmmError> {
+    let id = id.to_string();
+    tokio::spawn(async move {
+        let _lock = lock;
+        pause_copy_resume(snapshots, id, vm_dir, disk_gb, vm, copy).await
+    })
+    .await
+    .map_err(|e| VmmError::Failed(format!("the snapshot failed: {e}")))?
+}
+
+async fn pause_copy_resume(
     snapshots: Arc<Snapshots>,
     id: String,
     vm_dir: PathBuf,
@@ -53,26 +103,37 @@ pub(crate) async fn take(
 ) -> Result<Snapshot, VmmError> {
     let started = Instant::now();
     let marker = vm_dir.join(PAUSED_FOR_SNAPSHOT);
-    std::fs::write(&marker, b"").map_err(fail("mark the VM paused for a snapshot"))?;
-    let paused = match vm.pause_if_running().await {
-        Ok(paused) => paused,
-        Err(e) => {
+    let paused = vm.is_running().await?;
+    if paused {
+        // Before the pause: a VM paused by us is never without its marker.
+        std::fs::write(&marker, b"").map_err(fail("mark the VM paused for a snapshot"))?;
+        if let Err(e) = vm.pause().await {
             let _ = std::fs::remove_file(&marker);
             return Err(e);
         }
-    };
+    }
     let snapshot_id = id.clone();
     let made = tokio::task::spawn_blocking(move || snapshots.make(&snapshot_id, disk_gb, copy))
         .await
         .map_err(|e| VmmError::Failed(format!("the snapshot's copy failed: {e}")))
         .and_then(|made| made);
-    let resumed = if paused { vm.resume().await } else { Ok(()) };
-    match resumed {
-        Ok(()) => {
-            let _ = std::fs::remove_file(&marker);
+    if paused {
+        let mut resumed = vm.resume().await;
+        for _ in 1..RESUME_TRIES {
+            if resumed.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            resumed = vm.resume().await;
         }
-        Err(e) => {
-            tracing::error!(dir = %vm_dir.display(), error = %e, "could not resume the VM after its snapshot; the next agent start tries again")
+        // Either way the marker goes: the VM reports what it is (paused, if the resume
+        // failed: a start resumes it).
+        let _ = std::fs::remove_file(&marker);
+        if let Err(e) = resumed {
+            tracing::error!(dir = %vm_dir.display(), error = %e, "could not resume the VM after its snapshot; it stays paused until started");
+            return Err(VmmError::Failed(format!(
+                "the snapshot was taken but its VM could not be resumed ({e}); start the environment"
+            )));
         }
     }
     if let Ok(made) = &made {
@@ -213,8 +274,13 @@ impl Snapshots {
                 .and_then(|f| f.sync_all())
                 .map_err(fail("write the snapshot to disk"))?;
             std::fs::write(building.join(DISK_GB), format!("{disk_gb}\n"))
+                .and_then(|()| std::fs::File::open(building.join(DISK_GB))?.sync_all())
                 .map_err(fail("write the snapshot's size"))?;
-            std::fs::rename(&building, &dir).map_err(fail("commit the snapshot"))
+            std::fs::rename(&building, &dir).map_err(fail("commit the snapshot"))?;
+            // The rename itself durable: the control plane records the snapshot as ready.
+            std::fs::File::open(&self.root)
+                .and_then(|d| d.sync_all())
+                .map_err(fail("commit the snapshot"))
         });
         if let Err(e) = made {
             let _ = std::fs::remove_dir_all(&building);

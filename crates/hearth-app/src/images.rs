@@ -29,8 +29,14 @@ const BUILD_LIMIT: Duration = Duration::from_secs(900);
 const IMPORTS: &str = "imports";
 /// How long an upload may send nothing before it is given up.
 const UPLOAD_STALL: Duration = Duration::from_secs(60);
-/// A `building` row older than this lost its builder.
-const BUILDER_LOST_MS: i64 = 30 * 60_000;
+/// How long an upload may take in all.
+const UPLOAD_LIMIT: Duration = Duration::from_secs(30 * 60);
+/// Imports one node receives at once: each keeps up to two copies of its tarball on disk.
+const IMPORTS_AT_ONCE: usize = 2;
+static IMPORTS_UNDER_WAY: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(IMPORTS_AT_ONCE);
+/// A `building` row older than this lost its builder: longer than an upload and a load.
+const BUILDER_LOST_MS: i64 = 60 * 60_000;
 /// How long a checked image's VM may take to run and let `dev` in.
 const CHECK_LIMIT: Duration = Duration::from_secs(60);
 /// A Dockerfile's size.
@@ -293,6 +299,12 @@ async fn confine_bases(app: &App, user: &User, dockerfile: &str) -> AppResult<St
     Ok(out.join("\n") + "\n")
 }
 
+fn too_large(max: u64) -> AppError {
+    AppError::TooLarge(format!(
+        "an image tarball may have at most {max} bytes (HEARTH_IMAGE_UPLOAD_MAX_BYTES)"
+    ))
+}
+
 /// An image name: what creates name in `baseImage`; never a Docker reference, so it can
 /// never name an engine's own image.
 fn valid_name(name: &str) -> Result<(), String> {
@@ -361,20 +373,39 @@ impl App {
     }
 
     /// Loads the image in an uploaded `docker save` tarball (`upload`, streamed to this
-    /// node's disk, at most `image_upload_max_bytes`) on a Docker host, checks it as a
-    /// built one is, and offers it under `name`. The names the tarball carries are ignored.
+    /// node's disk, at most `image_upload_max_bytes`; `declared` is the size the request
+    /// announced) on a Docker host, checks it as a built one is, and offers it under `name`.
+    /// The names the tarball carries are ignored. Run it in a task of its own: a caller
+    /// that gives up mid-way would skip the clean-up.
     pub async fn import_image<E: std::fmt::Display>(
         &self,
         user: &User,
         name: &str,
         everyone: bool,
+        declared: Option<u64>,
         upload: impl futures::Stream<Item = Result<bytes::Bytes, E>>,
     ) -> AppResult<Image> {
         valid_name(name).map_err(AppError::Invalid)?;
+        let max = self.config.image_upload_max_bytes;
+        if declared.is_some_and(|n| n > max) {
+            return Err(too_large(max));
+        }
+        let _permit = IMPORTS_UNDER_WAY.try_acquire().map_err(|_| {
+            AppError::NoCapacity(format!(
+                "{IMPORTS_AT_ONCE} imports are under way on this server; try again in a few minutes"
+            ))
+        })?;
         let (image, host_ref, provider) = self.begin_image(user, name, everyone).await?;
         let dir = self.config.data_dir.join(IMPORTS);
         let path = dir.join(format!("{}.tar", image.id));
-        let received = self.receive_upload(&dir, &path, upload).await;
+        let received = tokio::time::timeout(UPLOAD_LIMIT, self.receive_upload(&dir, &path, upload))
+            .await
+            .unwrap_or_else(|_| {
+                Err(AppError::Timeout(format!(
+                    "the upload took longer than {} minutes",
+                    UPLOAD_LIMIT.as_secs() / 60
+                )))
+            });
         let loaded = match received {
             Ok(()) => tokio::time::timeout(
                 BUILD_LIMIT,
@@ -435,9 +466,7 @@ impl App {
                 chunk.map_err(|e| AppError::Invalid(format!("the upload broke off: {e}")))?;
             written += chunk.len() as u64;
             if written > max {
-                return Err(AppError::TooLarge(format!(
-                    "an image tarball may have at most {max} bytes (HEARTH_IMAGE_UPLOAD_MAX_BYTES)"
-                )));
+                return Err(too_large(max));
             }
             file.write_all(&chunk).await.map_err(failed)?;
         }

@@ -136,6 +136,9 @@ pub mod wire {
 
 /// How long a call to an agent may take (a create returns once QEMU runs, not once it booted).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long taking a snapshot may take on the agent: its copy of the VM's disk (the control
+/// plane gives a take 10 minutes in all).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(590);
 
 pub struct AgentProvider {
     /// One client per host, remade when its pinned certificate changes.
@@ -196,12 +199,26 @@ impl AgentProvider {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<Option<T>, ProviderError> {
+        self.call_within(host, method, path, body, REQUEST_TIMEOUT)
+            .await
+    }
+
+    /// `call` that may take up to `timeout` (a snapshot's copy takes longer than a call).
+    async fn call_within<T: serde::de::DeserializeOwned>(
+        &self,
+        host: &HostRef,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+        timeout: Duration,
+    ) -> Result<Option<T>, ProviderError> {
         let (client, credential) = self.client(host)?;
         let mut request = client
             .request(
                 method,
                 format!("{}{path}", host.endpoint.trim_end_matches('/')),
             )
+            .timeout(timeout)
             .bearer_auth(credential);
         if let Some(body) = body {
             request = request.json(&body);
@@ -448,11 +465,12 @@ impl Provider for AgentProvider {
             id: snapshot_id.to_string(),
         };
         let taken: wire::Snapshot = self
-            .call(
+            .call_within(
                 host,
                 reqwest::Method::POST,
                 "/v1/snapshots",
                 Some(serde_json::to_value(body).expect("serializable")),
+                SNAPSHOT_TIMEOUT,
             )
             .await?
             .ok_or_else(|| ProviderError::NotFound(vm.name.clone()))?;

@@ -138,9 +138,9 @@ impl Client {
         let opened = tokio::fs::File::open(file)
             .await
             .map_err(|e| Failure::usage(format!("cannot read {}: {e}", file.display())))?;
-        let (bar, size) = (bar.clone(), bar.length().unwrap_or(0));
+        let (counting, size) = (bar.clone(), bar.length().unwrap_or(0));
         let chunks = futures::stream::try_unfold(opened, move |mut file| {
-            let bar = bar.clone();
+            let bar = counting.clone();
             async move {
                 let mut buffer = vec![0u8; 1 << 20];
                 let n = file.read(&mut buffer).await?;
@@ -155,14 +155,26 @@ impl Client {
                 Ok(Some((buffer, file)))
             }
         });
-        self.send(
-            self.http
-                .post(format!("{}{path}", self.base))
-                .query(query)
-                .header("content-type", "application/x-tar")
-                .body(reqwest::Body::wrap_stream(chunks)),
-        )
-        .await
+        let sent = self
+            .send(
+                self.http
+                    .post(format!("{}{path}", self.base))
+                    .query(query)
+                    .header("content-type", "application/x-tar")
+                    .header(reqwest::header::CONTENT_LENGTH, size)
+                    .body(reqwest::Body::wrap_stream(chunks)),
+            )
+            .await;
+        match sent {
+            // The server answered before taking it all: it refuses at once what announces
+            // a size over its limit, and then stops reading.
+            Err(f) if f.status.is_none() && bar.position() > 0 => Err(Failure::failed(format!(
+                "the server stopped the upload: a tarball over its HEARTH_IMAGE_UPLOAD_MAX_BYTES is refused, \
+                 or the server went away ({})",
+                f.message
+            ))),
+            other => other,
+        }
     }
 
     pub async fn delete(&self, path: &str) -> Result<Value, Failure> {

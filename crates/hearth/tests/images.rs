@@ -450,16 +450,44 @@ async fn images_from_tarballs_on_docker() {
         body.contains("not a tar archive") || body.contains("no manifest.json"),
         "{body}"
     );
+    // Over the limit: refused on its announced size, before the upload. curl sends
+    // `Expect: 100-continue` for a large body, so it hears the refusal instead of a closed
+    // connection.
     let mut padded = good_bytes;
     padded.resize(limit + 1, 0);
-    let r = upload("too-big", padded).await.unwrap();
-    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    assert!(
-        r.text()
-            .await
-            .unwrap()
-            .contains("HEARTH_IMAGE_UPLOAD_MAX_BYTES"),
+    let too_big = work.path().join("too-big.tar");
+    std::fs::write(&too_big, padded).unwrap();
+    let mut data = std::ffi::OsString::from("@");
+    data.push(&too_big);
+    let curl = tokio::process::Command::new("curl")
+        .args(["-sS", "-X", "POST", "-w", "\n%{http_code}", "-H"])
+        .arg(format!("Authorization: Bearer {user}"))
+        .args(["-H", "Content-Type: application/x-tar", "--data-binary"])
+        .arg(data)
+        .arg(format!("{}/v1/images/import?name=too-big", server.base))
+        .output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&curl.stdout).to_string();
+    assert!(said.ends_with("\n413"), "{said} {curl:?}");
+    assert!(said.contains("HEARTH_IMAGE_UPLOAD_MAX_BYTES"), "{said}");
+    // A body that announces no size is counted as it comes, and cut at the limit.
+    let mut chunked = std::fs::read(&too_big).unwrap();
+    chunked.truncate(limit + 1);
+    let stream = futures::stream::iter(
+        chunked
+            .chunks(1 << 20)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+            .collect::<Vec<_>>(),
     );
+    let r = http
+        .post(format!("{}/v1/images/import?name=too-big", server.base))
+        .bearer_auth(&user)
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let r = upload("Bad Name", b"x".to_vec()).await.unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     nothing_left("after the refusals");

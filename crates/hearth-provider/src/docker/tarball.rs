@@ -18,6 +18,10 @@ const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
 /// Copies the `docker save` tarball `from` into `to` with `tag` as the only name of its one
 /// image. The error says what is wrong with the tarball, for its uploader.
+///
+/// Every entry is written anew under the name this function read and checked (extended
+/// PAX or GNU long names included), so what the engine reads is what was checked: no name
+/// twice, regular files, directories, and symbolic links that stay inside the archive only.
 pub fn sanitize(from: &Path, to: &Path, tag: &str) -> Result<(), String> {
     let input = std::fs::File::open(from).map_err(|e| format!("cannot read the upload: {e}"))?;
     let output = std::fs::File::create(to).map_err(|e| format!("cannot write a copy: {e}"))?;
@@ -25,6 +29,8 @@ pub fn sanitize(from: &Path, to: &Path, tag: &str) -> Result<(), String> {
     let mut copy = tar::Builder::new(std::io::BufWriter::new(output));
     let not_tar =
         |e: std::io::Error| format!("it is not a tar archive (`docker save` makes one): {e}");
+    let write_failed = |e: std::io::Error| format!("cannot write a copy: {e}");
+    let mut seen = std::collections::HashSet::new();
     let mut manifest_seen = false;
     for (n, entry) in archive.entries().map_err(not_tar)?.enumerate() {
         if n >= MAX_ENTRIES {
@@ -32,19 +38,29 @@ pub fn sanitize(from: &Path, to: &Path, tag: &str) -> Result<(), String> {
         }
         let mut entry = entry.map_err(not_tar)?;
         let path = entry.path().map_err(not_tar)?.into_owned();
-        let plain = path
-            .components()
-            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
-        if !plain {
-            return Err(format!(
+        let parts = inside(&path, &[]).ok_or_else(|| {
+            format!(
                 "entry {} leaves the archive (absolute, or through '..')",
                 path.display()
-            ));
+            )
+        })?;
+        if parts.is_empty() {
+            continue;
         }
-        let name = path.to_string_lossy().trim_start_matches("./").to_string();
+        let name = parts.join("/");
+        if !seen.insert(name.clone()) {
+            return Err(format!("entry {name} appears twice"));
+        }
+        let kind = entry.header().entry_type();
+        let mut header = tar::Header::new_gnu();
+        header.set_mode(0o644);
+        header.set_mtime(entry.header().mtime().unwrap_or(0));
         match name.as_str() {
             "repositories" | "index.json" | "oci-layout" => continue,
             "manifest.json" => {
+                if !kind.is_file() {
+                    return Err("its manifest.json is not a file".into());
+                }
                 if entry.size() > MAX_MANIFEST_BYTES {
                     return Err("its manifest.json is over 1 MiB".into());
                 }
@@ -53,18 +69,46 @@ pub fn sanitize(from: &Path, to: &Path, tag: &str) -> Result<(), String> {
                     .read_to_string(&mut text)
                     .map_err(|e| format!("its manifest.json is unreadable: {e}"))?;
                 let renamed = rename(&text, tag)?;
-                let mut header = tar::Header::new_gnu();
                 header.set_size(renamed.len() as u64);
-                header.set_mode(0o644);
-                header.set_cksum();
-                copy.append_data(&mut header, "manifest.json", renamed.as_bytes())
-                    .map_err(|e| format!("cannot write a copy: {e}"))?;
+                copy.append_data(&mut header, &name, renamed.as_bytes())
+                    .map_err(write_failed)?;
                 manifest_seen = true;
             }
+            _ if kind.is_file() => {
+                header.set_size(entry.size());
+                copy.append_data(&mut header, &name, &mut entry)
+                    .map_err(write_failed)?;
+            }
+            _ if kind.is_dir() => {
+                header.set_entry_type(tar::EntryType::Directory);
+                header.set_mode(0o755);
+                header.set_size(0);
+                copy.append_data(&mut header, &name, std::io::empty())
+                    .map_err(write_failed)?;
+            }
+            _ if kind.is_symlink() => {
+                // `docker save` links a layer that two images share; it must resolve inside.
+                let target = entry
+                    .link_name()
+                    .map_err(not_tar)?
+                    .ok_or_else(|| format!("link {name} has no target"))?
+                    .into_owned();
+                let parent: Vec<String> = parts[..parts.len() - 1].to_vec();
+                if target.is_absolute() || inside(&target, &parent).is_none() {
+                    return Err(format!(
+                        "link {name} points outside the archive ({})",
+                        target.display()
+                    ));
+                }
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_size(0);
+                copy.append_link(&mut header, &name, &target)
+                    .map_err(write_failed)?;
+            }
             _ => {
-                let header = entry.header().clone();
-                copy.append(&header, &mut entry)
-                    .map_err(|e| format!("cannot copy entry {name}: {e}"))?;
+                return Err(format!(
+                    "entry {name} is a {kind:?}: only files, directories and links inside the archive are loaded"
+                ));
             }
         }
     }
@@ -74,6 +118,23 @@ pub fn sanitize(from: &Path, to: &Path, tag: &str) -> Result<(), String> {
     copy.into_inner()
         .and_then(|mut w| std::io::Write::flush(&mut w))
         .map_err(|e| format!("cannot write a copy: {e}"))
+}
+
+/// `path`'s components, resolved from the directory `under` (components themselves), if
+/// they stay inside the archive: `None` for an absolute path or one that climbs out.
+fn inside(path: &Path, under: &[String]) -> Option<Vec<String>> {
+    let mut parts = under.to_vec();
+    for component in path.components() {
+        match component {
+            Component::Normal(part) => parts.push(part.to_str()?.to_string()),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                parts.pop()?;
+            }
+            Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(parts)
 }
 
 /// `manifest.json` with `tag` as the only name of its only image.
@@ -172,6 +233,122 @@ mod tests {
             e.contains("not a tar archive") || e.contains("no manifest.json"),
             "{e}"
         );
+    }
+
+    /// A tar header written by hand: what `tar::Builder` refuses to write.
+    fn raw_entry(name: &[u8], kind: tar::EntryType, link: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut header = tar::Header::new_gnu();
+        header.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
+        header.as_gnu_mut().unwrap().linkname[..link.len()].copy_from_slice(link);
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_entry_type(kind);
+        header.set_cksum();
+        let mut out = header.as_bytes().to_vec();
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+        out
+    }
+
+    fn archive(entries: &[Vec<u8>]) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let mut data = entries.concat();
+        data.extend_from_slice(&[0u8; 1024]);
+        std::fs::write(file.path(), data).unwrap();
+        file
+    }
+
+    const MANIFEST: &[u8] = br#"[{"Config":"c.json","RepoTags":["hearth/base:latest"]}]"#;
+
+    #[test]
+    fn a_second_manifest_under_another_spelling_is_refused() {
+        let out = tempfile::NamedTempFile::new().unwrap();
+        for second in [
+            &b".//manifest.json"[..],
+            b"./manifest.json",
+            b"x/../manifest.json",
+        ] {
+            let upload = archive(&[
+                raw_entry(b"manifest.json", tar::EntryType::Regular, b"", MANIFEST),
+                raw_entry(second, tar::EntryType::Regular, b"", MANIFEST),
+            ]);
+            let e = sanitize(upload.path(), out.path(), "t:1").unwrap_err();
+            assert!(e.contains("appears twice"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_long_name_is_written_as_it_was_checked() {
+        // A PAX header names the entry `manifest.json`; the plain header says `x`.
+        let mut pax = tar::Header::new_ustar();
+        let record = b"22 path=manifest.json\n";
+        pax.set_path("PaxHeaders/x").unwrap();
+        pax.set_size(record.len() as u64);
+        pax.set_entry_type(tar::EntryType::XHeader);
+        pax.set_cksum();
+        let mut first = pax.as_bytes().to_vec();
+        first.extend_from_slice(record);
+        first.resize(first.len().div_ceil(512) * 512, 0);
+        let upload = archive(&[
+            first,
+            raw_entry(b"x", tar::EntryType::Regular, b"", MANIFEST),
+        ]);
+        let out = tempfile::NamedTempFile::new().unwrap();
+        sanitize(upload.path(), out.path(), "hearth-import:i2").unwrap();
+        let copied = names(out.path());
+        assert_eq!(copied.len(), 1);
+        assert_eq!(copied[0].0, "manifest.json");
+        assert!(copied[0].1.contains("hearth-import:i2"), "{:?}", copied[0]);
+        assert!(!copied[0].1.contains("hearth/base"), "{:?}", copied[0]);
+    }
+
+    #[test]
+    fn links_stay_inside_and_other_kinds_are_refused() {
+        let out = tempfile::NamedTempFile::new().unwrap();
+        let manifest = raw_entry(b"manifest.json", tar::EntryType::Regular, b"", MANIFEST);
+        // The link `docker save` makes for a shared layer passes, as a link.
+        let upload = archive(&[
+            raw_entry(b"a/layer.tar", tar::EntryType::Regular, b"", b"layer"),
+            raw_entry(
+                b"b/layer.tar",
+                tar::EntryType::Symlink,
+                b"../a/layer.tar",
+                b"",
+            ),
+            manifest.clone(),
+        ]);
+        sanitize(upload.path(), out.path(), "t:1").unwrap();
+        let mut copied = tar::Archive::new(std::fs::File::open(out.path()).unwrap());
+        let kinds: Vec<(String, tar::EntryType)> = copied
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().to_string_lossy().to_string(),
+                    e.header().entry_type(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            kinds[1],
+            ("b/layer.tar".to_string(), tar::EntryType::Symlink)
+        );
+        for (link, kind, why) in [
+            (
+                &b"../../etc/passwd"[..],
+                tar::EntryType::Symlink,
+                "points outside",
+            ),
+            (b"/etc/passwd", tar::EntryType::Symlink, "points outside"),
+            (b"a/layer.tar", tar::EntryType::Link, "only files"),
+            (b"", tar::EntryType::Char, "only files"),
+            (b"", tar::EntryType::Fifo, "only files"),
+        ] {
+            let upload = archive(&[raw_entry(b"b/odd", kind, link, b""), manifest.clone()]);
+            let e = sanitize(upload.path(), out.path(), "t:1").unwrap_err();
+            assert!(e.contains(why), "{kind:?} {e}");
+        }
     }
 
     #[test]

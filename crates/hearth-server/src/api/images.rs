@@ -67,18 +67,26 @@ pub struct ImportQuery {
 /// default), checks it against the guest contract as a built image is, and offers it under
 /// `name`. The names the tarball carries are ignored. Counts against the tier's images.
 #[utoipa::path(post, path = "/v1/images/import", tag = "images", params(ImportQuery),
-    request_body(content = Vec<u8>, content_type = "application/x-tar", description = "what `docker save IMAGE` writes: one image"),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "what `docker save IMAGE` writes: one image (any content type is read as such)"),
     responses((status = 201, description = "the image, ready", body = ImageView), Invalid, Refused, OverQuota, TooLarge, AdminOnly, Authed))]
 pub async fn import(
     State(app): State<App>,
     Caller(user): Caller,
     Params(q): Params<ImportQuery>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> ApiResult<(StatusCode, Json<ImageView>)> {
     let everyone = q.visibility == Some(Visibility::Everyone);
-    let image = app
-        .import_image(&user, &q.name, everyone, body.into_data_stream())
-        .await?;
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    // Its own task: a client that goes away mid-upload must not skip the clean-up.
+    let image = tokio::spawn(async move {
+        app.import_image(&user, &q.name, everyone, declared, body.into_data_stream())
+            .await
+    })
+    .await
+    .map_err(|e| hearth_app::AppError::Internal(format!("the import failed: {e}")))??;
     Ok((StatusCode::CREATED, Json(ImageView::from(&image))))
 }
 
