@@ -6,7 +6,7 @@ use crate::error::{AppError, AppResult};
 use hearth_core::{EnvState, HostKind, JobKind, Resources, validate};
 use hearth_guest::{ExecRequest, KeyPair, Target};
 use hearth_store::{
-    Environment, Execution, NewEnvironment, NewJob, PersonalOutcome, Placement, User,
+    Environment, Execution, NewEnvironment, NewJob, PersonalOutcome, Placement, StoreError, User,
 };
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -229,6 +229,18 @@ impl App {
             }
             Some(name) => {
                 let snapshot = self.ready_snapshot(user, name).await?;
+                // A disk smaller than the one saved would cut its file system short (the
+                // source's record may be gone by retention; the host checks again).
+                match self.store.environment(&snapshot.environment_id).await {
+                    Ok(source) if resources.disk_gb < source.disk_gb => {
+                        return Err(AppError::Invalid(format!(
+                            "snapshot {} is of a {} GB disk: ask for diskGb {} or more",
+                            snapshot.name, source.disk_gb, source.disk_gb
+                        )));
+                    }
+                    Ok(_) | Err(StoreError::NotFound) => {}
+                    Err(e) => return Err(e.into()),
+                }
                 (snapshot.image.unwrap_or(requested), Some(snapshot.host_id))
             }
             None if requested == self.config.image => (requested, None),

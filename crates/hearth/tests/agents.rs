@@ -694,6 +694,17 @@ async fn snapshots_and_forks_on_an_agent_host() {
     // The source was paused for the copy and runs again.
     assert_eq!(exec(&server, &token, &a, "cat ~/made-before").await, "kept");
 
+    // A smaller disk than the one saved is refused at the request.
+    let r = server
+        .call(
+            "POST",
+            "/v1/environments",
+            Some(&token),
+            Some(json!({"name": "small", "snapshot": "first", "diskGb": 1})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    assert!(r.body.to_string().contains("diskGb 2"), "{:?}", r.body);
     let mut body = shape.clone();
     body["name"] = json!("from snapshot");
     body["snapshot"] = json!("first");
