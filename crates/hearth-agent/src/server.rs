@@ -325,7 +325,10 @@ pub fn tls_config(tls: &identity::Tls) -> Result<Arc<rustls::ServerConfig>> {
     Ok(Arc::new(config))
 }
 
-/// Serves `router` over TLS on `listener` until `shutdown` resolves.
+/// Serves `router` over TLS on `listener` until `shutdown` resolves; then its connections
+/// are closed too. (They used to live on: a connection the control plane opened while the
+/// agent served only `/healthz` for its join stayed in its client's pool, and every call
+/// that later took it got that router's 404, read as "no such VM".)
 pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -344,6 +347,7 @@ pub async fn serve(
         .header_read_timeout(std::time::Duration::from_secs(10));
     let builder = Arc::new(builder);
     tokio::pin!(shutdown);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let (tcp, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -354,13 +358,18 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = &mut shutdown => return Ok(()),
+            _ = &mut shutdown => {
+                connections.abort_all();
+                while connections.join_next().await.is_some() {}
+                return Ok(());
+            }
         };
+        while connections.try_join_next().is_some() {}
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
         let (acceptor, builder, router) = (acceptor.clone(), builder.clone(), router.clone());
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let handshake =
                 tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp))
                     .await;
@@ -371,5 +380,47 @@ pub async fn serve(
             }
             drop(slot);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection opened to a server stays with that server: once it stops, the
+    /// connection is closed, never answered by a router that has gone.
+    #[tokio::test]
+    async fn a_stopped_server_closes_its_connections() {
+        let state = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let tls = identity::tls(state.path(), &address.to_string()).unwrap();
+        let only_health = Router::new().route("/healthz", get(healthz));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(serve(
+            listener,
+            tls_config(&tls).unwrap(),
+            only_health,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let client = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(tls.ca_pem.as_bytes()).unwrap())
+            .build()
+            .unwrap();
+        let base = format!("https://{address}");
+        let answered = client.get(format!("{base}/healthz")).send().await.unwrap();
+        assert!(answered.status().is_success());
+        answered.bytes().await.unwrap();
+        // The pooled connection to the stopped server must not answer any more.
+        stop.send(()).unwrap();
+        serving.await.unwrap().unwrap();
+        let after = client.get(format!("{base}/v1/status")).send().await;
+        assert!(
+            after.is_err(),
+            "the stopped server still answered: {after:?}"
+        );
     }
 }
