@@ -17,6 +17,11 @@ import sys
 from benchlib import Node, request
 
 STREAMS = r"/(events|terminal)$|/exec/stream$"
+# The run has one host. A drain of it (its id reached through the stateful phase's links)
+# makes every later create a 503 `no_capacity`, as documented, but the stateful phase
+# ignores an operation's own expected statuses and calls any 5xx a server error (CI saw it
+# once). Draining is tested by `tests/hosts.rs` and friends.
+DRAIN = r"/v1/admin/hosts/[^/]+/drain$"
 
 
 def main():
@@ -44,7 +49,7 @@ def main():
                    # ignores an operation's own check settings (a stop, a delete, then GET
                    # .../activity answering 200 failed CI once), so the check is off run-wide.
                    "--exclude-checks", "use_after_free",
-                   "--exclude-path-regex", STREAMS,
+                   "--exclude-path-regex", f"{STREAMS}|{DRAIN}",
                    "--header", f"Authorization: Bearer {token}",
                    "--request-timeout", "30", "--no-color", "--suppress-health-check", "all"]
             failed |= subprocess.run(cmd).returncode != 0
