@@ -517,3 +517,168 @@ async fn two_engines_two_nodes() {
     }
     assert!(engine.containers_of(&over_tls).is_empty() && containers_of(&on_one).is_empty());
 }
+
+/// Links made for a test, deleted when dropped.
+struct Links(Vec<String>);
+
+impl Drop for Links {
+    fn drop(&mut self) {
+        for link in &self.0 {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", link])
+                .output();
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Docker checks a requested subnet only against its own networks. A bridge that another
+/// program, or an engine that died, left on the machine with the same /29 takes the VM's
+/// traffic: its SSH port never answers (this is how `two_engines_two_nodes` failed on a
+/// machine where earlier runs' engines had left their bridges). On an engine of this
+/// machine, Hearth skips the blocks the machine already routes.
+#[tokio::test]
+async fn vm_networks_avoid_ranges_this_machine_routes() {
+    let site = Site::new(Db::Sqlite).await;
+    let server = site.start().await;
+    let admin = server.admin_token.clone();
+    let hosts = server
+        .call("GET", "/v1/admin/hosts", Some(&admin), None)
+        .await
+        .body;
+    let local = hosts["items"][0]["id"].as_str().unwrap().to_string();
+    // A pool of eight /29 blocks; seven of them are routed to other interfaces, up like
+    // another program's, or left linkless like a dead engine's bridge.
+    let r = server
+        .patch(
+            &format!("/v1/admin/hosts/{local}"),
+            &admin,
+            json!({"options": {"subnetPool": "10.215.7.0/26"}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let free = 5;
+    let mut links = Links(Vec::new());
+    for block in (0..8).filter(|b| *b != free) {
+        let link = format!("hst7b{block}");
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &link])
+            .output();
+        if block % 2 == 0 {
+            // A veth pair with both ends up: a live link, as another program's would be.
+            let peer = format!("hst7p{block}");
+            ip(&["link", "add", &link, "type", "veth", "peer", "name", &peer]);
+            ip(&["link", "set", &peer, "up"]);
+        } else {
+            // A bridge without ports: its route is linkdown, and still taken.
+            ip(&["link", "add", &link, "type", "bridge"]);
+        }
+        links.0.push(link.clone());
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.215.7.{}/29", block * 8 + 1),
+            "dev",
+            &link,
+        ]);
+        ip(&["link", "set", &link, "up"]);
+    }
+
+    let token = server.user("routes@example.com", "unlimited").await;
+    let r = server
+        .call(
+            "POST",
+            "/v1/environments",
+            Some(&token),
+            Some(json!({"name": "routed", "memoryMb": 256})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let _sweep = Sweep(site.store().await.installation().await.unwrap().id);
+    server.wait_env(&token, &id, "running", UP).await;
+    let out = std::process::Command::new("docker")
+        .args([
+            "network",
+            "inspect",
+            &format!("hearth-{id}"),
+            "--format",
+            "{{range .IPAM.Config}}{{.Subnet}}{{end}}",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("10.215.7.{}/29", free * 8)
+    );
+    let r = server
+        .call(
+            "POST",
+            &format!("/v1/environments/{id}/exec"),
+            Some(&token),
+            Some(json!({"code": "echo alive"})),
+        )
+        .await;
+    assert_eq!(r.body["stdout"], "alive\n", "{:?}", r.body);
+
+    // The pool is now full: the next VM fails with what to do, and leaves no network.
+    let r = server
+        .call(
+            "POST",
+            "/v1/environments",
+            Some(&token),
+            Some(json!({"name": "no room", "memoryMb": 256})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let full = r.body["id"].as_str().unwrap().to_string();
+    let env = server.wait_env(&token, &full, "error", UP).await;
+    assert!(
+        env["stateMessage"]
+            .as_str()
+            .unwrap()
+            .contains("no free /29 left in its subnet pool 10.215.7.0/26"),
+        "{env:?}"
+    );
+    for env in [&id, &full] {
+        server
+            .call(
+                "DELETE",
+                &format!("/v1/environments/{env}"),
+                Some(&token),
+                None,
+            )
+            .await;
+    }
+    let deadline = Instant::now() + UP;
+    while !std::process::Command::new("docker")
+        .args([
+            "network",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("name=hearth-{id}"),
+        ])
+        .output()
+        .unwrap()
+        .stdout
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the VM's network was not removed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

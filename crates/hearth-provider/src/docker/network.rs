@@ -51,6 +51,45 @@ async fn used_ranges(docker: &Docker, host: &HostRef) -> Result<Vec<Ipv4Range>, 
         .collect())
 }
 
+/// Ranges this machine routes as specifically as a VM's /29 or more, from the main table
+/// in `/proc/net/route`. Docker checks a requested subnet only against its own networks;
+/// a bridge another program (or an engine that died) left on the machine with the same
+/// /29 takes the VM's traffic, and its SSH port never answers. Only meaningful for an
+/// engine on this machine: a remote engine's routes cannot be read from here.
+fn routed_here() -> Vec<Ipv4Range> {
+    match std::fs::read_to_string("/proc/net/route") {
+        Ok(table) => specific_routes(&table),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read /proc/net/route; VM networks are checked only against the engine's own");
+            Vec::new()
+        }
+    }
+}
+
+/// The destinations in a `/proc/net/route` table whose prefix is at least a VM's. A wider
+/// route does not matter: the VM's /29 is more specific and wins.
+fn specific_routes(table: &str) -> Vec<Ipv4Range> {
+    // Addresses are printed as the native-endian value of network-order bytes.
+    let address = |hex: &str| {
+        u32::from_str_radix(hex, 16)
+            .ok()
+            .map(|raw| u32::from_be_bytes(raw.to_ne_bytes()))
+    };
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let destination = address(fields.get(1)?)?;
+            let prefix = address(fields.get(7)?)?.count_ones() as u8;
+            (prefix >= VM_PREFIX).then_some(Ipv4Range {
+                base: destination,
+                prefix,
+            })
+        })
+        .collect()
+}
+
 /// Makes the environment's network, or finds the one an earlier attempt made.
 pub async fn ensure(
     docker: &Docker,
@@ -79,7 +118,14 @@ pub async fn ensure(
     }
     let blocks = pool.size() >> (32 - VM_PREFIX);
     let start = spread(environment_id) % blocks;
-    let mut used = used_ranges(docker, host).await?;
+    let on_this_machine = host.endpoint.starts_with("unix://");
+    let known = |mut used: Vec<Ipv4Range>| {
+        if on_this_machine {
+            used.extend(routed_here());
+        }
+        used
+    };
+    let mut used = known(used_ranges(docker, host).await?);
     let mut tried = 0u64;
     while tried < blocks {
         let candidate = pool.block(VM_PREFIX, (start + tried) % blocks);
@@ -116,7 +162,7 @@ pub async fn ensure(
             Ok(_) => return Ok(()),
             // Another create took this block between the listing and ours: look again.
             Err(e) if e.to_string().contains("overlaps") => {
-                used = used_ranges(docker, host).await?
+                used = known(used_ranges(docker, host).await?)
             }
             Err(e) => return Err(classify(host, e)),
         }
@@ -156,5 +202,21 @@ mod tests {
         let name = bridge_name("0199a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b");
         assert_eq!(name, "hz0c1d2e3f4a5b");
         assert!(name.len() <= 15);
+    }
+
+    #[test]
+    fn routes_as_specific_as_a_vm_network_are_taken() {
+        // Read from this machine: a default route, docker0's /16, a stale VM bridge's /29,
+        // a host route.
+        let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
+            eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
+            docker0\t000011AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n\
+            hz3f33b3db0e7f\tF829D60A\t00000000\t0001\t0\t0\t0\tF8FFFFFF\t0\t0\t0\n\
+            tun0\t0500000A\t00000000\t0005\t0\t0\t0\tFFFFFFFF\t0\t0\t0\n";
+        let taken: Vec<String> = specific_routes(table)
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        assert_eq!(taken, ["10.214.41.248/29", "10.0.0.5/32"]);
     }
 }

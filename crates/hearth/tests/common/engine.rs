@@ -263,6 +263,9 @@ impl Drop for Engine {
             args.extend(ids.iter().map(String::as_str));
             let _ = self.docker(&args);
         }
+        // Its VMs' networks go with the engine's data root, but their bridges would stay in
+        // the kernel with routes to nowhere.
+        let _ = self.docker(&["network", "prune", "-f"]);
         self.stop();
         let exec_root = self.dir.join("exec").display().to_string();
         let _ = Command::new("pkill").args(["-f", &exec_root]).output();

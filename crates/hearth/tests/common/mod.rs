@@ -327,9 +327,26 @@ impl Server {
                 return r.body;
             }
             if started.elapsed() > timeout {
+                let log = self
+                    .call(
+                        "GET",
+                        &format!("/v1/environments/{id}/logs"),
+                        Some(token),
+                        None,
+                    )
+                    .await
+                    .body;
+                let lines: Vec<String> = log["items"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|l| format!("{} {} {}", l["timestamp"], l["level"], l["message"]))
+                    .collect();
                 panic!(
-                    "environment did not become {want}: last {} {:?}",
-                    r.status, r.body
+                    "environment did not become {want}: last {} {:?}\nits log:\n{}",
+                    r.status,
+                    r.body,
+                    lines.join("\n")
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
