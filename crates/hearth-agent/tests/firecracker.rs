@@ -101,10 +101,10 @@ fn check(spec: &Value, schema: &Value, body: &Value, at: &str, out: &mut Vec<Str
         "array" if !body.is_array() => out.push(format!("{at} must be an array")),
         _ => {}
     }
-    if let (Some(choices), Some(s)) = (schema["enum"].as_array(), body.as_str()) {
-        if !choices.iter().any(|c| c.as_str() == Some(s)) {
-            out.push(format!("{at} must be one of {choices:?}, got {s:?}"));
-        }
+    if let (Some(choices), Some(s)) = (schema["enum"].as_array(), body.as_str())
+        && !choices.iter().any(|c| c.as_str() == Some(s))
+    {
+        out.push(format!("{at} must be one of {choices:?}, got {s:?}"));
     }
 }
 

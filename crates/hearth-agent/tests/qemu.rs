@@ -66,11 +66,12 @@ impl Drop for KillVmsUnder {
                 continue;
             };
             let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.starts_with(hearth_agent::qemu::QEMU) && cmdline.contains(&dir) {
-                if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
-                    // SAFETY: kill(2) on a QEMU running this test's files.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
+            if cmdline.starts_with(hearth_agent::qemu::QEMU)
+                && cmdline.contains(&dir)
+                && let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>()
+            {
+                // SAFETY: kill(2) on a QEMU running this test's files.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
     }

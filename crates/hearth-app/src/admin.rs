@@ -105,12 +105,12 @@ impl App {
                 ("maxDiskGb", q.max_disk_gb),
                 ("maxDurationHours", q.max_duration_hours),
             ] {
-                if let Some(v) = v {
-                    if !(0..=10_000_000).contains(&v) {
-                        return Err(AppError::Invalid(format!(
-                            "quota.{name} must be between 0 and 10000000, got {v}"
-                        )));
-                    }
+                if let Some(v) = v
+                    && !(0..=10_000_000).contains(&v)
+                {
+                    return Err(AppError::Invalid(format!(
+                        "quota.{name} must be between 0 and 10000000, got {v}"
+                    )));
                 }
             }
         }

@@ -52,10 +52,11 @@ impl Hub {
     /// (generation, newest log id) of the environment, at most `EVENT_POLL` old.
     pub async fn head(&self, app: &App, environment_id: &str) -> Option<(i64, i64)> {
         let version = self.version.load(Ordering::SeqCst);
-        if let Some((v, at, head)) = self.heads.lock().unwrap().get(environment_id) {
-            if *v == version && at.elapsed() < EVENT_POLL {
-                return *head;
-            }
+        if let Some((v, at, head)) = self.heads.lock().unwrap().get(environment_id)
+            && *v == version
+            && at.elapsed() < EVENT_POLL
+        {
+            return *head;
         }
         let head = app.store.event_head(environment_id).await.ok().flatten();
         let mut heads = self.heads.lock().unwrap();
@@ -97,7 +98,8 @@ pub fn stream(
         pending: VecDeque::new(),
         done: false,
     };
-    let events = futures::stream::unfold(cursor, |mut c| async move {
+
+    futures::stream::unfold(cursor, |mut c| async move {
         loop {
             if let Some(ev) = c.pending.pop_front() {
                 return Some((ev, c));
@@ -114,8 +116,7 @@ pub fn stream(
                 }
             }
         }
-    });
-    events
+    })
 }
 
 impl Cursor {
@@ -181,16 +182,16 @@ pub fn list_stream(app: App, user_id: Option<String>) -> impl Stream<Item = Live
         (app, user_id, None),
         |(app, user_id, mut seen)| async move {
             loop {
-                if let Ok(now) = app.store.environments_fingerprint(user_id.as_deref()).await {
-                    if seen != Some(now) {
-                        seen = Some(now);
-                        let event = LiveEvent {
-                            kind: "changed",
-                            id: format!("{}-{}", now.0, now.1),
-                            data: serde_json::json!({ "environments": now.0, "generations": now.1 }),
-                        };
-                        return Some((event, (app, user_id, seen)));
-                    }
+                if let Ok(now) = app.store.environments_fingerprint(user_id.as_deref()).await
+                    && seen != Some(now)
+                {
+                    seen = Some(now);
+                    let event = LiveEvent {
+                        kind: "changed",
+                        id: format!("{}-{}", now.0, now.1),
+                        data: serde_json::json!({ "environments": now.0, "generations": now.1 }),
+                    };
+                    return Some((event, (app, user_id, seen)));
                 }
                 let changed = app.changed.notified();
                 tokio::select! {

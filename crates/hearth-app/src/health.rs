@@ -76,10 +76,10 @@ async fn check_one(app: &App, host: &Host) -> Result<(), String> {
             }
         }
     }
-    if let (None, Some(identity)) = (&host.identity, &facts.identity) {
-        if let Err(e) = app.store.record_identity(&host.id, identity).await {
-            tracing::error!(host = %host.name, error = %e, "a host is registered twice; the reconciler leaves it alone");
-        }
+    if let (None, Some(identity)) = (&host.identity, &facts.identity)
+        && let Err(e) = app.store.record_identity(&host.id, identity).await
+    {
+        tracing::error!(host = %host.name, error = %e, "a host is registered twice; the reconciler leaves it alone");
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ pub async fn run(app: App, mut shutdown: watch::Receiver<bool>) {
     loop {
         // Listing a Docker engine's images is heavy for the engine: images no record
         // names are looked for on one pass in ten only.
-        let sweep = passes % 10 == 0;
+        let sweep = passes.is_multiple_of(10);
         passes += 1;
         if let Err(e) = reap(&app).await {
             tracing::warn!(error = %e, "reaper pass failed");

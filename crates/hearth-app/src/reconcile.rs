@@ -215,10 +215,10 @@ async fn reconcile_host(app: &App, host: &Host, pass: &mut Pass<'_>) -> anyhow::
         if !leftover {
             continue;
         }
-        if let Some(env) = &owner {
-            if app.store.has_outstanding_job(&env.id).await? {
-                continue;
-            }
+        if let Some(env) = &owner
+            && app.store.has_outstanding_job(&env.id).await?
+        {
+            continue;
         }
         // Still there? A job may have removed it since the listing.
         if provider.inspect(&host_ref, &vm.vm).await?.is_none() {
@@ -289,16 +289,15 @@ async fn act(
             )
             .await;
             let message = Some("stopped outside Hearth".to_string());
-            if let Ok(stopping) = env.moved_to(EnvState::Stopping, message.clone(), now) {
-                if let Ok(stopping) = app.store.save_transition(env, stopping, RECONCILER).await {
-                    if let Ok(mut stopped) = stopping.moved_to(EnvState::Stopped, message, now) {
-                        stopped.ssh_port = None;
-                        let _ = app
-                            .store
-                            .save_transition(&stopping, stopped, RECONCILER)
-                            .await;
-                    }
-                }
+            if let Ok(stopping) = env.moved_to(EnvState::Stopping, message.clone(), now)
+                && let Ok(stopping) = app.store.save_transition(env, stopping, RECONCILER).await
+                && let Ok(mut stopped) = stopping.moved_to(EnvState::Stopped, message, now)
+            {
+                stopped.ssh_port = None;
+                let _ = app
+                    .store
+                    .save_transition(&stopping, stopped, RECONCILER)
+                    .await;
             }
             app.ssh.forget(&env.id).await;
             app.notify_changed(&env.id);

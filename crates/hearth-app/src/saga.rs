@@ -569,16 +569,15 @@ impl<'a> Run<'a> {
         let message = format!(
             "{reason}; its VM is cleaned up once its host answers again, and counts until then"
         );
-        if let Ok(next) = env.moved_to(EnvState::Error, Some(message), self.app.now()) {
-            if let Ok(saved) = self
+        if let Ok(next) = env.moved_to(EnvState::Error, Some(message), self.app.now())
+            && let Ok(saved) = self
                 .app
                 .store
                 .save_transition_holding(env, next, self.actor())
                 .await
-            {
-                self.remember(&saved);
-                self.app.notify_changed(&env.id);
-            }
+        {
+            self.remember(&saved);
+            self.app.notify_changed(&env.id);
         }
     }
 

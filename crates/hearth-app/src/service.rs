@@ -703,6 +703,14 @@ impl App {
     }
 }
 
+/// The guest's `authorized_keys`: Hearth's own key first, then the user's, if any.
+fn authorized_keys(hearth: &KeyPair, user_key: Option<String>) -> String {
+    match user_key {
+        Some(k) => format!("{}\n{k}", hearth.public_openssh),
+        None => hearth.public_openssh.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -711,13 +719,5 @@ mod tests {
         assert_eq!((s.as_str(), t), ("h", true));
         let (s, t) = super::cut(b"abc", 10);
         assert_eq!((s.as_str(), t), ("abc", false));
-    }
-}
-
-/// The guest's `authorized_keys`: Hearth's own key first, then the user's, if any.
-fn authorized_keys(hearth: &KeyPair, user_key: Option<String>) -> String {
-    match user_key {
-        Some(k) => format!("{}\n{k}", hearth.public_openssh),
-        None => hearth.public_openssh.clone(),
     }
 }

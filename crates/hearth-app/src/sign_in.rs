@@ -94,13 +94,14 @@ fn email_key(email: &str) -> String {
 /// Refuses an email that failed too often lately.
 fn check_failures(email: &str) -> AppResult<()> {
     let failures = guard().failures.lock().expect("not poisoned");
-    if let Some((count, since)) = failures.get(&email_key(email)) {
-        if *count >= MAX_FAILURES && since.elapsed() < FAILURE_WINDOW {
-            let minutes = (FAILURE_WINDOW - since.elapsed()).as_secs() / 60 + 1;
-            return Err(AppError::TooMany(format!(
-                "too many failed sign-ins for this email; try again in {minutes} min"
-            )));
-        }
+    if let Some((count, since)) = failures.get(&email_key(email))
+        && *count >= MAX_FAILURES
+        && since.elapsed() < FAILURE_WINDOW
+    {
+        let minutes = (FAILURE_WINDOW - since.elapsed()).as_secs() / 60 + 1;
+        return Err(AppError::TooMany(format!(
+            "too many failed sign-ins for this email; try again in {minutes} min"
+        )));
     }
     Ok(())
 }

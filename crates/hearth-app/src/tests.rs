@@ -281,14 +281,14 @@ async fn a_failure_at_every_step_leaves_nothing_behind() {
             assert_eq!(now.state, want, "{point}: {:?}", now.state_message);
             let vms = w.live_vms(&env.id).await;
             match want {
-                EnvState::Error | EnvState::Running => {
-                    if want == EnvState::Error || now.state_message.is_some() {
-                        let msg = now.state_message.clone().unwrap_or_default();
-                        assert!(
-                            msg.contains(&format!("simulated failure at {point}")),
-                            "{point}: the reason is missing: {msg:?}"
-                        );
-                    }
+                EnvState::Error | EnvState::Running
+                    if (want == EnvState::Error || now.state_message.is_some()) =>
+                {
+                    let msg = now.state_message.clone().unwrap_or_default();
+                    assert!(
+                        msg.contains(&format!("simulated failure at {point}")),
+                        "{point}: the reason is missing: {msg:?}"
+                    );
                 }
                 _ => {}
             }

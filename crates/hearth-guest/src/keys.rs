@@ -126,6 +126,17 @@ impl MasterKey {
     }
 }
 
+/// Checks an OpenSSH public key line a user gave; returns it re-encoded (type, key and
+/// comment), so nothing but a key reaches `authorized_keys`.
+pub fn check_public_key(line: &str) -> Result<String, String> {
+    if line.len() > 16 * 1024 || line.contains('\n') || line.contains('\r') {
+        return Err("sshPublicKey must be one OpenSSH public key line".into());
+    }
+    let key = russh::keys::PublicKey::from_openssh(line.trim())
+        .map_err(|e| format!("sshPublicKey is not an OpenSSH public key: {e}"))?;
+    key.to_openssh().map_err(|e| format!("sshPublicKey: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,15 +169,4 @@ mod tests {
         let parsed = russh::keys::decode_secret_key(&kp.private_openssh, None).unwrap();
         assert_eq!(parsed.public_key().to_openssh().unwrap(), kp.public_openssh);
     }
-}
-
-/// Checks an OpenSSH public key line a user gave; returns it re-encoded (type, key and
-/// comment), so nothing but a key reaches `authorized_keys`.
-pub fn check_public_key(line: &str) -> Result<String, String> {
-    if line.len() > 16 * 1024 || line.contains('\n') || line.contains('\r') {
-        return Err("sshPublicKey must be one OpenSSH public key line".into());
-    }
-    let key = russh::keys::PublicKey::from_openssh(line.trim())
-        .map_err(|e| format!("sshPublicKey is not an OpenSSH public key: {e}"))?;
-    key.to_openssh().map_err(|e| format!("sshPublicKey: {e}"))
 }

@@ -256,10 +256,11 @@ impl SshPool {
         let addr = (target.host.clone(), target.port);
         {
             let conns = self.conns.lock().await;
-            if let Some(c) = conns.get(&target.environment_id) {
-                if c.addr == addr && !c.handle.is_closed() {
-                    return Ok(c.handle.clone());
-                }
+            if let Some(c) = conns.get(&target.environment_id)
+                && c.addr == addr
+                && !c.handle.is_closed()
+            {
+                return Ok(c.handle.clone());
             }
         }
         let handle = Arc::new(Self::connect(target, Duration::from_secs(10)).await?);

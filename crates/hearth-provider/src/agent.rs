@@ -165,10 +165,10 @@ impl AgentProvider {
                 host.name
             )));
         };
-        if let Some((pem, client)) = self.clients.lock().unwrap().get(&host.id) {
-            if *pem == access.ca_pem {
-                return Ok((client.clone(), access.credential.clone()));
-            }
+        if let Some((pem, client)) = self.clients.lock().unwrap().get(&host.id)
+            && *pem == access.ca_pem
+        {
+            return Ok((client.clone(), access.credential.clone()));
         }
         let ca = reqwest::Certificate::from_pem(access.ca_pem.as_bytes()).map_err(|e| {
             ProviderError::Failed(format!(

@@ -410,10 +410,8 @@ impl Store {
             .await?
             .rows_affected()
                 == 1;
-            if taken {
-                if let Some(vm) = self.pooled_vm(&id).await? {
-                    leased.push(vm);
-                }
+            if taken && let Some(vm) = self.pooled_vm(&id).await? {
+                leased.push(vm);
             }
         }
         Ok(leased)

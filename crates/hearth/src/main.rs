@@ -566,7 +566,7 @@ async fn serve() -> Result<ExitCode, Failure> {
                 .unwrap_or_else(|_| "info,sqlx=warn,russh=warn".into()),
         )
         .init();
-    let config = hearth_server::Config::from_env().map_err(|m| Failure::usage(m))?;
+    let config = hearth_server::Config::from_env().map_err(Failure::usage)?;
     hearth_server::serve::run(config)
         .await
         .map_err(|e| Failure::failed(format!("{e:#}")))?;
@@ -1573,6 +1573,30 @@ async fn hosts(client: &Client, command: HostsCommand) -> Result<ExitCode, Failu
     Ok(ExitCode::SUCCESS)
 }
 
+/// The local address this machine sends from towards `url`'s host (no packet is sent: a
+/// connected UDP socket only asks the kernel for the route).
+fn address_towards(url: &str) -> Result<String, String> {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let target = if authority
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        authority.to_string()
+    } else {
+        format!("{authority}:443")
+    };
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+    socket
+        .connect(&target)
+        .map_err(|e| format!("cannot find a route to the control plane {target}: {e}"))?;
+    Ok(socket
+        .local_addr()
+        .map_err(|e| e.to_string())?
+        .ip()
+        .to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
@@ -1596,28 +1620,4 @@ mod tests {
         assert_ne!(a.path(), b.path());
         std::fs::remove_dir(&planted).unwrap();
     }
-}
-
-/// The local address this machine sends from towards `url`'s host (no packet is sent: a
-/// connected UDP socket only asks the kernel for the route).
-fn address_towards(url: &str) -> Result<String, String> {
-    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let target = if authority
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-    {
-        authority.to_string()
-    } else {
-        format!("{authority}:443")
-    };
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
-    socket
-        .connect(&target)
-        .map_err(|e| format!("cannot find a route to the control plane {target}: {e}"))?;
-    Ok(socket
-        .local_addr()
-        .map_err(|e| e.to_string())?
-        .ip()
-        .to_string())
 }

@@ -50,10 +50,10 @@ impl Drop for Agent {
             let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
                 continue;
             };
-            if String::from_utf8_lossy(&cmdline).contains(&mine) {
-                if let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() {
-                    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-                }
+            if String::from_utf8_lossy(&cmdline).contains(&mine)
+                && let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>()
+            {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
             }
         }
     }
@@ -174,10 +174,10 @@ async fn host(server: &Server, name: &str) -> Option<Value> {
 async fn wait_health(server: &Server, name: &str, want: &str, agent: &Agent) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Some(h) = host(server, name).await {
-            if h["health"] == want {
-                return h;
-            }
+        if let Some(h) = host(server, name).await
+            && h["health"] == want
+        {
+            return h;
         }
         assert!(
             Instant::now() < deadline,

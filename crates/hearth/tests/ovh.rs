@@ -463,10 +463,9 @@ async fn an_agent_host_bought_on_ovh_joins_runs_a_vm_and_is_sold() {
             .unwrap()
             .iter()
             .find(|h| h["name"] == "bought-1")
+            && h["health"] == "healthy"
         {
-            if h["health"] == "healthy" {
-                break h.clone();
-            }
+            break h.clone();
         }
         assert!(
             started.elapsed() < Duration::from_secs(120),

@@ -119,10 +119,10 @@ impl DockerProvider {
             host.endpoint,
             host.tls.as_ref().map(|t| t.cert_pem.len()).unwrap_or(0)
         );
-        if let Some((f, d)) = self.clients.lock().unwrap().get(&host.id) {
-            if *f == fingerprint {
-                return Ok(d.clone());
-            }
+        if let Some((f, d)) = self.clients.lock().unwrap().get(&host.id)
+            && *f == fingerprint
+        {
+            return Ok(d.clone());
         }
         let docker = self.connect(host)?;
         let docker = docker
@@ -317,19 +317,18 @@ impl Provider for DockerProvider {
         let options = DockerOptions::parse(&host.options).map_err(ProviderError::Failed)?;
         let docker = self.client(host).await?;
         let info = docker.info().await.map_err(|e| unavailable(host, e))?;
-        if let Some(runtime) = &options.runtime {
-            if !info
+        if let Some(runtime) = &options.runtime
+            && !info
                 .runtimes
                 .as_ref()
                 .is_some_and(|r| r.contains_key(runtime))
-            {
-                return Err(ProviderError::Failed(format!(
-                    "host {}: its engine has no runtime {runtime:?}; register it (for gVisor: install runsc and add \
+        {
+            return Err(ProviderError::Failed(format!(
+                "host {}: its engine has no runtime {runtime:?}; register it (for gVisor: install runsc and add \
                      {{\"runtimes\": {{\"runsc\": {{\"path\": \"/usr/bin/runsc\"}}}}}} to /etc/docker/daemon.json, then \
                      reload dockerd) or remove options.runtime",
-                    host.name
-                )));
-            }
+                host.name
+            )));
         }
         // The engine ID alone is not enough: daemons of one machine share it (it comes
         // from /etc/docker), and cloned machines may too. With the machine's name and the

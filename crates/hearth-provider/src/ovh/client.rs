@@ -156,10 +156,8 @@ impl OvhClient {
 
     /// The delta to OVH's clock, read from `/auth/time` when unknown or `refresh`.
     async fn delta(&self, refresh: bool) -> Result<i64, OvhError> {
-        if !refresh {
-            if let Some(d) = *self.delta.lock().unwrap() {
-                return Ok(d);
-            }
+        if !refresh && let Some(d) = *self.delta.lock().unwrap() {
+            return Ok(d);
         }
         let url = format!("{}/auth/time", self.base);
         let answer = self

@@ -285,7 +285,7 @@ fn pick_image<'a>(images: &'a [Image], wanted: Option<&str>) -> Result<&'a Image
             let version = i.name.strip_prefix("Ubuntu ")?;
             let (major, minor) = version.split_once('.')?;
             let major: u32 = major.parse().ok()?;
-            (minor == "04" && major % 2 == 0).then_some((major, i))
+            (minor == "04" && major.is_multiple_of(2)).then_some((major, i))
         })
         .max_by_key(|(major, _)| *major)
         .map(|(_, i)| i)
@@ -518,10 +518,9 @@ impl OvhProvider {
             .unwrap()
             .get(&host.id)
             .and_then(|c| c.instances.clone())
+            && at >= not_before
         {
-            if at >= not_before {
-                return Ok(list);
-            }
+            return Ok(list);
         }
         let path = format!(
             "/cloud/project/{}/instance?region={}",
@@ -578,10 +577,10 @@ impl OvhProvider {
             .unwrap()
             .get_mut(&host.id)
             .and_then(|c| slot(c).clone());
-        if let Some((at, list)) = kept {
-            if at.elapsed() < CATALOGUE_TTL {
-                return Ok(list);
-            }
+        if let Some((at, list)) = kept
+            && at.elapsed() < CATALOGUE_TTL
+        {
+            return Ok(list);
         }
         let list: Vec<T> = on
             .client
@@ -851,14 +850,13 @@ impl Provider for OvhProvider {
             .unwrap()
             .get(&host.id)
             .and_then(|c| c.quota.clone())
+            && at.elapsed() < QUOTA_TTL
         {
-            if at.elapsed() < QUOTA_TTL {
-                return Ok(HostFacts {
-                    identity: Some(format!("ovh:{}:{}", on.project, on.region)),
-                    report: Some(report),
-                    capacity: Some(capacity),
-                });
-            }
+            return Ok(HostFacts {
+                identity: Some(format!("ovh:{}:{}", on.project, on.region)),
+                report: Some(report),
+                capacity: Some(capacity),
+            });
         }
         let path = format!("/cloud/project/{}/quota", on.project);
         let quotas: Vec<serde_json::Value> = on
