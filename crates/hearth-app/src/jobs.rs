@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 const ADOPT_KEYS: &str = "umask 077 && mkdir -p \"$HOME/.ssh\" && cat > \"$HOME/.ssh/authorized_keys.new\" \
      && printf '%s  %s\\n' @SHA256@ \"$HOME/.ssh/authorized_keys.new\" | sha256sum -c --status \
      && ssh-keygen -lf \"$HOME/.ssh/authorized_keys.new\" > /dev/null \
-     && mv -f \"$HOME/.ssh/authorized_keys.new\" \"$HOME/.ssh/authorized_keys\"";
+     && mv -f \"$HOME/.ssh/authorized_keys.new\" \"$HOME/.ssh/authorized_keys\" && sync";
 
 /// How long an init script may run before provisioning gives up on it.
 pub const INIT_SCRIPT_LIMIT: Duration = Duration::from_secs(1800);
@@ -166,8 +166,22 @@ impl Run<'_> {
             Step::InitScript => self.init_script(env).await,
             Step::StartVm => self.start_vm(env).await,
             Step::StopVm => {
-                self.app.ssh.forget(&env.id).await;
                 let on = Self::need_host(self.on_host(&env).await?)?;
+                if on.host.kind == hearth_core::HostKind::Agent && env.ssh_port.is_some() {
+                    // An agent's stop is a power-off (its guests have no init to shut down
+                    // cleanly); the guest writes back what it wrote in the last 30 s first.
+                    // Docker's stop leaves nothing in a guest's memory; a cloud's is a
+                    // clean shutdown.
+                    self.app
+                        .log(
+                            &env,
+                            "info",
+                            "writing the guest's data to its disk before the power-off",
+                        )
+                        .await;
+                    self.app.sync_guest(&env).await;
+                }
+                self.app.ssh.forget(&env.id).await;
                 match on.provider.stop(&on.host_ref, &vm_of(self, &env)).await {
                     Ok(()) | Err(hearth_provider::ProviderError::NotFound(_)) => Ok(Next::Continue),
                     Err(e) => Err(e.into()),

@@ -117,9 +117,10 @@ impl App {
         Ok(snapshot)
     }
 
-    /// Has the guest write what it holds in memory to its disk, so a copy of the disk has
-    /// it. A guest that does not answer is logged; its snapshot has what reached the disk.
-    async fn sync_guest(&self, env: &Environment) {
+    /// Has the guest write what it holds in memory to its disk, so a copy of the disk (or
+    /// the disk after a power-off) has it. A guest that does not answer is logged; the
+    /// disk has what reached it.
+    pub(crate) async fn sync_guest(&self, env: &Environment) {
         let request = hearth_guest::ExecRequest {
             code: "sync".into(),
             code_on_stdin: false,
@@ -140,10 +141,10 @@ impl App {
         match outcome {
             Ok(out) if out.exit_code == Some(0) => {}
             Ok(out) => {
-                tracing::warn!(environment = %env.id, exit = ?out.exit_code, timed_out = out.timed_out, "sync in the guest before its snapshot failed")
+                tracing::warn!(environment = %env.id, exit = ?out.exit_code, timed_out = out.timed_out, "sync in the guest failed")
             }
             Err(e) => {
-                tracing::warn!(environment = %env.id, error = %e, "could not sync the guest before its snapshot")
+                tracing::warn!(environment = %env.id, error = %e, "could not sync the guest")
             }
         }
     }

@@ -220,7 +220,8 @@ async fn wait_running_or_log(server: &Server, token: &str, id: &str, agent: &Age
         }
         if env["state"] == "error" || started.elapsed() > UP {
             panic!(
-                "the environment did not run: {env}\nagent log:\n{}",
+                "the environment did not run: {env}\nits log:\n{}\nagent log:\n{}",
+                server.env_log(token, id).await,
                 agent.log()
             );
         }
@@ -417,6 +418,18 @@ async fn two_agents_run_real_vms_and_only_their_control_plane_may_call_them() {
         );
     }
 
+    // A file written just before the stop is there after it: the guest's page cache (ext4
+    // writes back after up to 30 s) reaches its disk before the power-off.
+    assert_eq!(
+        exec(
+            &server,
+            &token,
+            one,
+            "echo kept > ~/last-words && echo written"
+        )
+        .await,
+        "written"
+    );
     server
         .call(
             "POST",
@@ -436,7 +449,7 @@ async fn two_agents_run_real_vms_and_only_their_control_plane_may_call_them() {
         )
         .await;
     server.wait_env(&token, one, "running", UP).await;
-    assert_eq!(exec(&server, &token, one, "echo back").await, "back");
+    assert_eq!(exec(&server, &token, one, "cat ~/last-words").await, "kept");
 
     for id in &ids {
         server
@@ -768,4 +781,129 @@ async fn snapshots_and_forks_on_an_agent_host() {
         assert_eq!(qemu_of(id), 0);
     }
     assert!(!file.exists(), "removed with the last VM made from it");
+}
+
+/// A warm pool on an agent host (real QEMU under TCG): the pool fills; a create takes the
+/// warm VM, which then holds only the environment's keys (real OpenSSH: the user's key in,
+/// the pool key refused); stopped and started, it boots from its own disk and still does
+/// (its config drive's pool key is applied on the VM's first boot only).
+#[tokio::test]
+async fn a_warm_pool_on_an_agent_host() {
+    let site = agent_site(Site::new(Db::Sqlite).await);
+    let server = site.start().await;
+    let t = join_token(&server, "vm-p").await;
+    let agent = Agent::start(&server, &t);
+    let host = wait_health(&server, "vm-p", "healthy", &agent).await;
+    let host_id = host["id"].as_str().unwrap().to_string();
+    let shape = json!({"vcpus": 1, "memoryMb": 512, "diskGb": 2});
+    let mut body = shape.clone();
+    body["size"] = json!(1);
+    let r = server
+        .call(
+            "PUT",
+            &format!("/v1/admin/hosts/{host_id}/pools"),
+            Some(&server.admin_token),
+            Some(body),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let started = Instant::now();
+    loop {
+        let pools = server
+            .call("GET", "/v1/admin/pools", Some(&server.admin_token), None)
+            .await
+            .body;
+        if pools["items"][0]["ready"] == 1 {
+            break;
+        }
+        assert!(started.elapsed() < UP, "the pool did not fill: {pools}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let store = site.store().await;
+    let pooled = store.pooled_on_host(&host_id).await.unwrap();
+    assert_eq!(pooled.len(), 1);
+    let master = hearth_guest::MasterKey::parse(
+        &std::fs::read_to_string(site.data_dir().join("master.key")).unwrap(),
+    )
+    .unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let pool_key = write_key(
+        keys.path(),
+        "pool",
+        &master.open(&pooled[0].ssh_private_key_enc).unwrap(),
+    );
+    let user_key = keys.path().join("user");
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "warm-user", "-f"])
+        .arg(&user_key)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let user_public = std::fs::read_to_string(user_key.with_extension("pub")).unwrap();
+
+    let token = server.user("warm@example.com", "pro").await;
+    let mut body = shape.clone();
+    body["name"] = json!("warm");
+    body["sshPublicKey"] = json!(user_public.trim());
+    let r = server
+        .call("POST", "/v1/environments", Some(&token), Some(body))
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    assert_eq!(id, pooled[0].id, "the create took the warm VM");
+    wait_running_or_log(&server, &token, &id, &agent).await;
+    let env = server.wait_env(&token, &id, "running", UP).await;
+    let port = env["sshPort"].as_i64().unwrap();
+    let pool_public = pooled[0].ssh_public_key.trim().to_string();
+    for round in ["claimed", "restarted"] {
+        let authorized = exec(&server, &token, &id, "cat ~/.ssh/authorized_keys").await;
+        assert!(!authorized.contains(&pool_public), "{round}: {authorized}");
+        assert!(
+            authorized.contains(user_public.trim()),
+            "{round}: {authorized}"
+        );
+        let port = server
+            .call("GET", &format!("/v1/environments/{id}"), Some(&token), None)
+            .await
+            .body["sshPort"]
+            .as_i64()
+            .unwrap_or(port);
+        assert_eq!(
+            openssh(&user_key, port, "echo in").await.as_deref(),
+            Ok("in"),
+            "{round}"
+        );
+        let refused = openssh(&pool_key, port, "true").await;
+        assert!(
+            matches!(&refused, Err(e) if e.contains("Permission denied")),
+            "{round}: the pool key still works: {refused:?}"
+        );
+        if round == "claimed" {
+            for (action, state) in [("stop", "stopped"), ("start", "running")] {
+                server
+                    .call(
+                        "POST",
+                        &format!("/v1/environments/{id}/{action}"),
+                        Some(&token),
+                        None,
+                    )
+                    .await;
+                if state == "running" {
+                    wait_running_or_log(&server, &token, &id, &agent).await;
+                } else {
+                    server.wait_env(&token, &id, state, UP).await;
+                }
+            }
+        }
+    }
+    server
+        .call(
+            "DELETE",
+            &format!("/v1/environments/{id}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    server.wait_env(&token, &id, "destroyed", UP).await;
+    assert_eq!(qemu_of(&id), 0);
 }

@@ -315,7 +315,26 @@ impl Server {
         r.body["token"].as_str().unwrap().to_string()
     }
 
-    /// Polls the personal VM until its status is `want` (or 404 when `want` is "gone").
+    /// An environment's provisioning log, a line per entry: for a failing test's message.
+    pub async fn env_log(&self, token: &str, id: &str) -> String {
+        let log = self
+            .call(
+                "GET",
+                &format!("/v1/environments/{id}/logs"),
+                Some(token),
+                None,
+            )
+            .await
+            .body;
+        let lines: Vec<String> = log["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|l| format!("{} {} {}", l["timestamp"], l["level"], l["message"]))
+            .collect();
+        lines.join("\n")
+    }
+
     /// Polls an environment until its state is `want`.
     pub async fn wait_env(&self, token: &str, id: &str, want: &str, timeout: Duration) -> Value {
         let started = Instant::now();
@@ -327,26 +346,11 @@ impl Server {
                 return r.body;
             }
             if started.elapsed() > timeout {
-                let log = self
-                    .call(
-                        "GET",
-                        &format!("/v1/environments/{id}/logs"),
-                        Some(token),
-                        None,
-                    )
-                    .await
-                    .body;
-                let lines: Vec<String> = log["items"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|l| format!("{} {} {}", l["timestamp"], l["level"], l["message"]))
-                    .collect();
                 panic!(
                     "environment did not become {want}: last {} {:?}\nits log:\n{}",
                     r.status,
                     r.body,
-                    lines.join("\n")
+                    self.env_log(token, id).await
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
