@@ -37,6 +37,21 @@ impl Drop for Sweep {
                 .args(&ids)
                 .output();
         }
+        let out = std::process::Command::new("docker")
+            .args([
+                "network",
+                "ls",
+                "-q",
+                "--filter",
+                &format!("label=hearth.installation={}", self.0),
+            ])
+            .output()
+            .unwrap();
+        for network in String::from_utf8_lossy(&out.stdout).lines() {
+            let _ = std::process::Command::new("docker")
+                .args(["network", "rm", network])
+                .output();
+        }
     }
 }
 
@@ -568,6 +583,34 @@ async fn vm_networks_avoid_ranges_this_machine_routes() {
         )
         .await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    // A run killed before its clean-up may have left a network in the pool.
+    let out = std::process::Command::new("docker")
+        .args([
+            "network",
+            "ls",
+            "-q",
+            "--filter",
+            "label=hearth.managed=true",
+        ])
+        .output()
+        .unwrap();
+    for network in String::from_utf8_lossy(&out.stdout).lines() {
+        let subnet = std::process::Command::new("docker")
+            .args([
+                "network",
+                "inspect",
+                network,
+                "--format",
+                "{{range .IPAM.Config}}{{.Subnet}}{{end}}",
+            ])
+            .output()
+            .unwrap();
+        if String::from_utf8_lossy(&subnet.stdout).starts_with("10.215.7.") {
+            let _ = std::process::Command::new("docker")
+                .args(["network", "rm", network])
+                .output();
+        }
+    }
     let free = 5;
     let mut links = Links(Vec::new());
     for block in (0..8).filter(|b| *b != free) {
@@ -651,6 +694,21 @@ async fn vm_networks_avoid_ranges_this_machine_routes() {
             .contains("no free /29 left in its subnet pool 10.215.7.0/26"),
         "{env:?}"
     );
+    let no_network = |env: &str| {
+        std::process::Command::new("docker")
+            .args([
+                "network",
+                "ls",
+                "-q",
+                "--filter",
+                &format!("name=hearth-{env}"),
+            ])
+            .output()
+            .unwrap()
+            .stdout
+            .is_empty()
+    };
+    assert!(no_network(&full), "the refused VM left a network");
     for env in [&id, &full] {
         server
             .call(
@@ -662,19 +720,7 @@ async fn vm_networks_avoid_ranges_this_machine_routes() {
             .await;
     }
     let deadline = Instant::now() + UP;
-    while !std::process::Command::new("docker")
-        .args([
-            "network",
-            "ls",
-            "-q",
-            "--filter",
-            &format!("name=hearth-{id}"),
-        ])
-        .output()
-        .unwrap()
-        .stdout
-        .is_empty()
-    {
+    while !no_network(&id) {
         assert!(
             Instant::now() < deadline,
             "the VM's network was not removed"

@@ -51,19 +51,36 @@ async fn used_ranges(docker: &Docker, host: &HostRef) -> Result<Vec<Ipv4Range>, 
         .collect())
 }
 
-/// Ranges this machine routes as specifically as a VM's /29 or more, from the main table
-/// in `/proc/net/route`. Docker checks a requested subnet only against its own networks;
-/// a bridge another program (or an engine that died) left on the machine with the same
-/// /29 takes the VM's traffic, and its SSH port never answers. Only meaningful for an
-/// engine on this machine: a remote engine's routes cannot be read from here.
-fn routed_here() -> Vec<Ipv4Range> {
-    match std::fs::read_to_string("/proc/net/route") {
+/// Ranges this machine already uses: routes in its main table as specific as a VM's /29
+/// or more (`/proc/net/route`), and each of its IPv4 addresses. Docker checks a requested
+/// subnet only against its own networks; a bridge another program (or an engine that died)
+/// left on the machine with the same /29 takes the VM's traffic, and an address of the
+/// machine inside the block is delivered to the machine: the VM's SSH never answers.
+///
+/// Only meaningful for an engine on this machine, and seen from this process's network
+/// namespace (a control plane in a container sees its own). Policy-routing tables other
+/// than main (a VPN's) are not read: give such hosts a `subnetPool` the VPN does not use.
+fn used_here() -> Vec<Ipv4Range> {
+    let mut used = match std::fs::read_to_string("/proc/net/route") {
         Ok(table) => specific_routes(&table),
         Err(e) => {
-            tracing::warn!(error = %e, "could not read /proc/net/route; VM networks are checked only against the engine's own");
+            tracing::warn!(error = %e, "could not read /proc/net/route; VM networks are checked only against the engine's own and this machine's addresses");
             Vec::new()
         }
+    };
+    match nix::ifaddrs::getifaddrs() {
+        Ok(addresses) => used.extend(addresses.filter_map(|a| {
+            let v4 = a.address?.as_sockaddr_in()?.ip();
+            Some(Ipv4Range {
+                base: u32::from(v4),
+                prefix: 32,
+            })
+        })),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list this machine's addresses; VM networks are not checked against them")
+        }
     }
+    used
 }
 
 /// The destinations in a `/proc/net/route` table whose prefix is at least a VM's. A wider
@@ -121,7 +138,7 @@ pub async fn ensure(
     let on_this_machine = host.endpoint.starts_with("unix://");
     let known = |mut used: Vec<Ipv4Range>| {
         if on_this_machine {
-            used.extend(routed_here());
+            used.extend(used_here());
         }
         used
     };
@@ -204,6 +221,8 @@ mod tests {
         assert!(name.len() <= 15);
     }
 
+    // The table's hex is this machine's byte order: the literals are little-endian's.
+    #[cfg(target_endian = "little")]
     #[test]
     fn routes_as_specific_as_a_vm_network_are_taken() {
         // Read from this machine: a default route, docker0's /16, a stale VM bridge's /29,
@@ -218,5 +237,12 @@ mod tests {
             .map(|r| r.to_string())
             .collect();
         assert_eq!(taken, ["10.214.41.248/29", "10.0.0.5/32"]);
+    }
+
+    #[test]
+    fn this_machines_addresses_are_taken() {
+        let used = used_here();
+        let loopback = Ipv4Range::parse("127.0.0.1/32").unwrap();
+        assert!(used.contains(&loopback), "{used:?}");
     }
 }
