@@ -22,7 +22,11 @@ use std::time::{Duration, Instant};
 const ADOPT_KEYS: &str = "umask 077 && mkdir -p \"$HOME/.ssh\" && cat > \"$HOME/.ssh/authorized_keys.new\" \
      && printf '%s  %s\\n' @SHA256@ \"$HOME/.ssh/authorized_keys.new\" | sha256sum -c --status \
      && ssh-keygen -lf \"$HOME/.ssh/authorized_keys.new\" > /dev/null \
-     && mv -f \"$HOME/.ssh/authorized_keys.new\" \"$HOME/.ssh/authorized_keys\" && sync";
+     && mv -f \"$HOME/.ssh/authorized_keys.new\" \"$HOME/.ssh/authorized_keys\" \
+     && sync \"$HOME/.ssh/authorized_keys\" \"$HOME/.ssh\"";
+
+/// How long a stop waits for an agent host's guest to write its data to its disk.
+const STOP_SYNC_LIMIT: Duration = Duration::from_secs(30);
 
 /// How long an init script may run before provisioning gives up on it.
 pub const INIT_SCRIPT_LIMIT: Duration = Duration::from_secs(1800);
@@ -179,7 +183,15 @@ impl Run<'_> {
                             "writing the guest's data to its disk before the power-off",
                         )
                         .await;
-                    self.app.sync_guest(&env).await;
+                    if let Err(e) = self.app.sync_guest(&env, STOP_SYNC_LIMIT).await {
+                        self.app
+                            .log(
+                                &env,
+                                "warn",
+                                &format!("{e}; powering off anyway: what the guest wrote in its last 30 s may not be on its disk"),
+                            )
+                            .await;
+                    }
                 }
                 self.app.ssh.forget(&env.id).await;
                 match on.provider.stop(&on.host_ref, &vm_of(self, &env)).await {

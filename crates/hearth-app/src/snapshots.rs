@@ -64,7 +64,9 @@ impl App {
             id: env.vm_id.clone(),
         };
         if env.state == EnvState::Running && host.kind != HostKind::Docker {
-            self.sync_guest(&env).await;
+            if let Err(e) = self.sync_guest(&env, SYNC_LIMIT).await {
+                tracing::warn!(environment = %env.id, error = %e, "could not sync the guest before its snapshot");
+            }
         }
         let taken =
             tokio::time::timeout(TAKE_LIMIT, provider.snapshot(&host_ref, &vm, &snapshot.id))
@@ -118,34 +120,35 @@ impl App {
     }
 
     /// Has the guest write what it holds in memory to its disk, so a copy of the disk (or
-    /// the disk after a power-off) has it. A guest that does not answer is logged; the
-    /// disk has what reached it.
-    pub(crate) async fn sync_guest(&self, env: &Environment) {
+    /// the disk after a power-off) has it, within `limit` all told (connecting included).
+    /// The error says why not; the disk then has what reached it.
+    pub(crate) async fn sync_guest(
+        &self,
+        env: &Environment,
+        limit: Duration,
+    ) -> Result<(), String> {
         let request = hearth_guest::ExecRequest {
             code: "sync".into(),
             code_on_stdin: false,
             working_dir: None,
             env: Default::default(),
             stdin: Vec::new(),
-            timeout: SYNC_LIMIT,
+            timeout: limit,
             max_output: 4096,
         };
-        let outcome = match self.target(env) {
-            Ok(target) => self
-                .ssh
-                .exec(&target, &request)
-                .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match outcome {
-            Ok(out) if out.exit_code == Some(0) => {}
-            Ok(out) => {
-                tracing::warn!(environment = %env.id, exit = ?out.exit_code, timed_out = out.timed_out, "sync in the guest failed")
-            }
-            Err(e) => {
-                tracing::warn!(environment = %env.id, error = %e, "could not sync the guest")
-            }
+        let target = self.target(env).map_err(|e| e.to_string())?;
+        match tokio::time::timeout(limit, self.ssh.exec(&target, &request)).await {
+            Ok(Ok(out)) if out.exit_code == Some(0) => Ok(()),
+            Ok(Ok(out)) => Err(format!(
+                "sync in the guest ended with {:?}{}",
+                out.exit_code,
+                if out.timed_out { " (timed out)" } else { "" }
+            )),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "the guest did not sync within {} s",
+                limit.as_secs()
+            )),
         }
     }
 
