@@ -754,11 +754,16 @@ impl Vmm for FirecrackerHost {
         let vm = FcPause {
             client: self.pid(name).map(|_| self.client(name)).transpose()?,
         };
+        // A sparse copy takes what the disk takes.
+        let needed = crate::snapshots::allocated_bytes(&disk)?;
         crate::snapshots::take(
             self.snapshots.clone(),
             id,
-            dir,
-            record.spec.disk_gb,
+            crate::snapshots::VmDisk {
+                vm_dir: dir,
+                disk_gb: record.spec.disk_gb,
+                copy_bytes: needed,
+            },
             lock,
             vm,
             move |to| {

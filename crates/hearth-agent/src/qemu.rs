@@ -203,6 +203,29 @@ pub(crate) fn kill_qemu(dir: &Path, name: &str) {
     }
 }
 
+/// What the files of `disk`'s backing chain take on the host's disk: at most what a copy
+/// that folds the chain in takes.
+fn chain_bytes(disk: &Path) -> Result<u64, VmmError> {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--backing-chain", "--output=json"])
+        .arg(disk)
+        .output()
+        .map_err(fail("run qemu-img info"))?;
+    if !out.status.success() {
+        return Err(VmmError::Failed(format!(
+            "qemu-img info {}: {}",
+            disk.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let chain: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)
+        .map_err(|e| VmmError::Failed(format!("qemu-img info's answer: {e}")))?;
+    Ok(chain
+        .iter()
+        .filter_map(|file| file["actual-size"].as_u64())
+        .sum())
+}
+
 /// Powers off the QEMU of `name` started from `dir`: QMP `quit`, a kill after a grace period.
 pub(crate) async fn stop_qemu(dir: &Path, name: &str) {
     let Some(pid) = pid_in(dir, name) else {
@@ -893,11 +916,20 @@ impl Vmm for QemuHost {
             dir: dir.clone(),
             name: name.to_string(),
         };
+        let needed = {
+            let disk = disk.clone();
+            tokio::task::spawn_blocking(move || chain_bytes(&disk))
+                .await
+                .map_err(|e| VmmError::Failed(format!("qemu-img info: {e}")))??
+        };
         crate::snapshots::take(
             self.snapshots.clone(),
             id,
-            dir,
-            record.spec.disk_gb,
+            crate::snapshots::VmDisk {
+                vm_dir: dir,
+                disk_gb: record.spec.disk_gb,
+                copy_bytes: needed,
+            },
             lock,
             vm,
             move |to| {
@@ -993,4 +1025,28 @@ pub fn probe(accel: Accel, image: &VmImage, work: &Path) -> bool {
     let _ = child.kill();
     let _ = child.wait();
     works
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chain_counts_every_file_it_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.raw");
+        std::fs::write(&base, vec![7u8; 4 << 20]).unwrap();
+        let overlay = dir.path().join("disk.qcow2");
+        run(
+            Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                .arg(&base)
+                .arg(&overlay),
+            "qemu-img create",
+        )
+        .unwrap();
+        let bytes = chain_bytes(&overlay).unwrap();
+        assert!(bytes >= 4 << 20, "{bytes}");
+        assert!(bytes < 16 << 20, "{bytes}");
+    }
 }

@@ -34,6 +34,80 @@ pub(crate) const PAUSED_FOR_SNAPSHOT: &str = "paused-for-snapshot";
 /// How often a snapshot tries to resume the VM it paused before it gives up.
 const RESUME_TRIES: u32 = 3;
 
+/// Room a snapshot leaves free on the agent's disk beyond its copy: the VMs' own disks grow
+/// into it, and a full disk would stop them all.
+pub(crate) const RESERVE_BYTES: u64 = 2 << 30;
+
+/// Bytes an unprivileged writer may still use on the file system holding `path`.
+fn free_bytes(path: &Path) -> Result<u64, VmmError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| VmmError::Failed(format!("{} holds a NUL byte", path.display())))?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a struct statvfs to fill, both alive for the call.
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(fail("measure the free space for snapshots")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+/// Refuses a copy of up to `needed` bytes into `dir` that would leave less than
+/// `RESERVE_BYTES` free once copies under way (`pending` bytes) are done, before anything
+/// is paused or written.
+pub(crate) fn check_room(dir: &Path, needed: u64, pending: u64) -> Result<(), VmmError> {
+    let free = free_bytes(dir)?;
+    if free.saturating_sub(RESERVE_BYTES).saturating_sub(pending) < needed {
+        let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+        return Err(VmmError::Failed(format!(
+            "not enough disk space on the host for this snapshot: it needs up to {:.1} GiB; \
+             {:.1} GiB are free, {:.1} GiB of them promised to snapshots under way, and \
+             {:.0} GiB are kept free for the VMs' disks; delete snapshots or free space on the host",
+            gib(needed),
+            gib(free),
+            gib(pending),
+            gib(RESERVE_BYTES)
+        )));
+    }
+    Ok(())
+}
+
+/// The room a copy under way was promised; given back when the copy ends either way.
+struct Promised {
+    snapshots: Arc<Snapshots>,
+    bytes: u64,
+}
+
+impl Drop for Promised {
+    fn drop(&mut self) {
+        *self.snapshots.pending.lock().expect("not poisoned") -= self.bytes;
+    }
+}
+
+impl Snapshots {
+    /// Checks and promises room for a copy of up to `needed` bytes: copies of different VMs
+    /// run at once, and each must count what the others will still write.
+    fn promise(self: &Arc<Self>, needed: u64) -> Result<Promised, VmmError> {
+        let mut pending = self.pending.lock().expect("not poisoned");
+        check_room(&self.root, needed, *pending)?;
+        *pending += needed;
+        Ok(Promised {
+            snapshots: self.clone(),
+            bytes: needed,
+        })
+    }
+}
+
+/// The bytes `path` takes on its disk (a sparse file's holes take none).
+pub(crate) fn allocated_bytes(path: &Path) -> Result<u64, VmmError> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)
+        .map_err(fail("measure the VM's disk"))?
+        .blocks()
+        * 512)
+}
+
 /// A VM as a snapshot sees it: paused for the copy when it runs, resumed after.
 #[async_trait]
 pub(crate) trait Pausable: Send + 'static {
@@ -71,23 +145,38 @@ pub(crate) fn paused_by_snapshot(vm_dir: &Path) -> bool {
     vm_dir.join(PAUSED_FOR_SNAPSHOT).exists()
 }
 
-/// Copies the disk of the VM in `vm_dir` into snapshot `id` with `copy`, the VM paused
+/// The disk a snapshot copies.
+pub(crate) struct VmDisk {
+    /// The VM's directory (where the paused-for-snapshot marker goes).
+    pub vm_dir: PathBuf,
+    /// Its size as the VM sees it.
+    pub disk_gb: i64,
+    /// The most its copy can take on the host's disk.
+    pub copy_bytes: u64,
+}
+
+/// Copies the disk of the VM in `disk.vm_dir` into snapshot `id` with `copy`, the VM paused
 /// meanwhile if it runs (a marker in its directory says so until it is resumed). It runs
 /// as a task of its own holding `lock` (the VM's): a caller that gives up cannot leave the
-/// VM paused, and nothing starts, stops or pauses the VM under the copy.
+/// VM paused, and nothing starts, stops or pauses the VM under the copy. A copy that could
+/// fill the host's disk is refused first (`check_room`).
 pub(crate) async fn take(
     snapshots: Arc<Snapshots>,
     id: &str,
-    vm_dir: PathBuf,
-    disk_gb: i64,
+    disk: VmDisk,
     lock: tokio::sync::OwnedMutexGuard<()>,
     vm: impl Pausable,
     copy: impl FnOnce(&Path) -> Result<(), VmmError> + Send + 'static,
 ) -> Result<Snapshot, VmmError> {
+    let promised = match snapshots.find(id)? {
+        None => Some(snapshots.promise(disk.copy_bytes)?),
+        Some(_) => None,
+    };
     let id = id.to_string();
     tokio::spawn(async move {
         let _lock = lock;
-        pause_copy_resume(snapshots, id, vm_dir, disk_gb, vm, copy).await
+        let _promised = promised;
+        pause_copy_resume(snapshots, id, disk.vm_dir, disk.disk_gb, vm, copy).await
     })
     .await
     .map_err(|e| VmmError::Failed(format!("the snapshot failed: {e}")))?
@@ -146,6 +235,8 @@ async fn pause_copy_resume(
 pub struct Snapshots {
     root: PathBuf,
     disk_file: &'static str,
+    /// Bytes promised to copies under way (`promise`).
+    pending: std::sync::Mutex<u64>,
 }
 
 /// The marker of a snapshot deleted while a VM still uses it.
@@ -168,7 +259,11 @@ impl Snapshots {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
-        Ok(Snapshots { root, disk_file })
+        Ok(Snapshots {
+            root,
+            disk_file,
+            pending: std::sync::Mutex::new(0),
+        })
     }
 
     /// The directory of snapshot `id`; ids are the control plane's (letters, digits, `_`, `-`).
@@ -335,6 +430,35 @@ mod tests {
 
     fn write(path: &Path) -> Result<(), VmmError> {
         std::fs::write(path, vec![7u8; 10_000]).map_err(fail("write"))
+    }
+
+    #[test]
+    fn a_copy_that_would_fill_the_disk_is_refused_and_holes_take_no_room() {
+        let state = tempfile::tempdir().unwrap();
+        let free = free_bytes(state.path()).unwrap();
+        assert!(free > 0);
+        let refused = check_room(state.path(), free, 0).unwrap_err().to_string();
+        assert!(
+            refused.contains("not enough disk space on the host for this snapshot"),
+            "{refused}"
+        );
+        if free > RESERVE_BYTES + (8 << 30) {
+            // Room promised to one copy is not promised again while it runs (the margins
+            // leave room for other programs writing meanwhile).
+            let snapshots = Arc::new(Snapshots::open(state.path(), "disk.qcow2").unwrap());
+            let half = (free - RESERVE_BYTES) / 2 + (1 << 30);
+            let first = snapshots.promise(half).unwrap();
+            assert!(snapshots.promise(half).is_err());
+            drop(first);
+            snapshots.promise(half).unwrap();
+            assert_eq!(*snapshots.pending.lock().unwrap(), 0);
+        }
+        let sparse = state.path().join("sparse");
+        let file = std::fs::File::create(&sparse).unwrap();
+        file.set_len(10 << 30).unwrap();
+        assert!(allocated_bytes(&sparse).unwrap() < 1 << 20);
+        std::fs::write(&sparse, vec![7u8; 1 << 20]).unwrap();
+        assert!(allocated_bytes(&sparse).unwrap() >= 1 << 20);
     }
 
     #[test]
