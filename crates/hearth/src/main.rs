@@ -8,6 +8,12 @@
 mod client;
 mod ssh;
 
+/// jemalloc, not glibc's malloc: after 50 clients read pages of 100 environments for 20 s
+/// the server held 104 MiB with glibc's (its per-thread arenas keep what the load freed)
+/// and 47-49 MiB with jemalloc, at the same throughput (BENCHMARKS.md, issue 16).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use client::{Client, Failure};
