@@ -982,3 +982,165 @@ pub(crate) mod tests {
         .await;
     }
 }
+
+/// Issue 16: paging at scale, the same on both backends.
+#[cfg(test)]
+mod paging_tests {
+    use crate::hosts::tests::host;
+    use crate::testdb::{BulkEnvironment, each_backend};
+    use hearth_core::{EnvState, HostKind, Role, Tier};
+    use rand::{Rng, SeedableRng};
+    use std::sync::{Arc, Mutex};
+
+    const ROWS: usize = 100_000;
+    const USERS: usize = 4;
+    const STATES: [&str; 5] = ["running", "stopped", "destroyed", "error", "requested"];
+
+    /// A random filter and cursor walk over 100,000 environments: every walk returns exactly
+    /// the rows that matched when it began, newest first, none skipped or repeated, though
+    /// rows are inserted between its page reads; and both backends return the same walks.
+    #[tokio::test]
+    async fn pages_never_skip_or_repeat_over_a_hundred_thousand_environments() {
+        // One data set for both backends: ids, owners (by index) and states.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(16);
+        let data: Vec<(String, usize, &'static str)> = (0..ROWS)
+            .map(|_| {
+                (
+                    uuid::Uuid::now_v7().to_string(),
+                    rng.gen_range(0..USERS),
+                    STATES[rng.gen_range(0..STATES.len())],
+                )
+            })
+            .collect();
+        // Ids for the rows inserted during walks: newer than all of the data, in order.
+        let later: Vec<String> = (0..2_000)
+            .map(|_| uuid::Uuid::now_v7().to_string())
+            .collect();
+        let walks: Arc<Mutex<Vec<Vec<Vec<String>>>>> = Arc::default();
+        each_backend(|store| {
+            let data = data.clone();
+            let mut later = later.clone().into_iter();
+            let walks = walks.clone();
+            async move {
+                let h = store
+                    .add_host(&host("h", HostKind::Sim, 1_000_000, 1_000_000_000))
+                    .await
+                    .unwrap();
+                let mut users = Vec::new();
+                for i in 0..USERS {
+                    let (u, _) = store
+                        .create_user(&format!("p{i}@example.com"), Role::User, Tier::Unlimited)
+                        .await
+                        .unwrap();
+                    users.push(u.id);
+                }
+                let bulk = |(id, user, state): &(String, usize, &'static str)| BulkEnvironment {
+                    id: id.clone(),
+                    user_id: users[*user].clone(),
+                    host_id: h.id.clone(),
+                    state,
+                };
+                store
+                    .insert_environments_for_tests(&data.iter().map(bulk).collect::<Vec<_>>())
+                    .await
+                    .unwrap();
+                // Newest first, as the model of what a walk must return.
+                let mut model = data.clone();
+                model.sort_by(|a, b| b.0.cmp(&a.0));
+                let mut rng = rand::rngs::StdRng::seed_from_u64(61);
+                let mut results = Vec::new();
+                for trial in 0..40 {
+                    let user = (rng.gen_range(0..5) < 4).then(|| rng.gen_range(0..USERS));
+                    let state = (rng.gen_range(0..3) == 0)
+                        .then(|| STATES[rng.gen_range(0..STATES.len())]);
+                    let include_destroyed = rng.gen_bool(0.5);
+                    // Two walks read everything; the others a few pages from anywhere.
+                    let (limit, max_pages, start) = if trial < 2 {
+                        (500, usize::MAX, None)
+                    } else {
+                        let start = rng
+                            .gen_bool(0.7)
+                            .then(|| data[rng.gen_range(0..data.len())].0.clone());
+                        (rng.gen_range(1..=200), rng.gen_range(1..=8), start)
+                    };
+                    let expected: Vec<String> = model
+                        .iter()
+                        .filter(|(id, u, s)| {
+                            user.is_none_or(|want| *u == want)
+                                && state.is_none_or(|want| *s == want)
+                                && (include_destroyed || *s != "destroyed")
+                                && start.as_ref().is_none_or(|c| id < c)
+                        })
+                        .map(|(id, _, _)| id.clone())
+                        .collect();
+                    let mut got: Vec<String> = Vec::new();
+                    let mut cursor = start.clone();
+                    let mut pages = 0;
+                    loop {
+                        let (items, next) = store
+                            .list_environments(
+                                user.map(|u| users[u].as_str()),
+                                state.map(|s| EnvState::parse(s).unwrap()),
+                                include_destroyed,
+                                cursor.as_deref(),
+                                limit,
+                            )
+                            .await
+                            .unwrap();
+                        assert!(items.len() as i64 <= limit);
+                        got.extend(items.iter().map(|e| e.id.clone()));
+                        pages += 1;
+                        // Rows come and go between page reads (new ones are newer than
+                        // any cursor, so this walk must not see them).
+                        if rng.gen_range(0..4) == 0 {
+                            let new: Vec<(String, usize, &'static str)> = (0..rng
+                                .gen_range(1..=3))
+                                .map(|_| {
+                                    (
+                                        later.next().expect("enough later ids"),
+                                        rng.gen_range(0..USERS),
+                                        STATES[rng.gen_range(0..STATES.len())],
+                                    )
+                                })
+                                .collect();
+                            store
+                                .insert_environments_for_tests(
+                                    &new.iter().map(bulk).collect::<Vec<_>>(),
+                                )
+                                .await
+                                .unwrap();
+                            // Ascending ids: each goes before the one made just before it.
+                            for row in new {
+                                model.insert(0, row);
+                            }
+                        }
+                        match next {
+                            Some(n) if pages < max_pages => cursor = Some(n),
+                            Some(_) => break,
+                            None => {
+                                assert_eq!(got.len(), expected.len(), "trial {trial}: a walk's end came early or late");
+                                break;
+                            }
+                        }
+                    }
+                    assert!(got.len() <= expected.len(), "trial {trial}: more than matched");
+                    assert_eq!(
+                        got[..],
+                        expected[..got.len()],
+                        "trial {trial}: user {user:?}, state {state:?}, destroyed {include_destroyed}, limit {limit}"
+                    );
+                    if trial < 2 {
+                        assert_eq!(got.len(), expected.len(), "a whole walk");
+                    }
+                    results.push(got);
+                }
+                walks.lock().unwrap().push(results);
+            }
+        })
+        .await;
+        let walks = walks.lock().unwrap();
+        assert_eq!(walks.len(), 2);
+        assert!(walks[0] == walks[1], "the backends' walks differ");
+        assert!(walks[0].iter().map(Vec::len).sum::<usize>() > 50_000);
+    }
+}

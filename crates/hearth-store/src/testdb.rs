@@ -124,6 +124,15 @@ where
     body(fresh_postgres().await).await;
 }
 
+/// One environment of `insert_environments_for_tests`.
+#[derive(Debug, Clone)]
+pub struct BulkEnvironment {
+    pub id: String,
+    pub user_id: String,
+    pub host_id: String,
+    pub state: &'static str,
+}
+
 impl Store {
     /// Test setup at scale: `count` running environments of `user_id` on each listed host,
     /// written in large batches, then the host counters re-summed. Bypasses quota and
@@ -133,12 +142,28 @@ impl Store {
         user_id: &str,
         hosts: &[(String, i64)],
     ) -> crate::Result<()> {
+        let rows: Vec<BulkEnvironment> = hosts
+            .iter()
+            .flat_map(|(h, n)| {
+                (0..*n).map(move |_| BulkEnvironment {
+                    id: uuid::Uuid::now_v7().to_string(),
+                    user_id: user_id.to_string(),
+                    host_id: h.clone(),
+                    state: "running",
+                })
+            })
+            .collect();
+        self.insert_environments_for_tests(&rows).await
+    }
+
+    /// Test setup at scale: environments as given, in large batches, then the host counters
+    /// re-summed (a row that is not destroyed holds its host's room, as `reserved` says).
+    pub async fn insert_environments_for_tests(
+        &self,
+        rows: &[BulkEnvironment],
+    ) -> crate::Result<()> {
         const PER_BATCH: usize = 200;
         let now = self.now();
-        let rows: Vec<(&str, String)> = hosts
-            .iter()
-            .flat_map(|(h, n)| (0..*n).map(move |_| (h.as_str(), uuid::Uuid::now_v7().to_string())))
-            .collect();
         let mut tx = self.begin().await?;
         for batch in rows.chunks(PER_BATCH) {
             let mut sql = String::from(
@@ -147,23 +172,25 @@ impl Store {
                  updated_at, reserved) VALUES ",
             );
             for i in 0..batch.len() {
-                let b = i * 5;
+                let b = i * 7;
                 if i > 0 {
                     sql.push_str(", ");
                 }
                 sql.push_str(&format!(
-                    "(${}, ${}, 'bulk', ${}, 0, 'running', 1, 'sim', ${}, 'dev', 1, 256, 1, 'none', '{{}}', '', '', ${}, ${}, 1)",
-                    b + 1, b + 2, b + 3, b + 4, b + 5, b + 5
+                    "(${}, ${}, 'bulk', ${}, 0, ${}, 1, 'sim', ${}, 'dev', 1, 256, 1, 'none', '{{}}', '', '', ${}, ${}, ${})",
+                    b + 1, b + 2, b + 3, b + 4, b + 5, b + 6, b + 6, b + 7
                 ));
             }
             let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (host, id) in batch {
+            for row in batch {
                 q = q
-                    .bind(id.clone())
-                    .bind(format!("env_{}", &id[id.len() - 12..]))
-                    .bind(user_id)
-                    .bind(*host)
-                    .bind(now);
+                    .bind(row.id.clone())
+                    .bind(format!("env_{}", &row.id[row.id.len() - 12..]))
+                    .bind(row.user_id.clone())
+                    .bind(row.state)
+                    .bind(row.host_id.clone())
+                    .bind(now)
+                    .bind(i64::from(row.state != "destroyed"));
             }
             q.execute(&mut *tx).await?;
         }
