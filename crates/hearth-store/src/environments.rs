@@ -6,7 +6,7 @@ use crate::hosts::{Placement, release};
 use crate::jobs::{NewJob, insert_job};
 use crate::records::insert_audit;
 use crate::users::{User, quota_and_usage};
-use crate::{Result, Store, StoreError, Tx};
+use crate::{Backend, Result, Store, StoreError, Tx};
 use hearth_core::{EnvState, HostKind, Reservation, Resources};
 use rand::Rng;
 use sqlx::Row;
@@ -156,7 +156,7 @@ const COLUMNS: &str = "id, slug, name, user_id, personal, state, state_message, 
     last_activity_source, init_script, repository_url, gpus, gpu_model, reserved, ssh_host_key";
 
 macro_rules! select_env {
-    ($where:literal) => {
+    ($where:expr) => {
         concat!(
             "SELECT id, slug, name, user_id, personal, state, state_message, generation, provider, \
              host_id, vm_id, region, ip_address, ssh_host, ssh_port, ssh_user, vcpus, memory_mb, disk_gb, \
@@ -168,6 +168,159 @@ macro_rules! select_env {
             $where
         )
     };
+}
+
+/// The columns of an environment (and its host's name) as `json_object` arguments: a page is
+/// read as one JSON array, one value from the driver. Row by row, through `sqlx::Any`, each
+/// environment cost a hop between the driver's thread and the caller's and a copy of every
+/// column (BENCHMARKS.md, issue 16).
+macro_rules! env_object {
+    () => {
+        "'id', id, 'slug', slug, 'name', name, 'user_id', user_id, 'personal', personal, \
+         'state', state, 'state_message', state_message, 'generation', generation, \
+         'provider', provider, 'host_id', host_id, 'host_name', host_name, 'vm_id', vm_id, \
+         'region', region, 'ip_address', ip_address, 'ssh_host', ssh_host, 'ssh_port', ssh_port, \
+         'ssh_user', ssh_user, 'ssh_host_key', ssh_host_key, 'vcpus', vcpus, \
+         'memory_mb', memory_mb, 'disk_gb', disk_gb, 'gpus', gpus, 'gpu_model', gpu_model, \
+         'reserved', reserved, 'base_image', base_image, 'environment_vars', environment_vars, \
+         'ssh_public_key', ssh_public_key, 'ssh_private_key_enc', ssh_private_key_enc, \
+         'auto_stop_minutes', auto_stop_minutes, 'total_runtime_seconds', total_runtime_seconds, \
+         'created_at', created_at, 'updated_at', updated_at, 'started_at', started_at, \
+         'stopped_at', stopped_at, 'expires_at', expires_at, 'last_activity_at', last_activity_at, \
+         'last_activity_source', last_activity_source, 'init_script', init_script, \
+         'repository_url', repository_url"
+    };
+}
+
+/// `select_env!($where)` (which orders by id, newest first) as one JSON array in column `v`,
+/// in that order; `[]` when nothing matches. The backends name their JSON functions apart.
+/// A page's filter: `$1` the owner (`''` for everyone's, which only the admin reads), `$2`
+/// a state or `''`, `$3` 1 to include destroyed ones, `$4` the cursor (the last id of the
+/// page before) or `''`, `$5` how many.
+macro_rules! page_where {
+    (one_user) => {
+        "WHERE user_id = $1 AND ($2 = '' OR state = $2) AND ($3 = 1 OR state <> 'destroyed') \
+         AND ($4 = '' OR id < $4) ORDER BY id DESC LIMIT $5"
+    };
+    (every_user) => {
+        "WHERE $1 = '' AND ($2 = '' OR state = $2) AND ($3 = 1 OR state <> 'destroyed') \
+         AND ($4 = '' OR id < $4) ORDER BY id DESC LIMIT $5"
+    };
+}
+
+macro_rules! page_of_envs {
+    (sqlite, $where:expr) => {
+        concat!(
+            "SELECT json_group_array(json_object(",
+            env_object!(),
+            ") ORDER BY id DESC) AS v FROM (",
+            select_env!($where),
+            ")"
+        )
+    };
+    (postgres, $where:expr) => {
+        concat!(
+            "SELECT COALESCE(json_agg(json_build_object(",
+            env_object!(),
+            ") ORDER BY id DESC), '[]')::text AS v FROM (",
+            select_env!($where),
+            ") AS page"
+        )
+    };
+}
+
+/// An environment's row as `env_object!` writes it, and as `env_from_row` reads it.
+#[derive(serde::Deserialize)]
+struct EnvRow {
+    id: String,
+    slug: String,
+    name: String,
+    user_id: String,
+    personal: i64,
+    state: String,
+    state_message: Option<String>,
+    generation: i64,
+    provider: String,
+    host_id: Option<String>,
+    host_name: Option<String>,
+    vm_id: Option<String>,
+    region: Option<String>,
+    ip_address: Option<String>,
+    ssh_host: Option<String>,
+    ssh_port: Option<i64>,
+    ssh_user: String,
+    ssh_host_key: Option<String>,
+    vcpus: i64,
+    memory_mb: i64,
+    disk_gb: i64,
+    gpus: i64,
+    gpu_model: Option<String>,
+    reserved: i64,
+    base_image: String,
+    environment_vars: String,
+    ssh_public_key: String,
+    ssh_private_key_enc: String,
+    auto_stop_minutes: Option<i64>,
+    total_runtime_seconds: i64,
+    created_at: i64,
+    updated_at: i64,
+    started_at: Option<i64>,
+    stopped_at: Option<i64>,
+    expires_at: Option<i64>,
+    last_activity_at: Option<i64>,
+    last_activity_source: Option<String>,
+    init_script: Option<String>,
+    repository_url: Option<String>,
+}
+
+impl EnvRow {
+    /// The environment; its variables are still as kept at rest (returned beside it).
+    fn into_environment(self) -> Result<(Environment, String)> {
+        let env = Environment {
+            state: EnvState::parse(&self.state)
+                .ok_or_else(|| StoreError::Corrupt(format!("state {}", self.state)))?,
+            provider: HostKind::parse(&self.provider)
+                .ok_or_else(|| StoreError::Corrupt(format!("provider {}", self.provider)))?,
+            id: self.id,
+            slug: self.slug,
+            name: self.name,
+            user_id: self.user_id,
+            personal: self.personal != 0,
+            state_message: self.state_message,
+            generation: self.generation,
+            host_id: self.host_id,
+            host_name: self.host_name,
+            vm_id: self.vm_id,
+            region: self.region,
+            ip_address: self.ip_address,
+            ssh_host: self.ssh_host,
+            ssh_port: self.ssh_port,
+            ssh_user: self.ssh_user,
+            ssh_host_key: self.ssh_host_key,
+            vcpus: self.vcpus,
+            memory_mb: self.memory_mb,
+            disk_gb: self.disk_gb,
+            gpus: self.gpus,
+            gpu_model: self.gpu_model,
+            reserved: self.reserved != 0,
+            base_image: self.base_image,
+            environment_vars: BTreeMap::new(),
+            ssh_public_key: self.ssh_public_key,
+            ssh_private_key_enc: self.ssh_private_key_enc,
+            auto_stop_minutes: self.auto_stop_minutes,
+            total_runtime_seconds: self.total_runtime_seconds,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            started_at: self.started_at,
+            stopped_at: self.stopped_at,
+            expires_at: self.expires_at,
+            last_activity_at: self.last_activity_at,
+            last_activity_source: self.last_activity_source,
+            init_script: self.init_script,
+            repository_url: self.repository_url,
+        };
+        Ok((env, self.environment_vars))
+    }
 }
 
 impl Store {
@@ -198,30 +351,28 @@ impl Store {
     }
 
     fn env_from_row(&self, row: &AnyRow) -> Result<Environment> {
-        let vars: String = row.try_get("environment_vars")?;
-        let mut env = env_from_row(row)?;
+        self.env_from(env_row(row)?)
+    }
+
+    fn env_from(&self, row: EnvRow) -> Result<Environment> {
+        let (mut env, vars) = row.into_environment()?;
         env.environment_vars = self.open_vars(&vars)?;
         Ok(env)
     }
 }
 
-/// The row's columns; `environment_vars` is filled in by `Store::env_from_row`, which can
-/// open it.
-fn env_from_row(row: &AnyRow) -> Result<Environment> {
-    let state: String = row.try_get("state")?;
-    let provider: String = row.try_get("provider")?;
-    Ok(Environment {
+/// The row's columns by name.
+fn env_row(row: &AnyRow) -> Result<EnvRow> {
+    Ok(EnvRow {
         id: row.try_get("id")?,
         slug: row.try_get("slug")?,
         name: row.try_get("name")?,
         user_id: row.try_get("user_id")?,
-        personal: row.try_get::<i64, _>("personal")? != 0,
-        state: EnvState::parse(&state)
-            .ok_or_else(|| StoreError::Corrupt(format!("state {state}")))?,
+        personal: row.try_get("personal")?,
+        state: row.try_get("state")?,
         state_message: row.try_get("state_message")?,
         generation: row.try_get("generation")?,
-        provider: HostKind::parse(&provider)
-            .ok_or_else(|| StoreError::Corrupt(format!("provider {provider}")))?,
+        provider: row.try_get("provider")?,
         host_id: row.try_get("host_id")?,
         host_name: row.try_get("host_name")?,
         vm_id: row.try_get("vm_id")?,
@@ -236,9 +387,9 @@ fn env_from_row(row: &AnyRow) -> Result<Environment> {
         disk_gb: row.try_get("disk_gb")?,
         gpus: row.try_get("gpus")?,
         gpu_model: row.try_get("gpu_model")?,
-        reserved: row.try_get::<i64, _>("reserved")? != 0,
+        reserved: row.try_get("reserved")?,
         base_image: row.try_get("base_image")?,
-        environment_vars: BTreeMap::new(),
+        environment_vars: row.try_get("environment_vars")?,
         ssh_public_key: row.try_get("ssh_public_key")?,
         ssh_private_key_enc: row.try_get("ssh_private_key_enc")?,
         auto_stop_minutes: row.try_get("auto_stop_minutes")?,
@@ -472,28 +623,27 @@ impl Store {
         limit: i64,
     ) -> Result<(Vec<Environment>, Option<String>)> {
         // A user's page walks the (user_id, id) index; the admin's walks the primary key.
-        let sql = if user_id.is_some() {
-            select_env!(
-                "WHERE user_id = $1 AND ($2 = '' OR state = $2) AND ($3 = 1 OR state <> 'destroyed') \
-                 AND ($4 = '' OR id < $4) ORDER BY id DESC LIMIT $5"
-            )
-        } else {
-            select_env!(
-                "WHERE $1 = '' AND ($2 = '' OR state = $2) AND ($3 = 1 OR state <> 'destroyed') \
-                 AND ($4 = '' OR id < $4) ORDER BY id DESC LIMIT $5"
-            )
+        // The page comes back as one JSON value (`page_of_envs!`).
+        let sql = match (self.backend, user_id.is_some()) {
+            (Backend::Sqlite, true) => page_of_envs!(sqlite, page_where!(one_user)),
+            (Backend::Sqlite, false) => page_of_envs!(sqlite, page_where!(every_user)),
+            (Backend::Postgres, true) => page_of_envs!(postgres, page_where!(one_user)),
+            (Backend::Postgres, false) => page_of_envs!(postgres, page_where!(every_user)),
         };
-        let rows = sqlx::query(sql)
+        let page: String = sqlx::query(sql)
             .bind(user_id.unwrap_or(""))
             .bind(state.map(EnvState::as_str).unwrap_or(""))
             .bind(include_destroyed as i64)
             .bind(cursor.unwrap_or(""))
             .bind(limit + 1)
-            .fetch_all(&self.pool)
-            .await?;
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("v")?;
+        let rows: Vec<EnvRow> = serde_json::from_str(&page)
+            .map_err(|e| StoreError::Corrupt(format!("a page of environments: {e}")))?;
         let mut items = rows
-            .iter()
-            .map(|r| self.env_from_row(r))
+            .into_iter()
+            .map(|r| self.env_from(r))
             .collect::<Result<Vec<_>>>()?;
         let next = crate::finish_page(&mut items, limit, |e| e.id.clone());
         Ok((items, next))
