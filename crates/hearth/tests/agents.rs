@@ -552,15 +552,7 @@ async fn a_killed_agent_is_noticed_and_its_vm_adopted() {
         exec(&server, &token, &id, "cat /proc/sys/kernel/random/boot_id").await,
         boot_id
     );
-    server
-        .call(
-            "DELETE",
-            &format!("/v1/environments/{id}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    server.wait_env(&token, &id, "destroyed", UP).await;
+    server.destroy(&token, &id, UP).await;
     assert_eq!(qemu_of(&id), 0);
 }
 
@@ -637,15 +629,7 @@ async fn the_second_vm_of_a_size_restores_the_base_snapshot() {
         assert_ne!(a[field], b[field], "line {field} of {a:?} and {b:?}");
     }
     for id in [&first, &second] {
-        server
-            .call(
-                "DELETE",
-                &format!("/v1/environments/{id}"),
-                Some(&token),
-                None,
-            )
-            .await;
-        server.wait_env(&token, id, "destroyed", UP).await;
+        server.destroy(&token, &id, UP).await;
         assert_eq!(qemu_of(id), 0);
     }
 }
@@ -769,15 +753,7 @@ async fn snapshots_and_forks_on_an_agent_host() {
     assert!(file.is_file(), "kept while a VM uses it");
     exec(&server, &token, &b, "sync").await;
     for id in [&b, &fork, &a] {
-        server
-            .call(
-                "DELETE",
-                &format!("/v1/environments/{id}"),
-                Some(&token),
-                None,
-            )
-            .await;
-        server.wait_env(&token, id, "destroyed", UP).await;
+        server.destroy(&token, &id, UP).await;
         assert_eq!(qemu_of(id), 0);
     }
     assert!(!file.exists(), "removed with the last VM made from it");
@@ -796,29 +772,8 @@ async fn a_warm_pool_on_an_agent_host() {
     let host = wait_health(&server, "vm-p", "healthy", &agent).await;
     let host_id = host["id"].as_str().unwrap().to_string();
     let shape = json!({"vcpus": 1, "memoryMb": 512, "diskGb": 2});
-    let mut body = shape.clone();
-    body["size"] = json!(1);
-    let r = server
-        .call(
-            "PUT",
-            &format!("/v1/admin/hosts/{host_id}/pools"),
-            Some(&server.admin_token),
-            Some(body),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
-    let started = Instant::now();
-    loop {
-        let pools = server
-            .call("GET", "/v1/admin/pools", Some(&server.admin_token), None)
-            .await
-            .body;
-        if pools["items"][0]["ready"] == 1 {
-            break;
-        }
-        assert!(started.elapsed() < UP, "the pool did not fill: {pools}");
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    server.set_pool(&host_id, shape.clone(), 1).await;
+    server.wait_pool(1, UP).await;
     let store = site.store().await;
     let pooled = store.pooled_on_host(&host_id).await.unwrap();
     assert_eq!(pooled.len(), 1);
@@ -896,14 +851,6 @@ async fn a_warm_pool_on_an_agent_host() {
             }
         }
     }
-    server
-        .call(
-            "DELETE",
-            &format!("/v1/environments/{id}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    server.wait_env(&token, &id, "destroyed", UP).await;
+    server.destroy(&token, &id, UP).await;
     assert_eq!(qemu_of(&id), 0);
 }

@@ -107,15 +107,7 @@ async fn memory_stays_bounded_under_an_800_mb_stream() {
         "the server grew by {} MiB while streaming",
         growth / MIB
     );
-    server
-        .call(
-            "DELETE",
-            &format!("/v1/environments/{id}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    server.wait_env(&token, &id, "destroyed", UP).await;
+    server.destroy(&token, &id, UP).await;
 }
 
 /// Opens `n` connections that send a request line and one header, and no more.
@@ -231,21 +223,11 @@ async fn a_third_users_environment_runs_while_two_others_run_long_init_scripts()
     // Both init scripts are running (the default is two provision workers).
     for (token, id) in &slow {
         let deadline = Instant::now() + UP;
-        while !server
-            .call(
-                "GET",
-                &format!("/v1/environments/{id}/logs"),
-                Some(token),
-                None,
-            )
-            .await
-            .body
-            .to_string()
-            .contains("init script")
-        {
+        while !server.env_log(token, id).await.contains("init script") {
             assert!(
                 Instant::now() < deadline,
-                "the init script of {id} never started"
+                "the init script of {id} never started: {}",
+                server.env_log(token, id).await
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -341,17 +323,7 @@ async fn four_thousand_start_stop_requests_leave_one_pending_job() {
         pending <= 1,
         "{pending} control jobs wait for one environment"
     );
-    server
-        .call(
-            "DELETE",
-            &format!("/v1/environments/{id}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    server
-        .wait_env(&token, &id, "destroyed", Duration::from_secs(30))
-        .await;
+    server.destroy(&token, &id, Duration::from_secs(30)).await;
     let jobs = store.jobs_for_environment(&id).await.unwrap();
     assert!(
         jobs.len() < 100,
@@ -415,15 +387,7 @@ async fn execution_pages_stay_under_a_megabyte() {
         }
     }
     assert_eq!(seen, 200, "paging lost or repeated executions");
-    server
-        .call(
-            "DELETE",
-            &format!("/v1/environments/{id}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    server.wait_env(&token, &id, "destroyed", UP).await;
+    server.destroy(&token, &id, UP).await;
 }
 
 #[tokio::test]
@@ -449,15 +413,7 @@ async fn a_command_between_128_and_256_kib_runs() {
         "{:?}",
         r.body["stderr"]
     );
-    server
-        .call(
-            "DELETE",
-            &format!("/v1/environments/{id}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    server.wait_env(&token, &id, "destroyed", UP).await;
+    server.destroy(&token, &id, UP).await;
 }
 
 async fn private_and_sealed(db: Db) {

@@ -172,17 +172,7 @@ async fn killed_during_the_init_script() {
         (job.state, job.crashes),
         (hearth_store::JobState::Succeeded, 1)
     );
-    server
-        .call(
-            "DELETE",
-            &format!("/v1/environments/{id}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    server
-        .wait_env(&token, &id, "destroyed", Duration::from_secs(120))
-        .await;
+    server.destroy(&token, &id, Duration::from_secs(120)).await;
     assert!(containers_of(&id).is_empty());
 }
 
@@ -283,17 +273,7 @@ async fn a_vm_removed_while_waiting_for_ssh_is_noticed() {
         "{job:?}"
     );
     // A delete does not wait for the next attempt's 600 s either: the provision gives way.
-    server
-        .call(
-            "DELETE",
-            &format!("/v1/environments/{id}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    server
-        .wait_env(&token, &id, "destroyed", Duration::from_secs(120))
-        .await;
+    server.destroy(&token, &id, Duration::from_secs(120)).await;
     assert!(containers_of(&id).is_empty());
     let logs = server
         .call(

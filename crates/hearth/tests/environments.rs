@@ -288,15 +288,7 @@ async fn reaper_stops_idle_and_destroys_expired(db: Db) {
         .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
 
-    server
-        .call(
-            "DELETE",
-            &format!("/v1/environments/{a}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    server.wait_env(&token, &a, "destroyed", UP).await;
+    server.destroy(&token, &a, UP).await;
     assert!(containers_of(&a).is_empty());
 }
 
@@ -380,15 +372,7 @@ async fn recovery_and_hostile_strings(db: Db) {
         2,
         "{audit:?}"
     );
-    server
-        .call(
-            "DELETE",
-            &format!("/v1/environments/{failing}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    server.wait_env(&token, &failing, "destroyed", UP).await;
+    server.destroy(&token, &failing, UP).await;
 
     let hostile_name = "<script>alert(1)</script>'; DROP TABLE environments;--";
     let hostile_value =
@@ -449,15 +433,7 @@ async fn recovery_and_hostile_strings(db: Db) {
             .await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad} -> {:?}", r.body);
     }
-    server
-        .call(
-            "DELETE",
-            &format!("/v1/environments/{id}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    server.wait_env(&token, &id, "destroyed", UP).await;
+    server.destroy(&token, &id, UP).await;
     assert!(containers_of(&id).is_empty());
 }
 

@@ -37,19 +37,9 @@ impl Drop for Sweep {
                 .args(&ids)
                 .output();
         }
-        let out = std::process::Command::new("docker")
-            .args([
-                "network",
-                "ls",
-                "-q",
-                "--filter",
-                &format!("label=hearth.installation={}", self.0),
-            ])
-            .output()
-            .unwrap();
-        for network in String::from_utf8_lossy(&out.stdout).lines() {
+        for network in networks(&format!("label=hearth.installation={}", self.0)) {
             let _ = std::process::Command::new("docker")
-                .args(["network", "rm", network])
+                .args(["network", "rm", &network])
                 .output();
         }
     }
@@ -207,15 +197,7 @@ async fn a_node_without_the_installations_key_refuses_to_start() {
         )
         .await;
     assert_eq!(r.body["stdout"], "sealed\n", "{:?}", r.body);
-    second
-        .call(
-            "DELETE",
-            &format!("/v1/environments/{id}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    second.wait_env(&token, &id, "destroyed", UP).await;
+    second.destroy(&token, &id, UP).await;
 }
 
 async fn host_health(server: &Server, id: &str) -> Value {
@@ -584,30 +566,10 @@ async fn vm_networks_avoid_ranges_this_machine_routes() {
         .await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     // A run killed before its clean-up may have left a network in the pool.
-    let out = std::process::Command::new("docker")
-        .args([
-            "network",
-            "ls",
-            "-q",
-            "--filter",
-            "label=hearth.managed=true",
-        ])
-        .output()
-        .unwrap();
-    for network in String::from_utf8_lossy(&out.stdout).lines() {
-        let subnet = std::process::Command::new("docker")
-            .args([
-                "network",
-                "inspect",
-                network,
-                "--format",
-                "{{range .IPAM.Config}}{{.Subnet}}{{end}}",
-            ])
-            .output()
-            .unwrap();
-        if String::from_utf8_lossy(&subnet.stdout).starts_with("10.215.7.") {
+    for network in networks("label=hearth.managed=true") {
+        if subnet_of(&network).starts_with("10.215.7.") {
             let _ = std::process::Command::new("docker")
-                .args(["network", "rm", network])
+                .args(["network", "rm", &network])
                 .output();
         }
     }
@@ -651,18 +613,8 @@ async fn vm_networks_avoid_ranges_this_machine_routes() {
     let id = r.body["id"].as_str().unwrap().to_string();
     let _sweep = Sweep(site.store().await.installation().await.unwrap().id);
     server.wait_env(&token, &id, "running", UP).await;
-    let out = std::process::Command::new("docker")
-        .args([
-            "network",
-            "inspect",
-            &format!("hearth-{id}"),
-            "--format",
-            "{{range .IPAM.Config}}{{.Subnet}}{{end}}",
-        ])
-        .output()
-        .unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+        subnet_of(&format!("hearth-{id}")),
         format!("10.215.7.{}/29", free * 8)
     );
     let r = server
@@ -694,20 +646,7 @@ async fn vm_networks_avoid_ranges_this_machine_routes() {
             .contains("no free /29 left in its subnet pool 10.215.7.0/26"),
         "{env:?}"
     );
-    let no_network = |env: &str| {
-        std::process::Command::new("docker")
-            .args([
-                "network",
-                "ls",
-                "-q",
-                "--filter",
-                &format!("name=hearth-{env}"),
-            ])
-            .output()
-            .unwrap()
-            .stdout
-            .is_empty()
-    };
+    let no_network = |env: &str| networks(&format!("name=hearth-{env}")).is_empty();
     assert!(no_network(&full), "the refused VM left a network");
     for env in [&id, &full] {
         server
@@ -727,4 +666,31 @@ async fn vm_networks_avoid_ranges_this_machine_routes() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The local engine's networks that `filter` (`docker network ls --filter`) selects, by id.
+fn networks(filter: &str) -> Vec<String> {
+    let out = std::process::Command::new("docker")
+        .args(["network", "ls", "-q", "--filter", filter])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A local network's subnet, as `10.215.7.40/29`.
+fn subnet_of(network: &str) -> String {
+    let out = std::process::Command::new("docker")
+        .args([
+            "network",
+            "inspect",
+            network,
+            "--format",
+            "{{range .IPAM.Config}}{{.Subnet}}{{end}}",
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }

@@ -220,15 +220,7 @@ async fn a_fork_bomb_stops_at_the_pids_limit() {
         server.call("GET", "/healthz", None, None).await.status,
         StatusCode::OK
     );
-    server
-        .call(
-            "DELETE",
-            &format!("/v1/environments/{id}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    server.wait_env(&token, &id, "destroyed", UP).await;
+    server.destroy(&token, &id, UP).await;
 }
 
 #[tokio::test]
@@ -248,15 +240,7 @@ async fn gvisor_runs_a_vm_when_the_host_asks_for_it() {
     // gVisor's kernel answers, not the host's.
     let kernel = stdout(&server, &token, &id, "dmesg 2>/dev/null | head -1").await;
     assert!(kernel.contains("gVisor"), "{kernel:?}");
-    server
-        .call(
-            "DELETE",
-            &format!("/v1/environments/{id}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    server.wait_env(&token, &id, "destroyed", UP).await;
+    server.destroy(&token, &id, UP).await;
     // A runtime the engine does not know: the host's check fails and says how to fix it.
     let r = server
         .patch(

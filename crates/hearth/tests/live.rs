@@ -334,15 +334,7 @@ async fn streaming_exec_and_terminal() {
         "a GET without an upgrade left a shell behind"
     );
 
-    server
-        .call(
-            "DELETE",
-            &format!("/v1/environments/{id}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    server.wait_env(&token, &id, "destroyed", UP).await;
+    server.destroy(&token, &id, UP).await;
 }
 
 /// How many bash processes run in the guest (the counting command's own included).
@@ -444,15 +436,7 @@ async fn a_killed_nodes_provision_finishes_on_another() {
         metrics.contains("hearth_environments{state=\"running\"} 1"),
         "{metrics}"
     );
-    second
-        .call(
-            "DELETE",
-            &format!("/v1/environments/{id}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    second.wait_env(&token, &id, "destroyed", UP).await;
+    second.destroy(&token, &id, UP).await;
     assert!(containers_of(&id).is_empty());
 }
 
@@ -515,15 +499,7 @@ async fn sigterm_finishes_the_running_job_and_exits() {
     assert!(site.log().contains("stopped"));
     // Clean up with a fresh node.
     let server = site.start().await;
-    server
-        .call(
-            "DELETE",
-            &format!("/v1/environments/{id}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    server.wait_env(&token, &id, "destroyed", UP).await;
+    server.destroy(&token, &id, UP).await;
 }
 
 fn send_sigterm(pid: u32) {

@@ -958,17 +958,7 @@ async fn nothing_is_lost_when_a_node_dies() {
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(sink.messages().len(), 1, "one answer");
-    server
-        .call(
-            "DELETE",
-            &format!("/v1/environments/{slug}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    server
-        .wait_env(&token, &slug, "destroyed", Duration::from_secs(60))
-        .await;
+    server.destroy(&token, &slug, Duration::from_secs(60)).await;
 }
 
 /// One SMTP session over a raw socket, to push the listener's limits.

@@ -189,15 +189,7 @@ async fn an_environment_lives_on_ovh_from_create_to_destroy() {
         "back\n"
     );
 
-    server
-        .call(
-            "DELETE",
-            &format!("/v1/environments/{id}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    server.wait_env(&token, &id, "destroyed", UP).await;
+    server.destroy(&token, &id, UP).await;
     assert!(fake.instances().is_empty(), "{:?}", fake.instances());
     let resyncs = fake
         .calls()
@@ -285,15 +277,7 @@ async fn ovh_errors_end_in_the_right_state_with_a_clear_message() {
     let message = env["stateMessage"].as_str().unwrap();
     assert!(message.contains("credentials"), "{message}");
 
-    server
-        .call(
-            "DELETE",
-            &format!("/v1/environments/{id}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    server.wait_env(&token, &id, "destroyed", UP).await;
+    server.destroy(&token, &id, UP).await;
     assert!(fake.instances().is_empty(), "{:?}", fake.instances());
 }
 
@@ -539,17 +523,7 @@ async fn an_agent_host_bought_on_ovh_joins_runs_a_vm_and_is_sold() {
         .await
         .body;
     assert!(hosts.to_string().contains("draining"), "{hosts}");
-    server
-        .call(
-            "DELETE",
-            &format!("/v1/environments/{id}"),
-            Some(&token),
-            None,
-        )
-        .await;
-    server
-        .wait_env(&token, &id, "destroyed", Duration::from_secs(120))
-        .await;
+    server.destroy(&token, &id, Duration::from_secs(120)).await;
     // Asynchronously: the fake OVH API answers on this test's runtime meanwhile.
     let sold = tokio::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
         .args([

@@ -18,41 +18,6 @@ async fn first_host(server: &Server) -> String {
     hosts["items"][0]["id"].as_str().unwrap().to_string()
 }
 
-async fn set_pool(server: &Server, host: &str, shape: Value, size: i64) -> Value {
-    let mut body = shape;
-    body["size"] = json!(size);
-    let r = server
-        .call(
-            "PUT",
-            &format!("/v1/admin/hosts/{host}/pools"),
-            Some(&server.admin_token),
-            Some(body),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
-    r.body
-}
-
-/// The pool list's only pool once it has `ready` VMs and nothing filling or draining.
-async fn wait_pool(server: &Server, ready: i64, timeout: Duration) -> Value {
-    let started = Instant::now();
-    loop {
-        let pools = server
-            .call("GET", "/v1/admin/pools", Some(&server.admin_token), None)
-            .await
-            .body;
-        let pool = pools["items"][0].clone();
-        if pool["ready"] == ready && pool["filling"] == 0 && pool["draining"] == 0 {
-            return pool;
-        }
-        assert!(
-            started.elapsed() < timeout,
-            "the pool did not settle at {ready} ready: {pool}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Containers of this site's installation (labelled with its `HEARTH_INSTANCE`), by the
 /// environment id on their label.
 fn site_vms(site: &Site) -> Vec<String> {
@@ -95,8 +60,8 @@ async fn a_warm_pool_on_docker() {
     let server = site.start().await;
     let host = first_host(&server).await;
     let shape = json!({"vcpus": 1, "memoryMb": 512, "diskGb": 2});
-    set_pool(&server, &host, shape.clone(), 3).await;
-    wait_pool(&server, 3, Duration::from_secs(120)).await;
+    server.set_pool(&host, shape.clone(), 3).await;
+    server.wait_pool(3, Duration::from_secs(120)).await;
 
     let token = server.user("warm@example.com", "pro").await;
     let uid = server.user_id("warm@example.com").await;
@@ -237,7 +202,7 @@ async fn a_warm_pool_on_docker() {
     // The pool refilled; then a claim whose job no worker has run yet (the create goes to
     // an API-only node), a kill -9 of that node, and a node with workers taking over: its
     // `adopt` logs in with the pool key itself, as any node but the filler would.
-    wait_pool(&server, 3, Duration::from_secs(120)).await;
+    server.wait_pool(3, Duration::from_secs(120)).await;
     server.kill();
     let mut site = site;
     site.extra_env.push(("HEARTH_WORKERS".into(), "0".into()));
@@ -271,7 +236,7 @@ async fn a_warm_pool_on_docker() {
         .slug
         .replace('_', "-");
     assert_eq!(out.trim(), slug);
-    wait_pool(&server, 3, Duration::from_secs(120)).await;
+    server.wait_pool(3, Duration::from_secs(120)).await;
     // No duplicates, nothing leaked: every container is a live environment's or a pooled
     // VM's, each once, and the host's counters match what holds room.
     let pooled_now = store.pooled_on_host(&host).await.unwrap();
@@ -315,7 +280,7 @@ async fn a_warm_pool_on_docker() {
     ids.push(restarted);
 
     // Emptying the pool drains its VMs; destroying the environments removes the rest.
-    set_pool(&server, &host, shape.clone(), 0).await;
+    server.set_pool(&host, shape.clone(), 0).await;
     for id in ids.iter().chain([&killed]) {
         let r = server
             .call(
@@ -327,7 +292,7 @@ async fn a_warm_pool_on_docker() {
             .await;
         assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
     }
-    wait_pool(&server, 0, Duration::from_secs(120)).await;
+    server.wait_pool(0, Duration::from_secs(120)).await;
     let started = Instant::now();
     while !site_vms(&site).is_empty() {
         assert!(
@@ -364,8 +329,8 @@ async fn fifty_creates_against_a_pool_of_five(db: Db) {
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     let host = r.body["id"].as_str().unwrap().to_string();
     let shape = json!({"vcpus": 1, "memoryMb": 256, "diskGb": 1});
-    set_pool(&server, &host, shape.clone(), 5).await;
-    wait_pool(&server, 5, Duration::from_secs(60)).await;
+    server.set_pool(&host, shape.clone(), 5).await;
+    server.wait_pool(5, Duration::from_secs(60)).await;
     let token = server.user("fifty@example.com", "pro").await;
     let uid = server.user_id("fifty@example.com").await;
     let quota = json!({"maxEnvironments": 30, "maxConcurrentEnvironments": 30, "maxVcpus": 1000, "maxMemoryMb": 1000000, "maxDiskGb": 1000});
@@ -442,7 +407,7 @@ async fn fifty_creates_against_a_pool_of_five(db: Db) {
             .wait_env(&token, id, "running", Duration::from_secs(60))
             .await;
     }
-    wait_pool(&server, 5, Duration::from_secs(60)).await;
+    server.wait_pool(5, Duration::from_secs(60)).await;
     let h = store.host(&host).await.unwrap();
     assert_eq!(
         h.used_environments, 35,

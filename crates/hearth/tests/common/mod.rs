@@ -357,6 +357,61 @@ impl Server {
         }
     }
 
+    /// Destroys an environment (the request must be accepted) and waits until it is gone.
+    pub async fn destroy(&self, token: &str, id: &str, timeout: Duration) -> Value {
+        let r = self
+            .call(
+                "DELETE",
+                &format!("/v1/environments/{id}"),
+                Some(token),
+                None,
+            )
+            .await;
+        assert_eq!(
+            r.status,
+            StatusCode::ACCEPTED,
+            "destroying {id}: {:?}",
+            r.body
+        );
+        self.wait_env(token, id, "destroyed", timeout).await
+    }
+
+    /// Sets the pool of `shape` (vcpus, memoryMb, diskGb, maybe image) on `host` to `size`.
+    pub async fn set_pool(&self, host: &str, shape: Value, size: i64) -> Value {
+        let mut body = shape;
+        body["size"] = serde_json::json!(size);
+        let r = self
+            .call(
+                "PUT",
+                &format!("/v1/admin/hosts/{host}/pools"),
+                Some(&self.admin_token),
+                Some(body),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        r.body
+    }
+
+    /// The pool list's only pool once it has `ready` VMs and nothing filling or draining.
+    pub async fn wait_pool(&self, ready: i64, timeout: Duration) -> Value {
+        let started = Instant::now();
+        loop {
+            let pools = self
+                .call("GET", "/v1/admin/pools", Some(&self.admin_token), None)
+                .await
+                .body;
+            let pool = pools["items"][0].clone();
+            if pool["ready"] == ready && pool["filling"] == 0 && pool["draining"] == 0 {
+                return pool;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "the pool did not settle at {ready} ready: {pool}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn patch(&self, path: &str, token: &str, body: Value) -> Resp {
         let resp = self
             .http
