@@ -194,13 +194,7 @@ impl App {
     }
 
     pub async fn vms_overview(&self) -> AppResult<VmsOverview> {
-        let vms: Vec<Environment> = self
-            .store
-            .live_environments()
-            .await?
-            .into_iter()
-            .filter(|e| e.personal)
-            .collect();
+        let vms: Vec<Environment> = self.store.personal_environments().await?;
         let running: Vec<&Environment> = vms
             .iter()
             .filter(|e| e.state == EnvState::Running)

@@ -14,8 +14,8 @@ use crate::App;
 use futures::Stream;
 use hearth_core::EnvState;
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const EVENT_POLL: Duration = Duration::from_millis(250);
@@ -35,13 +35,18 @@ pub struct LiveEvent {
     pub data: serde_json::Value,
 }
 
-/// Shares the "anything new?" probe among all streams of one environment, so 500
-/// subscribers cost one small query per poll interval, not 500 pairs. A local write (or a
-/// Redis notice) bumps `version`, which invalidates every cached head at once.
+/// Shares the "anything new?" probes among streams: all streams of one environment share
+/// its head, all list streams of one user (or the admin's) share the list's fingerprint.
+/// So 500 subscribers cost one small query per poll interval, not 500, and a write that
+/// wakes every stream at once costs one query per environment or list watched, not one
+/// per stream: the first stream to find a probe stale runs it while the others wait for
+/// its answer. A local write (or a Redis notice) bumps `version`, which makes every cached
+/// answer stale at once.
 #[derive(Default)]
 pub struct Hub {
     version: AtomicU64,
-    heads: Mutex<HashMap<String, (u64, Instant, Option<(i64, i64)>)>>,
+    heads: Probes<Option<(i64, i64)>>,
+    fingerprints: Probes<Option<(i64, i64)>>,
 }
 
 impl Hub {
@@ -52,19 +57,67 @@ impl Hub {
     /// (generation, newest log id) of the environment, at most `EVENT_POLL` old.
     pub async fn head(&self, app: &App, environment_id: &str) -> Option<(i64, i64)> {
         let version = self.version.load(Ordering::SeqCst);
-        if let Some((v, at, head)) = self.heads.lock().unwrap().get(environment_id)
-            && *v == version
-            && at.elapsed() < EVENT_POLL
+        self.heads
+            .get(environment_id, version, EVENT_POLL, || async {
+                app.store.event_head(environment_id).await.ok().flatten()
+            })
+            .await
+    }
+
+    /// The fingerprint of `user_id`'s list (everyone's with `None`), at most `LIST_POLL`
+    /// old; `None` when the database did not answer.
+    pub async fn fingerprint(&self, app: &App, user_id: Option<&str>) -> Option<(i64, i64)> {
+        let version = self.version.load(Ordering::SeqCst);
+        self.fingerprints
+            .get(user_id.unwrap_or(""), version, LIST_POLL, || async {
+                app.store.environments_fingerprint(user_id).await.ok()
+            })
+            .await
+    }
+}
+
+/// Answers to one kind of probe, by key: each valid for the `version` it was read at and
+/// for a while. At most `MAX_PROBES` keys are kept; past that, those no stream is reading
+/// are dropped.
+struct Probes<T> {
+    slots: Mutex<HashMap<String, Slot<T>>>,
+}
+
+type Slot<T> = Arc<tokio::sync::Mutex<Option<(u64, Instant, T)>>>;
+
+const MAX_PROBES: usize = 10_000;
+
+impl<T> Default for Probes<T> {
+    fn default() -> Self {
+        Probes {
+            slots: Mutex::default(),
+        }
+    }
+}
+
+impl<T: Copy> Probes<T> {
+    async fn get<F, Fut>(&self, key: &str, version: u64, fresh_for: Duration, probe: F) -> T
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        let slot = {
+            let mut slots = self.slots.lock().unwrap();
+            if slots.len() >= MAX_PROBES && !slots.contains_key(key) {
+                slots.retain(|_, slot| Arc::strong_count(slot) > 1);
+            }
+            slots.entry(key.to_string()).or_default().clone()
+        };
+        let mut answer = slot.lock().await;
+        if let Some((v, at, value)) = *answer
+            && v == version
+            && at.elapsed() < fresh_for
         {
-            return *head;
+            return value;
         }
-        let head = app.store.event_head(environment_id).await.ok().flatten();
-        let mut heads = self.heads.lock().unwrap();
-        if heads.len() > 10_000 {
-            heads.retain(|_, (_, at, _)| at.elapsed() < Duration::from_secs(60));
-        }
-        heads.insert(environment_id.to_string(), (version, Instant::now(), head));
-        head
+        let value = probe().await;
+        *answer = Some((version, Instant::now(), value));
+        value
     }
 }
 
@@ -182,7 +235,7 @@ pub fn list_stream(app: App, user_id: Option<String>) -> impl Stream<Item = Live
         (app, user_id, None),
         |(app, user_id, mut seen)| async move {
             loop {
-                if let Ok(now) = app.store.environments_fingerprint(user_id.as_deref()).await
+                if let Some(now) = app.hub.fingerprint(&app, user_id.as_deref()).await
                     && seen != Some(now)
                 {
                     seen = Some(now);

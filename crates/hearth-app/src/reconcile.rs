@@ -75,8 +75,9 @@ pub async fn reconcile(app: &App) -> anyhow::Result<()> {
 async fn roll_back_stuck(app: &App) -> anyhow::Result<()> {
     let deadline = app.config.transition_deadline.as_millis() as i64;
     for env in app.store.transitional_for(deadline).await? {
+        // The query leaves out those a job owns; one may have been queued since.
         if app.store.has_outstanding_job(&env.id).await? {
-            continue; // a job owns it (perhaps waiting for a retry); leave it be
+            continue;
         }
         let msg = format!(
             "stuck in {} for over {} s with no job to finish it; rolled back",

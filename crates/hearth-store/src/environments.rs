@@ -196,17 +196,51 @@ macro_rules! env_object {
 /// in that order; `[]` when nothing matches. The backends name their JSON functions apart.
 /// A page's filter: `$1` the owner (`''` for everyone's, which only the admin reads), `$2`
 /// a state or `''`, `$3` 1 to include destroyed ones, `$4` the cursor (the last id of the
-/// page before) or `''`, `$5` how many.
+/// page before, or `AFTER_EVERY_ID`), `$5` how many.
+///
+/// Each form walks an index from the cursor on, so a page costs the same at any depth and
+/// any size of table: a user's `(user_id, id)`, everyone's the primary key, everyone's in
+/// one state `(state, id)`. The cursor is a plain bound (`id < $4`), never `$4 = '' OR …`,
+/// which no planner can seek with.
 macro_rules! page_where {
     (one_user) => {
         "WHERE user_id = $1 AND ($2 = '' OR state = $2) AND ($3 = 1 OR state <> 'destroyed') \
-         AND ($4 = '' OR id < $4) ORDER BY id DESC LIMIT $5"
+         AND id < $4 ORDER BY id DESC LIMIT $5"
     };
     (every_user) => {
-        "WHERE $1 = '' AND ($2 = '' OR state = $2) AND ($3 = 1 OR state <> 'destroyed') \
-         AND ($4 = '' OR id < $4) ORDER BY id DESC LIMIT $5"
+        "WHERE $1 = '' AND $2 = '' AND ($3 = 1 OR state <> 'destroyed') \
+         AND id < $4 ORDER BY id DESC LIMIT $5"
+    };
+    (every_user_in_state) => {
+        "WHERE $1 = '' AND state = $2 AND ($3 = 1 OR state <> 'destroyed') \
+         AND id < $4 ORDER BY id DESC LIMIT $5"
     };
 }
+
+/// The background sweeps' and the admin's queries over everyone's environments, each led
+/// by an index (`0014_list_indexes.sql`): `$1` is now (minus an age for `transitional`).
+/// The personal VMs are at most one per user, in a partial index of their own.
+macro_rules! sweep_where {
+    (idle) => {
+        "WHERE state = 'running' AND auto_stop_minutes IS NOT NULL AND auto_stop_minutes > 0 \
+         AND COALESCE(last_activity_at, started_at, created_at) + auto_stop_minutes * 60000 < $1"
+    };
+    (expired) => {
+        "WHERE expires_at IS NOT NULL AND expires_at < $1 AND state NOT IN ('destroying', 'destroyed')"
+    };
+    (transitional) => {
+        "WHERE state IN ('requested', 'provisioning', 'starting', 'stopping', 'destroying') \
+         AND updated_at < $1 AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.environment_id = environments.id \
+         AND j.state IN ('queued', 'running'))"
+    };
+    (personal) => {
+        "WHERE personal = 1 AND state <> 'destroyed' ORDER BY created_at, id"
+    };
+}
+
+/// Greater than every environment id (a UUIDv7's version digit is 7, never `f`), in any
+/// collation: the cursor of a first page.
+const AFTER_EVERY_ID: &str = "ffffffff-ffff-ffff-ffff-ffffffffffff";
 
 macro_rules! page_of_envs {
     (sqlite, $where:expr) => {
@@ -622,19 +656,27 @@ impl Store {
         cursor: Option<&str>,
         limit: i64,
     ) -> Result<(Vec<Environment>, Option<String>)> {
-        // A user's page walks the (user_id, id) index; the admin's walks the primary key.
-        // The page comes back as one JSON value (`page_of_envs!`).
-        let sql = match (self.backend, user_id.is_some()) {
-            (Backend::Sqlite, true) => page_of_envs!(sqlite, page_where!(one_user)),
-            (Backend::Sqlite, false) => page_of_envs!(sqlite, page_where!(every_user)),
-            (Backend::Postgres, true) => page_of_envs!(postgres, page_where!(one_user)),
-            (Backend::Postgres, false) => page_of_envs!(postgres, page_where!(every_user)),
+        // Which index the page walks (`page_where!`). It comes back as one JSON value
+        // (`page_of_envs!`).
+        let sql = match (self.backend, user_id.is_some(), state.is_some()) {
+            (Backend::Sqlite, true, _) => page_of_envs!(sqlite, page_where!(one_user)),
+            (Backend::Sqlite, false, false) => page_of_envs!(sqlite, page_where!(every_user)),
+            (Backend::Sqlite, false, true) => {
+                page_of_envs!(sqlite, page_where!(every_user_in_state))
+            }
+            (Backend::Postgres, true, _) => page_of_envs!(postgres, page_where!(one_user)),
+            (Backend::Postgres, false, false) => {
+                page_of_envs!(postgres, page_where!(every_user))
+            }
+            (Backend::Postgres, false, true) => {
+                page_of_envs!(postgres, page_where!(every_user_in_state))
+            }
         };
         let page: String = sqlx::query(sql)
             .bind(user_id.unwrap_or(""))
             .bind(state.map(EnvState::as_str).unwrap_or(""))
             .bind(include_destroyed as i64)
-            .bind(cursor.unwrap_or(""))
+            .bind(cursor.unwrap_or(AFTER_EVERY_ID))
             .bind(limit + 1)
             .fetch_one(&self.pool)
             .await?
@@ -660,39 +702,42 @@ impl Store {
 
     /// Running environments idle for longer than their auto-stop time.
     pub async fn idle_environments(&self) -> Result<Vec<Environment>> {
-        let rows = sqlx::query(select_env!(
-            "WHERE state = 'running' AND auto_stop_minutes IS NOT NULL AND auto_stop_minutes > 0 \
-             AND COALESCE(last_activity_at, started_at, created_at) + auto_stop_minutes * 60000 < $1"
-        ))
-        .bind(self.now())
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(select_env!(sweep_where!(idle)))
+            .bind(self.now())
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(|r| self.env_from_row(r)).collect()
     }
 
     /// Environments past `expiresAt` that are not yet on their way out.
     pub async fn expired_environments(&self) -> Result<Vec<Environment>> {
-        let rows = sqlx::query(select_env!(
-            "WHERE expires_at IS NOT NULL AND expires_at < $1 AND state NOT IN ('destroying', 'destroyed')"
-        ))
-        .bind(self.now())
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(select_env!(sweep_where!(expired)))
+            .bind(self.now())
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(|r| self.env_from_row(r)).collect()
     }
 
-    /// Environments in a transitional state whose last write is older than `age_ms`.
+    /// Environments in a transitional state whose last write is older than `age_ms` and
+    /// that no job owns (none queued or running for them): those nothing will finish.
     pub async fn transitional_for(&self, age_ms: i64) -> Result<Vec<Environment>> {
-        let rows = sqlx::query(select_env!(
-            "WHERE state IN ('requested', 'provisioning', 'starting', 'stopping', 'destroying') AND updated_at < $1"
-        ))
-        .bind(self.now() - age_ms)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(select_env!(sweep_where!(transitional)))
+            .bind(self.now() - age_ms)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(|r| self.env_from_row(r)).collect()
     }
 
-    /// Every environment that is not destroyed, for the admin view.
+    /// Every user's personal VM that is not destroyed, oldest first, for the admin view: at
+    /// most one per user (`environments_one_personal`, whose partial index this walks).
+    pub async fn personal_environments(&self) -> Result<Vec<Environment>> {
+        let rows = sqlx::query(select_env!(sweep_where!(personal)))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| self.env_from_row(r)).collect()
+    }
+
+    /// Every environment that is not destroyed (tests' invariant checks).
     pub async fn live_environments(&self) -> Result<Vec<Environment>> {
         let rows = sqlx::query(select_env!(
             "WHERE state <> 'destroyed' ORDER BY created_at, id"
@@ -1194,6 +1239,7 @@ mod paging_tests {
                     .insert_environments_for_tests(&data.iter().map(bulk).collect::<Vec<_>>())
                     .await
                     .unwrap();
+                super::plan_tests::pages_seek_an_index(&store, &users[0]).await;
                 // Newest first, as the model of what a walk must return.
                 let mut model = data.clone();
                 model.sort_by(|a, b| b.0.cmp(&a.0));
@@ -1292,5 +1338,116 @@ mod paging_tests {
         assert_eq!(walks.len(), 2);
         assert!(walks[0] == walks[1], "the backends' walks differ");
         assert!(walks[0].iter().map(Vec::len).sum::<usize>() > 50_000);
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use crate::{Backend, Store};
+
+    /// The page forms, their arguments for PostgreSQL's plan (`owner` the user's), and
+    /// SQLite's index walk.
+    fn pages(owner: &str) -> [(&'static str, &'static str, Vec<String>, &'static str); 3] {
+        let args = |user: &str, state: &str| {
+            vec![
+                format!("'{user}'"),
+                format!("'{state}'"),
+                "0".into(),
+                format!("'{}'", super::AFTER_EVERY_ID),
+                "101".into(),
+            ]
+        };
+        [
+            (
+                "a user's page",
+                page_of_envs!(postgres, page_where!(one_user)),
+                args(owner, ""),
+                "environments_user_id (user_id=? AND id<?)",
+            ),
+            (
+                "everyone's page",
+                page_of_envs!(postgres, page_where!(every_user)),
+                args("", ""),
+                "sqlite_autoindex_environments_1 (id<?)",
+            ),
+            (
+                "everyone's page in one state",
+                page_of_envs!(postgres, page_where!(every_user_in_state)),
+                args("", "error"),
+                "environments_state_id (state=? AND id<?)",
+            ),
+        ]
+    }
+
+    fn sqlite_page(what: &str) -> &'static str {
+        match what {
+            "a user's page" => page_of_envs!(sqlite, page_where!(one_user)),
+            "everyone's page" => page_of_envs!(sqlite, page_where!(every_user)),
+            _ => page_of_envs!(sqlite, page_where!(every_user_in_state)),
+        }
+    }
+
+    fn assert_seeks(what: &str, plan: &[String], index: &str) {
+        crate::testdb::assert_seeks(what, "environments", plan, index);
+    }
+
+    /// Called by the paging test once its 100,000 environments are in: with that many rows
+    /// (and PostgreSQL's statistics of them), no page form reads the whole table.
+    pub(super) async fn pages_seek_an_index(store: &Store, owner: &str) {
+        if store.backend == Backend::Postgres {
+            store.execute_for_tests("ANALYZE environments").await;
+        }
+        for (what, postgres_sql, args, index) in pages(owner) {
+            match store.backend {
+                Backend::Sqlite => {
+                    let plan = store.query_plan(sqlite_page(what), &[]).await;
+                    assert_seeks(what, &plan, index);
+                }
+                Backend::Postgres => {
+                    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                    let plan = store.query_plan(postgres_sql, &args).await;
+                    assert!(
+                        plan.iter().any(|l| l.contains("Index Scan"))
+                            && !plan.iter().any(|l| l.contains("Seq Scan")),
+                        "{what} must walk an index, not read the table; its plan: {plan:#?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The sweeps and the admin's VM list: SQLite's planner chooses by the schema alone,
+    /// so an empty database shows the plan a full one gets.
+    #[tokio::test]
+    async fn the_sweeps_seek_an_index() {
+        let (_dir, store) = crate::testdb::sqlite().await;
+        for (what, sql, index) in [
+            (
+                "the idle sweep",
+                select_env!(sweep_where!(idle)),
+                "environments_state_id (state=?)",
+            ),
+            (
+                "the expiry sweep",
+                select_env!(sweep_where!(expired)),
+                "environments_expires (expires_at>? AND expires_at<?)",
+            ),
+            (
+                "the transitional sweep",
+                select_env!(sweep_where!(transitional)),
+                "environments_state_id (state=?)",
+            ),
+        ] {
+            assert_seeks(what, &store.query_plan(sql, &[]).await, index);
+        }
+        // At most one personal VM per user: their partial index is read whole, and sorted.
+        let plan = store
+            .query_plan(select_env!(sweep_where!(personal)), &[])
+            .await;
+        assert!(
+            plan.iter()
+                .any(|l| l == "SCAN environments USING INDEX environments_one_personal"),
+            "{plan:#?}"
+        );
     }
 }

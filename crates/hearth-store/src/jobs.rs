@@ -147,6 +147,12 @@ pub(crate) async fn insert_job(tx: &mut Tx, job: &NewJob, now: i64) -> Result<i6
     Ok(row.try_get("id")?)
 }
 
+/// The admin's list: the newest 500 jobs, in state `$1` when `in_state`.
+fn newest_jobs(in_state: bool) -> String {
+    let filter = if in_state { "WHERE state = $1 " } else { "" };
+    format!("{SELECT_JOB} {filter}ORDER BY id DESC LIMIT 500")
+}
+
 impl Store {
     /// Queues a job and writes the audit line for the request that asked for it.
     pub async fn enqueue(&self, job: &NewJob, action: &str) -> Result<i64> {
@@ -437,22 +443,19 @@ impl Store {
         Ok(row.try_get::<i64, _>("n")? > 0)
     }
 
+    /// The newest 500 jobs, or the newest 500 in `state` (walking `jobs_state_id`).
     pub async fn list_jobs(&self, state: Option<JobState>) -> Result<Vec<Job>> {
         let rows = match state {
             Some(s) => {
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "{SELECT_JOB} WHERE state = $1 ORDER BY id DESC LIMIT 500"
-                )))
-                .bind(s.as_str())
-                .fetch_all(&self.pool)
-                .await?
+                sqlx::query(sqlx::AssertSqlSafe(newest_jobs(true)))
+                    .bind(s.as_str())
+                    .fetch_all(&self.pool)
+                    .await?
             }
             None => {
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "{SELECT_JOB} ORDER BY id DESC LIMIT 500"
-                )))
-                .fetch_all(&self.pool)
-                .await?
+                sqlx::query(sqlx::AssertSqlSafe(newest_jobs(false)))
+                    .fetch_all(&self.pool)
+                    .await?
             }
         };
         rows.iter().map(job_from_row).collect()
@@ -518,6 +521,23 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    /// The admin's newest jobs in one state walk `jobs_state_id`, however many jobs there are.
+    #[tokio::test]
+    async fn the_newest_jobs_in_a_state_seek_an_index() {
+        let (_dir, store) = crate::testdb::sqlite().await;
+        let plan = store.query_plan(&super::newest_jobs(true), &[]).await;
+        crate::testdb::assert_seeks(
+            "the jobs in a state",
+            "jobs",
+            &plan,
+            "jobs_state_id (state=?)",
+        );
+        assert!(
+            !plan.iter().any(|l| l.contains("TEMP B-TREE")),
+            "sorted: {plan:#?}"
+        );
+    }
+
     use super::*;
     use crate::testdb::each_backend;
 

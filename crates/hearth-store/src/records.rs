@@ -26,6 +26,48 @@ pub struct AuditFilter {
     pub outcome: Option<String>,
 }
 
+/// The filter an audit page is led by: its index is walked from the cursor on, and the
+/// other filters are checked on the way (`audit_environment`, `audit_actor`, `audit_action`,
+/// or the primary key). Optional filters written `$n = '' OR col = $n` lead nowhere: no
+/// planner can seek with them, so a rare match read the whole log.
+#[derive(Clone, Copy)]
+enum AuditLead {
+    Environment,
+    Actor,
+    Action,
+    Id,
+}
+
+/// An audit page: `$1`..`$4` environment, actor, action, outcome (`''` for any), `$5` the
+/// cursor, `$6` how many; `$lead` the indexed condition, then the cursor's side and order.
+macro_rules! audit_page {
+    ($lead:literal, $side:literal, $order:literal) => {
+        concat!(
+            "SELECT id, at, actor, action, environment_id, previous_state, new_state, outcome, error, duration_ms \
+             FROM audit_log WHERE ",
+            $lead,
+            " AND ($1 = '' OR environment_id = $1) AND ($2 = '' OR actor = $2) AND ($3 = '' OR action = $3) \
+             AND ($4 = '' OR outcome = $4) AND id ",
+            $side,
+            " $5 ORDER BY id ",
+            $order,
+            " LIMIT $6"
+        )
+    };
+}
+
+/// A list's fingerprint: how many environments, and the sum of their generations (which
+/// every change of state raises).
+macro_rules! fingerprint {
+    ($where:literal) => {
+        concat!(
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n, CAST(COALESCE(SUM(generation), 0) AS BIGINT) AS g \
+             FROM environments ",
+            $where
+        )
+    };
+}
+
 #[derive(Debug, Clone)]
 pub struct Execution {
     pub id: String,
@@ -196,14 +238,26 @@ impl Store {
         limit: i64,
         oldest_first: bool,
     ) -> Result<(Vec<AuditEntry>, Option<i64>)> {
-        let sql = if oldest_first {
-            "SELECT id, at, actor, action, environment_id, previous_state, new_state, outcome, error, duration_ms \
-             FROM audit_log WHERE ($1 = '' OR environment_id = $1) AND ($2 = '' OR actor = $2) AND ($3 = '' OR action = $3) \
-             AND ($4 = '' OR outcome = $4) AND id > $5 ORDER BY id LIMIT $6"
+        // The filter that leads picks the index the page walks (`audit_page!`).
+        let given = |f: &Option<String>| f.as_deref().is_some_and(|v| !v.is_empty());
+        let lead = if given(&filter.environment_id) {
+            AuditLead::Environment
+        } else if given(&filter.actor) {
+            AuditLead::Actor
+        } else if given(&filter.action) {
+            AuditLead::Action
         } else {
-            "SELECT id, at, actor, action, environment_id, previous_state, new_state, outcome, error, duration_ms \
-             FROM audit_log WHERE ($1 = '' OR environment_id = $1) AND ($2 = '' OR actor = $2) AND ($3 = '' OR action = $3) \
-             AND ($4 = '' OR outcome = $4) AND id < $5 ORDER BY id DESC LIMIT $6"
+            AuditLead::Id
+        };
+        let sql = match (lead, oldest_first) {
+            (AuditLead::Environment, false) => audit_page!("environment_id = $1", "<", "DESC"),
+            (AuditLead::Environment, true) => audit_page!("environment_id = $1", ">", "ASC"),
+            (AuditLead::Actor, false) => audit_page!("actor = $2", "<", "DESC"),
+            (AuditLead::Actor, true) => audit_page!("actor = $2", ">", "ASC"),
+            (AuditLead::Action, false) => audit_page!("action = $3", "<", "DESC"),
+            (AuditLead::Action, true) => audit_page!("action = $3", ">", "ASC"),
+            (AuditLead::Id, false) => audit_page!("$1 = ''", "<", "DESC"),
+            (AuditLead::Id, true) => audit_page!("$1 = ''", ">", "ASC"),
         };
         let start = cursor.unwrap_or(if oldest_first { 0 } else { i64::MAX });
         let rows = sqlx::query(sql)
@@ -380,11 +434,11 @@ impl Store {
     /// destroyed ones included: any state change raises the sum, any create the count, so
     /// a list stream knows when to say "changed" with one small query.
     pub async fn environments_fingerprint(&self, user_id: Option<&str>) -> Result<(i64, i64)> {
-        let row = sqlx::query(
-            "SELECT CAST(COUNT(*) AS BIGINT) AS n, CAST(COALESCE(SUM(generation), 0) AS BIGINT) AS g \
-             FROM environments WHERE ($1 = '' OR user_id = $1)",
-        )
-        .bind(user_id.unwrap_or(""))
+        // A user's walks their rows by `environments_user_id`; everyone's reads them all.
+        let row = match user_id {
+            Some(user_id) => sqlx::query(fingerprint!("WHERE user_id = $1")).bind(user_id),
+            None => sqlx::query(fingerprint!("")),
+        }
         .fetch_one(&self.pool)
         .await?;
         Ok((row.try_get("n")?, row.try_get("g")?))
@@ -449,5 +503,59 @@ mod tests {
             assert!(store.logs("env-3").await.unwrap().is_empty());
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    /// Each filter an audit page can lead with walks its index from the cursor on, both
+    /// ways: a rare action or one environment's entries never read the whole log.
+    #[tokio::test]
+    async fn audit_pages_seek_an_index() {
+        let (_dir, store) = crate::testdb::sqlite().await;
+        for (what, sql, index) in [
+            (
+                "one environment's, newest first",
+                audit_page!("environment_id = $1", "<", "DESC"),
+                "audit_environment (environment_id=? AND id<?)",
+            ),
+            (
+                "one environment's, oldest first",
+                audit_page!("environment_id = $1", ">", "ASC"),
+                "audit_environment (environment_id=? AND id>?)",
+            ),
+            (
+                "one actor's",
+                audit_page!("actor = $2", "<", "DESC"),
+                "audit_actor (actor=? AND id<?)",
+            ),
+            (
+                "one action's",
+                audit_page!("action = $3", "<", "DESC"),
+                "audit_action (action=? AND id<?)",
+            ),
+            (
+                "everything",
+                audit_page!("$1 = ''", "<", "DESC"),
+                "INTEGER PRIMARY KEY (rowid<?)",
+            ),
+        ] {
+            let plan = store.query_plan(sql, &[]).await;
+            crate::testdb::assert_seeks(what, "audit_log", &plan, index);
+            assert!(
+                !plan.iter().any(|l| l.contains("TEMP B-TREE")),
+                "{what} is sorted: {plan:#?}"
+            );
+        }
+    }
+
+    /// A user's list stream probes only that user's rows.
+    #[tokio::test]
+    async fn a_users_fingerprint_seeks_an_index() {
+        let (_dir, store) = crate::testdb::sqlite().await;
+        let plan = store
+            .query_plan(fingerprint!("WHERE user_id = $1"), &[])
+            .await;
+        crate::testdb::assert_seeks("a user's fingerprint", "environments", &plan, "(user_id=?)");
     }
 }

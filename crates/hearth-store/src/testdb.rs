@@ -124,6 +124,29 @@ where
     body(fresh_postgres().await).await;
 }
 
+/// A fresh SQLite database, with the directory that holds it.
+pub async fn sqlite() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+    let store = Store::connect(&url).await.unwrap();
+    (dir, store)
+}
+
+/// That SQLite's `plan` reads `table` once, by seeking `index` (the end of its line: the
+/// index and the columns it is sought by), never by reading the table whole.
+pub fn assert_seeks(what: &str, table: &str, plan: &[String], index: &str) {
+    let reads: Vec<&String> = plan
+        .iter()
+        .filter(|l| l.contains(&format!(" {table} ")))
+        .collect();
+    assert!(
+        reads.len() == 1
+            && reads[0].starts_with(&format!("SEARCH {table} "))
+            && reads[0].ends_with(index),
+        "{what} must seek {index}, not read {table} whole; its plan: {plan:#?}"
+    );
+}
+
 /// One environment of `insert_environments_for_tests`.
 #[derive(Debug, Clone)]
 pub struct BulkEnvironment {
@@ -223,6 +246,43 @@ impl Store {
             .execute(&self.pool)
             .await
             .expect("test statement");
+    }
+
+    /// Tests: how the database would run `sql`, a line per step. SQLite says it without
+    /// values (`EXPLAIN QUERY PLAN`); PostgreSQL plans it for `args`, SQL literals for `$1`…
+    /// (`PREPARE`, then `EXPLAIN EXECUTE`), with the statistics of the rows it holds.
+    pub async fn query_plan(&self, sql: &str, args: &[&str]) -> Vec<String> {
+        use sqlx::{Executor, Row};
+        let mut conn = self.pool.acquire().await.expect("a connection");
+        let lines: Vec<String> = match self.backend {
+            crate::Backend::Sqlite => conn
+                .fetch_all(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+                .await
+                .expect("explain")
+                .iter()
+                .map(|r| r.try_get::<String, _>("detail").expect("detail"))
+                .collect(),
+            crate::Backend::Postgres => {
+                conn.execute(sqlx::AssertSqlSafe(format!("PREPARE hearth_plan AS {sql}")))
+                    .await
+                    .expect("prepare");
+                let plan = conn
+                    .fetch_all(sqlx::AssertSqlSafe(format!(
+                        "EXPLAIN EXECUTE hearth_plan({})",
+                        args.join(", ")
+                    )))
+                    .await
+                    .expect("explain")
+                    .iter()
+                    .map(|r| r.try_get::<String, _>(0).expect("a plan line"))
+                    .collect();
+                conn.execute("DEALLOCATE hearth_plan")
+                    .await
+                    .expect("deallocate");
+                plan
+            }
+        };
+        lines
     }
 
     /// Tests: the text column `v` of the first row of `sql`.
