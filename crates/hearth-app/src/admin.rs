@@ -249,7 +249,13 @@ impl App {
         Ok(env)
     }
 
-    pub async fn jobs(&self, state: Option<&str>) -> AppResult<Vec<Job>> {
+    /// A page of jobs, newest first, all or in one state.
+    pub async fn jobs(
+        &self,
+        state: Option<&str>,
+        cursor: Option<i64>,
+        limit: i64,
+    ) -> AppResult<(Vec<Job>, Option<i64>)> {
         let state = state
             .map(|s| {
                 JobState::parse(s).ok_or_else(|| {
@@ -259,7 +265,7 @@ impl App {
                 })
             })
             .transpose()?;
-        Ok(self.store.list_jobs(state).await?)
+        Ok(self.store.list_jobs(state, cursor, limit).await?)
     }
 
     /// Puts a dead job back in its queue.

@@ -125,7 +125,7 @@ impl World {
         }
         panic!(
             "jobs did not settle: {:?}",
-            self.app.store.list_jobs(None).await.unwrap()
+            self.app.store.list_jobs(None, None, 1000).await.unwrap().0
         );
     }
 
@@ -328,7 +328,13 @@ async fn a_failure_at_every_step_leaves_nothing_behind() {
             assert!(w.live_vms(&env.id).await.is_empty());
             w.check_invariants(&point).await;
         }
-        let dead = w.app.store.list_jobs(Some(JobState::Dead)).await.unwrap();
+        let dead = w
+            .app
+            .store
+            .list_jobs(Some(JobState::Dead), None, 1000)
+            .await
+            .unwrap()
+            .0;
         assert!(
             !dead.is_empty(),
             "failing jobs end dead, for an admin to see"

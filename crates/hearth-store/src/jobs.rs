@@ -147,10 +147,11 @@ pub(crate) async fn insert_job(tx: &mut Tx, job: &NewJob, now: i64) -> Result<i6
     Ok(row.try_get("id")?)
 }
 
-/// The admin's list: the newest 500 jobs, in state `$1` when `in_state`.
+/// The admin's list: jobs newest first, in state `$1` when `in_state` (else `$1` is
+/// `''`), below the cursor `$2`, at most `$3`.
 fn newest_jobs(in_state: bool) -> String {
-    let filter = if in_state { "WHERE state = $1 " } else { "" };
-    format!("{SELECT_JOB} {filter}ORDER BY id DESC LIMIT 500")
+    let lead = if in_state { "state = $1" } else { "$1 = ''" };
+    format!("{SELECT_JOB} WHERE {lead} AND id < $2 ORDER BY id DESC LIMIT $3")
 }
 
 impl Store {
@@ -443,22 +444,23 @@ impl Store {
         Ok(row.try_get::<i64, _>("n")? > 0)
     }
 
-    /// The newest 500 jobs, or the newest 500 in `state` (walking `jobs_state_id`).
-    pub async fn list_jobs(&self, state: Option<JobState>) -> Result<Vec<Job>> {
-        let rows = match state {
-            Some(s) => {
-                sqlx::query(sqlx::AssertSqlSafe(newest_jobs(true)))
-                    .bind(s.as_str())
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-            None => {
-                sqlx::query(sqlx::AssertSqlSafe(newest_jobs(false)))
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-        };
-        rows.iter().map(job_from_row).collect()
+    /// A page of jobs, newest first, all or those in `state` (walking `jobs_state_id`);
+    /// `cursor` is the last id of the page before.
+    pub async fn list_jobs(
+        &self,
+        state: Option<JobState>,
+        cursor: Option<i64>,
+        limit: i64,
+    ) -> Result<(Vec<Job>, Option<i64>)> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(newest_jobs(state.is_some())))
+            .bind(state.map(JobState::as_str).unwrap_or(""))
+            .bind(cursor.unwrap_or(i64::MAX))
+            .bind(limit + 1)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut items = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
+        let next = crate::finish_page(&mut items, limit, |j| j.id);
+        Ok((items, next))
     }
 
     /// Puts a dead job back in the queue with fresh attempts. Its saga starts afresh: a
@@ -521,21 +523,21 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    /// The admin's newest jobs in one state walk `jobs_state_id`, however many jobs there are.
+    /// The admin's pages of jobs walk an index from the cursor on, however many jobs there are.
     #[tokio::test]
-    async fn the_newest_jobs_in_a_state_seek_an_index() {
+    async fn the_newest_jobs_seek_an_index() {
         let (_dir, store) = crate::testdb::sqlite().await;
-        let plan = store.query_plan(&super::newest_jobs(true), &[]).await;
-        crate::testdb::assert_seeks(
-            "the jobs in a state",
-            "jobs",
-            &plan,
-            "jobs_state_id (state=?)",
-        );
-        assert!(
-            !plan.iter().any(|l| l.contains("TEMP B-TREE")),
-            "sorted: {plan:#?}"
-        );
+        for (in_state, index) in [
+            (true, "jobs_state_id (state=? AND id<?)"),
+            (false, "INTEGER PRIMARY KEY (rowid<?)"),
+        ] {
+            let plan = store.query_plan(&super::newest_jobs(in_state), &[]).await;
+            crate::testdb::assert_seeks("the newest jobs", "jobs", &plan, index);
+            assert!(
+                !plan.iter().any(|l| l.contains("TEMP B-TREE")),
+                "sorted: {plan:#?}"
+            );
+        }
     }
 
     use super::*;
@@ -549,6 +551,51 @@ mod tests {
             max_attempts: 2,
             actor: "system:test".into(),
         }
+    }
+
+    /// Pages of jobs, all or in one state, come newest first and meet without a gap or a
+    /// job twice, on both backends.
+    #[tokio::test]
+    async fn jobs_are_paged_newest_first() {
+        each_backend(|store| async move {
+            let mut made = Vec::new();
+            for i in 0..7 {
+                made.push(
+                    store
+                        .enqueue(&job(&format!("env-{i}"), "start"), "start")
+                        .await
+                        .unwrap(),
+                );
+            }
+            let claimed = store.claim("control", "w", 10_000).await.unwrap().unwrap();
+            made.reverse();
+            for (state, want) in [
+                (None, made.clone()),
+                (
+                    Some(JobState::Queued),
+                    made.iter()
+                        .copied()
+                        .filter(|id| *id != claimed.id)
+                        .collect(),
+                ),
+                (Some(JobState::Running), vec![claimed.id]),
+                (Some(JobState::Dead), vec![]),
+            ] {
+                let mut seen = Vec::new();
+                let mut cursor = None;
+                loop {
+                    let (page, next) = store.list_jobs(state, cursor, 3).await.unwrap();
+                    assert!(page.len() <= 3);
+                    seen.extend(page.iter().map(|j| j.id));
+                    match next {
+                        Some(n) => cursor = Some(n),
+                        None => break,
+                    }
+                }
+                assert_eq!(seen, want, "{state:?}");
+            }
+        })
+        .await;
     }
 
     #[tokio::test]

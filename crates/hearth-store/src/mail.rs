@@ -413,7 +413,7 @@ mod tests {
                     .unwrap(),
                 Stored::Duplicate(id)
             );
-            let jobs = store.list_jobs(None).await.unwrap();
+            let jobs = store.list_jobs(None, None, 1000).await.unwrap().0;
             assert_eq!(jobs.len(), 1, "one job: {jobs:?}");
             assert_eq!(jobs[0].environment_id, mail_job_key(id));
             // Rejected mail with the same id from nobody is only a record, and has no job.
@@ -424,8 +424,8 @@ mod tests {
                     .unwrap(),
                 Stored::New(_)
             ));
-            assert_eq!(store.list_jobs(None).await.unwrap().len(), 1);
-            let job = store.list_jobs(None).await.unwrap()[0].id;
+            assert_eq!(store.list_jobs(None, None, 1000).await.unwrap().0.len(), 1);
+            let job = store.list_jobs(None, None, 1000).await.unwrap().0[0].id;
             assert!(
                 !store.begin_mail_exec(id, job, "w1").await.unwrap(),
                 "no lease, no exec"

@@ -294,7 +294,13 @@ async fn a_docker_outage_is_ridden_out() {
         );
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
-    let jobs = site.store().await.list_jobs(None).await.unwrap();
+    let jobs = site
+        .store()
+        .await
+        .list_jobs(None, None, 1000)
+        .await
+        .unwrap()
+        .0;
     assert!(
         jobs.iter()
             .filter(|j| j.state == hearth_store::JobState::Queued)

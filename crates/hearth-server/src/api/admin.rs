@@ -227,23 +227,28 @@ pub async fn patch_user(
 pub struct JobQuery {
     #[param(pattern = "^(queued|running|succeeded|dead)$")]
     state: Option<String>,
+    /// `nextCursor` of the page before (a number; empty means the first page).
+    #[param(pattern = "^[0-9]{0,18}$")]
+    cursor: Option<String>,
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
 }
 
-/// The newest 500 jobs, optionally by state.
+/// Jobs, newest first, optionally by state: a page (100 unless `limit` says otherwise).
 #[utoipa::path(get, path = "/v1/admin/jobs", tag = "admin", params(JobQuery),
-    responses((status = 200, description = "newest first", body = Items<JobView>), Invalid, AdminOnly, Authed))]
+    responses((status = 200, description = "a page, newest first", body = Page<JobView>), Invalid, AdminOnly, Authed))]
 pub async fn jobs(
     State(app): State<App>,
     Admin(_admin): Admin,
     Params(q): Params<JobQuery>,
-) -> ApiResult<Json<Items<JobView>>> {
-    Ok(Json(Items {
-        items: app
-            .jobs(q.state.as_deref())
-            .await?
-            .iter()
-            .map(JobView::from)
-            .collect(),
+) -> ApiResult<Json<Page<JobView>>> {
+    let cursor = super::number_cursor(q.cursor.as_deref())?;
+    let (items, next) = app
+        .jobs(q.state.as_deref(), cursor, page_limit(q.limit)?)
+        .await?;
+    Ok(Json(Page {
+        items: items.iter().map(JobView::from).collect(),
+        next_cursor: next.map(|n| n.to_string()),
     }))
 }
 
