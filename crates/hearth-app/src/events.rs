@@ -109,8 +109,9 @@ impl<T: Copy> Probes<T> {
             slots.entry(key.to_string()).or_default().clone()
         };
         let mut answer = slot.lock().await;
+        // An answer read at a later version than the caller's is at least as new.
         if let Some((v, at, value)) = *answer
-            && v == version
+            && v >= version
             && at.elapsed() < fresh_for
         {
             return value;
@@ -254,4 +255,39 @@ pub fn list_stream(app: App, user_id: Option<String>) -> impl Stream<Item = Live
             }
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Probes;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    /// 50 streams that find a probe stale at once cost one query; a bump costs one more.
+    #[tokio::test]
+    async fn streams_woken_together_share_one_query() {
+        let probes: Arc<Probes<u64>> = Arc::default();
+        let queries = Arc::new(AtomicUsize::new(0));
+        let ask = |version: u64| {
+            let (probes, queries) = (probes.clone(), queries.clone());
+            async move {
+                probes
+                    .get("user-a", version, Duration::from_secs(60), || async {
+                        queries.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        version * 10
+                    })
+                    .await
+            }
+        };
+        let answers = futures::future::join_all((0..50).map(|_| tokio::spawn(ask(1)))).await;
+        assert!(answers.into_iter().all(|a| a.unwrap() == 10));
+        assert_eq!(queries.load(Ordering::SeqCst), 1);
+        // A write since: the next caller asks again, and an answer that new serves a
+        // caller who saw only the older version.
+        assert_eq!(ask(2).await, 20);
+        assert_eq!(ask(1).await, 20);
+        assert_eq!(queries.load(Ordering::SeqCst), 2);
+    }
 }

@@ -100,6 +100,13 @@ pub fn mail_job_key(id: i64) -> String {
     format!("mail:{id}")
 }
 
+/// A page of received mail, newest first: `$1` the user (`''` for everyone's), `$2` the
+/// cursor, `$3` how many. One user's walks `inbound_mail_user` from the cursor on.
+fn mail_page_sql(one_user: bool) -> String {
+    let lead = if one_user { "user_id = $1" } else { "$1 = ''" };
+    format!("SELECT {COLUMNS} FROM inbound_mail WHERE {lead} AND id < $2 ORDER BY id DESC LIMIT $3")
+}
+
 impl Store {
     /// Stores a message; with `job`, queues it for work in the same transaction and audits
     /// its acceptance, else audits its rejection (`actor` names the sender either way).
@@ -192,21 +199,20 @@ impl Store {
         mail_from_row(&row)
     }
 
-    /// The newest mail first, `limit` of it, before `before_id` when given; one user's or all.
+    /// The newest mail first, `limit` of it, before `before_id` when given; one user's (by
+    /// `inbound_mail_user`) or all (by the key).
     pub async fn mail_page(
         &self,
         user_id: Option<&str>,
         before_id: Option<i64>,
         limit: i64,
     ) -> Result<Vec<Mail>> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM inbound_mail WHERE ($1 IS NULL OR user_id = $1) AND id < $2 ORDER BY id DESC LIMIT $3"
-        )))
-        .bind(user_id)
-        .bind(before_id.unwrap_or(i64::MAX))
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(mail_page_sql(user_id.is_some())))
+            .bind(user_id.unwrap_or(""))
+            .bind(before_id.unwrap_or(i64::MAX))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(mail_from_row).collect()
     }
 
@@ -358,6 +364,23 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    /// A page of one user's mail seeks their rows, however much mail the node received.
+    #[tokio::test]
+    async fn mail_pages_seek_an_index() {
+        let (_dir, store) = crate::testdb::sqlite().await;
+        for (one_user, index) in [
+            (true, "inbound_mail_user (user_id=? AND id<?)"),
+            (false, "INTEGER PRIMARY KEY (rowid<?)"),
+        ] {
+            let plan = store.query_plan(&super::mail_page_sql(one_user), &[]).await;
+            crate::testdb::assert_seeks("a page of mail", "inbound_mail", &plan, index);
+            assert!(
+                !plan.iter().any(|l| l.contains("TEMP B-TREE")),
+                "sorted: {plan:#?}"
+            );
+        }
+    }
+
     use super::*;
     use crate::testdb::each_backend;
     use hearth_core::{Role, Tier};
