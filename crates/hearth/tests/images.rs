@@ -285,6 +285,11 @@ async fn custom_images_on_docker() {
 /// what a user brings from another machine.
 fn saved_tarball(dir: &std::path::Path, tags: &[&str], dockerfile: &str) -> std::path::PathBuf {
     use std::io::Write;
+    // Layers of its own, never ones the build cache shares with another test's: the other
+    // test builds the same `userdel` Dockerfile, and removing the tags below failed in CI
+    // while a container ran from that shared layer.
+    let (from, rest) = dockerfile.split_once('\n').unwrap();
+    let dockerfile = format!("{from}\nLABEL hearth-test-tarball={}\n{rest}", tags[0]);
     let mut build = std::process::Command::new("docker")
         .args(["build", "-q", "-t", tags[0], "-"])
         .stdin(std::process::Stdio::piped())
