@@ -263,6 +263,21 @@ macro_rules! page_of_envs {
     };
 }
 
+/// The page form for everyone's or one user's environments, in one state or all: which
+/// index it walks (`page_where!`), read as one JSON value (`page_of_envs!`).
+fn page_sql(backend: Backend, one_user: bool, in_state: bool) -> &'static str {
+    match (backend, one_user, in_state) {
+        (Backend::Sqlite, true, _) => page_of_envs!(sqlite, page_where!(one_user)),
+        (Backend::Sqlite, false, false) => page_of_envs!(sqlite, page_where!(every_user)),
+        (Backend::Sqlite, false, true) => page_of_envs!(sqlite, page_where!(every_user_in_state)),
+        (Backend::Postgres, true, _) => page_of_envs!(postgres, page_where!(one_user)),
+        (Backend::Postgres, false, false) => page_of_envs!(postgres, page_where!(every_user)),
+        (Backend::Postgres, false, true) => {
+            page_of_envs!(postgres, page_where!(every_user_in_state))
+        }
+    }
+}
+
 /// An environment's row as `env_object!` writes it, and as `env_from_row` reads it.
 #[derive(serde::Deserialize)]
 struct EnvRow {
@@ -656,22 +671,7 @@ impl Store {
         cursor: Option<&str>,
         limit: i64,
     ) -> Result<(Vec<Environment>, Option<String>)> {
-        // Which index the page walks (`page_where!`). It comes back as one JSON value
-        // (`page_of_envs!`).
-        let sql = match (self.backend, user_id.is_some(), state.is_some()) {
-            (Backend::Sqlite, true, _) => page_of_envs!(sqlite, page_where!(one_user)),
-            (Backend::Sqlite, false, false) => page_of_envs!(sqlite, page_where!(every_user)),
-            (Backend::Sqlite, false, true) => {
-                page_of_envs!(sqlite, page_where!(every_user_in_state))
-            }
-            (Backend::Postgres, true, _) => page_of_envs!(postgres, page_where!(one_user)),
-            (Backend::Postgres, false, false) => {
-                page_of_envs!(postgres, page_where!(every_user))
-            }
-            (Backend::Postgres, false, true) => {
-                page_of_envs!(postgres, page_where!(every_user_in_state))
-            }
-        };
+        let sql = page_sql(self.backend, user_id.is_some(), state.is_some());
         let page: String = sqlx::query(sql)
             .bind(user_id.unwrap_or(""))
             .bind(state.map(EnvState::as_str).unwrap_or(""))
@@ -1345,9 +1345,9 @@ mod paging_tests {
 mod plan_tests {
     use crate::{Backend, Store};
 
-    /// The page forms, their arguments for PostgreSQL's plan (`owner` the user's), and
-    /// SQLite's index walk.
-    fn pages(owner: &str) -> [(&'static str, &'static str, Vec<String>, &'static str); 3] {
+    /// The page forms (one user's, in a state), their arguments for PostgreSQL's plan
+    /// (`owner` the user's), and SQLite's index walk.
+    fn pages(owner: &str) -> [(&'static str, bool, bool, Vec<String>, &'static str); 3] {
         let args = |user: &str, state: &str| {
             vec![
                 format!("'{user}'"),
@@ -1360,31 +1360,26 @@ mod plan_tests {
         [
             (
                 "a user's page",
-                page_of_envs!(postgres, page_where!(one_user)),
+                true,
+                false,
                 args(owner, ""),
                 "environments_user_id (user_id=? AND id<?)",
             ),
             (
                 "everyone's page",
-                page_of_envs!(postgres, page_where!(every_user)),
+                false,
+                false,
                 args("", ""),
                 "sqlite_autoindex_environments_1 (id<?)",
             ),
             (
                 "everyone's page in one state",
-                page_of_envs!(postgres, page_where!(every_user_in_state)),
+                false,
+                true,
                 args("", "error"),
                 "environments_state_id (state=? AND id<?)",
             ),
         ]
-    }
-
-    fn sqlite_page(what: &str) -> &'static str {
-        match what {
-            "a user's page" => page_of_envs!(sqlite, page_where!(one_user)),
-            "everyone's page" => page_of_envs!(sqlite, page_where!(every_user)),
-            _ => page_of_envs!(sqlite, page_where!(every_user_in_state)),
-        }
     }
 
     fn assert_seeks(what: &str, plan: &[String], index: &str) {
@@ -1397,15 +1392,16 @@ mod plan_tests {
         if store.backend == Backend::Postgres {
             store.execute_for_tests("ANALYZE environments").await;
         }
-        for (what, postgres_sql, args, index) in pages(owner) {
+        for (what, one_user, in_state, args, index) in pages(owner) {
+            let sql = super::page_sql(store.backend, one_user, in_state);
             match store.backend {
                 Backend::Sqlite => {
-                    let plan = store.query_plan(sqlite_page(what), &[]).await;
+                    let plan = store.query_plan(sql, &[]).await;
                     assert_seeks(what, &plan, index);
                 }
                 Backend::Postgres => {
                     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                    let plan = store.query_plan(postgres_sql, &args).await;
+                    let plan = store.query_plan(sql, &args).await;
                     assert!(
                         plan.iter().any(|l| l.contains("Index Scan"))
                             && !plan.iter().any(|l| l.contains("Seq Scan")),

@@ -147,6 +147,15 @@ pub fn assert_seeks(what: &str, table: &str, plan: &[String], index: &str) {
     );
 }
 
+/// `assert_seeks`, and the rows come in the index's order: nothing is sorted after reading.
+pub fn assert_seeks_in_order(what: &str, table: &str, plan: &[String], index: &str) {
+    assert_seeks(what, table, plan, index);
+    assert!(
+        !plan.iter().any(|l| l.contains("TEMP B-TREE")),
+        "{what} is sorted after reading; its plan: {plan:#?}"
+    );
+}
+
 /// One environment of `insert_environments_for_tests`.
 #[derive(Debug, Clone)]
 pub struct BulkEnvironment {
