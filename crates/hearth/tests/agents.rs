@@ -188,24 +188,6 @@ async fn wait_health(server: &Server, name: &str, want: &str, agent: &Agent) -> 
     }
 }
 
-async fn exec(server: &Server, token: &str, id: &str, code: &str) -> String {
-    let r = server
-        .call(
-            "POST",
-            &format!("/v1/environments/{id}/exec"),
-            Some(token),
-            Some(json!({"code": code, "timeoutSeconds": 60})),
-        )
-        .await;
-    assert_eq!(
-        (r.status, r.body["exitCode"].as_i64()),
-        (StatusCode::OK, Some(0)),
-        "{code}: {:?}",
-        r.body
-    );
-    r.body["stdout"].as_str().unwrap().trim().to_string()
-}
-
 /// Waits for `id` to run; if it ends in `error` or takes longer than `UP`, fails with the
 /// agent's log (what the control plane's answer cannot say).
 async fn wait_running_or_log(server: &Server, token: &str, id: &str, agent: &Agent) {
@@ -366,11 +348,11 @@ async fn two_agents_run_real_vms_and_only_their_control_plane_may_call_them() {
     );
     let (one, two) = (&ids[0], &ids[1]);
     assert_eq!(
-        exec(&server, &token, one, "uname -r").await,
+        exec_ok(&server, &token, one, "uname -r").await,
         kernel_version()
     );
     assert_eq!(
-        exec(&server, &token, one, "df -BG --output=size / | tail -1").await,
+        exec_ok(&server, &token, one, "df -BG --output=size / | tail -1").await,
         "3G"
     );
 
@@ -382,7 +364,7 @@ async fn two_agents_run_real_vms_and_only_their_control_plane_may_call_them() {
         )
     };
     assert_eq!(
-        exec(&server, &token, one, &reach(22, "10.0.2.15")).await,
+        exec_ok(&server, &token, one, &reach(22, "10.0.2.15")).await,
         "open"
     );
     let two_port = server
@@ -412,7 +394,7 @@ async fn two_agents_run_real_vms_and_only_their_control_plane_may_call_them() {
             "nothing listens on {port}"
         );
         assert_eq!(
-            exec(&server, &token, one, &reach(port, "10.0.2.2")).await,
+            exec_ok(&server, &token, one, &reach(port, "10.0.2.2")).await,
             "closed",
             "a VM reached port {port} of its host"
         );
@@ -421,7 +403,7 @@ async fn two_agents_run_real_vms_and_only_their_control_plane_may_call_them() {
     // A file written just before the stop is there after it: the guest's page cache (ext4
     // writes back after up to 30 s) reaches its disk before the power-off.
     assert_eq!(
-        exec(
+        exec_ok(
             &server,
             &token,
             one,
@@ -449,7 +431,10 @@ async fn two_agents_run_real_vms_and_only_their_control_plane_may_call_them() {
         )
         .await;
     server.wait_env(&token, one, "running", UP).await;
-    assert_eq!(exec(&server, &token, one, "cat ~/last-words").await, "kept");
+    assert_eq!(
+        exec_ok(&server, &token, one, "cat ~/last-words").await,
+        "kept"
+    );
 
     for id in &ids {
         server
@@ -496,7 +481,7 @@ async fn a_killed_agent_is_noticed_and_its_vm_adopted() {
         .await;
     let id = r.body["id"].as_str().unwrap().to_string();
     wait_running_or_log(&server, &token, &id, &agent).await;
-    let boot_id = exec(&server, &token, &id, "cat /proc/sys/kernel/random/boot_id").await;
+    let boot_id = exec_ok(&server, &token, &id, "cat /proc/sys/kernel/random/boot_id").await;
 
     // kill -9: unhealthy within HEARTH_HOST_UNHEALTHY_AFTER_MS (3 s) plus a check interval.
     agent.kill();
@@ -511,7 +496,7 @@ async fn a_killed_agent_is_noticed_and_its_vm_adopted() {
     wait_health(&server, "vm-k", "healthy", &agent).await;
     assert_eq!(qemu_of(&id), 1);
     assert_eq!(
-        exec(&server, &token, &id, "cat /proc/sys/kernel/random/boot_id").await,
+        exec_ok(&server, &token, &id, "cat /proc/sys/kernel/random/boot_id").await,
         boot_id,
         "the VM was restarted"
     );
@@ -549,7 +534,7 @@ async fn a_killed_agent_is_noticed_and_its_vm_adopted() {
         .await;
     server.wait_env(&token, &id, "running", UP).await;
     assert_ne!(
-        exec(&server, &token, &id, "cat /proc/sys/kernel/random/boot_id").await,
+        exec_ok(&server, &token, &id, "cat /proc/sys/kernel/random/boot_id").await,
         boot_id
     );
     server.destroy(&token, &id, UP).await;
@@ -608,8 +593,8 @@ async fn the_second_vm_of_a_size_restores_the_base_snapshot() {
     );
     let identity = "hostname; cat /etc/machine-id; sudo -n cat /etc/ssh/ssh_host_ed25519_key.pub";
     let (a, b) = (
-        exec(&server, &token, &first, identity).await,
-        exec(&server, &token, &second, identity).await,
+        exec_ok(&server, &token, &first, identity).await,
+        exec_ok(&server, &token, &second, identity).await,
     );
     let (a, b): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
     let slug = server
@@ -666,8 +651,8 @@ async fn snapshots_and_forks_on_an_agent_host() {
     body["name"] = json!("source");
     let a = create(body).await;
     // Written just before: still in the guest's page cache when the snapshot is asked for.
-    exec(&server, &token, &a, "echo kept > ~/made-before").await;
-    let a_identity = exec(&server, &token, &a, identity).await;
+    exec_ok(&server, &token, &a, "echo kept > ~/made-before").await;
+    let a_identity = exec_ok(&server, &token, &a, identity).await;
 
     let r = server
         .call(
@@ -689,7 +674,10 @@ async fn snapshots_and_forks_on_an_agent_host() {
     let snapshot_id = r.body["id"].as_str().unwrap().to_string();
     assert!(agent.log().contains("snapshot taken"), "{}", agent.log());
     // The source was paused for the copy and runs again.
-    assert_eq!(exec(&server, &token, &a, "cat ~/made-before").await, "kept");
+    assert_eq!(
+        exec_ok(&server, &token, &a, "cat ~/made-before").await,
+        "kept"
+    );
 
     // A smaller disk than the one saved is refused at the request.
     let r = server
@@ -706,8 +694,11 @@ async fn snapshots_and_forks_on_an_agent_host() {
     body["name"] = json!("from snapshot");
     body["snapshot"] = json!("first");
     let b = create(body).await;
-    assert_eq!(exec(&server, &token, &b, "cat ~/made-before").await, "kept");
-    let b_identity = exec(&server, &token, &b, identity).await;
+    assert_eq!(
+        exec_ok(&server, &token, &b, "cat ~/made-before").await,
+        "kept"
+    );
+    let b_identity = exec_ok(&server, &token, &b, identity).await;
     for (field, (x, y)) in a_identity.lines().zip(b_identity.lines()).enumerate() {
         assert_ne!(
             x, y,
@@ -716,7 +707,7 @@ async fn snapshots_and_forks_on_an_agent_host() {
     }
 
     // A fork of the running source has what it has now.
-    exec(&server, &token, &a, "echo later > ~/made-later").await;
+    exec_ok(&server, &token, &a, "echo later > ~/made-later").await;
     let r = server
         .call(
             "POST",
@@ -729,7 +720,7 @@ async fn snapshots_and_forks_on_an_agent_host() {
     let fork = r.body["id"].as_str().unwrap().to_string();
     wait_running_or_log(&server, &token, &fork, &agent).await;
     assert_eq!(
-        exec(&server, &token, &fork, "cat ~/made-before ~/made-later").await,
+        exec_ok(&server, &token, &fork, "cat ~/made-before ~/made-later").await,
         "kept\nlater"
     );
 
@@ -751,7 +742,7 @@ async fn snapshots_and_forks_on_an_agent_host() {
         .join(&snapshot_id)
         .join("disk.qcow2");
     assert!(file.is_file(), "kept while a VM uses it");
-    exec(&server, &token, &b, "sync").await;
+    exec_ok(&server, &token, &b, "sync").await;
     for id in [&b, &fork, &a] {
         server.destroy(&token, &id, UP).await;
         assert_eq!(qemu_of(id), 0);
@@ -811,7 +802,7 @@ async fn a_warm_pool_on_an_agent_host() {
     let port = env["sshPort"].as_i64().unwrap();
     let pool_public = pooled[0].ssh_public_key.trim().to_string();
     for round in ["claimed", "restarted"] {
-        let authorized = exec(&server, &token, &id, "cat ~/.ssh/authorized_keys").await;
+        let authorized = exec_ok(&server, &token, &id, "cat ~/.ssh/authorized_keys").await;
         assert!(!authorized.contains(&pool_public), "{round}: {authorized}");
         assert!(
             authorized.contains(user_public.trim()),

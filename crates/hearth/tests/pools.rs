@@ -40,20 +40,6 @@ fn site_vms(site: &Site) -> Vec<String> {
         .collect()
 }
 
-async fn exec(server: &Server, token: &str, id: &str, code: &str) -> String {
-    let r = server
-        .call(
-            "POST",
-            &format!("/v1/environments/{id}/exec"),
-            Some(token),
-            Some(json!({ "code": code })),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
-    assert_eq!(r.body["exitCode"], 0, "{:?}", r.body);
-    r.body["stdout"].as_str().unwrap().to_string()
-}
-
 #[tokio::test]
 async fn a_warm_pool_on_docker() {
     let site = Site::new(Db::Sqlite).await;
@@ -127,7 +113,7 @@ async fn a_warm_pool_on_docker() {
             .await
             .body;
         let row = store.environment(id).await.unwrap();
-        let out = exec(
+        let out = exec_ok(
             &server,
             &token,
             id,
@@ -228,7 +214,7 @@ async fn a_warm_pool_on_docker() {
     server
         .wait_env(&token, &killed, "running", Duration::from_secs(240))
         .await;
-    let out = exec(&server, &token, &killed, "hostname").await;
+    let out = exec_ok(&server, &token, &killed, "hostname").await;
     let slug = store
         .environment(&killed)
         .await
@@ -276,7 +262,10 @@ async fn a_warm_pool_on_docker() {
     server
         .wait_env(&token, &restarted, "running", Duration::from_secs(120))
         .await;
-    assert_eq!(exec(&server, &token, &restarted, "echo up").await, "up\n");
+    assert_eq!(
+        exec_ok(&server, &token, &restarted, "echo up").await,
+        "up\n"
+    );
     ids.push(restarted);
 
     // Emptying the pool drains its VMs; destroying the environments removes the rest.

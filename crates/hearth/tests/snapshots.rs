@@ -11,20 +11,6 @@ use std::time::Duration;
 
 const UP: Duration = Duration::from_secs(120);
 
-async fn exec(server: &Server, token: &str, id: &str, code: &str) -> String {
-    let r = server
-        .call(
-            "POST",
-            &format!("/v1/environments/{id}/exec"),
-            Some(token),
-            Some(json!({ "code": code })),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
-    assert_eq!(r.body["exitCode"], 0, "{:?}", r.body);
-    r.body["stdout"].as_str().unwrap().to_string()
-}
-
 async fn create(server: &Server, token: &str, body: Value) -> String {
     let r = server
         .call("POST", "/v1/environments", Some(token), Some(body))
@@ -47,7 +33,7 @@ async fn take(server: &Server, token: &str, env: &str, name: &str) -> (StatusCod
 
 /// What the guest says of itself: its files, hostname, host key and authorized keys.
 async fn identity(server: &Server, token: &str, id: &str) -> (String, String, String) {
-    let out = exec(
+    let out = exec_ok(
         server,
         token,
         id,
@@ -106,7 +92,7 @@ async fn snapshots_and_forks_on_docker() {
     body["environmentVars"] = json!({"SECRET": "s3cr3t-value"});
     let a = create(&server, &token, body).await;
     server.wait_env(&token, &a, "running", UP).await;
-    exec(&server, &token, &a, "echo kept > ~/made-before").await;
+    exec_ok(&server, &token, &a, "echo kept > ~/made-before").await;
     let (a_name, a_host_key, a_keys) = identity(&server, &token, &a).await;
 
     // A snapshot: ready when the call answers, sized, listed.
@@ -146,7 +132,7 @@ async fn snapshots_and_forks_on_docker() {
     let b = create(&server, &token, body).await;
     let b_view = server.wait_env(&token, &b, "running", UP).await;
     assert_eq!(
-        exec(&server, &token, &b, "cat ~/made-before").await,
+        exec_ok(&server, &token, &b, "cat ~/made-before").await,
         "kept\n"
     );
     let (b_name, b_host_key, b_keys) = identity(&server, &token, &b).await;
@@ -159,12 +145,12 @@ async fn snapshots_and_forks_on_docker() {
         "none of the source's keys"
     );
     assert_eq!(
-        exec(&server, &token, &b, "printenv SECRET || echo unset").await,
+        exec_ok(&server, &token, &b, "printenv SECRET || echo unset").await,
         "unset\n"
     );
 
     // A fork of the running source has what it has now.
-    exec(&server, &token, &a, "echo later > ~/made-later").await;
+    exec_ok(&server, &token, &a, "echo later > ~/made-later").await;
     let r = server
         .call(
             "POST",
@@ -182,7 +168,7 @@ async fn snapshots_and_forks_on_docker() {
     );
     server.wait_env(&token, &fork, "running", UP).await;
     assert_eq!(
-        exec(&server, &token, &fork, "cat ~/made-before ~/made-later").await,
+        exec_ok(&server, &token, &fork, "cat ~/made-before ~/made-later").await,
         "kept\nlater\n"
     );
 
@@ -203,7 +189,7 @@ async fn snapshots_and_forks_on_docker() {
     assert_eq!(status, StatusCode::CREATED, "{third}");
     // The environment made from the deleted snapshot runs on.
     assert_eq!(
-        exec(&server, &token, &b, "cat ~/made-before").await,
+        exec_ok(&server, &token, &b, "cat ~/made-before").await,
         "kept\n"
     );
 
@@ -296,7 +282,7 @@ async fn a_snapshot_cut_short_by_a_kill_is_kept_or_dropped_whole() {
     .await;
     server.wait_env(&token, &env, "running", UP).await;
     // Enough on the disk that the commit takes a while.
-    exec(
+    exec_ok(
         &server,
         &token,
         &env,
