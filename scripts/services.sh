@@ -47,7 +47,7 @@ PY
 start_docker() {
   # iproute2 and openssl: the tests start a second engine on a bridge of its own, with TLS.
   # runsc: gVisor, an optional runtime for untrusted code. iptables: the guest firewall.
-  apt_install docker.io mmdebstrap openssh-client iproute2 openssl runsc iptables
+  apt_install docker.io mmdebstrap openssh-client rsync iproute2 openssl runsc iptables
   register_runsc
   if /usr/bin/docker info 2>/dev/null | grep -q 'Runtimes:.*runsc'; then
     :

@@ -29,6 +29,7 @@ pub mod sign_in;
 mod sim_ledger;
 pub mod snapshots;
 pub mod start;
+pub mod tunnels;
 
 #[cfg(test)]
 mod tests;
@@ -68,6 +69,8 @@ pub struct App {
     pub mail: Option<Arc<mail::MailService>>,
     /// Woken when a pool changed or a warm VM was claimed, so it refills at once.
     pub pools_wake: Arc<tokio::sync::Notify>,
+    /// Connections into guests open on this node, per user (bounded).
+    pub tunnels: Arc<tunnels::Tunnels>,
 }
 
 impl App {

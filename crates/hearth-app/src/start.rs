@@ -336,6 +336,7 @@ pub async fn open_app_with_clock(config: Config, clock: Arc<dyn Clock>) -> Resul
         config: Arc::new(config),
         changed: Arc::new(tokio::sync::Notify::new()),
         pools_wake: Arc::new(tokio::sync::Notify::new()),
+        tunnels: Default::default(),
     })
 }
 

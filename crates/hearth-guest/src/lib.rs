@@ -5,4 +5,6 @@ pub mod keys;
 pub mod ssh;
 
 pub use keys::{KeyPair, MasterKey, SealError};
-pub use ssh::{ExecOutput, ExecRequest, GuestError, SshPool, StreamChunk, Target};
+pub use ssh::{
+    ExecOutput, ExecRequest, GuestError, SshPool, StreamChunk, Target, TunnelChannel, TunnelError,
+};

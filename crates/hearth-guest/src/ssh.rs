@@ -583,3 +583,57 @@ async fn run_on(
     out.duration = started.elapsed();
     Ok(out)
 }
+
+/// A connection to a port in the guest (see `SshPool::open_tunnel`).
+pub type TunnelChannel = russh::Channel<client::Msg>;
+
+/// Why a tunnel to a port in the guest could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// The guest's sshd was reached but would not connect to the port (usually nothing
+    /// listens there).
+    #[error("nothing in the environment accepted a connection on port {0} ({1})")]
+    Refused(u16, String),
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+}
+
+impl SshPool {
+    /// A TCP connection to `127.0.0.1:port` inside the guest, made by the guest's sshd
+    /// (an SSH `direct-tcpip` channel on the kept connection): no guest port is exposed,
+    /// and the connection is as private as Hearth's own SSH session.
+    pub async fn open_tunnel(
+        &self,
+        target: &Target,
+        port: u16,
+    ) -> Result<TunnelChannel, TunnelError> {
+        let open = |handle: Arc<Handle<HostKeyCheck>>| async move {
+            handle
+                .channel_open_direct_tcpip("127.0.0.1", u32::from(port), "127.0.0.1", 0)
+                .await
+        };
+        let attempt = async {
+            let handle = self.handle(target).await?;
+            match open(handle).await {
+                Ok(c) => Ok(c),
+                Err(russh::Error::ChannelOpenFailure(reason)) => {
+                    Err(TunnelError::Refused(port, format!("{reason:?}")))
+                }
+                Err(_) => {
+                    // The kept connection may be stale; one fresh try.
+                    self.conns.lock().await.remove(&target.environment_id);
+                    let handle = self.handle(target).await?;
+                    open(handle).await.map_err(|e| match e {
+                        russh::Error::ChannelOpenFailure(reason) => {
+                            TunnelError::Refused(port, format!("{reason:?}"))
+                        }
+                        other => GuestError::Session(other.to_string()).into(),
+                    })
+                }
+            }
+        };
+        tokio::time::timeout(SHELL_OPEN_TIMEOUT, attempt)
+            .await
+            .map_err(|_| GuestError::Unresponsive(SHELL_OPEN_TIMEOUT.as_secs()))?
+    }
+}

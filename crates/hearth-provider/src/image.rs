@@ -9,7 +9,8 @@ use std::process::Command;
 
 pub const DEFAULT_IMAGE: &str = "hearth/base:latest";
 pub const SUITE: &str = "bookworm";
-pub const PACKAGES: &str = "openssh-server,sudo,git,curl,ca-certificates,iproute2,procps,bash,less";
+pub const PACKAGES: &str =
+    "openssh-server,sudo,git,curl,ca-certificates,iproute2,procps,bash,less,python3,rsync";
 
 /// The guest's PID 1 child (under docker-init): host key, the authorized key, then sshd.
 pub const INIT_SCRIPT: &str = r#"#!/bin/sh

@@ -167,6 +167,9 @@ pub struct EnvironmentView {
     pub ssh_host: Option<String>,
     pub ssh_port: Option<i64>,
     pub ssh_user: String,
+    /// The guest's SSH host key (`type base64`), pinned when the VM was made: what
+    /// `hearth ssh-config` writes to its `known_hosts`.
+    pub ssh_host_key: Option<String>,
     /// Whether the owner gave their own SSH key (so `ssh` works from their machine).
     pub has_user_ssh_key: bool,
     pub vcpus: i64,
@@ -205,6 +208,7 @@ impl From<&Environment> for EnvironmentView {
             ssh_host: e.ssh_host.clone(),
             ssh_port: e.ssh_port,
             ssh_user: e.ssh_user.clone(),
+            ssh_host_key: e.ssh_host_key.clone(),
             has_user_ssh_key: e.has_user_ssh_key(),
             vcpus: e.vcpus,
             memory_mb: e.memory_mb,

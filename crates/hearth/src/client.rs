@@ -1,6 +1,53 @@
 //! A small HTTP client for the CLI: finds the server and token, maps errors to exit codes.
 
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// What `hearth login` keeps (0600 in the user's config directory), so that programs
+/// started without the user's environment (an editor's SSH `ProxyCommand`) find the
+/// server and token.
+#[derive(Serialize, Deserialize)]
+pub struct SavedLogin {
+    pub url: String,
+    pub token: String,
+}
+
+fn login_path() -> Option<std::path::PathBuf> {
+    crate::tunnel::config_dir().map(|d| d.join("login.json"))
+}
+
+fn saved_login() -> Option<SavedLogin> {
+    serde_json::from_slice(&std::fs::read(login_path()?).ok()?).ok()
+}
+
+pub fn saved_login_exists() -> bool {
+    saved_login().is_some()
+}
+
+/// Writes the login, readable by its owner only.
+pub fn save_login(login: &SavedLogin) -> Result<std::path::PathBuf, Failure> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = login_path().ok_or_else(|| Failure::usage("no HOME to keep the login in"))?;
+    let failed =
+        |e: std::io::Error| Failure::failed(format!("cannot write {}: {e}", path.display()));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(failed)?;
+    }
+    let temporary = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)
+        .map_err(failed)?;
+    file.write_all(&serde_json::to_vec(login).expect("serializes"))
+        .map_err(failed)?;
+    std::fs::rename(&temporary, &path).map_err(failed)?;
+    Ok(path)
+}
 
 pub struct Failure {
     pub message: String,
@@ -40,32 +87,39 @@ pub struct Client {
 }
 
 impl Client {
-    /// `HEARTH_URL` (default from `HEARTH_LISTEN`, else 127.0.0.1:8080) and `HEARTH_TOKEN`
-    /// (default: `<data dir>/admin.token`, written by `serve` on this machine).
+    /// `HEARTH_URL` and `HEARTH_TOKEN`; else what `hearth login` saved; else this
+    /// machine's server (`HEARTH_LISTEN`, default 127.0.0.1:8080) and the admin token
+    /// `serve` wrote in its data directory.
     pub fn from_env() -> Result<Client, Failure> {
-        let base = std::env::var("HEARTH_URL")
-            .ok()
-            .filter(|s| !s.is_empty())
+        let env = |name: &str| std::env::var(name).ok().filter(|s| !s.is_empty());
+        let saved = saved_login();
+        let base = env("HEARTH_URL")
+            .or_else(|| saved.as_ref().map(|s| s.url.clone()))
             .unwrap_or_else(|| {
                 let listen =
                     std::env::var("HEARTH_LISTEN").unwrap_or_else(|_| "127.0.0.1:8080".into());
                 format!("http://{listen}")
             });
-        let token =
-            match std::env::var("HEARTH_TOKEN").ok().filter(|s| !s.is_empty()) {
-                Some(t) => t,
-                None => {
-                    let dir = std::env::var("HEARTH_DATA_DIR")
-                        .unwrap_or_else(|_| hearth_app::config::default_data_dir());
-                    let path = std::path::Path::new(&dir).join("admin.token");
-                    std::fs::read_to_string(&path).map(|t| t.trim().to_string()).map_err(|_| {
-                    Failure::unreachable(format!(
-                        "no token: set HEARTH_TOKEN, or run this where `hearth serve` wrote {}",
-                        path.display()
-                    ))
-                })?
-                }
-            };
+        let token = match env("HEARTH_TOKEN").or_else(|| saved.map(|s| s.token)) {
+            Some(t) => t,
+            None => {
+                let dir = std::env::var("HEARTH_DATA_DIR")
+                    .unwrap_or_else(|_| hearth_app::config::default_data_dir());
+                let path = std::path::Path::new(&dir).join("admin.token");
+                std::fs::read_to_string(&path)
+                    .map(|t| t.trim().to_string())
+                    .map_err(|_| {
+                        Failure::unreachable(format!(
+                            "no token: run `hearth login`, set HEARTH_TOKEN, or run this where `hearth serve` wrote {}",
+                            path.display()
+                        ))
+                    })?
+            }
+        };
+        Client::new(base, token)
+    }
+
+    pub fn new(base: String, token: String) -> Result<Client, Failure> {
         let http = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(3700))
             .build()
@@ -79,10 +133,6 @@ impl Client {
 
     pub fn base(&self) -> &str {
         &self.base
-    }
-
-    pub fn token(&self) -> &str {
-        &self.token
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<Value, Failure> {
@@ -175,6 +225,52 @@ impl Client {
             ))),
             other => other,
         }
+    }
+
+    /// Opens a WebSocket to `path` with the bearer token; a refusal before the upgrade
+    /// becomes a failure carrying the server's message.
+    pub async fn websocket(
+        &self,
+        path: &str,
+    ) -> Result<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+        Failure,
+    > {
+        let url = format!("{}{path}", self.base.replacen("http", "ws", 1));
+        let mut request = url
+            .into_client_request()
+            .map_err(|e| Failure::usage(format!("bad HEARTH_URL: {e}")))?;
+        let auth = format!("Bearer {}", self.token)
+            .parse()
+            .map_err(|_| Failure::usage("the token has characters a header cannot carry"))?;
+        request.headers_mut().insert("authorization", auth);
+        let (ws, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                    let body = resp
+                        .body()
+                        .as_ref()
+                        .map(|b| String::from_utf8_lossy(b).to_string())
+                        .unwrap_or_default();
+                    let message = serde_json::from_str::<Value>(&body)
+                        .ok()
+                        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                        .unwrap_or(body);
+                    let code = if resp.status().as_u16() == 401 { 3 } else { 1 };
+                    Failure {
+                        message: format!("{}: {message}", resp.status()),
+                        exit_code: code,
+                        status: Some(resp.status().as_u16()),
+                    }
+                }
+                other => {
+                    Failure::unreachable(format!("cannot reach Hearth at {}: {other}", self.base))
+                }
+            })?;
+        Ok(ws)
     }
 
     pub async fn delete(&self, path: &str) -> Result<Value, Failure> {

@@ -7,6 +7,7 @@
 
 mod client;
 mod ssh;
+mod tunnel;
 
 /// jemalloc, not glibc's malloc: after 50 clients read pages of 100 environments for 20 s
 /// the server held 104 MiB with glibc's (its per-thread arenas keep what the load freed)
@@ -57,7 +58,33 @@ enum Command {
         command: EnvCommand,
     },
     /// An interactive shell in an environment (your personal VM if no id is given).
-    Ssh { id: Option<String> },
+    Ssh {
+        id: Option<String>,
+        /// Carry the environment's SSH server on standard input and output instead (for an
+        /// SSH client's `ProxyCommand`; see `ssh-config`).
+        #[arg(long)]
+        stdio: bool,
+    },
+    /// Print an OpenSSH config entry per environment (`Host hearth-<slug>`, through
+    /// `hearth ssh --stdio`), so ssh, scp, rsync and editors' remote SSH reach them
+    /// through the API with your own key (given as `sshPublicKey` at creation).
+    SshConfig {
+        /// Where to write the environments' pinned host keys (default:
+        /// ~/.config/hearth/known_hosts).
+        #[arg(long)]
+        known_hosts: Option<std::path::PathBuf>,
+    },
+    /// Forward a local port to a port in an environment, through the API:
+    /// `hearth port-forward ENV 8080:3000` (LOCAL:REMOTE, or one port for both; local 0
+    /// picks a free one). Listens on 127.0.0.1 until interrupted.
+    PortForward { id: String, ports: String },
+    /// Keep a server address and a token (read from standard input) for this user, so
+    /// commands, and SSH's `ProxyCommand`, work without HEARTH_URL and HEARTH_TOKEN.
+    Login {
+        /// The server, e.g. https://hearth.example.com
+        #[arg(long)]
+        url: String,
+    },
     /// Administration (admin role).
     Admin {
         #[command(subcommand)]
@@ -481,8 +508,49 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         Command::Vm { command } => vm(command).await,
         Command::Env { command } => env(command).await,
         Command::Admin { command } => admin(command).await,
-        Command::Ssh { id } => ssh::run(&Client::from_env()?, id).await,
+        Command::Ssh { id, stdio: false } => ssh::run(&Client::from_env()?, id).await,
+        Command::Ssh { id, stdio: true } => {
+            let client = Client::from_env()?;
+            let id = match id {
+                Some(id) => id,
+                None => s(&client.get("/v1/me/vm").await?, "environmentId"),
+            };
+            tunnel::stdio(&client, &id).await
+        }
+        Command::SshConfig { known_hosts } => {
+            tunnel::ssh_config(&Client::from_env()?, known_hosts).await
+        }
+        Command::PortForward { id, ports } => {
+            tunnel::port_forward(Client::from_env()?, &id, &ports).await
+        }
+        Command::Login { url } => login(url).await,
     }
+}
+
+/// `hearth login`: checks the token (read from standard input) against the server, then
+/// keeps both.
+async fn login(url: String) -> Result<ExitCode, Failure> {
+    let mut token = String::new();
+    std::io::stdin()
+        .read_line(&mut token)
+        .map_err(|e| Failure::usage(format!("cannot read the token from standard input: {e}")))?;
+    let url = url.trim_end_matches('/').to_string();
+    let token = token.trim().to_string();
+    if token.is_empty() {
+        return Err(Failure::usage(
+            "give the token on standard input, e.g. `hearth login --url URL < token-file`",
+        ));
+    }
+    let me = Client::new(url.clone(), token.clone())?
+        .get("/v1/me")
+        .await?;
+    let path = client::save_login(&client::SavedLogin { url, token })?;
+    eprintln!(
+        "logged in as {}; kept in {}",
+        s(&me, "email"),
+        path.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `hearth image import`: the upload with a progress bar, then a spinner while the server

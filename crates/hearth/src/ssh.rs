@@ -8,7 +8,6 @@ use std::io::Write;
 use std::process::ExitCode;
 use tokio::io::AsyncReadExt;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// Restores the terminal's settings when dropped.
 struct RawMode(Option<libc::termios>);
@@ -63,39 +62,11 @@ pub async fn run(client: &Client, id: Option<String>) -> Result<ExitCode, Failur
             .to_string(),
     };
     let (cols, rows) = terminal_size();
-    let url = format!(
-        "{}/v1/environments/{id}/terminal?cols={cols}&rows={rows}",
-        client.base().replacen("http", "ws", 1)
-    );
-    let mut request = url
-        .into_client_request()
-        .map_err(|e| Failure::usage(format!("bad HEARTH_URL: {e}")))?;
-    let auth = format!("Bearer {}", client.token())
-        .parse()
-        .map_err(|_| Failure::usage("the token has characters a header cannot carry"))?;
-    request.headers_mut().insert("authorization", auth);
-    let (ws, _) = tokio_tungstenite::connect_async(request)
-        .await
-        .map_err(|e| match e {
-            tokio_tungstenite::tungstenite::Error::Http(resp) => {
-                let body = resp
-                    .body()
-                    .as_ref()
-                    .map(|b| String::from_utf8_lossy(b).to_string())
-                    .unwrap_or_default();
-                let message = serde_json::from_str::<serde_json::Value>(&body)
-                    .ok()
-                    .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-                    .unwrap_or(body);
-                let code = if resp.status().as_u16() == 401 { 3 } else { 1 };
-                Failure {
-                    message: format!("{}: {message}", resp.status()),
-                    exit_code: code,
-                    status: Some(resp.status().as_u16()),
-                }
-            }
-            other => Failure::unreachable(format!("cannot open the terminal: {other}")),
-        })?;
+    let ws = client
+        .websocket(&format!(
+            "/v1/environments/{id}/terminal?cols={cols}&rows={rows}"
+        ))
+        .await?;
     let (mut sink, mut stream) = ws.split();
     let raw = RawMode::enable();
     let mut stdin = tokio::io::stdin();

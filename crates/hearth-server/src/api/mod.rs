@@ -10,9 +10,11 @@ mod images;
 mod mail;
 mod me;
 mod ops;
+mod ports;
 mod snapshots;
 mod terminal;
 mod trpc;
+mod tunnel;
 
 use crate::App;
 use crate::error::ApiError;
@@ -88,6 +90,7 @@ pub fn routes() -> (axum::Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(environments::exec_stream))
         .routes(routes!(terminal::terminal))
         .routes(routes!(terminal::ticket))
+        .routes(routes!(tunnel::tunnel))
         .routes(routes!(admin::create_user, admin::list_users))
         .routes(routes!(
             admin::get_user,
@@ -148,6 +151,19 @@ pub fn router(app: App) -> Router {
         .route(
             "/api/trpc/{*paths}",
             axum::routing::get(trpc::handle).post(trpc::handle),
+        )
+        // Services inside environments, outside the REST document (see `ports`).
+        .route(
+            "/v1/environments/{id}/ports/{port}",
+            axum::routing::any(ports::proxy),
+        )
+        .route(
+            "/v1/environments/{id}/ports/{port}/",
+            axum::routing::any(ports::proxy),
+        )
+        .route(
+            "/v1/environments/{id}/ports/{port}/{*path}",
+            axum::routing::any(ports::proxy),
         )
         .merge(crate::ui::router())
         .fallback(ops::not_found)

@@ -497,6 +497,26 @@ pub fn docker_inspect(name: &str, format: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// Runs `code` in an environment through the API (60 s at most); asserts that it exited 0
+/// and returns its standard output.
+pub async fn exec_ok(server: &Server, token: &str, id: &str, code: &str) -> String {
+    let r = server
+        .call(
+            "POST",
+            &format!("/v1/environments/{id}/exec"),
+            Some(token),
+            Some(json!({"code": code, "timeoutSeconds": 60})),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.body["exitCode"].as_i64()),
+        (StatusCode::OK, Some(0)),
+        "{code}: {:?}",
+        r.body
+    );
+    r.body["stdout"].as_str().unwrap().to_string()
+}
+
 /// Real OpenSSH into an environment's guest with `key`; its output, or its error.
 pub async fn openssh(key: &std::path::Path, port: i64, command: &str) -> Result<String, String> {
     let out = tokio::process::Command::new("ssh")

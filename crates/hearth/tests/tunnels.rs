@@ -1,0 +1,466 @@
+//! Reaching into an environment through the API only: OpenSSH, scp and rsync through
+//! `hearth ssh-config`'s `ProxyCommand`, `hearth port-forward`, and the HTTP port proxy
+//! (with a WebSocket), against a real Docker guest. No guest port is used directly.
+
+mod common;
+
+use common::*;
+use futures::{SinkExt, StreamExt};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+const UP: Duration = Duration::from_secs(180);
+
+/// The CLI with only `XDG_CONFIG_HOME` (where `hearth login` keeps the server and token):
+/// as an SSH client's `ProxyCommand` runs it from an editor, without HEARTH_* variables.
+fn hearth(config_home: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hearth"));
+    c.env_remove("HEARTH_URL")
+        .env_remove("HEARTH_TOKEN")
+        .env("HEARTH_DATA_DIR", config_home.join("no-server-here"))
+        .env("XDG_CONFIG_HOME", config_home);
+    c
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// OpenSSH with the generated config and the user's own key, never asking anything.
+fn ssh_args(config: &Path, key: &Path) -> Vec<String> {
+    [
+        "-F",
+        &config.display().to_string(),
+        "-i",
+        &key.display().to_string(),
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        "LogLevel=ERROR",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn sha256_file(path: &Path) -> String {
+    hex(&Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test]
+async fn ssh_scp_rsync_port_forward_and_the_port_proxy_go_through_the_api() {
+    let site = Site::new(Db::Sqlite).await;
+    let server = site.start().await;
+    let token = server.user("tunnels@example.com", "pro").await;
+    let other = server.user("tunnels-other@example.com", "pro").await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("id_ed25519");
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "tunnels", "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+
+    let r = server
+        .call(
+            "POST",
+            "/v1/environments",
+            Some(&token),
+            Some(json!({"name": "tunnels", "sshPublicKey": public.trim(), "memoryMb": 512})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let env = server.wait_env(&token, &id, "running", UP).await;
+    let slug = env["slug"].as_str().unwrap().to_string();
+    let host_key = env["sshHostKey"]
+        .as_str()
+        .expect("a pinned host key")
+        .to_string();
+
+    // `hearth login` keeps the server and token (owner-only); a wrong token is refused and
+    // nothing is kept.
+    let config_home = dir.path().join("config");
+    let login = |token: &str| {
+        let mut child = hearth(&config_home)
+            .args(["login", "--url", &server.base])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        writeln!(child.stdin.take().unwrap(), "{token}").unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let refused = login("hearth_not-a-token");
+    assert_eq!(refused.status.code(), Some(3), "{refused:?}");
+    assert!(!config_home.join("hearth/login.json").exists());
+    ok(&login(&token));
+    let mode = std::fs::metadata(config_home.join("hearth/login.json")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(mode.permissions().mode() & 0o777, 0o600);
+
+    // The config names the environment and pins its host key.
+    let config_text = ok(&hearth(&config_home).arg("ssh-config").output().unwrap());
+    assert!(
+        config_text.contains(&format!("Host hearth-{slug}\n")),
+        "{config_text}"
+    );
+    assert!(
+        config_text.contains(&format!("ssh --stdio {id}\n")),
+        "{config_text}"
+    );
+    let known_hosts = config_home.join("hearth/known_hosts");
+    assert_eq!(
+        std::fs::read_to_string(&known_hosts).unwrap(),
+        format!("hearth-{id} {host_key}\n")
+    );
+    let config = dir.path().join("ssh_config");
+    std::fs::write(&config, &config_text).unwrap();
+    let ssh = |args: &[&str]| {
+        Command::new("ssh")
+            .args(ssh_args(&config, &key))
+            .args(args)
+            .env_remove("HEARTH_URL")
+            .env_remove("HEARTH_TOKEN")
+            .env("XDG_CONFIG_HOME", &config_home)
+            .output()
+            .unwrap()
+    };
+    let host = format!("hearth-{slug}");
+    let out = ok(&ssh(&[&host, "hostname; whoami"]));
+    assert_eq!(out, format!("{}\ndev\n", slug.replace('_', "-")));
+
+    // scp both ways, 3 MB.
+    let payload = dir.path().join("payload.bin");
+    let bytes: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&payload, &bytes).unwrap();
+    let scp = |from: &str, to: &str| {
+        Command::new("scp")
+            .args(ssh_args(&config, &key))
+            .args(["-q", from, to])
+            .env_remove("HEARTH_URL")
+            .env_remove("HEARTH_TOKEN")
+            .env("XDG_CONFIG_HOME", &config_home)
+            .output()
+            .unwrap()
+    };
+    ok(&scp(
+        &payload.display().to_string(),
+        &format!("{host}:payload.bin"),
+    ));
+    let back = dir.path().join("back.bin");
+    ok(&scp(
+        &format!("{host}:payload.bin"),
+        &back.display().to_string(),
+    ));
+    assert_eq!(sha256_file(&back), sha256_file(&payload));
+    let in_guest = exec_ok(&server, &token, &id, "sha256sum payload.bin").await;
+    assert!(in_guest.starts_with(&sha256_file(&payload)), "{in_guest}");
+
+    // rsync of a directory, through the same ProxyCommand.
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::write(tree.join("a.txt"), "alpha\n").unwrap();
+    std::fs::write(tree.join("sub/b.txt"), "beta\n").unwrap();
+    let rsh = format!("ssh {}", ssh_args(&config, &key).join(" "));
+    let synced = Command::new("rsync")
+        .args(["-a", "-e", &rsh])
+        .arg(format!("{}/", tree.display()))
+        .arg(format!("{host}:tree/"))
+        .env_remove("HEARTH_URL")
+        .env_remove("HEARTH_TOKEN")
+        .env("XDG_CONFIG_HOME", &config_home)
+        .output()
+        .unwrap();
+    ok(&synced);
+    assert_eq!(
+        exec_ok(&server, &token, &id, "cat tree/a.txt tree/sub/b.txt").await,
+        "alpha\nbeta\n"
+    );
+
+    // The pin holds: another key recorded for this environment fails the connection.
+    std::fs::write(
+        &known_hosts,
+        format!("hearth-{id} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ\n"),
+    )
+    .unwrap();
+    let spoofed = ssh(&[&host, "true"]);
+    assert!(!spoofed.status.success());
+    assert!(
+        String::from_utf8_lossy(&spoofed.stderr).contains("REMOTE HOST IDENTIFICATION HAS CHANGED")
+            || String::from_utf8_lossy(&spoofed.stderr).contains("Host key verification failed"),
+        "{spoofed:?}"
+    );
+    ok(&hearth(&config_home).arg("ssh-config").output().unwrap());
+
+    // Services in the guest, on its loopback only.
+    exec_ok(
+        &server,
+        &token,
+        &id,
+        &format!(
+            "cat > echo.py <<'PY'\n{}PY\nmkdir -p site && echo hello-proxy > site/hello.txt\n\
+             (cd site && setsid nohup python3 -m http.server 8000 --bind 127.0.0.1 > ../http.log 2>&1 < /dev/null &)\n\
+             setsid nohup python3 echo.py 8001 > echo.log 2>&1 < /dev/null &\n",
+            include_str!("tunnels/echo.py")
+        ),
+    )
+    .await;
+    let proxy =
+        |port: u16, path: &str| format!("{}/v1/environments/{id}/ports/{port}{path}", server.base);
+    let started = Instant::now();
+    loop {
+        let r = server
+            .http
+            .get(proxy(8001, "/headers"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::OK {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the guest's services never answered: {} {}",
+            r.status(),
+            r.text().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // `python3 -m http.server`, by its owner.
+    let r = server
+        .http
+        .get(proxy(8000, "/hello.txt"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        r.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .starts_with("sandbox"),
+        "{:?}",
+        r.headers()
+    );
+    assert_eq!(r.text().await.unwrap(), "hello-proxy\n");
+    let listing = server
+        .http
+        .get(proxy(8000, "/"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listing.status(), StatusCode::OK);
+    let listing = listing.text().await.unwrap();
+    assert!(listing.contains("hello.txt"), "{listing}");
+    // Refused to another user (as if it did not exist) and to no one.
+    let r = server
+        .http
+        .get(proxy(8000, "/hello.txt"))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = server
+        .http
+        .get(proxy(8000, "/hello.txt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // Nothing listens: 503 with the reason.
+    let r = server
+        .http
+        .get(proxy(8999, "/"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("port 8999"),
+        "{body}"
+    );
+
+    // Hearth's credentials never reach the guest; the guest's own cookies do.
+    let headers: Value = server
+        .http
+        .get(proxy(8001, "/headers"))
+        .bearer_auth(&token)
+        .header("cookie", "hearth_session=not-for-the-guest; app=kept")
+        .header("x-csrf-token", "not-for-the-guest")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(headers.get("authorization").is_none(), "{headers}");
+    assert!(headers.get("x-csrf-token").is_none(), "{headers}");
+    assert_eq!(headers["cookie"], "app=kept", "{headers}");
+    assert_eq!(headers["host"], "localhost:8001", "{headers}");
+    assert_eq!(
+        headers["x-forwarded-prefix"],
+        format!("/v1/environments/{id}/ports/8001")
+    );
+
+    // A body streamed to the guest arrives whole.
+    let answer: Value = server
+        .http
+        .post(proxy(8001, "/sha256"))
+        .bearer_auth(&token)
+        .body(bytes.clone())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["bytes"], bytes.len());
+    assert_eq!(answer["sha256"], hex(&Sha256::digest(&bytes)));
+
+    // A WebSocket through the proxy.
+    let ws_url = proxy(8001, "/ws").replacen("http", "ws", 1);
+    let mut request = ws_url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    for text in ["one", "two"] {
+        ws.send(Message::Text(text.into())).await.unwrap();
+        let echoed = ws.next().await.unwrap().unwrap();
+        assert_eq!(echoed, Message::Text(text.into()));
+    }
+    let big = vec![7u8; 100_000];
+    ws.send(Message::Binary(big.clone().into())).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap(),
+        Message::Binary(big.into())
+    );
+    ws.close(None).await.unwrap();
+
+    // `hearth port-forward` to a TCP service that is not HTTP: the guest's sshd.
+    let local = free_port();
+    let mut forward = hearth(&config_home)
+        .args(["port-forward", &id, &format!("{local}:22")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", local)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "port-forward never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let hosts_line = dir.path().join("forward_known_hosts");
+    std::fs::write(&hosts_line, format!("[127.0.0.1]:{local} {host_key}\n")).unwrap();
+    let out = Command::new("ssh")
+        .args(["-i", &key.display().to_string(), "-p", &local.to_string()])
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+        ])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", hosts_line.display()))
+        .args(["dev@127.0.0.1", "cat tree/a.txt"])
+        .output()
+        .unwrap();
+    assert_eq!(ok(&out), "alpha\n");
+    // And an HTTP service, by plain TCP on the local side.
+    let forwarded_http = free_port();
+    let mut forward_http = hearth(&config_home)
+        .args(["port-forward", &id, &format!("{forwarded_http}:8000")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let body = loop {
+        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{forwarded_http}/hello.txt")).await {
+            break r.text().await.unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "port-forward never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(body, "hello-proxy\n");
+    let _ = forward.kill();
+    let _ = forward_http.kill();
+    let _ = forward.wait();
+    let _ = forward_http.wait();
+
+    // Another user's tunnel is refused as if the environment did not exist.
+    let mut request = format!(
+        "{}/v1/environments/{id}/tunnel/22",
+        server.base.replacen("http", "ws", 1)
+    )
+    .into_client_request()
+    .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {other}").parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), StatusCode::NOT_FOUND)
+        }
+        other => panic!("another user's tunnel: {other:?}"),
+    }
+
+    // The tunnels counted as activity.
+    let activity = server
+        .call(
+            "GET",
+            &format!("/v1/environments/{id}/activity"),
+            Some(&token),
+            None,
+        )
+        .await
+        .body;
+    let source = activity["lastActivitySource"].as_str().unwrap_or_default();
+    assert!(["tunnel", "port"].contains(&source), "{activity}");
+
+    server.destroy(&token, &id, UP).await;
+}
