@@ -310,9 +310,16 @@ impl SshPool {
         }
     }
 
-    /// Drops the environment's connection (after stop or destroy).
+    /// Drops the environment's connections (after stop or destroy): commands' and tunnels'.
     pub async fn forget(&self, environment_id: &str) {
-        if let Some(c) = self.conns.lock().await.remove(environment_id) {
+        let dropped: Vec<Cached> = {
+            let mut conns = self.conns.lock().await;
+            [environment_id.to_string(), tunnels_key(environment_id)]
+                .iter()
+                .filter_map(|k| conns.remove(k))
+                .collect()
+        };
+        for c in dropped {
             let _ = c
                 .handle
                 .disconnect(Disconnect::ByApplication, "", "en")
@@ -584,6 +591,11 @@ async fn run_on(
     Ok(out)
 }
 
+/// The key of an environment's kept connection for tunnels.
+fn tunnels_key(environment_id: &str) -> String {
+    format!("{environment_id}#tunnels")
+}
+
 /// A connection to a port in the guest (see `SshPool::open_tunnel`).
 pub type TunnelChannel = russh::Channel<client::Msg>;
 
@@ -600,13 +612,22 @@ pub enum TunnelError {
 
 impl SshPool {
     /// A TCP connection to `127.0.0.1:port` inside the guest, made by the guest's sshd
-    /// (an SSH `direct-tcpip` channel on the kept connection): no guest port is exposed,
-    /// and the connection is as private as Hearth's own SSH session.
+    /// (an SSH `direct-tcpip` channel): no guest port is exposed, and the connection is as
+    /// private as Hearth's own SSH session.
+    ///
+    /// Tunnels have a kept connection of their own, apart from commands and terminals:
+    /// russh hands a channel's data to a bounded queue from the connection's one reading
+    /// task, so a tunnel whose client stops reading stalls every channel of its
+    /// connection. It can stall the environment's other tunnels, never its commands.
     pub async fn open_tunnel(
         &self,
         target: &Target,
         port: u16,
     ) -> Result<TunnelChannel, TunnelError> {
+        let target = &Target {
+            environment_id: tunnels_key(&target.environment_id),
+            ..target.clone()
+        };
         let open = |handle: Arc<Handle<HostKeyCheck>>| async move {
             handle
                 .channel_open_direct_tcpip("127.0.0.1", u32::from(port), "127.0.0.1", 0)

@@ -28,7 +28,7 @@ pub fn saved_login_exists() -> bool {
 /// Writes the login, readable by its owner only.
 pub fn save_login(login: &SavedLogin) -> Result<std::path::PathBuf, Failure> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let path = login_path().ok_or_else(|| Failure::usage("no HOME to keep the login in"))?;
     let failed =
         |e: std::io::Error| Failure::failed(format!("cannot write {}: {e}", path.display()));
@@ -43,6 +43,8 @@ pub fn save_login(login: &SavedLogin) -> Result<std::path::PathBuf, Failure> {
         .mode(0o600)
         .open(&temporary)
         .map_err(failed)?;
+    // A file left by an earlier attempt keeps its mode through `open`.
+    std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(0o600)).map_err(failed)?;
     file.write_all(&serde_json::to_vec(login).expect("serializes"))
         .map_err(failed)?;
     std::fs::rename(&temporary, &path).map_err(failed)?;
@@ -92,7 +94,9 @@ impl Client {
     /// `serve` wrote in its data directory.
     pub fn from_env() -> Result<Client, Failure> {
         let env = |name: &str| std::env::var(name).ok().filter(|s| !s.is_empty());
-        let saved = saved_login();
+        // The saved token goes only to the server it was saved for.
+        let saved = saved_login()
+            .filter(|s| env("HEARTH_URL").is_none_or(|u| u.trim_end_matches('/') == s.url));
         let base = env("HEARTH_URL")
             .or_else(|| saved.as_ref().map(|s| s.url.clone()))
             .unwrap_or_else(|| {

@@ -69,10 +69,12 @@ async fn pipe(
         let _ = output.shutdown().await;
         Ok::<(), std::io::Error>(())
     };
-    // The connection is over when the server closes it (the guest's side closed).
+    // The connection is over when the server closes it (the guest's side closed); what
+    // it sent until then is all written out, even when sending to it failed first.
+    tokio::pin!(down);
     tokio::select! {
-        r = up => r,
-        r = down => r,
+        r = up => { r?; down.await }
+        r = &mut down => r,
     }
 }
 
@@ -80,10 +82,16 @@ async fn pipe(
 /// client's `ProxyCommand`.
 pub async fn stdio(client: &Client, id: &str) -> Result<ExitCode, Failure> {
     let socket = open(client, id, 22).await?;
-    pipe(socket, tokio::io::stdin(), tokio::io::stdout())
-        .await
-        .map_err(|e| Failure::failed(format!("the connection broke: {e}")))?;
-    Ok(ExitCode::SUCCESS)
+    let piped = pipe(socket, tokio::io::stdin(), tokio::io::stdout()).await;
+    // Exits at once: tokio's stdin read runs on a thread that cannot be interrupted, and
+    // the SSH client waits for this end of the pipe to close before it finishes.
+    match piped {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: the connection broke: {e}");
+            std::process::exit(1)
+        }
+    }
 }
 
 /// `LOCAL:REMOTE` or `PORT` (the same on both sides).
@@ -164,7 +172,9 @@ fn host_entry(env: &Value, exe: &Path, known_hosts: &Path) -> String {
         env["id"].as_str().unwrap_or_default(),
         env["slug"].as_str().unwrap_or_default(),
     );
-    let quoted = |p: &Path| format!("\"{}\"", p.display().to_string().replace('%', "%%"));
+    // ssh runs the ProxyCommand with the user's shell: single quotes keep `$` and
+    // backquotes literal (paths with a quote are refused before).
+    let quoted = |p: &Path| format!("'{}'", p.display().to_string().replace('%', "%%"));
     let mut entry = format!(
         "Host hearth-{slug}\n    HostName {slug}\n    User {}\n    ProxyCommand {} ssh --stdio {id}\n",
         env["sshUser"].as_str().unwrap_or("dev"),
@@ -178,6 +188,9 @@ fn host_entry(env: &Value, exe: &Path, known_hosts: &Path) -> String {
     }
     entry
 }
+
+/// The first line of the `known_hosts` that `ssh-config` writes (and may overwrite).
+const KNOWN_HOSTS_HEADER: &str = "# written by `hearth ssh-config`; rewritten each time\n";
 
 /// Where `hearth login` and `hearth ssh-config` keep their files.
 pub fn config_dir() -> Option<PathBuf> {
@@ -199,21 +212,32 @@ pub async fn ssh_config(
         .ok_or_else(|| Failure::usage("no HOME: give --known-hosts PATH"))?;
     let exe = std::env::current_exe()
         .map_err(|e| Failure::failed(format!("cannot find this program's path: {e}")))?;
-    if exe.to_string_lossy().contains('"') || known_hosts.to_string_lossy().contains('"') {
+    let quote = ['\'', '"'];
+    if exe.to_string_lossy().contains(quote) || known_hosts.to_string_lossy().contains(quote) {
         return Err(Failure::usage(
-            "paths with a '\"' cannot be written into an SSH config",
+            "paths with a quote cannot be written into an SSH config",
         ));
     }
+    // The file is ours alone: one that `ssh-config` did not write (~/.ssh/known_hosts)
+    // is never overwritten.
+    if let Ok(existing) = std::fs::read_to_string(&known_hosts)
+        && !existing.is_empty()
+        && !existing.starts_with(KNOWN_HOSTS_HEADER)
+    {
+        return Err(Failure::usage(format!(
+            "{} was not written by `hearth ssh-config`; give --known-hosts a file of its own",
+            known_hosts.display()
+        )));
+    }
     let envs = environments(client).await?;
-    let lines: String = envs
-        .iter()
-        .filter_map(|e| {
+    let lines: String = std::iter::once(KNOWN_HOSTS_HEADER.to_string())
+        .chain(envs.iter().filter_map(|e| {
             Some(format!(
                 "hearth-{} {}\n",
                 e["id"].as_str()?,
                 e["sshHostKey"].as_str()?
             ))
-        })
+        }))
         .collect();
     if let Some(dir) = known_hosts.parent() {
         std::fs::create_dir_all(dir)
@@ -260,7 +284,7 @@ mod tests {
         );
         assert!(entry.starts_with("Host hearth-env-x\n"), "{entry}");
         assert!(
-            entry.contains("ProxyCommand \"/opt/my%%bin/hearth\" ssh --stdio 0190-ab\n"),
+            entry.contains("ProxyCommand '/opt/my%%bin/hearth' ssh --stdio 0190-ab\n"),
             "{entry}"
         );
         assert!(entry.contains("HostKeyAlias hearth-0190-ab\n"), "{entry}");

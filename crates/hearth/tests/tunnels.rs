@@ -16,6 +16,32 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const UP: Duration = Duration::from_secs(180);
+const KNOWN_HOSTS_HEADER: &str = "# written by `hearth ssh-config`; rewritten each time\n";
+
+/// Opens the tunnel WebSocket to `port` with `headers`; the socket, or the refusal's status.
+async fn tunnel(
+    server: &Server,
+    id: &str,
+    port: u16,
+    headers: &[(&'static str, String)],
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    StatusCode,
+> {
+    let url = format!(
+        "{}/v1/environments/{id}/tunnel/{port}",
+        server.base.replacen("http", "ws", 1)
+    );
+    let mut request = url.into_client_request().unwrap();
+    for (name, value) in headers {
+        request.headers_mut().insert(*name, value.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status()),
+        Err(other) => panic!("tunnel: {other}"),
+    }
+}
 
 /// The CLI with only `XDG_CONFIG_HOME` (where `hearth login` keeps the server and token):
 /// as an SSH client's `ProxyCommand` runs it from an editor, without HEARTH_* variables.
@@ -133,9 +159,25 @@ async fn ssh_scp_rsync_port_forward_and_the_port_proxy_go_through_the_api() {
         "{config_text}"
     );
     let known_hosts = config_home.join("hearth/known_hosts");
+    let written = std::fs::read_to_string(&known_hosts).unwrap();
+    assert!(written.starts_with(KNOWN_HOSTS_HEADER), "{written}");
+    assert!(
+        written.ends_with(&format!("\nhearth-{id} {host_key}\n")),
+        "{written}"
+    );
+    // A known_hosts it did not write is never overwritten.
+    let foreign = dir.path().join("foreign_known_hosts");
+    std::fs::write(&foreign, "example.com ssh-ed25519 AAAA\n").unwrap();
+    let refused = hearth(&config_home)
+        .arg("ssh-config")
+        .arg("--known-hosts")
+        .arg(&foreign)
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
     assert_eq!(
-        std::fs::read_to_string(&known_hosts).unwrap(),
-        format!("hearth-{id} {host_key}\n")
+        std::fs::read_to_string(&foreign).unwrap(),
+        "example.com ssh-ed25519 AAAA\n"
     );
     let config = dir.path().join("ssh_config");
     std::fs::write(&config, &config_text).unwrap();
@@ -206,7 +248,7 @@ async fn ssh_scp_rsync_port_forward_and_the_port_proxy_go_through_the_api() {
     // The pin holds: another key recorded for this environment fails the connection.
     std::fs::write(
         &known_hosts,
-        format!("hearth-{id} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ\n"),
+        format!("{KNOWN_HOSTS_HEADER}hearth-{id} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ\n"),
     )
     .unwrap();
     let spoofed = ssh(&[&host, "true"]);
@@ -234,24 +276,26 @@ async fn ssh_scp_rsync_port_forward_and_the_port_proxy_go_through_the_api() {
     let proxy =
         |port: u16, path: &str| format!("{}/v1/environments/{id}/ports/{port}{path}", server.base);
     let started = Instant::now();
-    loop {
-        let r = server
-            .http
-            .get(proxy(8001, "/headers"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
-        if r.status() == StatusCode::OK {
-            break;
+    for (port, path) in [(8001, "/headers"), (8000, "/hello.txt")] {
+        loop {
+            let r = server
+                .http
+                .get(proxy(port, path))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            if r.status() == StatusCode::OK {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the guest's services never answered: {} {}",
+                r.status(),
+                r.text().await.unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the guest's services never answered: {} {}",
-            r.status(),
-            r.text().await.unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     // `python3 -m http.server`, by its owner.
@@ -338,6 +382,23 @@ async fn ssh_scp_rsync_port_forward_and_the_port_proxy_go_through_the_api() {
         format!("/v1/environments/{id}/ports/8001")
     );
 
+    // The guest cannot set or clear Hearth's cookies in a browser; its own pass.
+    let r = server
+        .http
+        .get(proxy(8001, "/cookies"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let set: Vec<&str> = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(set, ["app=1; Path=/"]);
+    assert!(r.headers().get("clear-site-data").is_none());
+
     // A body streamed to the guest arrives whole.
     let answer: Value = server
         .http
@@ -372,13 +433,76 @@ async fn ssh_scp_rsync_port_forward_and_the_port_proxy_go_through_the_api() {
         Message::Binary(big.into())
     );
     ws.close(None).await.unwrap();
+    drop(ws);
+
+    // The tunnel itself: bytes both ways, and each side's end passed on (an HTTP/1.0
+    // answer ends with the guest closing its side).
+    let bearer = [("authorization", format!("Bearer {token}"))];
+    let mut raw = tunnel(&server, &id, 8001, &bearer).await.unwrap();
+    raw.send(Message::Binary(
+        b"GET /headers HTTP/1.0\r\nHost: x\r\n\r\n".to_vec().into(),
+    ))
+    .await
+    .unwrap();
+    raw.send(Message::Text(r#"{"type":"eof"}"#.into()))
+        .await
+        .unwrap();
+    let (mut received, mut saw_eof) = (Vec::new(), false);
+    while let Some(msg) = raw.next().await {
+        match msg.unwrap() {
+            Message::Binary(b) => received.extend_from_slice(&b),
+            Message::Text(t) => saw_eof |= t.as_str() == r#"{"type":"eof"}"#,
+            Message::Close(_) => break,
+            _ => {}
+        }
+    }
+    assert!(
+        String::from_utf8_lossy(&received).starts_with("HTTP/1.1 200 OK"),
+        "{received:?}"
+    );
+    assert!(saw_eof, "the guest's end of output was not passed on");
+    // The browser's session alone is refused: a page of another site could use it.
+    let session = [("cookie", "hearth_session=anything".to_string())];
+    assert_eq!(
+        tunnel(&server, &id, 8001, &session).await.err(),
+        Some(StatusCode::UNAUTHORIZED)
+    );
+    // 64 open at once per user; the 65th is refused, and a closed one frees its place.
+    let mut open = Vec::new();
+    let _ = raw.close(None).await;
+    drop(raw);
+    let started = Instant::now();
+    while open.len() < 64 {
+        match tunnel(&server, &id, 8001, &bearer).await {
+            Ok(ws) => open.push(ws),
+            // The tunnel above gives its place back once the server saw it close.
+            Err(StatusCode::TOO_MANY_REQUESTS) if started.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(status) => panic!("tunnel {} of 64: {status}", open.len() + 1),
+        }
+    }
+    assert_eq!(
+        tunnel(&server, &id, 8001, &bearer).await.err(),
+        Some(StatusCode::TOO_MANY_REQUESTS)
+    );
+    open.pop().unwrap().close(None).await.unwrap();
+    let started = Instant::now();
+    while tunnel(&server, &id, 8001, &bearer).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "a closed tunnel kept its place"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(open);
 
     // `hearth port-forward` to a TCP service that is not HTTP: the guest's sshd.
     let local = free_port();
     let mut forward = hearth(&config_home)
         .args(["port-forward", &id, &format!("{local}:22")])
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let started = Instant::now();
@@ -433,21 +557,11 @@ async fn ssh_scp_rsync_port_forward_and_the_port_proxy_go_through_the_api() {
     let _ = forward_http.wait();
 
     // Another user's tunnel is refused as if the environment did not exist.
-    let mut request = format!(
-        "{}/v1/environments/{id}/tunnel/22",
-        server.base.replacen("http", "ws", 1)
-    )
-    .into_client_request()
-    .unwrap();
-    request
-        .headers_mut()
-        .insert("authorization", format!("Bearer {other}").parse().unwrap());
-    match tokio_tungstenite::connect_async(request).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-            assert_eq!(resp.status(), StatusCode::NOT_FOUND)
-        }
-        other => panic!("another user's tunnel: {other:?}"),
-    }
+    let theirs = [("authorization", format!("Bearer {other}"))];
+    assert_eq!(
+        tunnel(&server, &id, 22, &theirs).await.err(),
+        Some(StatusCode::NOT_FOUND)
+    );
 
     // The tunnels counted as activity.
     let activity = server
@@ -459,8 +573,7 @@ async fn ssh_scp_rsync_port_forward_and_the_port_proxy_go_through_the_api() {
         )
         .await
         .body;
-    let source = activity["lastActivitySource"].as_str().unwrap_or_default();
-    assert!(["tunnel", "port"].contains(&source), "{activity}");
+    assert_eq!(activity["lastActivitySource"], "tunnel", "{activity}");
 
     server.destroy(&token, &id, UP).await;
 }

@@ -69,6 +69,26 @@ fn split_path(uri: &axum::http::Uri) -> Result<(String, u16, String), ApiError> 
     Ok((id.to_string(), port, path))
 }
 
+/// A WebSocket opened with the browser's session must come from a page of Hearth's own
+/// origin: another site's page could otherwise open it with the visitor's cookie
+/// (cross-site WebSocket hijacking; `SameSite=Lax` lets sibling sites through).
+fn same_origin(headers: &HeaderMap) -> Result<(), ApiError> {
+    let origin_host = headers
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, host)| host);
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    match (origin_host, host) {
+        (Some(o), Some(h)) if o.eq_ignore_ascii_case(h) => Ok(()),
+        _ => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "a WebSocket with the browser's session must come from this server's own pages; other clients send a bearer token",
+        )),
+    }
+}
+
 /// Whether the request asks to switch protocols (a WebSocket).
 fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
@@ -118,6 +138,25 @@ fn guest_headers(from: &HeaderMap, port: u16, prefix: &str) -> HeaderMap {
     headers
 }
 
+/// What a guest may not do to a browser on Hearth's origin: set or clear Hearth's own
+/// cookies (which could sign the visitor in as someone else), or wipe the origin's data.
+fn guest_answer_headers(headers: &mut HeaderMap) {
+    let cookies: Vec<HeaderValue> = headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter(|c| {
+            let name = c.to_str().unwrap_or("").trim_start();
+            !name.to_ascii_lowercase().starts_with(HEARTH_COOKIES)
+        })
+        .cloned()
+        .collect();
+    headers.remove(header::SET_COOKIE);
+    for c in cookies {
+        headers.append(header::SET_COOKIE, c);
+    }
+    headers.remove(HeaderName::from_static("clear-site-data"));
+}
+
 fn bad_gateway(message: String) -> ApiError {
     ApiError::new(StatusCode::BAD_GATEWAY, "bad_gateway", message)
 }
@@ -129,6 +168,9 @@ pub async fn proxy(
     mut req: Request,
 ) -> ApiResult<Response> {
     let (id, port, path) = split_path(req.uri())?;
+    if is_upgrade(req.headers()) && !req.headers().contains_key(header::AUTHORIZATION) {
+        same_origin(req.headers())?;
+    }
     let prefix = format!("/v1/environments/{id}/ports/{port}");
     let tunnel = app.open_tunnel(&user, &id, port, "port").await?;
     let activity = tunnel.activity.clone();
@@ -175,10 +217,18 @@ pub async fn proxy(
             let (Ok(client), Ok(guest)) = (client_upgrade.await, guest_upgrade.await) else {
                 return;
             };
-            let _ =
-                tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(guest))
-                    .await;
-            drop(activity);
+            let (mut client, mut guest) = (TokioIo::new(client), TokioIo::new(guest));
+            // An open upgraded connection (a notebook's WebSocket) is use: it keeps the
+            // environment from idle-stopping.
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(30));
+            let copy = tokio::io::copy_bidirectional(&mut client, &mut guest);
+            tokio::pin!(copy);
+            loop {
+                tokio::select! {
+                    _ = &mut copy => break,
+                    _ = every.tick() => activity.mark().await,
+                }
+            }
         });
     }
 
@@ -189,6 +239,10 @@ pub async fn proxy(
             parts.headers.remove(name);
         }
     }
+    if !switching {
+        parts.headers.remove(header::UPGRADE);
+    }
+    guest_answer_headers(&mut parts.headers);
     parts.headers.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(SANDBOX),
@@ -223,6 +277,23 @@ mod tests {
     }
 
     #[test]
+    fn a_cookie_websocket_must_come_from_our_own_pages() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("hearth.example.com"));
+        assert!(same_origin(&h).is_err(), "no Origin");
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://evil.example.com"),
+        );
+        assert!(same_origin(&h).is_err());
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://hearth.example.com"),
+        );
+        assert!(same_origin(&h).is_ok());
+    }
+
+    #[test]
     fn hearths_credentials_never_reach_the_guest() {
         let mut h = HeaderMap::new();
         h.insert(
@@ -243,6 +314,24 @@ mod tests {
         assert!(out.get(header::CONNECTION).is_none());
         assert_eq!(out.get("x-app").unwrap(), "kept");
         assert_eq!(out.get(header::HOST).unwrap(), "localhost:3000");
+        let mut answer = HeaderMap::new();
+        answer.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("hearth_session=evil; Path=/"),
+        );
+        answer.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("Hearth_Session=evil"),
+        );
+        answer.append(
+            header::SET_COOKIE,
+            HeaderValue::from_static("app=1; Path=/"),
+        );
+        answer.insert("clear-site-data", HeaderValue::from_static("\"cookies\""));
+        guest_answer_headers(&mut answer);
+        let set: Vec<_> = answer.get_all(header::SET_COOKIE).iter().collect();
+        assert_eq!(set, ["app=1; Path=/"]);
+        assert!(answer.get("clear-site-data").is_none());
         let mut only_ours = HeaderMap::new();
         only_ours.insert(
             header::COOKIE,

@@ -25,11 +25,15 @@ use std::time::Duration;
 const MAX_FRAME: usize = 256 * 1024;
 /// How long the client has to close its side once the guest's side has closed.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// The server pings the client this often; a client that sends nothing at all (pongs
+/// included) for SILENT_LIMIT is taken for gone (a laptop asleep), and its tunnel closed.
+const PING_EVERY: Duration = Duration::from_secs(30);
+const SILENT_LIMIT: Duration = Duration::from_secs(90);
 
 /// A WebSocket carrying one TCP connection to `127.0.0.1:{port}` inside the caller's
 /// running environment, made by the guest's sshd on Hearth's SSH connection (no guest port
 /// is published). Binary frames carry bytes both ways; a text frame `{"type":"eof"}`
-/// half-closes that side. Counts as activity. Refused (before the upgrade) when nothing
+/// half-closes that side. A bearer token only (no browser session). Counts as activity. Refused (before the upgrade) when nothing
 /// listens on the port, with 503 and the reason.
 #[utoipa::path(get, path = "/v1/environments/{id}/tunnel/{port}", tag = "environments",
     params(("id" = String, Path, description = "id or slug"),
@@ -42,10 +46,21 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
         super::docs::Missing, super::docs::Refused, super::docs::Authed))]
 pub async fn tunnel(
     State(app): State<App>,
-    Caller(user): Caller,
     Path((id, port)): Path<(String, String)>,
     mut parts: Parts,
 ) -> ApiResult<Response> {
+    // A bearer token only, never the browser's cookie: a page on a sibling site could
+    // make the browser open this WebSocket with it (SameSite=Lax allows that), and reach
+    // any port of the victim's environment.
+    if !parts
+        .headers
+        .contains_key(axum::http::header::AUTHORIZATION)
+    {
+        return Err(ApiError::unauthenticated(
+            "a tunnel needs an Authorization: Bearer <token> header",
+        ));
+    }
+    let Caller(user) = Caller::from_request_parts(&mut parts, &app).await?;
     let port = port
         .parse::<u16>()
         .ok()
@@ -72,16 +87,23 @@ async fn bridge(socket: WebSocket, tunnel: Tunnel) {
         activity,
     } = tunnel;
     let (mut from_guest, to_guest) = channel.split();
+    let to_guest = &to_guest;
     let (mut to_client, mut from_client) = socket.split();
     let up_activity = activity.clone();
-    // Client to guest: ends when the client closes or goes away.
+    // Client to guest: ends when the client closes, goes away, or answers nothing (not
+    // even the pings below) for SILENT_LIMIT.
     let up = async move {
-        while let Some(msg) = from_client.next().await {
+        let mut guest_open = true;
+        loop {
+            let msg = match tokio::time::timeout(SILENT_LIMIT, from_client.next()).await {
+                Ok(Some(msg)) => msg,
+                Ok(None) | Err(_) => break,
+            };
             match msg {
-                Ok(Message::Binary(bytes)) => {
-                    if to_guest.data_bytes(bytes).await.is_err() {
-                        break;
-                    }
+                Ok(Message::Binary(bytes)) if guest_open => {
+                    // Once the guest's side is gone the client's bytes are read and
+                    // dropped until it closes, so nothing it still receives is cut off.
+                    guest_open = to_guest.data_bytes(bytes).await.is_ok();
                     up_activity.mark().await;
                 }
                 Ok(Message::Text(text)) => {
@@ -95,29 +117,33 @@ async fn bridge(socket: WebSocket, tunnel: Tunnel) {
                 Ok(_) => {}
             }
         }
-        let _ = to_guest.close().await;
     };
-    // Guest to client: ends when the guest's side closes.
+    // Guest to client, with a ping every PING_EVERY: ends when the guest's side closes.
     let down = async move {
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.tick().await;
         loop {
-            match from_guest.wait().await {
-                Some(ChannelMsg::Data { data }) => {
-                    if to_client
-                        .send(Message::Binary(data.to_vec().into()))
-                        .await
-                        .is_err()
-                    {
+            tokio::select! {
+                msg = from_guest.wait() => match msg {
+                    Some(ChannelMsg::Data { data }) => {
+                        if to_client.send(Message::Binary(data.to_vec().into())).await.is_err() {
+                            return;
+                        }
+                        activity.mark().await;
+                    }
+                    Some(ChannelMsg::Eof) => {
+                        if to_client.send(eof_message()).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(ChannelMsg::Close) | None => break,
+                    Some(_) => {}
+                },
+                _ = ping.tick() => {
+                    if to_client.send(Message::Ping(Default::default())).await.is_err() {
                         return;
                     }
-                    activity.mark().await;
                 }
-                Some(ChannelMsg::Eof) => {
-                    if to_client.send(eof_message()).await.is_err() {
-                        return;
-                    }
-                }
-                Some(ChannelMsg::Close) | None => break,
-                Some(_) => {}
             }
         }
         let _ = to_client.send(Message::Close(None)).await;
@@ -130,5 +156,7 @@ async fn bridge(socket: WebSocket, tunnel: Tunnel) {
             let _ = tokio::time::timeout(CLOSE_GRACE, up).await;
         }
     }
+    // The channel's halves do not close it when dropped.
+    let _ = to_guest.close().await;
     tracing::debug!(environment = %environment.id, "tunnel closed");
 }

@@ -21,6 +21,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.path == "/headers":
             headers = {k.lower(): v for k, v in self.headers.items()}
             self.answer(200, json.dumps(headers).encode())
+        elif self.path == "/cookies":
+            self.send_response(200)
+            self.send_header("Set-Cookie", "hearth_session=from-the-guest; Path=/")
+            self.send_header("Set-Cookie", "app=1; Path=/")
+            self.send_header("Clear-Site-Data", '"cookies"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
         elif self.path == "/ws" and self.headers.get("Upgrade", "").lower() == "websocket":
             self.websocket()
         else:

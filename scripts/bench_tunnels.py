@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Tunnels (issue 17): the same guest reached straight and through the API, in one run.
+
+- HTTP: sequential GETs of a small file from `python3 -m http.server` in the guest, straight
+  to the guest's address and through the port proxy (`/v1/environments/{id}/ports/8000/`);
+  the proxy's added latency is the difference of the medians.
+- scp: a file up and down, straight to the guest's published SSH port and through
+  `hearth ssh-config`'s ProxyCommand (`hearth ssh --stdio`, the tunnel WebSocket).
+
+Usage: scripts/bench_tunnels.py PATH/TO/hearth [--requests 500] [--megabytes 200]
+Needs Docker and the hearth/base image.
+"""
+import http.client
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from benchlib import Node, remove_bench_containers, request  # noqa: E402
+
+SSH_OPTS = ["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR"]
+
+
+def arg(name, default):
+    return int(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
+
+
+def gets(host, port, path, n, headers):
+    """`n` sequential GETs on one kept connection where the server keeps it; seconds each."""
+    times = []
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    for _ in range(n):
+        t0 = time.perf_counter()
+        try:
+            conn.request("GET", path, headers=headers)
+            r = conn.getresponse()
+        except (http.client.HTTPException, OSError):
+            conn.close()
+            conn = http.client.HTTPConnection(host, port, timeout=30)
+            conn.request("GET", path, headers=headers)
+            r = conn.getresponse()
+        body = r.read()
+        assert r.status == 200 and body == b"hello\n", (r.status, body)
+        times.append(time.perf_counter() - t0)
+        if r.getheader("connection", "").lower() == "close" or r.version == 10:
+            conn.close()
+            conn = http.client.HTTPConnection(host, port, timeout=30)
+    return times
+
+
+def timed(cmd, env=None):
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env)
+    return time.perf_counter() - t0
+
+
+def main():
+    binary = os.path.abspath(sys.argv[1])
+    n, megabytes = arg("--requests", 500), arg("--megabytes", 200)
+    work = tempfile.mkdtemp(prefix="hearth-bench-tunnels-")
+    key = work + "/id"
+    subprocess.check_call(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key])
+    payload = work + "/payload"
+    with open(payload, "wb") as f:
+        f.write(os.urandom(megabytes << 20))
+    node = Node(binary)
+    port = node.port
+    try:
+        token, _ = node.user("tunnels@example.com", "pro")
+        pub = open(key + ".pub").read().strip()
+        _, e = request(port, "POST", "/v1/environments", token, {"name": "tunnels", "memoryMb": 1024, "diskGb": 5, "sshPublicKey": pub})
+        _, e = request(port, "GET", f"/v1/environments/{e['id']}/wait?state=running&timeoutSeconds=120", token)
+        env_id, guest_ip = e["id"], e["ipAddress"]
+        code = ("mkdir -p site && echo hello > site/hello.txt && cd site && "
+                "(setsid nohup python3 -m http.server 8000 > ../http.log 2>&1 < /dev/null &) && sleep 1")
+        status, out = request(port, "POST", f"/v1/environments/{env_id}/exec", token, {"code": code})
+        assert status == 200 and out["exitCode"] == 0, out
+
+        auth = {"authorization": f"Bearer {token}"}
+        gets(guest_ip, 8000, "/hello.txt", 20, {})  # warm both
+        gets("127.0.0.1", port, f"/v1/environments/{env_id}/ports/8000/hello.txt", 20, auth)
+        straight = gets(guest_ip, 8000, "/hello.txt", n, {})
+        proxied = gets("127.0.0.1", port, f"/v1/environments/{env_id}/ports/8000/hello.txt", n, auth)
+
+        # The ProxyCommand finds the server and token where `hearth login` keeps them.
+        config_home = work + "/config"
+        env = dict(os.environ, XDG_CONFIG_HOME=config_home)
+        env.pop("HEARTH_URL", None)
+        env.pop("HEARTH_TOKEN", None)
+        subprocess.run([binary, "login", "--url", f"http://127.0.0.1:{port}"], input=token.encode(), env=env, check=True,
+                       stderr=subprocess.DEVNULL)
+        config = subprocess.run([binary, "ssh-config"], env=env, check=True, capture_output=True).stdout
+        with open(work + "/ssh_config", "wb") as f:
+            f.write(config)
+        host = f"hearth-{e['slug']}"
+        via = ["-F", work + "/ssh_config", "-i", key, *SSH_OPTS]
+        direct = ["-i", key, *SSH_OPTS, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                  "-P", str(e["sshPort"])]
+        rows = []
+        for label, opts, remote in [("straight to the guest's SSH port", direct, "dev@127.0.0.1"),
+                                    ("through the API (ProxyCommand)", via, host)]:
+            up = timed(["scp", "-q", *opts, payload, f"{remote}:payload"], env)
+            down = timed(["scp", "-q", *opts, f"{remote}:payload", work + "/back"], env)
+            assert open(work + "/back", "rb").read() == open(payload, "rb").read()
+            rows.append((label, megabytes / up, megabytes / down))
+
+        med = lambda xs: statistics.median(xs) * 1000
+        p99 = lambda xs: sorted(xs)[int(0.99 * len(xs))] * 1000
+        print(f"| GET of 6 bytes from `python3 -m http.server`, {n} in a row | median | p99 |")
+        print("|---|---|---|")
+        print(f"| straight to the guest ({guest_ip}:8000) | {med(straight):.2f} ms | {p99(straight):.2f} ms |")
+        print(f"| through the port proxy | {med(proxied):.2f} ms | {p99(proxied):.2f} ms |")
+        print(f"| added by the proxy (medians) | {med(proxied) - med(straight):.2f} ms | |")
+        print()
+        print(f"| scp of {megabytes} MiB | up | down |")
+        print("|---|---|---|")
+        for label, up, down in rows:
+            print(f"| {label} | {up:.0f} MiB/s | {down:.0f} MiB/s |")
+        print(f"| ratio (through / straight) | {rows[1][1] / rows[0][1]:.2f} | {rows[1][2] / rows[0][2]:.2f} |")
+        request(port, "DELETE", f"/v1/environments/{env_id}", token)
+        time.sleep(2)
+    finally:
+        node.stop()
+        remove_bench_containers()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
