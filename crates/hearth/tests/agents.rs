@@ -348,11 +348,11 @@ async fn two_agents_run_real_vms_and_only_their_control_plane_may_call_them() {
     );
     let (one, two) = (&ids[0], &ids[1]);
     assert_eq!(
-        exec_ok(&server, &token, one, "uname -r").await,
+        exec_trimmed(&server, &token, one, "uname -r").await,
         kernel_version()
     );
     assert_eq!(
-        exec_ok(&server, &token, one, "df -BG --output=size / | tail -1").await,
+        exec_trimmed(&server, &token, one, "df -BG --output=size / | tail -1").await,
         "3G"
     );
 
@@ -364,7 +364,7 @@ async fn two_agents_run_real_vms_and_only_their_control_plane_may_call_them() {
         )
     };
     assert_eq!(
-        exec_ok(&server, &token, one, &reach(22, "10.0.2.15")).await,
+        exec_trimmed(&server, &token, one, &reach(22, "10.0.2.15")).await,
         "open"
     );
     let two_port = server
@@ -394,7 +394,7 @@ async fn two_agents_run_real_vms_and_only_their_control_plane_may_call_them() {
             "nothing listens on {port}"
         );
         assert_eq!(
-            exec_ok(&server, &token, one, &reach(port, "10.0.2.2")).await,
+            exec_trimmed(&server, &token, one, &reach(port, "10.0.2.2")).await,
             "closed",
             "a VM reached port {port} of its host"
         );
@@ -403,7 +403,7 @@ async fn two_agents_run_real_vms_and_only_their_control_plane_may_call_them() {
     // A file written just before the stop is there after it: the guest's page cache (ext4
     // writes back after up to 30 s) reaches its disk before the power-off.
     assert_eq!(
-        exec_ok(
+        exec_trimmed(
             &server,
             &token,
             one,
@@ -432,7 +432,7 @@ async fn two_agents_run_real_vms_and_only_their_control_plane_may_call_them() {
         .await;
     server.wait_env(&token, one, "running", UP).await;
     assert_eq!(
-        exec_ok(&server, &token, one, "cat ~/last-words").await,
+        exec_trimmed(&server, &token, one, "cat ~/last-words").await,
         "kept"
     );
 
@@ -481,7 +481,7 @@ async fn a_killed_agent_is_noticed_and_its_vm_adopted() {
         .await;
     let id = r.body["id"].as_str().unwrap().to_string();
     wait_running_or_log(&server, &token, &id, &agent).await;
-    let boot_id = exec_ok(&server, &token, &id, "cat /proc/sys/kernel/random/boot_id").await;
+    let boot_id = exec_trimmed(&server, &token, &id, "cat /proc/sys/kernel/random/boot_id").await;
 
     // kill -9: unhealthy within HEARTH_HOST_UNHEALTHY_AFTER_MS (3 s) plus a check interval.
     agent.kill();
@@ -496,7 +496,7 @@ async fn a_killed_agent_is_noticed_and_its_vm_adopted() {
     wait_health(&server, "vm-k", "healthy", &agent).await;
     assert_eq!(qemu_of(&id), 1);
     assert_eq!(
-        exec_ok(&server, &token, &id, "cat /proc/sys/kernel/random/boot_id").await,
+        exec_trimmed(&server, &token, &id, "cat /proc/sys/kernel/random/boot_id").await,
         boot_id,
         "the VM was restarted"
     );
@@ -534,7 +534,7 @@ async fn a_killed_agent_is_noticed_and_its_vm_adopted() {
         .await;
     server.wait_env(&token, &id, "running", UP).await;
     assert_ne!(
-        exec_ok(&server, &token, &id, "cat /proc/sys/kernel/random/boot_id").await,
+        exec_trimmed(&server, &token, &id, "cat /proc/sys/kernel/random/boot_id").await,
         boot_id
     );
     server.destroy(&token, &id, UP).await;
@@ -593,8 +593,8 @@ async fn the_second_vm_of_a_size_restores_the_base_snapshot() {
     );
     let identity = "hostname; cat /etc/machine-id; sudo -n cat /etc/ssh/ssh_host_ed25519_key.pub";
     let (a, b) = (
-        exec_ok(&server, &token, &first, identity).await,
-        exec_ok(&server, &token, &second, identity).await,
+        exec_trimmed(&server, &token, &first, identity).await,
+        exec_trimmed(&server, &token, &second, identity).await,
     );
     let (a, b): (Vec<&str>, Vec<&str>) = (a.lines().collect(), b.lines().collect());
     let slug = server
@@ -651,8 +651,8 @@ async fn snapshots_and_forks_on_an_agent_host() {
     body["name"] = json!("source");
     let a = create(body).await;
     // Written just before: still in the guest's page cache when the snapshot is asked for.
-    exec_ok(&server, &token, &a, "echo kept > ~/made-before").await;
-    let a_identity = exec_ok(&server, &token, &a, identity).await;
+    exec_trimmed(&server, &token, &a, "echo kept > ~/made-before").await;
+    let a_identity = exec_trimmed(&server, &token, &a, identity).await;
 
     let r = server
         .call(
@@ -675,7 +675,7 @@ async fn snapshots_and_forks_on_an_agent_host() {
     assert!(agent.log().contains("snapshot taken"), "{}", agent.log());
     // The source was paused for the copy and runs again.
     assert_eq!(
-        exec_ok(&server, &token, &a, "cat ~/made-before").await,
+        exec_trimmed(&server, &token, &a, "cat ~/made-before").await,
         "kept"
     );
 
@@ -695,10 +695,10 @@ async fn snapshots_and_forks_on_an_agent_host() {
     body["snapshot"] = json!("first");
     let b = create(body).await;
     assert_eq!(
-        exec_ok(&server, &token, &b, "cat ~/made-before").await,
+        exec_trimmed(&server, &token, &b, "cat ~/made-before").await,
         "kept"
     );
-    let b_identity = exec_ok(&server, &token, &b, identity).await;
+    let b_identity = exec_trimmed(&server, &token, &b, identity).await;
     for (field, (x, y)) in a_identity.lines().zip(b_identity.lines()).enumerate() {
         assert_ne!(
             x, y,
@@ -707,7 +707,7 @@ async fn snapshots_and_forks_on_an_agent_host() {
     }
 
     // A fork of the running source has what it has now.
-    exec_ok(&server, &token, &a, "echo later > ~/made-later").await;
+    exec_trimmed(&server, &token, &a, "echo later > ~/made-later").await;
     let r = server
         .call(
             "POST",
@@ -720,7 +720,7 @@ async fn snapshots_and_forks_on_an_agent_host() {
     let fork = r.body["id"].as_str().unwrap().to_string();
     wait_running_or_log(&server, &token, &fork, &agent).await;
     assert_eq!(
-        exec_ok(&server, &token, &fork, "cat ~/made-before ~/made-later").await,
+        exec_trimmed(&server, &token, &fork, "cat ~/made-before ~/made-later").await,
         "kept\nlater"
     );
 
@@ -742,7 +742,7 @@ async fn snapshots_and_forks_on_an_agent_host() {
         .join(&snapshot_id)
         .join("disk.qcow2");
     assert!(file.is_file(), "kept while a VM uses it");
-    exec_ok(&server, &token, &b, "sync").await;
+    exec_trimmed(&server, &token, &b, "sync").await;
     for id in [&b, &fork, &a] {
         server.destroy(&token, &id, UP).await;
         assert_eq!(qemu_of(id), 0);
@@ -802,7 +802,7 @@ async fn a_warm_pool_on_an_agent_host() {
     let port = env["sshPort"].as_i64().unwrap();
     let pool_public = pooled[0].ssh_public_key.trim().to_string();
     for round in ["claimed", "restarted"] {
-        let authorized = exec_ok(&server, &token, &id, "cat ~/.ssh/authorized_keys").await;
+        let authorized = exec_trimmed(&server, &token, &id, "cat ~/.ssh/authorized_keys").await;
         assert!(!authorized.contains(&pool_public), "{round}: {authorized}");
         assert!(
             authorized.contains(user_public.trim()),

@@ -55,9 +55,27 @@ pub struct CreateBody {
     /// characters; those starting with `HEARTH_` are reserved).
     #[serde(default)]
     environment_vars: BTreeMap<String, String>,
-    /// Not supported yet: refused with a 400 that says so.
-    #[schema(ignore)]
+    /// Cloned into the `dev` user's home (`~/<last path segment, less .git>`) after SSH
+    /// answers, before the init script: `https://`, `http://`, `git://`, `ssh://` or
+    /// `user@host:path`, with no user or password in it (see `gitCredential`). A clone that
+    /// fails puts the environment in `error`, with git's reason.
+    #[schema(min_length = 1, max_length = 2048)]
     repository_url: Option<String>,
+    /// The branch or tag to clone; the remote's default branch when left out.
+    #[schema(
+        min_length = 1,
+        max_length = 255,
+        pattern = "^[A-Za-z0-9_][A-Za-z0-9._/-]*$"
+    )]
+    repository_ref: Option<String>,
+    /// The name of one of the caller's git credentials (`GET /v1/me/git-credentials`) to
+    /// clone with: an `https-token` for an HTTPS URL, an `ssh-key` for an SSH one.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+    )]
+    git_credential: Option<String>,
     /// An OpenSSH public key line, so the caller can SSH in too.
     ssh_public_key: Option<String>,
     /// The kind of host; the installation's default when left out.
@@ -88,6 +106,8 @@ impl From<CreateBody> for CreateInput {
             init_script: b.init_script,
             environment_vars: b.environment_vars,
             repository_url: b.repository_url,
+            repository_ref: b.repository_ref,
+            git_credential: b.git_credential,
             ssh_public_key: b.ssh_public_key,
             provider: b.provider.map(|k| k.to_string()),
             region: b.region,
@@ -281,7 +301,7 @@ pub async fn destroy(
 /// Runs a command in a running environment and waits for it.
 #[utoipa::path(post, path = "/v1/environments/{id}/exec", tag = "environments", params(("id" = String, Path, description = "id or slug")),
     request_body = super::me::ExecBody,
-    responses((status = 200, description = "the command ran", body = ExecView), Invalid, Missing, Refused, Authed))]
+    responses((status = 200, description = "the command ran", body = ExecView), Invalid, Missing, Refused, OverQuota, Authed))]
 pub async fn exec(
     State(app): State<App>,
     Caller(user): Caller,
@@ -471,7 +491,7 @@ pub async fn events(
 #[utoipa::path(post, path = "/v1/environments/{id}/exec/stream", tag = "environments",
     params(("id" = String, Path, description = "id or slug")), request_body = super::me::ExecBody,
     responses((status = 200, description = "`stdout`, `stderr`, then `exit` events", content_type = "text/event-stream", body = String),
-        Invalid, Missing, Refused, Authed))]
+        Invalid, Missing, Refused, OverQuota, Authed))]
 pub async fn exec_stream(
     State(app): State<App>,
     Caller(user): Caller,

@@ -201,7 +201,7 @@ impl From<ExecBody> for ExecInput {
 
 /// Runs a command in the personal VM and waits for it.
 #[utoipa::path(post, path = "/v1/me/vm/exec", tag = "me", request_body = ExecBody,
-    responses((status = 200, description = "the command ran", body = ExecView), Invalid, Missing, Refused, Authed))]
+    responses((status = 200, description = "the command ran", body = ExecView), Invalid, Missing, Refused, OverQuota, Authed))]
 pub async fn exec(
     State(app): State<App>,
     Caller(user): Caller,

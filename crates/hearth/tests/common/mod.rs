@@ -517,6 +517,11 @@ pub async fn exec_ok(server: &Server, token: &str, id: &str, code: &str) -> Stri
     r.body["stdout"].as_str().unwrap().to_string()
 }
 
+/// `exec_ok`'s standard output without its surrounding whitespace.
+pub async fn exec_trimmed(server: &Server, token: &str, id: &str, code: &str) -> String {
+    exec_ok(server, token, id, code).await.trim().to_string()
+}
+
 /// Real OpenSSH into an environment's guest with `key`; its output, or its error.
 pub async fn openssh(key: &std::path::Path, port: i64, command: &str) -> Result<String, String> {
     let out = tokio::process::Command::new("ssh")
