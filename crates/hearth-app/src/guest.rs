@@ -55,6 +55,103 @@ if [ "$seen" = lost ]; then sleep 1; seen=$(look); fi
 printf '%s\n' "$seen"
 "#;
 
+/// Clones a repository into `~/DIR`, once. Its inputs come on standard input, a line
+/// each: the URL, the branch or tag (or an empty line), the directory, the credential's
+/// kind (or an empty line) and user name; then the secret, to the end. The shell text is
+/// fixed; none of the inputs is ever part of it. The secret is written to a 0600 file in
+/// a private temporary directory that git reads through `GIT_ASKPASS` (a token) or
+/// `GIT_SSH_COMMAND` (a key), so it is in no command line, URL, environment or history;
+/// the directory goes when the script ends, and a retry first removes any left by a
+/// clone cut short. The clone lands in the temporary directory and is renamed into place:
+/// `~/DIR` existing means it is done.
+const CLONE: &str = r#"set -u
+IFS= read -r url; IFS= read -r ref; IFS= read -r dir; IFS= read -r kind; IFS= read -r user
+rm -rf "$HOME"/.hearth-clone.*
+if [ -e "$HOME/$dir" ]; then echo already; exit 0; fi
+command -v git > /dev/null || { echo "git is not installed in this image" >&2; exit 127; }
+umask 077
+t=$(mktemp -d "$HOME/.hearth-clone.XXXXXX") || exit 125
+trap 'rm -rf "$t"' EXIT
+cat > "$t/secret"
+export GIT_TERMINAL_PROMPT=0
+case "$kind" in
+  https-token)
+    printf '%s
+' "$user" > "$t/user"
+    printf '#!/bin/sh
+case "$1" in [Uu]sername*) cat "%s/user" ;; *) cat "%s/secret" ;; esac
+' "$t" "$t" > "$t/askpass"
+    chmod 700 "$t/askpass"
+    export GIT_ASKPASS="$t/askpass" ;;
+  ssh-key)
+    export GIT_SSH_COMMAND="ssh -i $t/secret -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=accept-new" ;;
+  *) export GIT_SSH_COMMAND="ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new" ;;
+esac
+if [ -n "$ref" ]; then
+  git clone --quiet --branch "$ref" -- "$url" "$t/work" 2> "$t/err"
+else
+  git clone --quiet -- "$url" "$t/work" 2> "$t/err"
+fi
+code=$?
+if [ $code -ne 0 ]; then tail -c 2000 "$t/err" >&2; exit 1; fi
+mv -T "$t/work" "$HOME/$dir" || exit 1
+echo cloned
+"#;
+
+/// What to clone and with what: the secret opened, for the clone's standard input only.
+pub(crate) struct CloneRequest {
+    pub url: String,
+    pub git_ref: Option<String>,
+    pub dir: String,
+    /// `(kind, user name, secret)`.
+    pub credential: Option<(String, String, String)>,
+}
+
+/// Why git could not clone, in words for the environment's state message: from git's
+/// own last lines, which never hold the secret (it is never in the URL or a command).
+pub(crate) fn clone_failure(stderr: &str, req: &CloneRequest) -> String {
+    let text = stderr.to_ascii_lowercase();
+    let reason = if text.contains("authentication failed")
+        || text.contains("could not read username")
+        || text.contains("could not read password")
+        || text.contains("permission denied (publickey")
+        || text.contains("invalid username or password")
+        || text.contains("403")
+        || text.contains("401")
+    {
+        if req.credential.is_some() {
+            "the repository refused the credential (authentication failed)"
+        } else {
+            "the repository needs a credential: store one (POST /v1/me/git-credentials) and name it in gitCredential"
+        }
+    } else if text.contains("remote branch") && text.contains("not found") {
+        "no such branch or tag"
+    } else if text.contains("not found")
+        || text.contains("does not appear to be a git repository")
+        || text.contains("404")
+    {
+        "the repository was not found"
+    } else if text.contains("could not resolve host")
+        || text.contains("connection refused")
+        || text.contains("timed out")
+        || text.contains("no route to host")
+        || text.contains("network is unreachable")
+        || text.contains("unable to access")
+    {
+        "the repository's server could not be reached from the environment"
+    } else if text.contains("git is not installed") {
+        "git is not installed in this image"
+    } else {
+        "git failed"
+    };
+    let last = stderr
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty())
+        .unwrap_or("");
+    format!("cloning {} failed: {reason} ({last})", req.url)
+}
+
 pub(crate) enum InitStatus {
     Running,
     Exited {
@@ -76,6 +173,9 @@ pub(crate) enum Guest {
         vm: VmRef,
     },
 }
+
+/// How long a clone may take.
+pub(crate) const CLONE_TIMEOUT: Duration = Duration::from_secs(600);
 
 fn request(code: &str, env: &BTreeMap<String, String>, stdin: Vec<u8>) -> ExecRequest {
     ExecRequest {
@@ -134,6 +234,53 @@ impl Guest {
             }
             Guest::Sim { sim, host, vm } => {
                 sim.start_init(host, vm).await.map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Clones a repository into the guest unless it is there already. `Err` carries
+    /// whether another try could help (git's refusal will not change; a lost connection
+    /// may), and the reason.
+    pub async fn clone_repository(&self, req: &CloneRequest) -> Result<(), (bool, String)> {
+        match self {
+            Guest::Ssh { pool, target } => {
+                let (kind, user, secret) = req.credential.clone().unwrap_or_default();
+                let mut stdin = format!(
+                    "{}\n{}\n{}\n{}\n{}\n",
+                    req.url,
+                    req.git_ref.as_deref().unwrap_or(""),
+                    req.dir,
+                    kind,
+                    user
+                )
+                .into_bytes();
+                stdin.extend_from_slice(secret.as_bytes());
+                let mut exec = request(CLONE, &BTreeMap::new(), stdin);
+                exec.timeout = CLONE_TIMEOUT;
+                let out = pool
+                    .exec(target, &exec)
+                    .await
+                    .map_err(|e| (true, e.to_string()))?;
+                match out.exit_code {
+                    Some(0) => Ok(()),
+                    None if out.timed_out => Err((
+                        false,
+                        format!(
+                            "cloning {} did not finish within {} minutes",
+                            req.url,
+                            CLONE_TIMEOUT.as_secs() / 60
+                        ),
+                    )),
+                    _ => Err((
+                        false,
+                        clone_failure(&String::from_utf8_lossy(&out.stderr), req),
+                    )),
+                }
+            }
+            // A simulated VM has no disk: its clone succeeds while the VM lives, so the
+            // step's place in the saga, its retries and crash recovery are what it tests.
+            Guest::Sim { sim, host, vm } => {
+                sim.probe(host, vm).await.map_err(|e| (true, e.to_string()))
             }
         }
     }
@@ -199,6 +346,87 @@ mod tests {
             .unwrap();
         child.stdin.take().unwrap().write_all(sent).unwrap();
         child.wait_with_output().unwrap()
+    }
+
+    /// Runs CLONE with `sh` here, as sshd would in a guest.
+    fn clone_with(home: &std::path::Path, lines: &str, secret: &str) -> std::process::Output {
+        let mut child = Command::new("sh")
+            .args(["-c", CLONE])
+            .env("HOME", home)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(lines.as_bytes()).unwrap();
+        input.write_all(secret.as_bytes()).unwrap();
+        drop(input);
+        child.wait_with_output().unwrap()
+    }
+
+    #[test]
+    fn a_clone_lands_once_and_leaves_no_secret_behind() {
+        let home = tempfile::tempdir().unwrap();
+        let origin = home.path().join("origin");
+        let git = |args: &[&str]| {
+            let out = Command::new("git")
+                .args(args)
+                .env("GIT_AUTHOR_NAME", "t")
+                .env("GIT_AUTHOR_EMAIL", "t@example.com")
+                .env("GIT_COMMITTER_NAME", "t")
+                .env("GIT_COMMITTER_EMAIL", "t@example.com")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{args:?}: {out:?}");
+        };
+        let o = origin.to_str().unwrap();
+        git(&["init", "-q", "-b", "main", o]);
+        std::fs::write(origin.join("README"), "hello\n").unwrap();
+        git(&["-C", o, "add", "README"]);
+        git(&["-C", o, "commit", "-q", "-m", "first"]);
+        git(&["-C", o, "branch", "other"]);
+        // A token that must end up nowhere; a directory a dead clone left behind.
+        let secret = "tok-3b7f1e-never-kept";
+        std::fs::create_dir(home.path().join(".hearth-clone.dead")).unwrap();
+        let lines = format!("{o}\nother\nproject\nhttps-token\nme\n");
+        let out = clone_with(home.path(), &lines, secret);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "cloned\n", "{out:?}");
+        assert_eq!(
+            std::fs::read_to_string(home.path().join("project/README")).unwrap(),
+            "hello\n"
+        );
+        let again = clone_with(home.path(), &lines, secret);
+        assert_eq!(
+            String::from_utf8_lossy(&again.stdout),
+            "already\n",
+            "{again:?}"
+        );
+        let left: Vec<_> = std::fs::read_dir(home.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(".hearth-clone"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        let grep = Command::new("grep")
+            .args(["-r", "-l", secret])
+            .arg(home.path())
+            .output()
+            .unwrap();
+        assert!(grep.stdout.is_empty(), "the secret was kept: {grep:?}");
+        // A branch that is not there: git's reason, and nothing in place.
+        let bad = format!("{o}\nnone-such\nother-dir\n\n\n");
+        let out = clone_with(home.path(), &bad, "");
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(!home.path().join("other-dir").exists());
+        let req = CloneRequest {
+            url: o.to_string(),
+            git_ref: Some("none-such".into()),
+            dir: "other-dir".into(),
+            credential: None,
+        };
+        let said = clone_failure(&String::from_utf8_lossy(&out.stderr), &req);
+        assert!(said.contains("no such branch or tag"), "{said}");
     }
 
     #[test]

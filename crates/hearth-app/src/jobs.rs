@@ -5,7 +5,7 @@
 //! that finds its work already done moves on without doing it twice.
 
 use crate::App;
-use crate::guest::{Guest, InitStatus};
+use crate::guest::{CloneRequest, Guest, InitStatus};
 use crate::saga::{Address, Next, OnHost, Plan, Run, Step, StepError};
 use async_trait::async_trait;
 use hearth_core::EnvState;
@@ -27,6 +27,10 @@ const ADOPT_KEYS: &str = "umask 077 && mkdir -p \"$HOME/.ssh\" && cat > \"$HOME/
 
 /// How long a stop waits for an agent host's guest to write its data to its disk.
 const STOP_SYNC_LIMIT: Duration = Duration::from_secs(30);
+
+/// The user name sent with an HTTPS token when its credential names none (what GitHub
+/// expects; GitLab and Gitea take any).
+const DEFAULT_TOKEN_USER: &str = "x-access-token";
 
 /// How long an init script may run before provisioning gives up on it.
 pub const INIT_SCRIPT_LIMIT: Duration = Duration::from_secs(1800);
@@ -167,6 +171,7 @@ impl Run<'_> {
             Step::WaitRunning => self.wait_running(env).await,
             Step::Adopt => self.adopt(env).await,
             Step::WaitSsh => self.wait_ssh(env).await,
+            Step::CloneRepository => self.clone_repository(env).await,
             Step::InitScript => self.init_script(env).await,
             Step::StartVm => self.start_vm(env).await,
             Step::StopVm => {
@@ -559,6 +564,90 @@ impl Run<'_> {
                 )));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Clones the environment's repository into the guest, with its owner's stored
+    /// credential when one was named. The secret is opened here, sent on the clone's
+    /// standard input, and never logged.
+    async fn clone_repository(&mut self, env: Environment) -> Result<Next, StepError> {
+        let Some(url) = env.repository_url.clone() else {
+            return Ok(Next::Continue);
+        };
+        let (_, dir) = hearth_core::validate::repository_url(&url).map_err(StepError::Final)?;
+        let credential = match &env.git_credential_id {
+            None => None,
+            Some(id) => {
+                let stored = match self.app.store.git_credential(id).await {
+                    Ok(c) => c,
+                    Err(StoreError::NotFound) => {
+                        return Err(StepError::Final(
+                            "the git credential named at creation was deleted before the clone; create the environment again".into(),
+                        ));
+                    }
+                    Err(e) => return Err(StepError::Retryable(e.to_string())),
+                };
+                let secret = self.app.master_key.open(&stored.secret_enc).map_err(|e| {
+                    StepError::Final(format!(
+                        "the git credential {:?} cannot be opened with this master key: {e}",
+                        stored.name
+                    ))
+                })?;
+                let user = stored
+                    .username
+                    .unwrap_or_else(|| DEFAULT_TOKEN_USER.to_string());
+                // OpenSSH reads a key file only when its last line ends.
+                let secret =
+                    if stored.kind == crate::repositories::SSH_KEY && !secret.ends_with('\n') {
+                        secret + "\n"
+                    } else {
+                        secret
+                    };
+                Some((stored.kind, user, secret))
+            }
+        };
+        let on = Self::need_host(self.on_host(&env).await?)?;
+        let vm = vm_of(self, &env);
+        let Some(at) = self.progress.address.clone() else {
+            return Err(StepError::Vanished(
+                "the VM's address was not recorded".into(),
+            ));
+        };
+        let guest = self.app.guest(&on.host_ref, &env, &vm, &at)?;
+        let request = CloneRequest {
+            url: url.clone(),
+            git_ref: env.repository_ref.clone(),
+            dir: dir.clone(),
+            credential,
+        };
+        let branch = env
+            .repository_ref
+            .as_deref()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default();
+        self.app
+            .log(&env, "info", &format!("cloning {url}{branch} into ~/{dir}"))
+            .await;
+        let started = Instant::now();
+        match guest.clone_repository(&request).await {
+            Ok(()) => {
+                self.app
+                    .log(
+                        &env,
+                        "info",
+                        &format!(
+                            "cloned into ~/{dir} in {:.1} s",
+                            started.elapsed().as_secs_f64()
+                        ),
+                    )
+                    .await;
+                Ok(Next::Continue)
+            }
+            Err((true, e)) => Err(StepError::Retryable(e)),
+            Err((false, e)) => {
+                self.app.log(&env, "error", &e).await;
+                Err(StepError::Final(e))
+            }
         }
     }
 

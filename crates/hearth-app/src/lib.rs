@@ -23,6 +23,7 @@ pub mod oidc;
 pub mod pools;
 pub mod reaper;
 pub mod reconcile;
+pub mod repositories;
 mod saga;
 pub mod service;
 pub mod sign_in;

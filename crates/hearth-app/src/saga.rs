@@ -91,6 +91,9 @@ pub(crate) enum Step {
     Adopt,
     /// The guest accepts Hearth's key.
     WaitSsh,
+    /// The environment's repository is cloned into the guest (once: a clone in place is
+    /// done).
+    CloneRepository,
     /// The user's init script ran once and exited 0.
     InitScript,
     /// Undo: stop it again.
@@ -109,6 +112,7 @@ impl Step {
             Step::WaitRunning => "wait_running",
             Step::Adopt => "adopt",
             Step::WaitSsh => "wait_ssh",
+            Step::CloneRepository => "clone_repository",
             Step::InitScript => "init_script",
             Step::StartVm => "start_vm",
             Step::StopVm => "stop_vm",
@@ -157,21 +161,20 @@ impl Plan {
         }
     }
 
-    pub fn steps(self, with_init_script: bool) -> Vec<Step> {
+    pub fn steps(self, with_init_script: bool, with_repository: bool) -> Vec<Step> {
         use Step::*;
         match self {
-            Plan::Provision if with_init_script => {
-                vec![
-                    Begin,
-                    CreateVm,
-                    WaitRunning,
-                    Adopt,
-                    WaitSsh,
-                    InitScript,
-                    Finish,
-                ]
+            Plan::Provision => {
+                let mut steps = vec![Begin, CreateVm, WaitRunning, Adopt, WaitSsh];
+                if with_repository {
+                    steps.push(CloneRepository);
+                }
+                if with_init_script {
+                    steps.push(InitScript);
+                }
+                steps.push(Finish);
+                steps
             }
-            Plan::Provision => vec![Begin, CreateVm, WaitRunning, Adopt, WaitSsh, Finish],
             Plan::Start => vec![Begin, StartVm, WaitRunning, WaitSsh, Finish],
             Plan::Stop => vec![Begin, StopVm, Finish],
             Plan::Destroy => vec![Begin, DestroyVm, Finish],
@@ -185,7 +188,7 @@ impl Plan {
         [Plan::Provision, Plan::Start, Plan::Stop, Plan::Destroy]
             .into_iter()
             .flat_map(|p| {
-                p.steps(true).into_iter().flat_map(move |s| {
+                p.steps(true, true).into_iter().flat_map(move |s| {
                     [
                         (p, format!("{}.{}", p.name(), s.name())),
                         (p, format!("{}.{}.after", p.name(), s.name())),
@@ -309,7 +312,8 @@ impl<'a> Run<'a> {
     }
 
     fn steps(&self, env: &Environment) -> Vec<Step> {
-        self.plan.steps(env.init_script.is_some())
+        self.plan
+            .steps(env.init_script.is_some(), env.repository_url.is_some())
     }
 
     fn is_done(&self, step: Step) -> bool {

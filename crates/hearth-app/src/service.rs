@@ -32,7 +32,12 @@ pub struct CreateInput {
     pub base_image: Option<String>,
     pub init_script: Option<String>,
     pub environment_vars: BTreeMap<String, String>,
+    /// Cloned into the `dev` user's home after SSH answers, before the init script.
     pub repository_url: Option<String>,
+    /// The branch or tag to clone.
+    pub repository_ref: Option<String>,
+    /// The name of the caller's stored git credential to clone with.
+    pub git_credential: Option<String>,
     pub ssh_public_key: Option<String>,
     /// A host kind (`docker`, `sim`, ...); the installation's default when absent.
     pub provider: Option<String>,
@@ -209,12 +214,7 @@ impl App {
         let resources = self.resources(user, &input.size)?;
         let placement = self.placement(resources, &input)?;
         validate::env_vars(&input.environment_vars).map_err(AppError::Invalid)?;
-        if input.repository_url.is_some() {
-            return Err(AppError::Invalid(
-                "repositoryUrl is not supported yet; clone it with exec once the environment runs"
-                    .into(),
-            ));
-        }
+        let git_credential_id = self.repository_credential(user, &input).await?;
         // The server's image, a custom one (made on the host that built it), or a
         // snapshot's (on the host that keeps it).
         let requested = input
@@ -287,7 +287,9 @@ impl App {
             auto_stop_minutes: user.tier.auto_stop_minutes(),
             expires_at: Some(self.now() + hours * 3_600_000),
             init_script: input.init_script,
-            repository_url: None,
+            repository_url: input.repository_url,
+            repository_ref: input.repository_ref,
+            git_credential_id,
             for_mail: input.for_mail,
             on_host,
         };
@@ -330,6 +332,8 @@ impl App {
             expires_at: None,
             init_script: None,
             repository_url: None,
+            repository_ref: None,
+            git_credential_id: None,
             for_mail: None,
             on_host: None,
         };

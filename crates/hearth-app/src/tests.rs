@@ -74,6 +74,9 @@ impl World {
             name: format!("in {region}"),
             region: Some(region.into()),
             init_script: Some("echo ready".into()),
+            // So every fault point of the clone step is run too (a simulated guest's
+            // clone succeeds while its VM lives).
+            repository_url: Some("https://example.com/team/project.git".into()),
             size: SizeRequest {
                 vcpus: Some(1),
                 memory_mb: Some(512),

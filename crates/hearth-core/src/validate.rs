@@ -163,3 +163,211 @@ mod tests {
         assert!(working_dir("/tmp").is_ok());
     }
 }
+
+pub const MAX_REPOSITORY_URL_CHARS: usize = 2048;
+
+/// How a repository is reached, which says what credential fits it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GitTransport {
+    /// `https://` or `http://`: an HTTPS token fits.
+    Http,
+    /// `ssh://` or scp-like `user@host:path`: an SSH deploy key fits.
+    Ssh,
+    /// `git://`: no credential.
+    Git,
+}
+
+/// A `repositoryUrl`: `https://`, `http://`, `git://`, `ssh://` or scp-like
+/// `user@host:path`, with no user or password in an HTTP URL (credentials are stored
+/// apart and never written into a URL, which git would keep in the clone). Other forms
+/// (`file://`, `ext::`, anything git would read as an option) are refused. Returns how it
+/// is reached and the directory it is cloned into, under the home directory: its last
+/// path segment, less `.git`.
+pub fn repository_url(url: &str) -> Result<(GitTransport, String), String> {
+    let chars = url.chars().count();
+    if chars == 0 || chars > MAX_REPOSITORY_URL_CHARS {
+        return Err(format!(
+            "repositoryUrl must be 1 to {MAX_REPOSITORY_URL_CHARS} characters"
+        ));
+    }
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) || url.starts_with('-') {
+        return Err(
+            "repositoryUrl must not contain spaces or control characters, or start with '-'".into(),
+        );
+    }
+    let forms = "give https://host/path, http://, git://, ssh://user@host/path or user@host:path";
+    let (transport, authority, path) = if let Some((scheme, rest)) = url.split_once("://") {
+        let transport = match scheme {
+            "https" | "http" => GitTransport::Http,
+            "ssh" => GitTransport::Ssh,
+            "git" => GitTransport::Git,
+            _ => {
+                return Err(format!(
+                    "repositoryUrl scheme {scheme:?} is not accepted: {forms}"
+                ));
+            }
+        };
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        if transport != GitTransport::Ssh && authority.contains('@') {
+            return Err("put no user or password in repositoryUrl: store a git credential (POST /v1/me/git-credentials) and name it in gitCredential".into());
+        }
+        (transport, authority, path)
+    } else {
+        match url.split_once(':') {
+            Some((authority, path)) if authority.contains('@') && !authority.contains('/') => {
+                (GitTransport::Ssh, authority, path)
+            }
+            _ => {
+                return Err(format!(
+                    "repositoryUrl is not a URL git is given here: {forms}"
+                ));
+            }
+        }
+    };
+    let host = authority.rsplit('@').next().unwrap_or("");
+    if host.is_empty() || host.starts_with('-') {
+        return Err("repositoryUrl has no host".into());
+    }
+    let last = path
+        .trim_end_matches('/')
+        .rsplit(['/', ':'])
+        .next()
+        .unwrap_or("");
+    let dir = last.strip_suffix(".git").unwrap_or(last);
+    let plain = dir
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if dir.is_empty()
+        || dir == "."
+        || dir == ".."
+        || !plain
+        || dir.len() > 100
+        || dir.starts_with('-')
+    {
+        return Err(format!(
+            "repositoryUrl must end in a plain name to clone into (letters, digits, '.', '_', '-'), not {last:?}"
+        ));
+    }
+    Ok((transport, dir.to_string()))
+}
+
+/// A `repositoryRef`: the branch or tag to clone, as git names them.
+pub fn git_ref(r: &str) -> Result<(), String> {
+    let plain = r
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
+    if r.is_empty()
+        || r.len() > 255
+        || !plain
+        || r.starts_with(['-', '/', '.'])
+        || r.ends_with(['/', '.'])
+        || r.contains("..")
+        || r.contains("//")
+        || r.ends_with(".lock")
+    {
+        return Err(format!(
+            "repositoryRef must be a branch or tag name (letters, digits, '.', '_', '-', '/'; not starting with '-'), got {r:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// The name a user gives a stored git credential.
+pub fn credential_name(name: &str) -> Result<(), String> {
+    let plain = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if name.is_empty()
+        || name.len() > 64
+        || !plain
+        || !name.starts_with(|c: char| c.is_ascii_alphanumeric())
+    {
+        return Err(format!(
+            "a credential's name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit; got {name:?}"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod repository_tests {
+    use super::*;
+
+    #[test]
+    fn repository_urls_name_their_directory_and_refuse_what_git_would_misread() {
+        for (url, transport, dir) in [
+            (
+                "https://github.com/owner/repo.git",
+                GitTransport::Http,
+                "repo",
+            ),
+            (
+                "http://10.0.0.2:8080/public.git/",
+                GitTransport::Http,
+                "public",
+            ),
+            ("git://host/x", GitTransport::Git, "x"),
+            (
+                "ssh://git@host:2222/team/tool.git",
+                GitTransport::Ssh,
+                "tool",
+            ),
+            (
+                "git@github.com:owner/my.repo.git",
+                GitTransport::Ssh,
+                "my.repo",
+            ),
+            ("git@host:solo", GitTransport::Ssh, "solo"),
+        ] {
+            assert_eq!(
+                repository_url(url),
+                Ok((transport, dir.to_string())),
+                "{url}"
+            );
+        }
+        for bad in [
+            "",
+            "https://user:token@github.com/o/r.git",
+            "https://token@github.com/o/r.git",
+            "file:///etc/passwd",
+            "ext::sh -c touch% /tmp/x",
+            "--upload-pack=touch /tmp/x",
+            "/local/path",
+            "https:///nohost.git",
+            "https://host/",
+            "https://host/..",
+            "https://host/a b",
+            "https://host/r\n.git",
+            "host:path",
+            "https://host/$(reboot)",
+        ] {
+            assert!(repository_url(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn refs_are_names_not_options() {
+        for ok in ["main", "v1.2.3", "release/2026-12", "feature_x"] {
+            assert_eq!(git_ref(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "--orphan",
+            "-b",
+            "/abs",
+            "a..b",
+            "a//b",
+            "x.lock",
+            "a b",
+            "a;b",
+            "trailing/",
+            ".hidden",
+        ] {
+            assert!(git_ref(bad).is_err(), "{bad:?}");
+        }
+        assert!(credential_name("ci-token").is_ok());
+        for bad in ["", "-x", "a b", "x/y", &"a".repeat(65)] {
+            assert!(credential_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -179,6 +179,8 @@ pub struct EnvironmentView {
     pub gpu_model: Option<String>,
     pub base_image: String,
     pub repository_url: Option<String>,
+    /// The branch or tag cloned; the remote's default branch when null.
+    pub repository_ref: Option<String>,
     pub environment_vars: std::collections::BTreeMap<String, String>,
     pub auto_stop_minutes: Option<i64>,
     pub generation: i64,
@@ -217,6 +219,7 @@ impl From<&Environment> for EnvironmentView {
             gpu_model: e.gpu_model.clone(),
             base_image: e.base_image.clone(),
             repository_url: e.repository_url.clone(),
+            repository_ref: e.repository_ref.clone(),
             environment_vars: e.environment_vars.clone(),
             auto_stop_minutes: e.auto_stop_minutes,
             generation: e.generation,
@@ -584,6 +587,31 @@ pub struct MeView {
     pub usage: Usage,
     /// Where commands by mail go (`HEARTH_MAIL_ADDRESS`); none when they are off.
     pub mail_agent: Option<String>,
+}
+
+/// One of the caller's git credentials: never its secret.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GitCredentialView {
+    pub id: String,
+    /// What a create's `gitCredential` names.
+    pub name: String,
+    /// `https-token` or `ssh-key`.
+    pub kind: String,
+    pub username: Option<String>,
+    pub created_at: String,
+}
+
+impl From<&hearth_store::GitCredential> for GitCredentialView {
+    fn from(c: &hearth_store::GitCredential) -> GitCredentialView {
+        GitCredentialView {
+            id: c.id.clone(),
+            name: c.name.clone(),
+            kind: c.kind.clone(),
+            username: c.username.clone(),
+            created_at: time(c.created_at),
+        }
+    }
 }
 
 /// One of the caller's API tokens: its id and name, never the token.

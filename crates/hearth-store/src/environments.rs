@@ -59,6 +59,10 @@ pub struct Environment {
     pub last_activity_source: Option<String>,
     pub init_script: Option<String>,
     pub repository_url: Option<String>,
+    /// The branch or tag to clone (the remote's default branch when `None`).
+    pub repository_ref: Option<String>,
+    /// The owner's stored git credential to clone with.
+    pub git_credential_id: Option<String>,
 }
 
 impl Environment {
@@ -134,6 +138,8 @@ pub struct NewEnvironment {
     pub expires_at: Option<i64>,
     pub init_script: Option<String>,
     pub repository_url: Option<String>,
+    pub repository_ref: Option<String>,
+    pub git_credential_id: Option<String>,
     /// The received mail this environment is made for: noted on the mail in the same
     /// transaction, which fails (`Conflict`) if the mail already made one, so two workers
     /// holding one mail job never make two environments.
@@ -153,7 +159,8 @@ const COLUMNS: &str = "id, slug, name, user_id, personal, state, state_message, 
     host_id, vm_id, region, ip_address, ssh_host, ssh_port, ssh_user, vcpus, memory_mb, disk_gb, \
     base_image, environment_vars, ssh_public_key, ssh_private_key_enc, auto_stop_minutes, \
     total_runtime_seconds, created_at, updated_at, started_at, stopped_at, expires_at, last_activity_at, \
-    last_activity_source, init_script, repository_url, gpus, gpu_model, reserved, ssh_host_key";
+    last_activity_source, init_script, repository_url, gpus, gpu_model, reserved, ssh_host_key, \
+    repository_ref, git_credential_id";
 
 macro_rules! select_env {
     ($where:expr) => {
@@ -163,6 +170,7 @@ macro_rules! select_env {
              base_image, environment_vars, ssh_public_key, ssh_private_key_enc, auto_stop_minutes, \
              total_runtime_seconds, created_at, updated_at, started_at, stopped_at, expires_at, last_activity_at, \
              last_activity_source, init_script, repository_url, gpus, gpu_model, reserved, ssh_host_key, \
+             repository_ref, git_credential_id, \
              (SELECT h.name FROM hosts h WHERE h.id = environments.host_id) AS host_name \
              FROM environments ",
             $where
@@ -188,7 +196,8 @@ macro_rules! env_object {
          'created_at', created_at, 'updated_at', updated_at, 'started_at', started_at, \
          'stopped_at', stopped_at, 'expires_at', expires_at, 'last_activity_at', last_activity_at, \
          'last_activity_source', last_activity_source, 'init_script', init_script, \
-         'repository_url', repository_url"
+         'repository_url', repository_url, 'repository_ref', repository_ref, \
+         'git_credential_id', git_credential_id"
     };
 }
 
@@ -320,6 +329,8 @@ struct EnvRow {
     last_activity_source: Option<String>,
     init_script: Option<String>,
     repository_url: Option<String>,
+    repository_ref: Option<String>,
+    git_credential_id: Option<String>,
 }
 
 impl EnvRow {
@@ -367,6 +378,8 @@ impl EnvRow {
             last_activity_source: self.last_activity_source,
             init_script: self.init_script,
             repository_url: self.repository_url,
+            repository_ref: self.repository_ref,
+            git_credential_id: self.git_credential_id,
         };
         Ok((env, self.environment_vars))
     }
@@ -452,6 +465,8 @@ fn env_row(row: &AnyRow) -> Result<EnvRow> {
         last_activity_source: row.try_get("last_activity_source")?,
         init_script: row.try_get("init_script")?,
         repository_url: row.try_get("repository_url")?,
+        repository_ref: row.try_get("repository_ref")?,
+        git_credential_id: row.try_get("git_credential_id")?,
     })
 }
 
@@ -545,6 +560,8 @@ impl Store {
             last_activity_source: None,
             init_script: new.init_script,
             repository_url: new.repository_url,
+            repository_ref: new.repository_ref,
+            git_credential_id: new.git_credential_id,
         };
         let mut tx = self.begin().await?;
         // Lock the user row so concurrent creates by one user queue up on PostgreSQL.
@@ -959,7 +976,7 @@ async fn host_region_and_name(
 async fn insert_env(tx: &mut Tx, e: &Environment, vars: &str) -> Result<()> {
     let sql = format!(
         "INSERT INTO environments ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
-         $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38)"
+         $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, $36, $37, $38, $39, $40)"
     );
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(&e.id)
@@ -1000,6 +1017,8 @@ async fn insert_env(tx: &mut Tx, e: &Environment, vars: &str) -> Result<()> {
         .bind(&e.gpu_model)
         .bind(e.reserved as i64)
         .bind(&e.ssh_host_key)
+        .bind(&e.repository_ref)
+        .bind(&e.git_credential_id)
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -1033,6 +1052,8 @@ pub(crate) mod tests {
             expires_at: None,
             init_script: None,
             repository_url: None,
+            repository_ref: None,
+            git_credential_id: None,
         }
     }
 

@@ -8,6 +8,7 @@
 mod bought;
 mod capacity;
 mod environments;
+mod git_credentials;
 mod hosts;
 mod images;
 mod installation;
@@ -24,6 +25,7 @@ mod users;
 pub use bought::BoughtHost;
 pub use capacity::{CapacitySample, SAMPLE_MS};
 pub use environments::{Environment, NewEnvironment, PersonalOutcome, new_slug};
+pub use git_credentials::{GitCredential, MAX_GIT_CREDENTIALS_PER_USER};
 pub use hosts::{Host, HostCapacity, HostUpdate, JoinToken, NewHost, Placement};
 pub use images::Image;
 pub use installation::{Installation, KeyCheck};

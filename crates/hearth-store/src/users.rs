@@ -225,6 +225,7 @@ impl Store {
             "DELETE FROM jobs WHERE environment_id IN (SELECT id FROM environments WHERE user_id = $1)",
             "DELETE FROM environments WHERE user_id = $1",
             "DELETE FROM api_tokens WHERE user_id = $1",
+            "DELETE FROM git_credentials WHERE user_id = $1",
             "DELETE FROM sessions WHERE user_id = $1",
             "DELETE FROM password_links WHERE user_id = $1",
             "DELETE FROM quotas WHERE user_id = $1",

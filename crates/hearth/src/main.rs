@@ -78,6 +78,12 @@ enum Command {
     /// `hearth port-forward ENV 8080:3000` (LOCAL:REMOTE, or one port for both; local 0
     /// picks a free one). Listens on 127.0.0.1 until interrupted.
     PortForward { id: String, ports: String },
+    /// Git credentials for cloning private repositories (`env create --repo URL
+    /// --git-credential NAME`).
+    GitCredentials {
+        #[command(subcommand)]
+        command: GitCredentialsCommand,
+    },
     /// Keep a server address and a token (read from standard input) for this user, so
     /// commands, and SSH's `ProxyCommand`, work without HEARTH_URL and HEARTH_TOKEN.
     Login {
@@ -89,6 +95,25 @@ enum Command {
     Admin {
         #[command(subcommand)]
         command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum GitCredentialsCommand {
+    List,
+    /// Keep a credential; its secret (the token, or the key file's contents) is read from
+    /// standard input and never shown again.
+    Add {
+        name: String,
+        /// `https-token` or `ssh-key`.
+        #[arg(long)]
+        kind: String,
+        /// Sent with an HTTPS token (`x-access-token` when left out).
+        #[arg(long)]
+        username: Option<String>,
+    },
+    Delete {
+        name: String,
     },
 }
 
@@ -114,6 +139,15 @@ enum EnvCommand {
         /// Your OpenSSH public key file, to SSH in yourself.
         #[arg(long)]
         ssh_key: Option<std::path::PathBuf>,
+        /// A git repository cloned into the home directory before the init script runs.
+        #[arg(long, value_name = "URL")]
+        repo: Option<String>,
+        /// The branch or tag of --repo to clone.
+        #[arg(long = "ref", value_name = "BRANCH", requires = "repo")]
+        git_ref: Option<String>,
+        /// The stored git credential to clone --repo with (`hearth git-credentials`).
+        #[arg(long, value_name = "NAME", requires = "repo")]
+        git_credential: Option<String>,
         #[command(flatten)]
         wait: Wait,
     },
@@ -524,7 +558,55 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             tunnel::port_forward(Client::from_env()?, &id, &ports).await
         }
         Command::Login { url } => login(url).await,
+        Command::GitCredentials { command } => git_credentials(command).await,
     }
+}
+
+/// `hearth git-credentials`.
+async fn git_credentials(command: GitCredentialsCommand) -> Result<ExitCode, Failure> {
+    let client = Client::from_env()?;
+    match command {
+        GitCredentialsCommand::List => {
+            let list = client.get("/v1/me/git-credentials").await?;
+            println!("{:<24} {:<12} USERNAME", "NAME", "KIND");
+            for c in list["items"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "{:<24} {:<12} {}",
+                    s(&c, "name"),
+                    s(&c, "kind"),
+                    s(&c, "username")
+                );
+            }
+        }
+        GitCredentialsCommand::Add {
+            name,
+            kind,
+            username,
+        } => {
+            let mut secret = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut secret).map_err(|e| {
+                Failure::usage(format!("cannot read the secret from standard input: {e}"))
+            })?;
+            let secret = if kind == "ssh-key" {
+                secret
+            } else {
+                secret.trim().to_string()
+            };
+            let mut body = json!({"name": name, "kind": kind, "secret": secret});
+            if let Some(u) = username {
+                body["username"] = json!(u);
+            }
+            let made = client.post("/v1/me/git-credentials", body).await?;
+            println!("kept {} ({})", s(&made, "name"), s(&made, "kind"));
+        }
+        GitCredentialsCommand::Delete { name } => {
+            client
+                .delete(&format!("/v1/me/git-credentials/{name}"))
+                .await?;
+            println!("deleted {name}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `hearth login`: checks the token (read from standard input) against the server, then
@@ -1093,9 +1175,21 @@ async fn env(command: EnvCommand) -> Result<ExitCode, Failure> {
             vars,
             init_script,
             ssh_key,
+            repo,
+            git_ref,
+            git_credential,
             wait,
         } => {
             let mut body = json!({ "name": name });
+            for (k, v) in [
+                ("repositoryUrl", repo),
+                ("repositoryRef", git_ref),
+                ("gitCredential", git_credential),
+            ] {
+                if let Some(v) = v {
+                    body[k] = json!(v);
+                }
+            }
             for (k, v) in [
                 ("vcpus", vcpus),
                 ("memoryMb", memory_mb),

@@ -426,7 +426,13 @@ async fn recovery_and_hostile_strings(db: Db) {
         json!({"name": "x\u{0007}"}),
         json!({"name": "x", "durationHours": 0}),
         json!({"name": "x", "baseImage": "ubuntu:latest"}),
-        json!({"name": "x", "repositoryUrl": "https://example.com/r.git"}),
+        json!({"name": "x", "repositoryUrl": "https://user:secret@example.com/r.git"}),
+        json!({"name": "x", "repositoryUrl": "file:///etc"}),
+        json!({"name": "x", "repositoryUrl": "ext::sh -c touch% /tmp/pwned"}),
+        json!({"name": "x", "repositoryUrl": "--upload-pack=touch /tmp/pwned"}),
+        json!({"name": "x", "repositoryUrl": "https://example.com/r.git", "repositoryRef": "--orphan"}),
+        json!({"name": "x", "repositoryRef": "main"}),
+        json!({"name": "x", "repositoryUrl": "https://example.com/r.git", "gitCredential": "none-such"}),
     ] {
         let r = server
             .call("POST", "/v1/environments", Some(&token), Some(bad.clone()))

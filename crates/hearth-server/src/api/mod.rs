@@ -5,6 +5,7 @@ mod admin;
 mod auth;
 pub mod docs;
 mod environments;
+mod git_credentials;
 mod hosts;
 mod images;
 mod mail;
@@ -55,6 +56,8 @@ pub fn routes() -> (axum::Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(me::me))
         .routes(routes!(me::tokens, me::create_token))
         .routes(routes!(me::revoke_token))
+        .routes(routes!(git_credentials::list, git_credentials::add))
+        .routes(routes!(git_credentials::delete))
         .routes(routes!(me::get_vm, me::provision, me::destroy))
         .routes(routes!(me::start))
         .routes(routes!(me::stop))
