@@ -26,6 +26,9 @@ pub struct Config {
     /// whose Docker engine is a host of this installation, VMs may not open connections
     /// to the host or to link-local addresses (see `hearth_provider::docker::guard`).
     pub guest_firewall: bool,
+    /// Send stored HTTPS tokens to `http://` repositories too
+    /// (`HEARTH_GIT_TOKENS_OVER_PLAIN_HTTP=1`; off: anyone on the way could read them).
+    pub git_tokens_over_plain_http: bool,
     pub data_dir: PathBuf,
     pub database_url: String,
     /// `HEARTH_MASTER_KEY`; when unset, `<data dir>/master.key` (made on first start).
@@ -103,6 +106,7 @@ impl Config {
             secure_cookies: false,
             oidc: None,
             guest_firewall: true,
+            git_tokens_over_plain_http: false,
             data_dir,
             database_url,
             master_key: None,
@@ -206,6 +210,7 @@ impl Config {
         c.oidc = crate::oidc::OidcConfig::from_env()?;
         c.mail = crate::mail::MailConfig::from_env()?;
         c.guest_firewall = number("HEARTH_GUEST_FIREWALL", 1u8)? != 0;
+        c.git_tokens_over_plain_http = number("HEARTH_GIT_TOKENS_OVER_PLAIN_HTTP", 0u8)? != 0;
         let days = |name: &str, ms: i64| number(name, ms / DAY_MS).map(|d: i64| d.max(1) * DAY_MS);
         c.retention = hearth_store::Retention {
             executions_ms: days("HEARTH_RETAIN_EXECUTIONS_DAYS", c.retention.executions_ms)?,

@@ -57,50 +57,70 @@ printf '%s\n' "$seen"
 
 /// Clones a repository into `~/DIR`, once. Its inputs come on standard input, a line
 /// each: the URL, the branch or tag (or an empty line), the directory, the credential's
-/// kind (or an empty line) and user name; then the secret, to the end. The shell text is
-/// fixed; none of the inputs is ever part of it. The secret is written to a 0600 file in
-/// a private temporary directory that git reads through `GIT_ASKPASS` (a token) or
-/// `GIT_SSH_COMMAND` (a key), so it is in no command line, URL, environment or history;
-/// the directory goes when the script ends, and a retry first removes any left by a
-/// clone cut short. The clone lands in the temporary directory and is renamed into place:
-/// `~/DIR` existing means it is done.
+/// kind (or an empty line), its user name, and the host a token may be sent to; then the
+/// secret, to the end. The shell text is fixed; none of the inputs is ever part of it.
+///
+/// - One clone at a time per guest (`flock`): a clone left running by a node that died
+///   holds the lock, and the retry says so (exit 75) rather than racing it. Temporary
+///   directories are cleared only under the lock, so never a live clone's.
+/// - The secret is written to a 0600 file in a private temporary directory and read by
+///   `GIT_ASKPASS` (a token: answered only to prompts for the repository's own host, so a
+///   redirect elsewhere gets nothing) or `GIT_SSH_COMMAND` (a key). It is in no command
+///   line, URL, environment or history; no credential helper may keep it
+///   (`credential.helper=` clears the image's); the directory goes when the script ends,
+///   including on a hang-up or a timeout (git runs under `timeout`, inside the exec's).
+/// - The clone lands in the temporary directory and is renamed into place. `~/DIR`
+///   already holding a clone of the same URL means done; anything else there is refused.
 const CLONE: &str = r#"set -u
-IFS= read -r url; IFS= read -r ref; IFS= read -r dir; IFS= read -r kind; IFS= read -r user
-rm -rf "$HOME"/.hearth-clone.*
-if [ -e "$HOME/$dir" ]; then echo already; exit 0; fi
+IFS= read -r url; IFS= read -r ref; IFS= read -r dir; IFS= read -r kind; IFS= read -r user; IFS= read -r host
 command -v git > /dev/null || { echo "git is not installed in this image" >&2; exit 127; }
+mkdir -p "$HOME/.hearth"
+exec 9> "$HOME/.hearth/clone.lock"
+flock -n 9 || { echo "another clone is still running in this VM" >&2; exit 75; }
+rm -rf "$HOME"/.hearth-clone.*
+done_already() {
+  [ -d "$HOME/$dir/.git" ] && [ "$(git -C "$HOME/$dir" remote get-url origin 2>/dev/null)" = "$url" ]
+}
+if [ -e "$HOME/$dir" ]; then
+  if done_already; then echo already; exit 0; fi
+  echo "~/$dir exists and is not a clone of this repository" >&2; exit 2
+fi
 umask 077
 t=$(mktemp -d "$HOME/.hearth-clone.XXXXXX") || exit 125
 trap 'rm -rf "$t"' EXIT
+trap 'exit 129' HUP INT TERM
 cat > "$t/secret"
+printf '%s\n' "$user" > "$t/user"
+printf '%s\n' "$host" > "$t/host"
 export GIT_TERMINAL_PROMPT=0
 case "$kind" in
   https-token)
-    printf '%s
-' "$user" > "$t/user"
-    printf '#!/bin/sh
-case "$1" in [Uu]sername*) cat "%s/user" ;; *) cat "%s/secret" ;; esac
-' "$t" "$t" > "$t/askpass"
+    printf '%s\n' '#!/bin/sh' 'd=$(dirname "$0")' 'h=$(cat "$d/host")' \
+      'case "$1" in *"//$h'"'"'"*|*"@$h'"'"'"*) ;; *) exit 1 ;; esac' \
+      'case "$1" in [Uu]sername*) cat "$d/user" ;; *) cat "$d/secret" ;; esac' > "$t/askpass"
     chmod 700 "$t/askpass"
     export GIT_ASKPASS="$t/askpass" ;;
   ssh-key)
-    export GIT_SSH_COMMAND="ssh -i $t/secret -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=accept-new" ;;
+    export GIT_SSH_COMMAND="ssh -i '$t/secret' -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=accept-new" ;;
   *) export GIT_SSH_COMMAND="ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new" ;;
 esac
 if [ -n "$ref" ]; then
-  git clone --quiet --branch "$ref" -- "$url" "$t/work" 2> "$t/err"
+  timeout 570 git -c credential.helper= clone --quiet --branch "$ref" -- "$url" "$t/work" 2> "$t/err"
 else
-  git clone --quiet -- "$url" "$t/work" 2> "$t/err"
+  timeout 570 git -c credential.helper= clone --quiet -- "$url" "$t/work" 2> "$t/err"
 fi
 code=$?
+if [ $code -eq 124 ]; then echo "git did not finish within 570 s" >&2; exit 124; fi
 if [ $code -ne 0 ]; then tail -c 2000 "$t/err" >&2; exit 1; fi
-mv -T "$t/work" "$HOME/$dir" || exit 1
+mv -T "$t/work" "$HOME/$dir" || { if done_already; then echo already; exit 0; fi; exit 1; }
 echo cloned
 "#;
 
 /// What to clone and with what: the secret opened, for the clone's standard input only.
 pub(crate) struct CloneRequest {
     pub url: String,
+    /// The host (and port) of an HTTP URL: the only one its token is given to.
+    pub host: String,
     pub git_ref: Option<String>,
     pub dir: String,
     /// `(kind, user name, secret)`.
@@ -116,8 +136,8 @@ pub(crate) fn clone_failure(stderr: &str, req: &CloneRequest) -> String {
         || text.contains("could not read password")
         || text.contains("permission denied (publickey")
         || text.contains("invalid username or password")
-        || text.contains("403")
-        || text.contains("401")
+        || text.contains("returned error: 401")
+        || text.contains("returned error: 403")
     {
         if req.credential.is_some() {
             "the repository refused the credential (authentication failed)"
@@ -128,7 +148,7 @@ pub(crate) fn clone_failure(stderr: &str, req: &CloneRequest) -> String {
         "no such branch or tag"
     } else if text.contains("not found")
         || text.contains("does not appear to be a git repository")
-        || text.contains("404")
+        || text.contains("returned error: 404")
     {
         "the repository was not found"
     } else if text.contains("could not resolve host")
@@ -141,6 +161,10 @@ pub(crate) fn clone_failure(stderr: &str, req: &CloneRequest) -> String {
         "the repository's server could not be reached from the environment"
     } else if text.contains("git is not installed") {
         "git is not installed in this image"
+    } else if text.contains("is not a clone of this repository") {
+        "its directory is taken"
+    } else if text.contains("did not finish within") {
+        "it took too long"
     } else {
         "git failed"
     };
@@ -246,12 +270,13 @@ impl Guest {
             Guest::Ssh { pool, target } => {
                 let (kind, user, secret) = req.credential.clone().unwrap_or_default();
                 let mut stdin = format!(
-                    "{}\n{}\n{}\n{}\n{}\n",
+                    "{}\n{}\n{}\n{}\n{}\n{}\n",
                     req.url,
                     req.git_ref.as_deref().unwrap_or(""),
                     req.dir,
                     kind,
-                    user
+                    user,
+                    req.host
                 )
                 .into_bytes();
                 stdin.extend_from_slice(secret.as_bytes());
@@ -263,7 +288,18 @@ impl Guest {
                     .map_err(|e| (true, e.to_string()))?;
                 match out.exit_code {
                     Some(0) => Ok(()),
-                    None if out.timed_out => Err((
+                    // A clone a dead node left running: it ends by itself (570 s at most).
+                    Some(75) => Err((
+                        true,
+                        "another clone is still running in this VM; trying again".into(),
+                    )),
+                    // The connection went before the command ended: another try finds
+                    // the clone done, or makes it.
+                    None if !out.timed_out => Err((
+                        true,
+                        "the connection to the VM was lost during the clone".into(),
+                    )),
+                    None => Err((
                         false,
                         format!(
                             "cloning {} did not finish within {} minutes",
@@ -389,7 +425,7 @@ mod tests {
         // A token that must end up nowhere; a directory a dead clone left behind.
         let secret = "tok-3b7f1e-never-kept";
         std::fs::create_dir(home.path().join(".hearth-clone.dead")).unwrap();
-        let lines = format!("{o}\nother\nproject\nhttps-token\nme\n");
+        let lines = format!("{o}\nother\nproject\nhttps-token\nme\nexample.com\n");
         let out = clone_with(home.path(), &lines, secret);
         assert_eq!(String::from_utf8_lossy(&out.stdout), "cloned\n", "{out:?}");
         assert_eq!(
@@ -415,12 +451,13 @@ mod tests {
             .unwrap();
         assert!(grep.stdout.is_empty(), "the secret was kept: {grep:?}");
         // A branch that is not there: git's reason, and nothing in place.
-        let bad = format!("{o}\nnone-such\nother-dir\n\n\n");
+        let bad = format!("{o}\nnone-such\nother-dir\n\n\n\n");
         let out = clone_with(home.path(), &bad, "");
         assert_eq!(out.status.code(), Some(1), "{out:?}");
         assert!(!home.path().join("other-dir").exists());
         let req = CloneRequest {
             url: o.to_string(),
+            host: String::new(),
             git_ref: Some("none-such".into()),
             dir: "other-dir".into(),
             credential: None,

@@ -575,36 +575,30 @@ impl Run<'_> {
             return Ok(Next::Continue);
         };
         let (_, dir) = hearth_core::validate::repository_url(&url).map_err(StepError::Final)?;
+        // A credential deleted since the create: the clone may have been made before a
+        // crash; without the credential, only a clone already in place can succeed.
+        let mut credential_deleted = false;
         let credential = match &env.git_credential_id {
             None => None,
-            Some(id) => {
-                let stored = match self.app.store.git_credential(id).await {
-                    Ok(c) => c,
-                    Err(StoreError::NotFound) => {
-                        return Err(StepError::Final(
-                            "the git credential named at creation was deleted before the clone; create the environment again".into(),
-                        ));
-                    }
-                    Err(e) => return Err(StepError::Retryable(e.to_string())),
-                };
-                let secret = self.app.master_key.open(&stored.secret_enc).map_err(|e| {
-                    StepError::Final(format!(
-                        "the git credential {:?} cannot be opened with this master key: {e}",
-                        stored.name
-                    ))
-                })?;
-                let user = stored
-                    .username
-                    .unwrap_or_else(|| DEFAULT_TOKEN_USER.to_string());
-                // OpenSSH reads a key file only when its last line ends.
-                let secret =
-                    if stored.kind == crate::repositories::SSH_KEY && !secret.ends_with('\n') {
-                        secret + "\n"
-                    } else {
-                        secret
-                    };
-                Some((stored.kind, user, secret))
-            }
+            Some(id) => match self.app.store.git_credential(id).await {
+                Err(StoreError::NotFound) => {
+                    credential_deleted = true;
+                    None
+                }
+                Err(e) => return Err(StepError::Retryable(e.to_string())),
+                Ok(stored) => {
+                    let secret = self.app.master_key.open(&stored.secret_enc).map_err(|e| {
+                        StepError::Final(format!(
+                            "the git credential {:?} cannot be opened with this master key: {e}",
+                            stored.name
+                        ))
+                    })?;
+                    let user = stored
+                        .username
+                        .unwrap_or_else(|| DEFAULT_TOKEN_USER.to_string());
+                    Some((stored.kind, user, secret))
+                }
+            },
         };
         let on = Self::need_host(self.on_host(&env).await?)?;
         let vm = vm_of(self, &env);
@@ -615,6 +609,7 @@ impl Run<'_> {
         };
         let guest = self.app.guest(&on.host_ref, &env, &vm, &at)?;
         let request = CloneRequest {
+            host: hearth_core::validate::repository_host(&url),
             url: url.clone(),
             git_ref: env.repository_ref.clone(),
             dir: dir.clone(),
@@ -644,6 +639,11 @@ impl Run<'_> {
                 Ok(Next::Continue)
             }
             Err((true, e)) => Err(StepError::Retryable(e)),
+            Err((false, _)) if credential_deleted => {
+                let e = "the git credential named at creation was deleted before the clone; create the environment again".to_string();
+                self.app.log(&env, "error", &e).await;
+                Err(StepError::Final(e))
+            }
             Err((false, e)) => {
                 self.app.log(&env, "error", &e).await;
                 Err(StepError::Final(e))

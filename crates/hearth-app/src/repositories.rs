@@ -69,7 +69,17 @@ impl App {
                 ));
             }
         }
-        let sealed = self.master_key.seal(&new.secret);
+        // A key pasted from elsewhere: OpenSSH reads LF line ends, and a last line ended.
+        let secret = if new.kind == SSH_KEY {
+            let mut key = new.secret.replace("\r\n", "\n");
+            if !key.ends_with('\n') {
+                key.push('\n');
+            }
+            key
+        } else {
+            new.secret
+        };
+        let sealed = self.master_key.seal(&secret);
         let stored = self
             .store
             .add_git_credential(user, &new.name, &new.kind, new.username.as_deref(), &sealed)
@@ -135,6 +145,14 @@ impl App {
                 )),
                 other => other.into(),
             })?;
+        if credential.kind == HTTPS_TOKEN
+            && url.starts_with("http://")
+            && !self.config.git_tokens_over_plain_http
+        {
+            return Err(AppError::Invalid(
+                "a token is not sent over plain http:// (anyone on the way could read it): use https:// (an installation may allow it with HEARTH_GIT_TOKENS_OVER_PLAIN_HTTP=1)".into(),
+            ));
+        }
         let fits = match transport {
             GitTransport::Http => credential.kind == HTTPS_TOKEN,
             GitTransport::Ssh => credential.kind == SSH_KEY,

@@ -208,8 +208,12 @@ pub fn repository_url(url: &str) -> Result<(GitTransport, String), String> {
             }
         };
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        if transport != GitTransport::Ssh && authority.contains('@') {
+        let userinfo = authority.rsplit_once('@').map(|(u, _)| u);
+        if transport != GitTransport::Ssh && userinfo.is_some() {
             return Err("put no user or password in repositoryUrl: store a git credential (POST /v1/me/git-credentials) and name it in gitCredential".into());
+        }
+        if userinfo.is_some_and(|u| u.contains(':')) {
+            return Err("put no password in repositoryUrl: store an ssh-key git credential and name it in gitCredential".into());
         }
         (transport, authority, path)
     } else {
@@ -224,9 +228,13 @@ pub fn repository_url(url: &str) -> Result<(GitTransport, String), String> {
             }
         }
     };
-    let host = authority.rsplit('@').next().unwrap_or("");
-    if host.is_empty() || host.starts_with('-') {
-        return Err("repositoryUrl has no host".into());
+    let (user, host) = match authority.rsplit_once('@') {
+        Some((user, host)) => (user, host),
+        None => ("", authority),
+    };
+    // git and ssh would read a leading '-' as an option.
+    if host.is_empty() || host.trim_start_matches('[').starts_with('-') || user.starts_with('-') {
+        return Err("repositoryUrl has no host, or a user or host starting with '-'".into());
     }
     let last = path
         .trim_end_matches('/')
@@ -237,18 +245,22 @@ pub fn repository_url(url: &str) -> Result<(GitTransport, String), String> {
     let plain = dir
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    if dir.is_empty()
-        || dir == "."
-        || dir == ".."
-        || !plain
-        || dir.len() > 100
-        || dir.starts_with('-')
-    {
+    if dir.is_empty() || !plain || dir.len() > 100 || dir.starts_with(['-', '.']) {
         return Err(format!(
-            "repositoryUrl must end in a plain name to clone into (letters, digits, '.', '_', '-'), not {last:?}"
+            "repositoryUrl must end in a plain name to clone into (letters, digits, '.', '_', '-'; not starting with '.' or '-'), not {last:?}"
         ));
     }
     Ok((transport, dir.to_string()))
+}
+
+/// The host (with its port) a checked `repository_url` is fetched from: the only one its
+/// token may be given to.
+pub fn repository_host(url: &str) -> String {
+    let authority = match url.split_once("://") {
+        Some((_, rest)) => rest.split('/').next().unwrap_or(""),
+        None => url.split(':').next().unwrap_or(""),
+    };
+    authority.rsplit('@').next().unwrap_or("").to_string()
 }
 
 /// A `repositoryRef`: the branch or tag to clone, as git names them.
@@ -340,9 +352,25 @@ mod repository_tests {
             "https://host/r\n.git",
             "host:path",
             "https://host/$(reboot)",
+            "https://host/.hearth",
+            "ssh://[-oProxyCommand=x]/r",
+            "ssh://-oX@host/r",
+            "ssh://u:password@host/r",
+            "-oX@host:r",
         ] {
             assert!(repository_url(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn a_token_goes_to_the_urls_own_host() {
+        assert_eq!(repository_host("https://github.com/o/r.git"), "github.com");
+        assert_eq!(
+            repository_host("http://10.0.0.2:8080/p.git"),
+            "10.0.0.2:8080"
+        );
+        assert_eq!(repository_host("git@github.com:o/r.git"), "github.com");
+        assert_eq!(repository_host("ssh://git@host:2222/r"), "host:2222");
     }
 
     #[test]

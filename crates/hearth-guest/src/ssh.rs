@@ -31,7 +31,7 @@ pub struct Target {
     pub host_key: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ExecRequest {
     /// Run by the login shell of the guest user, as `ssh host CODE` would. A user's
     /// command travels on standard input to a fixed wrapper (`code_on_stdin`), so its size
@@ -48,6 +48,19 @@ pub struct ExecRequest {
     pub timeout: Duration,
     /// Output past this many bytes per stream is dropped and `truncated` set.
     pub max_output: usize,
+}
+
+/// Without `stdin`, which may carry a secret (a clone's credential).
+impl std::fmt::Debug for ExecRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecRequest")
+            .field("code", &self.code)
+            .field("code_on_stdin", &self.code_on_stdin)
+            .field("working_dir", &self.working_dir)
+            .field("stdin_bytes", &self.stdin.len())
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -314,7 +327,7 @@ impl SshPool {
     pub async fn forget(&self, environment_id: &str) {
         let dropped: Vec<Cached> = {
             let mut conns = self.conns.lock().await;
-            [environment_id.to_string(), tunnels_key(environment_id)]
+            [environment_id.to_string(), streams_key(environment_id)]
                 .iter()
                 .filter_map(|k| conns.remove(k))
                 .collect()
@@ -591,8 +604,8 @@ async fn run_on(
     Ok(out)
 }
 
-/// The key of an environment's kept connection for tunnels.
-fn tunnels_key(environment_id: &str) -> String {
+/// The key of an environment's kept connection for tunnels and file transfers.
+fn streams_key(environment_id: &str) -> String {
     format!("{environment_id}#tunnels")
 }
 
@@ -615,17 +628,18 @@ impl SshPool {
     /// (an SSH `direct-tcpip` channel): no guest port is exposed, and the connection is as
     /// private as Hearth's own SSH session.
     ///
-    /// Tunnels have a kept connection of their own, apart from commands and terminals:
-    /// russh hands a channel's data to a bounded queue from the connection's one reading
-    /// task, so a tunnel whose client stops reading stalls every channel of its
-    /// connection. It can stall the environment's other tunnels, never its commands.
+    /// Tunnels and file transfers have a kept connection of their own, apart from commands
+    /// and terminals: russh hands a channel's data to a bounded queue from the
+    /// connection's one reading task, so a stream whose client stops reading stalls every
+    /// channel of its connection. It can stall the environment's other streams, never its
+    /// commands.
     pub async fn open_tunnel(
         &self,
         target: &Target,
         port: u16,
     ) -> Result<TunnelChannel, TunnelError> {
         let target = &Target {
-            environment_id: tunnels_key(&target.environment_id),
+            environment_id: streams_key(&target.environment_id),
             ..target.clone()
         };
         let open = |handle: Arc<Handle<HostKeyCheck>>| async move {
@@ -654,6 +668,47 @@ impl SshPool {
             }
         };
         tokio::time::timeout(SHELL_OPEN_TIMEOUT, attempt)
+            .await
+            .map_err(|_| GuestError::Unresponsive(SHELL_OPEN_TIMEOUT.as_secs()))?
+    }
+}
+
+impl SshPool {
+    /// An SFTP session (OpenSSH's `sftp-server`, as the login user) on the environment's
+    /// streams connection (see `open_tunnel`).
+    pub async fn sftp(
+        &self,
+        target: &Target,
+    ) -> Result<russh_sftp::client::SftpSession, GuestError> {
+        let target = &Target {
+            environment_id: streams_key(&target.environment_id),
+            ..target.clone()
+        };
+        let session = |e: russh::Error| GuestError::Session(e.to_string());
+        let open = async {
+            let handle = self.handle(target).await?;
+            let channel = match handle.channel_open_session().await {
+                Ok(c) => c,
+                Err(_) => {
+                    self.conns.lock().await.remove(&target.environment_id);
+                    self.handle(target)
+                        .await?
+                        .channel_open_session()
+                        .await
+                        .map_err(session)?
+                }
+            };
+            channel
+                .request_subsystem(true, "sftp")
+                .await
+                .map_err(session)?;
+            russh_sftp::client::SftpSession::new(channel.into_stream())
+                .await
+                .map_err(|e| {
+                    GuestError::Session(format!("the VM's SFTP server did not answer: {e}"))
+                })
+        };
+        tokio::time::timeout(SHELL_OPEN_TIMEOUT, open)
             .await
             .map_err(|_| GuestError::Unresponsive(SHELL_OPEN_TIMEOUT.as_secs()))?
     }

@@ -179,7 +179,10 @@ async fn public_and_private_repositories_are_cloned_and_the_token_is_kept_nowher
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let site = Site::new(Db::Sqlite).await;
+    // The test's git server speaks plain HTTP: tokens may go over it here.
+    let site = Site::new(Db::Sqlite)
+        .await
+        .with_env("HEARTH_GIT_TOKENS_OVER_PLAIN_HTTP", "1");
     let server = site.start().await;
     let token = server.user("repos@example.com", "unlimited").await;
 
