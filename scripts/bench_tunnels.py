@@ -4,8 +4,9 @@
 - HTTP: sequential GETs of a small file from `python3 -m http.server` in the guest, straight
   to the guest's address and through the port proxy (`/v1/environments/{id}/ports/8000/`);
   the proxy's added latency is the difference of the medians.
-- scp: a file up and down, straight to the guest's published SSH port and through
-  `hearth ssh-config`'s ProxyCommand (`hearth ssh --stdio`, the tunnel WebSocket).
+- A file up and down: scp straight to the guest's published SSH port, scp through
+  `hearth ssh-config`'s ProxyCommand (`hearth ssh --stdio`, the tunnel WebSocket), and
+  `hearth cp` (the files API: HTTP to the server, SFTP from it to the guest).
 
 Usage: scripts/bench_tunnels.py PATH/TO/hearth [--requests 500] [--megabytes 200]
 Needs Docker and the hearth/base image.
@@ -107,6 +108,10 @@ def main():
             down = timed(["scp", "-q", *opts, f"{remote}:payload", work + "/back"], env)
             assert open(work + "/back", "rb").read() == open(payload, "rb").read()
             rows.append((label, megabytes / up, megabytes / down))
+        up = timed([binary, "cp", payload, f"{env_id}:payload"], env)
+        down = timed([binary, "cp", f"{env_id}:payload", work + "/back"], env)
+        assert open(work + "/back", "rb").read() == open(payload, "rb").read()
+        rows.append(("`hearth cp` (the files API)", megabytes / up, megabytes / down))
 
         med = lambda xs: statistics.median(xs) * 1000
         p99 = lambda xs: sorted(xs)[int(0.99 * len(xs))] * 1000
@@ -116,11 +121,12 @@ def main():
         print(f"| through the port proxy | {med(proxied):.2f} ms | {p99(proxied):.2f} ms |")
         print(f"| added by the proxy (medians) | {med(proxied) - med(straight):.2f} ms | |")
         print()
-        print(f"| scp of {megabytes} MiB | up | down |")
+        print(f"| {megabytes} MiB | up | down |")
         print("|---|---|---|")
         for label, up, down in rows:
             print(f"| {label} | {up:.0f} MiB/s | {down:.0f} MiB/s |")
-        print(f"| ratio (through / straight) | {rows[1][1] / rows[0][1]:.2f} | {rows[1][2] / rows[0][2]:.2f} |")
+        for label, up, down in rows[1:]:
+            print(f"| ratio: {label} / scp straight | {up / rows[0][1]:.2f} | {down / rows[0][2]:.2f} |")
         request(port, "DELETE", f"/v1/environments/{env_id}", token)
         time.sleep(2)
     finally:

@@ -13,6 +13,7 @@ pub mod config;
 pub mod demand;
 pub mod error;
 pub mod events;
+pub mod files;
 mod guest;
 pub mod health;
 pub mod hosts;

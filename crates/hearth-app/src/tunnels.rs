@@ -39,8 +39,9 @@ impl Tunnels {
     }
 }
 
-/// One of a user's open tunnels; given back when dropped.
-struct Permit {
+/// One of a user's open connections into environments (a tunnel, a file session); given
+/// back when dropped.
+pub(crate) struct Permit {
     tunnels: Arc<Tunnels>,
     user_id: String,
 }
@@ -78,7 +79,34 @@ struct ActivityInner {
     _permit: Permit,
 }
 
+/// Takes one of `user_id`'s places for a connection into an environment.
+pub(crate) fn take_permit(app: &App, user_id: &str) -> AppResult<Permit> {
+    app.tunnels.take(user_id).ok_or_else(|| {
+        AppError::TooMany(format!(
+            "you have {MAX_TUNNELS_PER_USER} connections into environments open on this node; close one first"
+        ))
+    })
+}
+
 impl Activity {
+    /// Marks `environment_id` active now (as `source`), holding `permit` while it lives.
+    pub(crate) async fn new(
+        app: &App,
+        environment_id: &str,
+        source: &'static str,
+        permit: Permit,
+    ) -> Activity {
+        let now = app.now();
+        let _ = app.store.touch_activity(environment_id, now, source).await;
+        Activity(Arc::new(ActivityInner {
+            app: app.clone(),
+            environment_id: environment_id.to_string(),
+            source,
+            last: AtomicI64::new(now),
+            _permit: permit,
+        }))
+    }
+
     /// Records activity now, unless it did within the last 30 s.
     pub async fn mark(&self) {
         let inner = &self.0;
@@ -120,11 +148,7 @@ impl App {
             )));
         }
         let target = self.target(&env)?;
-        let permit = self.tunnels.take(&user.id).ok_or_else(|| {
-            AppError::TooMany(format!(
-                "you have {MAX_TUNNELS_PER_USER} connections into environments open on this node; close one first"
-            ))
-        })?;
+        let permit = take_permit(self, &user.id)?;
         let channel = self
             .ssh
             .open_tunnel(&target, port)
@@ -135,16 +159,8 @@ impl App {
                     AppError::Unavailable(format!("cannot reach the environment: {e}"))
                 }
             })?;
-        let now = self.now();
-        let _ = self.store.touch_activity(&env.id, now, source).await;
         Ok(Tunnel {
-            activity: Activity(Arc::new(ActivityInner {
-                app: self.clone(),
-                environment_id: env.id.clone(),
-                source,
-                last: AtomicI64::new(now),
-                _permit: permit,
-            })),
+            activity: Activity::new(self, &env.id, source, permit).await,
             environment: env,
             channel,
         })

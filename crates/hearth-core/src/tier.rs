@@ -71,6 +71,16 @@ impl Tier {
         }
     }
 
+    /// The largest file one upload may write into an environment
+    /// (`PUT /v1/environments/{id}/files/content`).
+    pub fn max_upload_bytes(self) -> u64 {
+        match self {
+            Tier::Free => 100 << 20,
+            Tier::Pro => 2 << 30,
+            Tier::Unlimited => 20 << 30,
+        }
+    }
+
     /// How many custom images a user of the tier may register.
     pub fn max_images(self) -> i64 {
         match self {

@@ -4,6 +4,9 @@
 pub mod keys;
 pub mod ssh;
 
+/// The SFTP client that `SshPool::sftp` sessions are of.
+pub use russh_sftp;
+
 pub use keys::{KeyPair, MasterKey, SealError};
 pub use ssh::{
     ExecOutput, ExecRequest, GuestError, SshPool, StreamChunk, Target, TunnelChannel, TunnelError,

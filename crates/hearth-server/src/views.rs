@@ -589,6 +589,42 @@ pub struct MeView {
     pub mail_agent: Option<String>,
 }
 
+/// A file, directory or link in an environment.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FileView {
+    pub name: String,
+    /// `file`, `directory`, `symlink` or `other`.
+    pub kind: String,
+    pub size: u64,
+    pub modified_at: Option<String>,
+    /// The permission bits, as `ls -l` counts them in octal (`0o644` is 420).
+    pub mode: u32,
+}
+
+impl From<&hearth_app::files::Entry> for FileView {
+    fn from(e: &hearth_app::files::Entry) -> FileView {
+        FileView {
+            name: e.name.clone(),
+            kind: e.kind.to_string(),
+            size: e.size,
+            modified_at: e.modified_at.map(|s| time(s * 1000)),
+            mode: e.mode,
+        }
+    }
+}
+
+/// What is at a path: a directory's entries, or a file's own.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ListingView {
+    pub path: String,
+    pub directory: bool,
+    pub entries: Vec<FileView>,
+    /// A directory's entries past the first 10,000, not listed.
+    pub left_out: u64,
+}
+
 /// One of the caller's git credentials: never its secret.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

@@ -179,14 +179,16 @@ impl Client {
             .await
     }
 
-    /// Sends `file` as the body of a POST to `path`, `bar` counting its bytes as they go;
-    /// once all is sent it spins while the server works on it.
+    /// Sends `file` as the body of a request (`POST` or `PUT`) to `path`, `bar` counting
+    /// its bytes as they go; once all is sent it says `done` while the server finishes.
     pub async fn upload(
         &self,
+        method: reqwest::Method,
         path: &str,
         query: &[(&str, &str)],
         file: &std::path::Path,
         bar: &indicatif::ProgressBar,
+        done: &'static str,
     ) -> Result<Value, Failure> {
         use tokio::io::AsyncReadExt;
         let opened = tokio::fs::File::open(file)
@@ -204,7 +206,7 @@ impl Client {
                 buffer.truncate(n);
                 bar.inc(n as u64);
                 if bar.position() >= size {
-                    bar.set_message("sent; the server is loading and checking it");
+                    bar.set_message(done);
                 }
                 Ok(Some((buffer, file)))
             }
@@ -212,9 +214,9 @@ impl Client {
         let sent = self
             .send(
                 self.http
-                    .post(format!("{}{path}", self.base))
+                    .request(method, format!("{}{path}", self.base))
                     .query(query)
-                    .header("content-type", "application/x-tar")
+                    .header("content-type", "application/octet-stream")
                     .header(reqwest::header::CONTENT_LENGTH, size)
                     .body(reqwest::Body::wrap_stream(chunks)),
             )
@@ -223,7 +225,7 @@ impl Client {
             // The server answered before taking it all: it refuses at once what announces
             // a size over its limit, and then stops reading.
             Err(f) if f.status.is_none() && bar.position() > 0 => Err(Failure::failed(format!(
-                "the server stopped the upload: a tarball over its HEARTH_IMAGE_UPLOAD_MAX_BYTES is refused, \
+                "the server stopped the upload: one that announces a size over its limit is refused at once, \
                  or the server went away ({})",
                 f.message
             ))),
@@ -275,6 +277,62 @@ impl Client {
                 }
             })?;
         Ok(ws)
+    }
+
+    /// Writes the body of a GET of `path` to `to`, `bar` counting its bytes.
+    pub async fn download(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        to: &std::path::Path,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<u64, Failure> {
+        use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .query(query)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| {
+                Failure::unreachable(format!("cannot reach Hearth at {} ({e})", self.base))
+            })?;
+        if !resp.status().is_success() {
+            // The error's shape, through the one place that maps it.
+            let status = resp.status().as_u16();
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            return Err(Failure {
+                message: format!(
+                    "{}: {}",
+                    body["error"]["code"].as_str().unwrap_or("error"),
+                    body["error"]["message"].as_str().unwrap_or("no message")
+                ),
+                exit_code: if status == 401 { 3 } else { 1 },
+                status: Some(status),
+            });
+        }
+        if let Some(n) = resp.content_length() {
+            bar.set_length(n);
+        }
+        let failed =
+            |e: std::io::Error| Failure::failed(format!("cannot write {}: {e}", to.display()));
+        let temporary = to.with_extension("hearth-download");
+        let mut file = tokio::fs::File::create(&temporary).await.map_err(failed)?;
+        let mut body = resp.bytes_stream();
+        let mut written = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk =
+                chunk.map_err(|e| Failure::failed(format!("the download broke off: {e}")))?;
+            file.write_all(&chunk).await.map_err(failed)?;
+            written += chunk.len() as u64;
+            bar.inc(chunk.len() as u64);
+        }
+        file.flush().await.map_err(failed)?;
+        drop(file);
+        tokio::fs::rename(&temporary, to).await.map_err(failed)?;
+        Ok(written)
     }
 
     pub async fn delete(&self, path: &str) -> Result<Value, Failure> {

@@ -74,6 +74,10 @@ enum Command {
         #[arg(long)]
         known_hosts: Option<std::path::PathBuf>,
     },
+    /// Copy a file into or out of an environment, through the API: `hearth cp ./local
+    /// ENV:path` or `hearth cp ENV:path ./local` (paths in the environment are relative
+    /// to its home directory, or absolute).
+    Cp { from: String, to: String },
     /// Forward a local port to a port in an environment, through the API:
     /// `hearth port-forward ENV 8080:3000` (LOCAL:REMOTE, or one port for both; local 0
     /// picks a free one). Listens on 127.0.0.1 until interrupted.
@@ -558,8 +562,73 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             tunnel::port_forward(Client::from_env()?, &id, &ports).await
         }
         Command::Login { url } => login(url).await,
+        Command::Cp { from, to } => copy(&from, &to).await,
         Command::GitCredentials { command } => git_credentials(command).await,
     }
+}
+
+/// `ENV:path`, when `spec` names a file in an environment (a local path holds no `:`
+/// before its first `/`, or starts with `.` or `/`).
+fn remote_path(spec: &str) -> Option<(&str, &str)> {
+    if spec.starts_with(['.', '/']) {
+        return None;
+    }
+    spec.split_once(':')
+        .filter(|(env, path)| !env.is_empty() && !env.contains('/') && !path.is_empty())
+}
+
+/// `hearth cp`, with a progress bar.
+async fn copy(from: &str, to: &str) -> Result<ExitCode, Failure> {
+    let client = Client::from_env()?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}",
+        )
+        .expect("template"),
+    );
+    match (remote_path(from), remote_path(to)) {
+        (None, Some((env, path))) => {
+            let local = std::path::Path::new(from);
+            let size = std::fs::metadata(local)
+                .map_err(|e| Failure::usage(format!("cannot read {from}: {e}")))?
+                .len();
+            bar.set_length(size);
+            bar.set_message("uploading");
+            let written = client
+                .upload(
+                    reqwest::Method::PUT,
+                    &format!("/v1/environments/{env}/files/content"),
+                    &[("path", path)],
+                    local,
+                    &bar,
+                    "sent; the environment is writing it",
+                )
+                .await;
+            bar.finish_and_clear();
+            let written = written?;
+            eprintln!("{from} -> {env}:{path} ({} bytes)", written["size"]);
+        }
+        (Some((env, path)), None) => {
+            bar.set_message("downloading");
+            let got = client
+                .download(
+                    &format!("/v1/environments/{env}/files/content"),
+                    &[("path", path)],
+                    std::path::Path::new(to),
+                    &bar,
+                )
+                .await;
+            bar.finish_and_clear();
+            eprintln!("{env}:{path} -> {to} ({} bytes)", got?);
+        }
+        _ => {
+            return Err(Failure::usage(
+                "give one local path and one ENV:path, e.g. `hearth cp ./notes.txt env_x:notes.txt`",
+            ));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `hearth git-credentials`.
@@ -600,6 +669,7 @@ async fn git_credentials(command: GitCredentialsCommand) -> Result<ExitCode, Fai
             println!("kept {} ({})", s(&made, "name"), s(&made, "kind"));
         }
         GitCredentialsCommand::Delete { name } => {
+            hearth_core::validate::credential_name(&name).map_err(Failure::usage)?;
             client
                 .delete(&format!("/v1/me/git-credentials/{name}"))
                 .await?;
@@ -657,10 +727,12 @@ async fn import_image(
     let visibility = if everyone { "everyone" } else { "private" };
     let image = client
         .upload(
+            reqwest::Method::POST,
             "/v1/images/import",
             &[("name", name), ("visibility", visibility)],
             file,
             &bar,
+            "sent; the server is loading and checking it",
         )
         .await;
     bar.finish_and_clear();

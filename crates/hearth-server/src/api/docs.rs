@@ -22,6 +22,7 @@ use utoipa::{IntoResponses, Modify, OpenApi};
         (name = "auth", description = "Signing in from a browser: sessions, passwords"),
         (name = "me", description = "The caller and their personal VM"),
         (name = "environments", description = "Environments: several per user, under quota"),
+        (name = "files", description = "Files in an environment: listed, downloaded, uploaded, removed (as the `dev` user)"),
         (name = "images", description = "Custom images: built from a Dockerfile, checked against the guest contract, private or for everyone"),
         (name = "snapshots", description = "Saved disks of environments: taken, listed, made into new environments, deleted"),
         (name = "mail", description = "Commands by mail: the SendGrid webhook, secret sub-addresses, what arrived"),
@@ -61,6 +62,15 @@ pub enum Authed {
 #[allow(dead_code)]
 pub enum AdminOnly {
     /// The caller is not an admin.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+}
+
+/// Routes that act in a guest as its user, whose permissions may refuse.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum Forbidden {
+    /// The guest's user may not do that there (`permission denied`).
     #[response(status = 403)]
     Forbidden(ErrorBody),
 }

@@ -5,6 +5,7 @@ mod admin;
 mod auth;
 pub mod docs;
 mod environments;
+mod files;
 mod git_credentials;
 mod hosts;
 mod images;
@@ -94,6 +95,8 @@ pub fn routes() -> (axum::Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(terminal::terminal))
         .routes(routes!(terminal::ticket))
         .routes(routes!(tunnel::tunnel))
+        .routes(routes!(files::list, files::remove))
+        .routes(routes!(files::download, files::upload))
         .routes(routes!(admin::create_user, admin::list_users))
         .routes(routes!(
             admin::get_user,
