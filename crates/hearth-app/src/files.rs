@@ -9,17 +9,19 @@ use crate::tunnels::{Activity, take_permit};
 use crate::{App, AppError, AppResult};
 use futures::{Stream, StreamExt};
 use hearth_core::EnvState;
-use hearth_guest::russh_sftp::client::SftpSession;
 use hearth_guest::russh_sftp::client::error::Error as SftpError;
 use hearth_guest::russh_sftp::client::fs::File;
-use hearth_guest::russh_sftp::protocol::{FileType, StatusCode};
+use hearth_guest::russh_sftp::extensions::HardlinkExtension;
+use hearth_guest::russh_sftp::protocol::{FileAttributes, FileType, OpenFlags, Packet, StatusCode};
+use hearth_guest::{SshPool, Target};
 use hearth_store::{Environment, User};
+use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
-/// Entries a listing answers with (the rest are counted, not listed).
+/// Entries a listing answers with (the rest are counted, not listed or kept).
 pub const MAX_LISTED: usize = 10_000;
-/// How long an upload may go without a byte arriving.
-pub const UPLOAD_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long an upload may go without a byte arriving, or the guest without taking one.
+pub const UPLOAD_STALL: Duration = Duration::from_secs(60);
 /// The longest path accepted.
 pub const MAX_PATH_CHARS: usize = 4096;
 
@@ -40,15 +42,17 @@ pub enum Listing {
     File(Entry),
     Directory {
         entries: Vec<Entry>,
-        /// Entries past `MAX_LISTED`, left out.
+        /// Entries past `MAX_LISTED`, counted and left out.
         left_out: usize,
     },
 }
 
-/// An open SFTP session into one of the caller's environments.
+/// The files of one of the caller's running environments. Each operation opens its own
+/// SFTP session; all of them hold one of the caller's connections into environments.
 pub struct Files {
     pub environment: Environment,
-    sftp: SftpSession,
+    ssh: SshPool,
+    target: Target,
     activity: Activity,
 }
 
@@ -61,7 +65,7 @@ fn kind(t: FileType) -> &'static str {
     }
 }
 
-fn entry(name: String, m: &hearth_guest::russh_sftp::protocol::FileAttributes) -> Entry {
+fn entry(name: String, m: &FileAttributes) -> Entry {
     Entry {
         name,
         kind: kind(m.file_type()),
@@ -71,11 +75,12 @@ fn entry(name: String, m: &hearth_guest::russh_sftp::protocol::FileAttributes) -
     }
 }
 
-/// A path as the API takes it: not empty, no NUL, bounded.
+/// A path as the API takes it: not empty, no NUL or line break, bounded.
 pub fn check_path(path: &str) -> AppResult<()> {
-    if path.is_empty() || path.contains('\0') || path.chars().count() > MAX_PATH_CHARS {
+    if path.is_empty() || path.contains(['\0', '\n', '\r']) || path.chars().count() > MAX_PATH_CHARS
+    {
         return Err(AppError::Invalid(format!(
-            "path must be 1 to {MAX_PATH_CHARS} characters, without NUL"
+            "path must be 1 to {MAX_PATH_CHARS} characters, without NUL or line breaks"
         )));
     }
     Ok(())
@@ -92,14 +97,24 @@ fn sftp_error(path: &str) -> impl Fn(SftpError) -> AppError + '_ {
                 "{path}: permission denied (files are read and written as the dev user)"
             ))
         }
-        SftpError::Status(s) => AppError::Invalid(format!("{path}: {}", s.error_message)),
+        SftpError::Status(s) if s.status_code == StatusCode::OpUnsupported => {
+            AppError::Invalid(format!("{path}: the guest's SFTP server does not do that"))
+        }
+        SftpError::Status(s) => AppError::InvalidState(format!(
+            "{path}: the guest refused ({}: a full disk, a read-only file system, or a directory in the way)",
+            s.error_message
+        )),
         _ => AppError::Unavailable(format!("the environment's SFTP server failed: {e}")),
     }
 }
 
+fn unreachable(e: hearth_guest::GuestError) -> AppError {
+    AppError::Unavailable(format!("cannot reach the environment: {e}"))
+}
+
 impl App {
-    /// Opens the files of the caller's running environment; counts as one of the caller's
-    /// connections into environments (see `tunnels`).
+    /// The files of the caller's running environment; counts as one of the caller's
+    /// connections into environments (see `tunnels`) until dropped.
     pub async fn open_files(&self, user: &User, id_or_slug: &str) -> AppResult<Files> {
         let env = self.owned_environment(user, id_or_slug).await?;
         if env.state != EnvState::Running {
@@ -110,61 +125,77 @@ impl App {
         }
         let target = self.target(&env)?;
         let permit = take_permit(self, &user.id)?;
-        let sftp = self
-            .ssh
-            .sftp(&target)
-            .await
-            .map_err(|e| AppError::Unavailable(format!("cannot reach the environment: {e}")))?;
         let activity = Activity::new(self, &env.id, "files", permit).await;
         Ok(Files {
             environment: env,
-            sftp,
+            ssh: self.ssh.clone(),
+            target,
             activity,
         })
     }
 }
 
 impl Files {
-    /// A directory's entries (by name), or a file's own.
+    /// A directory's entries (by name, at most `MAX_LISTED`, read a batch at a time so a
+    /// huge directory costs no more), or a file's own.
     pub async fn list(&self, path: &str) -> AppResult<Listing> {
         check_path(path)?;
         self.activity.mark().await;
-        let meta = self.sftp.metadata(path).await.map_err(sftp_error(path))?;
+        let raw = self.ssh.sftp_raw(&self.target).await.map_err(unreachable)?;
+        let meta = raw.stat(path).await.map_err(sftp_error(path))?.attrs;
         if meta.file_type() != FileType::Dir {
             let name = path.rsplit('/').next().unwrap_or(path).to_string();
             return Ok(Listing::File(entry(name, &meta)));
         }
-        let mut entries: Vec<Entry> = self
-            .sftp
-            .read_dir(path)
-            .await
-            .map_err(sftp_error(path))?
-            .map(|e| entry(e.file_name(), &e.metadata()))
-            .filter(|e| e.name != "." && e.name != "..")
-            .collect();
+        let handle = raw.opendir(path).await.map_err(sftp_error(path))?.handle;
+        let (mut entries, mut left_out) = (Vec::new(), 0);
+        loop {
+            match raw.readdir(handle.as_str()).await {
+                Ok(batch) => {
+                    for f in batch.files {
+                        if f.filename == "." || f.filename == ".." {
+                            continue;
+                        }
+                        if entries.len() < MAX_LISTED {
+                            entries.push(entry(f.filename, &f.attrs));
+                        } else {
+                            left_out += 1;
+                        }
+                    }
+                }
+                Err(SftpError::Status(s)) if s.status_code == StatusCode::Eof => break,
+                Err(e) => {
+                    let _ = raw.close(handle.as_str()).await;
+                    return Err(sftp_error(path)(e));
+                }
+            }
+        }
+        let _ = raw.close(handle.as_str()).await;
         entries.sort_by(|a, b| a.name.cmp(&b.name));
-        let left_out = entries.len().saturating_sub(MAX_LISTED);
-        entries.truncate(MAX_LISTED);
         Ok(Listing::Directory { entries, left_out })
     }
 
-    /// A file to read, and its size.
+    /// A file to read, its size, and what keeps the environment marked active (and the
+    /// caller's connection held) while it is read.
     pub async fn read(self, path: &str) -> AppResult<(u64, File, Activity)> {
         check_path(path)?;
         self.activity.mark().await;
-        let meta = self.sftp.metadata(path).await.map_err(sftp_error(path))?;
+        let sftp = self.ssh.sftp(&self.target).await.map_err(unreachable)?;
+        let meta = sftp.metadata(path).await.map_err(sftp_error(path))?;
         if meta.file_type() == FileType::Dir {
             return Err(AppError::Invalid(format!(
                 "{path} is a directory; list it with GET .../files?path="
             )));
         }
-        let file = self.sftp.open(path).await.map_err(sftp_error(path))?;
+        let file = sftp.open(path).await.map_err(sftp_error(path))?;
         Ok((meta.len(), file, self.activity))
     }
 
-    /// Writes `body` to `path` whole or not at all: into a temporary file beside it, then
-    /// renamed over it. More than `limit` bytes (said up front in `announced`, or found
-    /// while reading) is refused, and the temporary file removed.
+    /// Writes `body` to `path` whole or not at all: into a temporary file (0600) beside
+    /// it, which takes the old file's mode (0644 for a new one) and is then renamed over
+    /// it (OpenSSH's `posix-rename`: the target never goes missing). A link is followed.
+    /// More than `limit` bytes (said up front in `announced`, or found while reading), or
+    /// fewer than announced, is refused and the temporary file removed.
     pub async fn write<S, E>(
         &self,
         path: &str,
@@ -187,20 +218,49 @@ impl Files {
                 "{path} names a directory, not a file"
             )));
         }
-        let (dir, name) = match path.rsplit_once('/') {
-            Some((dir, name)) => (format!("{dir}/"), name),
-            None => (String::new(), path),
+        let sftp = self.ssh.sftp(&self.target).await.map_err(unreachable)?;
+        // What is there now: a directory is refused before a byte is read; a link leads
+        // to its target; a file's mode is kept.
+        let (target, mode) = match sftp.metadata(path).await {
+            Ok(m) if m.file_type() == FileType::Dir => {
+                return Err(AppError::Invalid(format!(
+                    "{path} is a directory; name the file to write"
+                )));
+            }
+            Ok(m) => (
+                sftp.canonicalize(path).await.map_err(sftp_error(path))?,
+                m.permissions.unwrap_or(0o644) & 0o7777,
+            ),
+            Err(SftpError::Status(s)) if s.status_code == StatusCode::NoSuchFile => {
+                (path.to_string(), 0o644)
+            }
+            Err(e) => return Err(sftp_error(path)(e)),
         };
-        let temporary = format!(
-            "{dir}.{name}.hearth-upload-{}",
-            uuid::Uuid::now_v7().simple()
-        );
-        let mut file = self
-            .sftp
-            .create(temporary.as_str())
+        let dir = match target.rsplit_once('/') {
+            Some((dir, _)) => format!("{dir}/"),
+            None => String::new(),
+        };
+        let name = target.rsplit('/').next().unwrap_or(&target).to_string();
+        let temporary = format!("{dir}.hearth-upload-{}", uuid::Uuid::now_v7().simple());
+        let private = FileAttributes {
+            permissions: Some(0o600),
+            ..FileAttributes::empty()
+        };
+        let mut file = sftp
+            .open_with_flags_and_attributes(
+                temporary.as_str(),
+                OpenFlags::CREATE | OpenFlags::TRUNCATE | OpenFlags::WRITE,
+                private,
+            )
             .await
             .map_err(sftp_error(path))?;
         let mut written: u64 = 0;
+        let guest_stalled = || {
+            AppError::Unavailable(format!(
+                "the environment took nothing for {} s while writing {path}",
+                UPLOAD_STALL.as_secs()
+            ))
+        };
         let copied: AppResult<()> = async {
             loop {
                 let Ok(next) = tokio::time::timeout(UPLOAD_STALL, body.next()).await else {
@@ -217,48 +277,89 @@ impl Files {
                 if written > limit {
                     return Err(too_large());
                 }
-                file.write_all(&chunk).await.map_err(|e| {
-                    AppError::Unavailable(format!("writing {path} in the environment failed: {e}"))
-                })?;
+                tokio::time::timeout(UPLOAD_STALL, file.write_all(&chunk))
+                    .await
+                    .map_err(|_| guest_stalled())?
+                    .map_err(|e| {
+                        AppError::Unavailable(format!(
+                            "writing {path} in the environment failed: {e}"
+                        ))
+                    })?;
                 self.activity.mark().await;
             }
-            file.shutdown().await.map_err(|e| {
-                AppError::Unavailable(format!("writing {path} in the environment failed: {e}"))
-            })
+            if announced.is_some_and(|n| n != written) {
+                return Err(AppError::Invalid(format!(
+                    "the upload ended after {written} of the {} bytes announced",
+                    announced.unwrap_or(0)
+                )));
+            }
+            tokio::time::timeout(UPLOAD_STALL, file.shutdown())
+                .await
+                .map_err(|_| guest_stalled())?
+                .map_err(|e| {
+                    AppError::Unavailable(format!("writing {path} in the environment failed: {e}"))
+                })
         }
         .await;
         drop(file);
-        if let Err(e) = copied {
-            let _ = self.sftp.remove_file(temporary.as_str()).await;
+        let placed = match copied {
+            Ok(()) => self.place(&sftp, &temporary, &target, mode).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = placed {
+            let _ = sftp.remove_file(temporary.as_str()).await;
             return Err(e);
         }
-        // SFTP's rename will not replace a file; OpenSSH's posix-rename does.
-        let renamed = match self.sftp.rename(temporary.as_str(), path).await {
-            Ok(()) => Ok(()),
-            Err(_) => {
-                let _ = self.sftp.remove_file(path).await;
-                self.sftp.rename(temporary.as_str(), path).await
-            }
+        let meta = sftp
+            .metadata(target.as_str())
+            .await
+            .map_err(sftp_error(path))?;
+        Ok(entry(name, &meta))
+    }
+
+    /// Gives the written temporary file its mode, then renames it over `target` at once.
+    async fn place(
+        &self,
+        sftp: &hearth_guest::russh_sftp::client::SftpSession,
+        temporary: &str,
+        target: &str,
+        mode: u32,
+    ) -> AppResult<()> {
+        let with_mode = FileAttributes {
+            permissions: Some(mode),
+            ..FileAttributes::empty()
         };
-        if let Err(e) = renamed {
-            let _ = self.sftp.remove_file(temporary.as_str()).await;
-            return Err(sftp_error(path)(e));
+        sftp.set_metadata(temporary, with_mode)
+            .await
+            .map_err(sftp_error(target))?;
+        let raw = self.ssh.sftp_raw(&self.target).await.map_err(unreachable)?;
+        let paths: Vec<u8> = HardlinkExtension {
+            oldpath: temporary.to_string(),
+            newpath: target.to_string(),
         }
-        let meta = self.sftp.metadata(path).await.map_err(sftp_error(path))?;
-        Ok(entry(name.to_string(), &meta))
+        .try_into()
+        .map_err(|e| AppError::Internal(format!("cannot encode a rename: {e}")))?;
+        match raw.extended("posix-rename@openssh.com", paths).await {
+            Ok(Packet::Status(s)) if s.status_code == StatusCode::Ok => Ok(()),
+            Ok(Packet::Status(s)) => Err(sftp_error(target)(SftpError::Status(s))),
+            Ok(_) => Err(AppError::Unavailable(
+                "the guest's SFTP server gave an unexpected answer to a rename".into(),
+            )),
+            Err(e) => Err(sftp_error(target)(e)),
+        }
     }
 
     /// Removes a file, a link, or an empty directory.
     pub async fn remove(&self, path: &str) -> AppResult<()> {
         check_path(path)?;
         self.activity.mark().await;
-        let meta = self
-            .sftp
+        let sftp = self.ssh.sftp(&self.target).await.map_err(unreachable)?;
+        let meta = sftp
             .symlink_metadata(path)
             .await
             .map_err(sftp_error(path))?;
         if meta.file_type() == FileType::Dir {
-            self.sftp.remove_dir(path).await.map_err(|e| match e {
+            sftp.remove_dir(path).await.map_err(|e| match e {
                 SftpError::Status(s) if s.status_code == StatusCode::Failure => {
                     AppError::InvalidState(format!(
                         "{path} is a directory that is not empty; remove what it holds first"
@@ -267,7 +368,7 @@ impl Files {
                 other => sftp_error(path)(other),
             })
         } else {
-            self.sftp.remove_file(path).await.map_err(sftp_error(path))
+            sftp.remove_file(path).await.map_err(sftp_error(path))
         }
     }
 }

@@ -277,6 +277,9 @@ impl SshPool {
             }
         }
         let handle = Arc::new(Self::connect(target, Duration::from_secs(10)).await?);
+        if target.environment_id.ends_with(STREAMS_SUFFIX) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), without_nagle(&handle)).await;
+        }
         let mut conns = self.conns.lock().await;
         conns.insert(
             target.environment_id.clone(),
@@ -604,9 +607,31 @@ async fn run_on(
     Ok(out)
 }
 
+const STREAMS_SUFFIX: &str = "#streams";
+
 /// The key of an environment's kept connection for tunnels and file transfers.
 fn streams_key(environment_id: &str) -> String {
-    format!("{environment_id}#tunnels")
+    format!("{environment_id}{STREAMS_SUFFIX}")
+}
+
+/// Has the guest's sshd send small packets at once on this connection. OpenSSH turns
+/// Nagle's algorithm off (`TCP_NODELAY`) on a connection only once a session with a PTY
+/// runs on it; until then a small packet waits for the ACK of the one before, which
+/// this side delays up to 40 ms. A proxied HTTP answer's headers and body are two such
+/// packets: 45 ms a request, measured (BENCHMARKS.md, issue 17). One `true` on a PTY
+/// switches the connection for its life.
+async fn without_nagle(handle: &Handle<HostKeyCheck>) -> Result<(), russh::Error> {
+    let mut channel = handle.channel_open_session().await?;
+    channel
+        .request_pty(false, "dumb", 80, 24, 0, 0, &[])
+        .await?;
+    channel.exec(true, "true").await?;
+    while let Some(msg) = channel.wait().await {
+        if matches!(msg, ChannelMsg::Close) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// A connection to a port in the guest (see `SshPool::open_tunnel`).
@@ -673,13 +698,111 @@ impl SshPool {
     }
 }
 
+/// The longest SFTP packet accepted from a guest. The client library allocates what a
+/// packet's length prefix says (up to 4 GiB); a guest's user is root there and could run
+/// any `sftp-server`. Data packets are at most 256 KiB (`Config::max_packet_len`).
+const MAX_SFTP_PACKET: u32 = 1 << 20;
+
+/// An SFTP byte stream that fails, before the client reads it, any packet whose length
+/// prefix is over `MAX_SFTP_PACKET`.
+pub struct GuardedSftp<S> {
+    inner: S,
+    header: [u8; 4],
+    have: usize,
+    remaining: u64,
+}
+
+impl<S> GuardedSftp<S> {
+    fn new(inner: S) -> Self {
+        GuardedSftp {
+            inner,
+            header: [0; 4],
+            have: 0,
+            remaining: 0,
+        }
+    }
+
+    /// Follows packet boundaries over `bytes`; `Err` at a length over the limit.
+    fn check(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            if self.remaining > 0 {
+                let skip = (self.remaining as usize).min(bytes.len());
+                self.remaining -= skip as u64;
+                bytes = &bytes[skip..];
+                continue;
+            }
+            self.header[self.have] = bytes[0];
+            self.have += 1;
+            bytes = &bytes[1..];
+            if self.have == 4 {
+                self.have = 0;
+                let length = u32::from_be_bytes(self.header);
+                if length > MAX_SFTP_PACKET {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "the guest's SFTP server sent a packet of {length} bytes; at most {MAX_SFTP_PACKET} are read"
+                        ),
+                    ));
+                }
+                self.remaining = u64::from(length);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for GuardedSftp<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = polled {
+            let fresh = buf.filled()[before..].to_vec();
+            if let Err(e) = self.check(&fresh) {
+                buf.set_filled(before);
+                return std::task::Poll::Ready(Err(e));
+            }
+        }
+        polled
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for GuardedSftp<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// How long one SFTP request may wait for the guest's answer.
+const SFTP_REQUEST_SECONDS: u64 = 60;
+
 impl SshPool {
-    /// An SFTP session (OpenSSH's `sftp-server`, as the login user) on the environment's
-    /// streams connection (see `open_tunnel`).
-    pub async fn sftp(
+    /// A channel to the guest's SFTP server (OpenSSH's `sftp-server`, as the login user)
+    /// on the environment's streams connection (see `open_tunnel`), its packets guarded.
+    async fn sftp_stream(
         &self,
         target: &Target,
-    ) -> Result<russh_sftp::client::SftpSession, GuestError> {
+    ) -> Result<GuardedSftp<russh::ChannelStream<client::Msg>>, GuestError> {
         let target = &Target {
             environment_id: streams_key(&target.environment_id),
             ..target.clone()
@@ -702,14 +825,73 @@ impl SshPool {
                 .request_subsystem(true, "sftp")
                 .await
                 .map_err(session)?;
-            russh_sftp::client::SftpSession::new(channel.into_stream())
-                .await
-                .map_err(|e| {
-                    GuestError::Session(format!("the VM's SFTP server did not answer: {e}"))
-                })
+            Ok(GuardedSftp::new(channel.into_stream()))
         };
         tokio::time::timeout(SHELL_OPEN_TIMEOUT, open)
             .await
             .map_err(|_| GuestError::Unresponsive(SHELL_OPEN_TIMEOUT.as_secs()))?
+    }
+}
+
+impl SshPool {
+    /// An SFTP session on the environment's streams connection, for files' contents.
+    pub async fn sftp(
+        &self,
+        target: &Target,
+    ) -> Result<russh_sftp::client::SftpSession, GuestError> {
+        let stream = self.sftp_stream(target).await?;
+        let config = russh_sftp::client::Config {
+            request_timeout_secs: SFTP_REQUEST_SECONDS,
+            ..Default::default()
+        };
+        tokio::time::timeout(
+            SHELL_OPEN_TIMEOUT,
+            russh_sftp::client::SftpSession::new_with_config(stream, config),
+        )
+        .await
+        .map_err(|_| GuestError::Unresponsive(SHELL_OPEN_TIMEOUT.as_secs()))?
+        .map_err(|e| GuestError::Session(format!("the VM's SFTP server did not answer: {e}")))
+    }
+
+    /// The protocol's own requests (a listing read a batch at a time, OpenSSH's
+    /// `posix-rename`), on a session of their own.
+    pub async fn sftp_raw(
+        &self,
+        target: &Target,
+    ) -> Result<russh_sftp::client::RawSftpSession, GuestError> {
+        let stream = self.sftp_stream(target).await?;
+        let config = russh_sftp::client::Config {
+            request_timeout_secs: SFTP_REQUEST_SECONDS,
+            ..Default::default()
+        };
+        let raw = russh_sftp::client::RawSftpSession::new_with_config(stream, config);
+        tokio::time::timeout(SHELL_OPEN_TIMEOUT, raw.init())
+            .await
+            .map_err(|_| GuestError::Unresponsive(SHELL_OPEN_TIMEOUT.as_secs()))?
+            .map_err(|e| {
+                GuestError::Session(format!("the VM's SFTP server did not answer: {e}"))
+            })?;
+        Ok(raw)
+    }
+}
+
+#[cfg(test)]
+mod sftp_guard_tests {
+    use super::*;
+
+    #[test]
+    fn a_packet_over_the_limit_is_refused_wherever_its_length_is_cut() {
+        let mut guard = GuardedSftp::new(());
+        // A 5-byte packet, then a length prefix of 2 MiB cut in two.
+        let mut stream = vec![0, 0, 0, 5, 1, 2, 3, 4, 5];
+        stream.extend_from_slice(&(2u32 << 20).to_be_bytes());
+        assert!(guard.check(&stream[..6]).is_ok());
+        assert!(guard.check(&stream[6..11]).is_ok());
+        assert!(guard.check(&stream[11..]).is_err());
+        let mut fine = GuardedSftp::new(());
+        let mut ok = (1u32 << 20).to_be_bytes().to_vec();
+        ok.extend(std::iter::repeat_n(7u8, 1 << 20));
+        ok.extend_from_slice(&3u32.to_be_bytes());
+        assert!(fine.check(&ok).is_ok());
     }
 }

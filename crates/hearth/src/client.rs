@@ -318,21 +318,31 @@ impl Client {
         }
         let failed =
             |e: std::io::Error| Failure::failed(format!("cannot write {}: {e}", to.display()));
-        let temporary = to.with_extension("hearth-download");
-        let mut file = tokio::fs::File::create(&temporary).await.map_err(failed)?;
-        let mut body = resp.bytes_stream();
-        let mut written = 0u64;
-        while let Some(chunk) = body.next().await {
-            let chunk =
-                chunk.map_err(|e| Failure::failed(format!("the download broke off: {e}")))?;
-            file.write_all(&chunk).await.map_err(failed)?;
-            written += chunk.len() as u64;
-            bar.inc(chunk.len() as u64);
+        // Beside the destination, removed unless the download completes.
+        let mut temporary = to.as_os_str().to_owned();
+        temporary.push(".hearth-download");
+        let temporary = std::path::PathBuf::from(temporary);
+        let copied = async {
+            let mut file = tokio::fs::File::create(&temporary).await.map_err(failed)?;
+            let mut body = resp.bytes_stream();
+            let mut written = 0u64;
+            while let Some(chunk) = body.next().await {
+                let chunk =
+                    chunk.map_err(|e| Failure::failed(format!("the download broke off: {e}")))?;
+                file.write_all(&chunk).await.map_err(failed)?;
+                written += chunk.len() as u64;
+                bar.inc(chunk.len() as u64);
+            }
+            file.flush().await.map_err(failed)?;
+            drop(file);
+            tokio::fs::rename(&temporary, to).await.map_err(failed)?;
+            Ok(written)
         }
-        file.flush().await.map_err(failed)?;
-        drop(file);
-        tokio::fs::rename(&temporary, to).await.map_err(failed)?;
-        Ok(written)
+        .await;
+        if copied.is_err() {
+            let _ = std::fs::remove_file(&temporary);
+        }
+        copied
     }
 
     pub async fn delete(&self, path: &str) -> Result<Value, Failure> {

@@ -610,17 +610,22 @@ async fn copy(from: &str, to: &str) -> Result<ExitCode, Failure> {
             eprintln!("{from} -> {env}:{path} ({} bytes)", written["size"]);
         }
         (Some((env, path)), None) => {
+            // Into a directory: under the file's own name, as cp does.
+            let mut local = std::path::PathBuf::from(to);
+            if local.is_dir() {
+                local.push(path.rsplit('/').next().unwrap_or(path));
+            }
             bar.set_message("downloading");
             let got = client
                 .download(
                     &format!("/v1/environments/{env}/files/content"),
                     &[("path", path)],
-                    std::path::Path::new(to),
+                    &local,
                     &bar,
                 )
                 .await;
             bar.finish_and_clear();
-            eprintln!("{env}:{path} -> {to} ({} bytes)", got?);
+            eprintln!("{env}:{path} -> {} ({} bytes)", local.display(), got?);
         }
         _ => {
             return Err(Failure::usage(

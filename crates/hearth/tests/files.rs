@@ -226,6 +226,94 @@ async fn files_go_in_and_out_streamed_within_bounds() {
         "absent\n"
     );
 
+    // Over an existing file: replaced whole, and its mode kept (a key stays private).
+    exec_ok(
+        &server,
+        &token,
+        &id,
+        "printf old > secret.key && chmod 600 secret.key",
+    )
+    .await;
+    let r = server
+        .http
+        .put(content("secret.key"))
+        .bearer_auth(&token)
+        .body("new")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(
+        exec_ok(
+            &server,
+            &token,
+            &id,
+            "stat -c %a secret.key; cat secret.key"
+        )
+        .await,
+        "600\nnew"
+    );
+    // Through a link: the file it points at is written, the link stays.
+    exec_ok(&server, &token, &id, "ln -s secret.key key-link").await;
+    let r = server
+        .http
+        .put(content("key-link"))
+        .bearer_auth(&token)
+        .body("via link")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(
+        exec_ok(&server, &token, &id, "test -L key-link && cat secret.key").await,
+        "via link"
+    );
+    // A directory is not overwritten; the body is not even read.
+    let r = server
+        .http
+        .put(content("full"))
+        .bearer_auth(&token)
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+
+    // An upload cut off by its client leaves nothing behind.
+    let endless = futures::stream::unfold(0u32, |i| async move {
+        if i == 20 {
+            std::future::pending::<()>().await;
+        }
+        Some((Ok::<_, std::io::Error>(vec![1u8; 1 << 20]), i + 1))
+    });
+    let cut = server
+        .http
+        .put(content("cut.bin"))
+        .bearer_auth(&token)
+        .timeout(Duration::from_secs(3))
+        .body(reqwest::Body::wrap_stream(endless))
+        .send()
+        .await;
+    assert!(cut.is_err(), "{cut:?}");
+    let started = std::time::Instant::now();
+    loop {
+        let left = exec_ok(
+            &server,
+            &token,
+            &id,
+            "ls -a ~ | grep -c hearth-upload; test -e cut.bin && echo there; true",
+        )
+        .await;
+        if left.trim() == "0" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "left behind: {left}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // Removal: a file; a directory that is not empty is refused.
     let r = server
         .http
@@ -253,4 +341,44 @@ async fn files_go_in_and_out_streamed_within_bounds() {
     assert_eq!(r.status(), StatusCode::CONFLICT);
 
     server.destroy(&token, &id, UP).await;
+
+    // The free tier's limit (100 MiB), found while reading a body of unannounced length.
+    let free = server.user("files-free@example.com", "free").await;
+    let r = server
+        .call(
+            "POST",
+            "/v1/environments",
+            Some(&free),
+            Some(json!({"name": "small", "memoryMb": 256})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let small = r.body["id"].as_str().unwrap().to_string();
+    server.wait_env(&free, &small, "running", UP).await;
+    let chunks =
+        futures::stream::iter((0..101).map(|_| Ok::<_, std::io::Error>(vec![2u8; 1 << 20])));
+    let r = server
+        .http
+        .put(format!(
+            "{}/v1/environments/{small}/files/content?path=big.bin",
+            server.base
+        ))
+        .bearer_auth(&free)
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        exec_ok(
+            &server,
+            &free,
+            &small,
+            "ls -a ~ | grep -c hearth-upload; test -e big.bin && echo there; true"
+        )
+        .await
+        .trim(),
+        "0"
+    );
+    server.destroy(&free, &small, UP).await;
 }

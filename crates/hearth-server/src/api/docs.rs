@@ -75,6 +75,15 @@ pub enum Forbidden {
     Forbidden(ErrorBody),
 }
 
+/// Routes that open a connection into an environment (64 per user per node).
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum Busy {
+    /// The caller has 64 connections into environments open on this node.
+    #[response(status = 429)]
+    TooMany(ErrorBody),
+}
+
 /// A body or query that does not parse, or values out of bounds.
 #[derive(IntoResponses)]
 #[allow(dead_code)]

@@ -31,7 +31,7 @@ pub struct PathQuery {
 #[utoipa::path(get, path = "/v1/environments/{id}/files", tag = "files",
     params(("id" = String, Path, description = "id or slug"), PathQuery),
     responses((status = 200, description = "the listing", body = ListingView),
-        Invalid, Missing, Refused, super::docs::Forbidden, Authed))]
+        Invalid, Missing, Refused, super::docs::Forbidden, super::docs::Busy, Authed))]
 pub async fn list(
     State(app): State<App>,
     Caller(user): Caller,
@@ -60,7 +60,7 @@ pub async fn list(
 #[utoipa::path(get, path = "/v1/environments/{id}/files/content", tag = "files",
     params(("id" = String, Path, description = "id or slug"), PathQuery),
     responses((status = 200, description = "the file's bytes", content_type = "application/octet-stream", body = Vec<u8>),
-        Invalid, Missing, Refused, super::docs::Forbidden, Authed))]
+        Invalid, Missing, Refused, super::docs::Forbidden, super::docs::Busy, Authed))]
 pub async fn download(
     State(app): State<App>,
     Caller(user): Caller,
@@ -69,17 +69,28 @@ pub async fn download(
 ) -> ApiResult<Response> {
     let files = app.open_files(&user, &id).await?;
     let (size, file, activity) = files.read(&q.path).await?;
+    // At most the size it had when asked (a file that grows meanwhile is cut there, so
+    // the length announced holds); a size of 0 (what /proc says) is read to its end.
+    let left = (size > 0).then_some(size);
     let chunks = futures::stream::unfold(
-        (file, activity, vec![0u8; 256 * 1024]),
-        |(mut file, activity, mut buffer)| async move {
-            match file.read(&mut buffer).await {
+        (file, activity, vec![0u8; 256 * 1024], left),
+        |(mut file, activity, mut buffer, left)| async move {
+            let room = left.map_or(buffer.len(), |l| (l as usize).min(buffer.len()));
+            if room == 0 {
+                return None;
+            }
+            match file.read(&mut buffer[..room]).await {
                 Ok(0) => None,
                 Ok(n) => {
                     activity.mark().await;
                     let chunk = bytes::Bytes::copy_from_slice(&buffer[..n]);
-                    Some((Ok::<_, std::io::Error>(chunk), (file, activity, buffer)))
+                    let left = left.map(|l| l - n as u64);
+                    Some((
+                        Ok::<_, std::io::Error>(chunk),
+                        (file, activity, buffer, left),
+                    ))
                 }
-                Err(e) => Some((Err(e), (file, activity, buffer))),
+                Err(e) => Some((Err(e), (file, activity, buffer, Some(0)))),
             }
         },
     );
@@ -95,7 +106,9 @@ pub async fn download(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
-    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    if size > 0 {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    }
     if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
         headers.insert(header::CONTENT_DISPOSITION, v);
     }
@@ -108,9 +121,9 @@ pub async fn download(
 #[utoipa::path(put, path = "/v1/environments/{id}/files/content", tag = "files",
     params(("id" = String, Path, description = "id or slug"), PathQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "the file's bytes"),
-    responses((status = 201, description = "written", body = FileView),
+    responses((status = 201, description = "written (made, or replaced)", body = FileView),
         (status = 408, description = "the upload stalled", body = crate::error::ErrorBody),
-        Invalid, Missing, Refused, TooLarge, super::docs::Forbidden, Authed))]
+        Invalid, Missing, Refused, TooLarge, super::docs::Forbidden, super::docs::Busy, Authed))]
 pub async fn upload(
     State(app): State<App>,
     Caller(user): Caller,
@@ -139,7 +152,7 @@ pub async fn upload(
 /// Removes a file, a link, or an empty directory.
 #[utoipa::path(delete, path = "/v1/environments/{id}/files", tag = "files",
     params(("id" = String, Path, description = "id or slug"), PathQuery),
-    responses((status = 204, description = "removed"), Invalid, Missing, Refused, super::docs::Forbidden, Authed))]
+    responses((status = 204, description = "removed"), Invalid, Missing, Refused, super::docs::Forbidden, super::docs::Busy, Authed))]
 pub async fn remove(
     State(app): State<App>,
     Caller(user): Caller,
