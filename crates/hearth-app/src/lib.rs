@@ -27,6 +27,7 @@ pub mod reconcile;
 pub mod repositories;
 mod saga;
 pub mod service;
+pub mod shares;
 pub mod sign_in;
 mod sim_ledger;
 pub mod snapshots;

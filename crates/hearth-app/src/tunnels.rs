@@ -24,11 +24,15 @@ pub struct Tunnels {
     open: Mutex<HashMap<String, usize>>,
 }
 
+/// Connections a shared port may have open at once on one node, from all its visitors
+/// together (they do not spend its owner's own).
+pub const MAX_SHARED_CONNECTIONS: usize = 32;
+
 impl Tunnels {
-    fn take(self: &Arc<Self>, user_id: &str) -> Option<Permit> {
+    fn take(self: &Arc<Self>, user_id: &str, max: usize) -> Option<Permit> {
         let mut open = self.open.lock().unwrap();
         let count = open.entry(user_id.to_string()).or_default();
-        if *count >= MAX_TUNNELS_PER_USER {
+        if *count >= max {
             return None;
         }
         *count += 1;
@@ -61,6 +65,8 @@ impl Drop for Permit {
 /// An open connection to a port in a guest.
 pub struct Tunnel {
     pub environment: Environment,
+    /// The port it reaches in the guest.
+    pub port: u16,
     pub channel: TunnelChannel,
     /// Marks the environment active while the tunnel is used; holds the user's permit
     /// until its last clone is dropped.
@@ -81,7 +87,7 @@ struct ActivityInner {
 
 /// Takes one of `user_id`'s places for a connection into an environment.
 pub(crate) fn take_permit(app: &App, user_id: &str) -> AppResult<Permit> {
-    app.tunnels.take(user_id).ok_or_else(|| {
+    app.tunnels.take(user_id, MAX_TUNNELS_PER_USER).ok_or_else(|| {
         AppError::TooMany(format!(
             "you have {MAX_TUNNELS_PER_USER} connections into environments open on this node; close one first"
         ))
@@ -141,6 +147,38 @@ impl App {
             return Err(AppError::Invalid("port must be 1 to 65535".into()));
         }
         let env = self.owned_environment(user, id_or_slug).await?;
+        let permit = take_permit(self, &user.id)?;
+        self.tunnel_into(env, port, permit, source).await
+    }
+
+    /// Opens a connection for a visitor of a shared port (see `shares`), within the
+    /// environment's own bound for visitors.
+    pub(crate) async fn open_shared_tunnel(
+        &self,
+        env: Environment,
+        port: u16,
+    ) -> AppResult<Tunnel> {
+        let permit = self
+            .tunnels
+            .take(&format!("shared:{}", env.id), MAX_SHARED_CONNECTIONS)
+            .ok_or_else(|| {
+                AppError::TooMany(format!(
+                    "this shared port has {MAX_SHARED_CONNECTIONS} connections open; try again soon"
+                ))
+            })?;
+        self.tunnel_into(env, port, permit, "shared port").await
+    }
+
+    async fn tunnel_into(
+        &self,
+        env: Environment,
+        port: u16,
+        permit: Permit,
+        source: &'static str,
+    ) -> AppResult<Tunnel> {
+        if port == 0 {
+            return Err(AppError::Invalid("port must be 1 to 65535".into()));
+        }
         if env.state != EnvState::Running {
             return Err(AppError::InvalidState(format!(
                 "the environment is {}; a connection to it needs it running",
@@ -148,7 +186,6 @@ impl App {
             )));
         }
         let target = self.target(&env)?;
-        let permit = take_permit(self, &user.id)?;
         let channel = self
             .ssh
             .open_tunnel(&target, port)
@@ -162,6 +199,7 @@ impl App {
         Ok(Tunnel {
             activity: Activity::new(self, &env.id, source, permit).await,
             environment: env,
+            port,
             channel,
         })
     }

@@ -589,6 +589,46 @@ pub struct MeView {
     pub mail_agent: Option<String>,
 }
 
+/// A port of an environment shared beyond its owner.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PortShareView {
+    pub id: String,
+    pub environment_id: String,
+    pub port: i64,
+    pub public: bool,
+    pub expires_at: String,
+    pub created_at: String,
+    /// Where visitors go: the proxy's URL for a public share; `/v1/shared/{token}/` for a
+    /// token share, in the answer that made it only (null in lists).
+    pub url: Option<String>,
+    /// The token, in the answer that made the share only.
+    pub token: Option<String>,
+}
+
+impl PortShareView {
+    pub fn new(s: &hearth_store::PortShare, token: Option<String>) -> PortShareView {
+        let url = match (&token, s.public) {
+            (_, true) => Some(format!(
+                "/v1/environments/{}/ports/{}/",
+                s.environment_id, s.port
+            )),
+            (Some(t), false) => Some(format!("/v1/shared/{t}/")),
+            (None, false) => None,
+        };
+        PortShareView {
+            id: s.id.clone(),
+            environment_id: s.environment_id.clone(),
+            port: s.port,
+            public: s.public,
+            expires_at: time(s.expires_at),
+            created_at: time(s.created_at),
+            url,
+            token,
+        }
+    }
+}
+
 /// A file, directory or link in an environment.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

@@ -67,6 +67,11 @@ impl Store {
         .execute(&self.pool)
         .await?
         .rows_affected();
+        removed += sqlx::query("DELETE FROM port_shares WHERE expires_at < $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
         removed += sqlx::query("DELETE FROM used_tickets WHERE expires_at < $1")
             .bind(now)
             .execute(&self.pool)

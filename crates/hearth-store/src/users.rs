@@ -223,6 +223,7 @@ impl Store {
             "DELETE FROM executions WHERE environment_id IN (SELECT id FROM environments WHERE user_id = $1)",
             "DELETE FROM provision_logs WHERE environment_id IN (SELECT id FROM environments WHERE user_id = $1)",
             "DELETE FROM jobs WHERE environment_id IN (SELECT id FROM environments WHERE user_id = $1)",
+            "DELETE FROM port_shares WHERE environment_id IN (SELECT id FROM environments WHERE user_id = $1)",
             "DELETE FROM environments WHERE user_id = $1",
             "DELETE FROM api_tokens WHERE user_id = $1",
             "DELETE FROM git_credentials WHERE user_id = $1",

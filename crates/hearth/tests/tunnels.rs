@@ -342,6 +342,110 @@ async fn ssh_scp_rsync_port_forward_and_the_port_proxy_go_through_the_api() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // Shared with a token: whoever holds it gets that port, with nothing else.
+    let r = server
+        .call(
+            "POST",
+            &format!("/v1/environments/{id}/shares"),
+            Some(&token),
+            Some(json!({"port": 8000, "expiresInHours": 2})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let (share_id, share_url) = (
+        r.body["id"].as_str().unwrap().to_string(),
+        r.body["url"].as_str().unwrap().to_string(),
+    );
+    assert!(share_url.starts_with("/v1/shared/"), "{share_url}");
+    let by_token = format!("{}{share_url}hello.txt", server.base);
+    let r = server.http.get(&by_token).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.text().await.unwrap(), "hello-proxy\n");
+    let listed = server
+        .call(
+            "GET",
+            &format!("/v1/environments/{id}/shares"),
+            Some(&token),
+            None,
+        )
+        .await
+        .body;
+    assert_eq!(listed["items"][0]["id"], share_id.as_str(), "{listed}");
+    assert!(listed["items"][0]["token"].is_null(), "{listed}");
+    let theirs = server
+        .call(
+            "DELETE",
+            &format!("/v1/environments/{id}/shares/{share_id}"),
+            Some(&other),
+            None,
+        )
+        .await;
+    assert_eq!(theirs.status, StatusCode::NOT_FOUND);
+    let ended = server
+        .call(
+            "DELETE",
+            &format!("/v1/environments/{id}/shares/{share_id}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(ended.status, StatusCode::NO_CONTENT);
+    let r = server.http.get(&by_token).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // Shared with everyone: the owner's URL then needs no credentials, for that port only.
+    let r = server
+        .call(
+            "POST",
+            &format!("/v1/environments/{id}/shares"),
+            Some(&token),
+            Some(json!({"port": 8000, "public": true})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert!(r.body["token"].is_null());
+    let public_id = r.body["id"].as_str().unwrap().to_string();
+    let r = server
+        .http
+        .get(proxy(8000, "/hello.txt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = server
+        .http
+        .get(proxy(8001, "/headers"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = server
+        .http
+        .get(proxy(8000, "/hello.txt"))
+        .bearer_auth("hearth_wrong")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::UNAUTHORIZED,
+        "credentials given must hold"
+    );
+    server
+        .call(
+            "DELETE",
+            &format!("/v1/environments/{id}/shares/{public_id}"),
+            Some(&token),
+            None,
+        )
+        .await;
+    let r = server
+        .http
+        .get(proxy(8000, "/hello.txt"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
     // Nothing listens: 503 with the reason.
     let r = server
         .http

@@ -13,6 +13,7 @@ mod mail;
 mod me;
 mod ops;
 mod ports;
+mod shares;
 mod snapshots;
 mod terminal;
 mod trpc;
@@ -95,6 +96,8 @@ pub fn routes() -> (axum::Router<App>, utoipa::openapi::OpenApi) {
         .routes(routes!(terminal::terminal))
         .routes(routes!(terminal::ticket))
         .routes(routes!(tunnel::tunnel))
+        .routes(routes!(shares::share, shares::list))
+        .routes(routes!(shares::delete))
         .routes(routes!(files::list, files::remove))
         .routes(routes!(files::download, files::upload))
         .routes(routes!(admin::create_user, admin::list_users))
@@ -170,6 +173,12 @@ pub fn router(app: App) -> Router {
         .route(
             "/v1/environments/{id}/ports/{port}/{*path}",
             axum::routing::any(ports::proxy),
+        )
+        .route("/v1/shared/{token}", axum::routing::any(ports::shared))
+        .route("/v1/shared/{token}/", axum::routing::any(ports::shared))
+        .route(
+            "/v1/shared/{token}/{*path}",
+            axum::routing::any(ports::shared),
         )
         .merge(crate::ui::router())
         .fallback(ops::not_found)

@@ -1,8 +1,10 @@
 //! The port proxy: HTTP to a service listening inside an environment, through the API
 //! (`/v1/environments/{id}/ports/{port}/...`), over a tunnel (see `hearth_app::tunnels`).
 //!
-//! It is outside the REST document: what it serves is the guest's own API. Only the
-//! environment's owner gets through (a bearer token, or the browser session for reads).
+//! It is outside the REST document: what it serves is the guest's own API. The
+//! environment's owner gets through (a bearer token, or the browser session for reads);
+//! so does anyone when the owner shared the port with everyone, and whoever holds a share
+//! token at `/v1/shared/{token}/...` (see `hearth_app::shares`).
 //! Hearth's credentials never reach the guest: `Authorization`, the session cookie and
 //! the CSRF header are removed. Answers carry `Content-Security-Policy: sandbox`, so a
 //! page from the guest runs in an origin of its own in a browser and cannot act with the
@@ -13,7 +15,7 @@ use super::Caller;
 use crate::App;
 use crate::error::{ApiError, ApiResult};
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use http_body_util::BodyExt;
@@ -162,17 +164,66 @@ fn bad_gateway(message: String) -> ApiError {
 }
 
 /// Any method on `/v1/environments/{id}/ports/{port}` and below.
-pub async fn proxy(
-    State(app): State<App>,
-    Caller(user): Caller,
-    mut req: Request,
-) -> ApiResult<Response> {
+pub async fn proxy(State(app): State<App>, req: Request) -> ApiResult<Response> {
     let (id, port, path) = split_path(req.uri())?;
-    if is_upgrade(req.headers()) && !req.headers().contains_key(header::AUTHORIZATION) {
-        same_origin(req.headers())?;
-    }
+    let (mut parts, body) = req.into_parts();
+    let credentials = parts.headers.contains_key(header::AUTHORIZATION)
+        || super::auth::session_cookie(&parts.headers).is_some();
+    let tunnel = match Caller::from_request_parts(&mut parts, &app).await {
+        Ok(Caller(user)) => {
+            if is_upgrade(&parts.headers) && !parts.headers.contains_key(header::AUTHORIZATION) {
+                same_origin(&parts.headers)?;
+            }
+            app.open_tunnel(&user, &id, port, "port").await?
+        }
+        // No credentials at all: a port shared with everyone is anyone's.
+        Err(refused) => match app.public_tunnel(&id, port).await? {
+            Some(tunnel) if !credentials => tunnel,
+            _ => return Err(refused),
+        },
+    };
     let prefix = format!("/v1/environments/{id}/ports/{port}");
-    let tunnel = app.open_tunnel(&user, &id, port, "port").await?;
+    forward(
+        tunnel,
+        Request::from_parts(parts, body),
+        port,
+        &path,
+        &prefix,
+    )
+    .await
+}
+
+/// Any method on `/v1/shared/{token}` and below: the port a share token opens, for
+/// whoever holds the token (no other credentials).
+pub async fn shared(State(app): State<App>, req: Request) -> ApiResult<Response> {
+    let mut segments = req.uri().path().splitn(5, '/');
+    let (Some(""), Some("v1"), Some("shared"), Some(token)) = (
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+    ) else {
+        return Err(ApiError::invalid("expected /v1/shared/{token}/..."));
+    };
+    let mut path = format!("/{}", segments.next().unwrap_or(""));
+    if let Some(query) = req.uri().query() {
+        path.push('?');
+        path.push_str(query);
+    }
+    let token = token.to_string();
+    let tunnel = app.shared_by_token(&token).await?;
+    let port = tunnel.port;
+    forward(tunnel, req, port, &path, &format!("/v1/shared/{token}")).await
+}
+
+/// Passes `req` to the service at the far end of `tunnel` as `path`, and its answer back.
+async fn forward(
+    tunnel: hearth_app::tunnels::Tunnel,
+    mut req: Request,
+    port: u16,
+    path: &str,
+    prefix: &str,
+) -> ApiResult<Response> {
     let activity = tunnel.activity.clone();
     let io = TokioIo::new(tunnel.channel.into_stream());
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
@@ -195,13 +246,13 @@ pub async fn proxy(
     let (parts, body) = req.into_parts();
     let mut out = axum::http::Request::builder()
         .method(parts.method)
-        .uri(&path)
+        .uri(path)
         .body(Body::new(http_body_util::Limited::new(
             body,
             MAX_PROXY_BODY,
         )))
         .map_err(|e| ApiError::invalid(format!("cannot pass this request on: {e}")))?;
-    *out.headers_mut() = guest_headers(&parts.headers, port, &prefix);
+    *out.headers_mut() = guest_headers(&parts.headers, port, prefix);
 
     let mut answer = sender
         .send_request(out)

@@ -85,6 +85,7 @@ async fn bridge(socket: WebSocket, tunnel: Tunnel) {
         environment,
         channel,
         activity,
+        ..
     } = tunnel;
     let (mut from_guest, to_guest) = channel.split();
     let to_guest = &to_guest;
