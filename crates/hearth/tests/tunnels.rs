@@ -267,7 +267,7 @@ async fn ssh_scp_rsync_port_forward_and_the_port_proxy_go_through_the_api() {
         &id,
         &format!(
             "cat > echo.py <<'PY'\n{}PY\nmkdir -p site && echo hello-proxy > site/hello.txt\n\
-             (cd site && setsid nohup python3 -m http.server 8000 --bind 127.0.0.1 > ../http.log 2>&1 < /dev/null &)\n\
+             setsid nohup python3 -m http.server 8000 --bind 127.0.0.1 --directory site > http.log 2>&1 < /dev/null &\n\
              setsid nohup python3 echo.py 8001 > echo.log 2>&1 < /dev/null &\n",
             include_str!("tunnels/echo.py")
         ),
