@@ -485,6 +485,26 @@ impl SshPool {
 }
 
 impl SshPool {
+    /// A session channel on the target's kept connection, or on a new one when the kept
+    /// one broke.
+    async fn session_channel(
+        &self,
+        target: &Target,
+    ) -> Result<russh::Channel<client::Msg>, GuestError> {
+        let handle = self.handle(target).await?;
+        match handle.channel_open_session().await {
+            Ok(c) => Ok(c),
+            Err(_) => {
+                self.conns.lock().await.remove(&target.environment_id);
+                self.handle(target)
+                    .await?
+                    .channel_open_session()
+                    .await
+                    .map_err(|e| GuestError::Session(e.to_string()))
+            }
+        }
+    }
+
     /// An interactive shell on a PTY of `cols` x `rows`, on the kept connection, with
     /// the environment's variables set (as SSH `env` requests).
     pub async fn open_shell(
@@ -495,19 +515,10 @@ impl SshPool {
         rows: u32,
     ) -> Result<russh::Channel<client::Msg>, GuestError> {
         let session = |e: russh::Error| GuestError::Session(e.to_string());
-        let handle = self.handle(target).await?;
+        // Connected (or reconnected) outside the time limit, which is for the shell.
+        self.handle(target).await?;
         let open = async {
-            let channel = match handle.channel_open_session().await {
-                Ok(c) => c,
-                Err(_) => {
-                    self.conns.lock().await.remove(&target.environment_id);
-                    self.handle(target)
-                        .await?
-                        .channel_open_session()
-                        .await
-                        .map_err(session)?
-                }
-            };
+            let channel = self.session_channel(target).await?;
             for (k, v) in env {
                 channel
                     .set_env(false, k.as_str(), v.as_str())
@@ -809,18 +820,7 @@ impl SshPool {
         };
         let session = |e: russh::Error| GuestError::Session(e.to_string());
         let open = async {
-            let handle = self.handle(target).await?;
-            let channel = match handle.channel_open_session().await {
-                Ok(c) => c,
-                Err(_) => {
-                    self.conns.lock().await.remove(&target.environment_id);
-                    self.handle(target)
-                        .await?
-                        .channel_open_session()
-                        .await
-                        .map_err(session)?
-                }
-            };
+            let channel = self.session_channel(target).await?;
             channel
                 .request_subsystem(true, "sftp")
                 .await
