@@ -139,15 +139,12 @@ impl Store {
     /// Forgets one of a user's credentials; an environment not yet cloned with it then
     /// fails its clone, saying so.
     pub async fn delete_git_credential(&self, user_id: &str, name: &str) -> Result<()> {
-        let done = sqlx::query("DELETE FROM git_credentials WHERE user_id = $1 AND name = $2")
-            .bind(user_id)
-            .bind(name)
-            .execute(&self.pool)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
-        Ok(())
+        self.delete_one(
+            "DELETE FROM git_credentials WHERE user_id = $1 AND name = $2",
+            user_id,
+            name,
+        )
+        .await
     }
 }
 

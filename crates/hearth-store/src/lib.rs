@@ -314,6 +314,21 @@ fn finish_page<T, C>(items: &mut Vec<T>, limit: i64, cursor: impl Fn(&T) -> C) -
     }
 }
 
+impl Store {
+    /// Runs a `DELETE` of the row its two binds name; `NotFound` when none matched.
+    async fn delete_one(&self, sql: &'static str, first: &str, second: &str) -> Result<()> {
+        let done = sqlx::query(sql)
+            .bind(first)
+            .bind(second)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+}
+
 /// A unique-constraint violation, on either backend.
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     match e {

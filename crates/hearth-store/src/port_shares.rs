@@ -130,15 +130,12 @@ impl Store {
 
     /// Ends a share at once.
     pub async fn delete_port_share(&self, environment_id: &str, id: &str) -> Result<()> {
-        let done = sqlx::query("DELETE FROM port_shares WHERE environment_id = $1 AND id = $2")
-            .bind(environment_id)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound);
-        }
-        Ok(())
+        self.delete_one(
+            "DELETE FROM port_shares WHERE environment_id = $1 AND id = $2",
+            environment_id,
+            id,
+        )
+        .await
     }
 }
 

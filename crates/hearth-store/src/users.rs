@@ -189,16 +189,12 @@ impl Store {
         if id.len() != TOKEN_ID_CHARS || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(StoreError::NotFound);
         }
-        let done = sqlx::query("DELETE FROM api_tokens WHERE user_id = $1 AND token_hash LIKE $2")
-            .bind(user_id)
-            .bind(format!("{}%", id.to_ascii_lowercase()))
-            .execute(&self.pool)
-            .await?;
-        if done.rows_affected() == 0 {
-            Err(StoreError::NotFound)
-        } else {
-            Ok(())
-        }
+        self.delete_one(
+            "DELETE FROM api_tokens WHERE user_id = $1 AND token_hash LIKE $2",
+            user_id,
+            &format!("{}%", id.to_ascii_lowercase()),
+        )
+        .await
     }
 
     /// Removes a user who holds nothing: Conflict while any of their environments is not
