@@ -3,7 +3,9 @@
 
 - HTTP: sequential GETs of a small file from `python3 -m http.server` in the guest, straight
   to the guest's address and through the port proxy (`/v1/environments/{id}/ports/8000/`);
-  the proxy's added latency is the difference of the medians.
+  the proxy's added latency is the difference of the medians. Twice: the server speaking
+  HTTP/1.0 (a new connection per request, as `http.server` does by default) and HTTP/1.1
+  (connections kept, as most servers do; `KEPT`).
 - A file up and down: scp straight to the guest's published SSH port, scp through
   `hearth ssh-config`'s ProxyCommand (`hearth ssh --stdio`, the tunnel WebSocket), and
   `hearth cp` (the files API: HTTP to the server, SFTP from it to the guest).
@@ -13,7 +15,9 @@ Needs Docker and the hearth/base image.
 """
 import http.client
 import os
+import shlex
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -23,6 +27,14 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 from benchlib import Node, remove_bench_containers, request  # noqa: E402
 
+# `http.server`'s handler speaking HTTP/1.1, each answer in one write: with the headers and
+# the body written apart, Nagle's algorithm and the client's delayed ACK hold every answer
+# 40 ms, straight or not.
+KEPT = ("import http.server as h\n"
+        "class H(h.SimpleHTTPRequestHandler):\n"
+        "    protocol_version = 'HTTP/1.1'\n"
+        "    wbufsize = 65536\n"
+        "h.ThreadingHTTPServer(('0.0.0.0', 8001), H).serve_forever()\n")
 SSH_OPTS = ["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR"]
 
 
@@ -77,15 +89,30 @@ def main():
         _, e = request(port, "GET", f"/v1/environments/{e['id']}/wait?state=running&timeoutSeconds=120", token)
         env_id, guest_ip = e["id"], e["ipAddress"]
         code = ("mkdir -p site && echo hello > site/hello.txt && cd site && "
-                "(setsid nohup python3 -m http.server 8000 > ../http.log 2>&1 < /dev/null &) && sleep 1")
+                "(setsid nohup python3 -m http.server 8000 > ../http.log 2>&1 < /dev/null &) && "
+                f"(setsid nohup python3 -c {shlex.quote(KEPT)} > ../http11.log 2>&1 < /dev/null &) && sleep 1")
         status, out = request(port, "POST", f"/v1/environments/{env_id}/exec", token, {"code": code})
         assert status == 200 and out["exitCode"] == 0, out
 
+        for guest_port in (8000, 8001):
+            for _ in range(100):
+                try:
+                    socket.create_connection((guest_ip, guest_port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            else:
+                _, log = request(port, "POST", f"/v1/environments/{env_id}/exec", token, {"code": "cat *.log"})
+                raise SystemExit(f"nothing listens on {guest_ip}:{guest_port}: {log}")
         auth = {"authorization": f"Bearer {token}"}
-        gets(guest_ip, 8000, "/hello.txt", 20, {})  # warm both
-        gets("127.0.0.1", port, f"/v1/environments/{env_id}/ports/8000/hello.txt", 20, auth)
-        straight = gets(guest_ip, 8000, "/hello.txt", n, {})
-        proxied = gets("127.0.0.1", port, f"/v1/environments/{env_id}/ports/8000/hello.txt", n, auth)
+        latency = []
+        for guest_port, label in [(8000, "HTTP/1.0, a connection per request"), (8001, "HTTP/1.1, kept connections")]:
+            via = f"/v1/environments/{env_id}/ports/{guest_port}/hello.txt"
+            gets(guest_ip, guest_port, "/hello.txt", 20, {})  # warm both
+            gets("127.0.0.1", port, via, 20, auth)
+            straight = gets(guest_ip, guest_port, "/hello.txt", n, {})
+            proxied = gets("127.0.0.1", port, via, n, auth)
+            latency.append((label, guest_port, straight, proxied))
 
         # The ProxyCommand finds the server and token where `hearth login` keeps them.
         config_home = work + "/config"
@@ -117,9 +144,10 @@ def main():
         p99 = lambda xs: sorted(xs)[int(0.99 * len(xs))] * 1000
         print(f"| GET of 6 bytes from `python3 -m http.server`, {n} in a row | median | p99 |")
         print("|---|---|---|")
-        print(f"| straight to the guest ({guest_ip}:8000) | {med(straight):.2f} ms | {p99(straight):.2f} ms |")
-        print(f"| through the port proxy | {med(proxied):.2f} ms | {p99(proxied):.2f} ms |")
-        print(f"| added by the proxy (medians) | {med(proxied) - med(straight):.2f} ms | |")
+        for label, guest_port, straight, proxied in latency:
+            print(f"| {label}: straight to the guest ({guest_ip}:{guest_port}) | {med(straight):.2f} ms | {p99(straight):.2f} ms |")
+            print(f"| {label}: through the port proxy | {med(proxied):.2f} ms | {p99(proxied):.2f} ms |")
+            print(f"| {label}: added by the proxy (medians) | {med(proxied) - med(straight):.2f} ms | |")
         print()
         print(f"| {megabytes} MiB | up | down |")
         print("|---|---|---|")

@@ -78,8 +78,8 @@ impl App {
         Ok(())
     }
 
-    /// The environment and port a share token opens, if it is live.
-    pub async fn shared_by_token(&self, token: &str) -> AppResult<crate::tunnels::Tunnel> {
+    /// A visitor's use of the port a share token opens, if the share is live.
+    pub async fn shared_by_token(&self, token: &str) -> AppResult<crate::tunnels::PortUse> {
         let share = self
             .store
             .port_share_by_token(&hash_token(token))
@@ -95,24 +95,24 @@ impl App {
             .environment(&share.environment_id)
             .await
             .map_err(AppError::not_found("environment"))?;
-        self.open_shared_tunnel(env, share.port as u16).await
+        self.use_shared_port(env, share.port as u16).await
     }
 
-    /// A connection for anyone to `port` of environment `id`, when it is shared with
+    /// Anyone's use of `port` of environment `id_or_slug`, when it is shared with
     /// everyone; `None` when it is not (the caller's own refusal then stands).
-    pub async fn public_tunnel(
+    pub async fn use_public_port(
         &self,
-        id: &str,
+        id_or_slug: &str,
         port: u16,
-    ) -> AppResult<Option<crate::tunnels::Tunnel>> {
-        if !self.store.port_is_public(id, i64::from(port)).await? {
+    ) -> AppResult<Option<crate::tunnels::PortUse>> {
+        let env = match self.store.environment_for_user_any(id_or_slug).await {
+            Ok(env) => env,
+            Err(StoreError::NotFound) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if !self.store.port_is_public(&env.id, i64::from(port)).await? {
             return Ok(None);
         }
-        let env = self
-            .store
-            .environment(id)
-            .await
-            .map_err(AppError::not_found("environment"))?;
-        Ok(Some(self.open_shared_tunnel(env, port).await?))
+        Ok(Some(self.use_shared_port(env, port).await?))
     }
 }

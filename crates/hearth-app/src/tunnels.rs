@@ -2,6 +2,11 @@
 //! sshd on Hearth's kept SSH connection (`direct-tcpip`). The terminal-less ways in (SSH
 //! through `hearth ssh --stdio`, `hearth port-forward`, the HTTP port proxy) all stand on
 //! them, so no guest port is ever published to users.
+//!
+//! A user's connections into environments are bounded per node (`MAX_TUNNELS_PER_USER`):
+//! each tunnel, file session and proxied request in flight holds a `Permit`. The port
+//! proxy keeps idle HTTP connections to guests between requests; those are the proxy's
+//! (bounded per port, closed when idle), and only a request in flight counts as the user's.
 
 use crate::{App, AppError, AppResult};
 use hearth_core::EnvState;
@@ -18,11 +23,34 @@ pub const MAX_TUNNELS_PER_USER: usize = 64;
 /// How often an open tunnel with traffic marks its environment active.
 const ACTIVITY_EVERY_MS: i64 = 30_000;
 
-/// Open tunnels per user on this node.
+/// Open connections per user on this node, and when each environment's use was last
+/// written down.
 #[derive(Default)]
 pub struct Tunnels {
     open: Mutex<HashMap<String, usize>>,
+    /// Each environment's last recorded activity here (when, and what): a request through
+    /// the proxy costs no database write when the same use was written within 30 s.
+    recorded: Mutex<HashMap<String, (i64, &'static str)>>,
+    /// Whose each environment is, by id and by slug, as the proxy found it: an
+    /// environment's owner never changes, so a request through the proxy need not read
+    /// its row again. An entry lasts `OWNER_KNOWN_MS` (a slug could in principle come back
+    /// once its destroyed environment's row is pruned, after 30 days).
+    owners: Mutex<HashMap<String, Owner>>,
 }
+
+struct Owner {
+    environment_id: String,
+    user_id: String,
+    at: i64,
+}
+
+/// How long the proxy trusts what it learnt of an environment's owner.
+const OWNER_KNOWN_MS: i64 = 600_000;
+/// Environments whose owner is remembered at most.
+const MAX_OWNERS_KNOWN: usize = 10_000;
+
+/// Entries `recorded` holds before the stale ones are swept out.
+const RECORDED_SWEEP_AT: usize = 4096;
 
 /// Connections a shared port may have open at once on one node, from all its visitors
 /// together (they do not spend its owner's own).
@@ -40,6 +68,53 @@ impl Tunnels {
             tunnels: self.clone(),
             user_id: user_id.to_string(),
         })
+    }
+
+    /// The environment `id_or_slug` names and its owner, if known (and not stale).
+    fn owner(&self, id_or_slug: &str, now: i64) -> Option<(String, String)> {
+        let owners = self.owners.lock().unwrap();
+        owners
+            .get(id_or_slug)
+            .filter(|o| now - o.at < OWNER_KNOWN_MS)
+            .map(|o| (o.environment_id.clone(), o.user_id.clone()))
+    }
+
+    fn remember_owner(&self, id_or_slug: &str, environment_id: &str, user_id: &str, now: i64) {
+        let mut owners = self.owners.lock().unwrap();
+        if owners.len() >= MAX_OWNERS_KNOWN {
+            owners.retain(|_, o| now - o.at < OWNER_KNOWN_MS);
+            if owners.len() >= MAX_OWNERS_KNOWN {
+                owners.clear();
+            }
+        }
+        for key in [id_or_slug, environment_id] {
+            owners.insert(
+                key.to_string(),
+                Owner {
+                    environment_id: environment_id.to_string(),
+                    user_id: user_id.to_string(),
+                    at: now,
+                },
+            );
+        }
+    }
+
+    /// Whether `environment_id`'s use by `source` should be written down now: it was
+    /// not within the last 30 s on this node, or the last use written was another kind
+    /// (so the recorded source stays the latest). Notes that it is.
+    fn record_due(&self, environment_id: &str, source: &'static str, now: i64) -> bool {
+        let mut recorded = self.recorded.lock().unwrap();
+        if recorded.len() >= RECORDED_SWEEP_AT {
+            recorded.retain(|_, (at, _)| now - *at < ACTIVITY_EVERY_MS);
+        }
+        if recorded
+            .get(environment_id)
+            .is_some_and(|(at, last)| *last == source && now - *at < ACTIVITY_EVERY_MS)
+        {
+            return false;
+        }
+        recorded.insert(environment_id.to_string(), (now, source));
+        true
     }
 }
 
@@ -103,7 +178,9 @@ impl Activity {
         permit: Permit,
     ) -> Activity {
         let now = app.now();
-        let _ = app.store.touch_activity(environment_id, now, source).await;
+        if app.tunnels.record_due(environment_id, source, now) {
+            let _ = app.store.touch_activity(environment_id, now, source).await;
+        }
         Activity(Arc::new(ActivityInner {
             app: app.clone(),
             environment_id: environment_id.to_string(),
@@ -133,31 +210,47 @@ impl Activity {
     }
 }
 
+/// One use of a port of a running environment through the proxy (a request, or the
+/// connection it upgraded to): who may use it was checked, and its permit and activity
+/// last as long as it does.
+pub struct PortUse {
+    pub environment_id: String,
+    pub port: u16,
+    pub activity: Activity,
+}
+
 impl App {
-    /// Opens a connection to `127.0.0.1:port` in the caller's running environment.
-    /// `source` names what uses it in the activity record (`tunnel`, `port`).
-    pub async fn open_tunnel(
-        &self,
-        user: &User,
-        id_or_slug: &str,
-        port: u16,
-        source: &'static str,
-    ) -> AppResult<Tunnel> {
+    /// The caller's use of `port` of their environment, through the proxy. The first
+    /// request reads the environment's row (it must be the caller's and running); later
+    /// ones know whose it is, and the connection to the guest says whether it runs (a
+    /// kept one ends with the VM; a new one is opened only to a running environment).
+    pub async fn use_port(&self, user: &User, id_or_slug: &str, port: u16) -> AppResult<PortUse> {
         if port == 0 {
             return Err(AppError::Invalid("port must be 1 to 65535".into()));
         }
-        let env = self.owned_environment(user, id_or_slug).await?;
+        let now = self.now();
+        let environment_id = match self.tunnels.owner(id_or_slug, now) {
+            Some((id, owner)) if owner == user.id => id,
+            Some(_) => return Err(AppError::NotFound("environment")),
+            None => {
+                let env = self.owned_environment(user, id_or_slug).await?;
+                running(&env)?;
+                self.tunnels
+                    .remember_owner(id_or_slug, &env.id, &env.user_id, now);
+                env.id
+            }
+        };
         let permit = take_permit(self, &user.id)?;
-        self.tunnel_into(env, port, permit, source).await
+        Ok(PortUse {
+            activity: Activity::new(self, &environment_id, "port", permit).await,
+            environment_id,
+            port,
+        })
     }
 
-    /// Opens a connection for a visitor of a shared port (see `shares`), within the
-    /// environment's own bound for visitors.
-    pub(crate) async fn open_shared_tunnel(
-        &self,
-        env: Environment,
-        port: u16,
-    ) -> AppResult<Tunnel> {
+    /// A visitor's use of a shared port (see `shares`), within the environment's own bound
+    /// for visitors.
+    pub(crate) async fn use_shared_port(&self, env: Environment, port: u16) -> AppResult<PortUse> {
         let permit = self
             .tunnels
             .take(&format!("shared:{}", env.id), MAX_SHARED_CONNECTIONS)
@@ -166,28 +259,29 @@ impl App {
                     "this shared port has {MAX_SHARED_CONNECTIONS} connections open; try again soon"
                 ))
             })?;
-        self.tunnel_into(env, port, permit, "shared port").await
+        running(&env)?;
+        Ok(PortUse {
+            activity: Activity::new(self, &env.id, "shared port", permit).await,
+            environment_id: env.id,
+            port,
+        })
     }
 
-    async fn tunnel_into(
-        &self,
-        env: Environment,
-        port: u16,
-        permit: Permit,
-        source: &'static str,
-    ) -> AppResult<Tunnel> {
-        if port == 0 {
-            return Err(AppError::Invalid("port must be 1 to 65535".into()));
-        }
-        if env.state != EnvState::Running {
-            return Err(AppError::InvalidState(format!(
-                "the environment is {}; a connection to it needs it running",
-                env.state
-            )));
-        }
-        let target = self.target(&env)?;
-        let channel = self
-            .ssh
+    /// A new connection to `port` of running environment `environment_id`, for the
+    /// proxy's kept connections. It checks no caller: a `PortUse` did.
+    pub async fn port_channel(&self, environment_id: &str, port: u16) -> AppResult<TunnelChannel> {
+        let env = self
+            .store
+            .environment(environment_id)
+            .await
+            .map_err(AppError::not_found("environment"))?;
+        running(&env)?;
+        self.channel_to(&env, port).await
+    }
+
+    async fn channel_to(&self, env: &Environment, port: u16) -> AppResult<TunnelChannel> {
+        let target = self.target(env)?;
+        self.ssh
             .open_tunnel(&target, port)
             .await
             .map_err(|e| match e {
@@ -195,12 +289,62 @@ impl App {
                 TunnelError::Guest(e) => {
                     AppError::Unavailable(format!("cannot reach the environment: {e}"))
                 }
-            })?;
+            })
+    }
+
+    /// Opens a connection to `127.0.0.1:port` in the caller's running environment.
+    pub async fn open_tunnel(&self, user: &User, id_or_slug: &str, port: u16) -> AppResult<Tunnel> {
+        if port == 0 {
+            return Err(AppError::Invalid("port must be 1 to 65535".into()));
+        }
+        let env = self.owned_environment(user, id_or_slug).await?;
+        let permit = take_permit(self, &user.id)?;
+        running(&env)?;
+        let channel = self.channel_to(&env, port).await?;
         Ok(Tunnel {
-            activity: Activity::new(self, &env.id, source, permit).await,
+            activity: Activity::new(self, &env.id, "tunnel", permit).await,
             environment: env,
             port,
             channel,
         })
+    }
+}
+
+/// Connections go only to a running environment.
+fn running(env: &Environment) -> AppResult<()> {
+    if env.state != EnvState::Running {
+        return Err(AppError::InvalidState(format!(
+            "the environment is {}; a connection to it needs it running",
+            env.state
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_use_is_written_once_in_30_s_unless_its_kind_changes() {
+        let t = Tunnels::default();
+        assert!(t.record_due("e", "port", 0));
+        assert!(!t.record_due("e", "port", 29_999));
+        assert!(t.record_due("e", "tunnel", 29_999), "another kind of use");
+        assert!(t.record_due("e", "port", 30_000));
+        assert!(!t.record_due("e", "port", 59_999));
+        assert!(t.record_due("e", "port", 60_000));
+        assert!(t.record_due("f", "port", 60_000), "another environment");
+    }
+
+    #[test]
+    fn an_owner_is_remembered_by_id_and_slug_for_ten_minutes() {
+        let t = Tunnels::default();
+        t.remember_owner("env_abc", "env-1", "user-1", 0);
+        let known = Some(("env-1".to_string(), "user-1".to_string()));
+        assert_eq!(t.owner("env_abc", 1), known);
+        assert_eq!(t.owner("env-1", OWNER_KNOWN_MS - 1), known);
+        assert_eq!(t.owner("env-1", OWNER_KNOWN_MS), None);
+        assert_eq!(t.owner("env_other", 1), None);
     }
 }

@@ -155,6 +155,7 @@ pub fn document() -> String {
 pub fn router(app: App) -> Router {
     let document = Arc::new(document());
     let (routes, _) = routes();
+    let guests = ports::GuestClient::new(app.clone());
     routes
         // The seed's tRPC procedures, outside the REST document (see `trpc`).
         .route(
@@ -185,6 +186,7 @@ pub fn router(app: App) -> Router {
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(axum::Extension(document))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::Extension(guests))
         .with_state(app)
 }
 

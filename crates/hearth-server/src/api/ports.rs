@@ -14,12 +14,16 @@
 use super::Caller;
 use crate::App;
 use crate::error::{ApiError, ApiResult};
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::{FromRequestParts, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::Response;
+use hearth_app::tunnels::PortUse;
 use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 /// Largest request body passed to the guest.
 pub const MAX_PROXY_BODY: usize = 64 * 1024 * 1024;
@@ -74,7 +78,7 @@ fn split_path(uri: &axum::http::Uri) -> Result<(String, u16, String), ApiError> 
 /// A WebSocket opened with the browser's session must come from a page of Hearth's own
 /// origin: another site's page could otherwise open it with the visitor's cookie
 /// (cross-site WebSocket hijacking; `SameSite=Lax` lets sibling sites through).
-fn same_origin(headers: &HeaderMap) -> Result<(), ApiError> {
+pub fn same_origin(headers: &HeaderMap) -> Result<(), ApiError> {
     let origin_host = headers
         .get(header::ORIGIN)
         .and_then(|o| o.to_str().ok())
@@ -92,12 +96,12 @@ fn same_origin(headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 /// Whether the request asks to switch protocols (a WebSocket).
-fn is_upgrade(headers: &HeaderMap) -> bool {
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
 }
 
 /// The headers the guest gets: the client's, less one-hop ones and Hearth's credentials.
-fn guest_headers(from: &HeaderMap, port: u16, prefix: &str) -> HeaderMap {
+fn guest_headers(from: &HeaderMap, port: u16, via: Via<'_>) -> HeaderMap {
     let upgrade = is_upgrade(from);
     let mut headers = HeaderMap::new();
     for (name, value) in from {
@@ -134,8 +138,20 @@ fn guest_headers(from: &HeaderMap, port: u16, prefix: &str) -> HeaderMap {
     if let Ok(host) = HeaderValue::from_str(&format!("localhost:{port}")) {
         headers.insert(header::HOST, host);
     }
-    if let Ok(p) = HeaderValue::from_str(prefix) {
-        headers.insert(HeaderName::from_static("x-forwarded-prefix"), p);
+    match via {
+        Via::Path(prefix) => {
+            if let Ok(p) = HeaderValue::from_str(prefix) {
+                headers.insert(HeaderName::from_static("x-forwarded-prefix"), p);
+            }
+        }
+        Via::Preview { host, scheme } => {
+            if let Ok(h) = HeaderValue::from_str(host) {
+                headers.insert(HeaderName::from_static("x-forwarded-host"), h);
+            }
+            if let Ok(p) = HeaderValue::from_str(scheme) {
+                headers.insert(HeaderName::from_static("x-forwarded-proto"), p);
+            }
+        }
     }
     headers
 }
@@ -163,39 +179,164 @@ fn bad_gateway(message: String) -> ApiError {
     ApiError::new(StatusCode::BAD_GATEWAY, "bad_gateway", message)
 }
 
+/// Kept HTTP/1 connections to services in guests, each over a tunnel of its own, reused
+/// by later requests to the same port of the same environment: a request then costs no
+/// channel to open and no connection for the guest to accept. At most
+/// `MAX_IDLE_PER_PORT` idle connections are kept per port, each closed after
+/// `IDLE_TIMEOUT` unused; an environment that stops closes them with its SSH connection.
+#[derive(Clone)]
+pub struct GuestClient(Client<GuestConnector, Body>);
+
+/// Idle connections kept to one port of one environment.
+pub const MAX_IDLE_PER_PORT: usize = 8;
+/// How long an idle connection to a guest is kept.
+pub const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl GuestClient {
+    pub fn new(app: App) -> GuestClient {
+        GuestClient(
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(IDLE_TIMEOUT)
+                .pool_max_idle_per_host(MAX_IDLE_PER_PORT)
+                .pool_timer(TokioTimer::new())
+                .set_host(false)
+                .build(GuestConnector(app)),
+        )
+    }
+}
+
+/// Opens a connection for the pool: `http://<environment id>:<port>` names its far end.
+/// Whose the environment is was checked by the `PortUse` of the request that needs it.
+#[derive(Clone)]
+pub struct GuestConnector(App);
+
+/// Why no connection could be opened, as the API says it.
+#[derive(Debug)]
+struct ConnectFailed(ApiError);
+
+impl std::fmt::Display for ConnectFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.message)
+    }
+}
+
+impl std::error::Error for ConnectFailed {}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Uri> for GuestConnector {
+    type Response = GuestStream;
+    type Error = BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<GuestStream, BoxError>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let app = self.0.clone();
+        Box::pin(async move {
+            let (Some(id), Some(port)) = (uri.host(), uri.port_u16()) else {
+                return Err(format!("not a guest address: {uri}").into());
+            };
+            let channel = app
+                .port_channel(id, port)
+                .await
+                .map_err(|e| Box::new(ConnectFailed(e.into())) as BoxError)?;
+            Ok(GuestStream(TokioIo::new(channel.into_stream())))
+        })
+    }
+}
+
+/// One connection to a port in a guest (a `direct-tcpip` channel).
+pub struct GuestStream(TokioIo<russh::ChannelStream<russh::client::Msg>>);
+
+impl Connection for GuestStream {
+    fn connected(&self) -> Connected {
+        Connected::new()
+    }
+}
+
+impl hyper::rt::Read for GuestStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for GuestStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
 /// Any method on `/v1/environments/{id}/ports/{port}` and below.
-pub async fn proxy(State(app): State<App>, req: Request) -> ApiResult<Response> {
+pub async fn proxy(
+    State(app): State<App>,
+    Extension(client): Extension<GuestClient>,
+    req: Request,
+) -> ApiResult<Response> {
     let (id, port, path) = split_path(req.uri())?;
     let (mut parts, body) = req.into_parts();
     let credentials = parts.headers.contains_key(header::AUTHORIZATION)
         || super::auth::session_cookie(&parts.headers).is_some();
-    let tunnel = match Caller::from_request_parts(&mut parts, &app).await {
+    let usage = match Caller::from_request_parts(&mut parts, &app).await {
         Ok(Caller(user)) => {
             if is_upgrade(&parts.headers) && !parts.headers.contains_key(header::AUTHORIZATION) {
                 same_origin(&parts.headers)?;
             }
-            app.open_tunnel(&user, &id, port, "port").await?
+            app.use_port(&user, &id, port).await?
         }
         // No credentials at all: a port shared with everyone is anyone's.
-        Err(refused) => match app.public_tunnel(&id, port).await? {
-            Some(tunnel) if !credentials => tunnel,
+        Err(refused) => match app.use_public_port(&id, port).await? {
+            Some(usage) if !credentials => usage,
             _ => return Err(refused),
         },
     };
     let prefix = format!("/v1/environments/{id}/ports/{port}");
     forward(
-        tunnel,
+        &client,
+        usage,
         Request::from_parts(parts, body),
-        port,
         &path,
-        &prefix,
+        Via::Path(&prefix),
     )
     .await
 }
 
 /// Any method on `/v1/shared/{token}` and below: the port a share token opens, for
 /// whoever holds the token (no other credentials).
-pub async fn shared(State(app): State<App>, req: Request) -> ApiResult<Response> {
+pub async fn shared(
+    State(app): State<App>,
+    Extension(client): Extension<GuestClient>,
+    req: Request,
+) -> ApiResult<Response> {
     let mut segments = req.uri().path().splitn(5, '/');
     let (Some(""), Some("v1"), Some("shared"), Some(token)) = (
         segments.next(),
@@ -211,59 +352,62 @@ pub async fn shared(State(app): State<App>, req: Request) -> ApiResult<Response>
         path.push_str(query);
     }
     let token = token.to_string();
-    let tunnel = app.shared_by_token(&token).await?;
-    let port = tunnel.port;
-    forward(tunnel, req, port, &path, &format!("/v1/shared/{token}")).await
+    let usage = app.shared_by_token(&token).await?;
+    forward(
+        &client,
+        usage,
+        req,
+        &path,
+        Via::Path(&format!("/v1/shared/{token}")),
+    )
+    .await
 }
 
-/// Passes `req` to the service at the far end of `tunnel` as `path`, and its answer back.
-async fn forward(
-    tunnel: hearth_app::tunnels::Tunnel,
-    mut req: Request,
-    port: u16,
-    path: &str,
-    prefix: &str,
-) -> ApiResult<Response> {
-    let activity = tunnel.activity.clone();
-    let io = TokioIo::new(tunnel.channel.into_stream());
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| {
-            bad_gateway(format!(
-                "the service on port {port} did not speak HTTP/1: {e}"
-            ))
-        })?;
-    // The connection lives as long as the exchange (and an upgraded stream) does; the
-    // tunnel's permit with it.
-    let conn_activity = activity.clone();
-    tokio::spawn(async move {
-        let _ = conn.with_upgrades().await;
-        drop(conn_activity);
-    });
+/// How the client reached the port.
+#[derive(Clone, Copy)]
+pub enum Via<'a> {
+    /// Under a path of Hearth's origin (the prefix the guest's paths are under): answers
+    /// are sandboxed, since a page there would share Hearth's origin.
+    Path(&'a str),
+    /// At a preview host of its own (`previews`), over `scheme`: an origin of its own.
+    Preview { host: &'a str, scheme: &'a str },
+}
 
+/// Passes `req` to the service `usage` reaches as `path`, and its answer back.
+pub async fn forward(
+    client: &GuestClient,
+    usage: PortUse,
+    mut req: Request,
+    path: &str,
+    via: Via<'_>,
+) -> ApiResult<Response> {
+    let port = usage.port;
+    let activity = usage.activity;
     let upgrade = is_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let mut out = axum::http::Request::builder()
         .method(parts.method)
-        .uri(path)
+        .uri(format!("http://{}:{port}{path}", usage.environment_id))
         .body(Body::new(http_body_util::Limited::new(
             body,
             MAX_PROXY_BODY,
         )))
         .map_err(|e| ApiError::invalid(format!("cannot pass this request on: {e}")))?;
-    *out.headers_mut() = guest_headers(&parts.headers, port, prefix);
+    *out.headers_mut() = guest_headers(&parts.headers, port, via);
 
-    let mut answer = sender
-        .send_request(out)
+    let mut answer = client
+        .0
+        .request(out)
         .await
-        .map_err(|e| bad_gateway(format!("the service on port {port} gave no answer: {e}")))?;
+        .map_err(|e| unanswered(port, &e))?;
     activity.mark().await;
 
     if answer.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
     {
         let guest_upgrade = hyper::upgrade::on(&mut answer);
+        let activity = activity.clone();
         tokio::spawn(async move {
             let (Ok(client), Ok(guest)) = (client_upgrade.await, guest_upgrade.await) else {
                 return;
@@ -294,12 +438,37 @@ async fn forward(
         parts.headers.remove(header::UPGRADE);
     }
     guest_answer_headers(&mut parts.headers);
-    parts.headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(SANDBOX),
-    );
-    let body = Body::new(body.map_err(axum::Error::new));
+    if let Via::Path(_) = via {
+        parts.headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(SANDBOX),
+        );
+    }
+    // The request holds its place among the user's connections until its answer's body
+    // is over (the closure owns `activity` as long as the body lives).
+    let body = Body::new(body.map_err(move |e| {
+        let _held = &activity;
+        axum::Error::new(e)
+    }));
     Ok(Response::from_parts(parts, body))
+}
+
+/// Why the guest gave no answer: the connector's own reason (nothing listens, the
+/// environment stopped), or what broke on the way.
+fn unanswered(port: u16, e: &hyper_util::client::legacy::Error) -> ApiError {
+    let mut source = std::error::Error::source(e);
+    let mut chain = String::new();
+    while let Some(cause) = source {
+        if let Some(ConnectFailed(failed)) = cause.downcast_ref::<ConnectFailed>() {
+            return ApiError::new(failed.status, failed.code, failed.message.clone());
+        }
+        chain.push_str(": ");
+        chain.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    bad_gateway(format!(
+        "the service on port {port} gave no answer: {e}{chain}"
+    ))
 }
 
 #[cfg(test)]
@@ -358,7 +527,7 @@ mod tests {
         );
         h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
         h.insert("x-app", HeaderValue::from_static("kept"));
-        let out = guest_headers(&h, 3000, "/v1/environments/e/ports/3000");
+        let out = guest_headers(&h, 3000, Via::Path("/v1/environments/e/ports/3000"));
         assert!(out.get(header::AUTHORIZATION).is_none());
         assert!(out.get("x-csrf-token").is_none());
         assert_eq!(out.get(header::COOKIE).unwrap(), "app=1; theme=dark");
@@ -389,7 +558,7 @@ mod tests {
             HeaderValue::from_static("hearth_session=abc"),
         );
         assert!(
-            guest_headers(&only_ours, 1, "/")
+            guest_headers(&only_ours, 1, Via::Path("/"))
                 .get(header::COOKIE)
                 .is_none()
         );

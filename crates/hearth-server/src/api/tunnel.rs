@@ -69,7 +69,7 @@ pub async fn tunnel(
     let ws = WebSocketUpgrade::from_request_parts(&mut parts, &app)
         .await
         .map_err(|e| ApiError::invalid(format!("this endpoint needs a WebSocket upgrade: {e}")))?;
-    let tunnel = app.open_tunnel(&user, &id, port, "tunnel").await?;
+    let tunnel = app.open_tunnel(&user, &id, port).await?;
     Ok(ws
         .max_message_size(MAX_FRAME)
         .max_frame_size(MAX_FRAME)

@@ -1,5 +1,7 @@
 # A service for the port proxy's test, run in the guest on 127.0.0.1 only:
 #   GET /headers  -> the request's headers as JSON
+#   GET /peer     -> the port the request's connection comes from (sshd's, one per channel)
+#   GET /         -> a page that loads /app.js by its absolute path (as apps' pages do)
 #   POST /sha256  -> the SHA-256 of the request body (streamed), and its length
 #   GET /ws       -> a WebSocket that echoes every text or binary message
 import base64, hashlib, http.server, json, struct, sys
@@ -18,7 +20,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self):
-        if self.path == "/headers":
+        if self.path == "/peer":
+            self.answer(200, json.dumps({"port": self.client_address[1]}).encode())
+        elif self.path == "/":
+            self.answer(200, b'<script src="/app.js"></script>', "text/html")
+        elif self.path == "/app.js":
+            self.answer(200, b"document.title = 'app';", "text/javascript")
+        elif self.path == "/headers":
             headers = {k.lower(): v for k, v in self.headers.items()}
             self.answer(200, json.dumps(headers).encode())
         elif self.path == "/cookies":
