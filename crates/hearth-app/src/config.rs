@@ -22,6 +22,8 @@ pub struct Config {
     pub secure_cookies: bool,
     /// OpenID Connect sign-in, when `HEARTH_OIDC_ISSUER` is set (see `oidc.rs`).
     pub oidc: Option<crate::oidc::OidcConfig>,
+    /// Preview URLs, when `HEARTH_PREVIEW_DOMAIN` is set (see `previews.rs`).
+    pub previews: Option<crate::previews::PreviewConfig>,
     /// Close the host to its VMs (`HEARTH_GUEST_FIREWALL`, on by default): on a machine
     /// whose Docker engine is a host of this installation, VMs may not open connections
     /// to the host or to link-local addresses (see `hearth_provider::docker::guard`).
@@ -105,6 +107,7 @@ impl Config {
             metrics_public: false,
             secure_cookies: false,
             oidc: None,
+            previews: None,
             guest_firewall: true,
             git_tokens_over_plain_http: false,
             data_dir,
@@ -208,6 +211,7 @@ impl Config {
         c.metrics_public = number("HEARTH_METRICS_PUBLIC", 0u8)? != 0;
         c.secure_cookies = number("HEARTH_SECURE_COOKIES", 0u8)? != 0;
         c.oidc = crate::oidc::OidcConfig::from_env()?;
+        c.previews = crate::previews::PreviewConfig::from_env()?;
         c.mail = crate::mail::MailConfig::from_env()?;
         c.guest_firewall = number("HEARTH_GUEST_FIREWALL", 1u8)? != 0;
         c.git_tokens_over_plain_http = number("HEARTH_GIT_TOKENS_OVER_PLAIN_HTTP", 0u8)? != 0;

@@ -22,6 +22,7 @@ pub mod jobs;
 pub mod mail;
 pub mod oidc;
 pub mod pools;
+pub mod previews;
 pub mod reaper;
 pub mod reconcile;
 pub mod repositories;

@@ -681,3 +681,336 @@ async fn ssh_scp_rsync_port_forward_and_the_port_proxy_go_through_the_api() {
 
     server.destroy(&token, &id, UP).await;
 }
+
+/// The value of cookie `name` set by `response`, if any.
+fn set_cookie(response: &reqwest::Response, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split(';').next()?.split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.to_string())
+}
+
+fn location(response: &reqwest::Response) -> String {
+    assert_eq!(response.status(), StatusCode::SEE_OTHER, "{response:?}");
+    response.headers()["location"].to_str().unwrap().to_string()
+}
+
+/// A user's browser session cookie (an admin's invitation link, a password, a sign-in).
+async fn session_of(server: &Server, email: &str) -> String {
+    let user_id = server.user_id(email).await;
+    let link = server
+        .call(
+            "POST",
+            &format!("/v1/admin/users/{user_id}/password-link"),
+            Some(&server.admin_token),
+            Some(json!({"purpose": "invite"})),
+        )
+        .await;
+    let password = "a long enough password";
+    let set = server
+        .call(
+            "POST",
+            "/v1/auth/password",
+            None,
+            Some(json!({"token": link.body["token"], "password": password})),
+        )
+        .await;
+    assert!(set.status.is_success(), "{set:?}");
+    let r = server
+        .http
+        .post(format!("{}/v1/auth/sign-in", server.base))
+        .json(&json!({"email": email, "password": password}))
+        .send()
+        .await
+        .unwrap();
+    set_cookie(&r, "hearth_session").expect("a session cookie")
+}
+
+#[tokio::test]
+async fn a_preview_host_serves_a_port_at_its_own_origin_to_its_owner() {
+    let port = free_port();
+    let site = Site::new(Db::Sqlite)
+        .await
+        .with_env("HEARTH_PREVIEW_DOMAIN", "preview.test")
+        .with_env("HEARTH_PUBLIC_URL", &format!("http://127.0.0.1:{port}"));
+    let server = site.start_on(port).await;
+    let token = server.user("previews@example.com", "pro").await;
+    let other = server.user("previews-other@example.com", "pro").await;
+    let session = session_of(&server, "previews@example.com").await;
+    let others_session = session_of(&server, "previews-other@example.com").await;
+    let r = server
+        .call(
+            "POST",
+            "/v1/environments",
+            Some(&token),
+            Some(json!({"name": "previews", "memoryMb": 512})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    let env = server.wait_env(&token, &id, "running", UP).await;
+    let slug = env["slug"].as_str().unwrap().replace('_', "-");
+    exec_ok(
+        &server,
+        &token,
+        &id,
+        &format!(
+            "cat > echo.py <<'PY'\n{}PY\nsetsid nohup python3 echo.py 8001 > echo.log 2>&1 < /dev/null &\n",
+            include_str!("tunnels/echo.py")
+        ),
+    )
+    .await;
+
+    // Preview hosts resolve to the server, as a wildcard DNS entry would make them.
+    let host = format!("8001-{slug}.preview.test");
+    let other_port_host = format!("8002-{slug}.preview.test");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .resolve(&host, addr)
+        .resolve(&other_port_host, addr)
+        .resolve("www.preview.test", addr)
+        .build()
+        .unwrap();
+    let preview = |path: &str| format!("http://{host}:{port}{path}");
+    let started = Instant::now();
+    loop {
+        let r = browser
+            .get(preview("/peer"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == StatusCode::OK {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the guest's service never answered: {}",
+            r.status()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // With a bearer token: the app at `/` of its own origin, not sandboxed, and the
+    // guest learns the host it was reached at, never Hearth's credentials.
+    let page = browser
+        .get(preview("/"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(page.headers().get("content-security-policy").is_none());
+    assert!(page.text().await.unwrap().contains("src=\"/app.js\""));
+    let script = browser
+        .get(preview("/app.js"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(script.status(), StatusCode::OK);
+    let headers: Value = browser
+        .get(preview("/headers"))
+        .bearer_auth(&token)
+        .header("cookie", "hearth_preview=not-for-the-guest; app=kept")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(headers.get("authorization").is_none(), "{headers}");
+    assert_eq!(headers["cookie"], "app=kept", "{headers}");
+    assert_eq!(headers["x-forwarded-host"], format!("{host}:{port}"));
+    assert_eq!(headers["host"], "localhost:8001");
+    // Requests one after another reuse one kept connection to the guest.
+    let mut peers = Vec::new();
+    for _ in 0..3 {
+        let peer: Value = browser
+            .get(preview("/peer"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        peers.push(peer["port"].as_u64().unwrap());
+    }
+    assert!(peers.windows(2).all(|w| w[0] == w[1]), "{peers:?}");
+    // Another user's token gets nothing, as if the environment did not exist.
+    let r = browser
+        .get(preview("/peer"))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+    // A browser: sent to sign in at Hearth's origin, back with a code, then a cookie for
+    // this host only.
+    let html = [("accept", "text/html")];
+    let r = browser
+        .get(preview("/headers?x=1"))
+        .header(html[0].0, html[0].1)
+        .send()
+        .await
+        .unwrap();
+    let sign_in = location(&r);
+    assert!(
+        sign_in.starts_with(&format!(
+            "http://127.0.0.1:{port}/v1/previews/sign-in?host="
+        )),
+        "{sign_in}"
+    );
+    let r = browser.get(preview("/headers")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "a script is not sent");
+    let r = browser.get(&sign_in).send().await.unwrap();
+    assert!(
+        location(&r).starts_with("/?error="),
+        "no session: sign in first"
+    );
+    let r = browser
+        .get(&sign_in)
+        .header("cookie", format!("hearth_session={others_session}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND, "not their environment");
+    let r = browser
+        .get(&sign_in)
+        .header("cookie", format!("hearth_session={session}"))
+        .send()
+        .await
+        .unwrap();
+    let callback = location(&r);
+    assert!(
+        callback.starts_with(&format!("http://{host}:{port}/__hearth/preview?code=")),
+        "{callback}"
+    );
+    let r = browser.get(&callback).send().await.unwrap();
+    assert_eq!(location(&r), "/headers?x=1");
+    let cookie = set_cookie(&r, "hearth_preview").expect("a preview cookie");
+    let raw = r.headers()["set-cookie"].to_str().unwrap();
+    assert!(raw.contains("HttpOnly") && !raw.contains("Domain"), "{raw}");
+    // The code is for this host only.
+    let elsewhere = callback.replace(&host, &other_port_host);
+    let r = browser.get(&elsewhere).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let with_cookie = |path: &str| {
+        browser
+            .get(preview(path))
+            .header("cookie", format!("hearth_preview={cookie}"))
+    };
+    let headers: Value = with_cookie("/headers?x=1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(headers.get("cookie").is_none(), "{headers}");
+    // Another preview's page cannot use it (same-site, not same-origin)...
+    let r = browser
+        .post(preview("/sha256"))
+        .header("cookie", format!("hearth_preview={cookie}"))
+        .header("sec-fetch-site", "same-site")
+        .header("sec-fetch-mode", "cors")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // ...while the preview's own pages can.
+    let r = browser
+        .post(preview("/sha256"))
+        .header("cookie", format!("hearth_preview={cookie}"))
+        .header("sec-fetch-site", "same-origin")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // The cookie is no use at another port's host.
+    let r = browser
+        .get(format!("http://{other_port_host}:{port}/"))
+        .header("cookie", format!("hearth_preview={cookie}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    // A host under the preview domain that is no preview never reaches Hearth's API.
+    let r = browser
+        .get(format!("http://www.preview.test:{port}/v1/me"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert!(r.text().await.unwrap().contains("not a preview"));
+
+    // Shared with everyone: no credentials needed at the preview host.
+    let r = server
+        .call(
+            "POST",
+            &format!("/v1/environments/{id}/shares"),
+            Some(&token),
+            Some(json!({"port": 8001, "public": true})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let r = browser.get(preview("/peer")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let shares = server
+        .call(
+            "GET",
+            &format!("/v1/environments/{id}/shares"),
+            Some(&token),
+            None,
+        )
+        .await
+        .body;
+    let share_id = shares["items"][0]["id"].as_str().unwrap().to_string();
+    server
+        .call(
+            "DELETE",
+            &format!("/v1/environments/{id}/shares/{share_id}"),
+            Some(&token),
+            None,
+        )
+        .await;
+
+    // Signing out of Hearth ends the preview's cookie too.
+    let csrf = server
+        .http
+        .get(format!("{}/v1/auth/session", server.base))
+        .header("cookie", format!("hearth_session={session}"))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["csrfToken"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = server
+        .http
+        .post(format!("{}/v1/auth/sign-out", server.base))
+        .header("cookie", format!("hearth_session={session}"))
+        .header("x-csrf-token", csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let r = with_cookie("/peer").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    server.destroy(&token, &id, UP).await;
+}

@@ -13,6 +13,7 @@ mod mail;
 mod me;
 mod ops;
 mod ports;
+mod previews;
 mod shares;
 mod snapshots;
 mod terminal;
@@ -175,6 +176,11 @@ pub fn router(app: App) -> Router {
             "/v1/environments/{id}/ports/{port}/{*path}",
             axum::routing::any(ports::proxy),
         )
+        // Browsers on their way to a preview host (see `previews`).
+        .route(
+            "/v1/previews/sign-in",
+            axum::routing::get(previews::sign_in),
+        )
         .route("/v1/shared/{token}", axum::routing::any(ports::shared))
         .route("/v1/shared/{token}/", axum::routing::any(ports::shared))
         .route(
@@ -186,7 +192,12 @@ pub fn router(app: App) -> Router {
         .method_not_allowed_fallback(ops::method_not_allowed)
         .layer(axum::Extension(document))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(axum::Extension(guests))
+        .layer(axum::Extension(guests.clone()))
+        // Outermost: a preview host's requests never reach Hearth's own routes.
+        .layer(axum::middleware::from_fn_with_state(
+            (app.clone(), guests),
+            previews::route,
+        ))
         .with_state(app)
 }
 
