@@ -1,6 +1,7 @@
 //! Reaching into an environment through the API only: OpenSSH, scp and rsync through
 //! `hearth ssh-config`'s `ProxyCommand`, `hearth port-forward`, and the HTTP port proxy
-//! (with a WebSocket), against a real Docker guest. No guest port is used directly.
+//! (with a WebSocket), and preview hosts (with the browser sign-in, in headless Chromium too),
+//! against a real Docker guest. No guest port is used directly.
 
 mod common;
 
@@ -699,6 +700,8 @@ fn location(response: &reqwest::Response) -> String {
     response.headers()["location"].to_str().unwrap().to_string()
 }
 
+const PASSWORD: &str = "a long enough password";
+
 /// A user's browser session cookie (an admin's invitation link, a password, a sign-in).
 async fn session_of(server: &Server, email: &str) -> String {
     let user_id = server.user_id(email).await;
@@ -710,7 +713,7 @@ async fn session_of(server: &Server, email: &str) -> String {
             Some(json!({"purpose": "invite"})),
         )
         .await;
-    let password = "a long enough password";
+    let password = PASSWORD;
     let set = server
         .call(
             "POST",
@@ -985,6 +988,36 @@ async fn a_preview_host_serves_a_port_at_its_own_origin_to_its_owner() {
             None,
         )
         .await;
+
+    // A real browser goes the same way, and the guest's page works at its own origin.
+    let ui = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../ui"));
+    assert!(
+        ui.join("node_modules/playwright-core").is_dir(),
+        "the UI's test tools are not installed: run `make ui` (make test does)"
+    );
+    let screenshots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ui-screenshots");
+    std::fs::create_dir_all(&screenshots).unwrap();
+    let out = tokio::process::Command::new("node")
+        .arg("test/preview.mjs")
+        .current_dir(ui)
+        .env("HEARTH_URL", &server.base)
+        .env("PREVIEW_URL", preview("/"))
+        .env("EMAIL", "previews@example.com")
+        .env("PASSWORD", PASSWORD)
+        .env("SCREENSHOTS", &screenshots)
+        .output()
+        .await
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.contains("preview: done"),
+        "the browser's preview failed:\n{said}\nserver log:\n{}",
+        site.log()
+    );
 
     // Signing out of Hearth ends the preview's cookie too.
     let csrf = server
