@@ -831,9 +831,11 @@ async fn a_preview_host_serves_a_port_at_its_own_origin_to_its_owner() {
     assert_eq!(headers["cookie"], "app=kept", "{headers}");
     assert_eq!(headers["x-forwarded-host"], format!("{host}:{port}"));
     assert_eq!(headers["host"], "localhost:8001");
-    // Requests one after another reuse one kept connection to the guest.
-    let mut peers = Vec::new();
-    for _ in 0..3 {
+    // Requests one after another reuse kept connections to the guest (each is a channel
+    // that sshd connects from a port of its own). One may start a second connection when
+    // it comes before the last answer's connection is back in the pool.
+    let mut peers = std::collections::BTreeSet::new();
+    for _ in 0..10 {
         let peer: Value = browser
             .get(preview("/peer"))
             .bearer_auth(&token)
@@ -843,9 +845,9 @@ async fn a_preview_host_serves_a_port_at_its_own_origin_to_its_owner() {
             .json()
             .await
             .unwrap();
-        peers.push(peer["port"].as_u64().unwrap());
+        peers.insert(peer["port"].as_u64().unwrap());
     }
-    assert!(peers.windows(2).all(|w| w[0] == w[1]), "{peers:?}");
+    assert!(peers.len() <= 3, "10 requests, connections from {peers:?}");
     // Another user's token gets nothing, as if the environment did not exist.
     let r = browser
         .get(preview("/peer"))
