@@ -423,6 +423,13 @@ pub enum StreamChunk {
     },
 }
 
+/// How long a command's output may stay silent after its exit status before the exec ends.
+/// sshd sends the status when the command exits and ends the channel once nothing holds its
+/// output open, so a background process the command started (`server &`) would otherwise
+/// hold the exec open until its time limit. What the command itself wrote is already in
+/// the pipe then; each piece of it that arrives restarts the wait.
+const OUTPUT_GRACE_AFTER_EXIT: Duration = Duration::from_secs(2);
+
 impl SshPool {
     /// Starts a command and streams its output as it comes. Dropping the receiver kills
     /// the remote process (SIGKILL, then the channel is closed).
@@ -450,22 +457,34 @@ impl SshPool {
             tokio::pin!(deadline);
             let mut code = None;
             let mut timed_out = false;
+            let grace = tokio::time::sleep(timeout);
+            tokio::pin!(grace);
             loop {
                 tokio::select! {
                     msg = channel.wait() => match msg {
                         Some(ChannelMsg::Data { data }) => {
                             if tx.send(StreamChunk::Stdout(data.to_vec())).await.is_err() { break; }
+                            grace.as_mut().reset(tokio::time::Instant::now() + OUTPUT_GRACE_AFTER_EXIT);
                         }
                         Some(ChannelMsg::ExtendedData { data, ext: 1 }) => {
                             if tx.send(StreamChunk::Stderr(data.to_vec())).await.is_err() { break; }
+                            grace.as_mut().reset(tokio::time::Instant::now() + OUTPUT_GRACE_AFTER_EXIT);
                         }
-                        Some(ChannelMsg::ExitStatus { exit_status }) => code = Some(exit_status as i64),
+                        Some(ChannelMsg::ExitStatus { exit_status }) => {
+                            code = Some(exit_status as i64);
+                            grace.as_mut().reset(tokio::time::Instant::now() + OUTPUT_GRACE_AFTER_EXIT);
+                        }
                         Some(ChannelMsg::Close) | None => {
                             let _ = tx.send(StreamChunk::Exit { code, timed_out, duration: started.elapsed() }).await;
                             return;
                         }
                         Some(_) => {}
                     },
+                    _ = &mut grace, if code.is_some() => {
+                        let _ = channel.close().await;
+                        let _ = tx.send(StreamChunk::Exit { code, timed_out, duration: started.elapsed() }).await;
+                        return;
+                    }
                     _ = &mut deadline => {
                         timed_out = true;
                         let _ = channel.signal(Sig::KILL).await;
@@ -587,6 +606,8 @@ async fn run_on(
     };
     let deadline = tokio::time::sleep(req.timeout);
     tokio::pin!(deadline);
+    let grace = tokio::time::sleep(req.timeout);
+    tokio::pin!(grace);
     let append = |buf: &mut Vec<u8>, data: &[u8], truncated: &mut bool| {
         let room = req.max_output.saturating_sub(buf.len());
         if data.len() > room {
@@ -597,15 +618,28 @@ async fn run_on(
     loop {
         tokio::select! {
             msg = channel.wait() => match msg {
-                Some(ChannelMsg::Data { data }) => append(&mut out.stdout, &data, &mut out.truncated),
-                Some(ChannelMsg::ExtendedData { data, ext: 1 }) => append(&mut out.stderr, &data, &mut out.truncated),
-                Some(ChannelMsg::ExitStatus { exit_status }) => out.exit_code = Some(exit_status as i64),
+                Some(ChannelMsg::Data { data }) => {
+                    append(&mut out.stdout, &data, &mut out.truncated);
+                    grace.as_mut().reset(tokio::time::Instant::now() + OUTPUT_GRACE_AFTER_EXIT);
+                }
+                Some(ChannelMsg::ExtendedData { data, ext: 1 }) => {
+                    append(&mut out.stderr, &data, &mut out.truncated);
+                    grace.as_mut().reset(tokio::time::Instant::now() + OUTPUT_GRACE_AFTER_EXIT);
+                }
+                Some(ChannelMsg::ExitStatus { exit_status }) => {
+                    out.exit_code = Some(exit_status as i64);
+                    grace.as_mut().reset(tokio::time::Instant::now() + OUTPUT_GRACE_AFTER_EXIT);
+                }
                 Some(ChannelMsg::Failure) => {
                     return Err(GuestError::Session("the VM's SSH server refused to run the command".into()))
                 }
                 Some(ChannelMsg::Close) | None => break,
                 Some(_) => {}
             },
+            _ = &mut grace, if out.exit_code.is_some() => {
+                let _ = channel.close().await;
+                break;
+            }
             _ = &mut deadline => {
                 out.timed_out = true;
                 let _ = channel.signal(Sig::KILL).await;

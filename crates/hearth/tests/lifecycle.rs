@@ -83,10 +83,26 @@ async fn lifecycle(db: Db) {
         )
         .await;
     assert_eq!(r.body["timedOut"], true, "{:?}", r.body);
+    // A command that leaves a process in the background holding its output ends when it
+    // does (with a short grace for its last output), not at its time limit.
+    let r = server
+        .call(
+            "POST",
+            "/v1/me/vm/exec",
+            Some(&token),
+            Some(json!({"code": "echo started; sleep 30 &", "timeoutSeconds": 25})),
+        )
+        .await;
+    assert_eq!(
+        (&r.body["exitCode"], &r.body["timedOut"], &r.body["stdout"]),
+        (&json!(0), &json!(false), &json!("started\n")),
+        "{:?}",
+        r.body
+    );
 
     let store = site.store().await;
     let executions = store.executions_for_environment(&env_id).await.unwrap();
-    assert_eq!(executions.len(), 4);
+    assert_eq!(executions.len(), 5);
     assert_eq!(
         (executions[0].exit_code, executions[0].stdout.as_str()),
         (Some(3), "hello\n")
