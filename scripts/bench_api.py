@@ -115,6 +115,12 @@ def run(binary, backend, seed, seconds, only):
                 time.sleep(0.05)
         time.sleep(3)
         yield ("server memory at start (empty database, nothing running)", rss_detail(proc.pid))
+        # Idle: jemalloc's background thread gives back what start-up freed after its
+        # decay time (see `malloc_conf` in crates/hearth/src/main.rs).
+        time.sleep(27)
+        yield ("server memory idle (30 s after start)", rss_detail(proc.pid))
+        if only == ["memory"]:
+            return
         admin = open(work + "/data/admin.token").read().strip()
         users = 100
         tokens = []

@@ -15,6 +15,15 @@ mod tunnel;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's settings (its `malloc_conf`, read at start). A background thread returns
+/// freed pages to the system once their decay time (10 s) has passed, even when nothing
+/// allocates: without it an idle server keeps what its start-up freed until the next
+/// allocation, which may never come (idle RSS 34-35 MiB without, 28 MiB with; BENCHMARKS.md).
+/// One such thread is enough here; jemalloc would start one per core.
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8; 48] = b"background_thread:true,max_background_threads:1\0";
+
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use client::{Client, Failure};
