@@ -24,6 +24,8 @@ use std::time::Duration;
 pub const CODE_LIFETIME: Duration = Duration::from_secs(60);
 /// How long a preview cookie is good for, at most (the session it stands on may end first).
 pub const GRANT_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+/// Preview cookies opened per request at most.
+const MAX_PREVIEW_COOKIES: usize = 64;
 /// The path on every preview host that Hearth keeps for itself (the guest never sees it).
 pub const CALLBACK_PATH: &str = "/__hearth/preview";
 
@@ -78,6 +80,11 @@ impl PreviewConfig {
         if name == domain || name.ends_with(&format!(".{domain}")) {
             return Err(format!(
                 "HEARTH_PUBLIC_URL ({public_url}) must not be under HEARTH_PREVIEW_DOMAIN ({domain}): guests' pages would share Hearth's origin"
+            ));
+        }
+        if site(&name) == site(&domain) {
+            return Err(format!(
+                "HEARTH_PUBLIC_URL ({public_url}) and HEARTH_PREVIEW_DOMAIN ({domain}) must be on different sites (different last two labels, e.g. hearth.example.com and preview.example-apps.com): a guest's page could otherwise set cookies for Hearth's site and sign a visitor in as someone else"
             ));
         }
         Ok(PreviewConfig { domain, public_url })
@@ -148,13 +155,26 @@ impl PreviewConfig {
     }
 }
 
-/// A `Host` without its port, lowercased.
+/// A `Host` without its port and the root's trailing dot, lowercased.
 fn host_name(host: &str) -> String {
     let name = match host.rsplit_once(':') {
         Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
         _ => host,
     };
-    name.to_ascii_lowercase()
+    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
+}
+
+/// The site a host name belongs to, as cookies see it, approximated by its last two labels
+/// (without the Public Suffix List this takes `example.co.uk`'s hosts for one site with
+/// every other `.co.uk` name, which only refuses more than needed). An IP address is its
+/// own site.
+fn site(name: &str) -> String {
+    if name.parse::<std::net::IpAddr>().is_ok() || name.starts_with('[') {
+        return name.to_string();
+    }
+    let mut labels: Vec<&str> = name.rsplit('.').take(2).collect();
+    labels.reverse();
+    labels.join(".")
 }
 
 /// One preview host: `<port>-<slug>.<domain>`.
@@ -253,16 +273,29 @@ impl App {
         Ok(self.seal_grant("cookie", &preview.host, &session, GRANT_LIFETIME))
     }
 
-    /// Who a preview cookie signs in at `preview`, if it holds (its session still does).
-    pub async fn preview_user(&self, preview: &PreviewHost, cookie: &str) -> Option<User> {
-        let session = self.open_grant("cookie", &preview.host, cookie)?;
+    /// Who the request's preview cookies sign in at `preview`, if one holds. Each is
+    /// opened (no database needed), since a sibling preview's page may have set junk ones
+    /// for the whole preview domain; only the first sealed for this host has its session
+    /// looked up.
+    pub async fn preview_user<'a>(
+        &self,
+        preview: &PreviewHost,
+        cookies: impl IntoIterator<Item = &'a str>,
+    ) -> Option<User> {
+        let session = cookies
+            .into_iter()
+            .take(MAX_PREVIEW_COOKIES)
+            .find_map(|c| self.open_grant("cookie", &preview.host, c))?;
         self.session(&session).await.ok().map(|(user, _)| user)
     }
 }
 
-/// A path on the same host: `/` unless `path` is one (never `//other.host`).
+/// A path on the same host: `/` unless `path` is one. Only visible ASCII passes (browsers
+/// drop tabs and line breaks from a `Location`, which would turn `/<tab>/evil.com` into
+/// `//evil.com`), and never `//` at its start or a backslash.
 pub fn local_path(path: &str) -> &str {
-    if path.starts_with('/')
+    if path.bytes().all(|b| b.is_ascii_graphic())
+        && path.starts_with('/')
         && !path.starts_with("//")
         && !path.contains('\\')
         && path.len() <= 4096
@@ -278,13 +311,13 @@ mod tests {
     use super::*;
 
     fn config() -> PreviewConfig {
-        PreviewConfig::new("Preview.Example.com", "https://hearth.example.com/").unwrap()
+        PreviewConfig::new("Preview.Example.com", "https://hearth.example.org/").unwrap()
     }
 
     #[test]
     fn a_preview_host_names_a_port_and_a_slug() {
         let c = config();
-        assert_eq!(c.public_url, "https://hearth.example.com");
+        assert_eq!(c.public_url, "https://hearth.example.org");
         assert_eq!(
             c.parse_host("3000-env-k2j4h5g6.preview.example.com"),
             Some(PreviewHost {
@@ -308,6 +341,11 @@ mod tests {
             ),
             ("8000-env-a1.preview.example.com:8443", 8000, "env_a1")
         );
+        let dotted = c
+            .parse_host("3000-env-k2j4h5g6.preview.example.com.")
+            .unwrap();
+        assert_eq!(dotted.slug, "env_k2j4h5g6");
+        assert!(c.is_under("www.preview.example.com."));
         let local = PreviewConfig::new("preview.localhost", "http://127.0.0.1:8080").unwrap();
         assert_eq!(
             local.url("env_a1", 5173),
@@ -352,12 +390,35 @@ mod tests {
             "Hearth under the preview domain"
         );
         assert!(PreviewConfig::new("preview.localhost", "http://127.0.0.1:8080").is_ok());
+        for same_site in [
+            ("preview.example.com", "https://hearth.example.com"),
+            ("preview.example.com", "https://example.com."),
+            ("preview.example.co.uk", "https://hearth.example.co.uk:8443"),
+        ] {
+            assert!(
+                PreviewConfig::new(same_site.0, same_site.1).is_err(),
+                "{same_site:?}"
+            );
+        }
+        assert!(
+            PreviewConfig::new("preview.example-apps.com", "https://hearth.example.com").is_ok()
+        );
     }
 
     #[test]
     fn a_redirect_stays_on_its_host() {
         assert_eq!(local_path("/a/b?c=1"), "/a/b?c=1");
-        for bad in ["//evil.com/", "https://evil.com/", "/\\evil.com", "", "a"] {
+        for bad in [
+            "//evil.com/",
+            "https://evil.com/",
+            "/\\evil.com",
+            "/\t/evil.com",
+            "/\n/evil.com",
+            "/ /x",
+            "/\u{e9}",
+            "",
+            "a",
+        ] {
             assert_eq!(local_path(bad), "/", "{bad}");
         }
     }

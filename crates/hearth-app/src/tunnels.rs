@@ -52,6 +52,10 @@ const MAX_OWNERS_KNOWN: usize = 10_000;
 /// Entries `recorded` holds before the stale ones are swept out.
 const RECORDED_SWEEP_AT: usize = 4096;
 
+/// Connections the port proxy holds to one environment on one node, in use and kept idle,
+/// over all its ports (each is a channel on the environment's SSH connection).
+pub const MAX_PROXY_CONNECTIONS_PER_ENVIRONMENT: usize = 256;
+
 /// Connections a shared port may have open at once on one node, from all its visitors
 /// together (they do not spend its owner's own).
 pub const MAX_SHARED_CONNECTIONS: usize = 32;
@@ -118,9 +122,9 @@ impl Tunnels {
     }
 }
 
-/// One of a user's open connections into environments (a tunnel, a file session); given
-/// back when dropped.
-pub(crate) struct Permit {
+/// One of a user's open connections into environments (a tunnel, a file session), or one
+/// of the proxy's connections to an environment; given back when dropped.
+pub struct Permit {
     tunnels: Arc<Tunnels>,
     user_id: String,
 }
@@ -268,15 +272,32 @@ impl App {
     }
 
     /// A new connection to `port` of running environment `environment_id`, for the
-    /// proxy's kept connections. It checks no caller: a `PortUse` did.
-    pub async fn port_channel(&self, environment_id: &str, port: u16) -> AppResult<TunnelChannel> {
+    /// proxy's kept connections, with its place among the environment's
+    /// (`MAX_PROXY_CONNECTIONS_PER_ENVIRONMENT`) to hold while it is open. It checks no
+    /// caller: a `PortUse` did.
+    pub async fn port_channel(
+        &self,
+        environment_id: &str,
+        port: u16,
+    ) -> AppResult<(TunnelChannel, Permit)> {
+        let permit = self
+            .tunnels
+            .take(
+                &format!("proxy:{environment_id}"),
+                MAX_PROXY_CONNECTIONS_PER_ENVIRONMENT,
+            )
+            .ok_or_else(|| {
+                AppError::TooMany(format!(
+                    "the proxy has {MAX_PROXY_CONNECTIONS_PER_ENVIRONMENT} connections open to this environment on this node; try again when some close (idle ones close after 30 s)"
+                ))
+            })?;
         let env = self
             .store
             .environment(environment_id)
             .await
             .map_err(AppError::not_found("environment"))?;
         running(&env)?;
-        self.channel_to(&env, port).await
+        Ok((self.channel_to(&env, port).await?, permit))
     }
 
     async fn channel_to(&self, env: &Environment, port: u16) -> AppResult<TunnelChannel> {

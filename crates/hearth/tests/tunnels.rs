@@ -735,6 +735,17 @@ async fn session_of(server: &Server, email: &str) -> String {
 
 #[tokio::test]
 async fn a_preview_host_serves_a_port_at_its_own_origin_to_its_owner() {
+    // Previews on Hearth's own site are refused: a guest's page could set Hearth's cookies.
+    let (code, said) = Site::new(Db::Sqlite)
+        .await
+        .with_env("HEARTH_PREVIEW_DOMAIN", "preview.example.com")
+        .with_env("HEARTH_PUBLIC_URL", "https://hearth.example.com")
+        .start_refused();
+    assert!(
+        code != 0 && said.contains("different sites"),
+        "{code}: {said}"
+    );
+
     let port = free_port();
     let site = Site::new(Db::Sqlite)
         .await

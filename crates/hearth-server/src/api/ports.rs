@@ -183,7 +183,8 @@ fn bad_gateway(message: String) -> ApiError {
 /// by later requests to the same port of the same environment: a request then costs no
 /// channel to open and no connection for the guest to accept. At most
 /// `MAX_IDLE_PER_PORT` idle connections are kept per port, each closed after
-/// `IDLE_TIMEOUT` unused; an environment that stops closes them with its SSH connection.
+/// `IDLE_TIMEOUT` unused, and 256 in all per environment (in use or idle, see
+/// `hearth_app::tunnels`). A VM that stops ends them when its SSH connection ends.
 #[derive(Clone)]
 pub struct GuestClient(Client<GuestConnector, Body>);
 
@@ -244,17 +245,24 @@ impl tower_service::Service<Uri> for GuestConnector {
             let (Some(id), Some(port)) = (uri.host(), uri.port_u16()) else {
                 return Err(format!("not a guest address: {uri}").into());
             };
-            let channel = app
+            let (channel, permit) = app
                 .port_channel(id, port)
                 .await
                 .map_err(|e| Box::new(ConnectFailed(e.into())) as BoxError)?;
-            Ok(GuestStream(TokioIo::new(channel.into_stream())))
+            Ok(GuestStream {
+                io: TokioIo::new(channel.into_stream()),
+                _permit: permit,
+            })
         })
     }
 }
 
-/// One connection to a port in a guest (a `direct-tcpip` channel).
-pub struct GuestStream(TokioIo<russh::ChannelStream<russh::client::Msg>>);
+/// One connection to a port in a guest (a `direct-tcpip` channel), holding its place among
+/// the environment's.
+pub struct GuestStream {
+    io: TokioIo<russh::ChannelStream<russh::client::Msg>>,
+    _permit: hearth_app::tunnels::Permit,
+}
 
 impl Connection for GuestStream {
     fn connected(&self) -> Connected {
@@ -268,7 +276,7 @@ impl hyper::rt::Read for GuestStream {
         cx: &mut std::task::Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
@@ -278,21 +286,21 @@ impl hyper::rt::Write for GuestStream {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -112,7 +112,7 @@ async fn serve(
 }
 
 /// The user a `hearth_preview` cookie signs in at `preview`, if one holds. Every cookie of
-/// that name is tried: a guest's page may have set one for the whole preview domain.
+/// that name is tried: a guest's page may have set some for the whole preview domain.
 async fn cookie_user(
     app: &App,
     preview: &PreviewHost,
@@ -125,20 +125,14 @@ async fn cookie_user(
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
         .filter(|(name, _)| *name == COOKIE)
-        .map(|(_, value)| value.to_string())
-        .take(4)
-        .collect::<Vec<_>>();
-    for value in values {
-        if let Some(user) = app.preview_user(preview, &value).await {
-            return Some(user);
-        }
-    }
-    None
+        .map(|(_, value)| value);
+    app.preview_user(preview, values).await
 }
 
 /// Fetch Metadata's resource isolation policy: a request with the cookie comes from the
 /// preview's own pages, from no page (typed in, a bookmark), or is a plain top-level
-/// navigation. Browsers that send no `Sec-Fetch-Site` are let through.
+/// navigation (not a frame: another preview's page could frame this one to trick clicks).
+/// Browsers that send no `Sec-Fetch-Site` are let through.
 fn from_the_preview_itself(method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let allowed = match get("sec-fetch-site") {
@@ -146,7 +140,7 @@ fn from_the_preview_itself(method: &Method, headers: &HeaderMap) -> Result<(), A
         Some(_) => {
             get("sec-fetch-mode") == Some("navigate")
                 && matches!(*method, Method::GET | Method::HEAD)
-                && !matches!(get("sec-fetch-dest"), Some("object") | Some("embed"))
+                && get("sec-fetch-dest") == Some("document")
         }
     };
     if allowed {
@@ -258,7 +252,17 @@ mod tests {
             Method::GET,
             &[
                 ("sec-fetch-site", "cross-site"),
-                ("sec-fetch-mode", "navigate")
+                ("sec-fetch-mode", "navigate"),
+                ("sec-fetch-dest", "document")
+            ]
+        ));
+        // Another preview's page framing this one.
+        assert!(!ok(
+            Method::GET,
+            &[
+                ("sec-fetch-site", "same-site"),
+                ("sec-fetch-mode", "navigate"),
+                ("sec-fetch-dest", "iframe")
             ]
         ));
         // Another preview's page (same-site) posting, fetching or embedding.
