@@ -368,6 +368,7 @@ impl BaseSnapshots {
                 authorized_keys: String::new(),
                 labels: Default::default(),
                 snapshot: None,
+                image: None,
                 ..spec.clone()
             },
             ssh_port: free_port(self.launcher.guest_address())?,

@@ -72,6 +72,8 @@ pub struct FirecrackerHost {
     /// Users' snapshots of VM disks: whole sparse copies, so a VM made from one does not
     /// depend on it.
     snapshots: Arc<Snapshots>,
+    /// Custom images (`images.rs`); a VM made from one has a copy of it too.
+    images: Arc<Snapshots>,
     /// The SSH forwarder of each VM this agent serves.
     forwarders: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
 }
@@ -225,6 +227,7 @@ impl FirecrackerHost {
             // committed directory only.
             dirs: VmDirs::new(&state, |_| {})?,
             snapshots: Arc::new(Snapshots::open(&state, "disk.ext4")?),
+            images: Arc::new(Snapshots::open_images(&state)?),
             state,
             image,
             config,
@@ -595,9 +598,10 @@ impl Vmm for FirecrackerHost {
             Some(record) => record,
             None => {
                 check_sizes(spec)?;
-                let source = match &spec.snapshot {
-                    Some(id) => self.snapshots.disk(id, spec.disk_gb)?,
-                    None => self.image.rootfs(),
+                let source = match (&spec.snapshot, &spec.image) {
+                    (Some(id), _) => self.snapshots.disk(id, spec.disk_gb)?,
+                    (None, Some(id)) => self.images.disk(id, spec.disk_gb)?,
+                    (None, None) => self.image.rootfs(),
                 };
                 let slot = self.free_slot()?;
                 let (host, guest) = tap_addresses(slot);
@@ -616,6 +620,14 @@ impl Vmm for FirecrackerHost {
                     ("gateway", host.to_string()),
                     ("dns", nameserver()),
                 ];
+                // The copy (a reflink takes no room, but `cp` may not get one) must leave
+                // room for the VMs' disks to grow, as a snapshot's does.
+                crate::snapshots::check_room(
+                    &self.state,
+                    crate::snapshots::allocated_bytes(&source)?,
+                    self.snapshots.pending() + self.images.pending(),
+                    "this VM's disk (a copy of its image or snapshot)",
+                )?;
                 self.dirs.build(&record, &network, |dir| {
                     let disk = dir.join("disk.ext4");
                     run(
@@ -789,6 +801,17 @@ impl Vmm for FirecrackerHost {
         // Not under a create that is copying it.
         let _guard = self.lock.lock().await;
         self.snapshots.remove(id, &Default::default())
+    }
+
+    fn images(&self) -> Option<&Arc<Snapshots>> {
+        Some(&self.images)
+    }
+
+    /// A VM made from an image has a copy of it: nothing holds an image back.
+    async fn remove_image(&self, id: &str) -> Result<bool, VmmError> {
+        // Not under a create that is copying it.
+        let _guard = self.lock.lock().await;
+        self.images.remove(id, &Default::default())
     }
 
     /// Adopts what still runs: its SSH forwarder starts again here.

@@ -393,38 +393,7 @@ pub fn build(out: &Path, work: &Path, step: &mut dyn FnMut(&str)) -> Result<VmIm
             .args(["usermod", "--password", "*", "dev"]),
         "usermod",
     )?;
-    for entry in std::fs::read_dir(root.join("etc/ssh"))
-        .map_err(|e| ImageError::Failed(format!("read etc/ssh: {e}")))?
-    {
-        let entry = entry.map_err(|e| ImageError::Failed(e.to_string()))?;
-        if entry.file_name().to_string_lossy().starts_with("ssh_host_") {
-            std::fs::remove_file(entry.path())
-                .map_err(|e| ImageError::Failed(format!("remove host key: {e}")))?;
-        }
-    }
-    write(&root.join("sbin/hearth-init"), VM_INIT.as_bytes(), 0o755)?;
-    write(
-        &root.join("usr/sbin/hearth-await-restore"),
-        AWAIT_RESTORE.as_bytes(),
-        0o755,
-    )?;
-    // pam_motd runs programs at every SSH session: about 0.3 s of each first command
-    // under software emulation, for a banner nobody reads (sshd prints no motd here).
-    let pam_sshd = root.join("etc/pam.d/sshd");
-    let pam = std::fs::read_to_string(&pam_sshd)
-        .map_err(|e| ImageError::Failed(format!("read etc/pam.d/sshd: {e}")))?;
-    let pam: String = pam
-        .lines()
-        .filter(|l| !l.contains("pam_motd.so"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    write(&pam_sshd, pam.as_bytes(), 0o644)?;
-    write(
-        &root.join("etc/ssh/sshd_config.d/hearth.conf"),
-        SSHD_CONFIG.as_bytes(),
-        0o644,
-    )?;
-    write(&root.join("etc/sudoers.d/dev"), SUDOERS.as_bytes(), 0o440)?;
+    fit_for_vm(&root)?;
     let modules_dir = root.join("lib/modules");
     let kernel_version = std::fs::read_dir(&modules_dir)
         .map_err(|e| ImageError::Failed(format!("read {}: {e}", modules_dir.display())))?
@@ -451,17 +420,7 @@ pub fn build(out: &Path, work: &Path, step: &mut dyn FnMut(&str)) -> Result<VmIm
     }
     let _ = std::fs::remove_dir_all(root.join("var/cache/apt/archives"));
     step("writing the root file system (mkfs.ext4 -d)");
-    let used_mb = dir_size(&root) / (1024 * 1024);
-    // Room for the metadata; each VM's disk grows to its own size at boot.
-    let size_mb = used_mb + used_mb / 4 + 256;
-    run(
-        Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-L", "hearth-root", "-d"])
-            .arg(&root)
-            .arg(staging.join("rootfs.ext4"))
-            .arg(format!("{size_mb}M")),
-        "mkfs.ext4",
-    )?;
+    write_rootfs(&root, &staging.join("rootfs.ext4"))?;
     let image = VmImage {
         dir: out.to_path_buf(),
         kernel_version,
@@ -486,6 +445,136 @@ pub fn build(out: &Path, work: &Path, step: &mut dyn FnMut(&str)) -> Result<VmIm
         .map_err(|e| ImageError::Failed(format!("move the image into {}: {e}", out.display())))?;
     let _ = std::fs::remove_dir_all(&root);
     VmImage::open(out)
+}
+
+/// What makes a Debian root file system with the `dev` user and sshd (this recipe's, or a
+/// custom image's built `FROM hearth/base`, `images.rs`) a VM's: the init and the
+/// base-snapshot helper, no SSH host keys (each VM gets its own), sshd's and sudo's
+/// configuration, and no `pam_motd`. Files are written only below real directories of
+/// `root` and replace what was there, links included: a custom image's links cannot make
+/// the agent write, or read, outside it.
+pub fn fit_for_vm(root: &Path) -> Result<(), ImageError> {
+    let ssh = within(root, "etc/ssh").ok_or_else(|| {
+        ImageError::Failed("the file system has no directory /etc/ssh (no sshd)".into())
+    })?;
+    for entry in
+        std::fs::read_dir(&ssh).map_err(|e| ImageError::Failed(format!("read etc/ssh: {e}")))?
+    {
+        let entry = entry.map_err(|e| ImageError::Failed(e.to_string()))?;
+        if entry.file_name().to_string_lossy().starts_with("ssh_host_") {
+            std::fs::remove_file(entry.path())
+                .map_err(|e| ImageError::Failed(format!("remove host key: {e}")))?;
+        }
+    }
+    // `/sbin` is `usr/sbin` on Debian since bookworm; a real `/sbin` gets the init too.
+    put(root, "usr/sbin/hearth-init", VM_INIT.as_bytes(), 0o755)?;
+    if within(root, "sbin").is_some() {
+        put(root, "sbin/hearth-init", VM_INIT.as_bytes(), 0o755)?;
+    }
+    put(
+        root,
+        "usr/sbin/hearth-await-restore",
+        AWAIT_RESTORE.as_bytes(),
+        0o755,
+    )?;
+    // pam_motd runs programs at every SSH session: about 0.3 s of each first command
+    // under software emulation, for a banner nobody reads (sshd prints no motd here).
+    let pam = within(root, "etc/pam.d/sshd")
+        .filter(|p| p.is_file())
+        .map(std::fs::read_to_string)
+        .transpose()
+        .map_err(|e| ImageError::Failed(format!("read etc/pam.d/sshd: {e}")))?
+        .ok_or_else(|| ImageError::Failed("the file system has no /etc/pam.d/sshd".into()))?;
+    let pam: String = pam
+        .lines()
+        .filter(|l| !l.contains("pam_motd.so"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    put(root, "etc/pam.d/sshd", pam.as_bytes(), 0o644)?;
+    put(
+        root,
+        "etc/ssh/sshd_config.d/hearth.conf",
+        SSHD_CONFIG.as_bytes(),
+        0o644,
+    )?;
+    put(root, "etc/sudoers.d/dev", SUDOERS.as_bytes(), 0o440)?;
+    Ok(())
+}
+
+/// `root/rel` when neither it nor any directory on the way is a link (and it exists).
+pub fn within(root: &Path, rel: &str) -> Option<PathBuf> {
+    let mut path = root.to_path_buf();
+    for part in rel.split('/').filter(|p| !p.is_empty()) {
+        if part == "." || part == ".." {
+            return None;
+        }
+        path.push(part);
+        if std::fs::symlink_metadata(&path)
+            .ok()?
+            .file_type()
+            .is_symlink()
+        {
+            return None;
+        }
+    }
+    Some(path)
+}
+
+/// Writes `root/rel` anew (whatever was there, a link included, is removed first), in a
+/// directory that must be a real one of `root` (made when absent under one).
+fn put(root: &Path, rel: &str, contents: &[u8], mode: u32) -> Result<(), ImageError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let (dir, name) = rel.rsplit_once('/').unwrap_or(("", rel));
+    let refused = || {
+        ImageError::Failed(format!(
+            "/{dir} is a link or not a directory in the file system; /{rel} cannot be written"
+        ))
+    };
+    let mut at = root.to_path_buf();
+    for part in dir.split('/').filter(|p| !p.is_empty()) {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(refused()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir(&at)
+                .map_err(|e| ImageError::Failed(format!("mkdir {}: {e}", at.display())))?,
+            Err(e) => return Err(ImageError::Failed(format!("{}: {e}", at.display()))),
+        }
+    }
+    let path = at.join(name);
+    let fail = |e: std::io::Error| ImageError::Failed(format!("write /{rel}: {e}"));
+    match std::fs::symlink_metadata(&path) {
+        Ok(m) if m.is_dir() => return Err(refused()),
+        Ok(_) => std::fs::remove_file(&path).map_err(fail)?,
+        Err(_) => {}
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&path)
+        .map_err(fail)?;
+    file.write_all(contents).map_err(fail)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(fail)
+}
+
+/// Writes the ext4 file system `out` holding `root` (`mkfs.ext4 -d`: no loop device, no
+/// mount), a quarter and 256 MiB larger than what it holds: room for the metadata, since
+/// each VM's disk grows to its own size at boot. Returns its size in bytes.
+pub fn write_rootfs(root: &Path, out: &Path) -> Result<u64, ImageError> {
+    let used_mb = dir_size(root) / (1024 * 1024);
+    let size_mb = used_mb + used_mb / 4 + 256;
+    run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "hearth-root", "-d"])
+            .arg(root)
+            .arg(out)
+            .arg(format!("{size_mb}M")),
+        "mkfs.ext4",
+    )?;
+    Ok(size_mb << 20)
 }
 
 fn dir_size(dir: &Path) -> u64 {

@@ -23,6 +23,7 @@ pub mod firecracker_host;
 pub mod guard;
 pub mod identity;
 pub mod image;
+pub mod images;
 pub mod initramfs;
 pub mod qemu;
 pub mod qmp;

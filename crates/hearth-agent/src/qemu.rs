@@ -7,7 +7,7 @@
 //! - `record.json`: what was asked (sizes, SSH port, the accelerator) — the durable record
 //!   an agent reads back after a restart to adopt the VMs still running;
 //! - `disk.qcow2`: copy-on-write over the image's `rootfs.ext4` (or a user snapshot's disk,
-//!   `snapshots.rs`), with the VM's disk size as its virtual size (the guest grows its file
+//!   `snapshots.rs`, or a custom image's file system, `images.rs`), with the VM's disk size as its virtual size (the guest grows its file
 //!   system to it at boot, and cannot exceed it);
 //! - `config.ext4`: the config drive (the VM's identity: keys, hostname, MAC, machine id,
 //!   host key, a random seed), read-only in the guest;
@@ -64,6 +64,8 @@ pub struct QemuHost {
     vm_locks: VmLocks,
     /// Users' snapshots of VM disks.
     snapshots: Arc<Snapshots>,
+    /// Custom images (`images.rs`), raw file systems VMs' disks are layered on.
+    images: Arc<Snapshots>,
     /// Base snapshots new VMs restore, when enabled (`with_base_snapshots`).
     base: Option<Arc<BaseSnapshots>>,
 }
@@ -302,9 +304,12 @@ impl QemuHost {
         })?;
         let snapshots = Snapshots::open(&dir, "disk.qcow2")?;
         snapshots.sweep(&dirs.snapshots_in_use()?);
+        let images = Snapshots::open_images(&dir)?;
+        images.sweep(&dirs.images_in_use()?);
         Ok(QemuHost {
             dirs,
             snapshots: Arc::new(snapshots),
+            images: Arc::new(images),
             vm_locks: VmLocks::default(),
             launcher: Arc::new(Launcher {
                 image,
@@ -379,6 +384,10 @@ impl QemuHost {
             Some(id) => Some(self.snapshots.disk(id, spec.disk_gb)?),
             None => None,
         };
+        let from_image = match (&spec.image, &from_snapshot) {
+            (Some(id), None) => Some(self.images.disk(id, spec.disk_gb)?),
+            _ => None,
+        };
         let record = VmRecord {
             spec: spec.clone(),
             ssh_port: free_port(&self.launcher.guest_address)?,
@@ -388,7 +397,9 @@ impl QemuHost {
             mac: Some(random_mac()?),
             restored_from: None,
         };
-        if let Some(base) = self.base.as_ref().filter(|_| from_snapshot.is_none()) {
+        // Base snapshots are of the host's image.
+        let from_host_image = from_snapshot.is_none() && from_image.is_none();
+        if let Some(base) = self.base.as_ref().filter(|_| from_host_image) {
             match base.ready(spec) {
                 Some(snapshot) => match self.restore(&record, &snapshot).await {
                     Ok(record) => return Ok(record),
@@ -403,9 +414,10 @@ impl QemuHost {
         self.dirs.build(&record, &[], |dir| {
             let mut create = Command::new("qemu-img");
             create.args(["create", "-q", "-f", "qcow2"]);
-            match &from_snapshot {
-                Some(disk) => create.args(["-F", "qcow2", "-b"]).arg(disk),
-                None => create
+            match (&from_snapshot, &from_image) {
+                (Some(disk), _) => create.args(["-F", "qcow2", "-b"]).arg(disk),
+                (None, Some(rootfs)) => create.args(["-F", "raw", "-b"]).arg(rootfs),
+                (None, None) => create
                     .args(["-F", "raw", "-b"])
                     .arg(self.launcher.image.rootfs()),
             };
@@ -852,6 +864,7 @@ impl Vmm for QemuHost {
         self.dirs.remove(name)?;
         self.vm_locks.forget(name);
         self.snapshots.sweep(&self.dirs.snapshots_in_use()?);
+        self.images.sweep(&self.dirs.images_in_use()?);
         Ok(())
     }
 
@@ -955,6 +968,16 @@ impl Vmm for QemuHost {
         // Not under a create that is layering a disk on it.
         let _guard = self.lock.lock().await;
         self.snapshots.remove(id, &self.dirs.snapshots_in_use()?)
+    }
+
+    fn images(&self) -> Option<&Arc<Snapshots>> {
+        Some(&self.images)
+    }
+
+    async fn remove_image(&self, id: &str) -> Result<bool, VmmError> {
+        // Not under a create that is layering a disk on it.
+        let _guard = self.lock.lock().await;
+        self.images.remove(id, &self.dirs.images_in_use()?)
     }
 
     /// A base snapshot being built is abandoned with its QEMU (the next create that needs

@@ -10,6 +10,9 @@
 //! - `GET /v1/snapshots`, `POST /v1/snapshots` (save a VM's disk under the control plane's
 //!   id, or find the one saved before under it), `GET /v1/snapshots/{id}`,
 //!   `DELETE /v1/snapshots/{id}`.
+//! - `GET /v1/images`, `PUT /v1/images/{id}` (a custom image from a file system's tarball,
+//!   `images.rs`; or the one made before under the id), `GET /v1/images/{id}`,
+//!   `DELETE /v1/images/{id}`.
 //! - `GET /metrics`: Prometheus text.
 
 use crate::identity::{self, Joined};
@@ -157,6 +160,7 @@ async fn create(
         authorized_keys: body.authorized_keys,
         labels: body.labels,
         snapshot: body.snapshot,
+        image: body.image,
     };
     let record = agent.vms.create(&spec).await?;
     Ok(Json(view(&agent, &record, VmStatus::Running)))
@@ -233,6 +237,124 @@ async fn remove_snapshot(
     Ok(Json(wire::SnapshotRemoved { removed }))
 }
 
+/// Images imported at once: each one's unpacked tree and file system take disk and a core.
+const IMPORTS_AT_ONCE: usize = 2;
+static IMPORTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(IMPORTS_AT_ONCE);
+/// How long an image's upload may send nothing.
+const IMPORT_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn images(agent: &Agent) -> Result<&Arc<crate::snapshots::Snapshots>, ApiError> {
+    agent.vms.images().ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_IMPLEMENTED,
+            format!("the {} backend takes no images", agent.vms.backend()),
+        )
+    })
+}
+
+/// `PUT /v1/images/{id}`: the body is the image's file system as a tarball, its length
+/// announced (at most `images::MAX_TARBALL_BYTES`).
+async fn import_image(
+    State(agent): State<Shared>,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<Json<wire::Snapshot>, ApiError> {
+    use futures::StreamExt;
+    let images = images(&agent)?.clone();
+    if let Some(found) = images.find(&id)? {
+        return Ok(Json(found));
+    }
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::LENGTH_REQUIRED,
+                "announce the tarball's length (Content-Length)".into(),
+            )
+        })?;
+    if length > crate::images::MAX_TARBALL_BYTES {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "an image's tarball may have at most {} bytes",
+                crate::images::MAX_TARBALL_BYTES
+            ),
+        ));
+    }
+    let _permit = IMPORTS.try_acquire().map_err(|_| {
+        ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("{IMPORTS_AT_ONCE} images are being imported on this host; try again later"),
+        )
+    })?;
+    let promised = images
+        .promise(crate::images::room_needed(length))
+        .map_err(|e| ApiError(StatusCode::INSUFFICIENT_STORAGE, e.to_string()))?;
+    let chunks = futures::stream::unfold(body.into_data_stream(), |mut body| async move {
+        match tokio::time::timeout(IMPORT_STALL, body.next()).await {
+            Ok(Some(chunk)) => Some((chunk.map_err(std::io::Error::other), body)),
+            Ok(None) => None,
+            Err(_) => Some((
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("nothing came for {} s", IMPORT_STALL.as_secs()),
+                )),
+                body,
+            )),
+        }
+    });
+    let reader = tokio_util::io::StreamReader::new(Box::pin(chunks));
+    let made = tokio::task::spawn_blocking(move || {
+        let _promised = promised;
+        crate::images::import(
+            &images,
+            &id,
+            tokio_util::io::SyncIoBridge::new(reader),
+            length,
+        )
+    })
+    .await
+    .map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the import failed: {e}"),
+        )
+    })?
+    .map_err(|e| match e {
+        VmmError::Failed(m) => ApiError(StatusCode::UNPROCESSABLE_ENTITY, m),
+        e => e.into(),
+    })?;
+    Ok(Json(made))
+}
+
+async fn list_images(State(agent): State<Shared>) -> Result<Json<wire::Snapshots>, ApiError> {
+    let items = match agent.vms.images() {
+        Some(images) => images.list()?,
+        None => Vec::new(),
+    };
+    Ok(Json(wire::Snapshots { items }))
+}
+
+async fn get_image(
+    State(agent): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<wire::Snapshot>, ApiError> {
+    images(&agent)?
+        .find(&id)?
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no image {id}")))
+}
+
+async fn remove_image(
+    State(agent): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<wire::SnapshotRemoved>, ApiError> {
+    let removed = agent.vms.remove_image(&id).await?;
+    Ok(Json(wire::SnapshotRemoved { removed }))
+}
+
 async fn metrics(State(agent): State<Shared>) -> Result<impl IntoResponse, ApiError> {
     use std::fmt::Write;
     let vms = agent.vms.list().await?;
@@ -296,6 +418,11 @@ pub fn router(agent: Shared) -> Router {
         .route(
             "/v1/snapshots/{id}",
             get(get_snapshot).delete(remove_snapshot),
+        )
+        .route("/v1/images", get(list_images))
+        .route(
+            "/v1/images/{id}",
+            get(get_image).put(import_image).delete(remove_image),
         )
         .route("/metrics", get(metrics))
         .route_layer(axum::middleware::from_fn_with_state(

@@ -53,17 +53,22 @@ fn free_bytes(path: &Path) -> Result<u64, VmmError> {
     Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
-/// Refuses a copy of up to `needed` bytes into `dir` that would leave less than
-/// `RESERVE_BYTES` free once copies under way (`pending` bytes) are done, before anything
-/// is paused or written.
-pub(crate) fn check_room(dir: &Path, needed: u64, pending: u64) -> Result<(), VmmError> {
+/// Refuses a copy of up to `needed` bytes into `dir` (`what`: "this snapshot", ...) that
+/// would leave less than `RESERVE_BYTES` free once copies under way (`pending` bytes) are
+/// done, before anything is paused or written.
+pub(crate) fn check_room(
+    dir: &Path,
+    needed: u64,
+    pending: u64,
+    what: &str,
+) -> Result<(), VmmError> {
     let free = free_bytes(dir)?;
     if free.saturating_sub(RESERVE_BYTES).saturating_sub(pending) < needed {
         let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
         return Err(VmmError::Failed(format!(
-            "not enough disk space on the host for this snapshot: it needs up to {:.1} GiB; \
-             {:.1} GiB are free, {:.1} GiB of them promised to snapshots under way, and \
-             {:.0} GiB are kept free for the VMs' disks; delete snapshots or free space on the host",
+            "not enough disk space on the host for {what}: it needs up to {:.1} GiB; \
+             {:.1} GiB are free, {:.1} GiB of them promised to copies under way, and \
+             {:.0} GiB are kept free for the VMs' disks; delete snapshots or images, or free space on the host",
             gib(needed),
             gib(free),
             gib(pending),
@@ -74,7 +79,7 @@ pub(crate) fn check_room(dir: &Path, needed: u64, pending: u64) -> Result<(), Vm
 }
 
 /// The room a copy under way was promised; given back when the copy ends either way.
-struct Promised {
+pub(crate) struct Promised {
     snapshots: Arc<Snapshots>,
     bytes: u64,
 }
@@ -88,9 +93,14 @@ impl Drop for Promised {
 impl Snapshots {
     /// Checks and promises room for a copy of up to `needed` bytes: copies of different VMs
     /// run at once, and each must count what the others will still write.
-    fn promise(self: &Arc<Self>, needed: u64) -> Result<Promised, VmmError> {
+    /// Bytes promised to copies under way.
+    pub(crate) fn pending(&self) -> u64 {
+        *self.pending.lock().expect("not poisoned")
+    }
+
+    pub(crate) fn promise(self: &Arc<Self>, needed: u64) -> Result<Promised, VmmError> {
         let mut pending = self.pending.lock().expect("not poisoned");
-        check_room(&self.root, needed, *pending)?;
+        check_room(&self.root, needed, *pending, &format!("this {}", self.what))?;
         *pending += needed;
         Ok(Promised {
             snapshots: self.clone(),
@@ -231,9 +241,13 @@ async fn pause_copy_resume(
     made
 }
 
-/// The snapshots under `<state>/snapshots`, each one disk file named `disk_file`.
+/// Disks new VMs are made from, each one file named `disk_file`, kept whole under ids the
+/// control plane gives: users' snapshots (`<state>/snapshots`), and custom images
+/// (`<state>/images`, `images.rs`), which are kept the same way.
 pub struct Snapshots {
     root: PathBuf,
+    /// `snapshot` or `image`, for messages.
+    what: &'static str,
     disk_file: &'static str,
     /// Bytes promised to copies under way (`promise`).
     pending: std::sync::Mutex<u64>,
@@ -248,19 +262,32 @@ impl Snapshots {
     /// Opens `<state>/snapshots`, removing the hidden directories of copies that an agent
     /// before this one did not finish.
     pub fn open(state: &Path, disk_file: &'static str) -> Result<Snapshots, VmmError> {
-        let root = state.join("snapshots");
+        Snapshots::open_in(state.join("snapshots"), "snapshot", disk_file)
+    }
+
+    /// Opens `<state>/images` (custom images, `images.rs`) the same way.
+    pub fn open_images(state: &Path) -> Result<Snapshots, VmmError> {
+        Snapshots::open_in(state.join("images"), "image", crate::images::DISK_FILE)
+    }
+
+    fn open_in(
+        root: PathBuf,
+        what: &'static str,
+        disk_file: &'static str,
+    ) -> Result<Snapshots, VmmError> {
         std::fs::create_dir_all(&root).map_err(fail("create the snapshots' directory"))?;
         for entry in std::fs::read_dir(&root)
             .map_err(fail("read the snapshots' directory"))?
             .flatten()
         {
             if entry.file_name().to_string_lossy().starts_with('.') {
-                tracing::info!(dir = %entry.path().display(), "removing a snapshot whose copy was cut short");
+                tracing::info!(dir = %entry.path().display(), what, "removing a copy that was cut short");
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
         Ok(Snapshots {
             root,
+            what,
             disk_file,
             pending: std::sync::Mutex::new(0),
         })
@@ -275,7 +302,8 @@ impl Snapshots {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !well_formed {
             return Err(VmmError::Failed(format!(
-                "snapshot id {id:?} must be letters, digits, '_' and '-' (at most 64)"
+                "{} id {id:?} must be letters, digits, '_' and '-' (at most 64)",
+                self.what
             )));
         }
         Ok(self.root.join(id))
@@ -284,15 +312,23 @@ impl Snapshots {
     /// The disk file of snapshot `id`, for a new VM's disk of `disk_gb` to be made from;
     /// an error that says why when there is no such snapshot (or it was deleted) or the
     /// disk would be smaller than the one it was taken of.
+    /// A hidden directory beside the kept ones for the work of making `id` (removed, if
+    /// left, by the next `open`).
+    pub(crate) fn work_dir(&self, id: &str) -> Result<PathBuf, VmmError> {
+        self.dir(id)?;
+        Ok(self.root.join(format!(".{id}.work")))
+    }
+
     pub fn disk(&self, id: &str, disk_gb: i64) -> Result<PathBuf, VmmError> {
         match self.find(id)? {
             Some(found) if found.disk_gb > disk_gb => Err(VmmError::Failed(format!(
-                "snapshot {id} is of a {} GB disk; a VM made from it needs at least that, not {disk_gb} GB",
-                found.disk_gb
+                "{} {id} is of a {} GB disk; a VM made from it needs at least that, not {disk_gb} GB",
+                self.what, found.disk_gb
             ))),
             Some(_) => Ok(self.dir(id)?.join(self.disk_file)),
             None => Err(VmmError::Failed(format!(
-                "this host has no snapshot {id}; it was deleted or never finished"
+                "this host has no {} {id}; it was deleted or never finished",
+                self.what
             ))),
         }
     }
@@ -350,20 +386,31 @@ impl Snapshots {
         disk_gb: i64,
         copy: impl FnOnce(&Path) -> Result<(), VmmError>,
     ) -> Result<Snapshot, VmmError> {
+        self.make_sized(id, |disk| copy(disk).map(|()| disk_gb))
+    }
+
+    /// `make` for a disk whose size `write` learns: it writes the file at the path it is
+    /// given and returns the size in GB a VM made from it needs at least.
+    pub fn make_sized(
+        &self,
+        id: &str,
+        write: impl FnOnce(&Path) -> Result<i64, VmmError>,
+    ) -> Result<Snapshot, VmmError> {
         if let Some(found) = self.find(id)? {
             return Ok(found);
         }
         let dir = self.dir(id)?;
         if dir.exists() {
             return Err(VmmError::Failed(format!(
-                "snapshot {id} was deleted; a new one needs a new id"
+                "{} {id} was deleted; a new one needs a new id",
+                self.what
             )));
         }
         let building = self.root.join(format!(".{id}.new"));
         let _ = std::fs::remove_dir_all(&building);
         std::fs::create_dir_all(&building).map_err(fail("create the snapshot's directory"))?;
         let disk = building.join(self.disk_file);
-        let made = copy(&disk).and_then(|()| {
+        let made = write(&disk).and_then(|disk_gb| {
             // Durable before it is said to exist: the control plane records it as ready.
             std::fs::File::open(&disk)
                 .and_then(|f| f.sync_all())
@@ -437,7 +484,9 @@ mod tests {
         let state = tempfile::tempdir().unwrap();
         let free = free_bytes(state.path()).unwrap();
         assert!(free > 0);
-        let refused = check_room(state.path(), free, 0).unwrap_err().to_string();
+        let refused = check_room(state.path(), free, 0, "this snapshot")
+            .unwrap_err()
+            .to_string();
         assert!(
             refused.contains("not enough disk space on the host for this snapshot"),
             "{refused}"

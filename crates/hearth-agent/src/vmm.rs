@@ -57,6 +57,10 @@ pub struct VmSpec {
     /// The user snapshot (`snapshots.rs`) its disk is made from; `None`: the image's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// The custom image (`images.rs`) its disk is made from, when no snapshot is; `None`:
+    /// the host's image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// What the agent keeps of a VM, on disk.
@@ -134,6 +138,17 @@ pub trait Vmm: Send + Sync {
     /// Deletes snapshot `id` (one that is absent counts as deleted); its file stays while
     /// VMs layered on it do. Whether it is gone now.
     async fn remove_snapshot(&self, id: &str) -> Result<bool, VmmError> {
+        let _ = id;
+        Ok(true)
+    }
+
+    /// The custom images kept here (`images.rs`); `None` for a backend that takes none.
+    fn images(&self) -> Option<&std::sync::Arc<Snapshots>> {
+        None
+    }
+
+    /// Deletes image `id` as `remove_snapshot` deletes a snapshot.
+    async fn remove_image(&self, id: &str) -> Result<bool, VmmError> {
         let _ = id;
         Ok(true)
     }
@@ -381,10 +396,19 @@ impl VmDirs {
 
     /// The user snapshots the VMs kept here were made from.
     pub fn snapshots_in_use(&self) -> Result<HashSet<String>, VmmError> {
+        self.in_use(|spec| spec.snapshot)
+    }
+
+    /// The custom images the VMs kept here were made from.
+    pub fn images_in_use(&self) -> Result<HashSet<String>, VmmError> {
+        self.in_use(|spec| spec.image)
+    }
+
+    fn in_use(&self, from: impl Fn(VmSpec) -> Option<String>) -> Result<HashSet<String>, VmmError> {
         let mut in_use = HashSet::new();
         for name in self.names()? {
-            if let Some(from) = self.record(&name)?.and_then(|r| r.spec.snapshot) {
-                in_use.insert(from);
+            if let Some(id) = self.record(&name)?.and_then(|r| from(r.spec)) {
+                in_use.insert(id);
             }
         }
         Ok(in_use)

@@ -469,6 +469,7 @@ async fn the_backend_runs_vm_processes_through_their_life() {
                 .into(),
         labels: Default::default(),
         snapshot: None,
+        image: None,
     };
     let record = host.create(&spec).await.unwrap();
     let slot = record.net_slot.expect("a tap slot");
@@ -516,6 +517,7 @@ async fn the_backend_runs_vm_processes_through_their_life() {
         name: format!("{name}-s"),
         environment_id: "fc-s".into(),
         snapshot: Some("snap-fc".into()),
+        image: None,
         ..spec.clone()
     };
     let smaller = host
@@ -610,6 +612,58 @@ async fn the_backend_runs_vm_processes_through_their_life() {
     assert_eq!(host.list().await.unwrap().len(), 0);
 }
 
+/// A VM's disk is a copy of its image's: one that would leave the host's disk without the
+/// room the VMs' disks grow into is refused with the reason, and nothing is made. The state
+/// directory is a 64 MiB tmpfs (the agent keeps 2 GiB free).
+async fn a_disk_copy_that_would_fill_the_host_is_refused() {
+    use hearth_agent::firecracker_host::{FirecrackerConfig, FirecrackerHost};
+    use hearth_agent::vmm::{VmSpec, Vmm};
+    let state = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(state.path())
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a tmpfs (the tests run as root)");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(state.path().to_path_buf());
+    let host = FirecrackerHost::new(
+        state.path().to_path_buf(),
+        image(),
+        FirecrackerConfig {
+            firecracker: std::env::current_exe().unwrap(),
+            jailer: None,
+            chroot_base: state.path().join("jail"),
+        },
+        "127.0.0.1",
+    )
+    .unwrap();
+    let spec = VmSpec {
+        name: format!("hearth-fc-full-{}", std::process::id()),
+        environment_id: "fc-full".into(),
+        hostname: "fc-full".into(),
+        vcpus: 1,
+        memory_mb: 256,
+        disk_gb: 2,
+        authorized_keys: String::new(),
+        labels: Default::default(),
+        snapshot: None,
+        image: None,
+    };
+    let refused = host.create(&spec).await.unwrap_err().to_string();
+    assert!(
+        refused.contains("not enough disk space on the host for this VM's disk"),
+        "{refused}"
+    );
+    assert!(host.record(&spec.name).unwrap().is_none());
+    assert!(host.list().await.unwrap().is_empty());
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "--api-sock") {
@@ -633,6 +687,10 @@ fn main() {
         libtest_mimic::Trial::test(
             "a_request_that_breaks_the_spec_fails",
             run(|| Box::pin(a_request_that_breaks_the_spec_fails())),
+        ),
+        libtest_mimic::Trial::test(
+            "a_disk_copy_that_would_fill_the_host_is_refused",
+            run(|| Box::pin(a_disk_copy_that_would_fill_the_host_is_refused())),
         ),
         libtest_mimic::Trial::test(
             "the_backend_runs_vm_processes_through_their_life",

@@ -116,6 +116,7 @@ async fn a_vm_boots_its_own_kernel_and_lives_its_whole_life() {
         authorized_keys: keys.public_openssh.clone(),
         labels: BTreeMap::new(),
         snapshot: None,
+        image: None,
     };
     let record = host.create(&spec).await.unwrap();
     // An image with the MMIO transport boots on the microvm machine.
@@ -260,6 +261,7 @@ fn spec(name: &str, hostname: &str, keys: &KeyPair) -> VmSpec {
         authorized_keys: keys.public_openssh.clone(),
         labels: BTreeMap::new(),
         snapshot: None,
+        image: None,
     }
 }
 

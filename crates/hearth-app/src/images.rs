@@ -9,6 +9,12 @@
 //! (`<data dir>/imports`, at most `HEARTH_IMAGE_UPLOAD_MAX_BYTES`), loaded by the engine
 //! under a name Hearth gives (never the names the tarball carries), then checked the same way.
 //!
+//! An image for VMs on agent hosts (`provider: agent`) is built the same way on a Docker
+//! host, under `<reference>-vm`; its file system is exported to this node's disk
+//! (`<data dir>/imports`) and sent to an agent host, which makes a VM's root file system of
+//! it (the agent's `images.rs`); the Docker image and the file go once it has. Environments
+//! of it go on that agent host.
+//!
 //! The build or import runs while the caller waits (bounded by `BUILD_LIMIT`); a node that
 //! dies mid-way leaves a `building` row, which the reaper removes with whatever the engine
 //! finished, and an upload file, which that node's reaper removes (`settle_images`).
@@ -23,6 +29,8 @@ use hearth_store::{Image, StoreError, User};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+/// What a VM image's build on a Docker host is tagged as, after its reference.
+pub(crate) const VM_BUILD_SUFFIX: &str = "-vm";
 /// How long a build may run.
 const BUILD_LIMIT: Duration = Duration::from_secs(900);
 /// Where uploaded tarballs wait, under the data directory.
@@ -65,6 +73,7 @@ pub async fn check_image(
     host: &HostRef,
     ssh: &SshPool,
     reference: &str,
+    disk_gb: i64,
 ) -> Result<(), String> {
     let keys = KeyPair::generate();
     let made_ms = std::time::SystemTime::now()
@@ -82,7 +91,7 @@ pub async fn check_image(
         image: reference.to_string(),
         vcpus: 1,
         memory_mb: 512,
-        disk_gb: 2,
+        disk_gb,
         gpus: 0,
         env: BTreeMap::new(),
         authorized_key: keys.public_openssh.clone(),
@@ -195,6 +204,26 @@ async fn boot_and_log_in(
         "sshd did not let dev in within {} s ({last}): the image must run sshd on port 22",
         CHECK_LIMIT.as_secs()
     ))
+}
+
+/// `build_image`, given up after `BUILD_LIMIT`.
+async fn build_within_limit(
+    provider: &dyn Provider,
+    host: &HostRef,
+    reference: &str,
+    dockerfile: &str,
+) -> Result<i64, ProviderError> {
+    tokio::time::timeout(
+        BUILD_LIMIT,
+        provider.build_image(host, reference, dockerfile),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(ProviderError::Failed(format!(
+            "the build took longer than {} s",
+            BUILD_LIMIT.as_secs()
+        )))
+    })
 }
 
 /// A Dockerfile's logical lines: a trailing backslash joins the next line, comments and
@@ -331,14 +360,25 @@ fn valid_name(name: &str) -> Result<(), String> {
 
 impl App {
     /// Builds and checks an image from `dockerfile` on a Docker host, then offers it under
-    /// `name`. `everyone` needs the admin role.
+    /// `name`, for VMs on hosts of kind `provider` (`docker` or `agent`; `docker` when
+    /// `None`). `everyone` needs the admin role.
     pub async fn register_image(
         &self,
         user: &User,
         name: &str,
         dockerfile: &str,
         everyone: bool,
+        provider: Option<&str>,
     ) -> AppResult<Image> {
+        let kind = match provider.map(|p| (p, HostKind::parse(p))) {
+            None => HostKind::Docker,
+            Some((_, Some(kind @ (HostKind::Docker | HostKind::Agent)))) => kind,
+            Some((p, _)) => {
+                return Err(AppError::Invalid(format!(
+                    "images are made for provider docker or agent, not {p:?}"
+                )));
+            }
+        };
         valid_name(name).map_err(AppError::Invalid)?;
         if dockerfile.trim().is_empty()
             || dockerfile.len() > MAX_DOCKERFILE_BYTES
@@ -349,18 +389,13 @@ impl App {
             )));
         }
         let dockerfile = &confine_bases(self, user, dockerfile).await?;
-        let (image, host_ref, provider) = self.begin_image(user, name, everyone).await?;
-        let built = tokio::time::timeout(
-            BUILD_LIMIT,
-            provider.build_image(&host_ref, &image.reference, dockerfile),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(ProviderError::Failed(format!(
-                "the build took longer than {} s",
-                BUILD_LIMIT.as_secs()
-            )))
-        });
+        let (image, host_ref, provider) = self.begin_image(user, name, everyone, kind).await?;
+        let built = if kind == HostKind::Docker {
+            build_within_limit(provider.as_ref(), &host_ref, &image.reference, dockerfile).await
+        } else {
+            self.build_for_vms(&image, dockerfile, &host_ref, provider.as_ref())
+                .await
+        };
         self.offer_image(
             user,
             image,
@@ -395,7 +430,9 @@ impl App {
                 "{IMPORTS_AT_ONCE} imports are under way on this server; try again in a few minutes"
             ))
         })?;
-        let (image, host_ref, provider) = self.begin_image(user, name, everyone).await?;
+        let (image, host_ref, provider) = self
+            .begin_image(user, name, everyone, HostKind::Docker)
+            .await?;
         let dir = self.config.data_dir.join(IMPORTS);
         let path = dir.join(format!("{}.tar", image.id));
         let received = tokio::time::timeout(UPLOAD_LIMIT, self.receive_upload(&dir, &path, upload))
@@ -479,13 +516,84 @@ impl App {
         Ok(())
     }
 
-    /// The record of a new image (`building`, under the caller's count) and the Docker host
-    /// that will make it.
+    /// Builds `dockerfile` on a Docker host as `<reference>-vm`, exports its file system and
+    /// has the agent host `host` make `image` of it. The Docker image and the exported file
+    /// are removed whatever happened (and, after a node died, by `remove_image_everywhere`
+    /// and the reaper's sweep of images no record names).
+    async fn build_for_vms(
+        &self,
+        image: &Image,
+        dockerfile: &str,
+        host: &HostRef,
+        agent: &dyn Provider,
+    ) -> Result<i64, ProviderError> {
+        let (builder, docker) = self
+            .builder()
+            .await
+            .map_err(|e| ProviderError::Unavailable(e.to_string()))?;
+        let staged = format!("{}{VM_BUILD_SUFFIX}", image.reference);
+        let dir = self.config.data_dir.join(IMPORTS);
+        let tarball = dir.join(format!("{}.rootfs.tar", image.id));
+        let made = async {
+            build_within_limit(docker.as_ref(), &builder, &staged, dockerfile).await?;
+            tokio::fs::create_dir_all(&dir)
+                .await
+                .map_err(|e| ProviderError::Failed(format!("keeping the file system: {e}")))?;
+            let bytes = docker.export_image(&builder, &staged, &tarball).await?;
+            tracing::info!(image = %image.name, bytes, host = %host.name, "sending an image's file system to its agent host");
+            let _ = docker.remove_image(&builder, &staged).await;
+            agent.import_image(host, &image.reference, &tarball).await
+        }
+        .await;
+        let _ = tokio::fs::remove_file(&tarball).await;
+        if let Err(e) = docker.remove_image(&builder, &staged).await {
+            tracing::warn!(image = %staged, error = %e, "could not remove a VM image's build (the reaper will)");
+        }
+        made
+    }
+
+    /// A Docker host that answers, to build on.
+    async fn builder(&self) -> AppResult<(HostRef, std::sync::Arc<dyn Provider>)> {
+        let host = self.image_host(HostKind::Docker).await?;
+        let provider = self
+            .providers
+            .get(HostKind::Docker)
+            .map_err(|e| AppError::Invalid(e.to_string()))?;
+        Ok((self.host_ref(&host)?, provider))
+    }
+
+    /// A host of `kind` that answers now.
+    async fn image_host(&self, kind: HostKind) -> AppResult<hearth_store::Host> {
+        let hosts: Vec<_> = self
+            .store
+            .hosts()
+            .await?
+            .into_iter()
+            .filter(|h| h.kind == kind)
+            .collect();
+        if hosts.is_empty() {
+            return Err(AppError::Invalid(format!(
+                "images are built on a Docker host and kept on a host of kind {kind}, and this installation has no {kind} host"
+            )));
+        }
+        hosts
+            .into_iter()
+            .find(|h| h.status == HostStatus::Ready && h.health == HostHealth::Healthy)
+            .ok_or_else(|| {
+                AppError::NoCapacity(format!(
+                    "no {kind} host answers now to make the image; try again later"
+                ))
+            })
+    }
+
+    /// The record of a new image (`building`, under the caller's count) and the host of
+    /// `kind` that will keep it.
     async fn begin_image(
         &self,
         user: &User,
         name: &str,
         everyone: bool,
+        kind: HostKind,
     ) -> AppResult<(
         Image,
         hearth_provider::HostRef,
@@ -496,30 +604,15 @@ impl App {
                 "only admins offer images to everyone; leave visibility private".into(),
             ));
         }
-        let docker_hosts: Vec<_> = self
-            .store
-            .hosts()
-            .await?
-            .into_iter()
-            .filter(|h| h.kind == HostKind::Docker)
-            .collect();
-        if docker_hosts.is_empty() {
-            return Err(AppError::Invalid(
-                "images are built on a Docker host, and this installation has none".into(),
-            ));
+        if kind != HostKind::Docker {
+            // The builder must answer too, before anything is recorded.
+            self.image_host(HostKind::Docker).await?;
         }
-        let host = docker_hosts
-            .into_iter()
-            .find(|h| h.status == HostStatus::Ready && h.health == HostHealth::Healthy)
-            .ok_or_else(|| {
-                AppError::NoCapacity(
-                    "no Docker host answers now to build the image; try again later".into(),
-                )
-            })?;
+        let host = self.image_host(kind).await?;
         let host_ref = self.host_ref(&host)?;
         let provider = self
             .providers
-            .get(HostKind::Docker)
+            .get(kind)
             .map_err(|e| AppError::Invalid(e.to_string()))?;
         let max = if user.role == Role::Admin {
             1000
@@ -567,11 +660,19 @@ impl App {
             }
             Ok(size) => size,
             Err(ProviderError::Unavailable(m)) => {
-                return refuse(format!("the Docker host stopped answering: {m}")).await;
+                return refuse(format!("a host stopped answering: {m}")).await;
             }
             Err(e) => return refuse(format!("{failed}:\n{e}")).await,
         };
-        if let Err(reason) = check_image(provider, host_ref, &self.ssh, &image.reference).await {
+        // An agent's file system is a quarter and 256 MiB larger than what it holds
+        // (`size`), and a VM's disk must hold it.
+        let disk_gb = match host_ref.kind {
+            HostKind::Agent => (size + size / 4 + (256 << 20) + (1 << 30) - 1) / (1 << 30) + 1,
+            _ => 2,
+        };
+        if let Err(reason) =
+            check_image(provider, host_ref, &self.ssh, &image.reference, disk_gb).await
+        {
             return refuse(format!("image {name} breaks the guest contract: {reason}")).await;
         }
         let image = self.store.image_ready(&image.id, size).await?;
@@ -650,6 +751,13 @@ impl App {
     async fn remove_image_everywhere(&self, image: &Image) -> AppResult<()> {
         match self.store.host(&image.host_id).await {
             Ok(host) => {
+                if host.kind != HostKind::Docker
+                    && let Ok((builder, docker)) = self.builder().await
+                {
+                    // What a node that died mid-way left on the builder.
+                    let staged = format!("{}{VM_BUILD_SUFFIX}", image.reference);
+                    let _ = docker.remove_image(&builder, &staged).await;
+                }
                 let host_ref = self.host_ref(&host)?;
                 self.providers
                     .get(host.kind)

@@ -246,6 +246,13 @@ impl App {
             None if requested == self.config.image => (requested, None),
             None => {
                 let custom = self.usable_image(user, &requested).await?;
+                let host = self.store.host(&custom.host_id).await?;
+                if host.kind != placement.kind {
+                    return Err(AppError::Invalid(format!(
+                        "image {} is for provider {}: ask for that provider",
+                        custom.name, host.kind
+                    )));
+                }
                 (custom.reference, Some(custom.host_id))
             }
         };

@@ -327,6 +327,13 @@ impl App {
             for (id, image_id) in kept {
                 let recorded = if label == hearth_provider::docker::LABEL_SNAPSHOT {
                     self.store.snapshot(&id).await.map(|_| ())
+                } else if let Some(of) = id.strip_suffix(crate::images::VM_BUILD_SUFFIX) {
+                    // A VM image's build on a Docker host is kept only while it is made.
+                    match self.store.image_named(of).await {
+                        Ok(image) if image.state == "building" => Ok(()),
+                        Ok(_) => Err(StoreError::NotFound),
+                        Err(e) => Err(e),
+                    }
                 } else {
                     self.store.image_named(&id).await.map(|_| ())
                 };

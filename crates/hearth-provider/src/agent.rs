@@ -57,6 +57,10 @@ pub mod wire {
         /// The snapshot (taken on this host) the VM's disk is made from; the image's if none.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub snapshot: Option<String>,
+        /// The custom image (imported on this host) the VM's disk is made from, when no
+        /// snapshot is; the host's image if none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub image: Option<String>,
     }
 
     /// `POST /v1/snapshots`: save VM `vm`'s disk as snapshot `id`.
@@ -139,6 +143,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long taking a snapshot may take on the agent: its copy of the VM's disk (the control
 /// plane gives a take 10 minutes in all).
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(590);
+/// How long an agent may take to receive an image's file system and make a disk of it.
+const IMPORT_TIMEOUT: Duration = Duration::from_secs(900);
 
 pub struct AgentProvider {
     /// One client per host, remade when its pinned certificate changes.
@@ -212,17 +218,35 @@ impl AgentProvider {
         body: Option<serde_json::Value>,
         timeout: Duration,
     ) -> Result<Option<T>, ProviderError> {
+        let mut request = self.request(host, method, path, timeout)?;
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        self.send(host, request).await
+    }
+
+    fn request(
+        &self,
+        host: &HostRef,
+        method: reqwest::Method,
+        path: &str,
+        timeout: Duration,
+    ) -> Result<reqwest::RequestBuilder, ProviderError> {
         let (client, credential) = self.client(host)?;
-        let mut request = client
+        Ok(client
             .request(
                 method,
                 format!("{}{path}", host.endpoint.trim_end_matches('/')),
             )
             .timeout(timeout)
-            .bearer_auth(credential);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
+            .bearer_auth(credential))
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        host: &HostRef,
+        request: reqwest::RequestBuilder,
+    ) -> Result<Option<T>, ProviderError> {
         let response = request.send().await.map_err(|e| {
             ProviderError::Unavailable(format!(
                 "cannot reach the agent of host {} at {}: {e}",
@@ -295,6 +319,14 @@ pub async fn healthz(endpoint: &str, ca_pem: &str) -> Result<(), String> {
     } else {
         Err(format!("it answered {}", response.status()))
     }
+}
+
+/// The id on the agent of custom image `reference` (`hearth-image:<id>`, the control
+/// plane's name for it on every kind of host); `None` for any other image.
+fn custom_image_id(reference: &str) -> Option<&str> {
+    reference
+        .strip_prefix(crate::docker::IMAGE_REPOSITORY)
+        .and_then(|rest| rest.strip_prefix(':'))
 }
 
 /// What a VM made from snapshot `id` is created from: the name the control plane records
@@ -374,6 +406,7 @@ impl Provider for AgentProvider {
             authorized_keys: spec.authorized_key.clone(),
             labels: spec.labels.clone(),
             snapshot: snapshot_id(&spec.image).map(str::to_string),
+            image: custom_image_id(&spec.image).map(str::to_string),
         };
         let vm: wire::Vm = self
             .call(
@@ -493,44 +526,88 @@ impl Provider for AgentProvider {
         Ok(found.map(made))
     }
 
-    /// An agent's snapshots are its only labelled images (`hearth.snapshot`), named by id.
+    /// An agent's labelled images are its snapshots (`hearth.snapshot`), named by id, and
+    /// its custom images (`hearth.image`), named by reference.
     async fn labelled_images(
         &self,
         host: &HostRef,
         label: &str,
     ) -> Result<Vec<(String, String)>, ProviderError> {
-        if label != crate::docker::LABEL_SNAPSHOT {
-            return Ok(Vec::new());
-        }
+        let (path, name): (&str, fn(&str) -> String) = match label {
+            crate::docker::LABEL_SNAPSHOT => ("/v1/snapshots", str::to_string),
+            crate::docker::LABEL_IMAGE => ("/v1/images", |id| {
+                format!("{}:{id}", crate::docker::IMAGE_REPOSITORY)
+            }),
+            _ => return Ok(Vec::new()),
+        };
         let kept: wire::Snapshots = self
-            .call(host, reqwest::Method::GET, "/v1/snapshots", None)
+            .call(host, reqwest::Method::GET, path, None)
             .await?
             .ok_or_else(|| {
-                ProviderError::Failed(format!("host {}: the agent lists no snapshots", host.name))
+                ProviderError::Failed(format!("host {}: the agent lists no {path}", host.name))
             })?;
         Ok(kept
             .items
             .into_iter()
-            .map(|s| (s.id.clone(), s.id))
+            .map(|s| (s.id.clone(), name(&s.id)))
             .collect())
     }
 
-    /// Deletes the snapshot: the agent no longer offers it, and removes its file once no
-    /// VM is made from it (true when that happened now).
+    /// Deletes the snapshot (an id) or custom image (a reference): the agent no longer
+    /// offers it, and removes its file once no VM is made from it (true when that happened
+    /// now).
     async fn remove_unused_image(
         &self,
         host: &HostRef,
         image_id: &str,
     ) -> Result<bool, ProviderError> {
+        let path = match custom_image_id(image_id) {
+            Some(id) => format!("/v1/images/{id}"),
+            None => format!("/v1/snapshots/{image_id}"),
+        };
         let removed: Option<wire::SnapshotRemoved> = self
-            .call(
-                host,
-                reqwest::Method::DELETE,
-                &format!("/v1/snapshots/{image_id}"),
-                None,
-            )
+            .call(host, reqwest::Method::DELETE, &path, None)
             .await?;
         Ok(removed.is_none_or(|r| r.removed))
+    }
+
+    /// Sends the file system in `tarball` (`Provider::export_image`'s, of an image built
+    /// `FROM hearth/base`) to the agent, which makes a VM's root file system of it.
+    async fn import_image(
+        &self,
+        host: &HostRef,
+        reference: &str,
+        tarball: &std::path::Path,
+    ) -> Result<i64, ProviderError> {
+        let id = custom_image_id(reference)
+            .ok_or_else(|| ProviderError::Failed(format!("{reference} names no custom image")))?;
+        let file = tokio::fs::File::open(tarball)
+            .await
+            .map_err(|e| ProviderError::Failed(format!("reading the image's file system: {e}")))?;
+        let length = file
+            .metadata()
+            .await
+            .map_err(|e| ProviderError::Failed(format!("reading the image's file system: {e}")))?
+            .len();
+        let request = self
+            .request(
+                host,
+                reqwest::Method::PUT,
+                &format!("/v1/images/{id}"),
+                IMPORT_TIMEOUT,
+            )?
+            .header(reqwest::header::CONTENT_LENGTH, length)
+            .body(reqwest::Body::wrap_stream(
+                tokio_util::io::ReaderStream::with_capacity(file, 1 << 20),
+            ));
+        let made: wire::Snapshot = self.send(host, request).await?.ok_or_else(|| {
+            ProviderError::Failed(format!("host {}: the agent made no image", host.name))
+        })?;
+        Ok(made.size_bytes)
+    }
+
+    async fn remove_image(&self, host: &HostRef, reference: &str) -> Result<(), ProviderError> {
+        self.remove_unused_image(host, reference).await.map(|_| ())
     }
 
     async fn remove_snapshot(

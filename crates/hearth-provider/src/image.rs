@@ -9,8 +9,10 @@ use std::process::Command;
 
 pub const DEFAULT_IMAGE: &str = "hearth/base:latest";
 pub const SUITE: &str = "bookworm";
+/// `tini` is for VMs: a custom image for agent hosts is built `FROM` this one, and a VM's
+/// init runs sshd under it.
 pub const PACKAGES: &str =
-    "openssh-server,sudo,git,curl,ca-certificates,iproute2,procps,bash,less,python3,rsync";
+    "openssh-server,sudo,git,curl,ca-certificates,iproute2,procps,bash,less,python3,rsync,tini";
 
 /// The guest's PID 1 child (under docker-init): host key, the authorized key, then sshd.
 pub const INIT_SCRIPT: &str = r#"#!/bin/sh

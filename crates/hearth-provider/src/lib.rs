@@ -295,8 +295,9 @@ pub trait Provider: Send + Sync + 'static {
         )))
     }
 
-    /// Loads the image in the `docker save` tarball at `tarball` as image `reference`,
-    /// labelled as this installation's as `build_image` does; returns its size in bytes.
+    /// Loads the image in the tarball at `tarball` as image `reference`, labelled as this
+    /// installation's as `build_image` does; returns its size in bytes. Docker takes a
+    /// `docker save` tarball; an agent host a file system (`export_image`'s).
     /// It never takes the names the tarball gives. The error says what is wrong with the
     /// tarball. Kinds that cannot say so.
     async fn import_image(
@@ -307,6 +308,21 @@ pub trait Provider: Send + Sync + 'static {
     ) -> Result<i64, ProviderError> {
         Err(ProviderError::Unsupported(format!(
             "hosts of kind {} import no images yet",
+            host.kind
+        )))
+    }
+
+    /// Writes the file system a VM of image `reference` starts with as a tarball at `to`
+    /// (what an agent host makes a custom image's root file system of); returns its length.
+    /// Kinds that cannot say so.
+    async fn export_image(
+        &self,
+        host: &HostRef,
+        _reference: &str,
+        _to: &std::path::Path,
+    ) -> Result<u64, ProviderError> {
+        Err(ProviderError::Unsupported(format!(
+            "hosts of kind {} export no images",
             host.kind
         )))
     }

@@ -779,7 +779,7 @@ async fn check_image(name: &str, endpoint: &str) -> Result<ExitCode, Failure> {
         installation_id: format!("image-check-{}", std::process::id()),
     };
     eprintln!("checking {name}: starting a VM of it and logging in as dev (up to 60 s)");
-    match hearth_app::images::check_image(&provider, &host, &hearth_guest::SshPool::new(), name)
+    match hearth_app::images::check_image(&provider, &host, &hearth_guest::SshPool::new(), name, 2)
         .await
     {
         Ok(()) => {

@@ -845,3 +845,129 @@ async fn a_warm_pool_on_an_agent_host() {
     server.destroy(&token, &id, UP).await;
     assert_eq!(qemu_of(&id), 0);
 }
+
+/// A custom image for VMs (`"provider": "agent"`), real QEMU under TCG: built from a
+/// Dockerfile on a Docker host, its file system becomes a VM's root file system on the agent
+/// host; an environment of it has the package and the file the Dockerfile put there and lets
+/// `dev` in. One without what a VM needs is refused with the reason. Deleted while a VM uses
+/// it, its file stays on the agent until that VM goes; nothing is left on the builder.
+#[tokio::test]
+async fn a_custom_image_on_an_agent_host() {
+    let site = agent_site(Site::new(Db::Sqlite).await);
+    let server = site.start().await;
+    let t = join_token(&server, "vm-images").await;
+    let agent = Agent::start(&server, &t);
+    let agent_host = wait_health(&server, "vm-images", "healthy", &agent).await;
+    let r = server
+        .call(
+            "POST",
+            "/v1/admin/hosts",
+            Some(&server.admin_token),
+            Some(json!({
+                "name": "builder", "kind": "docker", "endpoint": "unix:///var/run/docker.sock",
+                "maxVcpus": 8, "maxMemoryMb": 8192,
+            })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    wait_health(&server, "builder", "healthy", &agent).await;
+    let token = server.user("vm-images@example.com", "pro").await;
+
+    let r = server
+        .call(
+            "POST",
+            "/v1/images",
+            Some(&token),
+            Some(json!({
+                "name": "vm-jq", "provider": "agent",
+                "dockerfile": "FROM hearth/base:latest\nRUN apt-get update && apt-get install -y --no-install-recommends jq && rm -rf /var/lib/apt/lists/*\nRUN echo built > /etc/vm-marker\n",
+            })),
+        )
+        .await;
+    assert_eq!(
+        r.status,
+        StatusCode::CREATED,
+        "{:?}\nagent log:\n{}",
+        r.body,
+        agent.log()
+    );
+    assert_eq!(r.body["hostId"], agent_host["id"], "{:?}", r.body);
+    assert_eq!(r.body["state"], "ready");
+    let image_id = r.body["id"].as_str().unwrap().to_string();
+    let file = agent
+        .dir
+        .path()
+        .join("state/images")
+        .join(&image_id)
+        .join("rootfs.ext4");
+    assert!(file.is_file(), "the agent keeps it");
+    let left = Command::new("docker")
+        .args(["images", "-q", &format!("hearth-image:{image_id}-vm")])
+        .output()
+        .unwrap();
+    assert!(left.stdout.is_empty(), "the builder keeps nothing");
+
+    // It runs on agent hosts only.
+    let r = server
+        .call(
+            "POST",
+            "/v1/environments",
+            Some(&token),
+            Some(json!({"name": "wrong kind", "baseImage": "vm-jq", "provider": "docker"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    assert!(
+        r.body.to_string().contains("for provider agent"),
+        "{:?}",
+        r.body
+    );
+    let r = server
+        .call(
+            "POST",
+            "/v1/environments",
+            Some(&token),
+            Some(json!({"name": "of the image", "baseImage": "vm-jq", "vcpus": 1, "memoryMb": 512, "diskGb": 3})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let id = r.body["id"].as_str().unwrap().to_string();
+    wait_running_or_log(&server, &token, &id, &agent).await;
+    assert_eq!(
+        exec_trimmed(
+            &server,
+            &token,
+            &id,
+            "jq -n '1+1'; cat /etc/vm-marker; id -un; test -e /.dockerenv || echo no-dockerenv"
+        )
+        .await,
+        "2\nbuilt\ndev\nno-dockerenv"
+    );
+
+    // What a VM's init needs is checked before any VM boots, and the reason given.
+    let r = server
+        .call(
+            "POST",
+            "/v1/images",
+            Some(&token),
+            Some(json!({
+                "name": "vm-no-dev", "provider": "agent",
+                "dockerfile": "FROM hearth/base:latest\nRUN userdel -r dev\n",
+            })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    assert!(r.body.to_string().contains("no user dev"), "{:?}", r.body);
+    let r = server.call("GET", "/v1/images", Some(&token), None).await;
+    assert!(!r.body.to_string().contains("vm-no-dev"), "{:?}", r.body);
+
+    // Deleted while the VM runs: gone from the list, its file kept until the VM goes.
+    let r = server
+        .call("DELETE", "/v1/images/vm-jq", Some(&token), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert!(file.is_file(), "kept while a VM uses it");
+    exec_trimmed(&server, &token, &id, "sync").await;
+    server.destroy(&token, &id, UP).await;
+    assert!(!file.exists(), "removed with the last VM made from it");
+}

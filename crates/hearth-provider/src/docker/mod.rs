@@ -68,9 +68,21 @@ pub const LABEL_SNAPSHOT: &str = "hearth.snapshot";
 pub const BUILD_MEMORY_BYTES: i32 = 2_000_000_000;
 /// The label that says which custom image (its record's id) an image is.
 pub const LABEL_IMAGE: &str = "hearth.image";
+/// Custom images are images of this repository, tagged with their record's id (the store
+/// names them so on every kind of host).
+pub const IMAGE_REPOSITORY: &str = "hearth-image";
 /// An uploaded tarball is loaded under this repository, tagged as the custom image it
 /// becomes, then built on (`import_image`); the tag is removed with the image.
 pub const IMPORT_REPOSITORY: &str = "hearth-import";
+
+/// The container `export_image` makes of `reference`: never started, removed after.
+fn export_container(reference: &str) -> String {
+    let tag: String = reference
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    format!("hearth-export-{tag}")
+}
 
 /// The tag an image tarball loads under, for custom image `reference`
 /// (`hearth-image:<id>` loads as `hearth-import:<id>`).
@@ -771,6 +783,20 @@ impl Provider for DockerProvider {
     /// Also removes the tag an import loaded it under, if an import made it.
     async fn remove_image(&self, host: &HostRef, reference: &str) -> Result<(), ProviderError> {
         let docker = self.client(host).await?;
+        // An export cut short by a node that died left its container, which holds the image.
+        let options = RemoveContainerOptions {
+            force: true,
+            v: true,
+            ..Default::default()
+        };
+        match docker
+            .remove_container(&export_container(reference), Some(options))
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if is_status(&e, 404) || is_status(&e, 409) => {}
+            Err(e) => return Err(classify(host, e)),
+        }
         for name in [reference.to_string(), import_tag(reference)] {
             let options = bollard::query_parameters::RemoveImageOptions {
                 force: true,
@@ -783,6 +809,68 @@ impl Provider for DockerProvider {
             }
         }
         Ok(())
+    }
+
+    /// `docker export` of a container made (not started) of the image: one layer, the file
+    /// system a container of it starts with. The container is removed after, and by
+    /// `remove_image` if a node died before that.
+    async fn export_image(
+        &self,
+        host: &HostRef,
+        reference: &str,
+        to: &std::path::Path,
+    ) -> Result<u64, ProviderError> {
+        use futures::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let docker = self.client(host).await?;
+        let name = export_container(reference);
+        let options = RemoveContainerOptions {
+            force: true,
+            v: true,
+            ..Default::default()
+        };
+        let remove = async || match docker.remove_container(&name, Some(options.clone())).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_status(&e, 404) => Ok(()),
+            Err(e) => Err(classify(host, e)),
+        };
+        remove().await?;
+        docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(name.clone()),
+                    ..Default::default()
+                }),
+                ContainerCreateBody {
+                    image: Some(reference.to_string()),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| classify(host, e))?;
+        let written = async {
+            let mut file = tokio::fs::File::create(to).await.map_err(|e| {
+                ProviderError::Failed(format!("writing the image's file system: {e}"))
+            })?;
+            let mut stream = docker.export_container(&name);
+            let mut bytes = 0u64;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| classify(host, e))?;
+                bytes += chunk.len() as u64;
+                file.write_all(&chunk).await.map_err(|e| {
+                    ProviderError::Failed(format!("writing the image's file system: {e}"))
+                })?;
+            }
+            file.sync_all().await.map_err(|e| {
+                ProviderError::Failed(format!("writing the image's file system: {e}"))
+            })?;
+            Ok::<u64, ProviderError>(bytes)
+        }
+        .await;
+        let removed = remove().await;
+        let bytes = written?;
+        removed?;
+        Ok(bytes)
     }
 
     /// `docker load` of a copy of the tarball whose only name is `hearth-import:<id>`

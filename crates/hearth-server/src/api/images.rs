@@ -25,6 +25,11 @@ pub struct RegisterBody {
     dockerfile: String,
     /// `private` (the default) or `everyone` (admins only).
     visibility: Option<Visibility>,
+    /// The kind of host environments of it run on: `docker` (the default) or `agent`. An
+    /// image for agent hosts is built on a Docker host too; its file system becomes the
+    /// root file system of VMs on an agent host (it must come `FROM hearth/base:latest`).
+    #[schema(example = "agent")]
+    provider: Option<String>,
 }
 
 #[derive(Deserialize, ToSchema, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +51,13 @@ pub async fn register(
 ) -> ApiResult<(StatusCode, Json<ImageView>)> {
     let everyone = b.visibility == Some(Visibility::Everyone);
     let image = app
-        .register_image(&user, &b.name, &b.dockerfile, everyone)
+        .register_image(
+            &user,
+            &b.name,
+            &b.dockerfile,
+            everyone,
+            b.provider.as_deref(),
+        )
         .await?;
     Ok((StatusCode::CREATED, Json(ImageView::from(&image))))
 }
