@@ -206,6 +206,42 @@ async fn boot_and_log_in(
     ))
 }
 
+/// How a VM image is made on a Docker host before its file system goes to an agent.
+enum Stage<'a> {
+    /// From this Dockerfile.
+    Build(&'a str),
+    /// From the `docker save` tarball at this path.
+    Load(&'a std::path::Path),
+}
+
+/// The kind of host an image is made for: `docker` unless `provider` says `agent`.
+fn image_kind(provider: Option<&str>) -> AppResult<HostKind> {
+    match provider.map(|p| (p, HostKind::parse(p))) {
+        None => Ok(HostKind::Docker),
+        Some((_, Some(kind @ (HostKind::Docker | HostKind::Agent)))) => Ok(kind),
+        Some((p, _)) => Err(AppError::Invalid(format!(
+            "images are made for provider docker or agent, not {p:?}"
+        ))),
+    }
+}
+
+/// `import_image` of the tarball at `path`, given up after `BUILD_LIMIT`.
+async fn load_within_limit(
+    provider: &dyn Provider,
+    host: &HostRef,
+    reference: &str,
+    path: &std::path::Path,
+) -> Result<i64, ProviderError> {
+    tokio::time::timeout(BUILD_LIMIT, provider.import_image(host, reference, path))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ProviderError::Failed(format!(
+                "the load took longer than {} s",
+                BUILD_LIMIT.as_secs()
+            )))
+        })
+}
+
 /// `build_image`, given up after `BUILD_LIMIT`.
 async fn build_within_limit(
     provider: &dyn Provider,
@@ -370,15 +406,7 @@ impl App {
         everyone: bool,
         provider: Option<&str>,
     ) -> AppResult<Image> {
-        let kind = match provider.map(|p| (p, HostKind::parse(p))) {
-            None => HostKind::Docker,
-            Some((_, Some(kind @ (HostKind::Docker | HostKind::Agent)))) => kind,
-            Some((p, _)) => {
-                return Err(AppError::Invalid(format!(
-                    "images are made for provider docker or agent, not {p:?}"
-                )));
-            }
-        };
+        let kind = image_kind(provider)?;
         valid_name(name).map_err(AppError::Invalid)?;
         if dockerfile.trim().is_empty()
             || dockerfile.len() > MAX_DOCKERFILE_BYTES
@@ -393,7 +421,8 @@ impl App {
         let built = if kind == HostKind::Docker {
             build_within_limit(provider.as_ref(), &host_ref, &image.reference, dockerfile).await
         } else {
-            self.build_for_vms(&image, dockerfile, &host_ref, provider.as_ref())
+            let stage = Stage::Build(dockerfile);
+            self.for_vms(&image, &host_ref, provider.as_ref(), stage)
                 .await
         };
         self.offer_image(
@@ -409,17 +438,20 @@ impl App {
 
     /// Loads the image in an uploaded `docker save` tarball (`upload`, streamed to this
     /// node's disk, at most `image_upload_max_bytes`; `declared` is the size the request
-    /// announced) on a Docker host, checks it as a built one is, and offers it under `name`.
-    /// The names the tarball carries are ignored. Run it in a task of its own: a caller
-    /// that gives up mid-way would skip the clean-up.
+    /// announced) on a Docker host, checks it as a built one is, and offers it under `name`,
+    /// for VMs on hosts of kind `provider` as `register_image` does. The names the tarball
+    /// carries are ignored. Run it in a task of its own: a caller that gives up mid-way
+    /// would skip the clean-up.
     pub async fn import_image<E: std::fmt::Display>(
         &self,
         user: &User,
         name: &str,
         everyone: bool,
+        provider: Option<&str>,
         declared: Option<u64>,
         upload: impl futures::Stream<Item = Result<bytes::Bytes, E>>,
     ) -> AppResult<Image> {
+        let kind = image_kind(provider)?;
         valid_name(name).map_err(AppError::Invalid)?;
         let max = self.config.image_upload_max_bytes;
         if declared.is_some_and(|n| n > max) {
@@ -430,9 +462,7 @@ impl App {
                 "{IMPORTS_AT_ONCE} imports are under way on this server; try again in a few minutes"
             ))
         })?;
-        let (image, host_ref, provider) = self
-            .begin_image(user, name, everyone, HostKind::Docker)
-            .await?;
+        let (image, host_ref, provider) = self.begin_image(user, name, everyone, kind).await?;
         let dir = self.config.data_dir.join(IMPORTS);
         let path = dir.join(format!("{}.tar", image.id));
         let received = tokio::time::timeout(UPLOAD_LIMIT, self.receive_upload(&dir, &path, upload))
@@ -444,17 +474,13 @@ impl App {
                 )))
             });
         let loaded = match received {
-            Ok(()) => tokio::time::timeout(
-                BUILD_LIMIT,
-                provider.import_image(&host_ref, &image.reference, &path),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(ProviderError::Failed(format!(
-                    "the load took longer than {} s",
-                    BUILD_LIMIT.as_secs()
-                )))
-            }),
+            Ok(()) if kind == HostKind::Docker => {
+                load_within_limit(provider.as_ref(), &host_ref, &image.reference, &path).await
+            }
+            Ok(()) => {
+                self.for_vms(&image, &host_ref, provider.as_ref(), Stage::Load(&path))
+                    .await
+            }
             Err(e) => {
                 let _ = tokio::fs::remove_file(&path).await;
                 self.store.forget_image(&image.id).await?;
@@ -516,16 +542,16 @@ impl App {
         Ok(())
     }
 
-    /// Builds `dockerfile` on a Docker host as `<reference>-vm`, exports its file system and
-    /// has the agent host `host` make `image` of it. The Docker image and the exported file
-    /// are removed whatever happened (and, after a node died, by `remove_image_everywhere`
-    /// and the reaper's sweep of images no record names).
-    async fn build_for_vms(
+    /// Makes the image on a Docker host as `<reference>-vm` (`stage`: a build or a load),
+    /// exports its file system and has the agent host `host` make `image` of it. The Docker
+    /// image and the exported file are removed whatever happened (and, after a node died, by
+    /// `remove_image_everywhere` and the reaper's sweep of images no record names).
+    async fn for_vms(
         &self,
         image: &Image,
-        dockerfile: &str,
         host: &HostRef,
         agent: &dyn Provider,
+        stage: Stage<'_>,
     ) -> Result<i64, ProviderError> {
         let (builder, docker) = self
             .builder()
@@ -535,7 +561,14 @@ impl App {
         let dir = self.config.data_dir.join(IMPORTS);
         let tarball = dir.join(format!("{}.rootfs.tar", image.id));
         let made = async {
-            build_within_limit(docker.as_ref(), &builder, &staged, dockerfile).await?;
+            match stage {
+                Stage::Build(dockerfile) => {
+                    build_within_limit(docker.as_ref(), &builder, &staged, dockerfile).await?
+                }
+                Stage::Load(path) => {
+                    load_within_limit(docker.as_ref(), &builder, &staged, path).await?
+                }
+            };
             tokio::fs::create_dir_all(&dir)
                 .await
                 .map_err(|e| ProviderError::Failed(format!("keeping the file system: {e}")))?;

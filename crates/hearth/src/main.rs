@@ -452,6 +452,9 @@ enum ImageCommand {
         /// Offer it to everyone (admins only).
         #[arg(long)]
         everyone: bool,
+        /// The kind of host its environments run on: docker, or agent (VMs).
+        #[arg(long, default_value = "docker")]
+        provider: String,
     },
 }
 
@@ -550,8 +553,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     name,
                     file,
                     everyone,
+                    provider,
                 },
-        } => import_image(&name, &file, everyone).await,
+        } => import_image(&name, &file, everyone, &provider).await,
         Command::Vm { command } => vm(command).await,
         Command::Env { command } => env(command).await,
         Command::Admin { command } => admin(command).await,
@@ -725,6 +729,7 @@ async fn import_image(
     name: &str,
     file: &std::path::Path,
     everyone: bool,
+    provider: &str,
 ) -> Result<ExitCode, Failure> {
     let client = Client::from_env()?;
     let size = std::fs::metadata(file)
@@ -743,7 +748,11 @@ async fn import_image(
         .upload(
             reqwest::Method::POST,
             "/v1/images/import",
-            &[("name", name), ("visibility", visibility)],
+            &[
+                ("name", name),
+                ("visibility", visibility),
+                ("provider", provider),
+            ],
             file,
             &bar,
             "sent; the server is loading and checking it",

@@ -961,6 +961,58 @@ async fn a_custom_image_on_an_agent_host() {
     let r = server.call("GET", "/v1/images", Some(&token), None).await;
     assert!(!r.body.to_string().contains("vm-no-dev"), "{:?}", r.body);
 
+    // A `docker save` tarball becomes an image for VMs the same way (loaded on the builder).
+    let saved = tempfile::tempdir().unwrap();
+    let tarball = saved.path().join("base.tar");
+    assert!(
+        Command::new("docker")
+            .args(["save", "-o"])
+            .arg(&tarball)
+            .arg("hearth/base:latest")
+            .status()
+            .unwrap()
+            .success()
+    );
+    let r = reqwest::Client::new()
+        .post(format!(
+            "{}/v1/images/import?name=vm-saved&provider=agent",
+            server.base
+        ))
+        .bearer_auth(&token)
+        .header("content-type", "application/x-tar")
+        .body(std::fs::read(&tarball).unwrap())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "{body:?}\nagent log:\n{}",
+        agent.log()
+    );
+    assert_eq!(body["hostId"], agent_host["id"], "{body:?}");
+    let saved_id = body["id"].as_str().unwrap();
+    assert!(
+        agent
+            .dir
+            .path()
+            .join("state/images")
+            .join(saved_id)
+            .join("rootfs.ext4")
+            .is_file()
+    );
+    let uploads: Vec<_> = std::fs::read_dir(site.data_dir().join("imports"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(uploads.is_empty(), "uploads left: {uploads:?}");
+    let left = Command::new("docker")
+        .args(["images", "-q", &format!("hearth-image:{saved_id}-vm")])
+        .output()
+        .unwrap();
+    assert!(left.stdout.is_empty(), "the builder keeps nothing");
+
     // Deleted while the VM runs: gone from the list, its file kept until the VM goes.
     let r = server
         .call("DELETE", "/v1/images/vm-jq", Some(&token), None)

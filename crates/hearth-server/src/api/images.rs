@@ -71,6 +71,9 @@ pub struct ImportQuery {
     name: String,
     /// `private` (the default) or `everyone` (admins only).
     visibility: Option<Visibility>,
+    /// The kind of host environments of it run on: `docker` (the default) or `agent` (its
+    /// file system becomes VMs' root file system on an agent host, as for a built image).
+    provider: Option<String>,
 }
 
 /// Loads an image from a tarball as `docker save IMAGE` writes it (the request's body,
@@ -93,8 +96,15 @@ pub async fn import(
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     // Its own task: a client that goes away mid-upload must not skip the clean-up.
     let image = tokio::spawn(async move {
-        app.import_image(&user, &q.name, everyone, declared, body.into_data_stream())
-            .await
+        app.import_image(
+            &user,
+            &q.name,
+            everyone,
+            q.provider.as_deref(),
+            declared,
+            body.into_data_stream(),
+        )
+        .await
     })
     .await
     .map_err(|e| hearth_app::AppError::Internal(format!("the import failed: {e}")))??;
