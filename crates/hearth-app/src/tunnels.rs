@@ -13,7 +13,6 @@ use hearth_core::EnvState;
 use hearth_guest::{TunnelChannel, TunnelError};
 use hearth_store::{Environment, User};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Tunnels one user may hold open at once on one node (each is a channel on the
@@ -160,7 +159,6 @@ struct ActivityInner {
     app: App,
     environment_id: String,
     source: &'static str,
-    last: AtomicI64,
     _permit: Permit,
 }
 
@@ -181,29 +179,25 @@ impl Activity {
         source: &'static str,
         permit: Permit,
     ) -> Activity {
-        let now = app.now();
-        if app.tunnels.record_due(environment_id, source, now) {
-            let _ = app.store.touch_activity(environment_id, now, source).await;
-        }
-        Activity(Arc::new(ActivityInner {
+        let activity = Activity(Arc::new(ActivityInner {
             app: app.clone(),
             environment_id: environment_id.to_string(),
             source,
-            last: AtomicI64::new(now),
             _permit: permit,
-        }))
+        }));
+        activity.mark().await;
+        activity
     }
 
-    /// Records activity now, unless it did within the last 30 s.
+    /// Records activity now, unless this node recorded the same kind of use of the
+    /// environment within the last 30 s (`Tunnels::record_due`).
     pub async fn mark(&self) {
         let inner = &self.0;
         let now = inner.app.now();
-        let last = inner.last.load(Ordering::Relaxed);
-        if now - last >= ACTIVITY_EVERY_MS
-            && inner
-                .last
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
+        if inner
+            .app
+            .tunnels
+            .record_due(&inner.environment_id, inner.source, now)
         {
             let _ = inner
                 .app

@@ -22,15 +22,45 @@ pub const COOKIE: &str = "hearth_session";
 
 /// The value of cookie `name` in the request's `Cookie` headers, if any.
 fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    cookie_values(headers, name)
+        .next()
+        .map(str::to_string)
+        .filter(|v| !v.is_empty())
+}
+
+/// Every value the request's `Cookie` headers give cookie `name`, in order.
+pub(crate) fn cookie_values<'a>(
+    headers: &'a HeaderMap,
+    name: &'a str,
+) -> impl Iterator<Item = &'a str> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(n, _)| *n == name)
-        .map(|(_, value)| value.to_string())
-        .filter(|v| !v.is_empty())
+        .filter(move |(n, _)| *n == name)
+        .map(|(_, value)| value)
+}
+
+/// `Set-Cookie` for an HttpOnly, `SameSite=Lax` cookie on `path` (`Secure` when the
+/// server is reached over HTTPS); `None` when `value` cannot be a header's.
+pub(crate) fn set_cookie(
+    app: &App,
+    name: &str,
+    value: &str,
+    path: &str,
+    max_age_seconds: u64,
+) -> Option<HeaderValue> {
+    let secure = if app.config.secure_cookies {
+        "; Secure"
+    } else {
+        ""
+    };
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path={path}; HttpOnly; SameSite=Lax; Max-Age={max_age_seconds}{secure}"
+    ))
+    .ok()
 }
 
 /// The session id from the request's `Cookie` headers, if any.
@@ -58,15 +88,7 @@ pub fn check_csrf(method: &Method, headers: &HeaderMap, csrf: &str) -> Result<()
 }
 
 fn cookie(app: &App, value: &str, max_age_seconds: u64) -> HeaderValue {
-    let secure = if app.config.secure_cookies {
-        "; Secure"
-    } else {
-        ""
-    };
-    HeaderValue::from_str(&format!(
-        "{COOKIE}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age_seconds}{secure}"
-    ))
-    .expect("a token is a valid header value")
+    set_cookie(app, COOKIE, value, "/", max_age_seconds).expect("a token is a valid header value")
 }
 
 #[derive(Deserialize, Default, ToSchema)]
@@ -224,12 +246,7 @@ fn redirect(to: &str, cookies: &[HeaderValue]) -> Response {
 }
 
 fn flow_cookie(app: &App, value: &str, max_age_seconds: u64) -> HeaderValue {
-    let secure = if app.config.secure_cookies {
-        "; Secure"
-    } else {
-        ""
-    };
-    HeaderValue::from_str(&format!("{FLOW_COOKIE}={value}; Path=/v1/auth/oidc; HttpOnly; SameSite=Lax; Max-Age={max_age_seconds}{secure}"))
+    set_cookie(app, FLOW_COOKIE, value, "/v1/auth/oidc", max_age_seconds)
         .expect("hex is a valid header value")
 }
 

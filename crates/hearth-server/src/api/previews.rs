@@ -118,15 +118,8 @@ async fn cookie_user(
     preview: &PreviewHost,
     headers: &HeaderMap,
 ) -> Option<hearth_store::User> {
-    let values = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .filter(|(name, _)| *name == COOKIE)
-        .map(|(_, value)| value);
-    app.preview_user(preview, values).await
+    app.preview_user(preview, super::auth::cookie_values(headers, COOKIE))
+        .await
 }
 
 /// Fetch Metadata's resource isolation policy: a request with the cookie comes from the
@@ -176,16 +169,8 @@ async fn callback(app: &App, preview: &PreviewHost, req: Request) -> ApiResult<R
     let Query(q) = Query::<CallbackQuery>::try_from_uri(req.uri())
         .map_err(|e| ApiError::invalid(e.body_text()))?;
     let grant = app.preview_grant(preview, &q.code).await?;
-    let secure = if app.config.secure_cookies {
-        "; Secure"
-    } else {
-        ""
-    };
-    let cookie = HeaderValue::from_str(&format!(
-        "{COOKIE}={grant}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{secure}",
-        GRANT_LIFETIME.as_secs()
-    ))
-    .map_err(|e| ApiError::invalid(e.to_string()))?;
+    let cookie = super::auth::set_cookie(app, COOKIE, &grant, "/", GRANT_LIFETIME.as_secs())
+        .ok_or_else(|| ApiError::invalid("the grant is not a cookie's value"))?;
     let mut response = redirect(local_path(q.path.as_deref().unwrap_or("/")));
     response.headers_mut().insert(header::SET_COOKIE, cookie);
     Ok(response)
