@@ -222,12 +222,14 @@ impl FirecrackerHost {
         config: FirecrackerConfig,
         guest_address: &str,
     ) -> Result<FirecrackerHost, VmmError> {
+        let snapshots = Snapshots::open(&state, "disk.ext4")?;
+        let images = Snapshots::open_images(&state, &snapshots)?;
         Ok(FirecrackerHost {
             // A create that died half-way started nothing: Firecracker is started from a
             // committed directory only.
             dirs: VmDirs::new(&state, |_| {})?,
-            snapshots: Arc::new(Snapshots::open(&state, "disk.ext4")?),
-            images: Arc::new(Snapshots::open_images(&state)?),
+            snapshots: Arc::new(snapshots),
+            images: Arc::new(images),
             state,
             image,
             config,
@@ -625,7 +627,7 @@ impl Vmm for FirecrackerHost {
                 crate::snapshots::check_room(
                     &self.state,
                     crate::snapshots::allocated_bytes(&source)?,
-                    self.snapshots.pending() + self.images.pending(),
+                    self.snapshots.pending(),
                     "this VM's disk (a copy of its image or snapshot)",
                 )?;
                 self.dirs.build(&record, &network, |dir| {

@@ -479,11 +479,8 @@ pub fn fit_for_vm(root: &Path) -> Result<(), ImageError> {
     )?;
     // pam_motd runs programs at every SSH session: about 0.3 s of each first command
     // under software emulation, for a banner nobody reads (sshd prints no motd here).
-    let pam = within(root, "etc/pam.d/sshd")
-        .filter(|p| p.is_file())
-        .map(std::fs::read_to_string)
-        .transpose()
-        .map_err(|e| ImageError::Failed(format!("read etc/pam.d/sshd: {e}")))?
+    let pam = read_small(root, "etc/pam.d/sshd")
+        .map_err(|e| ImageError::Failed(format!("read /etc/pam.d/sshd: {e}")))?
         .ok_or_else(|| ImageError::Failed("the file system has no /etc/pam.d/sshd".into()))?;
     let pam: String = pam
         .lines()
@@ -499,6 +496,24 @@ pub fn fit_for_vm(root: &Path) -> Result<(), ImageError> {
     )?;
     put(root, "etc/sudoers.d/dev", SUDOERS.as_bytes(), 0o440)?;
     Ok(())
+}
+
+/// The text of the regular file `root/rel` (reached through no link, `within`), `None` when
+/// there is none; refused past 1 MiB.
+pub fn read_small(root: &Path, rel: &str) -> Result<Option<String>, String> {
+    use std::io::Read;
+    const MAX: u64 = 1 << 20;
+    let Some(path) = within(root, rel).filter(|p| p.is_file()) else {
+        return Ok(None);
+    };
+    let mut text = String::new();
+    std::fs::File::open(&path)
+        .and_then(|f| f.take(MAX + 1).read_to_string(&mut text))
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > MAX {
+        return Err(format!("larger than {MAX} bytes"));
+    }
+    Ok(Some(text))
 }
 
 /// `root/rel` when neither it nor any directory on the way is a link (and it exists).
@@ -561,14 +576,18 @@ fn put(root: &Path, rel: &str, contents: &[u8], mode: u32) -> Result<(), ImageEr
 }
 
 /// Writes the ext4 file system `out` holding `root` (`mkfs.ext4 -d`: no loop device, no
-/// mount), a quarter and 256 MiB larger than what it holds: room for the metadata, since
-/// each VM's disk grows to its own size at boot. Returns its size in bytes.
+/// mount): a quarter and 256 MiB larger than the blocks its files take, with a quarter more
+/// inodes than it has files (and the inode tables' room), since each VM's disk grows to its
+/// own size at boot. Returns its size in bytes.
 pub fn write_rootfs(root: &Path, out: &Path) -> Result<u64, ImageError> {
-    let used_mb = dir_size(root) / (1024 * 1024);
-    let size_mb = used_mb + used_mb / 4 + 256;
+    let (used, files) = tree_usage(root);
+    let inodes = files + files / 4 + 16_384;
+    let size_mb = (used + used / 4 + inodes * 256) / (1 << 20) + 256;
     run(
         Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-L", "hearth-root", "-d"])
+            .args(["-q", "-F", "-L", "hearth-root", "-N"])
+            .arg(inodes.to_string())
+            .arg("-d")
             .arg(root)
             .arg(out)
             .arg(format!("{size_mb}M")),
@@ -577,8 +596,12 @@ pub fn write_rootfs(root: &Path, out: &Path) -> Result<u64, ImageError> {
     Ok(size_mb << 20)
 }
 
-fn dir_size(dir: &Path) -> u64 {
-    let mut total = 0;
+/// The bytes the files under `dir` take on disk (whole blocks; a file with several names
+/// once) and how many there are, directories included; links are not followed.
+fn tree_usage(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let (mut bytes, mut files) = (0u64, 0u64);
+    let mut seen = std::collections::HashSet::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&d) else {
@@ -588,14 +611,17 @@ fn dir_size(dir: &Path) -> u64 {
             let Ok(meta) = e.path().symlink_metadata() else {
                 continue;
             };
+            if !seen.insert((meta.dev(), meta.ino())) {
+                continue;
+            }
+            files += 1;
+            bytes += meta.blocks() * 512;
             if meta.is_dir() {
                 stack.push(e.path());
-            } else {
-                total += meta.len();
             }
         }
     }
-    total
+    (bytes, files)
 }
 
 fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {

@@ -10,10 +10,13 @@
 //! leaves a hidden directory its next start removes; a deleted image stays while VMs made
 //! from it do. A QEMU VM's disk is layered on the image's file; a Firecracker VM's is a copy.
 //!
-//! Bounds: a tarball of at most `MAX_TARBALL_BYTES`, with its length announced, and room on
-//! the host's disk for `room_needed` of it (checked, and promised to the import, before a
-//! byte is written). The unpacking refuses members that would land outside its directory
-//! (through `..` or a link); nothing in the image is run on this host.
+//! Bounds: a tarball of at most `MAX_TARBALL_BYTES`, with its length announced; an unpacked
+//! tree of at most `TREE_FACTOR` times it (files counted in 4 KiB blocks, and a block per
+//! entry, so a tarball of many tiny files cannot take far more than it says); room on the
+//! host's disk for `room_needed` of it, promised before a byte is written, from the account
+//! the host's snapshots share. The unpacking skips members that would land outside its
+//! directory (through `..` or a link); files it reads from the image (`/etc/passwd`, sshd's
+//! PAM configuration) are read up to 1 MiB; nothing in the image is run on this host.
 
 use crate::snapshots::{Snapshot, Snapshots};
 use crate::vmm::{VmmError, fail};
@@ -28,11 +31,19 @@ pub const DISK_FILE: &str = "rootfs.ext4";
 /// The largest tarball an image may come as.
 pub const MAX_TARBALL_BYTES: u64 = 20_000_000_000;
 
+/// The unpacked tree may take this many times the tarball's length.
+const TREE_FACTOR: u64 = 2;
+
+/// The most an unpacked tree of a `tarball_bytes` tarball may take.
+fn tree_budget(tarball_bytes: u64) -> u64 {
+    tarball_bytes * TREE_FACTOR + (64 << 20)
+}
+
 /// What an import of a `tarball_bytes` tarball may take on the host's disk at its peak: the
-/// unpacked tree (about the tarball's length) and the file system made of it (a quarter
-/// more, and 256 MiB).
+/// unpacked tree, and the file system made of it (`image::write_rootfs`: a quarter more,
+/// 256 MiB, and the inode tables; counted generously as the tree once more and 512 MiB).
 pub fn room_needed(tarball_bytes: u64) -> u64 {
-    tarball_bytes * 2 + tarball_bytes / 4 + (256 << 20)
+    tree_budget(tarball_bytes) * 2 + (512 << 20)
 }
 
 /// Programs a VM's init runs: an image without them would boot and never answer.
@@ -65,6 +76,7 @@ pub fn import(
         ));
     }
     let work = images.work_dir(id)?;
+    let started = std::time::Instant::now();
     let made = images.make_sized(id, |disk| {
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work).map_err(fail("create the image's work directory"))?;
@@ -73,11 +85,12 @@ pub fn import(
         let _ = std::fs::remove_file(work.join(".dockerenv"));
         crate::image::fit_for_vm(&work).map_err(failed)?;
         let bytes = crate::image::write_rootfs(&work, disk).map_err(failed)?;
+        // The smallest disk a VM of it may have: its file system, whole.
         Ok(bytes.div_ceil(1 << 30) as i64)
     });
     let _ = std::fs::remove_dir_all(&work);
     if let Ok(image) = &made {
-        tracing::info!(image = %id, bytes = image.size_bytes, disk_gb = image.disk_gb, "image imported");
+        tracing::info!(image = %id, bytes = image.size_bytes, disk_gb = image.disk_gb, ms = started.elapsed().as_millis() as u64, "image imported");
     }
     made
 }
@@ -86,8 +99,9 @@ fn failed(e: ImageError) -> VmmError {
     VmmError::Failed(format!("the image's file system: {e}"))
 }
 
-/// Unpacks the tarball, which must be `length` bytes: one cut short can still end where
-/// an entry does and look whole.
+/// Unpacks the tarball, which must be `length` bytes (one cut short can still end where
+/// an entry does and look whole), into at most `tree_budget` of it. Directories are made
+/// last, as `tar::Archive::unpack` does, so their modes do not stop what goes in them.
 fn unpack(tarball: impl Read, length: u64, root: &Path) -> Result<(), VmmError> {
     let mut archive = tar::Archive::new(Counted {
         inner: tarball.take(length.saturating_add(1)),
@@ -108,7 +122,29 @@ fn unpack(tarball: impl Read, length: u64, root: &Path) -> Result<(), VmmError> 
             "the image's file system could not be unpacked: {text}"
         ))
     };
-    archive.unpack(root).map_err(unreadable)?;
+    let budget = tree_budget(length);
+    let mut taken = 0u64;
+    let mut directories = Vec::new();
+    for entry in archive.entries().map_err(unreadable)? {
+        let mut entry = entry.map_err(unreadable)?;
+        taken += entry.size().div_ceil(4096) * 4096 + 4096;
+        if taken > budget {
+            return Err(VmmError::Failed(format!(
+                "the image's files take more than {TREE_FACTOR} times its tarball ({} MB) once unpacked",
+                length / 1_000_000
+            )));
+        }
+        if entry.header().entry_type() == tar::EntryType::Directory {
+            directories.push(entry);
+        } else {
+            entry.unpack_in(root).map_err(unreadable)?;
+        }
+    }
+    // Deepest first: a directory's mode never stops the making of one inside it.
+    directories.sort_by_key(|d| std::cmp::Reverse(d.path_bytes().len()));
+    for mut directory in directories {
+        directory.unpack_in(root).map_err(unreadable)?;
+    }
     let mut rest = archive.into_inner();
     std::io::copy(&mut rest, &mut std::io::sink()).map_err(unreadable)?;
     if rest.bytes != length {
@@ -144,11 +180,8 @@ fn check(root: &Path) -> Result<(), VmmError> {
             )));
         }
     }
-    let passwd = crate::image::within(root, "etc/passwd")
-        .filter(|p| p.is_file())
-        .map(std::fs::read_to_string)
-        .transpose()
-        .map_err(fail("read the image's /etc/passwd"))?
+    let passwd = crate::image::read_small(root, "etc/passwd")
+        .map_err(|e| VmmError::Failed(format!("the image's /etc/passwd: {e}")))?
         .unwrap_or_default();
     if !passwd.lines().any(|l| l.starts_with("dev:")) {
         return Err(VmmError::Failed(
@@ -191,7 +224,8 @@ mod tests {
     #[test]
     fn a_file_system_without_what_a_vm_needs_is_refused_with_the_reason() {
         let state = tempfile::tempdir().unwrap();
-        let images = Arc::new(Snapshots::open_images(state.path()).unwrap());
+        let snapshots = Snapshots::open(state.path(), "disk.qcow2").unwrap();
+        let images = Arc::new(Snapshots::open_images(state.path(), &snapshots).unwrap());
         let no_tini = tarball(
             &[
                 ("usr/sbin/sshd", b"x"),
@@ -247,10 +281,32 @@ mod tests {
     }
 
     #[test]
+    fn a_tarball_of_many_tiny_files_cannot_take_far_more_room_than_it_says() {
+        let state = tempfile::tempdir().unwrap();
+        let snapshots = Snapshots::open(state.path(), "disk.qcow2").unwrap();
+        let images = Arc::new(Snapshots::open_images(state.path(), &snapshots).unwrap());
+        // 40,000 empty files: 20 MB of tarball, 160 MB of 4 KiB blocks once unpacked.
+        let names: Vec<String> = (0..40_000).map(|i| format!("f/{i}")).collect();
+        let entries: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), &b""[..])).collect();
+        let tiny = tarball(&entries, &[]);
+        let e = import(&images, "img_6", tiny.as_slice(), tiny.len() as u64)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("more than 2 times its tarball"), "{e}");
+        assert_eq!(
+            std::fs::read_dir(state.path().join("images"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    #[test]
     fn links_cannot_take_the_import_outside_its_directory() {
         let state = tempfile::tempdir().unwrap();
         let outside = tempfile::tempdir().unwrap();
-        let images = Arc::new(Snapshots::open_images(state.path()).unwrap());
+        let snapshots = Snapshots::open(state.path(), "disk.qcow2").unwrap();
+        let images = Arc::new(Snapshots::open_images(state.path(), &snapshots).unwrap());
         // A link to a directory outside, then a file through it.
         let escape = tarball(
             &[("evil/planted", b"x")],

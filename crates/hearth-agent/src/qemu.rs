@@ -304,7 +304,7 @@ impl QemuHost {
         })?;
         let snapshots = Snapshots::open(&dir, "disk.qcow2")?;
         snapshots.sweep(&dirs.snapshots_in_use()?);
-        let images = Snapshots::open_images(&dir)?;
+        let images = Snapshots::open_images(&dir, &snapshots)?;
         images.sweep(&dirs.images_in_use()?);
         Ok(QemuHost {
             dirs,

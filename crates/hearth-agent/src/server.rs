@@ -243,6 +243,32 @@ static IMPORTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(IMPOR
 /// How long an image's upload may send nothing.
 const IMPORT_STALL: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// The ids of images being imported (two imports of one id would share their work).
+static IMPORTING: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// One id's import under way; it ends when dropped.
+struct Importing(String);
+
+impl Importing {
+    fn begin(id: &str) -> Option<Importing> {
+        let mut importing = IMPORTING.lock().expect("not poisoned");
+        if importing.iter().any(|i| i == id) {
+            return None;
+        }
+        importing.push(id.to_string());
+        Some(Importing(id.to_string()))
+    }
+}
+
+impl Drop for Importing {
+    fn drop(&mut self) {
+        IMPORTING
+            .lock()
+            .expect("not poisoned")
+            .retain(|i| *i != self.0);
+    }
+}
+
 fn images(agent: &Agent) -> Result<&Arc<crate::snapshots::Snapshots>, ApiError> {
     agent.vms.images().ok_or_else(|| {
         ApiError(
@@ -262,6 +288,9 @@ async fn import_image(
 ) -> Result<Json<wire::Snapshot>, ApiError> {
     use futures::StreamExt;
     let images = images(&agent)?.clone();
+    images
+        .work_dir(&id)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
     if let Some(found) = images.find(&id)? {
         return Ok(Json(found));
     }
@@ -283,10 +312,16 @@ async fn import_image(
             ),
         ));
     }
-    let _permit = IMPORTS.try_acquire().map_err(|_| {
+    let permit = IMPORTS.try_acquire().map_err(|_| {
         ApiError(
             StatusCode::TOO_MANY_REQUESTS,
             format!("{IMPORTS_AT_ONCE} images are being imported on this host; try again later"),
+        )
+    })?;
+    let importing = Importing::begin(&id).ok_or_else(|| {
+        ApiError(
+            StatusCode::CONFLICT,
+            format!("image {id} is being imported already"),
         )
     })?;
     let promised = images
@@ -306,8 +341,9 @@ async fn import_image(
         }
     });
     let reader = tokio_util::io::StreamReader::new(Box::pin(chunks));
+    // The import goes on if the caller gives up: what it holds goes with it.
     let made = tokio::task::spawn_blocking(move || {
-        let _promised = promised;
+        let _held = (permit, importing, promised);
         crate::images::import(
             &images,
             &id,

@@ -91,13 +91,14 @@ impl Drop for Promised {
 }
 
 impl Snapshots {
-    /// Checks and promises room for a copy of up to `needed` bytes: copies of different VMs
-    /// run at once, and each must count what the others will still write.
-    /// Bytes promised to copies under way.
+    /// Bytes promised to copies under way (snapshots' and images' alike).
     pub(crate) fn pending(&self) -> u64 {
         *self.pending.lock().expect("not poisoned")
     }
 
+    /// Checks and promises room for a copy of up to `needed` bytes: copies of different VMs
+    /// (and images' imports) run at once, and each must count what the others will still
+    /// write.
     pub(crate) fn promise(self: &Arc<Self>, needed: u64) -> Result<Promised, VmmError> {
         let mut pending = self.pending.lock().expect("not poisoned");
         check_room(&self.root, needed, *pending, &format!("this {}", self.what))?;
@@ -249,8 +250,9 @@ pub struct Snapshots {
     /// `snapshot` or `image`, for messages.
     what: &'static str,
     disk_file: &'static str,
-    /// Bytes promised to copies under way (`promise`).
-    pending: std::sync::Mutex<u64>,
+    /// Bytes promised to copies under way (`promise`), shared by a host's snapshots and
+    /// images: both write to its disk.
+    pending: Arc<std::sync::Mutex<u64>>,
 }
 
 /// The marker of a snapshot deleted while a VM still uses it.
@@ -265,9 +267,13 @@ impl Snapshots {
         Snapshots::open_in(state.join("snapshots"), "snapshot", disk_file)
     }
 
-    /// Opens `<state>/images` (custom images, `images.rs`) the same way.
-    pub fn open_images(state: &Path) -> Result<Snapshots, VmmError> {
-        Snapshots::open_in(state.join("images"), "image", crate::images::DISK_FILE)
+    /// Opens `<state>/images` (custom images, `images.rs`) the same way, promising room
+    /// from the same account as `snapshots`.
+    pub fn open_images(state: &Path, snapshots: &Snapshots) -> Result<Snapshots, VmmError> {
+        let mut images =
+            Snapshots::open_in(state.join("images"), "image", crate::images::DISK_FILE)?;
+        images.pending = snapshots.pending.clone();
+        Ok(images)
     }
 
     fn open_in(
@@ -289,7 +295,7 @@ impl Snapshots {
             root,
             what,
             disk_file,
-            pending: std::sync::Mutex::new(0),
+            pending: Arc::default(),
         })
     }
 
@@ -309,9 +315,6 @@ impl Snapshots {
         Ok(self.root.join(id))
     }
 
-    /// The disk file of snapshot `id`, for a new VM's disk of `disk_gb` to be made from;
-    /// an error that says why when there is no such snapshot (or it was deleted) or the
-    /// disk would be smaller than the one it was taken of.
     /// A hidden directory beside the kept ones for the work of making `id` (removed, if
     /// left, by the next `open`).
     pub(crate) fn work_dir(&self, id: &str) -> Result<PathBuf, VmmError> {
@@ -319,6 +322,9 @@ impl Snapshots {
         Ok(self.root.join(format!(".{id}.work")))
     }
 
+    /// The disk file of snapshot `id`, for a new VM's disk of `disk_gb` to be made from;
+    /// an error that says why when there is no such snapshot (or it was deleted) or the
+    /// disk would be smaller than the one it was taken of.
     pub fn disk(&self, id: &str, disk_gb: i64) -> Result<PathBuf, VmmError> {
         match self.find(id)? {
             Some(found) if found.disk_gb > disk_gb => Err(VmmError::Failed(format!(
@@ -341,13 +347,16 @@ impl Snapshots {
         }
         let disk_gb = match std::fs::read_to_string(dir.join(DISK_GB)) {
             Ok(text) => text.trim().parse::<i64>().map_err(|e| {
-                VmmError::Failed(format!("snapshot {id}: its {DISK_GB} is unreadable: {e}"))
+                VmmError::Failed(format!(
+                    "{} {id}: its {DISK_GB} is unreadable: {e}",
+                    self.what
+                ))
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(VmmError::Failed(format!("read snapshot {id}: {e}"))),
+            Err(e) => return Err(VmmError::Failed(format!("read {} {id}: {e}", self.what))),
         };
         let meta = std::fs::metadata(dir.join(self.disk_file))
-            .map_err(|e| VmmError::Failed(format!("read snapshot {id}: {e}")))?;
+            .map_err(|e| VmmError::Failed(format!("read {} {id}: {e}", self.what)))?;
         use std::os::unix::fs::MetadataExt;
         Ok(Some(Snapshot {
             id: id.to_string(),
@@ -429,7 +438,7 @@ impl Snapshots {
             return Err(e);
         }
         self.find(id)?
-            .ok_or_else(|| VmmError::Failed(format!("snapshot {id} vanished after its copy")))
+            .ok_or_else(|| VmmError::Failed(format!("{} {id} vanished after its copy", self.what)))
     }
 
     /// Deletes snapshot `id` (one that is absent counts as deleted). While a VM in `in_use`

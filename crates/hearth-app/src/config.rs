@@ -52,6 +52,9 @@ pub struct Config {
     /// A snapshot still being taken after this long lost its taker (a node that died): the
     /// reaper keeps what the host finished or drops the row.
     pub snapshot_taker_lost: Duration,
+    /// An image still being made after this long lost its builder (a node that died): the
+    /// reaper removes it with what was made of it, and this node's uploads that old.
+    pub image_builder_lost: Duration,
     /// The largest image tarball an upload may bring (`HEARTH_IMAGE_UPLOAD_MAX_BYTES`); it is
     /// kept on this node's disk under `<data dir>/imports` while it is loaded.
     pub image_upload_max_bytes: u64,
@@ -122,6 +125,7 @@ impl Config {
             reaper_interval: Duration::from_secs(30),
             transition_deadline: Duration::from_secs(900),
             snapshot_taker_lost: Duration::from_secs(900),
+            image_builder_lost: Duration::from_secs(3600),
             image_upload_max_bytes: 10_000_000_000,
             host_check_interval: Duration::from_secs(5),
             host_unhealthy_after: Duration::from_secs(15),
@@ -194,6 +198,7 @@ impl Config {
         c.reaper_interval = ms("HEARTH_REAPER_INTERVAL_MS", c.reaper_interval)?;
         c.transition_deadline = secs("HEARTH_TRANSITION_DEADLINE_SECONDS", c.transition_deadline)?;
         c.snapshot_taker_lost = ms("HEARTH_SNAPSHOT_TAKER_LOST_MS", c.snapshot_taker_lost)?;
+        c.image_builder_lost = ms("HEARTH_IMAGE_BUILDER_LOST_MS", c.image_builder_lost)?;
         c.image_upload_max_bytes =
             number("HEARTH_IMAGE_UPLOAD_MAX_BYTES", c.image_upload_max_bytes)?;
         c.host_check_interval = ms("HEARTH_HOST_CHECK_INTERVAL_MS", c.host_check_interval)?;

@@ -24,7 +24,7 @@ use crate::error::{AppError, AppResult};
 use hearth_core::{HostHealth, HostKind, HostStatus, Role};
 use hearth_guest::keys::KeyPair;
 use hearth_guest::{SshPool, Target};
-use hearth_provider::{HostRef, Provider, ProviderError, VmRef, VmSpec, VmState};
+use hearth_provider::{HostRef, ImageMade, Provider, ProviderError, VmRef, VmSpec, VmState};
 use hearth_store::{Image, StoreError, User};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -39,12 +39,11 @@ const IMPORTS: &str = "imports";
 const UPLOAD_STALL: Duration = Duration::from_secs(60);
 /// How long an upload may take in all.
 const UPLOAD_LIMIT: Duration = Duration::from_secs(30 * 60);
-/// Imports one node receives at once: each keeps up to two copies of its tarball on disk.
+/// Imports one node receives at once, and images for VMs it makes (each keeps up to two
+/// copies of its tarball, or one of the image's file system, on this node's disk).
 const IMPORTS_AT_ONCE: usize = 2;
 static IMPORTS_UNDER_WAY: tokio::sync::Semaphore =
     tokio::sync::Semaphore::const_new(IMPORTS_AT_ONCE);
-/// A `building` row older than this lost its builder: longer than an upload and a load.
-const BUILDER_LOST_MS: i64 = 60 * 60_000;
 /// How long a checked image's VM may take to run and let `dev` in.
 const CHECK_LIMIT: Duration = Duration::from_secs(60);
 /// A Dockerfile's size.
@@ -231,7 +230,7 @@ async fn load_within_limit(
     host: &HostRef,
     reference: &str,
     path: &std::path::Path,
-) -> Result<i64, ProviderError> {
+) -> Result<ImageMade, ProviderError> {
     tokio::time::timeout(BUILD_LIMIT, provider.import_image(host, reference, path))
         .await
         .unwrap_or_else(|_| {
@@ -240,6 +239,22 @@ async fn load_within_limit(
                 BUILD_LIMIT.as_secs()
             )))
         })
+}
+
+fn take_import_permit() -> AppResult<tokio::sync::SemaphorePermit<'static>> {
+    IMPORTS_UNDER_WAY.try_acquire().map_err(|_| {
+        AppError::NoCapacity(format!(
+            "{IMPORTS_AT_ONCE} image imports or images for VMs are being made on this server; try again in a few minutes"
+        ))
+    })
+}
+
+fn too_big(size: i64) -> AppError {
+    AppError::Invalid(format!(
+        "the image is {} GB, past the {} GB an image may have",
+        size / 1_000_000_000,
+        MAX_IMAGE_BYTES / 1_000_000_000
+    ))
 }
 
 /// `build_image`, given up after `BUILD_LIMIT`.
@@ -417,9 +432,19 @@ impl App {
             )));
         }
         let dockerfile = &confine_bases(self, user, dockerfile).await?;
+        let _permit = if kind == HostKind::Docker {
+            None
+        } else {
+            Some(take_import_permit()?)
+        };
         let (image, host_ref, provider) = self.begin_image(user, name, everyone, kind).await?;
         let built = if kind == HostKind::Docker {
-            build_within_limit(provider.as_ref(), &host_ref, &image.reference, dockerfile).await
+            build_within_limit(provider.as_ref(), &host_ref, &image.reference, dockerfile)
+                .await
+                .map(|size_bytes| ImageMade {
+                    size_bytes,
+                    min_disk_gb: None,
+                })
         } else {
             let stage = Stage::Build(dockerfile);
             self.for_vms(&image, &host_ref, provider.as_ref(), stage)
@@ -457,11 +482,7 @@ impl App {
         if declared.is_some_and(|n| n > max) {
             return Err(too_large(max));
         }
-        let _permit = IMPORTS_UNDER_WAY.try_acquire().map_err(|_| {
-            AppError::NoCapacity(format!(
-                "{IMPORTS_AT_ONCE} imports are under way on this server; try again in a few minutes"
-            ))
-        })?;
+        let _permit = take_import_permit()?;
         let (image, host_ref, provider) = self.begin_image(user, name, everyone, kind).await?;
         let dir = self.config.data_dir.join(IMPORTS);
         let path = dir.join(format!("{}.tar", image.id));
@@ -552,7 +573,7 @@ impl App {
         host: &HostRef,
         agent: &dyn Provider,
         stage: Stage<'_>,
-    ) -> Result<i64, ProviderError> {
+    ) -> Result<ImageMade, ProviderError> {
         let (builder, docker) = self
             .builder()
             .await
@@ -561,20 +582,33 @@ impl App {
         let dir = self.config.data_dir.join(IMPORTS);
         let tarball = dir.join(format!("{}.rootfs.tar", image.id));
         let made = async {
-            match stage {
+            let size = match stage {
                 Stage::Build(dockerfile) => {
                     build_within_limit(docker.as_ref(), &builder, &staged, dockerfile).await?
                 }
                 Stage::Load(path) => {
-                    load_within_limit(docker.as_ref(), &builder, &staged, path).await?
+                    load_within_limit(docker.as_ref(), &builder, &staged, path)
+                        .await?
+                        .size_bytes
                 }
             };
+            // Before its file system is written to this node's disk.
+            if size > MAX_IMAGE_BYTES {
+                return Err(ProviderError::Failed(too_big(size).to_string()));
+            }
             tokio::fs::create_dir_all(&dir)
                 .await
                 .map_err(|e| ProviderError::Failed(format!("keeping the file system: {e}")))?;
-            let bytes = docker.export_image(&builder, &staged, &tarball).await?;
+            let export = docker.export_image(&builder, &staged, &tarball, MAX_IMAGE_BYTES as u64);
+            let bytes = tokio::time::timeout(BUILD_LIMIT, export)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ProviderError::Failed(format!(
+                        "the export took longer than {} s",
+                        BUILD_LIMIT.as_secs()
+                    )))
+                })?;
             tracing::info!(image = %image.name, bytes, host = %host.name, "sending an image's file system to its agent host");
-            let _ = docker.remove_image(&builder, &staged).await;
             agent.import_image(host, &image.reference, &tarball).await
         }
         .await;
@@ -583,6 +617,22 @@ impl App {
             tracing::warn!(image = %staged, error = %e, "could not remove a VM image's build (the reaper will)");
         }
         made
+    }
+
+    /// Removes what making `image` for VMs may have left on the Docker hosts (a node died
+    /// mid-way): its build and its export's container.
+    async fn remove_vm_builds(&self, image: &Image) -> AppResult<()> {
+        let docker = self
+            .providers
+            .get(HostKind::Docker)
+            .map_err(|e| AppError::Invalid(e.to_string()))?;
+        let staged = format!("{}{VM_BUILD_SUFFIX}", image.reference);
+        for host in self.store.hosts().await? {
+            if host.kind == HostKind::Docker && host.health == HostHealth::Healthy {
+                let _ = docker.remove_image(&self.host_ref(&host)?, &staged).await;
+            }
+        }
+        Ok(())
     }
 
     /// A Docker host that answers, to build on.
@@ -673,40 +723,37 @@ impl App {
         image: Image,
         host_ref: &hearth_provider::HostRef,
         provider: &dyn Provider,
-        made: Result<i64, ProviderError>,
+        made: Result<ImageMade, ProviderError>,
         failed: &str,
     ) -> AppResult<Image> {
         let name = image.name.clone();
-        let refuse = async |reason: String| -> AppResult<Image> {
+        let refuse = async |error: AppError| -> AppResult<Image> {
             let _ = provider.remove_image(host_ref, &image.reference).await;
             self.store.forget_image(&image.id).await?;
-            Err(AppError::Invalid(reason))
+            Err(error)
         };
-        let size = match made {
-            Ok(size) if size > MAX_IMAGE_BYTES => {
-                return refuse(format!(
-                    "the image is {} GB, past the {} GB an image may have",
-                    size / 1_000_000_000,
-                    MAX_IMAGE_BYTES / 1_000_000_000
-                ))
+        let (size, min_disk_gb) = match made {
+            Ok(made) if made.size_bytes > MAX_IMAGE_BYTES => {
+                return refuse(too_big(made.size_bytes)).await;
+            }
+            Ok(made) => (made.size_bytes, made.min_disk_gb),
+            // Down, busy or out of room: another time may do.
+            Err(ProviderError::Unavailable(m)) => {
+                return refuse(AppError::NoCapacity(format!(
+                    "a host cannot make the image now; try again later: {m}"
+                )))
                 .await;
             }
-            Ok(size) => size,
-            Err(ProviderError::Unavailable(m)) => {
-                return refuse(format!("a host stopped answering: {m}")).await;
-            }
-            Err(e) => return refuse(format!("{failed}:\n{e}")).await,
+            Err(e) => return refuse(AppError::Invalid(format!("{failed}:\n{e}"))).await,
         };
-        // An agent's file system is a quarter and 256 MiB larger than what it holds
-        // (`size`), and a VM's disk must hold it.
-        let disk_gb = match host_ref.kind {
-            HostKind::Agent => (size + size / 4 + (256 << 20) + (1 << 30) - 1) / (1 << 30) + 1,
-            _ => 2,
-        };
+        let disk_gb = min_disk_gb.unwrap_or(2).max(2);
         if let Err(reason) =
             check_image(provider, host_ref, &self.ssh, &image.reference, disk_gb).await
         {
-            return refuse(format!("image {name} breaks the guest contract: {reason}")).await;
+            return refuse(AppError::Invalid(format!(
+                "image {name} breaks the guest contract: {reason}"
+            )))
+            .await;
         }
         let image = self.store.image_ready(&image.id, size).await?;
         let _ = self
@@ -784,12 +831,8 @@ impl App {
     async fn remove_image_everywhere(&self, image: &Image) -> AppResult<()> {
         match self.store.host(&image.host_id).await {
             Ok(host) => {
-                if host.kind != HostKind::Docker
-                    && let Ok((builder, docker)) = self.builder().await
-                {
-                    // What a node that died mid-way left on the builder.
-                    let staged = format!("{}{VM_BUILD_SUFFIX}", image.reference);
-                    let _ = docker.remove_image(&builder, &staged).await;
+                if host.kind != HostKind::Docker {
+                    self.remove_vm_builds(image).await?;
                 }
                 let host_ref = self.host_ref(&host)?;
                 self.providers
@@ -815,7 +858,11 @@ impl App {
             self.remove_unrecorded_images(hearth_provider::docker::LABEL_IMAGE)
                 .await?;
         }
-        for image in self.store.stale_images(BUILDER_LOST_MS).await? {
+        for image in self
+            .store
+            .stale_images(self.config.image_builder_lost.as_millis() as i64)
+            .await?
+        {
             tracing::info!(image = %image.name, "removing an image whose build never finished");
             if let Err(e) = self.remove_image_everywhere(&image).await {
                 tracing::warn!(image = %image.name, error = %e, "could not remove an unfinished image");
@@ -831,7 +878,7 @@ impl App {
         let Ok(entries) = std::fs::read_dir(self.config.data_dir.join(IMPORTS)) else {
             return;
         };
-        let lost = Duration::from_millis(BUILDER_LOST_MS as u64);
+        let lost = self.config.image_builder_lost;
         for entry in entries.flatten() {
             let old = entry
                 .metadata()

@@ -325,15 +325,29 @@ impl App {
                 continue;
             };
             for (id, image_id) in kept {
+                if let Some(of) = id.strip_suffix(crate::images::VM_BUILD_SUFFIX) {
+                    // A VM image's build on a Docker host, kept only while it is made. Its
+                    // export's container (a node died mid-way) holds it: both go, by name.
+                    match self.store.image_named(of).await {
+                        Ok(image) if image.state == "building" => {}
+                        Ok(_) | Err(StoreError::NotFound) => {
+                            let staged =
+                                format!("{}:{id}", hearth_provider::docker::IMAGE_REPOSITORY);
+                            match provider.remove_image(&host_ref, &staged).await {
+                                Ok(()) => {
+                                    tracing::info!(host = %host.name, image = %staged, "removed a VM image's build left behind")
+                                }
+                                Err(e) => {
+                                    tracing::warn!(host = %host.name, image = %staged, error = %e, "could not remove a VM image's build left behind")
+                                }
+                            }
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                    continue;
+                }
                 let recorded = if label == hearth_provider::docker::LABEL_SNAPSHOT {
                     self.store.snapshot(&id).await.map(|_| ())
-                } else if let Some(of) = id.strip_suffix(crate::images::VM_BUILD_SUFFIX) {
-                    // A VM image's build on a Docker host is kept only while it is made.
-                    match self.store.image_named(of).await {
-                        Ok(image) if image.state == "building" => Ok(()),
-                        Ok(_) => Err(StoreError::NotFound),
-                        Err(e) => Err(e),
-                    }
                 } else {
                     self.store.image_named(&id).await.map(|_| ())
                 };

@@ -263,6 +263,16 @@ impl AgentProvider {
                 .ok()
                 .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
                 .unwrap_or(text);
+            // Busy now, or no room now: another time may do.
+            if matches!(
+                status,
+                reqwest::StatusCode::TOO_MANY_REQUESTS | reqwest::StatusCode::INSUFFICIENT_STORAGE
+            ) {
+                return Err(ProviderError::Unavailable(format!(
+                    "the agent of host {}: {message}",
+                    host.name
+                )));
+            }
             return Err(ProviderError::Failed(format!(
                 "the agent of host {} refused ({status}): {message}",
                 host.name
@@ -578,7 +588,7 @@ impl Provider for AgentProvider {
         host: &HostRef,
         reference: &str,
         tarball: &std::path::Path,
-    ) -> Result<i64, ProviderError> {
+    ) -> Result<crate::ImageMade, ProviderError> {
         let id = custom_image_id(reference)
             .ok_or_else(|| ProviderError::Failed(format!("{reference} names no custom image")))?;
         let file = tokio::fs::File::open(tarball)
@@ -603,7 +613,10 @@ impl Provider for AgentProvider {
         let made: wire::Snapshot = self.send(host, request).await?.ok_or_else(|| {
             ProviderError::Failed(format!("host {}: the agent made no image", host.name))
         })?;
-        Ok(made.size_bytes)
+        Ok(crate::ImageMade {
+            size_bytes: made.size_bytes,
+            min_disk_gb: Some(made.disk_gb),
+        })
     }
 
     async fn remove_image(&self, host: &HostRef, reference: &str) -> Result<(), ProviderError> {

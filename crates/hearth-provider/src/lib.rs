@@ -149,6 +149,15 @@ pub struct SnapshotMade {
     pub size_bytes: i64,
 }
 
+/// A custom image as its host keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageMade {
+    pub size_bytes: i64,
+    /// The smallest disk a VM of it may have (an agent's image is a file system of a
+    /// size); `None`: any.
+    pub min_disk_gb: Option<i64>,
+}
+
 /// What a host says of itself when checked.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostFacts {
@@ -305,7 +314,7 @@ pub trait Provider: Send + Sync + 'static {
         host: &HostRef,
         _reference: &str,
         _tarball: &std::path::Path,
-    ) -> Result<i64, ProviderError> {
+    ) -> Result<ImageMade, ProviderError> {
         Err(ProviderError::Unsupported(format!(
             "hosts of kind {} import no images yet",
             host.kind
@@ -313,13 +322,14 @@ pub trait Provider: Send + Sync + 'static {
     }
 
     /// Writes the file system a VM of image `reference` starts with as a tarball at `to`
-    /// (what an agent host makes a custom image's root file system of); returns its length.
-    /// Kinds that cannot say so.
+    /// (what an agent host makes a custom image's root file system of), refused past
+    /// `max_bytes`; returns its length. Kinds that cannot say so.
     async fn export_image(
         &self,
         host: &HostRef,
         _reference: &str,
         _to: &std::path::Path,
+        _max_bytes: u64,
     ) -> Result<u64, ProviderError> {
         Err(ProviderError::Unsupported(format!(
             "hosts of kind {} export no images",

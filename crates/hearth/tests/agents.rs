@@ -858,19 +858,7 @@ async fn a_custom_image_on_an_agent_host() {
     let t = join_token(&server, "vm-images").await;
     let agent = Agent::start(&server, &t);
     let agent_host = wait_health(&server, "vm-images", "healthy", &agent).await;
-    let r = server
-        .call(
-            "POST",
-            "/v1/admin/hosts",
-            Some(&server.admin_token),
-            Some(json!({
-                "name": "builder", "kind": "docker", "endpoint": "unix:///var/run/docker.sock",
-                "maxVcpus": 8, "maxMemoryMb": 8192,
-            })),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
-    wait_health(&server, "builder", "healthy", &agent).await;
+    add_builder(&server, &agent).await;
     let token = server.user("vm-images@example.com", "pro").await;
 
     let r = server
@@ -1022,4 +1010,112 @@ async fn a_custom_image_on_an_agent_host() {
     exec_trimmed(&server, &token, &id, "sync").await;
     server.destroy(&token, &id, UP).await;
     assert!(!file.exists(), "removed with the last VM made from it");
+}
+
+/// Registers this machine's Docker engine as a host, where images for VMs are built.
+async fn add_builder(server: &Server, agent: &Agent) {
+    let r = server
+        .call(
+            "POST",
+            "/v1/admin/hosts",
+            Some(&server.admin_token),
+            Some(json!({
+                "name": "builder", "kind": "docker", "endpoint": "unix:///var/run/docker.sock",
+                "maxVcpus": 8, "maxMemoryMb": 8192,
+            })),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    wait_health(server, "builder", "healthy", agent).await;
+}
+
+/// kill -9 of the node while it exports an image's file system for an agent host: once its
+/// builder counts as lost, the restarted node's reaper leaves nothing of it: no record, no
+/// build and no export container on the Docker host, no file on the node or the agent.
+#[tokio::test]
+async fn a_node_killed_while_it_makes_an_image_for_vms_leaves_nothing() {
+    let site = agent_site(Site::new(Db::Sqlite).await);
+    let server = site.start().await;
+    let t = join_token(&server, "vm-killed").await;
+    let agent = Agent::start(&server, &t);
+    wait_health(&server, "vm-killed", "healthy", &agent).await;
+    add_builder(&server, &agent).await;
+    let token = server.user("vm-killed@example.com", "pro").await;
+    let request = {
+        let (base, token) = (server.base.clone(), token.clone());
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .post(format!("{base}/v1/images"))
+                .bearer_auth(token)
+                .json(&json!({
+                    "name": "vm-big", "provider": "agent",
+                    "dockerfile": "FROM hearth/base:latest\nRUN head -c 300000000 /dev/urandom > /filler\n",
+                }))
+                .send()
+                .await
+        })
+    };
+    // The export has begun once the node writes the file system to its disk.
+    let imports = site.data_dir().join("imports");
+    let started = Instant::now();
+    let image_id = loop {
+        let exporting = std::fs::read_dir(&imports)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .find_map(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .strip_suffix(".rootfs.tar")
+                    .map(str::to_string)
+            });
+        if let Some(id) = exporting {
+            break id;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "the export never began"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    server.kill();
+    let _ = request.await;
+    let staged = format!("hearth-image:{image_id}-vm");
+    let docker_has = |args: &[&str]| {
+        let out = Command::new("docker").args(args).output().unwrap();
+        !String::from_utf8_lossy(&out.stdout).trim().is_empty()
+    };
+    assert!(
+        docker_has(&["images", "-q", &staged]),
+        "the kill left the build"
+    );
+
+    let site = site
+        .with_env("HEARTH_IMAGE_BUILDER_LOST_MS", "1000")
+        .with_env("HEARTH_REAPER_INTERVAL_MS", "200");
+    let server = site.start().await;
+    let export_container = format!("name=^hearth-export-hearth-image-{image_id}-vm$");
+    let started = Instant::now();
+    loop {
+        let listed = server.call("GET", "/v1/images", Some(&token), None).await;
+        let left = [
+            listed.body.to_string().contains(&image_id),
+            docker_has(&["images", "-q", &staged]),
+            docker_has(&["ps", "-aq", "--filter", &export_container]),
+            std::fs::read_dir(&imports)
+                .map(|d| d.count() > 0)
+                .unwrap_or(false),
+            std::fs::read_dir(agent.dir.path().join("state/images"))
+                .map(|d| d.count() > 0)
+                .unwrap_or(false),
+        ];
+        if left == [false; 5] {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "left after the builder was lost (record, build, export container, node file, agent file): {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

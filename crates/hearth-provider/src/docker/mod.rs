@@ -819,6 +819,7 @@ impl Provider for DockerProvider {
         host: &HostRef,
         reference: &str,
         to: &std::path::Path,
+        max_bytes: u64,
     ) -> Result<u64, ProviderError> {
         use futures::StreamExt;
         use tokio::io::AsyncWriteExt;
@@ -857,6 +858,12 @@ impl Provider for DockerProvider {
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.map_err(|e| classify(host, e))?;
                 bytes += chunk.len() as u64;
+                if bytes > max_bytes {
+                    return Err(ProviderError::Failed(format!(
+                        "the image's file system is larger than {} GB",
+                        max_bytes / 1_000_000_000
+                    )));
+                }
                 file.write_all(&chunk).await.map_err(|e| {
                     ProviderError::Failed(format!("writing the image's file system: {e}"))
                 })?;
@@ -881,7 +888,7 @@ impl Provider for DockerProvider {
         host: &HostRef,
         reference: &str,
         tarball: &std::path::Path,
-    ) -> Result<i64, ProviderError> {
+    ) -> Result<crate::ImageMade, ProviderError> {
         use futures::StreamExt;
         use tokio::io::AsyncReadExt;
         let loaded_as = import_tag(reference);
@@ -949,7 +956,10 @@ impl Provider for DockerProvider {
                 if let Err(e) = docker.remove_image(&loaded_as, Some(untag), None).await {
                     tracing::warn!(tag = %loaded_as, error = %e, "could not remove an import's tag (removed with its image)");
                 }
-                Ok(size)
+                Ok(crate::ImageMade {
+                    size_bytes: size,
+                    min_disk_gb: None,
+                })
             }
             Err(e) => {
                 let _ = self.remove_image(host, reference).await;
