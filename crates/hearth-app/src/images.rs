@@ -755,7 +755,7 @@ impl App {
             )))
             .await;
         }
-        let image = self.store.image_ready(&image.id, size).await?;
+        let image = self.store.image_ready(&image.id, size, min_disk_gb).await?;
         let _ = self
             .store
             .audit(

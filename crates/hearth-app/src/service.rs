@@ -253,6 +253,12 @@ impl App {
                         custom.name, host.kind
                     )));
                 }
+                if let Some(min) = custom.min_disk_gb.filter(|min| resources.disk_gb < *min) {
+                    return Err(AppError::Invalid(format!(
+                        "image {} holds a file system of {min} GB: ask for diskGb {min} or more",
+                        custom.name
+                    )));
+                }
                 (custom.reference, Some(custom.host_id))
             }
         };

@@ -61,7 +61,6 @@ impl Tier {
         }
     }
 
-    /// The personal VM's size when the caller names none (the seed's table).
     /// How many snapshots a user of the tier may keep (each is a copy of a disk on its host).
     pub fn max_snapshots(self) -> i64 {
         match self {

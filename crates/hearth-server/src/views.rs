@@ -353,6 +353,9 @@ pub struct ImageView {
     /// The host that built it; environments of it go there.
     pub host_id: String,
     pub size_bytes: Option<i64>,
+    /// The smallest `diskGb` an environment of it may ask for (an image for agent hosts is a
+    /// file system of a size); absent: any.
+    pub min_disk_gb: Option<i64>,
     /// `building` or `ready`.
     pub state: String,
     pub created_at: String,
@@ -367,6 +370,7 @@ impl From<&hearth_store::Image> for ImageView {
             visibility: i.visibility.clone(),
             host_id: i.host_id.clone(),
             size_bytes: i.size_bytes,
+            min_disk_gb: i.min_disk_gb,
             state: i.state.clone(),
             created_at: time(i.created_at),
         }

@@ -19,12 +19,13 @@ pub struct Image {
     /// The engine's name for it.
     pub reference: String,
     pub size_bytes: Option<i64>,
+    /// The smallest disk a VM of it may have (migration 0017); `None`: any.
+    pub min_disk_gb: Option<i64>,
     pub state: String,
     pub created_at: i64,
 }
 
-const COLUMNS: &str =
-    "id, name, owner_id, visibility, host_id, reference, size_bytes, state, created_at";
+const COLUMNS: &str = "id, name, owner_id, visibility, host_id, reference, size_bytes, min_disk_gb, state, created_at";
 
 fn from_row(r: &AnyRow) -> Result<Image> {
     Ok(Image {
@@ -35,6 +36,7 @@ fn from_row(r: &AnyRow) -> Result<Image> {
         host_id: r.try_get("host_id")?,
         reference: r.try_get("reference")?,
         size_bytes: r.try_get("size_bytes")?,
+        min_disk_gb: r.try_get("min_disk_gb")?,
         state: r.try_get("state")?,
         created_at: r.try_get("created_at")?,
     })
@@ -61,6 +63,7 @@ impl Store {
             visibility: visibility.to_string(),
             host_id: host_id.to_string(),
             size_bytes: None,
+            min_disk_gb: None,
             state: "building".into(),
             created_at: now,
         };
@@ -111,11 +114,17 @@ impl Store {
         Ok(image)
     }
 
-    pub async fn image_ready(&self, id: &str, size_bytes: i64) -> Result<Image> {
+    pub async fn image_ready(
+        &self,
+        id: &str,
+        size_bytes: i64,
+        min_disk_gb: Option<i64>,
+    ) -> Result<Image> {
         sqlx::query(
-            "UPDATE images SET state = 'ready', size_bytes = $1, updated_at = $2 WHERE id = $3",
+            "UPDATE images SET state = 'ready', size_bytes = $1, min_disk_gb = $2, updated_at = $3 WHERE id = $4",
         )
         .bind(size_bytes)
+        .bind(min_disk_gb)
         .bind(self.now())
         .bind(id)
         .execute(&self.pool)

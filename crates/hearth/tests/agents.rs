@@ -868,7 +868,8 @@ async fn a_custom_image_on_an_agent_host() {
             Some(&token),
             Some(json!({
                 "name": "vm-jq", "provider": "agent",
-                "dockerfile": "FROM hearth/base:latest\nRUN apt-get update && apt-get install -y --no-install-recommends jq && rm -rf /var/lib/apt/lists/*\nRUN echo built > /etc/vm-marker\n",
+                // The filler makes its file system larger than the smallest disk (1 GB).
+                "dockerfile": "FROM hearth/base:latest\nRUN apt-get update && apt-get install -y --no-install-recommends jq && rm -rf /var/lib/apt/lists/*\nRUN echo built > /etc/vm-marker && head -c 700000000 /dev/zero > /filler\n",
             })),
         )
         .await;
@@ -881,6 +882,8 @@ async fn a_custom_image_on_an_agent_host() {
     );
     assert_eq!(r.body["hostId"], agent_host["id"], "{:?}", r.body);
     assert_eq!(r.body["state"], "ready");
+    let min_disk = r.body["minDiskGb"].as_i64().unwrap();
+    assert!(min_disk >= 2, "{:?}", r.body);
     let image_id = r.body["id"].as_str().unwrap().to_string();
     let file = agent
         .dir
@@ -910,13 +913,22 @@ async fn a_custom_image_on_an_agent_host() {
         "{:?}",
         r.body
     );
+    // A disk smaller than its file system is refused at the request.
+    let mut body = json!({"name": "of the image", "baseImage": "vm-jq", "vcpus": 1, "memoryMb": 512, "diskGb": min_disk - 1});
     let r = server
-        .call(
-            "POST",
-            "/v1/environments",
-            Some(&token),
-            Some(json!({"name": "of the image", "baseImage": "vm-jq", "vcpus": 1, "memoryMb": 512, "diskGb": 3})),
-        )
+        .call("POST", "/v1/environments", Some(&token), Some(body.clone()))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    assert!(
+        r.body
+            .to_string()
+            .contains(&format!("ask for diskGb {min_disk}")),
+        "{:?}",
+        r.body
+    );
+    body["diskGb"] = json!(min_disk);
+    let r = server
+        .call("POST", "/v1/environments", Some(&token), Some(body))
         .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
     let id = r.body["id"].as_str().unwrap().to_string();
