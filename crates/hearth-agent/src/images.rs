@@ -109,7 +109,9 @@ fn unpack(tarball: impl Read, length: u64, root: &Path) -> Result<(), VmmError> 
     });
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);
-    archive.set_unpack_xattrs(false);
+    // File capabilities (`security.capability`, as `docker export` writes them) are kept;
+    // attributes are set without following links (`lsetxattr`).
+    archive.set_unpack_xattrs(true);
     archive.set_overwrite(true);
     let unreadable = |e: std::io::Error| {
         let mut text = e.to_string();

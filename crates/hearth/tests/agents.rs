@@ -869,7 +869,8 @@ async fn a_custom_image_on_an_agent_host() {
             Some(json!({
                 "name": "vm-jq", "provider": "agent",
                 // The filler makes its file system larger than the smallest disk (1 GB).
-                "dockerfile": "FROM hearth/base:latest\nRUN apt-get update && apt-get install -y --no-install-recommends jq && rm -rf /var/lib/apt/lists/*\nRUN echo built > /etc/vm-marker && head -c 700000000 /dev/zero > /filler\n",
+                // `ping` keeps raw sockets by a file capability alone (not setuid).
+                "dockerfile": "FROM hearth/base:latest\nRUN apt-get update && apt-get install -y --no-install-recommends jq iputils-ping libcap2-bin && rm -rf /var/lib/apt/lists/*\nRUN chmod u-s /usr/bin/ping && setcap cap_net_raw+ep /usr/bin/ping\nRUN echo built > /etc/vm-marker && head -c 700000000 /dev/zero > /filler\n",
             })),
         )
         .await;
@@ -938,10 +939,11 @@ async fn a_custom_image_on_an_agent_host() {
             &server,
             &token,
             &id,
-            "jq -n '1+1'; cat /etc/vm-marker; id -un; test -e /.dockerenv || echo no-dockerenv"
+            "jq -n '1+1'; cat /etc/vm-marker; id -un; test -e /.dockerenv || echo no-dockerenv; \
+             ping -c 1 -W 5 127.0.0.1 > /dev/null && echo pinged"
         )
         .await,
-        "2\nbuilt\ndev\nno-dockerenv"
+        "2\nbuilt\ndev\nno-dockerenv\npinged"
     );
 
     // What a VM's init needs is checked before any VM boots, and the reason given.
