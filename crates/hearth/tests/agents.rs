@@ -791,11 +791,7 @@ async fn a_warm_pool_on_an_agent_host() {
     let mut body = shape.clone();
     body["name"] = json!("warm");
     body["sshPublicKey"] = json!(user_public.trim());
-    let r = server
-        .call("POST", "/v1/environments", Some(&token), Some(body))
-        .await;
-    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
-    let id = r.body["id"].as_str().unwrap().to_string();
+    let id = server.create(&token, body).await;
     assert_eq!(id, pooled[0].id, "the create took the warm VM");
     wait_running_or_log(&server, &token, &id, &agent).await;
     let env = server.wait_env(&token, &id, "running", UP).await;
@@ -928,11 +924,7 @@ async fn a_custom_image_on_an_agent_host() {
         r.body
     );
     body["diskGb"] = json!(min_disk);
-    let r = server
-        .call("POST", "/v1/environments", Some(&token), Some(body))
-        .await;
-    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
-    let id = r.body["id"].as_str().unwrap().to_string();
+    let id = server.create(&token, body).await;
     wait_running_or_log(&server, &token, &id, &agent).await;
     assert_eq!(
         exec_trimmed(

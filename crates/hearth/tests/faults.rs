@@ -30,14 +30,6 @@ async fn wait_state(server: &Server, token: &str, id: &str, state: &str) {
     );
 }
 
-async fn create(server: &Server, token: &str, body: serde_json::Value) -> String {
-    let r = server
-        .call("POST", "/v1/environments", Some(token), Some(body))
-        .await;
-    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
-    r.body["id"].as_str().unwrap().to_string()
-}
-
 /// Environments that cycle stop/start and destroy/create while the reconciler runs every
 /// 100 ms: nothing happens behind Hearth's back, so any action of the reconciler is false.
 /// Then, as a control, one VM is removed behind Hearth's back (`remove`): the reconciler
@@ -60,7 +52,7 @@ async fn churn<F: Fn(&str)>(site: Site, cycles: usize, body: serde_json::Value, 
         let (server, token, done, body) =
             (server.clone(), token.clone(), done.clone(), body.clone());
         tasks.push(tokio::spawn(async move {
-            let mut id = create(&server, &token, body.clone()).await;
+            let mut id = server.create(&token, body.clone()).await;
             wait_state(&server, &token, &id, "running").await;
             while done.load(Ordering::SeqCst) < cycles {
                 if i % 2 == 0 {
@@ -92,7 +84,7 @@ async fn churn<F: Fn(&str)>(site: Site, cycles: usize, body: serde_json::Value, 
                         )
                         .await;
                     wait_state(&server, &token, &id, "destroyed").await;
-                    id = create(&server, &token, body.clone()).await;
+                    id = server.create(&token, body.clone()).await;
                     wait_state(&server, &token, &id, "running").await;
                 }
                 done.fetch_add(1, Ordering::SeqCst);
@@ -137,7 +129,7 @@ async fn churn<F: Fn(&str)>(site: Site, cycles: usize, body: serde_json::Value, 
         .await;
     assert!(orphans.body["items"].as_array().unwrap().is_empty());
 
-    let control = create(&server, &token, body.clone()).await;
+    let control = server.create(&token, body.clone()).await;
     wait_state(&server, &token, &control, "running").await;
     remove(&control);
     let env = server
@@ -251,22 +243,22 @@ async fn a_docker_outage_is_ridden_out() {
     }))).await;
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     let token = server.user("outage@example.com", "pro").await;
-    let stopping = create(
-        &server,
-        &token,
-        json!({"name": "to stop", "memoryMb": 256, "region": "out"}),
-    )
-    .await;
+    let stopping = server
+        .create(
+            &token,
+            json!({"name": "to stop", "memoryMb": 256, "region": "out"}),
+        )
+        .await;
     wait_state(&server, &token, &stopping, "running").await;
 
     engine.stop();
     let outage = Instant::now();
-    let provisioning = create(
-        &server,
-        &token,
-        json!({"name": "to make", "memoryMb": 256, "region": "out"}),
-    )
-    .await;
+    let provisioning = server
+        .create(
+            &token,
+            json!({"name": "to make", "memoryMb": 256, "region": "out"}),
+        )
+        .await;
     server
         .call(
             "POST",

@@ -38,16 +38,9 @@ async fn files_go_in_and_out_streamed_within_bounds() {
     let server = site.start().await;
     let token = server.user("files@example.com", "pro").await;
     let other = server.user("files-other@example.com", "pro").await;
-    let r = server
-        .call(
-            "POST",
-            "/v1/environments",
-            Some(&token),
-            Some(json!({"name": "files", "memoryMb": 512})),
-        )
+    let id = server
+        .create(&token, json!({"name": "files", "memoryMb": 512}))
         .await;
-    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
-    let id = r.body["id"].as_str().unwrap().to_string();
     server.wait_env(&token, &id, "running", UP).await;
 
     // 200 MiB up and down with the CLI.

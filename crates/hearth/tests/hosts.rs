@@ -45,14 +45,6 @@ impl Drop for Sweep {
     }
 }
 
-async fn create(server: &Server, token: &str, body: Value) -> String {
-    let r = server
-        .call("POST", "/v1/environments", Some(token), Some(body))
-        .await;
-    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
-    r.body["id"].as_str().unwrap().to_string()
-}
-
 #[tokio::test]
 async fn two_installations_with_default_settings_share_an_engine() {
     let sites = [
@@ -74,7 +66,9 @@ async fn two_installations_with_default_settings_share_an_engine() {
         sweeps.push(Sweep(installation));
         let token = server.user("same@example.com", "pro").await;
         for name in ["one", "two"] {
-            let id = create(&server, &token, json!({"name": name, "memoryMb": 256})).await;
+            let id = server
+                .create(&token, json!({"name": name, "memoryMb": 256}))
+                .await;
             envs.push((servers.len(), token.clone(), id));
         }
         servers.push(server);
@@ -186,7 +180,9 @@ async fn a_node_without_the_installations_key_refuses_to_start() {
     first.kill();
     let node = site.node().with_env("HEARTH_MASTER_KEY", key.trim());
     let second = node.start().await;
-    let id = create(&second, &token, json!({"name": "keyed", "memoryMb": 256})).await;
+    let id = second
+        .create(&token, json!({"name": "keyed", "memoryMb": 256}))
+        .await;
     second.wait_env(&token, &id, "running", UP).await;
     let r = second
         .call(
@@ -286,12 +282,12 @@ async fn two_engines_two_nodes() {
 
     // Only node A exists: it runs the job, on engine 2.
     let token = a.user("hosts@example.com", "unlimited").await;
-    let on_two = create(
-        &a,
-        &token,
-        json!({"name": "on two", "memoryMb": 256, "region": "two"}),
-    )
-    .await;
+    let on_two = a
+        .create(
+            &token,
+            json!({"name": "on two", "memoryMb": 256, "region": "two"}),
+        )
+        .await;
     a.wait_env(&token, &on_two, "running", UP).await;
     // Node B joins; A goes: B runs the next jobs, on both engines.
     let b = site.node().start().await;
@@ -305,7 +301,9 @@ async fn two_engines_two_nodes() {
         )
         .await;
     assert_eq!(drained.body["status"], "draining");
-    let on_one = create(&b, &token, json!({"name": "on one", "memoryMb": 256})).await;
+    let on_one = b
+        .create(&token, json!({"name": "on one", "memoryMb": 256}))
+        .await;
     b.call(
         "POST",
         &format!("/v1/admin/hosts/{second}/ready"),
@@ -313,12 +311,12 @@ async fn two_engines_two_nodes() {
         None,
     )
     .await;
-    let also_two = create(
-        &b,
-        &token,
-        json!({"name": "also two", "memoryMb": 256, "region": "two"}),
-    )
-    .await;
+    let also_two = b
+        .create(
+            &token,
+            json!({"name": "also two", "memoryMb": 256, "region": "two"}),
+        )
+        .await;
     for id in [&on_one, &also_two] {
         b.wait_env(&token, id, "running", UP).await;
     }
@@ -370,12 +368,12 @@ async fn two_engines_two_nodes() {
         "engine 2 stopped; its host unhealthy after {:?}",
         stopped.elapsed()
     );
-    let fresh = create(
-        &b,
-        &token,
-        json!({"name": "while two is down", "memoryMb": 256}),
-    )
-    .await;
+    let fresh = b
+        .create(
+            &token,
+            json!({"name": "while two is down", "memoryMb": 256}),
+        )
+        .await;
     let env = b.wait_env(&token, &fresh, "running", UP).await;
     assert_eq!(
         host_of(&env),
@@ -483,12 +481,12 @@ async fn two_engines_two_nodes() {
         !r.body.to_string().contains("PRIVATE KEY"),
         "the key never leaves the server"
     );
-    let over_tls = create(
-        &b,
-        &token,
-        json!({"name": "over tls", "memoryMb": 256, "region": "two"}),
-    )
-    .await;
+    let over_tls = b
+        .create(
+            &token,
+            json!({"name": "over tls", "memoryMb": 256, "region": "two"}),
+        )
+        .await;
     b.wait_env(&token, &over_tls, "running", UP).await;
     assert_eq!(engine.containers_of(&over_tls).len(), 1);
     let r = a

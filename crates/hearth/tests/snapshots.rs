@@ -11,14 +11,6 @@ use std::time::Duration;
 
 const UP: Duration = Duration::from_secs(120);
 
-async fn create(server: &Server, token: &str, body: Value) -> String {
-    let r = server
-        .call("POST", "/v1/environments", Some(token), Some(body))
-        .await;
-    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
-    r.body["id"].as_str().unwrap().to_string()
-}
-
 async fn take(server: &Server, token: &str, env: &str, name: &str) -> (StatusCode, Value) {
     let r = server
         .call(
@@ -90,7 +82,7 @@ async fn snapshots_and_forks_on_docker() {
     let mut body = shape.clone();
     body["name"] = json!("source");
     body["environmentVars"] = json!({"SECRET": "s3cr3t-value"});
-    let a = create(&server, &token, body).await;
+    let a = server.create(&token, body).await;
     server.wait_env(&token, &a, "running", UP).await;
     exec_ok(&server, &token, &a, "echo kept > ~/made-before").await;
     let (a_name, a_host_key, a_keys) = identity(&server, &token, &a).await;
@@ -129,7 +121,7 @@ async fn snapshots_and_forks_on_docker() {
     let mut body = shape.clone();
     body["name"] = json!("from snapshot");
     body["snapshot"] = json!("first");
-    let b = create(&server, &token, body).await;
+    let b = server.create(&token, body).await;
     let b_view = server.wait_env(&token, &b, "running", UP).await;
     assert_eq!(
         exec_ok(&server, &token, &b, "cat ~/made-before").await,
@@ -274,12 +266,12 @@ async fn a_snapshot_cut_short_by_a_kill_is_kept_or_dropped_whole() {
         .with_env("HEARTH_SNAPSHOT_TAKER_LOST_MS", "500");
     let server = site.start().await;
     let token = server.user("cut@example.com", "pro").await;
-    let env = create(
-        &server,
-        &token,
-        json!({"name": "big", "vcpus": 1, "memoryMb": 512, "diskGb": 4}),
-    )
-    .await;
+    let env = server
+        .create(
+            &token,
+            json!({"name": "big", "vcpus": 1, "memoryMb": 512, "diskGb": 4}),
+        )
+        .await;
     server.wait_env(&token, &env, "running", UP).await;
     // Enough on the disk that the commit takes a while.
     exec_ok(

@@ -109,16 +109,12 @@ async fn ssh_scp_rsync_port_forward_and_the_port_proxy_go_through_the_api() {
     assert!(made.status.success(), "{made:?}");
     let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
 
-    let r = server
-        .call(
-            "POST",
-            "/v1/environments",
-            Some(&token),
-            Some(json!({"name": "tunnels", "sshPublicKey": public.trim(), "memoryMb": 512})),
+    let id = server
+        .create(
+            &token,
+            json!({"name": "tunnels", "sshPublicKey": public.trim(), "memoryMb": 512}),
         )
         .await;
-    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
-    let id = r.body["id"].as_str().unwrap().to_string();
     let env = server.wait_env(&token, &id, "running", UP).await;
     let slug = env["slug"].as_str().unwrap().to_string();
     let host_key = env["sshHostKey"]
@@ -276,27 +272,8 @@ async fn ssh_scp_rsync_port_forward_and_the_port_proxy_go_through_the_api() {
     .await;
     let proxy =
         |port: u16, path: &str| format!("{}/v1/environments/{id}/ports/{port}{path}", server.base);
-    let started = Instant::now();
     for (port, path) in [(8001, "/headers"), (8000, "/hello.txt")] {
-        loop {
-            let r = server
-                .http
-                .get(proxy(port, path))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap();
-            if r.status() == StatusCode::OK {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "the guest's services never answered: {} {}",
-                r.status(),
-                r.text().await.unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        until_ok(|| server.http.get(proxy(port, path)).bearer_auth(&token)).await;
     }
 
     // `python3 -m http.server`, by its owner.
@@ -756,16 +733,9 @@ async fn a_preview_host_serves_a_port_at_its_own_origin_to_its_owner() {
     let other = server.user("previews-other@example.com", "pro").await;
     let session = session_of(&server, "previews@example.com").await;
     let others_session = session_of(&server, "previews-other@example.com").await;
-    let r = server
-        .call(
-            "POST",
-            "/v1/environments",
-            Some(&token),
-            Some(json!({"name": "previews", "memoryMb": 512})),
-        )
+    let id = server
+        .create(&token, json!({"name": "previews", "memoryMb": 512}))
         .await;
-    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
-    let id = r.body["id"].as_str().unwrap().to_string();
     let env = server.wait_env(&token, &id, "running", UP).await;
     let slug = env["slug"].as_str().unwrap().replace('_', "-");
     exec_ok(
@@ -791,24 +761,7 @@ async fn a_preview_host_serves_a_port_at_its_own_origin_to_its_owner() {
         .build()
         .unwrap();
     let preview = |path: &str| format!("http://{host}:{port}{path}");
-    let started = Instant::now();
-    loop {
-        let r = browser
-            .get(preview("/peer"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
-        if r.status() == StatusCode::OK {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the guest's service never answered: {}",
-            r.status()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_ok(|| browser.get(preview("/peer")).bearer_auth(&token)).await;
 
     // With a bearer token: the app at `/` of its own origin, not sandboxed, and the
     // guest learns the host it was reached at, never Hearth's credentials.
@@ -1059,4 +1012,22 @@ async fn a_preview_host_serves_a_port_at_its_own_origin_to_its_owner() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 
     server.destroy(&token, &id, UP).await;
+}
+
+/// Sends `request` until the guest's service behind it answers 200, for at most 30 s.
+async fn until_ok(request: impl Fn() -> reqwest::RequestBuilder) {
+    let started = Instant::now();
+    loop {
+        let r = request().send().await.unwrap();
+        if r.status() == StatusCode::OK {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the guest's service never answered: {} {}",
+            r.status(),
+            r.text().await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -335,6 +335,15 @@ impl Server {
         lines.join("\n")
     }
 
+    /// `POST /v1/environments` with `body`, its 202 asserted; the new environment's id.
+    pub async fn create(&self, token: &str, body: Value) -> String {
+        let r = self
+            .call("POST", "/v1/environments", Some(token), Some(body))
+            .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+        r.body["id"].as_str().unwrap().to_string()
+    }
+
     /// Polls an environment until its state is `want`.
     pub async fn wait_env(&self, token: &str, id: &str, want: &str, timeout: Duration) -> Value {
         let started = Instant::now();
