@@ -308,10 +308,6 @@ impl App {
         };
         let job = self.new_job(JobKind::Provision, "", actor);
         let env = self.store.create_environment(user, new, job).await?;
-        let _ = self
-            .store
-            .append_log(&env.id, "info", "provisioning requested; queued")
-            .await;
         self.wake(JobKind::Provision.queue());
         Ok(env)
     }
@@ -357,10 +353,6 @@ impl App {
             .await?;
         Ok(match outcome {
             PersonalOutcome::Created(env) => {
-                let _ = self
-                    .store
-                    .append_log(&env.id, "info", "provisioning requested; queued")
-                    .await;
                 self.wake(JobKind::Provision.queue());
                 (true, env)
             }

@@ -4,7 +4,8 @@
 use hearth_app::service::ExecResult;
 use hearth_core::{EnvState, HostHealth, HostKind, HostStatus, Quota, Role, Tier, Usage};
 use hearth_store::{
-    AuditEntry, Environment, Execution, ExecutionSummary, Host, Job, LogEntry, QuotaOverrides, User,
+    AuditEntry, Environment, EnvironmentSummary, Execution, ExecutionSummary, Host, Job, LogEntry,
+    QuotaOverrides, User,
 };
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -193,34 +194,41 @@ pub struct EnvironmentView {
 
 impl From<&Environment> for EnvironmentView {
     fn from(e: &Environment) -> EnvironmentView {
+        EnvironmentView::from(EnvironmentSummary::from(e))
+    }
+}
+
+/// A page's items are moved into their views, not copied.
+impl From<EnvironmentSummary> for EnvironmentView {
+    fn from(e: EnvironmentSummary) -> EnvironmentView {
         EnvironmentView {
-            id: e.id.clone(),
-            slug: e.slug.clone(),
-            name: e.name.clone(),
-            user_id: e.user_id.clone(),
+            id: e.id,
+            slug: e.slug,
+            name: e.name,
+            user_id: e.user_id,
             personal: e.personal,
             state: e.state,
-            state_message: e.state_message.clone(),
+            state_message: e.state_message,
             provider: e.provider,
-            host_id: e.host_id.clone(),
-            host_name: e.host_name.clone(),
-            vm_id: e.vm_id.clone(),
-            region: e.region.clone(),
-            ip_address: e.ip_address.clone(),
-            ssh_host: e.ssh_host.clone(),
+            host_id: e.host_id,
+            host_name: e.host_name,
+            vm_id: e.vm_id,
+            region: e.region,
+            ip_address: e.ip_address,
+            ssh_host: e.ssh_host,
             ssh_port: e.ssh_port,
-            ssh_user: e.ssh_user.clone(),
-            ssh_host_key: e.ssh_host_key.clone(),
-            has_user_ssh_key: e.has_user_ssh_key(),
+            ssh_user: e.ssh_user,
+            ssh_host_key: e.ssh_host_key,
+            has_user_ssh_key: e.has_user_ssh_key,
             vcpus: e.vcpus,
             memory_mb: e.memory_mb,
             disk_gb: e.disk_gb,
             gpus: e.gpus,
-            gpu_model: e.gpu_model.clone(),
-            base_image: e.base_image.clone(),
-            repository_url: e.repository_url.clone(),
-            repository_ref: e.repository_ref.clone(),
-            environment_vars: e.environment_vars.clone(),
+            gpu_model: e.gpu_model,
+            base_image: e.base_image,
+            repository_url: e.repository_url,
+            repository_ref: e.repository_ref,
+            environment_vars: e.environment_vars,
             auto_stop_minutes: e.auto_stop_minutes,
             generation: e.generation,
             created_at: time(e.created_at),

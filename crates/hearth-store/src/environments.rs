@@ -65,15 +65,99 @@ pub struct Environment {
     pub git_credential_id: Option<String>,
 }
 
+/// Whether authorized keys hold one of the owner's after Hearth's own.
+fn holds_user_key(authorized: &str) -> bool {
+    authorized.lines().filter(|l| !l.trim().is_empty()).count() > 1
+}
+
+/// An environment as a page lists it: what its view shows. A page leaves out what only
+/// the jobs that reach its guest read (its sealed private key, its init script): with them,
+/// a page of 100 built, copied and parsed about twice the bytes (BENCHMARKS.md, issue 16).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnvironmentSummary {
+    pub id: String,
+    pub slug: String,
+    pub name: String,
+    pub user_id: String,
+    pub personal: bool,
+    pub state: EnvState,
+    pub state_message: Option<String>,
+    pub generation: i64,
+    pub provider: HostKind,
+    pub host_id: Option<String>,
+    pub host_name: Option<String>,
+    pub vm_id: Option<String>,
+    pub region: Option<String>,
+    pub ip_address: Option<String>,
+    pub ssh_host: Option<String>,
+    pub ssh_port: Option<i64>,
+    pub ssh_user: String,
+    pub ssh_host_key: Option<String>,
+    /// See `Environment::has_user_ssh_key`.
+    pub has_user_ssh_key: bool,
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    pub disk_gb: i64,
+    pub gpus: i64,
+    pub gpu_model: Option<String>,
+    pub base_image: String,
+    pub environment_vars: BTreeMap<String, String>,
+    pub auto_stop_minutes: Option<i64>,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub stopped_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub last_activity_at: Option<i64>,
+    pub repository_url: Option<String>,
+    pub repository_ref: Option<String>,
+}
+
+impl From<&Environment> for EnvironmentSummary {
+    fn from(e: &Environment) -> EnvironmentSummary {
+        EnvironmentSummary {
+            id: e.id.clone(),
+            slug: e.slug.clone(),
+            name: e.name.clone(),
+            user_id: e.user_id.clone(),
+            personal: e.personal,
+            state: e.state,
+            state_message: e.state_message.clone(),
+            generation: e.generation,
+            provider: e.provider,
+            host_id: e.host_id.clone(),
+            host_name: e.host_name.clone(),
+            vm_id: e.vm_id.clone(),
+            region: e.region.clone(),
+            ip_address: e.ip_address.clone(),
+            ssh_host: e.ssh_host.clone(),
+            ssh_port: e.ssh_port,
+            ssh_user: e.ssh_user.clone(),
+            ssh_host_key: e.ssh_host_key.clone(),
+            has_user_ssh_key: e.has_user_ssh_key(),
+            vcpus: e.vcpus,
+            memory_mb: e.memory_mb,
+            disk_gb: e.disk_gb,
+            gpus: e.gpus,
+            gpu_model: e.gpu_model.clone(),
+            base_image: e.base_image.clone(),
+            environment_vars: e.environment_vars.clone(),
+            auto_stop_minutes: e.auto_stop_minutes,
+            created_at: e.created_at,
+            started_at: e.started_at,
+            stopped_at: e.stopped_at,
+            expires_at: e.expires_at,
+            last_activity_at: e.last_activity_at,
+            repository_url: e.repository_url.clone(),
+            repository_ref: e.repository_ref.clone(),
+        }
+    }
+}
+
 impl Environment {
     /// Whether its owner gave an SSH key of their own (authorized after Hearth's key), so
     /// `ssh` works from their machine.
     pub fn has_user_ssh_key(&self) -> bool {
-        self.ssh_public_key
-            .lines()
-            .filter(|l| !l.trim().is_empty())
-            .count()
-            > 1
+        holds_user_key(&self.ssh_public_key)
     }
 
     pub fn resources(&self) -> Resources {
@@ -178,11 +262,28 @@ macro_rules! select_env {
     };
 }
 
-/// The columns of an environment (and its host's name) as `json_object` arguments: a page is
-/// read as one JSON array, one value from the driver. Row by row, through `sqlx::Any`, each
-/// environment cost a hop between the driver's thread and the caller's and a copy of every
-/// column (BENCHMARKS.md, issue 16).
-macro_rules! env_object {
+/// The columns of an environment's summary, with its host's name: the inner query of a
+/// page, which reads no other column.
+macro_rules! select_summary {
+    ($where:expr) => {
+        concat!(
+            "SELECT id, slug, name, user_id, personal, state, state_message, generation, provider, \
+             host_id, vm_id, region, ip_address, ssh_host, ssh_port, ssh_user, ssh_host_key, vcpus, \
+             memory_mb, disk_gb, gpus, gpu_model, base_image, environment_vars, ssh_public_key, \
+             auto_stop_minutes, created_at, started_at, stopped_at, expires_at, last_activity_at, \
+             repository_url, repository_ref, \
+             (SELECT h.name FROM hosts h WHERE h.id = environments.host_id) AS host_name \
+             FROM environments ",
+            $where
+        )
+    };
+}
+
+/// `select_summary!`'s columns as `json_object` arguments: a page is read as one JSON
+/// array, one value from the driver. Row by row, through `sqlx::Any`, each environment cost
+/// a hop between the driver's thread and the caller's and a copy of every column
+/// (BENCHMARKS.md, issue 16).
+macro_rules! summary_object {
     () => {
         "'id', id, 'slug', slug, 'name', name, 'user_id', user_id, 'personal', personal, \
          'state', state, 'state_message', state_message, 'generation', generation, \
@@ -190,19 +291,19 @@ macro_rules! env_object {
          'region', region, 'ip_address', ip_address, 'ssh_host', ssh_host, 'ssh_port', ssh_port, \
          'ssh_user', ssh_user, 'ssh_host_key', ssh_host_key, 'vcpus', vcpus, \
          'memory_mb', memory_mb, 'disk_gb', disk_gb, 'gpus', gpus, 'gpu_model', gpu_model, \
-         'reserved', reserved, 'base_image', base_image, 'environment_vars', environment_vars, \
-         'ssh_public_key', ssh_public_key, 'ssh_private_key_enc', ssh_private_key_enc, \
-         'auto_stop_minutes', auto_stop_minutes, 'total_runtime_seconds', total_runtime_seconds, \
-         'created_at', created_at, 'updated_at', updated_at, 'started_at', started_at, \
-         'stopped_at', stopped_at, 'expires_at', expires_at, 'last_activity_at', last_activity_at, \
-         'last_activity_source', last_activity_source, 'init_script', init_script, \
-         'repository_url', repository_url, 'repository_ref', repository_ref, \
-         'git_credential_id', git_credential_id"
+         'base_image', base_image, 'environment_vars', environment_vars, \
+         'ssh_public_key', ssh_public_key, 'auto_stop_minutes', auto_stop_minutes, \
+         'created_at', created_at, 'started_at', started_at, 'stopped_at', stopped_at, \
+         'expires_at', expires_at, 'last_activity_at', last_activity_at, \
+         'repository_url', repository_url, 'repository_ref', repository_ref"
     };
 }
 
-/// `select_env!($where)` (which orders by id, newest first) as one JSON array in column `v`,
-/// in that order; `[]` when nothing matches. The backends name their JSON functions apart.
+/// `select_summary!($where)` (which picks by id, newest first) as one JSON array in column
+/// `v`; `[]` when nothing matches. The backends name their JSON functions apart. The array's
+/// order is the store's to restore (`list_environments` sorts it): an `ORDER BY` inside the
+/// aggregate sorted the page's JSON objects again in a temporary b-tree, though they came
+/// in order, a tenth of a page's cost on SQLite (BENCHMARKS.md, issue 16).
 /// A page's filter: `$1` the owner (`''` for everyone's, which only the admin reads), `$2`
 /// a state or `''`, `$3` 1 to include destroyed ones, `$4` the cursor (the last id of the
 /// page before, or `AFTER_EVERY_ID`), `$5` how many.
@@ -255,18 +356,18 @@ macro_rules! page_of_envs {
     (sqlite, $where:expr) => {
         concat!(
             "SELECT json_group_array(json_object(",
-            env_object!(),
-            ") ORDER BY id DESC) AS v FROM (",
-            select_env!($where),
+            summary_object!(),
+            ")) AS v FROM (",
+            select_summary!($where),
             ")"
         )
     };
     (postgres, $where:expr) => {
         concat!(
             "SELECT COALESCE(json_agg(json_build_object(",
-            env_object!(),
-            ") ORDER BY id DESC), '[]')::text AS v FROM (",
-            select_env!($where),
+            summary_object!(),
+            ")), '[]')::text AS v FROM (",
+            select_summary!($where),
             ") AS page"
         )
     };
@@ -287,8 +388,7 @@ fn page_sql(backend: Backend, one_user: bool, in_state: bool) -> &'static str {
     }
 }
 
-/// An environment's row as `env_object!` writes it, and as `env_from_row` reads it.
-#[derive(serde::Deserialize)]
+/// An environment's row as `env_from_row` reads it.
 struct EnvRow {
     id: String,
     slug: String,
@@ -382,6 +482,88 @@ impl EnvRow {
             git_credential_id: self.git_credential_id,
         };
         Ok((env, self.environment_vars))
+    }
+}
+
+/// A summary's row as `summary_object!` writes it.
+#[derive(serde::Deserialize)]
+struct SummaryRow {
+    id: String,
+    slug: String,
+    name: String,
+    user_id: String,
+    personal: i64,
+    state: String,
+    state_message: Option<String>,
+    generation: i64,
+    provider: String,
+    host_id: Option<String>,
+    host_name: Option<String>,
+    vm_id: Option<String>,
+    region: Option<String>,
+    ip_address: Option<String>,
+    ssh_host: Option<String>,
+    ssh_port: Option<i64>,
+    ssh_user: String,
+    ssh_host_key: Option<String>,
+    vcpus: i64,
+    memory_mb: i64,
+    disk_gb: i64,
+    gpus: i64,
+    gpu_model: Option<String>,
+    base_image: String,
+    environment_vars: String,
+    ssh_public_key: String,
+    auto_stop_minutes: Option<i64>,
+    created_at: i64,
+    started_at: Option<i64>,
+    stopped_at: Option<i64>,
+    expires_at: Option<i64>,
+    last_activity_at: Option<i64>,
+    repository_url: Option<String>,
+    repository_ref: Option<String>,
+}
+
+impl Store {
+    fn summary_from(&self, row: SummaryRow) -> Result<EnvironmentSummary> {
+        Ok(EnvironmentSummary {
+            state: EnvState::parse(&row.state)
+                .ok_or_else(|| StoreError::Corrupt(format!("state {}", row.state)))?,
+            provider: HostKind::parse(&row.provider)
+                .ok_or_else(|| StoreError::Corrupt(format!("provider {}", row.provider)))?,
+            environment_vars: self.open_vars(&row.environment_vars)?,
+            has_user_ssh_key: holds_user_key(&row.ssh_public_key),
+            id: row.id,
+            slug: row.slug,
+            name: row.name,
+            user_id: row.user_id,
+            personal: row.personal != 0,
+            state_message: row.state_message,
+            generation: row.generation,
+            host_id: row.host_id,
+            host_name: row.host_name,
+            vm_id: row.vm_id,
+            region: row.region,
+            ip_address: row.ip_address,
+            ssh_host: row.ssh_host,
+            ssh_port: row.ssh_port,
+            ssh_user: row.ssh_user,
+            ssh_host_key: row.ssh_host_key,
+            vcpus: row.vcpus,
+            memory_mb: row.memory_mb,
+            disk_gb: row.disk_gb,
+            gpus: row.gpus,
+            gpu_model: row.gpu_model,
+            base_image: row.base_image,
+            auto_stop_minutes: row.auto_stop_minutes,
+            created_at: row.created_at,
+            started_at: row.started_at,
+            stopped_at: row.stopped_at,
+            expires_at: row.expires_at,
+            last_activity_at: row.last_activity_at,
+            repository_url: row.repository_url,
+            repository_ref: row.repository_ref,
+        })
     }
 }
 
@@ -510,8 +692,8 @@ impl Store {
         }
     }
 
-    /// Inserts an environment in `requested` on the host placement chose, its first job
-    /// and the audit line, in one transaction, after checking the quota against current
+    /// Inserts an environment in `requested` on the host placement chose, its first job,
+    /// its first log line and the audit line, in one transaction, after checking the quota against current
     /// usage.
     pub async fn create_environment(
         &self,
@@ -564,12 +746,15 @@ impl Store {
             git_credential_id: new.git_credential_id,
         };
         let mut tx = self.begin().await?;
-        // Lock the user row so concurrent creates by one user queue up on PostgreSQL.
-        let lock = format!("SELECT id FROM users WHERE id = $1{}", self.for_update());
-        sqlx::query(sqlx::AssertSqlSafe(lock))
-            .bind(&user.id)
-            .fetch_one(&mut *tx)
-            .await?;
+        // Lock the user row so concurrent creates by one user queue up on PostgreSQL. On
+        // SQLite `begin` already holds the one writer (and the environment's foreign key
+        // still refuses a user that is gone).
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT id FROM users WHERE id = $1 FOR UPDATE")
+                .bind(&user.id)
+                .fetch_one(&mut *tx)
+                .await?;
+        }
         let (quota, usage) = quota_and_usage(&mut tx, user).await?;
         quota
             .admit(&usage, &env.resources())
@@ -615,6 +800,10 @@ impl Store {
             }
         }
         insert_job(&mut tx, &first_job.for_environment(&env.id), now).await?;
+        // The first log line, in the same transaction: on SQLite a write of its own after
+        // the commit met the next create's transaction and waited in the busy handler.
+        crate::records::insert_first_log(&mut tx, &env.id, now, "provisioning requested; queued")
+            .await?;
         insert_audit(
             &mut tx,
             now,
@@ -687,7 +876,7 @@ impl Store {
         include_destroyed: bool,
         cursor: Option<&str>,
         limit: i64,
-    ) -> Result<(Vec<Environment>, Option<String>)> {
+    ) -> Result<(Vec<EnvironmentSummary>, Option<String>)> {
         let sql = page_sql(self.backend, user_id.is_some(), state.is_some());
         let page: String = sqlx::query(sql)
             .bind(user_id.unwrap_or(""))
@@ -698,12 +887,14 @@ impl Store {
             .fetch_one(&self.pool)
             .await?
             .try_get("v")?;
-        let rows: Vec<EnvRow> = serde_json::from_str(&page)
+        let rows: Vec<SummaryRow> = serde_json::from_str(&page)
             .map_err(|e| StoreError::Corrupt(format!("a page of environments: {e}")))?;
         let mut items = rows
             .into_iter()
-            .map(|r| self.env_from(r))
+            .map(|r| self.summary_from(r))
             .collect::<Result<Vec<_>>>()?;
+        // Newest first (see `page_of_envs!`); they come so, and then this is one pass.
+        items.sort_unstable_by(|a, b| b.id.cmp(&a.id));
         let next = crate::finish_page(&mut items, limit, |e| e.id.clone());
         Ok((items, next))
     }
@@ -1148,6 +1339,72 @@ pub(crate) mod tests {
             assert!(
                 matches!(err, StoreError::Quota(ref q) if q.limit == "maxEnvironments"),
                 "{err}"
+            );
+        })
+        .await;
+    }
+
+    /// A page is read apart from a single environment (its own columns, as one JSON value):
+    /// every summary on it must be what a read of that environment summarises, newest first,
+    /// across pages. The create's first log line is written with it.
+    #[tokio::test]
+    async fn a_page_shows_what_a_get_shows() {
+        each_backend(|store| async move {
+            roomy_host(&store).await;
+            let (user, _) = store
+                .create_user("page@example.com", Role::User, Tier::Unlimited)
+                .await
+                .unwrap();
+            let mut ids = Vec::new();
+            for n in 0..5 {
+                let mut new = sample(false);
+                new.name = format!("env {n}");
+                if n % 2 == 0 {
+                    new.ssh_public_key = "ssh-ed25519 AAAA hearth\nssh-ed25519 BBBB mine".into();
+                    new.environment_vars
+                        .insert(format!("N{n}"), "\"quoted\" é".into());
+                    new.repository_url = Some("https://example.com/r.git".into());
+                }
+                let env = store
+                    .create_environment(&user, new, provision_job(&user.id))
+                    .await
+                    .unwrap();
+                let logs = store.logs(&env.id).await.unwrap();
+                assert_eq!(logs.len(), 1, "{logs:?}");
+                assert_eq!(logs[0].message, "provisioning requested; queued");
+                ids.push(env.id);
+            }
+            // One with its VM and address saved, so the optional columns are set.
+            let mut first = store.environment(&ids[0]).await.unwrap();
+            first.vm_id = Some("vm-1".into());
+            first.ip_address = Some("10.0.0.2".into());
+            first.ssh_host = Some("127.0.0.1".into());
+            first.ssh_port = Some(2222);
+            store.save_vm(&first).await.unwrap();
+            let mut seen = Vec::new();
+            let mut cursor = None;
+            loop {
+                let (items, next) = store
+                    .list_environments(Some(&user.id), None, false, cursor.as_deref(), 2)
+                    .await
+                    .unwrap();
+                for item in items {
+                    let get = store.environment(&item.id).await.unwrap();
+                    assert_eq!(item, EnvironmentSummary::from(&get));
+                    seen.push(item.id);
+                }
+                match next {
+                    Some(c) => cursor = Some(c),
+                    None => break,
+                }
+            }
+            ids.reverse();
+            assert_eq!(seen, ids);
+            let even = store.environment(&ids[4]).await.unwrap();
+            assert!(EnvironmentSummary::from(&even).has_user_ssh_key);
+            assert!(
+                !EnvironmentSummary::from(&store.environment(&ids[3]).await.unwrap())
+                    .has_user_ssh_key
             );
         })
         .await;

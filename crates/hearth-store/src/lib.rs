@@ -25,7 +25,9 @@ mod users;
 
 pub use bought::BoughtHost;
 pub use capacity::{CapacitySample, SAMPLE_MS};
-pub use environments::{Environment, NewEnvironment, PersonalOutcome, new_slug};
+pub use environments::{
+    Environment, EnvironmentSummary, NewEnvironment, PersonalOutcome, new_slug,
+};
 pub use git_credentials::{GitCredential, MAX_GIT_CREDENTIALS_PER_USER};
 pub use hosts::{Host, HostCapacity, HostUpdate, JoinToken, NewHost, Placement};
 pub use images::Image;
@@ -169,7 +171,10 @@ impl Store {
                         Box::pin(async move {
                             conn.execute("PRAGMA busy_timeout = 30000").await?;
                             conn.execute("PRAGMA foreign_keys = ON").await?;
-                            conn.execute("PRAGMA synchronous = NORMAL").await?;
+                            // Every commit reaches the disk before it is acknowledged:
+                            // in WAL mode NORMAL keeps commits across a killed process
+                            // but may lose the last ones to a power cut.
+                            conn.execute("PRAGMA synchronous = FULL").await?;
                             Ok(())
                         })
                     })

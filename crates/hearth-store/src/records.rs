@@ -186,6 +186,25 @@ pub(crate) async fn insert_audit(
     Ok(())
 }
 
+/// An environment's first provisioning log line, in the transaction that creates it (a
+/// new environment has no lines to trim).
+pub(crate) async fn insert_first_log(
+    tx: &mut Tx,
+    environment_id: &str,
+    now: i64,
+    message: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO provision_logs (environment_id, at, level, message) VALUES ($1, $2, 'info', $3)",
+    )
+    .bind(environment_id)
+    .bind(now)
+    .bind(message)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 impl Store {
     pub async fn audit(
         &self,

@@ -159,7 +159,7 @@ pub async fn environments(
         )
         .await?;
     Ok(Json(Page {
-        items: items.iter().map(EnvironmentView::from).collect(),
+        items: items.into_iter().map(EnvironmentView::from).collect(),
         next_cursor,
     }))
 }

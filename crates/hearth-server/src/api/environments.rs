@@ -200,7 +200,7 @@ pub async fn list(
         )
         .await?;
     Ok(Json(Page {
-        items: items.iter().map(EnvironmentView::from).collect(),
+        items: items.into_iter().map(EnvironmentView::from).collect(),
         next_cursor,
     }))
 }
