@@ -11,17 +11,20 @@ mod tunnel;
 
 /// jemalloc, not glibc's malloc: after 50 clients read pages of 100 environments for 20 s
 /// the server held 104 MiB with glibc's (its per-thread arenas keep what the load freed)
-/// and 47-49 MiB with jemalloc, at the same throughput (BENCHMARKS.md, issue 16).
+/// and 47-49 MiB with jemalloc, at the same throughput (BENCHMARKS.md, issue 16). It is
+/// the process's `malloc` too (`unprefixed_malloc_on_supported_platforms`), so SQLite's
+/// allocations, a page's JSON among them, come from it rather than from glibc's, where
+/// they cost page faults (BENCHMARKS.md, issue 16).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's settings (its `malloc_conf`, read at start). A background thread returns
+/// jemalloc's settings (its `malloc_conf`, read at start; unprefixed, as its `malloc` is). A background thread returns
 /// freed pages to the system once their decay time (10 s) has passed, even when nothing
 /// allocates: without it an idle server keeps what its start-up freed until the next
 /// allocation, which may never come (idle RSS 34-35 MiB without, 28 MiB with; BENCHMARKS.md).
 /// One such thread is enough here; jemalloc would start one per core.
 #[allow(non_upper_case_globals)]
-#[unsafe(export_name = "_rjem_malloc_conf")]
+#[unsafe(export_name = "malloc_conf")]
 pub static malloc_conf: &[u8; 48] = b"background_thread:true,max_background_threads:1\0";
 
 use anyhow::Result;
