@@ -29,10 +29,30 @@ pub struct Qmp {
     writer: tokio::net::unix::OwnedWriteHalf,
 }
 
+/// Connects, waiting while QEMU's listen queue is full.
+///
+/// QEMU serves one QMP client at a time and listens with a queue of one, so while one
+/// task of the agent holds a connection (a snapshot's pause, a status query) and another
+/// waits in the queue, a third connect is refused at once with `EAGAIN` rather than queued.
+/// That is "busy, try again", not "gone": retried here every few milliseconds, within the
+/// caller's timeout. Any other error (no socket, refused: QEMU has exited) returns at once.
+async fn connect_when_accepted(socket: &Path) -> std::io::Result<UnixStream> {
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match UnixStream::connect(socket).await {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Qmp {
     /// Connects and leaves negotiation mode.
     pub async fn connect(socket: &Path) -> Result<Qmp, QmpError> {
-        let stream = tokio::time::timeout(COMMAND_TIMEOUT, UnixStream::connect(socket))
+        let stream = tokio::time::timeout(COMMAND_TIMEOUT, connect_when_accepted(socket))
             .await
             .map_err(|_| QmpError::Connect(socket.display().to_string(), "timed out".into()))?
             .map_err(|e| QmpError::Connect(socket.display().to_string(), e.to_string()))?;
@@ -194,5 +214,56 @@ mod tests {
             server.await.unwrap(),
             ["qmp_capabilities", "query-status", "bogus"]
         );
+    }
+
+    /// A listener with a queue as short as QEMU's: one connection queued, the next refused
+    /// with `EAGAIN`. The client waits until the listener accepts, instead of failing.
+    #[tokio::test]
+    async fn a_full_listen_queue_is_waited_out() {
+        use nix::sys::socket::{
+            AddressFamily, Backlog, SockFlag, SockType, UnixAddr, bind, listen, socket,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        bind(fd.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+        listen(&fd, Backlog::new(0).unwrap()).unwrap();
+        // Fills the queue: nobody accepts yet.
+        let queued = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        let refused = UnixStream::connect(&path).await.unwrap_err();
+        assert_eq!(
+            refused.kind(),
+            std::io::ErrorKind::WouldBlock,
+            "the queue is full: {refused}"
+        );
+
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        let server = std::thread::spawn(move || {
+            use std::io::{BufRead, Write};
+            std::thread::sleep(Duration::from_millis(300));
+            let (first, _) = listener.accept().unwrap();
+            drop(first);
+            let (mut second, _) = listener.accept().unwrap();
+            second
+                .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(second.try_clone().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            second.write_all(b"{\"return\": {}}\n").unwrap();
+            line
+        });
+        Qmp::connect(&path)
+            .await
+            .expect("connects once the listener accepts");
+        drop(queued);
+        assert!(server.join().unwrap().contains("qmp_capabilities"));
     }
 }
