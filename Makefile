@@ -7,7 +7,7 @@ HEARTH_DEBUG := $(CARGO_TARGET_DIR)/debug/hearth
 HEARTH_RELEASE := $(CARGO_TARGET_DIR)/release/hearth
 PG_URL := postgres://hearth:hearth@127.0.0.1:5432/hearth
 
-.PHONY: run setup test fuzz fuzz-mail build image bench clean-containers ui
+.PHONY: run setup test fuzz fuzz-mail build image bench clean-containers ui lint
 
 ## Install Docker and mmdebstrap, start dockerd, build Hearth and the guest image, then serve.
 run: setup
@@ -64,6 +64,12 @@ bench:
 	$(CARGO) build --release --bin hearth
 	$(HEARTH_RELEASE) image build
 	python3 scripts/bench.py $(HEARTH_RELEASE)
+
+## Formatting and clippy's default lints, as errors (kept clean; not part of `make test`, whose
+## time goes to behaviour).
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## Remove containers that Hearth's tests left behind (their hearth.instance label starts
 ## with test-; a real installation's VMs are never touched).

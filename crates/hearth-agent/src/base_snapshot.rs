@@ -187,7 +187,8 @@ impl BaseSnapshots {
         }
         for (name, usable) in kept {
             let newest_of_key = newest.values().any(|(n, _)| *n == name);
-            if !(usable && newest_of_key) && !in_use.contains(&name) {
+            let keep = (usable && newest_of_key) || in_use.contains(&name);
+            if !keep {
                 tracing::info!(snapshot = %name, "removed a base snapshot no VM uses");
                 let _ = std::fs::remove_dir_all(snapshots.root.join(&name));
             }

@@ -193,7 +193,7 @@ pub(crate) enum Guest {
     },
     Sim {
         sim: Arc<SimProvider>,
-        host: HostRef,
+        host: Box<HostRef>,
         vm: VmRef,
     },
 }

@@ -46,11 +46,11 @@ async fn check_one(app: &App, host: &Host) -> Result<(), String> {
         Ok(result) => result.map_err(|e| e.to_string())?,
         Err(_) => return Err(format!("no answer within {} ms", timeout.as_millis())),
     };
-    if facts.report.is_some() && facts.report != host.report {
-        let report = facts.report.as_ref().expect("checked");
-        if let Err(e) = app.store.record_report(&host.id, report).await {
-            tracing::warn!(host = %host.name, error = %e, "could not keep what the host reported");
-        }
+    if let Some(report) = facts.report.as_ref()
+        && facts.report != host.report
+        && let Err(e) = app.store.record_report(&host.id, report).await
+    {
+        tracing::warn!(host = %host.name, error = %e, "could not keep what the host reported");
     }
     if let Some(c) = facts.capacity {
         // A host that states its capacity (an OVH project's quota) is taken at its word,

@@ -107,7 +107,7 @@ impl App {
         if host.kind == hearth_core::HostKind::Sim {
             return Ok(Guest::Sim {
                 sim: self.sim.clone(),
-                host: host.clone(),
+                host: Box::new(host.clone()),
                 vm: vm.clone(),
             });
         }

@@ -63,10 +63,11 @@ impl App {
             name: hearth_provider::vm_name(&env.id),
             id: env.vm_id.clone(),
         };
-        if env.state == EnvState::Running && host.kind != HostKind::Docker {
-            if let Err(e) = self.sync_guest(&env, SYNC_LIMIT).await {
-                tracing::warn!(environment = %env.id, error = %e, "could not sync the guest before its snapshot");
-            }
+        if env.state == EnvState::Running
+            && host.kind != HostKind::Docker
+            && let Err(e) = self.sync_guest(&env, SYNC_LIMIT).await
+        {
+            tracing::warn!(environment = %env.id, error = %e, "could not sync the guest before its snapshot");
         }
         let taken =
             tokio::time::timeout(TAKE_LIMIT, provider.snapshot(&host_ref, &vm, &snapshot.id))

@@ -1063,7 +1063,7 @@ pub(crate) mod tests {
             assert_eq!(changed.len(), 1);
             assert_eq!(changed[0].health, HostHealth::Unhealthy);
             let changed = store
-                .record_health(&[h.id.clone()], &[], 15_000)
+                .record_health(std::slice::from_ref(&h.id), &[], 15_000)
                 .await
                 .unwrap();
             assert_eq!(

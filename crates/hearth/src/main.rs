@@ -248,7 +248,7 @@ enum AdminCommand {
     /// Hosts: the machines (or projects) VMs run on.
     Hosts {
         #[command(subcommand)]
-        command: HostsCommand,
+        command: Box<HostsCommand>,
     },
 }
 
@@ -1582,7 +1582,7 @@ async fn admin(command: AdminCommand) -> Result<ExitCode, Failure> {
                 );
             }
         }
-        AdminCommand::Hosts { command } => return hosts(&client, command).await,
+        AdminCommand::Hosts { command } => return hosts(&client, *command).await,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -614,7 +614,7 @@ async fn the_second_vm_of_a_size_restores_the_base_snapshot() {
         assert_ne!(a[field], b[field], "line {field} of {a:?} and {b:?}");
     }
     for id in [&first, &second] {
-        server.destroy(&token, &id, UP).await;
+        server.destroy(&token, id, UP).await;
         assert_eq!(qemu_of(id), 0);
     }
 }
@@ -744,7 +744,7 @@ async fn snapshots_and_forks_on_an_agent_host() {
     assert!(file.is_file(), "kept while a VM uses it");
     exec_trimmed(&server, &token, &b, "sync").await;
     for id in [&b, &fork, &a] {
-        server.destroy(&token, &id, UP).await;
+        server.destroy(&token, id, UP).await;
         assert_eq!(qemu_of(id), 0);
     }
     assert!(!file.exists(), "removed with the last VM made from it");

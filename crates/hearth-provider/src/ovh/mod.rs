@@ -408,12 +408,15 @@ pub fn agent_user_data(control_plane: &str, join_token: &str) -> String {
     format!("#cloud-config\n{config}\n")
 }
 
+/// A list and when it was fetched.
+type Kept<T> = Option<(Instant, Arc<Vec<T>>)>;
+
 /// Cached answers per host.
 #[derive(Default)]
 struct HostCache {
-    instances: Option<(Instant, Arc<Vec<Instance>>)>,
-    flavors: Option<(Instant, Arc<Vec<Flavor>>)>,
-    images: Option<(Instant, Arc<Vec<Image>>)>,
+    instances: Kept<Instance>,
+    flavors: Kept<Flavor>,
+    images: Kept<Image>,
     quota: Option<(Instant, HostCapacityFacts, serde_json::Value)>,
     /// Hourly prices by plan code, from OVH's public catalogue.
     prices: Option<(Instant, Arc<HashMap<String, f64>>)>,
@@ -569,7 +572,7 @@ impl OvhProvider {
         host: &HostRef,
         on: &On,
         path: String,
-        slot: fn(&mut HostCache) -> &mut Option<(Instant, Arc<Vec<T>>)>,
+        slot: fn(&mut HostCache) -> &mut Kept<T>,
     ) -> Result<Arc<Vec<T>>, ProviderError> {
         let kept = self
             .caches
