@@ -90,6 +90,7 @@ def main():
         env_id, guest_ip = e["id"], e["ipAddress"]
         code = ("mkdir -p site && echo hello > site/hello.txt && cd site && "
                 "(setsid nohup python3 -m http.server 8000 > ../http.log 2>&1 < /dev/null &) && "
+                "(setsid nohup python3 -m http.server 8002 --bind 127.0.0.1 > ../http-lo.log 2>&1 < /dev/null &) && "
                 f"(setsid nohup python3 -c {shlex.quote(KEPT)} > ../http11.log 2>&1 < /dev/null &) && sleep 1")
         status, out = request(port, "POST", f"/v1/environments/{env_id}/exec", token, {"code": code})
         assert status == 200 and out["exitCode"] == 0, out
@@ -106,13 +107,27 @@ def main():
                 raise SystemExit(f"nothing listens on {guest_ip}:{guest_port}: {log}")
         auth = {"authorization": f"Bearer {token}"}
         latency = []
-        for guest_port, label in [(8000, "HTTP/1.0, a connection per request"), (8001, "HTTP/1.1, kept connections")]:
+        # The proxy connects straight to the container's address where the service listens
+        # on it (8000, 8001); one on the guest's loopback only (8002, the same server as
+        # 8000) is reached through the guest's sshd, and set against 8000 straight.
+        for guest_port, straight_port, label in [
+                (8000, 8000, "HTTP/1.0, a connection per request"),
+                (8001, 8001, "HTTP/1.1, kept connections"),
+                (8002, 8000, "HTTP/1.0 on the guest's loopback only (through sshd)")]:
             via = f"/v1/environments/{env_id}/ports/{guest_port}/hello.txt"
-            gets(guest_ip, guest_port, "/hello.txt", 20, {})  # warm both
+            for _ in range(100):  # until it listens (8002 cannot be seen from here)
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                c.request("GET", via, headers=auth)
+                status = c.getresponse().status
+                c.close()
+                if status == 200:
+                    break
+                time.sleep(0.1)
+            gets(guest_ip, straight_port, "/hello.txt", 20, {})  # warm both
             gets("127.0.0.1", port, via, 20, auth)
-            straight = gets(guest_ip, guest_port, "/hello.txt", n, {})
+            straight = gets(guest_ip, straight_port, "/hello.txt", n, {})
             proxied = gets("127.0.0.1", port, via, n, auth)
-            latency.append((label, guest_port, straight, proxied))
+            latency.append((label, straight_port, straight, proxied))
 
         # The ProxyCommand finds the server and token where `hearth login` keeps them.
         config_home = work + "/config"

@@ -9,11 +9,14 @@
 //! (bounded per port, closed when idle), and only a request in flight counts as the user's.
 
 use crate::{App, AppError, AppResult};
-use hearth_core::EnvState;
+use hearth_core::{EnvState, HostKind};
 use hearth_guest::{TunnelChannel, TunnelError};
 use hearth_store::{Environment, User};
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpStream;
 
 /// Tunnels one user may hold open at once on one node (each is a channel on the
 /// environment's SSH connection and a socket here).
@@ -35,6 +38,10 @@ pub struct Tunnels {
     /// its row again. An entry lasts `OWNER_KNOWN_MS` (a slug could in principle come back
     /// once its destroyed environment's row is pruned, after 30 days).
     owners: Mutex<HashMap<String, Owner>>,
+    /// Environments whose address did not answer a direct connection in time (a firewall
+    /// in the guest drops it), and since when: the proxy goes through their sshd instead,
+    /// for `NO_DIRECT_MS`.
+    no_direct: Mutex<HashMap<String, i64>>,
 }
 
 struct Owner {
@@ -50,6 +57,15 @@ const MAX_OWNERS_KNOWN: usize = 10_000;
 
 /// Entries `recorded` holds before the stale ones are swept out.
 const RECORDED_SWEEP_AT: usize = 4096;
+
+/// How long a direct connection to a guest's address may take before the proxy goes
+/// through the guest's sshd instead. On a bridge of this machine a connection is accepted
+/// or refused within microseconds; only a packet dropped in the guest waits this long.
+const DIRECT_CONNECT_TIMEOUT: Duration = Duration::from_millis(250);
+/// How long the proxy goes through sshd to an environment whose direct connection timed out.
+const NO_DIRECT_MS: i64 = 600_000;
+/// Environments `no_direct` holds at most (emptied when full: the cost is one more timeout).
+const MAX_NO_DIRECT: usize = 10_000;
 
 /// Connections the port proxy holds to one environment on one node, in use and kept idle,
 /// over all its ports (each is a channel on the environment's SSH connection).
@@ -100,6 +116,21 @@ impl Tunnels {
                 },
             );
         }
+    }
+
+    fn direct_allowed(&self, environment_id: &str, now: i64) -> bool {
+        let no_direct = self.no_direct.lock().unwrap();
+        no_direct
+            .get(environment_id)
+            .is_none_or(|since| now - since >= NO_DIRECT_MS)
+    }
+
+    fn forbid_direct(&self, environment_id: &str, now: i64) {
+        let mut no_direct = self.no_direct.lock().unwrap();
+        if no_direct.len() >= MAX_NO_DIRECT {
+            no_direct.clear();
+        }
+        no_direct.insert(environment_id.to_string(), now);
     }
 
     /// Whether `environment_id`'s use by `source` should be written down now: it was
@@ -208,6 +239,33 @@ impl Activity {
     }
 }
 
+/// A connection to a port in a guest, for the port proxy.
+pub enum PortConnection {
+    /// Straight to the guest's own address, where this machine routes to it.
+    Direct(TcpStream),
+    /// A `direct-tcpip` channel: the guest's sshd connects to the port on its loopback.
+    Tunnel(TunnelChannel),
+}
+
+/// The guest address a proxied connection may go to directly: a Docker container whose
+/// engine runs on this machine (its SSH port is published on this machine's loopback), so
+/// its own address is on one of this machine's bridges. Anything else (a VM on an agent
+/// host, an OVH instance, an engine elsewhere) goes through the guest's sshd.
+///
+/// The address cannot be another environment's: each container has a bridge network of its
+/// own (hearth-provider's `docker::network`), which lives until its environment is
+/// destroyed, and Docker gives no two networks overlapping subnets.
+fn direct_address(env: &Environment) -> Option<IpAddr> {
+    if env.provider != HostKind::Docker {
+        return None;
+    }
+    let published: IpAddr = env.ssh_host.as_deref()?.parse().ok()?;
+    if !published.is_loopback() {
+        return None;
+    }
+    env.ip_address.as_deref()?.parse().ok()
+}
+
 /// One use of a port of a running environment through the proxy (a request, or the
 /// connection it upgraded to): who may use it was checked, and its permit and activity
 /// last as long as it does.
@@ -269,11 +327,19 @@ impl App {
     /// proxy's kept connections, with its place among the environment's
     /// (`MAX_PROXY_CONNECTIONS_PER_ENVIRONMENT`) to hold while it is open. It checks no
     /// caller: a `PortUse` did.
-    pub async fn port_channel(
+    ///
+    /// Where this machine routes to the guest (`direct_address`) the connection goes
+    /// straight to the guest's address: a channel through the guest's sshd costs a round
+    /// trip to open and a decryption and encryption each way, which is most of the proxy's
+    /// added latency when the guest's server closes every connection. A service that
+    /// listens on the guest's loopback only refuses that connection, and is then reached
+    /// through sshd like any other; so is one behind a firewall in the guest (after
+    /// `DIRECT_CONNECT_TIMEOUT`, and for `NO_DIRECT_MS` after that).
+    pub async fn port_connection(
         &self,
         environment_id: &str,
         port: u16,
-    ) -> AppResult<(TunnelChannel, Permit)> {
+    ) -> AppResult<(PortConnection, Permit)> {
         let permit = self
             .tunnels
             .take(
@@ -291,7 +357,30 @@ impl App {
             .await
             .map_err(AppError::not_found("environment"))?;
         running(&env)?;
-        Ok((self.channel_to(&env, port).await?, permit))
+        if let Some(address) = direct_address(&env) {
+            let now = self.now();
+            if self.tunnels.direct_allowed(&env.id, now) {
+                let connect = TcpStream::connect((address, port));
+                match tokio::time::timeout(DIRECT_CONNECT_TIMEOUT, connect).await {
+                    Ok(Ok(stream)) => {
+                        // Small answers go out at once (see `without_nagle` in hearth-guest).
+                        let _ = stream.set_nodelay(true);
+                        return Ok((PortConnection::Direct(stream), permit));
+                    }
+                    // Listening on the guest's loopback only, or not at all: sshd says which.
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(environment = %env.id, %address, error = %e, "no direct connection to the guest; through its sshd");
+                    }
+                    Err(_) => {
+                        tracing::info!(environment = %env.id, %address, "a direct connection to the guest timed out; the proxy goes through its sshd for 10 minutes");
+                        self.tunnels.forbid_direct(&env.id, now);
+                    }
+                }
+            }
+        }
+        let channel = self.channel_to(&env, port).await?;
+        Ok((PortConnection::Tunnel(channel), permit))
     }
 
     async fn channel_to(&self, env: &Environment, port: u16) -> AppResult<TunnelChannel> {
@@ -350,6 +439,16 @@ mod tests {
         assert!(!t.record_due("e", "port", 59_999));
         assert!(t.record_due("e", "port", 60_000));
         assert!(t.record_due("f", "port", 60_000), "another environment");
+    }
+
+    #[test]
+    fn a_direct_connection_is_tried_again_ten_minutes_after_it_timed_out() {
+        let t = Tunnels::default();
+        assert!(t.direct_allowed("e", 0));
+        t.forbid_direct("e", 5);
+        assert!(!t.direct_allowed("e", 5 + NO_DIRECT_MS - 1));
+        assert!(t.direct_allowed("e", 5 + NO_DIRECT_MS));
+        assert!(t.direct_allowed("f", 6), "another environment");
     }
 
     #[test]

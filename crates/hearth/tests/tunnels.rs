@@ -1,7 +1,8 @@
 //! Reaching into an environment through the API only: OpenSSH, scp and rsync through
 //! `hearth ssh-config`'s `ProxyCommand`, `hearth port-forward`, and the HTTP port proxy
 //! (with a WebSocket), and preview hosts (with the browser sign-in, in headless Chromium too),
-//! against a real Docker guest. No guest port is used directly.
+//! against a real Docker guest. No guest port is published: the proxy goes to the guest's
+//! own address on this machine's bridge where a service listens there, else through sshd.
 
 mod common;
 
@@ -257,7 +258,7 @@ async fn ssh_scp_rsync_port_forward_and_the_port_proxy_go_through_the_api() {
     );
     ok(&hearth(&config_home).arg("ssh-config").output().unwrap());
 
-    // Services in the guest, on its loopback only.
+    // Services in the guest: two on its loopback only, one on every address.
     exec_ok(
         &server,
         &token,
@@ -265,16 +266,39 @@ async fn ssh_scp_rsync_port_forward_and_the_port_proxy_go_through_the_api() {
         &format!(
             "cat > echo.py <<'PY'\n{}PY\nmkdir -p site && echo hello-proxy > site/hello.txt\n\
              setsid nohup python3 -m http.server 8000 --bind 127.0.0.1 --directory site > http.log 2>&1 < /dev/null &\n\
-             setsid nohup python3 echo.py 8001 > echo.log 2>&1 < /dev/null &\n",
+             setsid nohup python3 echo.py 8001 > echo.log 2>&1 < /dev/null &\n\
+             setsid nohup python3 echo.py 8002 0.0.0.0 > echo-all.log 2>&1 < /dev/null &\n",
             include_str!("tunnels/echo.py")
         ),
     )
     .await;
     let proxy =
         |port: u16, path: &str| format!("{}/v1/environments/{id}/ports/{port}{path}", server.base);
-    for (port, path) in [(8001, "/headers"), (8000, "/hello.txt")] {
+    for (port, path) in [(8001, "/headers"), (8000, "/hello.txt"), (8002, "/peer")] {
         until_ok(|| server.http.get(proxy(port, path)).bearer_auth(&token)).await;
     }
+    // A service on every address of this machine's container is reached straight at the
+    // container's address (from the host's end of its bridge); one on the guest's loopback
+    // only refuses that, and is reached through the guest's sshd.
+    let peer = |port: u16| {
+        let request = server.http.get(proxy(port, "/peer")).bearer_auth(&token);
+        async move {
+            let r = request.send().await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            r.json::<Value>().await.unwrap()["host"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let direct = peer(8002).await;
+    assert_ne!(direct, "127.0.0.1", "not through sshd");
+    let gateway = exec_ok(&server, &token, &id, "ip route show default").await;
+    assert!(
+        gateway.contains(&format!("via {direct} ")),
+        "from the host's end of the bridge: {direct} vs {gateway}"
+    );
+    assert_eq!(peer(8001).await, "127.0.0.1", "through sshd");
 
     // `python3 -m http.server`, by its owner.
     let r = server

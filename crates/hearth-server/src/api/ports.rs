@@ -1,5 +1,7 @@
 //! The port proxy: HTTP to a service listening inside an environment, through the API
-//! (`/v1/environments/{id}/ports/{port}/...`), over a tunnel (see `hearth_app::tunnels`).
+//! (`/v1/environments/{id}/ports/{port}/...`), over a kept connection to the guest: straight
+//! to a local container's address, else a tunnel through its sshd (see
+//! `hearth_app::tunnels`).
 //!
 //! It is outside the REST document: what it serves is the guest's own API. The
 //! environment's owner gets through (a bearer token, or the browser session for reads);
@@ -19,7 +21,7 @@ use axum::body::Body;
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::Response;
-use hearth_app::tunnels::PortUse;
+use hearth_app::tunnels::{PortConnection, PortUse};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
@@ -245,23 +247,51 @@ impl tower_service::Service<Uri> for GuestConnector {
             let (Some(id), Some(port)) = (uri.host(), uri.port_u16()) else {
                 return Err(format!("not a guest address: {uri}").into());
             };
-            let (channel, permit) = app
-                .port_channel(id, port)
+            let (connection, permit) = app
+                .port_connection(id, port)
                 .await
                 .map_err(|e| Box::new(ConnectFailed(e.into())) as BoxError)?;
+            let io = match connection {
+                PortConnection::Direct(stream) => GuestIo::Direct(TokioIo::new(stream)),
+                PortConnection::Tunnel(channel) => {
+                    GuestIo::Tunnel(TokioIo::new(channel.into_stream()))
+                }
+            };
             Ok(GuestStream {
-                io: TokioIo::new(channel.into_stream()),
+                io,
                 _permit: permit,
             })
         })
     }
 }
 
-/// One connection to a port in a guest (a `direct-tcpip` channel), holding its place among
-/// the environment's.
+/// One connection to a port in a guest, holding its place among the environment's.
 pub struct GuestStream {
-    io: TokioIo<russh::ChannelStream<russh::client::Msg>>,
+    io: GuestIo,
     _permit: hearth_app::tunnels::Permit,
+}
+
+/// What a `GuestStream` reads and writes: a socket straight to the guest, or a
+/// `direct-tcpip` channel through its sshd (see `App::port_connection`).
+enum GuestIo {
+    Direct(TokioIo<tokio::net::TcpStream>),
+    Tunnel(TokioIo<russh::ChannelStream<russh::client::Msg>>),
+}
+
+/// Runs `$body` with `$io` bound to the pinned inner stream, whichever it is.
+macro_rules! on_io {
+    ($stream:expr, $io:ident => $body:expr) => {
+        match &mut $stream.io {
+            GuestIo::Direct(inner) => {
+                let $io = std::pin::Pin::new(inner);
+                $body
+            }
+            GuestIo::Tunnel(inner) => {
+                let $io = std::pin::Pin::new(inner);
+                $body
+            }
+        }
+    };
 }
 
 impl Connection for GuestStream {
@@ -276,7 +306,7 @@ impl hyper::rt::Read for GuestStream {
         cx: &mut std::task::Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+        on_io!(self, io => io.poll_read(cx, buf))
     }
 }
 
@@ -286,21 +316,21 @@ impl hyper::rt::Write for GuestStream {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+        on_io!(self, io => io.poll_write(cx, buf))
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+        on_io!(self, io => io.poll_flush(cx))
     }
 
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+        on_io!(self, io => io.poll_shutdown(cx))
     }
 }
 

@@ -1,6 +1,8 @@
-# A service for the port proxy's test, run in the guest on 127.0.0.1 only:
+# A service for the port proxy's test, run in the guest on 127.0.0.1 unless a second
+# argument names the address to listen on:
 #   GET /headers  -> the request's headers as JSON
-#   GET /peer     -> the port the request's connection comes from (sshd's, one per channel)
+#   GET /peer     -> the address and port the request's connection comes from (sshd's
+#                    loopback one per channel, or the host's bridge address when direct)
 #   GET /         -> a page that loads /app.js by its absolute path (as apps' pages do)
 #   POST /sha256  -> the SHA-256 of the request body (streamed), and its length
 #   GET /ws       -> a WebSocket that echoes every text or binary message
@@ -21,7 +23,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path == "/peer":
-            self.answer(200, json.dumps({"port": self.client_address[1]}).encode())
+            host, port = self.client_address[:2]
+            self.answer(200, json.dumps({"host": host, "port": port}).encode())
         elif self.path == "/":
             self.answer(200, b'<script src="/app.js"></script>', "text/html")
         elif self.path == "/app.js":
@@ -87,4 +90,5 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.flush()
 
 
-http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+address = sys.argv[2] if len(sys.argv) > 2 else "127.0.0.1"
+http.server.ThreadingHTTPServer((address, int(sys.argv[1])), Handler).serve_forever()
