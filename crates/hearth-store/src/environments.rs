@@ -279,10 +279,10 @@ macro_rules! select_summary {
     };
 }
 
-/// `select_summary!`'s columns as `json_object` arguments: a page is read as one JSON
-/// array, one value from the driver. Row by row, through `sqlx::Any`, each environment cost
-/// a hop between the driver's thread and the caller's and a copy of every column
-/// (BENCHMARKS.md, issue 16).
+/// `select_summary!`'s columns as `json_object` arguments: on SQLite a page is read as one
+/// JSON array, one value from the driver. Row by row, through `sqlx::Any`, each environment
+/// cost a hop between SQLite's connection thread and the caller's and a copy of every
+/// column (BENCHMARKS.md, issue 16).
 macro_rules! summary_object {
     () => {
         "'id', id, 'slug', slug, 'name', name, 'user_id', user_id, 'personal', personal, \
@@ -300,7 +300,7 @@ macro_rules! summary_object {
 }
 
 /// `select_summary!($where)` (which picks by id, newest first) as one JSON array in column
-/// `v`; `[]` when nothing matches. The backends name their JSON functions apart. The array's
+/// `v`, on SQLite; `[]` when nothing matches. The array's
 /// order is the store's to restore (`list_environments` sorts it): an `ORDER BY` inside the
 /// aggregate sorted the page's JSON objects again in a temporary b-tree, though they came
 /// in order, a tenth of a page's cost on SQLite (BENCHMARKS.md, issue 16).
@@ -362,29 +362,21 @@ macro_rules! page_of_envs {
             ")"
         )
     };
-    (postgres, $where:expr) => {
-        concat!(
-            "SELECT COALESCE(json_agg(json_build_object(",
-            summary_object!(),
-            ")), '[]')::text AS v FROM (",
-            select_summary!($where),
-            ") AS page"
-        )
-    };
 }
 
 /// The page form for everyone's or one user's environments, in one state or all: which
-/// index it walks (`page_where!`), read as one JSON value (`page_of_envs!`).
+/// index it walks (`page_where!`). SQLite's is read as one JSON value (`page_of_envs!`);
+/// PostgreSQL's as rows, which its driver decodes on the caller's task: there, building a
+/// page's JSON (`json_agg` of `json_build_object`, or of the rows themselves) cost the
+/// database server three times what sending the rows does (BENCHMARKS.md, issue 16).
 fn page_sql(backend: Backend, one_user: bool, in_state: bool) -> &'static str {
     match (backend, one_user, in_state) {
         (Backend::Sqlite, true, _) => page_of_envs!(sqlite, page_where!(one_user)),
         (Backend::Sqlite, false, false) => page_of_envs!(sqlite, page_where!(every_user)),
         (Backend::Sqlite, false, true) => page_of_envs!(sqlite, page_where!(every_user_in_state)),
-        (Backend::Postgres, true, _) => page_of_envs!(postgres, page_where!(one_user)),
-        (Backend::Postgres, false, false) => page_of_envs!(postgres, page_where!(every_user)),
-        (Backend::Postgres, false, true) => {
-            page_of_envs!(postgres, page_where!(every_user_in_state))
-        }
+        (Backend::Postgres, true, _) => select_summary!(page_where!(one_user)),
+        (Backend::Postgres, false, false) => select_summary!(page_where!(every_user)),
+        (Backend::Postgres, false, true) => select_summary!(page_where!(every_user_in_state)),
     }
 }
 
@@ -485,7 +477,8 @@ impl EnvRow {
     }
 }
 
-/// A summary's row as `summary_object!` writes it.
+/// A summary's row as `summary_object!` writes it (SQLite) or `summary_row` reads it
+/// (PostgreSQL).
 #[derive(serde::Deserialize)]
 struct SummaryRow {
     id: String,
@@ -649,6 +642,46 @@ fn env_row(row: &AnyRow) -> Result<EnvRow> {
         repository_url: row.try_get("repository_url")?,
         repository_ref: row.try_get("repository_ref")?,
         git_credential_id: row.try_get("git_credential_id")?,
+    })
+}
+
+/// A summary's columns by name (`select_summary!`).
+fn summary_row(row: &AnyRow) -> Result<SummaryRow> {
+    Ok(SummaryRow {
+        id: row.try_get("id")?,
+        slug: row.try_get("slug")?,
+        name: row.try_get("name")?,
+        user_id: row.try_get("user_id")?,
+        personal: row.try_get("personal")?,
+        state: row.try_get("state")?,
+        state_message: row.try_get("state_message")?,
+        generation: row.try_get("generation")?,
+        provider: row.try_get("provider")?,
+        host_id: row.try_get("host_id")?,
+        host_name: row.try_get("host_name")?,
+        vm_id: row.try_get("vm_id")?,
+        region: row.try_get("region")?,
+        ip_address: row.try_get("ip_address")?,
+        ssh_host: row.try_get("ssh_host")?,
+        ssh_port: row.try_get("ssh_port")?,
+        ssh_user: row.try_get("ssh_user")?,
+        ssh_host_key: row.try_get("ssh_host_key")?,
+        vcpus: row.try_get("vcpus")?,
+        memory_mb: row.try_get("memory_mb")?,
+        disk_gb: row.try_get("disk_gb")?,
+        gpus: row.try_get("gpus")?,
+        gpu_model: row.try_get("gpu_model")?,
+        base_image: row.try_get("base_image")?,
+        environment_vars: row.try_get("environment_vars")?,
+        ssh_public_key: row.try_get("ssh_public_key")?,
+        auto_stop_minutes: row.try_get("auto_stop_minutes")?,
+        created_at: row.try_get("created_at")?,
+        started_at: row.try_get("started_at")?,
+        stopped_at: row.try_get("stopped_at")?,
+        expires_at: row.try_get("expires_at")?,
+        last_activity_at: row.try_get("last_activity_at")?,
+        repository_url: row.try_get("repository_url")?,
+        repository_ref: row.try_get("repository_ref")?,
     })
 }
 
@@ -878,17 +911,25 @@ impl Store {
         limit: i64,
     ) -> Result<(Vec<EnvironmentSummary>, Option<String>)> {
         let sql = page_sql(self.backend, user_id.is_some(), state.is_some());
-        let page: String = sqlx::query(sql)
+        let query = sqlx::query(sql)
             .bind(user_id.unwrap_or(""))
             .bind(state.map(EnvState::as_str).unwrap_or(""))
             .bind(include_destroyed as i64)
             .bind(cursor.unwrap_or(AFTER_EVERY_ID))
-            .bind(limit + 1)
-            .fetch_one(&self.pool)
-            .await?
-            .try_get("v")?;
-        let rows: Vec<SummaryRow> = serde_json::from_str(&page)
-            .map_err(|e| StoreError::Corrupt(format!("a page of environments: {e}")))?;
+            .bind(limit + 1);
+        let rows: Vec<SummaryRow> = match self.backend {
+            Backend::Sqlite => {
+                let page: String = query.fetch_one(&self.pool).await?.try_get("v")?;
+                serde_json::from_str(&page)
+                    .map_err(|e| StoreError::Corrupt(format!("a page of environments: {e}")))?
+            }
+            Backend::Postgres => query
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(summary_row)
+                .collect::<Result<_>>()?,
+        };
         let mut items = rows
             .into_iter()
             .map(|r| self.summary_from(r))
