@@ -9,12 +9,13 @@ use crate::tunnels::{Activity, take_permit};
 use crate::{App, AppError, AppResult};
 use futures::{Stream, StreamExt};
 use hearth_core::EnvState;
+use hearth_guest::russh_sftp::client::RawSftpSession;
 use hearth_guest::russh_sftp::client::error::Error as SftpError;
-use hearth_guest::russh_sftp::client::fs::File;
 use hearth_guest::russh_sftp::extensions::HardlinkExtension;
 use hearth_guest::russh_sftp::protocol::{FileAttributes, FileType, OpenFlags, Packet, StatusCode};
 use hearth_guest::{SshPool, Target};
 use hearth_store::{Environment, User};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
@@ -24,6 +25,13 @@ pub const MAX_LISTED: usize = 10_000;
 pub const UPLOAD_STALL: Duration = Duration::from_secs(60);
 /// The longest path accepted.
 pub const MAX_PATH_CHARS: usize = 4096;
+/// Bytes a download asks the guest's SFTP server for in one read. OpenSSH's sftp-server
+/// answers at most 255 KiB a read; a shorter answer is completed by a further read.
+const READ_BYTES: u32 = 64 * 1024;
+/// Reads a download keeps in flight. One at a time, each waited a round trip through the
+/// guest's sshd and downloads ran at about 0.8 of scp, which keeps 64 (BENCHMARKS.md,
+/// issue 17). A download holds at most this many reads' bytes here.
+const READS_IN_FLIGHT: usize = 8;
 
 /// One file, directory or link.
 #[derive(Debug, Clone)]
@@ -175,20 +183,28 @@ impl Files {
         Ok(Listing::Directory { entries, left_out })
     }
 
-    /// A file to read, its size, and what keeps the environment marked active (and the
-    /// caller's connection held) while it is read.
-    pub async fn read(self, path: &str) -> AppResult<(u64, File, Activity)> {
+    /// A file opened to be read (a link is followed).
+    pub async fn read(self, path: &str) -> AppResult<Download> {
         check_path(path)?;
         self.activity.mark().await;
-        let sftp = self.ssh.sftp(&self.target).await.map_err(unreachable)?;
-        let meta = sftp.metadata(path).await.map_err(sftp_error(path))?;
+        let raw = self.ssh.sftp_raw(&self.target).await.map_err(unreachable)?;
+        let meta = raw.stat(path).await.map_err(sftp_error(path))?.attrs;
         if meta.file_type() == FileType::Dir {
             return Err(AppError::Invalid(format!(
                 "{path} is a directory; list it with GET .../files?path="
             )));
         }
-        let file = sftp.open(path).await.map_err(sftp_error(path))?;
-        Ok((meta.len(), file, self.activity))
+        let handle = raw
+            .open(path, OpenFlags::READ, FileAttributes::default())
+            .await
+            .map_err(sftp_error(path))?
+            .handle;
+        Ok(Download {
+            size: meta.size.unwrap_or(0),
+            raw: Arc::new(raw),
+            handle: handle.into(),
+            activity: self.activity,
+        })
     }
 
     /// Writes `body` to `path` whole or not at all: into a temporary file (0600) beside
@@ -371,4 +387,79 @@ impl Files {
             sftp.remove_file(path).await.map_err(sftp_error(path))
         }
     }
+}
+
+/// A file being read: its size when opened, and its open handle on an SFTP session of its
+/// own, which ends (closing the file) when the download is dropped.
+pub struct Download {
+    /// 0 for a file whose size is not known ahead (what /proc says).
+    pub size: u64,
+    raw: Arc<RawSftpSession>,
+    handle: Arc<str>,
+    activity: Activity,
+}
+
+impl Download {
+    /// The file's bytes in order, `READS_IN_FLIGHT` reads ahead, each chunk marking the
+    /// environment active. A file of known size is read to that size (one that grows
+    /// meanwhile is cut there, so the length announced holds); one of size 0 a read at a
+    /// time, to its end. A file that shrinks ends the stream early.
+    pub fn into_stream(self) -> impl Stream<Item = std::io::Result<bytes::Bytes>> + Send {
+        let Download {
+            size,
+            raw,
+            handle,
+            activity,
+        } = self;
+        let offsets = (0u64..).step_by(READ_BYTES as usize);
+        let (in_flight, ranges): (usize, Box<dyn Iterator<Item = (u64, u32)> + Send>) = if size > 0
+        {
+            let ranges = offsets
+                .take_while(move |&at| at < size)
+                .map(move |at| (at, (size - at).min(READ_BYTES as u64) as u32));
+            (READS_IN_FLIGHT, Box::new(ranges))
+        } else {
+            (1, Box::new(offsets.map(|at| (at, READ_BYTES))))
+        };
+        futures::stream::iter(ranges)
+            .map(move |(at, len)| read_range(raw.clone(), handle.clone(), at, len))
+            .buffered(in_flight)
+            .take_while(|chunk| {
+                let more = !matches!(chunk, Ok(c) if c.is_empty());
+                async move { more }
+            })
+            .then(move |chunk| {
+                let activity = activity.clone();
+                async move {
+                    activity.mark().await;
+                    chunk
+                }
+            })
+    }
+}
+
+/// `len` bytes at `at`, fewer only at the file's end (a short answer is followed by a
+/// read of the rest).
+async fn read_range(
+    raw: Arc<RawSftpSession>,
+    handle: Arc<str>,
+    at: u64,
+    len: u32,
+) -> std::io::Result<bytes::Bytes> {
+    let mut chunk: Vec<u8> = Vec::new();
+    while chunk.len() < len as usize {
+        let got = chunk.len() as u32;
+        match raw.read(&*handle, at + got as u64, len - got).await {
+            Ok(data) if data.data.is_empty() => break,
+            Ok(data) if chunk.is_empty() => chunk = data.data,
+            Ok(data) => chunk.extend_from_slice(&data.data),
+            Err(SftpError::Status(s)) if s.status_code == StatusCode::Eof => break,
+            Err(e) => {
+                return Err(std::io::Error::other(format!(
+                    "reading from the guest: {e}"
+                )));
+            }
+        }
+    }
+    Ok(chunk.into())
 }

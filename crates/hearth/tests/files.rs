@@ -123,6 +123,45 @@ async fn files_go_in_and_out_streamed_within_bounds() {
             .await
             .trim()
     );
+    // A size no multiple of a read's, read several reads ahead, and a file whose size the
+    // guest does not know ahead (/proc says 0), read to its end.
+    let odd_sum = exec_ok(
+        &server,
+        &token,
+        &id,
+        "head -c 1000003 /dev/urandom > odd.bin && sha256sum odd.bin",
+    )
+    .await;
+    let odd = server
+        .http
+        .get(content("odd.bin"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(odd.len(), 1000003);
+    let digest = Sha256::digest(&odd);
+    let odd_hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    assert!(odd_sum.starts_with(&odd_hex), "{odd_sum} against {odd_hex}");
+    let version = server
+        .http
+        .get(content("/proc/version"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        version.trim(),
+        exec_ok(&server, &token, &id, "cat /proc/version")
+            .await
+            .trim()
+    );
     let shadow = server
         .http
         .get(content("/etc/shadow"))

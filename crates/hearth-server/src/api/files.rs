@@ -14,7 +14,6 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use hearth_app::files::Listing;
 use serde::Deserialize;
-use tokio::io::AsyncReadExt;
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -68,39 +67,15 @@ pub async fn download(
     Params(q): Params<PathQuery>,
 ) -> ApiResult<Response> {
     let files = app.open_files(&user, &id).await?;
-    let (size, file, activity) = files.read(&q.path).await?;
-    // At most the size it had when asked (a file that grows meanwhile is cut there, so
-    // the length announced holds); a size of 0 (what /proc says) is read to its end.
-    let left = (size > 0).then_some(size);
-    let chunks = futures::stream::unfold(
-        (file, activity, vec![0u8; 256 * 1024], left),
-        |(mut file, activity, mut buffer, left)| async move {
-            let room = left.map_or(buffer.len(), |l| (l as usize).min(buffer.len()));
-            if room == 0 {
-                return None;
-            }
-            match file.read(&mut buffer[..room]).await {
-                Ok(0) => None,
-                Ok(n) => {
-                    activity.mark().await;
-                    let chunk = bytes::Bytes::copy_from_slice(&buffer[..n]);
-                    let left = left.map(|l| l - n as u64);
-                    Some((
-                        Ok::<_, std::io::Error>(chunk),
-                        (file, activity, buffer, left),
-                    ))
-                }
-                Err(e) => Some((Err(e), (file, activity, buffer, Some(0)))),
-            }
-        },
-    );
+    let download = files.read(&q.path).await?;
+    let size = download.size;
     let name = q
         .path
         .rsplit('/')
         .next()
         .unwrap_or("file")
         .replace(['"', '\\'], "_");
-    let mut response = Response::new(Body::from_stream(chunks));
+    let mut response = Response::new(Body::from_stream(download.into_stream()));
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
