@@ -432,6 +432,15 @@ async fn ssh_scp_rsync_port_forward_and_the_port_proxy_go_through_the_api() {
         StatusCode::UNAUTHORIZED,
         "credentials given must hold"
     );
+    // An app's own sign-in (another scheme than Bearer) is not Hearth's to judge.
+    let r = server
+        .http
+        .get(proxy(8000, "/hello.txt"))
+        .basic_auth("app-user", Some("app-password"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
     server
         .call(
             "DELETE",
@@ -960,6 +969,30 @@ async fn a_preview_host_serves_a_port_at_its_own_origin_to_its_owner() {
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     let r = browser.get(preview("/peer")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
+    // The app's own `Basic` sign-in reaches it; a Bearer in any case is Hearth's.
+    let headers: Value = browser
+        .get(preview("/headers"))
+        .basic_auth("app-user", Some("app-password"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        headers["authorization"], "Basic YXBwLXVzZXI6YXBwLXBhc3N3b3Jk",
+        "{headers}"
+    );
+    let headers: Value = browser
+        .get(preview("/headers"))
+        .header("authorization", format!("bearer {token}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(headers.get("authorization").is_none(), "{headers}");
     let shares = server
         .call(
             "GET",

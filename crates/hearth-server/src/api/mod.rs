@@ -230,14 +230,23 @@ impl FromRequestParts<App> for Caller {
     }
 }
 
-/// The token of an `Authorization: Bearer <token>` header; `None` for any other shape.
+/// The token of an `Authorization: Bearer <token>` header (the scheme in any case, as
+/// RFC 9110 has it); `None` for any other shape.
 pub fn bearer(header: &axum::http::HeaderValue) -> Option<&str> {
-    header
-        .to_str()
-        .ok()
-        .and_then(|h| h.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
+    let (scheme, token) = header.to_str().ok()?.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Whether an `Authorization` header is Hearth's: of the Bearer scheme in any case, or
+/// empty or unreadable. Any other scheme (an app's own `Basic` sign-in) is a guest's, which
+/// the port proxy and preview hosts pass on.
+pub fn hearths_authorization(header: &axum::http::HeaderValue) -> bool {
+    header.to_str().map_or(true, |h| {
+        h.split_whitespace()
+            .next()
+            .is_none_or(|scheme| scheme.eq_ignore_ascii_case("bearer"))
+    })
 }
 
 /// A caller with the `admin` role.

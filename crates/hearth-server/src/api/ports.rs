@@ -7,8 +7,10 @@
 //! environment's owner gets through (a bearer token, or the browser session for reads);
 //! so does anyone when the owner shared the port with everyone, and whoever holds a share
 //! token at `/v1/shared/{token}/...` (see `hearth_app::shares`).
-//! Hearth's credentials never reach the guest: `Authorization`, the session cookie and
-//! the CSRF header are removed. Answers carry `Content-Security-Policy: sandbox`, so a
+//! Hearth's credentials never reach the guest: `Authorization: Bearer`, the session cookie
+//! and the CSRF header are removed. An `Authorization` of any other scheme (a guest app's
+//! own `Basic` sign-in) is the guest's: it passes through, and Hearth then takes the
+//! caller from the session cookie or the port's public share. Answers carry `Content-Security-Policy: sandbox`, so a
 //! page from the guest runs in an origin of its own in a browser and cannot act with the
 //! visitor's Hearth session. WebSocket and other upgrades, and streamed bodies, pass
 //! through.
@@ -109,7 +111,7 @@ fn guest_headers(from: &HeaderMap, port: u16, via: Via<'_>) -> HeaderMap {
     for (name, value) in from {
         let n = name.as_str();
         if HOP_BY_HOP.contains(&n)
-            || n == "authorization"
+            || (n == "authorization" && super::hearths_authorization(value))
             || n == "x-csrf-token"
             || n == "host"
             || (n == "upgrade" && !upgrade)
@@ -342,6 +344,15 @@ pub async fn proxy(
 ) -> ApiResult<Response> {
     let (id, port, path) = split_path(req.uri())?;
     let (mut parts, body) = req.into_parts();
+    // Another scheme than Bearer is the guest's own: set aside while Hearth finds the caller.
+    let guests = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .filter(|h| !super::hearths_authorization(h))
+        .cloned();
+    if guests.is_some() {
+        parts.headers.remove(header::AUTHORIZATION);
+    }
     let credentials = parts.headers.contains_key(header::AUTHORIZATION)
         || super::auth::session_cookie(&parts.headers).is_some();
     let usage = match Caller::from_request_parts(&mut parts, &app).await {
@@ -357,6 +368,9 @@ pub async fn proxy(
             _ => return Err(refused),
         },
     };
+    if let Some(guests) = guests {
+        parts.headers.insert(header::AUTHORIZATION, guests);
+    }
     let prefix = format!("/v1/environments/{id}/ports/{port}");
     forward(
         &client,
@@ -567,6 +581,26 @@ mod tests {
         h.insert("x-app", HeaderValue::from_static("kept"));
         let out = guest_headers(&h, 3000, Via::Path("/v1/environments/e/ports/3000"));
         assert!(out.get(header::AUTHORIZATION).is_none());
+        // Bearer in any case, or nothing readable, is Hearth's; another scheme the app's.
+        for (value, hearths) in [
+            ("Bearer hearth_secret", true),
+            ("bearer hearth_secret", true),
+            ("BEARER", true),
+            ("", true),
+            ("Basic dXNlcjpwdw==", false),
+            ("Digest username=\"u\"", false),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, HeaderValue::from_static(value));
+            let out = guest_headers(&h, 3000, Via::Path("/v1/environments/e/ports/3000"));
+            assert_eq!(
+                out.get(header::AUTHORIZATION).is_none(),
+                hearths,
+                "{value:?}"
+            );
+        }
+        let unreadable = HeaderValue::from_bytes(b"Basic \xff").unwrap();
+        assert!(super::super::hearths_authorization(&unreadable));
         assert!(out.get("x-csrf-token").is_none());
         assert_eq!(out.get(header::COOKIE).unwrap(), "app=1; theme=dark");
         assert!(out.get(header::CONNECTION).is_none());

@@ -1,7 +1,8 @@
 //! Preview URLs (`<port>-<slug>.<domain>`, see `hearth_app::previews`): every request
 //! whose `Host` is under the preview domain is a guest's, never Hearth's own API or UI.
 //!
-//! Who gets through: a bearer token (for programs), the browser's `hearth_preview` cookie
+//! Who gets through: a bearer token (for programs; an `Authorization` of another scheme is
+//! the guest app's own and passes to it), the browser's `hearth_preview` cookie
 //! for that host (set by the sign-in round trip through Hearth's own origin), or anyone
 //! when the port is shared with everyone. A share token is taken only at
 //! `/v1/shared/{token}/`. A request with the cookie must come from the preview's own pages
@@ -70,7 +71,10 @@ async fn serve(
         return callback(&app, &preview, req).await;
     }
     let headers = req.headers();
-    let usage = if let Some(authorization) = headers.get(header::AUTHORIZATION) {
+    let hearths = headers
+        .get(header::AUTHORIZATION)
+        .filter(|h| super::hearths_authorization(h));
+    let usage = if let Some(authorization) = hearths {
         let token = super::bearer(authorization).ok_or_else(|| {
             ApiError::unauthenticated("the Authorization header must be `Bearer <token>`")
         })?;
