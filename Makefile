@@ -21,7 +21,7 @@ setup:
 
 ## Every test, on SQLite and PostgreSQL, against the real Docker engine; then the fuzzer.
 test:
-	scripts/services.sh docker postgres redis fuzz qemu ui mail
+	scripts/services.sh docker postgres redis fuzz qemu ui mail git
 	$(MAKE) ui
 	$(HEARTH_DEBUG) image build
 	$(HEARTH_DEBUG) image build --vm

@@ -7,6 +7,7 @@
 #   scripts/services.sh qemu        QEMU, qemu-img and busybox for VM hosts (hearth agent)
 #   scripts/services.sh ui          Node.js and npm (building the web UI), Chromium (its tests)
 #   scripts/services.sh mail        swaks, aiosmtpd, dkimpy and dnsmasq (commands by mail tests)
+#   scripts/services.sh git         git and OpenSSH's sshd, not started (the repositories tests)
 # Prints the variables to export on its last lines.
 set -euo pipefail
 
@@ -146,6 +147,21 @@ install_mail_tools() {
   apt_install swaks python3-aiosmtpd python3-dkim dnsmasq-base
 }
 
+# git, and OpenSSH's sshd for the repositories test's SSH git host, which starts its own in
+# a network namespace. The package's own service is kept from starting (a policy-rc.d that
+# refuses, unless the machine has one): nothing of it listens on this machine.
+install_git_host() {
+  if ! dpkg -s openssh-server >/dev/null 2>&1; then
+    local policy=/usr/sbin/policy-rc.d made=""
+    if [ ! -e "$policy" ]; then
+      printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy" && made=1
+    fi
+    apt_install openssh-server
+    if [ -n "$made" ]; then rm -f "$policy"; fi
+  fi
+  apt_install git
+}
+
 need_root
 for what in "$@"; do
   case "$what" in
@@ -156,6 +172,7 @@ for what in "$@"; do
     qemu) install_qemu ;;
     ui) install_ui_tools ;;
     mail) install_mail_tools ;;
-    *) echo "scripts/services.sh: unknown service $what (docker, postgres, redis, fuzz, qemu, ui, mail)" >&2; exit 2 ;;
+    git) install_git_host ;;
+    *) echo "scripts/services.sh: unknown service $what (docker, postgres, redis, fuzz, qemu, ui, mail, git)" >&2; exit 2 ;;
   esac
 done

@@ -1,6 +1,6 @@
 //! Repositories cloned into environments at provisioning, from a git server this test runs
-//! itself (`git http-backend`), public and private (with a stored HTTPS token), against a
-//! real Docker guest. The server runs in a network namespace of its own, so the guest
+//! itself (`git http-backend`, and OpenSSH's sshd for `ssh://`), public and private (with a
+//! stored HTTPS token or SSH deploy key), against a real Docker guest. The server runs in a network namespace of its own, so the guest
 //! reaches it as it would a remote git host: routed out through the host, not to the host
 //! (which `HEARTH-GUESTS` closes to guests).
 
@@ -63,6 +63,7 @@ struct GitHost {
     namespace: String,
     link: String,
     server: Option<Child>,
+    sshd: Option<Child>,
     address: String,
 }
 
@@ -85,6 +86,7 @@ impl GitHost {
             namespace: namespace.clone(),
             link: link.clone(),
             server: None,
+            sshd: None,
             address: format!("{there}:{port}"),
         };
         run(Command::new("ip").args(["link", "add", &link, "type", "veth", "peer", "name", &peer]));
@@ -116,11 +118,57 @@ impl GitHost {
     }
 }
 
+impl GitHost {
+    /// OpenSSH's sshd beside the HTTP server, on port 2222, letting in `public_key` as
+    /// root (git runs `git-upload-pack` through it); its files in `dir`.
+    fn start_sshd(&mut self, dir: &Path, public_key: &str) -> String {
+        let there = self.address.split(':').next().unwrap().to_string();
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::create_dir_all("/run/sshd").unwrap(); // its privilege separation directory
+        let host_key = dir.join("host_key");
+        run(Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&host_key));
+        std::fs::write(dir.join("authorized_keys"), public_key).unwrap();
+        let config = dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "ListenAddress {there}:2222\nHostKey {}\nAuthorizedKeysFile {}\nPidFile {}\n\
+                 StrictModes no\nUsePAM no\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n",
+                host_key.display(),
+                dir.join("authorized_keys").display(),
+                dir.join("sshd.pid").display()
+            ),
+        )
+        .unwrap();
+        let sshd = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.namespace,
+                "/usr/sbin/sshd",
+                "-D",
+                "-e",
+                "-f",
+            ])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.sshd = Some(sshd);
+        format!("{there}:2222")
+    }
+}
+
 impl Drop for GitHost {
     fn drop(&mut self) {
-        if let Some(server) = &mut self.server {
-            let _ = server.kill();
-            let _ = server.wait();
+        for child in [&mut self.server, &mut self.sshd].into_iter().flatten() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
         let _ = Command::new("ip")
             .args(["link", "del", &self.link])
@@ -159,8 +207,23 @@ async fn public_and_private_repositories_are_cloned_and_the_token_is_kept_nowher
         &[("README", "hello-private\n")],
         &[],
     );
-    let git_host = GitHost::start(&root, 8080);
+    let mut git_host = GitHost::start(&root, 8080);
     let base = format!("http://{}", git_host.address);
+    let deploy_key = dir.path().join("deploy");
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "deploy", "-f"])
+        .arg(&deploy_key));
+    let ssh_address = git_host.start_sshd(
+        &dir.path().join("sshd"),
+        &std::fs::read_to_string(deploy_key.with_extension("pub")).unwrap(),
+    );
+    let ssh_url = format!(
+        "ssh://root@{ssh_address}{}/private/secret.git",
+        root.display()
+    );
+    let deploy_secret = std::fs::read_to_string(&deploy_key).unwrap();
+    // A line of the key's body: what would show if any of it leaked.
+    let deploy_line = deploy_secret.lines().nth(2).unwrap().to_string();
     let http = reqwest::Client::new();
     let started = Instant::now();
     while http
@@ -270,6 +333,22 @@ async fn public_and_private_repositories_are_cloned_and_the_token_is_kept_nowher
         json!({"repositoryUrl": format!("{base}/none-such.git")}),
     )
     .await;
+    let r = server
+        .call(
+            "POST",
+            "/v1/me/git-credentials",
+            Some(&token),
+            Some(json!({"name": "deploy-key", "kind": "ssh-key", "secret": deploy_secret})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let over_ssh = create(
+        &server,
+        &token,
+        "over-ssh",
+        json!({"repositoryUrl": ssh_url, "gitCredential": "deploy-key"}),
+    )
+    .await;
 
     server.wait_env(&token, &public, "running", UP).await;
     assert_eq!(
@@ -291,6 +370,25 @@ async fn public_and_private_repositories_are_cloned_and_the_token_is_kept_nowher
     )
     .await;
     assert_eq!(found, "", "the token was left in the guest");
+    server.wait_env(&token, &over_ssh, "running", UP).await;
+    assert_eq!(
+        exec_ok(
+            &server,
+            &token,
+            &over_ssh,
+            "cat secret/README; git -C secret remote get-url origin"
+        )
+        .await,
+        format!("hello-private\n{ssh_url}\n")
+    );
+    let found = exec_ok(
+        &server,
+        &token,
+        &over_ssh,
+        &format!("grep -rIl -- '{deploy_line}' ~ /tmp /etc 2>/dev/null; ls -a ~ | grep hearth-clone; true"),
+    )
+    .await;
+    assert_eq!(found, "", "the deploy key was left in the guest");
 
     for (id, says) in [
         (&refused, "refused the credential"),
@@ -308,7 +406,7 @@ async fn public_and_private_repositories_are_cloned_and_the_token_is_kept_nowher
 
     // Neither token in any answer, log line, the audit, or the server's own log.
     let mut seen = String::new();
-    for id in [&public, &private, &refused, &anonymous, &missing] {
+    for id in [&public, &private, &refused, &anonymous, &missing, &over_ssh] {
         seen.push_str(
             &server
                 .call("GET", &format!("/v1/environments/{id}"), Some(&token), None)
@@ -333,8 +431,8 @@ async fn public_and_private_repositories_are_cloned_and_the_token_is_kept_nowher
     );
     seen.push_str(&site.log());
     assert!(seen.contains("cloning"), "the clone was not logged");
-    for secret in [TOKEN, WRONG_TOKEN] {
-        assert!(!seen.contains(secret), "a token was shown or logged");
+    for secret in [TOKEN, WRONG_TOKEN, deploy_line.as_str()] {
+        assert!(!seen.contains(secret), "a token or key was shown or logged");
     }
 
     // A deleted credential is gone, and naming it is refused.
@@ -352,7 +450,7 @@ async fn public_and_private_repositories_are_cloned_and_the_token_is_kept_nowher
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
 
-    for id in [&public, &private, &refused, &anonymous, &missing] {
+    for id in [&public, &private, &refused, &anonymous, &missing, &over_ssh] {
         server.destroy(&token, id, UP).await;
     }
 }
