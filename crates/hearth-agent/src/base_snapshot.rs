@@ -382,12 +382,10 @@ impl BaseSnapshots {
         if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(VmmError::Failed("the agent is stopping".into()));
         }
-        // Unconfined: when the state is saved QEMU reopens the disk read-only by its path,
-        // which its own user (`guard.rs`) cannot reach. The base VM runs only the image's
-        // init, with no key anyone holds, for the minute of the build.
-        let mut unconfined = (*self.launcher).clone();
-        unconfined.runas = None;
-        let mut child = unconfined
+        // Confined like every VM: its disk is handed over open, so QEMU reopens it without
+        // its path when the state is saved.
+        let mut child = self
+            .launcher
             .launch_attached(&record, dir, &self.build_pid)
             .await?;
         let saved = self.save(dir, name, started).await;
@@ -418,14 +416,7 @@ impl BaseSnapshots {
         qmp.execute("stop", None).await?;
         let memory = std::fs::File::create(dir.join("memory"))
             .map_err(fail("create the snapshot's memory file"))?;
-        qmp.send_fd("snapshot", std::os::fd::AsFd::as_fd(&memory))
-            .await?;
-        qmp.execute("migrate", Some(serde_json::json!({"uri": "fd:snapshot"})))
-            .await?;
-        wait_migration(&mut qmp).await?;
-        memory
-            .sync_all()
-            .map_err(fail("write the snapshot's memory file"))?;
+        save_state(&mut qmp, &memory).await?;
         drop(port);
         // QEMU takes one QMP client at a time: this one goes before `quit` is sent.
         drop(qmp);
@@ -446,6 +437,24 @@ impl BaseSnapshots {
         .map_err(fail("write snapshot.json"))?;
         Ok(info)
     }
+}
+
+/// Writes the paused VM's state (its memory and devices) to `file` with QEMU's migration,
+/// at full speed (QEMU's default caps a migration at 128 MiB/s, for networks), and waits
+/// until it is on disk. QEMU then holds the VM in `postmigrate`, its disks let go; `cont`
+/// takes them back and runs it again.
+pub(crate) async fn save_state(qmp: &mut Qmp, file: &std::fs::File) -> Result<(), VmmError> {
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(serde_json::json!({"max-bandwidth": 1u64 << 40})),
+    )
+    .await?;
+    qmp.send_fd("snapshot", std::os::fd::AsFd::as_fd(file))
+        .await?;
+    qmp.execute("migrate", Some(serde_json::json!({"uri": "fd:snapshot"})))
+        .await?;
+    wait_migration(qmp).await?;
+    file.sync_all().map_err(fail("write the saved memory"))
 }
 
 /// Polls an outgoing migration until it completes.
@@ -474,18 +483,18 @@ async fn wait_migration(qmp: &mut Qmp) -> Result<(), VmmError> {
     }
 }
 
-/// Loads `snapshot` into the QEMU in `dir` (started with `Boot::Restore`), resumes it, and
-/// has the guest take the identity on its config drive. `port` must be connected before
-/// the load, so the guest finds the port as it was when it was saved: connected.
+/// Loads the saved `memory` into the QEMU in `dir` (started with `Boot::Restore`), resumes
+/// it, and has the guest take the identity on its config drive. `port` is connected before
+/// the load: a base VM was saved with its port connected, and a VM saved without (a user's
+/// snapshot) is told at the load that the host's end is there now.
 pub(crate) async fn restore_into(
     dir: &Path,
-    snapshot: &BaseSnapshot,
+    memory: &Path,
     port: &mut BufReader<UnixStream>,
     identity: &[(&str, String)],
 ) -> Result<Restored, VmmError> {
     let mut qmp = Qmp::connect(&dir.join("qmp.sock")).await?;
-    let memory =
-        std::fs::File::open(snapshot.memory()).map_err(fail("open the snapshot's memory"))?;
+    let memory = std::fs::File::open(memory).map_err(fail("open the snapshot's memory"))?;
     qmp.send_fd("snapshot", std::os::fd::AsFd::as_fd(&memory))
         .await?;
     qmp.execute(

@@ -61,9 +61,13 @@ pub const PROBE: &str = "#!/bin/busybox sh\n/bin/busybox echo hearth-probe-ok > 
 /// generator, the authorized keys) comes from the config drive, written by the agent. The
 /// keys, host key and machine id are applied on the VM's first boot only (`/etc/hearth-machine`
 /// remembers whose they are): later boots keep what is on the disk, such as the keys a warm
-/// VM's claim put in place of its pool key. A
-/// base VM (its drive holds `base`) is booted once to be snapshotted (`base_snapshot.rs`):
-/// it also starts `AWAIT_RESTORE`, which every VM restored from the snapshot wakes up in.
+/// VM's claim put in place of its pool key.
+///
+/// Every VM runs `AWAIT_RESTORE` beside sshd: a VM restored from a snapshot of its memory
+/// (a base snapshot, `base_snapshot.rs`, or a user's, `snapshots.rs`) wakes up in it and is
+/// told who it is now. A base VM (its drive holds `base`) is booted once to be snapshotted,
+/// and says `ready` on the port first. It is started in the background: the module load and
+/// perl's start (about 0.2 s under software emulation) do not hold up sshd.
 pub const VM_INIT: &str = r#"#!/bin/sh
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
@@ -111,16 +115,14 @@ if [ -n "$nic" ]; then
   ip route add default via "$(cfg gateway 10.0.2.2)"
 fi
 echo "nameserver $(cfg dns 10.0.2.3)" > /etc/resolv.conf
-if [ -e /run/hearth/base ]; then
-  modprobe virtio_console
-  perl /usr/sbin/hearth-await-restore &
-fi
+(modprobe virtio_console && exec perl /usr/sbin/hearth-await-restore) </dev/null >/dev/null 2>&1 &
 echo "hearth: sshd starting" > /dev/ttyS0
 exec /usr/bin/tini -- /usr/sbin/sshd -D -e
 "#;
 
-/// `/usr/sbin/hearth-await-restore`, started in a base VM: it waits on the virtio port
-/// `hearth.identity`, and every VM restored from the snapshot wakes up in it. The agent
+/// `/usr/sbin/hearth-await-restore`, started in every VM: it waits on the virtio port
+/// `hearth.identity` for as long as the VM lives, and every VM restored from a snapshot of
+/// its memory wakes up in it (a base VM first says `ready` there). The agent
 /// then sends the VM's identity (`name hex-value` lines, `clock <s> <ns>`, `end`), the same
 /// files its config drive holds for later boots, and this process applies it with system
 /// calls (under software emulation each program started costs about 0.1 s): the clock
@@ -128,7 +130,9 @@ exec /usr/bin/tini -- /usr/sbin/sshd -D -e
 /// reseed forced (`RNDRESEEDCRNG`: restores must not share random streams), hostname,
 /// machine id, MAC (`SIOCSIFHWADDR`), authorized keys, SSH host key (sshd loads it for
 /// each connection), and the config drive remounted so it shows this VM's. It answers
-/// `identified`.
+/// `identified`, and waits for the next restore: a VM restored from a snapshot may be
+/// snapshotted in turn. While no agent holds the host's end, reads end at once (the
+/// driver's answer to an unconnected port) and it looks again every 0.1 s.
 pub const AWAIT_RESTORE: &str = r#"#!/usr/bin/perl
 use strict;
 use warnings;
@@ -158,22 +162,26 @@ sub put {
 
 my $port = find_port();
 open(my $io, "+<", $port) or die "hearth-await-restore: $port: $!\n";
-select(undef, undef, undef, 0.05) until -s "/run/sshd.pid";
-syswrite($io, "ready\n");
+if (-e "/run/hearth/base") {
+    select(undef, undef, undef, 0.05) until -s "/run/sshd.pid";
+    syswrite($io, "ready\n");
+}
 my $buffer = "";
+while (1) {
 my (%id, @clock);
 LINE: while (1) {
     while ($buffer !~ /\n/) {
         my $n = sysread($io, $buffer, 65536, length $buffer);
         # Nothing connected on the host's side: wait for the agent.
-        sleep 1 unless $n;
+        select(undef, undef, undef, 0.1) unless $n;
     }
     $buffer =~ s/^([^\n]*)\n//;
     my ($key, @values) = split / /, $1;
     next unless defined $key;
     if ($key eq "end") { last LINE }
     elsif ($key eq "clock") { @clock = @values }
-    elsif ($key ne "identify") { $id{$key} = pack("H*", $values[0] // "") }
+    elsif ($key eq "identify") { %id = (); @clock = () }
+    else { $id{$key} = pack("H*", $values[0] // "") }
 }
 syscall(227, 0, pack("q q", @clock)) if @clock == 2;
 if (open(my $r, ">", "/dev/urandom")) {
@@ -216,6 +224,7 @@ syscall(166, $mountpoint, 0);
 if (open(my $d, "<", $drive)) { ioctl($d, 0x1261, 0); close $d }
 syscall(165, $drive, $mountpoint, $type, 1, 0);
 syswrite($io, "identified\n");
+}
 "#;
 
 /// Identifies this recipe; an image directory with the same one needs no rebuild.

@@ -26,10 +26,10 @@
 //! opens and guests then hang): `probe_kvm` boots the initramfs's `/probe` under KVM and
 //! uses KVM only if it prints its marker in time; software emulation (TCG) otherwise.
 
-use crate::base_snapshot::{BaseSnapshot, BaseSnapshots, connect_identity_port, restore_into};
+use crate::base_snapshot::{BaseSnapshots, connect_identity_port, restore_into, save_state};
 use crate::image::VmImage;
 use crate::qmp::Qmp;
-use crate::snapshots::{Pausable, Snapshot, Snapshots, VmLocks, paused_by_snapshot};
+use crate::snapshots::{Pausable, SavedMemory, Snapshot, Snapshots, VmLocks, paused_by_snapshot};
 pub use crate::vmm::{Accel, VmRecord, VmSpec, VmStatus, VmmError};
 use crate::vmm::{
     VmDirs, Vmm, check_sizes, fail, free_port, identity_files, now_ms, process_has_argument,
@@ -68,6 +68,9 @@ pub struct QemuHost {
     images: Arc<Snapshots>,
     /// Base snapshots new VMs restore, when enabled (`with_base_snapshots`).
     base: Option<Arc<BaseSnapshots>>,
+    /// What a VM's saved memory depends on here (`base_snapshot::fingerprint`); `None` when
+    /// QEMU's version could not be read, and then no memory is saved.
+    fingerprint: Option<String>,
 }
 
 /// How this host starts QEMU: shared by its VMs and its base snapshots' builds.
@@ -97,6 +100,10 @@ pub(crate) enum Boot<'a> {
 struct QmpPause {
     dir: PathBuf,
     name: String,
+    /// Set when this VM's memory can be saved (the `microvm` machine, whose VMs have the
+    /// identity port and run the guest's side of it): what its restore must match, but
+    /// the kernel arguments, read from its QEMU.
+    memory: Option<SavedMemory>,
 }
 
 #[async_trait]
@@ -124,10 +131,58 @@ impl Pausable for QmpPause {
             .await?;
         Ok(())
     }
+
+    async fn save_memory(&mut self, to: &Path) -> Result<Option<SavedMemory>, VmmError> {
+        let Some(memory) = self.memory.take() else {
+            return Ok(None);
+        };
+        let pid = pid_in(&self.dir, &self.name)
+            .ok_or_else(|| VmmError::Failed(format!("{} is not running", self.name)))?;
+        let kernel_args = argument_after(pid, "-append")
+            .ok_or_else(|| VmmError::Failed(format!("the QEMU of {} has no -append", self.name)))?;
+        let file = std::fs::File::create(to).map_err(fail("create the memory's file"))?;
+        let mut qmp = Qmp::connect(&self.dir.join("qmp.sock")).await?;
+        save_state(&mut qmp, &file).await?;
+        Ok(Some(SavedMemory {
+            kernel_args,
+            ..memory
+        }))
+    }
 }
 
-/// The QEMU fd set a restore's disk is handed over in.
+/// The argument after `flag` on the command line of process `pid`.
+fn argument_after(pid: u32, flag: &str) -> Option<String> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let text = String::from_utf8_lossy(&cmdline);
+    let mut args = text.split('\0');
+    args.by_ref().find(|a| *a == flag)?;
+    args.next().map(str::to_string)
+}
+
+/// What a VM is restored from: a base snapshot, or a user's snapshot that kept memory.
+struct SavedVm {
+    /// The disk the VM's own is layered on.
+    disk: PathBuf,
+    /// QEMU's migration stream.
+    memory: PathBuf,
+    kernel_args: String,
+    /// The base snapshot's id (the VM's `restored_from`); `None` for a user's snapshot,
+    /// which the VM's `spec.snapshot` names.
+    base: Option<String>,
+    /// For the log.
+    label: String,
+}
+
+/// The QEMU fd set a VM's disk is handed over in.
 const DISK_FDSET: u32 = 1;
+
+/// Hands `dir`'s `disk.qcow2` to `command`'s QEMU in `DISK_FDSET`.
+fn add_disk(command: &mut Command, dir: &Path) -> Result<(), VmmError> {
+    for fd in disk_descriptors(command, &dir.join("disk.qcow2"))? {
+        command.args(["-add-fd", &format!("fd={fd},set={DISK_FDSET}")]);
+    }
+    Ok(())
+}
 
 /// Opens `disk` read-write and read-only and has `command`'s process inherit the two (their
 /// close-on-exec flag cleared in the child only); returns their numbers for `-add-fd`.
@@ -320,7 +375,21 @@ impl QemuHost {
             }),
             lock: tokio::sync::Mutex::new(()),
             base: None,
-        })
+            fingerprint: None,
+        }
+        .with_fingerprint())
+    }
+
+    fn with_fingerprint(mut self) -> QemuHost {
+        match qemu_version() {
+            Ok(version) => {
+                self.fingerprint = Some(crate::base_snapshot::fingerprint(&self.launcher, &version))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "snapshots keep VMs' disks only")
+            }
+        }
+        self
     }
 
     /// QEMU drops to `user` once its files are open (see `guard.rs`). Call it before
@@ -397,11 +466,33 @@ impl QemuHost {
             mac: Some(random_mac()?),
             restored_from: None,
         };
+        if let (Some(id), Some(disk)) = (&spec.snapshot, &from_snapshot)
+            && let Some(saved) = self.saved_memory(id, spec, disk)?
+        {
+            match self.restore(&record, &saved).await {
+                Ok(record) => return Ok(record),
+                Err(e) => {
+                    tracing::warn!(vm = %spec.name, snapshot = %id, error = %e, "restoring the snapshot's memory failed; this VM boots from its disk")
+                }
+            }
+        }
         // Base snapshots are of the host's image.
         let from_host_image = from_snapshot.is_none() && from_image.is_none();
         if let Some(base) = self.base.as_ref().filter(|_| from_host_image) {
             match base.ready(spec) {
-                Some(snapshot) => match self.restore(&record, &snapshot).await {
+                Some(snapshot) => match self
+                    .restore(
+                        &record,
+                        &SavedVm {
+                            disk: snapshot.disk(),
+                            memory: snapshot.memory(),
+                            kernel_args: snapshot.info.kernel_args.clone(),
+                            base: Some(snapshot.id.clone()),
+                            label: format!("its base snapshot {}", snapshot.id),
+                        },
+                    )
+                    .await
+                {
                     Ok(record) => return Ok(record),
                     Err(e) => {
                         tracing::warn!(vm = %spec.name, snapshot = %snapshot.id, error = %e, "restoring the base snapshot failed; it is not used again, and this VM boots");
@@ -437,17 +528,46 @@ impl QemuHost {
         Ok(record)
     }
 
-    /// Makes the VM from `snapshot`: its disk layered on the snapshot's, QEMU loading the
+    /// The saved memory of user snapshot `id` (whose disk is `disk`), if it kept any and a
+    /// VM of `spec` can restore it here: the same sizes, and this host's QEMU, accelerator,
+    /// machine and image. `None` otherwise: the VM boots from the disk.
+    fn saved_memory(
+        &self,
+        id: &str,
+        spec: &VmSpec,
+        disk: &Path,
+    ) -> Result<Option<SavedVm>, VmmError> {
+        let Some((memory, saved)) = self.snapshots.memory(id)? else {
+            return Ok(None);
+        };
+        let disk_gb = self.snapshots.find(id)?.map(|s| s.disk_gb);
+        let fits = saved.vcpus == spec.vcpus
+            && saved.memory_mb == spec.memory_mb
+            && disk_gb == Some(spec.disk_gb);
+        if !fits {
+            tracing::info!(vm = %spec.name, snapshot = %id, "the snapshot's memory is of another size; this VM boots from its disk");
+            return Ok(None);
+        }
+        if self.fingerprint.as_deref() != Some(saved.fingerprint.as_str()) {
+            tracing::info!(vm = %spec.name, snapshot = %id, "the snapshot's memory was saved by another QEMU or image; this VM boots from its disk");
+            return Ok(None);
+        }
+        Ok(Some(SavedVm {
+            disk: disk.to_path_buf(),
+            memory,
+            kernel_args: saved.kernel_args,
+            base: None,
+            label: format!("the memory of snapshot {id}"),
+        }))
+    }
+
+    /// Makes the VM from `saved`: its disk layered on the saved one, QEMU loading the
     /// saved state, the guest taking the VM's identity. All of it happens in the VM's
     /// hidden directory, committed only at the end: an agent that dies half-way leaves a
     /// directory the next start removes, with its QEMU.
-    async fn restore(
-        &self,
-        record: &VmRecord,
-        snapshot: &BaseSnapshot,
-    ) -> Result<VmRecord, VmmError> {
+    async fn restore(&self, record: &VmRecord, snapshot: &SavedVm) -> Result<VmRecord, VmmError> {
         let record = VmRecord {
-            restored_from: Some(snapshot.id.clone()),
+            restored_from: snapshot.base.clone(),
             ..record.clone()
         };
         let name = &record.spec.name;
@@ -459,7 +579,7 @@ impl QemuHost {
             run(
                 Command::new("qemu-img")
                     .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-                    .arg(snapshot.disk())
+                    .arg(&snapshot.disk)
                     .arg(dir.join("disk.qcow2"))
                     .arg(format!("{}G", record.spec.disk_gb)),
                 "qemu-img create",
@@ -479,20 +599,25 @@ impl QemuHost {
                     &record,
                     &building,
                     Boot::Restore {
-                        kernel_args: &snapshot.info.kernel_args,
+                        kernel_args: &snapshot.kernel_args,
                     },
                 )
                 .await?;
             let launched_ms = started.elapsed().as_millis() as u64;
             let mut port = connect_identity_port(&building).await?;
-            let steps = restore_into(&building, snapshot, &mut port, &identity).await?;
+            let steps = restore_into(&building, &snapshot.memory, &mut port, &identity).await?;
             tracing::info!(
                 vm = %name,
-                snapshot = %snapshot.id,
+                from = %snapshot.label,
                 launched_ms,
                 loaded_ms = steps.loaded_ms,
                 identified_ms = steps.identified_ms,
-                "VM restored from its base snapshot"
+                "{}",
+                if snapshot.base.is_some() {
+                    "VM restored from its base snapshot"
+                } else {
+                    "VM restored from a snapshot's memory"
+                }
             );
             Ok::<_, VmmError>(record)
         }
@@ -515,9 +640,12 @@ impl QemuHost {
             return Ok(Some(VmStatus::Stopped));
         }
         match self.qmp(name).await?.status().await?.as_str() {
-            // A snapshot's pause is seconds long and undone after: still running.
-            "paused" if paused_by_snapshot(&self.vm_dir(name)?) => Ok(Some(VmStatus::Running)),
-            "paused" => Ok(Some(VmStatus::Paused)),
+            // A snapshot's pause is seconds long and undone after: still running. After
+            // its memory is saved QEMU says `postmigrate` until `cont`.
+            "paused" | "postmigrate" if paused_by_snapshot(&self.vm_dir(name)?) => {
+                Ok(Some(VmStatus::Running))
+            }
+            "paused" | "postmigrate" => Ok(Some(VmStatus::Paused)),
             "running" => Ok(Some(VmStatus::Running)),
             // Shutting down, crashed, or still starting: not usable.
             _ => Ok(Some(VmStatus::Stopped)),
@@ -562,11 +690,7 @@ impl Launcher {
             }
             let mut command = Command::new(QEMU);
             command.args(self.arguments(&record, dir, &boot));
-            if let Boot::Restore { .. } = boot {
-                for fd in disk_descriptors(&mut command, &dir.join("disk.qcow2"))? {
-                    command.args(["-add-fd", &format!("fd={fd},set={DISK_FDSET}")]);
-                }
-            }
+            add_disk(&mut command, dir)?;
             let out = command
                 .output()
                 .map_err(|e| VmmError::Failed(format!("cannot run {QEMU} ({e}); apt-get install qemu-system-x86 qemu-utils (in one command)")))?;
@@ -613,6 +737,7 @@ impl Launcher {
             let mut args = self.arguments(&record, dir, &Boot::Cold);
             args.retain(|a| a != "-daemonize");
             let mut command = Command::new(QEMU);
+            add_disk(&mut command, dir)?;
             command
                 .args(args)
                 .stdin(std::process::Stdio::null())
@@ -679,12 +804,14 @@ impl Launcher {
             .as_ref()
             .map(|m| format!(",mac={m}"))
             .unwrap_or_default();
-        // A restore's disk is handed over open (`disk_descriptors`): when the loaded VM
-        // resumes, QEMU reopens it for writing, and a confined QEMU could not by its path.
-        let disk = match boot {
-            Boot::Cold => path("disk.qcow2"),
-            Boot::Restore { .. } => format!("/dev/fdset/{DISK_FDSET}"),
-        };
+        // The disk is handed over open (`disk_descriptors`): QEMU reopens it read-only
+        // when it saves the VM's memory and for writing when the VM resumes (after a save
+        // or a restore), and a confined QEMU could not by its path. QEMU's own file locks
+        // are off for it: they are taken on open file descriptions, which the fd set keeps
+        // open after QEMU lets go of its copies, so the read-only one's locks would refuse
+        // the write reopen. One QEMU per VM is the agent's to keep (its pid file, the VM's
+        // lock), and copies read it with `-U` anyway.
+        let disk = format!("/dev/fdset/{DISK_FDSET}");
         let mut args: Vec<String> = vec![
             "-name".into(),
             format!("{},process={}", s.name, s.name),
@@ -709,7 +836,7 @@ impl Launcher {
             "-append".into(),
             kernel_args,
             "-drive".into(),
-            format!("id=disk,file={disk},if=none,format=qcow2"),
+            format!("id=disk,file={disk},if=none,format=qcow2,file.locking=off"),
             "-device".into(),
             format!("{},drive=disk", self.virtio("blk")),
             "-drive".into(),
@@ -894,7 +1021,10 @@ impl Vmm for QemuHost {
             // QEMU's own word: `qmp_status` reads a VM with the marker as running.
             let paused = match self.pid(&name).map(|_| self.qmp(&name)) {
                 Some(connecting) => match connecting.await {
-                    Ok(mut qmp) => qmp.status().await.is_ok_and(|s| s == "paused"),
+                    Ok(mut qmp) => qmp
+                        .status()
+                        .await
+                        .is_ok_and(|s| s == "paused" || s == "postmigrate"),
                     Err(_) => false,
                 },
                 None => false,
@@ -925,15 +1055,32 @@ impl Vmm for QemuHost {
         let lock = self.vm_locks.lock(name).await;
         let dir = self.vm_dir(name)?;
         let disk = dir.join("disk.qcow2");
+        let memory = match (&self.fingerprint, self.launcher.image.mmio) {
+            (Some(fingerprint), true) => Some(SavedMemory {
+                kernel_args: String::new(),
+                vcpus: record.spec.vcpus,
+                memory_mb: record.spec.memory_mb,
+                fingerprint: fingerprint.clone(),
+            }),
+            _ => None,
+        };
+        // Its memory takes at most the guest's RAM (QEMU skips pages of zeros).
+        let memory_bytes = if memory.is_some() {
+            record.spec.memory_mb as u64 * (1 << 20)
+        } else {
+            0
+        };
         let vm = QmpPause {
             dir: dir.clone(),
             name: name.to_string(),
+            memory,
         };
         let needed = {
             let disk = disk.clone();
             tokio::task::spawn_blocking(move || chain_bytes(&disk))
                 .await
                 .map_err(|e| VmmError::Failed(format!("qemu-img info: {e}")))??
+                + memory_bytes
         };
         crate::snapshots::take(
             self.snapshots.clone(),

@@ -10,9 +10,16 @@
 //! asks again (`find`), and an agent killed mid-copy leaves a hidden directory the next
 //! start removes.
 //!
-//! Memory is not kept: a VM made from a snapshot boots, and takes an identity of its own
-//! on that first boot (the image's init applies the config drive's keys, host key and
-//! machine id when the machine id differs from the one the disk remembers).
+//! Memory is kept where the backend can save it: a running QEMU VM on the `microvm`
+//! machine has its memory saved too (QEMU's migration stream, `memory`, with what a restore
+//! must match in `memory.json`), during the same pause as the disk's copy, so the two agree.
+//! A VM made from such a snapshot with the same sizes, on a host whose QEMU, accelerator
+//! and image match, is restored: its processes run on from where they were, and it is told
+//! its own identity on its virtio port as a base snapshot's VMs are (`base_snapshot.rs`).
+//! Otherwise (another size, a stopped VM, Firecracker, a save that failed) the VM boots from
+//! the disk and takes an identity of its own on that first boot (the image's init applies
+//! the config drive's keys, host key and machine id when the machine id differs from the
+//! one the disk remembers).
 //!
 //! A QEMU VM made from a snapshot has its disk layered on the snapshot's file. Deleting a
 //! snapshot such a VM still uses marks it `removed` (the control plane no longer sees it)
@@ -21,6 +28,7 @@
 use crate::vmm::{VmmError, fail};
 use async_trait::async_trait;
 pub use hearth_provider::agent::wire::Snapshot;
+use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -126,6 +134,28 @@ pub(crate) trait Pausable: Send + 'static {
     /// Pauses it (the backend's caches written to the disk file).
     async fn pause(&mut self) -> Result<(), VmmError>;
     async fn resume(&mut self) -> Result<(), VmmError>;
+    /// Saves the paused VM's memory to the file `to`, if the backend can, and says what a
+    /// restore of it must match; `None` when it cannot.
+    async fn save_memory(&mut self, _to: &Path) -> Result<Option<SavedMemory>, VmmError> {
+        Ok(None)
+    }
+}
+
+/// The file a snapshot's memory is kept in, beside its disk.
+pub(crate) const MEMORY_FILE: &str = "memory";
+/// What a restore of that memory must match (`SavedMemory`).
+const MEMORY_INFO: &str = "memory.json";
+
+/// What a VM restored from a snapshot's memory must match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SavedMemory {
+    /// The kernel command line the VM had booted with.
+    pub kernel_args: String,
+    pub vcpus: i64,
+    pub memory_mb: i64,
+    /// The saving host's QEMU, accelerator, machine and image (`base_snapshot::fingerprint`).
+    pub fingerprint: String,
 }
 
 /// One change to a VM at a time (a snapshot's copy, a start, a stop, a pause, a destroy),
@@ -203,6 +233,7 @@ async fn pause_copy_resume(
 ) -> Result<Snapshot, VmmError> {
     let started = Instant::now();
     let marker = vm_dir.join(PAUSED_FOR_SNAPSHOT);
+    let work = snapshots.work_dir(&id)?;
     let paused = vm.is_running().await?;
     if paused {
         // Before the pause: a VM paused by us is never without its marker.
@@ -212,11 +243,50 @@ async fn pause_copy_resume(
             return Err(e);
         }
     }
+    // The memory first, while the VM is paused: the disk's copy then holds what the saved
+    // memory expects. A save that fails leaves a snapshot of the disk alone.
+    let mut memory = None;
+    if paused {
+        let _ = std::fs::remove_dir_all(&work);
+        let file = work.join(MEMORY_FILE);
+        let saved = match std::fs::create_dir_all(&work) {
+            Ok(()) => vm.save_memory(&file).await,
+            Err(e) => Err(fail("create the snapshot's work directory")(e)),
+        };
+        match saved {
+            Ok(Some(saved)) => memory = Some((file, saved)),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(dir = %vm_dir.display(), snapshot = %id, error = %e, "could not save the VM's memory; the snapshot keeps its disk only")
+            }
+        }
+    }
+    let copy = move |disk: &Path| {
+        copy(disk)?;
+        if let Some((file, saved)) = memory {
+            let dir = disk
+                .parent()
+                .expect("a snapshot's disk is in its directory");
+            std::fs::File::open(&file)
+                .and_then(|f| f.sync_all())
+                .and_then(|()| std::fs::rename(&file, dir.join(MEMORY_FILE)))
+                .map_err(fail("keep the VM's memory"))?;
+            std::fs::write(
+                dir.join(MEMORY_INFO),
+                serde_json::to_vec(&saved).expect("serializable"),
+            )
+            .and_then(|()| std::fs::File::open(dir.join(MEMORY_INFO))?.sync_all())
+            .map_err(fail("keep the VM's memory"))?;
+        }
+        Ok(())
+    };
     let snapshot_id = id.clone();
-    let made = tokio::task::spawn_blocking(move || snapshots.make(&snapshot_id, disk_gb, copy))
-        .await
-        .map_err(|e| VmmError::Failed(format!("the snapshot's copy failed: {e}")))
-        .and_then(|made| made);
+    let snapshots_for_copy = snapshots.clone();
+    let made =
+        tokio::task::spawn_blocking(move || snapshots_for_copy.make(&snapshot_id, disk_gb, copy))
+            .await
+            .map_err(|e| VmmError::Failed(format!("the snapshot's copy failed: {e}")))
+            .and_then(|made| made);
     if paused {
         let mut resumed = vm.resume().await;
         for _ in 1..RESUME_TRIES {
@@ -229,6 +299,7 @@ async fn pause_copy_resume(
         // Either way the marker goes: the VM reports what it is (paused, if the resume
         // failed: a start resumes it).
         let _ = std::fs::remove_file(&marker);
+        let _ = std::fs::remove_dir_all(&work);
         if let Err(e) = resumed {
             tracing::error!(dir = %vm_dir.display(), error = %e, "could not resume the VM after its snapshot; it stays paused until started");
             return Err(VmmError::Failed(format!(
@@ -237,7 +308,7 @@ async fn pause_copy_resume(
         }
     }
     if let Ok(made) = &made {
-        tracing::info!(dir = %vm_dir.display(), snapshot = %id, bytes = made.size_bytes, paused, ms = started.elapsed().as_millis() as u64, "snapshot taken");
+        tracing::info!(dir = %vm_dir.display(), snapshot = %id, bytes = made.size_bytes, memory_bytes = made.memory_bytes, paused, ms = started.elapsed().as_millis() as u64, "snapshot taken");
     }
     made
 }
@@ -358,11 +429,32 @@ impl Snapshots {
         let meta = std::fs::metadata(dir.join(self.disk_file))
             .map_err(|e| VmmError::Failed(format!("read {} {id}: {e}", self.what)))?;
         use std::os::unix::fs::MetadataExt;
+        let memory_bytes = std::fs::metadata(dir.join(MEMORY_FILE))
+            .map(|m| (m.blocks() * 512) as i64)
+            .unwrap_or(0);
         Ok(Some(Snapshot {
             id: id.to_string(),
-            size_bytes: (meta.blocks() * 512) as i64,
+            size_bytes: (meta.blocks() * 512) as i64 + memory_bytes,
+            memory_bytes,
             disk_gb,
         }))
+    }
+
+    /// Snapshot `id`'s saved memory and what a restore of it must match, if it kept any.
+    pub(crate) fn memory(&self, id: &str) -> Result<Option<(PathBuf, SavedMemory)>, VmmError> {
+        let dir = self.dir(id)?;
+        let text = match std::fs::read(dir.join(MEMORY_INFO)) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(VmmError::Failed(format!("read {} {id}: {e}", self.what))),
+        };
+        let saved = serde_json::from_slice(&text).map_err(|e| {
+            VmmError::Failed(format!(
+                "{} {id}: {MEMORY_INFO} is unreadable: {e}",
+                self.what
+            ))
+        })?;
+        Ok(Some((dir.join(MEMORY_FILE), saved)))
     }
 
     /// Every snapshot kept here and not deleted.

@@ -5,6 +5,7 @@
 
 use hearth_agent::image::VmImage;
 use hearth_agent::qemu::QemuHost;
+use hearth_agent::qmp::Qmp;
 use hearth_agent::vmm::{Accel, VmSpec, VmStatus, Vmm};
 use hearth_guest::{ExecRequest, KeyPair, SshPool, Target};
 use std::collections::BTreeMap;
@@ -640,9 +641,11 @@ async fn benchmark_restore_against_cold_boot() {
 }
 
 /// BENCHMARKS.md "QEMU: users' snapshots": a running VM whose disk holds 1 GB of random
-/// bytes beyond the image; the snapshot (pause, `qemu-img convert` of the whole chain,
-/// resume) against the same done by hand (QMP, `qemu-img`, fsync) in the same run; then a VM
-/// made from the snapshot, create to first command, against a cold boot from the image.
+/// bytes beyond the image; the snapshot (pause, memory saved, `qemu-img convert` of the
+/// whole chain, resume) against the same done by hand (QMP `stop`, `migrate` to a file,
+/// `qemu-img`, fsync, `cont`) in the same run; then, create to first command, a VM restored
+/// from the snapshot's memory, one of another memory size booted from its disk, and a cold
+/// boot from the image.
 /// `cargo test -p hearth-agent --test qemu -- --ignored --nocapture benchmark_snapshot`
 #[tokio::test]
 #[ignore = "a benchmark: writes 1 GB in a software-emulated guest"]
@@ -682,6 +685,27 @@ async fn benchmark_snapshot_of_a_1gb_disk() {
         let out = state.path().join(format!("raw-{n}.qcow2"));
         let started = std::time::Instant::now();
         host.pause(&name).await.unwrap();
+        let memory = std::fs::File::create(state.path().join("raw-memory")).unwrap();
+        let mut qmp = Qmp::connect(&disk.with_file_name("qmp.sock"))
+            .await
+            .unwrap();
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(serde_json::json!({"max-bandwidth": 1u64 << 40})),
+        )
+        .await
+        .unwrap();
+        qmp.send_fd("raw", std::os::fd::AsFd::as_fd(&memory))
+            .await
+            .unwrap();
+        qmp.execute("migrate", Some(serde_json::json!({"uri": "fd:raw"})))
+            .await
+            .unwrap();
+        while qmp.execute("query-migrate", None).await.unwrap()["status"] != "completed" {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        memory.sync_all().unwrap();
+        drop(qmp);
         let status = std::process::Command::new("qemu-img")
             .args(["convert", "-U", "-O", "qcow2"])
             .arg(&disk)
@@ -693,29 +717,38 @@ async fn benchmark_snapshot_of_a_1gb_disk() {
         host.resume(&name).await.unwrap();
         raw_ms.push(started.elapsed().as_millis() as u64);
         println!(
-            "raw: pause, qemu-img convert, fsync, resume {n}: {} ms",
+            "raw: stop, migrate, qemu-img convert, fsync, cont {n}: {} ms",
             raw_ms[n]
         );
         std::fs::remove_file(&out).unwrap();
+        std::fs::remove_file(state.path().join("raw-memory")).unwrap();
         let started = std::time::Instant::now();
         let made = host.snapshot(&name, &format!("bench-{n}")).await.unwrap();
         snapshot_ms.push(started.elapsed().as_millis() as u64);
+        assert!(made.memory_bytes > 0, "{made:?}");
         println!(
-            "snapshot {n}: {} ms, {} MB kept",
+            "snapshot {n}: {} ms, {} MB kept, {} MB of it memory",
             snapshot_ms[n],
-            made.size_bytes / 1_000_000
+            made.size_bytes / 1_000_000,
+            made.memory_bytes / 1_000_000
         );
     }
     assert_eq!(run(&pool, &source, "echo alive").await, "alive");
     let mut from_snapshot = Vec::new();
+    let mut from_disk = Vec::new();
     let mut cold = Vec::new();
     for n in 0..3 {
-        for (kind, snapshot) in [("made", Some("bench-0".to_string())), ("cold", None)] {
+        for (kind, snapshot, memory_mb) in [
+            ("made", Some("bench-0".to_string()), 512),
+            ("disk", Some("bench-0".to_string()), 640),
+            ("cold", None, 512),
+        ] {
             let keys = KeyPair::generate();
             let vm = format!("hearth-bench-{kind}-{n}-{pid}");
             let started = std::time::Instant::now();
             let spec = VmSpec {
                 snapshot,
+                memory_mb,
                 ..spec(&vm, kind, &keys)
             };
             let record = host.create(&spec).await.unwrap();
@@ -724,11 +757,16 @@ async fn benchmark_snapshot_of_a_1gb_disk() {
                 .await
                 .unwrap();
             let ms = started.elapsed().as_millis() as u64;
-            if kind == "made" {
-                assert_eq!(run(&pool, &target, "stat -c %s ~/blob").await, "1000000000");
-                from_snapshot.push(ms);
-            } else {
-                cold.push(ms);
+            match kind {
+                "cold" => cold.push(ms),
+                _ => {
+                    assert_eq!(run(&pool, &target, "stat -c %s ~/blob").await, "1000000000");
+                    if kind == "made" {
+                        from_snapshot.push(ms)
+                    } else {
+                        from_disk.push(ms)
+                    }
+                }
             }
             println!("{kind} {n}: first exec at {ms} ms");
             pool.forget(&vm).await;
@@ -740,13 +778,213 @@ async fn benchmark_snapshot_of_a_1gb_disk() {
         v[v.len() / 2]
     };
     let (s, r) = (median(&mut snapshot_ms), median(&mut raw_ms));
-    let (m, c) = (median(&mut from_snapshot), median(&mut cold));
+    let (m, d, c) = (
+        median(&mut from_snapshot),
+        median(&mut from_disk),
+        median(&mut cold),
+    );
     println!(
         "snapshot p50 {s} ms, raw convert p50 {r} ms, ratio {:.2}",
         s as f64 / r as f64
     );
     println!(
-        "from snapshot to first exec p50 {m} ms, cold boot p50 {c} ms, ratio {:.2}",
+        "restored from the snapshot's memory to first exec p50 {m} ms, booted from its disk p50 {d} ms, cold boot p50 {c} ms; restored/cold {:.2}",
         m as f64 / c as f64
+    );
+}
+
+/// A user's snapshot of a running VM keeps its memory (`qemu` on `microvm`), saved in the
+/// same pause as its disk, with QEMU confined to its own user as the agent runs it (when
+/// the test runs as root). A VM made from the snapshot with the same sizes is restored, not
+/// booted: the file its source wrote to tmpfs (memory only) is there, the process it left
+/// running still runs, and it has an identity of its own (hostname, MAC, machine id, host
+/// key, random stream); the source's key does not log in. The source runs on after the
+/// snapshot. A VM of another memory size made from the same snapshot boots from the disk.
+#[tokio::test]
+async fn a_snapshot_keeps_a_running_vms_memory() {
+    let image = image();
+    assert!(image.mmio, "memory snapshots need the microvm image");
+    let state = tempfile::tempdir().unwrap();
+    let _cleanup = KillVmsUnder(state.path().to_path_buf());
+    // SAFETY: geteuid has no preconditions.
+    let runas = (unsafe { libc::geteuid() } == 0)
+        .then(|| hearth_agent::guard::confine().expect("confine QEMU as root"));
+    let host = QemuHost::new(
+        state.path().to_path_buf(),
+        image.clone(),
+        Accel::Tcg,
+        "127.0.0.1",
+    )
+    .unwrap()
+    .run_as(runas);
+    let pool = SshPool::new();
+    let pid = std::process::id();
+
+    let source_keys = KeyPair::generate();
+    let source = format!("hearth-mem-source-{pid}");
+    let record = host
+        .create(&spec(&source, "vm-source", &source_keys))
+        .await
+        .unwrap();
+    let source_target = target(&source, record.ssh_port, &source_keys);
+    pool.wait_ready(&source_target, Duration::from_secs(120))
+        .await
+        .expect("SSH answers");
+    run(
+        &pool,
+        &source_target,
+        "echo in-memory > /dev/shm/note && echo on-disk > ~/note && sync \
+         && (setsid sleep 31337 </dev/null >/dev/null 2>&1 &) && echo started",
+    )
+    .await;
+    let source_identity = identity(&pool, &source_target).await;
+
+    let snapshot = host.snapshot(&source, "with-memory").await.unwrap();
+    assert!(
+        snapshot.memory_bytes > 10 << 20 && snapshot.memory_bytes <= 512 << 20,
+        "{snapshot:?}"
+    );
+    assert!(snapshot.size_bytes > snapshot.memory_bytes, "{snapshot:?}");
+    // The source ran on.
+    assert_eq!(host.status(&source).await.unwrap(), Some(VmStatus::Running));
+    assert_eq!(
+        run(&pool, &source_target, "cat /dev/shm/note").await,
+        "in-memory"
+    );
+    // Nothing of the save is left beside the snapshots.
+    let hidden: Vec<String> = std::fs::read_dir(state.path().join("snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
+
+    // Restored, with the same sizes.
+    let keys = KeyPair::generate();
+    let restored = format!("hearth-mem-restored-{pid}");
+    let record = host
+        .create(&VmSpec {
+            snapshot: Some("with-memory".into()),
+            ..spec(&restored, "vm-restored", &keys)
+        })
+        .await
+        .unwrap();
+    assert_eq!(record.restored_from, None, "not a base snapshot's");
+    assert!(
+        command_lines(&restored)[0].iter().any(|a| a == "-incoming"),
+        "restored, not booted"
+    );
+    let restored_target = target(&restored, record.ssh_port, &keys);
+    pool.wait_ready(&restored_target, Duration::from_secs(60))
+        .await
+        .expect("the restored VM's SSH answers");
+    assert_eq!(
+        run(&pool, &restored_target, "cat /dev/shm/note ~/note").await,
+        "in-memory\non-disk"
+    );
+    assert_eq!(
+        run(&pool, &restored_target, "pgrep -c -f 'sleep 31337'").await,
+        "1",
+        "the source's process runs on"
+    );
+    let restored_identity = identity(&pool, &restored_target).await;
+    assert_eq!(restored_identity[0], "vm-restored");
+    assert_eq!(Some(&restored_identity[1]), record.mac.as_ref());
+    for field in 1..5 {
+        assert_ne!(
+            restored_identity[field], source_identity[field],
+            "field {field} equals the source's"
+        );
+    }
+    let foreign = Target {
+        private_key_openssh: source_keys.private_openssh.clone(),
+        environment_id: format!("{restored}-foreign"),
+        ..restored_target.clone()
+    };
+    assert!(pool.probe(&foreign, Duration::from_secs(10)).await.is_err());
+
+    // Another memory size: booted from the snapshot's disk, its tmpfs empty.
+    let booted = format!("hearth-mem-booted-{pid}");
+    let record = host
+        .create(&VmSpec {
+            snapshot: Some("with-memory".into()),
+            memory_mb: 640,
+            ..spec(&booted, "vm-booted", &keys)
+        })
+        .await
+        .unwrap();
+    assert!(!command_lines(&booted)[0].iter().any(|a| a == "-incoming"));
+    let booted_target = target(&booted, record.ssh_port, &keys);
+    pool.wait_ready(&booted_target, Duration::from_secs(120))
+        .await
+        .expect("the booted VM's SSH answers");
+    assert_eq!(
+        run(
+            &pool,
+            &booted_target,
+            "cat ~/note; test -e /dev/shm/note || echo no-tmpfs-note"
+        )
+        .await,
+        "on-disk\nno-tmpfs-note"
+    );
+
+    // An agent killed while a snapshot saved the source's memory: QEMU holds the VM in
+    // `postmigrate`, its disk let go, the marker and a work directory left. The next agent
+    // removes the work directory and resumes the VM, which runs on.
+    host.pause(&source).await.unwrap();
+    let vm_dir = state.path().join("vms").join(&source);
+    std::fs::write(vm_dir.join("paused-for-snapshot"), b"").unwrap();
+    let work = state.path().join("snapshots/.killed.work");
+    std::fs::create_dir_all(&work).unwrap();
+    let memory = std::fs::File::create(work.join("memory")).unwrap();
+    let mut qmp = Qmp::connect(&vm_dir.join("qmp.sock")).await.unwrap();
+    qmp.send_fd("killed", std::os::fd::AsFd::as_fd(&memory))
+        .await
+        .unwrap();
+    qmp.execute("migrate", Some(serde_json::json!({"uri": "fd:killed"})))
+        .await
+        .unwrap();
+    while qmp.status().await.unwrap() != "postmigrate" {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(qmp);
+    assert_eq!(
+        host.status(&source).await.unwrap(),
+        Some(VmStatus::Running),
+        "a snapshot's pause is not a state of the VM's"
+    );
+    let again = QemuHost::new(
+        state.path().to_path_buf(),
+        image.clone(),
+        Accel::Tcg,
+        "127.0.0.1",
+    )
+    .unwrap();
+    assert!(!work.exists());
+    again.recover().await;
+    assert!(!vm_dir.join("paused-for-snapshot").exists());
+    assert_eq!(
+        again.status(&source).await.unwrap(),
+        Some(VmStatus::Running)
+    );
+    assert_eq!(
+        run(
+            &pool,
+            &source_target,
+            "echo written > ~/after && cat ~/after"
+        )
+        .await,
+        "written"
+    );
+
+    for name in [&source, &restored, &booted] {
+        pool.forget(name).await;
+        host.destroy(name).await.unwrap();
+        assert_eq!(processes(name), 0);
+    }
+    assert!(
+        host.remove_snapshot("with-memory").await.unwrap(),
+        "no VM uses it any more"
     );
 }

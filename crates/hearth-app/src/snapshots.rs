@@ -98,12 +98,25 @@ impl App {
         };
         let snapshot = self
             .store
-            .snapshot_taken(&snapshot.id, &made.image, made.size_bytes)
+            .snapshot_taken(
+                &snapshot.id,
+                &made.image,
+                made.size_bytes,
+                made.memory_bytes,
+            )
             .await?;
         self.log(
             &env,
             "info",
-            &format!("snapshot {name} taken ({} MB)", made.size_bytes / 1_000_000),
+            &if made.memory_bytes > 0 {
+                format!(
+                    "snapshot {name} taken ({} MB, {} MB of it the VM's memory)",
+                    made.size_bytes / 1_000_000,
+                    made.memory_bytes / 1_000_000
+                )
+            } else {
+                format!("snapshot {name} taken ({} MB)", made.size_bytes / 1_000_000)
+            },
         )
         .await;
         let _ = self
@@ -296,7 +309,12 @@ impl App {
         match provider.find_snapshot(&host_ref, &snapshot.id).await? {
             Some(made) => {
                 self.store
-                    .snapshot_taken(&snapshot.id, &made.image, made.size_bytes)
+                    .snapshot_taken(
+                        &snapshot.id,
+                        &made.image,
+                        made.size_bytes,
+                        made.memory_bytes,
+                    )
                     .await?;
                 tracing::info!(snapshot = %snapshot.id, "a snapshot whose taker died was finished on its host");
             }

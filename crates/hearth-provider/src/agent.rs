@@ -76,10 +76,13 @@ pub mod wire {
     #[serde(rename_all = "camelCase")]
     pub struct Snapshot {
         pub id: String,
-        /// The bytes its file takes on the host's disk.
+        /// The bytes its files take on the host's disk (its disk's and its memory's).
         pub size_bytes: i64,
         /// The size of the disk it was taken of: a VM made from it needs at least this.
         pub disk_gb: i64,
+        /// The bytes of its saved memory, part of `size_bytes` (0: it keeps the disk only).
+        #[serde(default)]
+        pub memory_bytes: i64,
     }
 
     #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -356,6 +359,7 @@ fn made(snapshot: wire::Snapshot) -> SnapshotMade {
     SnapshotMade {
         image: snapshot_image(&snapshot.id),
         size_bytes: snapshot.size_bytes,
+        memory_bytes: snapshot.memory_bytes,
     }
 }
 

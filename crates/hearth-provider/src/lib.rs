@@ -147,6 +147,8 @@ pub struct SnapshotMade {
     /// What a new VM is created from (on Docker, the committed image's name).
     pub image: String,
     pub size_bytes: i64,
+    /// The part of `size_bytes` that is the VM's saved memory (0: the disk only).
+    pub memory_bytes: i64,
 }
 
 /// A custom image as its host keeps it.

@@ -398,6 +398,11 @@ pub struct SnapshotView {
     pub host_id: String,
     /// What the host keeps for it, once taken.
     pub size_bytes: Option<i64>,
+    /// The part of `sizeBytes` that is its VM's saved memory, once taken. An environment
+    /// made from it (or a fork) with the same sizes, on a host that can load it, resumes
+    /// where its source was, processes and all; others boot from its disk. 0: the disk
+    /// only (Docker, Firecracker, or a VM that was not running).
+    pub memory_bytes: Option<i64>,
     /// The size of the environment it was taken of.
     pub vcpus: i64,
     pub memory_mb: i64,
@@ -414,6 +419,7 @@ impl From<&hearth_store::Snapshot> for SnapshotView {
             environment_id: s.environment_id.clone(),
             host_id: s.host_id.clone(),
             size_bytes: s.size_bytes,
+            memory_bytes: s.memory_bytes,
             vcpus: s.vcpus,
             memory_mb: s.memory_mb,
             disk_gb: s.disk_gb,

@@ -19,6 +19,8 @@ pub struct Snapshot {
     /// The host's reference to it (a Docker image), once taken.
     pub image: Option<String>,
     pub size_bytes: Option<i64>,
+    /// The part of `size_bytes` that is the VM's saved memory (0: the disk only).
+    pub memory_bytes: Option<i64>,
     /// The size of the environment it was taken of: what a new one from it asks for.
     pub vcpus: i64,
     pub memory_mb: i64,
@@ -27,7 +29,7 @@ pub struct Snapshot {
     pub updated_at: i64,
 }
 
-const COLUMNS: &str = "id, user_id, environment_id, host_id, name, state, image, size_bytes, vcpus, memory_mb, disk_gb, \
+const COLUMNS: &str = "id, user_id, environment_id, host_id, name, state, image, size_bytes, memory_bytes, vcpus, memory_mb, disk_gb, \
      created_at, updated_at";
 
 fn from_row(r: &AnyRow) -> Result<Snapshot> {
@@ -40,6 +42,7 @@ fn from_row(r: &AnyRow) -> Result<Snapshot> {
         state: r.try_get("state")?,
         image: r.try_get("image")?,
         size_bytes: r.try_get("size_bytes")?,
+        memory_bytes: r.try_get("memory_bytes")?,
         vcpus: r.try_get("vcpus")?,
         memory_mb: r.try_get("memory_mb")?,
         disk_gb: r.try_get("disk_gb")?,
@@ -70,6 +73,7 @@ impl Store {
             state: "taking".into(),
             image: None,
             size_bytes: None,
+            memory_bytes: None,
             vcpus: env.vcpus,
             memory_mb: env.memory_mb,
             disk_gb: env.disk_gb,
@@ -127,12 +131,21 @@ impl Store {
     }
 
     /// The host made it: ready, with its reference and size.
-    pub async fn snapshot_taken(&self, id: &str, image: &str, size_bytes: i64) -> Result<Snapshot> {
+    /// Records snapshot `id` as taken: its host's reference, its size and the part of it
+    /// that is saved memory.
+    pub async fn snapshot_taken(
+        &self,
+        id: &str,
+        image: &str,
+        size_bytes: i64,
+        memory_bytes: i64,
+    ) -> Result<Snapshot> {
         sqlx::query(
-            "UPDATE snapshots SET state = 'ready', image = $1, size_bytes = $2, updated_at = $3 WHERE id = $4 AND state = 'taking'",
+            "UPDATE snapshots SET state = 'ready', image = $1, size_bytes = $2, memory_bytes = $3, updated_at = $4 WHERE id = $5 AND state = 'taking'",
         )
         .bind(image)
         .bind(size_bytes)
+        .bind(memory_bytes)
         .bind(self.now())
         .bind(id)
         .execute(&self.pool)

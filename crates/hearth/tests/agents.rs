@@ -619,11 +619,13 @@ async fn the_second_vm_of_a_size_restores_the_base_snapshot() {
     }
 }
 
-/// Users' snapshots on an agent host: the VM's disk copied whole while it runs (paused for
-/// the copy, resumed after, and running all along for the control plane), an environment made from it and a fork of the running source
-/// both have what was written (the guest synced first), each with an identity of its own;
-/// deleting the snapshot frees its place at once while the file stays for the VM made from
-/// it, and goes with that VM.
+/// Users' snapshots on an agent host: the VM's disk copied whole and its memory saved while
+/// it runs (paused meanwhile, resumed after, and running all along for the control plane).
+/// An environment made from it and a fork of the running source, both of the same size,
+/// are restored from the saved memory: they have what was written, to the disk (the guest
+/// synced first) and to tmpfs (in memory only), and the source's process runs on in them,
+/// each with an identity of its own. Deleting the snapshot frees its place at once while the
+/// file stays for the VM made from it, and goes with that VM.
 #[tokio::test]
 async fn snapshots_and_forks_on_an_agent_host() {
     // The reconciler looks often: a snapshot's pause must not read as a stop.
@@ -651,7 +653,15 @@ async fn snapshots_and_forks_on_an_agent_host() {
     body["name"] = json!("source");
     let a = create(body).await;
     // Written just before: still in the guest's page cache when the snapshot is asked for.
-    exec_trimmed(&server, &token, &a, "echo kept > ~/made-before").await;
+    exec_trimmed(
+        &server,
+        &token,
+        &a,
+        "echo kept > ~/made-before; echo in-memory > /dev/shm/note; \
+         (setsid sleep 31337 </dev/null >/dev/null 2>&1 &)",
+    )
+    .await;
+    let memory_kept = "cat /dev/shm/note; pgrep -c -f 'sleep 31337'";
     let a_identity = exec_trimmed(&server, &token, &a, identity).await;
 
     let r = server
@@ -670,7 +680,12 @@ async fn snapshots_and_forks_on_an_agent_host() {
         agent.log()
     );
     assert_eq!(r.body["state"], "ready");
-    assert!(r.body["sizeBytes"].as_i64().unwrap() > 0, "{:?}", r.body);
+    let memory_bytes = r.body["memoryBytes"].as_i64().unwrap();
+    assert!(
+        memory_bytes > 0 && r.body["sizeBytes"].as_i64().unwrap() > memory_bytes,
+        "{:?}",
+        r.body
+    );
     let snapshot_id = r.body["id"].as_str().unwrap().to_string();
     assert!(agent.log().contains("snapshot taken"), "{}", agent.log());
     // The source was paused for the copy and runs again.
@@ -698,6 +713,15 @@ async fn snapshots_and_forks_on_an_agent_host() {
         exec_trimmed(&server, &token, &b, "cat ~/made-before").await,
         "kept"
     );
+    assert_eq!(
+        exec_trimmed(&server, &token, &b, memory_kept).await,
+        "in-memory\n1"
+    );
+    assert!(
+        agent.log().contains("VM restored from a snapshot's memory"),
+        "{}",
+        agent.log()
+    );
     let b_identity = exec_trimmed(&server, &token, &b, identity).await;
     for (field, (x, y)) in a_identity.lines().zip(b_identity.lines()).enumerate() {
         assert_ne!(
@@ -722,6 +746,10 @@ async fn snapshots_and_forks_on_an_agent_host() {
     assert_eq!(
         exec_trimmed(&server, &token, &fork, "cat ~/made-before ~/made-later").await,
         "kept\nlater"
+    );
+    assert_eq!(
+        exec_trimmed(&server, &token, &fork, memory_kept).await,
+        "in-memory\n1"
     );
 
     // Deleted while `b` is made from it: gone from the lists at once, its file kept for

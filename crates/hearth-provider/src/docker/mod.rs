@@ -603,6 +603,9 @@ impl Provider for DockerProvider {
                 Ok(Some(SnapshotMade {
                     image,
                     size_bytes: i.size.unwrap_or(0),
+                    // A committed image: a container's memory is not kept (Docker's
+                    // checkpoints need CRIU, experimental).
+                    memory_bytes: 0,
                 }))
             }
             Err(e) if is_status(&e, 404) => Ok(None),
