@@ -70,6 +70,19 @@ impl Tier {
         }
     }
 
+    /// How many bytes a user's snapshots may take on their hosts in all. A snapshot being
+    /// taken counts as the most it can take (its environment's disk and memory) until its
+    /// host says what it took. The default sizes fit: two, ten or a hundred snapshots of
+    /// the tier's default environment, memory included.
+    pub fn max_snapshot_bytes(self) -> i64 {
+        const GIB: i64 = 1 << 30;
+        match self {
+            Tier::Free => 32 * GIB,
+            Tier::Pro => 640 * GIB,
+            Tier::Unlimited => 12_800 * GIB,
+        }
+    }
+
     /// The largest file one upload may write into an environment
     /// (`PUT /v1/environments/{id}/files/content`).
     pub fn max_upload_bytes(self) -> u64 {
@@ -193,7 +206,24 @@ impl std::fmt::Display for QuotaExceeded {
             f,
             "quota {} is {}; {} in use and this request needs {} more",
             self.limit, self.max, self.used, self.requested
-        )
+        )?;
+        if self.limit.ends_with("Bytes") {
+            let gib = |b: i64| b as f64 / f64::from(1u32 << 30);
+            write!(
+                f,
+                " ({:.1} GiB of {:.1} GiB in use, {:.1} GiB more needed)",
+                gib(self.used),
+                gib(self.max),
+                gib(self.requested)
+            )?;
+        }
+        if self.limit == "maxSnapshotBytes" {
+            write!(
+                f,
+                "; a snapshot being taken counts as its environment's whole disk and memory until it is taken: delete snapshots you no longer need"
+            )?;
+        }
+        Ok(())
     }
 }
 

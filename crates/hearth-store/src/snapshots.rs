@@ -51,6 +51,12 @@ fn from_row(r: &AnyRow) -> Result<Snapshot> {
     })
 }
 
+/// The most a snapshot of an environment of these sizes can take on its host: its whole
+/// disk and its whole memory (`begin_snapshot`'s SQL says the same).
+fn most_bytes(disk_gb: i64, memory_mb: i64) -> i64 {
+    disk_gb.saturating_mul(1 << 30) + memory_mb.saturating_mul(1 << 20)
+}
+
 impl Store {
     /// Records a snapshot about to be taken of `env`, if the user's tier allows one more
     /// and the name is free. `Quota`-like refusals are `Conflict`s with the reason.
@@ -99,6 +105,26 @@ impl Store {
                 max,
                 used: held,
                 requested: 1,
+            }));
+        }
+        // Bytes: what each snapshot took, or for one being taken the most it can take.
+        let used: i64 = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(CASE WHEN size_bytes IS NULL \
+             THEN disk_gb * 1073741824 + memory_mb * 1048576 ELSE size_bytes END), 0) AS BIGINT) AS n \
+             FROM snapshots WHERE user_id = $1",
+        )
+        .bind(&user.id)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("n")?;
+        let requested = most_bytes(env.disk_gb, env.memory_mb);
+        let max = user.tier.max_snapshot_bytes();
+        if used + requested > max {
+            return Err(StoreError::Quota(hearth_core::QuotaExceeded {
+                limit: "maxSnapshotBytes",
+                max,
+                used,
+                requested,
             }));
         }
         let inserted = sqlx::query(
@@ -218,5 +244,65 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(from_row).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::StoreError;
+    use crate::testdb::each_backend;
+
+    /// A tier's snapshot bytes: one being taken counts as its environment's whole disk and
+    /// memory, one taken as what its host said it took; past the tier's bytes a snapshot is
+    /// refused with the numbers, and nothing is recorded.
+    #[tokio::test]
+    async fn snapshot_bytes_hold_the_most_a_take_can_write_until_it_is_taken() {
+        each_backend(|store| async move {
+            let (user, _) = store
+                .create_user(
+                    "bytes@example.com",
+                    hearth_core::Role::User,
+                    hearth_core::Tier::Pro,
+                )
+                .await
+                .unwrap();
+            let host = crate::environments::tests::roomy_host(&store).await;
+            store
+                .insert_running_for_tests(&user.id, &[(host.id.clone(), 1)])
+                .await
+                .unwrap();
+            let listed = store
+                .list_environments(Some(&user.id), None, false, None, 1)
+                .await
+                .unwrap()
+                .0
+                .remove(0);
+            let mut env = store.environment(&listed.id).await.unwrap();
+            // 250 GiB and 24 GiB: 274 GiB each while taken; pro keeps 640 GiB.
+            env.disk_gb = 250;
+            env.memory_mb = 24_576;
+            let first = store.begin_snapshot(&user, &env, "one").await.unwrap();
+            store.begin_snapshot(&user, &env, "two").await.unwrap();
+            let refused = store.begin_snapshot(&user, &env, "three").await;
+            let Err(StoreError::Quota(q)) = refused else {
+                panic!("{refused:?}")
+            };
+            assert_eq!(q.limit, "maxSnapshotBytes");
+            assert_eq!(q.max, 640 << 30);
+            assert_eq!(q.used, 548 << 30);
+            assert_eq!(q.requested, 274 << 30);
+            assert_eq!(store.snapshots_of(&user.id).await.unwrap().len(), 2);
+            // Taken at 3 GiB, 1 of it memory: 277 GiB held, room for one more.
+            let taken = store
+                .snapshot_taken(&first.id, "img", 3 << 30, 1 << 30)
+                .await
+                .unwrap();
+            assert_eq!(
+                (taken.state.as_str(), taken.size_bytes, taken.memory_bytes),
+                ("ready", Some(3 << 30), Some(1 << 30))
+            );
+            store.begin_snapshot(&user, &env, "three").await.unwrap();
+        })
+        .await;
     }
 }
