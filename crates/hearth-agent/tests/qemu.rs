@@ -802,6 +802,7 @@ async fn benchmark_snapshot_of_a_1gb_disk() {
 /// snapshot. A VM of another memory size made from the same snapshot boots from the disk.
 #[tokio::test]
 async fn a_snapshot_keeps_a_running_vms_memory() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let image = image();
     assert!(image.mmio, "memory snapshots need the microvm image");
     let state = tempfile::tempdir().unwrap();
