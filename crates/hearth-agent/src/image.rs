@@ -131,7 +131,8 @@ exec /usr/bin/tini -- /usr/sbin/sshd -D -e
 /// machine id, MAC (`SIOCSIFHWADDR`), authorized keys, SSH host key (sshd loads it for
 /// each connection), and the config drive remounted so it shows this VM's. It answers
 /// `identified`, and waits for the next restore: a VM restored from a snapshot may be
-/// snapshotted in turn. While no agent holds the host's end, reads end at once (the
+/// snapshotted in turn. It answers `ping` with `pong`: the agent asks before it saves a
+/// VM's memory, which only a guest that will take its identity may have restored. While no agent holds the host's end, reads end at once (the
 /// driver's answer to an unconnected port) and it looks again every 0.1 s.
 pub const AWAIT_RESTORE: &str = r#"#!/usr/bin/perl
 use strict;
@@ -179,6 +180,7 @@ LINE: while (1) {
     my ($key, @values) = split / /, $1;
     next unless defined $key;
     if ($key eq "end") { last LINE }
+    elsif ($key eq "ping") { syswrite($io, "pong\n") }
     elsif ($key eq "clock") { @clock = @values }
     elsif ($key eq "identify") { %id = (); @clock = () }
     else { $id{$key} = pack("H*", $values[0] // "") }

@@ -150,6 +150,26 @@ impl Pausable for QmpPause {
     }
 }
 
+/// Whether the guest in `dir` answers on its identity port (`image::AWAIT_RESTORE`): a VM
+/// restored from its memory would wait for it in vain (an image without perl, or a user
+/// who ended it), so without it a snapshot keeps the disk only.
+async fn guest_listens(dir: &Path) -> bool {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let asked = async {
+        let stream = tokio::net::UnixStream::connect(dir.join("identity.sock")).await?;
+        let mut port = tokio::io::BufReader::new(stream);
+        port.get_mut().write_all(b"ping\n").await?;
+        let mut line = String::new();
+        port.read_line(&mut line).await?;
+        Ok::<_, std::io::Error>(line.trim() == "pong")
+    };
+    // The guest looks every 0.1 s while nobody holds the port.
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), asked).await,
+        Ok(Ok(true))
+    )
+}
+
 /// The argument after `flag` on the command line of process `pid`.
 fn argument_after(pid: u32, flag: &str) -> Option<String> {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
@@ -1056,7 +1076,7 @@ impl Vmm for QemuHost {
         let dir = self.vm_dir(name)?;
         let disk = dir.join("disk.qcow2");
         let memory = match (&self.fingerprint, self.launcher.image.mmio) {
-            (Some(fingerprint), true) => Some(SavedMemory {
+            (Some(fingerprint), true) if guest_listens(&dir).await => Some(SavedMemory {
                 kernel_args: String::new(),
                 vcpus: record.spec.vcpus,
                 memory_mb: record.spec.memory_mb,

@@ -979,13 +979,25 @@ async fn a_snapshot_keeps_a_running_vms_memory() {
         "written"
     );
 
+    // A guest that no longer listens on its identity port could not take its identity
+    // once restored: its snapshot keeps the disk only.
+    run(
+        &pool,
+        &source_target,
+        "sudo -n pkill -f 'hearth-await-resto[r]e'; echo ended",
+    )
+    .await;
+    let disk_only = again.snapshot(&source, "disk-only").await.unwrap();
+    assert_eq!(disk_only.memory_bytes, 0, "{disk_only:?}");
+
     for name in [&source, &restored, &booted] {
         pool.forget(name).await;
-        host.destroy(name).await.unwrap();
+        again.destroy(name).await.unwrap();
         assert_eq!(processes(name), 0);
     }
+    assert!(again.remove_snapshot("disk-only").await.unwrap());
     assert!(
-        host.remove_snapshot("with-memory").await.unwrap(),
+        again.remove_snapshot("with-memory").await.unwrap(),
         "no VM uses it any more"
     );
 }
