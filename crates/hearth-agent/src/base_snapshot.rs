@@ -524,6 +524,19 @@ pub(crate) async fn restore_into(
     }
     let loaded_ms = started.elapsed().as_millis() as u64;
     qmp.execute("cont", None).await?;
+    identify(port, identity).await?;
+    Ok(Restored {
+        loaded_ms,
+        identified_ms: started.elapsed().as_millis() as u64 - loaded_ms,
+    })
+}
+
+/// Tells a restored guest, waiting in `image::AWAIT_RESTORE` on the other end of `port`,
+/// the VM's `identity` and the time, and waits for its answer that it took them.
+pub(crate) async fn identify(
+    port: &mut BufReader<UnixStream>,
+    identity: &[(&str, String)],
+) -> Result<(), VmmError> {
     let mut message = String::from("identify\n");
     for (name, value) in identity {
         message.push_str(&format!("{name} {}\n", hex::encode(value)));
@@ -551,10 +564,7 @@ pub(crate) async fn restore_into(
             "the restored guest said {said:?} instead of identified"
         )));
     }
-    Ok(Restored {
-        loaded_ms,
-        identified_ms: started.elapsed().as_millis() as u64 - loaded_ms,
-    })
+    Ok(())
 }
 
 /// How long a restore's steps took, for the log.
@@ -583,7 +593,7 @@ pub(crate) async fn connect_identity_port(dir: &Path) -> Result<BufReader<UnixSt
     }
 }
 
-async fn read_line(
+pub(crate) async fn read_line(
     port: &mut BufReader<UnixStream>,
     within: Duration,
     waiting_for: &str,

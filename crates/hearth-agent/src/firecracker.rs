@@ -5,9 +5,10 @@
 //! when configured). Booting is a fixed sequence of pre-boot calls, then `InstanceStart`:
 //! `PUT /logger`, `PUT /boot-source`, `PUT /machine-config`, `PUT /drives/rootfs`,
 //! `PUT /drives/config` (the config drive, read-only), `PUT /network-interfaces/eth0`
-//! (a tap device), `PUT /actions {InstanceStart}`. Pause and resume are `PATCH /vm`; a
+//! (a tap device), `PUT /vsock` (the guest's identity channel, `image::AWAIT_RESTORE`),
+//! `PUT /actions {InstanceStart}`. Pause and resume are `PATCH /vm`; a
 //! snapshot pauses first and then `PUT /snapshot/create`; a snapshot is loaded into a fresh
-//! process with `PUT /snapshot/load`. Stop is `SendCtrlAltDel`: the guest reboots and
+//! process with `PUT /snapshot/load`, its tap device and vsock socket the new VM's. Stop is `SendCtrlAltDel`: the guest reboots and
 //! Firecracker exits on the CPU reset (it has no power management).
 //!
 //! What is not proven here: there is no Firecracker binary and no working KVM on these
@@ -137,7 +138,12 @@ pub struct BootSpec {
     pub tap: String,
     pub guest_mac: String,
     pub log_path: String,
+    /// The vsock device's socket, as Firecracker sees it.
+    pub vsock_uds: String,
 }
+
+/// The guest's vsock context id: each VM has its own device, so every VM may have the same.
+const GUEST_CID: u32 = 3;
 
 /// `running`, `paused` or `not started`, from `GET /`.
 pub async fn state(client: &FcClient) -> Result<String, FcError> {
@@ -175,6 +181,12 @@ pub async fn boot(client: &FcClient, spec: &BootSpec) -> Result<(), FcError> {
         )
         .await?;
     client
+        .put(
+            "/vsock",
+            json!({"guest_cid": GUEST_CID, "uds_path": spec.vsock_uds}),
+        )
+        .await?;
+    client
         .put("/actions", json!({"action_type": "InstanceStart"}))
         .await
 }
@@ -206,16 +218,29 @@ pub async fn snapshot(
     client.put("/snapshot/create", json!({"snapshot_path": snapshot_path, "mem_file_path": mem_file_path, "snapshot_type": "Full"})).await
 }
 
-/// Loads a snapshot into a fresh process and resumes it.
+/// Loads a snapshot into a fresh process (its logger set first, the only call the spec
+/// allows before a load) and resumes it, on the new VM's tap device and vsock socket. The
+/// drives are opened by the paths they had when saved, which are relative to the VM's
+/// directory (or its chroot), so they are the new VM's own.
 pub async fn load(
     client: &FcClient,
+    log_path: &str,
     snapshot_path: &str,
     mem_file_path: &str,
+    tap: &str,
+    vsock_uds: &str,
 ) -> Result<(), FcError> {
+    client.put("/logger", json!({"log_path": log_path, "level": "Warning", "show_level": true, "show_log_origin": false})).await?;
     client
         .put(
             "/snapshot/load",
-            json!({"snapshot_path": snapshot_path, "mem_backend": {"backend_type": "File", "backend_path": mem_file_path}, "resume_vm": true}),
+            json!({
+                "snapshot_path": snapshot_path,
+                "mem_backend": {"backend_type": "File", "backend_path": mem_file_path},
+                "network_overrides": [{"iface_id": "eth0", "host_dev_name": tap}],
+                "vsock_override": {"uds_path": vsock_uds},
+                "resume_vm": true
+            }),
         )
         .await
 }

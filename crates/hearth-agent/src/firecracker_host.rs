@@ -15,6 +15,13 @@
 //!   it; while the agent is down, running VMs keep running but their SSH port does not answer.
 //! - Stop is `SendCtrlAltDel` (the guest reboots, Firecracker exits), and a kill after
 //!   `STOP_GRACE`. Pause and resume are `PATCH /vm`.
+//! - Memory: a user's snapshot of a running VM whose guest answers on vsock
+//!   (`image::AWAIT_RESTORE`) keeps `vmstate` and `memory` (`PUT /snapshot/create`) with
+//!   its disk. A VM of the same size made from it is a fresh process that loads them
+//!   (`PUT /snapshot/load`, on its own tap device and vsock socket; the drives' paths are
+//!   relative to its own directory, so they are its own files), then is told its identity
+//!   and its address over vsock. A VM still marked `restoring` when an agent starts was cut
+//!   short before it took its identity: it is stopped, and boots from its disk when started.
 //!
 //! What is not proven here: there is no Firecracker binary and no working KVM on these
 //! machines, so this backend is tested with a fake Firecracker process that serves the API
@@ -26,10 +33,12 @@
 use crate::firecracker::{self, BootSpec, FcClient};
 use crate::guard::{TAP_PREFIX, VM_USER};
 use crate::image::VmImage;
-use crate::snapshots::{Pausable, Snapshot, Snapshots, VmLocks, paused_by_snapshot};
+use crate::snapshots::{
+    MEMORY_FILE, Pausable, SavedMemory, Snapshot, Snapshots, VmLocks, paused_by_snapshot,
+};
 use crate::vmm::{
-    Accel, VmDirs, VmRecord, VmSpec, VmStatus, Vmm, VmmError, check_sizes, fail, free_port, now_ms,
-    process_has_argument, run,
+    Accel, VmDirs, VmRecord, VmSpec, VmStatus, Vmm, VmmError, check_sizes, fail, free_port,
+    identity_files, now_ms, process_has_argument, run,
 };
 use async_trait::async_trait;
 use std::collections::HashMap;
@@ -47,6 +56,11 @@ const SOCKET_WAIT: Duration = Duration::from_secs(5);
 const MAX_FORWARDED: usize = 64;
 /// Tap slots: a /30 each in 10.234.0.0/16.
 const SLOTS: u16 = 16384;
+/// Firecracker's device state, kept beside a snapshot's `memory`.
+const VMSTATE_FILE: &str = "vmstate";
+/// In a VM's directory while it is restored from a snapshot's memory and has not taken its
+/// identity yet.
+const RESTORING: &str = "restoring";
 
 /// How Firecracker is run.
 #[derive(Debug, Clone)]
@@ -76,6 +90,95 @@ pub struct FirecrackerHost {
     images: Arc<Snapshots>,
     /// The SSH forwarder of each VM this agent serves.
     forwarders: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+    /// What a VM's saved memory depends on here: the Firecracker binary and the image.
+    fingerprint: String,
+}
+
+/// A hash of the Firecracker binary and the image's files as built (size and modification
+/// time: a rebuild or an upgrade makes saved memory unusable) and the kernel's version.
+fn fingerprint(config: &FirecrackerConfig, image: &VmImage) -> String {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    for file in [
+        config.firecracker.clone(),
+        image.kernel(),
+        image.initrd(),
+        image.rootfs(),
+    ] {
+        if let Ok(meta) = std::fs::metadata(&file) {
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            hash.update(format!("{}:{}:{modified}", file.display(), meta.len()).as_bytes());
+        }
+    }
+    hash.update(image.kernel_version.as_bytes());
+    hex::encode(&hash.finalize()[..6])
+}
+
+/// Connects to the guest's identity listener through Firecracker's vsock socket `uds` (its
+/// host-initiated handshake: `CONNECT <port>`, answered `OK <host port>`), waiting up to
+/// `within` for the socket and the guest.
+async fn connect_vsock(
+    uds: &Path,
+    within: Duration,
+) -> Result<tokio::io::BufReader<tokio::net::UnixStream>, VmmError> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let started = Instant::now();
+    loop {
+        let attempt = async {
+            let stream = tokio::net::UnixStream::connect(uds).await?;
+            let mut port = tokio::io::BufReader::new(stream);
+            port.get_mut()
+                .write_all(format!("CONNECT {}\n", crate::image::IDENTITY_VSOCK_PORT).as_bytes())
+                .await?;
+            let mut line = String::new();
+            port.read_line(&mut line).await?;
+            if line.starts_with("OK ") {
+                Ok(port)
+            } else {
+                Err(std::io::Error::other(format!(
+                    "the guest did not take the connection ({:?})",
+                    line.trim()
+                )))
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+            Ok(Ok(port)) => return Ok(port),
+            Ok(Err(e)) if started.elapsed() > within => {
+                return Err(VmmError::Failed(format!(
+                    "cannot reach the guest over vsock ({}): {e}",
+                    uds.display()
+                )));
+            }
+            Err(_) if started.elapsed() > within => {
+                return Err(VmmError::Failed(format!(
+                    "the guest did not answer over vsock ({})",
+                    uds.display()
+                )));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Whether the guest behind `uds` answers `ping` on its identity listener.
+async fn guest_listens(uds: &Path) -> bool {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let asked = async {
+        let mut port = connect_vsock(uds, Duration::ZERO).await.ok()?;
+        port.get_mut().write_all(b"ping\n").await.ok()?;
+        let mut line = String::new();
+        port.read_line(&mut line).await.ok()?;
+        Some(line.trim() == "pong")
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), asked).await,
+        Ok(Some(true))
+    )
 }
 
 /// The host's and the guest's address on the tap of `slot`.
@@ -224,6 +327,7 @@ impl FirecrackerHost {
     ) -> Result<FirecrackerHost, VmmError> {
         let snapshots = Snapshots::open(&state, "disk.ext4")?;
         let images = Snapshots::open_images(&state, &snapshots)?;
+        let saved_with = fingerprint(&config, &image);
         Ok(FirecrackerHost {
             // A create that died half-way started nothing: Firecracker is started from a
             // committed directory only.
@@ -237,6 +341,7 @@ impl FirecrackerHost {
             lock: tokio::sync::Mutex::new(()),
             vm_locks: VmLocks::default(),
             forwarders: Mutex::new(HashMap::new()),
+            fingerprint: saved_with,
         })
     }
 
@@ -388,7 +493,15 @@ impl FirecrackerHost {
     /// chroot (the VM's own files given to the VM user, who must write the disk and log).
     fn path_for_firecracker(&self, name: &str, path: &Path) -> Result<String, VmmError> {
         if self.config.jailer.is_none() {
-            return Ok(path.display().to_string());
+            // The VM's own files by their names: Firecracker runs in the VM's directory,
+            // and a snapshot's state names them so, which makes them a restored VM's own.
+            let dir = self.dirs.dir(name)?;
+            return Ok(
+                match (path.parent() == Some(dir.as_path()), path.file_name()) {
+                    (true, Some(file)) => file.to_string_lossy().to_string(),
+                    _ => path.display().to_string(),
+                },
+            );
         }
         let root = self
             .config
@@ -416,6 +529,22 @@ impl FirecrackerHost {
         Ok(format!("/{}", file.to_string_lossy()))
     }
 
+    /// The vsock device's socket of VM `name`: where the agent connects, and the path
+    /// Firecracker is given (in its directory or chroot).
+    fn vsock(&self, name: &str) -> Result<(PathBuf, String), VmmError> {
+        Ok(match &self.config.jailer {
+            Some(_) => (
+                self.config
+                    .chroot_base
+                    .join("firecracker")
+                    .join(name)
+                    .join("root/vsock.sock"),
+                "/vsock.sock".into(),
+            ),
+            None => (self.dirs.dir(name)?.join("vsock.sock"), "vsock.sock".into()),
+        })
+    }
+
     /// Starts a Firecracker process for `record`, configures it and starts the guest.
     async fn launch(&self, record: &VmRecord) -> Result<(), VmmError> {
         let name = &record.spec.name;
@@ -424,7 +553,128 @@ impl FirecrackerHost {
             .net_slot
             .ok_or_else(|| VmmError::Failed(format!("{name} has no network slot")))?;
         let kernel = self.kernel()?;
+        let client = self.spawn(record).await?;
+        let in_vm = |p: PathBuf| self.path_for_firecracker(name, &p);
+        let spec = BootSpec {
+            kernel: in_vm(kernel)?,
+            initrd: Some(in_vm(self.image.initrd())?),
+            boot_args: "console=ttyS0 reboot=k panic=1 quiet".into(),
+            vcpus: record.spec.vcpus,
+            memory_mb: record.spec.memory_mb,
+            root_disk: in_vm(dir.join("disk.ext4"))?,
+            config_drive: in_vm(dir.join("config.ext4"))?,
+            tap: tap_name(slot),
+            guest_mac: firecracker::guest_mac(name),
+            log_path: in_vm(dir.join("firecracker.log"))?,
+            vsock_uds: self.vsock(name)?.1,
+        };
+        if let Err(e) = firecracker::boot(&client, &spec).await {
+            self.kill(name).await;
+            return Err(VmmError::Failed(e.to_string()));
+        }
+        self.forward(record).await?;
+        tracing::info!(vm = %name, port = record.ssh_port, tap = %tap_name(slot), "VM started");
+        Ok(())
+    }
+
+    /// Makes VM `record` from the saved memory in snapshot directory `from`: a fresh
+    /// process loads it on the VM's tap device and vsock socket, and the guest is told
+    /// the VM's `identity` (its config drive's files). The VM is marked `restoring` until
+    /// the guest has taken it. On an error the caller stops the process and boots the VM.
+    async fn restore(
+        &self,
+        record: &VmRecord,
+        from: &Path,
+        identity: &[(&str, String)],
+    ) -> Result<(), VmmError> {
+        let name = &record.spec.name;
+        let dir = self.dirs.dir(name)?;
+        let slot = record
+            .net_slot
+            .ok_or_else(|| VmmError::Failed(format!("{name} has no network slot")))?;
+        let started = Instant::now();
+        std::fs::write(dir.join(RESTORING), b"").map_err(fail("mark the VM restoring"))?;
+        let client = self.spawn(record).await?;
+        // The snapshot's files under names of their own: a later snapshot of this VM
+        // writes `vmstate` and `memory` where Firecracker runs.
+        let mut saved = Vec::new();
+        for file in [VMSTATE_FILE, MEMORY_FILE] {
+            let path = from.join(file);
+            saved.push(match &self.config.jailer {
+                None => path.display().to_string(),
+                Some(_) => {
+                    let root = self
+                        .config
+                        .chroot_base
+                        .join("firecracker")
+                        .join(name)
+                        .join("root");
+                    let inside = root.join(format!("restore-{file}"));
+                    let _ = std::fs::remove_file(&inside);
+                    std::fs::hard_link(&path, &inside).map_err(fail(
+                        "link a snapshot into the VM's chroot (it must be on the state directory's file system)",
+                    ))?;
+                    format!("/restore-{file}")
+                }
+            });
+        }
+        let (uds, uds_for_firecracker) = self.vsock(name)?;
+        let _ = std::fs::remove_file(&uds);
+        firecracker::load(
+            &client,
+            &self.path_for_firecracker(name, &dir.join("firecracker.log"))?,
+            &saved[0],
+            &saved[1],
+            &tap_name(slot),
+            &uds_for_firecracker,
+        )
+        .await
+        .map_err(|e| VmmError::Failed(e.to_string()))?;
+        let loaded_ms = started.elapsed().as_millis() as u64;
+        let mut port = connect_vsock(&uds, Duration::from_secs(10)).await?;
+        let mut told: Vec<(&str, String)> = identity.to_vec();
+        told.push(("mac", format!("{}\n", firecracker::guest_mac(name))));
+        crate::base_snapshot::identify(&mut port, &told).await?;
+        std::fs::remove_file(dir.join(RESTORING)).map_err(fail("mark the VM restored"))?;
+        self.forward(record).await?;
+        tracing::info!(
+            vm = %name,
+            from = %from.display(),
+            loaded_ms,
+            identified_ms = started.elapsed().as_millis() as u64 - loaded_ms,
+            "VM restored from a snapshot's memory"
+        );
+        Ok(())
+    }
+
+    /// The directory of user snapshot `id`, if it kept memory that a VM of `spec` can load
+    /// here: the same sizes, the same Firecracker binary and image.
+    fn saved_memory(&self, id: &str, spec: &VmSpec) -> Result<Option<PathBuf>, VmmError> {
+        let Some((memory, saved)) = self.snapshots.memory(id)? else {
+            return Ok(None);
+        };
+        let disk_gb = self.snapshots.find(id)?.map(|s| s.disk_gb);
+        let fits = saved.vcpus == spec.vcpus
+            && saved.memory_mb == spec.memory_mb
+            && disk_gb == Some(spec.disk_gb)
+            && saved.fingerprint == self.fingerprint;
+        if !fits {
+            tracing::info!(vm = %spec.name, snapshot = %id, "the snapshot's memory is of another size, Firecracker or image; this VM boots from its disk");
+            return Ok(None);
+        }
+        Ok(memory.parent().map(Path::to_path_buf))
+    }
+
+    /// Starts a Firecracker process for `record` on its tap device, and waits for its API.
+    async fn spawn(&self, record: &VmRecord) -> Result<FcClient, VmmError> {
+        let name = &record.spec.name;
+        let dir = self.dirs.dir(name)?;
+        let slot = record
+            .net_slot
+            .ok_or_else(|| VmmError::Failed(format!("{name} has no network slot")))?;
         self.tap_up(slot)?;
+        // Firecracker binds it anew.
+        let _ = std::fs::remove_file(self.vsock(name)?.0);
         let ids = ids_of(VM_USER);
         let argv = command_line(&self.config, name, &dir, ids);
         let client = self.client(name)?;
@@ -439,6 +689,9 @@ impl FirecrackerHost {
             .stderr(log);
         // Its own session: it outlives the agent, like QEMU's -daemonize.
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        if self.config.jailer.is_none() {
+            command.current_dir(&dir);
+        }
         let child = command
             .spawn()
             .map_err(|e| VmmError::Failed(format!("cannot run {} ({e})", argv[0])))?;
@@ -461,26 +714,7 @@ impl FirecrackerHost {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let in_vm = |p: PathBuf| self.path_for_firecracker(name, &p);
-        let spec = BootSpec {
-            kernel: in_vm(kernel)?,
-            initrd: Some(in_vm(self.image.initrd())?),
-            boot_args: "console=ttyS0 reboot=k panic=1 quiet".into(),
-            vcpus: record.spec.vcpus,
-            memory_mb: record.spec.memory_mb,
-            root_disk: in_vm(dir.join("disk.ext4"))?,
-            config_drive: in_vm(dir.join("config.ext4"))?,
-            tap: tap_name(slot),
-            guest_mac: firecracker::guest_mac(name),
-            log_path: in_vm(dir.join("firecracker.log"))?,
-        };
-        if let Err(e) = firecracker::boot(&client, &spec).await {
-            self.kill(name).await;
-            return Err(VmmError::Failed(e.to_string()));
-        }
-        self.forward(record).await?;
-        tracing::info!(vm = %name, port = record.ssh_port, tap = %tap_name(slot), "VM started");
-        Ok(())
+        Ok(client)
     }
 
     /// Ends the VM's process: a reboot request first when it runs, then a kill.
@@ -537,6 +771,12 @@ impl FirecrackerHost {
 /// A Firecracker VM as a snapshot pauses it (`PATCH /vm`); `None` when it does not run.
 struct FcPause {
     client: Option<FcClient>,
+    /// Set when its memory can be saved: what a restore must match.
+    memory: Option<SavedMemory>,
+    /// Where Firecracker writes the files it saves (the VM's directory or its chroot), and
+    /// the prefix it is given for them.
+    writes_in: PathBuf,
+    prefix: &'static str,
 }
 
 #[async_trait]
@@ -568,6 +808,32 @@ impl Pausable for FcPause {
             None => Ok(()),
         }
     }
+
+    async fn save_memory(&mut self, to: &Path) -> Result<Option<SavedMemory>, VmmError> {
+        let (Some(client), Some(memory)) = (&self.client, self.memory.take()) else {
+            return Ok(None);
+        };
+        let prefix = self.prefix;
+        for file in [VMSTATE_FILE, MEMORY_FILE] {
+            let _ = std::fs::remove_file(self.writes_in.join(file));
+        }
+        firecracker::snapshot(
+            client,
+            &format!("{prefix}{VMSTATE_FILE}"),
+            &format!("{prefix}{MEMORY_FILE}"),
+        )
+        .await
+        .map_err(|e| VmmError::Failed(e.to_string()))?;
+        std::fs::rename(self.writes_in.join(MEMORY_FILE), to)
+            .and_then(|()| {
+                std::fs::rename(
+                    self.writes_in.join(VMSTATE_FILE),
+                    to.with_file_name(VMSTATE_FILE),
+                )
+            })
+            .map_err(fail("keep the VM's saved memory"))?;
+        Ok(Some(memory))
+    }
 }
 
 /// The forwarders end with the host (its VMs do not).
@@ -596,6 +862,8 @@ impl Vmm for FirecrackerHost {
 
     async fn create(&self, spec: &VmSpec) -> Result<VmRecord, VmmError> {
         let _guard = self.lock.lock().await;
+        // A new VM of a snapshot with memory: its directory, and the identity to tell it.
+        let mut restore_from = None;
         let record = match self.dirs.record(&spec.name)? {
             Some(record) => record,
             None => {
@@ -630,7 +898,9 @@ impl Vmm for FirecrackerHost {
                     self.snapshots.pending(),
                     "this VM's disk (a copy of its image or snapshot)",
                 )?;
-                self.dirs.build(&record, &network, |dir| {
+                let mut files = identity_files(&record.spec, None)?;
+                files.extend(network.iter().map(|(k, v)| (*k, format!("{v}\n"))));
+                let building = self.dirs.prepare(&record, &files, |dir| {
                     let disk = dir.join("disk.ext4");
                     run(
                         Command::new("cp")
@@ -647,10 +917,24 @@ impl Vmm for FirecrackerHost {
                     file.set_len(spec.disk_gb as u64 * 1024 * 1024 * 1024)
                         .map_err(fail("size the root disk"))
                 })?;
+                self.dirs.commit(&building, &spec.name)?;
+                if let Some(id) = &spec.snapshot {
+                    restore_from = self.saved_memory(id, spec)?.map(|dir| (dir, files));
+                }
                 record
             }
         };
         if self.pid(&spec.name).is_none() {
+            if let Some((from, identity)) = restore_from {
+                match self.restore(&record, &from, &identity).await {
+                    Ok(()) => return Ok(record),
+                    Err(e) => {
+                        tracing::warn!(vm = %spec.name, error = %e, "restoring the snapshot's memory failed; this VM boots from its disk");
+                        self.kill(&spec.name).await;
+                        let _ = std::fs::remove_file(self.dirs.dir(&spec.name)?.join(RESTORING));
+                    }
+                }
+            }
             self.launch(&record).await?;
         } else {
             self.forward(&record).await?;
@@ -726,6 +1010,18 @@ impl Vmm for FirecrackerHost {
             return;
         };
         for name in names {
+            // Restored from a snapshot's memory by an agent that died before the guest took
+            // its identity: it still holds the snapshot's. Stopped: it boots from its disk,
+            // and takes its own there (`image::VM_INIT`).
+            if let Ok(restoring) = self.dirs.dir(&name).map(|d| d.join(RESTORING))
+                && restoring.exists()
+            {
+                if let Ok(Some(record)) = self.dirs.record(&name) {
+                    self.power_off(&record).await;
+                }
+                let _ = std::fs::remove_file(&restoring);
+                tracing::warn!(vm = %name, "stopped a VM whose restore an agent left unfinished; it boots from its disk when started");
+            }
             let Ok(marker) = self
                 .dirs
                 .dir(&name)
@@ -765,11 +1061,37 @@ impl Vmm for FirecrackerHost {
         let lock = self.vm_locks.lock(name).await;
         let dir = self.dirs.dir(name)?;
         let disk = dir.join("disk.ext4");
-        let vm = FcPause {
-            client: self.pid(name).map(|_| self.client(name)).transpose()?,
+        let client = self.pid(name).map(|_| self.client(name)).transpose()?;
+        let listens = client.is_some() && guest_listens(&self.vsock(name)?.0).await;
+        let (writes_in, prefix) = match &self.config.jailer {
+            Some(_) => (
+                self.config
+                    .chroot_base
+                    .join("firecracker")
+                    .join(name)
+                    .join("root"),
+                "/",
+            ),
+            None => (dir.clone(), ""),
         };
-        // A sparse copy takes what the disk takes.
-        let needed = crate::snapshots::allocated_bytes(&disk)?;
+        let vm = FcPause {
+            client,
+            memory: listens.then(|| SavedMemory {
+                kernel_args: String::new(),
+                vcpus: record.spec.vcpus,
+                memory_mb: record.spec.memory_mb,
+                fingerprint: self.fingerprint.clone(),
+            }),
+            writes_in,
+            prefix,
+        };
+        // A sparse copy takes what the disk takes, and the memory at most the guest's.
+        let needed = crate::snapshots::allocated_bytes(&disk)?
+            + if listens {
+                record.spec.memory_mb as u64 * (1 << 20)
+            } else {
+                0
+            };
         crate::snapshots::take(
             self.snapshots.clone(),
             id,

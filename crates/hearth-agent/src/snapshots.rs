@@ -135,7 +135,8 @@ pub(crate) trait Pausable: Send + 'static {
     async fn pause(&mut self) -> Result<(), VmmError>;
     async fn resume(&mut self) -> Result<(), VmmError>;
     /// Saves the paused VM's memory to the file `to`, if the backend can, and says what a
-    /// restore of it must match; `None` when it cannot.
+    /// restore of it must match; `None` when it cannot. Other files the backend saves
+    /// with it (Firecracker's `vmstate`) go beside `to`, and are kept with it.
     async fn save_memory(&mut self, _to: &Path) -> Result<Option<SavedMemory>, VmmError> {
         Ok(None)
     }
@@ -254,23 +255,28 @@ async fn pause_copy_resume(
             Err(e) => Err(fail("create the snapshot's work directory")(e)),
         };
         match saved {
-            Ok(Some(saved)) => memory = Some((file, saved)),
+            Ok(Some(saved)) => memory = Some(saved),
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(dir = %vm_dir.display(), snapshot = %id, error = %e, "could not save the VM's memory; the snapshot keeps its disk only")
             }
         }
     }
+    let saved_in = work.clone();
     let copy = move |disk: &Path| {
         copy(disk)?;
-        if let Some((file, saved)) = memory {
+        if let Some(saved) = memory {
             let dir = disk
                 .parent()
                 .expect("a snapshot's disk is in its directory");
-            std::fs::File::open(&file)
-                .and_then(|f| f.sync_all())
-                .and_then(|()| std::fs::rename(&file, dir.join(MEMORY_FILE)))
-                .map_err(fail("keep the VM's memory"))?;
+            for entry in std::fs::read_dir(&saved_in).map_err(fail("keep the VM's memory"))? {
+                let file = entry.map_err(fail("keep the VM's memory"))?.path();
+                let name = file.file_name().expect("a directory's entry has a name");
+                std::fs::File::open(&file)
+                    .and_then(|f| f.sync_all())
+                    .and_then(|()| std::fs::rename(&file, dir.join(name)))
+                    .map_err(fail("keep the VM's memory"))?;
+            }
             std::fs::write(
                 dir.join(MEMORY_INFO),
                 serde_json::to_vec(&saved).expect("serializable"),

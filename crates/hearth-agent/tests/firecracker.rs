@@ -11,9 +11,17 @@
 //! every violation to `PATH.log` and `PATH.violations`, and exits on `SendCtrlAltDel` as
 //! Firecracker does when its guest reboots. Hence `harness = false` (libtest-mimic).
 //!
+//! Snapshots: `PUT /snapshot/create` writes the two files it names; `PUT /snapshot/load`
+//! must come to a fresh process (nothing configured but the logger) and name files that
+//! exist, and must give the new VM's vsock socket. The vsock device is served as
+//! Firecracker serves it (`CONNECT <port>` answered `OK <port>`), with a fake guest behind
+//! it: it answers `ping` with `pong`, and an identity (`identify` … `end`) with
+//! `identified`, writing what it was told to `PATH.identity`.
+//!
 //! What the fake cannot prove: that a real Firecracker boots the guest, that the guest's
-//! network comes up on its tap, and the jailer. There is no Firecracker binary or working
-//! KVM here.
+//! network comes up on its tap, the jailer, that a real snapshot restores, and the guest's
+//! side of vsock (`image::AWAIT_RESTORE`). There is no Firecracker binary, working KVM or
+//! `vhost-vsock` here.
 
 use hearth_agent::firecracker::{self, BootSpec, FcClient};
 use http_body_util::{BodyExt, Full};
@@ -38,6 +46,10 @@ fn spec() -> Value {
 struct Fake {
     started: bool,
     paused: bool,
+    /// Something besides the logger and metrics was configured (a load must come first).
+    configured: bool,
+    /// Where the fake guest writes the identities it is told.
+    identity_log: PathBuf,
     /// Every request, as `METHOD path`.
     log: Vec<String>,
     /// `SendCtrlAltDel` came: a real Firecracker exits when its guest reboots.
@@ -163,10 +175,45 @@ fn judge(
     if t == "/snapshot/create" && !fake.paused {
         problems.push("a snapshot of a VM that is not paused".into());
     }
+    if t == "/snapshot/load" {
+        if fake.configured {
+            problems.push("a snapshot load into a process already configured".into());
+        }
+        for file in [&body["snapshot_path"], &body["mem_backend"]["backend_path"]] {
+            if !file.as_str().is_some_and(|f| Path::new(f).is_file()) {
+                problems.push(format!("a snapshot load of {file}, which is no file"));
+            }
+        }
+        if body["vsock_override"]["uds_path"].as_str().is_none() {
+            problems.push("a snapshot load that would bind the saved VM's vsock socket".into());
+        }
+    }
     if !problems.is_empty() {
         let fault = problems.join("; ");
         fake.violations.push(format!("{method} {path}: {fault}"));
         return Err(fault);
+    }
+    if method == "PUT" && !matches!(t, "/logger" | "/metrics" | "/snapshot/load" | "/actions") {
+        fake.configured = true;
+    }
+    match t {
+        "/snapshot/create" => {
+            let snapshot = body["snapshot_path"].as_str().unwrap_or_default();
+            let memory = body["mem_file_path"].as_str().unwrap_or_default();
+            let written = std::fs::write(snapshot, b"{\"fake\": \"vmstate\"}")
+                .and_then(|()| std::fs::write(memory, vec![0x5a; 2 << 20]));
+            if let Err(e) = written {
+                return Err(format!("cannot write the snapshot: {e}"));
+            }
+        }
+        "/vsock" => fake_guest(body["uds_path"].as_str().unwrap_or_default(), fake),
+        "/snapshot/load" => fake_guest(
+            body["vsock_override"]["uds_path"]
+                .as_str()
+                .unwrap_or_default(),
+            fake,
+        ),
+        _ => {}
     }
     match (t, action) {
         ("/actions", Some("InstanceStart")) => fake.started = true,
@@ -196,9 +243,66 @@ fn judge(
     Ok(Value::Null)
 }
 
+/// Serves a vsock device's socket at `uds` as Firecracker does for host-initiated
+/// connections, with a fake guest behind it (see the module's comment).
+fn fake_guest(uds: &str, fake: &Fake) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let _ = std::fs::remove_file(uds);
+    let Ok(listener) = tokio::net::UnixListener::bind(uds) else {
+        return;
+    };
+    let log = fake.identity_log.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut port = tokio::io::BufReader::new(stream);
+                let mut line = String::new();
+                if port.read_line(&mut line).await.is_err() || line != "CONNECT 52\n" {
+                    return;
+                }
+                let _ = port.get_mut().write_all(b"OK 1073741824\n").await;
+                let mut told = Vec::new();
+                loop {
+                    let mut line = String::new();
+                    if port.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let line = line.trim_end().to_string();
+                    match line.as_str() {
+                        "ping" => {
+                            let _ = port.get_mut().write_all(b"pong\n").await;
+                        }
+                        "identify" => told.clear(),
+                        "end" => {
+                            let mut text = std::fs::read_to_string(&log).unwrap_or_default();
+                            for entry in told.drain(..) {
+                                text.push_str(&format!("{entry}\n"));
+                            }
+                            text.push_str("end\n");
+                            let _ = std::fs::write(&log, text);
+                            let _ = port.get_mut().write_all(b"identified\n").await;
+                        }
+                        _ => {
+                            // `name hex-value`: written down decoded, one line each.
+                            let (name, value) = line.split_once(' ').unwrap_or((&line, ""));
+                            let value = hex::decode(value).unwrap_or_default();
+                            let value = String::from_utf8_lossy(&value);
+                            told.push(format!("{name}={}", value.trim_end().replace('\n', "\\n")));
+                        }
+                    }
+                }
+            });
+        }
+    });
+}
+
 /// Serves the fake on `socket`; returns its record.
 fn serve(socket: &Path) -> Arc<Mutex<Fake>> {
-    let fake = Arc::new(Mutex::new(Fake::default()));
+    let fake = Arc::new(Mutex::new(Fake {
+        identity_log: socket.with_extension("identity"),
+        ..Fake::default()
+    }));
     let spec = Arc::new(spec());
     let listener = tokio::net::UnixListener::bind(socket).unwrap();
     let state = fake.clone();
@@ -250,6 +354,7 @@ fn boot_spec() -> BootSpec {
         tap: "hzfc0".into(),
         guest_mac: firecracker::guest_mac("hearth-test"),
         log_path: "/vm/firecracker.log".into(),
+        vsock_uds: "/vm/vsock.sock".into(),
     }
 }
 
@@ -264,9 +369,9 @@ async fn the_whole_life_of_a_vm_follows_the_spec() {
     firecracker::pause(&client).await.unwrap();
     assert_eq!(firecracker::state(&client).await.unwrap(), "paused");
     firecracker::resume(&client).await.unwrap();
-    firecracker::snapshot(&client, "/vm/snap", "/vm/mem")
-        .await
-        .unwrap();
+    let (snap, mem) = (dir.path().join("snap"), dir.path().join("mem"));
+    let (snap, mem) = (snap.to_str().unwrap(), mem.to_str().unwrap());
+    firecracker::snapshot(&client, snap, mem).await.unwrap();
     assert_eq!(firecracker::state(&client).await.unwrap(), "paused");
     firecracker::resume(&client).await.unwrap();
     firecracker::stop(&client).await.unwrap();
@@ -286,7 +391,8 @@ async fn the_whole_life_of_a_vm_follows_the_spec() {
                 "PUT /machine-config",
                 "PUT /drives/rootfs",
                 "PUT /drives/config",
-                "PUT /network-interfaces/eth0"
+                "PUT /network-interfaces/eth0",
+                "PUT /vsock"
             ]
         );
     }
@@ -294,9 +400,17 @@ async fn the_whole_life_of_a_vm_follows_the_spec() {
     let socket2 = dir.path().join("fc2.sock");
     let fresh = serve(&socket2);
     let client2 = FcClient::new(&socket2);
-    firecracker::load(&client2, "/vm/snap", "/vm/mem")
-        .await
-        .unwrap();
+    let uds = dir.path().join("v2.sock");
+    firecracker::load(
+        &client2,
+        "/vm/firecracker.log",
+        snap,
+        mem,
+        "hzfc1",
+        uds.to_str().unwrap(),
+    )
+    .await
+    .unwrap();
     assert_eq!(firecracker::state(&client2).await.unwrap(), "running");
     assert!(fresh.lock().unwrap().violations.is_empty());
 }
@@ -664,6 +778,153 @@ async fn a_disk_copy_that_would_fill_the_host_is_refused() {
     assert!(host.list().await.unwrap().is_empty());
 }
 
+/// Waits until the fake process of the VM in `dir` has written down `wanted` (it writes its
+/// requests every 20 ms), and returns its log.
+async fn fake_log_with(dir: &Path, wanted: &str) -> String {
+    let waited = std::time::Instant::now();
+    loop {
+        let log = std::fs::read_to_string(dir.join("fc.log")).unwrap_or_default();
+        if log.contains(wanted) {
+            return log;
+        }
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(10),
+            "no {wanted:?} in the log of {}:\n{log}",
+            dir.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A user's snapshot of a running VM whose guest answers on vsock keeps its memory
+/// (`PUT /snapshot/create`, `vmstate` and `memory` kept with the disk). A VM of the same
+/// size made from it is a fresh process that loads them, never booted, on its own tap
+/// device and vsock socket (the drives by their names in its own directory), and its guest
+/// is told the new VM's identity and address. One of another size boots from the disk. A
+/// VM an agent left half-restored is stopped by the next agent. Every request of every
+/// process followed the spec.
+async fn a_snapshot_keeps_a_vms_memory_and_a_vm_of_its_size_loads_it() {
+    use hearth_agent::firecracker_host::{FirecrackerConfig, FirecrackerHost};
+    use hearth_agent::vmm::{VmSpec, VmStatus, Vmm};
+    hearth_agent::guard::confine_taps().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let config = FirecrackerConfig {
+        firecracker: std::env::current_exe().unwrap(),
+        jailer: None,
+        chroot_base: state.path().join("jail"),
+    };
+    let make = || {
+        FirecrackerHost::new(
+            state.path().to_path_buf(),
+            image(),
+            config.clone(),
+            "127.0.0.1",
+        )
+        .unwrap()
+    };
+    let host = make();
+    let pid = std::process::id();
+    let spec = |name: &str, memory_mb: i64, snapshot: Option<&str>| VmSpec {
+        name: name.into(),
+        environment_id: name.into(),
+        hostname: format!("{name}-host"),
+        vcpus: 1,
+        memory_mb,
+        disk_gb: 1,
+        authorized_keys: format!("ssh-ed25519 AAAA {name}"),
+        labels: Default::default(),
+        snapshot: snapshot.map(str::to_string),
+        image: None,
+    };
+    let vm_dir = |name: &str| state.path().join("vms").join(name);
+
+    let source = format!("hearth-fcm-source-{pid}");
+    host.create(&spec(&source, 256, None)).await.unwrap();
+    let made = host.snapshot(&source, "with-memory").await.unwrap();
+    assert_eq!(made.memory_bytes, 2 << 20, "{made:?}");
+    assert!(made.size_bytes >= made.memory_bytes, "{made:?}");
+    assert_eq!(host.status(&source).await.unwrap(), Some(VmStatus::Running));
+    let kept = state.path().join("snapshots/with-memory");
+    for file in ["disk.ext4", "memory", "vmstate", "memory.json"] {
+        assert!(kept.join(file).is_file(), "no {file} in the snapshot");
+    }
+    assert!(
+        !vm_dir(&source).join("memory").exists(),
+        "left in the VM's directory"
+    );
+
+    let restored = format!("hearth-fcm-restored-{pid}");
+    let record = host
+        .create(&spec(&restored, 256, Some("with-memory")))
+        .await
+        .unwrap();
+    assert_eq!(
+        host.status(&restored).await.unwrap(),
+        Some(VmStatus::Running)
+    );
+    let log = fake_log_with(&vm_dir(&restored), "PUT /snapshot/load").await;
+    assert_eq!(
+        log.lines()
+            .filter(|l| !l.starts_with("GET"))
+            .collect::<Vec<_>>(),
+        ["PUT /logger", "PUT /snapshot/load"],
+        "loaded, not booted"
+    );
+    let told = std::fs::read_to_string(vm_dir(&restored).join("fc.identity")).unwrap();
+    let slot = record.net_slot.unwrap();
+    let guest = std::net::Ipv4Addr::from(
+        u32::from(std::net::Ipv4Addr::new(10, 234, 0, 0)) + u32::from(slot) * 4 + 2,
+    );
+    for line in [
+        format!("hostname={restored}-host"),
+        format!("authorized_keys=ssh-ed25519 AAAA {restored}"),
+        format!("address={guest}/30"),
+        format!("mac={}", hearth_agent::firecracker::guest_mac(&restored)),
+    ] {
+        assert!(
+            told.lines().any(|l| l == line),
+            "{line:?} not told:\n{told}"
+        );
+    }
+    for name in ["machine-id", "seed", "ssh_host_ed25519_key", "clock"] {
+        assert!(
+            told.lines().any(|l| l.starts_with(&format!("{name}="))),
+            "no {name} told:\n{told}"
+        );
+    }
+    assert!(!vm_dir(&restored).join("restoring").exists());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", record.ssh_port)).is_ok());
+
+    let booted = format!("hearth-fcm-booted-{pid}");
+    host.create(&spec(&booted, 512, Some("with-memory")))
+        .await
+        .unwrap();
+    let log = fake_log_with(&vm_dir(&booted), "PUT /actions").await;
+    assert!(!log.contains("/snapshot/load"), "{log}");
+
+    // An agent that died before the restored guest took its identity: the next one stops
+    // the VM, which then boots from its disk when started.
+    std::fs::write(vm_dir(&restored).join("restoring"), b"").unwrap();
+    drop(host);
+    let host = make();
+    host.recover().await;
+    assert_eq!(
+        host.status(&restored).await.unwrap(),
+        Some(VmStatus::Stopped)
+    );
+    assert!(!vm_dir(&restored).join("restoring").exists());
+    host.start(&restored).await.unwrap();
+    fake_log_with(&vm_dir(&restored), "PUT /actions").await;
+
+    for name in [&source, &restored, &booted] {
+        let violations =
+            std::fs::read_to_string(vm_dir(name).join("fc.violations")).unwrap_or_default();
+        assert!(violations.is_empty(), "{name}: {violations}");
+        host.destroy(name).await.unwrap();
+    }
+    assert!(host.remove_snapshot("with-memory").await.unwrap());
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "--api-sock") {
@@ -696,6 +957,13 @@ fn main() {
             "the_backend_runs_vm_processes_through_their_life",
             run(|| Box::pin(the_backend_runs_vm_processes_through_their_life())),
         ),
+        libtest_mimic::Trial::test(
+            "a_snapshot_keeps_a_vms_memory_and_a_vm_of_its_size_loads_it",
+            run(|| Box::pin(a_snapshot_keeps_a_vms_memory_and_a_vm_of_its_size_loads_it())),
+        ),
     ];
-    libtest_mimic::run(&libtest_mimic::Arguments::from_args(), tests).exit();
+    // One at a time: the backend's tests each number their tap devices from 0.
+    let mut arguments = libtest_mimic::Arguments::from_args();
+    arguments.test_threads = Some(1);
+    libtest_mimic::run(&arguments, tests).exit();
 }
