@@ -245,6 +245,18 @@ pub async fn load(
         .await
 }
 
+/// Points a running VM's drive `drive_id` at another file (`PATCH /drives/{id}`).
+pub async fn set_drive(client: &FcClient, drive_id: &str, path: &str) -> Result<(), FcError> {
+    client
+        .call(
+            "PATCH",
+            &format!("/drives/{drive_id}"),
+            Some(json!({"drive_id": drive_id, "path_on_host": path})),
+        )
+        .await
+        .map(|_| ())
+}
+
 /// Asks the guest to reboot, which ends the Firecracker process.
 pub async fn stop(client: &FcClient) -> Result<(), FcError> {
     client

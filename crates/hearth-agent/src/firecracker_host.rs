@@ -22,6 +22,15 @@
 //!   relative to its own directory, so they are its own files), then is told its identity
 //!   and its address over vsock. A VM still marked `restoring` when an agent starts was cut
 //!   short before it took its identity: it is stopped, and boots from its disk when started.
+//! - Base snapshots (`with_base_snapshots`): the first VM of a size (vCPUs, memory, disk) on
+//!   the host's image boots with a neutral identity (no key, a host key of its own making:
+//!   `config-base.ext4`), is saved once its guest says `ready` (sshd runs) into
+//!   `<state>/fc-base-snapshots/<key>` (memory and disk, as users' snapshots are), and then
+//!   takes its own identity over vsock (its config drive switched to its own with
+//!   `PATCH /drives/config`). Later VMs of that size copy the saved disk and load the saved
+//!   memory. A base snapshot that fails to restore is removed, and its key is not built
+//!   again until the agent restarts; at most `MAX_BASE_SNAPSHOTS` are kept, and those of
+//!   another Firecracker or image are removed when the agent starts.
 //!
 //! What is not proven here: there is no Firecracker binary and no working KVM on these
 //! machines, so this backend is tested with a fake Firecracker process that serves the API
@@ -58,9 +67,26 @@ const MAX_FORWARDED: usize = 64;
 const SLOTS: u16 = 16384;
 /// Firecracker's device state, kept beside a snapshot's `memory`.
 const VMSTATE_FILE: &str = "vmstate";
-/// In a VM's directory while it is restored from a snapshot's memory and has not taken its
-/// identity yet.
+/// In a VM's directory while it is restored from a snapshot's memory, or boots as a base
+/// VM, and has not taken its identity yet.
 const RESTORING: &str = "restoring";
+/// The config drive a base VM boots with (no key, no host key: nothing of anyone's).
+const BASE_CONFIG: &str = "config-base.ext4";
+/// Base snapshots kept per host.
+const MAX_BASE_SNAPSHOTS: usize = 8;
+/// How long a base VM may take to boot until its guest says `ready`.
+const BASE_BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// How a new VM starts.
+enum Start {
+    /// Its kernel boots.
+    Boot,
+    /// It loads saved memory from this snapshot directory (a user's or a base snapshot,
+    /// the latter's key given) and is told its identity.
+    Restore(PathBuf, Option<String>),
+    /// It boots as the base VM of this key, is saved, then takes its identity.
+    BuildBase(String),
+}
 
 /// How Firecracker is run.
 #[derive(Debug, Clone)]
@@ -92,6 +118,10 @@ pub struct FirecrackerHost {
     forwarders: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     /// What a VM's saved memory depends on here: the Firecracker binary and the image.
     fingerprint: String,
+    /// Base snapshots, when enabled (`with_base_snapshots`).
+    base: Option<Arc<Snapshots>>,
+    /// Base snapshot keys that failed to build or restore since this agent started.
+    base_failed: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A hash of the Firecracker binary and the image's files as built (size and modification
@@ -342,6 +372,182 @@ impl FirecrackerHost {
             vm_locks: VmLocks::default(),
             forwarders: Mutex::new(HashMap::new()),
             fingerprint: saved_with,
+            base: None,
+            base_failed: Mutex::default(),
+        })
+    }
+
+    /// New VMs of the host's image start from a base snapshot of their size, the first of
+    /// each size making it (see the module's comment). Base snapshots of another Firecracker
+    /// or image are removed.
+    pub fn with_base_snapshots(mut self) -> Result<FirecrackerHost, VmmError> {
+        let base = Snapshots::open_base(&self.state, &self.snapshots)?;
+        for kept in base.list()? {
+            if !kept.id.ends_with(&format!("-{}", self.fingerprint)) {
+                base.remove(&kept.id, &Default::default())?;
+                tracing::info!(snapshot = %kept.id, "removed a base snapshot of another Firecracker or image");
+            }
+        }
+        self.base = Some(Arc::new(base));
+        Ok(self)
+    }
+
+    /// The base snapshot key of `spec`'s sizes on this host.
+    fn base_key(&self, spec: &VmSpec) -> String {
+        format!(
+            "{}c{}m{}g-{}",
+            spec.vcpus, spec.memory_mb, spec.disk_gb, self.fingerprint
+        )
+    }
+
+    /// How a new VM of `spec` starts, and the disk its own is a copy of.
+    fn start_of(&self, spec: &VmSpec) -> Result<(Start, PathBuf), VmmError> {
+        if let Some(id) = &spec.snapshot {
+            let disk = self.snapshots.disk(id, spec.disk_gb)?;
+            return Ok(match self.saved_memory(id, spec)? {
+                Some(dir) => (Start::Restore(dir, None), disk),
+                None => (Start::Boot, disk),
+            });
+        }
+        if let Some(id) = &spec.image {
+            return Ok((Start::Boot, self.images.disk(id, spec.disk_gb)?));
+        }
+        let rootfs = self.image.rootfs();
+        let Some(base) = &self.base else {
+            return Ok((Start::Boot, rootfs));
+        };
+        let key = self.base_key(spec);
+        if let Some(found) = base.find(&key)? {
+            let dir = base.disk(&found.id, spec.disk_gb)?;
+            let dir = dir.parent().map(Path::to_path_buf).unwrap_or_default();
+            return Ok((
+                Start::Restore(dir.clone(), Some(key)),
+                dir.join("disk.ext4"),
+            ));
+        }
+        let failed = self
+            .base_failed
+            .lock()
+            .expect("not poisoned")
+            .contains(&key);
+        if failed || base.list()?.len() >= MAX_BASE_SNAPSHOTS {
+            return Ok((Start::Boot, rootfs));
+        }
+        Ok((Start::BuildBase(key), rootfs))
+    }
+
+    /// Boots VM `record` as the base VM of `key` (its config drive `BASE_CONFIG`), saves it
+    /// once its guest is ready, then has it take its own identity (`identity`, its own
+    /// config drive's). On an error the caller stops it and boots it as itself.
+    async fn build_base(
+        &self,
+        record: &VmRecord,
+        key: &str,
+        identity: &[(&str, String)],
+    ) -> Result<(), VmmError> {
+        let name = &record.spec.name;
+        let dir = self.dirs.dir(name)?;
+        let base = self
+            .base
+            .clone()
+            .ok_or_else(|| VmmError::Failed("base snapshots are off".into()))?;
+        let started = Instant::now();
+        std::fs::write(dir.join(RESTORING), b"").map_err(fail("mark the VM restoring"))?;
+        self.launch_with(record, BASE_CONFIG).await?;
+        let (uds, _) = self.vsock(name)?;
+        let mut port = connect_vsock(&uds, BASE_BOOT_TIMEOUT).await?;
+        let said =
+            crate::base_snapshot::read_line(&mut port, BASE_BOOT_TIMEOUT, "the base VM to boot")
+                .await?;
+        if said != "ready" {
+            return Err(VmmError::Failed(format!(
+                "the base VM said {said:?} instead of ready"
+            )));
+        }
+        drop(port);
+        let boot_ms = started.elapsed().as_millis() as u64;
+        let lock = self.vm_locks.lock(name).await;
+        let disk = dir.join("disk.ext4");
+        let memory_bytes = record.spec.memory_mb as u64 * (1 << 20);
+        let (writes_in, prefix) = self.writes_in(name)?;
+        let saved = crate::snapshots::take(
+            base,
+            key,
+            crate::snapshots::VmDisk {
+                vm_dir: dir.clone(),
+                disk_gb: record.spec.disk_gb,
+                copy_bytes: crate::snapshots::allocated_bytes(&disk)? + memory_bytes,
+            },
+            lock,
+            FcPause {
+                client: Some(self.client(name)?),
+                memory: Some(SavedMemory {
+                    kernel_args: String::new(),
+                    vcpus: record.spec.vcpus,
+                    memory_mb: record.spec.memory_mb,
+                    fingerprint: self.fingerprint.clone(),
+                }),
+                writes_in,
+                prefix,
+            },
+            move |to| {
+                run(
+                    Command::new("cp")
+                        .arg("--reflink=auto")
+                        .arg("--sparse=always")
+                        .arg(&disk)
+                        .arg(to),
+                    "copy the disk",
+                )
+            },
+        )
+        .await?;
+        if saved.memory_bytes == 0 {
+            if let Some(base) = &self.base {
+                let _ = base.remove(key, &Default::default());
+            }
+            return Err(VmmError::Failed(
+                "the base VM's memory was not saved".into(),
+            ));
+        }
+        // Now this VM's own: its config drive, then its identity.
+        firecracker::set_drive(
+            &self.client(name)?,
+            "config",
+            &self.path_for_firecracker(name, &dir.join("config.ext4"))?,
+        )
+        .await
+        .map_err(|e| VmmError::Failed(e.to_string()))?;
+        let mut port = connect_vsock(&uds, Duration::from_secs(10)).await?;
+        let mut told: Vec<(&str, String)> = identity.to_vec();
+        told.push(("mac", format!("{}\n", firecracker::guest_mac(name))));
+        crate::base_snapshot::identify(&mut port, &told).await?;
+        std::fs::remove_file(dir.join(RESTORING)).map_err(fail("mark the VM identified"))?;
+        let _ = std::fs::remove_file(dir.join(BASE_CONFIG));
+        tracing::info!(
+            vm = %name,
+            snapshot = %key,
+            boot_ms,
+            memory_bytes = saved.memory_bytes,
+            ms = started.elapsed().as_millis() as u64,
+            "base snapshot ready (made from this VM's first boot): VMs of this size now restore it"
+        );
+        Ok(())
+    }
+
+    /// Where Firecracker writes the files it saves for VM `name` (its directory or its
+    /// chroot), and the prefix it is given for them.
+    fn writes_in(&self, name: &str) -> Result<(PathBuf, &'static str), VmmError> {
+        Ok(match &self.config.jailer {
+            Some(_) => (
+                self.config
+                    .chroot_base
+                    .join("firecracker")
+                    .join(name)
+                    .join("root"),
+                "/",
+            ),
+            None => (self.dirs.dir(name)?, ""),
         })
     }
 
@@ -547,6 +753,11 @@ impl FirecrackerHost {
 
     /// Starts a Firecracker process for `record`, configures it and starts the guest.
     async fn launch(&self, record: &VmRecord) -> Result<(), VmmError> {
+        self.launch_with(record, "config.ext4").await
+    }
+
+    /// `launch` with the config drive `config` (a file in the VM's directory).
+    async fn launch_with(&self, record: &VmRecord, config: &str) -> Result<(), VmmError> {
         let name = &record.spec.name;
         let dir = self.dirs.dir(name)?;
         let slot = record
@@ -562,7 +773,7 @@ impl FirecrackerHost {
             vcpus: record.spec.vcpus,
             memory_mb: record.spec.memory_mb,
             root_disk: in_vm(dir.join("disk.ext4"))?,
-            config_drive: in_vm(dir.join("config.ext4"))?,
+            config_drive: in_vm(dir.join(config))?,
             tap: tap_name(slot),
             guest_mac: firecracker::guest_mac(name),
             log_path: in_vm(dir.join("firecracker.log"))?,
@@ -862,17 +1073,13 @@ impl Vmm for FirecrackerHost {
 
     async fn create(&self, spec: &VmSpec) -> Result<VmRecord, VmmError> {
         let _guard = self.lock.lock().await;
-        // A new VM of a snapshot with memory: its directory, and the identity to tell it.
-        let mut restore_from = None;
+        // How a new VM starts, and the identity to tell it after a restore or a base build.
+        let mut start = (Start::Boot, Vec::new());
         let record = match self.dirs.record(&spec.name)? {
             Some(record) => record,
             None => {
                 check_sizes(spec)?;
-                let source = match (&spec.snapshot, &spec.image) {
-                    (Some(id), _) => self.snapshots.disk(id, spec.disk_gb)?,
-                    (None, Some(id)) => self.images.disk(id, spec.disk_gb)?,
-                    (None, None) => self.image.rootfs(),
-                };
+                let (how, source) = self.start_of(spec)?;
                 let slot = self.free_slot()?;
                 let (host, guest) = tap_addresses(slot);
                 let record = VmRecord {
@@ -915,23 +1122,54 @@ impl Vmm for FirecrackerHost {
                         .open(&disk)
                         .map_err(fail("size the root disk"))?;
                     file.set_len(spec.disk_gb as u64 * 1024 * 1024 * 1024)
-                        .map_err(fail("size the root disk"))
+                        .map_err(fail("size the root disk"))?;
+                    if let Start::BuildBase(_) = how {
+                        // Nothing of anyone's: no key, and the guest makes its host key.
+                        let neutral = dir.join("base-config");
+                        let mut base = vec![
+                            ("authorized_keys", "\n".to_string()),
+                            ("hostname", "hearth-base\n".to_string()),
+                            ("base", "1\n".to_string()),
+                        ];
+                        base.extend(network.iter().map(|(k, v)| (*k, format!("{v}\n"))));
+                        std::fs::create_dir_all(&neutral)
+                            .map_err(fail("create the base config drive"))?;
+                        crate::vmm::config_drive(&neutral, &base)?;
+                        std::fs::rename(neutral.join("config.ext4"), dir.join(BASE_CONFIG))
+                            .and_then(|()| std::fs::remove_dir(&neutral))
+                            .map_err(fail("write the base config drive"))?;
+                    }
+                    Ok(())
                 })?;
                 self.dirs.commit(&building, &spec.name)?;
-                if let Some(id) = &spec.snapshot {
-                    restore_from = self.saved_memory(id, spec)?.map(|dir| (dir, files));
-                }
+                start = (how, files);
                 record
             }
         };
         if self.pid(&spec.name).is_none() {
-            if let Some((from, identity)) = restore_from {
-                match self.restore(&record, &from, &identity).await {
-                    Ok(()) => return Ok(record),
-                    Err(e) => {
-                        tracing::warn!(vm = %spec.name, error = %e, "restoring the snapshot's memory failed; this VM boots from its disk");
-                        self.kill(&spec.name).await;
-                        let _ = std::fs::remove_file(self.dirs.dir(&spec.name)?.join(RESTORING));
+            let (how, identity) = start;
+            let tried = match &how {
+                Start::Boot => None,
+                Start::Restore(from, _) => Some(self.restore(&record, from, &identity).await),
+                Start::BuildBase(key) => Some(self.build_base(&record, key, &identity).await),
+            };
+            match tried {
+                None => {}
+                Some(Ok(())) => return Ok(record),
+                Some(Err(e)) => {
+                    tracing::warn!(vm = %spec.name, error = %e, "this VM's restore or base snapshot failed; it boots from its disk");
+                    self.kill(&spec.name).await;
+                    let dir = self.dirs.dir(&spec.name)?;
+                    let _ = std::fs::remove_file(dir.join(RESTORING));
+                    let _ = std::fs::remove_file(dir.join(BASE_CONFIG));
+                    if let (Start::Restore(_, Some(key)) | Start::BuildBase(key), Some(base)) =
+                        (&how, &self.base)
+                    {
+                        self.base_failed
+                            .lock()
+                            .expect("not poisoned")
+                            .insert(key.clone());
+                        let _ = base.remove(key, &Default::default());
                     }
                 }
             }
@@ -1020,6 +1258,7 @@ impl Vmm for FirecrackerHost {
                     self.power_off(&record).await;
                 }
                 let _ = std::fs::remove_file(&restoring);
+                let _ = std::fs::remove_file(restoring.with_file_name(BASE_CONFIG));
                 tracing::warn!(vm = %name, "stopped a VM whose restore an agent left unfinished; it boots from its disk when started");
             }
             let Ok(marker) = self
@@ -1063,17 +1302,7 @@ impl Vmm for FirecrackerHost {
         let disk = dir.join("disk.ext4");
         let client = self.pid(name).map(|_| self.client(name)).transpose()?;
         let listens = client.is_some() && guest_listens(&self.vsock(name)?.0).await;
-        let (writes_in, prefix) = match &self.config.jailer {
-            Some(_) => (
-                self.config
-                    .chroot_base
-                    .join("firecracker")
-                    .join(name)
-                    .join("root"),
-                "/",
-            ),
-            None => (dir.clone(), ""),
-        };
+        let (writes_in, prefix) = self.writes_in(name)?;
         let vm = FcPause {
             client,
             memory: listens.then(|| SavedMemory {

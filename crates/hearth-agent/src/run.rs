@@ -154,12 +154,17 @@ pub async fn run(
             tracing::info!(
                 "VMs on tap devices may not open connections to this host or each other (chains HEARTH-TAPS-*)"
             );
-            Box::new(FirecrackerHost::new(
+            let host = FirecrackerHost::new(
                 config.state_dir.clone(),
                 image,
                 fc.clone(),
                 &config.guest_address,
-            )?)
+            )?;
+            Box::new(if config.base_snapshots {
+                host.with_base_snapshots()?
+            } else {
+                host
+            })
         }
     };
     let accel = vms.accel();

@@ -353,6 +353,18 @@ impl Snapshots {
         Ok(images)
     }
 
+    /// Opens `<state>/fc-base-snapshots` (a Firecracker host's base snapshots) the same
+    /// way, promising room from the same account as `snapshots`.
+    pub fn open_base(state: &Path, snapshots: &Snapshots) -> Result<Snapshots, VmmError> {
+        let mut base = Snapshots::open_in(
+            state.join("fc-base-snapshots"),
+            "base snapshot",
+            "disk.ext4",
+        )?;
+        base.pending = snapshots.pending.clone();
+        Ok(base)
+    }
+
     fn open_in(
         root: PathBuf,
         what: &'static str,

@@ -16,7 +16,9 @@
 //! exist, and must give the new VM's vsock socket. The vsock device is served as
 //! Firecracker serves it (`CONNECT <port>` answered `OK <port>`), with a fake guest behind
 //! it: it answers `ping` with `pong`, and an identity (`identify` … `end`) with
-//! `identified`, writing what it was told to `PATH.identity`.
+//! `identified`, writing what it was told to `PATH.identity`; a guest booted with a base
+//! VM's config drive (`config-base.ext4`) first says `ready`, as the real one does once
+//! sshd runs.
 //!
 //! What the fake cannot prove: that a real Firecracker boots the guest, that the guest's
 //! network comes up on its tap, the jailer, that a real snapshot restores, and the guest's
@@ -50,6 +52,8 @@ struct Fake {
     configured: bool,
     /// Where the fake guest writes the identities it is told.
     identity_log: PathBuf,
+    /// Booted with a base VM's config drive: its guest says `ready` first.
+    base: bool,
     /// Every request, as `METHOD path`.
     log: Vec<String>,
     /// `SendCtrlAltDel` came: a real Firecracker exits when its guest reboots.
@@ -196,6 +200,14 @@ fn judge(
     if method == "PUT" && !matches!(t, "/logger" | "/metrics" | "/snapshot/load" | "/actions") {
         fake.configured = true;
     }
+    if t == "/drives/{drive_id}"
+        && method == "PUT"
+        && body["path_on_host"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("config-base.ext4"))
+    {
+        fake.base = true;
+    }
     match t {
         "/snapshot/create" => {
             let snapshot = body["snapshot_path"].as_str().unwrap_or_default();
@@ -252,9 +264,11 @@ fn fake_guest(uds: &str, fake: &Fake) {
         return;
     };
     let log = fake.identity_log.clone();
+    let mut ready = fake.base;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let log = log.clone();
+            let says_ready = std::mem::take(&mut ready);
             tokio::spawn(async move {
                 let mut port = tokio::io::BufReader::new(stream);
                 let mut line = String::new();
@@ -262,6 +276,9 @@ fn fake_guest(uds: &str, fake: &Fake) {
                     return;
                 }
                 let _ = port.get_mut().write_all(b"OK 1073741824\n").await;
+                if says_ready {
+                    let _ = port.get_mut().write_all(b"ready\n").await;
+                }
                 let mut told = Vec::new();
                 loop {
                     let mut line = String::new();
@@ -925,6 +942,126 @@ async fn a_snapshot_keeps_a_vms_memory_and_a_vm_of_its_size_loads_it() {
     assert!(host.remove_snapshot("with-memory").await.unwrap());
 }
 
+/// Base snapshots on a Firecracker host: the first VM of a size boots with the neutral
+/// config drive, is saved once its guest says `ready`, and then takes its own identity
+/// (its config drive switched to its own); the next VM of that size loads the saved memory,
+/// never booted, and is told its own; one of another size makes another base snapshot. An
+/// agent with another Firecracker removes them. Every request followed the spec.
+async fn base_snapshots_make_later_vms_of_a_size_load_the_first_ones_memory() {
+    use hearth_agent::firecracker_host::{FirecrackerConfig, FirecrackerHost};
+    use hearth_agent::vmm::{VmSpec, VmStatus, Vmm};
+    hearth_agent::guard::confine_taps().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let config = FirecrackerConfig {
+        firecracker: std::env::current_exe().unwrap(),
+        jailer: None,
+        chroot_base: state.path().join("jail"),
+    };
+    let make = |config: &FirecrackerConfig| {
+        FirecrackerHost::new(
+            state.path().to_path_buf(),
+            image(),
+            config.clone(),
+            "127.0.0.1",
+        )
+        .unwrap()
+        .with_base_snapshots()
+        .unwrap()
+    };
+    let host = make(&config);
+    let pid = std::process::id();
+    let spec = |name: &str, memory_mb: i64| VmSpec {
+        name: name.into(),
+        environment_id: name.into(),
+        hostname: format!("{name}-host"),
+        vcpus: 1,
+        memory_mb,
+        disk_gb: 1,
+        authorized_keys: format!("ssh-ed25519 AAAA {name}"),
+        labels: Default::default(),
+        snapshot: None,
+        image: None,
+    };
+    let vm_dir = |name: &str| state.path().join("vms").join(name);
+    let told =
+        |name: &str| std::fs::read_to_string(vm_dir(name).join("fc.identity")).unwrap_or_default();
+    let kept = || {
+        let mut ids: Vec<String> = std::fs::read_dir(state.path().join("fc-base-snapshots"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+
+    let first = format!("hearth-fcb-first-{pid}");
+    host.create(&spec(&first, 256)).await.unwrap();
+    let log = fake_log_with(&vm_dir(&first), "PATCH /drives/config").await;
+    let calls: Vec<&str> = log.lines().filter(|l| !l.starts_with("GET")).collect();
+    let at = |call: &str| calls.iter().position(|l| *l == call).unwrap();
+    assert!(
+        at("PUT /actions") < at("PUT /snapshot/create")
+            && at("PUT /snapshot/create") < at("PATCH /drives/config"),
+        "booted, saved, then given its own drive: {calls:?}"
+    );
+    assert!(
+        told(&first).contains(&format!("hostname={first}-host")),
+        "{}",
+        told(&first)
+    );
+    assert!(!vm_dir(&first).join("config-base.ext4").exists());
+    assert!(!vm_dir(&first).join("restoring").exists());
+    assert_eq!(host.status(&first).await.unwrap(), Some(VmStatus::Running));
+    let ids = kept();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert!(ids[0].starts_with("1c256m1g-"), "{ids:?}");
+    for file in ["memory", "vmstate", "disk.ext4"] {
+        assert!(
+            state
+                .path()
+                .join("fc-base-snapshots")
+                .join(&ids[0])
+                .join(file)
+                .is_file()
+        );
+    }
+
+    let second = format!("hearth-fcb-second-{pid}");
+    host.create(&spec(&second, 256)).await.unwrap();
+    let log = fake_log_with(&vm_dir(&second), "PUT /snapshot/load").await;
+    assert_eq!(
+        log.lines()
+            .filter(|l| !l.starts_with("GET"))
+            .collect::<Vec<_>>(),
+        ["PUT /logger", "PUT /snapshot/load"],
+        "loaded, not booted"
+    );
+    assert!(told(&second).contains(&format!("hostname={second}-host")));
+    assert!(!told(&second).contains(&first));
+
+    let other = format!("hearth-fcb-other-{pid}");
+    host.create(&spec(&other, 512)).await.unwrap();
+    fake_log_with(&vm_dir(&other), "PATCH /drives/config").await;
+    assert_eq!(kept().len(), 2, "{:?}", kept());
+
+    for name in [&first, &second, &other] {
+        let violations =
+            std::fs::read_to_string(vm_dir(name).join("fc.violations")).unwrap_or_default();
+        assert!(violations.is_empty(), "{name}: {violations}");
+        host.destroy(name).await.unwrap();
+    }
+    // Another Firecracker binary (here: another path to it): the saved memory is not its.
+    drop(host);
+    let elsewhere = state.path().join("firecracker-elsewhere");
+    std::os::unix::fs::symlink(&config.firecracker, &elsewhere).unwrap();
+    let _host = make(&FirecrackerConfig {
+        firecracker: elsewhere,
+        ..config.clone()
+    });
+    assert!(kept().is_empty(), "{:?}", kept());
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "--api-sock") {
@@ -956,6 +1093,10 @@ fn main() {
         libtest_mimic::Trial::test(
             "the_backend_runs_vm_processes_through_their_life",
             run(|| Box::pin(the_backend_runs_vm_processes_through_their_life())),
+        ),
+        libtest_mimic::Trial::test(
+            "base_snapshots_make_later_vms_of_a_size_load_the_first_ones_memory",
+            run(|| Box::pin(base_snapshots_make_later_vms_of_a_size_load_the_first_ones_memory())),
         ),
         libtest_mimic::Trial::test(
             "a_snapshot_keeps_a_vms_memory_and_a_vm_of_its_size_loads_it",

@@ -291,7 +291,8 @@ struct AgentArgs {
     vmm: String,
     /// qemu: new VMs restore a snapshot of a booted VM of their size (made on the first
     /// create of that size; at most 8 sizes, one build at a time) instead of booting: about
-    /// a second to SSH instead of eight under software emulation. `off` always boots.
+    /// a second to SSH instead of eight under software emulation. firecracker: the first VM
+    /// of a size is saved once booted, and later ones load it. `off` always boots.
     #[arg(long, env = "HEARTH_AGENT_BASE_SNAPSHOTS", default_value = "on", value_parser = ["on", "off"])]
     base_snapshots: String,
     #[arg(
