@@ -9,8 +9,8 @@ use crate::users::{User, quota_and_usage};
 use crate::{Backend, Result, Store, StoreError, Tx};
 use hearth_core::{EnvState, HostKind, Reservation, Resources};
 use rand::Rng;
-use sqlx::Row;
 use sqlx::any::AnyRow;
+use sqlx::{FromRow, Row};
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -381,6 +381,7 @@ fn page_sql(backend: Backend, one_user: bool, in_state: bool) -> &'static str {
 }
 
 /// An environment's row as `env_from_row` reads it.
+#[derive(sqlx::FromRow)]
 struct EnvRow {
     id: String,
     slug: String,
@@ -477,9 +478,9 @@ impl EnvRow {
     }
 }
 
-/// A summary's row as `summary_object!` writes it (SQLite) or `summary_row` reads it
-/// (PostgreSQL).
-#[derive(serde::Deserialize)]
+/// A summary's row as `summary_object!` writes it (SQLite) or PostgreSQL's rows are read
+/// (`FromRow`).
+#[derive(serde::Deserialize, sqlx::FromRow)]
 struct SummaryRow {
     id: String,
     slug: String,
@@ -588,7 +589,7 @@ impl Store {
     }
 
     fn env_from_row(&self, row: &AnyRow) -> Result<Environment> {
-        self.env_from(env_row(row)?)
+        self.env_from(EnvRow::from_row(row)?)
     }
 
     fn env_from(&self, row: EnvRow) -> Result<Environment> {
@@ -596,93 +597,6 @@ impl Store {
         env.environment_vars = self.open_vars(&vars)?;
         Ok(env)
     }
-}
-
-/// The row's columns by name.
-fn env_row(row: &AnyRow) -> Result<EnvRow> {
-    Ok(EnvRow {
-        id: row.try_get("id")?,
-        slug: row.try_get("slug")?,
-        name: row.try_get("name")?,
-        user_id: row.try_get("user_id")?,
-        personal: row.try_get("personal")?,
-        state: row.try_get("state")?,
-        state_message: row.try_get("state_message")?,
-        generation: row.try_get("generation")?,
-        provider: row.try_get("provider")?,
-        host_id: row.try_get("host_id")?,
-        host_name: row.try_get("host_name")?,
-        vm_id: row.try_get("vm_id")?,
-        region: row.try_get("region")?,
-        ip_address: row.try_get("ip_address")?,
-        ssh_host: row.try_get("ssh_host")?,
-        ssh_port: row.try_get("ssh_port")?,
-        ssh_user: row.try_get("ssh_user")?,
-        ssh_host_key: row.try_get("ssh_host_key")?,
-        vcpus: row.try_get("vcpus")?,
-        memory_mb: row.try_get("memory_mb")?,
-        disk_gb: row.try_get("disk_gb")?,
-        gpus: row.try_get("gpus")?,
-        gpu_model: row.try_get("gpu_model")?,
-        reserved: row.try_get("reserved")?,
-        base_image: row.try_get("base_image")?,
-        environment_vars: row.try_get("environment_vars")?,
-        ssh_public_key: row.try_get("ssh_public_key")?,
-        ssh_private_key_enc: row.try_get("ssh_private_key_enc")?,
-        auto_stop_minutes: row.try_get("auto_stop_minutes")?,
-        total_runtime_seconds: row.try_get("total_runtime_seconds")?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        started_at: row.try_get("started_at")?,
-        stopped_at: row.try_get("stopped_at")?,
-        expires_at: row.try_get("expires_at")?,
-        last_activity_at: row.try_get("last_activity_at")?,
-        last_activity_source: row.try_get("last_activity_source")?,
-        init_script: row.try_get("init_script")?,
-        repository_url: row.try_get("repository_url")?,
-        repository_ref: row.try_get("repository_ref")?,
-        git_credential_id: row.try_get("git_credential_id")?,
-    })
-}
-
-/// A summary's columns by name (`select_summary!`).
-fn summary_row(row: &AnyRow) -> Result<SummaryRow> {
-    Ok(SummaryRow {
-        id: row.try_get("id")?,
-        slug: row.try_get("slug")?,
-        name: row.try_get("name")?,
-        user_id: row.try_get("user_id")?,
-        personal: row.try_get("personal")?,
-        state: row.try_get("state")?,
-        state_message: row.try_get("state_message")?,
-        generation: row.try_get("generation")?,
-        provider: row.try_get("provider")?,
-        host_id: row.try_get("host_id")?,
-        host_name: row.try_get("host_name")?,
-        vm_id: row.try_get("vm_id")?,
-        region: row.try_get("region")?,
-        ip_address: row.try_get("ip_address")?,
-        ssh_host: row.try_get("ssh_host")?,
-        ssh_port: row.try_get("ssh_port")?,
-        ssh_user: row.try_get("ssh_user")?,
-        ssh_host_key: row.try_get("ssh_host_key")?,
-        vcpus: row.try_get("vcpus")?,
-        memory_mb: row.try_get("memory_mb")?,
-        disk_gb: row.try_get("disk_gb")?,
-        gpus: row.try_get("gpus")?,
-        gpu_model: row.try_get("gpu_model")?,
-        base_image: row.try_get("base_image")?,
-        environment_vars: row.try_get("environment_vars")?,
-        ssh_public_key: row.try_get("ssh_public_key")?,
-        auto_stop_minutes: row.try_get("auto_stop_minutes")?,
-        created_at: row.try_get("created_at")?,
-        started_at: row.try_get("started_at")?,
-        stopped_at: row.try_get("stopped_at")?,
-        expires_at: row.try_get("expires_at")?,
-        last_activity_at: row.try_get("last_activity_at")?,
-        repository_url: row.try_get("repository_url")?,
-        repository_ref: row.try_get("repository_ref")?,
-    })
 }
 
 /// `env_` and 8 characters of `[a-z0-9]` from the OS CSPRNG.
@@ -927,7 +841,7 @@ impl Store {
                 .fetch_all(&self.pool)
                 .await?
                 .iter()
-                .map(summary_row)
+                .map(|row| Ok(SummaryRow::from_row(row)?))
                 .collect::<Result<_>>()?,
         };
         let mut items = rows
