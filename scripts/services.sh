@@ -17,7 +17,11 @@ need_root() {
 
 apt_install() {
   local missing=()
-  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  # Installed means dpkg says so: a package removed but not purged is still known to
+  # `dpkg -s`, without its files.
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
+  done
   [ ${#missing[@]} -eq 0 ] && return 0
   echo "installing: ${missing[*]}" >&2
   if [ ! -f /var/lib/apt/periodic/hearth-updated ]; then
