@@ -10,9 +10,9 @@
 //! Hearth's credentials never reach the guest: `Authorization: Bearer`, the session cookie
 //! and the CSRF header are removed. An `Authorization` of any other scheme (a guest app's
 //! own `Basic` sign-in) is the guest's: it passes through, and Hearth then takes the
-//! caller from the session cookie or the port's public share. Answers carry `Content-Security-Policy: sandbox`, so a
-//! page from the guest runs in an origin of its own in a browser and cannot act with the
-//! visitor's Hearth session. WebSocket and other upgrades, and streamed bodies, pass
+//! caller from the session cookie or the port's public share. Answers carry
+//! `Content-Security-Policy: sandbox`, so a page from the guest runs in an origin of its
+//! own in a browser and cannot act with the visitor's Hearth session. WebSocket and other upgrades, and streamed bodies, pass
 //! through.
 
 use super::Caller;
@@ -28,6 +28,7 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio_util::either::Either;
 
 /// Largest request body passed to the guest.
 pub const MAX_PROXY_BODY: usize = 64 * 1024 * 1024;
@@ -254,46 +255,23 @@ impl tower_service::Service<Uri> for GuestConnector {
                 .await
                 .map_err(|e| Box::new(ConnectFailed(e.into())) as BoxError)?;
             let io = match connection {
-                PortConnection::Direct(stream) => GuestIo::Direct(TokioIo::new(stream)),
-                PortConnection::Tunnel(channel) => {
-                    GuestIo::Tunnel(TokioIo::new(channel.into_stream()))
-                }
+                PortConnection::Direct(stream) => Either::Left(stream),
+                PortConnection::Tunnel(channel) => Either::Right(channel.into_stream()),
             };
             Ok(GuestStream {
-                io,
+                io: TokioIo::new(io),
                 _permit: permit,
             })
         })
     }
 }
 
-/// One connection to a port in a guest, holding its place among the environment's.
+/// One connection to a port in a guest, holding its place among the environment's: a
+/// socket straight to the guest, or a `direct-tcpip` channel through its sshd (see
+/// `App::port_connection`).
 pub struct GuestStream {
-    io: GuestIo,
+    io: TokioIo<Either<tokio::net::TcpStream, russh::ChannelStream<russh::client::Msg>>>,
     _permit: hearth_app::tunnels::Permit,
-}
-
-/// What a `GuestStream` reads and writes: a socket straight to the guest, or a
-/// `direct-tcpip` channel through its sshd (see `App::port_connection`).
-enum GuestIo {
-    Direct(TokioIo<tokio::net::TcpStream>),
-    Tunnel(TokioIo<russh::ChannelStream<russh::client::Msg>>),
-}
-
-/// Runs `$body` with `$io` bound to the pinned inner stream, whichever it is.
-macro_rules! on_io {
-    ($stream:expr, $io:ident => $body:expr) => {
-        match &mut $stream.io {
-            GuestIo::Direct(inner) => {
-                let $io = std::pin::Pin::new(inner);
-                $body
-            }
-            GuestIo::Tunnel(inner) => {
-                let $io = std::pin::Pin::new(inner);
-                $body
-            }
-        }
-    };
 }
 
 impl Connection for GuestStream {
@@ -308,7 +286,7 @@ impl hyper::rt::Read for GuestStream {
         cx: &mut std::task::Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        on_io!(self, io => io.poll_read(cx, buf))
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
@@ -318,21 +296,21 @@ impl hyper::rt::Write for GuestStream {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        on_io!(self, io => io.poll_write(cx, buf))
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        on_io!(self, io => io.poll_flush(cx))
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        on_io!(self, io => io.poll_shutdown(cx))
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
