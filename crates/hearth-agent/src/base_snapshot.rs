@@ -100,18 +100,8 @@ pub fn fingerprint(launcher: &Launcher, qemu_version: &str) -> String {
     let image = &launcher.image;
     let mut hash = sha2::Sha256::new();
     // The image's files as built (a rebuild with the same recipe has other blocks under
-    // the snapshot's disk): their size and modification time.
-    for file in [image.kernel(), image.initrd(), image.rootfs()] {
-        if let Ok(meta) = std::fs::metadata(&file) {
-            let modified = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            hash.update(format!("{}:{}:{modified}", file.display(), meta.len()).as_bytes());
-        }
-    }
+    // the snapshot's disk).
+    hash_files(&mut hash, &[image.kernel(), image.initrd(), image.rootfs()]);
     for part in [
         image.recipe.as_str(),
         image.kernel_version.as_str(),
@@ -123,6 +113,22 @@ pub fn fingerprint(launcher: &Launcher, qemu_version: &str) -> String {
         hash.update([0]);
     }
     hex::encode(&hash.finalize()[..6])
+}
+
+/// Adds each of `files`' path, size and modification time to `hash`: what tells one build
+/// of a file from another.
+pub(crate) fn hash_files(hash: &mut sha2::Sha256, files: &[PathBuf]) {
+    for file in files {
+        if let Ok(meta) = std::fs::metadata(file) {
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            hash.update(format!("{}:{}:{modified}", file.display(), meta.len()).as_bytes());
+        }
+    }
 }
 
 fn key(fingerprint: &str, spec: &VmSpec) -> String {
@@ -565,6 +571,24 @@ pub(crate) async fn identify(
         )));
     }
     Ok(())
+}
+
+/// Whether the guest's identity listener on the port `connecting` opens answers `ping`
+/// with `pong` within 3 s (a QEMU guest looks every 0.1 s while nobody holds its port).
+pub(crate) async fn answers_ping(
+    connecting: impl std::future::Future<Output = std::io::Result<BufReader<UnixStream>>>,
+) -> bool {
+    let asked = async {
+        let mut port = connecting.await?;
+        port.get_mut().write_all(b"ping\n").await?;
+        let mut line = String::new();
+        port.read_line(&mut line).await?;
+        Ok::<_, std::io::Error>(line.trim() == "pong")
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), asked).await,
+        Ok(Ok(true))
+    )
 }
 
 /// How long a restore's steps took, for the log.

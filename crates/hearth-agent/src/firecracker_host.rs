@@ -129,22 +129,15 @@ pub struct FirecrackerHost {
 fn fingerprint(config: &FirecrackerConfig, image: &VmImage) -> String {
     use sha2::Digest;
     let mut hash = sha2::Sha256::new();
-    for file in [
-        config.firecracker.clone(),
-        image.kernel(),
-        image.initrd(),
-        image.rootfs(),
-    ] {
-        if let Ok(meta) = std::fs::metadata(&file) {
-            let modified = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            hash.update(format!("{}:{}:{modified}", file.display(), meta.len()).as_bytes());
-        }
-    }
+    crate::base_snapshot::hash_files(
+        &mut hash,
+        &[
+            config.firecracker.clone(),
+            image.kernel(),
+            image.initrd(),
+            image.rootfs(),
+        ],
+    );
     hash.update(image.kernel_version.as_bytes());
     hex::encode(&hash.finalize()[..6])
 }
@@ -197,18 +190,12 @@ async fn connect_vsock(
 
 /// Whether the guest behind `uds` answers `ping` on its identity listener.
 async fn guest_listens(uds: &Path) -> bool {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    let asked = async {
-        let mut port = connect_vsock(uds, Duration::ZERO).await.ok()?;
-        port.get_mut().write_all(b"ping\n").await.ok()?;
-        let mut line = String::new();
-        port.read_line(&mut line).await.ok()?;
-        Some(line.trim() == "pong")
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(3), asked).await,
-        Ok(Some(true))
-    )
+    crate::base_snapshot::answers_ping(async {
+        connect_vsock(uds, Duration::ZERO)
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    })
+    .await
 }
 
 /// The host's and the guest's address on the tap of `slot`.
@@ -341,6 +328,18 @@ fn nameserver() -> String {
         .unwrap_or_else(|| "1.1.1.1".into())
 }
 
+/// Copies a raw disk: a reflink where the file system has them, else sparse.
+fn copy_disk(from: &Path, to: &Path) -> Result<(), VmmError> {
+    run(
+        Command::new("cp")
+            .arg("--reflink=auto")
+            .arg("--sparse=always")
+            .arg(from)
+            .arg(to),
+        "copy the disk",
+    )
+}
+
 fn ip(args: &[&str]) -> Result<(), VmmError> {
     run(
         Command::new("ip").args(args),
@@ -467,41 +466,9 @@ impl FirecrackerHost {
         drop(port);
         let boot_ms = started.elapsed().as_millis() as u64;
         let lock = self.vm_locks.lock(name).await;
-        let disk = dir.join("disk.ext4");
-        let memory_bytes = record.spec.memory_mb as u64 * (1 << 20);
-        let (writes_in, prefix) = self.writes_in(name)?;
-        let saved = crate::snapshots::take(
-            base,
-            key,
-            crate::snapshots::VmDisk {
-                vm_dir: dir.clone(),
-                disk_gb: record.spec.disk_gb,
-                copy_bytes: crate::snapshots::allocated_bytes(&disk)? + memory_bytes,
-            },
-            lock,
-            FcPause {
-                client: Some(self.client(name)?),
-                memory: Some(SavedMemory {
-                    kernel_args: String::new(),
-                    vcpus: record.spec.vcpus,
-                    memory_mb: record.spec.memory_mb,
-                    fingerprint: self.fingerprint.clone(),
-                }),
-                writes_in,
-                prefix,
-            },
-            move |to| {
-                run(
-                    Command::new("cp")
-                        .arg("--reflink=auto")
-                        .arg("--sparse=always")
-                        .arg(&disk)
-                        .arg(to),
-                    "copy the disk",
-                )
-            },
-        )
-        .await?;
+        let saved = self
+            .save(record, base, key, lock, Some(self.client(name)?), true)
+            .await?;
         if saved.memory_bytes == 0 {
             if let Some(base) = &self.base {
                 let _ = base.remove(key, &Default::default());
@@ -518,11 +485,7 @@ impl FirecrackerHost {
         )
         .await
         .map_err(|e| VmmError::Failed(e.to_string()))?;
-        let mut port = connect_vsock(&uds, Duration::from_secs(10)).await?;
-        let mut told: Vec<(&str, String)> = identity.to_vec();
-        told.push(("mac", format!("{}\n", firecracker::guest_mac(name))));
-        crate::base_snapshot::identify(&mut port, &told).await?;
-        std::fs::remove_file(dir.join(RESTORING)).map_err(fail("mark the VM identified"))?;
+        self.tell_identity(name, identity).await?;
         let _ = std::fs::remove_file(dir.join(BASE_CONFIG));
         tracing::info!(
             vm = %name,
@@ -535,18 +498,80 @@ impl FirecrackerHost {
         Ok(())
     }
 
+    /// Saves VM `record`'s disk (and its memory, when `with_memory` and it runs) into
+    /// `into` as `id`, paused meanwhile: a user's snapshot, or a base snapshot.
+    async fn save(
+        &self,
+        record: &VmRecord,
+        into: Arc<Snapshots>,
+        id: &str,
+        lock: tokio::sync::OwnedMutexGuard<()>,
+        client: Option<FcClient>,
+        with_memory: bool,
+    ) -> Result<Snapshot, VmmError> {
+        let name = &record.spec.name;
+        let dir = self.dirs.dir(name)?;
+        let disk = dir.join("disk.ext4");
+        let with_memory = with_memory && client.is_some();
+        let (writes_in, prefix) = self.writes_in(name)?;
+        // A sparse copy takes what the disk takes, and the memory at most the guest's.
+        let copy_bytes = crate::snapshots::allocated_bytes(&disk)?
+            + if with_memory {
+                record.spec.memory_mb as u64 * (1 << 20)
+            } else {
+                0
+            };
+        let vm = FcPause {
+            client,
+            memory: with_memory.then(|| SavedMemory {
+                kernel_args: String::new(),
+                vcpus: record.spec.vcpus,
+                memory_mb: record.spec.memory_mb,
+                fingerprint: self.fingerprint.clone(),
+            }),
+            writes_in,
+            prefix,
+        };
+        crate::snapshots::take(
+            into,
+            id,
+            crate::snapshots::VmDisk {
+                vm_dir: dir,
+                disk_gb: record.spec.disk_gb,
+                copy_bytes,
+            },
+            lock,
+            vm,
+            move |to| copy_disk(&disk, to),
+        )
+        .await
+    }
+
+    /// Tells VM `name`'s guest, over vsock, its `identity` (its config drive's files) and
+    /// its MAC, then clears its `restoring` mark.
+    async fn tell_identity(&self, name: &str, identity: &[(&str, String)]) -> Result<(), VmmError> {
+        let mut port = connect_vsock(&self.vsock(name)?.0, Duration::from_secs(10)).await?;
+        let mut told: Vec<(&str, String)> = identity.to_vec();
+        told.push(("mac", format!("{}\n", firecracker::guest_mac(name))));
+        crate::base_snapshot::identify(&mut port, &told).await?;
+        std::fs::remove_file(self.dirs.dir(name)?.join(RESTORING))
+            .map_err(fail("mark the VM identified"))
+    }
+
+    /// The root of VM `name`'s chroot, under the jailer.
+    fn chroot_root(&self, name: &str) -> PathBuf {
+        self.config
+            .chroot_base
+            .join("firecracker")
+            .join(name)
+            .join("root")
+    }
+
     /// Where Firecracker writes the files it saves for VM `name` (its directory or its
     /// chroot), and the prefix it is given for them.
     fn writes_in(&self, name: &str) -> Result<(PathBuf, &'static str), VmmError> {
         Ok(match &self.config.jailer {
-            Some(_) => (
-                self.config
-                    .chroot_base
-                    .join("firecracker")
-                    .join(name)
-                    .join("root"),
-                "/",
-            ),
+            Some(_) => (self.chroot_root(name), "/"),
             None => (self.dirs.dir(name)?, ""),
         })
     }
@@ -574,12 +599,7 @@ impl FirecrackerHost {
     fn client(&self, name: &str) -> Result<FcClient, VmmError> {
         let dir = self.dirs.dir(name)?;
         let socket = match &self.config.jailer {
-            Some(_) => self
-                .config
-                .chroot_base
-                .join("firecracker")
-                .join(name)
-                .join("root/fc.sock"),
+            Some(_) => self.chroot_root(name).join("fc.sock"),
             None => dir.join("fc.sock"),
         };
         Ok(FcClient::new(&socket))
@@ -709,12 +729,7 @@ impl FirecrackerHost {
                 },
             );
         }
-        let root = self
-            .config
-            .chroot_base
-            .join("firecracker")
-            .join(name)
-            .join("root");
+        let root = self.chroot_root(name);
         std::fs::create_dir_all(&root).map_err(fail("make the VM's chroot"))?;
         let file = path
             .file_name()
@@ -740,11 +755,7 @@ impl FirecrackerHost {
     fn vsock(&self, name: &str) -> Result<(PathBuf, String), VmmError> {
         Ok(match &self.config.jailer {
             Some(_) => (
-                self.config
-                    .chroot_base
-                    .join("firecracker")
-                    .join(name)
-                    .join("root/vsock.sock"),
+                self.chroot_root(name).join("vsock.sock"),
                 "/vsock.sock".into(),
             ),
             None => (self.dirs.dir(name)?.join("vsock.sock"), "vsock.sock".into()),
@@ -814,13 +825,7 @@ impl FirecrackerHost {
             saved.push(match &self.config.jailer {
                 None => path.display().to_string(),
                 Some(_) => {
-                    let root = self
-                        .config
-                        .chroot_base
-                        .join("firecracker")
-                        .join(name)
-                        .join("root");
-                    let inside = root.join(format!("restore-{file}"));
+                    let inside = self.chroot_root(name).join(format!("restore-{file}"));
                     let _ = std::fs::remove_file(&inside);
                     std::fs::hard_link(&path, &inside).map_err(fail(
                         "link a snapshot into the VM's chroot (it must be on the state directory's file system)",
@@ -842,11 +847,7 @@ impl FirecrackerHost {
         .await
         .map_err(|e| VmmError::Failed(e.to_string()))?;
         let loaded_ms = started.elapsed().as_millis() as u64;
-        let mut port = connect_vsock(&uds, Duration::from_secs(10)).await?;
-        let mut told: Vec<(&str, String)> = identity.to_vec();
-        told.push(("mac", format!("{}\n", firecracker::guest_mac(name))));
-        crate::base_snapshot::identify(&mut port, &told).await?;
-        std::fs::remove_file(dir.join(RESTORING)).map_err(fail("mark the VM restored"))?;
+        self.tell_identity(name, identity).await?;
         self.forward(record).await?;
         tracing::info!(
             vm = %name,
@@ -1109,14 +1110,7 @@ impl Vmm for FirecrackerHost {
                 files.extend(network.iter().map(|(k, v)| (*k, format!("{v}\n"))));
                 let building = self.dirs.prepare(&record, &files, |dir| {
                     let disk = dir.join("disk.ext4");
-                    run(
-                        Command::new("cp")
-                            .arg("--reflink=auto")
-                            .arg("--sparse=always")
-                            .arg(&source)
-                            .arg(&disk),
-                        "copy the root disk",
-                    )?;
+                    copy_disk(&source, &disk)?;
                     let file = std::fs::OpenOptions::new()
                         .write(true)
                         .open(&disk)
@@ -1298,51 +1292,10 @@ impl Vmm for FirecrackerHost {
             .record(name)?
             .ok_or_else(|| VmmError::NotFound(name.into()))?;
         let lock = self.vm_locks.lock(name).await;
-        let dir = self.dirs.dir(name)?;
-        let disk = dir.join("disk.ext4");
         let client = self.pid(name).map(|_| self.client(name)).transpose()?;
         let listens = client.is_some() && guest_listens(&self.vsock(name)?.0).await;
-        let (writes_in, prefix) = self.writes_in(name)?;
-        let vm = FcPause {
-            client,
-            memory: listens.then(|| SavedMemory {
-                kernel_args: String::new(),
-                vcpus: record.spec.vcpus,
-                memory_mb: record.spec.memory_mb,
-                fingerprint: self.fingerprint.clone(),
-            }),
-            writes_in,
-            prefix,
-        };
-        // A sparse copy takes what the disk takes, and the memory at most the guest's.
-        let needed = crate::snapshots::allocated_bytes(&disk)?
-            + if listens {
-                record.spec.memory_mb as u64 * (1 << 20)
-            } else {
-                0
-            };
-        crate::snapshots::take(
-            self.snapshots.clone(),
-            id,
-            crate::snapshots::VmDisk {
-                vm_dir: dir,
-                disk_gb: record.spec.disk_gb,
-                copy_bytes: needed,
-            },
-            lock,
-            vm,
-            move |to| {
-                run(
-                    Command::new("cp")
-                        .arg("--reflink=auto")
-                        .arg("--sparse=always")
-                        .arg(&disk)
-                        .arg(to),
-                    "copy the disk",
-                )
-            },
-        )
-        .await
+        self.save(&record, self.snapshots.clone(), id, lock, client, listens)
+            .await
     }
 
     fn snapshots(&self) -> Option<&Snapshots> {

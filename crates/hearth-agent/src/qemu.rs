@@ -154,20 +154,12 @@ impl Pausable for QmpPause {
 /// restored from its memory would wait for it in vain (an image without perl, or a user
 /// who ended it), so without it a snapshot keeps the disk only.
 async fn guest_listens(dir: &Path) -> bool {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-    let asked = async {
-        let stream = tokio::net::UnixStream::connect(dir.join("identity.sock")).await?;
-        let mut port = tokio::io::BufReader::new(stream);
-        port.get_mut().write_all(b"ping\n").await?;
-        let mut line = String::new();
-        port.read_line(&mut line).await?;
-        Ok::<_, std::io::Error>(line.trim() == "pong")
-    };
-    // The guest looks every 0.1 s while nobody holds the port.
-    matches!(
-        tokio::time::timeout(Duration::from_secs(3), asked).await,
-        Ok(Ok(true))
-    )
+    crate::base_snapshot::answers_ping(async {
+        Ok(tokio::io::BufReader::new(
+            tokio::net::UnixStream::connect(dir.join("identity.sock")).await?,
+        ))
+    })
+    .await
 }
 
 /// The argument after `flag` on the command line of process `pid`.
