@@ -556,7 +556,6 @@ fn alive(pid: &str) -> bool {
 /// on a tap device, with its SSH forwarded; a new agent adopts it; stop, start, a VM killed
 /// behind its back, destroy; and every request every process got followed the spec.
 async fn the_backend_runs_vm_processes_through_their_life() {
-    use hearth_agent::firecracker_host::{FirecrackerConfig, FirecrackerHost};
     use hearth_agent::vmm::{VmSpec, VmStatus, Vmm};
     // The firewall the agent sets up for tap devices applies (iptables-restore accepts it).
     hearth_agent::guard::confine_taps().unwrap();
@@ -572,20 +571,8 @@ async fn the_backend_runs_vm_processes_through_their_life() {
         assert!(jumps.success(), "no jump from {chain} to {target}");
     }
     let state = tempfile::tempdir().unwrap();
-    let config = FirecrackerConfig {
-        firecracker: std::env::current_exe().unwrap(),
-        jailer: None,
-        chroot_base: state.path().join("jail"),
-    };
-    let make = || {
-        FirecrackerHost::new(
-            state.path().to_path_buf(),
-            image(),
-            config.clone(),
-            "127.0.0.1",
-        )
-        .unwrap()
-    };
+    let config = fake_firecracker(state.path());
+    let make = || backend(state.path(), &config);
     let host = make();
     let name = format!("hearth-fc-{}", std::process::id());
     let spec = VmSpec {
@@ -795,6 +782,45 @@ async fn a_disk_copy_that_would_fill_the_host_is_refused() {
     assert!(host.list().await.unwrap().is_empty());
 }
 
+/// Firecracker for a backend keeping its state in `state`: this binary, as the fake.
+fn fake_firecracker(state: &Path) -> hearth_agent::firecracker_host::FirecrackerConfig {
+    hearth_agent::firecracker_host::FirecrackerConfig {
+        firecracker: std::env::current_exe().unwrap(),
+        jailer: None,
+        chroot_base: state.join("jail"),
+    }
+}
+
+/// The `firecracker` backend on `state`, running `config`.
+fn backend(
+    state: &Path,
+    config: &hearth_agent::firecracker_host::FirecrackerConfig,
+) -> hearth_agent::firecracker_host::FirecrackerHost {
+    hearth_agent::firecracker_host::FirecrackerHost::new(
+        state.to_path_buf(),
+        image(),
+        config.clone(),
+        "127.0.0.1",
+    )
+    .unwrap()
+}
+
+/// A VM of 1 vCPU, `memory_mb` and a 1 GB disk, its hostname and key made from its name.
+fn small_vm(name: &str, memory_mb: i64, snapshot: Option<&str>) -> hearth_agent::vmm::VmSpec {
+    hearth_agent::vmm::VmSpec {
+        name: name.into(),
+        environment_id: name.into(),
+        hostname: format!("{name}-host"),
+        vcpus: 1,
+        memory_mb,
+        disk_gb: 1,
+        authorized_keys: format!("ssh-ed25519 AAAA {name}"),
+        labels: Default::default(),
+        snapshot: snapshot.map(str::to_string),
+        image: None,
+    }
+}
+
 /// Waits until the fake process of the VM in `dir` has written down `wanted` (it writes its
 /// requests every 20 ms), and returns its log.
 async fn fake_log_with(dir: &Path, wanted: &str) -> String {
@@ -821,38 +847,14 @@ async fn fake_log_with(dir: &Path, wanted: &str) -> String {
 /// VM an agent left half-restored is stopped by the next agent. Every request of every
 /// process followed the spec.
 async fn a_snapshot_keeps_a_vms_memory_and_a_vm_of_its_size_loads_it() {
-    use hearth_agent::firecracker_host::{FirecrackerConfig, FirecrackerHost};
-    use hearth_agent::vmm::{VmSpec, VmStatus, Vmm};
+    use hearth_agent::vmm::{VmStatus, Vmm};
     hearth_agent::guard::confine_taps().unwrap();
     let state = tempfile::tempdir().unwrap();
-    let config = FirecrackerConfig {
-        firecracker: std::env::current_exe().unwrap(),
-        jailer: None,
-        chroot_base: state.path().join("jail"),
-    };
-    let make = || {
-        FirecrackerHost::new(
-            state.path().to_path_buf(),
-            image(),
-            config.clone(),
-            "127.0.0.1",
-        )
-        .unwrap()
-    };
+    let config = fake_firecracker(state.path());
+    let make = || backend(state.path(), &config);
     let host = make();
     let pid = std::process::id();
-    let spec = |name: &str, memory_mb: i64, snapshot: Option<&str>| VmSpec {
-        name: name.into(),
-        environment_id: name.into(),
-        hostname: format!("{name}-host"),
-        vcpus: 1,
-        memory_mb,
-        disk_gb: 1,
-        authorized_keys: format!("ssh-ed25519 AAAA {name}"),
-        labels: Default::default(),
-        snapshot: snapshot.map(str::to_string),
-        image: None,
-    };
+    let spec = small_vm;
     let vm_dir = |name: &str| state.path().join("vms").join(name);
 
     let source = format!("hearth-fcm-source-{pid}");
@@ -948,40 +950,16 @@ async fn a_snapshot_keeps_a_vms_memory_and_a_vm_of_its_size_loads_it() {
 /// never booted, and is told its own; one of another size makes another base snapshot. An
 /// agent with another Firecracker removes them. Every request followed the spec.
 async fn base_snapshots_make_later_vms_of_a_size_load_the_first_ones_memory() {
-    use hearth_agent::firecracker_host::{FirecrackerConfig, FirecrackerHost};
-    use hearth_agent::vmm::{VmSpec, VmStatus, Vmm};
+    use hearth_agent::firecracker_host::FirecrackerConfig;
+    use hearth_agent::vmm::{VmStatus, Vmm};
     hearth_agent::guard::confine_taps().unwrap();
     let state = tempfile::tempdir().unwrap();
-    let config = FirecrackerConfig {
-        firecracker: std::env::current_exe().unwrap(),
-        jailer: None,
-        chroot_base: state.path().join("jail"),
-    };
-    let make = |config: &FirecrackerConfig| {
-        FirecrackerHost::new(
-            state.path().to_path_buf(),
-            image(),
-            config.clone(),
-            "127.0.0.1",
-        )
-        .unwrap()
-        .with_base_snapshots()
-        .unwrap()
-    };
+    let config = fake_firecracker(state.path());
+    let make =
+        |config: &FirecrackerConfig| backend(state.path(), config).with_base_snapshots().unwrap();
     let host = make(&config);
     let pid = std::process::id();
-    let spec = |name: &str, memory_mb: i64| VmSpec {
-        name: name.into(),
-        environment_id: name.into(),
-        hostname: format!("{name}-host"),
-        vcpus: 1,
-        memory_mb,
-        disk_gb: 1,
-        authorized_keys: format!("ssh-ed25519 AAAA {name}"),
-        labels: Default::default(),
-        snapshot: None,
-        image: None,
-    };
+    let spec = |name: &str, memory_mb: i64| small_vm(name, memory_mb, None);
     let vm_dir = |name: &str| state.path().join("vms").join(name);
     let told =
         |name: &str| std::fs::read_to_string(vm_dir(name).join("fc.identity")).unwrap_or_default();
