@@ -1081,7 +1081,8 @@ fn main() {
             run(|| Box::pin(a_snapshot_keeps_a_vms_memory_and_a_vm_of_its_size_loads_it())),
         ),
     ];
-    // One at a time: the backend's tests each number their tap devices from 0.
+    // One at a time: the backend's tests each number their tap devices from 0 (under
+    // nextest, whose processes run one test each, the `firecracker-taps` group does this).
     let mut arguments = libtest_mimic::Arguments::from_args();
     arguments.test_threads = Some(1);
     libtest_mimic::run(&arguments, tests).exit();
