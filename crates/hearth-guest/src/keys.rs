@@ -60,14 +60,24 @@ pub enum SealError {
 }
 
 /// The key that seals secrets at rest (`HEARTH_MASTER_KEY`, or a file in the data directory).
+/// It keeps its AES-256-GCM key schedule: opening each environment's variables on a page
+/// of 100 expanded the key 100 times.
 #[derive(Clone)]
-pub struct MasterKey([u8; 32]);
+pub struct MasterKey {
+    key: [u8; 32],
+    cipher: Aes256Gcm,
+}
 
 impl MasterKey {
+    fn from_bytes(key: [u8; 32]) -> MasterKey {
+        let cipher = Aes256Gcm::new_from_slice(&key).expect("32-byte key");
+        MasterKey { key, cipher }
+    }
+
     pub fn generate() -> MasterKey {
         let mut k = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut k);
-        MasterKey(k)
+        MasterKey::from_bytes(k)
     }
 
     /// Accepts 64 hex digits or base64 of 32 bytes.
@@ -81,11 +91,11 @@ impl MasterKey {
             B64.decode(text).map_err(|_| SealError::BadKey)?
         };
         let arr: [u8; 32] = bytes.try_into().map_err(|_| SealError::BadKey)?;
-        Ok(MasterKey(arr))
+        Ok(MasterKey::from_bytes(arr))
     }
 
     pub fn to_base64(&self) -> String {
-        B64.encode(self.0)
+        B64.encode(self.key)
     }
 
     /// A one-way check value of the key: SHA-256 of a fixed label and the key. The
@@ -95,16 +105,16 @@ impl MasterKey {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
         h.update(b"hearth master key check v1\0");
-        h.update(self.0);
+        h.update(self.key);
         hex::encode(h.finalize())
     }
 
     /// `v1:` + base64(nonce || ciphertext).
     pub fn seal(&self, plaintext: &str) -> String {
-        let cipher = Aes256Gcm::new_from_slice(&self.0).expect("32-byte key");
         let mut nonce = [0u8; 12];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let ct = cipher
+        let ct = self
+            .cipher
             .encrypt(Nonce::from_slice(&nonce), plaintext.as_bytes())
             .expect("AES-GCM encryption");
         let mut out = nonce.to_vec();
@@ -118,8 +128,8 @@ impl MasterKey {
         if data.len() < 12 {
             return Err(SealError::Open);
         }
-        let cipher = Aes256Gcm::new_from_slice(&self.0).expect("32-byte key");
-        let pt = cipher
+        let pt = self
+            .cipher
             .decrypt(Nonce::from_slice(&data[..12]), &data[12..])
             .map_err(|_| SealError::Open)?;
         String::from_utf8(pt).map_err(|_| SealError::Open)
