@@ -263,17 +263,18 @@ macro_rules! select_env {
 }
 
 /// The columns of an environment's summary, with its host's name: the inner query of a
-/// page, which reads no other column.
+/// page, which reads no other column. The host's name is a join: on PostgreSQL a subquery
+/// per row made the page query 13-15% slower (BENCHMARKS.md, issue 16, fifth measurements).
 macro_rules! select_summary {
     ($where:expr) => {
         concat!(
-            "SELECT id, slug, name, user_id, personal, state, state_message, generation, provider, \
-             host_id, vm_id, region, ip_address, ssh_host, ssh_port, ssh_user, ssh_host_key, vcpus, \
-             memory_mb, disk_gb, gpus, gpu_model, base_image, environment_vars, ssh_public_key, \
-             auto_stop_minutes, created_at, started_at, stopped_at, expires_at, last_activity_at, \
-             repository_url, repository_ref, \
-             (SELECT h.name FROM hosts h WHERE h.id = environments.host_id) AS host_name \
-             FROM environments ",
+            "SELECT e.id, e.slug, e.name, e.user_id, e.personal, e.state, e.state_message, \
+             e.generation, e.provider, e.host_id, e.vm_id, e.region, e.ip_address, e.ssh_host, \
+             e.ssh_port, e.ssh_user, e.ssh_host_key, e.vcpus, e.memory_mb, e.disk_gb, e.gpus, \
+             e.gpu_model, e.base_image, e.environment_vars, e.ssh_public_key, \
+             e.auto_stop_minutes, e.created_at, e.started_at, e.stopped_at, e.expires_at, \
+             e.last_activity_at, e.repository_url, e.repository_ref, h.name AS host_name \
+             FROM environments e LEFT JOIN hosts h ON h.id = e.host_id ",
             $where
         )
     };
@@ -314,16 +315,16 @@ macro_rules! summary_object {
 /// which no planner can seek with.
 macro_rules! page_where {
     (one_user) => {
-        "WHERE user_id = $1 AND ($2 = '' OR state = $2) AND ($3 = 1 OR state <> 'destroyed') \
-         AND id < $4 ORDER BY id DESC LIMIT $5"
+        "WHERE e.user_id = $1 AND ($2 = '' OR e.state = $2) AND ($3 = 1 OR e.state <> 'destroyed') \
+         AND e.id < $4 ORDER BY e.id DESC LIMIT $5"
     };
     (every_user) => {
-        "WHERE $1 = '' AND $2 = '' AND ($3 = 1 OR state <> 'destroyed') \
-         AND id < $4 ORDER BY id DESC LIMIT $5"
+        "WHERE $1 = '' AND $2 = '' AND ($3 = 1 OR e.state <> 'destroyed') \
+         AND e.id < $4 ORDER BY e.id DESC LIMIT $5"
     };
     (every_user_in_state) => {
-        "WHERE $1 = '' AND state = $2 AND ($3 = 1 OR state <> 'destroyed') \
-         AND id < $4 ORDER BY id DESC LIMIT $5"
+        "WHERE $1 = '' AND e.state = $2 AND ($3 = 1 OR e.state <> 'destroyed') \
+         AND e.id < $4 ORDER BY e.id DESC LIMIT $5"
     };
 }
 
@@ -480,7 +481,7 @@ impl EnvRow {
 
 /// A summary's row as `summary_object!` writes it (SQLite) or PostgreSQL's rows are read
 /// (`FromRow`).
-#[derive(serde::Deserialize, sqlx::FromRow)]
+#[derive(serde::Deserialize)]
 struct SummaryRow {
     id: String,
     slug: String,
@@ -516,6 +517,64 @@ struct SummaryRow {
     last_activity_at: Option<i64>,
     repository_url: Option<String>,
     repository_ref: Option<String>,
+}
+
+/// PostgreSQL's page rows, column by column in `select_summary!`'s order. The derived
+/// `FromRow` finds each of a page's 3,400 values by name in a map, about 8% of the
+/// server's CPU on a page (BENCHMARKS.md, issue 16, fifth measurements). Tests (debug
+/// builds) check every column's name against the field it fills.
+impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for SummaryRow {
+    fn from_row(row: &'r sqlx::postgres::PgRow) -> sqlx::Result<SummaryRow> {
+        use sqlx::Column;
+        let mut next = 0..;
+        macro_rules! in_order {
+            ($($field:ident),* $(,)?) => {
+                SummaryRow { $($field: {
+                    let i = next.next().expect("an endless range");
+                    debug_assert_eq!(row.columns()[i].name(), stringify!($field));
+                    row.try_get(i)?
+                },)* }
+            };
+        }
+        let summary = in_order!(
+            id,
+            slug,
+            name,
+            user_id,
+            personal,
+            state,
+            state_message,
+            generation,
+            provider,
+            host_id,
+            vm_id,
+            region,
+            ip_address,
+            ssh_host,
+            ssh_port,
+            ssh_user,
+            ssh_host_key,
+            vcpus,
+            memory_mb,
+            disk_gb,
+            gpus,
+            gpu_model,
+            base_image,
+            environment_vars,
+            ssh_public_key,
+            auto_stop_minutes,
+            created_at,
+            started_at,
+            stopped_at,
+            expires_at,
+            last_activity_at,
+            repository_url,
+            repository_ref,
+            host_name,
+        );
+        debug_assert_eq!(next.start, row.columns().len(), "a column no field reads");
+        Ok(summary)
+    }
 }
 
 impl Store {
@@ -794,13 +853,18 @@ impl Store {
         user_id: &str,
         id_or_slug: &str,
     ) -> Result<Environment> {
-        let row = sqlx::query(select_env!("WHERE user_id = $1 AND (id = $2 OR slug = $2)"))
-            .bind(user_id)
-            .bind(id_or_slug)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or(StoreError::NotFound)?;
-        self.env_from_row(&row)
+        const SQL: &str = select_env!("WHERE user_id = $1 AND (id = $2 OR slug = $2)");
+        let row: Option<EnvRow> = match &self.reads {
+            Some(reads) => {
+                let query = sqlx::query_as(SQL).bind(user_id).bind(id_or_slug);
+                query.fetch_optional(reads).await?
+            }
+            None => {
+                let query = sqlx::query_as(SQL).bind(user_id).bind(id_or_slug);
+                query.fetch_optional(&self.pool).await?
+            }
+        };
+        self.env_from(row.ok_or(StoreError::NotFound)?)
     }
 
     /// Any user's environment by id or slug. Only for checks that then verify ownership
@@ -825,24 +889,26 @@ impl Store {
         limit: i64,
     ) -> Result<(Vec<EnvironmentSummary>, Option<String>)> {
         let sql = page_sql(self.backend, user_id.is_some(), state.is_some());
-        let query = sqlx::query(sql)
-            .bind(user_id.unwrap_or(""))
-            .bind(state.map(EnvState::as_str).unwrap_or(""))
-            .bind(include_destroyed as i64)
-            .bind(cursor.unwrap_or(AFTER_EVERY_ID))
-            .bind(limit + 1);
-        let rows: Vec<SummaryRow> = match self.backend {
-            Backend::Sqlite => {
-                let page: String = query.fetch_one(&self.pool).await?.try_get("v")?;
+        macro_rules! bind_filter {
+            ($query:expr) => {
+                $query
+                    .bind(user_id.unwrap_or(""))
+                    .bind(state.map(EnvState::as_str).unwrap_or(""))
+                    .bind(include_destroyed as i64)
+                    .bind(cursor.unwrap_or(AFTER_EVERY_ID))
+                    .bind(limit + 1)
+            };
+        }
+        let rows: Vec<SummaryRow> = match &self.reads {
+            Some(reads) => bind_filter!(sqlx::query_as(sql)).fetch_all(reads).await?,
+            None => {
+                let page: String = bind_filter!(sqlx::query(sql))
+                    .fetch_one(&self.pool)
+                    .await?
+                    .try_get("v")?;
                 serde_json::from_str(&page)
                     .map_err(|e| StoreError::Corrupt(format!("a page of environments: {e}")))?
             }
-            Backend::Postgres => query
-                .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(|row| Ok(SummaryRow::from_row(row)?))
-                .collect::<Result<_>>()?,
         };
         let mut items = rows
             .into_iter()
@@ -1629,15 +1695,16 @@ mod plan_tests {
             let sql = super::page_sql(store.backend, one_user, in_state);
             match store.backend {
                 Backend::Sqlite => {
+                    // `e`: a page reads environments as `e`, joined to their hosts.
                     let plan = store.query_plan(sql, &[]).await;
-                    assert_seeks(what, &plan, index);
+                    crate::testdb::assert_seeks_in_order(what, "e", &plan, index);
                 }
                 Backend::Postgres => {
                     let args: Vec<&str> = args.iter().map(String::as_str).collect();
                     let plan = store.query_plan(sql, &args).await;
                     assert!(
                         plan.iter().any(|l| l.contains("Index Scan"))
-                            && !plan.iter().any(|l| l.contains("Seq Scan")),
+                            && !plan.iter().any(|l| l.contains("Seq Scan on environments")),
                         "{what} must walk an index, not read the table; its plan: {plan:#?}"
                     );
                 }

@@ -79,6 +79,11 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// How long anything waits for a database connection before it fails.
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// PostgreSQL connections of a node's pool for requests' reads (`Store::reads`), besides
+/// the 16 of its main pool. A read holds one for a query, well under a millisecond, so 8
+/// keep both cores busy with room to spare.
+const READ_CONNECTIONS: u32 = 8;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counted {
     Environments,
@@ -101,6 +106,12 @@ pub trait Secrets: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// On PostgreSQL, a pool of its own driver for the reads every request makes: a token's
+    /// user, an environment, a page. Through `sqlx::Any` every row was converted to
+    /// `AnyRow`, each column copied once more and found by name in a map rebuilt per row: a
+    /// fifth of the server's CPU on a page of 100 (BENCHMARKS.md, issue 16, fifth
+    /// measurements). Writes, transactions and every other read keep `pool`.
+    reads: Option<sqlx::PgPool>,
     backend: Backend,
     clock: Arc<dyn Clock>,
     secrets: Option<Arc<dyn Secrets>>,
@@ -183,8 +194,18 @@ impl Store {
             }
             Backend::Postgres => options.connect(url).await?,
         };
+        let reads = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(
+                sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(READ_CONNECTIONS)
+                    .acquire_timeout(ACQUIRE_TIMEOUT)
+                    .connect_lazy(url)?,
+            ),
+        };
         let store = Store {
             pool,
+            reads,
             backend,
             clock,
             secrets: None,

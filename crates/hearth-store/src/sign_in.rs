@@ -2,7 +2,7 @@
 //! of what it hands out (session ids, link tokens) and never sees a password: callers pass
 //! its argon2id hash.
 
-use crate::users::user_from_row;
+use crate::users::{SessionRow, user_from_row};
 use crate::{Result, Store, StoreError, User, generate_token, hash_token};
 use sqlx::Row;
 
@@ -65,18 +65,23 @@ impl Store {
     }
 
     /// The user of a live session, with the session's CSRF token.
+    /// Every request of a signed-in browser reads this: on PostgreSQL through `reads`.
     pub async fn session_user(&self, session_id: &str) -> Result<Option<(User, String)>> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {USER_COLUMNS}, s.csrf FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.id_hash = $1 AND s.expires_at > $2"
-        )))
-        .bind(hash_token(session_id))
-        .bind(self.now())
-        .fetch_optional(&self.pool)
-        .await?;
-        match row {
-            Some(r) => Ok(Some((user_from_row(&r)?, r.try_get("csrf")?))),
-            None => Ok(None),
-        }
+        const SQL: &str = "SELECT u.id, u.email, u.role, u.tier, u.created_at, s.csrf \
+                           FROM sessions s JOIN users u ON u.id = s.user_id \
+                           WHERE s.id_hash = $1 AND s.expires_at > $2";
+        let (hash, now) = (hash_token(session_id), self.now());
+        let row: Option<SessionRow> = match &self.reads {
+            Some(reads) => {
+                let query = sqlx::query_as(SQL).bind(hash).bind(now);
+                query.fetch_optional(reads).await?
+            }
+            None => {
+                let query = sqlx::query_as(SQL).bind(hash).bind(now);
+                query.fetch_optional(&self.pool).await?
+            }
+        };
+        row.map(|r| Ok((r.user.into_user()?, r.csrf))).transpose()
     }
 
     pub async fn end_session(&self, session_id: &str) -> Result<()> {

@@ -4,8 +4,8 @@ use crate::{Result, Store, StoreError, Tx};
 use hearth_core::{Quota, Role, Tier, Usage};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use sqlx::Row;
 use sqlx::any::AnyRow;
+use sqlx::{FromRow, Row};
 
 /// Admin overrides of a user's quota, column by column.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -67,15 +67,47 @@ pub fn hash_token(token: &str) -> String {
 }
 
 pub(crate) fn user_from_row(row: &AnyRow) -> Result<User> {
-    let role: String = row.try_get("role")?;
-    let tier: String = row.try_get("tier")?;
-    Ok(User {
-        id: row.try_get("id")?,
-        email: row.try_get("email")?,
-        role: Role::parse(&role).ok_or_else(|| StoreError::Corrupt(format!("role {role}")))?,
-        tier: Tier::parse(&tier).ok_or_else(|| StoreError::Corrupt(format!("tier {tier}")))?,
-        created_at: row.try_get("created_at")?,
-    })
+    UserRow::from_row(row)?.into_user()
+}
+
+/// A user's row, read by either driver.
+#[derive(sqlx::FromRow)]
+pub(crate) struct UserRow {
+    id: String,
+    email: String,
+    role: String,
+    tier: String,
+    created_at: i64,
+}
+
+impl UserRow {
+    pub(crate) fn into_user(self) -> Result<User> {
+        Ok(User {
+            role: Role::parse(&self.role)
+                .ok_or_else(|| StoreError::Corrupt(format!("role {}", self.role)))?,
+            tier: Tier::parse(&self.tier)
+                .ok_or_else(|| StoreError::Corrupt(format!("tier {}", self.tier)))?,
+            id: self.id,
+            email: self.email,
+            created_at: self.created_at,
+        })
+    }
+}
+
+/// A session's user, and the session's CSRF token.
+#[derive(sqlx::FromRow)]
+pub(crate) struct SessionRow {
+    #[sqlx(flatten)]
+    pub(crate) user: UserRow,
+    pub(crate) csrf: String,
+}
+
+/// A token's user, and when the token was last used.
+#[derive(sqlx::FromRow)]
+struct TokenRow {
+    #[sqlx(flatten)]
+    user: UserRow,
+    last_used_at: Option<i64>,
 }
 
 impl Store {
@@ -122,24 +154,32 @@ impl Store {
     /// The token's user; notes the use (at most once a minute per token, so reads stay reads).
     pub async fn user_by_token(&self, token: &str) -> Result<Option<User>> {
         let hash = hash_token(token);
-        let row = sqlx::query(
-            "SELECT u.id, u.email, u.role, u.tier, u.created_at, t.last_used_at FROM users u \
-             JOIN api_tokens t ON t.user_id = u.id WHERE t.token_hash = $1",
-        )
-        .bind(&hash)
-        .fetch_optional(&self.pool)
-        .await?;
+        const SQL: &str = "SELECT u.id, u.email, u.role, u.tier, u.created_at, t.last_used_at \
+                           FROM users u JOIN api_tokens t ON t.user_id = u.id WHERE t.token_hash = $1";
+        let row: Option<TokenRow> = match &self.reads {
+            Some(reads) => {
+                sqlx::query_as(SQL)
+                    .bind(&hash)
+                    .fetch_optional(reads)
+                    .await?
+            }
+            None => {
+                sqlx::query_as(SQL)
+                    .bind(&hash)
+                    .fetch_optional(&self.pool)
+                    .await?
+            }
+        };
         let Some(row) = row else { return Ok(None) };
         let now = self.now();
-        let last: Option<i64> = row.try_get("last_used_at")?;
-        if last.is_none_or(|at| at < now - 60_000) {
+        if row.last_used_at.is_none_or(|at| at < now - 60_000) {
             sqlx::query("UPDATE api_tokens SET last_used_at = $1 WHERE token_hash = $2")
                 .bind(now)
                 .bind(&hash)
                 .execute(&self.pool)
                 .await?;
         }
-        user_from_row(&row).map(Some)
+        row.user.into_user().map(Some)
     }
 
     /// Makes another token for the user; returns it in plaintext (shown once) with its id.
