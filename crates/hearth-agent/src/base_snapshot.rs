@@ -146,17 +146,18 @@ fn process_name(key: &str) -> String {
 impl BaseSnapshots {
     /// Opens `<state>/base-snapshots`, cleaning it: builds that died half-way (their QEMU
     /// stopped), and snapshots refused, outdated or replaced that no VM in `in_use` (the
-    /// `restored_from` of every VM kept here) is layered on.
+    /// `restored_from` of every VM kept here) is layered on. `fingerprint` is the host's
+    /// (`fingerprint`), which the host has already computed: it reads the image's files.
     pub fn open(
         state: &Path,
         launcher: Arc<Launcher>,
-        qemu_version: &str,
+        fingerprint: String,
         in_use: &HashSet<String>,
     ) -> Result<BaseSnapshots, VmmError> {
         let root = state.join("base-snapshots");
         std::fs::create_dir_all(&root).map_err(fail("create the base snapshot directory"))?;
         let snapshots = BaseSnapshots {
-            fingerprint: fingerprint(&launcher, qemu_version),
+            fingerprint,
             root,
             launcher,
             building: Mutex::new(None),

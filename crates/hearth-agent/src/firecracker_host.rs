@@ -862,18 +862,10 @@ impl FirecrackerHost {
     /// The directory of user snapshot `id`, if it kept memory that a VM of `spec` can load
     /// here: the same sizes, the same Firecracker binary and image.
     fn saved_memory(&self, id: &str, spec: &VmSpec) -> Result<Option<PathBuf>, VmmError> {
-        let Some((memory, saved)) = self.snapshots.memory(id)? else {
+        let fingerprint = Some(self.fingerprint.as_str());
+        let Some((memory, _)) = self.snapshots.memory_for(id, spec, fingerprint)? else {
             return Ok(None);
         };
-        let disk_gb = self.snapshots.find(id)?.map(|s| s.disk_gb);
-        let fits = saved.vcpus == spec.vcpus
-            && saved.memory_mb == spec.memory_mb
-            && disk_gb == Some(spec.disk_gb)
-            && saved.fingerprint == self.fingerprint;
-        if !fits {
-            tracing::info!(vm = %spec.name, snapshot = %id, "the snapshot's memory is of another size, Firecracker or image; this VM boots from its disk");
-            return Ok(None);
-        }
         Ok(memory.parent().map(Path::to_path_buf))
     }
 

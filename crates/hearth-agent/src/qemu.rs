@@ -421,6 +421,12 @@ impl QemuHost {
             );
             return Ok(self);
         }
+        let Some(fingerprint) = self.fingerprint.clone() else {
+            return Err(VmmError::Failed(format!(
+                "base snapshots need {QEMU}'s version, which could not be read (the warning \
+                 logged at start says why); apt-get install qemu-system-x86 qemu-utils"
+            )));
+        };
         let mut in_use = std::collections::HashSet::new();
         for name in self.dirs.names()? {
             if let Some(from) = self.dirs.record(&name)?.and_then(|r| r.restored_from) {
@@ -430,7 +436,7 @@ impl QemuHost {
         self.base = Some(Arc::new(BaseSnapshots::open(
             state,
             self.launcher.clone(),
-            &qemu_version()?,
+            fingerprint,
             &in_use,
         )?));
         Ok(self)
@@ -549,21 +555,10 @@ impl QemuHost {
         spec: &VmSpec,
         disk: &Path,
     ) -> Result<Option<SavedVm>, VmmError> {
-        let Some((memory, saved)) = self.snapshots.memory(id)? else {
+        let fingerprint = self.fingerprint.as_deref();
+        let Some((memory, saved)) = self.snapshots.memory_for(id, spec, fingerprint)? else {
             return Ok(None);
         };
-        let disk_gb = self.snapshots.find(id)?.map(|s| s.disk_gb);
-        let fits = saved.vcpus == spec.vcpus
-            && saved.memory_mb == spec.memory_mb
-            && disk_gb == Some(spec.disk_gb);
-        if !fits {
-            tracing::info!(vm = %spec.name, snapshot = %id, "the snapshot's memory is of another size; this VM boots from its disk");
-            return Ok(None);
-        }
-        if self.fingerprint.as_deref() != Some(saved.fingerprint.as_str()) {
-            tracing::info!(vm = %spec.name, snapshot = %id, "the snapshot's memory was saved by another QEMU or image; this VM boots from its disk");
-            return Ok(None);
-        }
         Ok(Some(SavedVm {
             disk: disk.to_path_buf(),
             memory,

@@ -458,8 +458,36 @@ impl Snapshots {
         }))
     }
 
+    /// Snapshot `id`'s saved memory, if it kept any and a VM of `spec` can load it on a host
+    /// whose hypervisor and image have `fingerprint`: the same vCPUs, memory and disk, saved
+    /// by the same hypervisor and image. `None` otherwise, said in the log: the VM boots
+    /// from the snapshot's disk.
+    pub(crate) fn memory_for(
+        &self,
+        id: &str,
+        spec: &crate::vmm::VmSpec,
+        fingerprint: Option<&str>,
+    ) -> Result<Option<(PathBuf, SavedMemory)>, VmmError> {
+        let Some((memory, saved)) = self.memory(id)? else {
+            return Ok(None);
+        };
+        let disk_gb = self.find(id)?.map(|s| s.disk_gb);
+        if saved.vcpus != spec.vcpus
+            || saved.memory_mb != spec.memory_mb
+            || disk_gb != Some(spec.disk_gb)
+        {
+            tracing::info!(vm = %spec.name, snapshot = %id, "the snapshot's memory is of another size; this VM boots from its disk");
+            return Ok(None);
+        }
+        if fingerprint != Some(saved.fingerprint.as_str()) {
+            tracing::info!(vm = %spec.name, snapshot = %id, "the snapshot's memory was saved by another hypervisor or image; this VM boots from its disk");
+            return Ok(None);
+        }
+        Ok(Some((memory, saved)))
+    }
+
     /// Snapshot `id`'s saved memory and what a restore of it must match, if it kept any.
-    pub(crate) fn memory(&self, id: &str) -> Result<Option<(PathBuf, SavedMemory)>, VmmError> {
+    fn memory(&self, id: &str) -> Result<Option<(PathBuf, SavedMemory)>, VmmError> {
         let dir = self.dir(id)?;
         let text = match std::fs::read(dir.join(MEMORY_INFO)) {
             Ok(text) => text,
