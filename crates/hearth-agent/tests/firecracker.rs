@@ -13,7 +13,9 @@
 //!
 //! Snapshots: `PUT /snapshot/create` writes the two files it names; `PUT /snapshot/load`
 //! must come to a fresh process (nothing configured but the logger) and name files that
-//! exist, and must give the new VM's vsock socket. The vsock device is served as
+//! exist, and must give the new VM's vsock socket; a state file other than the one it
+//! writes fails the load (400, not a violation), as a real Firecracker fails on a state it
+//! cannot read. The vsock device is served as
 //! Firecracker serves it (`CONNECT <port>` answered `OK <port>`), with a fake guest behind
 //! it: it answers `ping` with `pong`, and an identity (`identify` … `end`) with
 //! `identified`, writing what it was told to `PATH.identity`; a guest booted with a base
@@ -124,6 +126,9 @@ fn check(spec: &Value, schema: &Value, body: &Value, at: &str, out: &mut Vec<Str
     }
 }
 
+/// The state file the fake writes on `PUT /snapshot/create` and can load.
+const FAKE_VMSTATE: &[u8] = b"{\"fake\": \"vmstate\"}";
+
 fn judge(
     spec: &Value,
     fake: &mut Fake,
@@ -197,6 +202,16 @@ fn judge(
         fake.violations.push(format!("{method} {path}: {fault}"));
         return Err(fault);
     }
+    // Not a fault of the client's: a state file Firecracker cannot read fails the load, as
+    // a real one's does (the tests write such a file to make a restore fail).
+    if t == "/snapshot/load"
+        && body["snapshot_path"]
+            .as_str()
+            .and_then(|f| std::fs::read(f).ok())
+            .is_none_or(|state| state != FAKE_VMSTATE)
+    {
+        return Err("Load snapshot error: cannot restore the microVM state".into());
+    }
     if method == "PUT" && !matches!(t, "/logger" | "/metrics" | "/snapshot/load" | "/actions") {
         fake.configured = true;
     }
@@ -212,7 +227,7 @@ fn judge(
         "/snapshot/create" => {
             let snapshot = body["snapshot_path"].as_str().unwrap_or_default();
             let memory = body["mem_file_path"].as_str().unwrap_or_default();
-            let written = std::fs::write(snapshot, b"{\"fake\": \"vmstate\"}")
+            let written = std::fs::write(snapshot, FAKE_VMSTATE)
                 .and_then(|()| std::fs::write(memory, vec![0x5a; 2 << 20]));
             if let Err(e) = written {
                 return Err(format!("cannot write the snapshot: {e}"));
@@ -921,6 +936,32 @@ async fn a_snapshot_keeps_a_vms_memory_and_a_vm_of_its_size_loads_it() {
     let log = fake_log_with(&vm_dir(&booted), "PUT /actions").await;
     assert!(!log.contains("/snapshot/load"), "{log}");
 
+    // A restore that fails (here Firecracker cannot read the saved state): that process
+    // is killed, and the VM boots from the snapshot's disk in a new one.
+    let state_file = kept.join("vmstate");
+    let saved_state = std::fs::read(&state_file).unwrap();
+    std::fs::write(&state_file, b"not a microVM state").unwrap();
+    let fell_back = format!("hearth-fcm-fellback-{pid}");
+    host.create(&spec(&fell_back, 256, Some("with-memory")))
+        .await
+        .unwrap();
+    assert_eq!(
+        host.status(&fell_back).await.unwrap(),
+        Some(VmStatus::Running)
+    );
+    let log = fake_log_with(&vm_dir(&fell_back), "PUT /actions").await;
+    let calls: Vec<&str> = log.lines().filter(|l| !l.starts_with("GET")).collect();
+    let (load, boot) = (
+        calls.iter().position(|c| *c == "PUT /snapshot/load"),
+        calls.iter().position(|c| c.starts_with("PUT /actions")),
+    );
+    assert!(
+        load.is_some() && load < boot,
+        "tried the load, then booted: {log}"
+    );
+    assert!(!vm_dir(&fell_back).join("restoring").exists());
+    std::fs::write(&state_file, saved_state).unwrap();
+
     // An agent that died before the restored guest took its identity: the next one stops
     // the VM, which then boots from its disk when started.
     std::fs::write(vm_dir(&restored).join("restoring"), b"").unwrap();
@@ -935,7 +976,7 @@ async fn a_snapshot_keeps_a_vms_memory_and_a_vm_of_its_size_loads_it() {
     host.start(&restored).await.unwrap();
     fake_log_with(&vm_dir(&restored), "PUT /actions").await;
 
-    for name in [&source, &restored, &booted] {
+    for name in [&source, &restored, &booted, &fell_back] {
         let violations =
             std::fs::read_to_string(vm_dir(name).join("fc.violations")).unwrap_or_default();
         assert!(violations.is_empty(), "{name}: {violations}");
