@@ -854,16 +854,11 @@ impl Store {
         id_or_slug: &str,
     ) -> Result<Environment> {
         const SQL: &str = select_env!("WHERE user_id = $1 AND (id = $2 OR slug = $2)");
-        let row: Option<EnvRow> = match &self.reads {
-            Some(reads) => {
-                let query = sqlx::query_as(SQL).bind(user_id).bind(id_or_slug);
-                query.fetch_optional(reads).await?
-            }
-            None => {
-                let query = sqlx::query_as(SQL).bind(user_id).bind(id_or_slug);
-                query.fetch_optional(&self.pool).await?
-            }
-        };
+        let row: Option<EnvRow> = fetch_read!(
+            self,
+            sqlx::query_as(SQL).bind(user_id).bind(id_or_slug),
+            fetch_optional
+        )?;
         self.env_from(row.ok_or(StoreError::NotFound)?)
     }
 

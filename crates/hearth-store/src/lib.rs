@@ -5,6 +5,18 @@
 //! backends agree on what "now" is. Write transactions on SQLite start `IMMEDIATE` so the
 //! single writer serialises them (DESIGN decision 6); PostgreSQL takes row locks.
 
+/// `$query` (a `sqlx::query_as` and its binds) fetched with `$fetch` through the store's
+/// `reads` pool when it has one (PostgreSQL), else through its main pool: one copy of the
+/// SQL, whichever driver runs it.
+macro_rules! fetch_read {
+    ($store:expr, $query:expr, $fetch:ident) => {
+        match &$store.reads {
+            Some(reads) => $query.$fetch(reads).await,
+            None => $query.$fetch(&$store.pool).await,
+        }
+    };
+}
+
 mod bought;
 mod capacity;
 mod environments;

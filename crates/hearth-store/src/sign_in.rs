@@ -71,16 +71,11 @@ impl Store {
                            FROM sessions s JOIN users u ON u.id = s.user_id \
                            WHERE s.id_hash = $1 AND s.expires_at > $2";
         let (hash, now) = (hash_token(session_id), self.now());
-        let row: Option<SessionRow> = match &self.reads {
-            Some(reads) => {
-                let query = sqlx::query_as(SQL).bind(hash).bind(now);
-                query.fetch_optional(reads).await?
-            }
-            None => {
-                let query = sqlx::query_as(SQL).bind(hash).bind(now);
-                query.fetch_optional(&self.pool).await?
-            }
-        };
+        let row: Option<SessionRow> = fetch_read!(
+            self,
+            sqlx::query_as(SQL).bind(&hash).bind(now),
+            fetch_optional
+        )?;
         row.map(|r| Ok((r.user.into_user()?, r.csrf))).transpose()
     }
 

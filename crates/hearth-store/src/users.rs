@@ -156,20 +156,8 @@ impl Store {
         let hash = hash_token(token);
         const SQL: &str = "SELECT u.id, u.email, u.role, u.tier, u.created_at, t.last_used_at \
                            FROM users u JOIN api_tokens t ON t.user_id = u.id WHERE t.token_hash = $1";
-        let row: Option<TokenRow> = match &self.reads {
-            Some(reads) => {
-                sqlx::query_as(SQL)
-                    .bind(&hash)
-                    .fetch_optional(reads)
-                    .await?
-            }
-            None => {
-                sqlx::query_as(SQL)
-                    .bind(&hash)
-                    .fetch_optional(&self.pool)
-                    .await?
-            }
-        };
+        let row: Option<TokenRow> =
+            fetch_read!(self, sqlx::query_as(SQL).bind(&hash), fetch_optional)?;
         let Some(row) = row else { return Ok(None) };
         let now = self.now();
         if row.last_used_at.is_none_or(|at| at < now - 60_000) {
