@@ -1680,6 +1680,44 @@ mod plan_tests {
         crate::testdb::assert_seeks(what, "environments", plan, index);
     }
 
+    /// On SQLite a page query is prepared once per connection, then only bound and run.
+    /// Built without the query planner stability guarantee (`.cargo/config.toml`), SQLite
+    /// re-prepared it at every run, since its `LIMIT $5` is bound again each time: a tenth
+    /// of a page's CPU. `sqlite_stmt` counts each statement's runs and re-preparations.
+    #[tokio::test]
+    async fn a_page_query_is_prepared_once_and_not_at_every_run() {
+        use sqlx::Row;
+        let (_dir, store) = crate::testdb::sqlite().await;
+        let sql = super::page_sql(Backend::Sqlite, true, false);
+        let mut conn = store.pool.acquire().await.unwrap();
+        for limit in [101_i64, 101, 51] {
+            sqlx::query(sql)
+                .bind("someone")
+                .bind("")
+                .bind(0_i64)
+                .bind(super::AFTER_EVERY_ID)
+                .bind(limit)
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+        }
+        let row = sqlx::query("SELECT run, reprep FROM sqlite_stmt WHERE sql = $1")
+            .bind(sql)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        assert_eq!(
+            row.try_get::<i64, _>("run").unwrap(),
+            3,
+            "the page query's runs"
+        );
+        assert_eq!(
+            row.try_get::<i64, _>("reprep").unwrap(),
+            0,
+            "the page query was prepared again: is SQLITE_ENABLE_QPSG in LIBSQLITE3_FLAGS?"
+        );
+    }
+
     /// Called by the paging test once its 100,000 environments are in: with that many rows
     /// (and PostgreSQL's statistics of them), no page form reads the whole table.
     pub(super) async fn pages_seek_an_index(store: &Store, owner: &str) {

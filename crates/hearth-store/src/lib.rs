@@ -56,7 +56,7 @@ pub use snapshots::Snapshot;
 pub use users::{ApiToken, QuotaOverrides, User, generate_token, hash_token};
 
 use hearth_core::Clock;
-use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::any::install_default_drivers;
 use sqlx::{AnyPool, Executor};
 use std::sync::Arc;
 use std::time::Duration;
@@ -95,6 +95,33 @@ pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// the 16 of its main pool. A read holds one for a query, well under a millisecond, so 8
 /// keep both cores busy with room to spare.
 const READ_CONNECTIONS: u32 = 8;
+
+/// A pooled connection idle for longer than this is pinged before it is handed out, so
+/// one the database server dropped meanwhile (a restart, an idle timeout) is replaced
+/// rather than failing a request. sqlx's default pings at every acquire: a round trip to
+/// PostgreSQL, or a hop to a SQLite connection's thread, before each query. Without those
+/// pings PostgreSQL's page of 100 went from 1,142-1,455 to 1,571-1,669 requests a second
+/// (BENCHMARKS.md, issue 16, sixth measurements). Under load a connection is idle for
+/// microseconds and never pinged.
+pub const PING_AFTER_IDLE: Duration = Duration::from_secs(2);
+
+/// The settings every pool of the store shares: its size, how long a request waits for a
+/// connection, and when a connection is checked before use (`PING_AFTER_IDLE`).
+fn pool_options<DB: sqlx::Database>(max_connections: u32) -> sqlx::pool::PoolOptions<DB> {
+    sqlx::pool::PoolOptions::new()
+        .max_connections(max_connections)
+        // A request waits at most this long for the database before it fails (a 503).
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > PING_AFTER_IDLE {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counted {
@@ -183,10 +210,7 @@ impl Store {
                 "DATABASE_URL must start with sqlite: or postgres:, got {url:?}"
             )));
         };
-        let options = AnyPoolOptions::new()
-            .max_connections(if backend == Backend::Sqlite { 8 } else { 16 })
-            // A request waits at most this long for the database before it fails (a 503).
-            .acquire_timeout(ACQUIRE_TIMEOUT);
+        let options = pool_options::<sqlx::Any>(if backend == Backend::Sqlite { 8 } else { 16 });
         let pool = match backend {
             Backend::Sqlite => {
                 options
@@ -208,12 +232,9 @@ impl Store {
         };
         let reads = match backend {
             Backend::Sqlite => None,
-            Backend::Postgres => Some(
-                sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(READ_CONNECTIONS)
-                    .acquire_timeout(ACQUIRE_TIMEOUT)
-                    .connect_lazy(url)?,
-            ),
+            Backend::Postgres => {
+                Some(pool_options::<sqlx::Postgres>(READ_CONNECTIONS).connect_lazy(url)?)
+            }
         };
         let store = Store {
             pool,
@@ -381,3 +402,78 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 
 #[cfg(any(test, feature = "testing"))]
 pub mod testdb;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SQLite is built as `.cargo/config.toml` says and the benchmarks measured: without
+    /// the two process-wide mutexes and with the query planner stability guarantee. A
+    /// build that loses `LIBSQLITE3_FLAGS` (a system SQLite, another config) fails here.
+    #[tokio::test]
+    async fn sqlite_is_built_with_the_flags_it_was_measured_with() {
+        use sqlx::Row;
+        let (_dir, store) = testdb::sqlite().await;
+        let options: Vec<String> = sqlx::query("PRAGMA compile_options")
+            .fetch_all(&store.pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.try_get(0).unwrap())
+            .collect();
+        for wanted in ["DEFAULT_MEMSTATUS=0", "ENABLE_QPSG", "ENABLE_STMTVTAB"] {
+            assert!(
+                options.iter().any(|o| o == wanted),
+                "{wanted} not in {options:?}"
+            );
+        }
+        assert!(
+            !options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
+            "{options:?}"
+        );
+    }
+
+    /// A connection the database server dropped while it sat idle in a pool is pinged
+    /// before it is handed out again, and replaced: the next request does not fail. (Under
+    /// load, connections are never idle long enough to be pinged: `PING_AFTER_IDLE`.)
+    #[tokio::test]
+    async fn a_connection_postgresql_dropped_while_idle_is_replaced_before_use() {
+        use sqlx::Connection;
+        let url = testdb::fresh_postgres_url().await;
+        let database = url.rsplit('/').next().unwrap().to_string();
+        let store = Store::connect(&url).await.unwrap();
+        let token = "hearth_a_token_nobody_has";
+        // A connection in each pool (the main one, the reads'), then idle.
+        assert_eq!(
+            store
+                .count("SELECT COUNT(*) AS n FROM users")
+                .await
+                .unwrap(),
+            0
+        );
+        assert!(store.user_by_token(token).await.unwrap().is_none());
+        let mut admin = sqlx::PgConnection::connect(&testdb::postgres_admin_url())
+            .await
+            .unwrap();
+        let dropped: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+        )
+        .bind(&database)
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+        assert!(
+            dropped.len() >= 2 && dropped.iter().all(|d| *d),
+            "{dropped:?}"
+        );
+        tokio::time::sleep(PING_AFTER_IDLE + Duration::from_millis(200)).await;
+        assert_eq!(
+            store
+                .count("SELECT COUNT(*) AS n FROM users")
+                .await
+                .unwrap(),
+            0
+        );
+        assert!(store.user_by_token(token).await.unwrap().is_none());
+    }
+}
