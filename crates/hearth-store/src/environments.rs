@@ -65,7 +65,9 @@ pub struct Environment {
     pub git_credential_id: Option<String>,
 }
 
-/// Whether authorized keys hold one of the owner's after Hearth's own.
+/// Whether authorized keys hold one of the owner's after Hearth's own. A page reads the
+/// same from a generated column (`0019_has_user_ssh_key.sql`);
+/// `a_page_shows_what_a_get_shows` checks both agree.
 fn holds_user_key(authorized: &str) -> bool {
     authorized.lines().filter(|l| !l.trim().is_empty()).count() > 1
 }
@@ -265,13 +267,18 @@ macro_rules! select_env {
 /// The columns of an environment's summary, with its host's name: the inner query of a
 /// page, which reads no other column. The host's name is a join: on PostgreSQL a subquery
 /// per row made the page query 13-15% slower (BENCHMARKS.md, issue 16, fifth measurements).
+/// Whether the owner gave a key of their own is a generated column
+/// (`0019_has_user_ssh_key.sql`), not every row's authorized keys, Hearth's and the
+/// user's, sent to be counted.
+///
+/// `SummaryRow`'s fields are in this order: both backends' pages are decoded by position.
 macro_rules! select_summary {
     ($where:expr) => {
         concat!(
             "SELECT e.id, e.slug, e.name, e.user_id, e.personal, e.state, e.state_message, \
              e.generation, e.provider, e.host_id, e.vm_id, e.region, e.ip_address, e.ssh_host, \
              e.ssh_port, e.ssh_user, e.ssh_host_key, e.vcpus, e.memory_mb, e.disk_gb, e.gpus, \
-             e.gpu_model, e.base_image, e.environment_vars, e.ssh_public_key, \
+             e.gpu_model, e.base_image, e.environment_vars, e.has_user_ssh_key, \
              e.auto_stop_minutes, e.created_at, e.started_at, e.stopped_at, e.expires_at, \
              e.last_activity_at, e.repository_url, e.repository_ref, h.name AS host_name \
              FROM environments e LEFT JOIN hosts h ON h.id = e.host_id ",
@@ -280,31 +287,23 @@ macro_rules! select_summary {
     };
 }
 
-/// `select_summary!`'s columns as `json_object` arguments: on SQLite a page is read as one
-/// JSON array, one value from the driver. Row by row, through `sqlx::Any`, each environment
-/// cost a hop between SQLite's connection thread and the caller's and a copy of every
-/// column (BENCHMARKS.md, issue 16).
-macro_rules! summary_object {
+/// `select_summary!`'s columns, in its order, as `json_array` arguments: on SQLite a page
+/// is read as one JSON array of arrays, one value from the driver. Row by row, through
+/// `sqlx::Any`, each environment cost a hop between SQLite's connection thread and the
+/// caller's and a copy of every column (BENCHMARKS.md, issue 16). Arrays, not objects:
+/// serde reads a struct from an array by position, and SQLite neither writes nor serde
+/// matches 34 names per row. `a_page_shows_what_a_get_shows` sets every column to a value
+/// of its own, so two columns out of order fail it.
+macro_rules! summary_array {
     () => {
-        "'id', id, 'slug', slug, 'name', name, 'user_id', user_id, 'personal', personal, \
-         'state', state, 'state_message', state_message, 'generation', generation, \
-         'provider', provider, 'host_id', host_id, 'host_name', host_name, 'vm_id', vm_id, \
-         'region', region, 'ip_address', ip_address, 'ssh_host', ssh_host, 'ssh_port', ssh_port, \
-         'ssh_user', ssh_user, 'ssh_host_key', ssh_host_key, 'vcpus', vcpus, \
-         'memory_mb', memory_mb, 'disk_gb', disk_gb, 'gpus', gpus, 'gpu_model', gpu_model, \
-         'base_image', base_image, 'environment_vars', environment_vars, \
-         'ssh_public_key', ssh_public_key, 'auto_stop_minutes', auto_stop_minutes, \
-         'created_at', created_at, 'started_at', started_at, 'stopped_at', stopped_at, \
-         'expires_at', expires_at, 'last_activity_at', last_activity_at, \
-         'repository_url', repository_url, 'repository_ref', repository_ref"
+        "id, slug, name, user_id, personal, state, state_message, generation, provider, \
+         host_id, vm_id, region, ip_address, ssh_host, ssh_port, ssh_user, ssh_host_key, \
+         vcpus, memory_mb, disk_gb, gpus, gpu_model, base_image, environment_vars, \
+         has_user_ssh_key, auto_stop_minutes, created_at, started_at, stopped_at, expires_at, \
+         last_activity_at, repository_url, repository_ref, host_name"
     };
 }
 
-/// `select_summary!($where)` (which picks by id, newest first) as one JSON array in column
-/// `v`, on SQLite; `[]` when nothing matches. The array's
-/// order is the store's to restore (`list_environments` sorts it): an `ORDER BY` inside the
-/// aggregate sorted the page's JSON objects again in a temporary b-tree, though they came
-/// in order, a tenth of a page's cost on SQLite (BENCHMARKS.md, issue 16).
 /// A page's filter: `$1` the owner (`''` for everyone's, which only the admin reads), `$2`
 /// a state or `''`, `$3` 1 to include destroyed ones, `$4` the cursor (the last id of the
 /// page before, or `AFTER_EVERY_ID`), `$5` how many.
@@ -353,11 +352,16 @@ macro_rules! sweep_where {
 /// collation: the cursor of a first page.
 const AFTER_EVERY_ID: &str = "ffffffff-ffff-ffff-ffff-ffffffffffff";
 
+/// `select_summary!($where)` (which picks by id, newest first) as one JSON array in column
+/// `v`, on SQLite; `[]` when nothing matches. The array's
+/// order is the store's to restore (`list_environments` sorts it): an `ORDER BY` inside the
+/// aggregate sorted the page's JSON values again in a temporary b-tree, though they came
+/// in order, a tenth of a page's cost on SQLite (BENCHMARKS.md, issue 16).
 macro_rules! page_of_envs {
     (sqlite, $where:expr) => {
         concat!(
-            "SELECT json_group_array(json_object(",
-            summary_object!(),
+            "SELECT json_group_array(json_array(",
+            summary_array!(),
             ")) AS v FROM (",
             select_summary!($where),
             ")"
@@ -479,8 +483,8 @@ impl EnvRow {
     }
 }
 
-/// A summary's row as `summary_object!` writes it (SQLite) or PostgreSQL's rows are read
-/// (`FromRow`).
+/// A page's row, its fields in `select_summary!`'s column order: as serde reads each of
+/// `summary_array!`'s arrays (SQLite) and `FromRow` PostgreSQL's rows, both by position.
 #[derive(serde::Deserialize)]
 struct SummaryRow {
     id: String,
@@ -493,7 +497,6 @@ struct SummaryRow {
     generation: i64,
     provider: String,
     host_id: Option<String>,
-    host_name: Option<String>,
     vm_id: Option<String>,
     region: Option<String>,
     ip_address: Option<String>,
@@ -508,7 +511,7 @@ struct SummaryRow {
     gpu_model: Option<String>,
     base_image: String,
     environment_vars: String,
-    ssh_public_key: String,
+    has_user_ssh_key: i64,
     auto_stop_minutes: Option<i64>,
     created_at: i64,
     started_at: Option<i64>,
@@ -517,6 +520,7 @@ struct SummaryRow {
     last_activity_at: Option<i64>,
     repository_url: Option<String>,
     repository_ref: Option<String>,
+    host_name: Option<String>,
 }
 
 /// PostgreSQL's page rows, column by column in `select_summary!`'s order. The derived
@@ -561,7 +565,7 @@ impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for SummaryRow {
             gpu_model,
             base_image,
             environment_vars,
-            ssh_public_key,
+            has_user_ssh_key,
             auto_stop_minutes,
             created_at,
             started_at,
@@ -585,7 +589,7 @@ impl Store {
             provider: HostKind::parse(&row.provider)
                 .ok_or_else(|| StoreError::Corrupt(format!("provider {}", row.provider)))?,
             environment_vars: self.open_vars(&row.environment_vars)?,
-            has_user_ssh_key: holds_user_key(&row.ssh_public_key),
+            has_user_ssh_key: row.has_user_ssh_key != 0,
             id: row.id,
             slug: row.slug,
             name: row.name,
@@ -1360,9 +1364,12 @@ pub(crate) mod tests {
         .await;
     }
 
-    /// A page is read apart from a single environment (its own columns, as one JSON value):
-    /// every summary on it must be what a read of that environment summarises, newest first,
-    /// across pages. The create's first log line is written with it.
+    /// A page is read apart from a single environment (its own columns, by position, as one
+    /// JSON value on SQLite): every summary on it must be what a read of that environment
+    /// summarises, newest first, across pages. One environment has each column set to a
+    /// value of its own, so two columns read out of order differ; the others' keys have
+    /// blank lines and line ends that `holds_user_key` and the page's SQL must read alike.
+    /// The create's first log line is written with it.
     #[tokio::test]
     async fn a_page_shows_what_a_get_shows() {
         each_backend(|store| async move {
@@ -1375,8 +1382,12 @@ pub(crate) mod tests {
             for n in 0..5 {
                 let mut new = sample(false);
                 new.name = format!("env {n}");
+                new.ssh_public_key = match n {
+                    1 => "ssh-ed25519 AAAA hearth\n \n\t\n".into(),
+                    3 => " \nssh-ed25519 AAAA hearth\r\n".into(),
+                    _ => "ssh-ed25519 AAAA hearth\r\n\nssh-ed25519 BBBB mine\n".into(),
+                };
                 if n % 2 == 0 {
-                    new.ssh_public_key = "ssh-ed25519 AAAA hearth\nssh-ed25519 BBBB mine".into();
                     new.environment_vars
                         .insert(format!("N{n}"), "\"quoted\" é".into());
                     new.repository_url = Some("https://example.com/r.git".into());
@@ -1397,6 +1408,19 @@ pub(crate) mod tests {
             first.ssh_host = Some("127.0.0.1".into());
             first.ssh_port = Some(2222);
             store.save_vm(&first).await.unwrap();
+            let set = store
+                .exec_sql_for_tests(
+                    "UPDATE environments SET state_message = 'message ' || $2, \
+                     region = 'region ' || $2, ssh_host_key = 'host key ' || $2, gpus = 3, \
+                     gpu_model = 'gpu ' || $2, started_at = $1 + 1, stopped_at = $1 + 2, \
+                     expires_at = $1 + 3, last_activity_at = $1 + 4, \
+                     repository_url = 'url ' || $2, repository_ref = 'ref ' || $2 WHERE id = $2",
+                    1_000_000,
+                    &ids[0],
+                )
+                .await
+                .unwrap();
+            assert_eq!(set, 1);
             let mut seen = Vec::new();
             let mut cursor = None;
             loop {
