@@ -103,7 +103,7 @@ const READ_CONNECTIONS: u32 = 8;
 /// pings PostgreSQL's page of 100 went from 1,142-1,455 to 1,571-1,669 requests a second
 /// (BENCHMARKS.md, issue 16, sixth measurements). Under load a connection is idle for
 /// microseconds and never pinged.
-pub const PING_AFTER_IDLE: Duration = Duration::from_secs(2);
+const PING_AFTER_IDLE: Duration = Duration::from_secs(2);
 
 /// The settings every pool of the store shares: its size, how long a request waits for a
 /// connection, and when a connection is checked before use (`PING_AFTER_IDLE`).
@@ -442,16 +442,14 @@ mod tests {
         let url = testdb::fresh_postgres_url().await;
         let database = url.rsplit('/').next().unwrap().to_string();
         let store = Store::connect(&url).await.unwrap();
-        let token = "hearth_a_token_nobody_has";
-        // A connection in each pool (the main one, the reads'), then idle.
-        assert_eq!(
-            store
-                .count("SELECT COUNT(*) AS n FROM users")
-                .await
-                .unwrap(),
-            0
-        );
-        assert!(store.user_by_token(token).await.unwrap().is_none());
+        // A read through each pool: the main one, and PostgreSQL's reads'.
+        let read_through_both_pools = || async {
+            let users = store.count("SELECT COUNT(*) AS n FROM users").await;
+            assert_eq!(users.unwrap(), 0);
+            let token = store.user_by_token("hearth_a_token_nobody_has").await;
+            assert!(token.unwrap().is_none());
+        };
+        read_through_both_pools().await;
         let mut admin = sqlx::PgConnection::connect(&testdb::postgres_admin_url())
             .await
             .unwrap();
@@ -467,13 +465,6 @@ mod tests {
             "{dropped:?}"
         );
         tokio::time::sleep(PING_AFTER_IDLE + Duration::from_millis(200)).await;
-        assert_eq!(
-            store
-                .count("SELECT COUNT(*) AS n FROM users")
-                .await
-                .unwrap(),
-            0
-        );
-        assert!(store.user_by_token(token).await.unwrap().is_none());
+        read_through_both_pools().await;
     }
 }
